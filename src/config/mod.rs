@@ -1,0 +1,223 @@
+//! Configuration: `gateway.yaml` and the per-agent manifests in the policies directory.
+//!
+//! Raw serde shapes (`raw`) deny unknown keys; `load_*` validates them completely into the
+//! model (`model`) that the rest of the gateway trusts. Every problem becomes a [`Diagnostic`]
+//! naming the file, line, column and key path. This module is data only: it reads files and
+//! never touches sockets.
+
+mod locate;
+pub mod model;
+mod raw;
+mod validate;
+
+pub use model::*;
+pub use validate::{parse_duration, parse_rate};
+
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// One problem in a configuration file, located as precisely as the file allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    /// Key path, e.g. `connectors[0].routes[1].path`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.col)?;
+        if !self.key.is_empty() {
+            write!(f, "{}: ", self.key)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// A list of diagnostics, displayed one per line.
+#[derive(Debug, Clone)]
+pub struct Diagnostics(pub Vec<Diagnostic>);
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
+/// How strictly credential sources are checked: `check` refuses a missing secret; a running
+/// gateway loads the manifest and marks that connector unavailable (its requests are denied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strictness {
+    Check,
+    Run,
+}
+
+/// Parses YAML text into `T`, turning serde errors into located diagnostics.
+fn parse_yaml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result<T, Diagnostic> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        let inner = e.into_inner();
+        let (line, col) = match inner.location() {
+            Some(loc) => (loc.line(), loc.column()),
+            None => locate::locate(text, &key),
+        };
+        // serde_yaml prefixes its message with the path and position; keep only the reason.
+        let msg = inner.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+        let msg = match msg.split_once(": ") {
+            Some((p, rest)) if !key.is_empty() && p == key => rest.to_string(),
+            _ => msg,
+        };
+        Diagnostic { file: file.to_path_buf(), line, col, key, message: msg }
+    })
+}
+
+/// Loads `gateway.yaml`, or the built-in defaults when `path` is `None`.
+pub fn load_gateway(path: Option<&Path>) -> Result<GatewayConfig, Diagnostics> {
+    let (file, text) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| {
+                Diagnostics(vec![Diagnostic {
+                    file: p.to_path_buf(),
+                    line: 1,
+                    col: 1,
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                }])
+            })?;
+            (p.to_path_buf(), text)
+        }
+        None => (PathBuf::from("<defaults>"), String::new()),
+    };
+    let raw: raw::RawGateway = if text.trim().is_empty() {
+        raw::RawGateway::default()
+    } else {
+        parse_yaml(&file, &text).map_err(|d| Diagnostics(vec![d]))?
+    };
+    let mut cx = validate::Cx::new(&file, &text);
+    let cfg = validate::gateway(&mut cx, raw);
+    cx.finish(cfg)
+}
+
+/// A validated set of manifests, keyed by agent id.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    pub manifests: BTreeMap<String, Arc<Manifest>>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl PolicySet {
+    pub fn get(&self, agent: &str) -> Option<&Arc<Manifest>> {
+        self.manifests.get(agent)
+    }
+    /// SHA-256 over every manifest's hash, in agent order: one value that changes when any does.
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for (id, m) in &self.manifests {
+            h.update(id.as_bytes());
+            h.update(b"=");
+            h.update(m.sha256.as_bytes());
+            h.update(b"\n");
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// Loads one manifest file.
+pub fn load_manifest(path: &Path, strictness: Strictness) -> Result<(Manifest, Vec<Diagnostic>), Diagnostics> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Diagnostics(vec![Diagnostic {
+            file: path.to_path_buf(),
+            line: 1,
+            col: 1,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        }])
+    })?;
+    let text = String::from_utf8_lossy(&bytes).into_owned();
+    let raw: raw::RawManifest = parse_yaml(path, &text).map_err(|d| Diagnostics(vec![d]))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut cx = validate::Cx::new(path, &text);
+    let mut m = validate::manifest(&mut cx, raw, &base, strictness, hex::encode(Sha256::digest(&bytes)));
+    m.source = path.to_path_buf();
+    let warnings = cx.warnings.clone();
+    cx.finish(m).map(|m| (m, warnings))
+}
+
+/// The manifest files of a policies directory: `*.yaml` / `*.yml`, skipping hidden entries
+/// (Kubernetes ConfigMap mounts keep their real files under `..data`, linked from the top).
+pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            continue;
+        }
+        let path = entry.path();
+        if path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Loads and validates every manifest in `dir`. Any error fails the whole set, so a bad file
+/// never replaces a good policy.
+pub fn load_policies(dir: &Path, strictness: Strictness) -> Result<PolicySet, Diagnostics> {
+    let files = manifest_files(dir).map_err(|e| {
+        Diagnostics(vec![Diagnostic {
+            file: dir.to_path_buf(),
+            line: 1,
+            col: 1,
+            key: String::new(),
+            message: format!("cannot read policies directory: {e}"),
+        }])
+    })?;
+    let mut set = PolicySet::default();
+    let mut errors = Vec::new();
+    let mut sources: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for f in files {
+        match load_manifest(&f, strictness) {
+            Ok((m, warnings)) => {
+                set.warnings.extend(warnings);
+                if let Some(prev) = sources.get(&m.agent.id) {
+                    let (line, col) = locate::locate(&std::fs::read_to_string(&f).unwrap_or_default(), "agent.id");
+                    errors.push(Diagnostic {
+                        file: f.clone(),
+                        line,
+                        col,
+                        key: "agent.id".into(),
+                        message: format!("agent {:?} is already defined in {}", m.agent.id, prev.display()),
+                    });
+                    continue;
+                }
+                sources.insert(m.agent.id.clone(), f.clone());
+                set.manifests.insert(m.agent.id.clone(), Arc::new(m));
+            }
+            Err(Diagnostics(d)) => errors.extend(d),
+        }
+    }
+    if errors.is_empty() { Ok(set) } else { Err(Diagnostics(errors)) }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,527 @@
+//! The validated model: what the running gateway sees. Built only through `load`, so every value
+//! here has passed validation.
+
+use ed25519_dalek::VerifyingKey;
+use http::{HeaderName, HeaderValue, Method};
+use rust_decimal::Decimal;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+// ---------------------------------------------------------------- gateway.yaml
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Base-URL and explicit-proxy listener.
+    pub proxy_listener: SocketAddr,
+    /// Transparent listener (iptables REDIRECT target), off unless configured.
+    pub transparent_listener: Option<SocketAddr>,
+    /// Health, metrics, admin API.
+    pub admin_listener: SocketAddr,
+    /// Directory of manifests.
+    pub policies_dir: PathBuf,
+    /// Where dev keys, the CA and the audit log live by default.
+    pub data_dir: PathBuf,
+    /// Ed25519 PKCS#8 key that signs checkpoints and override tokens.
+    pub gateway_key: PathBuf,
+    pub tls: TlsSettings,
+    pub audit: AuditSettings,
+    pub identity: IdentitySettings,
+    pub admin_keys: Vec<AdminKey>,
+    pub limits: Limits,
+    /// CIDRs that may be dialled despite the SSRF guard.
+    pub allow_private_destinations: Vec<Cidr>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    /// PEM files whose certificates are trusted for upstream TLS in addition to webpki roots.
+    pub extra_upstream_roots: Vec<PathBuf>,
+    pub leaf_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditDurability {
+    /// The decision entry is fsynced before the request is forwarded.
+    Sync,
+    /// Entries are committed without waiting for fsync.
+    Async,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub path: PathBuf,
+    /// Log name written in every checkpoint.
+    pub origin: String,
+    pub durability: AuditDurability,
+    pub sign_each_entry: bool,
+    /// A full queue answers 503 (fail closed).
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct IdentitySettings {
+    /// Agent id for requests that carry no token (the pod's identity).
+    pub default_agent: Option<String>,
+    /// A capability token the gateway presents on the agent's behalf.
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AdminRole {
+    Viewer,
+    Approver,
+    Admin,
+}
+
+#[derive(Clone)]
+pub struct AdminKey {
+    pub id: String,
+    pub sha256: [u8; 32],
+    pub role: AdminRole,
+}
+
+impl fmt::Debug for AdminKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "AdminKey({}, {:?})", self.id, self.role)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    /// Bodies buffered for body params are capped at this size (else 413).
+    pub max_body_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// An IP network in CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse().ok().filter(|&n| n <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn masked(bits: u128, prefix: u8, width: u8) -> u128 {
+            if prefix == 0 { 0 } else { bits >> (width - prefix) }
+        }
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                masked(u32::from(n) as u128, self.prefix, 32) == masked(u32::from(a) as u128, self.prefix, 32)
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                masked(u128::from(n), self.prefix, 128) == masked(u128::from(a), self.prefix, 128)
+            }
+            _ => false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- manifest
+
+/// One agent's manifest, validated.
+#[derive(Debug)]
+pub struct Manifest {
+    pub agent: AgentInfo,
+    pub mode: PolicyMode,
+    pub capability: CapabilityPolicy,
+    pub connectors: Vec<Arc<Connector>>,
+    pub policy: Policy,
+    pub escalation: Escalation,
+    pub audit: ManifestAudit,
+    /// SHA-256 (hex) of the manifest file bytes.
+    pub sha256: String,
+    pub source: PathBuf,
+}
+
+impl Manifest {
+    pub fn connector(&self, name: &str) -> Option<&Arc<Connector>> {
+        self.connectors.iter().find(|c| c.name == name)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentInfo {
+    pub id: String,
+    pub name: Option<String>,
+    pub owner: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PolicyMode {
+    Enforce,
+    /// Record would-be decisions, forward anyway.
+    DryRun,
+}
+
+impl PolicyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyMode::Enforce => "enforce",
+            PolicyMode::DryRun => "dry_run",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Issuer {
+    pub id: String,
+    pub key: VerifyingKey,
+}
+
+#[derive(Debug, Clone)]
+pub struct CapabilityPolicy {
+    /// No valid token → deny.
+    pub required: bool,
+    pub audience: String,
+    pub max_lifetime: Duration,
+    pub issuers: Vec<Issuer>,
+    pub revoked: HashSet<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Intercept,
+    Passthrough,
+}
+
+/// A named upstream: the hosts and ports an agent may reach through it, and its routes.
+#[derive(Debug)]
+pub struct Connector {
+    pub name: String,
+    pub base_url: Option<BaseUrl>,
+    /// Exact lower-case names or `*.suffix` patterns.
+    pub hosts: Vec<String>,
+    pub ports: Vec<u16>,
+    pub tls: TlsMode,
+    /// Resolved credentials, or why the connector is unavailable (never the secret itself).
+    pub credentials: Result<Vec<(HeaderName, HeaderValue)>, String>,
+    pub routes: Vec<Route>,
+}
+
+impl Connector {
+    pub fn matches_host(&self, host: &str) -> bool {
+        let host = host.trim_end_matches('.');
+        self.hosts.iter().any(|p| match p.strip_prefix("*.") {
+            Some(suffix) => {
+                host.len() > suffix.len() + 1
+                    && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                    && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+            }
+            None => p.eq_ignore_ascii_case(host),
+        })
+    }
+
+    pub fn matches_port(&self, port: u16) -> bool {
+        self.ports.contains(&port)
+    }
+
+    /// First route that matches the method and upstream path, with its captured path params.
+    pub fn route(&self, method: &Method, path: &str) -> Option<(&Route, Vec<(String, String)>)> {
+        self.routes.iter().find_map(|r| {
+            if !r.methods.is_empty() && !r.methods.contains(method) {
+                return None;
+            }
+            r.path.matches(path).map(|caps| (r, caps))
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BaseUrl {
+    pub scheme: Scheme,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash ("" for none).
+    pub path_prefix: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Empty = any method.
+    pub methods: Vec<Method>,
+    pub path: PathPattern,
+    pub action: String,
+    pub params: Vec<ParamSpec>,
+    /// Bodies of this route may be recorded in full.
+    pub safe: bool,
+}
+
+impl Route {
+    /// The route reads params from the JSON body, so the body must be buffered.
+    pub fn needs_body(&self) -> bool {
+        self.params.iter().any(|p| matches!(p.source, ParamSource::Json(_)))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathSeg {
+    Literal(String),
+    /// `*`: exactly one segment.
+    Any,
+    /// `**`: the rest of the path (zero or more segments); last only.
+    Rest,
+    /// `{name}`: one segment, captured as a param.
+    Capture(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct PathPattern {
+    pub raw: String,
+    pub segs: Vec<PathSeg>,
+}
+
+impl PathPattern {
+    pub fn parse(raw: &str) -> Result<PathPattern, String> {
+        let Some(rest) = raw.strip_prefix('/') else {
+            return Err("must start with '/'".into());
+        };
+        let mut segs = Vec::new();
+        let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+        for (i, part) in parts.iter().enumerate() {
+            let seg = match *part {
+                "**" if i + 1 == parts.len() => PathSeg::Rest,
+                "**" => return Err("'**' is only allowed as the last segment".into()),
+                "*" => PathSeg::Any,
+                p if p.starts_with('{') && p.ends_with('}') && p.len() > 2 => {
+                    let name = &p[1..p.len() - 1];
+                    if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        return Err(format!("invalid capture name {name:?}"));
+                    }
+                    PathSeg::Capture(name.to_string())
+                }
+                p if p.contains(['*', '{', '}']) => return Err(format!("invalid segment {p:?}")),
+                p => PathSeg::Literal(p.to_string()),
+            };
+            segs.push(seg);
+        }
+        Ok(PathPattern { raw: raw.to_string(), segs })
+    }
+
+    /// Matches an upstream path (without query); returns captures.
+    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+        let rest = path.strip_prefix('/')?;
+        let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
+        let mut caps = Vec::new();
+        for (i, seg) in self.segs.iter().enumerate() {
+            match seg {
+                PathSeg::Rest => return Some(caps),
+                _ if i >= parts.len() => return None,
+                PathSeg::Literal(l) if l != parts[i] => return None,
+                PathSeg::Literal(_) => {}
+                PathSeg::Any if parts[i].is_empty() => return None,
+                PathSeg::Any => {}
+                PathSeg::Capture(_) if parts[i].is_empty() => return None,
+                PathSeg::Capture(n) => caps.push((n.clone(), parts[i].to_string())),
+            }
+        }
+        (parts.len() == self.segs.len()).then_some(caps)
+    }
+
+    pub fn captures(&self) -> impl Iterator<Item = &str> {
+        self.segs.iter().filter_map(|s| match s {
+            PathSeg::Capture(n) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ParamSource {
+    /// JSON pointer into the request body.
+    Json(String),
+    Header(HeaderName),
+    Query(String),
+    Path(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: String,
+    pub source: ParamSource,
+    /// Minor-unit scale: the integer 1234 with scale 2 is 12.34.
+    pub scale: Option<u32>,
+}
+
+/// Allow and deny lists; deny wins, an empty allow list allows everything.
+#[derive(Debug, Clone, Default)]
+pub struct AllowDeny {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+impl AllowDeny {
+    fn hit(list: &[String], v: &str) -> bool {
+        list.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => v.starts_with(prefix),
+            None => p == v,
+        })
+    }
+    pub fn denies(&self, v: &str) -> bool {
+        Self::hit(&self.deny, v)
+    }
+    pub fn allows(&self, v: &str) -> bool {
+        !self.denies(v) && (self.allow.is_empty() || Self::hit(&self.allow, v))
+    }
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+}
+
+/// Upper-case ISO-4217 code → amount.
+pub type Money = BTreeMap<String, Decimal>;
+
+#[derive(Debug, Clone, Default)]
+pub struct Approval {
+    pub action_types: Vec<String>,
+    pub connectors: Vec<String>,
+    pub amount_above: Money,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Window {
+    /// UTC calendar day.
+    Day,
+    /// UTC clock hour.
+    Hour,
+}
+
+impl Window {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Window::Day => "day",
+            Window::Hour => "hour",
+        }
+    }
+    pub fn seconds(self) -> i64 {
+        match self {
+            Window::Day => 86_400,
+            Window::Hour => 3_600,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    Agent,
+    Connector,
+    Action,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Agent => "agent",
+            Scope::Connector => "connector",
+            Scope::Action => "action",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub window: Window,
+    pub scope: Scope,
+    pub max_actions: Option<u64>,
+    pub escalate_at_percent: Option<u8>,
+    pub max_spend: Money,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimit {
+    pub scope: Scope,
+    /// Requests per `per`.
+    pub count: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub raw: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub connectors: AllowDeny,
+    pub action_types: AllowDeny,
+    pub amount_caps: Money,
+    pub approval: Approval,
+    pub jurisdictions: AllowDeny,
+    pub counterparties: AllowDeny,
+    pub budgets: Vec<Budget>,
+    pub rate_limits: Vec<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EscalationMode {
+    /// 403 with an approval id.
+    Reject,
+    /// Keep the request open until decided.
+    Hold,
+}
+
+#[derive(Debug, Clone)]
+pub struct Escalation {
+    pub mode: EscalationMode,
+    pub hold_timeout: Duration,
+    pub approval_ttl: Duration,
+    pub override_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodiesMode {
+    None,
+    Hash,
+    Full,
+}
+
+#[derive(Debug, Clone)]
+pub struct ManifestAudit {
+    pub bodies: BodiesMode,
+    /// Lower-case header names recorded only as SHA-256.
+    pub redact_headers: Vec<String>,
+}

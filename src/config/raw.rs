@@ -1,0 +1,271 @@
+//! Raw serde shapes of `gateway.yaml` and of a manifest, exactly as written by users.
+//! Every struct denies unknown keys; nothing here is trusted until `model` validates it.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+// ---------------------------------------------------------------- gateway.yaml
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawGateway {
+    pub listeners: RawListeners,
+    pub policies: Option<String>,
+    pub data_dir: Option<String>,
+    pub keys: RawKeys,
+    pub tls: RawTls,
+    pub audit: RawAudit,
+    pub identity: RawIdentity,
+    pub admin: RawAdmin,
+    pub limits: RawLimits,
+    pub network: RawNetwork,
+    pub log_format: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawListeners {
+    pub proxy: Option<String>,
+    pub transparent: Option<String>,
+    pub admin: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawKeys {
+    pub gateway: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    pub ca_cert: Option<String>,
+    pub ca_key: Option<String>,
+    pub extra_upstream_roots: Vec<String>,
+    pub leaf_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    pub path: Option<String>,
+    pub origin: Option<String>,
+    pub durability: Option<String>,
+    pub sign_each_entry: Option<bool>,
+    pub queue_capacity: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawIdentity {
+    pub default_agent: Option<String>,
+    pub token_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    pub keys: Vec<RawAdminKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdminKey {
+    pub id: String,
+    pub sha256: String,
+    pub role: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_header_bytes: Option<usize>,
+    pub max_body_bytes: Option<usize>,
+    pub header_read_timeout: Option<String>,
+    pub upstream_connect_timeout: Option<String>,
+    pub upstream_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawNetwork {
+    pub allow_private_destinations: Vec<String>,
+}
+
+// ---------------------------------------------------------------- manifest
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManifest {
+    #[serde(rename = "apiVersion")]
+    pub api_version: String,
+    pub kind: String,
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub capability: RawCapability,
+    #[serde(default)]
+    pub connectors: Vec<RawConnector>,
+    #[serde(default)]
+    pub policy: RawPolicy,
+    #[serde(default)]
+    pub escalation: RawEscalation,
+    #[serde(default)]
+    pub audit: RawManifestAudit,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAgent {
+    pub id: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCapability {
+    pub required: Option<bool>,
+    pub audience: Option<String>,
+    pub max_lifetime: Option<String>,
+    pub issuers: Vec<RawIssuer>,
+    pub revoked: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIssuer {
+    pub id: String,
+    #[serde(default)]
+    pub public_key_file: Option<String>,
+    #[serde(default)]
+    pub public_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConnector {
+    pub name: String,
+    #[serde(default)]
+    pub base_url: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub tls: Option<String>,
+    #[serde(default)]
+    pub credentials: Vec<RawCredential>,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCredential {
+    pub header: String,
+    pub value: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub path: String,
+    pub action: String,
+    #[serde(default)]
+    pub params: BTreeMap<String, RawParam>,
+    /// Marks a route whose bodies may be recorded in full (`audit.bodies: full`).
+    #[serde(default)]
+    pub safe: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParam {
+    #[serde(default)]
+    pub json: Option<String>,
+    #[serde(default)]
+    pub header: Option<String>,
+    #[serde(default)]
+    pub query: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub scale: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAllowDeny {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicy {
+    pub connectors: RawAllowDeny,
+    pub action_types: RawAllowDeny,
+    pub amount_caps: BTreeMap<String, String>,
+    pub approval: RawApproval,
+    pub jurisdictions: RawAllowDeny,
+    pub counterparties: RawAllowDeny,
+    pub budgets: Vec<RawBudget>,
+    pub rate_limits: Vec<RawRateLimit>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawApproval {
+    pub action_types: Vec<String>,
+    pub connectors: Vec<String>,
+    pub amount_above: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    pub window: String,
+    #[serde(default)]
+    pub scope: Option<String>,
+    #[serde(default)]
+    pub max_actions: Option<u64>,
+    #[serde(default)]
+    pub escalate_at_percent: Option<u8>,
+    #[serde(default)]
+    pub max_spend: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    #[serde(default)]
+    pub scope: Option<String>,
+    pub rate: String,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawEscalation {
+    pub mode: Option<String>,
+    pub hold_timeout: Option<String>,
+    pub approval_ttl: Option<String>,
+    pub override_ttl: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawManifestAudit {
+    pub bodies: Option<String>,
+    pub redact_headers: Option<Vec<String>>,
+}

@@ -1,0 +1,241 @@
+use super::*;
+use std::path::Path;
+
+const PUB: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGKJGDCQoegPDW1GQi9Dm5EQ4vIie1I1synRGq5+olxA=\n-----END PUBLIC KEY-----\n";
+
+fn good_manifest() -> String {
+    format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent:
+  id: test-agent
+capability:
+  issuers:
+    - id: platform
+      public_key: |
+{}
+connectors:
+  - name: shop
+    base_url: http://127.0.0.1:9999
+    routes:
+      - methods: [POST]
+        path: /v1/orders/{{order}}
+        action: order.create
+        params:
+          amount: {{ json: /amount, scale: 2 }}
+          order: {{ path: order }}
+policy:
+  connectors: {{ allow: [shop] }}
+  rate_limits:
+    - rate: 10/s
+      burst: 5
+"#,
+        PUB.lines().map(|l| format!("        {l}")).collect::<Vec<_>>().join("\n")
+    )
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn errors_of(text: &str) -> Vec<Diagnostic> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.yaml", text);
+    match load_manifest(&p, Strictness::Check) {
+        Ok(_) => Vec::new(),
+        Err(Diagnostics(d)) => d,
+    }
+}
+
+#[test]
+fn a_good_manifest_loads_into_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.yaml", &good_manifest());
+    let (m, warnings) = load_manifest(&p, Strictness::Check).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(m.agent.id, "test-agent");
+    assert_eq!(m.capability.issuers.len(), 1);
+    let c = m.connector("shop").unwrap();
+    assert_eq!(c.hosts, vec!["127.0.0.1".to_string()]);
+    assert_eq!(c.ports, vec![9999]);
+    let (r, caps) = c.route(&http::Method::POST, "/v1/orders/42").unwrap();
+    assert_eq!(r.action, "order.create");
+    assert_eq!(caps, vec![("order".to_string(), "42".to_string())]);
+    assert!(c.route(&http::Method::GET, "/v1/orders/42").is_none());
+    assert_eq!(m.policy.rate_limits[0].burst, 5);
+}
+
+#[test]
+fn unknown_key_is_reported_with_file_line_and_path() {
+    let text = good_manifest().replace("  rate_limits:", "  rate_limitz:");
+    let errs = errors_of(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let shown = errs[0].to_string();
+    assert!(shown.contains("m.yaml:"), "{shown}");
+    assert!(errs[0].key.starts_with("policy"), "{shown}");
+    assert!(shown.contains("rate_limitz"), "{shown}");
+    assert!(errs[0].line > 1, "{shown}");
+}
+
+#[test]
+fn bad_agent_id_is_reported() {
+    let errs = errors_of(&good_manifest().replace("id: test-agent", "id: Test_Agent"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "agent.id");
+    assert_eq!((errs[0].line, errs[0].col), (4, 3));
+}
+
+#[test]
+fn undefined_connector_reference_is_reported() {
+    let errs = errors_of(&good_manifest().replace("allow: [shop]", "allow: [shop, bank]"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "policy.connectors.allow[1]");
+    assert!(errs[0].message.contains("\"bank\""));
+    assert!(errs[0].message.contains("not defined"));
+}
+
+#[test]
+fn missing_issuer_key_file_is_reported() {
+    let text = good_manifest();
+    let start = text.find("      public_key: |").unwrap();
+    let end = text.find("connectors:").unwrap();
+    let text = format!("{}      public_key_file: keys/nope.pub.pem\n{}", &text[..start], &text[end..]);
+    let errs = errors_of(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "capability.issuers[0].public_key_file");
+    assert!(errs[0].message.contains("nope.pub.pem"), "{}", errs[0]);
+}
+
+#[test]
+fn invalid_rate_string_is_reported() {
+    let errs = errors_of(&good_manifest().replace("rate: 10/s", "rate: ten per second"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "policy.rate_limits[0].rate");
+    assert!(errs[0].message.contains("invalid rate"));
+}
+
+#[test]
+fn missing_credential_fails_check_but_makes_connector_unavailable_at_run() {
+    let text = good_manifest().replace(
+        "    routes:\n",
+        "    credentials:\n      - header: Authorization\n        value: \"Bearer ${env:UAPK_TEST_SURELY_UNSET}\"\n    routes:\n",
+    );
+    let errs = errors_of(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "connectors[0].credentials[0].value");
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.yaml", &text);
+    let (m, warnings) = load_manifest(&p, Strictness::Run).unwrap();
+    assert_eq!(warnings.len(), 1);
+    assert!(m.connector("shop").unwrap().credentials.is_err());
+}
+
+#[test]
+fn credential_from_file_is_resolved_and_marked_sensitive() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "secret", "s3cr3t\n");
+    let text = good_manifest().replace(
+        "    routes:\n",
+        "    credentials:\n      - header: Authorization\n        value: \"Bearer ${file:secret}\"\n    routes:\n",
+    );
+    let p = write(dir.path(), "m.yaml", &text);
+    let (m, _) = load_manifest(&p, Strictness::Check).unwrap();
+    let creds = m.connector("shop").unwrap().credentials.as_ref().unwrap();
+    assert_eq!(creds[0].1, "Bearer s3cr3t");
+    assert!(creds[0].1.is_sensitive());
+    assert!(!format!("{m:?}").contains("s3cr3t"), "Debug output must not show secrets");
+}
+
+#[test]
+fn several_errors_are_all_reported() {
+    let text = good_manifest().replace("id: test-agent", "id: X").replace("rate: 10/s", "rate: 0/s");
+    let errs = errors_of(&text);
+    assert_eq!(errs.len(), 2, "{errs:?}");
+}
+
+#[test]
+fn duplicate_agents_in_a_directory_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a.yaml", &good_manifest());
+    write(dir.path(), "b.yaml", &good_manifest());
+    let err = load_policies(dir.path(), Strictness::Check).unwrap_err();
+    assert!(err.to_string().contains("already defined"), "{err}");
+}
+
+#[test]
+fn configmap_layout_is_read_through_the_top_level_links() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("..2026_11_24");
+    std::fs::create_dir(&data).unwrap();
+    write(&data, "agent.yaml", &good_manifest());
+    std::os::unix::fs::symlink("..2026_11_24", dir.path().join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/agent.yaml", dir.path().join("agent.yaml")).unwrap();
+    let set = load_policies(dir.path(), Strictness::Check).unwrap();
+    assert_eq!(set.manifests.len(), 1);
+}
+
+#[test]
+fn shipped_example_policies_pass_check() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let set = load_policies(&dir, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    for id in ["payments-agent", "support-agent", "llm-agent"] {
+        assert!(set.get(id).is_some(), "missing example {id}");
+    }
+}
+
+#[test]
+fn gateway_defaults_and_errors() {
+    let cfg = load_gateway(None).unwrap();
+    assert_eq!(cfg.proxy_listener.to_string(), "127.0.0.1:15080");
+    assert_eq!(cfg.admin_listener.to_string(), "127.0.0.1:15021");
+    assert_eq!(cfg.audit.path, Path::new("./data").join("audit.redb"));
+    assert_eq!(cfg.audit.durability, AuditDurability::Sync);
+    assert_eq!(cfg.limits.max_body_bytes, 10_485_760);
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "g.yaml", "listeners:\n  proxy: nowhere\naudit:\n  durability: sometimes\n");
+    let errs = load_gateway(Some(&p)).unwrap_err().0;
+    let keys: Vec<_> = errs.iter().map(|d| d.key.as_str()).collect();
+    assert!(keys.contains(&"listeners.proxy") && keys.contains(&"audit.durability"), "{errs:?}");
+    assert_eq!((errs.iter().find(|d| d.key == "audit.durability").unwrap().line), 4);
+}
+
+#[test]
+fn path_patterns() {
+    let p = PathPattern::parse("/v1/charges/**").unwrap();
+    assert!(p.matches("/v1/charges").is_some());
+    assert!(p.matches("/v1/charges/ch_1/refunds").is_some());
+    assert!(p.matches("/v1/chargesX").is_none());
+    let p = PathPattern::parse("/v1/*/x").unwrap();
+    assert!(p.matches("/v1/a/x").is_some());
+    assert!(p.matches("/v1//x").is_none());
+    assert!(p.matches("/v1/a/b/x").is_none());
+    assert!(PathPattern::parse("v1").is_err());
+    assert!(PathPattern::parse("/**/x").is_err());
+}
+
+#[test]
+fn host_patterns_and_cidrs() {
+    let c = Connector {
+        name: "x".into(),
+        base_url: None,
+        hosts: vec!["api.example.com".into(), "*.svc.example.com".into()],
+        ports: vec![443],
+        tls: TlsMode::Intercept,
+        credentials: Ok(vec![]),
+        routes: vec![],
+    };
+    assert!(c.matches_host("API.example.com"));
+    assert!(c.matches_host("a.svc.example.com"));
+    assert!(c.matches_host("a.b.svc.example.com"));
+    assert!(!c.matches_host("svc.example.com"));
+    assert!(!c.matches_host("evilsvc.example.com"));
+    assert!(!c.matches_host("api.example.com.evil.com"));
+    let n = Cidr::parse("10.0.0.0/8").unwrap();
+    assert!(n.contains("10.1.2.3".parse().unwrap()));
+    assert!(!n.contains("11.0.0.1".parse().unwrap()));
+    assert!(Cidr::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
+    assert!(Cidr::parse("10.0.0.0/33").is_none());
+}

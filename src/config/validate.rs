@@ -1,0 +1,652 @@
+//! Raw → model conversion. Every check reports through `Cx` with a key path, so one run of
+//! `check` lists every problem of a file at once.
+
+use super::locate::locate;
+use super::model::*;
+use super::raw::*;
+use super::{Diagnostic, Diagnostics, Strictness};
+use http::{HeaderName, HeaderValue, Method};
+use rust_decimal::Decimal;
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(super) struct Cx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<Diagnostic>,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(file: &'a Path, text: &'a str) -> Self {
+        Cx { file, text, errors: Vec::new(), warnings: Vec::new() }
+    }
+    fn diag(&self, key: &str, message: String) -> Diagnostic {
+        let (line, col) = locate(self.text, key);
+        Diagnostic { file: self.file.to_path_buf(), line, col, key: key.to_string(), message }
+    }
+    fn err(&mut self, key: &str, message: impl Into<String>) {
+        let d = self.diag(key, message.into());
+        self.errors.push(d);
+    }
+    fn warn(&mut self, key: &str, message: impl Into<String>) {
+        let d = self.diag(key, message.into());
+        self.warnings.push(d);
+    }
+    pub fn finish<T>(self, value: T) -> Result<T, Diagnostics> {
+        if self.errors.is_empty() { Ok(value) } else { Err(Diagnostics(self.errors)) }
+    }
+}
+
+/// `500ms`, `10s`, `5m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?} (expected e.g. 10s, 5m, 24h)"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n.saturating_mul(60),
+        "h" => n.saturating_mul(3600),
+        "d" => n.saturating_mul(86_400),
+        _ => return Err(format!("invalid duration {s:?} (units: ms, s, m, h, d)")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// `20/s`, `100/m`, `1000/h` → (count, period).
+pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+    let bad = || format!("invalid rate {s:?} (expected n/s, n/m or n/h with n > 0)");
+    let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n: u32 = n.trim().parse().map_err(|_| bad())?;
+    if n == 0 {
+        return Err(bad());
+    }
+    let per = match unit.trim() {
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(bad()),
+    };
+    Ok((n, per))
+}
+
+/// A non-negative decimal string such as "100.00".
+fn parse_money(s: &str) -> Result<Decimal, String> {
+    let d = Decimal::from_str_exact(s.trim()).map_err(|_| format!("invalid amount {s:?} (expected a decimal string like \"100.00\")"))?;
+    if d.is_sign_negative() {
+        return Err(format!("amount {s:?} is negative"));
+    }
+    Ok(d)
+}
+
+pub(crate) fn is_currency(c: &str) -> bool {
+    c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic())
+}
+
+fn money(cx: &mut Cx, key: &str, raw: BTreeMap<String, String>) -> Money {
+    let mut out = Money::new();
+    for (cur, amount) in raw {
+        let k = format!("{key}.{cur}");
+        if !is_currency(&cur) {
+            cx.err(&k, format!("{cur:?} is not a 3-letter ISO-4217 currency code"));
+            continue;
+        }
+        match parse_money(&amount) {
+            Ok(d) => {
+                out.insert(cur.to_ascii_uppercase(), d);
+            }
+            Err(e) => cx.err(&k, e),
+        }
+    }
+    out
+}
+
+fn duration(cx: &mut Cx, key: &str, raw: Option<String>, default: Duration) -> Duration {
+    match raw {
+        None => default,
+        Some(s) => parse_duration(&s).unwrap_or_else(|e| {
+            cx.err(key, e);
+            default
+        }),
+    }
+}
+
+pub fn is_agent_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    (3..=63).contains(&b.len())
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b[1..].iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+// ---------------------------------------------------------------- gateway.yaml
+
+fn addr(cx: &mut Cx, key: &str, raw: Option<String>, default: &str) -> SocketAddr {
+    let s = raw.unwrap_or_else(|| default.to_string());
+    s.parse().unwrap_or_else(|_| {
+        cx.err(key, format!("{s:?} is not an address like 127.0.0.1:15080"));
+        default.parse().expect("valid default address")
+    })
+}
+
+pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
+    let data_dir = PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into()));
+    let under_data = |o: Option<String>, name: &str| o.map(PathBuf::from).unwrap_or_else(|| data_dir.join(name));
+    let transparent = match raw.listeners.transparent {
+        None => None,
+        Some(s) => Some(addr(cx, "listeners.transparent", Some(s), "0.0.0.0:15001")),
+    };
+    let durability = match raw.audit.durability.as_deref() {
+        None | Some("sync") => AuditDurability::Sync,
+        Some("async") => AuditDurability::Async,
+        Some(o) => {
+            cx.err("audit.durability", format!("{o:?} is not one of sync, async"));
+            AuditDurability::Sync
+        }
+    };
+    let origin = raw.audit.origin.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        format!("uapk-gateway/{host}")
+    });
+    if origin.is_empty() || origin.contains(['\n', ' ']) {
+        cx.err("audit.origin", "must be a non-empty name without spaces or newlines");
+    }
+    let queue_capacity = raw.audit.queue_capacity.unwrap_or(65_536);
+    if queue_capacity == 0 {
+        cx.err("audit.queue_capacity", "must be at least 1");
+    }
+    let mut admin_keys = Vec::new();
+    for (i, k) in raw.admin.keys.into_iter().enumerate() {
+        let key = format!("admin.keys[{i}]");
+        let role = match k.role.as_str() {
+            "viewer" => AdminRole::Viewer,
+            "approver" => AdminRole::Approver,
+            "admin" => AdminRole::Admin,
+            o => {
+                cx.err(&format!("{key}.role"), format!("{o:?} is not one of viewer, approver, admin"));
+                continue;
+            }
+        };
+        let mut sha = [0u8; 32];
+        if hex::decode_to_slice(k.sha256.trim(), &mut sha).is_err() {
+            cx.err(&format!("{key}.sha256"), "must be 64 hex characters (from `uapk-gateway admin-key new`)");
+            continue;
+        }
+        admin_keys.push(AdminKey { id: k.id, sha256: sha, role });
+    }
+    let mut private = Vec::new();
+    for (i, c) in raw.network.allow_private_destinations.iter().enumerate() {
+        match Cidr::parse(c) {
+            Some(c) => private.push(c),
+            None => cx.err(&format!("network.allow_private_destinations[{i}]"), format!("{c:?} is not a CIDR")),
+        }
+    }
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("json") => LogFormat::Json,
+        Some("text") => LogFormat::Text,
+        Some(o) => {
+            cx.err("log_format", format!("{o:?} is not one of json, text"));
+            LogFormat::Json
+        }
+    };
+    if let Some(a) = &raw.identity.default_agent
+        && !is_agent_id(a)
+    {
+        cx.err("identity.default_agent", format!("{a:?} is not a valid agent id (^[a-z0-9][a-z0-9-]{{2,62}}$)"));
+    }
+    let l = raw.limits;
+    let limits = Limits {
+        max_header_bytes: l.max_header_bytes.unwrap_or(65_536),
+        max_body_bytes: l.max_body_bytes.unwrap_or(10_485_760),
+        header_read_timeout: duration(cx, "limits.header_read_timeout", l.header_read_timeout, Duration::from_secs(10)),
+        upstream_connect_timeout: duration(
+            cx,
+            "limits.upstream_connect_timeout",
+            l.upstream_connect_timeout,
+            Duration::from_secs(5),
+        ),
+        upstream_timeout: duration(cx, "limits.upstream_timeout", l.upstream_timeout, Duration::from_secs(60)),
+        max_connections: l.max_connections.unwrap_or(4096),
+    };
+    if limits.max_header_bytes < 1024 {
+        cx.err("limits.max_header_bytes", "must be at least 1024");
+    }
+    GatewayConfig {
+        proxy_listener: addr(cx, "listeners.proxy", raw.listeners.proxy, "127.0.0.1:15080"),
+        transparent_listener: transparent,
+        admin_listener: addr(cx, "listeners.admin", raw.listeners.admin, "127.0.0.1:15021"),
+        policies_dir: PathBuf::from(raw.policies.unwrap_or_else(|| "./policies".into())),
+        gateway_key: under_data(raw.keys.gateway, "gateway.pem"),
+        tls: TlsSettings {
+            ca_cert: under_data(raw.tls.ca_cert, "ca.pem"),
+            ca_key: under_data(raw.tls.ca_key, "ca-key.pem"),
+            extra_upstream_roots: raw.tls.extra_upstream_roots.into_iter().map(PathBuf::from).collect(),
+            leaf_ttl: duration(cx, "tls.leaf_ttl", raw.tls.leaf_ttl, Duration::from_secs(86_400)),
+        },
+        audit: AuditSettings {
+            path: under_data(raw.audit.path, "audit.redb"),
+            origin,
+            durability,
+            sign_each_entry: raw.audit.sign_each_entry.unwrap_or(false),
+            queue_capacity,
+        },
+        identity: IdentitySettings {
+            default_agent: raw.identity.default_agent,
+            token_file: raw.identity.token_file.map(PathBuf::from),
+        },
+        admin_keys,
+        limits,
+        allow_private_destinations: private,
+        log_format,
+        data_dir,
+    }
+}
+
+// ---------------------------------------------------------------- manifest
+
+fn allow_deny(raw: RawAllowDeny) -> AllowDeny {
+    AllowDeny { allow: raw.allow, deny: raw.deny }
+}
+
+fn resolve_path(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() { p.to_path_buf() } else { base.join(p) }
+}
+
+/// Expands `${file:PATH}` and `${env:NAME}` in a credential template. The error names the
+/// source, never a secret.
+fn resolve_secret(template: &str, base: &Path) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or("unterminated ${...} in credential value")?;
+        let spec = &after[..end];
+        let value = if let Some(f) = spec.strip_prefix("file:") {
+            let path = resolve_path(base, f);
+            let v = std::fs::read_to_string(&path).map_err(|e| format!("credential file {} cannot be read: {e}", path.display()))?;
+            v.trim_end_matches(['\n', '\r']).to_string()
+        } else if let Some(name) = spec.strip_prefix("env:") {
+            std::env::var(name).map_err(|_| format!("credential environment variable {name} is not set"))?
+        } else {
+            return Err(format!("unknown credential source ${{{spec}}} (use ${{file:...}} or ${{env:...}})"));
+        };
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Strictness) -> Connector {
+    if !is_agent_id(&raw.name) {
+        cx.err(&format!("{key}.name"), format!("{:?} is not a valid connector name (^[a-z0-9][a-z0-9-]{{2,62}}$)", raw.name));
+    }
+    let base_url = raw.base_url.as_ref().and_then(|u| {
+        let k = format!("{key}.base_url");
+        let parsed = match url::Url::parse(u) {
+            Ok(p) => p,
+            Err(e) => {
+                cx.err(&k, format!("{u:?} is not a URL: {e}"));
+                return None;
+            }
+        };
+        let scheme = match parsed.scheme() {
+            "http" => Scheme::Http,
+            "https" => Scheme::Https,
+            s => {
+                cx.err(&k, format!("scheme {s:?} is not http or https"));
+                return None;
+            }
+        };
+        if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() || parsed.password().is_some() {
+            cx.err(&k, "must not carry a query, fragment or user info");
+            return None;
+        }
+        let host = parsed.host_str()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        Some(BaseUrl {
+            scheme,
+            port: parsed.port_or_known_default().unwrap_or(443),
+            host,
+            path_prefix: parsed.path().trim_end_matches('/').to_string(),
+        })
+    });
+    let mut hosts: Vec<String> = raw.hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    for (i, h) in hosts.iter().enumerate() {
+        let bare = h.strip_prefix("*.").unwrap_or(h);
+        let ok = !bare.is_empty()
+            && !bare.contains('*')
+            && bare.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+        if !ok {
+            cx.err(&format!("{key}.hosts[{i}]"), format!("{h:?} is not a host name or *.suffix pattern"));
+        }
+    }
+    if hosts.is_empty() {
+        match &base_url {
+            Some(b) => hosts.push(b.host.clone()),
+            None => cx.err(&format!("{key}.hosts"), "a connector needs `hosts` or a `base_url`"),
+        }
+    }
+    let mut ports = raw.ports.clone();
+    if ports.is_empty() {
+        ports.push(base_url.as_ref().map_or(443, |b| b.port));
+    }
+    if ports.contains(&0) {
+        cx.err(&format!("{key}.ports"), "port 0 is not a port");
+    }
+    let tls = match raw.tls.as_deref() {
+        None | Some("intercept") => TlsMode::Intercept,
+        Some("passthrough") => TlsMode::Passthrough,
+        Some(o) => {
+            cx.err(&format!("{key}.tls"), format!("{o:?} is not one of intercept, passthrough"));
+            TlsMode::Intercept
+        }
+    };
+    let mut creds = Ok(Vec::new());
+    for (i, c) in raw.credentials.iter().enumerate() {
+        let k = format!("{key}.credentials[{i}]");
+        let Ok(name) = HeaderName::from_str(&c.header) else {
+            cx.err(&format!("{k}.header"), format!("{:?} is not a header name", c.header));
+            continue;
+        };
+        match resolve_secret(&c.value, base) {
+            Ok(v) => match HeaderValue::from_str(&v) {
+                Ok(mut hv) => {
+                    hv.set_sensitive(true);
+                    if let Ok(list) = creds.as_mut() {
+                        list.push((name, hv));
+                    }
+                }
+                Err(_) => cx.err(&format!("{k}.value"), "the resolved credential is not a valid header value"),
+            },
+            Err(e) => {
+                if strict == Strictness::Check {
+                    cx.err(&format!("{k}.value"), e.clone());
+                } else {
+                    cx.warn(&format!("{k}.value"), format!("{e}; connector {:?} is unavailable", raw.name));
+                }
+                creds = Err(e);
+            }
+        }
+    }
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let k = format!("{key}.routes[{i}]");
+        let mut methods = Vec::new();
+        for (j, m) in r.methods.iter().enumerate() {
+            match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                Ok(m) => methods.push(m),
+                Err(_) => cx.err(&format!("{k}.methods[{j}]"), format!("{m:?} is not an HTTP method")),
+            }
+        }
+        let path = match PathPattern::parse(&r.path) {
+            Ok(p) => p,
+            Err(e) => {
+                cx.err(&format!("{k}.path"), format!("{:?}: {e}", r.path));
+                continue;
+            }
+        };
+        if r.action.is_empty() || r.action.contains(char::is_whitespace) {
+            cx.err(&format!("{k}.action"), "must be a non-empty action type like payment.refund");
+        }
+        let mut params = Vec::new();
+        for (name, p) in r.params {
+            let pk = format!("{k}.params.{name}");
+            let sources = [p.json.is_some(), p.header.is_some(), p.query.is_some(), p.path.is_some()];
+            if sources.iter().filter(|&&s| s).count() != 1 {
+                cx.err(&pk, "needs exactly one of json, header, query, path");
+                continue;
+            }
+            let source = if let Some(ptr) = p.json {
+                if !(ptr.is_empty() || ptr.starts_with('/')) {
+                    cx.err(&format!("{pk}.json"), format!("{ptr:?} is not a JSON pointer (e.g. /amount)"));
+                }
+                ParamSource::Json(ptr)
+            } else if let Some(h) = p.header {
+                match HeaderName::from_str(&h) {
+                    Ok(h) => ParamSource::Header(h),
+                    Err(_) => {
+                        cx.err(&format!("{pk}.header"), format!("{h:?} is not a header name"));
+                        continue;
+                    }
+                }
+            } else if let Some(q) = p.query {
+                ParamSource::Query(q)
+            } else {
+                let name = p.path.unwrap_or_default();
+                if !path.captures().any(|c| c == name) {
+                    cx.err(&format!("{pk}.path"), format!("the route path {:?} captures no {{{name}}}", r.path));
+                }
+                ParamSource::Path(name)
+            };
+            if let Some(s) = p.scale
+                && s > 18
+            {
+                cx.err(&format!("{pk}.scale"), "must be at most 18");
+            }
+            params.push(ParamSpec { name, source, scale: p.scale });
+        }
+        routes.push(Route { methods, path, action: r.action, params, safe: r.safe });
+    }
+    // Overlap warning: a later route that an earlier one fully shadows.
+    for i in 0..routes.len() {
+        for j in 0..i {
+            let (a, b) = (&routes[j], &routes[i]);
+            let methods_cover = a.methods.is_empty() || b.methods.iter().all(|m| a.methods.contains(m)) && !b.methods.is_empty();
+            if methods_cover && a.path.raw == b.path.raw {
+                cx.warn(
+                    &format!("{key}.routes[{i}]"),
+                    format!("never matches: routes[{j}] has the same path and covers its methods"),
+                );
+            }
+        }
+    }
+    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, routes }
+}
+
+pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Strictness, sha256: String) -> Manifest {
+    if raw.api_version != "uapk/v1" {
+        cx.err("apiVersion", format!("{:?} is not supported (expected uapk/v1)", raw.api_version));
+    }
+    if raw.kind != "Manifest" {
+        cx.err("kind", format!("{:?} is not supported (expected Manifest)", raw.kind));
+    }
+    if !is_agent_id(&raw.agent.id) {
+        cx.err("agent.id", format!("{:?} is not a valid agent id (^[a-z0-9][a-z0-9-]{{2,62}}$)", raw.agent.id));
+    }
+    let mode = match raw.mode.as_deref() {
+        None | Some("enforce") => PolicyMode::Enforce,
+        Some("dry_run") => PolicyMode::DryRun,
+        Some(o) => {
+            cx.err("mode", format!("{o:?} is not one of enforce, dry_run"));
+            PolicyMode::Enforce
+        }
+    };
+    let c = raw.capability;
+    let mut issuers = Vec::new();
+    let mut seen = HashSet::new();
+    let listed = c.issuers.len();
+    for (i, is) in c.issuers.into_iter().enumerate() {
+        let k = format!("capability.issuers[{i}]");
+        if !seen.insert(is.id.clone()) {
+            cx.err(&format!("{k}.id"), format!("issuer {:?} is listed twice", is.id));
+        }
+        let pem = match (&is.public_key_file, &is.public_key) {
+            (Some(f), None) => {
+                let path = resolve_path(base, f);
+                match std::fs::read_to_string(&path) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        cx.err(&format!("{k}.public_key_file"), format!("issuer key file {} cannot be read: {e}", path.display()));
+                        continue;
+                    }
+                }
+            }
+            (None, Some(p)) => p.clone(),
+            _ => {
+                cx.err(&k, "needs exactly one of public_key_file, public_key");
+                continue;
+            }
+        };
+        use ed25519_dalek::pkcs8::DecodePublicKey;
+        match ed25519_dalek::VerifyingKey::from_public_key_pem(pem.trim()) {
+            Ok(key) => issuers.push(Issuer { id: is.id, key }),
+            Err(_) => cx.err(
+                &format!("{k}.{}", if is.public_key.is_some() { "public_key" } else { "public_key_file" }),
+                "is not an Ed25519 public key in SPKI PEM form (from `uapk-gateway keygen`)",
+            ),
+        }
+    }
+    let required = c.required.unwrap_or(true);
+    if required && listed == 0 {
+        cx.err("capability.issuers", "capability.required is true but no issuer is listed");
+    }
+    let capability = CapabilityPolicy {
+        required,
+        audience: c.audience.unwrap_or_else(|| "uapk-gateway".into()),
+        max_lifetime: duration(cx, "capability.max_lifetime", c.max_lifetime, Duration::from_secs(86_400)),
+        issuers,
+        revoked: c.revoked.into_iter().collect(),
+    };
+
+    let mut connectors: Vec<Arc<Connector>> = Vec::new();
+    for (i, rc) in raw.connectors.into_iter().enumerate() {
+        let k = format!("connectors[{i}]");
+        if connectors.iter().any(|c| c.name == rc.name) {
+            cx.err(&format!("{k}.name"), format!("connector {:?} is defined twice", rc.name));
+        }
+        connectors.push(Arc::new(connector(cx, &k, rc, base, strict)));
+    }
+    let defined: HashSet<&str> = connectors.iter().map(|c| c.name.as_str()).collect();
+    let p = raw.policy;
+    let check_refs = |cx: &mut Cx, key: &str, names: &[String]| {
+        for (i, n) in names.iter().enumerate() {
+            if !n.ends_with('*') && !defined.contains(n.as_str()) {
+                cx.err(&format!("{key}[{i}]"), format!("connector {n:?} is referenced but not defined in `connectors`"));
+            }
+        }
+    };
+    check_refs(cx, "policy.connectors.allow", &p.connectors.allow);
+    check_refs(cx, "policy.connectors.deny", &p.connectors.deny);
+    check_refs(cx, "policy.approval.connectors", &p.approval.connectors);
+
+    let amount_caps = money(cx, "policy.amount_caps", p.amount_caps);
+    let approval = Approval {
+        action_types: p.approval.action_types,
+        connectors: p.approval.connectors,
+        amount_above: money(cx, "policy.approval.amount_above", p.approval.amount_above),
+    };
+    let scope = |cx: &mut Cx, key: &str, s: Option<String>| match s.as_deref() {
+        None | Some("agent") => Scope::Agent,
+        Some("connector") => Scope::Connector,
+        Some("action") => Scope::Action,
+        Some(o) => {
+            cx.err(key, format!("{o:?} is not one of agent, connector, action"));
+            Scope::Agent
+        }
+    };
+    let mut budgets = Vec::new();
+    for (i, b) in p.budgets.into_iter().enumerate() {
+        let k = format!("policy.budgets[{i}]");
+        let window = match b.window.as_str() {
+            "day" => Window::Day,
+            "hour" => Window::Hour,
+            o => {
+                cx.err(&format!("{k}.window"), format!("{o:?} is not one of day, hour"));
+                Window::Day
+            }
+        };
+        if let Some(pct) = b.escalate_at_percent
+            && !(1..=100).contains(&pct)
+        {
+            cx.err(&format!("{k}.escalate_at_percent"), "must be between 1 and 100");
+        }
+        if b.max_actions.is_none() && b.max_spend.is_empty() {
+            cx.err(&k, "a budget needs max_actions or max_spend");
+        }
+        budgets.push(Budget {
+            window,
+            scope: scope(cx, &format!("{k}.scope"), b.scope),
+            max_actions: b.max_actions,
+            escalate_at_percent: b.escalate_at_percent,
+            max_spend: money(cx, &format!("{k}.max_spend"), b.max_spend),
+        });
+    }
+    let mut rate_limits = Vec::new();
+    for (i, r) in p.rate_limits.into_iter().enumerate() {
+        let k = format!("policy.rate_limits[{i}]");
+        match parse_rate(&r.rate) {
+            Ok((count, per)) => {
+                let burst = r.burst.unwrap_or(count);
+                if burst == 0 {
+                    cx.err(&format!("{k}.burst"), "must be at least 1");
+                }
+                rate_limits.push(RateLimit { scope: scope(cx, &format!("{k}.scope"), r.scope), count, per, burst, raw: r.rate });
+            }
+            Err(e) => cx.err(&format!("{k}.rate"), e),
+        }
+    }
+    let e = raw.escalation;
+    let escalation = Escalation {
+        mode: match e.mode.as_deref() {
+            None | Some("reject") => EscalationMode::Reject,
+            Some("hold") => EscalationMode::Hold,
+            Some(o) => {
+                cx.err("escalation.mode", format!("{o:?} is not one of reject, hold"));
+                EscalationMode::Reject
+            }
+        },
+        hold_timeout: duration(cx, "escalation.hold_timeout", e.hold_timeout, Duration::from_secs(120)),
+        approval_ttl: duration(cx, "escalation.approval_ttl", e.approval_ttl, Duration::from_secs(86_400)),
+        override_ttl: duration(cx, "escalation.override_ttl", e.override_ttl, Duration::from_secs(300)),
+    };
+    let a = raw.audit;
+    let bodies = match a.bodies.as_deref() {
+        None | Some("hash") => BodiesMode::Hash,
+        Some("none") => BodiesMode::None,
+        Some("full") => BodiesMode::Full,
+        Some(o) => {
+            cx.err("audit.bodies", format!("{o:?} is not one of none, hash, full"));
+            BodiesMode::Hash
+        }
+    };
+    let audit = ManifestAudit {
+        bodies,
+        redact_headers: a
+            .redact_headers
+            .unwrap_or_else(|| vec!["authorization".into(), "cookie".into(), "x-api-key".into()])
+            .into_iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+    };
+    Manifest {
+        agent: AgentInfo { id: raw.agent.id, name: raw.agent.name, owner: raw.agent.owner, description: raw.agent.description },
+        mode,
+        capability,
+        connectors,
+        policy: Policy {
+            connectors: allow_deny(p.connectors),
+            action_types: allow_deny(p.action_types),
+            amount_caps,
+            approval,
+            jurisdictions: allow_deny(p.jurisdictions),
+            counterparties: allow_deny(p.counterparties),
+            budgets,
+            rate_limits,
+        },
+        escalation,
+        audit,
+        sha256,
+        source: PathBuf::new(),
+    }
+}

@@ -1,0 +1,857 @@
+//! The data path. `handle` reads top to bottom in the order of the request flow:
+//! parse → identify → classify (connector, route, action, params) → decide → reserve (budget,
+//! rate) → audit `decision` (awaited durable) → inject credentials → forward → audit `outcome`
+//! → respond. The policy engine decides; this module only gathers facts, enforces and moves
+//! bytes.
+
+mod body;
+mod hygiene;
+mod respond;
+pub mod ssrf;
+pub mod upstream;
+
+use crate::approvals::{self, ApprovalStore, Status};
+use crate::audit::{AuditError, AuditHandle};
+use crate::config::{
+    Connector, EscalationMode, GatewayConfig, Manifest, PolicyMode, PolicySet, Scheme,
+};
+use crate::identity::{CapabilityClaims, TokenVerifier};
+use crate::limits::{BudgetCheck, Budgets, RateLimiters, Reservation, Spend};
+use crate::policy::{self, Decision, Params, Reason, Verdict};
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+pub use respond::json_response;
+use respond::{DenyBody, deny_response};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+pub use body::RecordedBody;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every request and response the proxy builds.
+pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Manifests plus one token verifier per agent (each with its own verified-token cache), swapped
+/// as a whole on reload so in-flight requests finish under the policy they started with.
+pub struct Policies {
+    pub set: PolicySet,
+    pub verifiers: HashMap<String, TokenVerifier>,
+}
+
+impl Policies {
+    pub fn new(set: PolicySet) -> Policies {
+        let verifiers = set
+            .manifests
+            .iter()
+            .map(|(id, m)| (id.clone(), TokenVerifier::new(crate::identity::token_policy_for(m))))
+            .collect();
+        Policies { set, verifiers }
+    }
+}
+
+/// Everything the data path shares.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    pub policies: ArcSwap<Policies>,
+    pub audit: AuditHandle,
+    pub budgets: Budgets,
+    pub rate_limits: RateLimiters,
+    pub approvals: ApprovalStore,
+    pub client: upstream::UpstreamClient,
+    pub vetter: ssrf::Vetter,
+    pub gateway_key: ed25519_dalek::SigningKey,
+    pub token_file: Option<TokenFile>,
+    pub metrics: crate::admin::Metrics,
+    pub draining: AtomicBool,
+}
+
+/// A capability token the gateway presents for the pod, re-read when it changes on disk
+/// (projected tokens rotate).
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    cached: std::sync::Mutex<(Option<String>, Instant)>,
+}
+
+impl TokenFile {
+    pub fn new(path: std::path::PathBuf) -> TokenFile {
+        let token = std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string());
+        TokenFile { path, cached: std::sync::Mutex::new((token, Instant::now())) }
+    }
+    fn get(&self) -> Option<String> {
+        let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if c.1.elapsed() > Duration::from_secs(10) {
+            *c = (std::fs::read_to_string(&self.path).ok().map(|t| t.trim().to_string()), Instant::now());
+        }
+        c.0.clone().filter(|t| !t.is_empty())
+    }
+}
+
+pub(crate) fn now_unix() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn new_request_id() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 8];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// How the request reached the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    /// `http://127.0.0.1:15080/<connector>/...`
+    BaseUrl,
+    /// Absolute-form request to the explicit proxy.
+    Explicit,
+}
+
+impl Entry {
+    fn as_str(self) -> &'static str {
+        match self {
+            Entry::BaseUrl => "base_url",
+            Entry::Explicit => "explicit",
+        }
+    }
+}
+
+/// The facts of one request, filled in as they become known, and written as its `decision`
+/// entry whatever the outcome.
+struct Facts {
+    request_id: String,
+    entry: Entry,
+    agent: Option<String>,
+    token: Option<(String, Option<String>)>, // (iss, jti)
+    connector: Option<String>,
+    route: Option<String>,
+    action: Option<String>,
+    params: BTreeMap<String, String>,
+    method: Method,
+    scheme: Scheme,
+    host: String,
+    port: u16,
+    path: String,
+    query: Option<String>,
+    body: Option<(String, u64)>, // (sha256 hex, length)
+    headers: Map<String, Value>,
+    mode: PolicyMode,
+}
+
+impl Facts {
+    fn entry(&self, d: &Decision, approval_id: Option<&str>) -> Map<String, Value> {
+        let mut m = Map::new();
+        m.insert("kind".into(), json!("decision"));
+        m.insert("request_id".into(), json!(self.request_id));
+        m.insert("via".into(), json!(self.entry.as_str()));
+        m.insert("agent".into(), json!(self.agent));
+        if let Some((iss, jti)) = &self.token {
+            m.insert("token".into(), json!({"iss": iss, "jti": jti}));
+        }
+        m.insert("connector".into(), json!(self.connector));
+        m.insert("route".into(), json!(self.route));
+        m.insert("action".into(), json!(self.action));
+        m.insert("params".into(), json!(self.params));
+        m.insert("method".into(), json!(self.method.as_str()));
+        m.insert("scheme".into(), json!(self.scheme.as_str()));
+        m.insert("host".into(), json!(self.host));
+        m.insert("port".into(), json!(self.port.to_string()));
+        m.insert("path".into(), json!(self.path));
+        m.insert("query".into(), json!(self.query));
+        if let Some((sha, len)) = &self.body {
+            m.insert("body_sha256".into(), json!(sha));
+            m.insert("body_len".into(), json!(len.to_string()));
+        }
+        m.insert("headers".into(), Value::Object(self.headers.clone()));
+        m.insert("decision".into(), json!(d.verdict.as_str()));
+        m.insert("reasons".into(), json!(d.reasons));
+        m.insert("mode".into(), json!(self.mode.as_str()));
+        if let Some(id) = approval_id {
+            m.insert("approval_id".into(), json!(id));
+        }
+        m
+    }
+
+    /// SHA-256 of the canonical action (SPEC §6): what an override token is bound to.
+    fn action_hash(&self) -> String {
+        let v = json!({
+            "agent": self.agent, "connector": self.connector, "method": self.method.as_str(),
+            "scheme": self.scheme.as_str(), "host": self.host, "port": self.port.to_string(),
+            "path": self.path, "query": self.query,
+            "body_sha256": self.body.as_ref().map(|b| b.0.clone()).unwrap_or_else(|| hex::encode(Sha256::digest(b""))),
+            "action": self.action, "params": self.params,
+        });
+        let bytes = crate::audit::canonical_json(&v).unwrap_or_default();
+        hex::encode(Sha256::digest(bytes))
+    }
+}
+
+/// A response the proxy produced itself (not the upstream's).
+fn refuse(status: StatusCode, facts: &Facts, d: &Decision, record: Option<u64>, extra: DenyBody) -> Response<ProxyBody> {
+    deny_response(status, d, record, facts.agent.as_deref(), extra)
+}
+
+impl Gateway {
+    /// Records a decision entry; a failure to commit is answered 503 and nothing is forwarded.
+    async fn record(&self, facts: &Facts, d: &Decision, approval_id: Option<&str>) -> Result<u64, Response<ProxyBody>> {
+        let started = Instant::now();
+        let r = self.audit.append(facts.entry(d, approval_id)).await;
+        self.metrics.audit_append.observe(started.elapsed().as_secs_f64());
+        r.map_err(|e| {
+            let (code, msg) = match e {
+                AuditError::QueueFull => ("audit_unavailable", "the audit queue is full; nothing was forwarded"),
+                _ => ("audit_unavailable", "the audit log cannot commit; nothing was forwarded"),
+            };
+            tracing::error!(request_id = %facts.request_id, error = %e, "audit append failed");
+            let d = Decision::deny(code, msg);
+            deny_response(StatusCode::SERVICE_UNAVAILABLE, &d, None, facts.agent.as_deref(), DenyBody::default())
+        })
+    }
+
+    /// Records `d` and answers with `status`.
+    async fn refuse_recorded(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
+        match self.record(facts, &d, None).await {
+            Ok(idx) => {
+                let mut resp = refuse(status, facts, &d, Some(idx), DenyBody::default());
+                if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+                    resp.headers_mut()
+                        .insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-gateway\""));
+                }
+                self.finish_metrics(facts, &d, status);
+                resp
+            }
+            Err(resp) => resp,
+        }
+    }
+
+    fn finish_metrics(&self, facts: &Facts, d: &Decision, status: StatusCode) {
+        self.metrics.request(d.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+        tracing::info!(
+            target: "access",
+            request_id = %facts.request_id,
+            agent = facts.agent.as_deref().unwrap_or("-"),
+            connector = facts.connector.as_deref().unwrap_or("-"),
+            action = facts.action.as_deref().unwrap_or("-"),
+            decision = d.verdict.as_str(),
+            reasons = %d.reasons.iter().map(|r| r.code).collect::<Vec<_>>().join(","),
+            status = status.as_u16(),
+            "request"
+        );
+    }
+}
+
+/// Splits `Proxy-Authorization` into (username, token): Basic uses the password, Bearer the
+/// credential. Never logged.
+fn proxy_auth_token(headers: &HeaderMap) -> Option<(Option<String>, String)> {
+    use base64::Engine;
+    let v = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some((None, rest.trim().to_string()));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (user, pass) = text.split_once(':')?;
+        return Some((Some(user.to_string()), pass.to_string()));
+    }
+    None
+}
+
+/// Step 1: who is calling. Returns the agent's manifest and verified claims, or a refusal.
+fn identify(
+    gw: &Gateway,
+    policies: &Policies,
+    headers: &HeaderMap,
+    facts: &mut Facts,
+) -> Result<(Arc<Manifest>, Option<Arc<CapabilityClaims>>), Decision> {
+    let mut basic_user = None;
+    let token = match proxy_auth_token(headers) {
+        Some((user, tok)) if facts.entry == Entry::Explicit => {
+            basic_user = user;
+            Some(tok)
+        }
+        _ => headers
+            .get("x-uapk-capability")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_string())
+            .or_else(|| gw.token_file.as_ref().and_then(TokenFile::get)),
+    };
+    let default_agent = gw.config.identity.default_agent.as_deref();
+    facts.agent = default_agent.map(str::to_string);
+    let Some(token) = token else {
+        let Some(agent) = default_agent else {
+            return Err(Decision::deny("capability_token_required", "no capability token and no default agent"));
+        };
+        let Some(m) = policies.set.get(agent) else {
+            return Err(Decision::deny("manifest_not_found", format!("no manifest for agent {agent}")));
+        };
+        facts.mode = m.mode;
+        if m.capability.required {
+            return Err(Decision::deny("capability_token_required", "this agent requires a capability token"));
+        }
+        return Ok((m.clone(), None));
+    };
+    let Some(sub) = crate::identity::unverified_subject(&token) else {
+        return Err(Decision::deny("capability_token_invalid", "the capability token is malformed"));
+    };
+    let (Some(m), Some(verifier)) = (policies.set.get(&sub), policies.verifiers.get(&sub)) else {
+        return Err(Decision::deny(
+            "manifest_not_found",
+            format!("no manifest for the agent the token names ({})", sanitize(&sub)),
+        ));
+    };
+    facts.mode = m.mode;
+    let claims = verifier.verify(&token, now_unix()).map_err(|e| Decision::deny(e.code(), e.message()))?;
+    facts.agent = Some(claims.sub.clone());
+    facts.token = Some((claims.iss.clone(), claims.jti.clone()));
+    let user_names_other = basic_user.as_deref().is_some_and(|u| !u.is_empty() && u != "agent" && u != claims.sub);
+    if default_agent.is_some_and(|d| d != claims.sub) || user_names_other {
+        return Err(Decision::deny("token_agent_mismatch", "the capability token was issued to another agent"));
+    }
+    Ok((m.clone(), Some(claims)))
+}
+
+/// Agent-supplied text shown in messages: bounded and printable.
+fn sanitize(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(64).collect()
+}
+
+/// A path the gateway refuses to interpret: dot segments or encoded separators could make the
+/// upstream see another path than the one the routes matched.
+fn ambiguous_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') || lower.contains("%2e")
+        || path.split('/').any(|s| s == "." || s == "..")
+}
+
+/// The whole request path.
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let resp = handle_inner(&gw, req).await;
+    gw.metrics.request_duration.observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    let policies = gw.policies.load_full();
+    let explicit = parts.uri.scheme().is_some();
+    let mut facts = Facts {
+        request_id: new_request_id(),
+        entry: if explicit { Entry::Explicit } else { Entry::BaseUrl },
+        agent: None,
+        token: None,
+        connector: None,
+        route: None,
+        action: None,
+        params: BTreeMap::new(),
+        method: parts.method.clone(),
+        scheme: Scheme::Http,
+        host: String::new(),
+        port: 0,
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
+        body: None,
+        headers: Map::new(),
+        mode: PolicyMode::Enforce,
+    };
+
+    // ---- parse: where is this request going?
+    if parts.method == Method::CONNECT {
+        let d = Decision::deny("method_not_supported", "CONNECT tunnels are not enabled on this listener");
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, &facts, &d, None, DenyBody::default());
+    }
+    let (base_connector, upstream_path) = if explicit {
+        if parts.uri.scheme_str() != Some("http") {
+            let d = Decision::deny("malformed_request", "absolute-form requests must use http://; use CONNECT for https");
+            return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+        }
+        let host = parts.uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let port = parts.uri.port_u16().unwrap_or(80);
+        // The Host header must agree with the absolute-form target.
+        if let Some(h) = parts.headers.get(header::HOST) {
+            let want = parts.uri.authority().map(|a| a.as_str().to_ascii_lowercase());
+            let got = h.to_str().ok().map(str::to_ascii_lowercase);
+            let same = match (&want, &got) {
+                (Some(w), Some(g)) => w == g || (port == 80 && (w.trim_end_matches(":80") == g.trim_end_matches(":80"))),
+                _ => false,
+            };
+            if !same {
+                let d = Decision::deny("malformed_request", "the Host header does not match the request target");
+                return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+            }
+        }
+        facts.host = host;
+        facts.port = port;
+        (None, parts.uri.path().to_string())
+    } else {
+        let raw = parts.uri.path();
+        let rest = raw.strip_prefix('/').unwrap_or(raw);
+        let (name, tail) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if name.is_empty() {
+            let d = Decision::deny("route_not_allowed", "name a connector: /<connector>/<path>");
+            return refuse(StatusCode::NOT_FOUND, &facts, &d, None, DenyBody::default());
+        }
+        (Some(name.to_string()), tail.to_string())
+    };
+    if ambiguous_path(&upstream_path) {
+        let d = Decision::deny("malformed_request", "the path has dot segments or encoded separators");
+        return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+    }
+
+    // ---- identify
+    let (manifest, claims) = match identify(gw, &policies, &parts.headers, &mut facts) {
+        Ok(ok) => ok,
+        Err(d) => {
+            let status = if explicit && (d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch") {
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            if let Some(name) = &base_connector {
+                facts.connector = Some(sanitize(name));
+            }
+            return gw.refuse_recorded(status, &facts, d).await;
+        }
+    };
+    facts.headers = hygiene::recorded_headers(&parts.headers, &manifest.audit.redact_headers);
+
+    // ---- classify: connector
+    let connector: Arc<Connector> = match &base_connector {
+        Some(name) => match manifest.connector(name) {
+            Some(c) if c.base_url.is_some() => {
+                let b = c.base_url.as_ref().expect("checked");
+                facts.scheme = b.scheme;
+                facts.host = b.host.clone();
+                facts.port = b.port;
+                facts.path = format!("{}{}", b.path_prefix, upstream_path);
+                c.clone()
+            }
+            Some(_) => {
+                facts.connector = Some(name.clone());
+                let d = Decision::deny("tool_not_allowed", format!("connector {name} has no base_url"));
+                return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+            }
+            None => {
+                facts.connector = Some(sanitize(name));
+                let d = Decision::deny("tool_not_allowed", format!("no connector named {}", sanitize(name)));
+                return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+            }
+        },
+        None => {
+            let found = manifest.connectors.iter().find(|c| c.matches_host(&facts.host) && c.matches_port(facts.port));
+            match found {
+                Some(c) => c.clone(),
+                None => {
+                    let d = Decision::deny(
+                        "host_not_allowed",
+                        format!("{}:{} belongs to no connector of this agent", sanitize(&facts.host), facts.port),
+                    );
+                    return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+                }
+            }
+        }
+    };
+    facts.connector = Some(connector.name.clone());
+    if let Err(d) = policy::check_connector(&manifest, claims.as_deref(), &connector) {
+        return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+    }
+
+    // ---- classify: route
+    let route_path = facts.path.clone();
+    let Some((route, captures)) = connector.route(&facts.method, &route_path) else {
+        let d = Decision::deny("route_not_allowed", format!("{} {} matches no route", facts.method, sanitize(&route_path)));
+        return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+    };
+    facts.route = Some(route.path.raw.clone());
+    facts.action = Some(route.action.clone());
+
+    // ---- body: buffered only when the route reads body params (or an escalation needs its hash)
+    let limit = gw.config.limits.max_body_bytes;
+    let mut body = Some(body);
+    let mut buffered: Option<Bytes> = None;
+    if route.needs_body() {
+        match buffer_body(body.take().expect("body"), &parts.headers, limit).await {
+            Ok(b) => {
+                facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
+                buffered = Some(b);
+            }
+            Err(status) => {
+                let d = body_refusal(status, limit);
+                return gw.refuse_recorded(status, &facts, d).await;
+            }
+        }
+    }
+
+    // ---- classify: params
+    let params: Params = policy::extract_params(route, &captures, &parts.headers, facts.query.as_deref(), buffered.as_deref());
+    facts.params = params.values.clone();
+
+    // ---- decide (steps 3–7)
+    let mut decision = policy::evaluate(&manifest, claims.as_deref(), &policy::Action { connector: &connector, route, params: &params });
+
+    // SSRF guard (step 2's address check), only for requests that may go out.
+    if decision.verdict != Verdict::Deny {
+        match gw.vetter.vet(&facts.host, facts.port).await {
+            ssrf::Vetted::Ok => {}
+            ssrf::Vetted::Blocked(why) => decision = Decision::deny("ssrf_blocked", why),
+            ssrf::Vetted::Unresolvable(why) => decision = Decision::deny("upstream_unresolvable", why),
+        }
+    }
+
+    // ---- reserve budget (step 8)
+    let mut reservation: Option<Reservation> = None;
+    if decision.verdict != Verdict::Deny && !manifest.policy.budgets.is_empty() {
+        let spend = Spend {
+            agent: manifest.agent.id.clone(),
+            connector: connector.name.clone(),
+            action: route.action.clone(),
+            amount: params.amount.map(|a| (a, params.currency.clone().unwrap_or_default())),
+            at: now_unix(),
+        };
+        match gw.budgets.reserve(&manifest, spend) {
+            BudgetCheck::Exceeded(r) => decision = Decision { verdict: Verdict::Deny, reasons: vec![r] },
+            BudgetCheck::Reserved { reservation: res, threshold } => {
+                reservation = Some(res);
+                if let Some(r) = threshold {
+                    decision = match decision.verdict {
+                        Verdict::Escalate => {
+                            let mut d = decision;
+                            d.reasons.push(r);
+                            d
+                        }
+                        _ => Decision::escalate(vec![r]),
+                    };
+                }
+            }
+        }
+    }
+
+    // ---- escalation and override (step 10)
+    let mut consumed_approval: Option<String> = None;
+    if decision.verdict == Verdict::Escalate {
+        // The action hash covers the body, so an escalated request's body is read now.
+        if facts.body.is_none() {
+            match buffer_body(body.take().expect("body"), &parts.headers, limit).await {
+                Ok(b) => {
+                    facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
+                    buffered = Some(b);
+                }
+                Err(status) => {
+                    release(gw, reservation.take());
+                    let d = body_refusal(status, limit);
+                    return gw.refuse_recorded(status, &facts, d).await;
+                }
+            }
+        }
+        if let Some(tok) = parts.headers.get("x-uapk-override").and_then(|v| v.to_str().ok()) {
+            match check_override(gw, &facts, tok) {
+                Ok(approval_id) => {
+                    let mut d = Decision::allow();
+                    d.reasons.push(Reason::new("override_accepted", format!("approved by {approval_id}")));
+                    decision = d;
+                    consumed_approval = Some(approval_id);
+                }
+                Err(d) => decision = d,
+            }
+        }
+    }
+    if decision.verdict == Verdict::Deny {
+        release(gw, reservation.take());
+    }
+
+    // ---- rate limits (step 9): only requests about to be forwarded take quota
+    let dry_run = manifest.mode == PolicyMode::DryRun;
+    if decision.verdict == Verdict::Allow
+        && let Err(limited) = gw.rate_limits.check(&manifest, &connector.name, &route.action)
+    {
+        release(gw, reservation.take());
+        let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
+        if !dry_run {
+            let idx = match gw.record(&facts, &d, None).await {
+                Ok(i) => i,
+                Err(resp) => return resp,
+            };
+            let mut resp = refuse(StatusCode::TOO_MANY_REQUESTS, &facts, &d, Some(idx), DenyBody::default());
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(limited.retry_after.as_secs()));
+            if let Ok(v) = HeaderValue::from_str(&limited.policy) {
+                h.insert("ratelimit-policy", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&limited.limit) {
+                h.insert("ratelimit", v);
+            }
+            gw.finish_metrics(&facts, &d, StatusCode::TOO_MANY_REQUESTS);
+            return resp;
+        }
+        decision = d;
+    }
+
+    // ---- refusals (enforce mode)
+    if !dry_run {
+        match decision.verdict {
+            Verdict::Deny => {
+                let status = match decision.code() {
+                    "upstream_unresolvable" => StatusCode::BAD_GATEWAY,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                return gw.refuse_recorded(status, &facts, decision).await;
+            }
+            Verdict::Escalate => {
+                release(gw, reservation.take());
+                return escalate(gw, &facts, &manifest, decision).await;
+            }
+            Verdict::Allow => {}
+        }
+    }
+
+    // ---- audit the decision, durably, before anything leaves
+    let idx = match gw.record(&facts, &decision, consumed_approval.as_deref()).await {
+        Ok(i) => i,
+        Err(resp) => {
+            release(gw, reservation.take());
+            return resp;
+        }
+    };
+    if let Some(r) = reservation.take() {
+        r.commit();
+    }
+    if let Some(id) = &consumed_approval {
+        let _ = gw.audit.append_nowait(approval_entry(id, "consumed", &facts, None));
+    }
+
+    // ---- forward
+    let would_deny = (dry_run && decision.verdict != Verdict::Allow).then(|| decision.code());
+    let req_body = match (buffered, body) {
+        (Some(b), _) => full_body(b),
+        (None, Some(b)) => b.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+        (None, None) => full_body(Bytes::new()),
+    };
+    let mut resp = forward(gw, &facts, &connector, parts, req_body, idx).await;
+    if let Some(code) = would_deny {
+        resp.headers_mut().insert("x-uapk-would-deny", HeaderValue::from_static(code));
+    }
+    gw.finish_metrics(&facts, &decision, resp.status());
+    resp
+}
+
+fn release(gw: &Gateway, r: Option<Reservation>) {
+    if let Some(r) = r {
+        gw.budgets.release(r);
+    }
+}
+
+fn body_refusal(status: StatusCode, limit: usize) -> Decision {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        Decision::deny("body_too_large", format!("the request body exceeds limits.max_body_bytes ({limit} bytes)"))
+    } else {
+        Decision::deny("malformed_request", "the request body could not be read")
+    }
+}
+
+/// Reads a whole body up to `limit` bytes: 413 above it, 400 if the peer fails mid-body.
+async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, StatusCode> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(StatusCode::PAYLOAD_TOO_LARGE),
+        Err(_) => Err(StatusCode::BAD_REQUEST),
+    }
+}
+
+/// Step 10: an override token lifts ESCALATE for the identical action, once.
+fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<String, Decision> {
+    let invalid = |m: &str| Decision::deny("override_token_invalid", m.to_string());
+    let claims = crate::identity::verify_override(token, &gw.gateway_key.verifying_key(), now_unix())
+        .map_err(|_| invalid("the override token is not valid"))?;
+    if Some(&claims.sub) != facts.agent.as_ref() {
+        return Err(invalid("the override token was issued to another agent"));
+    }
+    if claims.action_hash != facts.action_hash() {
+        return Err(invalid("the override token was issued for a different action"));
+    }
+    let now = now_unix();
+    gw.approvals.transition(&claims.approval_id, Status::Approved, Status::Consumed, now, |_| {}).map_err(|e| match e {
+        approvals::ApprovalError::NotPending { status: "consumed", .. } => {
+            Decision::deny("override_token_already_used", "the override token was already used")
+        }
+        _ => invalid("the approval behind the override token is not approved"),
+    })?;
+    Ok(claims.approval_id)
+}
+
+pub(crate) fn approval_entry(id: &str, event: &str, facts: &Facts, note: Option<&str>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("kind".into(), json!("approval"));
+    m.insert("approval_id".into(), json!(id));
+    m.insert("event".into(), json!(event));
+    m.insert("agent".into(), json!(facts.agent));
+    m.insert("request_id".into(), json!(facts.request_id));
+    if let Some(n) = note {
+        m.insert("note".into(), json!(n));
+    }
+    m
+}
+
+/// ESCALATE: store a pending approval, record it, and answer 403 with its id.
+async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decision: Decision) -> Response<ProxyBody> {
+    let id = approvals::new_id();
+    let idx = match gw.record(facts, &decision, Some(&id)).await {
+        Ok(i) => i,
+        Err(resp) => return resp,
+    };
+    let now = now_unix();
+    let approval = approvals::Approval {
+        id: id.clone(),
+        agent: facts.agent.clone().unwrap_or_default(),
+        connector: facts.connector.clone().unwrap_or_default(),
+        action: facts.action.clone().unwrap_or_default(),
+        params: facts.params.clone(),
+        method: facts.method.to_string(),
+        host: facts.host.clone(),
+        path: facts.path.clone(),
+        action_hash: facts.action_hash(),
+        reasons: decision
+            .reasons
+            .iter()
+            .map(|r| approvals::ReasonRecord { code: r.code.to_string(), message: r.message.clone() })
+            .collect(),
+        status: Status::Pending,
+        created_at: now,
+        expires_at: now + manifest.escalation.approval_ttl.as_secs() as i64,
+        record: idx,
+        note: None,
+        decided_by: None,
+    };
+    let store = gw.approvals.clone();
+    let stored = tokio::task::spawn_blocking(move || store.put(&approval)).await;
+    if !matches!(stored, Ok(Ok(()))) {
+        tracing::error!(approval_id = %id, "cannot store approval");
+        let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default());
+    }
+    let _ = gw.audit.append_nowait(approval_entry(&id, "created", facts, None));
+    if manifest.escalation.mode == EscalationMode::Hold {
+        tracing::warn!(approval_id = %id, "escalation.mode hold answers like reject until approvals can be decided");
+    }
+    let mut resp = refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-uapk-approval", v);
+    }
+    gw.finish_metrics(facts, &decision, StatusCode::FORBIDDEN);
+    resp
+}
+
+/// Sends the request upstream with the connector's credentials and streams the answer back;
+/// the `outcome` entry is written when the response body ends.
+async fn forward(
+    gw: &Arc<Gateway>,
+    facts: &Facts,
+    connector: &Connector,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    record: u64,
+) -> Response<ProxyBody> {
+    let host = if facts.host.contains(':') { format!("[{}]", facts.host) } else { facts.host.clone() };
+    let default_port = matches!((facts.scheme, facts.port), (Scheme::Http, 80) | (Scheme::Https, 443));
+    let authority = if default_port { host } else { format!("{host}:{}", facts.port) };
+    let pq = match &facts.query {
+        Some(q) => format!("{}?{q}", facts.path),
+        None => facts.path.clone(),
+    };
+    let uri = match format!("{}://{authority}{pq}", facts.scheme.as_str()).parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(_) => {
+            let d = Decision::deny("malformed_request", "the upstream URI is invalid");
+            return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
+        }
+    };
+    let mut headers = parts.headers;
+    hygiene::strip_request(&mut headers);
+    let creds = connector.credentials.as_ref().map(Vec::as_slice).unwrap_or_default();
+    for (name, _) in creds {
+        headers.remove(name);
+    }
+    for (name, value) in creds {
+        headers.append(name.clone(), value.clone());
+    }
+    let mut up = Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
+    if let Some(h) = up.headers_mut() {
+        *h = headers;
+    }
+    let up = match up.body(body) {
+        Ok(r) => r,
+        Err(_) => {
+            let d = Decision::deny("malformed_request", "the request cannot be forwarded");
+            return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
+        }
+    };
+    let sent = Instant::now();
+    let result = tokio::time::timeout(gw.config.limits.upstream_timeout, gw.client.request(up)).await;
+    let latency = sent.elapsed();
+    gw.metrics.upstream_duration.observe(latency.as_secs_f64());
+    let outcome = body::Outcome {
+        audit: gw.audit.clone(),
+        request_id: facts.request_id.clone(),
+        record,
+        upstream_latency: latency,
+    };
+    match result {
+        Ok(Ok(resp)) => {
+            let (mut rp, rb) = resp.into_parts();
+            hygiene::strip_response(&mut rp.headers);
+            rp.headers.insert("x-uapk-record", HeaderValue::from(record));
+            let status = rp.status;
+            let body = RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, status);
+            Response::from_parts(rp, body.boxed_unsync())
+        }
+        Ok(Err(e)) => {
+            let (status, msg) = upstream_error(&e);
+            outcome.write(status, 0, None, Some(msg));
+            let d = Decision::deny("upstream_unavailable", msg);
+            refuse(status, facts, &d, Some(record), DenyBody::default())
+        }
+        Err(_) => {
+            let status = StatusCode::GATEWAY_TIMEOUT;
+            let msg = "the upstream did not answer within limits.upstream_timeout";
+            outcome.write(status, 0, None, Some(msg));
+            let d = Decision::deny("upstream_timeout", msg);
+            refuse(status, facts, &d, Some(record), DenyBody::default())
+        }
+    }
+}
+
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str) {
+    let text = format!("{e:?}");
+    if text.contains("certificate") || text.contains("InvalidCertificate") || text.contains("AlertReceived") {
+        (StatusCode::BAD_GATEWAY, "the upstream TLS handshake failed")
+    } else if e.is_connect() {
+        if text.contains("TimedOut") || text.contains("timed out") {
+            (StatusCode::GATEWAY_TIMEOUT, "connecting to the upstream timed out")
+        } else {
+            (StatusCode::BAD_GATEWAY, "the upstream is unreachable")
+        }
+    } else {
+        (StatusCode::BAD_GATEWAY, "the upstream failed before answering")
+    }
+}
+
+#[cfg(test)]
+mod tests;

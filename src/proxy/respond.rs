@@ -1,0 +1,45 @@
+//! Responses the gateway writes itself: the §7 JSON body for every refusal.
+
+use super::{ProxyBody, full_body};
+use crate::policy::Decision;
+use http::{HeaderValue, Response, StatusCode, header};
+use serde_json::{Value, json};
+
+/// Extra fields of a refusal body.
+#[derive(Default)]
+pub struct DenyBody {
+    pub approval_id: Option<String>,
+}
+
+pub fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
+    let mut r = Response::new(full_body(body.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `{"decision","reasons":[{"code","message"}],"record":N,"agent":..}` plus `x-uapk-decision`.
+pub fn deny_response(
+    status: StatusCode,
+    d: &Decision,
+    record: Option<u64>,
+    agent: Option<&str>,
+    extra: DenyBody,
+) -> Response<ProxyBody> {
+    let mut body = json!({
+        "decision": d.verdict.as_str(),
+        "reasons": d.reasons,
+        "record": record,
+        "agent": agent,
+    });
+    if let Some(id) = &extra.approval_id {
+        body["approval_id"] = json!(id);
+    }
+    let mut r = json_response(status, &body);
+    r.headers_mut().insert("x-uapk-decision", HeaderValue::from_static(d.verdict.as_str()));
+    if let Some(i) = record {
+        r.headers_mut().insert("x-uapk-record", HeaderValue::from(i));
+    }
+    r
+}

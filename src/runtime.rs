@@ -1,0 +1,288 @@
+//! Wires a validated configuration into a running gateway: keys, policies, the audit log,
+//! budgets rebuilt from the log, the upstream client and the listeners. `start` returns once
+//! every listener is bound, so tests (and `run`) get the real addresses, even for port 0.
+
+use crate::admin::{self, Health};
+use crate::approvals::ApprovalStore;
+use crate::audit::{self, AuditConfig, AuditLog};
+use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
+use crate::limits::{Budgets, RateLimiters, Spend};
+use crate::proxy::{self, Gateway, Policies, TokenFile, ssrf::Vetter, upstream};
+use anyhow::{Context, Result, anyhow};
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{Map, Value, json};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// A gateway that is serving.
+pub struct Running {
+    pub proxy_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    pub health: Arc<Health>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    audit: Option<AuditLog>,
+}
+
+/// Loads the gateway key, generating a development key when it is missing.
+fn gateway_key(cfg: &GatewayConfig) -> Result<ed25519_dalek::SigningKey> {
+    if !cfg.gateway_key.exists() {
+        if let Some(dir) = cfg.gateway_key.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        crate::identity::generate_key_files(&cfg.gateway_key, false)
+            .map_err(|e| anyhow!("generating gateway key {}: {e}", cfg.gateway_key.display()))?;
+        tracing::warn!(
+            path = %cfg.gateway_key.display(),
+            "GENERATED A NEW DEVELOPMENT GATEWAY KEY: it signs the audit checkpoints; for production provide keys.gateway"
+        );
+    }
+    crate::identity::load_signing_key(&cfg.gateway_key).map_err(|e| anyhow!("{e}"))
+}
+
+/// The key name used in checkpoint signatures: the log origin.
+pub fn key_name(cfg: &GatewayConfig) -> String {
+    cfg.audit.origin.clone()
+}
+
+fn config_entry(set: &config::PolicySet, event: &str) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("kind".into(), json!("config"));
+    m.insert("event".into(), json!(event));
+    m.insert("policies_sha256".into(), json!(set.digest()));
+    let manifests: Map<String, Value> = set
+        .manifests
+        .iter()
+        .map(|(id, man)| (id.clone(), json!({"sha256": man.sha256, "mode": man.mode.as_str()})))
+        .collect();
+    m.insert("manifests".into(), Value::Object(manifests));
+    m
+}
+
+/// Rebuilds budget counters from the committed ALLOW decisions of the current UTC day.
+fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64> {
+    let now = proxy::now_unix();
+    let day = now - now.rem_euclid(86_400);
+    let since = time::OffsetDateTime::from_unix_timestamp(day)
+        .map_err(|e| anyhow!("{e}"))?
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| anyhow!("{e}"))?;
+    let Some(mut from) = audit::first_index_at_or_after(db, &since).map_err(|e| anyhow!("{e}"))? else {
+        return Ok(0);
+    };
+    let mut counted = 0;
+    loop {
+        let batch = audit::read_entries(db, from, 4096).map_err(|e| anyhow!("{e}"))?;
+        let Some(last) = batch.last().map(|(i, _)| *i) else { break };
+        for (_, bytes) in &batch {
+            let Ok(v) = serde_json::from_slice::<Value>(bytes) else { continue };
+            if v["kind"] != "decision" || v["decision"] != "allow" {
+                continue;
+            }
+            let at = v["ts"]
+                .as_str()
+                .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+                .map_or(now, |t| t.unix_timestamp());
+            let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+            let amount = v["params"]["amount"].as_str().and_then(|a| a.parse().ok());
+            let currency = v["params"]["currency"].as_str().unwrap_or_default().to_string();
+            budgets.record(&Spend {
+                agent: s("agent"),
+                connector: s("connector"),
+                action: s("action"),
+                amount: amount.map(|a| (a, currency)),
+                at,
+            });
+            counted += 1;
+        }
+        from = last + 1;
+    }
+    Ok(counted)
+}
+
+fn server_builder(cfg: &GatewayConfig) -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.limits.header_read_timeout)
+        .max_buf_size(cfg.limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b.http2().timer(TokioTimer::new()).max_header_list_size(cfg.limits.max_header_bytes as u32);
+    b
+}
+
+/// Starts the gateway described by `cfg`.
+pub async fn start(cfg: GatewayConfig) -> Result<Running> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let key = gateway_key(&cfg)?;
+    let set = config::load_policies(&cfg.policies_dir, Strictness::Run).map_err(|e| anyhow!("invalid policies:\n{e}"))?;
+    for w in &set.warnings {
+        tracing::warn!("{w}");
+    }
+    let audit_log = AuditLog::open(
+        AuditConfig {
+            path: cfg.audit.path.clone(),
+            origin: cfg.audit.origin.clone(),
+            durability: match cfg.audit.durability {
+                AuditDurability::Sync => audit::Durability::Sync,
+                AuditDurability::Async => audit::Durability::Async,
+            },
+            sign_each_entry: cfg.audit.sign_each_entry,
+            queue_capacity: cfg.audit.queue_capacity,
+            key_name: key_name(&cfg),
+        },
+        key.clone(),
+    )
+    .map_err(|e| anyhow!("audit log {}: {e}", cfg.audit.path.display()))?;
+    let handle = audit_log.handle();
+    let db = audit_log.database();
+    let budgets = Budgets::new();
+    let counted = rebuild_budgets(&db, &budgets)?;
+    let approvals = ApprovalStore::open(db.clone()).map_err(|e| anyhow!("{e}"))?;
+
+    let mut startup = Map::new();
+    startup.insert("kind".into(), json!("startup"));
+    startup.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    startup.insert("tree_size".into(), json!(handle.tree_size().to_string()));
+    startup.insert("budget_actions_replayed".into(), json!(counted.to_string()));
+    handle.append(startup).await.map_err(|e| anyhow!("writing the startup entry: {e}"))?;
+    handle.append(config_entry(&set, "load")).await.map_err(|e| anyhow!("writing the config entry: {e}"))?;
+
+    let roots = upstream::root_store(&cfg.tls.extra_upstream_roots).map_err(|e| anyhow!(e))?;
+    let tls = upstream::tls_config(roots).map_err(|e| anyhow!("{e}"))?;
+    let vetter = Vetter::new(cfg.allow_private_destinations.clone());
+    let client = upstream::build_client(vetter.clone(), tls, cfg.limits.upstream_connect_timeout);
+
+    let proxy_listener = TcpListener::bind(cfg.proxy_listener)
+        .await
+        .with_context(|| format!("binding listeners.proxy {}", cfg.proxy_listener))?;
+    let admin_listener = TcpListener::bind(cfg.admin_listener)
+        .await
+        .with_context(|| format!("binding listeners.admin {}", cfg.admin_listener))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    vetter.add_own_listener(proxy_addr);
+    vetter.add_own_listener(admin_addr);
+
+    let token_file = cfg.identity.token_file.clone().map(TokenFile::new);
+    let gw = Arc::new(Gateway {
+        policies: ArcSwap::from_pointee(Policies::new(set)),
+        audit: handle,
+        budgets,
+        rate_limits: RateLimiters::new(),
+        approvals,
+        client,
+        vetter,
+        gateway_key: key,
+        token_file,
+        metrics: admin::Metrics::default(),
+        draining: AtomicBool::new(false),
+        config: cfg,
+    });
+    let health = Arc::new(Health::default());
+    let (tx, rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    {
+        let gw2 = gw.clone();
+        let svc = move |req| {
+            let gw = gw2.clone();
+            async move { Ok::<_, Infallible>(proxy::handle(gw, req).await) }
+        };
+        tasks.push(tokio::spawn(serve(proxy_listener, server_builder(&gw.config), svc, gw.config.limits.max_connections, rx.clone())));
+    }
+    {
+        let (gw2, h2) = (gw.clone(), health.clone());
+        let svc = move |req| {
+            let (gw, h) = (gw2.clone(), h2.clone());
+            async move { Ok::<_, Infallible>(admin::handle(gw, h, req).await) }
+        };
+        tasks.push(tokio::spawn(serve(admin_listener, server_builder(&gw.config), svc, 256, rx.clone())));
+    }
+    {
+        // Keep rate-limiter memory bounded.
+        let gw2 = gw.clone();
+        let mut rx2 = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => { gw2.rate_limits.sweep(); }
+                    _ = rx2.changed() => break,
+                }
+            }
+        }));
+    }
+    health.ready.store(true, Ordering::SeqCst);
+    tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");
+    Ok(Running { proxy_addr, admin_addr, gateway: gw, health, shutdown: tx, tasks, audit: Some(audit_log) })
+}
+
+/// Accept loop shared by the listeners: bounded connections, graceful drain on shutdown.
+async fn serve<S, F>(
+    listener: TcpListener,
+    builder: auto::Builder<TokioExecutor>,
+    svc: S,
+    max_connections: usize,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<http::Response<proxy::ProxyBody>, Infallible>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("limits.max_connections reached; closing a new connection");
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = svc.clone();
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(move |req| svc(req)))
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                    drop(permit);
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests (bounded), flushes the audit log.
+    pub async fn shutdown(mut self) {
+        self.gateway.draining.store(true, Ordering::SeqCst);
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        if let Some(log) = self.audit.take() {
+            let _ = tokio::task::spawn_blocking(move || log.shutdown()).await;
+        }
+    }
+}
