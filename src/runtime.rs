@@ -26,6 +26,7 @@ use tokio::sync::{Semaphore, watch};
 /// A gateway that is serving.
 pub struct Running {
     pub proxy_addr: SocketAddr,
+    pub transparent_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     pub health: Arc<Health>,
@@ -174,6 +175,15 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     vetter.add_own_listener(proxy_addr);
     vetter.add_own_listener(admin_addr);
 
+    let transparent_listener = match cfg.transparent_listener {
+        Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding listeners.transparent {a}"))?),
+        None => None,
+    };
+    let transparent_addr = transparent_listener.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(a) = transparent_addr {
+        vetter.add_own_listener(a);
+    }
+    let leaves = interception_ca(&cfg)?;
     let token_file = cfg.identity.token_file.clone().map(TokenFile::new);
     let gw = Arc::new(Gateway {
         policies: ArcSwap::from_pointee(Policies::new(set)),
@@ -187,6 +197,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         token_file,
         metrics: admin::Metrics::default(),
         draining: AtomicBool::new(false),
+        stopping: watch::channel(false).0,
+        waiters: proxy::Waiters::default(),
+        leaves,
+        db: db.clone(),
         config: cfg,
     });
     let health = Arc::new(Health::default());
@@ -196,7 +210,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         let gw2 = gw.clone();
         let svc = move |req| {
             let gw = gw2.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(gw, req).await) }
+            async move { Ok::<_, Infallible>(proxy::handle(gw, req, proxy::Via::Listener).await) }
         };
         tasks.push(tokio::spawn(serve(proxy_listener, server_builder(&gw.config), svc, gw.config.limits.max_connections, rx.clone())));
     }
@@ -207,6 +221,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             async move { Ok::<_, Infallible>(admin::handle(gw, h, req).await) }
         };
         tasks.push(tokio::spawn(serve(admin_listener, server_builder(&gw.config), svc, 256, rx.clone())));
+    }
+    if let Some(listener) = transparent_listener {
+        let own: Vec<SocketAddr> = [Some(proxy_addr), Some(admin_addr), transparent_addr].into_iter().flatten().collect();
+        tasks.push(tokio::spawn(serve_transparent(listener, gw.clone(), own, rx.clone())));
     }
     {
         // Keep rate-limiter memory bounded.
@@ -221,9 +239,90 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             }
         }));
     }
+    {
+        // Hot reload: poll the policies directory (a ConfigMap update is a `..data` symlink
+        // swap, which no write event reports reliably) and reload on SIGHUP.
+        let (gw2, h2) = (gw.clone(), health.clone());
+        let mut rx2 = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+            let mut last = fingerprint(&gw2.config.policies_dir);
+            loop {
+                let forced = tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+                    Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+                    _ = rx2.changed() => break,
+                };
+                let now = fingerprint(&gw2.config.policies_dir);
+                if forced || now != last {
+                    last = now;
+                    reload(&gw2, &h2, if forced { "sighup" } else { "change" }).await;
+                }
+            }
+        }));
+    }
+    {
+        // Pending approvals past their TTL become expired, with an audit entry.
+        let gw2 = gw.clone();
+        let mut rx2 = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => proxy::expire_due(&gw2).await,
+                    _ = rx2.changed() => break,
+                }
+            }
+        }));
+    }
     health.ready.store(true, Ordering::SeqCst);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");
-    Ok(Running { proxy_addr, admin_addr, gateway: gw, health, shutdown: tx, tasks, audit: Some(audit_log) })
+    Ok(Running { proxy_addr, transparent_addr, admin_addr, gateway: gw, health, shutdown: tx, tasks, audit: Some(audit_log) })
+}
+
+/// Loads the interception CA, generating a development CA in `data_dir` when none exists and
+/// the gateway is not running in a pod.
+fn interception_ca(cfg: &GatewayConfig) -> Result<Option<proxy::tls::LeafCache>> {
+    let (cert, key) = (&cfg.tls.ca_cert, &cfg.tls.ca_key);
+    if !cert.exists() && !key.exists() {
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+            tracing::warn!("no interception CA configured (tls.ca_cert): CONNECT to intercept connectors is refused");
+            return Ok(None);
+        }
+        proxy::tls::generate_ca(cert, key).map_err(|e| anyhow!(e))?;
+        tracing::warn!(
+            cert = %cert.display(),
+            "GENERATED A NEW DEVELOPMENT INTERCEPTION CA: agents must trust this certificate; for production provide tls.ca_cert/ca_key"
+        );
+    }
+    proxy::tls::LeafCache::load(cert, key, cfg.tls.leaf_ttl).map(Some).map_err(|e| anyhow!(e))
+}
+
+/// Accept loop of the transparent listener.
+async fn serve_transparent(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    own: Vec<SocketAddr>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(gw.config.limits.max_connections.max(1)));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+                let _ = stream.set_nodelay(true);
+                let (gw, own) = (gw.clone(), own.clone());
+                tokio::spawn(async move {
+                    proxy::transparent::serve_connection(gw, stream, own).await;
+                    drop(permit);
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
 }
 
 /// Accept loop shared by the listeners: bounded connections, graceful drain on shutdown.
@@ -273,10 +372,64 @@ async fn serve<S, F>(
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
+/// A cheap digest of the manifest files' contents.
+fn fingerprint(dir: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for f in config::manifest_files(dir).unwrap_or_default() {
+        h.update(f.to_string_lossy().as_bytes());
+        h.update(std::fs::read(&f).unwrap_or_default());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Reloads the policies: validate fully, record, swap atomically; on any error keep serving the
+/// last good policy and report the error.
+pub async fn reload(gw: &Gateway, health: &Health, trigger: &str) {
+    let dir = gw.config.policies_dir.clone();
+    let loaded = tokio::task::spawn_blocking(move || config::load_policies(&dir, Strictness::Run)).await;
+    let set = match loaded {
+        Ok(Ok(set)) => set,
+        Ok(Err(e)) => {
+            tracing::error!(trigger, "policy reload rejected; keeping the last good policy:\n{e}");
+            gw.metrics.reload("error");
+            *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            return;
+        }
+        Err(_) => return,
+    };
+    let old = gw.policies.load_full();
+    let mut entry = config_entry(&set, "reload");
+    let changes: Vec<Value> = set
+        .manifests
+        .iter()
+        .filter_map(|(id, m)| {
+            let before = old.set.get(id).map(|o| o.mode);
+            (before.is_some_and(|b| b != m.mode)).then(|| json!({"agent": id, "from": before.map(|b| b.as_str()), "to": m.mode.as_str()}))
+        })
+        .collect();
+    entry.insert("mode_changes".into(), Value::Array(changes));
+    entry.insert("trigger".into(), json!(trigger));
+    if let Err(e) = gw.audit.append(entry).await {
+        tracing::error!(error = %e, "policy reload not applied: the config entry could not be recorded");
+        gw.metrics.reload("error");
+        return;
+    }
+    for w in &set.warnings {
+        tracing::warn!("{w}");
+    }
+    let n = set.manifests.len();
+    gw.policies.store(Arc::new(Policies::new(set)));
+    gw.metrics.reload("success");
+    *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    tracing::info!(trigger, manifests = n, "policies reloaded");
+}
+
 impl Running {
     /// Stops accepting, drains in-flight requests (bounded), flushes the audit log.
     pub async fn shutdown(mut self) {
         self.gateway.draining.store(true, Ordering::SeqCst);
+        self.gateway.stopping.send_replace(true);
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;

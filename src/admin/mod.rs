@@ -1,13 +1,21 @@
-//! The admin listener: health (`/livez`, `/readyz`), Prometheus `/metrics`, and the admin API.
+//! The admin listener: health (`/livez`, `/readyz`), Prometheus `/metrics`, and the admin API
+//! (SPEC §10). Admin keys are stored as SHA-256 hashes with a role (viewer < approver < admin);
+//! every approval decision made here is an audit entry, exactly as from any other client.
 
 mod metrics;
 
 pub use metrics::{Gauges, Histogram, Metrics};
 
-use crate::proxy::{Gateway, ProxyBody, full_body, json_response};
+use crate::approvals::{Approval, ApprovalError, Status};
+use crate::config::AdminRole;
+use crate::proxy::{Gateway, ProxyBody, full_body, json_response, now_unix};
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use serde_json::json;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -20,31 +28,228 @@ pub struct Health {
     pub last_reload_error: std::sync::Mutex<Option<String>>,
 }
 
-pub async fn handle(gw: Arc<Gateway>, health: Arc<Health>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, "/livez") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") => readyz(&gw, &health),
-        (&Method::GET, "/metrics") => {
-            let g = gauges(&gw);
-            let mut r = text(StatusCode::OK, gw.metrics.render(&g));
-            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-            r
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<ProxyBody> {
+    json_response(status, &json!({"error": msg.into()}))
+}
+
+/// The role of the bearer key, or the refusal to send.
+fn authorize(gw: &Gateway, req: &Request<Incoming>, need: AdminRole) -> Result<(String, AdminRole), Response<ProxyBody>> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .or_else(|| session_cookie(req));
+    let Some(key) = presented else {
+        let mut r = error(StatusCode::UNAUTHORIZED, "an admin key is required (Authorization: Bearer <key>)");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-admin\""));
+        return Err(r);
+    };
+    let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    // Compare every configured hash without an early exit.
+    let mut found = None;
+    for k in &gw.config.admin_keys {
+        let diff = k.sha256.iter().zip(hash.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            found = Some((k.id.clone(), k.role));
         }
-        _ => json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+    }
+    match found {
+        None => Err(error(StatusCode::UNAUTHORIZED, "unknown admin key")),
+        Some((_, role)) if role < need => Err(error(StatusCode::FORBIDDEN, format!("this needs the {need:?} role").to_lowercase())),
+        Some(ok) => Ok(ok),
     }
 }
 
-fn gauges(gw: &Gateway) -> Gauges {
+/// The operator page keeps the key in an HttpOnly cookie.
+fn session_cookie(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("uapk_session="))
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
+async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, Response<ProxyBody>> {
+    let body = Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| error(StatusCode::BAD_REQUEST, "the request body could not be read (64 KiB at most)"))?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+}
+
+pub async fn handle(gw: Arc<Gateway>, health: Arc<Health>, req: Request<Incoming>) -> Response<ProxyBody> {
+    let path = req.uri().path().to_string();
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let r = match (&method, segs.as_slice()) {
+        (&Method::GET, ["livez"]) => Ok(text(StatusCode::OK, "ok\n")),
+        (&Method::GET, ["readyz"]) => Ok(readyz(&gw, &health)),
+        (&Method::GET, ["metrics"]) => {
+            let g = gauges(&gw).await;
+            let mut r = text(StatusCode::OK, gw.metrics.render(&g));
+            r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            Ok(r)
+        }
+        (_, ["v1", rest @ ..]) => api(&gw, &health, req, rest).await,
+        _ => Err(error(StatusCode::NOT_FOUND, "not found")),
+    };
+    r.unwrap_or_else(|e| e)
+}
+
+async fn api(gw: &Arc<Gateway>, health: &Health, req: Request<Incoming>, rest: &[&str]) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    let method = req.method().clone();
+    match (&method, rest) {
+        (&Method::GET, ["approvals"]) => {
+            authorize(gw, &req, AdminRole::Viewer)?;
+            let status = match query_param(&req, "status").as_deref() {
+                None | Some("") => None,
+                Some(s) => Some(parse_status(s).ok_or_else(|| error(StatusCode::BAD_REQUEST, "unknown status"))?),
+            };
+            let store = gw.approvals.clone();
+            let list = blocking(move || store.list(status, now_unix())).await?;
+            Ok(json_response(StatusCode::OK, &json!({"approvals": list})))
+        }
+        (&Method::GET, ["approvals", id]) => {
+            authorize(gw, &req, AdminRole::Viewer)?;
+            let (store, id2) = (gw.approvals.clone(), id.to_string());
+            match blocking(move || store.get(&id2)).await? {
+                Some(a) => Ok(json_response(StatusCode::OK, &approval_view(a))),
+                None => Err(error(StatusCode::NOT_FOUND, "no such approval")),
+            }
+        }
+        (&Method::POST, ["approvals", id, action @ ("approve" | "deny")]) => {
+            let (key_id, _) = authorize(gw, &req, AdminRole::Approver)?;
+            #[derive(Deserialize, Default)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                ttl: Option<String>,
+                note: Option<String>,
+            }
+            let (id, approve) = (id.to_string(), *action == "approve");
+            let body: Body = read_json(req).await?;
+            let ttl = match &body.ttl {
+                Some(t) => Some(crate::config::parse_duration(t).map_err(|e| error(StatusCode::BAD_REQUEST, e))?),
+                None => None,
+            };
+            let out = crate::proxy::decide_approval(gw, &id, approve, &key_id, body.note, ttl).await.map_err(|e| match e {
+                ApprovalError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+                ApprovalError::NotPending { .. } => error(StatusCode::CONFLICT, e.to_string()),
+                ApprovalError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable"),
+            })?;
+            let mut v = approval_view(out.approval);
+            if let Some(t) = out.override_token {
+                v["override_token"] = json!(t);
+            }
+            Ok(json_response(StatusCode::OK, &v))
+        }
+        (&Method::GET, ["records"]) => {
+            authorize(gw, &req, AdminRole::Viewer)?;
+            let from = query_param(&req, "from").and_then(|v| v.parse().ok()).unwrap_or(0u64);
+            let limit = query_param(&req, "limit").and_then(|v| v.parse().ok()).unwrap_or(100usize).min(1000);
+            let db = gw.audit_db();
+            let rows = blocking(move || crate::audit::read_entries(&db, from, limit)).await?;
+            let records: Vec<Value> = rows.iter().filter_map(|(_, b)| serde_json::from_slice(b).ok()).collect();
+            Ok(json_response(StatusCode::OK, &json!({"records": records, "tree_size": gw.audit.tree_size()})))
+        }
+        (&Method::GET, ["records", idx]) => {
+            authorize(gw, &req, AdminRole::Viewer)?;
+            let idx: u64 = idx.parse().map_err(|_| error(StatusCode::BAD_REQUEST, "index must be a number"))?;
+            let db = gw.audit_db();
+            let rows = blocking(move || crate::audit::read_entries(&db, idx, 1)).await?;
+            match rows.into_iter().find(|(i, _)| *i == idx) {
+                Some((_, bytes)) => {
+                    let mut r = Response::new(full_body(Bytes::from(bytes)));
+                    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    Ok(r)
+                }
+                None => Err(error(StatusCode::NOT_FOUND, "no such record")),
+            }
+        }
+        (&Method::GET, ["checkpoint"]) => {
+            authorize(gw, &req, AdminRole::Viewer)?;
+            match gw.audit.latest_checkpoint() {
+                Some(note) => Ok(text(StatusCode::OK, note)),
+                None => Err(error(StatusCode::NOT_FOUND, "no checkpoint yet")),
+            }
+        }
+        (&Method::GET, ["manifests"]) => {
+            authorize(gw, &req, AdminRole::Viewer)?;
+            let p = gw.policies.load();
+            let list: Vec<Value> = p
+                .set
+                .manifests
+                .values()
+                .map(|m| {
+                    json!({
+                        "agent": m.agent.id, "name": m.agent.name, "sha256": m.sha256,
+                        "mode": m.mode.as_str(), "source": m.source.display().to_string(),
+                        "connectors": m.connectors.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let err = health.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Ok(json_response(StatusCode::OK, &json!({"manifests": list, "last_reload_error": err})))
+        }
+        _ => Err(error(StatusCode::NOT_FOUND, "not found")),
+    }
+}
+
+fn parse_status(s: &str) -> Option<Status> {
+    Some(match s {
+        "pending" => Status::Pending,
+        "approved" => Status::Approved,
+        "denied" => Status::Denied,
+        "expired" => Status::Expired,
+        "consumed" => Status::Consumed,
+        _ => return None,
+    })
+}
+
+fn approval_view(a: Approval) -> Value {
+    let mut v = json!(a);
+    if a.status == Status::Pending && a.expires_at <= now_unix() {
+        v["status"] = json!("expired");
+    }
+    v
+}
+
+async fn blocking<T: Send + 'static, E: std::fmt::Display>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, Response<ProxyBody>> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "admin storage error");
+            Err(error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable"))
+        }
+        Err(_) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")),
+    }
+}
+
+async fn gauges(gw: &Arc<Gateway>) -> Gauges {
     let stats = gw.audit.stats();
+    let store = gw.approvals.clone();
+    let pending = tokio::task::spawn_blocking(move || store.list(Some(Status::Pending), now_unix()).map_or(0, |l| l.len()))
+        .await
+        .unwrap_or(0);
     Gauges {
         audit_entries: stats.entries_total,
         audit_queue_depth: gw.audit.queue_depth() as u64,
         audit_last_batch: stats.last_batch_size,
-        approvals_pending: gw
-            .approvals
-            .list(Some(crate::approvals::Status::Pending), crate::proxy::now_unix())
-            .map_or(0, |l| l.len() as u64),
+        approvals_pending: pending as u64,
         ratelimit_keys: gw.rate_limits.sweep() as u64,
     }
 }
@@ -62,7 +267,7 @@ fn readyz(gw: &Gateway, health: &Health) -> Response<ProxyBody> {
     json_response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }
 
-fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<ProxyBody> {
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut r = Response::new(full_body(body));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));

@@ -169,4 +169,30 @@ impl ApprovalStore {
         tx.commit().map_err(store_err)?;
         Ok(updated)
     }
+
+    /// Flips every stored pending approval past its expiry to expired, in one transaction, and
+    /// returns them.
+    pub fn expire_overdue(&self, now: i64) -> Result<Vec<Approval>, ApprovalError> {
+        let tx = self.db.begin_write().map_err(store_err)?;
+        let mut expired = Vec::new();
+        {
+            let mut t = tx.open_table(APPROVALS).map_err(store_err)?;
+            let mut due = Vec::new();
+            for item in t.iter().map_err(store_err)? {
+                let (_, v) = item.map_err(store_err)?;
+                let a: Approval = serde_json::from_slice(v.value()).map_err(store_err)?;
+                if a.status == Status::Pending && a.expires_at <= now {
+                    due.push(a);
+                }
+            }
+            for mut a in due {
+                a.status = Status::Expired;
+                let bytes = serde_json::to_vec(&a).map_err(store_err)?;
+                t.insert(a.id.as_str(), bytes.as_slice()).map_err(store_err)?;
+                expired.push(a);
+            }
+        }
+        tx.commit().map_err(store_err)?;
+        Ok(expired)
+    }
 }

@@ -5,9 +5,13 @@
 //! bytes.
 
 mod body;
+pub mod connect;
+mod escalation;
 mod hygiene;
 mod respond;
 pub mod ssrf;
+pub mod tls;
+pub mod transparent;
 pub mod upstream;
 
 use crate::approvals::{self, ApprovalStore, Status};
@@ -33,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 pub use body::RecordedBody;
+pub use escalation::{Decided, Resolution, Waiters, decide_approval, expire_due};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every request and response the proxy builds.
@@ -74,6 +79,19 @@ pub struct Gateway {
     pub token_file: Option<TokenFile>,
     pub metrics: crate::admin::Metrics,
     pub draining: AtomicBool,
+    /// Set when the gateway stops: held requests are answered 503.
+    pub stopping: tokio::sync::watch::Sender<bool>,
+    pub waiters: Waiters,
+    /// Leaf certificates for intercepted tunnels (absent when no CA is configured).
+    pub leaves: Option<tls::LeafCache>,
+    /// The gateway's redb file (audit tables, approvals).
+    pub db: Arc<redb::Database>,
+}
+
+impl Gateway {
+    pub fn audit_db(&self) -> Arc<redb::Database> {
+        self.db.clone()
+    }
 }
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk
@@ -115,6 +133,10 @@ pub enum Entry {
     BaseUrl,
     /// Absolute-form request to the explicit proxy.
     Explicit,
+    /// Inside an intercepted TLS tunnel.
+    Tunnel,
+    /// Plain HTTP caught by the transparent listener.
+    Transparent,
 }
 
 impl Entry {
@@ -122,13 +144,15 @@ impl Entry {
         match self {
             Entry::BaseUrl => "base_url",
             Entry::Explicit => "explicit",
+            Entry::Tunnel => "tunnel",
+            Entry::Transparent => "transparent",
         }
     }
 }
 
 /// The facts of one request, filled in as they become known, and written as its `decision`
 /// entry whatever the outcome.
-struct Facts {
+pub(crate) struct Facts {
     request_id: String,
     entry: Entry,
     agent: Option<String>,
@@ -252,7 +276,7 @@ impl Gateway {
 
 /// Splits `Proxy-Authorization` into (username, token): Basic uses the password, Bearer the
 /// credential. Never logged.
-fn proxy_auth_token(headers: &HeaderMap) -> Option<(Option<String>, String)> {
+pub(crate) fn proxy_auth_token(headers: &HeaderMap) -> Option<(Option<String>, String)> {
     use base64::Engine;
     let v = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, rest) = v.split_once(' ')?;
@@ -269,15 +293,17 @@ fn proxy_auth_token(headers: &HeaderMap) -> Option<(Option<String>, String)> {
 }
 
 /// Step 1: who is calling. Returns the agent's manifest and verified claims, or a refusal.
-fn identify(
+pub(crate) fn identify(
     gw: &Gateway,
     policies: &Policies,
     headers: &HeaderMap,
     facts: &mut Facts,
+    preset: Option<(Option<String>, String)>,
 ) -> Result<(Arc<Manifest>, Option<Arc<CapabilityClaims>>), Decision> {
     let mut basic_user = None;
-    let token = match proxy_auth_token(headers) {
-        Some((user, tok)) if facts.entry == Entry::Explicit => {
+    let from_proxy_auth = if facts.entry == Entry::Explicit { proxy_auth_token(headers) } else { None };
+    let token = match preset.or(from_proxy_auth) {
+        Some((user, tok)) => {
             basic_user = user;
             Some(tok)
         }
@@ -335,78 +361,156 @@ fn ambiguous_path(path: &str) -> bool {
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
+/// How a request reached the data path.
+#[derive(Clone)]
+pub enum Via {
+    /// The proxy listener: base-URL (`/<connector>/...`) or absolute-form explicit proxy.
+    Listener,
+    /// A request inside an intercepted TLS tunnel (after CONNECT, or caught transparently).
+    Tunnel(Arc<connect::Tunnel>),
+    /// Plain HTTP caught by the transparent listener; the port is the original destination's.
+    Transparent(std::net::SocketAddr),
+}
+
 /// The whole request path.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
     let started = Instant::now();
-    let resp = handle_inner(&gw, req).await;
+    let resp = if req.method() == Method::CONNECT && matches!(via, Via::Listener) {
+        connect::open(&gw, req).await
+    } else {
+        handle_inner(&gw, req, via).await
+    };
     gw.metrics.request_duration.observe(started.elapsed().as_secs_f64());
     resp
 }
 
-async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<ProxyBody> {
-    let (parts, body) = req.into_parts();
-    let policies = gw.policies.load_full();
-    let explicit = parts.uri.scheme().is_some();
-    let mut facts = Facts {
+/// Host and optional port of an authority such as `api.example.com:443` or `[::1]:8443`.
+pub(crate) fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
+    let a = a.trim();
+    if let Some(rest) = a.strip_prefix('[') {
+        let (h, tail) = rest.split_once(']')?;
+        let port = match tail.strip_prefix(':') {
+            Some(p) => Some(p.parse().ok()?),
+            None if tail.is_empty() => None,
+            None => return None,
+        };
+        return Some((h.to_ascii_lowercase(), port));
+    }
+    match a.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => Some((h.to_ascii_lowercase(), Some(p.parse().ok()?))),
+        Some(_) => None,
+        None => Some((a.to_ascii_lowercase(), None)),
+    }
+    .filter(|(h, _)| !h.is_empty())
+}
+
+pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts {
+    Facts {
         request_id: new_request_id(),
-        entry: if explicit { Entry::Explicit } else { Entry::BaseUrl },
+        entry,
         agent: None,
         token: None,
         connector: None,
         route: None,
         action: None,
         params: BTreeMap::new(),
-        method: parts.method.clone(),
+        method: method.clone(),
         scheme: Scheme::Http,
         host: String::new(),
         port: 0,
-        path: parts.uri.path().to_string(),
-        query: parts.uri.query().map(str::to_string),
+        path: uri.path().to_string(),
+        query: uri.query().map(str::to_string),
         body: None,
         headers: Map::new(),
         mode: PolicyMode::Enforce,
+    }
+}
+
+async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
+    let (parts, body) = req.into_parts();
+    let policies = gw.policies.load_full();
+    let explicit = matches!(via, Via::Listener) && parts.uri.scheme().is_some();
+    let entry = match &via {
+        Via::Listener if explicit => Entry::Explicit,
+        Via::Listener => Entry::BaseUrl,
+        Via::Tunnel(_) => Entry::Tunnel,
+        Via::Transparent(_) => Entry::Transparent,
     };
+    let mut facts = new_facts(&parts.method, &parts.uri, entry);
+    let mut preset_token = None;
 
     // ---- parse: where is this request going?
     if parts.method == Method::CONNECT {
-        let d = Decision::deny("method_not_supported", "CONNECT tunnels are not enabled on this listener");
+        let d = Decision::deny("malformed_request", "CONNECT is not allowed here");
         return refuse(StatusCode::METHOD_NOT_ALLOWED, &facts, &d, None, DenyBody::default());
     }
-    let (base_connector, upstream_path) = if explicit {
-        if parts.uri.scheme_str() != Some("http") {
-            let d = Decision::deny("malformed_request", "absolute-form requests must use http://; use CONNECT for https");
-            return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
-        }
-        let host = parts.uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
-        let port = parts.uri.port_u16().unwrap_or(80);
-        // The Host header must agree with the absolute-form target.
-        if let Some(h) = parts.headers.get(header::HOST) {
-            let want = parts.uri.authority().map(|a| a.as_str().to_ascii_lowercase());
-            let got = h.to_str().ok().map(str::to_ascii_lowercase);
-            let same = match (&want, &got) {
-                (Some(w), Some(g)) => w == g || (port == 80 && (w.trim_end_matches(":80") == g.trim_end_matches(":80"))),
-                _ => false,
-            };
+    let (base_connector, upstream_path) = match &via {
+        Via::Tunnel(t) => {
+            facts.scheme = Scheme::Https;
+            facts.host = t.host.clone();
+            facts.port = t.port;
+            facts.agent = t.agent.clone();
+            preset_token = t.token.clone();
+            // Every request must name the tunnel's host (Host or :authority).
+            let named = parts.uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
+                parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
+            });
+            let same = named
+                .as_deref()
+                .and_then(split_authority)
+                .is_some_and(|(h, p)| h == t.host && p.is_none_or(|p| p == t.port));
             if !same {
-                let d = Decision::deny("malformed_request", "the Host header does not match the request target");
+                let d = Decision::deny("misdirected_request", "the request names another host than the tunnel");
+                return gw.refuse_recorded(StatusCode::MISDIRECTED_REQUEST, &facts, d).await;
+            }
+            (None, parts.uri.path().to_string())
+        }
+        Via::Transparent(orig) => {
+            let Some((host, _)) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).and_then(split_authority)
+            else {
+                let d = Decision::deny("malformed_request", "a Host header is required");
+                return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+            };
+            facts.host = host;
+            facts.port = orig.port();
+            (None, parts.uri.path().to_string())
+        }
+        Via::Listener if explicit => {
+            if parts.uri.scheme_str() != Some("http") {
+                let d = Decision::deny("malformed_request", "absolute-form requests must use http://; use CONNECT for https");
                 return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
             }
+            let host = parts.uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+            let port = parts.uri.port_u16().unwrap_or(80);
+            // The Host header must agree with the absolute-form target.
+            if let Some(h) = parts.headers.get(header::HOST) {
+                let same = h
+                    .to_str()
+                    .ok()
+                    .and_then(split_authority)
+                    .is_some_and(|(hh, hp)| hh == host && hp.unwrap_or(80) == port);
+                if !same {
+                    let d = Decision::deny("malformed_request", "the Host header does not match the request target");
+                    return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+                }
+            }
+            facts.host = host;
+            facts.port = port;
+            (None, parts.uri.path().to_string())
         }
-        facts.host = host;
-        facts.port = port;
-        (None, parts.uri.path().to_string())
-    } else {
-        let raw = parts.uri.path();
-        let rest = raw.strip_prefix('/').unwrap_or(raw);
-        let (name, tail) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if name.is_empty() {
-            let d = Decision::deny("route_not_allowed", "name a connector: /<connector>/<path>");
-            return refuse(StatusCode::NOT_FOUND, &facts, &d, None, DenyBody::default());
+        Via::Listener => {
+            let raw = parts.uri.path();
+            let rest = raw.strip_prefix('/').unwrap_or(raw);
+            let (name, tail) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            if name.is_empty() {
+                let d = Decision::deny("route_not_allowed", "name a connector: /<connector>/<path>");
+                return refuse(StatusCode::NOT_FOUND, &facts, &d, None, DenyBody::default());
+            }
+            (Some(name.to_string()), tail.to_string())
         }
-        (Some(name.to_string()), tail.to_string())
     };
     if ambiguous_path(&upstream_path) {
         let d = Decision::deny("malformed_request", "the path has dot segments or encoded separators");
@@ -414,7 +518,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Pro
     }
 
     // ---- identify
-    let (manifest, claims) = match identify(gw, &policies, &parts.headers, &mut facts) {
+    let (manifest, claims) = match identify(gw, &policies, &parts.headers, &mut facts, preset_token) {
         Ok(ok) => ok,
         Err(d) => {
             let status = if explicit && (d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch") {
@@ -516,14 +620,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Pro
     // ---- reserve budget (step 8)
     let mut reservation: Option<Reservation> = None;
     if decision.verdict != Verdict::Deny && !manifest.policy.budgets.is_empty() {
-        let spend = Spend {
-            agent: manifest.agent.id.clone(),
-            connector: connector.name.clone(),
-            action: route.action.clone(),
-            amount: params.amount.map(|a| (a, params.currency.clone().unwrap_or_default())),
-            at: now_unix(),
-        };
-        match gw.budgets.reserve(&manifest, spend) {
+        match gw.budgets.reserve(&manifest, spend_of(&manifest, &connector, route, &params)) {
             BudgetCheck::Exceeded(r) => decision = Decision { verdict: Verdict::Deny, reasons: vec![r] },
             BudgetCheck::Reserved { reservation: res, threshold } => {
                 reservation = Some(res);
@@ -613,7 +710,34 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Pro
             }
             Verdict::Escalate => {
                 release(gw, reservation.take());
-                return escalate(gw, &facts, &manifest, decision).await;
+                match escalate(gw, &facts, &manifest, decision).await {
+                    Escalated::Respond(resp) => return resp,
+                    Escalated::Approved(id) => {
+                        // Approved while held: consume the approval, then count the budget again.
+                        let (store, id2) = (gw.approvals.clone(), id.clone());
+                        let consumed = tokio::task::spawn_blocking(move || {
+                            store.transition(&id2, Status::Approved, Status::Consumed, now_unix(), |_| {})
+                        })
+                        .await;
+                        if !matches!(consumed, Ok(Ok(_))) {
+                            let d = Decision::deny("override_token_already_used", "the approval was already used");
+                            return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+                        }
+                        if !manifest.policy.budgets.is_empty() {
+                            match gw.budgets.reserve(&manifest, spend_of(&manifest, &connector, route, &params)) {
+                                BudgetCheck::Exceeded(r) => {
+                                    let d = Decision { verdict: Verdict::Deny, reasons: vec![r] };
+                                    return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+                                }
+                                BudgetCheck::Reserved { reservation: r, .. } => reservation = Some(r),
+                            }
+                        }
+                        let mut d = Decision::allow();
+                        d.reasons.push(Reason::new("approval_granted", format!("approved in {id}")));
+                        decision = d;
+                        consumed_approval = Some(id);
+                    }
+                }
             }
             Verdict::Allow => {}
         }
@@ -631,7 +755,8 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Pro
         r.commit();
     }
     if let Some(id) = &consumed_approval {
-        let _ = gw.audit.append_nowait(approval_entry(id, "consumed", &facts, None));
+        let e = escalation::approval_entry(id, "consumed", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
+        let _ = gw.audit.append_nowait(e);
     }
 
     // ---- forward
@@ -647,6 +772,16 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>) -> Response<Pro
     }
     gw.finish_metrics(&facts, &decision, resp.status());
     resp
+}
+
+fn spend_of(manifest: &Manifest, connector: &Connector, route: &crate::config::Route, params: &Params) -> Spend {
+    Spend {
+        agent: manifest.agent.id.clone(),
+        connector: connector.name.clone(),
+        action: route.action.clone(),
+        amount: params.amount.map(|a| (a, params.currency.clone().unwrap_or_default())),
+        at: now_unix(),
+    }
 }
 
 fn release(gw: &Gateway, r: Option<Reservation>) {
@@ -697,25 +832,19 @@ fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<String, De
     Ok(claims.approval_id)
 }
 
-pub(crate) fn approval_entry(id: &str, event: &str, facts: &Facts, note: Option<&str>) -> Map<String, Value> {
-    let mut m = Map::new();
-    m.insert("kind".into(), json!("approval"));
-    m.insert("approval_id".into(), json!(id));
-    m.insert("event".into(), json!(event));
-    m.insert("agent".into(), json!(facts.agent));
-    m.insert("request_id".into(), json!(facts.request_id));
-    if let Some(n) = note {
-        m.insert("note".into(), json!(n));
-    }
-    m
+enum Escalated {
+    Respond(Response<ProxyBody>),
+    /// A held request was approved: it proceeds under this approval.
+    Approved(String),
 }
 
-/// ESCALATE: store a pending approval, record it, and answer 403 with its id.
-async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decision: Decision) -> Response<ProxyBody> {
+/// ESCALATE: store a pending approval and record it; `reject` answers 403 with its id, `hold`
+/// waits for the decision.
+async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decision: Decision) -> Escalated {
     let id = approvals::new_id();
     let idx = match gw.record(facts, &decision, Some(&id)).await {
         Ok(i) => i,
-        Err(resp) => return resp,
+        Err(resp) => return Escalated::Respond(resp),
     };
     let now = now_unix();
     let approval = approvals::Approval {
@@ -745,18 +874,29 @@ async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decisio
     if !matches!(stored, Ok(Ok(()))) {
         tracing::error!(approval_id = %id, "cannot store approval");
         let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default());
+        return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));
     }
-    let _ = gw.audit.append_nowait(approval_entry(&id, "created", facts, None));
+    let created = escalation::approval_entry(&id, "created", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
+    let _ = gw.audit.append_nowait(created);
     if manifest.escalation.mode == EscalationMode::Hold {
-        tracing::warn!(approval_id = %id, "escalation.mode hold answers like reject until approvals can be decided");
+        let d = match escalation::hold(gw, facts, &id, manifest.escalation.hold_timeout).await {
+            Resolution::Approved => return Escalated::Approved(id),
+            Resolution::Denied => Decision::deny("approval_denied", format!("approval {id} was denied")),
+            Resolution::TimedOut => Decision::deny("approval_timeout", format!("approval {id} was not decided in time")),
+            Resolution::ShuttingDown => {
+                let d = Decision::deny("shutting_down", "the gateway is shutting down; retry");
+                let resp = refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
+                return Escalated::Respond(resp);
+            }
+        };
+        return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
     }
     let mut resp = refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-uapk-approval", v);
     }
     gw.finish_metrics(facts, &decision, StatusCode::FORBIDDEN);
-    resp
+    Escalated::Respond(resp)
 }
 
 /// Sends the request upstream with the connector's credentials and streams the answer back;

@@ -85,6 +85,8 @@ pub struct Vetter {
     own: Arc<Mutex<Vec<SocketAddr>>>,
     table: Arc<Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>>,
     ttl: Duration,
+    /// DNS resolutions performed (tests prove refusals never resolve).
+    pub lookups: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The outcome of vetting a host.
@@ -103,6 +105,7 @@ impl Vetter {
             own: Arc::default(),
             table: Arc::default(),
             ttl: Duration::from_secs(30),
+            lookups: Arc::default(),
         }
     }
 
@@ -139,7 +142,10 @@ impl Vetter {
                 let literal = host.trim_start_matches('[').trim_end_matches(']');
                 let ips: Vec<IpAddr> = match literal.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
-                    Err(_) => match tokio::net::lookup_host((host, port)).await {
+                    Err(_) => match {
+                        self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        tokio::net::lookup_host((host, port)).await
+                    } {
                         Ok(addrs) => addrs.map(|a| a.ip()).collect(),
                         Err(e) => return Vetted::Unresolvable(format!("{host} does not resolve: {e}")),
                     },

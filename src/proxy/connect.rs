@@ -1,0 +1,200 @@
+//! HTTPS egress: `CONNECT host:port` on the proxy listener. The tunnel is itself a decision
+//! (identity, and a connector that names the host and port) taken before the tunnel opens and
+//! before any DNS lookup. `intercept` connectors are decrypted with a leaf minted for the exact
+//! host and every request inside runs the full policy; `passthrough` connectors are spliced
+//! byte for byte and recorded as one tunnel.
+
+use super::{
+    DenyBody, Entry, Facts, Gateway, ProxyBody, Via, full_body, handle, identify, new_facts, now_unix, refuse,
+    split_authority, ssrf, tls,
+};
+use crate::config::{Connector, TlsMode};
+use crate::policy::{self, Decision};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Map, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// What every request inside one intercepted tunnel shares.
+#[derive(Debug)]
+pub struct Tunnel {
+    pub host: String,
+    pub port: u16,
+    /// The token presented on CONNECT (username, token), reused for each request inside.
+    pub token: Option<(Option<String>, String)>,
+    pub agent: Option<String>,
+}
+
+/// Decides whether a tunnel to `host:port` may open (identity, a connector naming the host and
+/// port, connector policy; for passthrough also the SSRF guard) and records the decision.
+/// On refusal returns the response to send (meaningful on CONNECT; a transparent connection is
+/// closed).
+pub(super) async fn authorize_tunnel(
+    gw: &Arc<Gateway>,
+    facts: &mut Facts,
+    headers: &http::HeaderMap,
+    presented: Option<(Option<String>, String)>,
+) -> Result<(Arc<Connector>, u64), Response<ProxyBody>> {
+    let (host, port) = (facts.host.clone(), facts.port);
+    facts.scheme = crate::config::Scheme::Https;
+    let policies = gw.policies.load_full();
+    let (manifest, claims) = match identify(gw, &policies, headers, facts, presented) {
+        Ok(ok) => ok,
+        Err(d) => {
+            let status = if d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch" {
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return Err(gw.refuse_recorded(status, facts, d).await);
+        }
+    };
+    // Host and port must belong to a connector: checked on names only, before any DNS lookup.
+    let Some(connector) = manifest.connectors.iter().find(|c| c.matches_host(&host) && c.matches_port(port)).cloned()
+    else {
+        let d = Decision::deny("host_not_allowed", format!("{}:{port} belongs to no connector of this agent", super::sanitize(&host)));
+        return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+    };
+    facts.connector = Some(connector.name.clone());
+    facts.action = Some(match connector.tls {
+        TlsMode::Intercept => "tunnel.intercept".into(),
+        TlsMode::Passthrough => "tunnel.passthrough".into(),
+    });
+    if let Err(d) = policy::check_connector(&manifest, claims.as_deref(), &connector) {
+        return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+    }
+    if connector.tls == TlsMode::Intercept && gw.leaves.is_none() {
+        let d = Decision::deny("interception_unavailable", "no interception CA is configured (tls.ca_cert)");
+        return Err(gw.refuse_recorded(StatusCode::BAD_GATEWAY, facts, d).await);
+    }
+    if connector.tls == TlsMode::Passthrough {
+        let refusal = match gw.vetter.vet(&host, port).await {
+            ssrf::Vetted::Ok => None,
+            ssrf::Vetted::Blocked(why) => Some((StatusCode::FORBIDDEN, Decision::deny("ssrf_blocked", why))),
+            ssrf::Vetted::Unresolvable(why) => Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why))),
+        };
+        if let Some((status, d)) = refusal {
+            return Err(gw.refuse_recorded(status, facts, d).await);
+        }
+    }
+    let decision = Decision::allow();
+    let record = gw.record(facts, &decision, None).await?;
+    gw.finish_metrics(facts, &decision, StatusCode::OK);
+    Ok((connector, record))
+}
+
+/// Handles a CONNECT request on the proxy listener.
+pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let mut facts = new_facts(req.method(), req.uri(), Entry::Explicit);
+    let target = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    facts.path = String::new();
+    let Some((host, Some(port))) = split_authority(&target) else {
+        let d = Decision::deny("malformed_request", "CONNECT needs an authority-form target host:port");
+        return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+    };
+    facts.host = host.clone();
+    facts.port = port;
+    let presented = super::proxy_auth_token(req.headers());
+    let (connector, record) = match authorize_tunnel(gw, &mut facts, req.headers(), presented.clone()).await {
+        Ok(ok) => ok,
+        Err(resp) => return resp,
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let gw2 = gw.clone();
+    let tunnel = Arc::new(Tunnel { host, port, token: presented, agent: facts.agent.clone() });
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => TokioIo::new(u),
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        match connector.tls {
+            TlsMode::Intercept => intercept(gw2, upgraded, tunnel).await,
+            TlsMode::Passthrough => passthrough(gw2, upgraded, &tunnel, &connector, &facts, record).await,
+        }
+    });
+    let mut resp = Response::new(full_body(bytes::Bytes::new()));
+    resp.headers_mut().insert("x-uapk-record", http::HeaderValue::from(record));
+    resp
+}
+
+/// Terminates TLS with a leaf for the tunnel's host and serves HTTP/1.1 or HTTP/2 (ALPN),
+/// every request going through the full data path.
+pub async fn intercept<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(leaves) = gw.leaves.as_ref() else { return };
+    let cfg = match leaves.leaf(&tunnel.host).and_then(|leaf| tls::server_config(&tunnel.host, leaf)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(host = %tunnel.host, error = %e, "cannot mint a leaf");
+            return;
+        }
+    };
+    gw.metrics.leaf_cache_hits.store(leaves.hits.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+    gw.metrics.leaf_cache_misses.store(leaves.misses.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+    let tls = match tokio::time::timeout(gw.config.limits.header_read_timeout, acceptor.accept(io)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(host = %tunnel.host, error = %e, "client TLS handshake failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let svc = hyper::service::service_fn(move |req| {
+        let (gw, t) = (gw.clone(), tunnel.clone());
+        async move { Ok::<_, std::convert::Infallible>(handle(gw, req, Via::Tunnel(t)).await) }
+    });
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    let _ = b.serve_connection_with_upgrades(TokioIo::new(tls), svc).await;
+}
+
+/// Splices a passthrough tunnel to the vetted upstream address and records its byte counts.
+pub async fn passthrough<IO>(gw: Arc<Gateway>, mut io: IO, tunnel: &Tunnel, connector: &Connector, facts: &Facts, record: u64)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let started = Instant::now();
+    let addrs = gw.vetter.lookup(&tunnel.host).unwrap_or_default();
+    let mut upstream = None;
+    for ip in addrs {
+        let dial = tokio::net::TcpStream::connect((ip, tunnel.port));
+        if let Ok(Ok(s)) = tokio::time::timeout(gw.config.limits.upstream_connect_timeout, dial).await {
+            upstream = Some(s);
+            break;
+        }
+    }
+    let mut m = Map::new();
+    m.insert("kind".into(), json!("outcome"));
+    m.insert("request_id".into(), json!(facts.request_id));
+    m.insert("decision_idx".into(), json!(record.to_string()));
+    m.insert("connector".into(), json!(connector.name));
+    m.insert("tunnel".into(), json!("passthrough"));
+    match upstream {
+        Some(mut up) => {
+            let r = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+            let (sent, received) = r.as_ref().map_or((0, 0), |(a, b)| (*a, *b));
+            m.insert("bytes_sent".into(), json!(sent.to_string()));
+            m.insert("bytes_received".into(), json!(received.to_string()));
+            if r.is_err() {
+                m.insert("error".into(), json!("the tunnel ended with an error"));
+            }
+        }
+        None => {
+            m.insert("error".into(), json!("the upstream is unreachable"));
+        }
+    }
+    m.insert("duration_us".into(), json!(started.elapsed().as_micros().to_string()));
+    m.insert("closed_at".into(), json!(now_unix().to_string()));
+    if let Err(e) = gw.audit.append_nowait(m) {
+        tracing::error!(error = %e, "tunnel outcome not queued");
+    }
+}
