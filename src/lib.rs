@@ -11,8 +11,8 @@ pub mod approvals;
 pub mod audit;
 pub mod config;
 pub mod identity;
-// pub mod limits; (re-enabled once identity/audit land)
-// pub mod policy; (re-enabled once identity/audit land)
-// pub mod proxy; (re-enabled once identity/audit land)
-// pub mod runtime; (re-enabled once identity/audit land)
-// pub mod admin; (re-enabled once identity/audit land)
+pub mod limits;
+pub mod policy;
+pub mod proxy;
+pub mod runtime;
+pub mod admin;

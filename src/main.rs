@@ -1,1 +1,410 @@
-fn main() {}
+//! `uapk-gateway` command line: parse, call into the library, map errors to exit codes
+//! (0 ok, 1 invalid or verification failed, 2 usage or I/O error).
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use uapk_gateway::{audit, config, identity, runtime};
+
+#[derive(Parser)]
+#[command(name = "uapk-gateway", version, about = "Egress firewall and black-box recorder for AI agents")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormatArg>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormatArg {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve; with no config file, the built-in defaults (serving ./policies).
+    Run {
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
+    /// Validate the config and every manifest; exit 1 with file:line:col and key path.
+    Check {
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
+    /// Verify an audit log (or an export bundle) offline.
+    Verify(VerifyArgs),
+    /// Export a range of the audit log as a signed bundle directory.
+    Export(ExportArgs),
+    /// Generate an Ed25519 key: PKCS#8 PEM (0600) and KEY.pub.pem.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite an existing key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Capability tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+    /// The interception CA.
+    Ca {
+        #[command(subcommand)]
+        cmd: CaCmd,
+    },
+    /// Install (or print, with --dry-run) the pod's nat rules that redirect agent TCP egress to
+    /// the transparent listener: the init container's job.
+    #[command(name = "init-iptables")]
+    InitIptables {
+        /// UID the gateway runs as: its own traffic is not redirected.
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// The transparent listener's port.
+        #[arg(long, default_value_t = 15001)]
+        port: u16,
+        /// Print the commands instead of running them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Admin API keys.
+    #[command(name = "admin-key")]
+    AdminKey {
+        #[command(subcommand)]
+        cmd: AdminKeyCmd,
+    },
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// The redb audit file.
+    #[arg(long, conflicts_with = "bundle", required_unless_present = "bundle")]
+    db: Option<PathBuf>,
+    /// An export bundle directory.
+    #[arg(long)]
+    bundle: Option<PathBuf>,
+    /// Trusted gateway public key(s) (SPKI PEM). Default: ./data/gateway.pub.pem for --db.
+    #[arg(long = "key")]
+    keys: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[arg(long)]
+    db: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// First index (inclusive).
+    #[arg(long)]
+    from: Option<u64>,
+    /// Last index (exclusive).
+    #[arg(long)]
+    to: Option<u64>,
+    /// The gateway key that signs the bundle manifest.
+    #[arg(long, default_value = "./data/gateway.pem")]
+    gateway_key: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Mint a capability token (printed on stdout).
+    Mint(MintArgs),
+}
+
+#[derive(Args)]
+struct MintArgs {
+    /// Issuer private key (PKCS#8 PEM).
+    #[arg(long)]
+    issuer_key: PathBuf,
+    /// Issuer id, as listed in the manifest.
+    #[arg(long)]
+    iss: String,
+    /// Agent id.
+    #[arg(long)]
+    sub: String,
+    /// Lifetime, e.g. 1h.
+    #[arg(long, default_value = "1h")]
+    ttl: String,
+    #[arg(long, default_value = "uapk-gateway")]
+    aud: String,
+    /// Token id (default: random).
+    #[arg(long)]
+    jti: Option<String>,
+    #[arg(long)]
+    kid: Option<String>,
+    /// Narrow to these connectors.
+    #[arg(long, value_delimiter = ',')]
+    connectors: Option<Vec<String>>,
+    /// Narrow to these action types.
+    #[arg(long, value_delimiter = ',')]
+    actions: Option<Vec<String>>,
+    /// Per-currency amount cap, e.g. USD=100 (repeatable).
+    #[arg(long = "amount-max")]
+    amount_max: Vec<String>,
+    #[arg(long, value_delimiter = ',')]
+    jurisdictions: Option<Vec<String>>,
+    #[arg(long, value_delimiter = ',')]
+    counterparties_allow: Option<Vec<String>>,
+    #[arg(long, value_delimiter = ',')]
+    counterparties_deny: Option<Vec<String>>,
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Create ca.pem and ca-key.pem (0600) in DIR.
+    Init {
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminKeyCmd {
+    /// Print a new admin key once, and the line for gateway.yaml.
+    New {
+        #[arg(long, value_parser = ["viewer", "approver", "admin"])]
+        role: String,
+        #[arg(long, default_value = "operator")]
+        id: String,
+    },
+}
+
+/// A command failure with its exit code.
+struct Fail(u8, String);
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        Fail(2, e.to_string())
+    }
+}
+
+fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("UAPK_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter);
+    match format {
+        config::LogFormat::Json => b.json().flatten_event(true).with_current_span(false).init(),
+        config::LogFormat::Text => b.init(),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<config::GatewayConfig, Fail> {
+    config::load_gateway(path).map_err(|e| Fail(1, e.to_string()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run { config } => run(config.as_deref(), cli.log_format),
+        Cmd::Check { config } => check(config.as_deref()),
+        Cmd::Verify(a) => verify(a),
+        Cmd::Export(a) => export(a),
+        Cmd::Keygen { out, force } => identity::generate_key_files(&out, force)
+            .map(|pubp| println!("wrote {} (0600) and {}", out.display(), pubp.display()))
+            .map_err(|e| Fail(2, e.to_string())),
+        Cmd::Token { cmd: TokenCmd::Mint(a) } => mint(a),
+        Cmd::Ca { cmd: CaCmd::Init { out_dir } } => {
+            let (cert, key) = (out_dir.join("ca.pem"), out_dir.join("ca-key.pem"));
+            uapk_gateway::proxy::tls::generate_ca(&cert, &key)
+                .map(|()| println!("wrote {} and {} (0600)", cert.display(), key.display()))
+                .map_err(|e| Fail(2, e))
+        }
+        Cmd::InitIptables { proxy_uid, port, dry_run } => init_iptables(proxy_uid, port, dry_run),
+        Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id } } => {
+            admin_key(&role, &id);
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(path: Option<&Path>, log: Option<LogFormatArg>) -> Result<(), Fail> {
+    let cfg = load_config(path)?;
+    init_logging(match log {
+        Some(LogFormatArg::Text) => config::LogFormat::Text,
+        Some(LogFormatArg::Json) => config::LogFormat::Json,
+        None => cfg.log_format,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let running = runtime::start(cfg).await.map_err(|e| Fail(2, format!("{e:#}")))?;
+        shutdown_signal().await;
+        tracing::info!("shutting down: draining in-flight requests");
+        let second = tokio::spawn(async {
+            shutdown_signal().await;
+            tracing::warn!("second signal: exiting at once");
+            std::process::exit(1);
+        });
+        running.shutdown().await;
+        second.abort();
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn check(path: Option<&Path>) -> Result<(), Fail> {
+    let cfg = load_config(path)?;
+    match config::load_policies(&cfg.policies_dir, config::Strictness::Check) {
+        Ok(set) => {
+            for w in &set.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "ok: {} manifest(s) in {}: {}",
+                set.manifests.len(),
+                cfg.policies_dir.display(),
+                set.manifests.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
+            Ok(())
+        }
+        Err(e) => Err(Fail(1, format!("invalid configuration:\n{e}"))),
+    }
+}
+
+fn read_keys(paths: &[PathBuf]) -> Result<Vec<ed25519_dalek::VerifyingKey>, Fail> {
+    paths
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p).map_err(|e| Fail(2, format!("{}: {e}", p.display())))?;
+            identity::parse_verifying_key_pem(&pem).map_err(|e| Fail(2, format!("{}: {e}", p.display())))
+        })
+        .collect()
+}
+
+fn verify(a: VerifyArgs) -> Result<(), Fail> {
+    let mut key_paths = a.keys.clone();
+    if key_paths.is_empty() {
+        match &a.bundle {
+            Some(b) => key_paths.push(b.join("gateway.pub.pem")),
+            None => key_paths.push(PathBuf::from("./data/gateway.pub.pem")),
+        }
+        eprintln!("using key {} (pass --key to choose the trusted key)", key_paths[0].display());
+    }
+    let keys = read_keys(&key_paths)?;
+    let report = match (&a.db, &a.bundle) {
+        (Some(db), _) => {
+            if !db.exists() {
+                return Err(Fail(2, format!("{}: no such file", db.display())));
+            }
+            audit::verify_db(db, &keys)
+        }
+        (None, Some(b)) => audit::verify_bundle(b, &keys),
+        (None, None) => return Err(Fail(2, "give --db or --bundle".into())),
+    };
+    match report {
+        Ok(r) => {
+            println!(
+                "ok: {} entries verified; {} checkpoints; tree size {}; root {}",
+                r.entries, r.checkpoints, r.size, r.root_hex
+            );
+            Ok(())
+        }
+        Err(f) => Err(Fail(
+            1,
+            match f.index {
+                Some(i) => format!("verification failed at index {i}: {}", f.reason),
+                None => format!("verification failed: {}", f.reason),
+            },
+        )),
+    }
+}
+
+fn export(a: ExportArgs) -> Result<(), Fail> {
+    let key = identity::load_signing_key(&a.gateway_key).map_err(|e| Fail(2, e.to_string()))?;
+    let r = audit::export_bundle(&a.db, &a.out, a.from, a.to, &key).map_err(|e| Fail(2, e.to_string()))?;
+    println!("exported {} entries to {}", r.entries, a.out.display());
+    Ok(())
+}
+
+fn mint(a: MintArgs) -> Result<(), Fail> {
+    let key = identity::load_signing_key(&a.issuer_key).map_err(|e| Fail(2, e.to_string()))?;
+    let ttl = config::parse_duration(&a.ttl).map_err(|e| Fail(2, format!("--ttl: {e}")))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let mut amount_max = std::collections::BTreeMap::new();
+    for item in &a.amount_max {
+        let (cur, amt) = item.split_once('=').ok_or_else(|| Fail(2, format!("--amount-max {item:?}: expected CUR=amount")))?;
+        let d: rust_decimal::Decimal = amt.parse().map_err(|_| Fail(2, format!("--amount-max {item:?}: bad amount")))?;
+        amount_max.insert(cur.to_ascii_uppercase(), d);
+    }
+    let counterparties = (a.counterparties_allow.is_some() || a.counterparties_deny.is_some()).then(|| {
+        identity::CounterpartyConstraint {
+            allow: a.counterparties_allow.clone().unwrap_or_default(),
+            deny: a.counterparties_deny.clone().unwrap_or_default(),
+        }
+    });
+    let constraints = (!amount_max.is_empty() || a.jurisdictions.is_some() || counterparties.is_some()).then(|| {
+        identity::Constraints { amount_max, jurisdictions: a.jurisdictions.clone(), counterparties }
+    });
+    let jti = a.jti.unwrap_or_else(|| {
+        use rand::RngCore;
+        let mut b = [0u8; 12];
+        rand::thread_rng().fill_bytes(&mut b);
+        hex::encode(b)
+    });
+    let claims = identity::CapabilityClaims {
+        iss: a.iss,
+        sub: a.sub,
+        aud: identity::Audience::from(vec![a.aud]),
+        exp: now + ttl.as_secs() as i64,
+        iat: now,
+        nbf: None,
+        jti: Some(jti),
+        connectors: a.connectors,
+        action_types: a.actions,
+        constraints,
+    };
+    let token = identity::mint(&key, a.kid.as_deref(), &claims).map_err(|e| Fail(2, e.to_string()))?;
+    println!("{token}");
+    Ok(())
+}
+
+fn init_iptables(uid: u32, port: u16, dry_run: bool) -> Result<(), Fail> {
+    for argv in uapk_gateway::proxy::transparent::iptables_rules(uid, port) {
+        println!("{}", argv.join(" "));
+        if dry_run {
+            continue;
+        }
+        let status = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .status()
+            .map_err(|e| Fail(2, format!("running {}: {e}", argv[0])))?;
+        if !status.success() {
+            return Err(Fail(2, format!("`{}` failed ({status})", argv.join(" "))));
+        }
+    }
+    Ok(())
+}
+
+fn admin_key(role: &str, id: &str) {
+    use base64::Engine;
+    use rand::RngCore;
+    use sha2::Digest;
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    let key = format!("uapk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b));
+    let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    println!("admin key (shown once; give it to the {role}): {key}");
+    println!("add to gateway.yaml under admin.keys:");
+    println!("  - {{ id: {id}, sha256: {hash}, role: {role} }}");
+}

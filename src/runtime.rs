@@ -2,7 +2,7 @@
 //! budgets rebuilt from the log, the upstream client and the listeners. `start` returns once
 //! every listener is bound, so tests (and `run`) get the real addresses, even for port 0.
 
-use crate::admin::{self, Health};
+use crate::admin::{self, AdminState};
 use crate::approvals::ApprovalStore;
 use crate::audit::{self, AuditConfig, AuditLog};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
@@ -29,7 +29,7 @@ pub struct Running {
     pub transparent_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
-    pub health: Arc<Health>,
+    pub admin: Arc<AdminState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     audit: Option<AuditLog>,
@@ -203,7 +203,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         db: db.clone(),
         config: cfg,
     });
-    let health = Arc::new(Health::default());
+    let health = Arc::new(AdminState::default());
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     {
@@ -276,7 +276,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     }
     health.ready.store(true, Ordering::SeqCst);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");
-    Ok(Running { proxy_addr, transparent_addr, admin_addr, gateway: gw, health, shutdown: tx, tasks, audit: Some(audit_log) })
+    Ok(Running { proxy_addr, transparent_addr, admin_addr, gateway: gw, admin: health, shutdown: tx, tasks, audit: Some(audit_log) })
 }
 
 /// Loads the interception CA, generating a development CA in `data_dir` when none exists and
@@ -385,7 +385,7 @@ fn fingerprint(dir: &std::path::Path) -> String {
 
 /// Reloads the policies: validate fully, record, swap atomically; on any error keep serving the
 /// last good policy and report the error.
-pub async fn reload(gw: &Gateway, health: &Health, trigger: &str) {
+pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
     let dir = gw.config.policies_dir.clone();
     let loaded = tokio::task::spawn_blocking(move || config::load_policies(&dir, Strictness::Run)).await;
     let set = match loaded {

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use redb::ReadableTable;
 use serde_json::{Value, json};
 
 const BUDGET_POLICY: &str = r#"  budgets:

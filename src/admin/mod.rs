@@ -3,6 +3,7 @@
 //! every approval decision made here is an audit entry, exactly as from any other client.
 
 mod metrics;
+mod page;
 
 pub use metrics::{Gauges, Histogram, Metrics};
 
@@ -19,28 +20,58 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-/// State the admin listener reads besides the data path's.
+/// State the admin listener keeps besides the data path's.
 #[derive(Default)]
-pub struct Health {
+pub struct AdminState {
     /// Listeners bound, policy and keys loaded.
     pub ready: std::sync::atomic::AtomicBool,
     /// The last reload error, shown on `/readyz`.
     pub last_reload_error: std::sync::Mutex<Option<String>>,
+    /// When the stored log was last verified (at start) and how many entries it held.
+    pub verified: std::sync::Mutex<Option<(String, u64)>>,
+    /// Key id of the checkpoint signatures (hex).
+    pub key_id: std::sync::Mutex<Option<String>>,
+    /// Operator-page sessions.
+    pub sessions: page::Sessions,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response<ProxyBody> {
     json_response(status, &json!({"error": msg.into()}))
 }
 
-/// The role of the bearer key, or the refusal to send.
-fn authorize(gw: &Gateway, req: &Request<Incoming>, need: AdminRole) -> Result<(String, AdminRole), Response<ProxyBody>> {
-    let presented = req
+/// The caller's key id and role (bearer key, or an operator-page session), or the refusal.
+fn authorize(gw: &Gateway, st: &AdminState, req: &Request<Incoming>, need: AdminRole) -> Result<(String, AdminRole), Response<ProxyBody>> {
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .or_else(|| session_cookie(req));
+        .map(str::trim);
+    if bearer.is_none()
+        && let Some(sid) = page::session_cookie(req)
+    {
+        let Some(s) = st.sessions.get(sid) else {
+            return Err(error(StatusCode::UNAUTHORIZED, "the session has ended; sign in again"));
+        };
+        // Cookie-authenticated changes must carry the session's CSRF token in a header that a
+        // cross-site form cannot set.
+        if req.method() != Method::GET {
+            let sent = req.headers().get("x-uapk-csrf").and_then(|v| v.to_str().ok());
+            if sent != Some(s.csrf.as_str()) {
+                return Err(error(StatusCode::FORBIDDEN, "missing or wrong x-uapk-csrf token"));
+            }
+        }
+        return if s.role < need {
+            Err(error(StatusCode::FORBIDDEN, format!("this needs the {need:?} role").to_lowercase()))
+        } else {
+            Ok((s.key_id, s.role))
+        };
+    }
+    check_key(gw, bearer, need)
+}
+
+/// Looks an admin key up by its SHA-256.
+fn check_key(gw: &Gateway, presented: Option<&str>, need: AdminRole) -> Result<(String, AdminRole), Response<ProxyBody>> {
     let Some(key) = presented else {
         let mut r = error(StatusCode::UNAUTHORIZED, "an admin key is required (Authorization: Bearer <key>)");
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-admin\""));
@@ -62,16 +93,6 @@ fn authorize(gw: &Gateway, req: &Request<Incoming>, need: AdminRole) -> Result<(
     }
 }
 
-/// The operator page keeps the key in an HttpOnly cookie.
-fn session_cookie(req: &Request<Incoming>) -> Option<&str> {
-    req.headers()
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|c| c.trim().strip_prefix("uapk_session="))
-}
-
 fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
         .find(|(k, _)| k == name)
@@ -90,30 +111,67 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming
     serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
-pub async fn handle(gw: Arc<Gateway>, health: Arc<Health>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(gw: Arc<Gateway>, st: Arc<AdminState>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     let r = match (&method, segs.as_slice()) {
         (&Method::GET, ["livez"]) => Ok(text(StatusCode::OK, "ok\n")),
-        (&Method::GET, ["readyz"]) => Ok(readyz(&gw, &health)),
+        (&Method::GET, ["readyz"]) => Ok(readyz(&gw, &st)),
+        (&Method::GET, [""]) => Ok(page::asset("index.html")),
+        (&Method::GET, ["ui", name]) => Ok(page::asset(name)),
         (&Method::GET, ["metrics"]) => {
             let g = gauges(&gw).await;
             let mut r = text(StatusCode::OK, gw.metrics.render(&g));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             Ok(r)
         }
-        (_, ["v1", rest @ ..]) => api(&gw, &health, req, rest).await,
+        (_, ["v1", rest @ ..]) => api(&gw, &st, req, rest).await,
         _ => Err(error(StatusCode::NOT_FOUND, "not found")),
     };
     r.unwrap_or_else(|e| e)
 }
 
-async fn api(gw: &Arc<Gateway>, health: &Health, req: Request<Incoming>, rest: &[&str]) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+async fn api(gw: &Arc<Gateway>, st: &AdminState, req: Request<Incoming>, rest: &[&str]) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let method = req.method().clone();
     match (&method, rest) {
+        (&Method::POST, ["session"]) => {
+            #[derive(Deserialize, Default)]
+            #[serde(deny_unknown_fields)]
+            struct SignIn {
+                key: String,
+            }
+            let body: SignIn = read_json(req).await?;
+            let (key_id, role) = check_key(gw, Some(body.key.trim()), AdminRole::Viewer)?;
+            Ok(st.sessions.open(key_id, role))
+        }
+        (&Method::GET, ["session"]) => {
+            let (key_id, role) = authorize(gw, st, &req, AdminRole::Viewer)?;
+            let csrf = page::session_cookie(&req).and_then(|sid| st.sessions.get(sid)).map(|s| s.csrf);
+            Ok(json_response(StatusCode::OK, &json!({"key_id": key_id, "role": page::role_name(role), "csrf": csrf})))
+        }
+        (&Method::POST, ["session", "logout"]) => {
+            if let Some(sid) = page::session_cookie(&req) {
+                st.sessions.close(sid);
+            }
+            Ok(page::clear_cookie())
+        }
+        (&Method::GET, ["status"]) => {
+            authorize(gw, st, &req, AdminRole::Viewer)?;
+            let verified = st.verified.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({
+                    "tree_size": gw.audit.tree_size(),
+                    "checkpoint": gw.audit.latest_checkpoint(),
+                    "verified_at": verified.as_ref().map(|v| v.0.clone()),
+                    "verified_entries": verified.map(|v| v.1),
+                    "key_id": *st.key_id.lock().unwrap_or_else(|e| e.into_inner()),
+                }),
+            ))
+        }
         (&Method::GET, ["approvals"]) => {
-            authorize(gw, &req, AdminRole::Viewer)?;
+            authorize(gw, st, &req, AdminRole::Viewer)?;
             let status = match query_param(&req, "status").as_deref() {
                 None | Some("") => None,
                 Some(s) => Some(parse_status(s).ok_or_else(|| error(StatusCode::BAD_REQUEST, "unknown status"))?),
@@ -123,7 +181,7 @@ async fn api(gw: &Arc<Gateway>, health: &Health, req: Request<Incoming>, rest: &
             Ok(json_response(StatusCode::OK, &json!({"approvals": list})))
         }
         (&Method::GET, ["approvals", id]) => {
-            authorize(gw, &req, AdminRole::Viewer)?;
+            authorize(gw, st, &req, AdminRole::Viewer)?;
             let (store, id2) = (gw.approvals.clone(), id.to_string());
             match blocking(move || store.get(&id2)).await? {
                 Some(a) => Ok(json_response(StatusCode::OK, &approval_view(a))),
@@ -131,7 +189,7 @@ async fn api(gw: &Arc<Gateway>, health: &Health, req: Request<Incoming>, rest: &
             }
         }
         (&Method::POST, ["approvals", id, action @ ("approve" | "deny")]) => {
-            let (key_id, _) = authorize(gw, &req, AdminRole::Approver)?;
+            let (key_id, _) = authorize(gw, st, &req, AdminRole::Approver)?;
             #[derive(Deserialize, Default)]
             #[serde(deny_unknown_fields)]
             struct Body {
@@ -156,16 +214,23 @@ async fn api(gw: &Arc<Gateway>, health: &Health, req: Request<Incoming>, rest: &
             Ok(json_response(StatusCode::OK, &v))
         }
         (&Method::GET, ["records"]) => {
-            authorize(gw, &req, AdminRole::Viewer)?;
-            let from = query_param(&req, "from").and_then(|v| v.parse().ok()).unwrap_or(0u64);
-            let limit = query_param(&req, "limit").and_then(|v| v.parse().ok()).unwrap_or(100usize).min(1000);
+            authorize(gw, st, &req, AdminRole::Viewer)?;
+            let num = |k: &str| query_param(&req, k).and_then(|v| v.parse::<u64>().ok());
+            let limit = num("limit").unwrap_or(100).clamp(1, 1000) as usize;
+            let filter = RecordFilter {
+                agent: query_param(&req, "agent").filter(|v| !v.is_empty()),
+                decision: query_param(&req, "decision").filter(|v| !v.is_empty()),
+                connector: query_param(&req, "connector").filter(|v| !v.is_empty()),
+            };
+            let size = gw.audit.tree_size();
+            // `from` pages forward (oldest first); otherwise newest first, below `before`.
+            let (from, before) = (num("from"), num("before").unwrap_or(size).min(size));
             let db = gw.audit_db();
-            let rows = blocking(move || crate::audit::read_entries(&db, from, limit)).await?;
-            let records: Vec<Value> = rows.iter().filter_map(|(_, b)| serde_json::from_slice(b).ok()).collect();
-            Ok(json_response(StatusCode::OK, &json!({"records": records, "tree_size": gw.audit.tree_size()})))
+            let records = blocking(move || filter.scan(&db, from, before, limit)).await?;
+            Ok(json_response(StatusCode::OK, &json!({"records": records, "tree_size": size})))
         }
         (&Method::GET, ["records", idx]) => {
-            authorize(gw, &req, AdminRole::Viewer)?;
+            authorize(gw, st, &req, AdminRole::Viewer)?;
             let idx: u64 = idx.parse().map_err(|_| error(StatusCode::BAD_REQUEST, "index must be a number"))?;
             let db = gw.audit_db();
             let rows = blocking(move || crate::audit::read_entries(&db, idx, 1)).await?;
@@ -179,14 +244,14 @@ async fn api(gw: &Arc<Gateway>, health: &Health, req: Request<Incoming>, rest: &
             }
         }
         (&Method::GET, ["checkpoint"]) => {
-            authorize(gw, &req, AdminRole::Viewer)?;
+            authorize(gw, st, &req, AdminRole::Viewer)?;
             match gw.audit.latest_checkpoint() {
                 Some(note) => Ok(text(StatusCode::OK, note)),
                 None => Err(error(StatusCode::NOT_FOUND, "no checkpoint yet")),
             }
         }
         (&Method::GET, ["manifests"]) => {
-            authorize(gw, &req, AdminRole::Viewer)?;
+            authorize(gw, st, &req, AdminRole::Viewer)?;
             let p = gw.policies.load();
             let list: Vec<Value> = p
                 .set
@@ -200,10 +265,62 @@ async fn api(gw: &Arc<Gateway>, health: &Health, req: Request<Incoming>, rest: &
                     })
                 })
                 .collect();
-            let err = health.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let err = st.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
             Ok(json_response(StatusCode::OK, &json!({"manifests": list, "last_reload_error": err})))
         }
         _ => Err(error(StatusCode::NOT_FOUND, "not found")),
+    }
+}
+
+/// Server-side record filters for the API and the operator page.
+struct RecordFilter {
+    agent: Option<String>,
+    decision: Option<String>,
+    connector: Option<String>,
+}
+
+impl RecordFilter {
+    fn matches(&self, v: &Value) -> bool {
+        let eq = |k: &str, want: &Option<String>| want.as_ref().is_none_or(|w| v[k].as_str() == Some(w.as_str()));
+        eq("agent", &self.agent) && eq("decision", &self.decision) && eq("connector", &self.connector)
+    }
+
+    /// Up to `limit` matching entries, looking at no more than 20,000 entries.
+    fn scan(&self, db: &redb::Database, from: Option<u64>, before: u64, limit: usize) -> Result<Vec<Value>, crate::audit::AuditError> {
+        const CHUNK: u64 = 500;
+        let mut out = Vec::new();
+        let mut looked = 0u64;
+        match from {
+            Some(mut at) => {
+                while out.len() < limit && looked < 20_000 && at < before {
+                    let rows = crate::audit::read_entries(db, at, CHUNK as usize)?;
+                    let Some(last) = rows.last().map(|r| r.0) else { break };
+                    looked += rows.len() as u64;
+                    out.extend(rows.iter().filter_map(|(_, b)| serde_json::from_slice(b).ok()).filter(|v| self.matches(v)).take(limit - out.len()));
+                    at = last + 1;
+                }
+            }
+            None => {
+                let mut end = before;
+                while out.len() < limit && looked < 20_000 && end > 0 {
+                    let start = end.saturating_sub(CHUNK);
+                    let rows = crate::audit::read_entries(db, start, (end - start) as usize)?;
+                    looked += end - start;
+                    for (_, b) in rows.iter().rev() {
+                        if out.len() >= limit {
+                            break;
+                        }
+                        if let Ok(v) = serde_json::from_slice::<Value>(b)
+                            && self.matches(&v)
+                        {
+                            out.push(v);
+                        }
+                    }
+                    end = start;
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -226,7 +343,7 @@ fn approval_view(a: Approval) -> Value {
     v
 }
 
-async fn blocking<T: Send + 'static, E: std::fmt::Display>(
+async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Response<ProxyBody>> {
     match tokio::task::spawn_blocking(f).await {
@@ -254,15 +371,15 @@ async fn gauges(gw: &Arc<Gateway>) -> Gauges {
     }
 }
 
-fn readyz(gw: &Gateway, health: &Health) -> Response<ProxyBody> {
+fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
     let draining = gw.draining.load(Ordering::SeqCst);
-    let ready = health.ready.load(Ordering::SeqCst) && !draining;
+    let ready = st.ready.load(Ordering::SeqCst) && !draining;
     let policies = gw.policies.load();
     let body = json!({
         "ready": ready,
         "draining": draining,
         "manifests": policies.set.manifests.len(),
-        "last_reload_error": *health.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()),
+        "last_reload_error": *st.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()),
     });
     json_response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }

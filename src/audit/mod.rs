@@ -1,1 +1,56 @@
-//! audit
+//! The audit log: an append-only, hash-chained, Merkle-checkpointed record of every decision,
+//! kept in redb. It depends on nothing else in the crate (it takes plain values), so `verify`
+//! needs only this module.
+//!
+//! An entry is one RFC 8785 canonical JSON object (`canonical`), chained to the previous entry by
+//! `prev` (the previous leaf hash) and hashed into an RFC 6962 tree (`merkle`). One writer thread
+//! drains a bounded queue and commits whatever is queued as one redb transaction, together with a
+//! C2SP signed checkpoint of the new tree (`note`): every acknowledged entry is covered by a signed
+//! checkpoint. With `Durability::Sync` an append resolves only after an fsynced commit.
+
+pub mod canonical;
+pub mod merkle;
+pub mod note;
+mod store;
+mod verify;
+
+pub use canonical::canonical_json;
+pub use merkle::{Frontier, Hash, leaf_hash};
+pub use note::{Checkpoint, key_id, parse_checkpoint};
+pub use store::{AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV};
+pub use verify::{
+    ExportReport, VerifyFailure, VerifyReport, export_bundle, first_index_at_or_after, read_entries, verify_bundle,
+    verify_db,
+};
+
+/// Largest canonical entry accepted, bytes.
+pub const MAX_ENTRY_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("the audit queue is full")]
+    QueueFull,
+    #[error("the audit writer has stopped")]
+    Stopped,
+    #[error("the audit log cannot commit: {0}")]
+    Commit(String),
+    #[error("entry of {0} bytes is above the 16 KiB limit")]
+    EntryTooLarge(usize),
+    #[error("entry cannot be encoded: {0}")]
+    Canonical(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("{0}")]
+    Integrity(String),
+    #[error("{0}")]
+    Io(String),
+}
+
+pub(crate) fn storage(e: impl std::fmt::Display) -> AuditError {
+    AuditError::Storage(e.to_string())
+}
+
+#[cfg(test)]
+mod tests;

@@ -19,7 +19,7 @@ pub struct GatewayConfig {
     pub proxy_listener: SocketAddr,
     /// Transparent listener (iptables REDIRECT target), off unless configured.
     pub transparent_listener: Option<SocketAddr>,
-    /// Health, metrics, admin API.
+    /// AdminState, metrics, admin API.
     pub admin_listener: SocketAddr,
     /// Directory of manifests.
     pub policies_dir: PathBuf,

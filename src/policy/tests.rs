@@ -71,7 +71,7 @@ fn decide(m: &Manifest, conn: &str, method: Method, path: &str, headers: &[(&str
     };
     let mut h = HeaderMap::new();
     for (k, v) in headers {
-        h.insert(*k, HeaderValue::from_str(v).unwrap());
+        h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
     }
     let params = extract_params(route, &caps, &h, query, body.map(str::as_bytes));
     evaluate(m, None, &Action { connector: c, route, params: &params })

@@ -14,6 +14,8 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Map, json};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -125,7 +127,17 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
 
 /// Terminates TLS with a leaf for the tunnel's host and serves HTTP/1.1 or HTTP/2 (ALPN),
 /// every request going through the full data path.
-pub async fn intercept<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>)
+///
+/// Boxed with an explicit `Send` bound: the data path can open tunnels whose requests go
+/// through the data path again, and the named type breaks that cycle for the compiler.
+pub fn intercept<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    Box::pin(intercept_inner(gw, io, tunnel))
+}
+
+async fn intercept_inner<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -158,7 +170,7 @@ where
 }
 
 /// Splices a passthrough tunnel to the vetted upstream address and records its byte counts.
-pub async fn passthrough<IO>(gw: Arc<Gateway>, mut io: IO, tunnel: &Tunnel, connector: &Connector, facts: &Facts, record: u64)
+pub(crate) async fn passthrough<IO>(gw: Arc<Gateway>, mut io: IO, tunnel: &Tunnel, connector: &Connector, facts: &Facts, record: u64)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -1,0 +1,436 @@
+//! redb storage and the single writer thread with group commit.
+
+use super::merkle::{Frontier, Hash, leaf_hash};
+use super::note::{Checkpoint, parse_checkpoint};
+use super::{AuditError, MAX_ENTRY_BYTES, canonical_json, storage};
+use ed25519_dalek::{Signer, SigningKey};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde_json::{Map, Value};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+
+pub(crate) const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_entries");
+pub(crate) const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_leaves");
+pub(crate) const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("audit_checkpoints");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_meta");
+pub(crate) const SIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_entry_sigs");
+
+/// `prev` of entry 0.
+pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+const MAX_BATCH: usize = 4096;
+const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Each batch is fsynced before its appends resolve.
+    Sync,
+    /// Batches commit without fsync; an fsync follows within 100 ms or when the queue drains.
+    Async,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    /// Log name, the first line of every checkpoint.
+    pub origin: String,
+    pub durability: Durability,
+    /// Also sign every entry (table `audit_entry_sigs`).
+    pub sign_each_entry: bool,
+    pub queue_capacity: usize,
+    /// Name of the checkpoint signing key.
+    pub key_name: String,
+}
+
+enum Msg {
+    Append(Map<String, Value>, Option<oneshot::Sender<Result<u64, AuditError>>>),
+    Stop,
+}
+
+#[derive(Default)]
+struct Shared {
+    size: AtomicU64,
+    entries_total: AtomicU64,
+    last_batch: AtomicU64,
+    checkpoint: RwLock<Option<String>>,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuditStats {
+    pub entries_total: u64,
+    pub last_batch_size: u64,
+}
+
+/// A cheap, cloneable way to append.
+#[derive(Clone)]
+pub struct AuditHandle {
+    tx: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+}
+
+impl AuditHandle {
+    /// Appends an entry (`fields` holds `kind` and the kind's fields; the writer adds `v`, `log`,
+    /// `idx`, `ts`, `prev`) and resolves with its index once committed.
+    pub async fn append(&self, fields: Map<String, Value>) -> Result<u64, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.try_send(Msg::Append(fields, Some(tx))).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
+        })?;
+        rx.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// Queues an entry without waiting for its commit.
+    pub fn append_nowait(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
+        self.tx.try_send(Msg::Append(fields, None)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
+        })
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
+    /// Committed entries.
+    pub fn tree_size(&self) -> u64 {
+        self.shared.size.load(Ordering::SeqCst)
+    }
+
+    /// The latest signed checkpoint note.
+    pub fn latest_checkpoint(&self) -> Option<String> {
+        self.shared.checkpoint.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn stats(&self) -> AuditStats {
+        AuditStats {
+            entries_total: self.shared.entries_total.load(Ordering::Relaxed),
+            last_batch_size: self.shared.last_batch.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The open log and its writer thread.
+pub struct AuditLog {
+    db: Arc<redb::Database>,
+    handle: AuditHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The writer's view of the tree.
+#[derive(Clone)]
+struct State {
+    size: u64,
+    prev: Hash,
+    frontier: Frontier,
+    last_ts: time::OffsetDateTime,
+}
+
+/// Recomputes the tree from the stored entries and checks it against the latest checkpoint.
+fn recover(db: &redb::Database, cfg: &AuditConfig, key: &SigningKey) -> Result<(State, Option<String>), AuditError> {
+    let tx = db.begin_read().map_err(storage)?;
+    let entries = tx.open_table(ENTRIES).map_err(storage)?;
+    let mut frontier = Frontier::new();
+    let mut prev = [0u8; 32];
+    let mut last_ts = time::OffsetDateTime::UNIX_EPOCH;
+    for (expected, item) in entries.iter().map_err(storage)?.enumerate() {
+        let (k, v) = item.map_err(storage)?;
+        let idx = k.value();
+        if idx != expected as u64 {
+            return Err(AuditError::Integrity(format!("entry {expected} is missing from the log")));
+        }
+        let bytes = v.value();
+        let parsed: Value = serde_json::from_slice(bytes)
+            .map_err(|_| AuditError::Integrity(format!("entry {idx} is not valid JSON")))?;
+        let want_prev = if idx == 0 { GENESIS_PREV.to_string() } else { hex::encode(prev) };
+        if parsed["prev"].as_str() != Some(want_prev.as_str()) {
+            return Err(AuditError::Integrity(format!("entry {idx} does not chain to entry {}", idx.saturating_sub(1))));
+        }
+        if let Some(ts) = parsed["ts"].as_str().and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()) {
+            last_ts = ts;
+        }
+        prev = leaf_hash(bytes);
+        frontier.push(prev);
+    }
+    let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
+    let latest = cps.last().map_err(storage)?.map(|(_, v)| v.value().to_string());
+    if let Some(note) = &latest {
+        let keys = [(cfg.key_name.clone(), key.verifying_key())];
+        let cp = parse_checkpoint(note, &keys).map_err(|e| {
+            AuditError::Integrity(format!("the latest checkpoint does not verify under this gateway key: {e}"))
+        })?;
+        if frontier.size() < cp.size {
+            return Err(AuditError::Integrity(format!(
+                "the database holds {} entries but its latest checkpoint covers {}: it was truncated",
+                frontier.size(),
+                cp.size
+            )));
+        }
+        if frontier.size() > cp.size {
+            return Err(AuditError::Integrity(format!(
+                "the database holds {} entries beyond its latest checkpoint ({}): entries were added outside the writer",
+                frontier.size() - cp.size,
+                cp.size
+            )));
+        }
+        if frontier.root() != cp.root {
+            return Err(AuditError::Integrity("the entries do not hash to the latest checkpoint's root".into()));
+        }
+    } else if frontier.size() > 0 {
+        return Err(AuditError::Integrity("the log has entries but no checkpoint".into()));
+    }
+    Ok((State { size: frontier.size(), prev, frontier, last_ts }, latest))
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log, re-verifies it against its latest checkpoint (refusing a
+    /// truncated or altered database) and starts the writer.
+    pub fn open(cfg: AuditConfig, key: SigningKey) -> Result<AuditLog, AuditError> {
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
+        }
+        let db = redb::Database::create(&cfg.path).map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
+        {
+            let tx = db.begin_write().map_err(storage)?;
+            tx.open_table(ENTRIES).map_err(storage)?;
+            tx.open_table(LEAVES).map_err(storage)?;
+            tx.open_table(CHECKPOINTS).map_err(storage)?;
+            tx.open_table(META).map_err(storage)?;
+            tx.open_table(SIGS).map_err(storage)?;
+            tx.commit().map_err(storage)?;
+        }
+        let (state, latest) = recover(&db, &cfg, &key)?;
+        let db = Arc::new(db);
+        let shared = Arc::new(Shared::default());
+        shared.size.store(state.size, Ordering::SeqCst);
+        *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
+        let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
+        let writer = Writer { db: db.clone(), cfg, key, state, shared: shared.clone() };
+        let thread = std::thread::Builder::new()
+            .name("uapk-audit-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError::Io(e.to_string()))?;
+        Ok(AuditLog { db, handle: AuditHandle { tx, shared }, thread: Some(thread) })
+    }
+
+    pub fn handle(&self) -> AuditHandle {
+        self.handle.clone()
+    }
+
+    pub fn database(&self) -> Arc<redb::Database> {
+        self.db.clone()
+    }
+
+    /// Commits everything queued before this call, makes it durable, and stops the writer.
+    pub fn shutdown(mut self) {
+        let _ = self.handle.tx.blocking_send(Msg::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Writer {
+    db: Arc<redb::Database>,
+    cfg: AuditConfig,
+    key: SigningKey,
+    state: State,
+    shared: Arc<Shared>,
+}
+
+type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+        let mut unsynced = false;
+        let mut last_sync = Instant::now();
+        loop {
+            let first = if unsynced {
+                // Async mode: wait at most until the next fsync is due.
+                let wait = ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed());
+                match recv_timeout(&mut rx, wait) {
+                    Some(m) => Some(m),
+                    None => {
+                        self.sync();
+                        unsynced = false;
+                        last_sync = Instant::now();
+                        continue;
+                    }
+                }
+            } else {
+                rx.blocking_recv()
+            };
+            let mut stop = false;
+            let mut batch = Vec::new();
+            match first {
+                None | Some(Msg::Stop) => stop = true,
+                Some(Msg::Append(f, r)) => batch.push((f, r)),
+            }
+            while !stop && batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Msg::Append(f, r)) => batch.push((f, r)),
+                    Ok(Msg::Stop) => stop = true,
+                    Err(_) => break,
+                }
+            }
+            if !batch.is_empty() {
+                let durable = self.cfg.durability == Durability::Sync;
+                self.commit(batch, durable);
+                if !durable {
+                    unsynced = true;
+                    if rx.is_empty() || last_sync.elapsed() >= ASYNC_SYNC_EVERY {
+                        self.sync();
+                        unsynced = false;
+                        last_sync = Instant::now();
+                    }
+                }
+            }
+            if stop {
+                if unsynced {
+                    self.sync();
+                }
+                rx.close();
+                // Anything that raced in before the close is still committed.
+                let mut rest = Vec::new();
+                while let Ok(Msg::Append(f, r)) = rx.try_recv() {
+                    rest.push((f, r));
+                }
+                if !rest.is_empty() {
+                    self.commit(rest, true);
+                }
+                return;
+            }
+        }
+    }
+
+    /// An empty fsynced commit makes every earlier non-durable commit durable.
+    fn sync(&self) {
+        let r = (|| -> Result<(), AuditError> {
+            let mut tx = self.db.begin_write().map_err(storage)?;
+            tx.set_durability(redb::Durability::Immediate).map_err(storage)?;
+            tx.commit().map_err(storage)
+        })();
+        if let Err(e) = r {
+            tracing::error!(error = %e, "audit fsync failed");
+        }
+    }
+
+    fn timestamp(&mut self) -> String {
+        let now = time::OffsetDateTime::now_utc().max(self.state.last_ts);
+        self.state.last_ts = now;
+        let fmt = time::macros::format_description!(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+        );
+        now.format(&fmt).unwrap_or_default()
+    }
+
+    fn commit(&mut self, batch: Vec<(Map<String, Value>, Reply)>, durable: bool) {
+        let started = self.state.clone();
+        let mut rows: Vec<(u64, Vec<u8>, Hash, Reply)> = Vec::with_capacity(batch.len());
+        for (mut fields, reply) in batch {
+            for k in ["v", "log", "idx", "ts", "prev"] {
+                fields.remove(k);
+            }
+            let idx = self.state.size;
+            fields.insert("v".into(), Value::String("1".into()));
+            fields.insert("log".into(), Value::String(self.cfg.origin.clone()));
+            fields.insert("idx".into(), Value::String(idx.to_string()));
+            fields.insert("ts".into(), Value::String(self.timestamp()));
+            let prev = if idx == 0 { GENESIS_PREV.to_string() } else { hex::encode(self.state.prev) };
+            fields.insert("prev".into(), Value::String(prev));
+            let bytes = match canonical_json(&Value::Object(fields)) {
+                Ok(b) if b.len() > MAX_ENTRY_BYTES => {
+                    reply_err(reply, AuditError::EntryTooLarge(b.len()));
+                    continue;
+                }
+                Ok(b) => b,
+                Err(e) => {
+                    reply_err(reply, e);
+                    continue;
+                }
+            };
+            let leaf = leaf_hash(&bytes);
+            self.state.frontier.push(leaf);
+            self.state.prev = leaf;
+            self.state.size += 1;
+            rows.push((idx, bytes, leaf, reply));
+        }
+        if rows.is_empty() {
+            return;
+        }
+        let cp = Checkpoint { origin: self.cfg.origin.clone(), size: self.state.size, root: self.state.frontier.root() };
+        let note = cp.sign(&self.cfg.key_name, &self.key);
+        let result = (|| -> Result<(), AuditError> {
+            let mut tx = self.db.begin_write().map_err(storage)?;
+            tx.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
+                .map_err(storage)?;
+            {
+                let mut entries = tx.open_table(ENTRIES).map_err(storage)?;
+                let mut leaves = tx.open_table(LEAVES).map_err(storage)?;
+                let mut sigs = tx.open_table(SIGS).map_err(storage)?;
+                for (idx, bytes, leaf, _) in &rows {
+                    entries.insert(*idx, bytes.as_slice()).map_err(storage)?;
+                    leaves.insert(*idx, leaf.as_slice()).map_err(storage)?;
+                    if self.cfg.sign_each_entry {
+                        let sig = self.key.sign(bytes).to_bytes();
+                        sigs.insert(*idx, sig.as_slice()).map_err(storage)?;
+                    }
+                }
+                let mut cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
+                cps.insert(cp.size, note.as_str()).map_err(storage)?;
+                let mut meta = tx.open_table(META).map_err(storage)?;
+                meta.insert("frontier", self.state.frontier.to_bytes().as_slice()).map_err(storage)?;
+            }
+            tx.commit().map_err(storage)
+        })();
+        match result {
+            Ok(()) => {
+                self.shared.size.store(self.state.size, Ordering::SeqCst);
+                self.shared.entries_total.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                self.shared.last_batch.store(rows.len() as u64, Ordering::Relaxed);
+                *self.shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(note);
+                for (idx, _, _, reply) in rows {
+                    if let Some(r) = reply {
+                        let _ = r.send(Ok(idx));
+                    }
+                }
+            }
+            Err(e) => {
+                // Nothing of this batch is in the log: roll the tree back and tell every waiter.
+                tracing::error!(error = %e, entries = rows.len(), "audit commit failed");
+                self.state = State { last_ts: self.state.last_ts, ..started };
+                for (_, _, _, reply) in rows {
+                    reply_err(reply, AuditError::Commit(e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+fn reply_err(reply: Reply, e: AuditError) {
+    match reply {
+        Some(r) => {
+            let _ = r.send(Err(e));
+        }
+        None => tracing::error!(error = %e, "queued audit entry dropped"),
+    }
+}
+
+fn recv_timeout(rx: &mut mpsc::Receiver<Msg>, wait: Duration) -> Option<Msg> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match rx.try_recv() {
+            Ok(m) => return Some(m),
+            Err(mpsc::error::TryRecvError::Disconnected) => return Some(Msg::Stop),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if Instant::now() >= deadline {
+                    return None;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    }
+}

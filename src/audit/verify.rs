@@ -1,0 +1,320 @@
+//! Offline verification, reading and export. Verification trusts nothing stored except the
+//! entry bytes: every leaf, chain link and root is recomputed, streaming, in bounded memory.
+
+use super::merkle::{Frontier, Hash, leaf_hash};
+use super::note::{parse_checkpoint, signer_names};
+use super::store::{CHECKPOINTS, ENTRIES, GENESIS_PREV, LEAVES};
+use super::{AuditError, canonical_json, storage};
+use base64::Engine;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+/// What a successful verification covered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub entries: u64,
+    pub checkpoints: u64,
+    pub size: u64,
+    pub root_hex: String,
+}
+
+/// The first problem found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyFailure {
+    pub index: Option<u64>,
+    pub reason: String,
+}
+
+fn fail(index: Option<u64>, reason: impl Into<String>) -> VerifyFailure {
+    VerifyFailure { index, reason: reason.into() }
+}
+
+/// Entries `[from, from + limit)`, as stored.
+pub fn read_entries(db: &redb::Database, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+    read_in(db, from, limit)
+}
+
+fn read_in(db: &impl ReadableDatabase, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+    let tx = db.begin_read().map_err(storage)?;
+    let t = tx.open_table(ENTRIES).map_err(storage)?;
+    let mut out = Vec::new();
+    for item in t.range(from..).map_err(storage)?.take(limit) {
+        let (k, v) = item.map_err(storage)?;
+        out.push((k.value(), v.value().to_vec()));
+    }
+    Ok(out)
+}
+
+/// Index of the first entry whose `ts` is at or after `ts` (RFC 3339), by binary search: the
+/// writer keeps timestamps monotonic.
+pub fn first_index_at_or_after(db: &redb::Database, ts: &str) -> Result<Option<u64>, AuditError> {
+    let want = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| AuditError::Io(format!("bad timestamp {ts}: {e}")))?;
+    let tx = db.begin_read().map_err(storage)?;
+    let t = tx.open_table(ENTRIES).map_err(storage)?;
+    let len = t.len().map_err(storage)?;
+    let ts_of = |i: u64| -> Result<time::OffsetDateTime, AuditError> {
+        let v = t.get(i).map_err(storage)?.ok_or_else(|| AuditError::Integrity(format!("entry {i} is missing")))?;
+        let parsed: Value = serde_json::from_slice(v.value()).map_err(|_| AuditError::Integrity(format!("entry {i} is not JSON")))?;
+        parsed["ts"]
+            .as_str()
+            .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok())
+            .ok_or_else(|| AuditError::Integrity(format!("entry {i} has no valid ts")))
+    };
+    let (mut lo, mut hi) = (0u64, len);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if ts_of(mid)? < want { lo = mid + 1 } else { hi = mid }
+    }
+    Ok((lo < len).then_some(lo))
+}
+
+/// Pairs trusted keys with the key names a note is signed with.
+fn named_keys(note: &str, keys: &[VerifyingKey]) -> Vec<(String, VerifyingKey)> {
+    signer_names(note).into_iter().flat_map(|n| keys.iter().map(move |k| (n.clone(), *k))).collect()
+}
+
+/// Checks one entry: canonical form, index, chain link. Returns its leaf hash.
+fn check_entry(expected: u64, bytes: &[u8], prev: &Hash) -> Result<Hash, VerifyFailure> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|_| fail(Some(expected), "the entry is not valid JSON"))?;
+    let canon = canonical_json(&v).map_err(|e| fail(Some(expected), format!("the entry cannot be canonical: {e}")))?;
+    if canon != bytes {
+        return Err(fail(Some(expected), "the entry is not in canonical form"));
+    }
+    if v["idx"].as_str() != Some(expected.to_string().as_str()) {
+        return Err(fail(Some(expected), format!("the entry says idx {} (reordered or replaced)", v["idx"])));
+    }
+    let want_prev = if expected == 0 { GENESIS_PREV.to_string() } else { hex::encode(prev) };
+    if v["prev"].as_str() != Some(want_prev.as_str()) {
+        return Err(fail(Some(expected), "the entry's prev does not match the previous entry's leaf hash"));
+    }
+    Ok(leaf_hash(bytes))
+}
+
+/// Verifies a log file: every entry, chain link, checkpoint root and signature.
+pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyFailure> {
+    let db = redb::ReadOnlyDatabase::open(path)
+        .map_err(|e| fail(None, format!("cannot open {}: {e}", path.display())))?;
+    let tx = db.begin_read().map_err(|e| fail(None, e.to_string()))?;
+    let entries = tx.open_table(ENTRIES).map_err(|e| fail(None, format!("no audit entries table: {e}")))?;
+    let cps = tx.open_table(CHECKPOINTS).map_err(|e| fail(None, format!("no checkpoints table: {e}")))?;
+    let stored_leaves = tx.open_table(LEAVES).ok();
+    let mut cp_iter = cps.iter().map_err(|e| fail(None, e.to_string()))?.peekable();
+    let mut frontier = Frontier::new();
+    let mut prev = [0u8; 32];
+    let mut checkpoints = 0u64;
+    let mut last_cp_size = 0u64;
+    // The smallest index whose stored leaf differs from its bytes: where a root mismatch starts.
+    let mut first_changed: Option<u64> = None;
+    let check_cp = |size: u64, note: &str, frontier: &Frontier, first_changed: Option<u64>| -> Result<(), VerifyFailure> {
+        let cp = parse_checkpoint(note, &named_keys(note, keys))
+            .map_err(|e| fail(None, format!("checkpoint at size {size}: {e}")))?;
+        if cp.size != size {
+            return Err(fail(None, format!("checkpoint stored at size {size} claims size {}", cp.size)));
+        }
+        if cp.root != frontier.root() {
+            let at = first_changed.unwrap_or(size.saturating_sub(1));
+            return Err(fail(Some(at), format!("the entries do not hash to the signed root of the checkpoint at size {size}")));
+        }
+        Ok(())
+    };
+    for (expected, item) in entries.iter().map_err(|e| fail(None, e.to_string()))?.enumerate() {
+        let expected = expected as u64;
+        let (k, v) = item.map_err(|e| fail(Some(expected), e.to_string()))?;
+        if k.value() != expected {
+            return Err(fail(Some(expected), "the entry is missing (deleted)"));
+        }
+        let bytes = v.value();
+        let leaf = match check_entry(expected, bytes, &prev) {
+            Ok(l) => l,
+            Err(f) => {
+                // A broken link at `expected` after an unchanged-looking entry: if the previous
+                // entry's bytes no longer match its recorded leaf, the change is there.
+                if expected > 0 && f.reason.contains("prev") && first_changed == Some(expected - 1) {
+                    return Err(fail(Some(expected - 1), "the entry was changed (its hash no longer matches the chain)"));
+                }
+                return Err(f);
+            }
+        };
+        if first_changed.is_none()
+            && let Some(t) = &stored_leaves
+            && let Ok(Some(stored)) = t.get(expected)
+            && stored.value() != leaf.as_slice()
+        {
+            first_changed = Some(expected);
+        }
+        frontier.push(leaf);
+        prev = leaf;
+        while let Some(Ok((size, _))) = cp_iter.peek() {
+            let size = size.value();
+            if size > frontier.size() {
+                break;
+            }
+            let (_, note) = cp_iter.next().expect("peeked").map_err(|e| fail(None, e.to_string()))?;
+            if size < frontier.size() {
+                return Err(fail(None, format!("checkpoint at size {size} was skipped")));
+            }
+            check_cp(size, note.value(), &frontier, first_changed)?;
+            checkpoints += 1;
+            last_cp_size = size;
+        }
+    }
+    if let Some(Ok((size, _))) = cp_iter.peek() {
+        let size = size.value();
+        return Err(fail(
+            Some(frontier.size()),
+            format!("the log holds {} entries but a checkpoint covers {size}: entries were removed (truncated)", frontier.size()),
+        ));
+    }
+    if frontier.size() > last_cp_size {
+        return Err(fail(Some(last_cp_size), "entries after the last checkpoint are covered by no signature"));
+    }
+    if checkpoints == 0 && frontier.size() == 0 {
+        return Err(fail(None, "the log is empty"));
+    }
+    Ok(VerifyReport {
+        entries: frontier.size(),
+        checkpoints,
+        size: frontier.size(),
+        root_hex: hex::encode(frontier.root()),
+    })
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone)]
+pub struct ExportReport {
+    pub entries: u64,
+    pub from: u64,
+    pub to: u64,
+}
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// Writes an export bundle: `checkpoint` (the signed note covering the range's end),
+/// `entries.jsonl`, `prefix.json` (the tree state before `from`), `gateway.pub.pem`, and a
+/// `manifest.json` with every file's SHA-256, signed in `manifest.json.sig`. The range is
+/// extended to the next checkpoint so that the bundle proves itself against a signed root.
+pub fn export_bundle(db_path: &Path, out: &Path, from: Option<u64>, to: Option<u64>, key: &SigningKey) -> Result<ExportReport, AuditError> {
+    use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
+    let db = redb::ReadOnlyDatabase::open(db_path).map_err(|e| AuditError::Io(format!("{}: {e}", db_path.display())))?;
+    let tx = db.begin_read().map_err(storage)?;
+    let entries = tx.open_table(ENTRIES).map_err(storage)?;
+    let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
+    let size = entries.len().map_err(storage)?;
+    let from = from.unwrap_or(0).min(size);
+    let want_to = to.unwrap_or(size).clamp(from, size);
+    let (cp_size, note) = match cps.range(want_to.max(1)..).map_err(storage)?.next() {
+        Some(r) => {
+            let (k, v) = r.map_err(storage)?;
+            (k.value(), v.value().to_string())
+        }
+        None => return Err(AuditError::Integrity("no checkpoint covers the requested range".into())),
+    };
+    std::fs::create_dir_all(out).map_err(|e| AuditError::Io(format!("{}: {e}", out.display())))?;
+    // The tree before `from`, recomputed from the entries.
+    let mut prefix = Frontier::new();
+    let mut last_leaf = [0u8; 32];
+    for item in entries.range(..from).map_err(storage)? {
+        let (_, v) = item.map_err(storage)?;
+        last_leaf = leaf_hash(v.value());
+        prefix.push(last_leaf);
+    }
+    let prefix_json = serde_json::to_vec_pretty(&json!({
+        "size": from.to_string(),
+        "frontier": hex::encode(prefix.to_bytes()),
+        "last_leaf": if from == 0 { GENESIS_PREV.to_string() } else { hex::encode(last_leaf) },
+    }))
+    .map_err(|e| AuditError::Io(e.to_string()))?;
+    let entries_path = out.join("entries.jsonl");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&entries_path).map_err(|e| AuditError::Io(e.to_string()))?);
+    let mut hasher = Sha256::new();
+    let mut n = 0u64;
+    for item in entries.range(from..cp_size).map_err(storage)? {
+        let (_, v) = item.map_err(storage)?;
+        f.write_all(v.value()).and_then(|_| f.write_all(b"\n")).map_err(|e| AuditError::Io(e.to_string()))?;
+        hasher.update(v.value());
+        hasher.update(b"\n");
+        n += 1;
+    }
+    f.flush().map_err(|e| AuditError::Io(e.to_string()))?;
+    let pub_pem = key.verifying_key().to_public_key_pem(LineEnding::LF).map_err(|e| AuditError::Io(e.to_string()))?;
+    let write = |name: &str, bytes: &[u8]| {
+        std::fs::write(out.join(name), bytes).map_err(|e| AuditError::Io(format!("{name}: {e}")))
+    };
+    write("checkpoint", note.as_bytes())?;
+    write("prefix.json", &prefix_json)?;
+    write("gateway.pub.pem", pub_pem.as_bytes())?;
+    let manifest = serde_json::to_vec_pretty(&json!({
+        "format": "uapk-audit-bundle/1",
+        "from": from.to_string(),
+        "to": cp_size.to_string(),
+        "files": {
+            "checkpoint": sha_hex(note.as_bytes()),
+            "entries.jsonl": hex::encode(hasher.finalize()),
+            "prefix.json": sha_hex(&prefix_json),
+            "gateway.pub.pem": sha_hex(pub_pem.as_bytes()),
+        },
+    }))
+    .map_err(|e| AuditError::Io(e.to_string()))?;
+    write("manifest.json", &manifest)?;
+    let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&manifest).to_bytes());
+    write("manifest.json.sig", sig.as_bytes())?;
+    Ok(ExportReport { entries: n, from, to: cp_size })
+}
+
+/// Verifies a bundle with nothing but its files and the trusted key(s).
+pub fn verify_bundle(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyFailure> {
+    let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| fail(None, format!("{name}: {e}")));
+    let manifest = read("manifest.json")?;
+    let sig_b64 = read("manifest.json.sig")?;
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(String::from_utf8_lossy(&sig_b64).trim())
+        .ok()
+        .and_then(|b| Signature::from_slice(&b).ok())
+        .ok_or_else(|| fail(None, "manifest.json.sig is not a signature"))?;
+    if !keys.iter().any(|k| k.verify(&manifest, &sig).is_ok()) {
+        return Err(fail(None, "manifest.json is not signed by a trusted key"));
+    }
+    let m: Value = serde_json::from_slice(&manifest).map_err(|_| fail(None, "manifest.json is not JSON"))?;
+    for name in ["checkpoint", "entries.jsonl", "prefix.json", "gateway.pub.pem"] {
+        let want = m["files"][name].as_str().ok_or_else(|| fail(None, format!("manifest.json does not list {name}")))?;
+        if sha_hex(&read(name)?) != want {
+            return Err(fail(None, format!("{name} does not match its SHA-256 in manifest.json")));
+        }
+    }
+    let note = String::from_utf8(read("checkpoint")?).map_err(|_| fail(None, "checkpoint is not text"))?;
+    let cp = parse_checkpoint(&note, &named_keys(&note, keys)).map_err(|e| fail(None, format!("checkpoint: {e}")))?;
+    let prefix: Value = serde_json::from_slice(&read("prefix.json")?).map_err(|_| fail(None, "prefix.json is not JSON"))?;
+    let mut frontier = prefix["frontier"]
+        .as_str()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| Frontier::from_bytes(&b))
+        .ok_or_else(|| fail(None, "prefix.json has no valid frontier"))?;
+    let mut prev: Hash = prefix["last_leaf"]
+        .as_str()
+        .and_then(|h| hex::decode(h).ok())
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| fail(None, "prefix.json has no valid last_leaf"))?;
+    let file = std::fs::File::open(dir.join("entries.jsonl")).map_err(|e| fail(None, e.to_string()))?;
+    let mut n = 0u64;
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| fail(None, e.to_string()))?;
+        let idx = frontier.size();
+        prev = check_entry(idx, line.as_bytes(), &prev)?;
+        frontier.push(prev);
+        n += 1;
+    }
+    if frontier.size() != cp.size {
+        return Err(fail(Some(frontier.size().min(cp.size)), format!("the bundle ends at {} but its checkpoint covers {}", frontier.size(), cp.size)));
+    }
+    if frontier.root() != cp.root {
+        return Err(fail(None, "the bundle's entries do not hash to its signed checkpoint"));
+    }
+    Ok(VerifyReport { entries: n, checkpoints: 1, size: cp.size, root_hex: hex::encode(cp.root) })
+}

@@ -1,0 +1,58 @@
+//! Ed25519 key files: PKCS#8 PEM private keys (created 0600) and SPKI PEM public keys.
+
+use super::IdentityError;
+use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding};
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+fn file_err(path: &Path, message: impl Into<String>) -> IdentityError {
+    IdentityError::KeyFile { path: path.display().to_string(), message: message.into() }
+}
+
+/// `key.pem` → `key.pub.pem`.
+pub fn public_path(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let stem = name.strip_suffix(".pem").unwrap_or(&name);
+    out.with_file_name(format!("{stem}.pub.pem"))
+}
+
+/// Writes a new Ed25519 key to `out` (PKCS#8 PEM, created with mode 0600; an existing file is
+/// refused unless `force`) and its public key to `<stem>.pub.pem`. Returns the public path.
+pub fn generate_key_files(out: &Path, force: bool) -> Result<PathBuf, IdentityError> {
+    let key = SigningKey::generate(&mut rand::rngs::OsRng);
+    let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| IdentityError::Key(e.to_string()))?;
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e.to_string()))?;
+    }
+    if force {
+        let _ = std::fs::remove_file(out);
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| file_err(out, format!("cannot create the key file: {e}")))?;
+    f.write_all(pem.as_bytes()).map_err(|e| file_err(out, e.to_string()))?;
+    let pub_path = public_path(out);
+    std::fs::write(&pub_path, verifying_key_pem(&key.verifying_key())).map_err(|e| file_err(&pub_path, e.to_string()))?;
+    Ok(pub_path)
+}
+
+/// Reads a PKCS#8 PEM Ed25519 private key.
+pub fn load_signing_key(path: &Path) -> Result<SigningKey, IdentityError> {
+    let pem = std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+    SigningKey::from_pkcs8_pem(pem.trim()).map_err(|_| file_err(path, "not an Ed25519 private key in PKCS#8 PEM form"))
+}
+
+/// Parses an SPKI PEM Ed25519 public key.
+pub fn parse_verifying_key_pem(pem: &str) -> Result<VerifyingKey, IdentityError> {
+    VerifyingKey::from_public_key_pem(pem.trim())
+        .map_err(|_| IdentityError::Key("not an Ed25519 public key in SPKI PEM form".into()))
+}
+
+pub fn verifying_key_pem(vk: &VerifyingKey) -> String {
+    vk.to_public_key_pem(LineEnding::LF).unwrap_or_default()
+}
