@@ -234,7 +234,10 @@ pub struct Connector {
 impl Connector {
     pub fn matches_host(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.');
+        // IP literals compare as addresses (`::ffff:127.0.0.1` is `::ffff:7f00:1`).
+        let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
         self.hosts.iter().any(|p| match p.strip_prefix("*.") {
+            _ if ip.is_some() => p.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok() == ip,
             Some(suffix) => {
                 host.len() > suffix.len() + 1
                     && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)

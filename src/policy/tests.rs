@@ -128,15 +128,17 @@ fn caps_thresholds_and_currency() {
 fn escalation_reasons_accumulate_and_a_deny_stops() {
     let m = manifest();
     // A transfer is an approval action type and 60.00 is above the amount threshold.
-    let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=6000&cur=USD", &[], None);
+    let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=60&cur=USD", &[], None);
     assert_eq!(d.verdict, Verdict::Escalate);
     let codes: Vec<_> = d.reasons.iter().map(|r| r.code).collect();
     assert_eq!(codes, vec!["requires_human_approval", "amount_requires_approval"]);
     // The same transfer to a denied counterparty is denied, not escalated.
-    let d = decide(&m, "pay", Method::POST, "/transfers/cus_b?amount=6000&cur=USD", &[], None);
+    let d = decide(&m, "pay", Method::POST, "/transfers/cus_b?amount=60&cur=USD", &[], None);
     assert_eq!((d.verdict, d.code()), (Verdict::Deny, "counterparty_denied"));
-    // Query amounts are plain decimals (no scale here): 60 USD.
-    let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=60&cur=USD", &[], None);
+    // Query amounts are plain decimals (no scale here): 6000 is 6000 USD, above the cap.
+    let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=6000&cur=USD", &[], None);
+    assert_eq!(d.code(), "amount_exceeds_cap");
+    let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=50.5&cur=USD", &[], None);
     assert_eq!(d.reasons.len(), 2);
 }
 
