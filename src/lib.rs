@@ -7,6 +7,7 @@
 //!
 //! `audit` depends on nothing else in this crate, so `verify` links only the log's logic.
 
+pub mod admin;
 pub mod approvals;
 pub mod audit;
 pub mod config;
@@ -15,4 +16,3 @@ pub mod limits;
 pub mod policy;
 pub mod proxy;
 pub mod runtime;
-pub mod admin;

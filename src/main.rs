@@ -49,7 +49,7 @@ enum Cmd {
     /// Capability tokens.
     Token {
         #[command(subcommand)]
-        cmd: TokenCmd,
+        cmd: Box<TokenCmd>,
     },
     /// The interception CA.
     Ca {
@@ -205,7 +205,9 @@ fn main() -> ExitCode {
         Cmd::Keygen { out, force } => identity::generate_key_files(&out, force)
             .map(|pubp| println!("wrote {} (0600) and {}", out.display(), pubp.display()))
             .map_err(|e| Fail(2, e.to_string())),
-        Cmd::Token { cmd: TokenCmd::Mint(a) } => mint(a),
+        Cmd::Token { cmd } => match *cmd {
+            TokenCmd::Mint(a) => mint(a),
+        },
         Cmd::Ca { cmd: CaCmd::Init { out_dir } } => {
             let (cert, key) = (out_dir.join("ca.pem"), out_dir.join("ca-key.pem"));
             uapk_gateway::proxy::tls::generate_ca(&cert, &key)
@@ -343,8 +345,10 @@ fn mint(a: MintArgs) -> Result<(), Fail> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     let mut amount_max = std::collections::BTreeMap::new();
     for item in &a.amount_max {
-        let (cur, amt) = item.split_once('=').ok_or_else(|| Fail(2, format!("--amount-max {item:?}: expected CUR=amount")))?;
-        let d: rust_decimal::Decimal = amt.parse().map_err(|_| Fail(2, format!("--amount-max {item:?}: bad amount")))?;
+        let (cur, amt) =
+            item.split_once('=').ok_or_else(|| Fail(2, format!("--amount-max {item:?}: expected CUR=amount")))?;
+        let d: rust_decimal::Decimal =
+            amt.parse().map_err(|_| Fail(2, format!("--amount-max {item:?}: bad amount")))?;
         amount_max.insert(cur.to_ascii_uppercase(), d);
     }
     let counterparties = (a.counterparties_allow.is_some() || a.counterparties_deny.is_some()).then(|| {
@@ -353,9 +357,8 @@ fn mint(a: MintArgs) -> Result<(), Fail> {
             deny: a.counterparties_deny.clone().unwrap_or_default(),
         }
     });
-    let constraints = (!amount_max.is_empty() || a.jurisdictions.is_some() || counterparties.is_some()).then(|| {
-        identity::Constraints { amount_max, jurisdictions: a.jurisdictions.clone(), counterparties }
-    });
+    let constraints = (!amount_max.is_empty() || a.jurisdictions.is_some() || counterparties.is_some())
+        .then(|| identity::Constraints { amount_max, jurisdictions: a.jurisdictions.clone(), counterparties });
     let jti = a.jti.unwrap_or_else(|| {
         use rand::RngCore;
         let mut b = [0u8; 12];

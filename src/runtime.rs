@@ -126,7 +126,8 @@ fn server_builder(cfg: &GatewayConfig) -> auto::Builder<TokioExecutor> {
 pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let key = gateway_key(&cfg)?;
-    let set = config::load_policies(&cfg.policies_dir, Strictness::Run).map_err(|e| anyhow!("invalid policies:\n{e}"))?;
+    let set =
+        config::load_policies(&cfg.policies_dir, Strictness::Run).map_err(|e| anyhow!("invalid policies:\n{e}"))?;
     for w in &set.warnings {
         tracing::warn!("{w}");
     }
@@ -212,7 +213,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             let gw = gw2.clone();
             async move { Ok::<_, Infallible>(proxy::handle(gw, req, proxy::Via::Listener).await) }
         };
-        tasks.push(tokio::spawn(serve(proxy_listener, server_builder(&gw.config), svc, gw.config.limits.max_connections, rx.clone())));
+        tasks.push(tokio::spawn(serve(
+            proxy_listener,
+            server_builder(&gw.config),
+            svc,
+            gw.config.limits.max_connections,
+            rx.clone(),
+        )));
     }
     {
         let (gw2, h2) = (gw.clone(), health.clone());
@@ -223,7 +230,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         tasks.push(tokio::spawn(serve(admin_listener, server_builder(&gw.config), svc, 256, rx.clone())));
     }
     if let Some(listener) = transparent_listener {
-        let own: Vec<SocketAddr> = [Some(proxy_addr), Some(admin_addr), transparent_addr].into_iter().flatten().collect();
+        let own: Vec<SocketAddr> =
+            [Some(proxy_addr), Some(admin_addr), transparent_addr].into_iter().flatten().collect();
         tasks.push(tokio::spawn(serve_transparent(listener, gw.clone(), own, rx.clone())));
     }
     {
@@ -276,7 +284,16 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     }
     health.ready.store(true, Ordering::SeqCst);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");
-    Ok(Running { proxy_addr, transparent_addr, admin_addr, gateway: gw, admin: health, shutdown: tx, tasks, audit: Some(audit_log) })
+    Ok(Running {
+        proxy_addr,
+        transparent_addr,
+        admin_addr,
+        gateway: gw,
+        admin: health,
+        shutdown: tx,
+        tasks,
+        audit: Some(audit_log),
+    })
 }
 
 /// Loads the interception CA, generating a development CA in `data_dir` when none exists and
@@ -357,7 +374,7 @@ async fn serve<S, F>(
                 let _ = stream.set_nodelay(true);
                 let svc = svc.clone();
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(move |req| svc(req)))
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(svc))
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
@@ -405,7 +422,8 @@ pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
         .iter()
         .filter_map(|(id, m)| {
             let before = old.set.get(id).map(|o| o.mode);
-            (before.is_some_and(|b| b != m.mode)).then(|| json!({"agent": id, "from": before.map(|b| b.as_str()), "to": m.mode.as_str()}))
+            (before.is_some_and(|b| b != m.mode))
+                .then(|| json!({"agent": id, "from": before.map(|b| b.as_str()), "to": m.mode.as_str()}))
         })
         .collect();
     entry.insert("mode_changes".into(), Value::Array(changes));

@@ -75,7 +75,15 @@ async fn the_upstream_never_sees_a_request_whose_decision_is_not_durable() {
     for i in 0..40 {
         let (url, tok) = (gw.base("/shop/v1/charges/ch_1"), tok.clone());
         tasks.push(tokio::spawn(async move {
-            client().get(url).header("x-uapk-capability", tok).header("x-test-marker", format!("m{i}")).send().await.unwrap().status().as_u16()
+            client()
+                .get(url)
+                .header("x-uapk-capability", tok)
+                .header("x-test-marker", format!("m{i}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }));
     }
     for t in tasks {
@@ -139,7 +147,12 @@ async fn a_missing_secret_makes_the_connector_deny() {
         "    credentials:\n      - header: Authorization\n        value: \"Bearer ${env:UAPK_TEST_UNSET_SECRET}\"\n    routes:\n      - methods: [POST]\n        path: /v1/refunds",
     );
     let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
-    let r = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", token("pay-agent")).send().await.unwrap();
+    let r = client()
+        .get(gw.base("/shop/v1/charges/ch_1"))
+        .header("x-uapk-capability", token("pay-agent"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["reasons"][0]["code"], "connector_unavailable");
@@ -252,11 +265,20 @@ async fn upstream_failures_are_502_and_recorded() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let m = manifest("pay-agent", closed, "", "");
     let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
-    let r = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", token("pay-agent")).send().await.unwrap();
+    let r = client()
+        .get(gw.base("/shop/v1/charges/ch_1"))
+        .header("x-uapk-capability", token("pay-agent"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 502);
     let record: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let outcome = gw.entries().into_iter().find(|e| e["kind"] == "outcome" && e["decision_idx"] == json!(record.to_string())).unwrap();
+    let outcome = gw
+        .entries()
+        .into_iter()
+        .find(|e| e["kind"] == "outcome" && e["decision_idx"] == json!(record.to_string()))
+        .unwrap();
     assert_eq!(outcome["status"], "502");
     assert!(outcome["error"].as_str().unwrap().contains("unreachable"));
     drop(up);
@@ -265,13 +287,20 @@ async fn upstream_failures_are_502_and_recorded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_and_ambiguous_paths_are_refused() {
     let up = Upstream::start().await;
-    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], "limits:\n  max_body_bytes: 1024\n").await;
+    let gw = TestGateway::start(
+        &[("pay.yaml", manifest("pay-agent", up.addr, "", ""))],
+        "limits:\n  max_body_bytes: 1024\n",
+    )
+    .await;
     let tok = token("pay-agent");
     let big = json!({"amount": 100, "currency": "USD", "customer": "x".repeat(4096)});
-    let r = client().post(gw.base("/shop/v1/refunds")).header("x-uapk-capability", &tok).json(&big).send().await.unwrap();
+    let r =
+        client().post(gw.base("/shop/v1/refunds")).header("x-uapk-capability", &tok).json(&big).send().await.unwrap();
     assert_eq!(r.status(), 413);
     // Sent raw: HTTP clients normalise dot segments before sending.
-    for p in ["/shop/v1/charges/../refunds", "/shop/v1/charges/%2e%2e/x", "/shop/v1/charges/a%2Fb", "/shop/v1/./charges/x"] {
+    for p in
+        ["/shop/v1/charges/../refunds", "/shop/v1/charges/%2e%2e/x", "/shop/v1/charges/a%2Fb", "/shop/v1/./charges/x"]
+    {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
         let req = format!("GET {p} HTTP/1.1\r\nHost: x\r\nx-uapk-capability: {tok}\r\nConnection: close\r\n\r\n");
@@ -308,7 +337,8 @@ async fn verify_passes_on_a_real_log_and_names_the_first_bad_index_after_tamperi
 
     let table: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit_entries");
     let pristine = std::fs::read(&db).unwrap();
-    let tamper = |f: &dyn Fn(&mut redb::Table<u64, &[u8]>)| {
+    type EntriesTable<'a> = redb::Table<'a, u64, &'static [u8]>;
+    let tamper = |f: &dyn Fn(&mut EntriesTable)| {
         std::fs::write(&db, &pristine).unwrap();
         let d = redb::Database::open(&db).unwrap();
         let tx = d.begin_write().unwrap();
@@ -351,7 +381,15 @@ async fn verify_passes_on_a_real_log_and_names_the_first_bad_index_after_tamperi
     // Export and verify the bundle with only the bundle and the key.
     let out = dir.path().join("bundle");
     let (code, o, e) = run_cli(
-        &["export", "--db", &args_db, "--out", out.to_str().unwrap(), "--gateway-key", data.join("gateway.pem").to_str().unwrap()],
+        &[
+            "export",
+            "--db",
+            &args_db,
+            "--out",
+            out.to_str().unwrap(),
+            "--gateway-key",
+            data.join("gateway.pem").to_str().unwrap(),
+        ],
         dir.path(),
     );
     assert_eq!(code, 0, "{o}{e}");

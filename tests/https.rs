@@ -96,7 +96,12 @@ async fn curl_through_https_proxy_is_intercepted_and_decided() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_requests_through_the_proxy() {
-    if std::process::Command::new("python3").args(["-c", "import requests"]).status().map(|s| !s.success()).unwrap_or(true) {
+    if std::process::Command::new("python3")
+        .args(["-c", "import requests"])
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true)
+    {
         panic!("python3 with requests is required (installed by .ci/run)");
     }
     let up = TlsUpstream::start().await;
@@ -121,9 +126,11 @@ async fn python_requests_through_the_proxy() {
 /// Opens a CONNECT tunnel by hand and returns the raw stream after the 200.
 async fn connect(gw: &TestGateway, target: &str, tok: &str) -> (tokio::net::TcpStream, String) {
     let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {tok}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {tok}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut head = Vec::new();
     let mut b = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -178,9 +185,7 @@ async fn http2_inside_a_tunnel_and_421_for_another_authority() {
             .await
             .unwrap();
     tokio::spawn(conn);
-    let get = |uri: String| {
-        http::Request::get(uri).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()
-    };
+    let get = |uri: String| http::Request::get(uri).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
     let r = send.send_request(get(format!("https://localhost:{port}/v1/items/1"))).await.unwrap();
     assert_eq!(r.status(), 200);
     let r = send.send_request(get(format!("https://127.0.0.1:{port}/v1/items/1"))).await.unwrap();
@@ -253,7 +258,8 @@ async fn leaves_are_minted_once_per_host_and_pinned_clients_fail_closed() {
     drop(pinned);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let entries = gw.entries();
-    let tunnel = entries.iter().find(|e| e["kind"] == "outcome" && e["tunnel"] == "passthrough").expect("tunnel record");
+    let tunnel =
+        entries.iter().find(|e| e["kind"] == "outcome" && e["tunnel"] == "passthrough").expect("tunnel record");
     assert!(tunnel["bytes_sent"].as_str().unwrap().parse::<u64>().unwrap() > 0);
     assert!(tunnel["bytes_received"].as_str().unwrap().parse::<u64>().unwrap() > 0);
 }

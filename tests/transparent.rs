@@ -17,7 +17,11 @@ const AGENT_UID: &str = "65534";
 const PROXY_UID: &str = "1337";
 
 fn have(cmd: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("sh")
+        .args(["-c", &format!("command -v {cmd}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn sh(cmd: &str) {
@@ -95,8 +99,13 @@ secure.serve_forever()
 
 #[test]
 fn redirected_agent_traffic_is_decided_and_recorded() {
-    let root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
-    let missing: Vec<_> = ["ip", "iptables", "setpriv", "curl", "openssl", "python3"].into_iter().filter(|c| !have(c)).collect();
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let missing: Vec<_> =
+        ["ip", "iptables", "setpriv", "curl", "openssl", "python3"].into_iter().filter(|c| !have(c)).collect();
     if !root || !missing.is_empty() {
         eprintln!("SKIPPED transparent-mode test: needs root and {missing:?} (CI installs them and runs as root)");
         return;
@@ -168,7 +177,10 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     wait_port(&a, 15001);
 
     // The init container's rules, exactly as printed.
-    let out = Command::new(bin()).args(["init-iptables", "--proxy-uid", PROXY_UID, "--port", "15001", "--dry-run"]).output().unwrap();
+    let out = Command::new(bin())
+        .args(["init-iptables", "--proxy-uid", PROXY_UID, "--port", "15001", "--dry-run"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     for line in String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with("iptables ")) {
         sh(&format!("ip netns exec {a} {line}"));
@@ -204,7 +216,8 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     let db = redb::Database::open(data.join("audit.redb")).unwrap();
     let entries = read_all(&db);
     let d2 = decisions(&entries);
-    let paths: Vec<String> = d2.iter().filter(|e| e["via"] != "explicit").map(|e| e["path"].as_str().unwrap_or("").to_string()).collect();
+    let paths: Vec<String> =
+        d2.iter().filter(|e| e["via"] != "explicit").map(|e| e["path"].as_str().unwrap_or("").to_string()).collect();
     assert!(paths.contains(&"/v1/items/1".to_string()), "{paths:?}");
     assert!(paths.contains(&"/v1/other".to_string()), "{paths:?}");
     assert!(paths.contains(&"/v1/items/2".to_string()), "{paths:?}");

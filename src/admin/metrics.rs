@@ -7,8 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Seconds buckets for latency histograms.
-const BUCKETS: [f64; 14] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+const BUCKETS: [f64; 14] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 /// A fixed-bucket histogram with lock-free observation.
 pub struct Histogram {
@@ -82,20 +81,40 @@ impl Metrics {
         for ((d, c, m), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "uapk_requests_total{{decision=\"{d}\",connector=\"{c}\",mode=\"{m}\"}} {n}");
         }
-        self.request_duration.render(&mut out, "uapk_request_duration_seconds", "Time from request to response headers.");
+        self.request_duration.render(
+            &mut out,
+            "uapk_request_duration_seconds",
+            "Time from request to response headers.",
+        );
         self.upstream_duration.render(&mut out, "uapk_upstream_duration_seconds", "Upstream time to response headers.");
-        self.audit_append.render(&mut out, "uapk_audit_append_duration_seconds", "Time for a decision entry to commit.");
+        self.audit_append.render(
+            &mut out,
+            "uapk_audit_append_duration_seconds",
+            "Time for a decision entry to commit.",
+        );
         let mut gauge = |name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
         gauge("uapk_audit_entries_total", "counter", "Entries committed to the audit log.", g.audit_entries);
         gauge("uapk_audit_queue_depth", "gauge", "Entries waiting for the audit writer.", g.audit_queue_depth);
         gauge("uapk_audit_batch_size", "gauge", "Entries in the last committed batch.", g.audit_last_batch);
-        gauge("uapk_tls_leaf_cache_hits_total", "counter", "Leaf certificates served from the cache.", self.leaf_cache_hits.load(Ordering::Relaxed));
-        gauge("uapk_tls_leaf_cache_misses_total", "counter", "Leaf certificates minted.", self.leaf_cache_misses.load(Ordering::Relaxed));
+        gauge(
+            "uapk_tls_leaf_cache_hits_total",
+            "counter",
+            "Leaf certificates served from the cache.",
+            self.leaf_cache_hits.load(Ordering::Relaxed),
+        );
+        gauge(
+            "uapk_tls_leaf_cache_misses_total",
+            "counter",
+            "Leaf certificates minted.",
+            self.leaf_cache_misses.load(Ordering::Relaxed),
+        );
         gauge("uapk_approvals_pending", "gauge", "Approvals waiting for a decision.", g.approvals_pending);
         gauge("uapk_ratelimit_keys", "gauge", "Keys held by rate limiters.", g.ratelimit_keys);
-        out.push_str("# HELP uapk_config_reloads_total Policy reloads by result.\n# TYPE uapk_config_reloads_total counter\n");
+        out.push_str(
+            "# HELP uapk_config_reloads_total Policy reloads by result.\n# TYPE uapk_config_reloads_total counter\n",
+        );
         for (r, n) in self.config_reloads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "uapk_config_reloads_total{{result=\"{r}\"}} {n}");
         }

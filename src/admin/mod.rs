@@ -2,6 +2,9 @@
 //! (SPEC §10). Admin keys are stored as SHA-256 hashes with a role (viewer < approver < admin);
 //! every approval decision made here is an audit entry, exactly as from any other client.
 
+// Handlers return early with the response to send; boxing it would only add an allocation.
+#![allow(clippy::result_large_err)]
+
 mod metrics;
 mod page;
 
@@ -40,7 +43,12 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response<ProxyBody> {
 }
 
 /// The caller's key id and role (bearer key, or an operator-page session), or the refusal.
-fn authorize(gw: &Gateway, st: &AdminState, req: &Request<Incoming>, need: AdminRole) -> Result<(String, AdminRole), Response<ProxyBody>> {
+fn authorize(
+    gw: &Gateway,
+    st: &AdminState,
+    req: &Request<Incoming>,
+    need: AdminRole,
+) -> Result<(String, AdminRole), Response<ProxyBody>> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -71,7 +79,11 @@ fn authorize(gw: &Gateway, st: &AdminState, req: &Request<Incoming>, need: Admin
 }
 
 /// Looks an admin key up by its SHA-256.
-fn check_key(gw: &Gateway, presented: Option<&str>, need: AdminRole) -> Result<(String, AdminRole), Response<ProxyBody>> {
+fn check_key(
+    gw: &Gateway,
+    presented: Option<&str>,
+    need: AdminRole,
+) -> Result<(String, AdminRole), Response<ProxyBody>> {
     let Some(key) = presented else {
         let mut r = error(StatusCode::UNAUTHORIZED, "an admin key is required (Authorization: Bearer <key>)");
         r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-admin\""));
@@ -88,12 +100,14 @@ fn check_key(gw: &Gateway, presented: Option<&str>, need: AdminRole) -> Result<(
     }
     match found {
         None => Err(error(StatusCode::UNAUTHORIZED, "unknown admin key")),
-        Some((_, role)) if role < need => Err(error(StatusCode::FORBIDDEN, format!("this needs the {need:?} role").to_lowercase())),
+        Some((_, role)) if role < need => {
+            Err(error(StatusCode::FORBIDDEN, format!("this needs the {need:?} role").to_lowercase()))
+        }
         Some(ok) => Ok(ok),
     }
 }
 
-fn query_param<'a>(req: &'a Request<Incoming>, name: &str) -> Option<String> {
+fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
     url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
@@ -132,7 +146,12 @@ pub async fn handle(gw: Arc<Gateway>, st: Arc<AdminState>, req: Request<Incoming
     r.unwrap_or_else(|e| e)
 }
 
-async fn api(gw: &Arc<Gateway>, st: &AdminState, req: Request<Incoming>, rest: &[&str]) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+async fn api(
+    gw: &Arc<Gateway>,
+    st: &AdminState,
+    req: Request<Incoming>,
+    rest: &[&str],
+) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
     let method = req.method().clone();
     match (&method, rest) {
         (&Method::POST, ["session"]) => {
@@ -202,11 +221,16 @@ async fn api(gw: &Arc<Gateway>, st: &AdminState, req: Request<Incoming>, rest: &
                 Some(t) => Some(crate::config::parse_duration(t).map_err(|e| error(StatusCode::BAD_REQUEST, e))?),
                 None => None,
             };
-            let out = crate::proxy::decide_approval(gw, &id, approve, &key_id, body.note, ttl).await.map_err(|e| match e {
-                ApprovalError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-                ApprovalError::NotPending { .. } => error(StatusCode::CONFLICT, e.to_string()),
-                ApprovalError::Store(_) => error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable"),
-            })?;
+            let out =
+                crate::proxy::decide_approval(gw, &id, approve, &key_id, body.note, ttl).await.map_err(
+                    |e| match e {
+                        ApprovalError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+                        ApprovalError::NotPending { .. } => error(StatusCode::CONFLICT, e.to_string()),
+                        ApprovalError::Store(_) => {
+                            error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
+                        }
+                    },
+                )?;
             let mut v = approval_view(out.approval);
             if let Some(t) = out.override_token {
                 v["override_token"] = json!(t);
@@ -286,7 +310,13 @@ impl RecordFilter {
     }
 
     /// Up to `limit` matching entries, looking at no more than 20,000 entries.
-    fn scan(&self, db: &redb::Database, from: Option<u64>, before: u64, limit: usize) -> Result<Vec<Value>, crate::audit::AuditError> {
+    fn scan(
+        &self,
+        db: &redb::Database,
+        from: Option<u64>,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<Value>, crate::audit::AuditError> {
         const CHUNK: u64 = 500;
         let mut out = Vec::new();
         let mut looked = 0u64;
@@ -296,7 +326,12 @@ impl RecordFilter {
                     let rows = crate::audit::read_entries(db, at, CHUNK as usize)?;
                     let Some(last) = rows.last().map(|r| r.0) else { break };
                     looked += rows.len() as u64;
-                    out.extend(rows.iter().filter_map(|(_, b)| serde_json::from_slice(b).ok()).filter(|v| self.matches(v)).take(limit - out.len()));
+                    out.extend(
+                        rows.iter()
+                            .filter_map(|(_, b)| serde_json::from_slice(b).ok())
+                            .filter(|v| self.matches(v))
+                            .take(limit - out.len()),
+                    );
                     at = last + 1;
                 }
             }
@@ -359,9 +394,10 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
 async fn gauges(gw: &Arc<Gateway>) -> Gauges {
     let stats = gw.audit.stats();
     let store = gw.approvals.clone();
-    let pending = tokio::task::spawn_blocking(move || store.list(Some(Status::Pending), now_unix()).map_or(0, |l| l.len()))
-        .await
-        .unwrap_or(0);
+    let pending =
+        tokio::task::spawn_blocking(move || store.list(Some(Status::Pending), now_unix()).map_or(0, |l| l.len()))
+            .await
+            .unwrap_or(0);
     Gauges {
         audit_entries: stats.entries_total,
         audit_queue_depth: gw.audit.queue_depth() as u64,

@@ -55,7 +55,8 @@ pub fn parse_checkpoint(note: &str, keys: &[(String, VerifyingKey)]) -> Result<C
     let root: Hash = root_b.try_into().map_err(|_| bad("root hash is not 32 bytes"))?;
     let mut verified = false;
     for line in sigs.lines().filter(|l| !l.is_empty()) {
-        let rest = line.strip_prefix("\u{2014} ").ok_or_else(|| bad("signature line does not start with an em dash"))?;
+        let rest =
+            line.strip_prefix("\u{2014} ").ok_or_else(|| bad("signature line does not start with an em dash"))?;
         let (name, blob) = rest.rsplit_once(' ').ok_or_else(|| bad("malformed signature line"))?;
         let blob = B64.decode(blob).map_err(|_| bad("signature is not base64"))?;
         if blob.len() != 68 {

@@ -147,9 +147,15 @@ fn recover(db: &redb::Database, cfg: &AuditConfig, key: &SigningKey) -> Result<(
             .map_err(|_| AuditError::Integrity(format!("entry {idx} is not valid JSON")))?;
         let want_prev = if idx == 0 { GENESIS_PREV.to_string() } else { hex::encode(prev) };
         if parsed["prev"].as_str() != Some(want_prev.as_str()) {
-            return Err(AuditError::Integrity(format!("entry {idx} does not chain to entry {}", idx.saturating_sub(1))));
+            return Err(AuditError::Integrity(format!(
+                "entry {idx} does not chain to entry {}",
+                idx.saturating_sub(1)
+            )));
         }
-        if let Some(ts) = parsed["ts"].as_str().and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()) {
+        if let Some(ts) = parsed["ts"]
+            .as_str()
+            .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+        {
             last_ts = ts;
         }
         prev = leaf_hash(bytes);
@@ -192,7 +198,8 @@ impl AuditLog {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
         }
-        let db = redb::Database::create(&cfg.path).map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
+        let db = redb::Database::create(&cfg.path)
+            .map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
         {
             let tx = db.begin_write().map_err(storage)?;
             tx.open_table(ENTRIES).map_err(storage)?;
@@ -321,9 +328,8 @@ impl Writer {
     fn timestamp(&mut self) -> String {
         let now = time::OffsetDateTime::now_utc().max(self.state.last_ts);
         self.state.last_ts = now;
-        let fmt = time::macros::format_description!(
-            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
-        );
+        let fmt =
+            time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
         now.format(&fmt).unwrap_or_default()
     }
 
@@ -361,7 +367,8 @@ impl Writer {
         if rows.is_empty() {
             return;
         }
-        let cp = Checkpoint { origin: self.cfg.origin.clone(), size: self.state.size, root: self.state.frontier.root() };
+        let cp =
+            Checkpoint { origin: self.cfg.origin.clone(), size: self.state.size, root: self.state.frontier.root() };
         let note = cp.sign(&self.cfg.key_name, &self.key);
         let result = (|| -> Result<(), AuditError> {
             let mut tx = self.db.begin_write().map_err(storage)?;

@@ -59,7 +59,8 @@ pub fn first_index_at_or_after(db: &redb::Database, ts: &str) -> Result<Option<u
     let len = t.len().map_err(storage)?;
     let ts_of = |i: u64| -> Result<time::OffsetDateTime, AuditError> {
         let v = t.get(i).map_err(storage)?.ok_or_else(|| AuditError::Integrity(format!("entry {i} is missing")))?;
-        let parsed: Value = serde_json::from_slice(v.value()).map_err(|_| AuditError::Integrity(format!("entry {i} is not JSON")))?;
+        let parsed: Value =
+            serde_json::from_slice(v.value()).map_err(|_| AuditError::Integrity(format!("entry {i} is not JSON")))?;
         parsed["ts"]
             .as_str()
             .and_then(|s| time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok())
@@ -97,8 +98,8 @@ fn check_entry(expected: u64, bytes: &[u8], prev: &Hash) -> Result<Hash, VerifyF
 
 /// Verifies a log file: every entry, chain link, checkpoint root and signature.
 pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyFailure> {
-    let db = redb::ReadOnlyDatabase::open(path)
-        .map_err(|e| fail(None, format!("cannot open {}: {e}", path.display())))?;
+    let db =
+        redb::ReadOnlyDatabase::open(path).map_err(|e| fail(None, format!("cannot open {}: {e}", path.display())))?;
     let tx = db.begin_read().map_err(|e| fail(None, e.to_string()))?;
     let entries = tx.open_table(ENTRIES).map_err(|e| fail(None, format!("no audit entries table: {e}")))?;
     let cps = tx.open_table(CHECKPOINTS).map_err(|e| fail(None, format!("no checkpoints table: {e}")))?;
@@ -110,18 +111,22 @@ pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, Ver
     let mut last_cp_size = 0u64;
     // The smallest index whose stored leaf differs from its bytes: where a root mismatch starts.
     let mut first_changed: Option<u64> = None;
-    let check_cp = |size: u64, note: &str, frontier: &Frontier, first_changed: Option<u64>| -> Result<(), VerifyFailure> {
-        let cp = parse_checkpoint(note, &named_keys(note, keys))
-            .map_err(|e| fail(None, format!("checkpoint at size {size}: {e}")))?;
-        if cp.size != size {
-            return Err(fail(None, format!("checkpoint stored at size {size} claims size {}", cp.size)));
-        }
-        if cp.root != frontier.root() {
-            let at = first_changed.unwrap_or(size.saturating_sub(1));
-            return Err(fail(Some(at), format!("the entries do not hash to the signed root of the checkpoint at size {size}")));
-        }
-        Ok(())
-    };
+    let check_cp =
+        |size: u64, note: &str, frontier: &Frontier, first_changed: Option<u64>| -> Result<(), VerifyFailure> {
+            let cp = parse_checkpoint(note, &named_keys(note, keys))
+                .map_err(|e| fail(None, format!("checkpoint at size {size}: {e}")))?;
+            if cp.size != size {
+                return Err(fail(None, format!("checkpoint stored at size {size} claims size {}", cp.size)));
+            }
+            if cp.root != frontier.root() {
+                let at = first_changed.unwrap_or(size.saturating_sub(1));
+                return Err(fail(
+                    Some(at),
+                    format!("the entries do not hash to the signed root of the checkpoint at size {size}"),
+                ));
+            }
+            Ok(())
+        };
     for (expected, item) in entries.iter().map_err(|e| fail(None, e.to_string()))?.enumerate() {
         let expected = expected as u64;
         let (k, v) = item.map_err(|e| fail(Some(expected), e.to_string()))?;
@@ -135,7 +140,10 @@ pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, Ver
                 // A broken link at `expected` after an unchanged-looking entry: if the previous
                 // entry's bytes no longer match its recorded leaf, the change is there.
                 if expected > 0 && f.reason.contains("prev") && first_changed == Some(expected - 1) {
-                    return Err(fail(Some(expected - 1), "the entry was changed (its hash no longer matches the chain)"));
+                    return Err(fail(
+                        Some(expected - 1),
+                        "the entry was changed (its hash no longer matches the chain)",
+                    ));
                 }
                 return Err(f);
             }
@@ -167,7 +175,10 @@ pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, Ver
         let size = size.value();
         return Err(fail(
             Some(frontier.size()),
-            format!("the log holds {} entries but a checkpoint covers {size}: entries were removed (truncated)", frontier.size()),
+            format!(
+                "the log holds {} entries but a checkpoint covers {size}: entries were removed (truncated)",
+                frontier.size()
+            ),
         ));
     }
     if frontier.size() > last_cp_size {
@@ -200,9 +211,16 @@ fn sha_hex(b: &[u8]) -> String {
 /// `entries.jsonl`, `prefix.json` (the tree state before `from`), `gateway.pub.pem`, and a
 /// `manifest.json` with every file's SHA-256, signed in `manifest.json.sig`. The range is
 /// extended to the next checkpoint so that the bundle proves itself against a signed root.
-pub fn export_bundle(db_path: &Path, out: &Path, from: Option<u64>, to: Option<u64>, key: &SigningKey) -> Result<ExportReport, AuditError> {
+pub fn export_bundle(
+    db_path: &Path,
+    out: &Path,
+    from: Option<u64>,
+    to: Option<u64>,
+    key: &SigningKey,
+) -> Result<ExportReport, AuditError> {
     use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
-    let db = redb::ReadOnlyDatabase::open(db_path).map_err(|e| AuditError::Io(format!("{}: {e}", db_path.display())))?;
+    let db =
+        redb::ReadOnlyDatabase::open(db_path).map_err(|e| AuditError::Io(format!("{}: {e}", db_path.display())))?;
     let tx = db.begin_read().map_err(storage)?;
     let entries = tx.open_table(ENTRIES).map_err(storage)?;
     let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
@@ -232,7 +250,8 @@ pub fn export_bundle(db_path: &Path, out: &Path, from: Option<u64>, to: Option<u
     }))
     .map_err(|e| AuditError::Io(e.to_string()))?;
     let entries_path = out.join("entries.jsonl");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&entries_path).map_err(|e| AuditError::Io(e.to_string()))?);
+    let mut f =
+        std::io::BufWriter::new(std::fs::File::create(&entries_path).map_err(|e| AuditError::Io(e.to_string()))?);
     let mut hasher = Sha256::new();
     let mut n = 0u64;
     for item in entries.range(from..cp_size).map_err(storage)? {
@@ -283,14 +302,16 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, 
     }
     let m: Value = serde_json::from_slice(&manifest).map_err(|_| fail(None, "manifest.json is not JSON"))?;
     for name in ["checkpoint", "entries.jsonl", "prefix.json", "gateway.pub.pem"] {
-        let want = m["files"][name].as_str().ok_or_else(|| fail(None, format!("manifest.json does not list {name}")))?;
+        let want =
+            m["files"][name].as_str().ok_or_else(|| fail(None, format!("manifest.json does not list {name}")))?;
         if sha_hex(&read(name)?) != want {
             return Err(fail(None, format!("{name} does not match its SHA-256 in manifest.json")));
         }
     }
     let note = String::from_utf8(read("checkpoint")?).map_err(|_| fail(None, "checkpoint is not text"))?;
     let cp = parse_checkpoint(&note, &named_keys(&note, keys)).map_err(|e| fail(None, format!("checkpoint: {e}")))?;
-    let prefix: Value = serde_json::from_slice(&read("prefix.json")?).map_err(|_| fail(None, "prefix.json is not JSON"))?;
+    let prefix: Value =
+        serde_json::from_slice(&read("prefix.json")?).map_err(|_| fail(None, "prefix.json is not JSON"))?;
     let mut frontier = prefix["frontier"]
         .as_str()
         .and_then(|h| hex::decode(h).ok())
@@ -311,7 +332,10 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, 
         n += 1;
     }
     if frontier.size() != cp.size {
-        return Err(fail(Some(frontier.size().min(cp.size)), format!("the bundle ends at {} but its checkpoint covers {}", frontier.size(), cp.size)));
+        return Err(fail(
+            Some(frontier.size().min(cp.size)),
+            format!("the bundle ends at {} but its checkpoint covers {}", frontier.size(), cp.size),
+        ));
     }
     if frontier.root() != cp.root {
         return Err(fail(None, "the bundle's entries do not hash to its signed checkpoint"));

@@ -78,7 +78,8 @@ pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
 
 /// A non-negative decimal string such as "100.00".
 fn parse_money(s: &str) -> Result<Decimal, String> {
-    let d = Decimal::from_str_exact(s.trim()).map_err(|_| format!("invalid amount {s:?} (expected a decimal string like \"100.00\")"))?;
+    let d = Decimal::from_str_exact(s.trim())
+        .map_err(|_| format!("invalid amount {s:?} (expected a decimal string like \"100.00\")"))?;
     if d.is_sign_negative() {
         return Err(format!("amount {s:?} is negative"));
     }
@@ -137,10 +138,7 @@ fn addr(cx: &mut Cx, key: &str, raw: Option<String>, default: &str) -> SocketAdd
 pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
     let data_dir = PathBuf::from(raw.data_dir.unwrap_or_else(|| "./data".into()));
     let under_data = |o: Option<String>, name: &str| o.map(PathBuf::from).unwrap_or_else(|| data_dir.join(name));
-    let transparent = match raw.listeners.transparent {
-        None => None,
-        Some(s) => Some(addr(cx, "listeners.transparent", Some(s), "0.0.0.0:15001")),
-    };
+    let transparent = raw.listeners.transparent.map(|s| addr(cx, "listeners.transparent", Some(s), "0.0.0.0:15001"));
     let durability = match raw.audit.durability.as_deref() {
         None | Some("sync") => AuditDurability::Sync,
         Some("async") => AuditDurability::Async,
@@ -274,7 +272,8 @@ fn resolve_secret(template: &str, base: &Path) -> Result<String, String> {
         let spec = &after[..end];
         let value = if let Some(f) = spec.strip_prefix("file:") {
             let path = resolve_path(base, f);
-            let v = std::fs::read_to_string(&path).map_err(|e| format!("credential file {} cannot be read: {e}", path.display()))?;
+            let v = std::fs::read_to_string(&path)
+                .map_err(|e| format!("credential file {} cannot be read: {e}", path.display()))?;
             v.trim_end_matches(['\n', '\r']).to_string()
         } else if let Some(name) = spec.strip_prefix("env:") {
             std::env::var(name).map_err(|_| format!("credential environment variable {name} is not set"))?
@@ -290,7 +289,10 @@ fn resolve_secret(template: &str, base: &Path) -> Result<String, String> {
 
 fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Strictness) -> Connector {
     if !is_agent_id(&raw.name) {
-        cx.err(&format!("{key}.name"), format!("{:?} is not a valid connector name (^[a-z0-9][a-z0-9-]{{2,62}}$)", raw.name));
+        cx.err(
+            &format!("{key}.name"),
+            format!("{:?} is not a valid connector name (^[a-z0-9][a-z0-9-]{{2,62}}$)", raw.name),
+        );
     }
     let base_url = raw.base_url.as_ref().and_then(|u| {
         let k = format!("{key}.base_url");
@@ -309,7 +311,11 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
                 return None;
             }
         };
-        if parsed.query().is_some() || parsed.fragment().is_some() || !parsed.username().is_empty() || parsed.password().is_some() {
+        if parsed.query().is_some()
+            || parsed.fragment().is_some()
+            || !parsed.username().is_empty()
+            || parsed.password().is_some()
+        {
             cx.err(&k, "must not carry a query, fragment or user info");
             return None;
         }
@@ -442,7 +448,8 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
     for i in 0..routes.len() {
         for j in 0..i {
             let (a, b) = (&routes[j], &routes[i]);
-            let methods_cover = a.methods.is_empty() || b.methods.iter().all(|m| a.methods.contains(m)) && !b.methods.is_empty();
+            let methods_cover =
+                a.methods.is_empty() || b.methods.iter().all(|m| a.methods.contains(m)) && !b.methods.is_empty();
             if methods_cover && a.path.raw == b.path.raw {
                 cx.warn(
                     &format!("{key}.routes[{i}]"),
@@ -487,7 +494,10 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
                 match std::fs::read_to_string(&path) {
                     Ok(p) => p,
                     Err(e) => {
-                        cx.err(&format!("{k}.public_key_file"), format!("issuer key file {} cannot be read: {e}", path.display()));
+                        cx.err(
+                            &format!("{k}.public_key_file"),
+                            format!("issuer key file {} cannot be read: {e}", path.display()),
+                        );
                         continue;
                     }
                 }
@@ -532,7 +542,10 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
     let check_refs = |cx: &mut Cx, key: &str, names: &[String]| {
         for (i, n) in names.iter().enumerate() {
             if !n.ends_with('*') && !defined.contains(n.as_str()) {
-                cx.err(&format!("{key}[{i}]"), format!("connector {n:?} is referenced but not defined in `connectors`"));
+                cx.err(
+                    &format!("{key}[{i}]"),
+                    format!("connector {n:?} is referenced but not defined in `connectors`"),
+                );
             }
         }
     };
@@ -591,7 +604,13 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
                 if burst == 0 {
                     cx.err(&format!("{k}.burst"), "must be at least 1");
                 }
-                rate_limits.push(RateLimit { scope: scope(cx, &format!("{k}.scope"), r.scope), count, per, burst, raw: r.rate });
+                rate_limits.push(RateLimit {
+                    scope: scope(cx, &format!("{k}.scope"), r.scope),
+                    count,
+                    per,
+                    burst,
+                    raw: r.rate,
+                });
             }
             Err(e) => cx.err(&format!("{k}.rate"), e),
         }
@@ -630,7 +649,12 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
             .collect(),
     };
     Manifest {
-        agent: AgentInfo { id: raw.agent.id, name: raw.agent.name, owner: raw.agent.owner, description: raw.agent.description },
+        agent: AgentInfo {
+            id: raw.agent.id,
+            name: raw.agent.name,
+            owner: raw.agent.owner,
+            description: raw.agent.description,
+        },
         mode,
         capability,
         connectors,

@@ -1,7 +1,9 @@
 //! Ed25519 key files: PKCS#8 PEM private keys (created 0600) and SPKI PEM public keys.
 
 use super::IdentityError;
-use ed25519_dalek::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding};
+use ed25519_dalek::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, spki::der::pem::LineEnding,
+};
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -37,7 +39,8 @@ pub fn generate_key_files(out: &Path, force: bool) -> Result<PathBuf, IdentityEr
         .map_err(|e| file_err(out, format!("cannot create the key file: {e}")))?;
     f.write_all(pem.as_bytes()).map_err(|e| file_err(out, e.to_string()))?;
     let pub_path = public_path(out);
-    std::fs::write(&pub_path, verifying_key_pem(&key.verifying_key())).map_err(|e| file_err(&pub_path, e.to_string()))?;
+    std::fs::write(&pub_path, verifying_key_pem(&key.verifying_key()))
+        .map_err(|e| file_err(&pub_path, e.to_string()))?;
     Ok(pub_path)
 }
 

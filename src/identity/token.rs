@@ -52,10 +52,10 @@ fn de_money<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, Decimal>
     let raw = BTreeMap::<String, String>::deserialize(d)?;
     raw.into_iter()
         .map(|(cur, amount)| {
-            let value = Decimal::from_str_exact(amount.trim())
-                .ok()
-                .filter(|v| !v.is_sign_negative())
-                .ok_or_else(|| serde::de::Error::custom(format!("amount_max.{cur} is not a non-negative decimal string")))?;
+            let value =
+                Decimal::from_str_exact(amount.trim()).ok().filter(|v| !v.is_sign_negative()).ok_or_else(|| {
+                    serde::de::Error::custom(format!("amount_max.{cur} is not a non-negative decimal string"))
+                })?;
             Ok((cur.to_ascii_uppercase(), value))
         })
         .collect()

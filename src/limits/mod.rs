@@ -217,10 +217,13 @@ pub struct RateLimited {
     pub limit: String,
 }
 
+/// (agent, index of the rate limit in its manifest, rate, burst): a changed limit gets a new bucket.
+type LimiterKey = (String, usize, String, u32);
+
 /// Keyed token-bucket limiters, one per (agent, rate limit of its manifest).
 #[derive(Default)]
 pub struct RateLimiters {
-    limiters: Mutex<HashMap<(String, usize, String, u32), Arc<DefaultKeyedRateLimiter<String>>>>,
+    limiters: Mutex<HashMap<LimiterKey, Arc<DefaultKeyedRateLimiter<String>>>>,
 }
 
 impl RateLimiters {

@@ -5,7 +5,7 @@
 
 mod params;
 
-pub use params::{extract_params, Params};
+pub use params::{Params, extract_params};
 
 use crate::config::{Connector, Manifest, Route};
 use crate::identity::CapabilityClaims;
@@ -77,9 +77,16 @@ pub struct Action<'a> {
 }
 
 /// Step 2 (after the host match and SSRF guard): may the agent use this connector at all?
-pub fn check_connector(manifest: &Manifest, claims: Option<&CapabilityClaims>, connector: &Connector) -> Result<(), Decision> {
+pub fn check_connector(
+    manifest: &Manifest,
+    claims: Option<&CapabilityClaims>,
+    connector: &Connector,
+) -> Result<(), Decision> {
     if !manifest.policy.connectors.allows(&connector.name) {
-        return Err(Decision::deny("tool_not_allowed", format!("connector {} is not allowed for this agent", connector.name)));
+        return Err(Decision::deny(
+            "tool_not_allowed",
+            format!("connector {} is not allowed for this agent", connector.name),
+        ));
     }
     if let Some(list) = claims.and_then(|c| c.connectors.as_ref())
         && !list.iter().any(|c| c == &connector.name)
@@ -92,7 +99,10 @@ pub fn check_connector(manifest: &Manifest, claims: Option<&CapabilityClaims>, c
     if let Err(why) = &connector.credentials {
         // The reason names the missing source, never a secret; the connector must not be
         // reached unauthenticated.
-        return Err(Decision::deny("connector_unavailable", format!("connector {} is unavailable: {why}", connector.name)));
+        return Err(Decision::deny(
+            "connector_unavailable",
+            format!("connector {} is unavailable: {why}", connector.name),
+        ));
     }
     Ok(())
 }
@@ -112,7 +122,10 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
     if let Some(list) = claims.and_then(|c| c.action_types.as_ref())
         && !list.iter().any(|a| a == act)
     {
-        return Decision::deny("token_action_type_not_allowed", format!("the capability token does not grant action {act}"));
+        return Decision::deny(
+            "token_action_type_not_allowed",
+            format!("the capability token does not grant action {act}"),
+        );
     }
     // 4. params: a declared amount must be readable (the extractor already failed closed).
     let params = action.params;
@@ -136,7 +149,10 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         && let Some(limit) = p.approval.amount_above.get(cur)
         && money_above(*amt, *limit)
     {
-        escalate.push(Reason::new("amount_requires_approval", format!("amount {amt} {cur} is above the approval threshold {limit} {cur}")));
+        escalate.push(Reason::new(
+            "amount_requires_approval",
+            format!("amount {amt} {cur} is above the approval threshold {limit} {cur}"),
+        ));
     }
 
     // 6. caps
@@ -145,10 +161,16 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
             match cur.as_ref().and_then(|c| p.amount_caps.get(c).map(|l| (c, l))) {
                 None => {
                     let shown = cur.as_deref().unwrap_or("(none)");
-                    return Decision::deny("currency_not_allowed", format!("currency {shown} has no cap for this agent"));
+                    return Decision::deny(
+                        "currency_not_allowed",
+                        format!("currency {shown} has no cap for this agent"),
+                    );
                 }
                 Some((c, limit)) if money_above(*amt, *limit) => {
-                    return Decision::deny("amount_exceeds_cap", format!("amount {amt} {c} exceeds the cap {limit} {c}"));
+                    return Decision::deny(
+                        "amount_exceeds_cap",
+                        format!("amount {amt} {c} exceeds the cap {limit} {c}"),
+                    );
                 }
                 Some(_) => {}
             }
@@ -166,7 +188,10 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
                 Some(_) => {}
                 None => {
                     let shown = cur.as_deref().unwrap_or("(none)");
-                    return Decision::deny("token_amount_exceeds_cap", format!("the capability token allows no amount in {shown}"));
+                    return Decision::deny(
+                        "token_amount_exceeds_cap",
+                        format!("the capability token allows no amount in {shown}"),
+                    );
                 }
             }
         }
@@ -206,12 +231,17 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
                 return Decision::deny("counterparty_denied", format!("counterparty {c} is on the deny list"));
             }
             Some(c) if !lists.allows(c) => {
-                return Decision::deny("counterparty_not_in_allowlist", format!("counterparty {c} is not on the allow list"));
+                return Decision::deny(
+                    "counterparty_not_in_allowlist",
+                    format!("counterparty {c} is not on the allow list"),
+                );
             }
             _ => {}
         }
         if let Some(tc) = token_constraints.and_then(|c| c.counterparties.as_ref()) {
-            let ok = cp.is_some_and(|c| !tc.deny.iter().any(|d| d == c) && (tc.allow.is_empty() || tc.allow.iter().any(|a| a == c)));
+            let ok = cp.is_some_and(|c| {
+                !tc.deny.iter().any(|d| d == c) && (tc.allow.is_empty() || tc.allow.iter().any(|a| a == c))
+            });
             if !ok {
                 return Decision::deny(
                     "token_counterparty_not_allowed",

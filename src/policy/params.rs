@@ -115,7 +115,9 @@ pub fn extract_params(
             ParamSource::Json(ptr) => {
                 let doc = json.get_or_insert_with(|| match body {
                     None => Err("the request has no body".to_string()),
-                    Some(b) => serde_json::from_slice(b).map_err(|e| format!("the request body is not valid JSON ({e})")),
+                    Some(b) => {
+                        serde_json::from_slice(b).map_err(|e| format!("the request body is not valid JSON ({e})"))
+                    }
                 });
                 match doc {
                     Ok(doc) => Ok(doc.pointer(ptr).cloned().map(RawValue::Json)),

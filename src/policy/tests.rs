@@ -57,7 +57,14 @@ fn manifest() -> Manifest {
 }
 
 /// Classifies and evaluates a request the way the proxy does.
-fn decide(m: &Manifest, conn: &str, method: Method, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Decision {
+fn decide(
+    m: &Manifest,
+    conn: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Decision {
     let c = m.connector(conn).unwrap();
     if let Err(d) = check_connector(m, None, c) {
         return d;
@@ -107,15 +114,23 @@ fn amounts_fail_closed() {
     assert_eq!(refund(&m, r#"{"currency": "USD", "customer": "cus_a"}"#, "US").code(), "amount_invalid");
     assert_eq!(refund(&m, "not json", "US").code(), "amount_invalid");
     // 1e400 is not even valid JSON for the parser: still amount_invalid, never skipped.
-    assert_eq!(refund(&m, r#"{"amount": 1e400, "currency": "USD", "customer": "cus_a"}"#, "US").code(), "amount_invalid");
+    assert_eq!(
+        refund(&m, r#"{"amount": 1e400, "currency": "USD", "customer": "cus_a"}"#, "US").code(),
+        "amount_invalid"
+    );
     // A string of digits in minor units is fine.
-    assert_eq!(refund(&m, r#"{"amount": "1000", "currency": "USD", "customer": "cus_a"}"#, "US").verdict, Verdict::Allow);
+    assert_eq!(
+        refund(&m, r#"{"amount": "1000", "currency": "USD", "customer": "cus_a"}"#, "US").verdict,
+        Verdict::Allow
+    );
 }
 
 #[test]
 fn caps_thresholds_and_currency() {
     let m = manifest();
-    let r = |amount: u64, cur: &str| refund(&m, &format!(r#"{{"amount": {amount}, "currency": "{cur}", "customer": "cus_a"}}"#), "US");
+    let r = |amount: u64, cur: &str| {
+        refund(&m, &format!(r#"{{"amount": {amount}, "currency": "{cur}", "customer": "cus_a"}}"#), "US")
+    };
     assert_eq!(r(5000, "USD").verdict, Verdict::Allow); // 50.00 is not above 50.00
     let d = r(5001, "USD");
     assert_eq!((d.verdict, d.code()), (Verdict::Escalate, "amount_requires_approval"));
@@ -147,7 +162,10 @@ fn jurisdictions_and_counterparties() {
     let m = manifest();
     let body = |c: &str| format!(r#"{{"amount": 100, "currency": "USD", "customer": "{c}"}}"#);
     assert_eq!(refund(&m, &body("cus_a"), "FR").code(), "jurisdiction_not_allowed");
-    assert_eq!(decide(&m, "pay", Method::POST, "/refunds", &[], Some(&body("cus_a"))).code(), "jurisdiction_not_allowed");
+    assert_eq!(
+        decide(&m, "pay", Method::POST, "/refunds", &[], Some(&body("cus_a"))).code(),
+        "jurisdiction_not_allowed"
+    );
     assert_eq!(refund(&m, &body("cus_b"), "US").code(), "counterparty_denied");
     assert_eq!(refund(&m, &body("cus_zzz"), "US").code(), "counterparty_not_in_allowlist");
     assert_eq!(refund(&m, r#"{"amount": 100, "currency": "USD"}"#, "US").code(), "counterparty_not_in_allowlist");

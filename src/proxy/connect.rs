@@ -57,7 +57,10 @@ pub(super) async fn authorize_tunnel(
     // Host and port must belong to a connector: checked on names only, before any DNS lookup.
     let Some(connector) = manifest.connectors.iter().find(|c| c.matches_host(&host) && c.matches_port(port)).cloned()
     else {
-        let d = Decision::deny("host_not_allowed", format!("{}:{port} belongs to no connector of this agent", super::sanitize(&host)));
+        let d = Decision::deny(
+            "host_not_allowed",
+            format!("{}:{port} belongs to no connector of this agent", super::sanitize(&host)),
+        );
         return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
     };
     facts.connector = Some(connector.name.clone());
@@ -76,7 +79,9 @@ pub(super) async fn authorize_tunnel(
         let refusal = match gw.vetter.vet(&host, port).await {
             ssrf::Vetted::Ok => None,
             ssrf::Vetted::Blocked(why) => Some((StatusCode::FORBIDDEN, Decision::deny("ssrf_blocked", why))),
-            ssrf::Vetted::Unresolvable(why) => Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why))),
+            ssrf::Vetted::Unresolvable(why) => {
+                Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why)))
+            }
         };
         if let Some((status, d)) = refusal {
             return Err(gw.refuse_recorded(status, facts, d).await);
@@ -149,8 +154,12 @@ where
             return;
         }
     };
-    gw.metrics.leaf_cache_hits.store(leaves.hits.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
-    gw.metrics.leaf_cache_misses.store(leaves.misses.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+    gw.metrics
+        .leaf_cache_hits
+        .store(leaves.hits.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
+    gw.metrics
+        .leaf_cache_misses
+        .store(leaves.misses.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let tls = match tokio::time::timeout(gw.config.limits.header_read_timeout, acceptor.accept(io)).await {
         Ok(Ok(s)) => s,
@@ -170,8 +179,14 @@ where
 }
 
 /// Splices a passthrough tunnel to the vetted upstream address and records its byte counts.
-pub(crate) async fn passthrough<IO>(gw: Arc<Gateway>, mut io: IO, tunnel: &Tunnel, connector: &Connector, facts: &Facts, record: u64)
-where
+pub(crate) async fn passthrough<IO>(
+    gw: Arc<Gateway>,
+    mut io: IO,
+    tunnel: &Tunnel,
+    connector: &Connector,
+    facts: &Facts,
+    record: u64,
+) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let started = Instant::now();

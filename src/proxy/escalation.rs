@@ -48,7 +48,12 @@ impl Waiters {
     }
 }
 
-pub(crate) fn approval_entry(id: &str, event: &str, agent: Option<&str>, extra: &[(&str, Value)]) -> Map<String, Value> {
+pub(crate) fn approval_entry(
+    id: &str,
+    event: &str,
+    agent: Option<&str>,
+    extra: &[(&str, Value)],
+) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("kind".into(), json!("approval"));
     m.insert("approval_id".into(), json!(id));
@@ -73,11 +78,17 @@ pub(super) async fn hold(gw: &Gateway, facts: &Facts, id: &str, timeout: Duratio
     if r == Resolution::TimedOut {
         let store = gw.approvals.clone();
         let id2 = id.to_string();
-        let expired =
-            tokio::task::spawn_blocking(move || store.transition(&id2, Status::Pending, Status::Expired, i64::MAX, |_| {}))
-                .await;
+        let expired = tokio::task::spawn_blocking(move || {
+            store.transition(&id2, Status::Pending, Status::Expired, i64::MAX, |_| {})
+        })
+        .await;
         if matches!(expired, Ok(Ok(_))) {
-            let _ = gw.audit.append_nowait(approval_entry(id, "expired", facts.agent.as_deref(), &[("why", json!("hold_timeout"))]));
+            let _ = gw.audit.append_nowait(approval_entry(
+                id,
+                "expired",
+                facts.agent.as_deref(),
+                &[("why", json!("hold_timeout"))],
+            ));
         } else if let Ok(Ok(Some(a))) = {
             let store = gw.approvals.clone();
             let id2 = id.to_string();
@@ -158,6 +169,7 @@ pub async fn expire_due(gw: &Gateway) {
     let store = gw.approvals.clone();
     let Ok(Ok(expired)) = tokio::task::spawn_blocking(move || store.expire_overdue(now_unix())).await else { return };
     for a in expired {
-        let _ = gw.audit.append_nowait(approval_entry(&a.id, "expired", Some(&a.agent), &[("why", json!("approval_ttl"))]));
+        let _ =
+            gw.audit.append_nowait(approval_entry(&a.id, "expired", Some(&a.agent), &[("why", json!("approval_ttl"))]));
     }
 }

@@ -56,7 +56,8 @@ pub fn strip_response(h: &mut HeaderMap) {
 /// The request headers as recorded: redacted ones (and every credential-bearing header) as
 /// `sha256:<hex>`, the rest verbatim, bounded in size.
 pub fn recorded_headers(h: &HeaderMap, redact: &[String]) -> Map<String, Value> {
-    const ALWAYS: [&str; 5] = ["authorization", "proxy-authorization", "cookie", "x-uapk-capability", "x-uapk-override"];
+    const ALWAYS: [&str; 5] =
+        ["authorization", "proxy-authorization", "cookie", "x-uapk-capability", "x-uapk-override"];
     let mut out = Map::new();
     let mut budget = 4096usize;
     for (name, value) in h {

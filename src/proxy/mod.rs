@@ -16,9 +16,7 @@ pub mod upstream;
 
 use crate::approvals::{self, ApprovalStore, Status};
 use crate::audit::{AuditError, AuditHandle};
-use crate::config::{
-    Connector, EscalationMode, GatewayConfig, Manifest, PolicyMode, PolicySet, Scheme,
-};
+use crate::config::{Connector, EscalationMode, GatewayConfig, Manifest, PolicyMode, PolicySet, Scheme};
 use crate::identity::{CapabilityClaims, TokenVerifier};
 use crate::limits::{BudgetCheck, Budgets, RateLimiters, Reservation, Spend};
 use crate::policy::{self, Decision, Params, Reason, Verdict};
@@ -221,7 +219,13 @@ impl Facts {
 }
 
 /// A response the proxy produced itself (not the upstream's).
-fn refuse(status: StatusCode, facts: &Facts, d: &Decision, record: Option<u64>, extra: DenyBody) -> Response<ProxyBody> {
+fn refuse(
+    status: StatusCode,
+    facts: &Facts,
+    d: &Decision,
+    record: Option<u64>,
+    extra: DenyBody,
+) -> Response<ProxyBody> {
     deny_response(status, d, record, facts.agent.as_deref(), extra)
 }
 
@@ -357,7 +361,10 @@ fn sanitize(s: &str) -> String {
 /// upstream see another path than the one the routes matched.
 fn ambiguous_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') || lower.contains("%2e")
+    lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains('\\')
+        || lower.contains("%2e")
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
@@ -452,9 +459,11 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
             facts.agent = t.agent.clone();
             preset_token = t.token.clone();
             // Every request must name the tunnel's host (Host or :authority).
-            let named = parts.uri.authority().map(|a| a.as_str().to_string()).or_else(|| {
-                parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
-            });
+            let named = parts
+                .uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
             let same = named
                 .as_deref()
                 .and_then(split_authority)
@@ -466,7 +475,8 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
             (None, parts.uri.path().to_string())
         }
         Via::Transparent(orig) => {
-            let Some((host, _)) = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).and_then(split_authority)
+            let Some((host, _)) =
+                parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).and_then(split_authority)
             else {
                 let d = Decision::deny("malformed_request", "a Host header is required");
                 return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
@@ -477,10 +487,14 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         }
         Via::Listener if explicit => {
             if parts.uri.scheme_str() != Some("http") {
-                let d = Decision::deny("malformed_request", "absolute-form requests must use http://; use CONNECT for https");
+                let d = Decision::deny(
+                    "malformed_request",
+                    "absolute-form requests must use http://; use CONNECT for https",
+                );
                 return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
             }
-            let host = parts.uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+            let host =
+                parts.uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
             let port = parts.uri.port_u16().unwrap_or(80);
             // The Host header must agree with the absolute-form target.
             if let Some(h) = parts.headers.get(header::HOST) {
@@ -521,11 +535,12 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     let (manifest, claims) = match identify(gw, &policies, &parts.headers, &mut facts, preset_token) {
         Ok(ok) => ok,
         Err(d) => {
-            let status = if explicit && (d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch") {
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED
-            } else {
-                StatusCode::FORBIDDEN
-            };
+            let status =
+                if explicit && (d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch") {
+                    StatusCode::PROXY_AUTHENTICATION_REQUIRED
+                } else {
+                    StatusCode::FORBIDDEN
+                };
             if let Some(name) = &base_connector {
                 facts.connector = Some(sanitize(name));
             }
@@ -578,7 +593,8 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     // ---- classify: route
     let route_path = facts.path.clone();
     let Some((route, captures)) = connector.route(&facts.method, &route_path) else {
-        let d = Decision::deny("route_not_allowed", format!("{} {} matches no route", facts.method, sanitize(&route_path)));
+        let d =
+            Decision::deny("route_not_allowed", format!("{} {} matches no route", facts.method, sanitize(&route_path)));
         return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
     };
     facts.route = Some(route.path.raw.clone());
@@ -602,11 +618,16 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     }
 
     // ---- classify: params
-    let params: Params = policy::extract_params(route, &captures, &parts.headers, facts.query.as_deref(), buffered.as_deref());
+    let params: Params =
+        policy::extract_params(route, &captures, &parts.headers, facts.query.as_deref(), buffered.as_deref());
     facts.params = params.values.clone();
 
     // ---- decide (steps 3–7)
-    let mut decision = policy::evaluate(&manifest, claims.as_deref(), &policy::Action { connector: &connector, route, params: &params });
+    let mut decision = policy::evaluate(
+        &manifest,
+        claims.as_deref(),
+        &policy::Action { connector: &connector, route, params: &params },
+    );
 
     // SSRF guard (step 2's address check), only for requests that may go out.
     if decision.verdict != Verdict::Deny {
@@ -755,7 +776,12 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         r.commit();
     }
     if let Some(id) = &consumed_approval {
-        let e = escalation::approval_entry(id, "consumed", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
+        let e = escalation::approval_entry(
+            id,
+            "consumed",
+            facts.agent.as_deref(),
+            &[("request_id", json!(facts.request_id))],
+        );
         let _ = gw.audit.append_nowait(e);
     }
 
@@ -800,7 +826,8 @@ fn body_refusal(status: StatusCode, limit: usize) -> Decision {
 
 /// Reads a whole body up to `limit` bytes: 413 above it, 400 if the peer fails mid-body.
 async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, StatusCode> {
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(StatusCode::PAYLOAD_TOO_LARGE);
     }
@@ -823,12 +850,14 @@ fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<String, De
         return Err(invalid("the override token was issued for a different action"));
     }
     let now = now_unix();
-    gw.approvals.transition(&claims.approval_id, Status::Approved, Status::Consumed, now, |_| {}).map_err(|e| match e {
-        approvals::ApprovalError::NotPending { status: "consumed", .. } => {
-            Decision::deny("override_token_already_used", "the override token was already used")
-        }
-        _ => invalid("the approval behind the override token is not approved"),
-    })?;
+    gw.approvals.transition(&claims.approval_id, Status::Approved, Status::Consumed, now, |_| {}).map_err(
+        |e| match e {
+            approvals::ApprovalError::NotPending { status: "consumed", .. } => {
+                Decision::deny("override_token_already_used", "the override token was already used")
+            }
+            _ => invalid("the approval behind the override token is not approved"),
+        },
+    )?;
     Ok(claims.approval_id)
 }
 
@@ -876,22 +905,27 @@ async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decisio
         let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
         return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));
     }
-    let created = escalation::approval_entry(&id, "created", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
+    let created =
+        escalation::approval_entry(&id, "created", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
     let _ = gw.audit.append_nowait(created);
     if manifest.escalation.mode == EscalationMode::Hold {
         let d = match escalation::hold(gw, facts, &id, manifest.escalation.hold_timeout).await {
             Resolution::Approved => return Escalated::Approved(id),
             Resolution::Denied => Decision::deny("approval_denied", format!("approval {id} was denied")),
-            Resolution::TimedOut => Decision::deny("approval_timeout", format!("approval {id} was not decided in time")),
+            Resolution::TimedOut => {
+                Decision::deny("approval_timeout", format!("approval {id} was not decided in time"))
+            }
             Resolution::ShuttingDown => {
                 let d = Decision::deny("shutting_down", "the gateway is shutting down; retry");
-                let resp = refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
+                let resp =
+                    refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
                 return Escalated::Respond(resp);
             }
         };
         return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
     }
-    let mut resp = refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
+    let mut resp =
+        refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-uapk-approval", v);
     }

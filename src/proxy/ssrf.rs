@@ -77,13 +77,16 @@ fn classify_v6(ip: Ipv6Addr) -> Option<&'static str> {
     None
 }
 
+/// A host's vetted addresses and when they were resolved.
+type VettedAddrs = (Vec<IpAddr>, Instant);
+
 /// Resolves and vets upstream hosts; the upstream client dials only what is in this table.
 #[derive(Clone)]
 pub struct Vetter {
     allow: Arc<Vec<Cidr>>,
     /// The gateway's own listener addresses: never a destination.
     own: Arc<Mutex<Vec<SocketAddr>>>,
-    table: Arc<Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>>,
+    table: Arc<Mutex<HashMap<String, VettedAddrs>>>,
     ttl: Duration,
     /// DNS resolutions performed (tests prove refusals never resolve).
     pub lookups: Arc<std::sync::atomic::AtomicU64>,
@@ -142,10 +145,7 @@ impl Vetter {
                 let literal = host.trim_start_matches('[').trim_end_matches(']');
                 let ips: Vec<IpAddr> = match literal.parse::<IpAddr>() {
                     Ok(ip) => vec![ip],
-                    Err(_) => match {
-                        self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        tokio::net::lookup_host((host, port)).await
-                    } {
+                    Err(_) => match self.resolve(host, port).await {
                         Ok(addrs) => addrs.map(|a| a.ip()).collect(),
                         Err(e) => return Vetted::Unresolvable(format!("{host} does not resolve: {e}")),
                     },
@@ -164,6 +164,11 @@ impl Vetter {
         }
         self.table.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (ips, Instant::now()));
         Vetted::Ok
+    }
+
+    async fn resolve(&self, host: &str, port: u16) -> std::io::Result<impl Iterator<Item = std::net::SocketAddr>> {
+        self.lookups.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::net::lookup_host((host, port)).await
     }
 
     /// The vetted addresses of `host`, for the dialer.

@@ -70,11 +70,12 @@ impl LeafCache {
     pub fn load(cert: &Path, key: &Path, validity: Duration) -> Result<LeafCache, String> {
         let cert_pem = std::fs::read_to_string(cert).map_err(|e| format!("CA certificate {}: {e}", cert.display()))?;
         let key_pem = std::fs::read_to_string(key).map_err(|e| format!("CA key {}: {e}", key.display()))?;
-        let kp = KeyPair::from_pem(&key_pem).map_err(|_| format!("CA key {}: not a PKCS#8 private key", key.display()))?;
+        let kp =
+            KeyPair::from_pem(&key_pem).map_err(|_| format!("CA key {}: not a PKCS#8 private key", key.display()))?;
         let ca_der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
             .map_err(|_| format!("CA certificate {}: not a PEM certificate", cert.display()))?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, kp)
-            .map_err(|e| format!("CA certificate {}: {e}", cert.display()))?;
+        let issuer =
+            Issuer::from_ca_cert_pem(&cert_pem, kp).map_err(|e| format!("CA certificate {}: {e}", cert.display()))?;
         let leaf_key = KeyPair::generate().map_err(|e| e.to_string())?;
         let leaf_key_der = leaf_key.serialize_der();
         let validity = validity.max(Duration::from_secs(600));
@@ -172,29 +173,33 @@ pub fn server_config(host: &str, leaf: Arc<CertifiedKey>) -> Result<Arc<rustls::
     Ok(Arc::new(cfg))
 }
 
-/// The server name from a TLS ClientHello at the start of `buf`, if it is one. Returns
-/// `Err(())` for bytes that are not a ClientHello, `Ok(None)` for one without SNI.
-pub fn client_hello_sni(buf: &[u8]) -> Result<Option<String>, ()> {
-    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], ()> {
+/// Bytes that are not (or not yet all of) a TLS ClientHello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotClientHello;
+
+/// The server name from a TLS ClientHello at the start of `buf`: `Ok(None)` for one without
+/// SNI, `Err` for bytes that are not a complete ClientHello record.
+pub fn client_hello_sni(buf: &[u8]) -> Result<Option<String>, NotClientHello> {
+    fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], NotClientHello> {
         if b.len() < n {
-            return Err(());
+            return Err(NotClientHello);
         }
         let (h, t) = b.split_at(n);
         *b = t;
         Ok(h)
     }
-    fn u16_at(b: &mut &[u8]) -> Result<usize, ()> {
+    fn u16_at(b: &mut &[u8]) -> Result<usize, NotClientHello> {
         let x = take(b, 2)?;
         Ok(usize::from(x[0]) << 8 | usize::from(x[1]))
     }
     let mut b = buf;
     let rec = take(&mut b, 5)?;
     if rec[0] != 0x16 {
-        return Err(());
+        return Err(NotClientHello);
     }
     let hs = take(&mut b, 4)?;
     if hs[0] != 0x01 {
-        return Err(());
+        return Err(NotClientHello);
     }
     take(&mut b, 2 + 32)?; // version, random
     let sid = take(&mut b, 1)?[0] as usize;
@@ -219,7 +224,7 @@ pub fn client_hello_sni(buf: &[u8]) -> Result<Option<String>, ()> {
                 let n = u16_at(&mut data)?;
                 let name = take(&mut data, n)?;
                 if kind == 0 {
-                    let s = std::str::from_utf8(name).map_err(|_| ())?;
+                    let s = std::str::from_utf8(name).map_err(|_| NotClientHello)?;
                     return Ok(Some(s.to_ascii_lowercase()));
                 }
             }

@@ -60,12 +60,12 @@ pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<Sock
                         sni = name;
                         break;
                     }
-                    Err(()) if n > seen && n < buf.len() => {
+                    Err(_) if n > seen && n < buf.len() => {
                         // Not all of the ClientHello has arrived yet.
                         seen = n;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err(()) => break,
+                    Err(_) => break,
                 }
             }
         }

@@ -360,8 +360,14 @@ impl TlsUpstream {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
                             let path = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
-                            seen.lock().unwrap().push(Seen { method: parts.method.to_string(), path: path.clone(), headers: parts.headers, body });
-                            let text = serde_json::json!({"ok": true, "tls": true, "path": path, "version": version}).to_string();
+                            seen.lock().unwrap().push(Seen {
+                                method: parts.method.to_string(),
+                                path: path.clone(),
+                                headers: parts.headers,
+                                body,
+                            });
+                            let text = serde_json::json!({"ok": true, "tls": true, "path": path, "version": version})
+                                .to_string();
                             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
                         }
                     });
