@@ -1,1 +1,375 @@
+use super::merkle::*;
+use super::*;
+use ed25519_dalek::SigningKey;
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
 
+fn hexh(s: &str) -> Hash {
+    hex::decode(s).unwrap().try_into().unwrap()
+}
+
+// ---------------------------------------------------------------- canonical JSON
+
+#[test]
+fn canonical_sorts_keys_by_utf16_and_escapes_minimally() {
+    // U+1F600 (surrogate pair D83D) sorts before U+FB01 in UTF-16 though not in UTF-8 / chars.
+    let v =
+        json!({"b": "x", "a": {"z": true, "y": null}, "\u{fb01}": "1", "\u{1f600}": "2", "c": ["\n\t\u{1}\"\\/", "é"]});
+    let out = String::from_utf8(canonical_json(&v).unwrap()).unwrap();
+    assert_eq!(
+        out,
+        "{\"a\":{\"y\":null,\"z\":true},\"b\":\"x\",\"c\":[\"\\n\\t\\u0001\\\"\\\\/\",\"é\"],\"\u{1f600}\":\"2\",\"\u{fb01}\":\"1\"}"
+    );
+}
+
+#[test]
+fn canonical_writes_integers_as_strings_and_refuses_floats() {
+    assert_eq!(canonical_json(&json!({"n": 42, "m": -7})).unwrap(), br#"{"m":"-7","n":"42"}"#);
+    assert!(matches!(canonical_json(&json!({"f": 1.5})), Err(AuditError::Canonical(_))));
+}
+
+fn arb_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![Just(Value::Null), any::<bool>().prop_map(Value::Bool), ".{0,12}".prop_map(Value::String),];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map(".{0,6}", inner, 0..4).prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest! {
+    #[test]
+    fn canonical_is_a_fixed_point(v in arb_json()) {
+        let once = canonical_json(&v).unwrap();
+        let reparsed: Value = serde_json::from_slice(&once).unwrap();
+        prop_assert_eq!(canonical_json(&reparsed).unwrap(), once);
+    }
+}
+
+// ---------------------------------------------------------------- Merkle tree (RFC 6962 vectors)
+
+/// The leaves of the Certificate Transparency reference test vectors.
+fn ct_leaves() -> Vec<Hash> {
+    ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
+        .iter()
+        .map(|h| leaf_hash(&hex::decode(h).unwrap()))
+        .collect()
+}
+
+#[test]
+fn roots_match_the_rfc6962_reference_vectors() {
+    let roots = [
+        "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+        "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+        "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+        "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+        "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+        "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+        "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+    ];
+    let leaves = ct_leaves();
+    let mut f = Frontier::new();
+    for (i, want) in roots.iter().enumerate() {
+        f.push(leaves[i]);
+        assert_eq!(root_from_leaves(&leaves[..=i]), hexh(want), "size {}", i + 1);
+        assert_eq!(f.root(), hexh(want), "frontier size {}", i + 1);
+    }
+    assert_eq!(hex::encode(root_from_leaves(&[])), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+}
+
+#[test]
+fn proofs_match_the_rfc6962_reference_vectors() {
+    let leaves = ct_leaves();
+    // Inclusion of leaf 0 in the tree of 8 (RFC 6962 test data).
+    let p = inclusion_proof(&leaves, 0);
+    let want = [
+        "96a296d224f285c67bee93c30f8a309157f0daa35dc5b87e410b78630a09cfc7",
+        "5f083f0a1a33ca076a95279832580db3e0ef4584bdff1f54c8a360f50de3031e",
+        "6b47aaf29ee3c2af9af889bc1fb9254dabd31177f16232dd6aab035ca39bf6e4",
+    ];
+    assert_eq!(p, want.iter().map(|h| hexh(h)).collect::<Vec<_>>());
+    // Consistency from 1 → 8 and 6 → 8.
+    let c = consistency_proof(&leaves, 1);
+    assert_eq!(c, want.iter().map(|h| hexh(h)).collect::<Vec<_>>());
+    let c = consistency_proof(&leaves, 6);
+    let want6 = [
+        "0ebc5d3437fbe2db158b9f126a1d118e308181031d0a949f8dededebc558ef6a",
+        "ca854ea128ed050b41b35ffc1b87b8eb2bde461e9e3b5596ece6b9d5975a0ae0",
+        "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+    ];
+    assert_eq!(c, want6.iter().map(|h| hexh(h)).collect::<Vec<_>>());
+}
+
+proptest! {
+    #[test]
+    fn inclusion_proofs_verify_and_altered_ones_fail(n in 1usize..70, seed in any::<u64>(), flip in any::<usize>()) {
+        let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(format!("{seed}-{i}").as_bytes())).collect();
+        let root = root_from_leaves(&leaves);
+        let i = (seed as usize) % n;
+        let proof = inclusion_proof(&leaves, i);
+        prop_assert!(verify_inclusion(i as u64, n as u64, &leaves[i], &proof, &root));
+        prop_assert!(!verify_inclusion(i as u64, n as u64, &leaf_hash(b"other"), &proof, &root));
+        if !proof.is_empty() {
+            let mut bad = proof.clone();
+            let k = flip % bad.len();
+            bad[k][0] ^= 1;
+            prop_assert!(!verify_inclusion(i as u64, n as u64, &leaves[i], &bad, &root));
+        }
+        if n > 1 {
+            prop_assert!(!verify_inclusion(((i + 1) % n) as u64, n as u64, &leaves[i], &proof, &root));
+        }
+    }
+
+    #[test]
+    fn consistency_proofs_verify_and_altered_ones_fail(n in 2usize..70, seed in any::<u64>(), flip in any::<usize>()) {
+        let leaves: Vec<Hash> = (0..n).map(|i| leaf_hash(format!("{seed}-{i}").as_bytes())).collect();
+        let m = 1 + (seed as usize) % (n - 1);
+        let (old, new) = (root_from_leaves(&leaves[..m]), root_from_leaves(&leaves));
+        let proof = consistency_proof(&leaves, m);
+        prop_assert!(verify_consistency(m as u64, n as u64, &old, &new, &proof));
+        let mut bad = proof.clone();
+        let k = flip % bad.len();
+        bad[k][31] ^= 0x80;
+        prop_assert!(!verify_consistency(m as u64, n as u64, &old, &new, &bad));
+        prop_assert!(!verify_consistency(m as u64, n as u64, &leaf_hash(b"fork"), &new, &proof));
+    }
+}
+
+#[test]
+fn frontier_serialises() {
+    let mut f = Frontier::new();
+    for i in 0..13u8 {
+        f.push(leaf_hash(&[i]));
+    }
+    assert_eq!(Frontier::from_bytes(&f.to_bytes()), Some(f.clone()));
+    assert_eq!(Frontier::from_bytes(&f.to_bytes()[..40]), None);
+}
+
+// ---------------------------------------------------------------- signed notes
+
+#[test]
+fn checkpoints_sign_and_parse_and_refuse_tampering() {
+    let key = SigningKey::from_bytes(&[3u8; 32]);
+    let keys = vec![("example.com/log".to_string(), key.verifying_key())];
+    let cp = Checkpoint { origin: "example.com/log".into(), size: 42, root: leaf_hash(b"x") };
+    let note = cp.sign("example.com/log", &key);
+    assert!(note.starts_with("example.com/log\n42\n"));
+    assert!(note.contains("\n\n\u{2014} example.com/log "));
+    assert_eq!(parse_checkpoint(&note, &keys).unwrap(), cp);
+    assert!(parse_checkpoint(&note.replace("\n42\n", "\n43\n"), &keys).is_err());
+    assert!(parse_checkpoint(&note.replace("example.com/log\n", "other/log\n"), &keys).is_err());
+    let other = vec![("example.com/log".to_string(), SigningKey::from_bytes(&[4u8; 32]).verifying_key())];
+    assert!(parse_checkpoint(&note, &other).is_err());
+    assert!(parse_checkpoint("garbage", &keys).is_err());
+    assert!(parse_checkpoint("", &keys).is_err());
+}
+
+// ---------------------------------------------------------------- the log itself
+
+fn open(dir: &std::path::Path, durability: Durability, cap: usize) -> AuditLog {
+    AuditLog::open(
+        AuditConfig {
+            path: dir.join("audit.redb"),
+            origin: "test/log".into(),
+            durability,
+            sign_each_entry: true,
+            queue_capacity: cap,
+            key_name: "test/log".into(),
+        },
+        SigningKey::from_bytes(&[5u8; 32]),
+    )
+    .unwrap()
+}
+
+fn entry(i: usize) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("kind".into(), json!("decision"));
+    m.insert("n".into(), json!(i.to_string()));
+    m
+}
+
+fn pubkey() -> ed25519_dalek::VerifyingKey {
+    SigningKey::from_bytes(&[5u8; 32]).verifying_key()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 4096);
+    let h = log.handle();
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move { h.append(entry(i)).await.unwrap() })
+        })
+        .collect();
+    let mut idx: Vec<u64> = Vec::new();
+    for t in tasks {
+        idx.push(t.await.unwrap());
+    }
+    idx.sort();
+    assert_eq!(idx, (0..1000).collect::<Vec<_>>());
+    assert_eq!(h.tree_size(), 1000);
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    let report = verify_db(&dir.path().join("audit.redb"), &[pubkey()]).unwrap();
+    assert_eq!(report.entries, 1000);
+    assert!(report.checkpoints >= 1);
+    // Reopen: continues at 1000, chained to 999.
+    let log = open(dir.path(), Durability::Async, 16);
+    assert_eq!(log.handle().append(entry(1000)).await.unwrap(), 1000);
+    let db = log.database();
+    let rows = read_entries(&db, 999, 2).unwrap();
+    let last: Value = serde_json::from_slice(&rows[1].1).unwrap();
+    assert_eq!(last["prev"], hex::encode(leaf_hash(&rows[0].1)));
+    drop(db);
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    assert_eq!(verify_db(&dir.path().join("audit.redb"), &[pubkey()]).unwrap().entries, 1001);
+}
+
+#[tokio::test]
+async fn a_full_queue_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 1);
+    let h = log.handle();
+    let mut full = 0;
+    for i in 0..200 {
+        if matches!(h.append_nowait(entry(i)), Err(AuditError::QueueFull)) {
+            full += 1;
+        }
+    }
+    assert!(full > 0, "a queue of 1 must refuse some of 200 immediate appends");
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_entries_are_refused_and_nothing_else_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 16);
+    let h = log.handle();
+    let mut big = entry(0);
+    big.insert("blob".into(), json!("x".repeat(20_000)));
+    assert!(matches!(h.append(big).await, Err(AuditError::EntryTooLarge(_))));
+    assert_eq!(h.append(entry(1)).await.unwrap(), 0);
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+}
+
+type Tamper = dyn Fn(&mut redb::Table<u64, &[u8]>);
+
+fn tampered(dir: &std::path::Path, f: &Tamper) -> std::path::PathBuf {
+    let src = dir.join("audit.redb");
+    let dst = dir.join(format!("t{}.redb", rand::random::<u32>()));
+    std::fs::copy(&src, &dst).unwrap();
+    let db = redb::Database::open(&dst).unwrap();
+    let tx = db.begin_write().unwrap();
+    {
+        let mut t = tx.open_table(store::ENTRIES).unwrap();
+        f(&mut t);
+    }
+    tx.commit().unwrap();
+    dst
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_is_detected_and_the_first_bad_index_named() {
+    use redb::ReadableTable;
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 64);
+    let h = log.handle();
+    for i in 0..20 {
+        h.append(entry(i)).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    let get = |t: &redb::Table<u64, &[u8]>, i: u64| t.get(i).unwrap().unwrap().value().to_vec();
+    let cases: Vec<(Box<Tamper>, u64)> = vec![
+        (
+            Box::new(move |t| {
+                let mut e = get(t, 7);
+                let n = e.len() - 5;
+                e[n] ^= 1;
+                t.insert(7, e.as_slice()).unwrap();
+            }),
+            7,
+        ),
+        (
+            Box::new(|t| {
+                t.remove(4).unwrap();
+            }),
+            4,
+        ),
+        (
+            Box::new(move |t| {
+                let (a, b) = (get(t, 10), get(t, 11));
+                t.insert(10, b.as_slice()).unwrap();
+                t.insert(11, a.as_slice()).unwrap();
+            }),
+            10,
+        ),
+        (
+            Box::new(|t| {
+                for i in 17..20 {
+                    t.remove(i).unwrap();
+                }
+            }),
+            17,
+        ),
+        (
+            Box::new(move |t| {
+                let mut e = get(t, 19);
+                let n = e.len() - 5;
+                e[n] ^= 1;
+                t.insert(19, e.as_slice()).unwrap();
+            }),
+            19,
+        ),
+    ];
+    for (f, want) in cases {
+        let path = tampered(dir.path(), &*f);
+        let err = verify_db(&path, &[pubkey()]).unwrap_err();
+        assert_eq!(err.index, Some(want), "{}", err.reason);
+        // And the gateway refuses to start on it.
+        let cfg = AuditConfig {
+            path,
+            origin: "test/log".into(),
+            durability: Durability::Sync,
+            sign_each_entry: false,
+            queue_capacity: 4,
+            key_name: "test/log".into(),
+        };
+        assert!(AuditLog::open(cfg, SigningKey::from_bytes(&[5u8; 32])).is_err());
+    }
+    // A foreign key does not verify the untouched log.
+    let err =
+        verify_db(&dir.path().join("audit.redb"), &[SigningKey::from_bytes(&[6u8; 32]).verifying_key()]).unwrap_err();
+    assert!(err.reason.contains("trusted"), "{}", err.reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_verify_and_detect_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 64);
+    let h = log.handle();
+    for i in 0..30 {
+        h.append(entry(i)).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    let key = SigningKey::from_bytes(&[5u8; 32]);
+    let db = dir.path().join("audit.redb");
+    let out = dir.path().join("bundle");
+    let r = export_bundle(&db, &out, None, None, &key).unwrap();
+    assert_eq!(r.entries, 30);
+    assert_eq!(verify_bundle(&out, &[pubkey()]).unwrap().size, 30);
+    // A middle range verifies too.
+    let mid = dir.path().join("mid");
+    let r = export_bundle(&db, &mid, Some(10), Some(20), &key).unwrap();
+    assert_eq!(r.from, 10);
+    assert!(verify_bundle(&mid, &[pubkey()]).is_ok());
+    // Any edit is caught.
+    let p = out.join("entries.jsonl");
+    let mut text = std::fs::read(&p).unwrap();
+    text[100] ^= 1;
+    std::fs::write(&p, text).unwrap();
+    assert!(verify_bundle(&out, &[pubkey()]).is_err());
+    assert!(verify_bundle(&mid, &[SigningKey::from_bytes(&[6u8; 32]).verifying_key()]).is_err());
+}
