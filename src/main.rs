@@ -38,6 +38,11 @@ enum Cmd {
     Verify(VerifyArgs),
     /// Export a range of the audit log as a signed bundle directory.
     Export(ExportArgs),
+    /// Inclusion and consistency proofs from an audit log (text format: see the README).
+    Proof {
+        #[command(subcommand)]
+        cmd: ProofCmd,
+    },
     /// Generate an Ed25519 key: PKCS#8 PEM (0600) and KEY.pub.pem.
     Keygen {
         #[arg(long)]
@@ -81,7 +86,7 @@ enum Cmd {
 #[derive(Args)]
 struct VerifyArgs {
     /// The redb audit file.
-    #[arg(long, conflicts_with = "bundle", required_unless_present = "bundle")]
+    #[arg(long, conflicts_with = "bundle", required_unless_present_any = ["bundle", "proof"])]
     db: Option<PathBuf>,
     /// An export bundle directory.
     #[arg(long)]
@@ -89,6 +94,35 @@ struct VerifyArgs {
     /// Trusted gateway public key(s) (SPKI PEM). Default: ./data/gateway.pub.pem for --db.
     #[arg(long = "key")]
     keys: Vec<PathBuf>,
+    /// A checkpoint kept from earlier: the log must extend it (catches truncation and rollback).
+    /// With --proof: the signed checkpoint of the proof's old tree.
+    #[arg(long)]
+    trusted_checkpoint: Option<PathBuf>,
+    /// Check a proof file written by `uapk-gateway proof` instead of a whole log.
+    #[arg(long, conflicts_with_all = ["db", "bundle"])]
+    proof: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum ProofCmd {
+    /// Prove that entry INDEX is in the tree of SIZE entries (default: the latest checkpoint).
+    Inclusion {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        index: u64,
+        #[arg(long)]
+        size: Option<u64>,
+    },
+    /// Prove that the tree of OLD entries is a prefix of the tree of NEW entries.
+    Consistency {
+        #[arg(long)]
+        db: PathBuf,
+        #[arg(long)]
+        old: u64,
+        #[arg(long)]
+        new: u64,
+    },
 }
 
 #[derive(Args)]
@@ -202,6 +236,7 @@ fn main() -> ExitCode {
         Cmd::Check { config } => check(config.as_deref()),
         Cmd::Verify(a) => verify(a),
         Cmd::Export(a) => export(a),
+        Cmd::Proof { cmd } => proof(cmd),
         Cmd::Keygen { out, force } => identity::generate_key_files(&out, force)
             .map(|pubp| println!("wrote {} (0600) and {}", out.display(), pubp.display()))
             .map_err(|e| Fail(2, e.to_string())),
@@ -294,6 +329,21 @@ fn read_keys(paths: &[PathBuf]) -> Result<Vec<ed25519_dalek::VerifyingKey>, Fail
         .collect()
 }
 
+fn proof(cmd: ProofCmd) -> Result<(), Fail> {
+    let open = |db: &Path| redb::ReadOnlyDatabase::open(db).map_err(|e| Fail(2, format!("{}: {e}", db.display())));
+    let p = match cmd {
+        ProofCmd::Inclusion { db, index, size } => audit::proof::inclusion(&open(&db)?, index, size),
+        ProofCmd::Consistency { db, old, new } => audit::proof::consistency(&open(&db)?, old, new),
+    }
+    .map_err(|e| Fail(1, e.to_string()))?;
+    print!("{}", p.to_text());
+    Ok(())
+}
+
+fn read_text(p: &Path) -> Result<String, Fail> {
+    std::fs::read_to_string(p).map_err(|e| Fail(2, format!("{}: {e}", p.display())))
+}
+
 fn verify(a: VerifyArgs) -> Result<(), Fail> {
     let mut key_paths = a.keys.clone();
     if key_paths.is_empty() {
@@ -304,15 +354,44 @@ fn verify(a: VerifyArgs) -> Result<(), Fail> {
         eprintln!("using key {} (pass --key to choose the trusted key)", key_paths[0].display());
     }
     let keys = read_keys(&key_paths)?;
+    let trusted = a.trusted_checkpoint.as_deref().map(read_text).transpose()?;
+    if let Some(p) = &a.proof {
+        let proof = audit::Proof::parse(&read_text(p)?).map_err(|e| Fail(1, e.to_string()))?;
+        let (new, old) = match &proof {
+            audit::Proof::Consistency { .. } => (None, trusted.as_deref()),
+            audit::Proof::Inclusion { .. } => (trusted.as_deref(), None),
+        };
+        return match proof.verify(&keys, new, old) {
+            Ok(msg) => {
+                println!("ok: {msg}");
+                Ok(())
+            }
+            Err(f) => Err(Fail(1, format!("proof verification failed: {}", f.reason))),
+        };
+    }
     let report = match (&a.db, &a.bundle) {
         (Some(db), _) => {
             if !db.exists() {
                 return Err(Fail(2, format!("{}: no such file", db.display())));
             }
-            audit::verify_db(db, &keys)
+            use std::io::IsTerminal;
+            let tty = std::io::stderr().is_terminal();
+            let started = std::time::Instant::now();
+            let progress = move |n: u64| {
+                if tty {
+                    let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-6);
+                    eprint!("\rverified {n} entries ({rate:.0}/s)");
+                }
+            };
+            let opts = audit::VerifyOptions { trusted_checkpoint: trusted.as_deref(), progress: Some(&progress) };
+            let r = audit::verify_db_with(db, &keys, &opts);
+            if tty {
+                eprintln!();
+            }
+            r
         }
         (None, Some(b)) => audit::verify_bundle(b, &keys),
-        (None, None) => return Err(Fail(2, "give --db or --bundle".into())),
+        (None, None) => return Err(Fail(2, "give --db, --bundle or --proof".into())),
     };
     match report {
         Ok(r) => {

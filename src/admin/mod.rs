@@ -267,6 +267,31 @@ async fn api(
                 None => Err(error(StatusCode::NOT_FOUND, "no such record")),
             }
         }
+        (&Method::GET, ["proof", kind @ ("inclusion" | "consistency")]) => {
+            authorize(gw, st, &req, AdminRole::Viewer)?;
+            let num = |k: &str| query_param(&req, k).and_then(|v| v.parse::<u64>().ok());
+            let db = gw.audit_db();
+            let proof = match *kind {
+                "inclusion" => {
+                    let index = num("index").ok_or_else(|| error(StatusCode::BAD_REQUEST, "index is required"))?;
+                    let size = num("size");
+                    blocking(move || crate::audit::proof::inclusion(&*db, index, size)).await
+                }
+                _ => {
+                    let (Some(old), Some(new)) = (num("old"), num("new")) else {
+                        return Err(error(StatusCode::BAD_REQUEST, "old and new are required"));
+                    };
+                    blocking(move || crate::audit::proof::consistency(&*db, old, new)).await
+                }
+            };
+            match proof {
+                Ok(p) => Ok(text(StatusCode::OK, p.to_text())),
+                Err(_) => Err(error(
+                    StatusCode::BAD_REQUEST,
+                    "no such proof: check the index and sizes against the tree size",
+                )),
+            }
+        }
         (&Method::GET, ["checkpoint"]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
             match gw.audit.latest_checkpoint() {

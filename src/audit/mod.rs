@@ -11,16 +11,18 @@
 pub mod canonical;
 pub mod merkle;
 pub mod note;
+pub mod proof;
 mod store;
 mod verify;
 
 pub use canonical::canonical_json;
 pub use merkle::{Frontier, Hash, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint};
+pub use proof::Proof;
 pub use store::{AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV};
 pub use verify::{
-    ExportReport, VerifyFailure, VerifyReport, export_bundle, first_index_at_or_after, read_entries, verify_bundle,
-    verify_db,
+    ExportReport, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, first_index_at_or_after, read_entries,
+    verify_bundle, verify_db, verify_db_with,
 };
 
 /// Largest canonical entry accepted, bytes.

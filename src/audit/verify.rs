@@ -3,7 +3,7 @@
 
 use super::merkle::{Frontier, Hash, leaf_hash};
 use super::note::{parse_checkpoint, signer_names};
-use super::store::{CHECKPOINTS, ENTRIES, GENESIS_PREV, LEAVES};
+use super::store::{CHECKPOINTS, ENTRIES, GENESIS_PREV, LEAVES, SIGS};
 use super::{AuditError, canonical_json, storage};
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -74,6 +74,10 @@ pub fn first_index_at_or_after(db: &redb::Database, ts: &str) -> Result<Option<u
     Ok((lo < len).then_some(lo))
 }
 
+fn origin_of(entry: &[u8]) -> String {
+    serde_json::from_slice::<Value>(entry).ok().and_then(|v| v["log"].as_str().map(str::to_string)).unwrap_or_default()
+}
+
 /// Pairs trusted keys with the key names a note is signed with.
 fn named_keys(note: &str, keys: &[VerifyingKey]) -> Vec<(String, VerifyingKey)> {
     signer_names(note).into_iter().flat_map(|n| keys.iter().map(move |k| (n.clone(), *k))).collect()
@@ -96,14 +100,37 @@ fn check_entry(expected: u64, bytes: &[u8], prev: &Hash) -> Result<Hash, VerifyF
     Ok(leaf_hash(bytes))
 }
 
+/// What else `verify_db_with` checks and reports.
+#[derive(Default)]
+pub struct VerifyOptions<'a> {
+    /// A checkpoint the auditor kept: the log must extend it (catches truncation, rollback and
+    /// a swapped database file).
+    pub trusted_checkpoint: Option<&'a str>,
+    /// Called with the number of entries checked so far, every 100,000 entries.
+    pub progress: Option<&'a dyn Fn(u64)>,
+}
+
 /// Verifies a log file: every entry, chain link, checkpoint root and signature.
 pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyFailure> {
+    verify_db_with(path, keys, &VerifyOptions::default())
+}
+
+/// `verify_db` with a trusted older checkpoint and progress reports.
+pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) -> Result<VerifyReport, VerifyFailure> {
+    let trusted = match opts.trusted_checkpoint {
+        Some(note) => Some(
+            parse_checkpoint(note, &named_keys(note, keys))
+                .map_err(|e| fail(None, format!("trusted checkpoint: {e}")))?,
+        ),
+        None => None,
+    };
     let db =
         redb::ReadOnlyDatabase::open(path).map_err(|e| fail(None, format!("cannot open {}: {e}", path.display())))?;
     let tx = db.begin_read().map_err(|e| fail(None, e.to_string()))?;
     let entries = tx.open_table(ENTRIES).map_err(|e| fail(None, format!("no audit entries table: {e}")))?;
     let cps = tx.open_table(CHECKPOINTS).map_err(|e| fail(None, format!("no checkpoints table: {e}")))?;
     let stored_leaves = tx.open_table(LEAVES).ok();
+    let entry_sigs = tx.open_table(SIGS).ok();
     let mut cp_iter = cps.iter().map_err(|e| fail(None, e.to_string()))?.peekable();
     let mut frontier = Frontier::new();
     let mut prev = [0u8; 32];
@@ -155,8 +182,33 @@ pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, Ver
         {
             first_changed = Some(expected);
         }
+        if let Some(t) = &entry_sigs
+            && let Ok(Some(sig)) = t.get(expected)
+        {
+            let ok = Signature::from_slice(sig.value()).is_ok_and(|s| keys.iter().any(|k| k.verify(bytes, &s).is_ok()));
+            if !ok {
+                return Err(fail(Some(expected), "the entry's own signature is not by a trusted key"));
+            }
+        }
         frontier.push(leaf);
         prev = leaf;
+        if let Some(t) = &trusted
+            && frontier.size() == t.size
+            && (frontier.root() != t.root || origin_of(bytes) != t.origin)
+        {
+            return Err(fail(
+                Some(first_changed.unwrap_or(expected)),
+                format!(
+                    "the log is not an extension of the trusted checkpoint of size {} (rolled back, forked or replaced)",
+                    t.size
+                ),
+            ));
+        }
+        if let Some(p) = opts.progress
+            && frontier.size().is_multiple_of(100_000)
+        {
+            p(frontier.size());
+        }
         while let Some(Ok((size, _))) = cp_iter.peek() {
             let size = size.value();
             if size > frontier.size() {
@@ -183,6 +235,18 @@ pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, Ver
     }
     if frontier.size() > last_cp_size {
         return Err(fail(Some(last_cp_size), "entries after the last checkpoint are covered by no signature"));
+    }
+    if let Some(t) = &trusted
+        && frontier.size() < t.size
+    {
+        return Err(fail(
+            Some(frontier.size()),
+            format!(
+                "the log holds {} entries but the trusted checkpoint covers {}: it was truncated or replaced by an older copy",
+                frontier.size(),
+                t.size
+            ),
+        ));
     }
     if checkpoints == 0 && frontier.size() == 0 {
         return Err(fail(None, "the log is empty"));

@@ -1,0 +1,223 @@
+//! Inclusion and consistency proofs in a small, documented text format, so that anyone can
+//! check offline that an entry is in the log and that the log only ever grew.
+//!
+//! ```text
+//! uapk-gateway proof v1
+//! type inclusion            | type consistency
+//! index <i>                 | old <m>
+//! size <n>                  | new <n>
+//! leaf <hex>                | old-root <hex>
+//! root <hex>                | new-root <hex>
+//! path <hex>   (0 or more, leaf to root order)
+//!
+//! <signed checkpoint of size n, when the log has one at that size>
+//! ```
+
+use super::merkle::{self, Hash};
+use super::note::{parse_checkpoint, signer_names};
+use super::store::{CHECKPOINTS, LEAVES};
+use super::verify::VerifyFailure;
+use super::{AuditError, storage};
+use ed25519_dalek::VerifyingKey;
+use redb::{ReadableDatabase, ReadableTable};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Proof {
+    Inclusion { index: u64, size: u64, leaf: Hash, root: Hash, path: Vec<Hash>, checkpoint: Option<String> },
+    Consistency { old: u64, new: u64, old_root: Hash, new_root: Hash, path: Vec<Hash>, checkpoint: Option<String> },
+}
+
+/// The stored leaf hashes `[0, n)` and the signed checkpoint at size `n`, if any.
+fn leaves_and_checkpoint(db: &impl ReadableDatabase, n: u64) -> Result<(Vec<Hash>, Option<String>), AuditError> {
+    let tx = db.begin_read().map_err(storage)?;
+    let t = tx.open_table(LEAVES).map_err(storage)?;
+    let mut leaves = Vec::with_capacity(n as usize);
+    for item in t.range(0..n).map_err(storage)? {
+        let (_, v) = item.map_err(storage)?;
+        leaves.push(v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?);
+    }
+    if leaves.len() as u64 != n {
+        return Err(AuditError::Integrity(format!("the log holds {} entries, fewer than {n}", leaves.len())));
+    }
+    let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
+    let note = cps.get(n).map_err(storage)?.map(|v| v.value().to_string());
+    Ok((leaves, note))
+}
+
+/// The size of the latest checkpoint.
+pub fn latest_size(db: &impl ReadableDatabase) -> Result<u64, AuditError> {
+    let tx = db.begin_read().map_err(storage)?;
+    let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
+    Ok(cps.last().map_err(storage)?.map_or(0, |(k, _)| k.value()))
+}
+
+/// Proves entry `index` is in the tree of `size` entries (default: the latest checkpoint).
+pub fn inclusion(db: &impl ReadableDatabase, index: u64, size: Option<u64>) -> Result<Proof, AuditError> {
+    let size = match size {
+        Some(s) => s,
+        None => latest_size(db)?,
+    };
+    if index >= size {
+        return Err(AuditError::Integrity(format!("index {index} is not below tree size {size}")));
+    }
+    let (leaves, checkpoint) = leaves_and_checkpoint(db, size)?;
+    Ok(Proof::Inclusion {
+        index,
+        size,
+        leaf: leaves[index as usize],
+        root: merkle::root_from_leaves(&leaves),
+        path: merkle::inclusion_proof(&leaves, index as usize),
+        checkpoint,
+    })
+}
+
+/// Proves the tree of `old` entries is a prefix of the tree of `new` entries.
+pub fn consistency(db: &impl ReadableDatabase, old: u64, new: u64) -> Result<Proof, AuditError> {
+    if old == 0 || old > new {
+        return Err(AuditError::Integrity(format!("need 0 < old <= new (got {old}, {new})")));
+    }
+    let (leaves, checkpoint) = leaves_and_checkpoint(db, new)?;
+    Ok(Proof::Consistency {
+        old,
+        new,
+        old_root: merkle::root_from_leaves(&leaves[..old as usize]),
+        new_root: merkle::root_from_leaves(&leaves),
+        path: merkle::consistency_proof(&leaves, old as usize),
+        checkpoint,
+    })
+}
+
+impl Proof {
+    pub fn to_text(&self) -> String {
+        let mut out = String::from("uapk-gateway proof v1\n");
+        let (path, cp) = match self {
+            Proof::Inclusion { index, size, leaf, root, path, checkpoint } => {
+                out += &format!(
+                    "type inclusion\nindex {index}\nsize {size}\nleaf {}\nroot {}\n",
+                    hex::encode(leaf),
+                    hex::encode(root)
+                );
+                (path, checkpoint)
+            }
+            Proof::Consistency { old, new, old_root, new_root, path, checkpoint } => {
+                out += &format!(
+                    "type consistency\nold {old}\nnew {new}\nold-root {}\nnew-root {}\n",
+                    hex::encode(old_root),
+                    hex::encode(new_root)
+                );
+                (path, checkpoint)
+            }
+        };
+        for h in path {
+            out += &format!("path {}\n", hex::encode(h));
+        }
+        if let Some(note) = cp {
+            out.push('\n');
+            out += note;
+        }
+        out
+    }
+
+    pub fn parse(text: &str) -> Result<Proof, AuditError> {
+        let bad = |m: &str| AuditError::Integrity(format!("proof: {m}"));
+        let (head, checkpoint) = match text.split_once("\n\n") {
+            Some((h, c)) => (h, Some(c.to_string()).filter(|c| !c.trim().is_empty())),
+            None => (text, None),
+        };
+        let mut lines = head.lines();
+        if lines.next() != Some("uapk-gateway proof v1") {
+            return Err(bad("not a uapk-gateway proof v1"));
+        }
+        let mut fields = std::collections::HashMap::new();
+        let mut path = Vec::new();
+        for l in lines {
+            let (k, v) = l.split_once(' ').ok_or_else(|| bad("malformed line"))?;
+            if k == "path" {
+                path.push(hash(v).ok_or_else(|| bad("bad path hash"))?);
+            } else {
+                fields.insert(k, v);
+            }
+        }
+        let num =
+            |k: &str| fields.get(k).and_then(|v| v.parse::<u64>().ok()).ok_or_else(|| bad(&format!("missing {k}")));
+        let h = |k: &str| fields.get(k).and_then(|v| hash(v)).ok_or_else(|| bad(&format!("missing {k}")));
+        match fields.get("type").copied() {
+            Some("inclusion") => Ok(Proof::Inclusion {
+                index: num("index")?,
+                size: num("size")?,
+                leaf: h("leaf")?,
+                root: h("root")?,
+                path,
+                checkpoint,
+            }),
+            Some("consistency") => Ok(Proof::Consistency {
+                old: num("old")?,
+                new: num("new")?,
+                old_root: h("old-root")?,
+                new_root: h("new-root")?,
+                path,
+                checkpoint,
+            }),
+            _ => Err(bad("unknown type")),
+        }
+    }
+
+    /// Checks the proof, and that its root is signed by a trusted key (the embedded checkpoint,
+    /// or `trusted_new` given by the auditor). `trusted_old` (a checkpoint the auditor kept)
+    /// pins the old root of a consistency proof.
+    pub fn verify(
+        &self,
+        keys: &[VerifyingKey],
+        trusted_new: Option<&str>,
+        trusted_old: Option<&str>,
+    ) -> Result<String, VerifyFailure> {
+        let fail = |m: String| VerifyFailure { index: None, reason: m };
+        let signed = |note: &str| {
+            let named: Vec<(String, VerifyingKey)> =
+                signer_names(note).into_iter().flat_map(|n| keys.iter().map(move |k| (n.clone(), *k))).collect();
+            parse_checkpoint(note, &named).map_err(|e| fail(format!("checkpoint: {e}")))
+        };
+        let (size, root, cp) = match self {
+            Proof::Inclusion { size, root, checkpoint, .. } => (*size, *root, checkpoint),
+            Proof::Consistency { new, new_root, checkpoint, .. } => (*new, *new_root, checkpoint),
+        };
+        let note = trusted_new
+            .map(str::to_string)
+            .or_else(|| cp.clone())
+            .ok_or_else(|| fail(format!("no signed checkpoint at size {size}: pass one with --trusted-checkpoint")))?;
+        let cp = signed(&note)?;
+        if cp.size != size || cp.root != root {
+            return Err(fail(format!("the proof's root does not match the signed checkpoint (size {})", cp.size)));
+        }
+        match self {
+            Proof::Inclusion { index, size, leaf, root, path, .. } => {
+                if !merkle::verify_inclusion(*index, *size, leaf, path, root) {
+                    return Err(VerifyFailure {
+                        index: Some(*index),
+                        reason: "the inclusion proof does not verify".into(),
+                    });
+                }
+                Ok(format!("entry {index} is included in the signed tree of size {size}"))
+            }
+            Proof::Consistency { old, new, old_root, new_root, path, .. } => {
+                if let Some(t) = trusted_old {
+                    let o = signed(t)?;
+                    if o.size != *old || o.root != *old_root {
+                        return Err(fail(format!(
+                            "the trusted checkpoint (size {}) is not the proof's old tree",
+                            o.size
+                        )));
+                    }
+                }
+                if !merkle::verify_consistency(*old, *new, old_root, new_root, path) {
+                    return Err(fail("the consistency proof does not verify".into()));
+                }
+                Ok(format!("the tree of size {old} is a prefix of the signed tree of size {new}"))
+            }
+        }
+    }
+}
+
+fn hash(h: &str) -> Option<Hash> {
+    hex::decode(h.trim()).ok()?.try_into().ok()
+}
