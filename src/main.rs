@@ -330,10 +330,14 @@ fn read_keys(paths: &[PathBuf]) -> Result<Vec<ed25519_dalek::VerifyingKey>, Fail
 }
 
 fn proof(cmd: ProofCmd) -> Result<(), Fail> {
-    let open = |db: &Path| redb::ReadOnlyDatabase::open(db).map_err(|e| Fail(2, format!("{}: {e}", db.display())));
+    let read = |db: &Path| -> Result<(audit::Snapshot, redb::ReadTransaction), Fail> {
+        let snap = audit::Snapshot::open(db).map_err(|e| Fail(2, e.to_string()))?;
+        let tx = snap.begin_read().map_err(|e| Fail(2, e.to_string()))?;
+        Ok((snap, tx))
+    };
     let p = match cmd {
-        ProofCmd::Inclusion { db, index, size } => audit::proof::inclusion(&open(&db)?, index, size),
-        ProofCmd::Consistency { db, old, new } => audit::proof::consistency(&open(&db)?, old, new),
+        ProofCmd::Inclusion { db, index, size } => audit::proof::inclusion(&read(&db)?.1, index, size),
+        ProofCmd::Consistency { db, old, new } => audit::proof::consistency(&read(&db)?.1, old, new),
     }
     .map_err(|e| Fail(1, e.to_string()))?;
     print!("{}", p.to_text());

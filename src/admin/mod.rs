@@ -275,13 +275,27 @@ async fn api(
                 "inclusion" => {
                     let index = num("index").ok_or_else(|| error(StatusCode::BAD_REQUEST, "index is required"))?;
                     let size = num("size");
-                    blocking(move || crate::audit::proof::inclusion(&*db, index, size)).await
+                    blocking(move || {
+                        crate::audit::proof::inclusion(
+                            &redb::ReadableDatabase::begin_read(&*db).map_err(crate::audit::storage)?,
+                            index,
+                            size,
+                        )
+                    })
+                    .await
                 }
                 _ => {
                     let (Some(old), Some(new)) = (num("old"), num("new")) else {
                         return Err(error(StatusCode::BAD_REQUEST, "old and new are required"));
                     };
-                    blocking(move || crate::audit::proof::consistency(&*db, old, new)).await
+                    blocking(move || {
+                        crate::audit::proof::consistency(
+                            &redb::ReadableDatabase::begin_read(&*db).map_err(crate::audit::storage)?,
+                            old,
+                            new,
+                        )
+                    })
+                    .await
                 }
             };
             match proof {

@@ -21,8 +21,8 @@ pub use note::{Checkpoint, key_id, parse_checkpoint};
 pub use proof::Proof;
 pub use store::{AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV};
 pub use verify::{
-    ExportReport, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, first_index_at_or_after, read_entries,
-    verify_bundle, verify_db, verify_db_with,
+    ExportReport, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, first_index_at_or_after,
+    read_entries, verify_bundle, verify_db, verify_db_with,
 };
 
 /// Largest canonical entry accepted, bytes.
@@ -50,7 +50,7 @@ pub enum AuditError {
     Io(String),
 }
 
-pub(crate) fn storage(e: impl std::fmt::Display) -> AuditError {
+pub fn storage(e: impl std::fmt::Display) -> AuditError {
     AuditError::Storage(e.to_string())
 }
 

@@ -19,7 +19,7 @@ use super::store::{CHECKPOINTS, LEAVES};
 use super::verify::VerifyFailure;
 use super::{AuditError, storage};
 use ed25519_dalek::VerifyingKey;
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadTransaction, ReadableTable};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Proof {
@@ -28,8 +28,7 @@ pub enum Proof {
 }
 
 /// The stored leaf hashes `[0, n)` and the signed checkpoint at size `n`, if any.
-fn leaves_and_checkpoint(db: &impl ReadableDatabase, n: u64) -> Result<(Vec<Hash>, Option<String>), AuditError> {
-    let tx = db.begin_read().map_err(storage)?;
+fn leaves_and_checkpoint(tx: &ReadTransaction, n: u64) -> Result<(Vec<Hash>, Option<String>), AuditError> {
     let t = tx.open_table(LEAVES).map_err(storage)?;
     let mut leaves = Vec::with_capacity(n as usize);
     for item in t.range(0..n).map_err(storage)? {
@@ -45,22 +44,21 @@ fn leaves_and_checkpoint(db: &impl ReadableDatabase, n: u64) -> Result<(Vec<Hash
 }
 
 /// The size of the latest checkpoint.
-pub fn latest_size(db: &impl ReadableDatabase) -> Result<u64, AuditError> {
-    let tx = db.begin_read().map_err(storage)?;
+pub fn latest_size(tx: &ReadTransaction) -> Result<u64, AuditError> {
     let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
     Ok(cps.last().map_err(storage)?.map_or(0, |(k, _)| k.value()))
 }
 
 /// Proves entry `index` is in the tree of `size` entries (default: the latest checkpoint).
-pub fn inclusion(db: &impl ReadableDatabase, index: u64, size: Option<u64>) -> Result<Proof, AuditError> {
+pub fn inclusion(tx: &ReadTransaction, index: u64, size: Option<u64>) -> Result<Proof, AuditError> {
     let size = match size {
         Some(s) => s,
-        None => latest_size(db)?,
+        None => latest_size(tx)?,
     };
     if index >= size {
         return Err(AuditError::Integrity(format!("index {index} is not below tree size {size}")));
     }
-    let (leaves, checkpoint) = leaves_and_checkpoint(db, size)?;
+    let (leaves, checkpoint) = leaves_and_checkpoint(tx, size)?;
     Ok(Proof::Inclusion {
         index,
         size,
@@ -72,11 +70,11 @@ pub fn inclusion(db: &impl ReadableDatabase, index: u64, size: Option<u64>) -> R
 }
 
 /// Proves the tree of `old` entries is a prefix of the tree of `new` entries.
-pub fn consistency(db: &impl ReadableDatabase, old: u64, new: u64) -> Result<Proof, AuditError> {
+pub fn consistency(tx: &ReadTransaction, old: u64, new: u64) -> Result<Proof, AuditError> {
     if old == 0 || old > new {
         return Err(AuditError::Integrity(format!("need 0 < old <= new (got {old}, {new})")));
     }
-    let (leaves, checkpoint) = leaves_and_checkpoint(db, new)?;
+    let (leaves, checkpoint) = leaves_and_checkpoint(tx, new)?;
     Ok(Proof::Consistency {
         old,
         new,

@@ -29,6 +29,58 @@ pub struct VerifyFailure {
     pub reason: String,
 }
 
+/// A log file opened for reading without changing it. A file left by a crash needs redb's
+/// repair before it can be read; the repair then runs on a temporary copy, so the evidence
+/// itself is never written.
+pub struct Snapshot {
+    db: SnapshotDb,
+    temp: Option<std::path::PathBuf>,
+}
+
+enum SnapshotDb {
+    ReadOnly(redb::ReadOnlyDatabase),
+    Repaired(redb::Database),
+}
+
+impl Snapshot {
+    pub fn open(path: &Path) -> Result<Snapshot, AuditError> {
+        let io = |e: &dyn std::fmt::Display| AuditError::Io(format!("cannot open {}: {e}", path.display()));
+        match redb::ReadOnlyDatabase::open(path) {
+            Ok(db) => Ok(Snapshot { db: SnapshotDb::ReadOnly(db), temp: None }),
+            Err(redb::DatabaseError::RepairAborted) => {
+                let temp =
+                    std::env::temp_dir().join(format!("uapk-verify-{}-{}.redb", std::process::id(), rand_suffix()));
+                std::fs::copy(path, &temp).map_err(|e| io(&e))?;
+                let snap = Snapshot {
+                    db: SnapshotDb::Repaired(redb::Database::create(&temp).map_err(|e| io(&e))?),
+                    temp: Some(temp),
+                };
+                Ok(snap)
+            }
+            Err(e) => Err(io(&e)),
+        }
+    }
+
+    pub fn begin_read(&self) -> Result<redb::ReadTransaction, AuditError> {
+        match &self.db {
+            SnapshotDb::ReadOnly(d) => d.begin_read().map_err(storage),
+            SnapshotDb::Repaired(d) => d.begin_read().map_err(storage),
+        }
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(t) = self.temp.take() {
+            let _ = std::fs::remove_file(t);
+        }
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
 fn fail(index: Option<u64>, reason: impl Into<String>) -> VerifyFailure {
     VerifyFailure { index, reason: reason.into() }
 }
@@ -124,8 +176,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
         ),
         None => None,
     };
-    let db =
-        redb::ReadOnlyDatabase::open(path).map_err(|e| fail(None, format!("cannot open {}: {e}", path.display())))?;
+    let db = Snapshot::open(path).map_err(|e| fail(None, e.to_string()))?;
     let tx = db.begin_read().map_err(|e| fail(None, e.to_string()))?;
     let entries = tx.open_table(ENTRIES).map_err(|e| fail(None, format!("no audit entries table: {e}")))?;
     let cps = tx.open_table(CHECKPOINTS).map_err(|e| fail(None, format!("no checkpoints table: {e}")))?;

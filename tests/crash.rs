@@ -1,0 +1,127 @@
+//! The black-box promise under crashes: sustained load through the real binary, SIGKILL at
+//! random moments, restart, and after every kill: `verify` passes, every request the upstream
+//! received has a committed decision entry, and every response a client got with a record index
+//! is in the log. `UAPK_CRASH_ROUNDS` (default 10) sets the number of kills; the README documents
+//! a longer run.
+
+mod common;
+
+use common::*;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
+    let rounds: usize = std::env::var("UAPK_CRASH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("policies")).unwrap();
+    std::fs::write(d.join("policies/pay.yaml"), manifest("pay-agent", up.addr, "", "")).unwrap();
+    let (proxy, admin) = (free_port(), free_port());
+    std::fs::write(
+        d.join("gateway.yaml"),
+        format!(
+            "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\naudit:\n  origin: crash.test/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n",
+            p = d.join("policies").display(),
+            data = d.join("data").display()
+        ),
+    )
+    .unwrap();
+    let tok = token("pay-agent");
+    // marker → record index the client was told
+    let acknowledged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let mut seed: u64 = 0x9e3779b97f4a7c15 ^ now() as u64;
+    for round in 0..rounds {
+        let mut child = std::process::Command::new(bin())
+            .args(["run", "-c", d.join("gateway.yaml").to_str().unwrap()])
+            .env("UAPK_LOG", "warn")
+            .stderr(std::fs::File::create(d.join(format!("gw-{round}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        let ready = Instant::now();
+        loop {
+            let ok = client().get(format!("http://127.0.0.1:{admin}/readyz")).send().await.map(|r| r.status() == 200);
+            if ok.unwrap_or(false) {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "round {round}: the gateway exited ({status}) after a crash: {}",
+                    std::fs::read_to_string(d.join(format!("gw-{round}.log"))).unwrap_or_default()
+                );
+            }
+            assert!(ready.elapsed() < Duration::from_secs(20), "round {round}: not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for c in 0..8 {
+            let (stop, acked, tok) = (stop.clone(), acknowledged.clone(), tok.clone());
+            tasks.push(tokio::spawn(async move {
+                let http = client();
+                let mut i = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    let marker = format!("r{round}-c{c}-{i}");
+                    let r = http
+                        .get(format!("http://127.0.0.1:{proxy}/shop/v1/charges/x"))
+                        .header("x-uapk-capability", &tok)
+                        .header("x-test-marker", &marker)
+                        .timeout(Duration::from_secs(2))
+                        .send()
+                        .await;
+                    if let Ok(r) = r
+                        && r.status() == 200
+                        && let Some(idx) = r.headers().get("x-uapk-record").and_then(|v| v.to_str().ok()?.parse().ok())
+                    {
+                        acked.lock().unwrap().insert(marker, idx);
+                    }
+                }
+            }));
+        }
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        tokio::time::sleep(Duration::from_millis(100 + seed % 400)).await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        stop.store(true, Ordering::SeqCst);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // verify passes on what the killed process left behind.
+        let db = d.join("data/audit.redb");
+        let key = d.join("data/gateway.pub.pem");
+        let (code, out, err) = run_cli(&["verify", "--db", db.to_str().unwrap(), "--key", key.to_str().unwrap()], d);
+        assert_eq!(code, 0, "round {round}: verify failed after SIGKILL: {out}{err}");
+        // Every request the upstream received has a committed decision; every acknowledged
+        // record index holds the request the client sent.
+        let entries = read_all(&redb::Database::open(&db).unwrap());
+        let by_marker: HashSet<String> = entries
+            .iter()
+            .filter(|e| e["kind"] == "decision" && e["decision"] == "allow")
+            .filter_map(|e| e["headers"]["x-test-marker"].as_str().map(str::to_string))
+            .collect();
+        for s in up.seen.lock().unwrap().iter() {
+            let m = s.headers.get("x-test-marker").and_then(|v| v.to_str().ok()).unwrap_or_default();
+            assert!(by_marker.contains(m), "round {round}: the upstream saw {m} but no committed decision exists");
+        }
+        for (marker, idx) in acknowledged.lock().unwrap().iter() {
+            let e =
+                entries.get(*idx as usize).unwrap_or_else(|| panic!("round {round}: record {idx} of {marker} is lost"));
+            assert_eq!(
+                e["headers"]["x-test-marker"],
+                marker.as_str(),
+                "round {round}: record {idx} holds another request"
+            );
+        }
+    }
+    assert!(acknowledged.lock().unwrap().len() > rounds * 5, "the load was too light to mean anything");
+}
