@@ -629,15 +629,6 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         &policy::Action { connector: &connector, route, params: &params },
     );
 
-    // SSRF guard (step 2's address check), only for requests that may go out.
-    if decision.verdict != Verdict::Deny {
-        match gw.vetter.vet(&facts.host, facts.port).await {
-            ssrf::Vetted::Ok => {}
-            ssrf::Vetted::Blocked(why) => decision = Decision::deny("ssrf_blocked", why),
-            ssrf::Vetted::Unresolvable(why) => decision = Decision::deny("upstream_unresolvable", why),
-        }
-    }
-
     // ---- reserve budget (step 8)
     let mut reservation: Option<Reservation> = None;
     if decision.verdict != Verdict::Deny && !manifest.policy.budgets.is_empty() {
@@ -722,13 +713,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     // ---- refusals (enforce mode)
     if !dry_run {
         match decision.verdict {
-            Verdict::Deny => {
-                let status = match decision.code() {
-                    "upstream_unresolvable" => StatusCode::BAD_GATEWAY,
-                    _ => StatusCode::FORBIDDEN,
-                };
-                return gw.refuse_recorded(status, &facts, decision).await;
-            }
+            Verdict::Deny => return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, decision).await,
             Verdict::Escalate => {
                 release(gw, reservation.take());
                 match escalate(gw, &facts, &manifest, decision).await {
@@ -761,6 +746,20 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
                 }
             }
             Verdict::Allow => {}
+        }
+    }
+
+    // ---- SSRF guard (step 2's address check), only for requests that are about to go out:
+    // resolved once, every address classified; the client dials only what was vetted.
+    if decision.verdict == Verdict::Allow || dry_run {
+        let refusal = match gw.vetter.vet(&facts.host, facts.port).await {
+            ssrf::Vetted::Ok => None,
+            ssrf::Vetted::Blocked(why) => Some((StatusCode::FORBIDDEN, Decision::deny("ssrf_blocked", why))),
+            ssrf::Vetted::Unresolvable(why) => Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why))),
+        };
+        if let Some((status, d)) = refusal {
+            release(gw, reservation.take());
+            return gw.refuse_recorded(status, &facts, d).await;
         }
     }
 
