@@ -56,6 +56,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Box<TokenCmd>,
     },
+    /// Rotate the gateway key of a stopped gateway: a `key` entry signed by the current key
+    /// (keys.gateway) announces NEW; then point keys.gateway at NEW and start the gateway.
+    #[command(name = "rotate-key")]
+    RotateKey {
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// The new Ed25519 key (from `uapk-gateway keygen`).
+        #[arg(long)]
+        new_key: PathBuf,
+    },
     /// The interception CA.
     Ca {
         #[command(subcommand)]
@@ -249,6 +259,7 @@ fn main() -> ExitCode {
                 .map(|()| println!("wrote {} and {} (0600)", cert.display(), key.display()))
                 .map_err(|e| Fail(2, e))
         }
+        Cmd::RotateKey { config, new_key } => rotate_key(config.as_deref(), &new_key),
         Cmd::InitIptables { proxy_uid, port, dry_run } => init_iptables(proxy_uid, port, dry_run),
         Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id } } => {
             admin_key(&role, &id);
@@ -462,6 +473,26 @@ fn mint(a: MintArgs) -> Result<(), Fail> {
     };
     let token = identity::mint(&key, a.kid.as_deref(), &claims).map_err(|e| Fail(2, e.to_string()))?;
     println!("{token}");
+    Ok(())
+}
+
+fn rotate_key(path: Option<&Path>, new_key: &Path) -> Result<(), Fail> {
+    let cfg = load_config(path)?;
+    let old = identity::load_signing_key(&cfg.gateway_key).map_err(|e| Fail(2, e.to_string()))?;
+    let new = identity::load_signing_key(new_key).map_err(|e| Fail(2, e.to_string()))?;
+    let audit_cfg = audit::AuditConfig {
+        path: cfg.audit.path.clone(),
+        origin: cfg.audit.origin.clone(),
+        durability: audit::Durability::Sync,
+        sign_each_entry: cfg.audit.sign_each_entry,
+        queue_capacity: 1,
+        key_name: runtime::key_name(&cfg),
+    };
+    let idx = audit::rotate_key(audit_cfg, old, new).map_err(|e| Fail(1, e.to_string()))?;
+    println!(
+        "key rotation recorded as entry {idx}; now set keys.gateway to {} and start the gateway",
+        new_key.display()
+    );
     Ok(())
 }
 

@@ -19,7 +19,9 @@ pub use canonical::canonical_json;
 pub use merkle::{Frontier, Hash, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint};
 pub use proof::Proof;
-pub use store::{AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV};
+pub use store::{
+    AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV, rotate_key, rotation_message,
+};
 pub use verify::{
     ExportReport, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, first_index_at_or_after,
     read_entries, verify_bundle, verify_db, verify_db_with,

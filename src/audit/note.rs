@@ -90,3 +90,12 @@ pub fn signer_names(note: &str) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Adds a signature line by `key` to a signed note.
+pub fn cosign(note: &str, key_name: &str, key: &SigningKey) -> String {
+    let body = note.split_once("\n\n").map_or(note, |(b, _)| b).to_string() + "\n";
+    let sig = key.sign(body.as_bytes());
+    let mut blob = key_id(key_name, &key.verifying_key()).to_vec();
+    blob.extend_from_slice(&sig.to_bytes());
+    format!("{note}\u{2014} {key_name} {}\n", B64.encode(blob))
+}

@@ -136,6 +136,7 @@ fn recover(db: &redb::Database, cfg: &AuditConfig, key: &SigningKey) -> Result<(
     let mut frontier = Frontier::new();
     let mut prev = [0u8; 32];
     let mut last_ts = time::OffsetDateTime::UNIX_EPOCH;
+    let mut active_key: Option<String> = None;
     for (expected, item) in entries.iter().map_err(storage)?.enumerate() {
         let (k, v) = item.map_err(storage)?;
         let idx = k.value();
@@ -158,8 +159,20 @@ fn recover(db: &redb::Database, cfg: &AuditConfig, key: &SigningKey) -> Result<(
         {
             last_ts = ts;
         }
+        if parsed["kind"] == "key"
+            && let Some(k) = parsed["new_key"].as_str()
+        {
+            active_key = Some(k.to_string());
+        }
         prev = leaf_hash(bytes);
         frontier.push(prev);
+    }
+    if let Some(active) = active_key
+        && active != hex::encode(key.verifying_key().as_bytes())
+    {
+        return Err(AuditError::Integrity(format!(
+            "the gateway key was rotated: the log's active key is {active}; configure keys.gateway with it"
+        )));
     }
     let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
     let latest = cps.last().map_err(storage)?.map(|(_, v)| v.value().to_string());
@@ -215,7 +228,7 @@ impl AuditLog {
         shared.size.store(state.size, Ordering::SeqCst);
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let writer = Writer { db: db.clone(), cfg, key, state, shared: shared.clone() };
+        let writer = Writer { db: db.clone(), cfg, key, state, shared: shared.clone(), cosign: None };
         let thread = std::thread::Builder::new()
             .name("uapk-audit-writer".into())
             .spawn(move || writer.run(rx))
@@ -246,6 +259,8 @@ struct Writer {
     key: SigningKey,
     state: State,
     shared: Arc<Shared>,
+    /// A second key that co-signs the next checkpoint (key rotation).
+    cosign: Option<SigningKey>,
 }
 
 type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
@@ -369,7 +384,10 @@ impl Writer {
         }
         let cp =
             Checkpoint { origin: self.cfg.origin.clone(), size: self.state.size, root: self.state.frontier.root() };
-        let note = cp.sign(&self.cfg.key_name, &self.key);
+        let mut note = cp.sign(&self.cfg.key_name, &self.key);
+        if let Some(k) = &self.cosign {
+            note = super::note::cosign(&note, &self.cfg.key_name, k);
+        }
         let result = (|| -> Result<(), AuditError> {
             let mut tx = self.db.begin_write().map_err(storage)?;
             tx.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
@@ -440,4 +458,32 @@ fn recv_timeout(rx: &mut mpsc::Receiver<Msg>, wait: Duration) -> Option<Msg> {
             }
         }
     }
+}
+
+/// The message a rotation's old key signs: the log, and the new public key.
+pub fn rotation_message(origin: &str, new_key_hex: &str) -> String {
+    format!("uapk-gateway key rotation\n{origin}\n{new_key_hex}\n")
+}
+
+/// Rotates the gateway key of a stopped gateway's log: appends a `key` entry announcing `new`
+/// (signed by `old`), in a batch whose checkpoint both keys sign. From then on only `new` may
+/// sign checkpoints and entries; `verify` follows the rotation from the original key.
+pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<u64, AuditError> {
+    let db =
+        redb::Database::create(&cfg.path).map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
+    let (state, _) = recover(&db, &cfg, &old)?;
+    let new_hex = hex::encode(new.verifying_key().as_bytes());
+    let announcement = old.sign(rotation_message(&cfg.origin, &new_hex).as_bytes());
+    let mut fields = Map::new();
+    fields.insert("kind".into(), Value::String("key".into()));
+    fields.insert("event".into(), Value::String("rotate".into()));
+    fields.insert("key_name".into(), Value::String(cfg.key_name.clone()));
+    fields.insert("old_key".into(), Value::String(hex::encode(old.verifying_key().as_bytes())));
+    fields.insert("new_key".into(), Value::String(new_hex));
+    fields.insert("announcement_sig".into(), Value::String(hex::encode(announcement.to_bytes())));
+    let shared = Arc::new(Shared::default());
+    let mut w = Writer { db: Arc::new(db), cfg, key: old, state, shared, cosign: Some(new) };
+    let (tx, mut rx) = oneshot::channel();
+    w.commit(vec![(fields, Some(tx))], true);
+    rx.try_recv().map_err(|_| AuditError::Stopped)?
 }

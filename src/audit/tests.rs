@@ -373,3 +373,63 @@ async fn bundles_verify_and_detect_edits() {
     assert!(verify_bundle(&out, &[pubkey()]).is_err());
     assert!(verify_bundle(&mid, &[SigningKey::from_bytes(&[6u8; 32]).verifying_key()]).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_is_followed_by_verify_and_enforced() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 64);
+    for i in 0..5 {
+        log.handle().append(entry(i)).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    let cfg = |key_name: &str| AuditConfig {
+        path: dir.path().join("audit.redb"),
+        origin: "test/log".into(),
+        durability: Durability::Sync,
+        sign_each_entry: true,
+        queue_capacity: 16,
+        key_name: key_name.into(),
+    };
+    let (old, new) = (SigningKey::from_bytes(&[5u8; 32]), SigningKey::from_bytes(&[8u8; 32]));
+    assert_eq!(rotate_key(cfg("test/log"), old.clone(), new.clone()).unwrap(), 5);
+    // The old key may no longer run the log; the new one continues it.
+    let refused = AuditLog::open(cfg("test/log"), old.clone()).err().unwrap().to_string();
+    assert!(refused.contains("rotated"), "{refused}");
+    let log = AuditLog::open(cfg("test/log"), new.clone()).unwrap();
+    for i in 0..5 {
+        log.handle().append(entry(i)).await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    // Verification from the original key crosses the rotation.
+    let db = dir.path().join("audit.redb");
+    let r = verify_db(&db, &[old.verifying_key()]).unwrap();
+    assert_eq!(r.entries, 11);
+    // A later checkpoint signed by the retired key only is rejected.
+    let copy = dir.path().join("forged.redb");
+    std::fs::copy(&db, &copy).unwrap();
+    {
+        use redb::ReadableTable;
+        let d = redb::Database::open(&copy).unwrap();
+        let tx = d.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(redb::TableDefinition::<u64, &str>::new("audit_checkpoints")).unwrap();
+            let (size, note) = {
+                let (k, v) = t.last().unwrap().unwrap();
+                (k.value(), v.value().to_string())
+            };
+            let body = note.split_once("\n\n").unwrap().0;
+            let cp = Checkpoint {
+                origin: "test/log".into(),
+                size,
+                root: hexh(&hex::encode(
+                    base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body.lines().nth(2).unwrap())
+                        .unwrap(),
+                )),
+            };
+            t.insert(size, cp.sign("test/log", &old).as_str()).unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let err = verify_db(&copy, &[old.verifying_key()]).unwrap_err();
+    assert!(err.reason.contains("trusted key"), "{}", err.reason);
+}

@@ -126,6 +126,32 @@ pub fn first_index_at_or_after(db: &redb::Database, ts: &str) -> Result<Option<u
     Ok((lo < len).then_some(lo))
 }
 
+type Rotation = Result<(VerifyingKey, String, Signature), String>;
+
+/// For a `key` rotation entry: the announced key, the signed message and its signature.
+fn rotation(entry: &[u8]) -> Option<Rotation> {
+    let v: Value = serde_json::from_slice(entry).ok()?;
+    if v["kind"] != "key" {
+        return None;
+    }
+    Some(
+        (|| {
+            let new_hex = v["new_key"].as_str().ok_or("a key entry without new_key")?;
+            let bytes: [u8; 32] =
+                hex::decode(new_hex).ok().and_then(|b| b.try_into().ok()).ok_or("new_key is not 32 bytes")?;
+            let key = VerifyingKey::from_bytes(&bytes).map_err(|_| "new_key is not an Ed25519 key")?;
+            let sig = v["announcement_sig"]
+                .as_str()
+                .and_then(|h| hex::decode(h).ok())
+                .and_then(|b| Signature::from_slice(&b).ok())
+                .ok_or("announcement_sig is not a signature")?;
+            let origin = v["log"].as_str().unwrap_or_default();
+            Ok((key, super::store::rotation_message(origin, new_hex), sig))
+        })()
+        .map_err(|e: &str| e.to_string()),
+    )
+}
+
 fn origin_of(entry: &[u8]) -> String {
     serde_json::from_slice::<Value>(entry).ok().and_then(|v| v["log"].as_str().map(str::to_string)).unwrap_or_default()
 }
@@ -189,22 +215,29 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
     let mut last_cp_size = 0u64;
     // The smallest index whose stored leaf differs from its bytes: where a root mismatch starts.
     let mut first_changed: Option<u64> = None;
-    let check_cp =
-        |size: u64, note: &str, frontier: &Frontier, first_changed: Option<u64>| -> Result<(), VerifyFailure> {
-            let cp = parse_checkpoint(note, &named_keys(note, keys))
-                .map_err(|e| fail(None, format!("checkpoint at size {size}: {e}")))?;
-            if cp.size != size {
-                return Err(fail(None, format!("checkpoint stored at size {size} claims size {}", cp.size)));
-            }
-            if cp.root != frontier.root() {
-                let at = first_changed.unwrap_or(size.saturating_sub(1));
-                return Err(fail(
-                    Some(at),
-                    format!("the entries do not hash to the signed root of the checkpoint at size {size}"),
-                ));
-            }
-            Ok(())
-        };
+    // The keys that may sign at this point of the log: the trusted keys, then whatever key a
+    // rotation entry (signed by the key active before it) announces.
+    let mut active: Vec<VerifyingKey> = keys.to_vec();
+    let check_cp = |size: u64,
+                    note: &str,
+                    frontier: &Frontier,
+                    first_changed: Option<u64>,
+                    active: &[VerifyingKey]|
+     -> Result<(), VerifyFailure> {
+        let cp = parse_checkpoint(note, &named_keys(note, active))
+            .map_err(|e| fail(None, format!("checkpoint at size {size}: {e}")))?;
+        if cp.size != size {
+            return Err(fail(None, format!("checkpoint stored at size {size} claims size {}", cp.size)));
+        }
+        if cp.root != frontier.root() {
+            let at = first_changed.unwrap_or(size.saturating_sub(1));
+            return Err(fail(
+                Some(at),
+                format!("the entries do not hash to the signed root of the checkpoint at size {size}"),
+            ));
+        }
+        Ok(())
+    };
     for (expected, item) in entries.iter().map_err(|e| fail(None, e.to_string()))?.enumerate() {
         let expected = expected as u64;
         let (k, v) = item.map_err(|e| fail(Some(expected), e.to_string()))?;
@@ -236,10 +269,18 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
         if let Some(t) = &entry_sigs
             && let Ok(Some(sig)) = t.get(expected)
         {
-            let ok = Signature::from_slice(sig.value()).is_ok_and(|s| keys.iter().any(|k| k.verify(bytes, &s).is_ok()));
+            let ok =
+                Signature::from_slice(sig.value()).is_ok_and(|s| active.iter().any(|k| k.verify(bytes, &s).is_ok()));
             if !ok {
-                return Err(fail(Some(expected), "the entry's own signature is not by a trusted key"));
+                return Err(fail(Some(expected), "the entry's own signature is not by the key active at this index"));
             }
+        }
+        if let Some(new) = rotation(bytes) {
+            let (new_key, message, sig) = new.map_err(|why| fail(Some(expected), why))?;
+            if !active.iter().any(|k| k.verify(message.as_bytes(), &sig).is_ok()) {
+                return Err(fail(Some(expected), "a key rotation not signed by the key active before it"));
+            }
+            active = vec![new_key];
         }
         frontier.push(leaf);
         prev = leaf;
@@ -269,7 +310,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             if size < frontier.size() {
                 return Err(fail(None, format!("checkpoint at size {size} was skipped")));
             }
-            check_cp(size, note.value(), &frontier, first_changed)?;
+            check_cp(size, note.value(), &frontier, first_changed, &active)?;
             checkpoints += 1;
             last_cp_size = size;
         }

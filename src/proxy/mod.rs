@@ -755,7 +755,9 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         let refusal = match gw.vetter.vet(&facts.host, facts.port).await {
             ssrf::Vetted::Ok => None,
             ssrf::Vetted::Blocked(why) => Some((StatusCode::FORBIDDEN, Decision::deny("ssrf_blocked", why))),
-            ssrf::Vetted::Unresolvable(why) => Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why))),
+            ssrf::Vetted::Unresolvable(why) => {
+                Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why)))
+            }
         };
         if let Some((status, d)) = refusal {
             release(gw, reservation.take());
