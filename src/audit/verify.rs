@@ -4,7 +4,7 @@
 use super::merkle::{Frontier, Hash, leaf_hash};
 use super::note::{parse_checkpoint, signer_names};
 use super::store::{CHECKPOINTS, ENTRIES, GENESIS_PREV, LEAVES, SIGS};
-use super::{AuditError, canonical_json, storage};
+use super::{AuditError, storage};
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
@@ -162,20 +162,36 @@ fn named_keys(note: &str, keys: &[VerifyingKey]) -> Vec<(String, VerifyingKey)> 
 }
 
 /// Checks one entry: canonical form, index, chain link. Returns its leaf hash.
-fn check_entry(expected: u64, bytes: &[u8], prev: &Hash) -> Result<Hash, VerifyFailure> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|_| fail(Some(expected), "the entry is not valid JSON"))?;
-    let canon = canonical_json(&v).map_err(|e| fail(Some(expected), format!("the entry cannot be canonical: {e}")))?;
-    if canon != bytes {
-        return Err(fail(Some(expected), "the entry is not in canonical form"));
+/// The fields verification reads from every entry; the rest is skipped without building it.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(borrow)]
+    idx: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    prev: std::borrow::Cow<'a, str>,
+    #[serde(borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Checks one entry's index and chain link (its bytes are covered by the leaf hash, so any
+/// change to them shows in the chain or the signed roots). Returns its leaf hash and whether it
+/// is a key rotation.
+fn check_entry(expected: u64, bytes: &[u8], prev: &Hash) -> Result<(Hash, bool), VerifyFailure> {
+    let head: Head = serde_json::from_slice(bytes).map_err(|_| fail(Some(expected), "the entry is not valid JSON"))?;
+    if head.idx.parse::<u64>().ok() != Some(expected) {
+        return Err(fail(Some(expected), format!("the entry says idx {:?} (reordered or replaced)", head.idx)));
     }
-    if v["idx"].as_str() != Some(expected.to_string().as_str()) {
-        return Err(fail(Some(expected), format!("the entry says idx {} (reordered or replaced)", v["idx"])));
-    }
-    let want_prev = if expected == 0 { GENESIS_PREV.to_string() } else { hex::encode(prev) };
-    if v["prev"].as_str() != Some(want_prev.as_str()) {
+    let mut want = [0u8; 64];
+    let want_prev: &[u8] = if expected == 0 {
+        GENESIS_PREV.as_bytes()
+    } else {
+        hex::encode_to_slice(prev, &mut want).map_err(|_| fail(Some(expected), "hex"))?;
+        &want
+    };
+    if head.prev.as_bytes() != want_prev {
         return Err(fail(Some(expected), "the entry's prev does not match the previous entry's leaf hash"));
     }
-    Ok(leaf_hash(bytes))
+    Ok((leaf_hash(bytes), head.kind.as_deref() == Some("key")))
 }
 
 /// What else `verify_db_with` checks and reports.
@@ -206,31 +222,37 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
     let tx = db.begin_read().map_err(|e| fail(None, e.to_string()))?;
     let entries = tx.open_table(ENTRIES).map_err(|e| fail(None, format!("no audit entries table: {e}")))?;
     let cps = tx.open_table(CHECKPOINTS).map_err(|e| fail(None, format!("no checkpoints table: {e}")))?;
-    let stored_leaves = tx.open_table(LEAVES).ok();
+    // Diagnosis only (cold path): the first index below `upto` whose bytes no longer hash to the
+    // leaf recorded when it was written. Nothing is trusted from it; it only names the place.
+    let first_changed_below = |upto: u64| -> Option<u64> {
+        let leaves = tx.open_table(LEAVES).ok()?;
+        let entries = tx.open_table(ENTRIES).ok()?;
+        for item in entries.range(0..upto).ok()? {
+            let (k, v) = item.ok()?;
+            let stored = leaves.get(k.value()).ok()??;
+            if stored.value() != leaf_hash(v.value()).as_slice() {
+                return Some(k.value());
+            }
+        }
+        None
+    };
     let entry_sigs = tx.open_table(SIGS).ok();
     let mut cp_iter = cps.iter().map_err(|e| fail(None, e.to_string()))?.peekable();
     let mut frontier = Frontier::new();
     let mut prev = [0u8; 32];
     let mut checkpoints = 0u64;
     let mut last_cp_size = 0u64;
-    // The smallest index whose stored leaf differs from its bytes: where a root mismatch starts.
-    let mut first_changed: Option<u64> = None;
     // The keys that may sign at this point of the log: the trusted keys, then whatever key a
     // rotation entry (signed by the key active before it) announces.
     let mut active: Vec<VerifyingKey> = keys.to_vec();
-    let check_cp = |size: u64,
-                    note: &str,
-                    frontier: &Frontier,
-                    first_changed: Option<u64>,
-                    active: &[VerifyingKey]|
-     -> Result<(), VerifyFailure> {
+    let check_cp = |size: u64, note: &str, frontier: &Frontier, active: &[VerifyingKey]| -> Result<(), VerifyFailure> {
         let cp = parse_checkpoint(note, &named_keys(note, active))
             .map_err(|e| fail(None, format!("checkpoint at size {size}: {e}")))?;
         if cp.size != size {
             return Err(fail(None, format!("checkpoint stored at size {size} claims size {}", cp.size)));
         }
         if cp.root != frontier.root() {
-            let at = first_changed.unwrap_or(size.saturating_sub(1));
+            let at = first_changed_below(size).unwrap_or(size.saturating_sub(1));
             return Err(fail(
                 Some(at),
                 format!("the entries do not hash to the signed root of the checkpoint at size {size}"),
@@ -245,12 +267,12 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             return Err(fail(Some(expected), "the entry is missing (deleted)"));
         }
         let bytes = v.value();
-        let leaf = match check_entry(expected, bytes, &prev) {
+        let (leaf, is_key) = match check_entry(expected, bytes, &prev) {
             Ok(l) => l,
             Err(f) => {
                 // A broken link at `expected` after an unchanged-looking entry: if the previous
                 // entry's bytes no longer match its recorded leaf, the change is there.
-                if expected > 0 && f.reason.contains("prev") && first_changed == Some(expected - 1) {
+                if expected > 0 && f.reason.contains("prev") && first_changed_below(expected) == Some(expected - 1) {
                     return Err(fail(
                         Some(expected - 1),
                         "the entry was changed (its hash no longer matches the chain)",
@@ -259,13 +281,6 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
                 return Err(f);
             }
         };
-        if first_changed.is_none()
-            && let Some(t) = &stored_leaves
-            && let Ok(Some(stored)) = t.get(expected)
-            && stored.value() != leaf.as_slice()
-        {
-            first_changed = Some(expected);
-        }
         if let Some(t) = &entry_sigs
             && let Ok(Some(sig)) = t.get(expected)
         {
@@ -275,7 +290,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
                 return Err(fail(Some(expected), "the entry's own signature is not by the key active at this index"));
             }
         }
-        if let Some(new) = rotation(bytes) {
+        if is_key && let Some(new) = rotation(bytes) {
             let (new_key, message, sig) = new.map_err(|why| fail(Some(expected), why))?;
             if !active.iter().any(|k| k.verify(message.as_bytes(), &sig).is_ok()) {
                 return Err(fail(Some(expected), "a key rotation not signed by the key active before it"));
@@ -289,7 +304,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             && (frontier.root() != t.root || origin_of(bytes) != t.origin)
         {
             return Err(fail(
-                Some(first_changed.unwrap_or(expected)),
+                Some(first_changed_below(expected + 1).unwrap_or(expected)),
                 format!(
                     "the log is not an extension of the trusted checkpoint of size {} (rolled back, forked or replaced)",
                     t.size
@@ -310,7 +325,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             if size < frontier.size() {
                 return Err(fail(None, format!("checkpoint at size {size} was skipped")));
             }
-            check_cp(size, note.value(), &frontier, first_changed, &active)?;
+            check_cp(size, note.value(), &frontier, &active)?;
             checkpoints += 1;
             last_cp_size = size;
         }
@@ -483,7 +498,7 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, 
     for line in std::io::BufReader::new(file).lines() {
         let line = line.map_err(|e| fail(None, e.to_string()))?;
         let idx = frontier.size();
-        prev = check_entry(idx, line.as_bytes(), &prev)?;
+        prev = check_entry(idx, line.as_bytes(), &prev)?.0;
         frontier.push(prev);
         n += 1;
     }
