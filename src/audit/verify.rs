@@ -29,6 +29,8 @@ pub struct VerifyFailure {
     pub reason: String,
 }
 
+const READ_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// A log file opened for reading without changing it. A file left by a crash needs redb's
 /// repair before it can be read; the repair then runs on a temporary copy, so the evidence
 /// itself is never written.
@@ -45,14 +47,18 @@ enum SnapshotDb {
 impl Snapshot {
     pub fn open(path: &Path) -> Result<Snapshot, AuditError> {
         let io = |e: &dyn std::fmt::Display| AuditError::Io(format!("cannot open {}: {e}", path.display()));
-        match redb::ReadOnlyDatabase::open(path) {
+        // A small page cache: verification streams once through the file, so memory stays
+        // bounded whatever the log's size.
+        let mut builder = redb::Builder::new();
+        builder.set_cache_size(READ_CACHE_BYTES);
+        match builder.open_read_only(path) {
             Ok(db) => Ok(Snapshot { db: SnapshotDb::ReadOnly(db), temp: None }),
             Err(redb::DatabaseError::RepairAborted) => {
                 let temp =
                     std::env::temp_dir().join(format!("uapk-verify-{}-{}.redb", std::process::id(), rand_suffix()));
                 std::fs::copy(path, &temp).map_err(|e| io(&e))?;
                 let snap = Snapshot {
-                    db: SnapshotDb::Repaired(redb::Database::create(&temp).map_err(|e| io(&e))?),
+                    db: SnapshotDb::Repaired(builder.create(&temp).map_err(|e| io(&e))?),
                     temp: Some(temp),
                 };
                 Ok(snap)
@@ -374,6 +380,14 @@ pub struct ExportReport {
     pub to: u64,
 }
 
+/// SHA-256 of a file, streamed.
+fn sha_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::io::BufReader::with_capacity(1 << 16, std::fs::File::open(path)?);
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
 fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
@@ -390,9 +404,8 @@ pub fn export_bundle(
     key: &SigningKey,
 ) -> Result<ExportReport, AuditError> {
     use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
-    let db =
-        redb::ReadOnlyDatabase::open(db_path).map_err(|e| AuditError::Io(format!("{}: {e}", db_path.display())))?;
-    let tx = db.begin_read().map_err(storage)?;
+    let db = Snapshot::open(db_path)?;
+    let tx = db.begin_read()?;
     let entries = tx.open_table(ENTRIES).map_err(storage)?;
     let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
     let size = entries.len().map_err(storage)?;
@@ -475,7 +488,7 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, 
     for name in ["checkpoint", "entries.jsonl", "prefix.json", "gateway.pub.pem"] {
         let want =
             m["files"][name].as_str().ok_or_else(|| fail(None, format!("manifest.json does not list {name}")))?;
-        if sha_hex(&read(name)?) != want {
+        if sha_file(&dir.join(name)).map_err(|e| fail(None, format!("{name}: {e}")))? != want {
             return Err(fail(None, format!("{name} does not match its SHA-256 in manifest.json")));
         }
     }
