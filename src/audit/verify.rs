@@ -57,10 +57,8 @@ impl Snapshot {
                 let temp =
                     std::env::temp_dir().join(format!("uapk-verify-{}-{}.redb", std::process::id(), rand_suffix()));
                 std::fs::copy(path, &temp).map_err(|e| io(&e))?;
-                let snap = Snapshot {
-                    db: SnapshotDb::Repaired(builder.create(&temp).map_err(|e| io(&e))?),
-                    temp: Some(temp),
-                };
+                let snap =
+                    Snapshot { db: SnapshotDb::Repaired(builder.create(&temp).map_err(|e| io(&e))?), temp: Some(temp) };
                 Ok(snap)
             }
             Err(e) => Err(io(&e)),

@@ -10,7 +10,45 @@ use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// The fields of a request's access-log line.
+pub struct Access {
+    pub request_id: String,
+    pub agent: String,
+    pub connector: String,
+    pub action: String,
+    pub decision: &'static str,
+    pub reasons: String,
+    pub started: Instant,
+}
+
+/// One JSON access-log line per request (SPEC §13).
+pub fn access_line(
+    a: &Access,
+    status: StatusCode,
+    bytes: u64,
+    record: Option<u64>,
+    upstream: Option<Duration>,
+    error: Option<&str>,
+) {
+    tracing::info!(
+        target: "access",
+        request_id = %a.request_id,
+        agent = %a.agent,
+        connector = %a.connector,
+        action = %a.action,
+        decision = a.decision,
+        reasons = %a.reasons,
+        status = status.as_u16(),
+        bytes,
+        duration_ms = a.started.elapsed().as_secs_f64() * 1000.0,
+        upstream_ms = upstream.map(|d| d.as_secs_f64() * 1000.0),
+        record,
+        error,
+        "request"
+    );
+}
 
 /// What the `outcome` entry of a forwarded request needs.
 pub struct Outcome {
@@ -19,6 +57,7 @@ pub struct Outcome {
     /// Index of the request's `decision` entry.
     pub record: u64,
     pub upstream_latency: Duration,
+    pub access: Access,
 }
 
 impl Outcome {
@@ -41,6 +80,7 @@ impl Outcome {
         if let Err(e) = self.audit.append_nowait(m) {
             tracing::error!(request_id = %self.request_id, error = %e, "outcome entry not queued");
         }
+        access_line(&self.access, status, bytes, Some(self.record), Some(self.upstream_latency), error);
     }
 }
 

@@ -89,7 +89,7 @@ pub(super) async fn authorize_tunnel(
     }
     let decision = Decision::allow();
     let record = gw.record(facts, &decision, None).await?;
-    gw.finish_metrics(facts, &decision, StatusCode::OK);
+    gw.finish_metrics(facts, &decision, StatusCode::OK, Some(record));
     Ok((connector, record))
 }
 

@@ -35,6 +35,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 pub use body::RecordedBody;
+use body::access_line;
 pub use escalation::{Decided, Resolution, Waiters, decide_approval, expire_due};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -168,6 +169,7 @@ pub(crate) struct Facts {
     body: Option<(String, u64)>, // (sha256 hex, length)
     headers: Map<String, Value>,
     mode: PolicyMode,
+    started: Instant,
 }
 
 impl Facts {
@@ -202,6 +204,18 @@ impl Facts {
             m.insert("approval_id".into(), json!(id));
         }
         m
+    }
+
+    fn access(&self, d: &Decision) -> body::Access {
+        body::Access {
+            request_id: self.request_id.clone(),
+            agent: self.agent.clone().unwrap_or_else(|| "-".into()),
+            connector: self.connector.clone().unwrap_or_else(|| "-".into()),
+            action: self.action.clone().unwrap_or_else(|| "-".into()),
+            decision: d.verdict.as_str(),
+            reasons: d.reasons.iter().map(|r| r.code).collect::<Vec<_>>().join(","),
+            started: self.started,
+        }
     }
 
     /// SHA-256 of the canonical action (SPEC §6): what an override token is bound to.
@@ -255,26 +269,18 @@ impl Gateway {
                     resp.headers_mut()
                         .insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-gateway\""));
                 }
-                self.finish_metrics(facts, &d, status);
+                self.finish_metrics(facts, &d, status, Some(idx));
                 resp
             }
             Err(resp) => resp,
         }
     }
 
-    fn finish_metrics(&self, facts: &Facts, d: &Decision, status: StatusCode) {
+    /// Counts a decided request; the access-log line is written here for answers the gateway
+    /// gives itself, and by the outcome for forwarded ones (which know their bytes then).
+    fn finish_metrics(&self, facts: &Facts, d: &Decision, status: StatusCode, record: Option<u64>) {
         self.metrics.request(d.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
-        tracing::info!(
-            target: "access",
-            request_id = %facts.request_id,
-            agent = facts.agent.as_deref().unwrap_or("-"),
-            connector = facts.connector.as_deref().unwrap_or("-"),
-            action = facts.action.as_deref().unwrap_or("-"),
-            decision = d.verdict.as_str(),
-            reasons = %d.reasons.iter().map(|r| r.code).collect::<Vec<_>>().join(","),
-            status = status.as_u16(),
-            "request"
-        );
+        access_line(&facts.access(d), status, 0, record, None, None);
     }
 }
 
@@ -430,6 +436,7 @@ pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts
         body: None,
         headers: Map::new(),
         mode: PolicyMode::Enforce,
+        started: Instant::now(),
     }
 }
 
@@ -704,7 +711,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
             if let Ok(v) = HeaderValue::from_str(&limited.limit) {
                 h.insert("ratelimit", v);
             }
-            gw.finish_metrics(&facts, &d, StatusCode::TOO_MANY_REQUESTS);
+            gw.finish_metrics(&facts, &d, StatusCode::TOO_MANY_REQUESTS, Some(idx));
             return resp;
         }
         decision = d;
@@ -793,11 +800,11 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         (None, Some(b)) => b.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
         (None, None) => full_body(Bytes::new()),
     };
-    let mut resp = forward(gw, &facts, &connector, parts, req_body, idx).await;
+    let mut resp = forward(gw, &facts, &connector, parts, req_body, idx, facts.access(&decision)).await;
     if let Some(code) = would_deny {
         resp.headers_mut().insert("x-uapk-would-deny", HeaderValue::from_static(code));
     }
-    gw.finish_metrics(&facts, &decision, resp.status());
+    gw.metrics.request(decision.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
     resp
 }
 
@@ -930,7 +937,7 @@ async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decisio
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-uapk-approval", v);
     }
-    gw.finish_metrics(facts, &decision, StatusCode::FORBIDDEN);
+    gw.finish_metrics(facts, &decision, StatusCode::FORBIDDEN, Some(idx));
     Escalated::Respond(resp)
 }
 
@@ -943,6 +950,7 @@ async fn forward(
     parts: http::request::Parts,
     body: ProxyBody,
     record: u64,
+    access: body::Access,
 ) -> Response<ProxyBody> {
     let host = if facts.host.contains(':') { format!("[{}]", facts.host) } else { facts.host.clone() };
     let default_port = matches!((facts.scheme, facts.port), (Scheme::Http, 80) | (Scheme::Https, 443));
@@ -987,6 +995,7 @@ async fn forward(
         request_id: facts.request_id.clone(),
         record,
         upstream_latency: latency,
+        access,
     };
     match result {
         Ok(Ok(resp)) => {
