@@ -419,3 +419,67 @@ fn check_reports_errors_with_location_and_exit_1() {
     let (code, out, err) = run_cli(&["check"], std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_pass_through_after_the_decision() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that accepts `Upgrade: echo` and then echoes bytes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(u) = on.await {
+                            let mut io = hyper_util::rt::TokioIo::new(u);
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    r.headers_mut().insert("connection", "upgrade".parse().unwrap());
+                    r.headers_mut().insert("upgrade", "echo".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up, "", ""))], "").await;
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    let req = format!(
+        "GET /shop/v1/charges/stream HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\nx-uapk-capability: {}\r\n\r\n",
+        token("pay-agent")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the response head");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("x-uapk-record"), "{head}");
+    s.write_all(b"hello through the gateway").await.unwrap();
+    let mut echo = [0u8; 25];
+    s.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"hello through the gateway");
+    drop(s);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let outcome =
+        gw.entries().into_iter().find(|e| e["kind"] == "outcome").expect("outcome of the upgraded connection");
+    assert_eq!(outcome["status"], "101");
+    assert_eq!(outcome["bytes"], "50");
+}

@@ -38,6 +38,17 @@ fn strip_common(h: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 upgrade request asks for (`Connection: upgrade` + `Upgrade`).
+pub fn requested_upgrade(h: &HeaderMap) -> Option<http::HeaderValue> {
+    let asks = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if asks { h.get(header::UPGRADE).cloned() } else { None }
+}
+
 /// Prepares agent headers for the upstream. `Host` is dropped: the client sets it from the
 /// upstream URI.
 pub fn strip_request(h: &mut HeaderMap) {

@@ -966,8 +966,16 @@ async fn forward(
             return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
         }
     };
+    let mut parts = parts;
+    // An upgrade (WebSocket) keeps its Upgrade/Connection pair; the tunnel is spliced after 101.
+    let upgrade = hygiene::requested_upgrade(&parts.headers);
+    let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let mut headers = parts.headers;
     hygiene::strip_request(&mut headers);
+    if let Some(proto) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
     let creds = connector.credentials.as_ref().map(Vec::as_slice).unwrap_or_default();
     for (name, _) in creds {
         headers.remove(name);
@@ -998,6 +1006,37 @@ async fn forward(
         access,
     };
     match result {
+        Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some() => {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let client_upgrade = client_upgrade.expect("checked");
+            tokio::spawn(async move {
+                let (c, u) = match tokio::join!(client_upgrade, upstream_upgrade) {
+                    (Ok(c), Ok(u)) => (c, u),
+                    _ => {
+                        outcome.write(StatusCode::SWITCHING_PROTOCOLS, 0, None, Some("the upgrade did not complete"));
+                        return;
+                    }
+                };
+                let (mut c, mut u) = (hyper_util::rt::TokioIo::new(c), hyper_util::rt::TokioIo::new(u));
+                let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                let bytes = r.as_ref().map_or(0, |(a, b)| a + b);
+                outcome.write(
+                    StatusCode::SWITCHING_PROTOCOLS,
+                    bytes,
+                    None,
+                    r.err().map(|_| "the upgraded connection ended with an error"),
+                );
+            });
+            let (mut rp, _) = resp.into_parts();
+            let proto = rp.headers.get(header::UPGRADE).cloned();
+            hygiene::strip_response(&mut rp.headers);
+            if let Some(p) = proto {
+                rp.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                rp.headers.insert(header::UPGRADE, p);
+            }
+            rp.headers.insert("x-uapk-record", HeaderValue::from(record));
+            Response::from_parts(rp, full_body(Bytes::new()))
+        }
         Ok(Ok(resp)) => {
             let (mut rp, rb) = resp.into_parts();
             hygiene::strip_response(&mut rp.headers);
