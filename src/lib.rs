@@ -7,6 +7,8 @@
 //!
 //! `audit` depends on nothing else in this crate, so `verify` links only the log's logic.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod approvals;
 pub mod audit;

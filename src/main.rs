@@ -1,6 +1,8 @@
 //! `uapk-gateway` command line: parse, call into the library, map errors to exit codes
 //! (0 ok, 1 invalid or verification failed, 2 usage or I/O error).
 
+#![forbid(unsafe_code)]
+
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
