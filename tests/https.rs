@@ -96,13 +96,13 @@ async fn curl_through_https_proxy_is_intercepted_and_decided() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_requests_through_the_proxy() {
-    if std::process::Command::new("python3")
-        .args(["-c", "import requests"])
-        .status()
-        .map(|s| !s.success())
-        .unwrap_or(true)
-    {
-        panic!("python3 with requests is required (installed by .ci/run)");
+    let have =
+        std::process::Command::new("python3").args(["-c", "import requests"]).status().is_ok_and(|s| s.success());
+    if !have {
+        // CI installs it (.ci/run); a developer machine without it skips, loudly.
+        assert!(std::env::var_os("CI").is_none(), "python3 with requests is required in CI");
+        eprintln!("SKIPPED python_requests_through_the_proxy: `pip install requests` to run it");
+        return;
     }
     let up = TlsUpstream::start().await;
     let gw = start(&up).await;
