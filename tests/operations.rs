@@ -1,0 +1,439 @@
+//! Operating the gateway: approvals (reject and hold), rate limits, the admin API, hot reload
+//! with the Kubernetes ConfigMap layout, dry run, metrics, and graceful shutdown of the real
+//! binary under load.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+const APPROVER: &str = "uapk_test_approver";
+const VIEWER: &str = "uapk_test_viewer";
+
+fn admin_keys() -> String {
+    use sha2::Digest;
+    let h = |k: &str| hex::encode(sha2::Sha256::digest(k));
+    format!(
+        "admin:\n  keys:\n    - {{ id: ops, sha256: {}, role: approver }}\n    - {{ id: audit, sha256: {}, role: viewer }}\n",
+        h(APPROVER),
+        h(VIEWER)
+    )
+}
+
+fn admin(gw: &TestGateway, path: &str) -> String {
+    format!("http://{}{path}", gw.admin)
+}
+
+async fn refund(gw: &TestGateway, tok: &str, amount: u64, over: Option<&str>) -> reqwest::Response {
+    let mut rb = client()
+        .post(gw.base("/shop/v1/refunds"))
+        .header("x-uapk-capability", tok)
+        .header("x-country", "US")
+        .json(&json!({"amount": amount, "currency": "USD", "customer": "cus_1"}));
+    if let Some(o) = over {
+        rb = rb.header("x-uapk-override", o);
+    }
+    rb.send().await.unwrap()
+}
+
+async fn approve(gw: &TestGateway, id: &str, key: &str) -> (u16, Value) {
+    let r = client()
+        .post(admin(gw, &format!("/v1/approvals/{id}/approve")))
+        .bearer_auth(key)
+        .json(&json!({"note": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approval_round_trip_and_every_refusal() {
+    let up = Upstream::start().await;
+    let files = [
+        ("pay.yaml", manifest("pay-agent", up.addr, POLICY, "escalation:\n  approval_ttl: 2s\n")),
+        ("other.yaml", manifest("other-agent", up.addr, POLICY, "")),
+    ];
+    let gw = TestGateway::start(&files, &admin_keys()).await;
+    let tok = token("pay-agent");
+    let r = refund(&gw, &tok, 6000, None).await;
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["decision"], "escalate");
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    // A viewer may look but not approve.
+    let r = client().get(admin(&gw, "/v1/approvals?status=pending")).bearer_auth(VIEWER).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let list: Value = r.json().await.unwrap();
+    assert_eq!(list["approvals"][0]["id"], id.as_str());
+    assert_eq!(list["approvals"][0]["params"]["amount"], "60");
+    assert_eq!(approve(&gw, &id, VIEWER).await.0, 403);
+    assert_eq!(approve(&gw, &id, "not-a-key").await.0, 401);
+    let (status, body) = approve(&gw, &id, APPROVER).await;
+    assert_eq!(status, 200, "{body}");
+    let over = body["override_token"].as_str().unwrap().to_string();
+    assert_eq!(approve(&gw, &id, APPROVER).await.0, 409, "no approving twice");
+    // Another agent cannot use it; a changed body cannot either.
+    let r = refund(&gw, &token("other-agent"), 6000, Some(&over)).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_invalid");
+    let r = refund(&gw, &tok, 6001, Some(&over)).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_invalid");
+    assert_eq!(up.count(), 0);
+    // The identical request goes through exactly once.
+    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), 1);
+    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_already_used");
+    assert_eq!(up.count(), 1);
+    // A denied approval gives no token; an expired one cannot be approved.
+    let v: Value = refund(&gw, &tok, 7000, None).await.json().await.unwrap();
+    let denied = v["approval_id"].as_str().unwrap().to_string();
+    let r =
+        client().post(admin(&gw, &format!("/v1/approvals/{denied}/deny"))).bearer_auth(APPROVER).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.json::<Value>().await.unwrap().get("override_token").is_none());
+    assert_eq!(approve(&gw, &denied, APPROVER).await.0, 409);
+    let v: Value = refund(&gw, &tok, 8000, None).await.json().await.unwrap();
+    let late = v["approval_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(approve(&gw, &late, APPROVER).await.0, 409, "no approving after expiry");
+    let events: Vec<String> = gw
+        .entries()
+        .iter()
+        .filter(|e| e["kind"] == "approval")
+        .map(|e| e["event"].as_str().unwrap().to_string())
+        .collect();
+    for want in ["created", "approved", "consumed", "denied"] {
+        assert!(events.iter().any(|e| e == want), "{want} missing from {events:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_mode_waits_for_the_human() {
+    let up = Upstream::start().await;
+    let files =
+        [("pay.yaml", manifest("pay-agent", up.addr, POLICY, "escalation:\n  mode: hold\n  hold_timeout: 2s\n"))];
+    let gw = TestGateway::start(&files, &admin_keys()).await;
+    let tok = token("pay-agent");
+    let pending = |gw: &TestGateway| {
+        let url = admin(gw, "/v1/approvals?status=pending");
+        async move {
+            let v: Value = client().get(url).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
+            v["approvals"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+    // Approved while held: the request completes with the upstream's answer, once.
+    let (url, t2) = (gw.base("/shop/v1/refunds"), tok.clone());
+    let held = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("x-uapk-capability", t2)
+            .header("x-country", "US")
+            .json(&json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}))
+            .send()
+            .await
+            .unwrap()
+    });
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids = pending(&gw).await;
+        if !ids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(up.count(), 0, "nothing forwarded while held");
+    assert_eq!(approve(&gw, &ids[0], APPROVER).await.0, 200);
+    let r = held.await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), 1);
+    // Denied while held.
+    let (url, t2) = (gw.base("/shop/v1/refunds"), tok.clone());
+    let held = tokio::spawn(async move {
+        client()
+            .post(url)
+            .header("x-uapk-capability", t2)
+            .header("x-country", "US")
+            .json(&json!({"amount": 6100, "currency": "USD", "customer": "cus_1"}))
+            .send()
+            .await
+            .unwrap()
+    });
+    let mut ids = Vec::new();
+    for _ in 0..50 {
+        ids = pending(&gw).await;
+        if !ids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = client()
+        .post(admin(&gw, &format!("/v1/approvals/{}/deny", ids[0])))
+        .bearer_auth(APPROVER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = held.await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "approval_denied");
+    // Many held requests at once time out together (parked futures, not threads).
+    let started = Instant::now();
+    let waits: Vec<_> = (0..200)
+        .map(|i| {
+            let (url, t2) = (gw.base("/shop/v1/refunds"), tok.clone());
+            tokio::spawn(async move {
+                let r = client()
+                    .post(url)
+                    .header("x-uapk-capability", t2)
+                    .header("x-country", "US")
+                    .json(&json!({"amount": 5100 + i, "currency": "USD", "customer": "cus_1"}))
+                    .send()
+                    .await
+                    .unwrap();
+                let s = r.status().as_u16();
+                (s, r.json::<Value>().await.unwrap()["reasons"][0]["code"].as_str().unwrap_or("").to_string())
+            })
+        })
+        .collect();
+    for w in waits {
+        assert_eq!(w.await.unwrap(), (403, "approval_timeout".to_string()));
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "200 holds took {:?}", started.elapsed());
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_and_refusals_spend_no_quota() {
+    let up = Upstream::start().await;
+    let policy = "  rate_limits:\n    - scope: agent\n      rate: 10/s\n      burst: 5\n";
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, policy, ""))], &admin_keys()).await;
+    let tok = token("pay-agent");
+    let get = |path: &str| client().get(gw.base(path)).header("x-uapk-capability", &tok).send();
+    // Refused requests first: they must not drain the bucket.
+    for _ in 0..20 {
+        assert_eq!(get("/shop/v1/nope").await.unwrap().status(), 403);
+    }
+    let mut ok = 0;
+    let mut limited = None;
+    for _ in 0..30 {
+        let r = get("/shop/v1/charges/a").await.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            429 => limited = Some(r),
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!((5..=7).contains(&ok), "{ok} allowed for a burst of 5 at 10/s");
+    let r = limited.expect("some requests are limited");
+    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert!(r.headers()["ratelimit-policy"].to_str().unwrap().contains("q=10;w=1"));
+    assert!(r.headers().contains_key("ratelimit"));
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "rate_limited");
+    let m = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("uapk_ratelimit_keys 1"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_needs_keys_and_serves_records() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], &admin_keys()).await;
+    client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", token("pay-agent")).send().await.unwrap();
+    for path in ["/v1/approvals", "/v1/records", "/v1/checkpoint", "/v1/manifests"] {
+        assert_eq!(client().get(admin(&gw, path)).send().await.unwrap().status(), 401, "{path}");
+        assert_eq!(client().get(admin(&gw, path)).bearer_auth("wrong").send().await.unwrap().status(), 401, "{path}");
+        assert_eq!(client().get(admin(&gw, path)).bearer_auth(VIEWER).send().await.unwrap().status(), 200, "{path}");
+    }
+    let recs: Value = client()
+        .get(admin(&gw, "/v1/records?from=0&limit=10"))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(recs["records"][0]["kind"], "startup");
+    let one = client().get(admin(&gw, "/v1/records/0")).bearer_auth(VIEWER).send().await.unwrap().text().await.unwrap();
+    assert!(one.starts_with('{') && one.contains("\"kind\":\"startup\""), "{one}");
+    let cp = client().get(admin(&gw, "/v1/checkpoint")).bearer_auth(VIEWER).send().await.unwrap().text().await.unwrap();
+    assert!(cp.starts_with("test.example/log\n"), "{cp}");
+    let m: Value =
+        client().get(admin(&gw, "/v1/manifests")).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
+    assert_eq!(m["manifests"][0]["agent"], "pay-agent");
+    assert_eq!(m["manifests"][0]["sha256"].as_str().unwrap().len(), 64);
+}
+
+/// Writes `text` as the manifest of a ConfigMap-style directory, swapping `..data` atomically.
+fn configmap_swap(dir: &std::path::Path, generation: u32, text: &str) {
+    let real = dir.join(format!("..gen_{generation}"));
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::write(real.join("pay.yaml"), text).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..gen_{generation}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if !dir.join("pay.yaml").exists() {
+        std::os::unix::fs::symlink("..data/pay.yaml", dir.join("pay.yaml")).unwrap();
+    }
+}
+
+/// Polls until the allowed route answers `want`; returns how long that took.
+async fn wait_for(gw: &TestGateway, want: u16) -> Duration {
+    let t = Instant::now();
+    loop {
+        let r = client()
+            .get(gw.base("/shop/v1/charges/a"))
+            .header("x-uapk-capability", token("pay-agent"))
+            .send()
+            .await
+            .unwrap();
+        if r.status().as_u16() == want {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "decision did not change to {want}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_reloads_apply_and_bad_ones_are_refused() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    configmap_swap(&policies, 1, &manifest("pay-agent", up.addr, "", ""));
+    let gw = TestGateway::start_in(dir, &[], "").await;
+    let tok = token("pay-agent");
+    let status = || async {
+        client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", &tok).send().await.unwrap()
+    };
+    assert_eq!(status().await.status(), 200);
+    let policies = gw.dir.path().join("policies");
+    // Swap in a manifest that denies the action: applied within about a second.
+    configmap_swap(&policies, 2, &manifest("pay-agent", up.addr, "  action_types: { deny: [payment.read] }\n", ""));
+    let took = wait_for(&gw, 403).await;
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    // An invalid manifest changes nothing, is counted and shown on /readyz.
+    configmap_swap(&policies, 3, "apiVersion: uapk/v1\nkind: Manifest\nagent: { id: pay-agent }\nbogus_key: 1\n");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(status().await.status(), 403, "the last good policy keeps serving");
+    let m = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(m.contains("uapk_config_reloads_total{result=\"error\"} 1"), "{m}");
+    assert!(m.contains("uapk_config_reloads_total{result=\"success\"} 1"), "{m}");
+    let ready: Value = client().get(admin(&gw, "/readyz")).send().await.unwrap().json().await.unwrap();
+    assert!(ready["last_reload_error"].as_str().unwrap().contains("bogus_key"), "{ready}");
+    // Switching to dry_run forwards what would be denied, says so, and is recorded.
+    configmap_swap(
+        &policies,
+        4,
+        &manifest("pay-agent", up.addr, "  action_types: { deny: [payment.read] }\n", "mode: dry_run\n"),
+    );
+    wait_for(&gw, 200).await;
+    let r = status().await;
+    assert_eq!(r.headers()["x-uapk-would-deny"], "action_type_not_allowed");
+    let configs: Vec<Value> = gw.entries().into_iter().filter(|e| e["kind"] == "config").collect();
+    assert_eq!(configs.len(), 3, "load + two applied reloads");
+    assert_eq!(configs[2]["mode_changes"][0]["to"], "dry_run");
+    let d = decisions(&gw.entries());
+    assert!(d.iter().any(|e| e["mode"] == "dry_run" && e["decision"] == "deny"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_of_the_spec_is_exported() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
+    let tok = token("pay-agent");
+    client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", &tok).send().await.unwrap();
+    client().get(gw.base("/shop/v1/nope")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let m = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "uapk_requests_total{decision=\"allow\",connector=\"shop\",mode=\"enforce\"} 1",
+        "uapk_requests_total{decision=\"deny\",connector=\"shop\",mode=\"enforce\"} 1",
+        "uapk_request_duration_seconds_bucket",
+        "uapk_upstream_duration_seconds_count 1",
+        "uapk_audit_append_duration_seconds_count",
+        "uapk_audit_entries_total",
+        "uapk_audit_queue_depth",
+        "uapk_audit_batch_size",
+        "uapk_tls_leaf_cache_hits_total",
+        "uapk_tls_leaf_cache_misses_total",
+        "uapk_config_reloads_total",
+        "uapk_approvals_pending",
+        "uapk_ratelimit_keys",
+        "uapk_build_info",
+    ] {
+        assert!(m.contains(name), "{name} missing:\n{m}");
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_exits_0() {
+    let up = Upstream::start().await;
+    up.set_hook(|_| {
+        std::thread::sleep(Duration::from_millis(800));
+        (200, "{\"slow\":true}".into())
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("policies")).unwrap();
+    std::fs::write(d.join("policies/pay.yaml"), manifest("pay-agent", up.addr, "", "")).unwrap();
+    let (proxy, admin_port) = (free_port(), free_port());
+    std::fs::write(
+        d.join("gateway.yaml"),
+        format!(
+            "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin_port}\npolicies: {}\ndata_dir: {}\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n",
+            d.join("policies").display(),
+            d.join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "-c", d.join("gateway.yaml").to_str().unwrap()])
+        .env("UAPK_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while client()
+        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        assert!(t.elapsed() < Duration::from_secs(15));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tok = token("pay-agent");
+    let reqs: Vec<_> = (0..10)
+        .map(|_| {
+            let (tok, url) = (tok.clone(), format!("http://127.0.0.1:{proxy}/shop/v1/charges/slow"));
+            tokio::spawn(async move {
+                client().get(url).header("x-uapk-capability", tok).send().await.map(|r| r.status().as_u16())
+            })
+        })
+        .collect();
+    // Let every request reach the slow upstream, then ask the gateway to stop.
+    let t = Instant::now();
+    while up.seen.lock().unwrap().len() < 10 && t.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    for r in reqs {
+        assert_eq!(r.await.unwrap().unwrap(), 200, "an in-flight request was cut off");
+    }
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{status}");
+    let (db, key) = (d.join("data/audit.redb"), d.join("data/gateway.pub.pem"));
+    let (code, out, err) = run_cli(&["verify", "--db", db.to_str().unwrap(), "--key", key.to_str().unwrap()], d);
+    assert_eq!(code, 0, "{out}{err}");
+    let entries = read_all(&redb::Database::open(&db).unwrap());
+    assert_eq!(entries.iter().filter(|e| e["kind"] == "outcome" && e["status"] == "200").count(), 10);
+}
