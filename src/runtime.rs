@@ -205,6 +205,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         config: cfg,
     });
     let health = Arc::new(AdminState::default());
+    // The log was re-verified against its checkpoint when it was opened.
+    *health.key_id.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(hex::encode(audit::key_id(&key_name(&gw.config), &gw.gateway_key.verifying_key())));
+    *health.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+        time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        gw.audit.tree_size(),
+    ));
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     {
