@@ -1,0 +1,23 @@
+"""An agent written with requests. requests reads HTTPS_PROXY and REQUESTS_CA_BUNDLE from the
+environment, so the same code runs with the gateway as explicit proxy or transparently."""
+import os
+import sys
+
+import requests
+
+api = os.environ["UAPK_UPSTREAM"]
+ok = True
+
+r = requests.get(f"{api}/v1/items/1", timeout=10)
+print("allow", r.status_code, r.text) if r.status_code == 200 else print("unexpected", r.status_code, r.text)
+ok &= r.status_code == 200
+
+r = requests.get(f"{api}/v1/admin/users", timeout=10)
+print("deny", r.status_code, r.json()["reasons"][0]["code"])
+ok &= r.status_code == 403 and r.json()["decision"] == "deny"
+
+r = requests.post(f"{api}/v1/refunds", json={"amount": 9000, "currency": "USD", "customer": "cus_42"}, timeout=10)
+print("escalate", r.status_code, r.json().get("approval_id"))
+ok &= r.status_code == 403 and r.json()["decision"] == "escalate"
+
+sys.exit(0 if ok else 1)
