@@ -99,6 +99,8 @@ pub struct Limits {
     /// Bodies buffered for body params are capped at this size (else 413).
     pub max_body_bytes: usize,
     pub header_read_timeout: Duration,
+    /// A body the gateway buffers (for body params) must arrive within this time (else 408).
+    pub body_read_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub max_connections: usize,

@@ -367,10 +367,9 @@ fn sanitize(s: &str) -> String {
 /// upstream see another path than the one the routes matched.
 fn ambiguous_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains('\\')
-        || lower.contains("%2e")
+    // Encoded separators, encoded dots and double encoding (`%25`) could decode, at the upstream
+    // or a server behind it, into a path other than the one the routes matched.
+    ["%2f", "%5c", "%2e", "%25", "\\"].iter().any(|bad| lower.contains(bad))
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
@@ -454,6 +453,11 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     let mut preset_token = None;
 
     // ---- parse: where is this request going?
+    // Both framings at once is how requests are smuggled past proxies (RFC 9112 §6.3): refuse.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) && parts.headers.contains_key(header::CONTENT_LENGTH) {
+        let d = Decision::deny("malformed_request", "Content-Length and Transfer-Encoding together");
+        return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+    }
     if parts.method == Method::CONNECT {
         let d = Decision::deny("malformed_request", "CONNECT is not allowed here");
         return refuse(StatusCode::METHOD_NOT_ALLOWED, &facts, &d, None, DenyBody::default());
@@ -612,7 +616,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     let mut body = Some(body);
     let mut buffered: Option<Bytes> = None;
     if route.needs_body() {
-        match buffer_body(body.take().expect("body"), &parts.headers, limit).await {
+        match buffer_body(body.take().expect("body"), &parts.headers, &gw.config.limits).await {
             Ok(b) => {
                 facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
                 buffered = Some(b);
@@ -662,7 +666,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     if decision.verdict == Verdict::Escalate {
         // The action hash covers the body, so an escalated request's body is read now.
         if facts.body.is_none() {
-            match buffer_body(body.take().expect("body"), &parts.headers, limit).await {
+            match buffer_body(body.take().expect("body"), &parts.headers, &gw.config.limits).await {
                 Ok(b) => {
                     facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
                     buffered = Some(b);
@@ -827,22 +831,30 @@ fn release(gw: &Gateway, r: Option<Reservation>) {
 fn body_refusal(status: StatusCode, limit: usize) -> Decision {
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         Decision::deny("body_too_large", format!("the request body exceeds limits.max_body_bytes ({limit} bytes)"))
+    } else if status == StatusCode::REQUEST_TIMEOUT {
+        Decision::deny("body_timeout", "the request body did not arrive within limits.body_read_timeout")
     } else {
         Decision::deny("malformed_request", "the request body could not be read")
     }
 }
 
 /// Reads a whole body up to `limit` bytes: 413 above it, 400 if the peer fails mid-body.
-async fn buffer_body(body: Incoming, headers: &HeaderMap, limit: usize) -> Result<Bytes, StatusCode> {
+async fn buffer_body(body: Incoming, headers: &HeaderMap, limits: &crate::config::Limits) -> Result<Bytes, StatusCode> {
+    let limit = limits.max_body_bytes;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(StatusCode::PAYLOAD_TOO_LARGE);
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(StatusCode::PAYLOAD_TOO_LARGE),
-        Err(_) => Err(StatusCode::BAD_REQUEST),
+    match tokio::time::timeout(limits.body_read_timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(StatusCode::REQUEST_TIMEOUT),
+        Ok(r) => match r {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                Err(StatusCode::PAYLOAD_TOO_LARGE)
+            }
+            Err(_) => Err(StatusCode::BAD_REQUEST),
+        },
     }
 }
 

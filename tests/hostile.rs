@@ -1,0 +1,420 @@
+//! Hostile input: every case gets its documented status (never a crash or a hang), a decision
+//! record where a request was identified, and after every case the gateway still serves a normal
+//! request.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Upstreams that misbehave on purpose: `/close` closes mid-response, `/huge` streams 100 MB,
+/// `/hang` never answers; anything else answers 200.
+async fn nasty_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                if path.contains("/close") {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npartial").await;
+                } else if path.contains("/huge") {
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 104857600\r\n\r\n").await;
+                    let chunk = vec![b'x'; 1 << 20];
+                    for _ in 0..100 {
+                        if s.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                } else if path.contains("/hang") {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                } else {
+                    let seen = head.to_ascii_lowercase();
+                    let body = format!(
+                        "{{\"ok\":true,\"auth\":{},\"foo\":{}}}",
+                        seen.contains("\r\nauthorization:"),
+                        seen.contains("\r\nx-uapk-foo:")
+                    );
+                    let _ = s
+                        .write_all(
+                            format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            )
+                            .as_bytes(),
+                        )
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+const LIMITS: &str = "limits:\n  max_header_bytes: 4096\n  max_body_bytes: 1024\n  header_read_timeout: 1s\n  body_read_timeout: 1s\n  upstream_timeout: 1s\n";
+
+async fn start() -> (TestGateway, SocketAddr) {
+    let up = nasty_upstream().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up, POLICY, ""))], LIMITS).await;
+    (gw, up)
+}
+
+/// Sends raw bytes and returns what came back before the gateway closed or 5 s passed.
+async fn raw(gw: &TestGateway, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    let _ = s.write_all(bytes).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(resp: &str) -> u16 {
+    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+fn record_of(resp: &str) -> Option<u64> {
+    let body = resp.split_once("\r\n\r\n")?.1;
+    serde_json::from_str::<Value>(body).ok()?["record"].as_u64()
+}
+
+async fn alive(gw: &TestGateway, tok: &str) {
+    let r = client().get(gw.base("/shop/v1/charges/ok")).header("x-uapk-capability", tok).send().await.unwrap();
+    assert_eq!(r.status(), 200, "the gateway stopped serving normal requests");
+}
+
+fn req(line: &str, tok: &str, extra: &str, body: &str) -> Vec<u8> {
+    format!("{line}\r\nHost: gw\r\nx-uapk-capability: {tok}\r\nConnection: close\r\n{extra}\r\n{body}").into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_smuggling_requests() {
+    let (gw, _) = start().await;
+    let tok = token("pay-agent");
+    let refund = r#"{"amount":100,"currency":"USD","customer":"c"}"#;
+    let cases: Vec<(&str, Vec<u8>, &[u16])> = vec![
+        // hyper frames by Transfer-Encoding and drops Content-Length (RFC 9112 §6.3); the gateway
+        // re-frames what it forwards, so nothing is smuggled downstream either way.
+        (
+            "CL+TE",
+            req(
+                "POST /shop/v1/refunds HTTP/1.1",
+                &tok,
+                &format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\nx-country: US\r\n", refund.len()),
+                &format!("{:x}\r\n{refund}\r\n0\r\n\r\n", refund.len()),
+            ),
+            &[400, 200],
+        ),
+        (
+            "duplicate differing CL",
+            req("POST /shop/v1/refunds HTTP/1.1", &tok, "Content-Length: 5\r\nContent-Length: 7\r\n", "hello12"),
+            &[400],
+        ),
+        (
+            "garbage chunk size",
+            req("POST /shop/v1/refunds HTTP/1.1", &tok, "Transfer-Encoding: chunked\r\n", "zz\r\nhello\r\n0\r\n\r\n"),
+            &[400, 403],
+        ),
+        (
+            "TE chunked, identity",
+            req(
+                "POST /shop/v1/refunds HTTP/1.1",
+                &tok,
+                "Transfer-Encoding: chunked, identity\r\n",
+                "5\r\nhello\r\n0\r\n\r\n",
+            ),
+            &[400, 501],
+        ),
+        ("obs-fold header", req("GET /shop/v1/charges/a HTTP/1.1", &tok, "X-Folded: a\r\n  b\r\n", ""), &[400]),
+        (
+            "oversized header",
+            req("GET /shop/v1/charges/a HTTP/1.1", &tok, &format!("X-Big: {}\r\n", "a".repeat(8000)), ""),
+            &[431, 400],
+        ),
+        (
+            "too many headers",
+            req(
+                "GET /shop/v1/charges/a HTTP/1.1",
+                &tok,
+                &(0..200).map(|i| format!("X-H{i}: v\r\n")).collect::<String>(),
+                "",
+            ),
+            &[431, 400],
+        ),
+        ("malformed request line", b"GARBAGE\r\n\r\n".to_vec(), &[400]),
+        ("invalid header name", req("GET /shop/v1/charges/a HTTP/1.1", &tok, "Bad Header: x\r\n", ""), &[400]),
+        ("CR in header value", req("GET /shop/v1/charges/a HTTP/1.1", &tok, "X-A: a\rb\r\n", ""), &[400]),
+        (
+            "invalid UTF-8 in path",
+            [b"GET /shop/v1/charges/\xff\xfe HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".as_slice()].concat(),
+            &[400],
+        ),
+        (
+            "very long path",
+            req(&format!("GET /shop/v1/charges/{} HTTP/1.1", "a".repeat(9000)), &tok, "", ""),
+            &[414, 431, 400],
+        ),
+        (
+            "HTTP/2 preface then junk",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12junk-frame-bytes".to_vec(),
+            &[0, 400],
+        ),
+        (
+            "missing Host on HTTP/1.1",
+            format!("GET /shop/v1/charges/a HTTP/1.1\r\nx-uapk-capability: {tok}\r\nConnection: close\r\n\r\n")
+                .into_bytes(),
+            &[200, 400],
+        ),
+        ("https absolute-form on the proxy", req("GET https://shop.test/x HTTP/1.1", &tok, "", ""), &[400]),
+        ("CONNECT in origin form", req("CONNECT /x HTTP/1.1", &tok, "", ""), &[400]),
+    ];
+    let n = cases.len();
+    for (name, bytes, want) in cases {
+        let resp = raw(&gw, &bytes).await;
+        let status = status_of(&resp);
+        assert!(want.contains(&status), "{name}: got {status}, want one of {want:?}: {resp:.300}");
+        alive(&gw, &tok).await;
+    }
+    assert!(n >= 16);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn path_tricks_around_route_matching() {
+    let (gw, _) = start().await;
+    let tok = token("pay-agent");
+    let cases: &[(&str, u16, Option<&str>)] = &[
+        ("/shop/v1/refunds/../admin", 400, None),
+        ("/shop/v1/charges/../../admin", 400, None),
+        ("/shop/v1/charges/%2e%2e/x", 400, None),
+        ("/shop/v1/charges/%2E%2E/x", 400, None),
+        ("/shop/v1/charges/a%2Fb", 400, None),
+        ("/shop/v1/charges/%252e%252e/x", 400, None),
+        ("/shop/v1/charges/a%5cb", 400, None),
+        ("/shop/v1/charges/a\\b", 400, None),
+        ("/shop/v1/./charges/x", 400, None),
+        ("/shop//v1/charges/x", 403, Some("route_not_allowed")),
+        ("/shop/v1/Charges/x", 403, Some("route_not_allowed")),
+        ("/shop/v1/%63harges/x", 403, Some("route_not_allowed")),
+        ("/shop/v1/refunds", 403, Some("route_not_allowed")), // GET on a POST route
+        ("/shop/v1/charges/x.", 200, None),
+        ("/shop", 403, Some("route_not_allowed")),
+        ("/", 404, Some("route_not_allowed")),
+    ];
+    for (path, want, code) in cases {
+        let resp = raw(&gw, &req(&format!("GET {path} HTTP/1.1"), &tok, "", "")).await;
+        assert_eq!(status_of(&resp), *want, "{path}: {resp:.300}");
+        if let Some(code) = code {
+            assert!(resp.contains(code), "{path}: {resp:.300}");
+        }
+        if *want == 403 {
+            let idx = record_of(&resp).expect("a refused identified request has a record");
+            let e = &gw.entries()[idx as usize];
+            assert_eq!(e["kind"], "decision", "{path}");
+        }
+        alive(&gw, &tok).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_timeouts_and_misbehaving_upstreams() {
+    let (gw, _up) = start().await;
+    let tok = token("pay-agent");
+    // Body over the limit: by Content-Length (early) and chunked (while reading).
+    let resp = raw(
+        &gw,
+        &req("POST /shop/v1/refunds HTTP/1.1", &tok, "Content-Length: 5000\r\nx-country: US\r\n", &"x".repeat(5000)),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 413, "{resp:.300}");
+    assert!(record_of(&resp).is_some());
+    let chunk = "a".repeat(600);
+    let body = format!("{:x}\r\n{chunk}\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n", chunk.len(), chunk.len());
+    let resp = raw(
+        &gw,
+        &req("POST /shop/v1/refunds HTTP/1.1", &tok, "Transfer-Encoding: chunked\r\nx-country: US\r\n", &body),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 413, "{resp:.300}");
+    alive(&gw, &tok).await;
+    // A body that stalls: 408 after limits.body_read_timeout, with a record.
+    let started = Instant::now();
+    let resp = raw(
+        &gw,
+        &req("POST /shop/v1/refunds HTTP/1.1", &tok, "Content-Length: 100\r\nx-country: US\r\n", "{\"amount\":"),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 408, "{resp:.300}");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(resp.contains("body_timeout"));
+    // A deeply nested JSON body is refused, not a stack overflow.
+    let deep = format!("{{\"amount\":{}1{}}}", "[".repeat(100_000), "]".repeat(100_000));
+    let deep = &deep[..1000];
+    let resp = raw(
+        &gw,
+        &req(
+            "POST /shop/v1/refunds HTTP/1.1",
+            &tok,
+            &format!("Content-Length: {}\r\nx-country: US\r\n", deep.len()),
+            deep,
+        ),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 403, "{resp:.300}");
+    assert!(resp.contains("amount_invalid"));
+    alive(&gw, &tok).await;
+    // Slow-loris headers: closed by the gateway after limits.header_read_timeout.
+    let started = Instant::now();
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(b"GET /shop/v1/charges/a HTTP/1.1\r\nHost: gw\r\n").await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(6), s.read_to_end(&mut out)).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "slow-loris connection held {:?}", started.elapsed());
+    alive(&gw, &tok).await;
+    // The upstream closes mid-response: the client sees a truncated body, an outcome records it.
+    let r = client().get(gw.base("/shop/v1/charges/close")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.is_err(), "a truncated body must surface as an error");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        gw.entries()
+            .iter()
+            .any(|e| e["kind"] == "outcome" && e["error"].as_str().is_some_and(|m| m.contains("mid-response")))
+    );
+    // The upstream never answers: 504.
+    let r = client().get(gw.base("/shop/v1/charges/hang")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 504);
+    // 100 MB streamed through without being buffered.
+    let rss = || -> u64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let before = rss();
+    let mut r = client().get(gw.base("/shop/v1/charges/huge")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let mut total = 0u64;
+    let mut peak = before;
+    while let Some(c) = r.chunk().await.unwrap() {
+        total += c.len() as u64;
+        peak = peak.max(rss());
+    }
+    assert_eq!(total, 100 << 20);
+    assert!(peak - before < 60 * 1024, "RSS grew by {} kB while streaming 100 MB", peak - before);
+    alive(&gw, &tok).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_and_identity_tricks() {
+    let (gw, up) = start().await;
+    let tok = token("pay-agent");
+    // Connection-named headers are hop-by-hop: nothing is smuggled upstream.
+    let r = client()
+        .get(gw.base("/shop/v1/charges/conn"))
+        .header("x-uapk-capability", &tok)
+        .header("connection", "x-uapk-foo, authorization")
+        .header("x-uapk-foo", "1")
+        .header("authorization", "Bearer agent")
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    assert_eq!((v["auth"].as_bool(), v["foo"].as_bool()), (Some(false), Some(false)), "{v}");
+    // A token in both Proxy-Authorization and x-uapk-capability in base-URL mode: the header wins.
+    let r = client()
+        .get(gw.base("/shop/v1/charges/a"))
+        .header("x-uapk-capability", &tok)
+        .header("proxy-authorization", "Bearer garbage")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Explicit proxy: absolute-form vs Host conflict, bad Basic credentials, odd ports.
+    let target = format!("http://127.0.0.1:{}/v1/charges/a", up.port());
+    let resp = raw(&gw, format!("GET {target} HTTP/1.1\r\nHost: evil.example\r\nProxy-Authorization: Bearer {tok}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    assert_eq!(status_of(&resp), 400, "{resp:.300}");
+    let resp = raw(&gw, format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nProxy-Authorization: Basic !!!notbase64\r\nConnection: close\r\n\r\n", up.port()).as_bytes()).await;
+    assert_eq!(status_of(&resp), 407, "{resp:.300}");
+    let resp = raw(&gw, format!("GET http://127.0.0.1:1/x HTTP/1.1\r\nHost: 127.0.0.1:1\r\nProxy-Authorization: Bearer {tok}\r\nConnection: close\r\n\r\n").as_bytes()).await;
+    assert_eq!(status_of(&resp), 403);
+    assert!(resp.contains("host_not_allowed"));
+    // CONNECT to a port no connector allows, and without a port.
+    let resp = raw(
+        &gw,
+        format!("CONNECT 127.0.0.1:22 HTTP/1.1\r\nHost: 127.0.0.1:22\r\nProxy-Authorization: Bearer {tok}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 403, "{resp:.300}");
+    let resp = raw(
+        &gw,
+        format!("CONNECT 127.0.0.1 HTTP/1.1\r\nHost: 127.0.0.1\r\nProxy-Authorization: Bearer {tok}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 400, "{resp:.300}");
+    // TLS garbage after a successful CONNECT to an intercept connector: the tunnel just closes.
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(
+        format!(
+            "CONNECT shop.test:{p} HTTP/1.1\r\nHost: shop.test:{p}\r\nProxy-Authorization: Bearer {tok}\r\n\r\n",
+            p = up.port()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let _ = s.write_all(b"\x16\x03\x01\x00\x05garbagegarbagegarbage").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    alive(&gw, &tok).await;
+    // A header param that is not text counts as missing: the list that needs it denies.
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("x-country", reqwest::header::HeaderValue::from_bytes(b"\xffUS").unwrap());
+    let r = client()
+        .post(gw.base("/shop/v1/refunds"))
+        .header("x-uapk-capability", &tok)
+        .headers(h)
+        .json(&serde_json::json!({"amount": 100, "currency": "USD", "customer": "c"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "jurisdiction_not_allowed");
+    // An unknown method on a route that lists methods.
+    let resp = raw(&gw, &req("FOO /shop/v1/charges/a HTTP/1.1", &tok, "", "")).await;
+    assert_eq!(status_of(&resp), 403);
+    assert!(resp.contains("route_not_allowed"));
+    // 1000 junk connections at once, then a normal request.
+    let junk: Vec<_> = (0..1000)
+        .map(|i| {
+            let addr = gw.proxy;
+            tokio::spawn(async move {
+                if let Ok(mut s) = TcpStream::connect(addr).await {
+                    let _ = s
+                        .write_all(if i % 2 == 0 { b"\x00\x01\x02garbage\r\n\r\n" } else { b"GET / HTTP/1.1\r\n" })
+                        .await;
+                }
+            })
+        })
+        .collect();
+    for j in junk {
+        let _ = j.await;
+    }
+    alive(&gw, &tok).await;
+}
