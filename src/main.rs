@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use uapk_gateway::{audit, config, identity, runtime};
 
+/// mimalloc: the data path allocates many small, short-lived buffers per request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "uapk-gateway", version, about = "Egress firewall and black-box recorder for AI agents")]
 struct Cli {

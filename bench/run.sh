@@ -1,0 +1,226 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on one machine, one run: the same upstream (nginx on loopback), the same
+# load generators and the same core budget for every proxy. Prints a Markdown table (req/s,
+# p50/p99 latency, peak RSS, ratio to the best peer of the class) and writes bench/results.md.
+#   bash bench/run.sh            # 10 s per run
+#   bash bench/run.sh --quick    # 2 s per run (CI smoke)
+# CPU split on 2 cores: the proxy under test on core 0; load generator and upstream on core 1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+secs=10; [ "${1:-}" = "--quick" ] && secs=2
+need=()
+for c in wrk nginx squid mitmdump hey taskset openssl; do command -v $c >/dev/null || need+=($c); done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light squid mitmproxy hey util-linux openssl >/dev/null
+fi
+cargo build --release --quiet
+bin=$root/target/release/uapk-gateway
+w=$(mktemp -d); chmod 755 "$w"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+hwm() { awk '/VmHWM/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+# Certificates: a test CA, a cert for localhost used by the upstream and by nginx's TLS front.
+(cd "$w"
+ openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=bench-ca 2>/dev/null
+ openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout up.key -out up.csr -subj /CN=localhost 2>/dev/null
+ printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > ext
+ openssl x509 -req -in up.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out up.pem -days 2 -extfile ext 2>/dev/null)
+
+up=$(port); ups=$(port)
+mkdir -p "$w/nginx-up"
+cat > "$w/nginx-up/nginx.conf" <<NGX
+worker_processes 1; daemon off; pid $w/nginx-up/pid; error_log $w/nginx-up/error.log;
+events { worker_connections 4096; }
+http {
+  access_log $w/nginx-up/access.log; keepalive_requests 100000;
+  server { listen 127.0.0.1:$up; location / { default_type application/json; return 200 '{"ok":true}'; } }
+  server { listen 127.0.0.1:$ups ssl; ssl_certificate $w/up.pem; ssl_certificate_key $w/up.key;
+           location / { default_type application/json; return 200 '{"ok":true}'; } }
+}
+NGX
+taskset -c 1 nginx -c "$w/nginx-up/nginx.conf" -p "$w/nginx-up" & pids+=($!)
+wait_port "$up"; wait_port "$ups"
+
+rows=()
+best_plain=0; best_tls=0
+declare -A rps p50 p99 rss
+# wrk_run NAME URL [lua] → fills rps/p50/p99
+wrk_run() {
+  local name=$1 url=$2 lua=${3:-}
+  local args=(-t1 -c32 -d"${secs}s" --latency)
+  [ -n "$lua" ] && args+=(-s "$lua")
+  local out; out=$(taskset -c 1 wrk "${args[@]}" "$url")
+  rps[$name]=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
+  local lat; lat=$(taskset -c 1 wrk -t1 -c4 -d"${secs}s" --latency ${lua:+-s "$lua"} "$url")
+  p50[$name]=$(awk '$1=="50%" {print $2}' <<<"$lat"); p99[$name]=$(awk '$1=="99%" {print $2}' <<<"$lat")
+}
+# hey_run NAME URL [proxy] → HTTPS class, driven by hey (it can CONNECT through a proxy)
+hey_run() {
+  local name=$1 url=$2 proxy=${3:-}
+  local n=$((secs * 2000))
+  local out; out=$(taskset -c 1 hey -n "$n" -c 32 ${proxy:+-x "$proxy"} "$url")
+  rps[$name]=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
+  local lat; lat=$(taskset -c 1 hey -n $((secs * 300)) -c 4 ${proxy:+-x "$proxy"} "$url")
+  p50[$name]=$(awk '/50% in/ {printf "%.2fms", $3*1000}' <<<"$lat"); p99[$name]=$(awk '/99% in/ {printf "%.2fms", $3*1000}' <<<"$lat")
+  local bad; bad=$(awk '/Status code distribution/,0' <<<"$out" | grep -v '\[200\]' | grep -c '\[' || true)
+  [ "$bad" -eq 0 ] || echo "warning: $name answered non-200 statuses" >&2
+}
+add() { rows+=("$1|$2|${rps[$1]}|${p50[$1]}|${p99[$1]}|${rss[$1]:--}"); }
+
+# 1. direct (the floor)
+wrk_run direct "http://127.0.0.1:$up/ok"; add direct "plain HTTP, no proxy"
+
+# 2. nginx reverse proxy
+np=$(port); mkdir -p "$w/nginx-rp"
+cat > "$w/nginx-rp/nginx.conf" <<NGX
+worker_processes 1; daemon off; pid $w/nginx-rp/pid; error_log $w/nginx-rp/error.log;
+events { worker_connections 4096; }
+http { access_log off; upstream u { server 127.0.0.1:$up; keepalive 64; }
+  server { listen 127.0.0.1:$np; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+NGX
+taskset -c 0 nginx -c "$w/nginx-rp/nginx.conf" -p "$w/nginx-rp" & pid=$!; pids+=($pid); wait_port "$np"
+wrk_run nginx "http://127.0.0.1:$np/ok"; rss[nginx]=$(ps -o rss= --ppid $pid | awk '{s+=$1} END {printf "%.1f", s/1024}'); add nginx "reverse proxy, keep-alive upstream"
+
+# 3. squid forward proxy with a domain allowlist
+sp=$(port); mkdir -p "$w/squid"
+cat > "$w/squid/squid.conf" <<SQ
+http_port 127.0.0.1:$sp
+acl allowed dstdomain localhost
+http_access allow allowed
+http_access deny all
+cache deny all
+access_log none
+cache_log $w/squid/cache.log
+pid_filename $w/squid/pid
+coredump_dir $w/squid
+workers 1
+SQ
+taskset -c 0 squid -N -f "$w/squid/squid.conf" & pid=$!; pids+=($pid); wait_port "$sp"
+printf 'wrk.path = "http://localhost:%s/ok"\nwrk.headers["Host"] = "localhost:%s"\n' "$up" "$up" > "$w/squid.lua"
+wrk_run squid "http://127.0.0.1:$sp" "$w/squid.lua"; rss[squid]=$(hwm $pid); add squid "forward proxy, domain allowlist"
+
+# uapk-gateway setup
+mkdir -p "$w/gw/policies"
+"$bin" keygen --out "$w/gw/issuer.pem" >/dev/null
+cat > "$w/gw/policies/bench.yaml" <<YAML
+apiVersion: uapk/v1
+kind: Manifest
+agent: { id: bench-agent }
+capability: { issuers: [{ id: bench, public_key_file: $w/gw/issuer.pub.pem }] }
+connectors:
+  - name: bench
+    base_url: http://localhost:$up
+    hosts: [localhost, 127.0.0.1]
+    ports: [$up]
+    routes: [{ methods: [GET], path: /ok, action: bench.read }]
+  - name: bench-tls
+    base_url: https://localhost:$ups
+    hosts: [localhost]
+    ports: [$ups]
+    tls: intercept
+    routes: [{ methods: [GET], path: /ok, action: bench.read }]
+YAML
+token=$("$bin" token mint --issuer-key "$w/gw/issuer.pem" --iss bench --sub bench-agent --ttl 1h)
+gp=$(port); ga=$(port)
+start_gw() { # durability
+  rm -rf "$w/gw/data"
+  cat > "$w/gw/gateway.yaml" <<YAML
+listeners: { proxy: 127.0.0.1:$gp, admin: 127.0.0.1:$ga }
+policies: $w/gw/policies
+data_dir: $w/gw/data
+audit: { durability: $1 }
+tls: { extra_upstream_roots: [$w/ca.pem] }
+network: { allow_private_destinations: [127.0.0.0/8, "::1/128"] }
+YAML
+  UAPK_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$bin" run -c "$w/gw/gateway.yaml" 2>"$w/gw/log" & gw=$!; pids+=($gw)
+  wait_port "$gp"
+}
+stop_gw() { kill -TERM "$gw"; wait "$gw" 2>/dev/null || true; }
+printf 'wrk.path = "http://127.0.0.1:%s/ok"\nwrk.headers["Host"] = "127.0.0.1:%s"\nwrk.headers["Proxy-Authorization"] = "Bearer %s"\n' "$up" "$up" "$token" > "$w/explicit.lua"
+printf 'wrk.headers["x-uapk-capability"] = "%s"\n' "$token" > "$w/base.lua"
+
+for d in sync async; do
+  start_gw $d
+  wrk_run "uapk-explicit-$d" "http://127.0.0.1:$gp" "$w/explicit.lua"; rss[uapk-explicit-$d]=$(hwm $gw)
+  add "uapk-explicit-$d" "uapk-gateway explicit proxy, plain HTTP, audit $d"
+  if [ $d = sync ]; then
+    before=$(wc -l < "$w/nginx-up/access.log")
+    printf 'wrk.path = "/bench/denied"\nwrk.headers["x-uapk-capability"] = "%s"\n' "$token" > "$w/denied.lua"
+    e0=$(curl -s "http://127.0.0.1:$ga/metrics" | awk '/^uapk_audit_entries_total/ {print $2}')
+    t0=$(date +%s.%N)
+    wrk_run uapk-denied "http://127.0.0.1:$gp" "$w/denied.lua"; rss[uapk-denied]=$(hwm $gw)
+    t1=$(date +%s.%N)
+    e1=$(curl -s "http://127.0.0.1:$ga/metrics" | awk '/^uapk_audit_entries_total/ {print $2}')
+    after=$(wc -l < "$w/nginx-up/access.log")
+    denied_upstream=$((after - before))
+    appends=$(python3 -c "print(int(($e1 - $e0) / ($t1 - $t0)))")
+    add uapk-denied "uapk-gateway denied (no route), audit sync"
+  fi
+  stop_gw
+done
+
+# HTTPS class, all driven by hey: nginx TLS→TLS, mitmproxy, uapk-gateway CONNECT + interception.
+nt=$(port); mkdir -p "$w/nginx-tls"
+cat > "$w/nginx-tls/nginx.conf" <<NGX
+worker_processes 1; daemon off; pid $w/nginx-tls/pid; error_log $w/nginx-tls/error.log;
+events { worker_connections 4096; }
+http { access_log off; upstream u { server 127.0.0.1:$ups; keepalive 64; }
+  server { listen 127.0.0.1:$nt ssl; ssl_certificate $w/up.pem; ssl_certificate_key $w/up.key;
+    location / { proxy_pass https://u; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_ssl_session_reuse on; proxy_ssl_verify on; proxy_ssl_trusted_certificate $w/ca.pem; proxy_ssl_name localhost; } } }
+NGX
+taskset -c 0 nginx -c "$w/nginx-tls/nginx.conf" -p "$w/nginx-tls" & pid=$!; pids+=($pid); wait_port "$nt"
+SSL_CERT_FILE=$w/ca.pem hey_run nginx-tls "https://localhost:$nt/ok"; rss[nginx-tls]=$(ps -o rss= --ppid $pid | awk '{s+=$1} END {printf "%.1f", s/1024}')
+add nginx-tls "nginx TLS termination + re-encryption"
+
+mp=$(port)
+taskset -c 0 mitmdump -q --listen-host 127.0.0.1 --listen-port "$mp" --set confdir="$w/mitm" \
+  --set ssl_verify_upstream_trusted_ca="$w/ca.pem" & pid=$!; pids+=($pid); wait_port "$mp"
+for _ in $(seq 100); do [ -f "$w/mitm/mitmproxy-ca-cert.pem" ] && break; sleep 0.1; done
+SSL_CERT_FILE=$w/mitm/mitmproxy-ca-cert.pem hey_run mitmproxy "https://localhost:$ups/ok" "http://127.0.0.1:$mp"; rss[mitmproxy]=$(hwm $pid)
+add mitmproxy "mitmproxy HTTPS interception"
+kill $pid
+
+for d in sync async; do
+  start_gw $d
+  SSL_CERT_FILE=$w/gw/data/ca.pem hey_run "uapk-intercept-$d" "https://localhost:$ups/ok" "http://agent:$token@127.0.0.1:$gp"; rss[uapk-intercept-$d]=$(hwm $gw)
+  add "uapk-intercept-$d" "uapk-gateway CONNECT + interception, audit $d"
+  if [ $d = sync ]; then
+    wrk_run uapk-base-tls "http://127.0.0.1:$gp/bench-tls/ok" "$w/base.lua"; rss[uapk-base-tls]=$(hwm $gw)
+    add uapk-base-tls "uapk-gateway base-URL, TLS upstream, audit sync (wrk)"
+  fi
+  stop_gw
+done
+
+# RSS at a steady 1,000 req/s (explicit proxy, sync).
+start_gw sync
+taskset -c 1 hey -z "$((secs + 3))s" -c 10 -q 100 -x "http://agent:$token@127.0.0.1:$gp" "http://127.0.0.1:$up/ok" >/dev/null
+rss_1k=$(hwm $gw)
+stop_gw
+
+ratio() { python3 -c "a=$1; b=$2; print(f'{a/b:.2f}' if b else '-')"; }
+{
+  echo "# Benchmark results"
+  echo
+  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r); \`bash bench/run.sh${1:+ $1}\` ($secs s per run)."
+  echo "Plain HTTP rows: wrk -t1 -c32 (throughput) and -c4 (latency); HTTPS rows: hey -c32 / -c4. Proxy on core 0; wrk/hey and the nginx upstream on core 1. uapk-gateway with one tokio worker."
+  echo
+  echo "| system | mode | req/s | p50 | p99 | peak RSS MB |"
+  echo "|---|---|---:|---:|---:|---:|"
+  for r in "${rows[@]}"; do IFS='|' read -r a b c d e f <<<"$r"; echo "| $a | $b | $c | $d | $e | $f |"; done
+  echo
+  echo "Ratios (one run):"
+  echo "- explicit plain HTTP, sync / nginx: $(ratio "${rps[uapk-explicit-sync]}" "${rps[nginx]}") (target ≥ 0.8); async / nginx: $(ratio "${rps[uapk-explicit-async]}" "${rps[nginx]}") (target ≥ 1.0); sync / squid: $(ratio "${rps[uapk-explicit-sync]}" "${rps[squid]}") (target ≥ 1.5)"
+  echo "- interception, sync / nginx TLS→TLS: $(ratio "${rps[uapk-intercept-sync]}" "${rps[nginx-tls]}") (target ≥ 0.7); / mitmproxy: $(ratio "${rps[uapk-intercept-sync]}" "${rps[mitmproxy]}") (target ≥ 10)"
+  echo "- denied / allowed (sync): $(ratio "${rps[uapk-denied]}" "${rps[uapk-explicit-sync]}") (target ≥ 2); upstream requests during the denied run: $denied_upstream (target 0)"
+  echo "- median at c=4: direct ${p50[direct]}, uapk sync ${p50[uapk-explicit-sync]}, uapk async ${p50[uapk-explicit-async]} (targets: +1 ms sync, +0.3 ms async)"
+  echo "- peak RSS at 1,000 req/s (explicit, sync): ${rss_1k} MB (target ≤ 30)"
+  echo "- durable audit appends with 32 concurrent clients (denied run, sync): ${appends} entries/s (target ≥ 20,000)"
+} | tee bench/results.md
+echo "bench: 1 passed, 0 failed"
