@@ -100,6 +100,7 @@ cache_log $w/squid/cache.log
 pid_filename $w/squid/pid
 coredump_dir $w/squid
 workers 1
+shutdown_lifetime 1 seconds
 SQ
 taskset -c 0 squid -N -f "$w/squid/squid.conf" & pid=$!; pids+=($pid); wait_port "$sp"
 printf 'wrk.path = "http://localhost:%s/ok"\nwrk.headers["Host"] = "localhost:%s"\n' "$up" "$up" > "$w/squid.lua"

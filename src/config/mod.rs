@@ -150,11 +150,22 @@ pub fn load_manifest(path: &Path, strictness: Strictness) -> Result<(Manifest, V
             message: format!("cannot read: {e}"),
         }])
     })?;
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    let raw: raw::RawManifest = parse_yaml(path, &text).map_err(|d| Diagnostics(vec![d]))?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    parse_manifest(path, &bytes, &base, strictness)
+}
+
+/// Parses and validates manifest bytes as if read from `path`; relative key and credential
+/// paths resolve against `base`.
+pub fn parse_manifest(
+    path: &Path,
+    bytes: &[u8],
+    base: &Path,
+    strictness: Strictness,
+) -> Result<(Manifest, Vec<Diagnostic>), Diagnostics> {
+    let text = String::from_utf8_lossy(bytes).into_owned();
+    let raw: raw::RawManifest = parse_yaml(path, &text).map_err(|d| Diagnostics(vec![d]))?;
     let mut cx = validate::Cx::new(path, &text);
-    let mut m = validate::manifest(&mut cx, raw, &base, strictness, hex::encode(Sha256::digest(&bytes)));
+    let mut m = validate::manifest(&mut cx, raw, base, strictness, hex::encode(Sha256::digest(bytes)));
     m.source = path.to_path_buf();
     let warnings = cx.warnings.clone();
     cx.finish(m).map(|m| (m, warnings))

@@ -397,7 +397,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, via: Via) -> Respo
 }
 
 /// Host and optional port of an authority such as `api.example.com:443` or `[::1]:8443`.
-pub(crate) fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
+pub fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
     let a = a.trim();
     if let Some(rest) = a.strip_prefix('[') {
         let (h, tail) = rest.split_once(']')?;

@@ -232,3 +232,53 @@ pub fn client_hello_sni(buf: &[u8]) -> Result<Option<String>, NotClientHello> {
     }
     Ok(None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real ClientHello, as rustls writes it.
+    fn hello(name: &str) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let server = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(cfg), server).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn sni_is_read_from_a_real_client_hello() {
+        assert_eq!(client_hello_sni(&hello("API.Example.com")), Ok(Some("api.example.com".into())));
+        // An IP literal is sent without SNI.
+        assert_eq!(client_hello_sni(&hello("127.0.0.1")), Ok(None));
+        let full = hello("api.example.com");
+        for cut in [0, 3, 10, full.len() / 2] {
+            assert_eq!(client_hello_sni(&full[..cut]), Err(NotClientHello), "truncated at {cut}");
+        }
+        assert_eq!(client_hello_sni(b"GET / HTTP/1.1\r\n"), Err(NotClientHello));
+        let seed = include_bytes!("../../fuzz/corpus/client_hello/sni");
+        assert_eq!(client_hello_sni(seed), Ok(Some("api.stripe.com".into())));
+    }
+
+    #[test]
+    fn leaves_are_cached_and_name_the_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("ca.pem"), dir.path().join("ca-key.pem"));
+        generate_ca(&cert, &key).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        let cache = LeafCache::load(&cert, &key, Duration::from_secs(3600)).unwrap();
+        let a = cache.leaf("api.example.com").unwrap();
+        let b = cache.leaf("API.example.com.").unwrap();
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!((cache.misses.load(Ordering::Relaxed), cache.hits.load(Ordering::Relaxed)), (1, 1));
+        assert_eq!(a.cert.len(), 2, "leaf and CA");
+        assert!(cache.leaf("10.0.0.1").is_ok());
+    }
+}
