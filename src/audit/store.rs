@@ -21,6 +21,7 @@ pub(crate) const SIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit
 /// `prev` of entry 0.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const MAX_BATCH: usize = 4096;
+const WRITER_CACHE_BYTES: usize = 4 * 1024 * 1024;
 const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +212,10 @@ impl AuditLog {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
         }
-        let db = redb::Database::create(&cfg.path)
+        // A bounded page cache: the log only grows, and a sidecar must not grow with it.
+        let db = redb::Builder::new()
+            .set_cache_size(WRITER_CACHE_BYTES)
+            .create(&cfg.path)
             .map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
         {
             let tx = db.begin_write().map_err(storage)?;
