@@ -110,6 +110,28 @@ async fn approval_round_trip_and_every_refusal() {
     }
 }
 
+/// Ids of pending approvals, once there is at least one (2 s at most).
+async fn wait_pending(gw: &TestGateway) -> Vec<String> {
+    for _ in 0..100 {
+        let v: Value = client()
+            .get(admin(gw, "/v1/approvals?status=pending"))
+            .bearer_auth(VIEWER)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<String> =
+            v["approvals"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_string()).collect();
+        if !ids.is_empty() {
+            return ids;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no pending approval appeared");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hold_mode_waits_for_the_human() {
     let up = Upstream::start().await;
@@ -117,13 +139,6 @@ async fn hold_mode_waits_for_the_human() {
         [("pay.yaml", manifest("pay-agent", up.addr, POLICY, "escalation:\n  mode: hold\n  hold_timeout: 2s\n"))];
     let gw = TestGateway::start(&files, &admin_keys()).await;
     let tok = token("pay-agent");
-    let pending = |gw: &TestGateway| {
-        let url = admin(gw, "/v1/approvals?status=pending");
-        async move {
-            let v: Value = client().get(url).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
-            v["approvals"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
-        }
-    };
     // Approved while held: the request completes with the upstream's answer, once.
     let (url, t2) = (gw.base("/shop/v1/refunds"), tok.clone());
     let held = tokio::spawn(async move {
@@ -136,14 +151,7 @@ async fn hold_mode_waits_for_the_human() {
             .await
             .unwrap()
     });
-    let mut ids = Vec::new();
-    for _ in 0..50 {
-        ids = pending(&gw).await;
-        if !ids.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ids = wait_pending(&gw).await;
     assert_eq!(up.count(), 0, "nothing forwarded while held");
     assert_eq!(approve(&gw, &ids[0], APPROVER).await.0, 200);
     let r = held.await.unwrap();
@@ -161,14 +169,7 @@ async fn hold_mode_waits_for_the_human() {
             .await
             .unwrap()
     });
-    let mut ids = Vec::new();
-    for _ in 0..50 {
-        ids = pending(&gw).await;
-        if !ids.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ids = wait_pending(&gw).await;
     let r = client()
         .post(admin(&gw, &format!("/v1/approvals/{}/deny", ids[0])))
         .bearer_auth(APPROVER)
@@ -368,10 +369,6 @@ async fn every_metric_of_the_spec_is_exported() {
     ] {
         assert!(m.contains(name), "{name} missing:\n{m}");
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

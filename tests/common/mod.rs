@@ -384,3 +384,8 @@ impl TlsUpstream {
         self.seen.lock().unwrap().len()
     }
 }
+
+/// A loopback port that was free a moment ago (for configs of processes started later).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
