@@ -219,6 +219,7 @@ async fn rate_limits_answer_429_and_refusals_spend_no_quota() {
     }
     let mut ok = 0;
     let mut limited = None;
+    let started = Instant::now();
     for _ in 0..30 {
         let r = get("/shop/v1/charges/a").await.unwrap();
         match r.status().as_u16() {
@@ -227,7 +228,9 @@ async fn rate_limits_answer_429_and_refusals_spend_no_quota() {
             s => panic!("unexpected {s}"),
         }
     }
-    assert!((5..=7).contains(&ok), "{ok} allowed for a burst of 5 at 10/s");
+    // The burst, plus what 10/s refills while the loop runs (a slow machine runs it slower).
+    let refill = (started.elapsed().as_secs_f64() * 10.0).ceil() as usize;
+    assert!(ok >= 5 && ok <= 5 + refill + 1, "{ok} allowed for a burst of 5 at 10/s over {:?}", started.elapsed());
     let r = limited.expect("some requests are limited");
     let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     assert!(retry >= 1);
