@@ -54,6 +54,7 @@ enum Msg {
 struct Shared {
     size: AtomicU64,
     entries_total: AtomicU64,
+    commits_total: AtomicU64,
     last_batch: AtomicU64,
     checkpoint: RwLock<Option<String>>,
 }
@@ -62,6 +63,8 @@ struct Shared {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct AuditStats {
     pub entries_total: u64,
+    /// Group commits (one redb transaction and one signed checkpoint each).
+    pub commits_total: u64,
     pub last_batch_size: u64,
 }
 
@@ -109,6 +112,7 @@ impl AuditHandle {
     pub fn stats(&self) -> AuditStats {
         AuditStats {
             entries_total: self.shared.entries_total.load(Ordering::Relaxed),
+            commits_total: self.shared.commits_total.load(Ordering::Relaxed),
             last_batch_size: self.shared.last_batch.load(Ordering::Relaxed),
         }
     }
@@ -419,6 +423,7 @@ impl Writer {
             Ok(()) => {
                 self.shared.size.store(self.state.size, Ordering::SeqCst);
                 self.shared.entries_total.fetch_add(rows.len() as u64, Ordering::Relaxed);
+                self.shared.commits_total.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch.store(rows.len() as u64, Ordering::Relaxed);
                 *self.shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(note);
                 for (idx, _, _, reply) in rows {
