@@ -12,6 +12,10 @@ use serde_json::{Map, Value, json};
 use std::time::{Duration, Instant};
 use uapk_gateway::audit::{AuditConfig, AuditLog, Durability, verify_db};
 
+// The gateway's allocator, so the numbers are the gateway's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn arg(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| default.to_string())

@@ -4,5 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo-deny >/dev/null || cargo install cargo-deny --locked
+# cargo-deny reads the whole graph (every target platform), so fetch every crate first; the
+# check itself then runs offline.
+cargo fetch --locked --quiet
 cargo deny --offline check --hide-inclusion-graph bans licenses sources
 echo "deny: 1 passed, 0 failed"

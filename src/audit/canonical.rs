@@ -37,16 +37,21 @@ fn write(v: &Value, out: &mut Vec<u8>) -> Result<(), AuditError> {
             out.push(b']');
         }
         Value::Object(m) => {
-            let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort_by(|a, b| a.encode_utf16().cmp(b.encode_utf16()));
+            // UTF-8 byte order is UTF-16 order unless a key holds a character at or above
+            // U+E000 (lead byte 0xEE or more); the map usually iterates sorted already.
+            let mut pairs: Vec<(&String, &Value)> = m.iter().collect();
+            let byte_sorted = pairs.windows(2).all(|w| w[0].0 < w[1].0);
+            if !byte_sorted || pairs.iter().any(|(k, _)| k.bytes().any(|b| b >= 0xEE)) {
+                pairs.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+            }
             out.push(b'{');
-            for (i, k) in keys.iter().enumerate() {
+            for (i, (k, v)) in pairs.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 write_str(k, out);
                 out.push(b':');
-                write(&m[*k], out)?;
+                write(v, out)?;
             }
             out.push(b'}');
         }

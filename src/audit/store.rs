@@ -28,7 +28,7 @@ const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(100);
 pub enum Durability {
     /// Each batch is fsynced before its appends resolve.
     Sync,
-    /// Batches commit without fsync; an fsync follows within 100 ms or when the queue drains.
+    /// Batches commit without fsync; an fsync follows within 100 ms.
     Async,
 }
 
@@ -237,9 +237,13 @@ impl AuditLog {
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let writer = Writer { db: db.clone(), cfg, key, state, shared: shared.clone(), cosign: None };
+        let clock = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| AuditError::Io(format!("audit writer timer: {e}")))?;
         let thread = std::thread::Builder::new()
             .name("uapk-audit-writer".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || writer.run(rx, clock))
             .map_err(|e| AuditError::Io(e.to_string()))?;
         Ok(AuditLog { db, handle: AuditHandle { tx, shared }, thread: Some(thread) })
     }
@@ -274,16 +278,17 @@ struct Writer {
 type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::Receiver<Msg>) {
+    /// `clock` only waits on the queue with a deadline (async mode's fsync timer).
+    fn run(mut self, mut rx: mpsc::Receiver<Msg>, clock: tokio::runtime::Runtime) {
         let mut unsynced = false;
         let mut last_sync = Instant::now();
         loop {
             let first = if unsynced {
                 // Async mode: wait at most until the next fsync is due.
                 let wait = ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed());
-                match recv_timeout(&mut rx, wait) {
-                    Some(m) => Some(m),
-                    None => {
+                match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(m) => m,
+                    Err(_elapsed) => {
                         self.sync();
                         unsynced = false;
                         last_sync = Instant::now();
@@ -311,7 +316,7 @@ impl Writer {
                 self.commit(batch, durable);
                 if !durable {
                     unsynced = true;
-                    if rx.is_empty() || last_sync.elapsed() >= ASYNC_SYNC_EVERY {
+                    if last_sync.elapsed() >= ASYNC_SYNC_EVERY {
                         self.sync();
                         unsynced = false;
                         last_sync = Instant::now();
@@ -403,19 +408,19 @@ impl Writer {
             {
                 let mut entries = tx.open_table(ENTRIES).map_err(storage)?;
                 let mut leaves = tx.open_table(LEAVES).map_err(storage)?;
-                let mut sigs = tx.open_table(SIGS).map_err(storage)?;
                 for (idx, bytes, leaf, _) in &rows {
                     entries.insert(*idx, bytes.as_slice()).map_err(storage)?;
                     leaves.insert(*idx, leaf.as_slice()).map_err(storage)?;
-                    if self.cfg.sign_each_entry {
+                }
+                if self.cfg.sign_each_entry {
+                    let mut sigs = tx.open_table(SIGS).map_err(storage)?;
+                    for (idx, bytes, _, _) in &rows {
                         let sig = self.key.sign(bytes).to_bytes();
                         sigs.insert(*idx, sig.as_slice()).map_err(storage)?;
                     }
                 }
                 let mut cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
                 cps.insert(cp.size, note.as_str()).map_err(storage)?;
-                let mut meta = tx.open_table(META).map_err(storage)?;
-                meta.insert("frontier", self.state.frontier.to_bytes().as_slice()).map_err(storage)?;
             }
             tx.commit().map_err(storage)
         })();
@@ -450,22 +455,6 @@ fn reply_err(reply: Reply, e: AuditError) {
             let _ = r.send(Err(e));
         }
         None => tracing::error!(error = %e, "queued audit entry dropped"),
-    }
-}
-
-fn recv_timeout(rx: &mut mpsc::Receiver<Msg>, wait: Duration) -> Option<Msg> {
-    let deadline = Instant::now() + wait;
-    loop {
-        match rx.try_recv() {
-            Ok(m) => return Some(m),
-            Err(mpsc::error::TryRecvError::Disconnected) => return Some(Msg::Stop),
-            Err(mpsc::error::TryRecvError::Empty) => {
-                if Instant::now() >= deadline {
-                    return None;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
     }
 }
 
