@@ -363,6 +363,7 @@ async fn every_metric_of_the_spec_is_exported() {
         "uapk_audit_entries_total",
         "uapk_audit_queue_depth",
         "uapk_audit_batch_size",
+        "uapk_audit_commits_total",
         "uapk_tls_leaf_cache_hits_total",
         "uapk_tls_leaf_cache_misses_total",
         "uapk_config_reloads_total",
@@ -372,6 +373,12 @@ async fn every_metric_of_the_spec_is_exported() {
     ] {
         assert!(m.contains(name), "{name} missing:\n{m}");
     }
+    // Startup, config and the two decisions were committed in at least one group commit each.
+    let value = |name: &str| -> u64 {
+        m.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    };
+    let (entries, commits) = (value("uapk_audit_entries_total "), value("uapk_audit_commits_total "));
+    assert!(commits >= 1 && commits <= entries, "commits {commits}, entries {entries}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

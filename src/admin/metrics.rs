@@ -60,6 +60,7 @@ pub struct Gauges {
     pub audit_entries: u64,
     pub audit_queue_depth: u64,
     pub audit_last_batch: u64,
+    pub audit_commits: u64,
     pub approvals_pending: u64,
     pub ratelimit_keys: u64,
 }
@@ -98,6 +99,12 @@ impl Metrics {
         gauge("uapk_audit_entries_total", "counter", "Entries committed to the audit log.", g.audit_entries);
         gauge("uapk_audit_queue_depth", "gauge", "Entries waiting for the audit writer.", g.audit_queue_depth);
         gauge("uapk_audit_batch_size", "gauge", "Entries in the last committed batch.", g.audit_last_batch);
+        gauge(
+            "uapk_audit_commits_total",
+            "counter",
+            "Group commits (one redb transaction and one signed checkpoint each).",
+            g.audit_commits,
+        );
         gauge(
             "uapk_tls_leaf_cache_hits_total",
             "counter",

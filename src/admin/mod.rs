@@ -441,6 +441,7 @@ async fn gauges(gw: &Arc<Gateway>) -> Gauges {
         audit_entries: stats.entries_total,
         audit_queue_depth: gw.audit.queue_depth() as u64,
         audit_last_batch: stats.last_batch_size,
+        audit_commits: stats.commits_total,
         approvals_pending: pending as u64,
         ratelimit_keys: gw.rate_limits.sweep() as u64,
     }
