@@ -9,6 +9,7 @@
 //! checkpoint. With `Durability::Sync` an append resolves only after an fsynced commit.
 
 pub mod canonical;
+mod file;
 pub mod merkle;
 pub mod note;
 pub mod proof;

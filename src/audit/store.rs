@@ -217,9 +217,11 @@ impl AuditLog {
             std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
         }
         // A bounded page cache: the log only grows, and a sidecar must not grow with it.
+        let file = super::file::PrefilledFile::open(&cfg.path)
+            .map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
         let db = redb::Builder::new()
             .set_cache_size(WRITER_CACHE_BYTES)
-            .create(&cfg.path)
+            .create_with_backend(file)
             .map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
         {
             let tx = db.begin_write().map_err(storage)?;

@@ -228,6 +228,31 @@ async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continue
     assert_eq!(verify_db(&dir.path().join("audit.redb"), &[pubkey()]).unwrap().entries, 1001);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_file_grows_into_written_space_not_holes() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 4096);
+    let h = log.handle();
+    let tasks: Vec<_> = (0..3000)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move { h.append(entry(i)).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    let path = dir.path().join("audit.redb");
+    let meta = std::fs::metadata(&path).unwrap();
+    // The file grew several times; every byte of it is allocated (blocks are 512-byte units),
+    // so a commit's fdatasync never has to allocate.
+    assert!(meta.len() > 256 * 1024, "the file grew: {} bytes", meta.len());
+    assert!(meta.blocks() * 512 >= meta.len(), "{} bytes allocated of {}", meta.blocks() * 512, meta.len());
+    assert_eq!(verify_db(&path, &[pubkey()]).unwrap().entries, 3000);
+}
+
 #[tokio::test]
 async fn a_full_queue_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
