@@ -303,9 +303,6 @@ impl Writer {
             } else {
                 rx.blocking_recv()
             };
-            // Let a request-serving thread that is ready to run on this core queue what it has
-            // first: no delay when nothing else is runnable, a bigger group when something is.
-            std::thread::yield_now();
             let mut stop = false;
             let mut batch = Vec::new();
             match first {
