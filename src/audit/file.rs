@@ -17,7 +17,7 @@ use std::path::Path;
 
 /// Largest extension written with zeros in one growth; beyond it the file stays sparse.
 const PREFILL_MAX: u64 = 64 << 20;
-const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 #[derive(Debug)]
 pub(crate) struct PrefilledFile {
