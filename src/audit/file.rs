@@ -46,11 +46,16 @@ impl StorageBackend for PrefilledFile {
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
         let old = self.inner.len()?;
         self.inner.set_len(len)?;
+        // Only an optimisation: the extension already reads as zeros, so a failure here (a full
+        // disk) leaves it sparse and is reported by the write that needs the space.
         let end = len.min(old.saturating_add(PREFILL_MAX));
         let mut at = old;
         while at < end {
             let n = (end - at).min(ZEROS.len() as u64) as usize;
-            self.file.write_all_at(&ZEROS[..n], at)?;
+            if let Err(e) = self.file.write_all_at(&ZEROS[..n], at) {
+                tracing::debug!(error = %e, "audit file stays sparse past {at}");
+                break;
+            }
             at += n as u64;
         }
         Ok(())

@@ -218,9 +218,9 @@ impl AuditLog {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
         }
-        // A bounded page cache: the log only grows, and a sidecar must not grow with it.
         let file = super::file::PrefilledFile::open(&cfg.path)
             .map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
+        // A bounded page cache: the log only grows, and a sidecar must not grow with it.
         let db = redb::Builder::new()
             .set_cache_size(WRITER_CACHE_BYTES)
             .create_with_backend(file)

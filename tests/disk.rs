@@ -1,0 +1,108 @@
+//! A full disk under the audit log: the gateway answers 503 `audit_unavailable` and forwards
+//! nothing it could not record, keeps serving its admin listener, loses no acknowledged entry,
+//! and records again once space is back (after a restart at the latest); `verify` passes.
+//!
+//! Mounts a small tmpfs as the data directory, so it needs root (CI runs as root).
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn fill(dir: &Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    // Whatever is left is smaller than a chunk: take it byte-sized.
+    while f.write_all(&chunk[..512]).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+async fn get(gw: &TestGateway, tok: &str, query: &str) -> reqwest::Response {
+    let url = gw.base(&format!("/shop/v1/charges/ok?{query}"));
+    client().get(url).header("x-uapk-capability", tok).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_with_503_forwards_nothing_unrecorded_and_loses_nothing() {
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if !is_root {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"]).arg(&data).status().unwrap();
+    assert!(ok.success(), "mount tmpfs");
+    let _mount = Mount(data.clone());
+
+    let manifests = [("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))];
+    let gw = TestGateway::start_in(dir, &manifests, "").await;
+    let tok = token("pay-agent");
+    assert_eq!(get(&gw, &tok, "before=1").await.status(), 200);
+
+    let filler = fill(&data);
+    // Large entries (an 8 KiB query each) use up the log's free pages quickly.
+    let pad = "x".repeat(8 * 1024);
+    let (mut allowed, mut refused) = (0usize, 0usize);
+    for i in 0..3000 {
+        let r = get(&gw, &tok, &format!("i={i}&pad={pad}")).await;
+        match r.status().as_u16() {
+            200 => allowed += 1,
+            503 => {
+                let body = r.text().await.unwrap();
+                assert!(body.contains("audit_unavailable"), "{body}");
+                assert!(!body.contains(&tok), "the token leaked into the refusal");
+                refused += 1;
+                if refused >= 3 {
+                    break;
+                }
+            }
+            s => panic!("unexpected status {s}"),
+        }
+    }
+    assert!(refused >= 3, "the disk never filled up ({allowed} requests recorded)");
+    // Only recorded requests reached the upstream: the first one, and every 200 since.
+    assert_eq!(up.count(), 1 + allowed, "a request was forwarded without its record");
+    // The admin listener still answers.
+    let live = client().get(format!("http://{}/livez", gw.admin)).send().await.unwrap();
+    assert_eq!(live.status(), 200);
+
+    // Space comes back. The log records again, after a restart at the latest.
+    std::fs::remove_file(&filler).unwrap();
+    let mut recovered = get(&gw, &tok, "after=1").await.status() == 200;
+    let same = recovered;
+    let gw = if recovered {
+        gw
+    } else {
+        let dir = gw.stop().await;
+        TestGateway::start_in(dir, &manifests, "").await
+    };
+    if !recovered {
+        recovered = get(&gw, &tok, "after=2").await.status() == 200;
+    }
+    assert!(recovered, "the gateway did not record again once space was back");
+    eprintln!("full disk: {allowed} recorded after filling, {refused} refused; recovered without a restart: {same}");
+    let db = gw.db_path();
+    let dir = gw.stop().await;
+    let (code, out, err) = run_cli(
+        &["verify", "--db", db.to_str().unwrap(), "--key", data.join("gateway.pub.pem").to_str().unwrap()],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "verify failed: {out}{err}");
+    drop(dir);
+}
