@@ -190,6 +190,21 @@ fn entry(i: usize) -> Map<String, Value> {
     m
 }
 
+/// Appends entries 0..n from n concurrent tasks; the indexes, in task order.
+async fn append_concurrently(h: &AuditHandle, n: usize) -> Vec<u64> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let h = h.clone();
+            tokio::spawn(async move { h.append(entry(i)).await.unwrap() })
+        })
+        .collect();
+    let mut idx = Vec::with_capacity(n);
+    for t in tasks {
+        idx.push(t.await.unwrap());
+    }
+    idx
+}
+
 fn pubkey() -> ed25519_dalek::VerifyingKey {
     SigningKey::from_bytes(&[5u8; 32]).verifying_key()
 }
@@ -199,16 +214,7 @@ async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continue
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), Durability::Sync, 4096);
     let h = log.handle();
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            let h = h.clone();
-            tokio::spawn(async move { h.append(entry(i)).await.unwrap() })
-        })
-        .collect();
-    let mut idx: Vec<u64> = Vec::new();
-    for t in tasks {
-        idx.push(t.await.unwrap());
-    }
+    let mut idx = append_concurrently(&h, 1000).await;
     idx.sort();
     assert_eq!(idx, (0..1000).collect::<Vec<_>>());
     assert_eq!(h.tree_size(), 1000);
@@ -233,16 +239,7 @@ async fn the_log_file_grows_into_written_space_not_holes() {
     use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), Durability::Sync, 4096);
-    let h = log.handle();
-    let tasks: Vec<_> = (0..3000)
-        .map(|i| {
-            let h = h.clone();
-            tokio::spawn(async move { h.append(entry(i)).await.unwrap() })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
+    append_concurrently(&log.handle(), 3000).await;
     tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
     let path = dir.path().join("audit.redb");
     let meta = std::fs::metadata(&path).unwrap();
