@@ -149,7 +149,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     let handle = audit_log.handle();
     let db = audit_log.database();
     let budgets = Budgets::new();
-    let counted = rebuild_budgets(&db, &budgets)?;
+    let counted = rebuild_budgets(&*db.get().map_err(|e| anyhow!("{e}"))?, &budgets)?;
     let approvals = ApprovalStore::open(db.clone()).map_err(|e| anyhow!("{e}"))?;
 
     let mut startup = Map::new();

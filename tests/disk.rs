@@ -1,6 +1,7 @@
 //! A full disk under the audit log: the gateway answers 503 `audit_unavailable` and forwards
 //! nothing it could not record, keeps serving its admin listener, loses no acknowledged entry,
-//! and records again once space is back (after a restart at the latest); `verify` passes.
+//! says so on `/readyz` and in `uapk_audit_writable`, and records again by itself once space is
+//! back (the writer reopens the log, no restart); `verify` passes.
 //!
 //! Mounts a small tmpfs as the data directory, so it needs root (CI runs as root).
 
@@ -30,6 +31,20 @@ fn fill(dir: &Path) -> PathBuf {
     path
 }
 
+const VIEWER: &str = "uapk_disk_viewer";
+
+fn viewer_key() -> String {
+    use sha2::Digest;
+    format!(
+        "admin:\n  keys:\n    - {{ id: audit, sha256: {}, role: viewer }}\n",
+        hex::encode(sha2::Sha256::digest(VIEWER))
+    )
+}
+
+async fn metrics(gw: &TestGateway) -> String {
+    client().get(format!("http://{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap()
+}
+
 async fn get(gw: &TestGateway, tok: &str, query: &str) -> reqwest::Response {
     let url = gw.base(&format!("/shop/v1/charges/ok?{query}"));
     client().get(url).header("x-uapk-capability", tok).send().await.unwrap()
@@ -51,7 +66,7 @@ async fn a_full_disk_refuses_with_503_forwards_nothing_unrecorded_and_loses_noth
     let _mount = Mount(data.clone());
 
     let manifests = [("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))];
-    let gw = TestGateway::start_in(dir, &manifests, "").await;
+    let gw = TestGateway::start_in(dir, &manifests, &viewer_key()).await;
     let tok = token("pay-agent");
     assert_eq!(get(&gw, &tok, "before=1").await.status(), 200);
 
@@ -78,23 +93,42 @@ async fn a_full_disk_refuses_with_503_forwards_nothing_unrecorded_and_loses_noth
     assert!(refused >= 3, "the disk never filled up ({allowed} requests recorded)");
     // Only recorded requests reached the upstream: the first one, and every 200 since.
     assert_eq!(up.count(), 1 + allowed, "a request was forwarded without its record");
-    // The admin listener still answers.
+    // The admin listener still answers, and says the log cannot write.
     let live = client().get(format!("http://{}/livez", gw.admin)).send().await.unwrap();
     assert_eq!(live.status(), 200);
+    let ready = client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 503, "readyz stays ready while the log cannot write");
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["audit_writable"], false, "{body}");
+    assert!(metrics(&gw).await.contains("\nuapk_audit_writable 0\n"));
 
-    // Space comes back. The log records again, after a restart at the latest.
+    // Space comes back: the writer reopens the log by itself and records again, no restart.
     std::fs::remove_file(&filler).unwrap();
-    let without_restart = get(&gw, &tok, "after=1").await.status() == 200;
-    let gw = if without_restart {
-        gw
-    } else {
-        let dir = gw.stop().await;
-        TestGateway::start_in(dir, &manifests, "").await
-    };
-    let recorded = without_restart || get(&gw, &tok, "after=2").await.status() == 200;
-    assert!(recorded, "the gateway did not record again once space was back");
+    let mut recovered_after = None;
+    for attempt in 0..100 {
+        let r = get(&gw, &tok, &format!("after={attempt}")).await;
+        match r.status().as_u16() {
+            200 => {
+                let idx: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+                recovered_after = Some((attempt, idx));
+                break;
+            }
+            503 => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            s => panic!("unexpected status {s} after space came back"),
+        }
+    }
+    let (attempts, idx) = recovered_after.expect("the gateway did not record again within 10 s of space coming back");
+    assert_eq!(up.count(), 2 + allowed, "a request was forwarded without its record");
+    let ready = client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "readyz did not come back");
+    assert!(metrics(&gw).await.contains("\nuapk_audit_writable 1\n"));
+    // The record the client was told about is its request.
+    let rec = client().get(format!("http://{}/v1/records/{idx}", gw.admin)).bearer_auth(VIEWER).send().await.unwrap();
+    assert_eq!(rec.status(), 200);
+    let rec: serde_json::Value = rec.json().await.unwrap();
+    assert_eq!(rec["query"], format!("after={attempts}"), "{rec}");
     eprintln!(
-        "full disk: {allowed} recorded after filling, {refused} refused; recovered without a restart: {without_restart}"
+        "full disk: {allowed} recorded after filling, {refused} refused; recorded again after {attempts} retries"
     );
     let db = gw.db_path();
     let dir = gw.stop().await;

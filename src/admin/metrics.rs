@@ -61,6 +61,8 @@ pub struct Gauges {
     pub audit_queue_depth: u64,
     pub audit_last_batch: u64,
     pub audit_commits: u64,
+    /// 0 after a failed write until the writer has reopened the log.
+    pub audit_writable: u64,
     pub approvals_pending: u64,
     pub ratelimit_keys: u64,
 }
@@ -104,6 +106,12 @@ impl Metrics {
             "counter",
             "Group commits (one redb transaction and one signed checkpoint each).",
             g.audit_commits,
+        );
+        gauge(
+            "uapk_audit_writable",
+            "gauge",
+            "1 while the audit log takes writes; 0 after a failed write (a full disk) until it is reopened.",
+            g.audit_writable,
         );
         gauge(
             "uapk_tls_leaf_cache_hits_total",

@@ -249,14 +249,14 @@ async fn api(
             let size = gw.audit.tree_size();
             // `from` pages forward (oldest first); otherwise newest first, below `before`.
             let (from, before) = (num("from"), num("before").unwrap_or(size).min(size));
-            let db = gw.audit_db();
+            let db = audit_db(gw)?;
             let records = blocking(move || filter.scan(&db, from, before, limit)).await?;
             Ok(json_response(StatusCode::OK, &json!({"records": records, "tree_size": size})))
         }
         (&Method::GET, ["records", idx]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
             let idx: u64 = idx.parse().map_err(|_| error(StatusCode::BAD_REQUEST, "index must be a number"))?;
-            let db = gw.audit_db();
+            let db = audit_db(gw)?;
             let rows = blocking(move || crate::audit::read_entries(&db, idx, 1)).await?;
             match rows.into_iter().find(|(i, _)| *i == idx) {
                 Some((_, bytes)) => {
@@ -270,7 +270,7 @@ async fn api(
         (&Method::GET, ["proof", kind @ ("inclusion" | "consistency")]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
             let num = |k: &str| query_param(&req, k).and_then(|v| v.parse::<u64>().ok());
-            let db = gw.audit_db();
+            let db = audit_db(gw)?;
             let proof = match *kind {
                 "inclusion" => {
                     let index = num("index").ok_or_else(|| error(StatusCode::BAD_REQUEST, "index is required"))?;
@@ -417,6 +417,14 @@ fn approval_view(a: Approval) -> Value {
     v
 }
 
+/// The database for one admin read; 503 while the writer reopens it after a storage failure.
+fn audit_db(gw: &Gateway) -> Result<std::sync::Arc<redb::Database>, Response<ProxyBody>> {
+    gw.db.get().map_err(|e| {
+        tracing::error!(error = %e, "admin storage error");
+        error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+    })
+}
+
 async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
 ) -> Result<T, Response<ProxyBody>> {
@@ -442,6 +450,7 @@ async fn gauges(gw: &Arc<Gateway>) -> Gauges {
         audit_queue_depth: gw.audit.queue_depth() as u64,
         audit_last_batch: stats.last_batch_size,
         audit_commits: stats.commits_total,
+        audit_writable: u64::from(!gw.audit.storage_failed()),
         approvals_pending: pending as u64,
         ratelimit_keys: gw.rate_limits.sweep() as u64,
     }
@@ -449,11 +458,13 @@ async fn gauges(gw: &Arc<Gateway>) -> Gauges {
 
 fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
     let draining = gw.draining.load(Ordering::SeqCst);
-    let ready = st.ready.load(Ordering::SeqCst) && !draining;
+    let audit_writable = !gw.audit.storage_failed();
+    let ready = st.ready.load(Ordering::SeqCst) && !draining && audit_writable;
     let policies = gw.policies.load();
     let body = json!({
         "ready": ready,
         "draining": draining,
+        "audit_writable": audit_writable,
         "manifests": policies.set.manifests.len(),
         "last_reload_error": *st.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()),
     });

@@ -2,11 +2,11 @@
 //! (`appr-<24 hex>`) stored in the gateway's redb file, next to the audit tables, so it
 //! survives restarts. Every state change is also written to the audit log by the caller.
 
+use crate::audit::SharedDb;
 use rand::RngCore;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
 
@@ -82,7 +82,7 @@ fn store_err(e: impl std::fmt::Display) -> ApprovalError {
 /// The approvals table in the gateway's database.
 #[derive(Clone)]
 pub struct ApprovalStore {
-    db: Arc<redb::Database>,
+    db: SharedDb,
 }
 
 /// A new approval id: `appr-` and 24 random hex digits.
@@ -93,8 +93,8 @@ pub fn new_id() -> String {
 }
 
 impl ApprovalStore {
-    pub fn open(db: Arc<redb::Database>) -> Result<Self, ApprovalError> {
-        let tx = db.begin_write().map_err(store_err)?;
+    pub fn open(db: SharedDb) -> Result<Self, ApprovalError> {
+        let tx = db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         tx.open_table(APPROVALS).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
         Ok(ApprovalStore { db })
@@ -102,7 +102,7 @@ impl ApprovalStore {
 
     pub fn put(&self, a: &Approval) -> Result<(), ApprovalError> {
         let bytes = serde_json::to_vec(a).map_err(store_err)?;
-        let tx = self.db.begin_write().map_err(store_err)?;
+        let tx = self.db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         {
             let mut t = tx.open_table(APPROVALS).map_err(store_err)?;
             t.insert(a.id.as_str(), bytes.as_slice()).map_err(store_err)?;
@@ -111,7 +111,7 @@ impl ApprovalStore {
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
-        let tx = self.db.begin_read().map_err(store_err)?;
+        let tx = self.db.get().map_err(store_err)?.begin_read().map_err(store_err)?;
         let t = tx.open_table(APPROVALS).map_err(store_err)?;
         match t.get(id).map_err(store_err)? {
             Some(v) => serde_json::from_slice(v.value()).map(Some).map_err(store_err),
@@ -122,7 +122,7 @@ impl ApprovalStore {
     /// All approvals, optionally of one status, newest first; pending ones past their expiry
     /// are reported as expired.
     pub fn list(&self, status: Option<Status>, now: i64) -> Result<Vec<Approval>, ApprovalError> {
-        let tx = self.db.begin_read().map_err(store_err)?;
+        let tx = self.db.get().map_err(store_err)?.begin_read().map_err(store_err)?;
         let t = tx.open_table(APPROVALS).map_err(store_err)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(store_err)? {
@@ -149,7 +149,7 @@ impl ApprovalStore {
         now: i64,
         edit: impl FnOnce(&mut Approval),
     ) -> Result<Approval, ApprovalError> {
-        let tx = self.db.begin_write().map_err(store_err)?;
+        let tx = self.db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         let updated = {
             let mut t = tx.open_table(APPROVALS).map_err(store_err)?;
             let mut a: Approval = match t.get(id).map_err(store_err)? {
@@ -173,7 +173,7 @@ impl ApprovalStore {
     /// Flips every stored pending approval past its expiry to expired, in one transaction, and
     /// returns them.
     pub fn expire_overdue(&self, now: i64) -> Result<Vec<Approval>, ApprovalError> {
-        let tx = self.db.begin_write().map_err(store_err)?;
+        let tx = self.db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         let mut expired = Vec::new();
         {
             let mut t = tx.open_table(APPROVALS).map_err(store_err)?;

@@ -21,7 +21,7 @@ pub use merkle::{Frontier, Hash, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint};
 pub use proof::Proof;
 pub use store::{
-    AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV, rotate_key, rotation_message,
+    AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV, SharedDb, rotate_key, rotation_message,
 };
 pub use verify::{
     ExportReport, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, first_index_at_or_after,
@@ -31,7 +31,7 @@ pub use verify::{
 /// Largest canonical entry accepted, bytes.
 pub const MAX_ENTRY_BYTES: usize = 16 * 1024;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum AuditError {
     #[error("the audit queue is full")]
     QueueFull,

@@ -25,6 +25,8 @@ const WRITER_CACHE_BYTES: usize = 4 * 1024 * 1024;
 const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(100);
 /// A group at least this large means the queue is busy: see `Writer::run`.
 const YIELD_ABOVE_BATCH: usize = 16;
+/// After a failed write, how often the writer tries to reopen the database.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
@@ -58,6 +60,8 @@ struct Shared {
     entries_total: AtomicU64,
     commits_total: AtomicU64,
     last_batch: AtomicU64,
+    /// A write failed and the database has not been reopened since.
+    failed: std::sync::atomic::AtomicBool,
     checkpoint: RwLock<Option<String>>,
 }
 
@@ -111,6 +115,11 @@ impl AuditHandle {
         self.shared.checkpoint.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// True while the log cannot write (a failed write, not yet recovered by reopening).
+    pub fn storage_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::SeqCst)
+    }
+
     pub fn stats(&self) -> AuditStats {
         AuditStats {
             entries_total: self.shared.entries_total.load(Ordering::Relaxed),
@@ -120,9 +129,50 @@ impl AuditHandle {
     }
 }
 
+/// The gateway's redb database, shared by the audit writer, the approvals store and the admin
+/// API. redb refuses every write after one failed I/O (a full disk) until the file is reopened;
+/// the writer does that here, so everyone takes the current database for each use instead of
+/// keeping one.
+#[derive(Clone)]
+pub struct SharedDb(Arc<RwLock<Option<Arc<redb::Database>>>>);
+
+impl SharedDb {
+    fn new(db: redb::Database) -> SharedDb {
+        SharedDb(Arc::new(RwLock::new(Some(Arc::new(db)))))
+    }
+
+    /// The open database; an error while the writer is reopening it.
+    pub fn get(&self) -> Result<Arc<redb::Database>, AuditError> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| AuditError::Storage("the database is being reopened after a storage failure".into()))
+    }
+}
+
+/// Opens (or creates) the database file and its tables.
+fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
+    let file =
+        super::file::PrefilledFile::open(path).map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
+    // A bounded page cache: the log only grows, and a sidecar must not grow with it.
+    let db = redb::Builder::new()
+        .set_cache_size(WRITER_CACHE_BYTES)
+        .create_with_backend(file)
+        .map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
+    let tx = db.begin_write().map_err(storage)?;
+    tx.open_table(ENTRIES).map_err(storage)?;
+    tx.open_table(LEAVES).map_err(storage)?;
+    tx.open_table(CHECKPOINTS).map_err(storage)?;
+    tx.open_table(META).map_err(storage)?;
+    tx.open_table(SIGS).map_err(storage)?;
+    tx.commit().map_err(storage)?;
+    Ok(db)
+}
+
 /// The open log and its writer thread.
 pub struct AuditLog {
-    db: Arc<redb::Database>,
+    db: SharedDb,
     handle: AuditHandle,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -218,29 +268,14 @@ impl AuditLog {
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
         }
-        let file = super::file::PrefilledFile::open(&cfg.path)
-            .map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
-        // A bounded page cache: the log only grows, and a sidecar must not grow with it.
-        let db = redb::Builder::new()
-            .set_cache_size(WRITER_CACHE_BYTES)
-            .create_with_backend(file)
-            .map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
-        {
-            let tx = db.begin_write().map_err(storage)?;
-            tx.open_table(ENTRIES).map_err(storage)?;
-            tx.open_table(LEAVES).map_err(storage)?;
-            tx.open_table(CHECKPOINTS).map_err(storage)?;
-            tx.open_table(META).map_err(storage)?;
-            tx.open_table(SIGS).map_err(storage)?;
-            tx.commit().map_err(storage)?;
-        }
+        let db = open_database(&cfg.path)?;
         let (state, latest) = recover(&db, &cfg, &key)?;
-        let db = Arc::new(db);
+        let db = SharedDb::new(db);
         let shared = Arc::new(Shared::default());
         shared.size.store(state.size, Ordering::SeqCst);
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let writer = Writer { db: db.clone(), cfg, key, state, shared: shared.clone(), cosign: None };
+        let writer = Writer { db: db.clone(), cfg, key, state, shared: shared.clone(), cosign: None, failed_at: None };
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -259,7 +294,7 @@ impl AuditLog {
         self.handle.clone()
     }
 
-    pub fn database(&self) -> Arc<redb::Database> {
+    pub fn database(&self) -> SharedDb {
         self.db.clone()
     }
 
@@ -273,13 +308,15 @@ impl AuditLog {
 }
 
 struct Writer {
-    db: Arc<redb::Database>,
+    db: SharedDb,
     cfg: AuditConfig,
     key: SigningKey,
     state: State,
     shared: Arc<Shared>,
     /// A second key that co-signs the next checkpoint (key rotation).
     cosign: Option<SigningKey>,
+    /// Since a write failed: redb takes no more writes until the file is reopened.
+    failed_at: Option<Instant>,
 }
 
 type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
@@ -291,7 +328,18 @@ impl Writer {
         let mut last_sync = Instant::now();
         let mut last_batch = 0usize;
         loop {
-            let first = if unsynced {
+            let first = if let Some(failed) = self.failed_at {
+                // Storage failed: try to reopen on time even when nothing is queued, so the log
+                // (and readiness) comes back by itself once the disk takes writes again.
+                let wait = REOPEN_EVERY.saturating_sub(failed.elapsed());
+                match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+                    Ok(m) => m,
+                    Err(_elapsed) => {
+                        let _ = self.ensure_writable();
+                        continue;
+                    }
+                }
+            } else if unsynced {
                 // Async mode: wait at most until the next fsync is due.
                 let wait = ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed());
                 match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
@@ -357,15 +405,107 @@ impl Writer {
     }
 
     /// An empty fsynced commit makes every earlier non-durable commit durable.
-    fn sync(&self) {
+    fn sync(&mut self) {
+        if self.failed_at.is_some() {
+            return;
+        }
         let r = (|| -> Result<(), AuditError> {
-            let mut tx = self.db.begin_write().map_err(storage)?;
+            let mut tx = self.db.get()?.begin_write().map_err(storage)?;
             tx.set_durability(redb::Durability::Immediate).map_err(storage)?;
             tx.commit().map_err(storage)
         })();
         if let Err(e) = r {
             tracing::error!(error = %e, "audit fsync failed");
+            self.failed();
         }
+    }
+
+    fn failed(&mut self) {
+        self.failed_at = Some(Instant::now());
+        self.shared.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// After a failed write, reopens the database (at most once per `REOPEN_EVERY`): the writer
+    /// records again as soon as the storage takes writes again (space freed on a full disk).
+    fn ensure_writable(&mut self) -> Result<(), AuditError> {
+        let Some(at) = self.failed_at else {
+            return Ok(());
+        };
+        if at.elapsed() < REOPEN_EVERY {
+            return Err(AuditError::Commit("the audit log's storage failed; it is reopened shortly".into()));
+        }
+        match self.reopen() {
+            Ok(()) => {
+                self.failed_at = None;
+                self.shared.failed.store(false, Ordering::SeqCst);
+                tracing::warn!(
+                    tree_size = self.state.size,
+                    "audit log reopened after a storage failure; recording again"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                self.failed_at = Some(Instant::now());
+                tracing::error!(error = %e, "reopening the audit log failed; retrying");
+                Err(AuditError::Commit(e.to_string()))
+            }
+        }
+    }
+
+    /// The stored latest checkpoint, if it is the writer's current tree (same size and root,
+    /// and no entry past it).
+    fn matches_stored(&self, db: &redb::Database) -> Result<Option<String>, AuditError> {
+        let tx = db.begin_read().map_err(storage)?;
+        let Some(note) =
+            tx.open_table(CHECKPOINTS).map_err(storage)?.last().map_err(storage)?.map(|(_, v)| v.value().to_string())
+        else {
+            return Ok(None);
+        };
+        let keys = [(self.cfg.key_name.clone(), self.key.verifying_key())];
+        let Ok(cp) = parse_checkpoint(&note, &keys) else {
+            return Ok(None);
+        };
+        let last = tx.open_table(ENTRIES).map_err(storage)?.last().map_err(storage)?.map(|(k, _)| k.value());
+        let same = cp.size == self.state.size
+            && cp.root == self.state.frontier.root()
+            && last == self.state.size.checked_sub(1);
+        Ok(same.then_some(note))
+    }
+
+    /// Closes the database (once nobody else holds it), opens it again and re-verifies the
+    /// stored tree against its latest checkpoint, exactly as at start.
+    fn reopen(&mut self) -> Result<(), AuditError> {
+        let mut slot = self.db.0.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = slot.take() {
+            match Arc::try_unwrap(old) {
+                Ok(db) => drop(db),
+                Err(in_use) => {
+                    *slot = Some(in_use);
+                    return Err(AuditError::Storage("the database is still in use".into()));
+                }
+            }
+        }
+        let db = open_database(&self.cfg.path)?;
+        // Usually the file holds exactly what the writer last committed: its latest checkpoint
+        // is the writer's own tree. Otherwise (commits lost with the file) recompute the tree.
+        let unchanged = self.matches_stored(&db);
+        let recovered = match unchanged {
+            Ok(Some(note)) => Ok((self.state.clone(), Some(note))),
+            Ok(None) => recover(&db, &self.cfg, &self.key),
+            Err(e) => Err(e),
+        };
+        *slot = Some(Arc::new(db));
+        let (state, latest) = recovered?;
+        if state.size < self.state.size {
+            tracing::error!(
+                lost = self.state.size - state.size,
+                "entries committed but not yet fsynced (durability: async) were lost with the failed write"
+            );
+        }
+        self.state = State { last_ts: self.state.last_ts.max(state.last_ts), ..state };
+        self.shared.size.store(self.state.size, Ordering::SeqCst);
+        *self.shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
+        Ok(())
     }
 
     fn timestamp(&mut self) -> String {
@@ -377,6 +517,12 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: Vec<(Map<String, Value>, Reply)>, durable: bool) {
+        if let Err(e) = self.ensure_writable() {
+            for (_, reply) in batch {
+                reply_err(reply, e.clone());
+            }
+            return;
+        }
         let started = self.state.clone();
         let mut rows: Vec<(u64, Vec<u8>, Hash, Reply)> = Vec::with_capacity(batch.len());
         for (mut fields, reply) in batch {
@@ -417,7 +563,7 @@ impl Writer {
             note = super::note::cosign(&note, &self.cfg.key_name, k);
         }
         let result = (|| -> Result<(), AuditError> {
-            let mut tx = self.db.begin_write().map_err(storage)?;
+            let mut tx = self.db.get()?.begin_write().map_err(storage)?;
             tx.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
                 .map_err(storage)?;
             {
@@ -456,6 +602,7 @@ impl Writer {
                 // Nothing of this batch is in the log: roll the tree back and tell every waiter.
                 tracing::error!(error = %e, entries = rows.len(), "audit commit failed");
                 self.state = State { last_ts: self.state.last_ts, ..started };
+                self.failed();
                 for (_, _, _, reply) in rows {
                     reply_err(reply, AuditError::Commit(e.to_string()));
                 }
@@ -495,7 +642,7 @@ pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<
     fields.insert("new_key".into(), Value::String(new_hex));
     fields.insert("announcement_sig".into(), Value::String(hex::encode(announcement.to_bytes())));
     let shared = Arc::new(Shared::default());
-    let mut w = Writer { db: Arc::new(db), cfg, key: old, state, shared, cosign: Some(new) };
+    let mut w = Writer { db: SharedDb::new(db), cfg, key: old, state, shared, cosign: Some(new), failed_at: None };
     let (tx, mut rx) = oneshot::channel();
     w.commit(vec![(fields, Some(tx))], true);
     rx.try_recv().map_err(|_| AuditError::Stopped)?

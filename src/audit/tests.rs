@@ -225,7 +225,7 @@ async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continue
     // Reopen: continues at 1000, chained to 999.
     let log = open(dir.path(), Durability::Async, 16);
     assert_eq!(log.handle().append(entry(1000)).await.unwrap(), 1000);
-    let db = log.database();
+    let db = log.database().get().unwrap();
     let rows = read_entries(&db, 999, 2).unwrap();
     let last: Value = serde_json::from_slice(&rows[1].1).unwrap();
     assert_eq!(last["prev"], hex::encode(leaf_hash(&rows[0].1)));

@@ -84,13 +84,7 @@ pub struct Gateway {
     /// Leaf certificates for intercepted tunnels (absent when no CA is configured).
     pub leaves: Option<tls::LeafCache>,
     /// The gateway's redb file (audit tables, approvals).
-    pub db: Arc<redb::Database>,
-}
-
-impl Gateway {
-    pub fn audit_db(&self) -> Arc<redb::Database> {
-        self.db.clone()
-    }
+    pub db: crate::audit::SharedDb,
 }
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk

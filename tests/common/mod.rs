@@ -225,7 +225,7 @@ impl TestGateway {
 
     /// Every committed entry, parsed.
     pub fn entries(&self) -> Vec<serde_json::Value> {
-        let db = self.running.as_ref().unwrap().gateway.audit_db();
+        let db = self.running.as_ref().unwrap().gateway.db.get().unwrap();
         read_all(&db)
     }
 }
