@@ -3,12 +3,132 @@
 //! strings (the log holds no JSON numbers); any other number is refused.
 
 use super::AuditError;
-use serde_json::Value;
+use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 pub fn canonical_json(value: &Value) -> Result<Vec<u8>, AuditError> {
     let mut out = Vec::with_capacity(256);
     write(value, &mut out)?;
     Ok(out)
+}
+
+/// An entry's fields with each value already in canonical form, as producers hand them to the
+/// writer; the writer adds `v`, `log`, `idx`, `ts` and `prev` and joins everything in key order
+/// (`Fields::join`), so no JSON tree is built per entry.
+#[derive(Debug, Default)]
+pub struct Fields {
+    buf: Vec<u8>,
+    /// (key, start, end) of each value in `buf`, in insertion order.
+    keys: Vec<(Cow<'static, str>, usize, usize)>,
+}
+
+impl Fields {
+    pub fn new() -> Fields {
+        Fields { buf: Vec::with_capacity(512), keys: Vec::with_capacity(24) }
+    }
+
+    fn put(&mut self, key: impl Into<Cow<'static, str>>, value: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.buf.len();
+        value(&mut self.buf);
+        self.keys.push((key.into(), start, self.buf.len()));
+    }
+
+    /// A string value.
+    pub fn str(&mut self, key: &'static str, v: &str) -> &mut Fields {
+        self.put(key, |out| write_str(v, out));
+        self
+    }
+
+    /// A string value, or `null`.
+    pub fn opt_str(&mut self, key: &'static str, v: Option<&str>) -> &mut Fields {
+        match v {
+            Some(v) => self.str(key, v),
+            None => {
+                self.put(key, |out| out.extend_from_slice(b"null"));
+                self
+            }
+        }
+    }
+
+    /// An integer, written as a decimal string (the log holds no JSON numbers).
+    pub fn int(&mut self, key: &'static str, v: impl Into<u128>) -> &mut Fields {
+        let v: u128 = v.into();
+        self.put(key, |out| {
+            out.push(b'"');
+            out.extend_from_slice(v.to_string().as_bytes());
+            out.push(b'"');
+        });
+        self
+    }
+
+    /// Bytes of the values so far (a size hint).
+    pub fn len_hint(&self) -> usize {
+        self.buf.len() + self.keys.len() * 16
+    }
+
+    /// Any JSON value, canonicalised.
+    pub fn value(&mut self, key: impl Into<Cow<'static, str>>, v: &Value) -> Result<&mut Fields, AuditError> {
+        let start = self.buf.len();
+        if let Err(e) = write(v, &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        self.keys.push((key.into(), start, self.buf.len()));
+        Ok(self)
+    }
+
+    /// A JSON object value, canonicalised (no copy of the map).
+    pub fn map(&mut self, key: &'static str, m: &Map<String, Value>) -> Result<&mut Fields, AuditError> {
+        let start = self.buf.len();
+        if let Err(e) = write_object(m, &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        self.keys.push((key.into(), start, self.buf.len()));
+        Ok(self)
+    }
+
+    /// The fields of a JSON object.
+    pub fn from_map(m: Map<String, Value>) -> Result<Fields, AuditError> {
+        let mut f = Fields::new();
+        for (k, v) in m {
+            f.value(k, &v)?;
+        }
+        Ok(f)
+    }
+
+    /// Writes the entry: these fields and `extra` (values already canonical) as one canonical
+    /// object. A key in `extra` wins over the same key here; of repeated keys here the last wins.
+    pub fn join(&self, extra: &[(&'static str, &[u8])], out: &mut Vec<u8>) {
+        let mut all: Vec<(&str, &[u8])> = Vec::with_capacity(self.keys.len() + extra.len());
+        all.extend(self.keys.iter().map(|(k, start, end)| (k.as_ref(), &self.buf[*start..*end])));
+        all.extend(extra.iter().map(|(k, v)| (*k, *v)));
+        // Stable sorts: of equal keys, the one given last stays last.
+        if all.iter().any(|(k, _)| k.bytes().any(|b| b >= 0xEE)) {
+            all.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+        } else {
+            all.sort_by(|a, b| a.0.cmp(b.0));
+        }
+        out.push(b'{');
+        let mut first = true;
+        for (i, (k, v)) in all.iter().enumerate() {
+            if all.get(i + 1).is_some_and(|next| next.0 == *k) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            write_str(k, out);
+            out.push(b':');
+            out.extend_from_slice(v);
+        }
+        out.push(b'}');
+    }
+}
+
+pub(crate) fn write_canonical_str(s: &str, out: &mut Vec<u8>) {
+    write_str(s, out)
 }
 
 fn write(v: &Value, out: &mut Vec<u8>) -> Result<(), AuditError> {
@@ -36,26 +156,29 @@ fn write(v: &Value, out: &mut Vec<u8>) -> Result<(), AuditError> {
             }
             out.push(b']');
         }
-        Value::Object(m) => {
-            // UTF-8 byte order is UTF-16 order unless a key holds a character at or above
-            // U+E000 (lead byte 0xEE or more); the map usually iterates sorted already.
-            let mut pairs: Vec<(&String, &Value)> = m.iter().collect();
-            let byte_sorted = pairs.windows(2).all(|w| w[0].0 < w[1].0);
-            if !byte_sorted || pairs.iter().any(|(k, _)| k.bytes().any(|b| b >= 0xEE)) {
-                pairs.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
-            }
-            out.push(b'{');
-            for (i, (k, v)) in pairs.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(k, out);
-                out.push(b':');
-                write(v, out)?;
-            }
-            out.push(b'}');
-        }
+        Value::Object(m) => write_object(m, out)?,
     }
+    Ok(())
+}
+
+fn write_object(m: &Map<String, Value>, out: &mut Vec<u8>) -> Result<(), AuditError> {
+    // UTF-8 byte order is UTF-16 order unless a key holds a character at or above U+E000 (lead
+    // byte 0xEE or more); the map usually iterates sorted already.
+    let mut pairs: Vec<(&String, &Value)> = m.iter().collect();
+    let byte_sorted = pairs.windows(2).all(|w| w[0].0 < w[1].0);
+    if !byte_sorted || pairs.iter().any(|(k, _)| k.bytes().any(|b| b >= 0xEE)) {
+        pairs.sort_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+    }
+    out.push(b'{');
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(k, out);
+        out.push(b':');
+        write(v, out)?;
+    }
+    out.push(b'}');
     Ok(())
 }
 

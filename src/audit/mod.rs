@@ -16,7 +16,7 @@ pub mod proof;
 mod store;
 mod verify;
 
-pub use canonical::canonical_json;
+pub use canonical::{Fields, canonical_json};
 pub use merkle::{Frontier, Hash, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint};
 pub use proof::Proof;

@@ -1,8 +1,9 @@
 //! redb storage and the single writer thread with group commit.
 
+use super::canonical::{Fields, write_canonical_str};
 use super::merkle::{Frontier, Hash, leaf_hash};
 use super::note::{Checkpoint, parse_checkpoint};
-use super::{AuditError, MAX_ENTRY_BYTES, canonical_json, storage};
+use super::{AuditError, MAX_ENTRY_BYTES, storage};
 use ed25519_dalek::{Signer, SigningKey};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde_json::{Map, Value};
@@ -50,7 +51,7 @@ pub struct AuditConfig {
 }
 
 enum Msg {
-    Append(Map<String, Value>, Option<oneshot::Sender<Result<u64, AuditError>>>),
+    Append(Fields, Option<oneshot::Sender<Result<u64, AuditError>>>),
     Stop,
 }
 
@@ -85,6 +86,16 @@ impl AuditHandle {
     /// Appends an entry (`fields` holds `kind` and the kind's fields; the writer adds `v`, `log`,
     /// `idx`, `ts`, `prev`) and resolves with its index once committed.
     pub async fn append(&self, fields: Map<String, Value>) -> Result<u64, AuditError> {
+        self.append_fields(Fields::from_map(fields)?).await
+    }
+
+    /// Queues an entry without waiting for its commit.
+    pub fn append_nowait(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
+        self.append_fields_nowait(Fields::from_map(fields)?)
+    }
+
+    /// `append` for fields already in canonical form (the request path's entries).
+    pub async fn append_fields(&self, fields: Fields) -> Result<u64, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.tx.try_send(Msg::Append(fields, Some(tx))).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
@@ -93,8 +104,8 @@ impl AuditHandle {
         rx.await.map_err(|_| AuditError::Stopped)?
     }
 
-    /// Queues an entry without waiting for its commit.
-    pub fn append_nowait(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
+    /// `append_nowait` for fields already in canonical form.
+    pub fn append_fields_nowait(&self, fields: Fields) -> Result<(), AuditError> {
         self.tx.try_send(Msg::Append(fields, None)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
@@ -321,6 +332,17 @@ struct Writer {
 
 type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
 
+/// Lower-case hex of 32 bytes.
+fn hex32(h: &Hash) -> [u8; 64] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 64];
+    for (i, b) in h.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 15)];
+    }
+    out
+}
+
 impl Writer {
     /// `clock` only waits on the queue with a deadline (async mode's fsync timer).
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, clock: tokio::runtime::Runtime) {
@@ -508,6 +530,23 @@ impl Writer {
         Ok(())
     }
 
+    /// The entry's canonical bytes: `fields` and the writer's own `v`, `log`, `idx`, `ts`, `prev`.
+    fn entry_bytes(&mut self, fields: &Fields, idx: u64) -> Vec<u8> {
+        let quoted = |s: &str| {
+            let mut q = Vec::with_capacity(s.len() + 2);
+            write_canonical_str(s, &mut q);
+            q
+        };
+        let prev = if idx == 0 { GENESIS_PREV.as_bytes().to_vec() } else { hex32(&self.state.prev).to_vec() };
+        let prev = [b"\"".as_slice(), &prev, b"\""].concat();
+        let log = quoted(&self.cfg.origin);
+        let idx_s = quoted(&idx.to_string());
+        let ts = quoted(&self.timestamp());
+        let mut out = Vec::with_capacity(fields.len_hint() + 256);
+        fields.join(&[("idx", &idx_s), ("log", &log), ("prev", &prev), ("ts", &ts), ("v", b"\"1\"")], &mut out);
+        out
+    }
+
     fn timestamp(&mut self) -> String {
         let now = time::OffsetDateTime::now_utc().max(self.state.last_ts);
         self.state.last_ts = now;
@@ -516,7 +555,7 @@ impl Writer {
         now.format(&fmt).unwrap_or_default()
     }
 
-    fn commit(&mut self, batch: Vec<(Map<String, Value>, Reply)>, durable: bool) {
+    fn commit(&mut self, batch: Vec<(Fields, Reply)>, durable: bool) {
         if let Err(e) = self.ensure_writable() {
             for (_, reply) in batch {
                 reply_err(reply, e.clone());
@@ -525,28 +564,13 @@ impl Writer {
         }
         let started = self.state.clone();
         let mut rows: Vec<(u64, Vec<u8>, Hash, Reply)> = Vec::with_capacity(batch.len());
-        for (mut fields, reply) in batch {
-            for k in ["v", "log", "idx", "ts", "prev"] {
-                fields.remove(k);
-            }
+        for (fields, reply) in batch {
             let idx = self.state.size;
-            fields.insert("v".into(), Value::String("1".into()));
-            fields.insert("log".into(), Value::String(self.cfg.origin.clone()));
-            fields.insert("idx".into(), Value::String(idx.to_string()));
-            fields.insert("ts".into(), Value::String(self.timestamp()));
-            let prev = if idx == 0 { GENESIS_PREV.to_string() } else { hex::encode(self.state.prev) };
-            fields.insert("prev".into(), Value::String(prev));
-            let bytes = match canonical_json(&Value::Object(fields)) {
-                Ok(b) if b.len() > MAX_ENTRY_BYTES => {
-                    reply_err(reply, AuditError::EntryTooLarge(b.len()));
-                    continue;
-                }
-                Ok(b) => b,
-                Err(e) => {
-                    reply_err(reply, e);
-                    continue;
-                }
-            };
+            let bytes = self.entry_bytes(&fields, idx);
+            if bytes.len() > MAX_ENTRY_BYTES {
+                reply_err(reply, AuditError::EntryTooLarge(bytes.len()));
+                continue;
+            }
             let leaf = leaf_hash(&bytes);
             self.state.frontier.push(leaf);
             self.state.prev = leaf;
@@ -644,7 +668,7 @@ pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<
     let shared = Arc::new(Shared::default());
     let mut w = Writer { db: SharedDb::new(db), cfg, key: old, state, shared, cosign: Some(new), failed_at: None };
     let (tx, mut rx) = oneshot::channel();
-    w.commit(vec![(fields, Some(tx))], true);
+    w.commit(vec![(Fields::from_map(fields)?, Some(tx))], true);
     rx.try_recv().map_err(|_| AuditError::Stopped)?
 }
 

@@ -45,6 +45,38 @@ proptest! {
         let reparsed: Value = serde_json::from_slice(&once).unwrap();
         prop_assert_eq!(canonical_json(&reparsed).unwrap(), once);
     }
+
+    /// What the writer stores (fields in canonical form joined with its own) is exactly the
+    /// canonical JSON of the merged object, the writer's keys winning.
+    #[test]
+    fn joined_fields_are_the_canonical_merged_object(
+        m in prop::collection::btree_map("[a-z\u{e000}-\u{ffff}\u{1f600}]{0,5}", arb_json(), 0..8),
+        idx in "[0-9]{1,4}",
+    ) {
+        let map: Map<String, Value> = m.into_iter().collect();
+        let fields = canonical::Fields::from_map(map.clone()).unwrap();
+        let mut out = Vec::new();
+        let idx_json = serde_json::to_vec(&idx).unwrap();
+        fields.join(&[("idx", &idx_json), ("v", b"\"1\"")], &mut out);
+        let mut merged = map;
+        merged.insert("idx".into(), Value::String(idx));
+        merged.insert("v".into(), json!("1"));
+        prop_assert_eq!(String::from_utf8(out).unwrap(), String::from_utf8(canonical_json(&Value::Object(merged)).unwrap()).unwrap());
+    }
+}
+
+#[test]
+fn fields_builders_write_canonical_values() {
+    let mut f = canonical::Fields::new();
+    f.str("kind", "decision").opt_str("route", None).int("port", 443u16).str("path", "/a\"b");
+    f.value("params", &json!({"b": 1, "a": "x"})).unwrap();
+    assert!(f.value("bad", &json!(1.5)).is_err());
+    let mut out = Vec::new();
+    f.join(&[("idx", b"\"7\"")], &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        r#"{"idx":"7","kind":"decision","params":{"a":"x","b":"1"},"path":"/a\"b","port":"443","route":null}"#
+    );
 }
 
 // ---------------------------------------------------------------- Merkle tree (RFC 6962 vectors)

@@ -2,11 +2,10 @@
 //! `outcome` entry when the body ends (or the client goes away).
 
 use super::{BoxError, ProxyBody};
-use crate::audit::AuditHandle;
+use crate::audit::{AuditHandle, Fields};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
-use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -64,20 +63,20 @@ impl Outcome {
     /// Queues the `outcome` entry (it follows the response; a full queue is logged, the
     /// decision entry is already durable).
     pub fn write(&self, status: StatusCode, bytes: u64, sha256: Option<String>, error: Option<&str>) {
-        let mut m = Map::new();
-        m.insert("kind".into(), json!("outcome"));
-        m.insert("request_id".into(), json!(self.request_id));
-        m.insert("decision_idx".into(), json!(self.record.to_string()));
-        m.insert("status".into(), json!(status.as_u16().to_string()));
-        m.insert("bytes".into(), json!(bytes.to_string()));
-        m.insert("upstream_latency_us".into(), json!(self.upstream_latency.as_micros().to_string()));
-        if let Some(h) = sha256 {
-            m.insert("response_sha256".into(), json!(h));
+        let mut f = Fields::new();
+        f.str("kind", "outcome")
+            .str("request_id", &self.request_id)
+            .int("decision_idx", self.record)
+            .int("status", status.as_u16())
+            .int("bytes", bytes)
+            .int("upstream_latency_us", self.upstream_latency.as_micros());
+        if let Some(h) = &sha256 {
+            f.str("response_sha256", h);
         }
         if let Some(e) = error {
-            m.insert("error".into(), json!(e));
+            f.str("error", e);
         }
-        if let Err(e) = self.audit.append_nowait(m) {
+        if let Err(e) = self.audit.append_fields_nowait(f) {
             tracing::error!(request_id = %self.request_id, error = %e, "outcome entry not queued");
         }
         access_line(&self.access, status, bytes, Some(self.record), Some(self.upstream_latency), error);

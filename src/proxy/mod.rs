@@ -15,7 +15,7 @@ pub mod transparent;
 pub mod upstream;
 
 use crate::approvals::{self, ApprovalStore, Status};
-use crate::audit::{AuditError, AuditHandle};
+use crate::audit::{AuditError, AuditHandle, Fields};
 use crate::config::{Connector, EscalationMode, GatewayConfig, Manifest, PolicyMode, PolicySet, Scheme};
 use crate::identity::{CapabilityClaims, TokenVerifier};
 use crate::limits::{BudgetCheck, Budgets, RateLimiters, Reservation, Spend};
@@ -167,37 +167,37 @@ pub(crate) struct Facts {
 }
 
 impl Facts {
-    fn entry(&self, d: &Decision, approval_id: Option<&str>) -> Map<String, Value> {
-        let mut m = Map::new();
-        m.insert("kind".into(), json!("decision"));
-        m.insert("request_id".into(), json!(self.request_id));
-        m.insert("via".into(), json!(self.entry.as_str()));
-        m.insert("agent".into(), json!(self.agent));
+    /// The `decision` entry's fields, written straight into canonical form.
+    fn entry(&self, d: &Decision, approval_id: Option<&str>) -> Result<Fields, AuditError> {
+        let mut f = Fields::new();
+        f.str("kind", "decision")
+            .str("request_id", &self.request_id)
+            .str("via", self.entry.as_str())
+            .opt_str("agent", self.agent.as_deref());
         if let Some((iss, jti)) = &self.token {
-            m.insert("token".into(), json!({"iss": iss, "jti": jti}));
+            f.value("token", &json!({"iss": iss, "jti": jti}))?;
         }
-        m.insert("connector".into(), json!(self.connector));
-        m.insert("route".into(), json!(self.route));
-        m.insert("action".into(), json!(self.action));
-        m.insert("params".into(), json!(self.params));
-        m.insert("method".into(), json!(self.method.as_str()));
-        m.insert("scheme".into(), json!(self.scheme.as_str()));
-        m.insert("host".into(), json!(self.host));
-        m.insert("port".into(), json!(self.port.to_string()));
-        m.insert("path".into(), json!(self.path));
-        m.insert("query".into(), json!(self.query));
+        f.opt_str("connector", self.connector.as_deref())
+            .opt_str("route", self.route.as_deref())
+            .opt_str("action", self.action.as_deref());
+        f.value("params", &json!(self.params))?;
+        f.str("method", self.method.as_str())
+            .str("scheme", self.scheme.as_str())
+            .str("host", &self.host)
+            .int("port", self.port)
+            .str("path", &self.path)
+            .opt_str("query", self.query.as_deref());
         if let Some((sha, len)) = &self.body {
-            m.insert("body_sha256".into(), json!(sha));
-            m.insert("body_len".into(), json!(len.to_string()));
+            f.str("body_sha256", sha).int("body_len", *len);
         }
-        m.insert("headers".into(), Value::Object(self.headers.clone()));
-        m.insert("decision".into(), json!(d.verdict.as_str()));
-        m.insert("reasons".into(), json!(d.reasons));
-        m.insert("mode".into(), json!(self.mode.as_str()));
+        f.map("headers", &self.headers)?;
+        f.str("decision", d.verdict.as_str());
+        f.value("reasons", &json!(d.reasons))?;
+        f.str("mode", self.mode.as_str());
         if let Some(id) = approval_id {
-            m.insert("approval_id".into(), json!(id));
+            f.str("approval_id", id);
         }
-        m
+        Ok(f)
     }
 
     fn access(&self, d: &Decision) -> body::Access {
@@ -241,7 +241,10 @@ impl Gateway {
     /// Records a decision entry; a failure to commit is answered 503 and nothing is forwarded.
     async fn record(&self, facts: &Facts, d: &Decision, approval_id: Option<&str>) -> Result<u64, Response<ProxyBody>> {
         let started = Instant::now();
-        let r = self.audit.append(facts.entry(d, approval_id)).await;
+        let r = match facts.entry(d, approval_id) {
+            Ok(fields) => self.audit.append_fields(fields).await,
+            Err(e) => Err(e),
+        };
         self.metrics.audit_append.observe(started.elapsed().as_secs_f64());
         r.map_err(|e| {
             let (code, msg) = match e {
