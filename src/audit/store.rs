@@ -497,26 +497,29 @@ impl Writer {
     /// Closes the database (once nobody else holds it), opens it again and re-verifies the
     /// stored tree against its latest checkpoint, exactly as at start.
     fn reopen(&mut self) -> Result<(), AuditError> {
-        let mut slot = self.db.0.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(old) = slot.take() {
-            match Arc::try_unwrap(old) {
-                Ok(db) => drop(db),
-                Err(in_use) => {
-                    *slot = Some(in_use);
-                    return Err(AuditError::Storage("the database is still in use".into()));
+        {
+            let mut slot = self.db.0.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = slot.take() {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => drop(db),
+                    Err(in_use) => {
+                        *slot = Some(in_use);
+                        return Err(AuditError::Storage("the database is still in use".into()));
+                    }
                 }
             }
         }
+        // Not under the lock: meanwhile readers are told the database is unavailable instead of
+        // waiting (a full re-verification of a large log takes seconds).
         let db = open_database(&self.cfg.path)?;
         // Usually the file holds exactly what the writer last committed: its latest checkpoint
         // is the writer's own tree. Otherwise (commits lost with the file) recompute the tree.
-        let unchanged = self.matches_stored(&db);
-        let recovered = match unchanged {
+        let recovered = match self.matches_stored(&db) {
             Ok(Some(note)) => Ok((self.state.clone(), Some(note))),
             Ok(None) => recover(&db, &self.cfg, &self.key),
             Err(e) => Err(e),
         };
-        *slot = Some(Arc::new(db));
+        *self.db.0.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(db));
         let (state, latest) = recovered?;
         if state.size < self.state.size {
             tracing::error!(
