@@ -286,7 +286,16 @@ impl AuditLog {
         shared.size.store(state.size, Ordering::SeqCst);
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let writer = Writer { db: db.clone(), cfg, key, state, shared: shared.clone(), cosign: None, failed_at: None };
+        let writer = Writer {
+            db: db.clone(),
+            cfg,
+            key,
+            state,
+            shared: shared.clone(),
+            cosign: None,
+            failed_at: None,
+            reopen_attempts: 0,
+        };
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -328,6 +337,8 @@ struct Writer {
     cosign: Option<SigningKey>,
     /// Since a write failed: redb takes no more writes until the file is reopened.
     failed_at: Option<Instant>,
+    /// Reopen attempts since the failure (for logging once, then every 30th).
+    reopen_attempts: u32,
 }
 
 type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
@@ -456,19 +467,29 @@ impl Writer {
         if at.elapsed() < REOPEN_EVERY {
             return Err(AuditError::Commit("the audit log's storage failed; it is reopened shortly".into()));
         }
+        self.reopen_attempts += 1;
         match self.reopen() {
             Ok(()) => {
                 self.failed_at = None;
                 self.shared.failed.store(false, Ordering::SeqCst);
                 tracing::warn!(
                     tree_size = self.state.size,
+                    attempts = self.reopen_attempts,
                     "audit log reopened after a storage failure; recording again"
                 );
+                self.reopen_attempts = 0;
                 Ok(())
             }
             Err(e) => {
                 self.failed_at = Some(Instant::now());
-                tracing::error!(error = %e, "reopening the audit log failed; retrying");
+                // Once, then every 30th attempt: a disk that stays full must not flood the logs.
+                if self.reopen_attempts % 30 == 1 {
+                    tracing::error!(
+                        error = %e,
+                        attempts = self.reopen_attempts,
+                        "reopening the audit log failed; retrying every second"
+                    );
+                }
                 Err(AuditError::Commit(e.to_string()))
             }
         }
@@ -669,7 +690,16 @@ pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<
     fields.insert("new_key".into(), Value::String(new_hex));
     fields.insert("announcement_sig".into(), Value::String(hex::encode(announcement.to_bytes())));
     let shared = Arc::new(Shared::default());
-    let mut w = Writer { db: SharedDb::new(db), cfg, key: old, state, shared, cosign: Some(new), failed_at: None };
+    let mut w = Writer {
+        db: SharedDb::new(db),
+        cfg,
+        key: old,
+        state,
+        shared,
+        cosign: Some(new),
+        failed_at: None,
+        reopen_attempts: 0,
+    };
     let (tx, mut rx) = oneshot::channel();
     w.commit(vec![(Fields::from_map(fields)?, Some(tx))], true);
     rx.try_recv().map_err(|_| AuditError::Stopped)?
