@@ -97,4 +97,30 @@ async fn verify_and_export_a_large_log() {
     println!("export: {n} entries in {secs:.2}s = {:.0} entries/s, peak RSS {rss} MB", n as f64 / secs);
     let (secs, rss) = time(&["verify", "--bundle", out.to_str().unwrap(), "--key", pubkey.to_str().unwrap()]);
     println!("verify --bundle: {secs:.2}s = {:.0} entries/s, peak RSS {rss} MB", n as f64 / secs);
+
+    // Proofs over the whole log stream the stored leaves: memory for one path, not for n leaves.
+    let run = |args: &[&str], file: &str| {
+        let t = Instant::now();
+        let out =
+            std::process::Command::new("/usr/bin/time").arg("-f").arg("%M").arg(bin()).args(args).output().unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        let rss_kb: u64 = stderr.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+        std::fs::write(dir.path().join(file), &out.stdout).unwrap();
+        (secs, rss_kb / 1024)
+    };
+    let db_s = db.to_str().unwrap();
+    let (mid, third) = ((n / 2).to_string(), (n / 3).max(1).to_string());
+    let (secs, rss) = run(&["proof", "inclusion", "--db", db_s, "--index", &mid], "incl.proof");
+    println!("proof inclusion (index {mid} of {n}): {secs:.2}s, peak RSS {rss} MB");
+    let (secs, rss) =
+        run(&["proof", "consistency", "--db", db_s, "--old", &third, "--new", &n.to_string()], "cons.proof");
+    println!("proof consistency ({third} -> {n}): {secs:.2}s, peak RSS {rss} MB");
+    for file in ["incl.proof", "cons.proof"] {
+        let path = dir.path().join(file);
+        let args = ["verify", "--proof", path.to_str().unwrap(), "--key", pubkey.to_str().unwrap()];
+        let out = std::process::Command::new(bin()).args(args).output().unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
 }

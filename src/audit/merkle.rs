@@ -21,22 +21,13 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     h.finalize().into()
 }
 
-/// The largest power of two smaller than `n` (n > 1).
-fn split(n: usize) -> usize {
-    let mut k = 1;
-    while k << 1 < n {
-        k <<= 1;
-    }
-    k
-}
-
 /// MTH over leaf hashes; the empty tree hashes to SHA-256("").
 pub fn root_from_leaves(leaves: &[Hash]) -> Hash {
     match leaves.len() {
         0 => Sha256::digest(b"").into(),
         1 => leaves[0],
         n => {
-            let k = split(n);
+            let k = split64(n as u64) as usize;
             node_hash(&root_from_leaves(&leaves[..k]), &root_from_leaves(&leaves[k..]))
         }
     }
@@ -89,21 +80,89 @@ impl Frontier {
     }
 }
 
+/// Where proofs take subtree hashes from: a slice of leaves, or the log's stored leaves read
+/// range by range (so a proof over a large log needs memory for one path, not for every leaf).
+pub trait LeafSource {
+    type Error;
+    /// MTH of the leaves `[start, end)`, `start < end`.
+    fn range_root(&mut self, start: u64, end: u64) -> Result<Hash, Self::Error>;
+}
+
+impl LeafSource for &[Hash] {
+    type Error = std::convert::Infallible;
+    fn range_root(&mut self, start: u64, end: u64) -> Result<Hash, Self::Error> {
+        Ok(root_from_leaves(&self[start as usize..end as usize]))
+    }
+}
+
+/// The largest power of two smaller than `n` (n > 1).
+fn split64(n: u64) -> u64 {
+    let mut k = 1;
+    while k << 1 < n {
+        k <<= 1;
+    }
+    k
+}
+
+/// Inclusion path of leaf `index` in the tree of leaves `[0, size)` (RFC 9162 §2.1.3), leaf to
+/// root order. Each leaf outside the path's subtrees is read once.
+pub fn inclusion_path<S: LeafSource>(src: &mut S, index: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
+    // Walk down from the root, noting the sibling subtree at each split; the path is their roots
+    // from the bottom up.
+    let (mut lo, mut hi) = (0u64, size);
+    let mut siblings = Vec::new();
+    if index >= size {
+        return Ok(Vec::new());
+    }
+    while hi - lo > 1 {
+        let k = split64(hi - lo);
+        if index < lo + k {
+            siblings.push((lo + k, hi));
+            hi = lo + k;
+        } else {
+            siblings.push((lo, lo + k));
+            lo += k;
+        }
+    }
+    siblings.iter().rev().map(|&(a, b)| src.range_root(a, b)).collect()
+}
+
+/// Consistency path from the tree of the first `m` leaves to the tree of `n` (RFC 9162 §2.1.4).
+pub fn consistency_path<S: LeafSource>(src: &mut S, m: u64, n: u64) -> Result<Vec<Hash>, S::Error> {
+    if m == 0 || m >= n {
+        return Ok(Vec::new());
+    }
+    // SUBPROOF(m, D[lo:hi], complete), unrolled: the nodes are pushed top-down and returned
+    // bottom-up, as the recursive definition emits them.
+    let (mut lo, mut hi, mut m, mut complete) = (0u64, n, m, true);
+    let mut nodes = Vec::new();
+    loop {
+        let len = hi - lo;
+        if m == len {
+            if !complete {
+                nodes.push((lo, hi));
+            }
+            break;
+        }
+        let k = split64(len);
+        if m <= k {
+            nodes.push((lo + k, hi));
+            hi = lo + k;
+        } else {
+            nodes.push((lo, lo + k));
+            lo += k;
+            m -= k;
+            complete = false;
+        }
+    }
+    nodes.iter().rev().map(|&(a, b)| src.range_root(a, b)).collect()
+}
+
 /// Inclusion proof of leaf `index` in the tree of the first `leaves.len()` leaves (RFC 9162 §2.1.3).
 pub fn inclusion_proof(leaves: &[Hash], index: usize) -> Vec<Hash> {
-    let n = leaves.len();
-    if n <= 1 || index >= n {
-        return Vec::new();
-    }
-    let k = split(n);
-    if index < k {
-        let mut p = inclusion_proof(&leaves[..k], index);
-        p.push(root_from_leaves(&leaves[k..]));
-        p
-    } else {
-        let mut p = inclusion_proof(&leaves[k..], index - k);
-        p.push(root_from_leaves(&leaves[..k]));
-        p
+    match inclusion_path(&mut { leaves }, index as u64, leaves.len() as u64) {
+        Ok(p) => p,
+        Err(never) => match never {},
     }
 }
 
@@ -137,26 +196,10 @@ pub fn verify_inclusion(index: u64, size: u64, leaf: &Hash, proof: &[Hash], root
 
 /// Consistency proof from the tree of the first `m` leaves to the tree of all (RFC 9162 §2.1.4).
 pub fn consistency_proof(leaves: &[Hash], m: usize) -> Vec<Hash> {
-    fn subproof(leaves: &[Hash], m: usize, complete: bool) -> Vec<Hash> {
-        let n = leaves.len();
-        if m == n {
-            return if complete { Vec::new() } else { vec![root_from_leaves(leaves)] };
-        }
-        let k = split(n);
-        if m <= k {
-            let mut p = subproof(&leaves[..k], m, complete);
-            p.push(root_from_leaves(&leaves[k..]));
-            p
-        } else {
-            let mut p = subproof(&leaves[k..], m - k, false);
-            p.push(root_from_leaves(&leaves[..k]));
-            p
-        }
+    match consistency_path(&mut { leaves }, m as u64, leaves.len() as u64) {
+        Ok(p) => p,
+        Err(never) => match never {},
     }
-    if m == 0 || m >= leaves.len() {
-        return Vec::new();
-    }
-    subproof(leaves, m, true)
 }
 
 /// Checks a consistency proof (RFC 9162 §2.1.4.2).

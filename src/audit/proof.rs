@@ -27,20 +27,49 @@ pub enum Proof {
     Consistency { old: u64, new: u64, old_root: Hash, new_root: Hash, path: Vec<Hash>, checkpoint: Option<String> },
 }
 
-/// The stored leaf hashes `[0, n)` and the signed checkpoint at size `n`, if any.
-fn leaves_and_checkpoint(tx: &ReadTransaction, n: u64) -> Result<(Vec<Hash>, Option<String>), AuditError> {
-    let t = tx.open_table(LEAVES).map_err(storage)?;
-    let mut leaves = Vec::with_capacity(n as usize);
-    for item in t.range(0..n).map_err(storage)? {
-        let (_, v) = item.map_err(storage)?;
-        leaves.push(v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?);
+/// The log's stored leaf hashes, read range by range for each subtree a proof needs: a proof
+/// over millions of entries holds one path in memory, not every leaf.
+struct StoredLeaves {
+    table: redb::ReadOnlyTable<u64, &'static [u8]>,
+}
+
+impl StoredLeaves {
+    /// The leaf table, checked to hold at least `n` leaves.
+    fn open(tx: &ReadTransaction, n: u64) -> Result<StoredLeaves, AuditError> {
+        let table = tx.open_table(LEAVES).map_err(storage)?;
+        let held = table.last().map_err(storage)?.map_or(0, |(k, _)| k.value() + 1);
+        if held < n {
+            return Err(AuditError::Integrity(format!("the log holds {held} entries, fewer than {n}")));
+        }
+        Ok(StoredLeaves { table })
     }
-    if leaves.len() as u64 != n {
-        return Err(AuditError::Integrity(format!("the log holds {} entries, fewer than {n}", leaves.len())));
+
+    fn leaf(&self, i: u64) -> Result<Hash, AuditError> {
+        let v =
+            self.table.get(i).map_err(storage)?.ok_or_else(|| AuditError::Integrity(format!("leaf {i} is missing")))?;
+        v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))
     }
+}
+
+impl merkle::LeafSource for StoredLeaves {
+    type Error = AuditError;
+    fn range_root(&mut self, start: u64, end: u64) -> Result<Hash, AuditError> {
+        let mut tree = merkle::Frontier::new();
+        for item in self.table.range(start..end).map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            tree.push(v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?);
+        }
+        if tree.size() != end - start {
+            return Err(AuditError::Integrity(format!("leaves {start}..{end} are not all stored")));
+        }
+        Ok(tree.root())
+    }
+}
+
+/// The signed checkpoint at size `n`, if the log has one.
+fn checkpoint_at(tx: &ReadTransaction, n: u64) -> Result<Option<String>, AuditError> {
     let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
-    let note = cps.get(n).map_err(storage)?.map(|v| v.value().to_string());
-    Ok((leaves, note))
+    Ok(cps.get(n).map_err(storage)?.map(|v| v.value().to_string()))
 }
 
 /// The size of the latest checkpoint.
@@ -58,14 +87,14 @@ pub fn inclusion(tx: &ReadTransaction, index: u64, size: Option<u64>) -> Result<
     if index >= size {
         return Err(AuditError::Integrity(format!("index {index} is not below tree size {size}")));
     }
-    let (leaves, checkpoint) = leaves_and_checkpoint(tx, size)?;
+    let mut leaves = StoredLeaves::open(tx, size)?;
     Ok(Proof::Inclusion {
         index,
         size,
-        leaf: leaves[index as usize],
-        root: merkle::root_from_leaves(&leaves),
-        path: merkle::inclusion_proof(&leaves, index as usize),
-        checkpoint,
+        leaf: leaves.leaf(index)?,
+        root: merkle::LeafSource::range_root(&mut leaves, 0, size)?,
+        path: merkle::inclusion_path(&mut leaves, index, size)?,
+        checkpoint: checkpoint_at(tx, size)?,
     })
 }
 
@@ -74,14 +103,14 @@ pub fn consistency(tx: &ReadTransaction, old: u64, new: u64) -> Result<Proof, Au
     if old == 0 || old > new {
         return Err(AuditError::Integrity(format!("need 0 < old <= new (got {old}, {new})")));
     }
-    let (leaves, checkpoint) = leaves_and_checkpoint(tx, new)?;
+    let mut leaves = StoredLeaves::open(tx, new)?;
     Ok(Proof::Consistency {
         old,
         new,
-        old_root: merkle::root_from_leaves(&leaves[..old as usize]),
-        new_root: merkle::root_from_leaves(&leaves),
-        path: merkle::consistency_proof(&leaves, old as usize),
-        checkpoint,
+        old_root: merkle::LeafSource::range_root(&mut leaves, 0, old)?,
+        new_root: merkle::LeafSource::range_root(&mut leaves, 0, new)?,
+        path: merkle::consistency_path(&mut leaves, old, new)?,
+        checkpoint: checkpoint_at(tx, new)?,
     })
 }
 
