@@ -27,7 +27,7 @@ pub fn root_from_leaves(leaves: &[Hash]) -> Hash {
         0 => Sha256::digest(b"").into(),
         1 => leaves[0],
         n => {
-            let k = split64(n as u64) as usize;
+            let k = split(n as u64) as usize;
             node_hash(&root_from_leaves(&leaves[..k]), &root_from_leaves(&leaves[k..]))
         }
     }
@@ -96,7 +96,7 @@ impl LeafSource for &[Hash] {
 }
 
 /// The largest power of two smaller than `n` (n > 1).
-fn split64(n: u64) -> u64 {
+fn split(n: u64) -> u64 {
     let mut k = 1;
     while k << 1 < n {
         k <<= 1;
@@ -105,7 +105,7 @@ fn split64(n: u64) -> u64 {
 }
 
 /// Inclusion path of leaf `index` in the tree of leaves `[0, size)` (RFC 9162 §2.1.3), leaf to
-/// root order. Each leaf outside the path's subtrees is read once.
+/// root order. The sibling subtrees are disjoint: each leaf is read at most once.
 pub fn inclusion_path<S: LeafSource>(src: &mut S, index: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
     // Walk down from the root, noting the sibling subtree at each split; the path is their roots
     // from the bottom up.
@@ -115,7 +115,7 @@ pub fn inclusion_path<S: LeafSource>(src: &mut S, index: u64, size: u64) -> Resu
         return Ok(Vec::new());
     }
     while hi - lo > 1 {
-        let k = split64(hi - lo);
+        let k = split(hi - lo);
         if index < lo + k {
             siblings.push((lo + k, hi));
             hi = lo + k;
@@ -144,7 +144,7 @@ pub fn consistency_path<S: LeafSource>(src: &mut S, m: u64, n: u64) -> Result<Ve
             }
             break;
         }
-        let k = split64(len);
+        let k = split(len);
         if m <= k {
             nodes.push((lo + k, hi));
             hi = lo + k;
