@@ -66,10 +66,14 @@ impl Fields {
         self.buf.len() + self.keys.len() * 16
     }
 
-    /// Any JSON value, canonicalised.
-    pub fn value(&mut self, key: impl Into<Cow<'static, str>>, v: &Value) -> Result<&mut Fields, AuditError> {
+    /// Like `put`, for a writer that can refuse its value (nothing is kept then).
+    fn try_put(
+        &mut self,
+        key: impl Into<Cow<'static, str>>,
+        value: impl FnOnce(&mut Vec<u8>) -> Result<(), AuditError>,
+    ) -> Result<&mut Fields, AuditError> {
         let start = self.buf.len();
-        if let Err(e) = write(v, &mut self.buf) {
+        if let Err(e) = value(&mut self.buf) {
             self.buf.truncate(start);
             return Err(e);
         }
@@ -77,15 +81,14 @@ impl Fields {
         Ok(self)
     }
 
+    /// Any JSON value, canonicalised.
+    pub fn value(&mut self, key: impl Into<Cow<'static, str>>, v: &Value) -> Result<&mut Fields, AuditError> {
+        self.try_put(key, |out| write(v, out))
+    }
+
     /// A JSON object value, canonicalised (no copy of the map).
     pub fn map(&mut self, key: &'static str, m: &Map<String, Value>) -> Result<&mut Fields, AuditError> {
-        let start = self.buf.len();
-        if let Err(e) = write_object(m, &mut self.buf) {
-            self.buf.truncate(start);
-            return Err(e);
-        }
-        self.keys.push((key.into(), start, self.buf.len()));
-        Ok(self)
+        self.try_put(key, |out| write_object(m, out))
     }
 
     /// The fields of a JSON object.
