@@ -48,12 +48,21 @@ impl Frontier {
         self.size
     }
     pub fn push(&mut self, leaf: Hash) {
+        self.push_nodes(leaf, |_, _, _| {});
+    }
+
+    /// `push`, calling `completed(level, index, hash)` for each perfect subtree the leaf
+    /// completes: the subtree of leaves `[index << level, (index + 1) << level)`, level ≥ 1.
+    pub fn push_nodes(&mut self, leaf: Hash, mut completed: impl FnMut(u32, u64, &Hash)) {
         let mut node = leaf;
         let mut s = self.size;
+        let mut level = 0;
         while s & 1 == 1 {
             let left = self.nodes.pop().expect("one node per set bit");
             node = node_hash(&left, &node);
             s >>= 1;
+            level += 1;
+            completed(level, self.size >> level, &node);
         }
         self.nodes.push(node);
         self.size += 1;
@@ -96,7 +105,7 @@ impl LeafSource for &[Hash] {
 }
 
 /// The largest power of two smaller than `n` (n > 1).
-fn split(n: u64) -> u64 {
+pub fn split(n: u64) -> u64 {
     let mut k = 1;
     while k << 1 < n {
         k <<= 1;

@@ -15,7 +15,7 @@
 
 use super::merkle::{self, Hash};
 use super::note::{parse_checkpoint, signer_names};
-use super::store::{CHECKPOINTS, LEAVES};
+use super::store::{CHECKPOINTS, LEAVES, NODE_MIN_LEVEL, NODES, node_key};
 use super::verify::VerifyFailure;
 use super::{AuditError, storage};
 use ed25519_dalek::VerifyingKey;
@@ -27,10 +27,12 @@ pub enum Proof {
     Consistency { old: u64, new: u64, old_root: Hash, new_root: Hash, path: Vec<Hash>, checkpoint: Option<String> },
 }
 
-/// The log's stored leaf hashes, read range by range for each subtree a proof needs: a proof
-/// over millions of entries holds one path in memory, not every leaf.
+/// The log's stored tree: the roots of its large complete subtrees (the node index), and leaf
+/// hashes for the rest. A proof reads O(log n) nodes and at most a few hundred leaves per level
+/// of its path; without the index (an older log not yet reopened) it streams the leaves.
 struct StoredLeaves {
     table: redb::ReadOnlyTable<u64, &'static [u8]>,
+    nodes: Option<redb::ReadOnlyTable<u64, &'static [u8]>>,
 }
 
 impl StoredLeaves {
@@ -41,7 +43,32 @@ impl StoredLeaves {
         if held < n {
             return Err(AuditError::Integrity(format!("the log holds {held} entries, fewer than {n}")));
         }
-        Ok(StoredLeaves { table })
+        let nodes = tx.open_table(NODES).ok();
+        Ok(StoredLeaves { table, nodes })
+    }
+
+    /// The stored root of the complete subtree `[index << level, (index + 1) << level)`.
+    fn node(&self, level: u32, index: u64) -> Result<Option<Hash>, AuditError> {
+        let Some(t) = &self.nodes else { return Ok(None) };
+        match t.get(node_key(level, index)).map_err(storage)? {
+            Some(v) => Ok(Some(
+                v.value().try_into().map_err(|_| AuditError::Integrity("a stored node is not 32 bytes".into()))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// MTH of leaves `[start, end)` read one by one.
+    fn streamed_root(&self, start: u64, end: u64) -> Result<Hash, AuditError> {
+        let mut tree = merkle::Frontier::new();
+        for item in self.table.range(start..end).map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            tree.push(v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?);
+        }
+        if tree.size() != end - start {
+            return Err(AuditError::Integrity(format!("leaves {start}..{end} are not all stored")));
+        }
+        Ok(tree.root())
     }
 
     fn leaf(&self, i: u64) -> Result<Hash, AuditError> {
@@ -54,15 +81,23 @@ impl StoredLeaves {
 impl merkle::LeafSource for StoredLeaves {
     type Error = AuditError;
     fn range_root(&mut self, start: u64, end: u64) -> Result<Hash, AuditError> {
-        let mut tree = merkle::Frontier::new();
-        for item in self.table.range(start..end).map_err(storage)? {
-            let (_, v) = item.map_err(storage)?;
-            tree.push(v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?);
+        let len = end - start;
+        if len <= 1 << NODE_MIN_LEVEL {
+            return self.streamed_root(start, end);
         }
-        if tree.size() != end - start {
-            return Err(AuditError::Integrity(format!("leaves {start}..{end} are not all stored")));
+        if len.is_power_of_two() && start.is_multiple_of(len) {
+            let level = len.trailing_zeros();
+            return match self.node(level, start >> level)? {
+                Some(h) => Ok(h),
+                None => self.streamed_root(start, end),
+            };
         }
-        Ok(tree.root())
+        // MTH(D[start:end]) = H(MTH of the first k, MTH of the rest), k the largest power of two
+        // below the length (RFC 9162 §2.1.1).
+        let k = merkle::split(len);
+        let left = self.range_root(start, start + k)?;
+        let right = self.range_root(start + k, end)?;
+        Ok(merkle::node_hash(&left, &right))
     }
 }
 

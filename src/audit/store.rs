@@ -18,6 +18,57 @@ pub(crate) const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("aud
 pub(crate) const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("audit_checkpoints");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_meta");
 pub(crate) const SIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_entry_sigs");
+/// Roots of the tree's complete subtrees of 2^NODE_MIN_LEVEL leaves and more (`node_key`): an
+/// index that lets a proof read O(log n) nodes and a few hundred leaves instead of every leaf.
+/// Not evidence: a proof built from a wrong node does not verify against the signed checkpoint.
+pub(crate) const NODES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_nodes");
+pub(crate) const NODE_MIN_LEVEL: u32 = 8;
+
+/// Key of the subtree of leaves `[index << level, (index + 1) << level)`.
+pub(crate) fn node_key(level: u32, index: u64) -> u64 {
+    (u64::from(level) << 56) | index
+}
+
+/// How many nodes a tree of `size` leaves has at `NODE_MIN_LEVEL` and above.
+fn nodes_expected(size: u64) -> u64 {
+    (NODE_MIN_LEVEL..64).map(|l| size >> l).sum()
+}
+
+/// Writes the node index from the stored leaves when it does not match the tree (a log written
+/// before the index existed).
+fn ensure_nodes(db: &redb::Database, size: u64) -> Result<(), AuditError> {
+    let stored = {
+        let tx = db.begin_read().map_err(storage)?;
+        let t = tx.open_table(NODES).map_err(storage)?;
+        redb::ReadableTableMetadata::len(&t).map_err(storage)?
+    };
+    if stored == nodes_expected(size) {
+        return Ok(());
+    }
+    tracing::info!(entries = size, "building the audit log's proof index");
+    let tx = db.begin_write().map_err(storage)?;
+    tx.delete_table(NODES).map_err(storage)?;
+    {
+        let leaves = tx.open_table(LEAVES).map_err(storage)?;
+        let mut nodes = tx.open_table(NODES).map_err(storage)?;
+        let mut tree = Frontier::new();
+        let mut failed = None;
+        for item in leaves.range(0..size).map_err(storage)? {
+            let (_, v) = item.map_err(storage)?;
+            let leaf: Hash =
+                v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?;
+            tree.push_nodes(leaf, |level, index, h| {
+                if level >= NODE_MIN_LEVEL && failed.is_none() {
+                    failed = nodes.insert(node_key(level, index), h.as_slice()).err();
+                }
+            });
+        }
+        if let Some(e) = failed {
+            return Err(storage(e));
+        }
+    }
+    tx.commit().map_err(storage)
+}
 
 /// `prev` of entry 0.
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -177,6 +228,7 @@ fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
     tx.open_table(CHECKPOINTS).map_err(storage)?;
     tx.open_table(META).map_err(storage)?;
     tx.open_table(SIGS).map_err(storage)?;
+    tx.open_table(NODES).map_err(storage)?;
     tx.commit().map_err(storage)?;
     Ok(db)
 }
@@ -281,6 +333,7 @@ impl AuditLog {
         }
         let db = open_database(&cfg.path)?;
         let (state, latest) = recover(&db, &cfg, &key)?;
+        ensure_nodes(&db, state.size)?;
         let db = SharedDb::new(db);
         let shared = Arc::new(Shared::default());
         shared.size.store(state.size, Ordering::SeqCst);
@@ -588,6 +641,7 @@ impl Writer {
         }
         let started = self.state.clone();
         let mut rows: Vec<(u64, Vec<u8>, Hash, Reply)> = Vec::with_capacity(batch.len());
+        let mut nodes: Vec<(u64, Hash)> = Vec::new();
         for (fields, reply) in batch {
             let idx = self.state.size;
             let bytes = self.entry_bytes(&fields, idx);
@@ -596,7 +650,11 @@ impl Writer {
                 continue;
             }
             let leaf = leaf_hash(&bytes);
-            self.state.frontier.push(leaf);
+            self.state.frontier.push_nodes(leaf, |level, index, h| {
+                if level >= NODE_MIN_LEVEL {
+                    nodes.push((node_key(level, index), *h));
+                }
+            });
             self.state.prev = leaf;
             self.state.size += 1;
             rows.push((idx, bytes, leaf, reply));
@@ -620,6 +678,12 @@ impl Writer {
                 for (idx, bytes, leaf, _) in &rows {
                     entries.insert(*idx, bytes.as_slice()).map_err(storage)?;
                     leaves.insert(*idx, leaf.as_slice()).map_err(storage)?;
+                }
+                if !nodes.is_empty() {
+                    let mut t = tx.open_table(NODES).map_err(storage)?;
+                    for (key, h) in &nodes {
+                        t.insert(*key, h.as_slice()).map_err(storage)?;
+                    }
                 }
                 if self.cfg.sign_each_entry {
                     let mut sigs = tx.open_table(SIGS).map_err(storage)?;
