@@ -237,6 +237,16 @@ async fn append_concurrently(h: &AuditHandle, n: usize) -> Vec<u64> {
     idx
 }
 
+/// A closed log of `n` entries appended concurrently: its directory and file.
+async fn filled_log(durability: Durability, n: usize) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), durability, 4096);
+    append_concurrently(&log.handle(), n).await;
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    let path = dir.path().join("audit.redb");
+    (dir, path)
+}
+
 fn pubkey() -> ed25519_dalek::VerifyingKey {
     SigningKey::from_bytes(&[5u8; 32]).verifying_key()
 }
@@ -270,11 +280,7 @@ async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continue
 /// index that is missing (a log written before it existed) is rebuilt at open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proofs_from_the_node_index_match_proofs_over_all_leaves() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), Durability::Async, 4096);
-    append_concurrently(&log.handle(), 1300).await;
-    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
-    let path = dir.path().join("audit.redb");
+    let (dir, path) = filled_log(Durability::Async, 1300).await;
     let check = |db: &redb::Database| {
         use redb::{ReadableDatabase, ReadableTable};
         let tx = db.begin_read().unwrap();
@@ -336,11 +342,7 @@ fn latest_checkpoint_root(tx: &redb::ReadTransaction) -> Option<Hash> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_file_grows_into_written_space_not_holes() {
     use std::os::unix::fs::MetadataExt;
-    let dir = tempfile::tempdir().unwrap();
-    let log = open(dir.path(), Durability::Sync, 4096);
-    append_concurrently(&log.handle(), 3000).await;
-    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
-    let path = dir.path().join("audit.redb");
+    let (_dir, path) = filled_log(Durability::Sync, 3000).await;
     let meta = std::fs::metadata(&path).unwrap();
     // The file grew several times; every byte of it is allocated (blocks are 512-byte units),
     // so a commit's fdatasync never has to allocate.
