@@ -364,6 +364,7 @@ async fn every_metric_of_the_spec_is_exported() {
         "uapk_audit_queue_depth",
         "uapk_audit_batch_size",
         "uapk_audit_commits_total",
+        "uapk_audit_writable",
         "uapk_tls_leaf_cache_hits_total",
         "uapk_tls_leaf_cache_misses_total",
         "uapk_config_reloads_total",

@@ -130,10 +130,6 @@ impl Fields {
     }
 }
 
-pub(crate) fn write_canonical_str(s: &str, out: &mut Vec<u8>) {
-    write_str(s, out)
-}
-
 fn write(v: &Value, out: &mut Vec<u8>) -> Result<(), AuditError> {
     match v {
         Value::Null => out.extend_from_slice(b"null"),
@@ -185,7 +181,8 @@ fn write_object(m: &Map<String, Value>, out: &mut Vec<u8>) -> Result<(), AuditEr
     Ok(())
 }
 
-fn write_str(s: &str, out: &mut Vec<u8>) {
+/// A JSON string in canonical form.
+pub(crate) fn write_str(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;

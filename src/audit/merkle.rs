@@ -118,11 +118,11 @@ pub fn split(n: u64) -> u64 {
 pub fn inclusion_path<S: LeafSource>(src: &mut S, index: u64, size: u64) -> Result<Vec<Hash>, S::Error> {
     // Walk down from the root, noting the sibling subtree at each split; the path is their roots
     // from the bottom up.
-    let (mut lo, mut hi) = (0u64, size);
-    let mut siblings = Vec::new();
     if index >= size {
         return Ok(Vec::new());
     }
+    let (mut lo, mut hi) = (0u64, size);
+    let mut siblings = Vec::new();
     while hi - lo > 1 {
         let k = split(hi - lo);
         if index < lo + k {

@@ -30,21 +30,21 @@ pub enum Proof {
 /// The log's stored tree: the roots of its large complete subtrees (the node index), and leaf
 /// hashes for the rest. A proof reads O(log n) nodes and at most a few hundred leaves per level
 /// of its path; without the index (an older log not yet reopened) it streams the leaves.
-struct StoredLeaves {
+struct StoredTree {
     table: redb::ReadOnlyTable<u64, &'static [u8]>,
     nodes: Option<redb::ReadOnlyTable<u64, &'static [u8]>>,
 }
 
-impl StoredLeaves {
+impl StoredTree {
     /// The leaf table, checked to hold at least `n` leaves.
-    fn open(tx: &ReadTransaction, n: u64) -> Result<StoredLeaves, AuditError> {
+    fn open(tx: &ReadTransaction, n: u64) -> Result<StoredTree, AuditError> {
         let table = tx.open_table(LEAVES).map_err(storage)?;
         let held = table.last().map_err(storage)?.map_or(0, |(k, _)| k.value() + 1);
         if held < n {
             return Err(AuditError::Integrity(format!("the log holds {held} entries, fewer than {n}")));
         }
         let nodes = tx.open_table(NODES).ok();
-        Ok(StoredLeaves { table, nodes })
+        Ok(StoredTree { table, nodes })
     }
 
     /// The stored root of the complete subtree `[index << level, (index + 1) << level)`.
@@ -78,7 +78,7 @@ impl StoredLeaves {
     }
 }
 
-impl merkle::LeafSource for StoredLeaves {
+impl merkle::LeafSource for StoredTree {
     type Error = AuditError;
     fn range_root(&mut self, start: u64, end: u64) -> Result<Hash, AuditError> {
         let len = end - start;
@@ -122,7 +122,7 @@ pub fn inclusion(tx: &ReadTransaction, index: u64, size: Option<u64>) -> Result<
     if index >= size {
         return Err(AuditError::Integrity(format!("index {index} is not below tree size {size}")));
     }
-    let mut leaves = StoredLeaves::open(tx, size)?;
+    let mut leaves = StoredTree::open(tx, size)?;
     Ok(Proof::Inclusion {
         index,
         size,
@@ -138,7 +138,7 @@ pub fn consistency(tx: &ReadTransaction, old: u64, new: u64) -> Result<Proof, Au
     if old == 0 || old > new {
         return Err(AuditError::Integrity(format!("need 0 < old <= new (got {old}, {new})")));
     }
-    let mut leaves = StoredLeaves::open(tx, new)?;
+    let mut leaves = StoredTree::open(tx, new)?;
     Ok(Proof::Consistency {
         old,
         new,

@@ -1,6 +1,6 @@
 //! redb storage and the single writer thread with group commit.
 
-use super::canonical::{Fields, write_canonical_str};
+use super::canonical::{Fields, write_str};
 use super::merkle::{Frontier, Hash, leaf_hash};
 use super::note::{Checkpoint, parse_checkpoint};
 use super::{AuditError, MAX_ENTRY_BYTES, storage};
@@ -16,7 +16,6 @@ use tokio::sync::{mpsc, oneshot};
 pub(crate) const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_entries");
 pub(crate) const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_leaves");
 pub(crate) const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("audit_checkpoints");
-pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_meta");
 pub(crate) const SIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_entry_sigs");
 /// Roots of the tree's complete subtrees of 2^NODE_MIN_LEVEL leaves and more (`node_key`): an
 /// index that lets a proof read O(log n) nodes and a few hundred leaves instead of every leaf.
@@ -226,7 +225,6 @@ fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
     tx.open_table(ENTRIES).map_err(storage)?;
     tx.open_table(LEAVES).map_err(storage)?;
     tx.open_table(CHECKPOINTS).map_err(storage)?;
-    tx.open_table(META).map_err(storage)?;
     tx.open_table(SIGS).map_err(storage)?;
     tx.open_table(NODES).map_err(storage)?;
     tx.commit().map_err(storage)?;
@@ -396,17 +394,6 @@ struct Writer {
 
 type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
 
-/// Lower-case hex of 32 bytes.
-fn hex32(h: &Hash) -> [u8; 64] {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = [0u8; 64];
-    for (i, b) in h.iter().enumerate() {
-        out[2 * i] = DIGITS[usize::from(b >> 4)];
-        out[2 * i + 1] = DIGITS[usize::from(b & 15)];
-    }
-    out
-}
-
 impl Writer {
     /// `clock` only waits on the queue with a deadline (async mode's fsync timer).
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, clock: tokio::runtime::Runtime) {
@@ -414,31 +401,29 @@ impl Writer {
         let mut last_sync = Instant::now();
         let mut last_batch = 0usize;
         loop {
-            let first = if let Some(failed) = self.failed_at {
-                // Storage failed: try to reopen on time even when nothing is queued, so the log
-                // (and readiness) comes back by itself once the disk takes writes again.
-                let wait = REOPEN_EVERY.saturating_sub(failed.elapsed());
-                match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
+            // Wait on the queue, at most until a timed duty is due: after a storage failure the
+            // next reopen attempt (so the log, and readiness, come back by themselves once the
+            // disk takes writes again, even with nothing queued); in async mode the next fsync.
+            let due = match self.failed_at {
+                Some(failed) => Some(REOPEN_EVERY.saturating_sub(failed.elapsed())),
+                None if unsynced => Some(ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed())),
+                None => None,
+            };
+            let first = match due {
+                None => rx.blocking_recv(),
+                Some(wait) => match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
                     Ok(m) => m,
-                    Err(_elapsed) => {
+                    Err(_elapsed) if self.failed_at.is_some() => {
                         let _ = self.ensure_writable();
                         continue;
                     }
-                }
-            } else if unsynced {
-                // Async mode: wait at most until the next fsync is due.
-                let wait = ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed());
-                match clock.block_on(async { tokio::time::timeout(wait, rx.recv()).await }) {
-                    Ok(m) => m,
                     Err(_elapsed) => {
                         self.sync();
                         unsynced = false;
                         last_sync = Instant::now();
                         continue;
                     }
-                }
-            } else {
-                rx.blocking_recv()
+                },
             };
             // Under load (the last group was large), let a request-serving thread that is ready
             // to run on this core queue what it has first: the group fills up and commits are
@@ -611,11 +596,10 @@ impl Writer {
     fn entry_bytes(&mut self, fields: &Fields, idx: u64) -> Vec<u8> {
         let quoted = |s: &str| {
             let mut q = Vec::with_capacity(s.len() + 2);
-            write_canonical_str(s, &mut q);
+            write_str(s, &mut q);
             q
         };
-        let prev = if idx == 0 { GENESIS_PREV.as_bytes().to_vec() } else { hex32(&self.state.prev).to_vec() };
-        let prev = [b"\"".as_slice(), &prev, b"\""].concat();
+        let prev = if idx == 0 { quoted(GENESIS_PREV) } else { quoted(&hex::encode(self.state.prev)) };
         let log = quoted(&self.cfg.origin);
         let idx_s = quoted(&idx.to_string());
         let ts = quoted(&self.timestamp());
