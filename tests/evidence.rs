@@ -131,12 +131,10 @@ async fn proofs_trusted_checkpoints_and_tampering() {
         let tx = r.begin_write().unwrap();
         {
             let mut e = tx.open_table(redb::TableDefinition::<u64, &[u8]>::new("audit_entries")).unwrap();
-            let mut l = tx.open_table(redb::TableDefinition::<u64, &[u8]>::new("audit_leaves")).unwrap();
             let mut c = tx.open_table(redb::TableDefinition::<u64, &str>::new("audit_checkpoints")).unwrap();
             let keep = old_size + 2;
             for i in keep..latest {
                 e.remove(i).unwrap();
-                l.remove(i).unwrap();
             }
             let drop: Vec<u64> = c.range(keep + 1..).unwrap().map(|r| r.unwrap().0.value()).collect();
             for s in drop {

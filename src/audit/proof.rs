@@ -15,7 +15,7 @@
 
 use super::merkle::{self, Hash};
 use super::note::{parse_checkpoint, signer_names};
-use super::store::{CHECKPOINTS, LEAVES, NODE_MIN_LEVEL, NODES, node_key};
+use super::store::{CHECKPOINTS, ENTRIES, NODE_MIN_LEVEL, NODES, node_key};
 use super::verify::VerifyFailure;
 use super::{AuditError, storage};
 use ed25519_dalek::VerifyingKey;
@@ -27,24 +27,24 @@ pub enum Proof {
     Consistency { old: u64, new: u64, old_root: Hash, new_root: Hash, path: Vec<Hash>, checkpoint: Option<String> },
 }
 
-/// The log's stored tree: the roots of its large complete subtrees (the node index), and leaf
-/// hashes for the rest. A proof reads O(log n) nodes and at most a few hundred leaves per level
-/// of its path; without the index (an older log not yet reopened) it streams the leaves.
+/// The log's stored tree: the roots of its large complete subtrees (the node index), and the
+/// entries for the rest. A proof reads O(log n) nodes and hashes at most a few hundred entries per
+/// level of its path; without the index (an older log not yet reopened) it hashes every entry.
 struct StoredTree {
-    table: redb::ReadOnlyTable<u64, &'static [u8]>,
+    entries: redb::ReadOnlyTable<u64, &'static [u8]>,
     nodes: Option<redb::ReadOnlyTable<u64, &'static [u8]>>,
 }
 
 impl StoredTree {
-    /// The leaf table, checked to hold at least `n` leaves.
+    /// The entries, checked to be at least `n`.
     fn open(tx: &ReadTransaction, n: u64) -> Result<StoredTree, AuditError> {
-        let table = tx.open_table(LEAVES).map_err(storage)?;
-        let held = table.last().map_err(storage)?.map_or(0, |(k, _)| k.value() + 1);
+        let entries = tx.open_table(ENTRIES).map_err(storage)?;
+        let held = entries.last().map_err(storage)?.map_or(0, |(k, _)| k.value() + 1);
         if held < n {
             return Err(AuditError::Integrity(format!("the log holds {held} entries, fewer than {n}")));
         }
         let nodes = tx.open_table(NODES).ok();
-        Ok(StoredTree { table, nodes })
+        Ok(StoredTree { entries, nodes })
     }
 
     /// The stored root of the complete subtree `[index << level, (index + 1) << level)`.
@@ -58,23 +58,26 @@ impl StoredTree {
         }
     }
 
-    /// MTH of leaves `[start, end)` read one by one.
+    /// MTH of entries `[start, end)`, hashed one by one.
     fn streamed_root(&self, start: u64, end: u64) -> Result<Hash, AuditError> {
         let mut tree = merkle::Frontier::new();
-        for item in self.table.range(start..end).map_err(storage)? {
+        for item in self.entries.range(start..end).map_err(storage)? {
             let (_, v) = item.map_err(storage)?;
-            tree.push(v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?);
+            tree.push(merkle::leaf_hash(v.value()));
         }
         if tree.size() != end - start {
-            return Err(AuditError::Integrity(format!("leaves {start}..{end} are not all stored")));
+            return Err(AuditError::Integrity(format!("entries {start}..{end} are not all stored")));
         }
         Ok(tree.root())
     }
 
     fn leaf(&self, i: u64) -> Result<Hash, AuditError> {
-        let v =
-            self.table.get(i).map_err(storage)?.ok_or_else(|| AuditError::Integrity(format!("leaf {i} is missing")))?;
-        v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))
+        let v = self
+            .entries
+            .get(i)
+            .map_err(storage)?
+            .ok_or_else(|| AuditError::Integrity(format!("entry {i} is missing")))?;
+        Ok(merkle::leaf_hash(v.value()))
     }
 }
 
@@ -280,6 +283,6 @@ impl Proof {
     }
 }
 
-fn hash(h: &str) -> Option<Hash> {
+pub(crate) fn hash(h: &str) -> Option<Hash> {
     hex::decode(h.trim()).ok()?.try_into().ok()
 }

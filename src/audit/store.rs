@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 pub(crate) const ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_entries");
-pub(crate) const LEAVES: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_leaves");
 pub(crate) const CHECKPOINTS: TableDefinition<u64, &str> = TableDefinition::new("audit_checkpoints");
 pub(crate) const SIGS: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_entry_sigs");
 /// Roots of the tree's complete subtrees of 2^NODE_MIN_LEVEL leaves and more (`node_key`): an
@@ -33,8 +32,8 @@ fn nodes_expected(size: u64) -> u64 {
     (NODE_MIN_LEVEL..64).map(|l| size >> l).sum()
 }
 
-/// Writes the node index from the stored leaves when it does not match the tree (a log written
-/// before the index existed).
+/// Writes the node index from the entries when it does not match the tree (a log written before
+/// the index existed).
 fn ensure_nodes(db: &redb::Database, size: u64) -> Result<(), AuditError> {
     let stored = {
         let tx = db.begin_read().map_err(storage)?;
@@ -48,15 +47,13 @@ fn ensure_nodes(db: &redb::Database, size: u64) -> Result<(), AuditError> {
     let tx = db.begin_write().map_err(storage)?;
     tx.delete_table(NODES).map_err(storage)?;
     {
-        let leaves = tx.open_table(LEAVES).map_err(storage)?;
+        let entries = tx.open_table(ENTRIES).map_err(storage)?;
         let mut nodes = tx.open_table(NODES).map_err(storage)?;
         let mut tree = Frontier::new();
         let mut failed = None;
-        for item in leaves.range(0..size).map_err(storage)? {
+        for item in entries.range(0..size).map_err(storage)? {
             let (_, v) = item.map_err(storage)?;
-            let leaf: Hash =
-                v.value().try_into().map_err(|_| AuditError::Integrity("a stored leaf is not 32 bytes".into()))?;
-            tree.push_nodes(leaf, |level, index, h| {
+            tree.push_nodes(leaf_hash(v.value()), |level, index, h| {
                 if level >= NODE_MIN_LEVEL && failed.is_none() {
                     failed = nodes.insert(node_key(level, index), h.as_slice()).err();
                 }
@@ -223,7 +220,6 @@ fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
         .map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
     let tx = db.begin_write().map_err(storage)?;
     tx.open_table(ENTRIES).map_err(storage)?;
-    tx.open_table(LEAVES).map_err(storage)?;
     tx.open_table(CHECKPOINTS).map_err(storage)?;
     tx.open_table(SIGS).map_err(storage)?;
     tx.open_table(NODES).map_err(storage)?;
@@ -594,26 +590,41 @@ impl Writer {
 
     /// The entry's canonical bytes: `fields` and the writer's own `v`, `log`, `idx`, `ts`, `prev`.
     fn entry_bytes(&mut self, fields: &Fields, idx: u64) -> Vec<u8> {
-        let quoted = |s: &str| {
-            let mut q = Vec::with_capacity(s.len() + 2);
-            write_str(s, &mut q);
-            q
-        };
-        let prev = if idx == 0 { quoted(GENESIS_PREV) } else { quoted(&hex::encode(self.state.prev)) };
-        let log = quoted(&self.cfg.origin);
-        let idx_s = quoted(&idx.to_string());
-        let ts = quoted(&self.timestamp());
+        use std::io::Write as _;
+        let mut prev = [b'"'; 66];
+        if idx == 0 {
+            prev[1..65].copy_from_slice(GENESIS_PREV.as_bytes());
+        } else {
+            let _ = hex::encode_to_slice(self.state.prev, &mut prev[1..65]);
+        }
+        let mut log = Vec::with_capacity(self.cfg.origin.len() + 2);
+        write_str(&self.cfg.origin, &mut log);
+        let mut idx_s = Vec::with_capacity(22);
+        let _ = write!(idx_s, "\"{idx}\"");
+        let ts = self.timestamp();
         let mut out = Vec::with_capacity(fields.len_hint() + 256);
         fields.join(&[("idx", &idx_s), ("log", &log), ("prev", &prev), ("ts", &ts), ("v", b"\"1\"")], &mut out);
         out
     }
 
-    fn timestamp(&mut self) -> String {
+    /// The entry time, quoted: RFC 3339 UTC with microseconds, never earlier than the last one.
+    fn timestamp(&mut self) -> Vec<u8> {
+        use std::io::Write as _;
         let now = time::OffsetDateTime::now_utc().max(self.state.last_ts);
         self.state.last_ts = now;
-        let fmt =
-            time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
-        now.format(&fmt).unwrap_or_default()
+        let mut out = Vec::with_capacity(30);
+        let _ = write!(
+            out,
+            "\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\"",
+            now.year(),
+            u8::from(now.month()),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second(),
+            now.microsecond()
+        );
+        out
     }
 
     fn commit(&mut self, batch: Vec<(Fields, Reply)>, durable: bool) {
@@ -624,7 +635,7 @@ impl Writer {
             return;
         }
         let started = self.state.clone();
-        let mut rows: Vec<(u64, Vec<u8>, Hash, Reply)> = Vec::with_capacity(batch.len());
+        let mut rows: Vec<(u64, Vec<u8>, Reply)> = Vec::with_capacity(batch.len());
         let mut nodes: Vec<(u64, Hash)> = Vec::new();
         for (fields, reply) in batch {
             let idx = self.state.size;
@@ -641,7 +652,7 @@ impl Writer {
             });
             self.state.prev = leaf;
             self.state.size += 1;
-            rows.push((idx, bytes, leaf, reply));
+            rows.push((idx, bytes, reply));
         }
         if rows.is_empty() {
             return;
@@ -658,10 +669,8 @@ impl Writer {
                 .map_err(storage)?;
             {
                 let mut entries = tx.open_table(ENTRIES).map_err(storage)?;
-                let mut leaves = tx.open_table(LEAVES).map_err(storage)?;
-                for (idx, bytes, leaf, _) in &rows {
+                for (idx, bytes, _) in &rows {
                     entries.insert(*idx, bytes.as_slice()).map_err(storage)?;
-                    leaves.insert(*idx, leaf.as_slice()).map_err(storage)?;
                 }
                 if !nodes.is_empty() {
                     let mut t = tx.open_table(NODES).map_err(storage)?;
@@ -671,7 +680,7 @@ impl Writer {
                 }
                 if self.cfg.sign_each_entry {
                     let mut sigs = tx.open_table(SIGS).map_err(storage)?;
-                    for (idx, bytes, _, _) in &rows {
+                    for (idx, bytes, _) in &rows {
                         let sig = self.key.sign(bytes).to_bytes();
                         sigs.insert(*idx, sig.as_slice()).map_err(storage)?;
                     }
@@ -688,7 +697,7 @@ impl Writer {
                 self.shared.commits_total.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch.store(rows.len() as u64, Ordering::Relaxed);
                 *self.shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(note);
-                for (idx, _, _, reply) in rows {
+                for (idx, _, reply) in rows {
                     if let Some(r) = reply {
                         let _ = r.send(Ok(idx));
                     }
@@ -699,7 +708,7 @@ impl Writer {
                 tracing::error!(error = %e, entries = rows.len(), "audit commit failed");
                 self.state = State { last_ts: self.state.last_ts, ..started };
                 self.failed();
-                for (_, _, _, reply) in rows {
+                for (_, _, reply) in rows {
                     reply_err(reply, AuditError::Commit(e.to_string()));
                 }
             }

@@ -39,6 +39,16 @@ fn arb_json() -> impl Strategy<Value = Value> {
 }
 
 proptest! {
+    /// Strings are escaped as JSON requires, wherever in a long run the special byte falls (the
+    /// writer skips clean eight-byte chunks).
+    #[test]
+    fn strings_escape_like_json(prefix in "[a-zé]{0,40}", special in prop::sample::select(vec!['"', '\\', '\n', '\u{1}', '\u{1f}', ' ', '\u{7f}', 'é']), suffix in ".{0,20}") {
+        let s = format!("{prefix}{special}{suffix}");
+        let mut out = Vec::new();
+        super::canonical::write_str(&s, &mut out);
+        prop_assert_eq!(String::from_utf8(out).unwrap(), serde_json::to_string(&s).unwrap());
+    }
+
     #[test]
     fn canonical_is_a_fixed_point(v in arb_json()) {
         let once = canonical_json(&v).unwrap();
@@ -271,6 +281,18 @@ async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continue
     let rows = read_entries(&db, 999, 2).unwrap();
     let last: Value = serde_json::from_slice(&rows[1].1).unwrap();
     assert_eq!(last["prev"], hex::encode(leaf_hash(&rows[0].1)));
+    assert_eq!(
+        (last["v"].as_str(), last["log"].as_str(), last["idx"].as_str()),
+        (Some("1"), Some("test/log"), Some("1000"))
+    );
+    // RFC 3339 UTC with exactly six fractional digits, now, and not before the entry it follows.
+    let ts = last["ts"].as_str().unwrap();
+    assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    let at = time::OffsetDateTime::parse(ts, rfc3339).unwrap();
+    assert!((time::OffsetDateTime::now_utc() - at).abs() < time::Duration::seconds(30), "{ts}");
+    let before: Value = serde_json::from_slice(&rows[0].1).unwrap();
+    assert!(time::OffsetDateTime::parse(before["ts"].as_str().unwrap(), rfc3339).unwrap() <= at);
     drop(db);
     tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
     assert_eq!(verify_db(&dir.path().join("audit.redb"), &[pubkey()]).unwrap().entries, 1001);
@@ -285,11 +307,11 @@ async fn proofs_from_the_node_index_match_proofs_over_all_leaves() {
         use redb::{ReadableDatabase, ReadableTable};
         let tx = db.begin_read().unwrap();
         let leaves: Vec<Hash> = tx
-            .open_table(store::LEAVES)
+            .open_table(store::ENTRIES)
             .unwrap()
             .iter()
             .unwrap()
-            .map(|r| r.unwrap().1.value().try_into().unwrap())
+            .map(|r| merkle::leaf_hash(r.unwrap().1.value()))
             .collect();
         let n = leaves.len() as u64;
         assert_eq!(Some(root_from_leaves(&leaves)), latest_checkpoint_root(&tx));
@@ -420,6 +442,17 @@ async fn tampering_is_detected_and_the_first_bad_index_named() {
                 t.remove(4).unwrap();
             }),
             4,
+        ),
+        (
+            // The link changed, not the entry before it: the signed root says which.
+            Box::new(move |t| {
+                let e = String::from_utf8(get(t, 12)).unwrap();
+                let at = e.find("\"prev\":\"").unwrap() + 8;
+                let flipped = if &e[at..at + 1] == "0" { "1" } else { "0" };
+                let e = format!("{}{flipped}{}", &e[..at], &e[at + 1..]);
+                t.insert(12, e.as_bytes()).unwrap();
+            }),
+            12,
         ),
         (
             Box::new(move |t| {

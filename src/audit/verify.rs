@@ -3,7 +3,7 @@
 
 use super::merkle::{Frontier, Hash, leaf_hash};
 use super::note::{parse_checkpoint, signer_names};
-use super::store::{CHECKPOINTS, ENTRIES, GENESIS_PREV, LEAVES, SIGS};
+use super::store::{CHECKPOINTS, ENTRIES, GENESIS_PREV, SIGS};
 use super::{AuditError, storage};
 use base64::Engine;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -226,19 +226,24 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
     let tx = db.begin_read().map_err(|e| fail(None, e.to_string()))?;
     let entries = tx.open_table(ENTRIES).map_err(|e| fail(None, format!("no audit entries table: {e}")))?;
     let cps = tx.open_table(CHECKPOINTS).map_err(|e| fail(None, format!("no checkpoints table: {e}")))?;
-    // Diagnosis only (cold path): the first index below `upto` whose bytes no longer hash to the
-    // leaf recorded when it was written. Nothing is trusted from it; it only names the place.
-    let first_changed_below = |upto: u64| -> Option<u64> {
-        let leaves = tx.open_table(LEAVES).ok()?;
-        let entries = tx.open_table(ENTRIES).ok()?;
-        for item in entries.range(0..upto).ok()? {
-            let (k, v) = item.ok()?;
-            let stored = leaves.get(k.value()).ok()??;
-            if stored.value() != leaf_hash(v.value()).as_slice() {
-                return Some(k.value());
-            }
+    // Diagnosis only (cold path), for a broken link at `at`: was entry `at - 1` changed, rather
+    // than the link? Entry `at`'s prev claims the hash entry `at - 1` had. If the tree with that
+    // hash in its place matches the next signed checkpoint, the claim is what was signed: the
+    // entry changed. Only a signed root is trusted here.
+    let changed_before = |at: u64, bytes: &[u8], active: &[VerifyingKey]| -> bool {
+        let Some(claimed) = serde_json::from_slice::<Head>(bytes).ok().and_then(|h| super::proof::hash(&h.prev)) else {
+            return false;
+        };
+        let Some(Ok((size, note))) = cps.range(at..).ok().and_then(|mut r| r.next()) else { return false };
+        let (size, note) = (size.value(), note.value());
+        let Ok(cp) = parse_checkpoint(note, &named_keys(note, active)) else { return false };
+        let Ok(range) = entries.range(0..size) else { return false };
+        let mut tree = Frontier::new();
+        for item in range {
+            let Ok((k, v)) = item else { return false };
+            tree.push(if k.value() == at - 1 { claimed } else { leaf_hash(v.value()) });
         }
-        None
+        tree.size() == size && tree.root() == cp.root
     };
     let entry_sigs = tx.open_table(SIGS).ok();
     let mut cp_iter = cps.iter().map_err(|e| fail(None, e.to_string()))?.peekable();
@@ -256,7 +261,9 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             return Err(fail(None, format!("checkpoint stored at size {size} claims size {}", cp.size)));
         }
         if cp.root != frontier.root() {
-            let at = first_changed_below(size).unwrap_or(size.saturating_sub(1));
+            // The chain holds up to here, so the last entry changed, or the entries after the
+            // last checkpoint that matched were all rewritten and re-linked.
+            let at = size.saturating_sub(1);
             return Err(fail(
                 Some(at),
                 format!("the entries do not hash to the signed root of the checkpoint at size {size}"),
@@ -276,7 +283,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             Err(f) => {
                 // A broken link at `expected` after an unchanged-looking entry: if the previous
                 // entry's bytes no longer match its recorded leaf, the change is there.
-                if expected > 0 && f.reason.contains("prev") && first_changed_below(expected) == Some(expected - 1) {
+                if expected > 0 && f.reason.contains("prev") && changed_before(expected, bytes, &active) {
                     return Err(fail(
                         Some(expected - 1),
                         "the entry was changed (its hash no longer matches the chain)",
@@ -308,7 +315,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             && (frontier.root() != t.root || origin_of(bytes) != t.origin)
         {
             return Err(fail(
-                Some(first_changed_below(expected + 1).unwrap_or(expected)),
+                Some(expected),
                 format!(
                     "the log is not an extension of the trusted checkpoint of size {} (rolled back, forked or replaced)",
                     t.size
