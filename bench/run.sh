@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark on one machine, one run: the same upstream (nginx on loopback), the same
-# load generators and the same core budget for every proxy. Prints a Markdown table (req/s,
-# p50/p99 latency, peak RSS, ratio to the best peer of the class) and writes bench/results.md.
-#   bash bench/run.sh            # 10 s per run
-#   bash bench/run.sh --quick    # 2 s per run (CI smoke)
+# load generators and the same core budget for every proxy. Every proxy of a class runs at once;
+# the throughput runs go round-robin over them, several rounds, and each system's rate is the
+# median of its rounds (a slow moment of the machine then hits every system alike). Prints a
+# Markdown table (req/s, p50/p99 latency, peak RSS, ratios) and writes bench/results.md.
+#   bash bench/run.sh            # 10 s per run, 3 rounds
+#   bash bench/run.sh --quick    # 2 s per run, 1 round (CI smoke)
 # CPU split on 2 cores: the proxy under test on core 0; load generator and upstream on core 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-secs=10; [ "${1:-}" = "--quick" ] && secs=2
+secs=10; rounds=3; [ "${1:-}" = "--quick" ] && secs=2 && rounds=1
 need=()
 for c in wrk nginx squid mitmdump hey taskset openssl; do command -v $c >/dev/null || need+=($c); done
 if [ ${#need[@]} -gt 0 ]; then
@@ -49,39 +51,46 @@ taskset -c 1 nginx -c "$w/nginx-up/nginx.conf" -p "$w/nginx-up" & pids+=($!)
 wait_port "$up"; wait_port "$ups"
 
 rows=()
-best_plain=0; best_tls=0
-declare -A rps p50 p99 rss
-# wrk_run NAME URL [lua] → fills rps/p50/p99
-wrk_run() {
+declare -A rps p50 p99 rss runs
+median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.0f}")' "$@"; }
+# wrk_tput NAME URL [lua] → one throughput run (c=32), appended to runs[NAME]
+wrk_tput() {
   local name=$1 url=$2 lua=${3:-}
-  local args=(-t1 -c32 -d"${secs}s" --latency)
-  [ -n "$lua" ] && args+=(-s "$lua")
-  local out; out=$(taskset -c 1 wrk "${args[@]}" "$url")
-  rps[$name]=$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out")
+  local out; out=$(taskset -c 1 wrk -t1 -c32 -d"${secs}s" ${lua:+-s "$lua"} "$url")
+  if grep -q "Non-2xx" <<<"$out" && [ "$name" != uapk-denied ]; then echo "warning: $name: non-2xx answers" >&2; fi
+  runs[$name]+="$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out") "
+}
+# wrk_lat NAME URL [lua] → p50/p99 at c=4
+wrk_lat() {
+  local name=$1 url=$2 lua=${3:-}
   local lat; lat=$(taskset -c 1 wrk -t1 -c4 -d"${secs}s" --latency ${lua:+-s "$lua"} "$url")
   p50[$name]=$(awk '$1=="50%" {print $2}' <<<"$lat"); p99[$name]=$(awk '$1=="99%" {print $2}' <<<"$lat")
 }
-# lg_run NAME URL CA [proxy] → HTTPS class, driven by bench/loadgen.rs (it can CONNECT through a
-# proxy and then send the target's name as SNI, as real clients do)
-lg_run() {
+# HTTPS class, driven by bench/loadgen.rs (it can CONNECT through a proxy and then send the
+# target's name as SNI, as real clients do). lg_tput NAME URL CA [proxy]; lg_lat likewise.
+# Errors and non-2xx answers make a row meaningless: it then says so instead of showing a rate.
+lg_ok() { grep -q 'errors: 0, non-2xx: 0' <<<"$2" || { echo "warning: $1: $(grep -m1 -E 'first error|errors:' <<<"$2")" >&2; failed[$1]=1; }; }
+declare -A failed
+lg_tput() {
   local name=$1 url=$2 ca=$3 proxy=${4:-}
   local out; out=$(taskset -c 1 "$lg" --url "$url" --cacert "$ca" ${proxy:+--proxy "$proxy"} -c 32 -d "$secs")
-  rps[$name]=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  local lat; lat=$(taskset -c 1 "$lg" --url "$url" --cacert "$ca" ${proxy:+--proxy "$proxy"} -c 4 -d "$secs")
-  p50[$name]=$(awk '$1=="50%:" {print $2}' <<<"$lat"); p99[$name]=$(awk '$1=="99%:" {print $2}' <<<"$out")
-  # Errors and non-2xx answers make the row meaningless: say so instead of printing a rate.
-  local both; both=$(printf '%s\n%s\n' "$out" "$lat")
-  if [ "$(grep -c 'errors: 0, non-2xx: 0' <<<"$both")" -ne 2 ]; then
-    echo "warning: $name: $(grep -m1 -E 'first error' <<<"$both" || grep -m1 'errors:' <<<"$both")" >&2
-    rps[$name]="errors"; p50[$name]="-"; p99[$name]="-"
-  fi
+  lg_ok "$name" "$out"
+  runs[$name]+="$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out") "
 }
-add() { rows+=("$1|$2|${rps[$1]}|${p50[$1]}|${p99[$1]}|${rss[$1]:--}"); }
+lg_lat() {
+  local name=$1 url=$2 ca=$3 proxy=${4:-}
+  local lat; lat=$(taskset -c 1 "$lg" --url "$url" --cacert "$ca" ${proxy:+--proxy "$proxy"} -c 4 -d "$secs")
+  lg_ok "$name" "$lat"
+  p50[$name]=$(awk '$1=="50%:" {print $2}' <<<"$lat"); p99[$name]=$(awk '$1=="99%:" {print $2}' <<<"$lat")
+}
+# finish NAME → rps[NAME] = median of its rounds (or "errors")
+finish() {
+  if [ -n "${failed[$1]:-}" ]; then rps[$1]="errors"; p50[$1]="-"; p99[$1]="-"; else rps[$1]=$(median ${runs[$1]}); fi
+}
+add() { rows+=("$1|$2|${rps[$1]}|${runs[$1]% }|${p50[$1]}|${p99[$1]}|${rss[$1]:--}"); }
 
-# 1. direct (the floor)
-wrk_run direct "http://127.0.0.1:$up/ok"; add direct "plain HTTP, no proxy"
-
-# 2. nginx reverse proxy
+# Plain-HTTP class: direct (the floor), nginx as a reverse proxy, squid as an allowlisting forward
+# proxy, uapk-gateway as an explicit proxy with sync and with async audit, and denied requests.
 np=$(port); mkdir -p "$w/nginx-rp"
 cat > "$w/nginx-rp/nginx.conf" <<NGX
 worker_processes 1; daemon off; pid $w/nginx-rp/pid; error_log $w/nginx-rp/error.log;
@@ -89,10 +98,8 @@ events { worker_connections 4096; }
 http { access_log off; upstream u { server 127.0.0.1:$up; keepalive 64; }
   server { listen 127.0.0.1:$np; location / { proxy_pass http://u; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 NGX
-taskset -c 0 nginx -c "$w/nginx-rp/nginx.conf" -p "$w/nginx-rp" & pid=$!; pids+=($pid); wait_port "$np"
-wrk_run nginx "http://127.0.0.1:$np/ok"; rss[nginx]=$(ps -o rss= --ppid $pid | awk '{s+=$1} END {printf "%.1f", s/1024}'); add nginx "reverse proxy, keep-alive upstream"
+taskset -c 0 nginx -c "$w/nginx-rp/nginx.conf" -p "$w/nginx-rp" & nginx_rp=$!; pids+=($nginx_rp); wait_port "$np"
 
-# 3. squid forward proxy with a domain allowlist
 sp=$(port); mkdir -p "$w/squid"
 cat > "$w/squid/squid.conf" <<SQ
 http_port 127.0.0.1:$sp
@@ -107,18 +114,18 @@ coredump_dir $w/squid
 workers 1
 shutdown_lifetime 1 seconds
 SQ
-taskset -c 0 squid -N -f "$w/squid/squid.conf" & pid=$!; pids+=($pid); wait_port "$sp"
+taskset -c 0 squid -N -f "$w/squid/squid.conf" & squid=$!; pids+=($squid); wait_port "$sp"
 printf 'wrk.path = "http://localhost:%s/ok"\nwrk.headers["Host"] = "localhost:%s"\n' "$up" "$up" > "$w/squid.lua"
-wrk_run squid "http://127.0.0.1:$sp" "$w/squid.lua"; rss[squid]=$(hwm $pid); add squid "forward proxy, domain allowlist"
 
-# uapk-gateway setup
-mkdir -p "$w/gw/policies"
-"$bin" keygen --out "$w/gw/issuer.pem" >/dev/null
-cat > "$w/gw/policies/bench.yaml" <<YAML
+# uapk-gateway: one instance per durability mode, both up for the whole run (an idle one costs
+# nothing), each on core 0 with one tokio worker.
+mkdir -p "$w/policies"
+"$bin" keygen --out "$w/issuer.pem" >/dev/null
+cat > "$w/policies/bench.yaml" <<YAML
 apiVersion: uapk/v1
 kind: Manifest
 agent: { id: bench-agent }
-capability: { issuers: [{ id: bench, public_key_file: $w/gw/issuer.pub.pem }] }
+capability: { issuers: [{ id: bench, public_key_file: $w/issuer.pub.pem }] }
 connectors:
   - name: bench
     base_url: http://localhost:$up
@@ -132,46 +139,65 @@ connectors:
     tls: intercept
     routes: [{ methods: [GET], path: /ok, action: bench.read }]
 YAML
-token=$("$bin" token mint --issuer-key "$w/gw/issuer.pem" --iss bench --sub bench-agent --ttl 1h)
-gp=$(port); ga=$(port)
+token=$("$bin" token mint --issuer-key "$w/issuer.pem" --iss bench --sub bench-agent --ttl 2h)
+declare -A gw gp ga
 start_gw() { # durability
-  rm -rf "$w/gw/data"
-  cat > "$w/gw/gateway.yaml" <<YAML
-listeners: { proxy: 127.0.0.1:$gp, admin: 127.0.0.1:$ga }
-policies: $w/gw/policies
-data_dir: $w/gw/data
-audit: { durability: $1 }
+  local d=$1; gp[$d]=$(port); ga[$d]=$(port)
+  rm -rf "$w/gw-$d"; mkdir -p "$w/gw-$d"
+  cat > "$w/gw-$d/gateway.yaml" <<YAML
+listeners: { proxy: 127.0.0.1:${gp[$d]}, admin: 127.0.0.1:${ga[$d]} }
+policies: $w/policies
+data_dir: $w/gw-$d/data
+audit: { durability: $d }
 tls: { extra_upstream_roots: [$w/ca.pem] }
 network: { allow_private_destinations: [127.0.0.0/8, "::1/128"] }
 YAML
-  UAPK_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$bin" run -c "$w/gw/gateway.yaml" 2>"$w/gw/log" & gw=$!; pids+=($gw)
-  wait_port "$gp"
+  UAPK_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$bin" run -c "$w/gw-$d/gateway.yaml" 2>"$w/gw-$d/log" & gw[$d]=$!; pids+=(${gw[$d]})
+  wait_port "${gp[$d]}"
 }
-stop_gw() { kill -TERM "$gw"; wait "$gw" 2>/dev/null || true; }
+stop_gw() { kill -TERM "${gw[$1]}"; wait "${gw[$1]}" 2>/dev/null || true; }
+start_gw sync; start_gw async
 printf 'wrk.path = "http://127.0.0.1:%s/ok"\nwrk.headers["Host"] = "127.0.0.1:%s"\nwrk.headers["Proxy-Authorization"] = "Bearer %s"\n' "$up" "$up" "$token" > "$w/explicit.lua"
 printf 'wrk.headers["x-uapk-capability"] = "%s"\n' "$token" > "$w/base.lua"
+printf 'wrk.path = "/bench/denied"\nwrk.headers["x-uapk-capability"] = "%s"\n' "$token" > "$w/denied.lua"
 
-for d in sync async; do
-  start_gw $d
-  wrk_run "uapk-explicit-$d" "http://127.0.0.1:$gp" "$w/explicit.lua"; rss[uapk-explicit-$d]=$(hwm $gw)
-  add "uapk-explicit-$d" "uapk-gateway explicit proxy, plain HTTP, audit $d"
-  if [ $d = sync ]; then
-    before=$(wc -l < "$w/nginx-up/access.log")
-    printf 'wrk.path = "/bench/denied"\nwrk.headers["x-uapk-capability"] = "%s"\n' "$token" > "$w/denied.lua"
-    e0=$(curl -s "http://127.0.0.1:$ga/metrics" | awk '/^uapk_audit_entries_total/ {print $2}')
-    t0=$(date +%s.%N)
-    wrk_run uapk-denied "http://127.0.0.1:$gp" "$w/denied.lua"; rss[uapk-denied]=$(hwm $gw)
-    t1=$(date +%s.%N)
-    e1=$(curl -s "http://127.0.0.1:$ga/metrics" | awk '/^uapk_audit_entries_total/ {print $2}')
-    after=$(wc -l < "$w/nginx-up/access.log")
-    denied_upstream=$((after - before))
-    appends=$(python3 -c "print(int(($e1 - $e0) / ($t1 - $t0)))")
-    add uapk-denied "uapk-gateway denied (no route), audit sync"
-  fi
-  stop_gw
+declare -A url lua
+url[direct]="http://127.0.0.1:$up/ok"
+url[nginx]="http://127.0.0.1:$np/ok"
+url[squid]="http://127.0.0.1:$sp"; lua[squid]="$w/squid.lua"
+url[uapk-explicit-sync]="http://127.0.0.1:${gp[sync]}"; lua[uapk-explicit-sync]="$w/explicit.lua"
+url[uapk-explicit-async]="http://127.0.0.1:${gp[async]}"; lua[uapk-explicit-async]="$w/explicit.lua"
+url[uapk-denied]="http://127.0.0.1:${gp[sync]}"; lua[uapk-denied]="$w/denied.lua"
+plain=(direct nginx squid uapk-explicit-sync uapk-explicit-async uapk-denied)
+denied_upstream=0
+entries() { curl -s "http://127.0.0.1:${ga[sync]}/metrics" | awk '/^uapk_audit_entries_total/ {print $2}'; }
+for round in $(seq "$rounds"); do
+  for n in "${plain[@]}"; do
+    if [ "$n" = uapk-denied ]; then
+      before=$(wc -l < "$w/nginx-up/access.log"); e0=$(entries); t0=$(date +%s.%N)
+      wrk_tput "$n" "${url[$n]}" "${lua[$n]:-}"
+      t1=$(date +%s.%N); e1=$(entries); after=$(wc -l < "$w/nginx-up/access.log")
+      denied_upstream=$((denied_upstream + after - before))
+      appends=$(python3 -c "print(int(($e1 - $e0) / ($t1 - $t0)))")
+    else
+      wrk_tput "$n" "${url[$n]}" "${lua[$n]:-}"
+    fi
+  done
 done
+for n in "${plain[@]}"; do wrk_lat "$n" "${url[$n]}" "${lua[$n]:-}"; done
+rss[nginx]=$(ps -o rss= --ppid "$nginx_rp" | awk '{s+=$1} END {printf "%.1f", s/1024}'); rss[squid]=$(hwm "$squid")
+rss[uapk-explicit-sync]=$(hwm "${gw[sync]}"); rss[uapk-denied]=${rss[uapk-explicit-sync]}; rss[uapk-explicit-async]=$(hwm "${gw[async]}")
+kill "$nginx_rp" "$squid"
+for n in "${plain[@]}"; do finish "$n"; done
+add direct "plain HTTP, no proxy"
+add nginx "reverse proxy, keep-alive upstream"
+add squid "forward proxy, domain allowlist"
+add uapk-explicit-sync "uapk-gateway explicit proxy, plain HTTP, audit sync"
+add uapk-explicit-async "uapk-gateway explicit proxy, plain HTTP, audit async"
+add uapk-denied "uapk-gateway denied (no route), audit sync"
 
-# HTTPS class, all driven by bench/loadgen.rs: nginx TLS→TLS, mitmproxy, uapk-gateway CONNECT + interception.
+# HTTPS class: nginx terminating and re-encrypting TLS, mitmproxy, uapk-gateway CONNECT +
+# interception (sync, async) and base-URL to the TLS upstream.
 nt=$(port); mkdir -p "$w/nginx-tls"
 cat > "$w/nginx-tls/nginx.conf" <<NGX
 worker_processes 1; daemon off; pid $w/nginx-tls/pid; error_log $w/nginx-tls/error.log;
@@ -181,28 +207,35 @@ http { access_log off; upstream u { server 127.0.0.1:$ups; keepalive 64; }
     location / { proxy_pass https://u; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_ssl_session_reuse on; proxy_ssl_verify on; proxy_ssl_trusted_certificate $w/ca.pem; proxy_ssl_name localhost; } } }
 NGX
-taskset -c 0 nginx -c "$w/nginx-tls/nginx.conf" -p "$w/nginx-tls" & pid=$!; pids+=($pid); wait_port "$nt"
-lg_run nginx-tls "https://localhost:$nt/ok" "$w/ca.pem"; rss[nginx-tls]=$(ps -o rss= --ppid $pid | awk '{s+=$1} END {printf "%.1f", s/1024}')
-add nginx-tls "nginx TLS termination + re-encryption"
-
+taskset -c 0 nginx -c "$w/nginx-tls/nginx.conf" -p "$w/nginx-tls" & nginx_tls=$!; pids+=($nginx_tls); wait_port "$nt"
 mp=$(port)
 taskset -c 0 mitmdump -q --listen-host 127.0.0.1 --listen-port "$mp" --set confdir="$w/mitm" \
-  --set ssl_verify_upstream_trusted_ca="$w/ca.pem" & pid=$!; pids+=($pid); wait_port "$mp"
+  --set ssl_verify_upstream_trusted_ca="$w/ca.pem" & mitm=$!; pids+=($mitm); wait_port "$mp"
 for _ in $(seq 100); do [ -f "$w/mitm/mitmproxy-ca-cert.pem" ] && break; sleep 0.1; done
-lg_run mitmproxy "https://localhost:$ups/ok" "$w/mitm/mitmproxy-ca-cert.pem" "http://127.0.0.1:$mp"; rss[mitmproxy]=$(hwm $pid)
-add mitmproxy "mitmproxy HTTPS interception"
-kill $pid
-
-for d in sync async; do
-  start_gw $d
-  lg_run "uapk-intercept-$d" "https://localhost:$ups/ok" "$w/gw/data/ca.pem" "http://agent:$token@127.0.0.1:$gp"; rss[uapk-intercept-$d]=$(hwm $gw)
-  add "uapk-intercept-$d" "uapk-gateway CONNECT + interception, audit $d"
-  if [ $d = sync ]; then
-    wrk_run uapk-base-tls "http://127.0.0.1:$gp/bench-tls/ok" "$w/base.lua"; rss[uapk-base-tls]=$(hwm $gw)
-    add uapk-base-tls "uapk-gateway base-URL, TLS upstream, audit sync (wrk)"
-  fi
-  stop_gw
+# name → "URL CA [proxy]" for loadgen
+declare -A lgargs
+lgargs[nginx-tls]="https://localhost:$nt/ok $w/ca.pem"
+lgargs[mitmproxy]="https://localhost:$ups/ok $w/mitm/mitmproxy-ca-cert.pem http://127.0.0.1:$mp"
+lgargs[uapk-intercept-sync]="https://localhost:$ups/ok $w/gw-sync/data/ca.pem http://agent:$token@127.0.0.1:${gp[sync]}"
+lgargs[uapk-intercept-async]="https://localhost:$ups/ok $w/gw-async/data/ca.pem http://agent:$token@127.0.0.1:${gp[async]}"
+tls=(nginx-tls mitmproxy uapk-intercept-sync uapk-intercept-async)
+base_url="http://127.0.0.1:${gp[sync]}/bench-tls/ok"
+for round in $(seq "$rounds"); do
+  for n in "${tls[@]}"; do lg_tput "$n" ${lgargs[$n]}; done
+  wrk_tput uapk-base-tls "$base_url" "$w/base.lua"
 done
+for n in "${tls[@]}"; do lg_lat "$n" ${lgargs[$n]}; done
+wrk_lat uapk-base-tls "$base_url" "$w/base.lua"
+rss[nginx-tls]=$(ps -o rss= --ppid "$nginx_tls" | awk '{s+=$1} END {printf "%.1f", s/1024}'); rss[mitmproxy]=$(hwm "$mitm")
+rss[uapk-intercept-sync]=$(hwm "${gw[sync]}"); rss[uapk-base-tls]=${rss[uapk-intercept-sync]}; rss[uapk-intercept-async]=$(hwm "${gw[async]}")
+kill "$nginx_tls" "$mitm"
+stop_gw sync; stop_gw async
+for n in "${tls[@]}" uapk-base-tls; do finish "$n"; done
+add nginx-tls "nginx TLS termination + re-encryption"
+add mitmproxy "mitmproxy HTTPS interception"
+add uapk-intercept-sync "uapk-gateway CONNECT + interception, audit sync"
+add uapk-intercept-async "uapk-gateway CONNECT + interception, audit async"
+add uapk-base-tls "uapk-gateway base-URL, TLS upstream, audit sync (wrk)"
 
 # Audit micro-benchmark: 32 concurrent writers, each waiting for its durable commit; then verify.
 am=$(taskset -c 0 "$root/target/release/examples/audit-append" --writers 32 --seconds "$secs" --durability sync)
@@ -212,22 +245,22 @@ verify_rate=$(awk '/^verify:/ {for (i=1;i<=NF;i++) if ($i=="entries/s") print $(
 
 # RSS at a steady 1,000 req/s (explicit proxy, sync).
 start_gw sync
-taskset -c 1 hey -z "$((secs + 3))s" -c 10 -q 100 -x "http://agent:$token@127.0.0.1:$gp" "http://127.0.0.1:$up/ok" >/dev/null
-rss_1k=$(hwm $gw)
-stop_gw
+taskset -c 1 hey -z "$((secs + 3))s" -c 10 -q 100 -x "http://agent:$token@127.0.0.1:${gp[sync]}" "http://127.0.0.1:$up/ok" >/dev/null
+rss_1k=$(hwm "${gw[sync]}")
+stop_gw sync
 
 ratio() { python3 -c "import sys; a,b=sys.argv[1:]; print(f'{float(a)/float(b):.2f}' if a.replace('.','').isdigit() and b.replace('.','').isdigit() and float(b) else 'not measured')" "$1" "$2"; }
 {
   echo "# Benchmark results"
   echo
-  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r); \`bash bench/run.sh${1:+ $1}\` ($secs s per run)."
-  echo "Plain HTTP rows: wrk -t1 -c32 (throughput) and -c4 (latency). HTTPS rows: bench/loadgen.rs -c32 / -c4 (one thread, HTTP/1.1 keep-alive, CONNECT through the proxy, then TLS with the target's SNI). Proxy on core 0; load generators and the nginx upstream on core 1. uapk-gateway with one tokio worker."
+  echo "$(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r); \`bash bench/run.sh${1:+ $1}\` ($secs s per run, rounds: $rounds)."
+  echo "Plain HTTP rows: wrk -t1 -c32 (throughput) and -c4 (latency). HTTPS rows: bench/loadgen.rs -c32 / -c4 (one thread, HTTP/1.1 keep-alive, CONNECT through the proxy, then TLS with the target's SNI). Proxy on core 0; load generators and the nginx upstream on core 1. uapk-gateway with one tokio worker. All systems of a class run at once and the throughput runs go round-robin over them; req/s is the median of the rounds (each round listed). Peak RSS is the process's over all its runs."
   echo
-  echo "| system | mode | req/s | p50 | p99 | peak RSS MB |"
-  echo "|---|---|---:|---:|---:|---:|"
-  for r in "${rows[@]}"; do IFS='|' read -r a b c d e f <<<"$r"; echo "| $a | $b | $c | $d | $e | $f |"; done
+  echo "| system | mode | req/s | rounds | p50 (c=4) | p99 (c=4) | peak RSS MB |"
+  echo "|---|---|---:|---|---:|---:|---:|"
+  for r in "${rows[@]}"; do IFS='|' read -r a b c d e f g <<<"$r"; echo "| $a | $b | $c | $d | $e | $f | $g |"; done
   echo
-  echo "Ratios (one run):"
+  echo "Ratios (medians of one run):"
   echo "- explicit plain HTTP, sync / nginx: $(ratio "${rps[uapk-explicit-sync]}" "${rps[nginx]}") (target ≥ 0.8); async / nginx: $(ratio "${rps[uapk-explicit-async]}" "${rps[nginx]}") (target ≥ 1.0); sync / squid: $(ratio "${rps[uapk-explicit-sync]}" "${rps[squid]}") (target ≥ 1.5)"
   echo "- interception, sync / nginx TLS→TLS: $(ratio "${rps[uapk-intercept-sync]}" "${rps[nginx-tls]}") (target ≥ 0.7); / mitmproxy: $(ratio "${rps[uapk-intercept-sync]}" "${rps[mitmproxy]}") (target ≥ 10)"
   echo "- denied / allowed (sync): $(ratio "${rps[uapk-denied]}" "${rps[uapk-explicit-sync]}") (target ≥ 2); upstream requests during the denied run: $denied_upstream (target 0)"
