@@ -181,7 +181,7 @@ fn write_object(m: &Map<String, Value>, out: &mut Vec<u8>) -> Result<(), AuditEr
     Ok(())
 }
 
-/// Whether any of the eight bytes is `"`, `\\` or a control character (below 0x20), by the
+/// Whether any of the eight bytes is `"`, `\` or a control character (below 0x20), by the
 /// zero-byte tests of "Bit Twiddling Hacks": exact, no false positives or negatives.
 fn needs_escape(w: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;

@@ -281,8 +281,8 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
         let (leaf, is_key) = match check_entry(expected, bytes, &prev) {
             Ok(l) => l,
             Err(f) => {
-                // A broken link at `expected` after an unchanged-looking entry: if the previous
-                // entry's bytes no longer match its recorded leaf, the change is there.
+                // A broken link at `expected`: if the signed root confirms the hash this link
+                // claims for the previous entry, the change is in that entry, not in the link.
                 if expected > 0 && f.reason.contains("prev") && changed_before(expected, bytes, &active) {
                     return Err(fail(
                         Some(expected - 1),
