@@ -98,7 +98,8 @@ async fn verify_and_export_a_large_log() {
     let (secs, rss) = time(&["verify", "--bundle", out.to_str().unwrap(), "--key", pubkey.to_str().unwrap()]);
     println!("verify --bundle: {secs:.2}s = {:.0} entries/s, peak RSS {rss} MB", n as f64 / secs);
 
-    // Proofs over the whole log stream the stored leaves: memory for one path, not for n leaves.
+    // Proofs over the whole log read the proof index and a few hundred entries per level of the
+    // path: memory for one path, not for n leaves.
     let run = |args: &[&str], file: &str| {
         let t = Instant::now();
         let out =

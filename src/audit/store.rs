@@ -333,16 +333,7 @@ impl AuditLog {
         shared.size.store(state.size, Ordering::SeqCst);
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let writer = Writer {
-            db: db.clone(),
-            cfg,
-            key,
-            state,
-            shared: shared.clone(),
-            cosign: None,
-            failed_at: None,
-            reopen_attempts: 0,
-        };
+        let writer = Writer::new(db.clone(), cfg, key, state, shared.clone(), None);
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -386,11 +377,26 @@ struct Writer {
     failed_at: Option<Instant>,
     /// Reopen attempts since the failure (for logging once, then every 30th).
     reopen_attempts: u32,
+    /// `cfg.origin` as a canonical JSON string: every entry's `log`.
+    log_json: Vec<u8>,
 }
 
 type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
 
 impl Writer {
+    fn new(
+        db: SharedDb,
+        cfg: AuditConfig,
+        key: SigningKey,
+        state: State,
+        shared: Arc<Shared>,
+        cosign: Option<SigningKey>,
+    ) -> Writer {
+        let mut log_json = Vec::with_capacity(cfg.origin.len() + 2);
+        write_str(&cfg.origin, &mut log_json);
+        Writer { db, cfg, key, state, shared, cosign, failed_at: None, reopen_attempts: 0, log_json }
+    }
+
     /// `clock` only waits on the queue with a deadline (async mode's fsync timer).
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, clock: tokio::runtime::Runtime) {
         let mut unsynced = false;
@@ -597,13 +603,12 @@ impl Writer {
         } else {
             let _ = hex::encode_to_slice(self.state.prev, &mut prev[1..65]);
         }
-        let mut log = Vec::with_capacity(self.cfg.origin.len() + 2);
-        write_str(&self.cfg.origin, &mut log);
         let mut idx_s = Vec::with_capacity(22);
         let _ = write!(idx_s, "\"{idx}\"");
         let ts = self.timestamp();
         let mut out = Vec::with_capacity(fields.len_hint() + 256);
-        fields.join(&[("idx", &idx_s), ("log", &log), ("prev", &prev), ("ts", &ts), ("v", b"\"1\"")], &mut out);
+        fields
+            .join(&[("idx", &idx_s), ("log", &self.log_json), ("prev", &prev), ("ts", &ts), ("v", b"\"1\"")], &mut out);
         out
     }
 
@@ -747,16 +752,7 @@ pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<
     fields.insert("new_key".into(), Value::String(new_hex));
     fields.insert("announcement_sig".into(), Value::String(hex::encode(announcement.to_bytes())));
     let shared = Arc::new(Shared::default());
-    let mut w = Writer {
-        db: SharedDb::new(db),
-        cfg,
-        key: old,
-        state,
-        shared,
-        cosign: Some(new),
-        failed_at: None,
-        reopen_attempts: 0,
-    };
+    let mut w = Writer::new(SharedDb::new(db), cfg, old, state, shared, Some(new));
     let (tx, mut rx) = oneshot::channel();
     w.commit(vec![(Fields::from_map(fields)?, Some(tx))], true);
     rx.try_recv().map_err(|_| AuditError::Stopped)?
