@@ -379,9 +379,12 @@ struct Writer {
     reopen_attempts: u32,
     /// `cfg.origin` as a canonical JSON string: every entry's `log`.
     log_json: Vec<u8>,
+    /// The runtime of the request tasks (when the log was opened on one): see `acknowledge`.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
-type Reply = Option<oneshot::Sender<Result<u64, AuditError>>>;
+type Ack = oneshot::Sender<Result<u64, AuditError>>;
+type Reply = Option<Ack>;
 
 impl Writer {
     fn new(
@@ -394,7 +397,8 @@ impl Writer {
     ) -> Writer {
         let mut log_json = Vec::with_capacity(cfg.origin.len() + 2);
         write_str(&cfg.origin, &mut log_json);
-        Writer { db, cfg, key, state, shared, cosign, failed_at: None, reopen_attempts: 0, log_json }
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        Writer { db, cfg, key, state, shared, cosign, failed_at: None, reopen_attempts: 0, log_json, runtime }
     }
 
     /// `clock` only waits on the queue with a deadline (async mode's fsync timer).
@@ -632,6 +636,21 @@ impl Writer {
         out
     }
 
+    /// Tells the waiters of a committed group their indexes. Waking request tasks one by one from
+    /// this thread would let each wake-up preempt the writer (a context switch per waiter on a busy
+    /// core); one task on the runtime wakes them all from there instead.
+    fn acknowledge(&self, waiters: Vec<(u64, Ack)>) {
+        fn send(waiters: Vec<(u64, Ack)>) {
+            for (idx, r) in waiters {
+                let _ = r.send(Ok(idx));
+            }
+        }
+        match &self.runtime {
+            Some(rt) if waiters.len() > 1 => drop(rt.spawn(async move { send(waiters) })),
+            _ => send(waiters),
+        }
+    }
+
     fn commit(&mut self, batch: Vec<(Fields, Reply)>, durable: bool) {
         if let Err(e) = self.ensure_writable() {
             for (_, reply) in batch {
@@ -702,11 +721,8 @@ impl Writer {
                 self.shared.commits_total.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch.store(rows.len() as u64, Ordering::Relaxed);
                 *self.shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = Some(note);
-                for (idx, _, reply) in rows {
-                    if let Some(r) = reply {
-                        let _ = r.send(Ok(idx));
-                    }
-                }
+                let waiters: Vec<_> = rows.into_iter().filter_map(|(idx, _, reply)| reply.map(|r| (idx, r))).collect();
+                self.acknowledge(waiters);
             }
             Err(e) => {
                 // Nothing of this batch is in the log: roll the tree back and tell every waiter.

@@ -266,9 +266,19 @@ async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continue
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), Durability::Sync, 4096);
     let h = log.handle();
-    let mut idx = append_concurrently(&h, 1000).await;
-    idx.sort();
-    assert_eq!(idx, (0..1000).collect::<Vec<_>>());
+    let idx = append_concurrently(&h, 1000).await;
+    // Every task was told the index of its own entry (groups are acknowledged together).
+    {
+        let db = log.database().get().unwrap();
+        let rows = read_entries(&db, 0, 1000).unwrap();
+        for (task, &i) in idx.iter().enumerate() {
+            let e: Value = serde_json::from_slice(&rows[i as usize].1).unwrap();
+            assert_eq!(e["n"], task.to_string(), "task {task} was told index {i}");
+        }
+    }
+    let mut sorted = idx.clone();
+    sorted.sort();
+    assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
     assert_eq!(h.tree_size(), 1000);
     tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
     let report = verify_db(&dir.path().join("audit.redb"), &[pubkey()]).unwrap();
