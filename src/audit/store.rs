@@ -70,7 +70,8 @@ fn ensure_nodes(db: &redb::Database, size: u64) -> Result<(), AuditError> {
 pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const MAX_BATCH: usize = 4096;
 const WRITER_CACHE_BYTES: usize = 4 * 1024 * 1024;
-const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(100);
+/// Async mode's durability window: a commit is fsynced at most this long after it.
+pub(crate) const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(25);
 /// A group at least this large means the queue is busy: see `Writer::run`.
 const YIELD_ABOVE_BATCH: usize = 16;
 /// After a failed write, how often the writer tries to reopen the database.
@@ -80,7 +81,7 @@ const REOPEN_EVERY: Duration = Duration::from_secs(1);
 pub enum Durability {
     /// Each batch is fsynced before its appends resolve.
     Sync,
-    /// Batches commit without fsync; an fsync follows within 100 ms.
+    /// Batches commit without fsync; an fsync follows within `ASYNC_SYNC_EVERY` (25 ms).
     Async,
 }
 

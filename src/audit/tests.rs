@@ -261,6 +261,22 @@ fn pubkey() -> ed25519_dalek::VerifyingKey {
     SigningKey::from_bytes(&[5u8; 32]).verifying_key()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_mode_makes_commits_durable_within_its_window_without_more_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Async, 64);
+    let h = log.handle();
+    append_concurrently(&h, 10).await;
+    // No further appends and no shutdown: only the writer's timer can make these 10 durable.
+    tokio::time::sleep(store::ASYNC_SYNC_EVERY * 4).await;
+    // What a crash now would leave: the file as written so far (the log itself stays open).
+    let copy = dir.path().join("copy.redb");
+    std::fs::copy(dir.path().join("audit.redb"), &copy).unwrap();
+    let report = verify_db(&copy, &[pubkey()]).unwrap();
+    assert_eq!(report.entries, 10, "{report:?}");
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continues() {
     let dir = tempfile::tempdir().unwrap();
