@@ -266,22 +266,25 @@ async fn a_quiet_async_log_becomes_durable_by_its_timer() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), Durability::Async, 64);
     let h = log.handle();
+    // Two waves back to back: if the first wave's commit happened to sync (the writer also syncs
+    // at a commit when the window has passed), the second follows within the fresh window, so
+    // only the timer can make it durable.
     append_concurrently(&h, 10).await;
-    // No further appends and no shutdown: only the writer's timer can make these 10 durable. What
-    // a crash would leave is the file as written so far: copy it (the log itself stays open).
-    // Polled rather than timed once, so a slow machine does not fail it; without the timer it
-    // never gets there.
+    append_concurrently(&h, 10).await;
+    // No further appends and no shutdown. What a crash would leave is the file as written so far:
+    // copy it (the log itself stays open). Polled rather than timed once, so a slow machine does
+    // not fail it; without the timer it never gets there.
     let copy = dir.path().join("copy.redb");
     let mut seen = None;
     for _ in 0..40 {
         tokio::time::sleep(store::ASYNC_SYNC_EVERY * 2).await;
         std::fs::copy(dir.path().join("audit.redb"), &copy).unwrap();
         seen = verify_db(&copy, &[pubkey()]).ok().map(|r| r.entries);
-        if seen == Some(10) {
+        if seen == Some(20) {
             break;
         }
     }
-    assert_eq!(seen, Some(10), "the copy never held the 10 acknowledged entries");
+    assert_eq!(seen, Some(20), "the copy never held the 20 acknowledged entries");
     tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
 }
 
