@@ -182,11 +182,6 @@ pub fn unverified_subject(token: &str) -> Option<String> {
     serde_json::from_slice::<Subject>(&b64url(payload)?).ok().map(|s| s.sub)
 }
 
-/// What verified tokens are cached under: their SHA-256 (the token itself is not kept).
-pub fn token_digest(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
 /// Verifies capability tokens for one agent's manifest, with a bounded cache of verified tokens.
 pub struct TokenVerifier {
     policy: TokenPolicy,
@@ -215,12 +210,8 @@ impl TokenVerifier {
     }
 
     pub fn verify(&self, token: &str, now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
-        self.verify_digest(token, &token_digest(token), now)
-    }
-
-    /// `verify` for a caller that already has the token's `token_digest`.
-    pub fn verify_digest(&self, token: &str, digest: &[u8; 32], now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
-        if let Some(c) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(digest).cloned() {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(c) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned() {
             self.still_valid(&c, now)?;
             return Ok(c);
         }
@@ -269,7 +260,7 @@ impl TokenVerifier {
                 cache.clear();
             }
         }
-        cache.insert(*digest, c.clone());
+        cache.insert(digest, c.clone());
         Ok(c)
     }
 }

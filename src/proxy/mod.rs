@@ -30,8 +30,8 @@ use respond::{DenyBody, deny_response};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 pub use body::RecordedBody;
@@ -51,14 +51,7 @@ pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
 pub struct Policies {
     pub set: PolicySet,
     pub verifiers: HashMap<String, TokenVerifier>,
-    /// The agent of each token a verifier has accepted, by `token_digest`: a known token's payload
-    /// is not decoded again just to find the verifier whose cache holds it.
-    subjects: RwLock<HashMap<[u8; 32], Arc<str>>>,
 }
-
-/// Tokens remembered in `Policies::subjects` at most (the map starts over when full, as the
-/// verifiers' caches do).
-const SUBJECTS_MAX: usize = 10_000;
 
 impl Policies {
     pub fn new(set: PolicySet) -> Policies {
@@ -67,19 +60,7 @@ impl Policies {
             .iter()
             .map(|(id, m)| (id.clone(), TokenVerifier::new(crate::identity::token_policy_for(m))))
             .collect();
-        Policies { set, verifiers, subjects: RwLock::default() }
-    }
-
-    fn known_subject(&self, digest: &[u8; 32]) -> Option<Arc<str>> {
-        self.subjects.read().unwrap_or_else(|e| e.into_inner()).get(digest).cloned()
-    }
-
-    fn remember_subject(&self, digest: [u8; 32], sub: Arc<str>) {
-        let mut m = self.subjects.write().unwrap_or_else(|e| e.into_inner());
-        if m.len() >= SUBJECTS_MAX {
-            m.clear();
-        }
-        m.insert(digest, sub);
+        Policies { set, verifiers }
     }
 }
 
@@ -354,27 +335,17 @@ pub(crate) fn identify(
         }
         return Ok((m.clone(), None));
     };
-    let digest = crate::identity::token_digest(&token);
-    let known = policies.known_subject(&digest);
-    let sub: Arc<str> = match &known {
-        Some(s) => s.clone(),
-        None => match crate::identity::unverified_subject(&token) {
-            Some(s) => s.into(),
-            None => return Err(Decision::deny("capability_token_invalid", "the capability token is malformed")),
-        },
+    let Some(sub) = crate::identity::unverified_subject(&token) else {
+        return Err(Decision::deny("capability_token_invalid", "the capability token is malformed"));
     };
-    let (Some(m), Some(verifier)) = (policies.set.get(&sub), policies.verifiers.get(&*sub)) else {
+    let (Some(m), Some(verifier)) = (policies.set.get(&sub), policies.verifiers.get(&sub)) else {
         return Err(Decision::deny(
             "manifest_not_found",
             format!("no manifest for the agent the token names ({})", sanitize(&sub)),
         ));
     };
     facts.mode = m.mode;
-    let claims =
-        verifier.verify_digest(&token, &digest, now_unix()).map_err(|e| Decision::deny(e.code(), e.message()))?;
-    if known.is_none() {
-        policies.remember_subject(digest, sub);
-    }
+    let claims = verifier.verify(&token, now_unix()).map_err(|e| Decision::deny(e.code(), e.message()))?;
     facts.agent = Some(claims.sub.clone());
     facts.token = Some((claims.iss.clone(), claims.jti.clone()));
     let user_names_other = basic_user.as_deref().is_some_and(|u| !u.is_empty() && u != "agent" && u != claims.sub);
