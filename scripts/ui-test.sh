@@ -81,7 +81,7 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin_port/readyz" >/dev/nul
 token=$("$bin" token mint --issuer-key "$work/issuer.pem" --iss platform --sub ui-agent --ttl 10m)
 refund() { # amount → a held request whose customer is agent-supplied markup
   curl -s -o "$work/held-$1.body" -w '%{http_code}' -m 120 -X POST "http://127.0.0.1:$proxy_port/pay/v1/refunds" \
-    -H "x-uapk-capability: $token" -H 'content-type: application/json' \
+    -H "x-uapk-capability: $token" -H 'content-type: application/json' -H 'stripe-account: acct_ui' \
     -d "{\"amount\": $1, \"currency\": \"USD\", \"customer\": \"<script>alert(1)</script>\"}" > "$work/held-$1.status"
 }
 refund 6000 & held=$!

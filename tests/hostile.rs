@@ -40,6 +40,24 @@ async fn nasty_upstream() -> SocketAddr {
                             return;
                         }
                     }
+                } else if path.contains("/ws") {
+                    // A WebSocket upstream: switches as asked, then echoes.
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+                        )
+                        .await;
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                } else if path.contains("/switch-h2c") {
+                    // An upstream that switches to a protocol nobody may speak through the gateway.
+                    let _ = s
+                        .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\nRAW-UPSTREAM")
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(2)).await;
                 } else if path.contains("/hang") {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                 } else {
@@ -417,4 +435,217 @@ async fn proxy_and_identity_tricks() {
         let _ = j.await;
     }
     alive(&gw, &tok).await;
+}
+
+/// Sends `head` (a request head without the final blank line) and reads the response head.
+async fn open_raw(gw: &TestGateway, head: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    s.write_all(format!("{head}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !got.ends_with(b"\r\n\r\n") && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(1)) => got.push(b[0]),
+            _ => break,
+        }
+    }
+    (s, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// The decision entry recorded under `record`.
+fn entry_at(gw: &TestGateway, record: u64) -> Value {
+    gw.entries()
+        .into_iter()
+        .find(|e| e["idx"].as_str().and_then(|i| i.parse::<u64>().ok()) == Some(record))
+        .expect("the refusal is in the log")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_websocket_upgrades_pass() {
+    let (gw, up) = start().await;
+    let tok = token("pay-agent");
+    // h2c smuggling: after a 101 the agent would talk raw HTTP/2 to the upstream, undecided.
+    let cases = [
+        ("GET", "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"),
+        ("GET", "Connection: upgrade\r\nUpgrade: websocket, h2c\r\n"),
+        ("GET", "Connection: upgrade\r\nUpgrade: TLS/1.2\r\n"),
+        // An Upgrade header without Connection: upgrade is refused too, not silently dropped.
+        ("GET", "Upgrade: h2c\r\n"),
+        ("POST", "Connection: upgrade\r\nUpgrade: websocket\r\nContent-Length: 0\r\n"),
+    ];
+    for (method, headers) in cases {
+        let path = if method == "GET" { "/shop/v1/charges/ch_1" } else { "/shop/v1/refunds" };
+        let resp = raw(&gw, &req(&format!("{method} {path} HTTP/1.1"), &tok, headers, "")).await;
+        assert_eq!(status_of(&resp), 400, "{headers}: {resp:.400}");
+        assert!(resp.contains("upgrade_not_allowed"), "{resp:.400}");
+        let e = entry_at(&gw, record_of(&resp).expect("a record index"));
+        assert_eq!(
+            (e["decision"].as_str(), e["reasons"][0]["code"].as_str()),
+            (Some("deny"), Some("upgrade_not_allowed"))
+        );
+        assert_eq!(e["agent"], "pay-agent");
+    }
+    // Through the explicit proxy too.
+    let resp = raw(
+        &gw,
+        format!(
+            "GET http://127.0.0.1:{p}/v1/charges/x HTTP/1.1\r\nHost: 127.0.0.1:{p}\r\nProxy-Authorization: Bearer {tok}\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+            p = up.port()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&resp), 400, "{resp:.400}");
+    assert!(resp.contains("upgrade_not_allowed"));
+
+    // A WebSocket GET is decided, switched and spliced.
+    let (mut s, head) = open_raw(
+        &gw,
+        &format!("GET /shop/v1/charges/ws HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-uapk-record:"), "{head}");
+    s.write_all(b"ping-frame").await.unwrap();
+    let mut echo = [0u8; 10];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await.unwrap().unwrap();
+    assert_eq!(&echo, b"ping-frame");
+    drop(s);
+
+    // An upstream that answers a WebSocket request by switching to h2c is not spliced.
+    let (mut s, head) = open_raw(
+        &gw,
+        &format!("GET /shop/v1/charges/switch-h2c HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="),
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut rest)).await;
+    assert!(!String::from_utf8_lossy(&rest).contains("RAW-UPSTREAM"), "upstream bytes reached the agent");
+    // Its outcome names the refusal.
+    let outcomes: Vec<Value> = gw.entries().into_iter().filter(|e| e["kind"] == "outcome").collect();
+    assert!(outcomes.iter().any(|o| o["status"] == "502"), "{outcomes:?}");
+    alive(&gw, &tok).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_travel_in_cleartext_and_agent_credentials_are_stripped() {
+    let up = Upstream::start().await;
+    let p = up.addr.port();
+    let connectors = format!(
+        r#"connectors:
+  - name: secure
+    base_url: https://secure.test:{p}
+    hosts: [secure.test]
+    ports: [{p}]
+    credentials:
+      - header: Authorization
+        value: "Bearer sk_live_${{file:secret}}"
+    routes:
+      - path: /**
+        action: secure.any
+  - name: keyed
+    hosts: [keyed.test]
+    ports: [{p}]
+    credentials:
+      - header: x-api-key
+        value: "sk_keyed_${{file:secret}}"
+    routes:
+      - path: /**
+        action: keyed.any
+  - name: plainauth
+    base_url: http://{addr}
+    hosts: [plain.test]
+    ports: [{p}]
+    credentials:
+      - header: Authorization
+        value: "Bearer sk_plain_${{file:secret}}"
+    strip_headers: [x-session-hint]
+    routes:
+      - path: /**
+        action: plain.any
+"#,
+        addr = up.addr
+    );
+    let policy = "  connectors: { allow: [shop, secure, keyed, plainauth] }\n";
+    let m = manifest("pay-agent", up.addr, policy, "").replacen("connectors:\n", &connectors, 1);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/secret"), "s3cr3t\n").unwrap();
+    let gw = TestGateway::start_in(dir, &[("pay.yaml", m)], "").await;
+    let tok = token("pay-agent");
+
+    // Absolute-form http:// to an https connector (the port is even TLS's), and to a connector
+    // that injects credentials with no base_url: refused before anything is dialled.
+    for (host, name) in [("secure.test", "secure"), ("keyed.test", "keyed")] {
+        let resp = raw(
+            &gw,
+            format!(
+                "GET http://{host}:{p}/v1/balance HTTP/1.1\r\nHost: {host}:{p}\r\nProxy-Authorization: Bearer {tok}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&resp), 403, "{resp:.400}");
+        assert!(resp.contains("cleartext_not_allowed"), "{resp:.400}");
+        assert!(!resp.contains("s3cr3t"), "the secret leaked into a response");
+        let e = entry_at(&gw, record_of(&resp).unwrap());
+        assert_eq!(
+            (e["connector"].as_str(), e["reasons"][0]["code"].as_str()),
+            (Some(name), Some("cleartext_not_allowed"))
+        );
+        assert!(!e.to_string().contains("s3cr3t"));
+    }
+    assert_eq!(up.count(), 0, "nothing reached the upstream in cleartext");
+
+    // A connector whose base_url is http:// injects its credential, and only its credential:
+    // every agent-supplied credential header, its strip_headers and forwarding headers are gone.
+    let r = client()
+        .get(gw.base("/plainauth/v1/items"))
+        .header("x-uapk-capability", &tok)
+        .header("authorization", "Bearer agent-chosen")
+        .header("x-api-key", "agent-key")
+        .header("api-key", "agent-key")
+        .header("cookie", "session=agent")
+        .header("x-session-hint", "agent")
+        .header("forwarded", "for=203.0.113.9")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("x-forwarded-host", "admin.internal")
+        .header("x-real-ip", "203.0.113.9")
+        .header("x-request-tag", "kept")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.last();
+    let auth: Vec<_> = seen.headers.get_all("authorization").iter().collect();
+    assert_eq!(auth, ["Bearer sk_plain_s3cr3t"]);
+    for gone in [
+        "x-api-key",
+        "api-key",
+        "cookie",
+        "x-session-hint",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-real-ip",
+    ] {
+        assert!(seen.headers.get(gone).is_none(), "{gone} reached the upstream");
+    }
+    assert_eq!(seen.headers.get("x-request-tag").unwrap(), "kept");
+    // A connector without credentials keeps the agent's own authorization, but never the
+    // forwarding headers.
+    let r = client()
+        .get(gw.base("/shop/v1/charges/ch_1"))
+        .header("x-uapk-capability", &tok)
+        .header("authorization", "Bearer agents-own")
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = up.last();
+    assert_eq!(seen.headers.get("authorization").unwrap(), "Bearer agents-own");
+    assert!(seen.headers.get("x-forwarded-for").is_none());
 }

@@ -445,3 +445,48 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     let entries = read_all(&redb::Database::open(&db).unwrap());
     assert_eq!(entries.iter().filter(|e| e["kind"] == "outcome" && e["status"] == "200").count(), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_is_bound_to_the_forwarded_headers() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], &admin_keys()).await;
+    let tok = token("pay-agent");
+    let send = |account: &'static str, trace: &'static str, over: Option<String>| {
+        let mut rb = client()
+            .post(gw.base("/shop/v1/refunds"))
+            .header("x-uapk-capability", &tok)
+            .header("x-country", "US")
+            .header("stripe-account", account)
+            .header("traceparent", trace)
+            .header("user-agent", trace)
+            .json(&json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}));
+        if let Some(o) = over {
+            rb = rb.header("x-uapk-override", o);
+        }
+        rb.send()
+    };
+    let v: Value = send("acct_1", "00-aaaa-01", None).await.unwrap().json().await.unwrap();
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    // The approver sees what the override will be bound to.
+    let r = client().get(admin(&gw, &format!("/v1/approvals/{id}"))).bearer_auth(VIEWER).send().await.unwrap();
+    let a: Value = r.json().await.unwrap();
+    assert_eq!(a["headers"]["stripe-account"], json!(["acct_1"]), "{a}");
+    assert_eq!(a["headers"]["x-country"], json!(["US"]));
+    assert!(a["headers"].get("traceparent").is_none() && a["headers"].get("x-uapk-capability").is_none(), "{a}");
+    assert_eq!(a["body_sha256"].as_str().map(str::len), Some(64));
+    assert_eq!(
+        (a["method"].as_str(), a["scheme"].as_str(), a["path"].as_str()),
+        (Some("POST"), Some("http"), Some("/v1/refunds"))
+    );
+    let over = approve(&gw, &id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
+    // Another connected account: the same body, but not the approved action.
+    let r = send("acct_2", "00-aaaa-01", Some(over.clone())).await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_invalid");
+    assert_eq!(up.count(), 0, "a request with another header went out under the approval");
+    // The approved headers, with a new trace context and user agent: forwarded once.
+    let r = send("acct_1", "00-bbbb-01", Some(over)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), 1);
+    assert_eq!(up.last().headers.get("stripe-account").unwrap(), "acct_1");
+}

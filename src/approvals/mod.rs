@@ -48,8 +48,23 @@ pub struct Approval {
     pub action: String,
     pub params: BTreeMap<String, String>,
     pub method: String,
+    /// `http` or `https`.
+    #[serde(default)]
+    pub scheme: String,
     pub host: String,
+    #[serde(default)]
+    pub port: u16,
     pub path: String,
+    #[serde(default)]
+    pub query: Option<String>,
+    /// The forwarded request headers the override is bound to (SPEC §14.7).
+    #[serde(default)]
+    pub headers: BTreeMap<String, Vec<String>>,
+    /// SHA-256 (hex) and length of the request body the override is bound to.
+    #[serde(default)]
+    pub body_sha256: Option<String>,
+    #[serde(default)]
+    pub body_len: Option<u64>,
     /// SHA-256 (hex) of the canonical action (SPEC §6); an override is valid only for it.
     pub action_hash: String,
     pub reasons: Vec<ReasonRecord>,

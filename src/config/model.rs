@@ -230,10 +230,17 @@ pub struct Connector {
     pub tls: TlsMode,
     /// Resolved credentials, or why the connector is unavailable (never the secret itself).
     pub credentials: Result<Vec<(HeaderName, HeaderValue)>, String>,
+    /// Agent-supplied headers removed before forwarding (`strip_headers`), on top of the
+    /// credential headers every connector with `credentials` strips.
+    pub strip_headers: Vec<HeaderName>,
     pub routes: Vec<Route>,
 }
 
 impl Connector {
+    /// Whether the connector injects credentials (configured, even if a source is missing).
+    pub fn injects_credentials(&self) -> bool {
+        self.credentials.as_ref().map_or(true, |c| !c.is_empty())
+    }
     pub fn matches_host(&self, host: &str) -> bool {
         let host = host.trim_end_matches('.');
         // IP literals compare as addresses (`::ffff:127.0.0.1` is `::ffff:7f00:1`).

@@ -164,6 +164,8 @@ pub struct RawConnector {
     #[serde(default)]
     pub credentials: Vec<RawCredential>,
     #[serde(default)]
+    pub strip_headers: Vec<String>,
+    #[serde(default)]
     pub routes: Vec<RawRoute>,
 }
 

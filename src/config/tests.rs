@@ -225,6 +225,7 @@ fn host_patterns_and_cidrs() {
         ports: vec![443],
         tls: TlsMode::Intercept,
         credentials: Ok(vec![]),
+        strip_headers: vec![],
         routes: vec![],
     };
     assert!(c.matches_host("API.example.com"));

@@ -459,7 +459,14 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
             }
         }
     }
-    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, routes }
+    let mut strip_headers = Vec::new();
+    for (i, h) in raw.strip_headers.iter().enumerate() {
+        match HeaderName::from_str(h) {
+            Ok(n) => strip_headers.push(n),
+            Err(_) => cx.err(&format!("{key}.strip_headers[{i}]"), format!("{h:?} is not a header name")),
+        }
+    }
+    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, strip_headers, routes }
 }
 
 pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Strictness, sha256: String) -> Manifest {

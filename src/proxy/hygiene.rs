@@ -1,10 +1,12 @@
 //! Header hygiene: hop-by-hop and `proxy-*` headers are stripped in both directions,
 //! `x-uapk-*` request headers are consumed, and recorded headers have secrets hashed.
 
+use crate::config::Connector;
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
@@ -49,15 +51,87 @@ pub fn requested_upgrade(h: &HeaderMap) -> Option<http::HeaderValue> {
     if asks { h.get(header::UPGRADE).cloned() } else { None }
 }
 
+/// Credential-bearing headers an agent may send; a connector that injects credentials strips
+/// all of them, not only the names it injects, so an agent cannot add a second credential.
+const CREDENTIAL_HEADERS: [&str; 5] = ["authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"];
+
+/// Headers that do not bind an override to an action (SPEC §14.7): they vary between an
+/// agent's retries without changing what the upstream is asked to do.
+const UNBOUND_HEADERS: [&str; 5] = ["traceparent", "tracestate", "user-agent", "accept-encoding", "content-length"];
+
 /// Prepares agent headers for the upstream. `Host` is dropped: the client sets it from the
-/// upstream URI.
+/// upstream URI. `x-uapk-*` are ours; `forwarded`, `x-forwarded-*` and `x-real-ip` would let an
+/// agent speak for the gateway about where a request came from.
 pub fn strip_request(h: &mut HeaderMap) {
     strip_common(h);
     h.remove(header::HOST);
-    let ours: Vec<HeaderName> = h.keys().filter(|k| k.as_str().starts_with("x-uapk-")).cloned().collect();
+    h.remove(header::FORWARDED);
+    h.remove("x-real-ip");
+    let ours: Vec<HeaderName> = h
+        .keys()
+        .filter(|k| k.as_str().starts_with("x-uapk-") || k.as_str().starts_with("x-forwarded-"))
+        .cloned()
+        .collect();
     for n in ours {
         h.remove(n);
     }
+}
+
+/// The connector's own rules on top of `strip_request`: every agent-supplied credential header
+/// when it injects credentials, its `strip_headers`, and the names it injects.
+pub fn strip_for_connector(h: &mut HeaderMap, connector: &Connector) {
+    if connector.injects_credentials() {
+        for n in CREDENTIAL_HEADERS {
+            h.remove(n);
+        }
+    }
+    for n in &connector.strip_headers {
+        h.remove(n);
+    }
+    for (n, _) in connector.credentials.as_deref().unwrap_or_default() {
+        h.remove(n);
+    }
+}
+
+/// The headers an override is bound to (SPEC §14.7): what would be forwarded, before
+/// credentials are injected, less hop-by-hop and the unbound names; lower-case names, sorted,
+/// each with its values in order. A value that is not UTF-8 is bound by its hex bytes.
+pub fn bound_headers(h: &HeaderMap, connector: &Connector) -> BTreeMap<String, Vec<String>> {
+    let mut h = h.clone();
+    strip_request(&mut h);
+    strip_for_connector(&mut h, connector);
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in &h {
+        if UNBOUND_HEADERS.contains(&name.as_str()) {
+            continue;
+        }
+        let v = match value.to_str() {
+            Ok(s) => s.to_string(),
+            Err(_) => format!("hex:{}", hex::encode(value.as_bytes())),
+        };
+        out.entry(name.as_str().to_string()).or_default().push(v);
+    }
+    out
+}
+
+/// Why an upgrade request is refused (SPEC §14.2): only a WebSocket GET may switch protocols;
+/// any other token (`h2c`, …) would hand the agent a raw connection to the upstream that no
+/// policy reads. (HTTP/2 extended CONNECT never gets here: the gateway does not advertise
+/// `SETTINGS_ENABLE_CONNECT_PROTOCOL`, so HTTP/2 refuses `:protocol` and clients fall back to
+/// an HTTP/1.1 WebSocket upgrade, which is decided like any GET.)
+pub fn upgrade_refusal(method: &http::Method, h: &HeaderMap) -> Option<&'static str> {
+    let tokens: Vec<&http::HeaderValue> = h.get_all(header::UPGRADE).iter().collect();
+    if tokens.is_empty() {
+        return None;
+    }
+    let websocket = tokens.len() == 1 && tokens[0].to_str().is_ok_and(|t| t.trim().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Some("only Upgrade: websocket is allowed");
+    }
+    if method != http::Method::GET {
+        return Some("a WebSocket upgrade must be a GET");
+    }
+    None
 }
 
 pub fn strip_response(h: &mut HeaderMap) {

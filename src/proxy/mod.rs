@@ -162,6 +162,8 @@ pub(crate) struct Facts {
     query: Option<String>,
     body: Option<(String, u64)>, // (sha256 hex, length)
     headers: Map<String, Value>,
+    /// The forwarded headers an override is bound to; filled in only when a request escalates.
+    bound_headers: BTreeMap<String, Vec<String>>,
     mode: PolicyMode,
     started: Instant,
 }
@@ -219,7 +221,7 @@ impl Facts {
             "scheme": self.scheme.as_str(), "host": self.host, "port": self.port.to_string(),
             "path": self.path, "query": self.query,
             "body_sha256": self.body.as_ref().map(|b| b.0.clone()).unwrap_or_else(|| hex::encode(Sha256::digest(b""))),
-            "action": self.action, "params": self.params,
+            "action": self.action, "params": self.params, "headers": self.bound_headers,
         });
         let bytes = crate::audit::canonical_json(&v).unwrap_or_default();
         hex::encode(Sha256::digest(bytes))
@@ -431,6 +433,7 @@ pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts
         query: uri.query().map(str::to_string),
         body: None,
         headers: Map::new(),
+        bound_headers: BTreeMap::new(),
         mode: PolicyMode::Enforce,
         started: Instant::now(),
     }
@@ -556,6 +559,9 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         }
     };
     facts.headers = hygiene::recorded_headers(&parts.headers, &manifest.audit.redact_headers);
+    if let Some(why) = hygiene::upgrade_refusal(&parts.method, &parts.headers) {
+        return gw.refuse_recorded(StatusCode::BAD_REQUEST, &facts, Decision::deny("upgrade_not_allowed", why)).await;
+    }
 
     // ---- classify: connector
     let connector: Arc<Connector> = match &base_connector {
@@ -595,6 +601,9 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     };
     facts.connector = Some(connector.name.clone());
     if let Err(d) = policy::check_connector(&manifest, claims.as_deref(), &connector) {
+        return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+    }
+    if let Some(d) = cleartext_refusal(&facts, &connector) {
         return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
     }
 
@@ -661,6 +670,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     // ---- escalation and override (step 10)
     let mut consumed_approval: Option<String> = None;
     if decision.verdict == Verdict::Escalate {
+        facts.bound_headers = hygiene::bound_headers(&parts.headers, &connector);
         // The action hash covers the body, so an escalated request's body is read now.
         if facts.body.is_none() {
             match buffer_body(body.take().expect("body"), &parts.headers, &gw.config.limits).await {
@@ -809,6 +819,25 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     resp
 }
 
+/// Credentials never travel in cleartext (SPEC §14.2): a plain-HTTP request (absolute-form or
+/// transparent) to a connector whose `base_url` is `https://`, or that injects credentials and
+/// has no `base_url` to say plain HTTP is intended, is refused before anything is dialled.
+fn cleartext_refusal(facts: &Facts, connector: &Connector) -> Option<Decision> {
+    if facts.scheme != Scheme::Http {
+        return None;
+    }
+    let refused = match &connector.base_url {
+        Some(b) => b.scheme == Scheme::Https,
+        None => connector.injects_credentials(),
+    };
+    refused.then(|| {
+        Decision::deny(
+            "cleartext_not_allowed",
+            format!("connector {} is reached only over TLS; use https:// (CONNECT) or its base URL", connector.name),
+        )
+    })
+}
+
 fn spend_of(manifest: &Manifest, connector: &Connector, route: &crate::config::Route, params: &Params) -> Spend {
     Spend {
         agent: manifest.agent.id.clone(),
@@ -900,8 +929,14 @@ async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decisio
         action: facts.action.clone().unwrap_or_default(),
         params: facts.params.clone(),
         method: facts.method.to_string(),
+        scheme: facts.scheme.as_str().to_string(),
         host: facts.host.clone(),
+        port: facts.port,
         path: facts.path.clone(),
+        query: facts.query.clone(),
+        headers: facts.bound_headers.clone(),
+        body_sha256: facts.body.as_ref().map(|b| b.0.clone()),
+        body_len: facts.body.as_ref().map(|b| b.1),
         action_hash: facts.action_hash(),
         reasons: decision
             .reasons
@@ -981,14 +1016,12 @@ async fn forward(
     let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     let mut headers = parts.headers;
     hygiene::strip_request(&mut headers);
+    hygiene::strip_for_connector(&mut headers, connector);
     if let Some(proto) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
     }
     let creds = connector.credentials.as_ref().map(Vec::as_slice).unwrap_or_default();
-    for (name, _) in creds {
-        headers.remove(name);
-    }
     for (name, value) in creds {
         headers.append(name.clone(), value.clone());
     }
@@ -1014,8 +1047,23 @@ async fn forward(
         upstream_latency: latency,
         access,
     };
+    // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
+    // anything else, or unasked, would leave a raw connection no policy reads.
+    let switched_to_websocket = |r: &Response<Incoming>| {
+        client_upgrade.is_some()
+            && r.headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+    };
     match result {
-        Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && client_upgrade.is_some() => {
+        Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_to_websocket(&resp) => {
+            let (status, msg) = (StatusCode::BAD_GATEWAY, "the upstream switched to a protocol that was not allowed");
+            outcome.write(status, 0, None, Some(msg));
+            let d = Decision::deny("upstream_unavailable", msg);
+            refuse(status, facts, &d, Some(record), DenyBody::default())
+        }
+        Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
             let client_upgrade = client_upgrade.expect("checked");
             tokio::spawn(async move {

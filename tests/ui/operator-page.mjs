@@ -40,6 +40,9 @@ async function signIn(key) {
   const text = await row.innerText();
   check(text.includes("ui-agent") && text.includes("payment.refund"), "the pending approval shows agent and action: " + text);
   check(text.includes("amount_requires_approval"), "the approval shows its reasons");
+  check(/POST https?:\/\/[^ ]+\/v1\/refunds/.test(text), "the approval shows the method and URL: " + text);
+  check(text.includes("stripe-account: acct_ui"), "the approval shows the headers it is bound to: " + text);
+  check(/body: \d+ bytes, sha256 [0-9a-f]{64}/.test(text), "the approval shows the body's length and hash: " + text);
   check(text.includes("<script>alert(1)</script>"), "agent-supplied markup is shown as text: " + text);
   const injected = await page.locator("#approvals-table script").count();
   check(injected === 0, "no script element was created from agent data");

@@ -57,7 +57,8 @@ async function loadApprovals() {
   for (const a of list) {
     const tr = el("tr");
     tr.dataset.id = a.id;
-    tr.append(el("td", a.id), el("td", a.agent), el("td", a.action + " via " + a.connector + " " + a.method + " " + a.path));
+    tr.append(el("td", a.id), el("td", a.agent), el("td", a.action + " via " + a.connector));
+    tr.append(requestCell(a));
     tr.append(el("td", Object.entries(a.params).map(([k, v]) => k + "=" + v).join(", ")));
     tr.append(el("td", a.reasons.map((x) => x.code + ": " + x.message).join("; ")));
     tr.append(el("td", age(a.created_at)));
@@ -74,6 +75,23 @@ async function loadApprovals() {
     tr.append(actions);
     tbody.append(tr);
   }
+}
+
+// Everything an approval's override is bound to: method, URL with query, the forwarded
+// headers, and the body's hash and length. An approver sees exactly what will be sent.
+function requestCell(a) {
+  const td = el("td", null, "request");
+  const port = a.port && !((a.scheme === "https" && a.port === 443) || (a.scheme === "http" && a.port === 80)) ? ":" + a.port : "";
+  const url = (a.scheme || "https") + "://" + a.host + port + a.path + (a.query ? "?" + a.query : "");
+  td.append(el("div", a.method + " " + url, "url"));
+  const names = Object.keys(a.headers || {});
+  if (names.length > 0) {
+    const ul = el("ul", null, "headers");
+    for (const n of names) for (const v of a.headers[n]) ul.append(el("li", n + ": " + v));
+    td.append(ul);
+  }
+  td.append(el("div", a.body_sha256 ? "body: " + a.body_len + " bytes, sha256 " + a.body_sha256 : "body: none", "body"));
+  return td;
 }
 
 async function decide(id, what) {
