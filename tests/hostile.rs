@@ -590,11 +590,19 @@ async fn credentials_never_travel_in_cleartext_and_agent_credentials_are_strippe
         assert_eq!(status_of(&resp), 403, "{resp:.400}");
         assert!(resp.contains("cleartext_not_allowed"), "{resp:.400}");
         assert!(!resp.contains("s3cr3t"), "the secret leaked into a response");
-        let e = entry_at(&gw, record_of(&resp).unwrap());
+        let record = record_of(&resp).unwrap();
+        let e = entry_at(&gw, record);
         assert_eq!(
             (e["connector"].as_str(), e["reasons"][0]["code"].as_str()),
             (Some(name), Some("cleartext_not_allowed"))
         );
+        // The refusal in the shape agent SDKs show (type, code, one-line message with the record).
+        let body: Value = serde_json::from_str(resp.split_once("\r\n\r\n").unwrap().1).unwrap();
+        assert_eq!(body["error"]["type"], "uapk_deny");
+        assert_eq!(body["error"]["code"], "cleartext_not_allowed");
+        let msg = body["error"]["message"].as_str().unwrap();
+        let want_end = format!("(record {record})");
+        assert!(msg.starts_with("deny: cleartext_not_allowed: connector ") && msg.ends_with(&want_end), "{msg}");
         assert!(!e.to_string().contains("s3cr3t"));
     }
     assert_eq!(up.count(), 0, "nothing reached the upstream in cleartext");
