@@ -324,6 +324,15 @@ fn check(path: Option<&Path>) -> Result<(), Fail> {
             for w in &set.warnings {
                 eprintln!("warning: {w}");
             }
+            if set.manifests.is_empty() {
+                return Err(Fail(
+                    1,
+                    format!(
+                        "no manifests in {}: every request would be refused manifest_not_found",
+                        cfg.policies_dir.display()
+                    ),
+                ));
+            }
             println!(
                 "ok: {} manifest(s) in {}: {}",
                 set.manifests.len(),

@@ -418,12 +418,29 @@ fn check_reports_errors_with_location_and_exit_1() {
     // The shipped examples pass.
     let (code, out, err) = run_cli(&["check"], std::path::Path::new(env!("CARGO_MANIFEST_DIR")));
     assert_eq!(code, 0, "{out}{err}");
+    // No manifest at all is not "ok": every request would be refused.
+    std::fs::remove_file(dir.path().join("policies/pay.yaml")).unwrap();
+    let (code, out, err) = run_cli(&["check", "-c", "gateway.yaml"], dir.path());
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no manifests"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_manifests_is_not_ready() {
+    let gw = TestGateway::start(&[], "").await;
+    let r = client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!((v["ready"].as_bool(), v["manifests"].as_u64()), (Some(false), Some(0)), "{v}");
+    // Liveness is unaffected: the process is healthy, it just has nothing to serve.
+    let r = client().get(format!("http://{}/livez", gw.admin)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_pass_through_after_the_decision() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // An upstream that accepts `Upgrade: echo` and then echoes bytes.
+    // A WebSocket upstream: accepts `Upgrade: websocket`, then echoes bytes.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -446,7 +463,7 @@ async fn upgrades_pass_through_after_the_decision() {
                     let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
                     *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
                     r.headers_mut().insert("connection", "upgrade".parse().unwrap());
-                    r.headers_mut().insert("upgrade", "echo".parse().unwrap());
+                    r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
                     Ok::<_, std::convert::Infallible>(r)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -459,7 +476,7 @@ async fn upgrades_pass_through_after_the_decision() {
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up, "", ""))], "").await;
     let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
     let req = format!(
-        "GET /shop/v1/charges/stream HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: echo\r\nx-uapk-capability: {}\r\n\r\n",
+        "GET /shop/v1/charges/stream HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-uapk-capability: {}\r\n\r\n",
         token("pay-agent")
     );
     s.write_all(req.as_bytes()).await.unwrap();

@@ -459,8 +459,9 @@ async fn gauges(gw: &Arc<Gateway>) -> Gauges {
 fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
     let draining = gw.draining.load(Ordering::SeqCst);
     let audit_writable = !gw.audit.storage_failed();
-    let ready = st.ready.load(Ordering::SeqCst) && !draining && audit_writable;
     let policies = gw.policies.load();
+    // A gateway with no manifest refuses every request (`manifest_not_found`): not ready.
+    let ready = st.ready.load(Ordering::SeqCst) && !draining && audit_writable && !policies.set.manifests.is_empty();
     let body = json!({
         "ready": ready,
         "draining": draining,
