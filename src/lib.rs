@@ -15,6 +15,8 @@ pub mod audit;
 pub mod config;
 pub mod identity;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod response;
 pub mod runtime;

@@ -3,7 +3,7 @@
 //! every listener is bound, so tests (and `run`) get the real addresses, even for port 0.
 
 use crate::admin::{self, AdminState};
-use crate::approvals::ApprovalStore;
+use crate::approvals::{ApprovalStore, Approvals};
 use crate::audit::{self, AuditConfig, AuditLog};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
 use crate::limits::{Budgets, RateLimiters, Spend};
@@ -150,7 +150,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     let db = audit_log.database();
     let budgets = Budgets::new();
     let counted = rebuild_budgets(&*db.get().map_err(|e| anyhow!("{e}"))?, &budgets)?;
-    let approvals = ApprovalStore::open(db.clone()).map_err(|e| anyhow!("{e}"))?;
+    let approvals = ApprovalStore::open(db.clone()).and_then(Approvals::new).map_err(|e| anyhow!("{e}"))?;
 
     let mut startup = Map::new();
     startup.insert("kind".into(), json!("startup"));
@@ -196,10 +196,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         vetter,
         gateway_key: key,
         token_file,
-        metrics: admin::Metrics::default(),
+        metrics: crate::metrics::Metrics::default(),
         draining: AtomicBool::new(false),
         stopping: watch::channel(false).0,
-        waiters: proxy::Waiters::default(),
         leaves,
         db: db.clone(),
         config: cfg,
@@ -283,7 +282,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(15)) => proxy::expire_due(&gw2).await,
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => gw2.approvals.expire_due(&gw2.audit).await,
                     _ = rx2.changed() => break,
                 }
             }

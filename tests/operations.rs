@@ -135,8 +135,10 @@ async fn wait_pending(gw: &TestGateway) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hold_mode_waits_for_the_human() {
     let up = Upstream::start().await;
-    let files =
-        [("pay.yaml", manifest("pay-agent", up.addr, POLICY, "escalation:\n  mode: hold\n  hold_timeout: 2s\n"))];
+    let files = [(
+        "pay.yaml",
+        manifest("pay-agent", up.addr, POLICY, "escalation:\n  mode: hold\n  hold_timeout: 2s\n  max_pending: 250\n"),
+    )];
     let gw = TestGateway::start(&files, &admin_keys()).await;
     let tok = token("pay-agent");
     // Approved while held: the request completes with the upstream's answer, once.
@@ -489,4 +491,141 @@ async fn an_override_is_bound_to_the_forwarded_headers() {
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 1);
     assert_eq!(up.last().headers.get("stripe-account").unwrap(), "acct_1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_approvals_are_bounded_per_agent_and_listed_in_pages() {
+    let up = Upstream::start().await;
+    let files = [
+        ("pay.yaml", manifest("pay-agent", up.addr, POLICY, "escalation:\n  max_pending: 3\n")),
+        ("bulk.yaml", manifest("bulk-agent", up.addr, POLICY, "escalation:\n  max_pending: 1000\n")),
+    ];
+    let gw = TestGateway::start(&files, &admin_keys()).await;
+    let tok = token("pay-agent");
+    let mut ids = Vec::new();
+    for amount in [6000, 6001, 6002] {
+        let v: Value = refund(&gw, &tok, amount, None).await.json().await.unwrap();
+        assert_eq!(v["decision"], "escalate", "{v}");
+        ids.push(v["approval_id"].as_str().unwrap().to_string());
+    }
+    // The fourth is refused, recorded, and creates nothing.
+    let r = refund(&gw, &tok, 6003, None).await;
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        (v["decision"].as_str(), v["reasons"][0]["code"].as_str()),
+        (Some("deny"), Some("too_many_pending_approvals"))
+    );
+    let record = v["record"].as_u64().unwrap();
+    let e = gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).unwrap();
+    assert_eq!(e["reasons"][0]["code"], "too_many_pending_approvals");
+    assert!(v.get("approval_id").is_none());
+    // Another agent is not affected by this one's backlog.
+    let bulk = token("bulk-agent");
+    let v: Value = refund(&gw, &bulk, 6000, None).await.json().await.unwrap();
+    assert_eq!(v["decision"], "escalate");
+    // A decision frees a slot.
+    let r = client()
+        .post(admin(&gw, &format!("/v1/approvals/{}/deny", ids[0])))
+        .bearer_auth(APPROVER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = refund(&gw, &tok, 6004, None).await.json().await.unwrap();
+    assert_eq!(v["decision"], "escalate", "{v}");
+    let metrics = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("\nuapk_approvals_pending 4\n"), "{metrics}");
+
+    // Pages: 250 more pending, listed 100 at a time, newest first, each exactly once.
+    for i in 0..250u64 {
+        let v: Value = refund(&gw, &bulk, 7000 + i, None).await.json().await.unwrap();
+        assert_eq!(v["decision"], "escalate");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut url = admin(&gw, "/v1/approvals?status=pending&limit=100");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = client().get(url).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
+        let list = page["approvals"].as_array().unwrap();
+        assert!(list.len() <= 100);
+        let times: Vec<i64> = list.iter().map(|a| a["created_at"].as_i64().unwrap()).collect();
+        assert!(times.windows(2).all(|w| w[0] >= w[1]), "newest first");
+        for a in list {
+            assert_eq!(a["status"], "pending");
+            assert!(seen.insert(a["id"].as_str().unwrap().to_string()), "listed twice");
+        }
+        pages += 1;
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!((seen.len(), pages), (3 + 251, 3));
+    // The default page is 100; a limit above 1000 or a forged cursor is refused.
+    let page: Value =
+        client().get(admin(&gw, "/v1/approvals")).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
+    assert_eq!(page["approvals"].as_array().unwrap().len(), 100);
+    for bad in ["limit=1001", "limit=0", "cursor=12-nope"] {
+        let r = client().get(admin(&gw, &format!("/v1/approvals?{bad}"))).bearer_auth(VIEWER).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fetches_its_own_approval_and_override_on_the_proxy_listener() {
+    let up = Upstream::start().await;
+    let files = [
+        ("pay.yaml", manifest("pay-agent", up.addr, POLICY, "")),
+        ("other.yaml", manifest("other-agent", up.addr, POLICY, "")),
+    ];
+    let gw = TestGateway::start(&files, &admin_keys()).await;
+    let tok = token("pay-agent");
+    let v: Value = refund(&gw, &tok, 6000, None).await.json().await.unwrap();
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    let status = |t: String, id: String| {
+        let url = gw.base(&format!("/uapk/v1/approvals/{id}"));
+        async move {
+            let r = client().get(url).header("x-uapk-capability", t).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (code, v) = status(tok.clone(), id.clone()).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["status"], "pending");
+    assert!(v.get("override_token").is_none());
+    // Another agent, an unknown id, no token: 404 / 404 / 403, all recorded, nothing forwarded.
+    let (code, v) = status(token("other-agent"), id.clone()).await;
+    assert_eq!((code, v["reasons"][0]["code"].as_str()), (404, Some("approval_not_found")));
+    let (code, _) = status(tok.clone(), "appr-000000000000000000000000".into()).await;
+    assert_eq!(code, 404);
+    let r = client().get(gw.base(&format!("/uapk/v1/approvals/{id}"))).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    // Approved on the operator's side: the agent gets a token and completes the call with it.
+    assert_eq!(approve(&gw, &id, APPROVER).await.0, 200);
+    let (code, v) = status(tok.clone(), id.clone()).await;
+    assert_eq!((code, v["status"].as_str()), (200, Some("approved")), "{v}");
+    let over = v["override_token"].as_str().expect("the override token once approved").to_string();
+    assert!(v["expires_at"].as_i64().unwrap() > now());
+    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), 1);
+    // Used: no more token, and the approval reads consumed.
+    let (_, v) = status(tok.clone(), id.clone()).await;
+    assert_eq!(v["status"], "consumed");
+    assert!(v.get("override_token").is_none());
+    // Every fetch is a decision record naming the approval; the issued token's jti is logged.
+    let entries = gw.entries();
+    let reads: Vec<&Value> = entries.iter().filter(|e| e["action"] == "uapk.approval.read").collect();
+    assert_eq!(reads.len(), 5, "{reads:?}");
+    // (The call without a token was refused at identification, recorded like any request.)
+    assert!(entries.iter().any(|e| e["reasons"][0]["code"] == "capability_token_required"
+        && e["path"].as_str().is_some_and(|p| p.starts_with("/uapk/v1/approvals/"))));
+    assert!(reads.iter().filter(|e| e["decision"] == "allow").all(|e| e["approval_id"] == id.as_str()));
+    assert!(entries.iter().any(|e| e["event"] == "override_issued" && e["approval_id"] == id.as_str()));
+    assert_eq!(up.count(), 1, "the agent API is never forwarded");
 }

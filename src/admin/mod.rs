@@ -5,14 +5,13 @@
 // Handlers return early with the response to send; boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
-mod metrics;
 mod page;
 
-pub use metrics::{Gauges, Histogram, Metrics};
-
-use crate::approvals::{Approval, ApprovalError, Status};
+use crate::approvals::{Approval, ApprovalError, Cursor, Status};
 use crate::config::AdminRole;
-use crate::proxy::{Gateway, ProxyBody, full_body, json_response, now_unix};
+use crate::metrics::Gauges;
+use crate::proxy::{Gateway, now_unix};
+use crate::response::{ProxyBody, full_body, json_response};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
@@ -22,6 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// State the admin listener keeps besides the data path's.
 #[derive(Default)]
@@ -195,14 +195,32 @@ async fn api(
                 None | Some("") => None,
                 Some(s) => Some(parse_status(s).ok_or_else(|| error(StatusCode::BAD_REQUEST, "unknown status"))?),
             };
-            let store = gw.approvals.clone();
-            let list = blocking(move || store.list(status, now_unix())).await?;
-            Ok(json_response(StatusCode::OK, &json!({"approvals": list})))
+            let limit = match query_param(&req, "limit").as_deref() {
+                None | Some("") => 100,
+                Some(l) => l
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| error(StatusCode::BAD_REQUEST, "limit must be a number from 1 to 1000"))?,
+            };
+            let cursor = match query_param(&req, "cursor").as_deref() {
+                None | Some("") => None,
+                Some(c) => Some(Cursor::parse(c).ok_or_else(|| error(StatusCode::BAD_REQUEST, "invalid cursor"))?),
+            };
+            let (list, next) = gw.approvals.page(status, limit, cursor).await.map_err(|e| {
+                tracing::error!(error = %e, "listing approvals");
+                error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
+            })?;
+            let next = next.map(|c| c.to_string());
+            Ok(json_response(StatusCode::OK, &json!({"approvals": list, "next_cursor": next})))
         }
         (&Method::GET, ["approvals", id]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
-            let (store, id2) = (gw.approvals.clone(), id.to_string());
-            match blocking(move || store.get(&id2)).await? {
+            let found = gw.approvals.fetch(id).await.map_err(|e| {
+                tracing::error!(error = %e, "reading an approval");
+                error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
+            })?;
+            match found {
                 Some(a) => Ok(json_response(StatusCode::OK, &approval_view(a))),
                 None => Err(error(StatusCode::NOT_FOUND, "no such approval")),
             }
@@ -221,16 +239,21 @@ async fn api(
                 Some(t) => Some(crate::config::parse_duration(t).map_err(|e| error(StatusCode::BAD_REQUEST, e))?),
                 None => None,
             };
-            let out =
-                crate::proxy::decide_approval(gw, &id, approve, &key_id, body.note, ttl).await.map_err(
-                    |e| match e {
-                        ApprovalError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-                        ApprovalError::NotPending { .. } => error(StatusCode::CONFLICT, e.to_string()),
-                        ApprovalError::Store(_) => {
-                            error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
-                        }
-                    },
-                )?;
+            let override_ttl = ttl.unwrap_or_else(|| {
+                let agent = gw.approvals.get(&id).ok().flatten().map(|a| a.agent).unwrap_or_default();
+                gw.policies.load().set.get(&agent).map_or(Duration::from_secs(300), |m| m.escalation.override_ttl)
+            });
+            let out = gw
+                .approvals
+                .decide(&gw.audit, &gw.gateway_key, &id, approve, &key_id, body.note, override_ttl)
+                .await
+                .map_err(|e| match e {
+                    ApprovalError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
+                    ApprovalError::NotPending { .. } => error(StatusCode::CONFLICT, e.to_string()),
+                    ApprovalError::Store(_) => {
+                        error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
+                    }
+                })?;
             let mut v = approval_view(out.approval);
             if let Some(t) = out.override_token {
                 v["override_token"] = json!(t);
@@ -440,18 +463,13 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
 
 async fn gauges(gw: &Arc<Gateway>) -> Gauges {
     let stats = gw.audit.stats();
-    let store = gw.approvals.clone();
-    let pending =
-        tokio::task::spawn_blocking(move || store.list(Some(Status::Pending), now_unix()).map_or(0, |l| l.len()))
-            .await
-            .unwrap_or(0);
     Gauges {
         audit_entries: stats.entries_total,
         audit_queue_depth: gw.audit.queue_depth() as u64,
         audit_last_batch: stats.last_batch_size,
         audit_commits: stats.commits_total,
         audit_writable: u64::from(!gw.audit.storage_failed()),
-        approvals_pending: pending as u64,
+        approvals_pending: gw.approvals.pending_total(),
         ratelimit_keys: gw.rate_limits.sweep() as u64,
     }
 }

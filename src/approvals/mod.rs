@@ -2,13 +2,21 @@
 //! (`appr-<24 hex>`) stored in the gateway's redb file, next to the audit tables, so it
 //! survives restarts. Every state change is also written to the audit log by the caller.
 
+mod service;
+
+pub use service::{Approvals, Decided, Resolution, approval_entry};
+
 use crate::audit::SharedDb;
 use rand::RngCore;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 const APPROVALS: TableDefinition<&str, &[u8]> = TableDefinition::new("approvals");
+/// Every approval by (created_at, id): pages newest first without reading the whole table.
+const BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("approvals_by_time");
+/// Pending approvals only, by (created_at, id): the operator page's list and expiry read this.
+const PENDING: TableDefinition<(u64, &str), ()> = TableDefinition::new("approvals_pending");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -78,6 +86,40 @@ pub struct Approval {
     pub note: Option<String>,
     #[serde(default)]
     pub decided_by: Option<String>,
+    /// When an override for it stops being valid (set when approved; unix seconds).
+    #[serde(default)]
+    pub override_expires_at: Option<i64>,
+}
+
+impl Approval {
+    /// The status as of `now`: a pending approval past its expiry is expired.
+    pub fn status_at(&self, now: i64) -> Status {
+        if self.status == Status::Pending && self.expires_at <= now { Status::Expired } else { self.status }
+    }
+    fn time_key(&self) -> (u64, &str) {
+        (self.created_at.max(0) as u64, self.id.as_str())
+    }
+}
+
+/// Where the next page of a listing starts (opaque to clients: `<created_at>-<id>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    created_at: u64,
+    id: String,
+}
+
+impl Cursor {
+    pub fn parse(s: &str) -> Option<Cursor> {
+        let (t, id) = s.split_once('-')?;
+        let created_at = t.parse().ok()?;
+        (id.starts_with("appr-") && id.len() == 29).then(|| Cursor { created_at, id: id.to_string() })
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.created_at, self.id)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +136,8 @@ fn store_err(e: impl std::fmt::Display) -> ApprovalError {
     ApprovalError::Store(e.to_string())
 }
 
-/// The approvals table in the gateway's database.
+/// The approvals table in the gateway's database, with two index tables kept in the same
+/// transactions.
 #[derive(Clone)]
 pub struct ApprovalStore {
     db: SharedDb,
@@ -108,9 +151,24 @@ pub fn new_id() -> String {
 }
 
 impl ApprovalStore {
+    /// Opens the tables; a database from before the index tables gets them built once.
     pub fn open(db: SharedDb) -> Result<Self, ApprovalError> {
         let tx = db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
-        tx.open_table(APPROVALS).map_err(store_err)?;
+        {
+            let t = tx.open_table(APPROVALS).map_err(store_err)?;
+            let mut by_time = tx.open_table(BY_TIME).map_err(store_err)?;
+            let mut pending = tx.open_table(PENDING).map_err(store_err)?;
+            if by_time.len().map_err(store_err)? == 0 && t.len().map_err(store_err)? > 0 {
+                for item in t.iter().map_err(store_err)? {
+                    let (_, v) = item.map_err(store_err)?;
+                    let a: Approval = serde_json::from_slice(v.value()).map_err(store_err)?;
+                    by_time.insert(a.time_key(), ()).map_err(store_err)?;
+                    if a.status == Status::Pending {
+                        pending.insert(a.time_key(), ()).map_err(store_err)?;
+                    }
+                }
+            }
+        }
         tx.commit().map_err(store_err)?;
         Ok(ApprovalStore { db })
     }
@@ -121,6 +179,10 @@ impl ApprovalStore {
         {
             let mut t = tx.open_table(APPROVALS).map_err(store_err)?;
             t.insert(a.id.as_str(), bytes.as_slice()).map_err(store_err)?;
+            tx.open_table(BY_TIME).map_err(store_err)?.insert(a.time_key(), ()).map_err(store_err)?;
+            if a.status == Status::Pending {
+                tx.open_table(PENDING).map_err(store_err)?.insert(a.time_key(), ()).map_err(store_err)?;
+            }
         }
         tx.commit().map_err(store_err)
     }
@@ -134,23 +196,54 @@ impl ApprovalStore {
         }
     }
 
-    /// All approvals, optionally of one status, newest first; pending ones past their expiry
-    /// are reported as expired.
-    pub fn list(&self, status: Option<Status>, now: i64) -> Result<Vec<Approval>, ApprovalError> {
+    /// One page of approvals, newest first, optionally of one status (as of `now`: pending
+    /// ones past their expiry count as expired), starting after `cursor`; with the cursor of
+    /// the next page when there may be more. `status=pending` reads only the pending index.
+    pub fn page(
+        &self,
+        status: Option<Status>,
+        limit: usize,
+        cursor: Option<&Cursor>,
+        now: i64,
+    ) -> Result<(Vec<Approval>, Option<Cursor>), ApprovalError> {
         let tx = self.db.get().map_err(store_err)?.begin_read().map_err(store_err)?;
         let t = tx.open_table(APPROVALS).map_err(store_err)?;
+        let index =
+            tx.open_table(if status == Some(Status::Pending) { PENDING } else { BY_TIME }).map_err(store_err)?;
+        let range = match cursor {
+            Some(c) => index.range(..(c.created_at, c.id.as_str())),
+            None => index.range::<(u64, &str)>(..),
+        }
+        .map_err(store_err)?;
         let mut out = Vec::new();
-        for item in t.iter().map_err(store_err)? {
-            let (_, v) = item.map_err(store_err)?;
+        for item in range.rev() {
+            let (k, _) = item.map_err(store_err)?;
+            let (created_at, id) = k.value();
+            let Some(v) = t.get(id).map_err(store_err)? else { continue };
             let mut a: Approval = serde_json::from_slice(v.value()).map_err(store_err)?;
-            if a.status == Status::Pending && a.expires_at <= now {
-                a.status = Status::Expired;
-            }
+            a.status = a.status_at(now);
             if status.is_none_or(|s| s == a.status) {
                 out.push(a);
+                if out.len() == limit {
+                    return Ok((out, Some(Cursor { created_at, id: id.to_string() })));
+                }
             }
         }
-        out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+        Ok((out, None))
+    }
+
+    /// Pending approvals per agent, as stored (one pass over the pending index at start).
+    pub fn pending_by_agent(&self) -> Result<std::collections::HashMap<String, usize>, ApprovalError> {
+        let tx = self.db.get().map_err(store_err)?.begin_read().map_err(store_err)?;
+        let t = tx.open_table(APPROVALS).map_err(store_err)?;
+        let mut out = std::collections::HashMap::new();
+        for item in tx.open_table(PENDING).map_err(store_err)?.iter().map_err(store_err)? {
+            let (k, _) = item.map_err(store_err)?;
+            if let Some(v) = t.get(k.value().1).map_err(store_err)? {
+                let a: Approval = serde_json::from_slice(v.value()).map_err(store_err)?;
+                *out.entry(a.agent).or_default() += 1;
+            }
+        }
         Ok(out)
     }
 
@@ -171,9 +264,12 @@ impl ApprovalStore {
                 Some(v) => serde_json::from_slice(v.value()).map_err(store_err)?,
                 None => return Err(ApprovalError::NotFound(id.to_string())),
             };
-            let current = if a.status == Status::Pending && a.expires_at <= now { Status::Expired } else { a.status };
+            let current = a.status_at(now);
             if current != from {
                 return Err(ApprovalError::NotPending { id: id.to_string(), status: current.as_str() });
+            }
+            if a.status == Status::Pending && to != Status::Pending {
+                tx.open_table(PENDING).map_err(store_err)?.remove(a.time_key()).map_err(store_err)?;
             }
             a.status = to;
             edit(&mut a);
@@ -186,21 +282,25 @@ impl ApprovalStore {
     }
 
     /// Flips every stored pending approval past its expiry to expired, in one transaction, and
-    /// returns them.
+    /// returns them. Reads only the pending index.
     pub fn expire_overdue(&self, now: i64) -> Result<Vec<Approval>, ApprovalError> {
         let tx = self.db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         let mut expired = Vec::new();
         {
             let mut t = tx.open_table(APPROVALS).map_err(store_err)?;
+            let mut pending = tx.open_table(PENDING).map_err(store_err)?;
             let mut due = Vec::new();
-            for item in t.iter().map_err(store_err)? {
-                let (_, v) = item.map_err(store_err)?;
-                let a: Approval = serde_json::from_slice(v.value()).map_err(store_err)?;
-                if a.status == Status::Pending && a.expires_at <= now {
-                    due.push(a);
+            for item in pending.iter().map_err(store_err)? {
+                let (k, _) = item.map_err(store_err)?;
+                if let Some(v) = t.get(k.value().1).map_err(store_err)? {
+                    let a: Approval = serde_json::from_slice(v.value()).map_err(store_err)?;
+                    if a.status == Status::Pending && a.expires_at <= now {
+                        due.push(a);
+                    }
                 }
             }
             for mut a in due {
+                pending.remove(a.time_key()).map_err(store_err)?;
                 a.status = Status::Expired;
                 let bytes = serde_json::to_vec(&a).map_err(store_err)?;
                 t.insert(a.id.as_str(), bytes.as_slice()).map_err(store_err)?;

@@ -522,6 +522,8 @@ pub struct Escalation {
     pub hold_timeout: Duration,
     pub approval_ttl: Duration,
     pub override_ttl: Duration,
+    /// Pending approvals one agent may have at once; beyond → `too_many_pending_approvals`.
+    pub max_pending: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

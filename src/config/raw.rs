@@ -264,6 +264,7 @@ pub struct RawEscalation {
     pub hold_timeout: Option<String>,
     pub approval_ttl: Option<String>,
     pub override_ttl: Option<String>,
+    pub max_pending: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

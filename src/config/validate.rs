@@ -295,6 +295,9 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
             format!("{:?} is not a valid connector name (^[a-z0-9][a-z0-9-]{{2,62}}$)", raw.name),
         );
     }
+    if raw.name == "uapk" {
+        cx.err(&format!("{key}.name"), "\"uapk\" is reserved: /uapk/v1/... is the gateway's own API for agents");
+    }
     let base_url = raw.base_url.as_ref().and_then(|u| {
         let k = format!("{key}.base_url");
         let parsed = match url::Url::parse(u) {
@@ -636,6 +639,14 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
         hold_timeout: duration(cx, "escalation.hold_timeout", e.hold_timeout, Duration::from_secs(120)),
         approval_ttl: duration(cx, "escalation.approval_ttl", e.approval_ttl, Duration::from_secs(86_400)),
         override_ttl: duration(cx, "escalation.override_ttl", e.override_ttl, Duration::from_secs(300)),
+        max_pending: match e.max_pending {
+            Some(0) => {
+                cx.err("escalation.max_pending", "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => 100,
+        },
     };
     let a = raw.audit;
     let bodies = match a.bodies.as_deref() {

@@ -4,6 +4,7 @@
 //! → respond. The policy engine decides; this module only gathers facts, enforces and moves
 //! bytes.
 
+mod agent_api;
 mod body;
 pub mod connect;
 mod escalation;
@@ -14,7 +15,7 @@ pub mod tls;
 pub mod transparent;
 pub mod upstream;
 
-use crate::approvals::{self, ApprovalStore, Status};
+use crate::approvals::{self, Approvals, Resolution, Status, approval_entry};
 use crate::audit::{AuditError, AuditHandle, Fields};
 use crate::config::{Connector, EscalationMode, GatewayConfig, Manifest, PolicyMode, PolicySet, Scheme};
 use crate::identity::{CapabilityClaims, TokenVerifier};
@@ -23,9 +24,8 @@ use crate::policy::{self, Decision, Params, Reason, Verdict};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-pub use respond::json_response;
 use respond::{DenyBody, deny_response};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
@@ -36,15 +36,8 @@ use std::time::{Duration, Instant};
 
 pub use body::RecordedBody;
 use body::access_line;
-pub use escalation::{Decided, Resolution, Waiters, decide_approval, expire_due};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-/// The body type of every request and response the proxy builds.
-pub type ProxyBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
-
-pub fn full_body(b: impl Into<Bytes>) -> ProxyBody {
-    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
-}
+pub use crate::response::{BoxError, ProxyBody, full_body, json_response};
 
 /// Manifests plus one token verifier per agent (each with its own verified-token cache), swapped
 /// as a whole on reload so in-flight requests finish under the policy they started with.
@@ -71,16 +64,15 @@ pub struct Gateway {
     pub audit: AuditHandle,
     pub budgets: Budgets,
     pub rate_limits: RateLimiters,
-    pub approvals: ApprovalStore,
+    pub approvals: Approvals,
     pub client: upstream::UpstreamClient,
     pub vetter: ssrf::Vetter,
     pub gateway_key: ed25519_dalek::SigningKey,
     pub token_file: Option<TokenFile>,
-    pub metrics: crate::admin::Metrics,
+    pub metrics: crate::metrics::Metrics,
     pub draining: AtomicBool,
     /// Set when the gateway stops: held requests are answered 503.
     pub stopping: tokio::sync::watch::Sender<bool>,
-    pub waiters: Waiters,
     /// Leaf certificates for intercepted tunnels (absent when no CA is configured).
     pub leaves: Option<tls::LeafCache>,
     /// The gateway's redb file (audit tables, approvals).
@@ -372,6 +364,10 @@ fn ambiguous_path(path: &str) -> bool {
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
+/// The first path segment of the proxy listener that is the gateway's own (`/uapk/v1/...`),
+/// never a connector.
+pub const AGENT_API: &str = "uapk";
+
 /// How a request reached the data path.
 #[derive(Clone)]
 pub enum Via {
@@ -559,6 +555,9 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         }
     };
     facts.headers = hygiene::recorded_headers(&parts.headers, &manifest.audit.redact_headers);
+    if base_connector.as_deref() == Some(AGENT_API) {
+        return agent_api::serve(gw, &mut facts, &parts.method, &upstream_path).await;
+    }
     if let Some(why) = hygiene::upgrade_refusal(&parts.method, &parts.headers) {
         return gw.refuse_recorded(StatusCode::BAD_REQUEST, &facts, Decision::deny("upgrade_not_allowed", why)).await;
     }
@@ -686,7 +685,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
             }
         }
         if let Some(tok) = parts.headers.get("x-uapk-override").and_then(|v| v.to_str().ok()) {
-            match check_override(gw, &facts, tok) {
+            match check_override(gw, &facts, tok).await {
                 Ok(approval_id) => {
                     let mut d = Decision::allow();
                     d.reasons.push(Reason::new("override_accepted", format!("approved by {approval_id}")));
@@ -738,12 +737,9 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
                     Escalated::Respond(resp) => return resp,
                     Escalated::Approved(id) => {
                         // Approved while held: consume the approval, then count the budget again.
-                        let (store, id2) = (gw.approvals.clone(), id.clone());
-                        let consumed = tokio::task::spawn_blocking(move || {
-                            store.transition(&id2, Status::Approved, Status::Consumed, now_unix(), |_| {})
-                        })
-                        .await;
-                        if !matches!(consumed, Ok(Ok(_))) {
+                        let consumed =
+                            gw.approvals.transition(&id, Status::Approved, Status::Consumed, now_unix()).await;
+                        if consumed.is_err() {
                             let d = Decision::deny("override_token_already_used", "the approval was already used");
                             return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
                         }
@@ -795,12 +791,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         r.commit();
     }
     if let Some(id) = &consumed_approval {
-        let e = escalation::approval_entry(
-            id,
-            "consumed",
-            facts.agent.as_deref(),
-            &[("request_id", json!(facts.request_id))],
-        );
+        let e = approval_entry(id, "consumed", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
         let _ = gw.audit.append_nowait(e);
     }
 
@@ -885,7 +876,7 @@ async fn buffer_body(body: Incoming, headers: &HeaderMap, limits: &crate::config
 }
 
 /// Step 10: an override token lifts ESCALATE for the identical action, once.
-fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<String, Decision> {
+async fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<String, Decision> {
     let invalid = |m: &str| Decision::deny("override_token_invalid", m.to_string());
     let claims = crate::identity::verify_override(token, &gw.gateway_key.verifying_key(), now_unix())
         .map_err(|_| invalid("the override token is not valid"))?;
@@ -896,7 +887,7 @@ fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<String, De
         return Err(invalid("the override token was issued for a different action"));
     }
     let now = now_unix();
-    gw.approvals.transition(&claims.approval_id, Status::Approved, Status::Consumed, now, |_| {}).map_err(
+    gw.approvals.transition(&claims.approval_id, Status::Approved, Status::Consumed, now).await.map_err(
         |e| match e {
             approvals::ApprovalError::NotPending { status: "consumed", .. } => {
                 Decision::deny("override_token_already_used", "the override token was already used")
@@ -916,10 +907,24 @@ enum Escalated {
 /// ESCALATE: store a pending approval and record it; `reject` answers 403 with its id, `hold`
 /// waits for the decision.
 async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decision: Decision) -> Escalated {
+    // One agent cannot pile up approvals (memory, the operator's list): past its
+    // `max_pending` the escalation is a refusal, recorded like any other.
+    let agent = facts.agent.clone().unwrap_or_default();
+    let max = manifest.escalation.max_pending;
+    if let Err(pending) = gw.approvals.reserve(&agent, max) {
+        let d = Decision::deny(
+            "too_many_pending_approvals",
+            format!("{pending} approvals of this agent are pending (escalation.max_pending {max}); wait for decisions"),
+        );
+        return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+    }
     let id = approvals::new_id();
     let idx = match gw.record(facts, &decision, Some(&id)).await {
         Ok(i) => i,
-        Err(resp) => return Escalated::Respond(resp),
+        Err(resp) => {
+            gw.approvals.unreserve(&agent);
+            return Escalated::Respond(resp);
+        }
     };
     let now = now_unix();
     let approval = approvals::Approval {
@@ -949,16 +954,14 @@ async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decisio
         record: idx,
         note: None,
         decided_by: None,
+        override_expires_at: None,
     };
-    let store = gw.approvals.clone();
-    let stored = tokio::task::spawn_blocking(move || store.put(&approval)).await;
-    if !matches!(stored, Ok(Ok(()))) {
+    if gw.approvals.store(approval).await.is_err() {
         tracing::error!(approval_id = %id, "cannot store approval");
         let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
         return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));
     }
-    let created =
-        escalation::approval_entry(&id, "created", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
+    let created = approval_entry(&id, "created", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
     let _ = gw.audit.append_nowait(created);
     if manifest.escalation.mode == EscalationMode::Hold {
         let d = match escalation::hold(gw, facts, &id, manifest.escalation.hold_timeout).await {

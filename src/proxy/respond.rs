@@ -1,22 +1,15 @@
 //! Responses the gateway writes itself: the §7 JSON body for every refusal.
 
-use super::{ProxyBody, full_body};
+use super::ProxyBody;
 use crate::policy::Decision;
-use http::{HeaderValue, Response, StatusCode, header};
-use serde_json::{Value, json};
+use crate::response::json_response;
+use http::{HeaderValue, Response, StatusCode};
+use serde_json::json;
 
 /// Extra fields of a refusal body.
 #[derive(Default)]
 pub struct DenyBody {
     pub approval_id: Option<String>,
-}
-
-pub fn json_response(status: StatusCode, body: &Value) -> Response<ProxyBody> {
-    let mut r = Response::new(full_body(body.to_string()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
 }
 
 /// The one line agent SDKs show for a refusal (SPEC §14.6): `<decision>: <code>: <message>

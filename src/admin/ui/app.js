@@ -3,6 +3,9 @@
 "use strict";
 let session = null;
 let oldestShown = null;
+// The pending list is paged by the API; the page asks for as many as it shows (100 more per
+// "Show more", at most 1000), so the 3-second refresh stays one bounded request.
+let approvalsShown = 100;
 
 const $ = (id) => document.getElementById(id);
 function el(tag, text, cls) {
@@ -48,11 +51,12 @@ async function loadStatus() {
 }
 
 async function loadApprovals() {
-  const r = await api("/v1/approvals?status=pending");
+  const r = await api("/v1/approvals?status=pending&limit=" + approvalsShown);
   const tbody = $("approvals-table").querySelector("tbody");
   tbody.replaceChildren();
   const list = r.status === 200 ? r.body.approvals : [];
   $("approvals-empty").hidden = list.length > 0;
+  $("approvals-more").hidden = !(r.status === 200 && r.body.next_cursor && approvalsShown < 1000);
   $("approvals-table").hidden = list.length === 0;
   for (const a of list) {
     const tr = el("tr");
@@ -139,6 +143,7 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   $("logout").addEventListener("click", async () => { await api("/v1/session/logout", { method: "POST", body: "{}" }); session = null; show(false); });
   $("refresh").addEventListener("click", refreshAll);
+  $("more-approvals").addEventListener("click", () => { approvalsShown = Math.min(1000, approvalsShown + 100); loadApprovals(); });
   $("filter").addEventListener("submit", (ev) => { ev.preventDefault(); loadRecords(null); });
   $("older").addEventListener("click", () => { if (oldestShown !== null && oldestShown > 0) loadRecords(oldestShown); });
   start();
