@@ -585,7 +585,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     if ambiguous_path(&upstream_path) {
         let d =
             Decision::deny("malformed_request", "the path has dot segments, path parameters (;) or encoded separators");
-        return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+        return gw.refuse_recorded(StatusCode::BAD_REQUEST, &facts, d).await;
     }
 
     // ---- identify
