@@ -358,6 +358,23 @@ async fn model_allowlists_in_the_manifest_and_the_token() {
     assert_refused(&gw, &up, "token model", &got, 403, "token_param_not_allowed");
     let got = post(&gw, &narrow, "/stripe/v1/refunds", FORM, "amount=2001&currency=usd&customer=cus_1").await;
     assert_refused(&gw, &up, "token amount", &got, 403, "token_param_out_of_range");
+    // A token whose param constraint the gateway cannot read is invalid, not unconstrained.
+    let der = {
+        use ed25519_dalek::pkcs8::EncodePrivateKey;
+        issuer_key().to_pkcs8_der().unwrap()
+    };
+    let signing = jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes());
+    let base = serde_json::to_value(claims("pay-agent")).unwrap();
+    for bad in
+        [json!({"model": {"alow": ["o1-pro"]}}), json!({"amount": {"max": "lots"}}), json!({"amount": {"max": 20}})]
+    {
+        let mut c = base.clone();
+        c["constraints"] = json!({ "params": bad });
+        let t = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA), &c, &signing).unwrap();
+        let got = post(&gw, &t, "/stripe/v1/chat/completions", "application/json", &chat("gpt-4o")).await;
+        assert_refused(&gw, &up, &c["constraints"].to_string(), &got, 403, "capability_token_invalid");
+    }
+    // The models each list allows go through.
     let (s, _) = post(&gw, &narrow, "/stripe/v1/chat/completions", "application/json", &chat("gpt-4o-mini")).await;
     assert_eq!(s, 200);
     let (s, _) = post(&gw, &tok, "/stripe/v1/chat/completions", "application/json", &chat("gpt-4o")).await;

@@ -89,7 +89,7 @@ pub fn check_body_media_type(route: &Route, headers: &HeaderMap, body: &[u8]) ->
     let unsupported = |why: String| {
         Decision::deny(
             "unsupported_media_type",
-            format!("this route reads its params from a {} body: {why}", want.media_type()),
+            format!("this route reads its params from an {} body: {why}", want.media_type()),
         )
     };
     let mut types = headers.get_all(header::CONTENT_TYPE).iter();
