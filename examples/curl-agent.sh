@@ -15,8 +15,8 @@ status=${body##*$'\n'}; body=${body%$'\n'*}
 code=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["reasons"][0]["code"])' "$body" 2>/dev/null || true)
 [ "$status" = 403 ] && echo "deny $status $code" || { echo "unexpected: $status $body"; fail=1; }
 
-body=$(curl -sS -w '\n%{http_code}' -X POST "$api/v1/refunds" -H 'content-type: application/json' \
-  -d '{"amount": 9000, "currency": "USD", "customer": "cus_42"}')
+# Stripe-style APIs take form-encoded bodies: curl -d sends application/x-www-form-urlencoded.
+body=$(curl -sS -w '\n%{http_code}' -X POST "$api/v1/refunds" -d amount=9000 -d currency=usd -d customer=cus_42)
 status=${body##*$'\n'}; body=${body%$'\n'*}
 id=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1]).get("approval_id",""))' "$body" 2>/dev/null || true)
 [ "$status" = 403 ] && [ -n "$id" ] && echo "escalate $status $id" || { echo "unexpected: $status $body"; fail=1; }

@@ -20,10 +20,11 @@ let j = await r.json();
 console.log("deny", r.status, j.reasons[0].code);
 ok &&= r.status === 403 && j.decision === "deny";
 
+// Stripe-style APIs take form-encoded bodies: URLSearchParams sends
+// application/x-www-form-urlencoded;charset=UTF-8.
 r = await fetch(`${api}/v1/refunds`, {
   method: "POST",
-  headers: { "content-type": "application/json" },
-  body: JSON.stringify({ amount: 9000, currency: "USD", customer: "cus_42" }),
+  body: new URLSearchParams({ amount: "9000", currency: "usd", customer: "cus_42" }),
 });
 j = await r.json();
 console.log("escalate", r.status, j.approval_id);

@@ -16,7 +16,8 @@ with httpx.Client(timeout=10) as client:
     print("deny", r.status_code, r.json()["reasons"][0]["code"])
     ok &= r.status_code == 403 and r.json()["decision"] == "deny"
 
-    r = client.post(f"{api}/v1/refunds", json={"amount": 9000, "currency": "USD", "customer": "cus_42"})
+    # Stripe-style APIs take form-encoded bodies (data=), as the gateway reads them.
+    r = client.post(f"{api}/v1/refunds", data={"amount": 9000, "currency": "usd", "customer": "cus_42"})
     print("escalate", r.status_code, r.json().get("approval_id"))
     ok &= r.status_code == 403 and r.json()["decision"] == "escalate"
 

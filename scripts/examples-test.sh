@@ -76,8 +76,9 @@ connectors:
         path: /v1/refunds
         action: payment.refund
         params:
-          amount:   { json: /amount, scale: 2 }
-          currency: { json: /currency }
+          amount:       { form: amount, scale: 2 }
+          currency:     { form: currency }
+          counterparty: { form: customer }
 policy:
   approval: { amount_above: { USD: "50.00" } }
 YAML

@@ -200,6 +200,20 @@ struct MintArgs {
     counterparties_allow: Option<Vec<String>>,
     #[arg(long, value_delimiter = ',')]
     counterparties_deny: Option<Vec<String>>,
+    /// Narrow a declared param to these values, e.g. model=gpt-4o-mini,gpt-4o (repeatable; lists
+    /// match case-insensitively; denied otherwise with token_param_not_allowed).
+    #[arg(long = "param-allow", value_name = "NAME=V1,V2")]
+    param_allow: Vec<String>,
+    /// Refuse these values of a declared param, e.g. model=gpt-4 (repeatable).
+    #[arg(long = "param-deny", value_name = "NAME=V1,V2")]
+    param_deny: Vec<String>,
+    /// Lowest decimal a declared param may take, e.g. amount=0.50 (repeatable; below it:
+    /// token_param_out_of_range).
+    #[arg(long = "param-min", value_name = "NAME=DECIMAL")]
+    param_min: Vec<String>,
+    /// Highest decimal a declared param may take, e.g. amount=500 (repeatable).
+    #[arg(long = "param-max", value_name = "NAME=DECIMAL")]
+    param_max: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -466,8 +480,11 @@ fn mint(a: MintArgs) -> Result<(), Fail> {
             deny: a.counterparties_deny.clone().unwrap_or_default(),
         }
     });
-    let constraints = (!amount_max.is_empty() || a.jurisdictions.is_some() || counterparties.is_some())
-        .then(|| identity::Constraints { amount_max, jurisdictions: a.jurisdictions.clone(), counterparties });
+    let params = param_constraints(&a)?;
+    let constraints =
+        (!amount_max.is_empty() || a.jurisdictions.is_some() || counterparties.is_some() || params.is_some()).then(
+            || identity::Constraints { amount_max, jurisdictions: a.jurisdictions.clone(), counterparties, params },
+        );
     let jti = a.jti.unwrap_or_else(|| {
         use rand::RngCore;
         let mut b = [0u8; 12];
@@ -489,6 +506,48 @@ fn mint(a: MintArgs) -> Result<(), Fail> {
     let token = identity::mint(&key, a.kid.as_deref(), &claims).map_err(|e| Fail(2, e.to_string()))?;
     println!("{token}");
     Ok(())
+}
+
+/// `--param-allow/--param-deny NAME=V1,V2` and `--param-min/--param-max NAME=DECIMAL` → the
+/// token's `constraints.params`.
+fn param_constraints(
+    a: &MintArgs,
+) -> Result<Option<std::collections::BTreeMap<String, identity::ParamConstraint>>, Fail> {
+    let mut out: std::collections::BTreeMap<String, identity::ParamConstraint> = Default::default();
+    let split = |flag: &str, item: &str| -> Result<(String, String), Fail> {
+        match item.split_once('=') {
+            Some((n, v)) if !n.trim().is_empty() && !v.trim().is_empty() => {
+                Ok((n.trim().to_string(), v.trim().to_string()))
+            }
+            _ => Err(Fail(2, format!("--{flag} {item:?}: expected NAME=VALUE"))),
+        }
+    };
+    for (flag, items) in [("param-allow", &a.param_allow), ("param-deny", &a.param_deny)] {
+        for item in items {
+            let (name, list) = split(flag, item)?;
+            let values: Vec<String> =
+                list.split(',').map(str::trim).filter(|v| !v.is_empty()).map(str::to_string).collect();
+            let c = out.entry(name).or_default();
+            if flag == "param-allow" { c.allow.extend(values) } else { c.deny.extend(values) }
+        }
+    }
+    for (flag, items) in [("param-min", &a.param_min), ("param-max", &a.param_max)] {
+        for item in items {
+            let (name, v) = split(flag, item)?;
+            let d = rust_decimal::Decimal::from_str_exact(&v)
+                .map_err(|_| Fail(2, format!("--{flag} {item:?}: {v:?} is not a decimal")))?;
+            let c = out.entry(name).or_default();
+            if flag == "param-min" { c.min = Some(d) } else { c.max = Some(d) }
+        }
+    }
+    for (name, c) in &out {
+        if let (Some(lo), Some(hi)) = (c.min, c.max)
+            && lo > hi
+        {
+            return Err(Fail(2, format!("--param-min {name}={lo} is above --param-max {name}={hi}")));
+        }
+    }
+    Ok((!out.is_empty()).then_some(out))
 }
 
 fn rotate_key(path: Option<&Path>, new_key: &Path) -> Result<(), Fail> {

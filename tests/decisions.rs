@@ -56,6 +56,7 @@ async fn every_reason_code_has_its_status_body_and_record() {
             allow: vec!["cus_ok".into()],
             deny: vec![],
         }),
+        params: None,
     });
     let token_constrained = mint(&narrow);
     let mut revoked = claims("pay-agent");

@@ -119,7 +119,10 @@ async fn malformed_and_smuggling_requests() {
             req(
                 "POST /shop/v1/refunds HTTP/1.1",
                 &tok,
-                &format!("Content-Length: {}\r\nTransfer-Encoding: chunked\r\nx-country: US\r\n", refund.len()),
+                &format!(
+                    "Content-Length: {}\r\nTransfer-Encoding: chunked\r\nContent-Type: application/json\r\nx-country: US\r\n",
+                    refund.len()
+                ),
                 &format!("{:x}\r\n{refund}\r\n0\r\n\r\n", refund.len()),
             ),
             &[400, 200],
@@ -273,7 +276,7 @@ async fn bodies_timeouts_and_misbehaving_upstreams() {
         &req(
             "POST /shop/v1/refunds HTTP/1.1",
             &tok,
-            &format!("Content-Length: {}\r\nx-country: US\r\n", deep.len()),
+            &format!("Content-Length: {}\r\nContent-Type: application/json\r\nx-country: US\r\n", deep.len()),
             deep,
         ),
     )

@@ -11,6 +11,7 @@ mod raw;
 mod validate;
 
 pub use model::*;
+pub(crate) use validate::is_currency;
 pub use validate::{parse_duration, parse_rate};
 
 use sha2::{Digest, Sha256};

@@ -242,7 +242,11 @@ impl Connector {
         self.credentials.as_ref().map_or(true, |c| !c.is_empty())
     }
     pub fn matches_host(&self, host: &str) -> bool {
-        let host = host.trim_end_matches('.');
+        // One trailing dot names the same host (`api.example.com.`); two are no host name.
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if host.is_empty() || host.ends_with('.') {
+            return false;
+        }
         // IP literals compare as addresses (`::ffff:127.0.0.1` is `::ffff:7f00:1`).
         let ip = host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>().ok();
         self.hosts.iter().any(|p| match p.strip_prefix("*.") {
@@ -307,9 +311,42 @@ pub struct Route {
 }
 
 impl Route {
-    /// The route reads params from the JSON body, so the body must be buffered.
+    /// The route reads params from the body, so the body must be buffered.
     pub fn needs_body(&self) -> bool {
-        self.params.iter().any(|p| matches!(p.source, ParamSource::Json(_)))
+        self.body_format().is_some()
+    }
+
+    /// The body media type the route's body params are read from (validation refuses a route
+    /// that mixes `json` and `form` sources).
+    pub fn body_format(&self) -> Option<BodyFormat> {
+        self.params.iter().find_map(|p| match p.source {
+            ParamSource::Json(_) => Some(BodyFormat::Json),
+            ParamSource::Form(_) => Some(BodyFormat::Form),
+            _ => None,
+        })
+    }
+
+    /// The route declares a param of this name.
+    pub fn declares(&self, name: &str) -> bool {
+        self.params.iter().any(|p| p.name == name)
+    }
+}
+
+/// How a body is encoded, decided by its media type as the upstream decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// `application/json` or `*/*+json`.
+    Json,
+    /// `application/x-www-form-urlencoded`.
+    Form,
+}
+
+impl BodyFormat {
+    pub fn media_type(self) -> &'static str {
+        match self {
+            BodyFormat::Json => "application/json",
+            BodyFormat::Form => "application/x-www-form-urlencoded",
+        }
     }
 }
 
@@ -387,11 +424,15 @@ impl PathPattern {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamSource {
-    /// JSON pointer into the request body.
+    /// JSON pointer into an `application/json` / `*/*+json` body.
     Json(String),
+    /// Key of an `application/x-www-form-urlencoded` body (after percent-decoding).
+    Form(String),
     Header(HeaderName),
     Query(String),
     Path(String),
+    /// A fixed value written in the manifest.
+    Value(String),
 }
 
 #[derive(Debug, Clone)]
@@ -410,21 +451,44 @@ pub struct AllowDeny {
 }
 
 impl AllowDeny {
-    fn hit(list: &[String], v: &str) -> bool {
+    fn hit(list: &[String], v: &str, fold_case: bool) -> bool {
+        let eq = |a: &str, b: &str| if fold_case { a.eq_ignore_ascii_case(b) } else { a == b };
         list.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => v.starts_with(prefix),
-            None => p == v,
+            Some(prefix) => v.get(..prefix.len()).is_some_and(|head| eq(head, prefix)),
+            None => eq(p, v),
         })
     }
+    /// Names (connectors, action types): exact match.
     pub fn denies(&self, v: &str) -> bool {
-        Self::hit(&self.deny, v)
+        Self::hit(&self.deny, v, false)
     }
     pub fn allows(&self, v: &str) -> bool {
-        !self.denies(v) && (self.allow.is_empty() || Self::hit(&self.allow, v))
+        !self.denies(v) && (self.allow.is_empty() || Self::hit(&self.allow, v, false))
+    }
+    /// Whether `list` (entries exact or `prefix*`) names the value `v`, ASCII case-insensitively.
+    pub fn list_has_value(list: &[String], v: &str) -> bool {
+        Self::hit(list, v, true)
+    }
+    /// Values read from a request (counterparties, jurisdictions, param values): ASCII
+    /// case-insensitive, so `CEO@acme.example` is the `ceo@acme.example` of a deny list.
+    pub fn denies_value(&self, v: &str) -> bool {
+        Self::hit(&self.deny, v, true)
+    }
+    pub fn allows_value(&self, v: &str) -> bool {
+        !self.denies_value(v) && (self.allow.is_empty() || Self::hit(&self.allow, v, true))
     }
     pub fn is_empty(&self) -> bool {
         self.allow.is_empty() && self.deny.is_empty()
     }
+}
+
+/// `policy.params.<name>`: what values a declared param may take. Lists match ASCII
+/// case-insensitively; `min`/`max` compare decimals (never floats), inclusive.
+#[derive(Debug, Clone, Default)]
+pub struct ParamConstraint {
+    pub values: AllowDeny,
+    pub min: Option<Decimal>,
+    pub max: Option<Decimal>,
 }
 
 /// Upper-case ISO-4217 code → amount.
@@ -506,6 +570,20 @@ pub struct Policy {
     pub counterparties: AllowDeny,
     pub budgets: Vec<Budget>,
     pub rate_limits: Vec<RateLimit>,
+    /// Constraints on declared params, by param name.
+    pub params: BTreeMap<String, ParamConstraint>,
+}
+
+impl Policy {
+    /// Currencies named by any currency-keyed rule (caps, approval thresholds, spend budgets).
+    /// While one exists, an amount without a known currency fails closed.
+    pub fn money_currencies(&self) -> impl Iterator<Item = &str> {
+        self.amount_caps
+            .keys()
+            .chain(self.approval.amount_above.keys())
+            .chain(self.budgets.iter().flat_map(|b| b.max_spend.keys()))
+            .map(String::as_str)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

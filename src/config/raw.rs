@@ -190,17 +190,25 @@ pub struct RawRoute {
     pub safe: bool,
 }
 
+/// Where a route reads one param: exactly one source key is set.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawParam {
+    /// JSON pointer into an `application/json` (or `*/*+json`) body.
     #[serde(default)]
     pub json: Option<String>,
+    /// Key of an `application/x-www-form-urlencoded` body, as sent after percent-decoding.
+    #[serde(default)]
+    pub form: Option<String>,
     #[serde(default)]
     pub header: Option<String>,
     #[serde(default)]
     pub query: Option<String>,
     #[serde(default)]
     pub path: Option<String>,
+    /// A fixed value (e.g. the currency of an API that has only one).
+    #[serde(default)]
+    pub value: Option<String>,
     #[serde(default)]
     pub scale: Option<u32>,
 }
@@ -223,6 +231,18 @@ pub struct RawPolicy {
     pub counterparties: RawAllowDeny,
     pub budgets: Vec<RawBudget>,
     pub rate_limits: Vec<RawRateLimit>,
+    /// Constraints on declared params, by param name.
+    pub params: BTreeMap<String, RawParamConstraint>,
+}
+
+/// `policy.params.<name>`: allow/deny lists of values and a decimal range.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawParamConstraint {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    pub min: Option<String>,
+    pub max: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -240,3 +240,108 @@ fn host_patterns_and_cidrs() {
     assert!(Cidr::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
     assert!(Cidr::parse("10.0.0.0/33").is_none());
 }
+
+#[test]
+fn form_and_value_sources_load() {
+    let text = good_manifest().replace(
+        "          order: {{ path: order }}".replace("{{", "{").replace("}}", "}").as_str(),
+        "          order: { path: order }\n          currency: { value: USD }\n",
+    );
+    let text = text.replace("amount: { json: /amount, scale: 2 }", "amount: { form: \"metadata[amount]\", scale: 2 }");
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.yaml", &text);
+    let (m, _) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    let r = &m.connector("shop").unwrap().routes[0];
+    let source = |n: &str| r.params.iter().find(|p| p.name == n).map(|p| p.source.clone());
+    assert_eq!(source("amount"), Some(ParamSource::Form("metadata[amount]".into())));
+    assert_eq!(source("currency"), Some(ParamSource::Value("USD".into())));
+    assert_eq!(r.body_format(), Some(BodyFormat::Form));
+}
+
+#[test]
+fn param_sources_are_exactly_one_and_a_body_is_json_or_form() {
+    let errs = errors_of(&good_manifest().replace("{ json: /amount, scale: 2 }", "{ json: /amount, form: amount }"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].message.contains("exactly one of json, form, header, query, path, value"), "{}", errs[0]);
+    let errs = errors_of(&good_manifest().replace("order: { path: order }", "order: { form: order }"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "connectors[0].routes[0].params");
+    assert!(errs[0].message.contains("not both"), "{}", errs[0]);
+    let errs = errors_of(&good_manifest().replace("order: { path: order }", "order: { value: \" \" }"));
+    assert_eq!(errs[0].key, "connectors[0].routes[0].params.order.value");
+}
+
+#[test]
+fn param_constraints_are_validated() {
+    let with = |block: &str| good_manifest().replace("  rate_limits:", &format!("  params:\n{block}  rate_limits:"));
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "m.yaml",
+        &with("    order: { allow: [A1, \" b2 \"], deny: [x] }\n    amount: { min: \"0.50\", max: \"500\" }\n"),
+    );
+    let (m, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let order = &m.policy.params["order"];
+    assert_eq!(order.values.allow, vec!["A1".to_string(), "b2".to_string()]);
+    assert!(order.values.allows_value("a1") && !order.values.allows_value("x"));
+    assert_eq!(m.policy.params["amount"].max, Some("500".parse().unwrap()));
+
+    let errs = errors_of(&with("    order: { alow: [a] }\n"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].key.starts_with("policy.params"), "{}", errs[0]);
+    assert!(errs[0].to_string().contains("alow"), "{}", errs[0]);
+
+    let errs = errors_of(&with("    amount: { min: \"1,5\", max: \"ten\" }\n"));
+    let keys: Vec<_> = errs.iter().map(|d| d.key.as_str()).collect();
+    assert_eq!(keys, vec!["policy.params.amount.min", "policy.params.amount.max"], "{errs:?}");
+    assert!(errs[0].line > 20, "{}", errs[0]);
+
+    let errs = errors_of(&with("    amount: { min: \"5\", max: \"1\" }\n"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].message.contains("above max"), "{}", errs[0]);
+
+    let errs = errors_of(&with("    amount: {}\n"));
+    assert!(errs[0].message.contains("at least one of"), "{errs:?}");
+
+    // A constraint on a param no route declares is legal but never applies: a warning.
+    let p = write(dir.path(), "w.yaml", &with("    model: { allow: [gpt-4o-mini] }\n"));
+    let (_, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].key, "policy.params.model");
+}
+
+#[test]
+fn money_rules_need_a_route_that_reads_an_amount() {
+    let no_amount = good_manifest().replace("          amount: { json: /amount, scale: 2 }\n", "");
+    let with = |text: &str, block: &str| text.replace("  rate_limits:", &format!("{block}  rate_limits:"));
+    let text = with(&no_amount, "  approval:\n    amount_above: { USD: \"50\" }\n");
+    let line = text.lines().position(|l| l.contains("amount_above")).unwrap() + 1;
+    let errs = errors_of(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "policy.approval.amount_above");
+    assert_eq!((errs[0].line, errs[0].col), (line, 5), "{}", errs[0]);
+    assert!(errs[0].to_string().contains(&format!("m.yaml:{line}:5: policy.approval.amount_above: ")), "{}", errs[0]);
+    let errs = errors_of(&with(&no_amount, "  budgets:\n    - window: day\n      max_spend: { USD: \"50\" }\n"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "policy.budgets[0].max_spend");
+    // Budgets that only count actions need no amount; with an amount route both rules load.
+    assert!(errors_of(&with(&no_amount, "  budgets:\n    - window: day\n      max_actions: 5\n")).is_empty());
+    assert!(errors_of(&with(&good_manifest(), "  approval:\n    amount_above: { USD: \"50\" }\n")).is_empty());
+}
+
+#[test]
+fn hosts_compare_without_a_trailing_dot() {
+    let text = good_manifest().replace(
+        "    base_url: http://127.0.0.1:9999\n",
+        "    base_url: http://Shop.Example.com.:9999\n    hosts: [API.example.com.]\n",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "m.yaml", &text);
+    let (m, _) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    let c = m.connector("shop").unwrap();
+    assert_eq!(c.hosts, vec!["api.example.com".to_string()]);
+    assert_eq!(c.base_url.as_ref().unwrap().host, "shop.example.com");
+    assert!(c.matches_host("api.example.com.") && c.matches_host("API.EXAMPLE.COM"));
+    assert!(!c.matches_host("api.example.com..") && !c.matches_host("."));
+}

@@ -253,7 +253,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
 // ---------------------------------------------------------------- manifest
 
 fn allow_deny(raw: RawAllowDeny) -> AllowDeny {
-    AllowDeny { allow: raw.allow, deny: raw.deny }
+    let trim = |v: Vec<String>| v.into_iter().map(|s| s.trim().to_string()).collect();
+    AllowDeny { allow: trim(raw.allow), deny: trim(raw.deny) }
 }
 
 fn resolve_path(base: &Path, p: &str) -> PathBuf {
@@ -324,6 +325,7 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
             return None;
         }
         let host = parsed.host_str()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+        let host = host.strip_suffix('.').map(str::to_string).unwrap_or(host);
         Some(BaseUrl {
             scheme,
             port: parsed.port_or_known_default().unwrap_or(443),
@@ -331,7 +333,15 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
             path_prefix: parsed.path().trim_end_matches('/').to_string(),
         })
     });
-    let mut hosts: Vec<String> = raw.hosts.iter().map(|h| h.trim().to_ascii_lowercase()).collect();
+    // Hosts compare lower-case without a trailing dot (`API.example.com.` is `api.example.com`).
+    let mut hosts: Vec<String> = raw
+        .hosts
+        .iter()
+        .map(|h| {
+            let h = h.trim().to_ascii_lowercase();
+            h.strip_suffix('.').map(str::to_string).unwrap_or(h)
+        })
+        .collect();
     for (i, h) in hosts.iter().enumerate() {
         let bare = h.strip_prefix("*.").unwrap_or(h);
         let ok = !bare.is_empty()
@@ -412,9 +422,16 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
         let mut params = Vec::new();
         for (name, p) in r.params {
             let pk = format!("{k}.params.{name}");
-            let sources = [p.json.is_some(), p.header.is_some(), p.query.is_some(), p.path.is_some()];
+            let sources = [
+                p.json.is_some(),
+                p.form.is_some(),
+                p.header.is_some(),
+                p.query.is_some(),
+                p.path.is_some(),
+                p.value.is_some(),
+            ];
             if sources.iter().filter(|&&s| s).count() != 1 {
-                cx.err(&pk, "needs exactly one of json, header, query, path");
+                cx.err(&pk, "needs exactly one of json, form, header, query, path, value");
                 continue;
             }
             let source = if let Some(ptr) = p.json {
@@ -422,6 +439,16 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
                     cx.err(&format!("{pk}.json"), format!("{ptr:?} is not a JSON pointer (e.g. /amount)"));
                 }
                 ParamSource::Json(ptr)
+            } else if let Some(key) = p.form {
+                if key.is_empty() {
+                    cx.err(&format!("{pk}.form"), "must name a form key (e.g. amount or metadata[order_id])");
+                }
+                ParamSource::Form(key)
+            } else if let Some(v) = p.value {
+                if v.trim().is_empty() {
+                    cx.err(&format!("{pk}.value"), "a fixed value must not be empty");
+                }
+                ParamSource::Value(v)
             } else if let Some(h) = p.header {
                 match HeaderName::from_str(&h) {
                     Ok(h) => ParamSource::Header(h),
@@ -431,6 +458,9 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
                     }
                 }
             } else if let Some(q) = p.query {
+                if q.is_empty() {
+                    cx.err(&format!("{pk}.query"), "must name a query parameter");
+                }
                 ParamSource::Query(q)
             } else {
                 let name = p.path.unwrap_or_default();
@@ -445,6 +475,14 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
                 cx.err(&format!("{pk}.scale"), "must be at most 18");
             }
             params.push(ParamSpec { name, source, scale: p.scale });
+        }
+        let json = params.iter().any(|p| matches!(p.source, ParamSource::Json(_)));
+        let form = params.iter().any(|p| matches!(p.source, ParamSource::Form(_)));
+        if json && form {
+            cx.err(
+                &format!("{k}.params"),
+                "a route reads its body either as JSON (json:) or as a form (form:), not both",
+            );
         }
         routes.push(Route { methods, path, action: r.action, params, safe: r.safe });
     }
@@ -626,6 +664,68 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
             Err(e) => cx.err(&format!("{k}.rate"), e),
         }
     }
+    // Money rules need an amount to act on: a manifest whose routes read none would let every
+    // request through them unweighed.
+    let reads_amount = connectors.iter().flat_map(|c| c.routes.iter()).any(|r| r.declares("amount"));
+    if !reads_amount {
+        if !approval.amount_above.is_empty() {
+            cx.err(
+                "policy.approval.amount_above",
+                "no route declares an `amount` param, so this threshold could never apply",
+            );
+        }
+        for (i, b) in budgets.iter().enumerate() {
+            if !b.max_spend.is_empty() {
+                cx.err(
+                    &format!("policy.budgets[{i}].max_spend"),
+                    "no route declares an `amount` param, so this spend limit could never apply",
+                );
+            }
+        }
+    }
+    let mut param_constraints = BTreeMap::new();
+    for (name, c) in p.params {
+        let k = format!("policy.params.{name}");
+        let declared = connectors.iter().flat_map(|c| c.routes.iter()).any(|r| r.declares(&name));
+        if !declared {
+            cx.warn(&k, format!("no route declares a param {name:?}; this constraint never applies"));
+        }
+        if c.allow.is_empty() && c.deny.is_empty() && c.min.is_none() && c.max.is_none() {
+            cx.err(&k, "needs at least one of allow, deny, min, max");
+        }
+        let bound = |cx: &mut Cx, which: &str, v: Option<String>| {
+            let v = v?;
+            match Decimal::from_str_exact(v.trim()) {
+                Ok(d) => Some(d),
+                Err(_) => {
+                    cx.err(
+                        &format!("{k}.{which}"),
+                        format!("{v:?} is not a decimal number (write it as a string, e.g. \"0.50\")"),
+                    );
+                    None
+                }
+            }
+        };
+        let min = bound(cx, "min", c.min);
+        let max = bound(cx, "max", c.max);
+        if let (Some(lo), Some(hi)) = (min, max)
+            && lo > hi
+        {
+            cx.err(&format!("{k}.min"), format!("min {lo} is above max {hi}"));
+        }
+        for (list, values) in [("allow", &c.allow), ("deny", &c.deny)] {
+            for (i, v) in values.iter().enumerate() {
+                if v.trim().is_empty() {
+                    cx.err(&format!("{k}.{list}[{i}]"), "must not be empty");
+                }
+            }
+        }
+        let values = AllowDeny {
+            allow: c.allow.iter().map(|v| v.trim().to_string()).collect(),
+            deny: c.deny.iter().map(|v| v.trim().to_string()).collect(),
+        };
+        param_constraints.insert(name, ParamConstraint { values, min, max });
+    }
     let e = raw.escalation;
     let escalation = Escalation {
         mode: match e.mode.as_deref() {
@@ -686,6 +786,7 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
             counterparties: allow_deny(p.counterparties),
             budgets,
             rate_limits,
+            params: param_constraints,
         },
         escalation,
         audit,

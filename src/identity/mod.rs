@@ -12,7 +12,8 @@ mod token;
 pub use keys::{generate_key_files, load_signing_key, parse_verifying_key_pem, verifying_key_pem};
 pub use token::{
     Audience, CapabilityClaims, Constraints, CounterpartyConstraint, IssuerKey, OverrideClaims, OverrideError,
-    TokenError, TokenPolicy, TokenVerifier, mint, mint_override, token_policy_for, unverified_subject, verify_override,
+    ParamConstraint, TokenError, TokenPolicy, TokenVerifier, mint, mint_override, token_policy_for, unverified_subject,
+    verify_override,
 };
 
 /// Errors of key handling and minting. Messages name files, never key material.

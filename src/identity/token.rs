@@ -73,6 +73,45 @@ pub struct CounterpartyConstraint {
     pub deny: Vec<String>,
 }
 
+fn de_opt_decimal<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Decimal>, D::Error> {
+    let raw = Option::<String>::deserialize(d)?;
+    raw.map(|s| {
+        Decimal::from_str_exact(s.trim())
+            .map_err(|_| serde::de::Error::custom(format!("{s:?} is not a decimal string")))
+    })
+    .transpose()
+}
+
+fn ser_opt_decimal<S: Serializer>(v: &Option<Decimal>, s: S) -> Result<S::Ok, S::Error> {
+    v.map(|d| d.to_string()).serialize(s)
+}
+
+/// `constraints.params.<name>`: the values a declared param may take under this token (lists
+/// match ASCII case-insensitively; `min`/`max` are decimal strings, inclusive). Unknown keys make
+/// the token invalid rather than silently unconstrained.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamConstraint {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_decimal",
+        serialize_with = "ser_opt_decimal",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub min: Option<Decimal>,
+    #[serde(
+        default,
+        deserialize_with = "de_opt_decimal",
+        serialize_with = "ser_opt_decimal",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max: Option<Decimal>,
+}
+
 /// Narrowing constraints a token may carry (it can only narrow what the manifest allows).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Constraints {
@@ -82,6 +121,10 @@ pub struct Constraints {
     pub jurisdictions: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counterparties: Option<CounterpartyConstraint>,
+    /// Constraints on declared params, by param name (`token_param_not_allowed` /
+    /// `token_param_out_of_range`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub params: Option<BTreeMap<String, ParamConstraint>>,
 }
 
 /// The claims of a capability token.

@@ -5,9 +5,9 @@
 
 mod params;
 
-pub use params::{Params, extract_params};
+pub use params::{Params, check_body_media_type, extract_params};
 
-use crate::config::{Connector, Manifest, Route};
+use crate::config::{AllowDeny, Connector, Manifest, Route};
 use crate::identity::CapabilityClaims;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -127,10 +127,17 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
             format!("the capability token does not grant action {act}"),
         );
     }
-    // 4. params: a declared amount must be readable (the extractor already failed closed).
+    // 4. params: one reading each (never a guess), a declared amount must be readable (the
+    // extractor already failed closed), and money needs a currency its rules name.
     let params = action.params;
+    if let Some(why) = &params.ambiguous {
+        return Decision::deny("param_ambiguous", why.clone());
+    }
     if let Some(err) = &params.amount_error {
         return Decision::deny("amount_invalid", err.clone());
+    }
+    if let Err(d) = check_currency(manifest, claims, params) {
+        return d;
     }
     let amount = params.amount.map(|a| (a, params.currency.clone()));
 
@@ -205,7 +212,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         if !p.jurisdictions.is_empty() {
             match &j {
                 None => return Decision::deny("jurisdiction_not_allowed", "the request names no jurisdiction"),
-                Some(j) if !p.jurisdictions.allows(j) => {
+                Some(j) if !p.jurisdictions.allows_value(j) => {
                     return Decision::deny("jurisdiction_not_allowed", format!("jurisdiction {j} is not allowed"));
                 }
                 Some(_) => {}
@@ -227,10 +234,10 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
             None if !lists.is_empty() => {
                 return Decision::deny("counterparty_not_in_allowlist", "the request names no counterparty");
             }
-            Some(c) if lists.denies(c) => {
+            Some(c) if lists.denies_value(c) => {
                 return Decision::deny("counterparty_denied", format!("counterparty {c} is on the deny list"));
             }
-            Some(c) if !lists.allows(c) => {
+            Some(c) if !lists.allows_value(c) => {
                 return Decision::deny(
                     "counterparty_not_in_allowlist",
                     format!("counterparty {c} is not on the allow list"),
@@ -240,7 +247,8 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         }
         if let Some(tc) = token_constraints.and_then(|c| c.counterparties.as_ref()) {
             let ok = cp.is_some_and(|c| {
-                !tc.deny.iter().any(|d| d == c) && (tc.allow.is_empty() || tc.allow.iter().any(|a| a == c))
+                !AllowDeny::list_has_value(&tc.deny, c)
+                    && (tc.allow.is_empty() || AllowDeny::list_has_value(&tc.allow, c))
             });
             if !ok {
                 return Decision::deny(
@@ -250,7 +258,119 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
             }
         }
     }
+    // 7. constraints on any declared param: the manifest's, then the token's.
+    for (name, c) in &p.params {
+        if action.route.declares(name)
+            && let Err(miss) = check_param(name, &c.values.allow, &c.values.deny, c.min, c.max, params)
+        {
+            return miss.into_decision("param_not_allowed", "param_out_of_range", "");
+        }
+    }
+    if let Some(list) = token_constraints.and_then(|c| c.params.as_ref()) {
+        for (name, c) in list {
+            if action.route.declares(name)
+                && let Err(miss) = check_param(name, &c.allow, &c.deny, c.min, c.max, params)
+            {
+                return miss.into_decision(
+                    "token_param_not_allowed",
+                    "token_param_out_of_range",
+                    " under the capability token",
+                );
+            }
+        }
+    }
     if escalate.is_empty() { Decision::allow() } else { Decision::escalate(escalate) }
+}
+
+/// Money fails closed: while any currency-keyed rule exists (caps, approval thresholds, spend
+/// budgets, the token's `amount_max`), an amount needs a 3-letter currency (`currency_required`)
+/// that one of those rules names (`currency_not_allowed`).
+fn check_currency(manifest: &Manifest, claims: Option<&CapabilityClaims>, params: &Params) -> Result<(), Decision> {
+    if params.amount.is_none() {
+        return Ok(());
+    }
+    let token_caps = claims.and_then(|c| c.constraints.as_ref()).map(|c| &c.amount_max);
+    let mut named =
+        manifest.policy.money_currencies().chain(token_caps.into_iter().flat_map(|m| m.keys().map(String::as_str)));
+    let Some(first) = named.next() else { return Ok(()) };
+    let cur = match params.currency.as_deref() {
+        Some(c) if crate::config::is_currency(c) => c,
+        Some(c) => {
+            return Err(Decision::deny(
+                "currency_required",
+                format!("currency {:?} is not a 3-letter ISO-4217 code", params::truncate(c)),
+            ));
+        }
+        None => {
+            return Err(Decision::deny(
+                "currency_required",
+                "the request carries an amount but no currency, and this agent's money rules are per currency",
+            ));
+        }
+    };
+    if first != cur && !named.any(|n| n == cur) {
+        return Err(Decision::deny(
+            "currency_not_allowed",
+            format!("currency {cur} is named by none of this agent's money rules"),
+        ));
+    }
+    Ok(())
+}
+
+/// Why a declared param's value fails a constraint.
+enum ParamMiss {
+    NotAllowed(String),
+    OutOfRange(String),
+}
+
+impl ParamMiss {
+    fn into_decision(self, not_allowed: &'static str, out_of_range: &'static str, under: &str) -> Decision {
+        match self {
+            ParamMiss::NotAllowed(m) => Decision::deny(not_allowed, format!("{m}{under}")),
+            ParamMiss::OutOfRange(m) => Decision::deny(out_of_range, format!("{m}{under}")),
+        }
+    }
+}
+
+/// One constraint on one declared param. A missing value is not allowed; lists match ASCII
+/// case-insensitively (deny wins, an empty allow list allows every value); `min`/`max` compare
+/// decimals, inclusive (`amount` is compared after its scale is applied).
+fn check_param(
+    name: &str,
+    allow: &[String],
+    deny: &[String],
+    min: Option<Decimal>,
+    max: Option<Decimal>,
+    params: &Params,
+) -> Result<(), ParamMiss> {
+    let Some(v) = params.get(name) else {
+        return Err(ParamMiss::NotAllowed(format!("the request carries no {name}")));
+    };
+    let shown = params::truncate(v);
+    if AllowDeny::list_has_value(deny, v) {
+        return Err(ParamMiss::NotAllowed(format!("{name} {shown:?} is on the deny list")));
+    }
+    if !allow.is_empty() && !AllowDeny::list_has_value(allow, v) {
+        return Err(ParamMiss::NotAllowed(format!("{name} {shown:?} is not on the allow list")));
+    }
+    if min.is_none() && max.is_none() {
+        return Ok(());
+    }
+    let n = if name == "amount" { params.amount } else { params::parse_decimal_value(v) };
+    let Some(n) = n else {
+        return Err(ParamMiss::OutOfRange(format!("{name} {shown:?} is not a decimal number")));
+    };
+    if let Some(lo) = min
+        && n < lo
+    {
+        return Err(ParamMiss::OutOfRange(format!("{name} {n} is below the minimum {lo}")));
+    }
+    if let Some(hi) = max
+        && n > hi
+    {
+        return Err(ParamMiss::OutOfRange(format!("{name} {n} is above the maximum {hi}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

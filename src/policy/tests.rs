@@ -3,6 +3,8 @@
 use super::*;
 use crate::config::{Manifest, Strictness, load_manifest};
 use http::{HeaderMap, HeaderValue, Method};
+use proptest::prelude::*;
+use std::path::Path;
 
 const MANIFEST: &str = r#"apiVersion: uapk/v1
 kind: Manifest
@@ -56,6 +58,13 @@ fn manifest() -> Manifest {
     load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}")).0
 }
 
+/// A manifest from YAML text, validated as `check` does.
+fn manifest_from(yaml: &str) -> Manifest {
+    let (m, _) = crate::config::parse_manifest(Path::new("m.yaml"), yaml.as_bytes(), Path::new("."), Strictness::Check)
+        .unwrap_or_else(|e| panic!("{e}"));
+    m
+}
+
 /// Classifies and evaluates a request the way the proxy does.
 fn decide(
     m: &Manifest,
@@ -65,8 +74,21 @@ fn decide(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Decision {
+    decide_as(m, None, conn, method, path, headers, body)
+}
+
+/// `decide` for an agent that presents a token with `claims`.
+fn decide_as(
+    m: &Manifest,
+    claims: Option<&CapabilityClaims>,
+    conn: &str,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Decision {
     let c = m.connector(conn).unwrap();
-    if let Err(d) = check_connector(m, None, c) {
+    if let Err(d) = check_connector(m, claims, c) {
         return d;
     }
     let (path, query) = match path.split_once('?') {
@@ -81,7 +103,7 @@ fn decide(
         h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
     }
     let params = extract_params(route, &caps, &h, query, body.map(str::as_bytes));
-    evaluate(m, None, &Action { connector: c, route, params: &params })
+    evaluate(m, claims, &Action { connector: c, route, params: &params })
 }
 
 fn refund(m: &Manifest, body: &str, country: &str) -> Decision {
@@ -178,5 +200,288 @@ fn jurisdictions_and_counterparties() {
 fn duplicate_param_sources_are_not_guessed() {
     let m = manifest();
     let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=1&amount=999&cur=USD", &[], None);
-    assert_eq!(d.code(), "amount_invalid");
+    assert_eq!(d.code(), "param_ambiguous");
+    let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=1;amount=999&cur=USD", &[], None);
+    assert_eq!(d.code(), "param_ambiguous");
+    let d = refund(&m, r#"{"amount": 100, "currency": "USD", "customer": "cus_a", "customer": "cus_b"}"#, "US");
+    assert_eq!(d.code(), "param_ambiguous");
+    assert!(d.reasons[0].message.contains("customer"), "{d:?}");
+}
+
+#[test]
+fn lists_match_values_ascii_case_insensitively() {
+    let m = manifest();
+    let body = |c: &str| format!(r#"{{"amount": 100, "currency": "USD", "customer": "{c}"}}"#);
+    assert_eq!(refund(&m, &body("CUS_B"), "US").code(), "counterparty_denied");
+    assert_eq!(refund(&m, &body(" Cus_b "), "US").code(), "counterparty_denied");
+    assert_eq!(refund(&m, &body("CUS_A"), "us").verdict, Verdict::Allow);
+    // Lower-case lists in the manifest, upper-case values in the request.
+    let m =
+        manifest_from(&MANIFEST.replace("allow: [US]", "allow: [us]").replace("deny: [cus_b]", "deny: [\"cus_b*\"]"));
+    assert_eq!(refund(&m, &body("cus_a"), "US").verdict, Verdict::Allow);
+    assert_eq!(refund(&m, &body("CUS_B_2"), "US").code(), "counterparty_denied");
+    // Token lists likewise.
+    let mut c = claims();
+    c.constraints = Some(crate::identity::Constraints {
+        counterparties: Some(crate::identity::CounterpartyConstraint { allow: vec![], deny: vec!["cus_a".into()] }),
+        ..Default::default()
+    });
+    let d = decide_as(&m, Some(&c), "pay", Method::POST, "/refunds", &[("x-country", "US")], Some(&body("CUS_A")));
+    assert_eq!(d.code(), "token_counterparty_not_allowed");
+}
+
+fn claims() -> CapabilityClaims {
+    CapabilityClaims {
+        iss: "platform".into(),
+        sub: "unit-agent".into(),
+        aud: crate::identity::Audience::from(vec!["uapk-gateway".to_string()]),
+        exp: i64::MAX / 2,
+        iat: 0,
+        nbf: None,
+        jti: None,
+        connectors: None,
+        action_types: None,
+        constraints: None,
+    }
+}
+
+/// A payments manifest whose only money rule is `rule` (a `policy:` line), with a JSON refund
+/// route and an MCP-style refund route that has no currency at all.
+fn money_manifest(rule: &str) -> Manifest {
+    manifest_from(&format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: unit-agent }}
+capability: {{ required: false }}
+connectors:
+  - name: pay
+    base_url: https://pay.example.com
+    routes:
+      - methods: [POST]
+        path: /refunds
+        action: payment.refund
+        params:
+          amount:   {{ json: /amount, scale: 2 }}
+          currency: {{ json: /currency }}
+      - methods: [POST]
+        path: /tool-refund
+        action: payment.refund
+        params:
+          amount: {{ json: /amount }}
+policy:
+{rule}
+"#
+    ))
+}
+
+#[test]
+fn money_fails_closed_without_a_known_currency() {
+    let rules = [
+        "  amount_caps: { USD: \"100.00\" }",
+        "  approval: { amount_above: { USD: \"50.00\" } }",
+        "  budgets: [{ window: day, max_spend: { USD: \"1000\" } }]",
+    ];
+    for rule in rules {
+        let m = money_manifest(rule);
+        let r = |body: &str| decide(&m, "pay", Method::POST, "/refunds", &[], Some(body));
+        for body in [
+            r#"{"amount": 1000}"#,
+            r#"{"amount": 1000, "currency": null}"#,
+            r#"{"amount": 1000, "currency": ""}"#,
+            r#"{"amount": 1000, "currency": "  "}"#,
+            r#"{"amount": 1000, "currency": "US"}"#,
+            r#"{"amount": 1000, "currency": "U$D"}"#,
+            r#"{"amount": 1000, "currency": "USDX"}"#,
+            r#"{"amount": 1000, "currency": 840}"#,
+        ] {
+            assert_eq!(r(body).code(), "currency_required", "{rule}: {body}");
+        }
+        assert_eq!(r(r#"{"amount": 1000, "currency": "EUR"}"#).code(), "currency_not_allowed", "{rule}");
+        assert_ne!(r(r#"{"amount": 1000, "currency": " usd "}"#).verdict, Verdict::Deny, "{rule}");
+        // The MCP-style call carries no currency at all.
+        let d = decide(&m, "pay", Method::POST, "/tool-refund", &[], Some(r#"{"amount": 9999999}"#));
+        assert_eq!(d.code(), "currency_required", "{rule}");
+    }
+    // The threshold still escalates a known currency.
+    let m = money_manifest(rules[1]);
+    let d = decide(&m, "pay", Method::POST, "/refunds", &[], Some(r#"{"amount": 7500, "currency": "usd"}"#));
+    assert_eq!((d.verdict, d.code()), (Verdict::Escalate, "amount_requires_approval"));
+    // A token cap is a money rule too, even when the manifest has none.
+    let m = money_manifest("  action_types: { allow: [] }");
+    let bare = r#"{"amount": 1000}"#;
+    assert_eq!(decide(&m, "pay", Method::POST, "/refunds", &[], Some(bare)).verdict, Verdict::Allow);
+    let mut c = claims();
+    c.constraints = Some(crate::identity::Constraints {
+        amount_max: [("USD".into(), "20".parse().unwrap())].into(),
+        ..Default::default()
+    });
+    let d = decide_as(&m, Some(&c), "pay", Method::POST, "/refunds", &[], Some(bare));
+    assert_eq!(d.code(), "currency_required");
+    let d =
+        decide_as(&m, Some(&c), "pay", Method::POST, "/refunds", &[], Some(r#"{"amount": 1000, "currency": "EUR"}"#));
+    assert_eq!(d.code(), "currency_not_allowed");
+    let d =
+        decide_as(&m, Some(&c), "pay", Method::POST, "/refunds", &[], Some(r#"{"amount": 1000, "currency": "USD"}"#));
+    assert_eq!(d.verdict, Verdict::Allow);
+}
+
+const LLM: &str = r#"apiVersion: uapk/v1
+kind: Manifest
+agent: { id: unit-agent }
+capability: { required: false }
+connectors:
+  - name: llm
+    base_url: https://llm.example.com
+    routes:
+      - methods: [POST]
+        path: /chat
+        action: llm.chat
+        params:
+          model: { json: /model }
+      - methods: [POST]
+        path: /tune
+        action: llm.tune
+        params:
+          model:       { json: /model }
+          temperature: { json: /temperature }
+      - methods: [POST]
+        path: /refund
+        action: payment.refund
+        params:
+          amount:   { form: amount }
+          currency: { value: usd }
+      - methods: [GET]
+        path: /models
+        action: llm.models
+policy:
+  params:
+    model:       { allow: [gpt-4o-mini, "gpt-4o-2024*"], deny: [gpt-4o-2024-05-13] }
+    temperature: { min: "0", max: "1.5" }
+    amount:      { min: "0.50", max: "500" }
+"#;
+
+#[test]
+fn any_declared_param_can_be_constrained() {
+    let m = manifest_from(LLM);
+    let chat = |body: &str| decide(&m, "llm", Method::POST, "/chat", &[], Some(body));
+    assert_eq!(chat(r#"{"model": "gpt-4o-mini"}"#).verdict, Verdict::Allow);
+    assert_eq!(chat(r#"{"model": " GPT-4o-Mini "}"#).verdict, Verdict::Allow);
+    assert_eq!(chat(r#"{"model": "gpt-4o-2024-08-06"}"#).verdict, Verdict::Allow);
+    assert_eq!(chat(r#"{"model": "gpt-4o-2024-05-13"}"#).code(), "param_not_allowed");
+    assert_eq!(chat(r#"{"model": "o1-pro"}"#).code(), "param_not_allowed");
+    assert_eq!(chat(r#"{"messages": []}"#).code(), "param_not_allowed");
+    assert_eq!(chat(r#"{"model": null}"#).code(), "param_not_allowed");
+    assert_eq!(chat(r#"{"model": ["gpt-4o-mini"]}"#).code(), "param_not_allowed");
+    assert_eq!(chat(r#"{"model": "gpt-4o-mini", "model": "o1-pro"}"#).code(), "param_ambiguous");
+    // A route that does not declare the param is not constrained by it.
+    assert_eq!(decide(&m, "llm", Method::GET, "/models", &[], None).verdict, Verdict::Allow);
+    // Ranges compare decimals, inclusive; a value that is no number is out of range.
+    let tune = |t: &str| {
+        decide(
+            &m,
+            "llm",
+            Method::POST,
+            "/tune",
+            &[],
+            Some(&format!(r#"{{"model": "gpt-4o-mini", "temperature": {t}}}"#)),
+        )
+    };
+    assert_eq!(tune("1.5").verdict, Verdict::Allow);
+    assert_eq!(tune("0").verdict, Verdict::Allow);
+    assert_eq!(tune("\"0.7\"").verdict, Verdict::Allow);
+    assert_eq!(tune("1.5000001").code(), "param_out_of_range");
+    assert_eq!(tune("-0.1").code(), "param_out_of_range");
+    assert_eq!(tune("\"hot\"").code(), "param_out_of_range");
+    assert_eq!(tune("1e1").code(), "param_out_of_range"); // 10.0
+    assert_eq!(tune("1e0").verdict, Verdict::Allow);
+    assert_eq!(
+        decide(&m, "llm", Method::POST, "/tune", &[], Some(r#"{"model": "gpt-4o-mini"}"#)).code(),
+        "param_not_allowed"
+    );
+    // The amount constraint sees the amount as read (form body, fixed currency).
+    let refund = |a: &str| decide(&m, "llm", Method::POST, "/refund", &[], Some(a));
+    assert_eq!(refund("amount=0.50").verdict, Verdict::Allow);
+    assert_eq!(refund("amount=500").verdict, Verdict::Allow);
+    assert_eq!(refund("amount=0.49").code(), "param_out_of_range");
+    assert_eq!(refund("amount=500.01").code(), "param_out_of_range");
+}
+
+#[test]
+fn tokens_narrow_params_with_their_own_codes() {
+    let m = manifest_from(LLM);
+    let mut c = claims();
+    c.constraints = Some(crate::identity::Constraints {
+        params: Some(
+            [
+                (
+                    "model".to_string(),
+                    crate::identity::ParamConstraint { allow: vec!["gpt-4o-mini".into()], ..Default::default() },
+                ),
+                (
+                    "amount".to_string(),
+                    crate::identity::ParamConstraint { max: Some("20".parse().unwrap()), ..Default::default() },
+                ),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    });
+    let as_token = |path: &str, body: &str| decide_as(&m, Some(&c), "llm", Method::POST, path, &[], Some(body));
+    assert_eq!(as_token("/chat", r#"{"model": "GPT-4O-MINI"}"#).verdict, Verdict::Allow);
+    // Allowed by the manifest, not by the token.
+    assert_eq!(as_token("/chat", r#"{"model": "gpt-4o-2024-08-06"}"#).code(), "token_param_not_allowed");
+    // The manifest decides first.
+    assert_eq!(as_token("/chat", r#"{"model": "o1-pro"}"#).code(), "param_not_allowed");
+    assert_eq!(as_token("/refund", "amount=20").verdict, Verdict::Allow);
+    assert_eq!(as_token("/refund", "amount=20.01").code(), "token_param_out_of_range");
+}
+
+/// Nested JSON objects along `path`, a string `leaf` at the end, siblings at every level, and
+/// (when `dup` is set) a second member with the path's key at that depth.
+fn nested(path: &[String], leaf: &str, siblings: &[String], dup: Option<(usize, bool)>, depth: usize) -> String {
+    let inner = if depth == path.len() - 1 {
+        serde_json::to_string(leaf).unwrap()
+    } else {
+        nested(path, leaf, siblings, dup, depth + 1)
+    };
+    let mut members: Vec<String> = siblings.iter().map(|s| format!(r#""s_{s}":{{"k":1}}"#)).collect();
+    let key = serde_json::to_string(&path[depth]).unwrap();
+    members.push(format!("{key}:{inner}"));
+    if let Some((at, before)) = dup
+        && at == depth
+    {
+        let other = format!(r#"{key}:"other""#);
+        if before { members.insert(0, other) } else { members.push(other) }
+    }
+    format!("{{{}}}", members.join(","))
+}
+
+proptest! {
+    #[test]
+    fn duplicate_keys_on_a_pointer_path_are_always_ambiguous(
+        path in proptest::collection::vec("[a-z]{1,6}", 1..6),
+        siblings in proptest::collection::vec("[a-z]{1,4}", 0..3),
+        leaf in "[a-z0-9_]{1,10}",
+        at in 0usize..6,
+        before in any::<bool>(),
+    ) {
+        let at = at % path.len();
+        let ptr: String = path.iter().map(|k| format!("/{k}")).collect();
+        let m = manifest_from(&format!(
+            "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: unit-agent }}\ncapability: {{ required: false }}\n\
+             connectors:\n  - name: api\n    base_url: https://api.example.com\n    routes:\n      \
+             - {{ methods: [POST], path: /x, action: x.do, params: {{ target: {{ json: \"{ptr}\" }} }} }}\n"
+        ));
+        let clean = nested(&path, &leaf, &siblings, None, 0);
+        let d = decide(&m, "api", Method::POST, "/x", &[], Some(&clean));
+        prop_assert_eq!(d.verdict, Verdict::Allow, "{}", clean);
+        let c = m.connector("api").unwrap();
+        let p = extract_params(&c.routes[0], &[], &HeaderMap::new(), None, Some(clean.as_bytes()));
+        prop_assert_eq!(p.get("target"), Some(leaf.as_str()));
+        let dup = nested(&path, &leaf, &siblings, Some((at, before)), 0);
+        let d = decide(&m, "api", Method::POST, "/x", &[], Some(&dup));
+        prop_assert_eq!(d.code(), "param_ambiguous", "{}", dup);
+        // serde_json would have picked one of the two silently.
+        prop_assert!(serde_json::from_str::<serde_json::Value>(&dup).is_ok());
+    }
 }

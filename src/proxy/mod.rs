@@ -359,8 +359,10 @@ fn sanitize(s: &str) -> String {
 fn ambiguous_path(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
     // Encoded separators, encoded dots and double encoding (`%25`) could decode, at the upstream
-    // or a server behind it, into a path other than the one the routes matched.
-    ["%2f", "%5c", "%2e", "%25", "\\"].iter().any(|bad| lower.contains(bad))
+    // or a server behind it, into a path other than the one the routes matched. A `;` starts
+    // path parameters (`;jsessionid=`, `..;/`) that some servers strip before routing and others
+    // keep, raw or encoded.
+    ["%2f", "%5c", "%2e", "%25", "%3b", "\\", ";"].iter().any(|bad| lower.contains(bad))
         || path.split('/').any(|s| s == "." || s == "..")
 }
 
@@ -391,7 +393,15 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, via: Via) -> Respo
     resp
 }
 
-/// Host and optional port of an authority such as `api.example.com:443` or `[::1]:8443`.
+/// A host as the gateway compares it: lower-case, without the one trailing dot that names the
+/// same host (`API.Example.com.` is `api.example.com`). Empty or doubly dotted names are none.
+pub fn normalize_host(h: &str) -> Option<String> {
+    let h = h.strip_suffix('.').unwrap_or(h);
+    (!h.is_empty() && !h.ends_with('.')).then(|| h.to_ascii_lowercase())
+}
+
+/// Host and optional port of an authority such as `api.example.com:443` or `[::1]:8443`; the
+/// host is normalised by [`normalize_host`].
 pub fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
     let a = a.trim();
     if let Some(rest) = a.strip_prefix('[') {
@@ -401,14 +411,47 @@ pub fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
             None if tail.is_empty() => None,
             None => return None,
         };
-        return Some((h.to_ascii_lowercase(), port));
+        return Some((normalize_host(h)?, port));
     }
     match a.rsplit_once(':') {
-        Some((h, p)) if !h.contains(':') => Some((h.to_ascii_lowercase(), Some(p.parse().ok()?))),
+        Some((h, p)) if !h.contains(':') => Some((normalize_host(h)?, Some(p.parse().ok()?))),
         Some(_) => None,
-        None => Some((a.to_ascii_lowercase(), None)),
+        None => Some((normalize_host(a)?, None)),
     }
-    .filter(|(h, _)| !h.is_empty())
+}
+
+#[cfg(test)]
+mod path_and_host_tests {
+    use super::{ambiguous_path, normalize_host, split_authority};
+
+    #[test]
+    fn path_parameters_are_refused_like_dot_segments() {
+        for p in [
+            "/v1/refunds;jsessionid=abc",
+            "/v1/charges/..;/refunds",
+            "/v1/charges/x%3b/y",
+            "/v1/charges/x%3B",
+            "/v1;/charges",
+            "/v1/../x",
+            "/v1/%2e%2e/x",
+        ] {
+            assert!(ambiguous_path(p), "{p}");
+        }
+        for p in ["/v1/refunds", "/v1/charges/ch_1", "/v1/charges/x.", "/v1/a%20b"] {
+            assert!(!ambiguous_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_lower_case_without_a_trailing_dot() {
+        assert_eq!(split_authority("API.Stripe.com.:443"), Some(("api.stripe.com".into(), Some(443))));
+        assert_eq!(split_authority("api.stripe.com."), Some(("api.stripe.com".into(), None)));
+        assert_eq!(split_authority("[::1]:8443"), Some(("::1".into(), Some(8443))));
+        assert_eq!(split_authority("api.stripe.com..:443"), None);
+        assert_eq!(split_authority(".:443"), None);
+        assert_eq!(split_authority(":443"), None);
+        assert_eq!(normalize_host("Shop.Test."), Some("shop.test".into()));
+    }
 }
 
 pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts {
@@ -471,10 +514,11 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
                 .authority()
                 .map(|a| a.as_str().to_string())
                 .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string));
+            let tunnel_host = normalize_host(&t.host);
             let same = named
                 .as_deref()
                 .and_then(split_authority)
-                .is_some_and(|(h, p)| h == t.host && p.is_none_or(|p| p == t.port));
+                .is_some_and(|(h, p)| Some(&h) == tunnel_host.as_ref() && p.is_none_or(|p| p == t.port));
             if !same {
                 let d = Decision::deny("misdirected_request", "the request names another host than the tunnel");
                 return gw.refuse_recorded(StatusCode::MISDIRECTED_REQUEST, &facts, d).await;
@@ -500,8 +544,12 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
                 );
                 return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
             }
-            let host =
-                parts.uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+            let Some(host) =
+                normalize_host(parts.uri.host().unwrap_or("").trim_start_matches('[').trim_end_matches(']'))
+            else {
+                let d = Decision::deny("malformed_request", "the request target names no host");
+                return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+            };
             let port = parts.uri.port_u16().unwrap_or(80);
             // The Host header must agree with the absolute-form target.
             if let Some(h) = parts.headers.get(header::HOST) {
@@ -534,8 +582,9 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         }
     };
     if ambiguous_path(&upstream_path) {
-        let d = Decision::deny("malformed_request", "the path has dot segments or encoded separators");
-        return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+        let d =
+            Decision::deny("malformed_request", "the path has dot segments, path parameters (;) or encoded separators");
+        return gw.refuse_recorded(StatusCode::BAD_REQUEST, &facts, d).await;
     }
 
     // ---- identify
@@ -631,6 +680,19 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
                 return gw.refuse_recorded(status, &facts, d).await;
             }
         }
+    }
+
+    // A route that reads body params reads them only from its declared media type, as the
+    // upstream decides by Content-Type: anything else is refused, never guessed at.
+    if let Some(b) = &buffered
+        && let Err(d) = policy::check_body_media_type(route, &parts.headers, b)
+    {
+        let status = if d.code() == "unsupported_media_type" {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        return gw.refuse_recorded(status, &facts, d).await;
     }
 
     // ---- classify: params
