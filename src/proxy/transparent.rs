@@ -268,8 +268,8 @@ const IPV6_FALLBACK: &str = "without a usable ip6tables nat table only the IPv6 
 /// Prints the plan (`dry_run`) or installs it, writing each command it runs to `out`. IPv4 rules
 /// must all succeed. For IPv6: with a usable `ip6tables` nat table all rules are installed; with
 /// only the filter table, the filter rules (so IPv6 TCP is dropped, not redirected); without
-/// `ip6tables`, IPv6 is disabled through `/proc/sys/net/ipv6/conf/*/disable_ipv6`, checked by
-/// reading it back. Anything less is an error: the init container fails and the pod never starts
+/// `ip6tables`, or when one of its rules fails, IPv6 is disabled through
+/// `/proc/sys/net/ipv6/conf/*/disable_ipv6`, checked by reading it back. Anything less is an error: the init container fails and the pod never starts
 /// with an open way out.
 pub fn install(
     rules: &[Rule],
@@ -304,16 +304,23 @@ pub fn install(
     };
     let filter_ok = probe(runner, &[]);
     let nat_ok = filter_ok && probe(runner, &["-t", "nat"]);
-    if nat_ok {
-        return apply(&v6, runner, out);
-    }
-    if filter_ok {
+    let applied = if nat_ok {
+        apply(&v6, runner, out)
+    } else if filter_ok {
         w(out, "# ip6tables has no usable nat table: IPv6 TCP is dropped instead of redirected")?;
         let filter: Vec<&Rule> = v6.into_iter().filter(|r| !r.is_nat()).collect();
-        return apply(&filter, runner, out);
+        apply(&filter, runner, out)
+    } else {
+        Err("ip6tables is not usable".to_string())
+    };
+    match applied {
+        Ok(()) => Ok(()),
+        Err(why) => {
+            // Whatever the ip6tables rules could not do, IPv6 must not stay a way out.
+            w(out, &format!("# {why}: disabling IPv6"))?;
+            disable_ipv6(ipv6_conf, out).map_err(|e| format!("{why}; {e}"))
+        }
     }
-    w(out, "# ip6tables is not usable: disabling IPv6")?;
-    disable_ipv6(ipv6_conf, out)
 }
 
 fn apply(rules: &[&Rule], runner: &mut dyn Runner, out: &mut dyn std::io::Write) -> Result<(), String> {

@@ -84,6 +84,8 @@ struct FakeTables {
     chains: BTreeMap<(String, String, String), Vec<String>>,
     no_ip6tables: bool,
     no_ip6_nat: bool,
+    /// An ip6tables command containing this fails (a match module the kernel lacks).
+    ip6_fails_on: Option<String>,
 }
 
 impl FakeTables {
@@ -109,6 +111,9 @@ impl Runner for FakeTables {
         if args.first() == Some(&"-t") {
             table = args[1].to_string();
             args.drain(..2);
+        }
+        if bin == "ip6tables" && self.ip6_fails_on.as_ref().is_some_and(|f| argv.join(" ").contains(f.as_str())) {
+            return Ok((false, "no such match".into()));
         }
         if bin == "ip6tables" && table == "nat" && self.no_ip6_nat {
             return Ok((false, "table nat does not exist".into()));
@@ -204,6 +209,31 @@ fn without_ip6tables_ipv6_is_disabled_on_every_interface() {
     // The IPv4 rules are installed all the same.
     assert!(t.chains.contains_key(&("iptables".into(), "nat".into(), "UAPK_OUTPUT".into())));
     assert!(!t.chains.contains_key(&("ip6tables".into(), "nat".into(), "UAPK_OUTPUT".into())));
+}
+
+#[test]
+fn an_ip6tables_rule_that_fails_half_way_disables_ipv6() {
+    let conf = tempfile::tempdir().expect("tempdir");
+    fake_conf(conf.path(), &["all", "default", "eth0"]);
+    let mut t = FakeTables::new();
+    t.ip6_fails_on = Some("--ctstate DNAT".into());
+    let (r, out) = run_install(&mut t, conf.path(), false);
+    r.expect("install");
+    assert!(out.contains("failed: no such match: disabling IPv6"), "{out}");
+    for n in ["all", "default", "eth0"] {
+        let v = std::fs::read_to_string(conf.path().join(n).join("disable_ipv6")).expect("read");
+        assert_eq!(v.trim(), "1", "{n}");
+    }
+    // And when IPv6 cannot be disabled either, the install fails with both reasons.
+    std::fs::remove_file(conf.path().join("eth0").join("disable_ipv6")).expect("rm");
+    std::fs::create_dir_all(conf.path().join("eth0").join("disable_ipv6")).expect("mkdir");
+    let (r, _) = run_install(
+        &mut FakeTables { ip6_fails_on: Some("--ctstate DNAT".into()), ..FakeTables::new() },
+        conf.path(),
+        false,
+    );
+    let err = r.expect_err("must fail closed");
+    assert!(err.contains("no such match") && err.contains("IPv6 egress would bypass the gateway"), "{err}");
 }
 
 #[test]
