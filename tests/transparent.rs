@@ -306,7 +306,7 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     std::fs::write(
         policies.join("agent.yaml"),
         format!(
-            "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: pod-agent }}\ncapability:\n  issuers:\n    - id: platform\n      public_key: |\n{pem}connectors:\n  - name: plain\n    hosts: [10.201.0.2]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n  - name: secure\n    hosts: [api.test]\n    ports: [443]\n    tls: intercept\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n"
+            "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: pod-agent }}\ncapability:\n  issuers:\n    - id: platform\n      public_key: |\n{pem}connectors:\n  - name: plain\n    hosts: [10.201.0.2]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n  - name: plain6\n    hosts: [\"fd00:201::2\"]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n  - name: secure\n    hosts: [api.test]\n    ports: [443]\n    tls: intercept\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n"
         ),
     )
     .unwrap();
@@ -317,7 +317,7 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     std::fs::write(
         d.join("gateway.yaml"),
         format!(
-            "listeners:\n  proxy: 127.0.0.1:15080\n  transparent: 0.0.0.0:15001\n  admin: 127.0.0.1:15021\npolicies: {p}\ndata_dir: {data}\nidentity:\n  default_agent: pod-agent\n  token_file: {tok}\ntls:\n  extra_upstream_roots: [{ca}]\nnetwork:\n  allow_private_destinations: [10.201.0.0/24]\nlog_format: text\n",
+            "listeners:\n  proxy: 127.0.0.1:15080\n  transparent: 0.0.0.0:15001\n  admin: 127.0.0.1:15021\npolicies: {p}\ndata_dir: {data}\nidentity:\n  default_agent: pod-agent\n  token_file: {tok}\ntls:\n  extra_upstream_roots: [{ca}]\nnetwork:\n  allow_private_destinations: [10.201.0.0/24, \"fd00:201::/64\"]\nlog_format: text\n",
             p = policies.display(),
             data = data.display(),
             tok = d.join("token").display(),
@@ -391,9 +391,16 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     let (code, _) = curl(&a, AGENT_UID, &[], "http://10.201.0.53:53/resolver-tcp");
     assert_eq!(code, "200");
 
-    // IPv6 TCP from the agent is redirected (to [::1]:15001) and decided too.
+    // IPv6 TCP from the agent is redirected (to [::1]:15001) and decided too: allowed, denied by
+    // route, and on port 53.
     let (code, body) = curl(&a, AGENT_UID, &[], "http://[fd00:201::2]/v1/items/6");
-    assert_eq!(code, "403", "{body}\n{}", std::fs::read_to_string(d.join("gateway.log")).unwrap_or_default());
+    assert_eq!(code, "200", "{body}\n{}", std::fs::read_to_string(d.join("gateway.log")).unwrap_or_default());
+    assert!(body.contains("\"path\": \"/v1/items/6\""), "{body}");
+    let (code, body) = curl(&a, AGENT_UID, &[], "http://[fd00:201::2]/v1/secret6");
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("route_not_allowed"), "{body}");
+    let (code, body) = curl(&a, AGENT_UID, &[], "http://[fd00:201::2]:53/dns-port/agent6");
+    assert_eq!(code, "403", "{body}");
     assert!(body.contains("host_not_allowed"), "{body}");
     let (code, _) = curl(&a, PROXY_UID, &[], "http://[fd00:201::2]/v1/direct6");
     assert_eq!(code, "200", "control: the upstream serves HTTP over IPv6");
@@ -422,12 +429,14 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
         "dns-v4-elsewhere",
         "dns-v6-elsewhere",
         "/dns-port/agent",
-        "/v1/items/6",
+        "/dns-port/agent6",
+        "/v1/secret6",
         "/v1/other",
     ] {
         assert!(!seen.contains(never), "{never} reached the upstream undecided:\n{seen}");
     }
     assert!(seen.contains("http 53 /dns-port/proxy") && seen.contains("http 80 /v1/direct6"), "{seen}");
+    assert!(seen.contains("http 80 /v1/items/6"), "the allowed IPv6 request was not forwarded:\n{seen}");
 
     // Stop the gateway (SIGTERM: drain and flush), then read its log.
     let gw = &mut lab.ns.children[1];
@@ -443,7 +452,8 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     let d2 = decisions(&entries);
     let paths: Vec<String> =
         d2.iter().filter(|e| e["via"] != "explicit").map(|e| e["path"].as_str().unwrap_or("").to_string()).collect();
-    for p in ["/v1/items/1", "/v1/other", "/v1/items/2", "/v1/private", "/dns-port/agent", "/v1/items/6"] {
+    for p in ["/v1/items/1", "/v1/other", "/v1/items/2", "/v1/private", "/dns-port/agent", "/v1/items/6", "/v1/secret6"]
+    {
         assert!(paths.iter().any(|x| x == p), "{p} not recorded: {paths:?}");
     }
     for p in ["/v1/direct", "/dns-port/proxy", "/v1/direct6", "/resolver-tcp"] {
@@ -451,11 +461,18 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     }
     assert!(d2.iter().all(|e| e["agent"] == "pod-agent"));
     assert!(d2.iter().any(|e| e["via"] == "transparent" && e["path"] == "/v1/items/1"));
-    for p in ["/dns-port/agent", "/v1/items/6"] {
+    for (p, decision, code) in [
+        ("/dns-port/agent", "deny", Some("host_not_allowed")),
+        ("/dns-port/agent6", "deny", Some("host_not_allowed")),
+        ("/v1/secret6", "deny", Some("route_not_allowed")),
+        ("/v1/items/6", "allow", None),
+    ] {
         let e = d2.iter().find(|e| e["path"] == p).unwrap();
         assert_eq!(e["via"], "transparent", "{e}");
-        assert_eq!(e["decision"], "deny", "{e}");
-        assert_eq!(e["reasons"][0]["code"], "host_not_allowed", "{e}");
+        assert_eq!(e["decision"], decision, "{e}");
+        if let Some(code) = code {
+            assert_eq!(e["reasons"][0]["code"], code, "{e}");
+        }
     }
 }
 
