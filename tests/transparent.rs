@@ -154,21 +154,31 @@ threading.Event().wait()
 "#;
 
 /// The agent-side probe: `udp HOST PORT TEXT` sends one datagram and prints `sent` or
-/// `refused ERRNO`; `dns HOST PORT` asks for api.test and prints `answer IP` or `noanswer`.
+/// `refused ERRNO`; `dns HOST PORT` asks for api.test and prints `answer IP` or `noanswer`;
+/// `ping HOST 0` sends an ICMP echo request from a ping socket and prints `reply` or `noreply`.
 const PROBE_PY: &str = r#"
 import socket, struct, sys
 mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+v6 = ":" in host
+if mode == "ping":
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM,
+                      socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+else:
+    s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
 s.settimeout(3)
 try:
-    if mode == "udp":
+    if mode == "ping":
+        s.sendto(struct.pack("!BBHHH", 128 if v6 else 8, 0, 0, 0, 1) + b"exfil", (host, 0))
+        data, _ = s.recvfrom(512)
+        print("reply" if data[0] == (129 if v6 else 0) else "bad reply")
+    elif mode == "udp":
         s.sendto(sys.argv[4].encode(), (host, port)); print("sent")
     else:
         q = struct.pack(">HHHHHH", 0x4242, 0x0100, 1, 0, 0, 0) + b"\x03api\x04test\x00\x00\x01\x00\x01"
         s.sendto(q, (host, port)); data, _ = s.recvfrom(512)
         print("answer " + socket.inet_ntoa(data[-4:]) if data[:2] == b"\x42\x42" else "bad answer")
 except OSError as e:
-    print("refused" if mode == "udp" else "noanswer", e.errno)
+    print({"udp": "refused", "dns": "noanswer", "ping": "noreply"}[mode], e.errno)
 "#;
 
 /// Two namespaces (agent `10.201.0.1`/`fd00:201::1`, upstream `10.201.0.2`/`fd00:201::2` plus
@@ -413,6 +423,14 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
         assert!(elsewhere.starts_with("refused"), "{tag}: {elsewhere}");
         assert_eq!(lab.probe(PROXY_UID, &["udp", host, "443", &format!("quic-{tag}-proxy")]), "sent");
         assert_eq!(lab.probe(PROXY_UID, &["udp", host, "53", &format!("dns-{tag}-proxy")]), "sent");
+    }
+    // Ping sockets carry data too (allowed for every group here, as container runtimes do): the
+    // agent's echo requests are dropped, the proxy UID's answered.
+    sh(&format!("ip netns exec {a} sysctl -q -w net.ipv4.ping_group_range='0 2147483647'"));
+    for host in ["10.201.0.2", "fd00:201::2"] {
+        assert_eq!(lab.probe(PROXY_UID, &["ping", host, "0"]), "reply", "control: ping {host}");
+        let agent = lab.probe(AGENT_UID, &["ping", host, "0"]);
+        assert!(agent.starts_with("noreply"), "ping {host}: {agent}");
     }
     for (resolver, tag) in [("10.201.0.53", "v4"), ("fd00:201::53", "v6")] {
         let answer = lab.probe(AGENT_UID, &["dns", resolver, "53"]);
