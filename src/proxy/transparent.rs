@@ -3,6 +3,9 @@
 //! tell TLS from plain HTTP. TLS is authorised by SNI like a CONNECT and then intercepted or
 //! spliced; plain HTTP goes through the data path with its `Host`. A connection whose original
 //! destination is the gateway itself is refused (no loops).
+//!
+//! Also the rules `init-iptables` installs ([`iptables_rules`], [`install`]): all agent TCP,
+//! IPv4 and IPv6, redirected here; every other agent packet dropped but DNS to the resolvers.
 
 use super::connect::{Tunnel, authorize_tunnel, intercept, passthrough};
 use super::{Entry, Gateway, Via, handle, new_facts};
