@@ -1,5 +1,7 @@
 """Assertions on a rendered chart: what only the iptables init container may do, how policies
-and secrets are mounted, and the restricted security context of the gateway."""
+and secrets are mounted, the restricted security context of the gateway, and the NetworkPolicy
+(on by default; DNS only to the cluster DNS selector; no UDP but DNS; every egress rule names
+its ports; ingress only to the admin port, only from listed peers)."""
 import sys
 import yaml
 
@@ -64,6 +66,78 @@ else:
         problems.append("the iptables init container must run before the gateway sidecar")
 if gateway.get("startupProbe", {}).get("httpGet", {}).get("path") != "/readyz":
     problems.append("gateway startupProbe is not /readyz")
+
+# The NetworkPolicy: on by default, and unless these values turn it off it must be rendered.
+ADMIN_PORT = 15021
+defaults = yaml.safe_load(open("helm/uapk-gateway/values.yaml"))
+if defaults.get("networkPolicy", {}).get("enabled") is not True:
+    problems.append("networkPolicy is not enabled by default")
+ci_values = yaml.safe_load(open(f"helm/ci/{name}.yaml")) or {}
+np_enabled = (ci_values.get("networkPolicy") or {}).get("enabled", defaults["networkPolicy"]["enabled"])
+policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+if np_enabled and len(policies) != 1:
+    problems.append(f"networkPolicy enabled but {len(policies)} NetworkPolicy objects rendered")
+pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+
+def covers_53(port):
+    p, end = port.get("port"), port.get("endPort")
+    if p is None:
+        return True  # no port: every port
+    if isinstance(p, str):
+        return p in ("dns", "dns-tcp", "domain")
+    return p <= 53 <= (end or p)
+
+def is_dns_peer(peer):
+    return bool(peer.get("namespaceSelector")) and bool(peer.get("podSelector")) and "ipBlock" not in peer
+
+for np in policies:
+    spec_np = np["spec"]
+    selector = spec_np.get("podSelector", {}).get("matchLabels", {})
+    if not selector or any(pod_labels.get(k) != v for k, v in selector.items()):
+        problems.append("the NetworkPolicy does not select the gateway's pod")
+    if sorted(spec_np.get("policyTypes", [])) != ["Egress", "Ingress"]:
+        problems.append(f"NetworkPolicy policyTypes {spec_np.get('policyTypes')} (want Ingress and Egress)")
+    egress = spec_np.get("egress")
+    if egress is None:
+        problems.append("NetworkPolicy without egress rules")
+        egress = []
+    dns_rules = 0
+    for rule in egress:
+        ports = rule.get("ports")
+        peers = rule.get("to") or []
+        if not ports:
+            problems.append(f"egress rule without ports (every protocol and port): {rule}")
+            continue
+        for port in ports:
+            proto = port.get("protocol", "TCP")
+            if proto not in ("TCP", "UDP"):
+                problems.append(f"egress {proto} allowed: {rule}")
+            if proto == "UDP" and not covers_53(port):
+                problems.append(f"UDP egress other than DNS: {port}")
+            if (proto == "UDP" or covers_53(port)) and (port.get("port") != 53 or port.get("endPort")):
+                problems.append(f"egress port range or name covering DNS: {port}")
+            if covers_53(port) and (not peers or not all(is_dns_peer(p) for p in peers)):
+                problems.append(f"port 53 allowed without the cluster DNS selector: {rule}")
+        if any(covers_53(p) for p in ports):
+            dns_rules += 1
+    if dns_rules != 1:
+        problems.append(f"{dns_rules} DNS egress rules (want exactly one, to the cluster DNS)")
+    ingress = spec_np.get("ingress")
+    if ingress is None:
+        problems.append("NetworkPolicy ingress is missing (with policyTypes Ingress, say [] for none)")
+        ingress = []
+    for rule in ingress:
+        if not rule.get("from"):
+            problems.append(f"ingress rule open to every peer: {rule}")
+        ports = rule.get("ports") or []
+        if not ports or any(p.get("port") not in (ADMIN_PORT, "admin") or p.get("endPort") for p in ports):
+            problems.append(f"ingress beyond the admin port: {rule}")
+    admin = (ci_values.get("networkPolicy") or {}).get("admin") or {}
+    wanted = len(admin.get("cidrs") or []) + len(admin.get("from") or []) + (1 if admin.get("operatorNamespaceSelector") else 0)
+    got = sum(len(r.get("from") or []) for r in ingress)
+    if got != wanted:
+        problems.append(f"admin ingress has {got} peers, the values list {wanted}")
+
 for p in problems:
     print(f"  {name}: {p}", file=sys.stderr)
 sys.exit(1 if problems else 0)

@@ -2,7 +2,9 @@
 # Chart and image checks, offline but for package registries: hadolint on the Dockerfile, helm
 # lint + template for every values file in helm/ci, strict schema validation of the rendered
 # manifests against Kubernetes 1.29, 1.33 and the newest known, the native-sidecar layout refused
-# by 1.27, assertions on the rendered YAML, and a values file that must fail.
+# by 1.27, assertions on the rendered YAML (chart-assert.py: security contexts, mounts, and the
+# NetworkPolicy: on by default, DNS only to the cluster DNS, no other UDP, admin ingress
+# restricted), and values files (bad-*) that must fail with the message they name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools=${UAPK_TOOLS:-$PWD/target/tools}
@@ -38,9 +40,12 @@ out=$(mktemp -d); trap 'rm -rf "$out"' EXIT
 for values in helm/ci/*.yaml; do
   name=$(basename "$values" .yaml)
   if [[ $name == bad-* ]]; then
+    # A bad values file names the refusal it expects in a `# expect: REGEX` line.
+    expect=$(sed -n 's/^# expect: //p' "$values" | head -n 1)
+    expect=${expect:-needs the iptables init container}
     if msg=$("$helm" template t helm/uapk-gateway -f "$values" 2>&1); then
       bad "$name: helm template should have refused these values"
-    elif grep -q "needs the iptables init container" <<<"$msg"; then
+    elif grep -qE "$expect" <<<"$msg"; then
       ok "$name: refused with a clear message"
     else
       bad "$name: refused without the expected message: $msg"

@@ -77,16 +77,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CaCmd,
     },
-    /// Install (or print, with --dry-run) the pod's nat rules that redirect agent TCP egress to
-    /// the transparent listener: the init container's job.
+    /// Install (or print, with --dry-run) the pod's iptables and ip6tables rules: every agent TCP
+    /// connection is redirected to the transparent listener, every other agent datagram is
+    /// dropped but DNS to the resolvers. The init container's job; safe to run again.
     #[command(name = "init-iptables")]
     InitIptables {
-        /// UID the gateway runs as: its own traffic is not redirected.
+        /// UID the gateway runs as: its own traffic is neither redirected nor dropped.
         #[arg(long, default_value_t = 1337)]
         proxy_uid: u32,
         /// The transparent listener's port.
         #[arg(long, default_value_t = 15001)]
         port: u16,
+        /// A resolver DNS (UDP and TCP 53) may go to; repeatable. Default: the `nameserver` lines
+        /// of /etc/resolv.conf.
+        #[arg(long = "dns", value_name = "IP")]
+        dns: Vec<std::net::IpAddr>,
         /// Print the commands instead of running them.
         #[arg(long)]
         dry_run: bool,
@@ -280,7 +285,7 @@ fn main() -> ExitCode {
                 .map_err(|e| Fail(2, e))
         }
         Cmd::RotateKey { config, new_key } => rotate_key(config.as_deref(), &new_key),
-        Cmd::InitIptables { proxy_uid, port, dry_run } => init_iptables(proxy_uid, port, dry_run),
+        Cmd::InitIptables { proxy_uid, port, dns, dry_run } => init_iptables(proxy_uid, port, &dns, dry_run),
         Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id } } => {
             admin_key(&role, &id);
             Ok(())
@@ -570,21 +575,13 @@ fn rotate_key(path: Option<&Path>, new_key: &Path) -> Result<(), Fail> {
     Ok(())
 }
 
-fn init_iptables(uid: u32, port: u16, dry_run: bool) -> Result<(), Fail> {
-    for argv in uapk_gateway::proxy::transparent::iptables_rules(uid, port) {
-        println!("{}", argv.join(" "));
-        if dry_run {
-            continue;
-        }
-        let status = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .status()
-            .map_err(|e| Fail(2, format!("running {}: {e}", argv[0])))?;
-        if !status.success() {
-            return Err(Fail(2, format!("`{}` failed ({status})", argv.join(" "))));
-        }
-    }
-    Ok(())
+fn init_iptables(uid: u32, port: u16, dns: &[std::net::IpAddr], dry_run: bool) -> Result<(), Fail> {
+    use uapk_gateway::proxy::transparent;
+    let resolvers = transparent::resolvers(dns);
+    let rules = transparent::iptables_rules(uid, port, &resolvers);
+    let conf = Path::new("/proc/sys/net/ipv6/conf");
+    transparent::install(&rules, &resolvers, dry_run, &mut transparent::SystemRunner, conf, &mut std::io::stdout())
+        .map_err(|e| Fail(2, e))
 }
 
 fn admin_key(role: &str, id: &str) {

@@ -184,6 +184,23 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     if let Some(a) = transparent_addr {
         vetter.add_own_listener(a);
     }
+    // ip6tables REDIRECT sends IPv6 connections to [::1]:P: the IPv4 wildcard or loopback gets
+    // its IPv6 twin on the same port.
+    let transparent_v6 = match transparent_addr.and_then(ipv6_twin) {
+        Some(a) => match bind_ipv6_only(a) {
+            Ok(l) => {
+                vetter.add_own_listener(a);
+                Some(l)
+            }
+            Err(e) => {
+                // Without IPv6 here (disabled, or absent from the kernel) a redirected IPv6
+                // connection has nowhere to go and is refused: nothing leaves undecided.
+                tracing::warn!(addr = %a, error = %e, "transparent listener: no IPv6 socket; IPv6 connections are refused");
+                None
+            }
+        },
+        None => None,
+    };
     let leaves = interception_ca(&cfg)?;
     let token_file = cfg.identity.token_file.clone().map(TokenFile::new);
     let gw = Arc::new(Gateway {
@@ -235,9 +252,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         };
         tasks.push(tokio::spawn(serve(admin_listener, server_builder(&gw.config), svc, 256, rx.clone())));
     }
-    if let Some(listener) = transparent_listener {
+    let transparent_v6_addr = transparent_v6.as_ref().and_then(|l| l.local_addr().ok());
+    for listener in transparent_listener.into_iter().chain(transparent_v6) {
         let own: Vec<SocketAddr> =
-            [Some(proxy_addr), Some(admin_addr), transparent_addr].into_iter().flatten().collect();
+            [Some(proxy_addr), Some(admin_addr), transparent_addr, transparent_v6_addr].into_iter().flatten().collect();
         tasks.push(tokio::spawn(serve_transparent(listener, gw.clone(), own, rx.clone())));
     }
     {
@@ -320,7 +338,32 @@ fn interception_ca(cfg: &GatewayConfig) -> Result<Option<proxy::tls::LeafCache>>
     proxy::tls::LeafCache::load(cert, key, cfg.tls.leaf_ttl).map(Some).map_err(|e| anyhow!(e))
 }
 
-/// Accept loop of the transparent listener.
+/// The IPv6 address that mirrors an IPv4 transparent listener: `[::]` for `0.0.0.0`, `[::1]`
+/// for loopback, on the same port; none for a specific IPv4 address.
+fn ipv6_twin(a: SocketAddr) -> Option<SocketAddr> {
+    match a.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+            Some(SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), a.port()))
+        }
+        std::net::IpAddr::V4(v4) if v4.is_loopback() => {
+            Some(SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), a.port()))
+        }
+        _ => None,
+    }
+}
+
+/// Binds an IPv6-only listener (the IPv4 side already has its own socket on the same port).
+fn bind_ipv6_only(a: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_only_v6(true)?;
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&a.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
+}
+
+/// Accept loop of the transparent listener (one per address family).
 async fn serve_transparent(
     listener: TcpListener,
     gw: Arc<Gateway>,
