@@ -83,7 +83,9 @@ pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<Sock
         let _ = b.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
         return;
     }
-    let host = sni.unwrap_or_else(|| orig.ip().to_string());
+    // The SNI is compared and recorded as every other host is (lower-case, no trailing dot); a
+    // name that does not normalise falls back to the dialled address, which no name matches.
+    let host = sni.as_deref().and_then(super::normalize_host).unwrap_or_else(|| orig.ip().to_string());
     let mut facts = new_facts(&http::Method::CONNECT, &http::Uri::from_static("/"), Entry::Transparent);
     facts.path = String::new();
     facts.host = host.clone();
