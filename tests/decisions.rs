@@ -540,3 +540,61 @@ policy:
     assert_eq!(get(&c, gw.base("/shop/v1/d")).await, (403, "budget_exceeded".to_string()));
     assert_eq!(up.count(), 2);
 }
+
+async fn refund_of(gw: &TestGateway, tok: &str, amount: u64) -> reqwest::Response {
+    client()
+        .post(gw.base("/shop/v1/refunds"))
+        .header("x-uapk-capability", tok)
+        .header("x-country", "US")
+        .json(&json!({"amount": amount, "currency": "USD", "customer": "cus_1"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_escalations_are_forwarded_but_counted_by_no_budget() {
+    let up = Upstream::start().await;
+    let policy = format!("{POLICY}  budgets:\n    - window: day\n      max_actions: 5\n");
+    let files = [("pay.yaml", manifest("pay-agent", up.addr, &policy, "mode: dry_run\n"))];
+    let gw = TestGateway::start(&files, "").await;
+    let tok = token("pay-agent");
+    // 60.00 USD is above the approval threshold: ESCALATE, forwarded anyway in dry run.
+    let r = refund_of(&gw, &tok, 6000).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-uapk-would-deny"], "amount_requires_approval");
+    assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+    assert_eq!(up.count(), 2);
+    let d = decisions(&gw.entries());
+    assert_eq!(d.iter().filter(|e| e["decision"] == "escalate").count(), 1);
+    assert_eq!(used_today(&gw, "pay-agent"), 1, "only the ALLOW counts");
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, &files, "").await;
+    assert_eq!(budget_replayed(&gw), "1");
+    assert_eq!(used_today(&gw, "pay-agent"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_added_by_a_reload_sees_what_a_restart_would() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
+    let tok = token("pay-agent");
+    for _ in 0..2 {
+        assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+    }
+    // The agent had no budget; a reload gives it one of 3 a day. Two are already spent, as a
+    // rebuild from the log would also find.
+    let policy = format!("{POLICY}  budgets:\n    - window: day\n      max_actions: 3\n");
+    std::fs::write(gw.dir.path().join("policies/pay.yaml"), manifest("pay-agent", up.addr, &policy, "")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.entries().iter().filter(|e| e["kind"] == "config").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the reload was not applied");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(used_today(&gw, "pay-agent"), 2);
+    assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+    let r = refund_of(&gw, &tok, 1000).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "budget_exceeded");
+    assert_eq!(up.count(), 3);
+}
