@@ -21,13 +21,19 @@ use std::time::{Duration, Instant};
 const WINDOWS: [Window; 2] = [Window::Day, Window::Hour];
 const SCOPES: [Scope; 3] = [Scope::Agent, Scope::Connector, Scope::Action];
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CounterKey {
-    agent: String,
-    window: Window,
-    start: i64,
-    scope: Scope,
-    value: String,
+/// (window, start of the window in Unix seconds, scope): one agent's counters of one window,
+/// by scope value.
+type WindowKey = (Window, i64, Scope);
+
+fn window_start(at: i64, w: Window) -> i64 {
+    at.div_euclid(w.seconds()) * w.seconds()
+}
+
+/// One agent's counters. Two levels, so counting an action that has been seen before in its
+/// window looks keys up by reference and allocates nothing.
+#[derive(Debug, Default)]
+struct AgentCounters {
+    windows: HashMap<WindowKey, HashMap<String, Counter>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -49,17 +55,6 @@ pub struct Spend {
 }
 
 impl Spend {
-    fn keys(&self) -> impl Iterator<Item = CounterKey> + '_ {
-        WINDOWS.iter().flat_map(move |&w| {
-            SCOPES.iter().map(move |&s| CounterKey {
-                agent: self.agent.clone(),
-                window: w,
-                start: self.at.div_euclid(w.seconds()) * w.seconds(),
-                scope: s,
-                value: self.scope_value(s).to_string(),
-            })
-        })
-    }
     fn scope_value(&self, s: Scope) -> &str {
         match s {
             Scope::Agent => &self.agent,
@@ -106,7 +101,7 @@ pub fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Spe
 /// Budget counters for every agent.
 #[derive(Debug, Default)]
 pub struct Budgets {
-    counters: Mutex<HashMap<CounterKey, Counter>>,
+    counters: Mutex<HashMap<String, AgentCounters>>,
 }
 
 /// A budget slot taken by a request that has not been forwarded yet. Hand it back with
@@ -132,17 +127,56 @@ impl Budgets {
         Self::default()
     }
 
-    fn apply(map: &mut HashMap<CounterKey, Counter>, spend: &Spend, sign: i8) {
-        for key in spend.keys() {
-            let c = map.entry(key).or_default();
-            if sign > 0 {
-                c.count += 1;
-            } else {
-                c.count = c.count.saturating_sub(1);
+    /// Counts `spend` in every window/scope combination (`sign` > 0), or takes it back.
+    /// Sums saturate: an amount no budget caps must not be able to overflow a counter.
+    fn apply(map: &mut HashMap<String, AgentCounters>, spend: &Spend, sign: i8) {
+        if sign < 0 {
+            // Only what was counted is taken back; a window forgotten since stays forgotten.
+            let Some(agent) = map.get_mut(spend.agent.as_str()) else { return };
+            for w in WINDOWS {
+                for scope in SCOPES {
+                    let c = agent
+                        .windows
+                        .get_mut(&(w, window_start(spend.at, w), scope))
+                        .and_then(|values| values.get_mut(spend.scope_value(scope)));
+                    if let Some(c) = c {
+                        c.count = c.count.saturating_sub(1);
+                        if let Some((amt, cur)) = &spend.amount
+                            && let Some(s) = c.spend.get_mut(cur)
+                        {
+                            *s = s.saturating_sub(*amt);
+                        }
+                    }
+                }
             }
-            if let Some((amt, cur)) = &spend.amount {
-                let s = c.spend.entry(cur.clone()).or_default();
-                *s = if sign > 0 { *s + amt } else { *s - amt };
+            return;
+        }
+        if !map.contains_key(spend.agent.as_str()) {
+            map.insert(spend.agent.clone(), AgentCounters::default());
+        }
+        let Some(agent) = map.get_mut(spend.agent.as_str()) else { return };
+        for w in WINDOWS {
+            let start = window_start(spend.at, w);
+            if !agent.windows.contains_key(&(w, start, Scope::Agent)) {
+                // A new window of this kind began: the ones it replaced are over.
+                agent.windows.retain(|&(kw, kstart, _), _| kw != w || kstart + kw.seconds() > spend.at);
+            }
+            for scope in SCOPES {
+                let values = agent.windows.entry((w, start, scope)).or_default();
+                let value = spend.scope_value(scope);
+                if !values.contains_key(value) {
+                    values.insert(value.to_string(), Counter::default());
+                }
+                let Some(c) = values.get_mut(value) else { continue };
+                c.count = c.count.saturating_add(1);
+                if let Some((amt, cur)) = &spend.amount {
+                    match c.spend.get_mut(cur) {
+                        Some(s) => *s = s.saturating_add(*amt),
+                        None => {
+                            c.spend.insert(cur.clone(), *amt);
+                        }
+                    }
+                }
             }
         }
     }
@@ -154,59 +188,60 @@ impl Budgets {
     }
 
     /// Atomically checks every budget of `manifest` against `spend` and, if none is spent,
-    /// counts it.
+    /// counts it (in every window and scope, also without budgets: see the module comment).
     pub fn reserve(&self, manifest: &Manifest, spend: Spend) -> BudgetCheck {
         let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 50_000 {
-            let now = spend.at;
-            map.retain(|k, _| k.start + k.window.seconds() > now);
-        }
         let mut threshold = None;
+        let agent = map.get(spend.agent.as_str());
         for b in &manifest.policy.budgets {
-            let key = CounterKey {
-                agent: spend.agent.clone(),
-                window: b.window,
-                start: spend.at.div_euclid(b.window.seconds()) * b.window.seconds(),
-                scope: b.scope,
-                value: spend.scope_value(b.scope).to_string(),
-            };
-            let used = map.get(&key).cloned().unwrap_or_default();
-            let label = format!("{} budget for {} {}", b.window.as_str(), b.scope.as_str(), key.value);
+            let value = spend.scope_value(b.scope);
+            let used = agent
+                .and_then(|a| a.windows.get(&(b.window, window_start(spend.at, b.window), b.scope)))
+                .and_then(|values| values.get(value));
+            let count = used.map_or(0, |c| c.count);
+            let label = || format!("{} budget for {} {}", b.window.as_str(), b.scope.as_str(), value);
             if let Some(max) = b.max_actions {
-                if used.count >= max {
+                if count >= max {
                     return BudgetCheck::Exceeded(Reason::new(
                         "budget_exceeded",
-                        format!("{label} is spent: {}/{max} actions", used.count),
+                        format!("{} is spent: {count}/{max} actions", label()),
                     ));
                 }
                 if let Some(pct) = b.escalate_at_percent
                     && threshold.is_none()
-                    && used.count * 100 >= max * u64::from(pct)
+                    && u128::from(count) * 100 >= u128::from(max) * u128::from(pct)
                 {
                     threshold = Some(Reason::new(
                         "budget_threshold_reached",
-                        format!("{label} reached {pct}%: {}/{max} actions", used.count),
+                        format!("{} reached {pct}%: {count}/{max} actions", label()),
                     ));
                 }
             }
             if let Some((amt, cur)) = &spend.amount
                 && let Some(max) = b.max_spend.get(cur)
             {
-                let spent = used.spend.get(cur).copied().unwrap_or_default();
-                if spent + amt > *max {
+                let spent = used.and_then(|c| c.spend.get(cur)).copied().unwrap_or_default();
+                // Fail closed: a sum too large for a decimal exceeds any cap.
+                let Some(total) = spent.checked_add(*amt).filter(|t| t <= max) else {
                     return BudgetCheck::Exceeded(Reason::new(
                         "budget_exceeded",
-                        format!("{label} would be exceeded: {spent} + {amt} > {max} {cur}"),
+                        format!("{} would be exceeded: {spent} + {amt} > {max} {cur}", label()),
                     ));
-                }
+                };
                 if let Some(pct) = b.escalate_at_percent
                     && threshold.is_none()
-                    && (spent + amt) * Decimal::from(100) >= *max * Decimal::from(pct)
                 {
-                    threshold = Some(Reason::new(
-                        "budget_threshold_reached",
-                        format!("{label} reached {pct}%: {} of {max} {cur}", spent + amt),
-                    ));
+                    let pct_dec = Decimal::from(pct);
+                    let at = max
+                        .checked_mul(pct_dec)
+                        .map(|m| m / Decimal::from(100))
+                        .unwrap_or_else(|| *max / Decimal::from(100) * pct_dec);
+                    if total >= at {
+                        threshold = Some(Reason::new(
+                            "budget_threshold_reached",
+                            format!("{} reached {pct}%: {total} of {max} {cur}", label()),
+                        ));
+                    }
                 }
             }
         }
@@ -224,14 +259,11 @@ impl Budgets {
 
     /// Actions counted so far in the window containing `at` for one scope value.
     pub fn used(&self, agent: &str, window: Window, scope: Scope, value: &str, at: i64) -> u64 {
-        let key = CounterKey {
-            agent: agent.into(),
-            window,
-            start: at.div_euclid(window.seconds()) * window.seconds(),
-            scope,
-            value: value.into(),
-        };
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).get(&key).map_or(0, |c| c.count)
+        let map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(agent)
+            .and_then(|a| a.windows.get(&(window, window_start(at, window), scope)))
+            .and_then(|values| values.get(value))
+            .map_or(0, |c| c.count)
     }
 }
 

@@ -232,3 +232,44 @@ fn one_counting_rule_for_runtime_and_rebuild() {
         assert!(recorded_spend(&e, 0).is_none(), "{k}={v}");
     }
 }
+
+#[test]
+fn huge_amounts_and_limits_never_overflow_a_budget() {
+    const MAX: &str = "79228162514264337593543950335"; // Decimal::MAX
+    let m = manifest(&format!(
+        "  budgets:\n    - window: day\n      max_actions: 18446744073709551615\n      escalate_at_percent: 99\n      max_spend: {{ USD: \"{MAX}\" }}\n"
+    ));
+    let b = Budgets::new();
+    let BudgetCheck::Reserved { reservation, threshold } = b.reserve(&m, spend(Some(MAX), T)) else { panic!() };
+    assert_eq!(threshold.expect("at 100% of the cap").code, "budget_threshold_reached");
+    reservation.commit();
+    // MAX + 1 is no decimal: exceeded (fail closed), not a panic.
+    let BudgetCheck::Exceeded(r) = b.reserve(&m, spend(Some("1"), T)) else { panic!() };
+    assert_eq!(r.code, "budget_exceeded");
+    // Without any budget, counting saturates.
+    let none = manifest("  amount_caps: {}\n");
+    for _ in 0..3 {
+        let BudgetCheck::Reserved { reservation, threshold: None } = b.reserve(&none, spend(Some(MAX), T)) else {
+            panic!()
+        };
+        reservation.commit();
+    }
+    assert_eq!(b.used("unit-agent", Window::Day, Scope::Agent, "unit-agent", T), 4);
+}
+
+#[test]
+fn windows_that_are_over_are_forgotten_and_releases_never_resurrect_them() {
+    let m = manifest("  budgets:\n    - window: hour\n      max_actions: 1\n");
+    let b = Budgets::new();
+    let BudgetCheck::Reserved { reservation: old, .. } = b.reserve(&m, spend(None, T)) else { panic!() };
+    // The next hour: a fresh window, and the previous one is dropped.
+    let BudgetCheck::Reserved { reservation, .. } = b.reserve(&m, spend(None, T + 3600)) else { panic!() };
+    reservation.commit();
+    assert_eq!(b.used("unit-agent", Window::Hour, Scope::Agent, "unit-agent", T), 0);
+    b.release(old);
+    assert_eq!(b.used("unit-agent", Window::Hour, Scope::Agent, "unit-agent", T), 0);
+    assert_eq!(b.used("unit-agent", Window::Hour, Scope::Agent, "unit-agent", T + 3600), 1);
+    // The day window holds both hours.
+    assert_eq!(b.used("unit-agent", Window::Day, Scope::Agent, "unit-agent", T), 1);
+    assert!(matches!(b.reserve(&m, spend(None, T + 3601)), BudgetCheck::Exceeded(_)));
+}
