@@ -696,12 +696,14 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
     // that applies is checked before any is taken, and the quota goes back (when `rate_taken`
     // drops uncommitted) if the request is refused after all (SSRF guard, audit failure)
     let dry_run = manifest.mode == PolicyMode::DryRun;
-    let mut rate_taken = None;
-    let limited = match decision.verdict {
-        Verdict::Allow => gw.rate_limits.check(&manifest, &connector.name, &route.action).map(|t| rate_taken = Some(t)),
-        _ => Ok(()),
-    };
-    if let Err(limited) = limited {
+    let (mut rate_taken, mut limited) = (None, None);
+    if decision.verdict == Verdict::Allow {
+        match gw.rate_limits.check(&manifest, &connector.name, &route.action) {
+            Ok(taken) => rate_taken = Some(taken),
+            Err(refusal) => limited = Some(refusal),
+        }
+    }
+    if let Some(limited) = limited {
         release(gw, reservation.take());
         let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
         if !dry_run {
