@@ -500,7 +500,8 @@ fn mint(a: MintArgs) -> Result<(), Fail> {
         iss: a.iss,
         sub: a.sub,
         aud: identity::Audience::from(vec![a.aud]),
-        exp: now + ttl.as_secs() as i64,
+        // Out of range saturates, and `identity::mint` then refuses it: never a wrapped exp.
+        exp: i64::try_from(ttl.as_secs()).ok().and_then(|t| now.checked_add(t)).unwrap_or(i64::MAX),
         iat: now,
         nbf: None,
         jti: Some(jti),

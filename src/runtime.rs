@@ -6,7 +6,7 @@ use crate::admin::{self, AdminState};
 use crate::approvals::{ApprovalStore, Approvals};
 use crate::audit::{self, AuditConfig, AuditLog};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
-use crate::limits::{Budgets, RateLimiters, Spend};
+use crate::limits::{Budgets, RateLimiters};
 use crate::proxy::{self, Gateway, Policies, TokenFile, ssrf::Vetter, upstream};
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
@@ -70,7 +70,8 @@ fn config_entry(set: &config::PolicySet, event: &str) -> Map<String, Value> {
     m
 }
 
-/// Rebuilds budget counters from the committed ALLOW decisions of the current UTC day.
+/// Rebuilds budget counters from the committed decisions of the current UTC day that count
+/// (`limits::counts_toward_budgets`).
 fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64> {
     let now = proxy::now_unix();
     let day = now - now.rem_euclid(86_400);
@@ -87,24 +88,11 @@ fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64> {
         let Some(last) = batch.last().map(|(i, _)| *i) else { break };
         for (_, bytes) in &batch {
             let Ok(v) = serde_json::from_slice::<Value>(bytes) else { continue };
-            if v["kind"] != "decision" || v["decision"] != "allow" {
-                continue;
+            // The same rule as at runtime: what counts is decided in one place.
+            if let Some(spend) = crate::limits::recorded_spend(&v, now) {
+                budgets.record(&spend);
+                counted += 1;
             }
-            let at = v["ts"]
-                .as_str()
-                .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
-                .map_or(now, |t| t.unix_timestamp());
-            let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
-            let amount = v["params"]["amount"].as_str().and_then(|a| a.parse().ok());
-            let currency = v["params"]["currency"].as_str().unwrap_or_default().to_string();
-            budgets.record(&Spend {
-                agent: s("agent"),
-                connector: s("connector"),
-                action: s("action"),
-                amount: amount.map(|a| (a, currency)),
-                at,
-            });
-            counted += 1;
         }
         from = last + 1;
     }

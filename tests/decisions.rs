@@ -364,3 +364,238 @@ async fn amounts_never_slip_through() {
     assert_eq!(send(5001, "USD").await.1, "amount_requires_approval");
     assert_eq!(up.count(), 2);
 }
+
+/// The used count of an agent-scoped daily budget, as the running gateway holds it.
+fn used_today(gw: &TestGateway, agent: &str) -> u64 {
+    use uapk_gateway::config::{Scope, Window};
+    gw.gateway().budgets.used(agent, Window::Day, Scope::Agent, agent, now())
+}
+
+fn budget_replayed(gw: &TestGateway) -> Value {
+    gw.entries().iter().rev().find(|e| e["kind"] == "startup").expect("startup entry")["budget_actions_replayed"]
+        .clone()
+}
+
+/// A client whose HTTPS goes through the gateway's CONNECT (a fresh client: a fresh tunnel).
+fn tunnel_client(gw: &TestGateway, tok: &str, root_pem: &[u8]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .proxy(reqwest::Proxy::https(format!("http://agent:{tok}@{}", gw.proxy)).unwrap())
+        .add_root_certificate(reqwest::Certificate::from_pem(root_pem).unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn get(c: &reqwest::Client, url: String) -> (u16, String) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap_or(Value::Null);
+    (status, v["reasons"][0]["code"].as_str().unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_count_the_same_decisions_before_and_after_a_restart() {
+    let up = TlsUpstream::start().await;
+    let port = up.addr.port();
+    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let m = format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: tls-agent }}
+capability:
+  issuers:
+    - id: platform
+      public_key: |
+{pem}connectors:
+  - name: secure
+    hosts: [localhost]
+    ports: [{port}]
+    tls: intercept
+    routes:
+      - methods: [GET]
+        path: /v1/items/**
+        action: item.read
+  - name: pinned
+    hosts: [127.0.0.1]
+    ports: [{port}]
+    tls: passthrough
+policy:
+  budgets:
+    - window: day
+      scope: agent
+      max_actions: 3
+"#
+    );
+    let files = [("tls.yaml", m)];
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("upstream-ca.pem"), &up.ca_pem).unwrap();
+    let cfg = format!(
+        "listeners:\n  proxy: 127.0.0.1:0\n  admin: 127.0.0.1:0\npolicies: {p}\ndata_dir: {d}\naudit:\n  origin: test.example/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\ntls:\n  extra_upstream_roots: [{ca}]\n",
+        p = dir.path().join("policies").display(),
+        d = dir.path().join("data").display(),
+        ca = dir.path().join("upstream-ca.pem").display(),
+    );
+    std::fs::write(dir.path().join("gateway.yaml"), cfg).unwrap();
+    let gw = TestGateway::start_in(dir, &files, "").await;
+    let idle = std::sync::Arc::strong_count(gw.gateway());
+    let tok = token("tls-agent");
+    let gateway_ca = std::fs::read(gw.data().join("ca.pem")).unwrap();
+    let item = |n: u32| format!("https://localhost:{port}/v1/items/{n}");
+
+    // Two actions inside one intercepted tunnel: one CONNECT, two decisions that count.
+    let c = tunnel_client(&gw, &tok, &gateway_ca);
+    assert_eq!(get(&c, item(1)).await.0, 200);
+    assert_eq!(get(&c, item(2)).await.0, 200);
+    // A passthrough tunnel: authorised and forwarded, but not an action.
+    let pinned = tunnel_client(&gw, &tok, up.ca_pem.as_bytes());
+    assert_eq!(get(&pinned, format!("https://127.0.0.1:{port}/v1/items/3")).await.0, 200);
+    // A third action in a second tunnel: the budget is now spent.
+    assert_eq!(get(&tunnel_client(&gw, &tok, &gateway_ca), item(4)).await.0, 200);
+    assert_eq!(used_today(&gw, "tls-agent"), 3);
+    let fourth = get(&tunnel_client(&gw, &tok, &gateway_ca), item(5)).await;
+    assert_eq!(fourth, (403, "budget_exceeded".to_string()));
+    assert_eq!(up.count(), 4, "three actions and one passthrough request reached the upstream");
+    let d = decisions(&gw.entries());
+    let tunnels = d.iter().filter(|e| e["method"] == "CONNECT" && e["decision"] == "allow").count();
+    assert!(tunnels >= 4, "every tunnel authorisation is recorded as an allow ({tunnels})");
+    assert_eq!(d.iter().filter(|e| e["decision"] == "allow" && e["route"].is_string()).count(), 3);
+
+    // Restart on the same data directory: the count rebuilt from the log is the runtime's.
+    // (Open tunnels hold the gateway, and so its database: close them first.)
+    drop((c, pinned));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::sync::Arc::strong_count(gw.gateway()) > idle && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, &files, "").await;
+    assert_eq!(budget_replayed(&gw), "3");
+    assert_eq!(used_today(&gw, "tls-agent"), 3);
+    let fourth = get(&tunnel_client(&gw, &tok, &gateway_ca), item(6)).await;
+    assert_eq!(fourth, (403, "budget_exceeded".to_string()));
+    assert_eq!(up.count(), 4);
+    // Tunnels are still authorised (they never counted), and still count nothing.
+    assert_eq!(
+        get(&tunnel_client(&gw, &tok, up.ca_pem.as_bytes()), format!("https://127.0.0.1:{port}/v1/items/7")).await.0,
+        200
+    );
+    assert_eq!(used_today(&gw, "tls-agent"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_ssrf_guard_refuses_spends_no_budget_and_no_rate_quota() {
+    let up = Upstream::start().await;
+    let m = format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: meter-agent }}
+capability: {{ required: false }}
+connectors:
+  - name: shop
+    base_url: http://{addr}
+    routes:
+      - methods: [GET]
+        path: /v1/**
+        action: item.read
+  - name: meta
+    base_url: http://169.254.169.254
+    routes:
+      - methods: [GET]
+        path: /**
+        action: item.read
+policy:
+  budgets:
+    - window: day
+      scope: agent
+      max_actions: 2
+  rate_limits:
+    - scope: agent
+      rate: 1/h
+      burst: 1
+"#,
+        addr = up.addr
+    );
+    let files = [("meter.yaml", m)];
+    let gw = TestGateway::start(&files, "identity:\n  default_agent: meter-agent\n").await;
+    let c = client();
+    // Allowed by the policy, then refused by the SSRF guard: before, each took the agent's one
+    // unit of rate quota.
+    for i in 0..3 {
+        let r = c.get(gw.base(&format!("/meta/latest/{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["reasons"][0]["code"], "ssrf_blocked", "{v}");
+    }
+    assert_eq!(used_today(&gw, "meter-agent"), 0);
+    assert_eq!(get(&c, gw.base("/shop/v1/a")).await, (200, String::new()));
+    // Rate-limited: 429, and the budget slot it reserved is handed back.
+    let r = c.get(gw.base("/shop/v1/b")).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(used_today(&gw, "meter-agent"), 1);
+    assert_eq!(up.count(), 1);
+    // The same count after a restart; the last slot is then taken once, and once only.
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, &files, "").await;
+    assert_eq!(budget_replayed(&gw), "1");
+    assert_eq!(used_today(&gw, "meter-agent"), 1);
+    assert_eq!(get(&c, gw.base("/shop/v1/c")).await, (200, String::new()));
+    assert_eq!(get(&c, gw.base("/shop/v1/d")).await, (403, "budget_exceeded".to_string()));
+    assert_eq!(up.count(), 2);
+}
+
+async fn refund_of(gw: &TestGateway, tok: &str, amount: u64) -> reqwest::Response {
+    client()
+        .post(gw.base("/shop/v1/refunds"))
+        .header("x-uapk-capability", tok)
+        .header("x-country", "US")
+        .json(&json!({"amount": amount, "currency": "USD", "customer": "cus_1"}))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_escalations_are_forwarded_but_counted_by_no_budget() {
+    let up = Upstream::start().await;
+    let policy = format!("{POLICY}  budgets:\n    - window: day\n      max_actions: 5\n");
+    let files = [("pay.yaml", manifest("pay-agent", up.addr, &policy, "mode: dry_run\n"))];
+    let gw = TestGateway::start(&files, "").await;
+    let tok = token("pay-agent");
+    // 60.00 USD is above the approval threshold: ESCALATE, forwarded anyway in dry run.
+    let r = refund_of(&gw, &tok, 6000).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-uapk-would-deny"], "amount_requires_approval");
+    assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+    assert_eq!(up.count(), 2);
+    let d = decisions(&gw.entries());
+    assert_eq!(d.iter().filter(|e| e["decision"] == "escalate").count(), 1);
+    assert_eq!(used_today(&gw, "pay-agent"), 1, "only the ALLOW counts");
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, &files, "").await;
+    assert_eq!(budget_replayed(&gw), "1");
+    assert_eq!(used_today(&gw, "pay-agent"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_added_by_a_reload_sees_what_a_restart_would() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
+    let tok = token("pay-agent");
+    for _ in 0..2 {
+        assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+    }
+    // The agent had no budget; a reload gives it one of 3 a day. Two are already spent, as a
+    // rebuild from the log would also find.
+    let policy = format!("{POLICY}  budgets:\n    - window: day\n      max_actions: 3\n");
+    std::fs::write(gw.dir.path().join("policies/pay.yaml"), manifest("pay-agent", up.addr, &policy, "")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.entries().iter().filter(|e| e["kind"] == "config").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "the reload was not applied");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(used_today(&gw, "pay-agent"), 2);
+    assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+    let r = refund_of(&gw, &tok, 1000).await;
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "budget_exceeded");
+    assert_eq!(up.count(), 3);
+}

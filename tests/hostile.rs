@@ -635,3 +635,132 @@ async fn credentials_never_travel_in_cleartext_and_agent_credentials_are_strippe
     assert_eq!(seen.headers.get("authorization").unwrap(), "Bearer agents-own");
     assert!(seen.headers.get("x-forwarded-for").is_none());
 }
+
+/// A compact JWS over exactly these header and payload bytes, signed with `key`: only the
+/// gateway's rules can refuse it (the minting API refuses out-of-range times by itself).
+fn sign_jws(key: &ed25519_dalek::SigningKey, header: &str, payload: &str) -> String {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+    format!("{input}.{}", b64(&key.sign(input.as_bytes()).to_bytes()))
+}
+
+/// The refusal's status, first reason code and record index, after checking that the record
+/// in the log says the same.
+async fn refused(gw: &TestGateway, r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let v: Value = r.json().await.unwrap();
+    let code = v["reasons"][0]["code"].as_str().unwrap_or_default().to_string();
+    let record = v["record"].as_u64().unwrap_or_else(|| panic!("no record index: {v}"));
+    let entry = gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("record");
+    assert_eq!(entry["kind"], "decision");
+    assert_eq!(entry["decision"], "deny", "{entry}");
+    assert_eq!(entry["reasons"][0]["code"], code.as_str(), "{entry}");
+    (status, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_time_claims_and_crit_headers_are_refused() {
+    use sha2::Digest;
+    let up = Upstream::start().await;
+    let approver = "uapk_test_approver";
+    let admin = format!(
+        "admin:\n  keys:\n    - {{ id: ops, sha256: {}, role: approver }}\n",
+        hex::encode(sha2::Sha256::digest(approver))
+    );
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], &admin).await;
+    let now = now();
+    let claims = |iat: i64, exp: i64, nbf: Option<i64>| {
+        let mut c = serde_json::json!({"iss": "platform", "sub": "pay-agent", "aud": "uapk-gateway",
+            "iat": iat, "exp": exp, "jti": rand_hex()});
+        if let Some(nbf) = nbf {
+            c["nbf"] = nbf.into();
+        }
+        c.to_string()
+    };
+    let plain = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+    let key = issuer_key();
+    // The control: these bytes, signed this way, are a good token.
+    let good = sign_jws(&key, plain, &claims(now, now + 3600, None));
+    alive(&gw, &good).await;
+    let before = up.count();
+    let cases = [
+        ("exp - iat overflows i64", sign_jws(&key, plain, &claims(-(1i64 << 62), i64::MAX - 1, None))),
+        ("exp after the year 9999", sign_jws(&key, plain, &claims(now, 253_402_300_800, None))),
+        ("negative nbf", sign_jws(&key, plain, &claims(now, now + 3600, Some(-1)))),
+        ("lifetime above max_lifetime", sign_jws(&key, plain, &claims(now, now + 86_401, None))),
+        (
+            "crit header",
+            sign_jws(&key, r#"{"alg":"EdDSA","typ":"JWT","crit":["exp"]}"#, &claims(now, now + 3600, None)),
+        ),
+        ("alg twice", sign_jws(&key, r#"{"alg":"none","alg":"EdDSA"}"#, &claims(now, now + 3600, None))),
+    ];
+    let target = format!("http://127.0.0.1:{}/v1/charges/ch_1", up.addr.port());
+    for (name, tok) in &cases {
+        // Base-URL mode: 403.
+        let r = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", tok).send().await.unwrap();
+        assert_eq!(refused(&gw, r).await, (403, "capability_token_invalid".into()), "{name}");
+        // Explicit proxy: 407.
+        let resp = raw(
+            &gw,
+            format!("GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nProxy-Authorization: Bearer {tok}\r\nConnection: close\r\n\r\n", up.addr.port())
+                .as_bytes(),
+        )
+        .await;
+        assert_eq!(status_of(&resp), 407, "{name}: {resp:.300}");
+        assert!(resp.contains("capability_token_invalid"), "{name}: {resp:.300}");
+        let record = record_of(&resp).expect("record index");
+        let entry = gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("record");
+        assert_eq!(entry["reasons"][0]["code"], "capability_token_invalid", "{name}");
+    }
+    assert_eq!(up.count(), before, "no refused token reached the upstream");
+
+    // Override tokens: an approval's genuine token re-signed by the gateway's own key with a
+    // crit header, or with absurd times, is refused, and the approval stays unused.
+    let refund = |over: Option<String>| {
+        let mut rb = client()
+            .post(gw.base("/shop/v1/refunds"))
+            .header("x-uapk-capability", &good)
+            .header("x-country", "US")
+            .json(&serde_json::json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}));
+        if let Some(o) = over {
+            rb = rb.header("x-uapk-override", o);
+        }
+        rb.send()
+    };
+    let v: Value = refund(None).await.unwrap().json().await.unwrap();
+    let id = v["approval_id"].as_str().expect("escalated").to_string();
+    let r = client()
+        .post(format!("http://{}/v1/approvals/{id}/approve", gw.admin))
+        .bearer_auth(approver)
+        .json(&serde_json::json!({"note": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    let over = r.json::<Value>().await.unwrap()["override_token"].as_str().expect("override token").to_string();
+    let payload = {
+        use base64::Engine;
+        let seg = over.split('.').nth(1).unwrap();
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(seg).unwrap();
+        serde_json::from_slice::<Value>(&bytes).unwrap()
+    };
+    let gateway_key = uapk_gateway::identity::load_signing_key(&gw.data().join("gateway.pem")).unwrap();
+    let mut absurd = payload.clone();
+    absurd["iat"] = (-(1i64 << 62)).into();
+    absurd["exp"] = (i64::MAX - 1).into();
+    let forged = [
+        ("crit", sign_jws(&gateway_key, r#"{"alg":"EdDSA","typ":"JWT","crit":["approval_id"]}"#, &payload.to_string())),
+        ("overflowing times", sign_jws(&gateway_key, plain, &absurd.to_string())),
+    ];
+    let before = up.count();
+    for (name, tok) in forged {
+        let r = refund(Some(tok)).await.unwrap();
+        assert_eq!(refused(&gw, r).await, (403, "override_token_invalid".into()), "{name}");
+    }
+    assert_eq!(up.count(), before);
+    // The control: the same claims under the gateway's own header go through, once.
+    let r = refund(Some(sign_jws(&gateway_key, plain, &payload.to_string()))).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(up.count(), before + 1);
+}

@@ -11,8 +11,9 @@ mod token;
 
 pub use keys::{generate_key_files, load_signing_key, parse_verifying_key_pem, verifying_key_pem};
 pub use token::{
-    Audience, CapabilityClaims, Constraints, CounterpartyConstraint, IssuerKey, OverrideClaims, OverrideError,
-    ParamConstraint, TokenError, TokenPolicy, TokenVerifier, mint, mint_override, token_policy_for, unverified_subject,
+    Audience, CapabilityClaims, Constraints, CounterpartyConstraint, IssuerKey, MAX_TIME_CLAIM, OverrideClaims,
+    OverrideError, ParamConstraint, TokenError, TokenPolicy, TokenVerifier, mint, mint_override, token_policy_for,
+    unverified_subject,
     verify_override,
 };
 

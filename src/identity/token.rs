@@ -14,6 +14,10 @@ use std::sync::{Arc, RwLock};
 
 /// Leeway on time claims, seconds.
 pub const LEEWAY: i64 = 60;
+/// The latest time claim accepted: 9999-12-31T23:59:59Z. Later values, and negative ones, are
+/// refused as invalid: no honest issuer writes them, and bounding them keeps every comparison
+/// and difference far from `i64` overflow.
+pub const MAX_TIME_CLAIM: i64 = 253_402_300_799;
 const CACHE_MAX: usize = 10_000;
 
 /// `aud`: a string or an array of strings on the wire, always an array when minted.
@@ -164,7 +168,7 @@ pub struct TokenPolicy {
 pub fn token_policy_for(m: &crate::config::Manifest) -> TokenPolicy {
     TokenPolicy {
         audience: m.capability.audience.clone(),
-        max_lifetime_secs: m.capability.max_lifetime.as_secs() as i64,
+        max_lifetime_secs: i64::try_from(m.capability.max_lifetime.as_secs()).unwrap_or(i64::MAX),
         issuers: m.capability.issuers.iter().map(|i| IssuerKey { id: i.id.clone(), key: i.key }).collect(),
         revoked: m.capability.revoked.clone(),
     }
@@ -209,6 +213,81 @@ fn unverified_payload(token: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(&b64url(payload)?).ok()
 }
 
+/// What the protected header says that matters here, read strictly: a member named twice, or
+/// a `crit` member of any value, makes the whole token invalid.
+struct ProtectedHeader {
+    alg: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for ProtectedHeader {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = ProtectedHeader;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ProtectedHeader, A::Error> {
+                use serde::de::{Error, IgnoredAny};
+                let mut seen = HashSet::new();
+                let mut alg = None;
+                // Names are decoded (escapes included) before they are compared.
+                while let Some(name) = map.next_key::<String>()? {
+                    if name == "crit" {
+                        return Err(A::Error::custom("crit"));
+                    }
+                    if name == "alg" {
+                        alg = Some(map.next_value::<String>()?);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                    if !seen.insert(name) {
+                        return Err(A::Error::custom("duplicate"));
+                    }
+                }
+                Ok(ProtectedHeader { alg })
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
+/// Checks the protected header of a compact JWS before anything else of the token is used:
+/// a JSON object, no member named twice, `alg: EdDSA`, and no `crit` member. `crit` lists
+/// extensions the recipient must understand or reject the token (RFC 7515 §4.1.11); this
+/// gateway understands none, so any `crit`, even an empty list, is refused.
+fn check_protected_header(token: &str) -> Result<(), String> {
+    let first = token.split('.').next().unwrap_or_default();
+    let bytes = b64url(first).ok_or_else(|| "malformed header".to_string())?;
+    let header = serde_json::from_slice::<ProtectedHeader>(&bytes).map_err(|e| {
+        let text = e.to_string();
+        if text.starts_with("crit") {
+            "the header has a crit parameter (no JWS extension is understood here)".to_string()
+        } else if text.starts_with("duplicate") {
+            "the header names a parameter twice".to_string()
+        } else {
+            "malformed header".to_string()
+        }
+    })?;
+    match header.alg.as_deref() {
+        Some("EdDSA") => Ok(()),
+        Some(other) => {
+            Err(format!("alg {:?} is not accepted (EdDSA only)", other.chars().take(16).collect::<String>()))
+        }
+        None => Err("the header has no alg".into()),
+    }
+}
+
+/// A time claim (`exp`, `iat`, `nbf`) in the accepted range: 0 to [`MAX_TIME_CLAIM`].
+fn time_claim_in_range(t: i64) -> bool {
+    (0..=MAX_TIME_CLAIM).contains(&t)
+}
+
+/// `a + b` for time comparisons: widened, so no input can overflow.
+fn wide_add(a: i64, b: i64) -> i128 {
+    i128::from(a) + i128::from(b)
+}
+
 /// The `sub` claim read WITHOUT verification: only used to choose the manifest whose issuer
 /// keys then verify the token.
 pub fn unverified_subject(token: &str) -> Option<String> {
@@ -240,10 +319,10 @@ impl TokenVerifier {
 
     /// Time and revocation checks, applied on every use (cached or not).
     fn still_valid(&self, c: &CapabilityClaims, now: i64) -> Result<(), TokenError> {
-        if now > c.exp + LEEWAY {
+        if i128::from(now) > wide_add(c.exp, LEEWAY) {
             return Err(TokenError::Expired);
         }
-        if c.nbf.is_some_and(|nbf| nbf > now + LEEWAY) {
+        if c.nbf.is_some_and(|nbf| i128::from(nbf) > wide_add(now, LEEWAY)) {
             return Err(TokenError::Invalid("not valid yet (nbf)".into()));
         }
         if c.jti.as_ref().is_some_and(|j| self.policy.revoked.contains(j)) {
@@ -258,10 +337,7 @@ impl TokenVerifier {
             self.still_valid(&c, now)?;
             return Ok(c);
         }
-        let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("malformed header".into()))?;
-        if header.alg != Algorithm::EdDSA {
-            return Err(TokenError::Invalid(format!("alg {:?} is not accepted (EdDSA only)", header.alg)));
-        }
+        check_protected_header(token).map_err(TokenError::Invalid)?;
         let iss = unverified_payload(token)
             .and_then(|p| p.get("iss").and_then(|v| v.as_str()).map(str::to_string))
             .ok_or_else(|| TokenError::Invalid("malformed payload".into()))?;
@@ -288,17 +364,20 @@ impl TokenVerifier {
             )
         })?;
         let c = data.claims;
-        if c.exp - c.iat > self.policy.max_lifetime_secs {
+        if ![c.exp, c.iat].into_iter().chain(c.nbf).all(time_claim_in_range) {
+            return Err(TokenError::Invalid("a time claim is negative or after the year 9999".into()));
+        }
+        if i128::from(c.exp) - i128::from(c.iat) > i128::from(self.policy.max_lifetime_secs) {
             return Err(TokenError::Invalid("lifetime (exp - iat) above capability.max_lifetime".into()));
         }
-        if c.iat > now + LEEWAY {
+        if i128::from(c.iat) > wide_add(now, LEEWAY) {
             return Err(TokenError::Invalid("issued in the future (iat)".into()));
         }
         self.still_valid(&c, now)?;
         let c = Arc::new(c);
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_MAX {
-            cache.retain(|_, v| v.exp + LEEWAY >= now);
+            cache.retain(|_, v| wide_add(v.exp, LEEWAY) >= i128::from(now));
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }
@@ -313,8 +392,12 @@ fn encoding_key(key: &SigningKey) -> Result<EncodingKey, IdentityError> {
     Ok(EncodingKey::from_ed_der(der.as_bytes()))
 }
 
-/// Mints a capability token: `{alg: EdDSA, typ: JWT, kid?}`.
+/// Mints a capability token: `{alg: EdDSA, typ: JWT, kid?}`. Time claims outside the range
+/// verification accepts are refused rather than minted into a token no gateway would take.
 pub fn mint(key: &SigningKey, kid: Option<&str>, claims: &CapabilityClaims) -> Result<String, IdentityError> {
+    if ![claims.exp, claims.iat].into_iter().chain(claims.nbf).all(time_claim_in_range) {
+        return Err(IdentityError::Mint("a time claim is negative or after the year 9999".into()));
+    }
     let mut h = Header::new(Algorithm::EdDSA);
     h.kid = kid.map(str::to_string);
     jsonwebtoken::encode(&h, claims, &encoding_key(key)?).map_err(|e| IdentityError::Mint(e.to_string()))
@@ -343,6 +426,10 @@ pub fn mint_override(
     now: i64,
 ) -> Result<(String, OverrideClaims), IdentityError> {
     use rand::RngCore;
+    let exp = now
+        .checked_add(ttl_secs)
+        .filter(|&e| time_claim_in_range(e) && time_claim_in_range(now))
+        .ok_or_else(|| IdentityError::Mint("override_ttl puts exp out of range".into()))?;
     let mut jti = [0u8; 12];
     rand::thread_rng().fill_bytes(&mut jti);
     let claims = OverrideClaims {
@@ -350,7 +437,7 @@ pub fn mint_override(
         sub: sub.into(),
         approval_id: approval_id.into(),
         action_hash: action_hash.into(),
-        exp: now + ttl_secs,
+        exp,
         iat: now,
         jti: hex::encode(jti),
     };
@@ -370,13 +457,11 @@ impl OverrideError {
     }
 }
 
-/// Verifies an override token against the gateway's own key.
+/// Verifies an override token against the gateway's own key, under the same header and
+/// time-claim rules as capability tokens.
 pub fn verify_override(token: &str, gateway_key: &VerifyingKey, now: i64) -> Result<OverrideClaims, OverrideError> {
     let invalid = |m: &str| OverrideError::Invalid(m.to_string());
-    let header = jsonwebtoken::decode_header(token).map_err(|_| invalid("malformed header"))?;
-    if header.alg != Algorithm::EdDSA {
-        return Err(invalid("alg is not EdDSA"));
-    }
+    check_protected_header(token).map_err(OverrideError::Invalid)?;
     let mut v = Validation::new(Algorithm::EdDSA);
     v.validate_exp = false;
     v.validate_nbf = false;
@@ -385,8 +470,15 @@ pub fn verify_override(token: &str, gateway_key: &VerifyingKey, now: i64) -> Res
     v.set_issuer(&[OVERRIDE_ISSUER]);
     let data = jsonwebtoken::decode::<OverrideClaims>(token, &DecodingKey::from_ed_der(gateway_key.as_bytes()), &v)
         .map_err(|_| invalid("bad signature or claims"))?;
-    if now > data.claims.exp + LEEWAY {
+    let c = data.claims;
+    if !time_claim_in_range(c.exp) || !time_claim_in_range(c.iat) {
+        return Err(invalid("a time claim is negative or after the year 9999"));
+    }
+    if i128::from(c.iat) > wide_add(now, LEEWAY) {
+        return Err(invalid("issued in the future (iat)"));
+    }
+    if i128::from(now) > wide_add(c.exp, LEEWAY) {
         return Err(invalid("expired"));
     }
-    Ok(data.claims)
+    Ok(c)
 }

@@ -4,28 +4,36 @@
 //! check-and-increment: N concurrent requests against 1 remaining slot forward exactly one.
 //! They survive restarts because they are rebuilt from the audit log, which holds every
 //! committed ALLOW decision durably before it is forwarded: the log is the only source of truth.
-//! Every counted decision increments the counters of all window/scope combinations, so a budget
-//! added by a reload sees the whole current window.
+//! Every counted decision increments the counters of all window/scope combinations (also for
+//! agents whose manifest has no budget yet), so a budget added by a reload sees the whole
+//! current window. What counts is decided by one function, [`counts_toward_budgets`], at
+//! runtime and when rebuilding alike.
+//!
+//! Rate limits are GCRA buckets checked all before any is taken ([`RateLimiters::check`]).
 
-use crate::config::{Manifest, Scope, Window};
+use crate::config::{Manifest, RateLimit, Scope, Window};
 use crate::policy::Reason;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
-use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 const WINDOWS: [Window; 2] = [Window::Day, Window::Hour];
 const SCOPES: [Scope; 3] = [Scope::Agent, Scope::Connector, Scope::Action];
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CounterKey {
-    agent: String,
-    window: Window,
-    start: i64,
-    scope: Scope,
-    value: String,
+/// (window, start of the window in Unix seconds, scope): one agent's counters of one window,
+/// by scope value.
+type WindowKey = (Window, i64, Scope);
+
+fn window_start(at: i64, w: Window) -> i64 {
+    at.div_euclid(w.seconds()) * w.seconds()
+}
+
+/// One agent's counters. Two levels, so counting an action that has been seen before in its
+/// window looks keys up by reference and allocates nothing.
+#[derive(Debug, Default)]
+struct AgentCounters {
+    windows: HashMap<WindowKey, HashMap<String, Counter>>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -47,17 +55,6 @@ pub struct Spend {
 }
 
 impl Spend {
-    fn keys(&self) -> impl Iterator<Item = CounterKey> + '_ {
-        WINDOWS.iter().flat_map(move |&w| {
-            SCOPES.iter().map(move |&s| CounterKey {
-                agent: self.agent.clone(),
-                window: w,
-                start: self.at.div_euclid(w.seconds()) * w.seconds(),
-                scope: s,
-                value: self.scope_value(s).to_string(),
-            })
-        })
-    }
     fn scope_value(&self, s: Scope) -> &str {
         match s {
             Scope::Agent => &self.agent,
@@ -67,10 +64,44 @@ impl Spend {
     }
 }
 
+/// The one rule of what budgets count, applied both when a request is decided and when the
+/// counters are rebuilt from the log, so a restart never changes a count: an ALLOW decision of
+/// a route's action (SPEC §8 step 8: "only forwarded ALLOWs count"). Not counted: refusals and
+/// escalations, also in `dry_run` (forwarded, but not as ALLOWs); and tunnel authorisations
+/// (a CONNECT, or a TLS connection caught by the transparent listener), which match no route
+/// and are not actions: the requests inside an intercepted tunnel are decided, and counted,
+/// one by one like any other, while a `passthrough` tunnel is bounded by its connector's allow
+/// lists, not by budgets.
+pub fn counts_toward_budgets(decision: &str, route: Option<&str>) -> bool {
+    decision == "allow" && route.is_some()
+}
+
+/// What a committed `decision` entry spends, when it counts (see [`counts_toward_budgets`]).
+/// `fallback_at` dates an entry whose `ts` cannot be read.
+pub fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Spend> {
+    if entry["kind"] != "decision" || !counts_toward_budgets(entry["decision"].as_str()?, entry["route"].as_str()) {
+        return None;
+    }
+    let at = entry["ts"]
+        .as_str()
+        .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+        .map_or(fallback_at, |t| t.unix_timestamp());
+    let s = |k: &str| entry[k].as_str().unwrap_or_default().to_string();
+    let amount = entry["params"]["amount"].as_str().and_then(|a| a.parse().ok());
+    let currency = entry["params"]["currency"].as_str().unwrap_or_default().to_string();
+    Some(Spend {
+        agent: s("agent"),
+        connector: s("connector"),
+        action: s("action"),
+        amount: amount.map(|a| (a, currency)),
+        at,
+    })
+}
+
 /// Budget counters for every agent.
 #[derive(Debug, Default)]
 pub struct Budgets {
-    counters: Mutex<HashMap<CounterKey, Counter>>,
+    counters: Mutex<HashMap<String, AgentCounters>>,
 }
 
 /// A budget slot taken by a request that has not been forwarded yet. Hand it back with
@@ -96,17 +127,56 @@ impl Budgets {
         Self::default()
     }
 
-    fn apply(map: &mut HashMap<CounterKey, Counter>, spend: &Spend, sign: i8) {
-        for key in spend.keys() {
-            let c = map.entry(key).or_default();
-            if sign > 0 {
-                c.count += 1;
-            } else {
-                c.count = c.count.saturating_sub(1);
+    /// Counts `spend` in every window/scope combination (`sign` > 0), or takes it back.
+    /// Sums saturate: an amount no budget caps must not be able to overflow a counter.
+    fn apply(map: &mut HashMap<String, AgentCounters>, spend: &Spend, sign: i8) {
+        if sign < 0 {
+            // Only what was counted is taken back; a window forgotten since stays forgotten.
+            let Some(agent) = map.get_mut(spend.agent.as_str()) else { return };
+            for w in WINDOWS {
+                for scope in SCOPES {
+                    let c = agent
+                        .windows
+                        .get_mut(&(w, window_start(spend.at, w), scope))
+                        .and_then(|values| values.get_mut(spend.scope_value(scope)));
+                    if let Some(c) = c {
+                        c.count = c.count.saturating_sub(1);
+                        if let Some((amt, cur)) = &spend.amount
+                            && let Some(s) = c.spend.get_mut(cur)
+                        {
+                            *s = s.saturating_sub(*amt);
+                        }
+                    }
+                }
             }
-            if let Some((amt, cur)) = &spend.amount {
-                let s = c.spend.entry(cur.clone()).or_default();
-                *s = if sign > 0 { *s + amt } else { *s - amt };
+            return;
+        }
+        if !map.contains_key(spend.agent.as_str()) {
+            map.insert(spend.agent.clone(), AgentCounters::default());
+        }
+        let Some(agent) = map.get_mut(spend.agent.as_str()) else { return };
+        for w in WINDOWS {
+            let start = window_start(spend.at, w);
+            if !agent.windows.contains_key(&(w, start, Scope::Agent)) {
+                // A new window of this kind began: the ones it replaced are over.
+                agent.windows.retain(|&(kw, kstart, _), _| kw != w || kstart + kw.seconds() > spend.at);
+            }
+            for scope in SCOPES {
+                let values = agent.windows.entry((w, start, scope)).or_default();
+                let value = spend.scope_value(scope);
+                if !values.contains_key(value) {
+                    values.insert(value.to_string(), Counter::default());
+                }
+                let Some(c) = values.get_mut(value) else { continue };
+                c.count = c.count.saturating_add(1);
+                if let Some((amt, cur)) = &spend.amount {
+                    match c.spend.get_mut(cur) {
+                        Some(s) => *s = s.saturating_add(*amt),
+                        None => {
+                            c.spend.insert(cur.clone(), *amt);
+                        }
+                    }
+                }
             }
         }
     }
@@ -118,59 +188,60 @@ impl Budgets {
     }
 
     /// Atomically checks every budget of `manifest` against `spend` and, if none is spent,
-    /// counts it.
+    /// counts it (in every window and scope, also without budgets: see the module comment).
     pub fn reserve(&self, manifest: &Manifest, spend: Spend) -> BudgetCheck {
         let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 50_000 {
-            let now = spend.at;
-            map.retain(|k, _| k.start + k.window.seconds() > now);
-        }
         let mut threshold = None;
+        let agent = map.get(spend.agent.as_str());
         for b in &manifest.policy.budgets {
-            let key = CounterKey {
-                agent: spend.agent.clone(),
-                window: b.window,
-                start: spend.at.div_euclid(b.window.seconds()) * b.window.seconds(),
-                scope: b.scope,
-                value: spend.scope_value(b.scope).to_string(),
-            };
-            let used = map.get(&key).cloned().unwrap_or_default();
-            let label = format!("{} budget for {} {}", b.window.as_str(), b.scope.as_str(), key.value);
+            let value = spend.scope_value(b.scope);
+            let used = agent
+                .and_then(|a| a.windows.get(&(b.window, window_start(spend.at, b.window), b.scope)))
+                .and_then(|values| values.get(value));
+            let count = used.map_or(0, |c| c.count);
+            let label = || format!("{} budget for {} {}", b.window.as_str(), b.scope.as_str(), value);
             if let Some(max) = b.max_actions {
-                if used.count >= max {
+                if count >= max {
                     return BudgetCheck::Exceeded(Reason::new(
                         "budget_exceeded",
-                        format!("{label} is spent: {}/{max} actions", used.count),
+                        format!("{} is spent: {count}/{max} actions", label()),
                     ));
                 }
                 if let Some(pct) = b.escalate_at_percent
                     && threshold.is_none()
-                    && used.count * 100 >= max * u64::from(pct)
+                    && u128::from(count) * 100 >= u128::from(max) * u128::from(pct)
                 {
                     threshold = Some(Reason::new(
                         "budget_threshold_reached",
-                        format!("{label} reached {pct}%: {}/{max} actions", used.count),
+                        format!("{} reached {pct}%: {count}/{max} actions", label()),
                     ));
                 }
             }
             if let Some((amt, cur)) = &spend.amount
                 && let Some(max) = b.max_spend.get(cur)
             {
-                let spent = used.spend.get(cur).copied().unwrap_or_default();
-                if spent + amt > *max {
+                let spent = used.and_then(|c| c.spend.get(cur)).copied().unwrap_or_default();
+                // Fail closed: a sum too large for a decimal exceeds any cap.
+                let Some(total) = spent.checked_add(*amt).filter(|t| t <= max) else {
                     return BudgetCheck::Exceeded(Reason::new(
                         "budget_exceeded",
-                        format!("{label} would be exceeded: {spent} + {amt} > {max} {cur}"),
+                        format!("{} would be exceeded: {spent} + {amt} > {max} {cur}", label()),
                     ));
-                }
+                };
                 if let Some(pct) = b.escalate_at_percent
                     && threshold.is_none()
-                    && (spent + amt) * Decimal::from(100) >= *max * Decimal::from(pct)
                 {
-                    threshold = Some(Reason::new(
-                        "budget_threshold_reached",
-                        format!("{label} reached {pct}%: {} of {max} {cur}", spent + amt),
-                    ));
+                    let pct_dec = Decimal::from(pct);
+                    let at = max
+                        .checked_mul(pct_dec)
+                        .map(|m| m / Decimal::from(100))
+                        .unwrap_or_else(|| *max / Decimal::from(100) * pct_dec);
+                    if total >= at {
+                        threshold = Some(Reason::new(
+                            "budget_threshold_reached",
+                            format!("{} reached {pct}%: {total} of {max} {cur}", label()),
+                        ));
+                    }
                 }
             }
         }
@@ -188,14 +259,11 @@ impl Budgets {
 
     /// Actions counted so far in the window containing `at` for one scope value.
     pub fn used(&self, agent: &str, window: Window, scope: Scope, value: &str, at: i64) -> u64 {
-        let key = CounterKey {
-            agent: agent.into(),
-            window,
-            start: at.div_euclid(window.seconds()) * window.seconds(),
-            scope,
-            value: value.into(),
-        };
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).get(&key).map_or(0, |c| c.count)
+        let map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(agent)
+            .and_then(|a| a.windows.get(&(window, window_start(at, window), scope)))
+            .and_then(|values| values.get(value))
+            .map_or(0, |c| c.count)
     }
 }
 
@@ -217,13 +285,94 @@ pub struct RateLimited {
     pub limit: String,
 }
 
-/// (agent, index of the rate limit in its manifest, rate, burst): a changed limit gets a new bucket.
-type LimiterKey = (String, usize, String, u32);
+/// Shards of the rate-limit state, chosen by agent: every limit a request is checked against
+/// belongs to its agent, so one shard lock makes "check all, then take all" atomic.
+const RATE_SHARDS: usize = 16;
 
-/// Keyed token-bucket limiters, one per (agent, rate limit of its manifest).
-#[derive(Default)]
+/// The GCRA buckets of one rate limit of one agent's manifest.
+#[derive(Debug)]
+struct LimitBuckets {
+    /// What the buckets were made for: a limit changed by a reload starts afresh.
+    raw: String,
+    burst: u32,
+    scope: Scope,
+    /// Emission interval: one request per `t` nanoseconds.
+    t: u64,
+    /// Tolerance: `t * (burst - 1)`, so `burst` requests may arrive at once.
+    tau: u64,
+    /// Scope value (the agent id, a connector name or an action) → theoretical arrival time of
+    /// the next request, in nanoseconds since [`RateLimiters::base`]. A key whose time is not
+    /// after now is the same as an absent one.
+    tats: HashMap<String, u64>,
+}
+
+impl LimitBuckets {
+    fn new(rl: &RateLimit) -> LimitBuckets {
+        let per = u64::try_from(rl.per.as_nanos()).unwrap_or(u64::MAX);
+        let t = (per / u64::from(rl.count.max(1))).max(1);
+        let tau = t.saturating_mul(u64::from(rl.burst.max(1) - 1));
+        LimitBuckets { raw: rl.raw.clone(), burst: rl.burst, scope: rl.scope, t, tau, tats: HashMap::new() }
+    }
+
+    fn made_for(&self, rl: &RateLimit) -> bool {
+        self.raw == rl.raw && self.burst == rl.burst && self.scope == rl.scope
+    }
+}
+
+fn scope_value<'a>(scope: Scope, agent: &'a str, connector: &'a str, action: &'a str) -> &'a str {
+    match scope {
+        Scope::Agent => agent,
+        Scope::Connector => connector,
+        Scope::Action => action,
+    }
+}
+
+type Shard = Mutex<HashMap<String, Vec<LimitBuckets>>>;
+
+/// Rate limits (SPEC §8 step 9) as GCRA buckets, one per (agent, rate limit of its manifest,
+/// scope value). A request is checked against every limit that applies and takes from all of
+/// them only if all admit it, under one lock, so a request refused by one limit spends no
+/// quota of another, and two concurrent requests never both pass a limit with one unit left.
+/// (governor's limiters take as they check, with no way to check first: hence this small
+/// implementation of the same algorithm.)
 pub struct RateLimiters {
-    limiters: Mutex<HashMap<LimiterKey, Arc<DefaultKeyedRateLimiter<String>>>>,
+    base: Instant,
+    shards: Box<[Shard]>,
+}
+
+impl Default for RateLimiters {
+    fn default() -> Self {
+        RateLimiters { base: Instant::now(), shards: (0..RATE_SHARDS).map(|_| Shard::default()).collect() }
+    }
+}
+
+/// Quota taken by a request that has not been forwarded yet. Dropped without
+/// [`RateTaken::commit`] (the request was refused after its rate limits passed: SSRF guard,
+/// audit failure), it is given back, as if the request had never been checked.
+#[must_use]
+pub struct RateTaken<'a> {
+    taken: Option<(&'a RateLimiters, &'a Manifest, &'a str, &'a str)>,
+}
+
+impl std::fmt::Debug for RateTaken<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.taken.is_some() { "RateTaken(held)" } else { "RateTaken(settled)" })
+    }
+}
+
+impl RateTaken<'_> {
+    /// The request was forwarded: the quota stays spent.
+    pub fn commit(mut self) {
+        self.taken = None;
+    }
+}
+
+impl Drop for RateTaken<'_> {
+    fn drop(&mut self) {
+        if let Some((limiters, manifest, connector, action)) = self.taken.take() {
+            limiters.give_back(manifest, connector, action);
+        }
+    }
 }
 
 impl RateLimiters {
@@ -231,58 +380,132 @@ impl RateLimiters {
         Self::default()
     }
 
-    /// Takes one unit of every rate limit of `manifest` for this request.
-    pub fn check(&self, manifest: &Manifest, connector: &str, action: &str) -> Result<(), RateLimited> {
-        let agent = &manifest.agent.id;
-        for (i, rl) in manifest.policy.rate_limits.iter().enumerate() {
-            let limiter = {
-                let mut map = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-                map.entry((agent.clone(), i, rl.raw.clone(), rl.burst))
-                    .or_insert_with(|| {
-                        let period = rl.per / rl.count.max(1);
-                        let burst = NonZeroU32::new(rl.burst).unwrap_or(NonZeroU32::MIN);
-                        let quota = Quota::with_period(period.max(Duration::from_nanos(1)))
-                            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
-                            .allow_burst(burst);
-                        Arc::new(RateLimiter::keyed(quota))
-                    })
-                    .clone()
-            };
-            let key = match rl.scope {
-                Scope::Agent => agent.clone(),
-                Scope::Connector => format!("{agent}/{connector}"),
-                Scope::Action => format!("{agent}/{action}"),
-            };
-            if let Err(not_until) = limiter.check_key(&key) {
-                use governor::clock::{Clock, DefaultClock};
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-                let window = rl.per.as_secs().max(1);
-                let name = rl.scope.as_str();
-                return Err(RateLimited {
-                    reason: Reason::new(
-                        "rate_limited",
-                        format!("rate limit {} (burst {}) per {name} reached; retry in {secs}s", rl.raw, rl.burst),
-                    ),
-                    retry_after: Duration::from_secs(secs.max(1)),
-                    policy: format!("\"{name}\";q={};w={window}", rl.count),
-                    limit: format!("\"{name}\";r=0;t={}", secs.max(1)),
-                });
-            }
-        }
-        Ok(())
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Forgets idle keys so memory stays bounded; returns how many keys remain.
+    fn shard(&self, agent: &str) -> std::sync::MutexGuard<'_, HashMap<String, Vec<LimitBuckets>>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(agent);
+        self.shards[(h as usize) % self.shards.len()].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks every rate limit of `manifest` for this request and, only if all admit it, takes
+    /// one unit from each. On refusal nothing is taken, and the answer names the limit that
+    /// frees up last (its `Retry-After` is when the request could pass).
+    pub fn check<'a>(
+        &'a self,
+        manifest: &'a Manifest,
+        connector: &'a str,
+        action: &'a str,
+    ) -> Result<RateTaken<'a>, RateLimited> {
+        self.check_at(manifest, connector, action, self.now())
+    }
+
+    fn check_at<'a>(
+        &'a self,
+        manifest: &'a Manifest,
+        connector: &'a str,
+        action: &'a str,
+        now: u64,
+    ) -> Result<RateTaken<'a>, RateLimited> {
+        let limits = &manifest.policy.rate_limits;
+        if limits.is_empty() {
+            return Ok(RateTaken { taken: None });
+        }
+        let agent = manifest.agent.id.as_str();
+        let mut shard = self.shard(agent);
+        if !shard.contains_key(agent) {
+            shard.insert(agent.to_string(), Vec::new());
+        }
+        let Some(buckets) = shard.get_mut(agent) else {
+            return Err(refusal(&limits[0], 1));
+        };
+        // Follow reloads: a limit that changed (or moved) starts with fresh buckets.
+        buckets.truncate(limits.len());
+        for (i, rl) in limits.iter().enumerate() {
+            match buckets.get_mut(i) {
+                Some(b) if b.made_for(rl) => {}
+                Some(b) => *b = LimitBuckets::new(rl),
+                None => buckets.push(LimitBuckets::new(rl)),
+            }
+        }
+        // Check all...
+        let mut refused: Option<(usize, u64)> = None;
+        for (i, (rl, b)) in limits.iter().zip(buckets.iter()).enumerate() {
+            let tat = b.tats.get(scope_value(rl.scope, agent, connector, action)).map_or(now, |&t| t.max(now));
+            let earliest = tat.saturating_sub(b.tau);
+            if now < earliest && refused.is_none_or(|(_, wait)| earliest - now > wait) {
+                refused = Some((i, earliest - now));
+            }
+        }
+        if let Some((i, wait)) = refused {
+            return Err(refusal(&limits[i], wait));
+        }
+        // ...then take from all.
+        for (rl, b) in limits.iter().zip(buckets.iter_mut()) {
+            let key = scope_value(rl.scope, agent, connector, action);
+            match b.tats.get_mut(key) {
+                Some(tat) => *tat = (*tat).max(now).saturating_add(b.t),
+                None => {
+                    b.tats.insert(key.to_string(), now.saturating_add(b.t));
+                }
+            }
+        }
+        Ok(RateTaken { taken: Some((self, manifest, connector, action)) })
+    }
+
+    /// Gives back one unit of every limit `check` took it from (limits changed by a reload in
+    /// between start afresh anyway and are left alone).
+    fn give_back(&self, manifest: &Manifest, connector: &str, action: &str) {
+        let agent = manifest.agent.id.as_str();
+        let mut shard = self.shard(agent);
+        let Some(buckets) = shard.get_mut(agent) else { return };
+        for (rl, b) in manifest.policy.rate_limits.iter().zip(buckets.iter_mut()) {
+            if !b.made_for(rl) {
+                continue;
+            }
+            let t = b.t;
+            if let Some(tat) = b.tats.get_mut(scope_value(rl.scope, agent, connector, action)) {
+                *tat = tat.saturating_sub(t);
+            }
+        }
+    }
+
+    /// Forgets keys whose bucket is full again (the same as absent) so memory stays bounded;
+    /// returns how many keys remain.
     pub fn sweep(&self) -> usize {
-        let map = self.limiters.lock().unwrap_or_else(|e| e.into_inner());
-        map.values()
-            .map(|l| {
-                l.retain_recent();
-                l.shrink_to_fit();
-                l.len()
-            })
-            .sum()
+        let now = self.now();
+        let mut keys = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, buckets| {
+                for b in buckets.iter_mut() {
+                    b.tats.retain(|_, tat| *tat > now);
+                    b.tats.shrink_to_fit();
+                    keys += b.tats.len();
+                }
+                buckets.iter().any(|b| !b.tats.is_empty())
+            });
+        }
+        keys
+    }
+}
+
+/// The 429 answer for a refusal by `rl` that frees up in `wait_ns`.
+fn refusal(rl: &RateLimit, wait_ns: u64) -> RateLimited {
+    let wait = Duration::from_nanos(wait_ns);
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let window = rl.per.as_secs().max(1);
+    let name = rl.scope.as_str();
+    RateLimited {
+        reason: Reason::new(
+            "rate_limited",
+            format!("rate limit {} (burst {}) per {name} reached; retry in {secs}s", rl.raw, rl.burst),
+        ),
+        retry_after: Duration::from_secs(secs),
+        policy: format!("\"{name}\";q={};w={window}", rl.count),
+        limit: format!("\"{name}\";r=0;t={secs}"),
     }
 }
 

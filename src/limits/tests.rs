@@ -1,9 +1,10 @@
 use super::*;
 use crate::config::{Strictness, load_manifest};
+use std::sync::Arc;
 
 fn manifest(policy: &str) -> Manifest {
     let text = format!(
-        "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: unit-agent }}\ncapability: {{ required: false }}\nconnectors:\n  - name: pay\n    base_url: https://pay.example.com\npolicy:\n{policy}"
+        "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: unit-agent }}\ncapability: {{ required: false }}\nconnectors:\n  - name: pay\n    base_url: https://pay.example.com\n    routes:\n      - {{ methods: [POST], path: /refunds, action: payment.refund, params: {{ amount: {{ form: amount }}, currency: {{ form: currency }} }} }}\npolicy:\n{policy}"
     );
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.yaml");
@@ -84,11 +85,191 @@ fn spend_caps_and_threshold() {
 fn rate_limits_refuse_above_the_burst_and_say_when_to_retry() {
     let m = manifest("  rate_limits:\n    - rate: 10/s\n      burst: 5\n");
     let rl = RateLimiters::new();
-    let ok = (0..20).filter(|_| rl.check(&m, "pay", "a").is_ok()).count();
+    let ok = (0..20).filter(|_| rl.check(&m, "pay", "a").map(RateTaken::commit).is_ok()).count();
     assert!((5..=6).contains(&ok), "{ok}");
-    let e = rl.check(&m, "pay", "a").unwrap_err();
+    let e = rl.check(&m, "pay", "a").expect_err("refused");
     assert_eq!(e.reason.code, "rate_limited");
     assert_eq!(e.retry_after, Duration::from_secs(1));
     assert_eq!(e.policy, "\"agent\";q=10;w=1");
+    assert_eq!(e.limit, "\"agent\";r=0;t=1");
     assert!(rl.sweep() >= 1);
+}
+
+const TWO_LIMITS: &str = "  rate_limits:\n    - scope: agent\n      rate: 100/h\n      burst: 5\n    - scope: action\n      rate: 1/h\n      burst: 1\n";
+
+/// Outcomes at one fixed instant, each taken request committed: (passed, refused).
+fn run(rl: &RateLimiters, m: &Manifest, action: &str, n: usize, now: u64) -> (usize, usize) {
+    let mut out = (0, 0);
+    for _ in 0..n {
+        match rl.check_at(m, "pay", action, now) {
+            Ok(t) => {
+                t.commit();
+                out.0 += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.reason.code, "rate_limited");
+                out.1 += 1;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_request_refused_by_one_limit_takes_nothing_from_another() {
+    // A: per agent, generous (burst 5). B: per action, tight (1 per hour).
+    let m = manifest(TWO_LIMITS);
+    let rl = RateLimiters::new();
+    let t0 = 1_000_000_000;
+    assert_eq!(run(&rl, &m, "payment.refund", 1, t0), (1, 0));
+    // B refuses these; before, each of them also spent a unit of A.
+    let (_, refused) = run(&rl, &m, "payment.refund", 10, t0);
+    assert_eq!(refused, 10);
+    let e = rl.check_at(&m, "pay", "payment.refund", t0).expect_err("refused by B");
+    assert_eq!(e.policy, "\"action\";q=1;w=3600");
+    assert_eq!(e.retry_after, Duration::from_secs(3600));
+    // A still has exactly the 4 units the one forwarded request left: one per other action.
+    let passed: usize = (0..10).map(|i| run(&rl, &m, &format!("other.{i}"), 1, t0).0).sum();
+    assert_eq!(passed, 4);
+    let e = rl.check_at(&m, "pay", "other.x", t0).expect_err("A is spent");
+    assert_eq!(e.policy, "\"agent\";q=100;w=3600");
+}
+
+#[test]
+fn the_refusal_names_the_limit_that_frees_up_last() {
+    let m = manifest(
+        "  rate_limits:\n    - rate: 1/s\n      burst: 1\n    - scope: connector\n      rate: 2/h\n      burst: 1\n",
+    );
+    let rl = RateLimiters::new();
+    assert_eq!(run(&rl, &m, "a", 1, 0), (1, 0));
+    let e = rl.check_at(&m, "pay", "a", 1).expect_err("both refuse");
+    // Retrying after the agent limit's second would still meet the connector limit.
+    assert_eq!(e.policy, "\"connector\";q=2;w=3600");
+    assert_eq!(e.retry_after, Duration::from_secs(1800));
+    // Once the agent limit has refilled, only the connector limit refuses, with the rest of its wait.
+    let e = rl.check_at(&m, "pay", "a", 1_000_000_000).expect_err("connector refuses");
+    assert_eq!(e.retry_after, Duration::from_secs(1799));
+    assert_eq!(run(&rl, &m, "a", 1, 1_800_000_000_000), (1, 0));
+}
+
+#[test]
+fn concurrent_requests_against_one_remaining_unit_pass_exactly_once() {
+    let m = Arc::new(manifest(TWO_LIMITS.replace("rate: 1/h\n      burst: 1", "rate: 1/h\n      burst: 3").as_str()));
+    for round in 0..20 {
+        let rl = Arc::new(RateLimiters::new());
+        // Two of the action limit's three units spent: one remains.
+        assert_eq!(run(&rl, &m, "payment.refund", 2, 0), (2, 0));
+        let start = Arc::new(std::sync::Barrier::new(16));
+        let threads: Vec<_> = (0..16)
+            .map(|_| {
+                let (m, rl, start) = (m.clone(), rl.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    rl.check(&m, "pay", "payment.refund").map(RateTaken::commit).is_ok()
+                })
+            })
+            .collect();
+        let passed = threads.into_iter().map(|t| t.join().unwrap()).filter(|&p| p).count();
+        assert_eq!(passed, 1, "round {round}");
+        // The agent limit gave exactly three units, not one per attempt.
+        assert_eq!(run(&rl, &m, "other", 5, 0), (2, 3), "round {round}");
+    }
+}
+
+#[test]
+fn quota_of_a_request_refused_later_is_given_back() {
+    let m = manifest(TWO_LIMITS);
+    let rl = RateLimiters::new();
+    // Taken, then dropped uncommitted (the SSRF guard or the audit log refused it): given back.
+    for _ in 0..3 {
+        let taken = rl.check_at(&m, "pay", "payment.refund", 0).expect("admitted");
+        drop(taken);
+    }
+    assert_eq!(run(&rl, &m, "payment.refund", 3, 0), (1, 2));
+    // Only the committed one spent a unit of the agent limit: 4 of 5 remain.
+    let passed: usize = (0..10).map(|i| run(&rl, &m, &format!("other.{i}"), 1, 0).0).sum();
+    assert_eq!(passed, 4);
+}
+
+#[test]
+fn a_limit_changed_by_a_reload_starts_afresh_and_sweeping_forgets_full_buckets() {
+    let rl = RateLimiters::new();
+    let one = manifest("  rate_limits:\n    - rate: 1/h\n      burst: 1\n");
+    assert_eq!(run(&rl, &one, "a", 2, 0), (1, 1));
+    let two = manifest("  rate_limits:\n    - rate: 2/h\n      burst: 1\n");
+    assert_eq!(run(&rl, &two, "a", 2, 0), (1, 1));
+    let by_action = manifest("  rate_limits:\n    - scope: action\n      rate: 2/h\n      burst: 1\n");
+    assert_eq!(run(&rl, &by_action, "a", 2, 0), (1, 1));
+    // A bucket that refilled long ago (its time is before now) is dropped; a spent one stays.
+    assert_eq!(rl.sweep(), 1);
+    let fast = manifest("  rate_limits:\n    - rate: 1000/s\n      burst: 1\n");
+    let rl = RateLimiters::new();
+    rl.check(&fast, "pay", "a").map(RateTaken::commit).expect("admitted");
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(rl.sweep(), 0);
+}
+
+#[test]
+fn one_counting_rule_for_runtime_and_rebuild() {
+    use serde_json::json;
+    assert!(counts_toward_budgets("allow", Some("/v1/refunds")));
+    assert!(!counts_toward_budgets("allow", None), "a tunnel authorisation is not an action");
+    assert!(!counts_toward_budgets("escalate", Some("/v1/refunds")), "dry-run escalations are not ALLOWs");
+    assert!(!counts_toward_budgets("deny", Some("/v1/refunds")));
+    let allowed = json!({"kind": "decision", "decision": "allow", "agent": "unit-agent", "connector": "pay",
+        "route": "/v1/refunds", "action": "payment.refund", "params": {"amount": "12.34", "currency": "USD"},
+        "ts": "2027-01-15T08:00:00Z"});
+    let s = recorded_spend(&allowed, 0).expect("counts");
+    assert_eq!((s.agent.as_str(), s.connector.as_str(), s.action.as_str()), ("unit-agent", "pay", "payment.refund"));
+    assert_eq!(s.amount, Some(("12.34".parse().unwrap(), "USD".to_string())));
+    assert_eq!(s.at, T, "the entry's ts dates it");
+    let tunnel = json!({"kind": "decision", "decision": "allow", "agent": "unit-agent", "connector": "pay",
+        "action": "tunnel.intercept", "method": "CONNECT", "params": {}});
+    assert!(recorded_spend(&tunnel, 0).is_none());
+    for (k, v) in [("decision", "escalate"), ("decision", "deny"), ("kind", "outcome")] {
+        let mut e = allowed.clone();
+        e[k] = json!(v);
+        assert!(recorded_spend(&e, 0).is_none(), "{k}={v}");
+    }
+}
+
+#[test]
+fn huge_amounts_and_limits_never_overflow_a_budget() {
+    const MAX: &str = "79228162514264337593543950335"; // Decimal::MAX
+    let m = manifest(&format!(
+        "  budgets:\n    - window: day\n      max_actions: 18446744073709551615\n      escalate_at_percent: 99\n      max_spend: {{ USD: \"{MAX}\" }}\n"
+    ));
+    let b = Budgets::new();
+    let BudgetCheck::Reserved { reservation, threshold } = b.reserve(&m, spend(Some(MAX), T)) else { panic!() };
+    assert_eq!(threshold.expect("at 100% of the cap").code, "budget_threshold_reached");
+    reservation.commit();
+    // MAX + 1 is no decimal: exceeded (fail closed), not a panic.
+    let BudgetCheck::Exceeded(r) = b.reserve(&m, spend(Some("1"), T)) else { panic!() };
+    assert_eq!(r.code, "budget_exceeded");
+    // Without any budget, counting saturates.
+    let none = manifest("  amount_caps: {}\n");
+    for _ in 0..3 {
+        let BudgetCheck::Reserved { reservation, threshold: None } = b.reserve(&none, spend(Some(MAX), T)) else {
+            panic!()
+        };
+        reservation.commit();
+    }
+    assert_eq!(b.used("unit-agent", Window::Day, Scope::Agent, "unit-agent", T), 4);
+}
+
+#[test]
+fn windows_that_are_over_are_forgotten_and_releases_never_resurrect_them() {
+    let m = manifest("  budgets:\n    - window: hour\n      max_actions: 1\n");
+    let b = Budgets::new();
+    let BudgetCheck::Reserved { reservation: old, .. } = b.reserve(&m, spend(None, T)) else { panic!() };
+    // The next hour: a fresh window, and the previous one is dropped.
+    let BudgetCheck::Reserved { reservation, .. } = b.reserve(&m, spend(None, T + 3600)) else { panic!() };
+    reservation.commit();
+    assert_eq!(b.used("unit-agent", Window::Hour, Scope::Agent, "unit-agent", T), 0);
+    b.release(old);
+    assert_eq!(b.used("unit-agent", Window::Hour, Scope::Agent, "unit-agent", T), 0);
+    assert_eq!(b.used("unit-agent", Window::Hour, Scope::Agent, "unit-agent", T + 3600), 1);
+    // The day window holds both hours.
+    assert_eq!(b.used("unit-agent", Window::Day, Scope::Agent, "unit-agent", T), 1);
+    assert!(matches!(b.reserve(&m, spend(None, T + 3601)), BudgetCheck::Exceeded(_)));
 }

@@ -87,6 +87,9 @@ pub(super) async fn authorize_tunnel(
             return Err(gw.refuse_recorded(status, facts, d).await);
         }
     }
+    // A tunnel authorisation reserves no budget and its entry (no route) is not counted when
+    // budgets are rebuilt: `limits::counts_toward_budgets` is the one rule for both. The
+    // requests inside an intercepted tunnel are decided and counted one by one.
     let decision = Decision::allow();
     let record = gw.record(facts, &decision, None).await?;
     gw.finish_metrics(facts, &decision, StatusCode::OK, Some(record));

@@ -707,9 +707,10 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         &policy::Action { connector: &connector, route, params: &params },
     );
 
-    // ---- reserve budget (step 8)
+    // ---- reserve budget (step 8); also without budgets, so counters are what a rebuild from
+    // the log finds when a reload adds one
     let mut reservation: Option<Reservation> = None;
-    if decision.verdict != Verdict::Deny && !manifest.policy.budgets.is_empty() {
+    if decision.verdict != Verdict::Deny {
         match gw.budgets.reserve(&manifest, spend_of(&manifest, &connector, route, &params)) {
             BudgetCheck::Exceeded(r) => decision = Decision { verdict: Verdict::Deny, reasons: vec![r] },
             BudgetCheck::Reserved { reservation: res, threshold } => {
@@ -762,11 +763,18 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         release(gw, reservation.take());
     }
 
-    // ---- rate limits (step 9): only requests about to be forwarded take quota
+    // ---- rate limits (step 9): only requests about to be forwarded take quota; every limit
+    // that applies is checked before any is taken, and the quota goes back (when `rate_taken`
+    // drops uncommitted) if the request is refused after all (SSRF guard, audit failure)
     let dry_run = manifest.mode == PolicyMode::DryRun;
-    if decision.verdict == Verdict::Allow
-        && let Err(limited) = gw.rate_limits.check(&manifest, &connector.name, &route.action)
-    {
+    let (mut rate_taken, mut limited) = (None, None);
+    if decision.verdict == Verdict::Allow {
+        match gw.rate_limits.check(&manifest, &connector.name, &route.action) {
+            Ok(taken) => rate_taken = Some(taken),
+            Err(refusal) => limited = Some(refusal),
+        }
+    }
+    if let Some(limited) = limited {
         release(gw, reservation.take());
         let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
         if !dry_run {
@@ -805,14 +813,12 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
                             let d = Decision::deny("override_token_already_used", "the approval was already used");
                             return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
                         }
-                        if !manifest.policy.budgets.is_empty() {
-                            match gw.budgets.reserve(&manifest, spend_of(&manifest, &connector, route, &params)) {
-                                BudgetCheck::Exceeded(r) => {
-                                    let d = Decision { verdict: Verdict::Deny, reasons: vec![r] };
-                                    return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
-                                }
-                                BudgetCheck::Reserved { reservation: r, .. } => reservation = Some(r),
+                        match gw.budgets.reserve(&manifest, spend_of(&manifest, &connector, route, &params)) {
+                            BudgetCheck::Exceeded(r) => {
+                                let d = Decision { verdict: Verdict::Deny, reasons: vec![r] };
+                                return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
                             }
+                            BudgetCheck::Reserved { reservation: r, .. } => reservation = Some(r),
                         }
                         let mut d = Decision::allow();
                         d.reasons.push(Reason::new("approval_granted", format!("approved in {id}")));
@@ -850,7 +856,15 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         }
     };
     if let Some(r) = reservation.take() {
-        r.commit();
+        // One rule with the rebuild from the log (a dry-run escalation is forwarded, not counted).
+        if crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref()) {
+            r.commit();
+        } else {
+            gw.budgets.release(r);
+        }
+    }
+    if let Some(t) = rate_taken.take() {
+        t.commit();
     }
     if let Some(id) = &consumed_approval {
         let e = approval_entry(id, "consumed", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
