@@ -143,8 +143,13 @@ enum ProofCmd {
 
 #[derive(Args)]
 struct ExportArgs {
+    /// The gateway config: where the log (audit.path) and the signing key (keys.gateway) are,
+    /// defaulting as `run` does.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// The redb audit file (default: the config's audit.path).
     #[arg(long)]
-    db: PathBuf,
+    db: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
     /// First index (inclusive).
@@ -153,9 +158,9 @@ struct ExportArgs {
     /// Last index (exclusive).
     #[arg(long)]
     to: Option<u64>,
-    /// The gateway key that signs the bundle manifest.
-    #[arg(long, default_value = "./data/gateway.pem")]
-    gateway_key: PathBuf,
+    /// The gateway key that signs the bundle manifest (default: the config's keys.gateway).
+    #[arg(long)]
+    gateway_key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -368,10 +373,19 @@ fn read_text(p: &Path) -> Result<String, Fail> {
 fn verify(a: VerifyArgs) -> Result<(), Fail> {
     let mut key_paths = a.keys.clone();
     if key_paths.is_empty() {
-        match &a.bundle {
-            Some(b) => key_paths.push(b.join("gateway.pub.pem")),
-            None => key_paths.push(PathBuf::from("./data/gateway.pub.pem")),
+        if a.bundle.is_some() || a.proof.is_some() {
+            // A bundle or proof carries its own public key: trusting it would accept anything
+            // re-signed by whoever made the copy.
+            return Err(Fail(
+                2,
+                format!(
+                    "{} needs --key PUB.pem: the gateway public key you trust, obtained independently of the \
+                     evidence (never the key inside a bundle)",
+                    if a.bundle.is_some() { "--bundle" } else { "--proof" }
+                ),
+            ));
         }
+        key_paths.push(PathBuf::from("./data/gateway.pub.pem"));
         eprintln!("using key {} (pass --key to choose the trusted key)", key_paths[0].display());
     }
     let keys = read_keys(&key_paths)?;
@@ -411,17 +425,34 @@ fn verify(a: VerifyArgs) -> Result<(), Fail> {
             }
             r
         }
-        (None, Some(b)) => audit::verify_bundle(b, &keys),
+        (None, Some(b)) => {
+            let opts = audit::VerifyOptions { trusted_checkpoint: trusted.as_deref(), progress: None };
+            audit::verify_bundle_with(b, &keys, &opts)
+        }
         (None, None) => return Err(Fail(2, "give --db, --bundle or --proof".into())),
     };
+    report_verify(report)
+}
+
+fn report_verify(report: Result<audit::VerifyReport, audit::VerifyFailure>) -> Result<(), Fail> {
     match report {
         Ok(r) => {
-            println!(
-                "ok: {} entries verified; {} checkpoints; tree size {}; root {}",
+            let range = if r.from > 0 { format!(" (indexes {}..{})", r.from, r.size) } else { String::new() };
+            let mut line = format!(
+                "ok: {} entries verified{range}; {} checkpoints; tree size {}; root {}",
                 r.entries, r.checkpoints, r.size, r.root_hex
             );
+            if r.rotations > 0 {
+                line += &format!("; {} key rotation(s) followed", r.rotations);
+            }
+            match r.trusted_size {
+                Some(t) => line += &format!("; extends the trusted checkpoint of size {t}"),
+                None => line += "; no trusted checkpoint given (truncation of the newest entries is not checked)",
+            }
+            println!("{line}");
             Ok(())
         }
+        Err(f) if f.io => Err(Fail(2, format!("cannot verify: {}", f.reason))),
         Err(f) => Err(Fail(
             1,
             match f.index {
@@ -433,8 +464,18 @@ fn verify(a: VerifyArgs) -> Result<(), Fail> {
 }
 
 fn export(a: ExportArgs) -> Result<(), Fail> {
-    let key = identity::load_signing_key(&a.gateway_key).map_err(|e| Fail(2, e.to_string()))?;
-    let r = audit::export_bundle(&a.db, &a.out, a.from, a.to, &key).map_err(|e| Fail(2, e.to_string()))?;
+    let (db, key_path) = match (a.db, a.gateway_key) {
+        (Some(db), Some(k)) if a.config.is_none() => (db, k),
+        (db, k) => {
+            let cfg = load_config(a.config.as_deref())?;
+            (db.unwrap_or(cfg.audit.path), k.unwrap_or(cfg.gateway_key))
+        }
+    };
+    let key = identity::load_signing_key(&key_path).map_err(|e| Fail(2, e.to_string()))?;
+    if !db.exists() {
+        return Err(Fail(2, format!("{}: no such file", db.display())));
+    }
+    let r = audit::export_bundle(&db, &a.out, a.from, a.to, &key).map_err(|e| Fail(2, e.to_string()))?;
     println!("exported {} entries to {}", r.entries, a.out.display());
     Ok(())
 }

@@ -24,9 +24,10 @@ pub fn public_path(out: &Path) -> PathBuf {
 /// refused unless `force`) and its public key to `<stem>.pub.pem`. Returns the public path.
 pub fn generate_key_files(out: &Path, force: bool) -> Result<PathBuf, IdentityError> {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| IdentityError::Key(e.to_string()))?;
+    let pem = private_key_pem(&key)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e.to_string()))?;
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| file_err(dir, e.to_string()))?;
     }
     if force {
         let _ = std::fs::remove_file(out);
@@ -44,7 +45,17 @@ pub fn generate_key_files(out: &Path, force: bool) -> Result<PathBuf, IdentityEr
     Ok(pub_path)
 }
 
-/// Reads a PKCS#8 PEM Ed25519 private key.
+/// The key as PKCS#8 v1 PEM (RFC 8410: the seed only, no public key). ed25519-dalek writes
+/// v2 (RFC 5958, with the public key), which OpenSSL 3 and pyca/cryptography refuse to load.
+pub fn private_key_pem(
+    key: &SigningKey,
+) -> Result<ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing<String>, IdentityError> {
+    ed25519_dalek::pkcs8::KeypairBytes { secret_key: key.to_bytes(), public_key: None }
+        .to_pkcs8_pem(LineEnding::LF)
+        .map_err(|e| IdentityError::Key(e.to_string()))
+}
+
+/// Reads a PKCS#8 PEM Ed25519 private key (v1 or v2).
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, IdentityError> {
     let pem = std::fs::read_to_string(path).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
     SigningKey::from_pkcs8_pem(pem.trim()).map_err(|_| file_err(path, "not an Ed25519 private key in PKCS#8 PEM form"))
