@@ -419,14 +419,14 @@ struct Trusted<'a> {
 impl<'a> Trusted<'a> {
     fn parse(note: Option<&'a str>) -> Result<Option<Trusted<'a>>, VerifyFailure> {
         let Some(note) = note else { return Ok(None) };
-        let cp = parse_unverified(note).map_err(|e| fail(None, format!("trusted checkpoint: {e}")))?;
+        let cp = parse_unverified(note).map_err(|e| fail(None, format!("trusted {e}")))?;
         Ok(Some(Trusted { note, cp, signed: false }))
     }
 
     fn check_signature(&mut self, known: &[VerifyingKey]) -> Result<(), VerifyFailure> {
         if !self.signed {
             parse_checkpoint(self.note, &named_keys(self.note, known))
-                .map_err(|e| fail(None, format!("trusted checkpoint: {e}")))?;
+                .map_err(|e| fail(None, format!("trusted {e}")))?;
             self.signed = true;
         }
         Ok(())
@@ -472,7 +472,7 @@ impl<'a> Trusted<'a> {
         if size < self.cp.size {
             // A forged "newer" checkpoint is named as such, not as a rollback.
             parse_checkpoint(self.note, &named_keys(self.note, known))
-                .map_err(|e| fail(None, format!("trusted checkpoint: {e}")))?;
+                .map_err(|e| fail(None, format!("trusted {e}")))?;
             return Err(fail(
                 Some(size),
                 format!(
@@ -670,7 +670,7 @@ pub fn verify_bundle_with(
         }
     }
     let note = String::from_utf8(read("checkpoint")?).map_err(|_| fail(None, "checkpoint is not UTF-8 text"))?;
-    let cp = parse_unverified(&note).map_err(|e| fail(None, format!("checkpoint: {e}")))?;
+    let cp = parse_unverified(&note).map_err(|e| fail(None, e.to_string()))?;
     if m["origin"].as_str() != Some(cp.origin.as_str()) {
         return Err(fail(None, "manifest.json names another origin than the checkpoint"));
     }
@@ -695,6 +695,9 @@ pub fn verify_bundle_with(
         .and_then(|h| hex::decode(h).ok())
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| fail(None, "prefix.json has no valid last_leaf"))?;
+    if from == 0 && prev != [0u8; 32] {
+        return Err(fail(None, "prefix.json: last_leaf of an empty prefix must be the genesis value (64 zeros)"));
+    }
     if let Some(t) = &trusted
         && t.cp.size < from
     {
@@ -750,7 +753,7 @@ pub fn verify_bundle_with(
             format!("the bundle ends at {} but its checkpoint covers {}", frontier.size(), cp.size),
         ));
     }
-    parse_checkpoint(&note, &named_keys(&note, &active)).map_err(|e| fail(None, format!("checkpoint: {e}")))?;
+    parse_checkpoint(&note, &named_keys(&note, &active)).map_err(|e| fail(None, e.to_string()))?;
     if frontier.root() != cp.root {
         return Err(fail(
             Some(cp.size.saturating_sub(1)),
