@@ -291,5 +291,11 @@ check "wrong key" 1 "$work/full" --key "$work/issuer.pub.pem"
 check "no such bundle" 2 "$work/nowhere" --key "$key1"
 check "no --key" 2 "$work/full"
 
+# VERIFIER_AGREEMENT_KEEP=DIR keeps a copy of the genuine bundles and keys for inspection.
+if [ -n "${VERIFIER_AGREEMENT_KEEP:-}" ]; then
+  mkdir -p "$VERIFIER_AGREEMENT_KEEP"
+  cp -r "$work/full" "$work/old" "$work/tail" "$work/before-rotation.cp" "$work/after-rotation.cp" "$key1" "$key2" \
+    "$VERIFIER_AGREEMENT_KEEP/"
+fi
 echo "verifier-agreement: $pass agreed, $fail failed"
 [ "$fail" -eq 0 ]
