@@ -134,7 +134,10 @@ config "$work/keys/gateway-2.pem" > "$work/gateway.yaml"
 start
 traffic 4
 curl -sf -H "Authorization: Bearer $admin_key" "http://127.0.0.1:$admin/v1/checkpoint" > "$work/after-rotation.cp"
-traffic 2
+traffic 2 & busy=$!
+# An export of the live log through the admin API (POST /v1/export) while requests arrive.
+UAPK_ADMIN_KEY=$admin_key "$bin" export --admin "http://127.0.0.1:$admin" --out "$work/live" >/dev/null
+wait "$busy"
 stop
 
 key1=$work/keys/gateway-1.pub.pem; key2=$work/keys/gateway-2.pub.pem
@@ -272,6 +275,7 @@ check "older export alone" 0 "$work/old" --key "$key1" --key "$key2"
 check "middle range" 0 "$work/middle" --key "$key1" --key "$key2"
 check "older export, old key only" 1 "$work/old" --key "$key1"
 check "tail after the rotation (new key)" 0 "$work/tail" --key "$key2"
+check "live export via the admin API" 0 "$work/live" --key "$key1" --trusted-checkpoint "$work/after-rotation.cp"
 
 echo "== tampered bundles and wrong trust: both must refuse (1), I/O and usage: 2"
 for c in flip-byte flip-byte-resigned drop-entry drop-last-entry swap-entries older-checkpoint \

@@ -470,14 +470,13 @@ def verify_bundle(bundle, keys, trusted_note):
                 trusted.check_at(frontier.size, frontier, cp["origin"], known)
     if frontier.size != cp["size"]:
         raise Invalid(
-            "the bundle ends at %d but its checkpoint covers %d" % (frontier.size, cp["size"]),
+            "the entries end at %d but the checkpoint covers %d" % (frontier.size, cp["size"]),
             min(frontier.size, cp["size"]),
         )
     check_note_signature(note, active)
     if frontier.root() != cp["root"]:
         raise Invalid(
-            "the bundle's entries do not hash to its signed checkpoint (an entry was changed, dropped, added "
-            "or moved)",
+            "the entries do not hash to the signed checkpoint (an entry was changed, dropped, added or moved)",
             max(cp["size"] - 1, 0),
         )
     if not manifest_signed_early and not manifest_by(active):

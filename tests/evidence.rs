@@ -405,7 +405,7 @@ async fn bundles_are_checked_against_the_key_and_the_trusted_checkpoint() {
     resign_manifest(&edited_dir, &signer);
     let (code, _, err) = cli(d, &["verify", "--bundle", edited_dir.to_str().unwrap(), "--key", &key_s]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("do not hash to its signed checkpoint"), "{err}");
+    assert!(err.contains("do not hash to the signed checkpoint"), "{err}");
 
     // A manifest signature made without the manifest context (e.g. a bare signature of its
     // bytes) does not verify.
@@ -490,4 +490,125 @@ async fn origins_outside_the_c2sp_key_name_rules_are_refused_by_check_and_run() 
         assert!(err.contains("audit.origin"), "{what}: {err}");
         assert!(!dir.path().join("data/audit.redb").exists(), "{what}: run created a log");
     }
+}
+
+fn cli_with_key(dir: &Path, args: &[&str], admin_key: &str) -> (i32, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("UAPK_ADMIN_KEY", admin_key)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_gateways_log_is_verified_exported_and_proved_through_the_admin_api() {
+    use sha2::Digest;
+    const ADMIN: &str = "uapk_test_admin_key";
+    let up = Upstream::start().await;
+    let files = [("pay.yaml", manifest("pay-agent", up.addr, "", ""))];
+    let yaml = format!(
+        "admin:\n  keys:\n    - {{ id: auditor, sha256: {}, role: viewer }}\n    - {{ id: ops, sha256: {}, role: admin }}\n",
+        hex::encode(sha2::Sha256::digest(ADMIN_KEY)),
+        hex::encode(sha2::Sha256::digest(ADMIN))
+    );
+    let gw = TestGateway::start(&files, &yaml).await;
+    traffic(&gw, 6).await;
+    let kept = fetch_checkpoint(&gw).await;
+    let kept_size: u64 = kept.lines().nth(1).unwrap().parse().unwrap();
+    traffic(&gw, 6).await;
+    let d = gw.dir.path().to_path_buf();
+    std::fs::write(d.join("kept.cp"), &kept).unwrap();
+    let url = format!("http://{}", gw.admin);
+    let key_s = gw.data().join("gateway.pub.pem").to_str().unwrap().to_string();
+
+    // The API: 401 without a key, 403 for a viewer, a tar for an admin.
+    let post = |key: Option<&str>| {
+        let mut r = client().post(format!("{url}/v1/export"));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status(), 401);
+    assert_eq!(post(Some(ADMIN_KEY)).await.unwrap().status(), 403);
+    let resp = post(Some(ADMIN)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-tar");
+    let tar = resp.bytes().await.unwrap();
+    let names = uapk_gateway::audit::tar::extract(&tar, &d.join("api-bundle")).unwrap();
+    assert_eq!(names.len(), 6, "{names:?}");
+
+    // While requests keep arriving, the CLI verifies, proves and exports the live log.
+    let busy = {
+        let base = gw.base("/shop/v1/charges/live");
+        let tok = token("pay-agent");
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                let _ = client().get(&base).header("x-uapk-capability", &tok).send().await;
+            }
+        })
+    };
+    let dd = d.clone();
+    let (url2, key2) = (url.clone(), key_s.clone());
+    let results = tokio::task::spawn_blocking(move || {
+        let d = dd.as_path();
+        let verify = cli_with_key(
+            d,
+            &["verify", "--admin", &url2, "--key", &key2, "--trusted-checkpoint", "kept.cp"],
+            ADMIN_KEY,
+        );
+        let proof = cli_with_key(d, &["proof", "inclusion", "--admin", &url2, "--index", "2"], ADMIN_KEY);
+        let viewer_export = cli_with_key(d, &["export", "--admin", &url2, "--out", "viewer-bundle"], ADMIN_KEY);
+        let export = cli_with_key(d, &["export", "--admin", &url2, "--out", "live-bundle"], ADMIN);
+        let no_key = run_cli(&["verify", "--admin", &url2, "--key", &key2], d);
+        let wrong_key = cli_with_key(d, &["verify", "--admin", &url2, "--key", &key2], "uapk_wrong");
+        (verify, proof, viewer_export, export, no_key, wrong_key)
+    })
+    .await
+    .unwrap();
+    busy.await.unwrap();
+    let (verify, proof, viewer_export, export, no_key, wrong_key) = results;
+    assert_eq!(verify.0, 0, "{verify:?}");
+    assert!(verify.1.contains(&format!("extends the trusted checkpoint of size {kept_size}")), "{verify:?}");
+    assert_eq!(proof.0, 0, "{proof:?}");
+    assert!(proof.1.starts_with("uapk-gateway proof v1\ntype inclusion\nindex 2\n"), "{proof:?}");
+    assert_eq!(viewer_export.0, 2, "{viewer_export:?}");
+    assert!(viewer_export.2.contains("refused the key"), "{viewer_export:?}");
+    assert_eq!(export.0, 0, "{export:?}");
+    assert_eq!(no_key.0, 2, "{no_key:?}");
+    assert!(no_key.2.contains("UAPK_ADMIN_KEY"), "{no_key:?}");
+    assert_eq!(wrong_key.0, 2, "{wrong_key:?}");
+    assert!(!wrong_key.2.contains("uapk_wrong"), "the key is never echoed: {wrong_key:?}");
+    std::fs::write(d.join("live.proof"), &proof.1).unwrap();
+    let (code, out, err) = cli(&d, &["verify", "--proof", "live.proof", "--key", &key_s]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Both exported bundles verify offline, against the kept checkpoint too.
+    for b in ["api-bundle", "live-bundle"] {
+        let p = d.join(b);
+        let (code, out, err) =
+            cli(&d, &["verify", "--bundle", p.to_str().unwrap(), "--key", &key_s, "--trusted-checkpoint", "kept.cp"]);
+        assert_eq!(code, 0, "{b}: {out}{err}");
+    }
+    // A tampered served checkpoint is not "ok": the kept checkpoint of a larger tree signed by
+    // the gateway key but with another root fails the live verification.
+    let signer = uapk_gateway::identity::load_signing_key(&gw.data().join("gateway.pem")).unwrap();
+    std::fs::write(d.join("fork.cp"), sign_checkpoint("test.example/log", kept_size, [1u8; 32], &signer)).unwrap();
+    let url3 = url.clone();
+    let dd = d.clone();
+    let k3 = key_s.clone();
+    let fork = tokio::task::spawn_blocking(move || {
+        cli_with_key(&dd, &["verify", "--admin", &url3, "--key", &k3, "--trusted-checkpoint", "fork.cp"], ADMIN_KEY)
+    })
+    .await
+    .unwrap();
+    assert_eq!(fork.0, 1, "{fork:?}");
+    assert!(fork.2.contains("not an extension"), "{fork:?}");
+    gw.stop().await;
 }

@@ -14,6 +14,7 @@ pub mod merkle;
 pub mod note;
 pub mod proof;
 mod store;
+pub mod tar;
 mod verify;
 
 pub use canonical::{Fields, canonical_json};
@@ -25,8 +26,8 @@ pub use store::{
 };
 pub use verify::{
     BUNDLE_FORMAT, ExportReport, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle,
-    export_from, first_index_at_or_after, read_entries, verify_bundle, verify_bundle_with, verify_db, verify_db_with,
-    verify_tx,
+    export_from, fetch_failure, first_index_at_or_after, read_entries, verify_bundle, verify_bundle_with, verify_db,
+    verify_db_with, verify_served, verify_tx,
 };
 
 /// Largest canonical entry accepted, bytes.

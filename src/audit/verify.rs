@@ -682,7 +682,7 @@ pub fn verify_bundle_with(
     }
     let prefix: Value =
         serde_json::from_slice(&read("prefix.json")?).map_err(|_| fail(None, "prefix.json is not JSON"))?;
-    let mut frontier = prefix["frontier"]
+    let frontier = prefix["frontier"]
         .as_str()
         .and_then(|h| hex::decode(h).ok())
         .and_then(|b| Frontier::from_bytes(&b))
@@ -690,7 +690,7 @@ pub fn verify_bundle_with(
     if num(&prefix["size"], "prefix.json size")? != from || frontier.size() != from {
         return Err(fail(None, format!("prefix.json is not the tree of the {from} entries before the bundle")));
     }
-    let mut prev: Hash = prefix["last_leaf"]
+    let prev: Hash = prefix["last_leaf"]
         .as_str()
         .and_then(|h| hex::decode(h).ok())
         .and_then(|b| b.try_into().ok())
@@ -710,26 +710,88 @@ pub fn verify_bundle_with(
             ),
         ));
     }
+    let file = std::fs::File::open(dir.join("entries.jsonl")).map_err(|e| io_fail(format!("entries.jsonl: {e}")))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let next = |idx: u64, line: &mut Vec<u8>| -> Result<bool, VerifyFailure> {
+        let got = reader.read_until(b'\n', line).map_err(|e| io_fail(format!("entries.jsonl: {e}")))?;
+        if got == 0 {
+            return Ok(false);
+        }
+        if line.pop() != Some(b'\n') {
+            return Err(fail(Some(idx), "entries.jsonl: the last line does not end in a newline"));
+        }
+        Ok(true)
+    };
+    let range = check_range(&note, &cp, frontier, prev, keys, &mut trusted, next)?;
+    let (n, rotations, active) = (range.entries, range.rotations, range.active);
+    if !manifest_signed_early && !manifest_by(&active) {
+        return Err(fail(None, "manifest.json is not signed by a trusted key"));
+    }
+    if let Some(t) = &trusted {
+        t.finish(cp.size, &range.known)?;
+    }
+    Ok(VerifyReport {
+        entries: n,
+        checkpoints: 1,
+        size: cp.size,
+        root_hex: hex::encode(cp.root),
+        from,
+        trusted_size: trusted.map(|t| t.cp.size),
+        rotations,
+    })
+}
+
+/// What `check_range` verified.
+struct Range {
+    entries: u64,
+    rotations: u64,
+    /// The keys active after the last entry.
+    active: Vec<VerifyingKey>,
+    /// Every key active at some point.
+    known: Vec<VerifyingKey>,
+}
+
+/// Checks the entries after the tree `frontier` (whose last leaf is `prev`) up to the signed
+/// checkpoint `note` (`cp` parsed from it): each entry's index, chain link and log, key
+/// rotations, the trusted checkpoint when the tree passes its size, and the final root and its
+/// signature. `next(index, buffer)` fills `buffer` with the next entry's bytes, false at the end.
+fn check_range(
+    note: &str,
+    cp: &Checkpoint,
+    mut frontier: Frontier,
+    mut prev: Hash,
+    keys: &[VerifyingKey],
+    trusted: &mut Option<Trusted>,
+    mut next: impl FnMut(u64, &mut Vec<u8>) -> Result<bool, VerifyFailure>,
+) -> Result<Range, VerifyFailure> {
+    let from = frontier.size();
+    if let Some(t) = &*trusted
+        && t.cp.size < from
+    {
+        return Err(fail(
+            None,
+            format!(
+                "the bundle starts at entry {from}, after the trusted checkpoint's size {}: its consistency with \
+                 that checkpoint cannot be checked (export from {} or earlier)",
+                t.cp.size, t.cp.size
+            ),
+        ));
+    }
     let mut active: Vec<VerifyingKey> = keys.to_vec();
     let mut known: Vec<VerifyingKey> = keys.to_vec();
     let mut rotations = 0u64;
-    if let Some(t) = &mut trusted {
+    if let Some(t) = trusted.as_mut() {
         t.check_at(from, &frontier, Some(&cp.origin), &known)?;
     }
-    let file = std::fs::File::open(dir.join("entries.jsonl")).map_err(|e| io_fail(format!("entries.jsonl: {e}")))?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
     let mut line = Vec::with_capacity(4096);
     let mut n = 0u64;
     loop {
         line.clear();
-        let got = reader.read_until(b'\n', &mut line).map_err(|e| io_fail(format!("entries.jsonl: {e}")))?;
-        if got == 0 {
+        let idx = frontier.size();
+        if !next(idx, &mut line)? {
             break;
         }
-        let idx = frontier.size();
-        let Some(bytes) = line.strip_suffix(b"\n") else {
-            return Err(fail(Some(idx), "entries.jsonl: the last line does not end in a newline"));
-        };
+        let bytes = line.as_slice();
         let (leaf, is_key) = check_entry(idx, bytes, &prev, Some(&cp.origin))?;
         if is_key && let Some(new) = rotation(bytes) {
             let (new_key, message, sig) = new.map_err(|why| fail(Some(idx), why))?;
@@ -743,36 +805,53 @@ pub fn verify_bundle_with(
         frontier.push(leaf);
         prev = leaf;
         n += 1;
-        if let Some(t) = &mut trusted {
+        if let Some(t) = trusted.as_mut() {
             t.check_at(frontier.size(), &frontier, Some(&cp.origin), &known)?;
         }
     }
     if frontier.size() != cp.size {
         return Err(fail(
             Some(frontier.size().min(cp.size)),
-            format!("the bundle ends at {} but its checkpoint covers {}", frontier.size(), cp.size),
+            format!("the entries end at {} but the checkpoint covers {}", frontier.size(), cp.size),
         ));
     }
-    parse_checkpoint(&note, &named_keys(&note, &active)).map_err(|e| fail(None, e.to_string()))?;
+    parse_checkpoint(note, &named_keys(note, &active)).map_err(|e| fail(None, e.to_string()))?;
     if frontier.root() != cp.root {
         return Err(fail(
             Some(cp.size.saturating_sub(1)),
-            "the bundle's entries do not hash to its signed checkpoint (an entry was changed, dropped, added or moved)",
+            "the entries do not hash to the signed checkpoint (an entry was changed, dropped, added or moved)",
         ));
     }
-    if !manifest_signed_early && !manifest_by(&active) {
-        return Err(fail(None, "manifest.json is not signed by a trusted key"));
-    }
+    Ok(Range { entries: n, rotations, active, known })
+}
+
+/// Verifies a log served by a running gateway: its latest signed checkpoint `note` and the
+/// entries `0..size` of that checkpoint, as `next(index, buffer)` yields them (the checkpoint pins
+/// a consistent snapshot whatever the writer appends meanwhile).
+pub fn verify_served(
+    note: &str,
+    keys: &[VerifyingKey],
+    opts: &VerifyOptions,
+    next: impl FnMut(u64, &mut Vec<u8>) -> Result<bool, VerifyFailure>,
+) -> Result<VerifyReport, VerifyFailure> {
+    let mut trusted = Trusted::parse(opts.trusted_checkpoint)?;
+    let cp = parse_unverified(note).map_err(|e| fail(None, format!("the served {e}")))?;
+    let range = check_range(note, &cp, Frontier::new(), [0u8; 32], keys, &mut trusted, next)?;
     if let Some(t) = &trusted {
-        t.finish(frontier.size(), &known)?;
+        t.finish(cp.size, &range.known)?;
     }
     Ok(VerifyReport {
-        entries: n,
+        entries: range.entries,
         checkpoints: 1,
         size: cp.size,
         root_hex: hex::encode(cp.root),
-        from,
+        from: 0,
         trusted_size: trusted.map(|t| t.cp.size),
-        rotations,
+        rotations: range.rotations,
     })
+}
+
+/// A failure to fetch evidence (exit 2).
+pub fn fetch_failure(reason: impl Into<String>) -> VerifyFailure {
+    io_fail(reason)
 }
