@@ -70,3 +70,36 @@ pub fn parse_verifying_key_pem(pem: &str) -> Result<VerifyingKey, IdentityError>
 pub fn verifying_key_pem(vk: &VerifyingKey) -> String {
     vk.to_public_key_pem(LineEnding::LF).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_written_as_pkcs8_v1_and_both_versions_are_read() {
+        let key = SigningKey::from_bytes(&[11u8; 32]);
+        let pem = private_key_pem(&key).unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{}", pem.as_str());
+        // RFC 8410 v1: SEQUENCE { INTEGER 0, AlgorithmIdentifier id-Ed25519, OCTET STRING { seed } }.
+        let (_, der) = ed25519_dalek::pkcs8::spki::der::SecretDocument::from_pem(pem.as_str()).unwrap();
+        let mut want = hex::decode("302e020100300506032b657004220420").unwrap();
+        want.extend_from_slice(&[11u8; 32]);
+        assert_eq!(der.as_bytes(), want.as_slice());
+        let dir = tempfile::tempdir().unwrap();
+        let v1 = dir.path().join("v1.pem");
+        std::fs::write(&v1, pem.as_bytes()).unwrap();
+        assert_eq!(load_signing_key(&v1).unwrap().to_bytes(), key.to_bytes());
+        let v2 = dir.path().join("v2.pem");
+        std::fs::write(&v2, key.to_pkcs8_pem(LineEnding::LF).unwrap().as_bytes()).unwrap();
+        assert_eq!(load_signing_key(&v2).unwrap().to_bytes(), key.to_bytes());
+        // generate_key_files writes v1, 0600, in a directory it creates 0700.
+        use std::os::unix::fs::PermissionsExt;
+        let out = dir.path().join("new/k.pem");
+        generate_key_files(&out, false).unwrap();
+        let text = std::fs::read_to_string(&out).unwrap();
+        let (_, der) = ed25519_dalek::pkcs8::spki::der::SecretDocument::from_pem(&text).unwrap();
+        assert_eq!(der.as_bytes().len(), 48, "v1: the seed only");
+        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(dir.path().join("new")).unwrap().permissions().mode() & 0o777, 0o700);
+    }
+}
