@@ -40,9 +40,11 @@ enum Cmd {
         #[arg(short = 'c', long = "config")]
         config: Option<PathBuf>,
     },
-    /// Verify an audit log (or an export bundle) offline.
+    /// Verify an audit log, an export bundle, a proof, or a running gateway's log (--admin).
+    /// Exit 0 verified, 1 invalid or tampered, 2 usage or I/O error.
     Verify(VerifyArgs),
-    /// Export a range of the audit log as a signed bundle directory.
+    /// Export a range of the audit log as a signed bundle directory (format:
+    /// docs/evidence-format.md), from the database file or a running gateway (--admin).
     Export(ExportArgs),
     /// Inclusion and consistency proofs from an audit log (text format: see the README).
     Proof {
@@ -120,7 +122,8 @@ struct VerifyArgs {
     /// An export bundle directory.
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// Trusted gateway public key(s) (SPKI PEM). Default: ./data/gateway.pub.pem for --db.
+    /// Trusted gateway public key(s) (SPKI PEM), obtained independently of the evidence. Required
+    /// with --bundle, --proof and --admin; default ./data/gateway.pub.pem for --db.
     #[arg(long = "key")]
     keys: Vec<PathBuf>,
     /// A checkpoint kept from earlier: the log must extend it (catches truncation and rollback).
