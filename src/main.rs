@@ -40,9 +40,11 @@ enum Cmd {
         #[arg(short = 'c', long = "config")]
         config: Option<PathBuf>,
     },
-    /// Verify an audit log (or an export bundle) offline.
+    /// Verify an audit log, an export bundle, a proof, or a running gateway's log (--admin).
+    /// Exit 0 verified, 1 invalid or tampered, 2 usage or I/O error.
     Verify(VerifyArgs),
-    /// Export a range of the audit log as a signed bundle directory.
+    /// Export a range of the audit log as a signed bundle directory (format:
+    /// docs/evidence-format.md), from the database file or a running gateway (--admin).
     Export(ExportArgs),
     /// Inclusion and consistency proofs from an audit log (text format: see the README).
     Proof {
@@ -104,15 +106,29 @@ enum Cmd {
     },
 }
 
+/// Reaching a running gateway's log through its admin API.
+#[derive(Args, Clone)]
+struct AdminArgs {
+    /// The running gateway's admin listener, e.g. http://127.0.0.1:15021: read its live log (a
+    /// consistent snapshot) instead of the database file, which the gateway holds locked.
+    #[arg(long = "admin", value_name = "URL")]
+    admin: Option<String>,
+    /// File holding the admin key (default: the UAPK_ADMIN_KEY environment variable). Viewer
+    /// role for verify and proof, admin role for export.
+    #[arg(long, value_name = "FILE", requires = "admin")]
+    admin_key_file: Option<PathBuf>,
+}
+
 #[derive(Args)]
 struct VerifyArgs {
     /// The redb audit file.
-    #[arg(long, conflicts_with = "bundle", required_unless_present_any = ["bundle", "proof"])]
+    #[arg(long, conflicts_with_all = ["bundle", "admin"], required_unless_present_any = ["bundle", "proof", "admin"])]
     db: Option<PathBuf>,
     /// An export bundle directory.
     #[arg(long)]
     bundle: Option<PathBuf>,
-    /// Trusted gateway public key(s) (SPKI PEM). Default: ./data/gateway.pub.pem for --db.
+    /// Trusted gateway public key(s) (SPKI PEM), obtained independently of the evidence. Required
+    /// with --bundle, --proof and --admin; default ./data/gateway.pub.pem for --db.
     #[arg(long = "key")]
     keys: Vec<PathBuf>,
     /// A checkpoint kept from earlier: the log must extend it (catches truncation and rollback).
@@ -120,36 +136,47 @@ struct VerifyArgs {
     #[arg(long)]
     trusted_checkpoint: Option<PathBuf>,
     /// Check a proof file written by `uapk-gateway proof` instead of a whole log.
-    #[arg(long, conflicts_with_all = ["db", "bundle"])]
+    #[arg(long, conflicts_with_all = ["db", "bundle", "admin"])]
     proof: Option<PathBuf>,
+    #[command(flatten)]
+    remote: AdminArgs,
 }
 
 #[derive(Subcommand)]
 enum ProofCmd {
     /// Prove that entry INDEX is in the tree of SIZE entries (default: the latest checkpoint).
     Inclusion {
-        #[arg(long)]
-        db: PathBuf,
+        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        db: Option<PathBuf>,
         #[arg(long)]
         index: u64,
         #[arg(long)]
         size: Option<u64>,
+        #[command(flatten)]
+        remote: AdminArgs,
     },
     /// Prove that the tree of OLD entries is a prefix of the tree of NEW entries.
     Consistency {
-        #[arg(long)]
-        db: PathBuf,
+        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        db: Option<PathBuf>,
         #[arg(long)]
         old: u64,
         #[arg(long)]
         new: u64,
+        #[command(flatten)]
+        remote: AdminArgs,
     },
 }
 
 #[derive(Args)]
 struct ExportArgs {
+    /// The gateway config: where the log (audit.path) and the signing key (keys.gateway) are,
+    /// defaulting as `run` does.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// The redb audit file (default: the config's audit.path).
     #[arg(long)]
-    db: PathBuf,
+    db: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
     /// First index (inclusive).
@@ -158,9 +185,11 @@ struct ExportArgs {
     /// Last index (exclusive).
     #[arg(long)]
     to: Option<u64>,
-    /// The gateway key that signs the bundle manifest.
-    #[arg(long, default_value = "./data/gateway.pem")]
-    gateway_key: PathBuf,
+    /// The gateway key that signs the bundle manifest (default: the config's keys.gateway).
+    #[arg(long, conflicts_with = "admin")]
+    gateway_key: Option<PathBuf>,
+    #[command(flatten)]
+    remote: AdminArgs,
 }
 
 #[derive(Subcommand)]
@@ -380,9 +409,25 @@ fn proof(cmd: ProofCmd) -> Result<(), Fail> {
         let tx = snap.begin_read().map_err(|e| Fail(2, e.to_string()))?;
         Ok((snap, tx))
     };
+    let (remote, query) = match &cmd {
+        ProofCmd::Inclusion { remote, index, size, .. } => (
+            remote,
+            format!("/v1/proof/inclusion?index={index}{}", size.map(|s| format!("&size={s}")).unwrap_or_default()),
+        ),
+        ProofCmd::Consistency { remote, old, new, .. } => {
+            (remote, format!("/v1/proof/consistency?old={old}&new={new}"))
+        }
+    };
+    if let Some(url) = &remote.admin {
+        let admin = remote::Admin::connect(url, remote.admin_key_file.as_deref())?;
+        let text = admin.get(&query)?;
+        print!("{}", String::from_utf8_lossy(&text));
+        return Ok(());
+    }
+    let db = |d: Option<PathBuf>| d.ok_or_else(|| Fail(2, "give --db FILE or --admin URL".into()));
     let p = match cmd {
-        ProofCmd::Inclusion { db, index, size } => audit::proof::inclusion(&read(&db)?.1, index, size),
-        ProofCmd::Consistency { db, old, new } => audit::proof::consistency(&read(&db)?.1, old, new),
+        ProofCmd::Inclusion { db: d, index, size, .. } => audit::proof::inclusion(&read(&db(d)?)?.1, index, size),
+        ProofCmd::Consistency { db: d, old, new, .. } => audit::proof::consistency(&read(&db(d)?)?.1, old, new),
     }
     .map_err(|e| Fail(1, e.to_string()))?;
     print!("{}", p.to_text());
@@ -396,10 +441,25 @@ fn read_text(p: &Path) -> Result<String, Fail> {
 fn verify(a: VerifyArgs) -> Result<(), Fail> {
     let mut key_paths = a.keys.clone();
     if key_paths.is_empty() {
-        match &a.bundle {
-            Some(b) => key_paths.push(b.join("gateway.pub.pem")),
-            None => key_paths.push(PathBuf::from("./data/gateway.pub.pem")),
+        if a.bundle.is_some() || a.proof.is_some() || a.remote.admin.is_some() {
+            // A bundle or proof carries its own public key: trusting it would accept anything
+            // re-signed by whoever made the copy.
+            return Err(Fail(
+                2,
+                format!(
+                    "{} needs --key PUB.pem: the gateway public key you trust, obtained independently of the \
+                     evidence (never the key inside a bundle)",
+                    if a.bundle.is_some() {
+                        "--bundle"
+                    } else if a.proof.is_some() {
+                        "--proof"
+                    } else {
+                        "--admin"
+                    }
+                ),
+            ));
         }
+        key_paths.push(PathBuf::from("./data/gateway.pub.pem"));
         eprintln!("using key {} (pass --key to choose the trusted key)", key_paths[0].display());
     }
     let keys = read_keys(&key_paths)?;
@@ -417,6 +477,23 @@ fn verify(a: VerifyArgs) -> Result<(), Fail> {
             }
             Err(f) => Err(Fail(1, format!("proof verification failed: {}", f.reason))),
         };
+    }
+    if let Some(url) = &a.remote.admin {
+        let admin = remote::Admin::connect(url, a.remote.admin_key_file.as_deref())?;
+        let note = String::from_utf8(admin.get("/v1/checkpoint")?.to_vec())
+            .map_err(|_| Fail(1, "verification failed: the served checkpoint is not UTF-8".into()))?;
+        let opts = audit::VerifyOptions { trusted_checkpoint: trusted.as_deref(), progress: None };
+        // The entries of the served checkpoint's tree, one by one (records past it are ignored).
+        let size = audit::parse_unverified(&note).map_or(0, |cp| cp.size);
+        let next = |idx: u64, buf: &mut Vec<u8>| -> Result<bool, audit::VerifyFailure> {
+            if idx >= size {
+                return Ok(false);
+            }
+            let bytes = admin.get(&format!("/v1/records/{idx}")).map_err(|Fail(_, m)| audit::fetch_failure(m))?;
+            buf.extend_from_slice(&bytes);
+            Ok(true)
+        };
+        return report_verify(audit::verify_served(&note, &keys, &opts, next));
     }
     let report = match (&a.db, &a.bundle) {
         (Some(db), _) => {
@@ -439,17 +516,34 @@ fn verify(a: VerifyArgs) -> Result<(), Fail> {
             }
             r
         }
-        (None, Some(b)) => audit::verify_bundle(b, &keys),
+        (None, Some(b)) => {
+            let opts = audit::VerifyOptions { trusted_checkpoint: trusted.as_deref(), progress: None };
+            audit::verify_bundle_with(b, &keys, &opts)
+        }
         (None, None) => return Err(Fail(2, "give --db, --bundle or --proof".into())),
     };
+    report_verify(report)
+}
+
+fn report_verify(report: Result<audit::VerifyReport, audit::VerifyFailure>) -> Result<(), Fail> {
     match report {
         Ok(r) => {
-            println!(
-                "ok: {} entries verified; {} checkpoints; tree size {}; root {}",
+            let range = if r.from > 0 { format!(" (indexes {}..{})", r.from, r.size) } else { String::new() };
+            let mut line = format!(
+                "ok: {} entries verified{range}; {} checkpoints; tree size {}; root {}",
                 r.entries, r.checkpoints, r.size, r.root_hex
             );
+            if r.rotations > 0 {
+                line += &format!("; {} key rotation(s) followed", r.rotations);
+            }
+            match r.trusted_size {
+                Some(t) => line += &format!("; extends the trusted checkpoint of size {t}"),
+                None => line += "; no trusted checkpoint given (truncation of the newest entries is not checked)",
+            }
+            println!("{line}");
             Ok(())
         }
+        Err(f) if f.io => Err(Fail(2, format!("cannot verify: {}", f.reason))),
         Err(f) => Err(Fail(
             1,
             match f.index {
@@ -461,8 +555,38 @@ fn verify(a: VerifyArgs) -> Result<(), Fail> {
 }
 
 fn export(a: ExportArgs) -> Result<(), Fail> {
-    let key = identity::load_signing_key(&a.gateway_key).map_err(|e| Fail(2, e.to_string()))?;
-    let r = audit::export_bundle(&a.db, &a.out, a.from, a.to, &key).map_err(|e| Fail(2, e.to_string()))?;
+    if let Some(url) = &a.remote.admin {
+        if a.db.is_some() {
+            return Err(Fail(2, "give --db FILE or --admin URL, not both".into()));
+        }
+        let admin = remote::Admin::connect(url, a.remote.admin_key_file.as_deref())?;
+        let mut query = Vec::new();
+        if let Some(f) = a.from {
+            query.push(format!("from={f}"));
+        }
+        if let Some(t) = a.to {
+            query.push(format!("to={t}"));
+        }
+        let q = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+        let tar = admin.post(&format!("/v1/export{q}"))?;
+        let files = audit::tar::extract(&tar, &a.out).map_err(|e| Fail(2, e.to_string()))?;
+        let entries =
+            std::fs::read(a.out.join("entries.jsonl")).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count());
+        println!("exported {entries} entries to {} ({} files from {url})", a.out.display(), files.len());
+        return Ok(());
+    }
+    let (db, key_path) = match (a.db, a.gateway_key) {
+        (Some(db), Some(k)) if a.config.is_none() => (db, k),
+        (db, k) => {
+            let cfg = load_config(a.config.as_deref())?;
+            (db.unwrap_or(cfg.audit.path), k.unwrap_or(cfg.gateway_key))
+        }
+    };
+    let key = identity::load_signing_key(&key_path).map_err(|e| Fail(2, e.to_string()))?;
+    if !db.exists() {
+        return Err(Fail(2, format!("{}: no such file", db.display())));
+    }
+    let r = audit::export_bundle(&db, &a.out, a.from, a.to, &key).map_err(|e| Fail(2, e.to_string()))?;
     println!("exported {} entries to {}", r.entries, a.out.display());
     Ok(())
 }
@@ -596,4 +720,90 @@ fn admin_key(role: &str, id: &str) {
     println!("admin key (shown once; give it to the {role}): {key}");
     println!("add to gateway.yaml under admin.keys:");
     println!("  - {{ id: {id}, sha256: {hash}, role: {role} }}");
+}
+
+/// A small HTTP/1.1 client for the admin API of a running gateway (plain HTTP: the admin listener
+/// is a loopback or pod-local port).
+mod remote {
+    use super::Fail;
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::{Client, connect::HttpConnector};
+    use std::path::Path;
+
+    pub struct Admin {
+        base: String,
+        key: String,
+        rt: tokio::runtime::Runtime,
+        client: Client<HttpConnector, Full<Bytes>>,
+    }
+
+    impl Admin {
+        /// The admin key comes from `key_file`, else from `UAPK_ADMIN_KEY`; it never appears in
+        /// messages.
+        pub fn connect(url: &str, key_file: Option<&Path>) -> Result<Admin, Fail> {
+            if !url.starts_with("http://") {
+                return Err(Fail(2, format!("--admin {url:?}: give the admin listener's http:// URL")));
+            }
+            let key = match key_file {
+                Some(p) => std::fs::read_to_string(p).map_err(|e| Fail(2, format!("{}: {e}", p.display())))?,
+                None => std::env::var("UAPK_ADMIN_KEY").map_err(|_| {
+                    Fail(2, "--admin needs an admin key: set UAPK_ADMIN_KEY or pass --admin-key-file FILE".into())
+                })?,
+            };
+            let key = key.trim().to_string();
+            if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(Fail(2, "the admin key is empty or not printable ASCII".into()));
+            }
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let client = Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+            Ok(Admin { base: url.trim_end_matches('/').to_string(), key, rt, client })
+        }
+
+        pub fn get(&self, path: &str) -> Result<Bytes, Fail> {
+            self.request(http::Method::GET, path)
+        }
+
+        pub fn post(&self, path: &str) -> Result<Bytes, Fail> {
+            self.request(http::Method::POST, path)
+        }
+
+        fn request(&self, method: http::Method, path: &str) -> Result<Bytes, Fail> {
+            let url = format!("{}{path}", self.base);
+            let req = http::Request::builder()
+                .method(method)
+                .uri(&url)
+                .header(http::header::AUTHORIZATION, format!("Bearer {}", self.key))
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| Fail(2, format!("{url}: {e}")))?;
+            self.rt.block_on(async {
+                let resp = self
+                    .client
+                    .request(req)
+                    .await
+                    .map_err(|e| Fail(2, format!("cannot reach the admin API at {}: {e}", self.base)))?;
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|e| Fail(2, format!("{url}: the response was cut off: {e}")))?
+                    .to_bytes();
+                match status.as_u16() {
+                    200 => Ok(body),
+                    401 | 403 => Err(Fail(
+                        2,
+                        format!(
+                            "the admin API refused the key ({status}): {}",
+                            String::from_utf8_lossy(&body[..body.len().min(300)])
+                        ),
+                    )),
+                    _ => Err(Fail(
+                        2,
+                        format!("{url}: {status}: {}", String::from_utf8_lossy(&body[..body.len().min(300)])),
+                    )),
+                }
+            })
+        }
+    }
 }

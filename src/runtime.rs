@@ -38,9 +38,6 @@ pub struct Running {
 /// Loads the gateway key, generating a development key when it is missing.
 fn gateway_key(cfg: &GatewayConfig) -> Result<ed25519_dalek::SigningKey> {
     if !cfg.gateway_key.exists() {
-        if let Some(dir) = cfg.gateway_key.parent() {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
         crate::identity::generate_key_files(&cfg.gateway_key, false)
             .map_err(|e| anyhow!("generating gateway key {}: {e}", cfg.gateway_key.display()))?;
         tracing::warn!(
@@ -112,7 +109,15 @@ fn server_builder(cfg: &GatewayConfig) -> auto::Builder<TokioExecutor> {
 
 /// Starts the gateway described by `cfg`.
 pub async fn start(cfg: GatewayConfig) -> Result<Running> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    {
+        // Created 0700 (an existing directory keeps its mode: it may be a mounted volume).
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.data_dir)
+            .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    }
     let key = gateway_key(&cfg)?;
     let set =
         config::load_policies(&cfg.policies_dir, Strictness::Run).map_err(|e| anyhow!("invalid policies:\n{e}"))?;

@@ -122,7 +122,7 @@ async fn proofs_trusted_checkpoints_and_tampering() {
     assert_eq!(cli(d, &["verify", "--db", &db_s, "--key", &key_s]).0, 0);
     let (code, _, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "new.cp"]);
     assert_eq!(code, 1);
-    assert!(err.contains("truncated or replaced"), "{err}");
+    assert!(err.contains("replaced by an older copy"), "{err}");
     restore();
 
     // 2. The last K entries dropped together with their checkpoints (a clean truncation).
@@ -202,4 +202,413 @@ async fn proofs_trusted_checkpoints_and_tampering() {
     assert_eq!(code, 0, "{out}{err}");
     let v: Value = serde_json::json!(out);
     assert!(v.as_str().unwrap().starts_with("ok:"));
+}
+
+/// Signs a checkpoint body the way the gateway does, with any key (to forge or to fork).
+fn sign_checkpoint(origin: &str, size: u64, root: [u8; 32], key: &ed25519_dalek::SigningKey) -> String {
+    uapk_gateway::audit::Checkpoint { origin: origin.into(), size, root }.sign(origin, key)
+}
+
+/// Rewrites a bundle's manifest for its current files and signs it with `key`, as someone
+/// holding `key` would after editing the bundle.
+fn resign_manifest(bundle: &Path, key: &ed25519_dalek::SigningKey) {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    use sha2::Digest;
+    let mut m: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    for name in ["checkpoint", "entries.jsonl", "prefix.json", "gateway.pub.pem"] {
+        let h = hex::encode(sha2::Sha256::digest(std::fs::read(bundle.join(name)).unwrap()));
+        m["files"][name] = Value::String(h);
+    }
+    let mut bytes = serde_json::to_vec_pretty(&m).unwrap();
+    bytes.push(b'\n');
+    std::fs::write(bundle.join("manifest.json"), &bytes).unwrap();
+    let sig = key.sign(&[uapk_gateway::audit::MANIFEST_CONTEXT, &bytes].concat());
+    let b64 = base64::engine::general_purpose::STANDARD.encode(sig.to_bytes());
+    std::fs::write(bundle.join("manifest.json.sig"), format!("{b64}\n")).unwrap();
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+async fn fetch_checkpoint(gw: &TestGateway) -> String {
+    client()
+        .get(format!("http://{}/v1/checkpoint", gw.admin))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_checked_against_the_key_and_the_trusted_checkpoint() {
+    use std::os::unix::fs::PermissionsExt;
+    let up = Upstream::start().await;
+    let files = [("pay.yaml", manifest("pay-agent", up.addr, "", ""))];
+    let gw = TestGateway::start(&files, &admin_yaml()).await;
+    traffic(&gw, 6).await;
+    let old_cp = fetch_checkpoint(&gw).await;
+    let old_size: u64 = old_cp.lines().nth(1).unwrap().parse().unwrap();
+    traffic(&gw, 9).await;
+    let d = gw.dir.path().to_path_buf();
+    let cfg = gw.config_path.to_str().unwrap().to_string();
+    let db_s = gw.db_path().to_str().unwrap().to_string();
+    let key_s = gw.data().join("gateway.pub.pem").to_str().unwrap().to_string();
+
+    // Data files are the owner's alone.
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&gw.data()), 0o700, "data directory");
+    for f in ["audit.redb", "gateway.pem", "ca-key.pem"] {
+        assert_eq!(mode(&gw.data().join(f)), 0o600, "{f}");
+    }
+
+    // The running gateway holds the database: verify, export and proof say so and exit 2, not
+    // 1 (nothing was found wrong; nothing was verified).
+    let (code, out, err) = cli(&d, &["verify", "--db", &db_s, "--key", &key_s]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("running gateway") && !out.contains("ok"), "{err}");
+    let (code, _, err) = cli(&d, &["export", "-c", &cfg, "--out", "live-bundle"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("running gateway"), "{err}");
+    let (code, _, err) = cli(&d, &["proof", "inclusion", "--db", &db_s, "--index", "0"]);
+    assert_eq!(code, 2, "{err}");
+
+    let dir = gw.stop().await;
+    let d = dir.path();
+    let signer = uapk_gateway::identity::load_signing_key(&d.join("data/gateway.pem")).unwrap();
+    let newest = {
+        let r = redb::ReadOnlyDatabase::open(d.join("data/audit.redb")).unwrap();
+        let tx = redb::ReadableDatabase::begin_read(&r).unwrap();
+        let t = tx.open_table(redb::TableDefinition::<u64, &str>::new("audit_checkpoints")).unwrap();
+        t.last().unwrap().unwrap().1.value().to_string()
+    };
+    let new_size: u64 = newest.lines().nth(1).unwrap().parse().unwrap();
+    std::fs::write(d.join("old.cp"), &old_cp).unwrap();
+    std::fs::write(d.join("new.cp"), &newest).unwrap();
+
+    // Export finds the log and the signing key through the config.
+    let (code, out, err) = cli(d, &["export", "-c", &cfg, "--out", "bundle"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let bundle = d.join("bundle");
+    let b = bundle.to_str().unwrap();
+
+    // --bundle and --proof without --key: exit 2, never the bundle's own key.
+    let (code, out, err) = cli(d, &["verify", "--bundle", b]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--key") && out.is_empty(), "{err}");
+    std::fs::write(d.join("p.proof"), "uapk-gateway proof v1\n").unwrap();
+    let (code, _, err) = cli(d, &["verify", "--proof", "p.proof"]);
+    assert_eq!(code, 2, "{err}");
+
+    let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no trusted checkpoint given"), "{out}");
+    let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "old.cp"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("extends the trusted checkpoint of size {old_size}")), "{out}");
+    let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "new.cp"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let bundle_fails = |trusted: &str, text: &str, why: &str| {
+        std::fs::write(d.join("t.cp"), text).unwrap();
+        let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "t.cp"]);
+        assert_eq!(code, 1, "{trusted}: {out}{err}");
+        assert!(err.contains(why) && !out.contains("ok"), "{trusted}: {err}");
+        // The same checkpoint against the database: the same verdict.
+        let (code, _, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "t.cp"]);
+        assert_eq!(code, 1, "{trusted} (--db): {err}");
+    };
+    bundle_fails("garbage", "not a checkpoint at all\n", "trusted checkpoint");
+    bundle_fails("no final newline", newest.strip_suffix('\n').unwrap(), "newline");
+    let root: [u8; 32] = {
+        use base64::Engine;
+        let line = newest.lines().nth(2).unwrap();
+        base64::engine::general_purpose::STANDARD.decode(line).unwrap().try_into().unwrap()
+    };
+    let foreign = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
+    bundle_fails(
+        "forged larger tree",
+        &sign_checkpoint("test.example/log", new_size + 50, root, &foreign),
+        "no signature by a trusted key",
+    );
+    bundle_fails(
+        "larger tree signed by the gateway (rollback)",
+        &sign_checkpoint("test.example/log", new_size + 50, root, &signer),
+        "rolled back",
+    );
+    bundle_fails(
+        "same size, another root (fork)",
+        &sign_checkpoint("test.example/log", old_size, [7u8; 32], &signer),
+        "not an extension",
+    );
+    bundle_fails("another log", &sign_checkpoint("other.example/log", old_size, root, &signer), "not of log");
+
+    // A bundle rolled back to the old size (a genuine, older export) against the newer checkpoint.
+    let (code, _, err) = cli(d, &["export", "-c", &cfg, "--out", "old-bundle", "--to", &old_size.to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let ob = d.join("old-bundle");
+    let ob = ob.to_str().unwrap();
+    assert_eq!(cli(d, &["verify", "--bundle", ob, "--key", &key_s]).0, 0);
+    let (code, _, err) = cli(d, &["verify", "--bundle", ob, "--key", &key_s, "--trusted-checkpoint", "new.cp"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("rolled back") && err.contains(&format!("index {old_size}")), "{err}");
+
+    // A bundle starting after the trusted size cannot be checked against it: not ok.
+    let (code, _, err) = cli(d, &["export", "-c", &cfg, "--out", "tail-bundle", "--from", &(old_size + 1).to_string()]);
+    assert_eq!(code, 0, "{err}");
+    let tb = d.join("tail-bundle");
+    let (code, _, err) =
+        cli(d, &["verify", "--bundle", tb.to_str().unwrap(), "--key", &key_s, "--trusted-checkpoint", "old.cp"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot be checked"), "{err}");
+
+    // Re-signed by an attacker: an entry edited, checkpoint and manifest signed with their key
+    // and their public key put in the bundle. Caught with --key.
+    let forged = d.join("forged");
+    copy_dir(&bundle, &forged);
+    // The last entry's time moved back a thousand years (no later entry links to it).
+    let text = std::fs::read_to_string(forged.join("entries.jsonl")).unwrap();
+    let (head, last) = text.trim_end().rsplit_once('\n').unwrap();
+    let edited = format!("{head}\n{}\n", last.replacen("\"ts\":\"2", "\"ts\":\"1", 1));
+    assert_ne!(edited, text);
+    std::fs::write(forged.join("entries.jsonl"), &edited).unwrap();
+    let mut tree = uapk_gateway::audit::Frontier::new();
+    for line in edited.lines() {
+        tree.push(uapk_gateway::audit::leaf_hash(line.as_bytes()));
+    }
+    std::fs::write(forged.join("checkpoint"), sign_checkpoint("test.example/log", tree.size(), tree.root(), &foreign))
+        .unwrap();
+    std::fs::write(forged.join("gateway.pub.pem"), uapk_gateway::identity::verifying_key_pem(&foreign.verifying_key()))
+        .unwrap();
+    resign_manifest(&forged, &foreign);
+    let fb = forged.to_str().unwrap();
+    let (code, out, err) = cli(d, &["verify", "--bundle", fb, "--key", &key_s]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("trusted key"), "{err}");
+    let foreign_pub = forged.join("gateway.pub.pem");
+    // (With the attacker's own key it is self-consistent: that is why --key is required.)
+    assert_eq!(cli(d, &["verify", "--bundle", fb, "--key", foreign_pub.to_str().unwrap()]).0, 0);
+
+    // An edited entry with the manifest re-signed by the real key (an insider with the key but
+    // not the history) is still caught by the signed checkpoint.
+    let edited_dir = d.join("edited");
+    copy_dir(&bundle, &edited_dir);
+    std::fs::write(edited_dir.join("entries.jsonl"), &edited).unwrap();
+    resign_manifest(&edited_dir, &signer);
+    let (code, _, err) = cli(d, &["verify", "--bundle", edited_dir.to_str().unwrap(), "--key", &key_s]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("do not hash to the signed checkpoint"), "{err}");
+
+    // A manifest signature made without the manifest context (e.g. a bare signature of its
+    // bytes) does not verify.
+    let bare = d.join("bare");
+    copy_dir(&bundle, &bare);
+    {
+        use base64::Engine;
+        use ed25519_dalek::Signer;
+        let sig = signer.sign(&std::fs::read(bare.join("manifest.json")).unwrap());
+        let b64 = base64::engine::general_purpose::STANDARD.encode(sig.to_bytes());
+        std::fs::write(bare.join("manifest.json.sig"), format!("{b64}\n")).unwrap();
+    }
+    let (code, _, err) = cli(d, &["verify", "--bundle", bare.to_str().unwrap(), "--key", &key_s]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("manifest.json is not signed"), "{err}");
+
+    // I/O: no such bundle, no such database: exit 2.
+    assert_eq!(cli(d, &["verify", "--bundle", "nowhere", "--key", &key_s]).0, 2);
+    assert_eq!(cli(d, &["verify", "--db", "nowhere.redb", "--key", &key_s]).0, 2);
+}
+
+#[test]
+fn keys_are_pkcs8_v1_that_openssl_and_python_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("keys/k.pem");
+    let (code, out, err) = run_cli(&["keygen", "--out", key.to_str().unwrap()], dir.path());
+    assert_eq!(code, 0, "{out}{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::metadata(dir.path().join("keys")).unwrap().permissions().mode() & 0o777, 0o700);
+    let pem = std::fs::read_to_string(&key).unwrap();
+    // RFC 8410 v1: SEQUENCE { INTEGER 0, AlgorithmIdentifier Ed25519, OCTET STRING seed }, 48 bytes.
+    use base64::Engine;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+    assert_eq!(der.len(), 48, "{pem}");
+    assert_eq!(&der[..16], &hex::decode("302e020100300506032b657004220420").unwrap()[..]);
+    let o = std::process::Command::new("openssl").args(["pkey", "-in", key.to_str().unwrap(), "-noout"]).output();
+    let o = o.expect("openssl is installed (.ci/run installs it)");
+    assert!(o.status.success(), "openssl: {}", String::from_utf8_lossy(&o.stderr));
+    let py = "import sys\nfrom cryptography.hazmat.primitives.serialization import load_pem_private_key\nk = load_pem_private_key(open(sys.argv[1], 'rb').read(), None)\nprint(type(k).__name__)";
+    let o = std::process::Command::new("python3").args(["-c", py, key.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "cryptography: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("Ed25519PrivateKey"));
+    // The key it wrote signs tokens (it is read back), and a v2 key (with its public key) is
+    // still read.
+    let v2 = dir.path().join("v2.pem");
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[9u8; 32]);
+    use ed25519_dalek::pkcs8::EncodePrivateKey;
+    std::fs::write(&v2, sk.to_pkcs8_pem(ed25519_dalek::pkcs8::spki::der::pem::LineEnding::LF).unwrap().as_bytes())
+        .unwrap();
+    assert_eq!(uapk_gateway::identity::load_signing_key(&v2).unwrap().to_bytes(), sk.to_bytes());
+    assert!(uapk_gateway::identity::load_signing_key(&key).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_outside_the_c2sp_key_name_rules_are_refused_by_check_and_run() {
+    for (what, origin) in [
+        ("plus", "\"log+1\""),
+        ("space", "\"my log\""),
+        ("tab", "\"my\\tlog\""),
+        ("no-break space", "\"my\\u00a0log\""),
+        ("em space", "\"my\\u2003log\""),
+        ("non-ASCII", "\"journal-é\""),
+        ("empty", "\"\""),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        let yaml = format!(
+            "listeners:\n  proxy: 127.0.0.1:0\n  admin: 127.0.0.1:0\npolicies: {}\ndata_dir: {}\naudit:\n  origin: {origin}\n",
+            policies.display(),
+            dir.path().join("data").display()
+        );
+        let cfg = dir.path().join("gateway.yaml");
+        std::fs::write(&cfg, yaml).unwrap();
+        let (code, out, err) = run_cli(&["check", "-c", cfg.to_str().unwrap()], dir.path());
+        assert_eq!(code, 1, "{what}: {out}{err}");
+        assert!(err.contains(&format!("{}:7:", cfg.display())) && err.contains("audit.origin"), "{what}: {err}");
+        let (code, _, err) = run_cli(&["run", "-c", cfg.to_str().unwrap()], dir.path());
+        assert_eq!(code, 1, "{what}: run must refuse: {err}");
+        assert!(err.contains("audit.origin"), "{what}: {err}");
+        assert!(!dir.path().join("data/audit.redb").exists(), "{what}: run created a log");
+    }
+}
+
+fn cli_with_key(dir: &Path, args: &[&str], admin_key: &str) -> (i32, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("UAPK_ADMIN_KEY", admin_key)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_gateways_log_is_verified_exported_and_proved_through_the_admin_api() {
+    use sha2::Digest;
+    const ADMIN: &str = "uapk_test_admin_key";
+    let up = Upstream::start().await;
+    let files = [("pay.yaml", manifest("pay-agent", up.addr, "", ""))];
+    let yaml = format!(
+        "admin:\n  keys:\n    - {{ id: auditor, sha256: {}, role: viewer }}\n    - {{ id: ops, sha256: {}, role: admin }}\n",
+        hex::encode(sha2::Sha256::digest(ADMIN_KEY)),
+        hex::encode(sha2::Sha256::digest(ADMIN))
+    );
+    let gw = TestGateway::start(&files, &yaml).await;
+    traffic(&gw, 6).await;
+    let kept = fetch_checkpoint(&gw).await;
+    let kept_size: u64 = kept.lines().nth(1).unwrap().parse().unwrap();
+    traffic(&gw, 6).await;
+    let d = gw.dir.path().to_path_buf();
+    std::fs::write(d.join("kept.cp"), &kept).unwrap();
+    let url = format!("http://{}", gw.admin);
+    let key_s = gw.data().join("gateway.pub.pem").to_str().unwrap().to_string();
+
+    // The API: 401 without a key, 403 for a viewer, a tar for an admin.
+    let post = |key: Option<&str>| {
+        let mut r = client().post(format!("{url}/v1/export"));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(post(None).await.unwrap().status(), 401);
+    assert_eq!(post(Some(ADMIN_KEY)).await.unwrap().status(), 403);
+    let resp = post(Some(ADMIN)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "application/x-tar");
+    let tar = resp.bytes().await.unwrap();
+    let names = uapk_gateway::audit::tar::extract(&tar, &d.join("api-bundle")).unwrap();
+    assert_eq!(names.len(), 6, "{names:?}");
+
+    // While requests keep arriving, the CLI verifies, proves and exports the live log.
+    let busy = {
+        let base = gw.base("/shop/v1/charges/live");
+        let tok = token("pay-agent");
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                let _ = client().get(&base).header("x-uapk-capability", &tok).send().await;
+            }
+        })
+    };
+    let dd = d.clone();
+    let (url2, key2) = (url.clone(), key_s.clone());
+    let results = tokio::task::spawn_blocking(move || {
+        let d = dd.as_path();
+        let verify = cli_with_key(
+            d,
+            &["verify", "--admin", &url2, "--key", &key2, "--trusted-checkpoint", "kept.cp"],
+            ADMIN_KEY,
+        );
+        let proof = cli_with_key(d, &["proof", "inclusion", "--admin", &url2, "--index", "2"], ADMIN_KEY);
+        let viewer_export = cli_with_key(d, &["export", "--admin", &url2, "--out", "viewer-bundle"], ADMIN_KEY);
+        let export = cli_with_key(d, &["export", "--admin", &url2, "--out", "live-bundle"], ADMIN);
+        let no_key = run_cli(&["verify", "--admin", &url2, "--key", &key2], d);
+        let wrong_key = cli_with_key(d, &["verify", "--admin", &url2, "--key", &key2], "uapk_wrong");
+        (verify, proof, viewer_export, export, no_key, wrong_key)
+    })
+    .await
+    .unwrap();
+    busy.await.unwrap();
+    let (verify, proof, viewer_export, export, no_key, wrong_key) = results;
+    assert_eq!(verify.0, 0, "{verify:?}");
+    assert!(verify.1.contains(&format!("extends the trusted checkpoint of size {kept_size}")), "{verify:?}");
+    assert_eq!(proof.0, 0, "{proof:?}");
+    assert!(proof.1.starts_with("uapk-gateway proof v1\ntype inclusion\nindex 2\n"), "{proof:?}");
+    assert_eq!(viewer_export.0, 2, "{viewer_export:?}");
+    assert!(viewer_export.2.contains("refused the key"), "{viewer_export:?}");
+    assert_eq!(export.0, 0, "{export:?}");
+    assert_eq!(no_key.0, 2, "{no_key:?}");
+    assert!(no_key.2.contains("UAPK_ADMIN_KEY"), "{no_key:?}");
+    assert_eq!(wrong_key.0, 2, "{wrong_key:?}");
+    assert!(!wrong_key.2.contains("uapk_wrong"), "the key is never echoed: {wrong_key:?}");
+    std::fs::write(d.join("live.proof"), &proof.1).unwrap();
+    let (code, out, err) = cli(&d, &["verify", "--proof", "live.proof", "--key", &key_s]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Both exported bundles verify offline, against the kept checkpoint too.
+    for b in ["api-bundle", "live-bundle"] {
+        let p = d.join(b);
+        let (code, out, err) =
+            cli(&d, &["verify", "--bundle", p.to_str().unwrap(), "--key", &key_s, "--trusted-checkpoint", "kept.cp"]);
+        assert_eq!(code, 0, "{b}: {out}{err}");
+    }
+    // A tampered served checkpoint is not "ok": the kept checkpoint of a larger tree signed by
+    // the gateway key but with another root fails the live verification.
+    let signer = uapk_gateway::identity::load_signing_key(&gw.data().join("gateway.pem")).unwrap();
+    std::fs::write(d.join("fork.cp"), sign_checkpoint("test.example/log", kept_size, [1u8; 32], &signer)).unwrap();
+    let url3 = url.clone();
+    let dd = d.clone();
+    let k3 = key_s.clone();
+    let fork = tokio::task::spawn_blocking(move || {
+        cli_with_key(&dd, &["verify", "--admin", &url3, "--key", &k3, "--trusted-checkpoint", "fork.cp"], ADMIN_KEY)
+    })
+    .await
+    .unwrap();
+    assert_eq!(fork.0, 1, "{fork:?}");
+    assert!(fork.2.contains("not an extension"), "{fork:?}");
+    gw.stop().await;
 }

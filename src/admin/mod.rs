@@ -329,6 +329,12 @@ async fn api(
                 )),
             }
         }
+        (&Method::POST, ["export"]) => {
+            authorize(gw, st, &req, AdminRole::Admin)?;
+            let num = |k: &str| query_param(&req, k).and_then(|v| v.parse::<u64>().ok());
+            let (from, to) = (num("from"), num("to"));
+            Ok(export_tar(gw, from, to).await?)
+        }
         (&Method::GET, ["checkpoint"]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
             match gw.audit.latest_checkpoint() {
@@ -441,6 +447,94 @@ fn approval_view(a: Approval) -> Value {
 }
 
 /// The database for one admin read; 503 while the writer reopens it after a storage failure.
+/// `POST /v1/export`: the export bundle of one read transaction (a consistent snapshot while the
+/// writer goes on), written to a private temporary directory and streamed as a ustar archive.
+async fn export_tar(
+    gw: &Gateway,
+    from: Option<u64>,
+    to: Option<u64>,
+) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let db = audit_db(gw)?;
+    let key = gw.gateway_key.clone();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("uapk-export-{}-{nanos}", std::process::id()));
+    let out = dir.clone();
+    let exported = blocking(move || {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().mode(0o700).create(&out).map_err(|e| crate::audit::AuditError::Io(e.to_string()))?;
+        let tx = redb::ReadableDatabase::begin_read(&*db).map_err(crate::audit::storage)?;
+        crate::audit::export_from(&tx, &out, from, to, &key)
+    })
+    .await;
+    let report = match exported {
+        Ok(r) => r,
+        Err(resp) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(resp);
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, crate::proxy::BoxError>>(4);
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mtime = now_unix().max(0) as u64;
+        let send = |b: Vec<u8>| tx.blocking_send(Ok(Frame::data(Bytes::from(b)))).is_ok();
+        let fail = |m: String| {
+            tracing::error!(error = %m, "export stream failed");
+            let _ = tx.blocking_send(Err(m.into()));
+        };
+        'files: for name in crate::audit::tar::TAR_FILES {
+            let path = dir.join(name);
+            let opened = std::fs::File::open(&path).and_then(|f| f.metadata().map(|m| (f, m.len())));
+            let (mut f, size) = match opened {
+                Ok(x) => x,
+                Err(e) => {
+                    fail(format!("{name}: {e}"));
+                    break;
+                }
+            };
+            match crate::audit::tar::header(name, size, mtime) {
+                Ok(h) if send(h.to_vec()) => {}
+                Ok(_) => break,
+                Err(e) => {
+                    fail(e.to_string());
+                    break;
+                }
+            }
+            let mut left = size;
+            while left > 0 {
+                let mut buf = vec![0u8; left.min(1 << 16) as usize];
+                if let Err(e) = f.read_exact(&mut buf) {
+                    fail(format!("{name}: {e}"));
+                    break 'files;
+                }
+                left -= buf.len() as u64;
+                if !send(buf) {
+                    break 'files;
+                }
+            }
+            if !send(vec![0u8; crate::audit::tar::padding(size)]) {
+                break;
+            }
+        }
+        let _ = send(crate::audit::tar::END.to_vec());
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar"));
+    h.insert(header::CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"uapk-audit-bundle.tar\""));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    for (name, v) in [("x-uapk-export-from", report.from), ("x-uapk-export-to", report.to)] {
+        if let Ok(v) = HeaderValue::from_str(&v.to_string()) {
+            h.insert(name, v);
+        }
+    }
+    Ok(r)
+}
+
 fn audit_db(gw: &Gateway) -> Result<std::sync::Arc<redb::Database>, Response<ProxyBody>> {
     gw.db.get().map_err(|e| {
         tracing::error!(error = %e, "admin storage error");

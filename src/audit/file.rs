@@ -40,7 +40,13 @@ pub(crate) struct PrefilledFile {
 
 impl PrefilledFile {
     pub(crate) fn open(path: &Path) -> io::Result<PrefilledFile> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // The log is readable by its owner only: created 0600, and tightened if an older
+        // version left it group- or world-readable.
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path)?;
+        if file.metadata()?.permissions().mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
         let writer = file.try_clone()?;
         let inner = FileBackend::new(file).map_err(io::Error::other)?;
         Ok(PrefilledFile { inner, file: writer, filled: Mutex::new(0) })

@@ -14,18 +14,20 @@ pub mod merkle;
 pub mod note;
 pub mod proof;
 mod store;
+pub mod tar;
 mod verify;
 
 pub use canonical::{Fields, canonical_json};
 pub use merkle::{Frontier, Hash, leaf_hash};
-pub use note::{Checkpoint, key_id, parse_checkpoint};
+pub use note::{Checkpoint, key_id, parse_checkpoint, parse_unverified, valid_key_name};
 pub use proof::Proof;
 pub use store::{
     AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV, SharedDb, rotate_key, rotation_message,
 };
 pub use verify::{
-    ExportReport, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, first_index_at_or_after,
-    read_entries, verify_bundle, verify_db, verify_db_with,
+    BUNDLE_FORMAT, ExportReport, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle,
+    export_from, fetch_failure, first_index_at_or_after, read_entries, verify_bundle, verify_bundle_with, verify_db,
+    verify_db_with, verify_served, verify_tx,
 };
 
 /// Largest canonical entry accepted, bytes.

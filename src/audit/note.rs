@@ -1,6 +1,11 @@
 //! C2SP signed notes carrying `tlog-checkpoint` bodies:
-//! `<origin>\n<size>\n<base64 root>\n`, a blank line, then `— <key name> <base64(key id ‖ sig)>`.
+//! `<origin>\n<size>\n<base64 root>\n`, a blank line, then `— <key name> <base64(key id ‖ sig)>\n`.
 //! The key id is the first four bytes of SHA-256(key name ‖ 0x0A ‖ 0x01 ‖ public key).
+//!
+//! Parsing is strict (C2SP signed-note): the note is UTF-8 without control characters other
+//! than `\n`, every line (the last included) ends in `\n`, key names follow the key-name rules
+//! (`valid_key_name`), and the body is a well-formed `tlog-checkpoint` (decimal size without
+//! leading zeros, a 32-byte root in standard padded base64, optional non-empty extension lines).
 
 use super::AuditError;
 use super::merkle::Hash;
@@ -8,6 +13,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use sha2::{Digest, Sha256};
+
+/// Most signature lines a note may carry (as in Go's `golang.org/x/mod/sumdb/note`).
+const MAX_SIGNATURES: usize = 100;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -23,6 +31,22 @@ pub fn key_id(key_name: &str, vk: &VerifyingKey) -> [u8; 4] {
     h.update(vk.as_bytes());
     let d = h.finalize();
     [d[0], d[1], d[2], d[3]]
+}
+
+/// C2SP signed-note key names (and so the log origin, which is also the checkpoint key name):
+/// non-empty, printable ASCII, no spaces of any kind, no `+`.
+pub fn valid_key_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    match name.chars().find(|c| !c.is_ascii_graphic() || *c == '+') {
+        None => Ok(()),
+        Some('+') => Err("must not contain '+' (C2SP signed-note key names)".into()),
+        Some(c) => Err(format!(
+            "must be printable ASCII without spaces (C2SP signed-note key names); found {:?} (U+{:04X})",
+            c, c as u32
+        )),
+    }
 }
 
 impl Checkpoint {
@@ -43,29 +67,86 @@ fn bad(m: &str) -> AuditError {
     AuditError::Checkpoint(m.to_string())
 }
 
-/// Parses a signed checkpoint and checks that at least one signature line verifies under one of
-/// `keys` (name, key). Unknown signature lines are ignored, as C2SP allows.
-pub fn parse_checkpoint(note: &str, keys: &[(String, VerifyingKey)]) -> Result<Checkpoint, AuditError> {
-    let (body, sigs) = note.split_once("\n\n").ok_or_else(|| bad("no blank line between body and signatures"))?;
-    let body = format!("{body}\n");
-    let mut lines = body.lines();
-    let origin = lines.next().filter(|l| !l.is_empty()).ok_or_else(|| bad("no origin line"))?.to_string();
-    let size: u64 = lines.next().and_then(|l| l.parse().ok()).ok_or_else(|| bad("bad tree size line"))?;
-    let root_b = lines.next().and_then(|l| B64.decode(l).ok()).ok_or_else(|| bad("bad root hash line"))?;
-    let root: Hash = root_b.try_into().map_err(|_| bad("root hash is not 32 bytes"))?;
-    let mut verified = false;
-    for line in sigs.lines().filter(|l| !l.is_empty()) {
+/// One signature line: key name, key id, signature bytes (64 for Ed25519; other lengths are
+/// kept so that unknown signature types can be skipped).
+struct SigLine<'a> {
+    name: &'a str,
+    blob: Vec<u8>,
+}
+
+/// A note split into its body (with its final `\n`) and signature lines, checked for syntax.
+struct Note<'a> {
+    body: &'a str,
+    sigs: Vec<SigLine<'a>>,
+}
+
+fn split_note(note: &str) -> Result<Note<'_>, AuditError> {
+    if let Some(c) = note.chars().find(|c| (c.is_control() && *c != '\n') || *c == '\u{FFFD}') {
+        return Err(bad(&format!("the note contains a control character (U+{:04X})", c as u32)));
+    }
+    if !note.ends_with('\n') {
+        return Err(bad("the note's last line does not end in a newline"));
+    }
+    let at = note.find("\n\n").ok_or_else(|| bad("no blank line between body and signatures"))?;
+    let (body, rest) = (&note[..at + 1], &note[at + 2..]);
+    if rest.is_empty() {
+        return Err(bad("the note has no signature line"));
+    }
+    let mut sigs = Vec::new();
+    // `rest` ends in '\n' (checked above): every line is terminated.
+    for line in rest[..rest.len() - 1].split('\n') {
         let rest =
             line.strip_prefix("\u{2014} ").ok_or_else(|| bad("signature line does not start with an em dash"))?;
-        let (name, blob) = rest.rsplit_once(' ').ok_or_else(|| bad("malformed signature line"))?;
-        let blob = B64.decode(blob).map_err(|_| bad("signature is not base64"))?;
-        if blob.len() != 68 {
-            continue;
+        let (name, b64) = rest.split_once(' ').ok_or_else(|| bad("malformed signature line"))?;
+        valid_key_name(name).map_err(|e| bad(&format!("signature key name {name:?} {e}")))?;
+        let blob = B64.decode(b64).map_err(|_| bad("signature is not base64"))?;
+        if blob.len() < 5 {
+            return Err(bad("signature is too short to hold a key id"));
         }
+        sigs.push(SigLine { name, blob });
+        if sigs.len() > MAX_SIGNATURES {
+            return Err(bad("too many signature lines"));
+        }
+    }
+    Ok(Note { body, sigs })
+}
+
+/// The `tlog-checkpoint` body, without checking any signature.
+fn parse_body(body: &str) -> Result<Checkpoint, AuditError> {
+    let mut lines = body[..body.len() - 1].split('\n');
+    let origin = lines.next().unwrap_or_default();
+    valid_key_name(origin).map_err(|e| bad(&format!("origin {origin:?} {e}")))?;
+    let size_s = lines.next().ok_or_else(|| bad("no tree size line"))?;
+    let canonical_decimal =
+        !size_s.is_empty() && size_s.bytes().all(|b| b.is_ascii_digit()) && (size_s == "0" || !size_s.starts_with('0'));
+    let size: u64 = size_s.parse().ok().filter(|_| canonical_decimal).ok_or_else(|| bad("bad tree size line"))?;
+    let root_s = lines.next().ok_or_else(|| bad("no root hash line"))?;
+    let root_b = B64.decode(root_s).map_err(|_| bad("bad root hash line"))?;
+    let root: Hash = root_b.try_into().map_err(|_| bad("root hash is not 32 bytes"))?;
+    if lines.any(str::is_empty) {
+        return Err(bad("empty extension line in the checkpoint body"));
+    }
+    Ok(Checkpoint { origin: origin.to_string(), size, root })
+}
+
+/// Parses a checkpoint strictly, without checking its signatures (for diagnostics and to read
+/// a trusted checkpoint before the keys that signed it are known).
+pub fn parse_unverified(note: &str) -> Result<Checkpoint, AuditError> {
+    parse_body(split_note(note)?.body)
+}
+
+/// Parses a signed checkpoint and checks that at least one signature line verifies under one of
+/// `keys` (name, key). Unknown signature lines are ignored, as C2SP allows; a line that names a
+/// trusted key (name and key id) but does not verify is an error.
+pub fn parse_checkpoint(note: &str, keys: &[(String, VerifyingKey)]) -> Result<Checkpoint, AuditError> {
+    let n = split_note(note)?;
+    let cp = parse_body(n.body)?;
+    let mut verified = false;
+    for s in &n.sigs {
         for (kname, vk) in keys {
-            if kname == name && blob[..4] == key_id(kname, vk) {
-                let sig = Signature::from_slice(&blob[4..]).map_err(|_| bad("malformed signature"))?;
-                if vk.verify(body.as_bytes(), &sig).is_ok() {
+            if kname == s.name && s.blob[..4] == key_id(kname, vk) {
+                let sig = Signature::from_slice(&s.blob[4..]).map_err(|_| bad("malformed signature"))?;
+                if vk.verify(n.body.as_bytes(), &sig).is_ok() {
                     verified = true;
                 } else {
                     return Err(bad("signature does not verify"));
@@ -76,7 +157,7 @@ pub fn parse_checkpoint(note: &str, keys: &[(String, VerifyingKey)]) -> Result<C
     if !verified {
         return Err(bad("no signature by a trusted key"));
     }
-    Ok(Checkpoint { origin, size, root })
+    Ok(cp)
 }
 
 /// The key names a note is signed with (to pair trusted keys with names).
@@ -85,7 +166,7 @@ pub fn signer_names(note: &str) -> Vec<String> {
         .map(|(_, sigs)| {
             sigs.lines()
                 .filter_map(|l| l.strip_prefix("\u{2014} "))
-                .filter_map(|r| r.rsplit_once(' ').map(|(n, _)| n.to_string()))
+                .filter_map(|r| r.split_once(' ').map(|(n, _)| n.to_string()))
                 .collect()
         })
         .unwrap_or_default()
@@ -98,4 +179,82 @@ pub fn cosign(note: &str, key_name: &str, key: &SigningKey) -> String {
     let mut blob = key_id(key_name, &key.verifying_key()).to_vec();
     blob.extend_from_slice(&sig.to_bytes());
     format!("{note}\u{2014} {key_name} {}\n", B64.encode(blob))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> SigningKey {
+        SigningKey::from_bytes(&[3u8; 32])
+    }
+
+    fn signed() -> String {
+        Checkpoint { origin: "example.com/log".into(), size: 12, root: [9u8; 32] }.sign("example.com/log", &key())
+    }
+
+    fn keys() -> Vec<(String, VerifyingKey)> {
+        vec![("example.com/log".into(), key().verifying_key())]
+    }
+
+    #[test]
+    fn a_signed_checkpoint_parses() {
+        let cp = parse_checkpoint(&signed(), &keys()).unwrap();
+        assert_eq!((cp.origin.as_str(), cp.size, cp.root), ("example.com/log", 12, [9u8; 32]));
+    }
+
+    #[test]
+    fn every_line_must_end_in_a_newline() {
+        let note = signed();
+        let cut = note.strip_suffix('\n').unwrap();
+        let e = parse_checkpoint(cut, &keys()).unwrap_err().to_string();
+        assert!(e.contains("does not end in a newline"), "{e}");
+        assert!(parse_unverified(cut).is_err());
+    }
+
+    #[test]
+    fn malformed_bodies_and_signature_lines_are_refused() {
+        let note = signed();
+        let root = B64.encode([9u8; 32]);
+        for (what, bad_note) in [
+            ("leading zero size", note.replacen("\n12\n", "\n012\n", 1)),
+            ("plus size", note.replacen("\n12\n", "\n+12\n", 1)),
+            ("no signatures", note.split_once("\n\n").unwrap().0.to_string() + "\n\n"),
+            ("CR", note.replacen("example.com/log\n", "example.com/log\r\n", 1)),
+            ("origin with a space", note.replacen("example.com/log\n12", "example.com log\n12", 1)),
+            ("origin with a plus", note.replacen("example.com/log\n12", "example.com+log\n12", 1)),
+            ("short root", note.replacen(&root, &B64.encode([9u8; 31]), 1)),
+            ("double blank", note.replacen("\n\n", "\n\n\n", 1)),
+            ("text", "garbage".to_string()),
+        ] {
+            assert!(parse_checkpoint(&bad_note, &keys()).is_err(), "{what} was accepted: {bad_note:?}");
+        }
+    }
+
+    #[test]
+    fn a_signature_by_another_key_does_not_verify() {
+        let other = SigningKey::from_bytes(&[4u8; 32]);
+        let forged =
+            Checkpoint { origin: "example.com/log".into(), size: 12, root: [9u8; 32] }.sign("example.com/log", &other);
+        let e = parse_checkpoint(&forged, &keys()).unwrap_err().to_string();
+        assert!(e.contains("no signature by a trusted key"), "{e}");
+        // The right key id with a wrong signature is an error, not an unknown line.
+        let good = signed();
+        let (head, sigline) = good.split_once("\u{2014} ").unwrap();
+        let (name, b64) = sigline.trim_end().split_once(' ').unwrap();
+        let mut blob = B64.decode(b64).unwrap();
+        blob[10] ^= 1;
+        let tampered = format!("{head}\u{2014} {name} {}\n", B64.encode(blob));
+        assert!(parse_checkpoint(&tampered, &keys()).unwrap_err().to_string().contains("does not verify"));
+    }
+
+    #[test]
+    fn key_names_follow_the_c2sp_rules() {
+        for ok in ["example.com/log", "a", "uapk-gateway/host-1", "x~!@#$%^&*()_=[]{}|;:'\",.<>?/"] {
+            assert!(valid_key_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a+b", "a\tb", "a\u{a0}b", "a\u{2003}b", "é", "a\nb", "a\u{7f}"] {
+            assert!(valid_key_name(bad).is_err(), "{bad:?}");
+        }
+    }
 }

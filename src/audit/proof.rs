@@ -236,7 +236,7 @@ impl Proof {
         trusted_new: Option<&str>,
         trusted_old: Option<&str>,
     ) -> Result<String, VerifyFailure> {
-        let fail = |m: String| VerifyFailure { index: None, reason: m };
+        let fail = |m: String| VerifyFailure { index: None, reason: m, io: false };
         let signed = |note: &str| {
             let named: Vec<(String, VerifyingKey)> =
                 signer_names(note).into_iter().flat_map(|n| keys.iter().map(move |k| (n.clone(), *k))).collect();
@@ -260,6 +260,7 @@ impl Proof {
                     return Err(VerifyFailure {
                         index: Some(*index),
                         reason: "the inclusion proof does not verify".into(),
+                        io: false,
                     });
                 }
                 Ok(format!("entry {index} is included in the signed tree of size {size}"))

@@ -323,8 +323,15 @@ impl AuditLog {
     /// Opens (or creates) the log, re-verifies it against its latest checkpoint (refusing a
     /// truncated or altered database) and starts the writer.
     pub fn open(cfg: AuditConfig, key: SigningKey) -> Result<AuditLog, AuditError> {
+        super::note::valid_key_name(&cfg.origin)
+            .map_err(|e| AuditError::Checkpoint(format!("the log origin {:?} {e}", cfg.origin)))?;
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| AuditError::Io(format!("{}: {e}", dir.display())))?;
         }
         let db = open_database(&cfg.path)?;
         let (state, latest) = recover(&db, &cfg, &key)?;

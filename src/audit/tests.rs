@@ -679,3 +679,62 @@ async fn key_rotation_is_followed_by_verify_and_enforced() {
     let err = verify_db(&copy, &[old.verifying_key()]).unwrap_err();
     assert!(err.reason.contains("trusted key"), "{}", err.reason);
 }
+
+#[test]
+fn bundle_tars_round_trip_and_malformed_ones_are_refused() {
+    use super::tar::{END, TAR_FILES, extract, header, padding};
+    let mut t = Vec::new();
+    for (i, name) in TAR_FILES.iter().enumerate() {
+        let body = vec![b'a' + i as u8; 700 * i];
+        t.extend_from_slice(&header(name, body.len() as u64, 1_700_000_000).unwrap());
+        t.extend_from_slice(&body);
+        t.extend(std::iter::repeat_n(0u8, padding(body.len() as u64)));
+    }
+    t.extend_from_slice(&END);
+    let dir = tempfile::tempdir().unwrap();
+    let names = extract(&t, &dir.path().join("out")).unwrap();
+    assert_eq!(names, TAR_FILES.to_vec());
+    assert_eq!(std::fs::read(dir.path().join("out/entries.jsonl")).unwrap(), vec![b'f'; 3500]);
+    // Cut short, a bad checksum, an unexpected name: refused.
+    assert!(extract(&t[..t.len() - 1100], &dir.path().join("a")).is_err());
+    let mut bad = t.clone();
+    bad[5] ^= 1;
+    assert!(extract(&bad, &dir.path().join("b")).is_err());
+    let mut evil = header("checkpoint", 0, 0).unwrap().to_vec();
+    evil[..10].copy_from_slice(b"../escape\0");
+    assert!(extract(&[evil, END.to_vec()].concat(), &dir.path().join("c")).is_err());
+    assert!(header("a/b", 1, 0).is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundles_are_checked_against_a_trusted_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open(dir.path(), Durability::Sync, 64);
+    let h = log.handle();
+    for i in 0..10 {
+        h.append(entry(i)).await.unwrap();
+    }
+    let kept = h.latest_checkpoint().unwrap();
+    for i in 10..20 {
+        h.append(entry(i)).await.unwrap();
+    }
+    let newest = h.latest_checkpoint().unwrap();
+    tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    let key = SigningKey::from_bytes(&[5u8; 32]);
+    let db = dir.path().join("audit.redb");
+    let (full, old) = (dir.path().join("full"), dir.path().join("old"));
+    export_bundle(&db, &full, None, None, &key).unwrap();
+    export_bundle(&db, &old, None, Some(10), &key).unwrap();
+    fn with(t: &str) -> VerifyOptions<'_> {
+        VerifyOptions { trusted_checkpoint: Some(t), progress: None }
+    }
+    let r = verify_bundle_with(&full, &[pubkey()], &with(&kept)).unwrap();
+    assert_eq!((r.size, r.trusted_size), (20, Some(10)));
+    assert!(verify_bundle_with(&old, &[pubkey()], &with(&kept)).is_ok());
+    let e = verify_bundle_with(&old, &[pubkey()], &with(&newest)).unwrap_err();
+    assert!(e.reason.contains("rolled back") && e.index == Some(10) && !e.io, "{e:?}");
+    let e = verify_bundle_with(&full, &[pubkey()], &with("garbage")).unwrap_err();
+    assert!(e.reason.contains("trusted checkpoint") && !e.io, "{e:?}");
+    let e = verify_bundle_with(&dir.path().join("nowhere"), &[pubkey()], &VerifyOptions::default()).unwrap_err();
+    assert!(e.io, "{e:?}");
+}

@@ -2,7 +2,7 @@
 //! entry bytes: every leaf, chain link and root is recomputed, streaming, in bounded memory.
 
 use super::merkle::{Frontier, Hash, leaf_hash};
-use super::note::{parse_checkpoint, signer_names};
+use super::note::{Checkpoint, parse_checkpoint, parse_unverified, signer_names};
 use super::store::{CHECKPOINTS, ENTRIES, GENESIS_PREV, SIGS};
 use super::{AuditError, storage};
 use base64::Engine;
@@ -20,6 +20,12 @@ pub struct VerifyReport {
     pub checkpoints: u64,
     pub size: u64,
     pub root_hex: String,
+    /// The first index checked (0 for a whole log; a bundle's `from`).
+    pub from: u64,
+    /// The size of the trusted checkpoint the log was checked to extend, when one was given.
+    pub trusted_size: Option<u64>,
+    /// Key rotations followed.
+    pub rotations: u64,
 }
 
 /// The first problem found.
@@ -27,7 +33,18 @@ pub struct VerifyReport {
 pub struct VerifyFailure {
     pub index: Option<u64>,
     pub reason: String,
+    /// The evidence could not be read (a missing or locked file): nothing was found wrong with
+    /// it, but nothing was verified either (exit 2, not 1).
+    pub io: bool,
 }
+
+/// The domain-separation prefix of the export manifest's signature: the manifest's Ed25519
+/// signature is over `MANIFEST_CONTEXT ‖ manifest.json`. Its first line has spaces, so it can
+/// never be a checkpoint body (whose first line is the origin, a key name without spaces), and
+/// it differs from the first line of a key rotation message.
+pub const MANIFEST_CONTEXT: &[u8] = b"uapk-gateway export manifest v2\n";
+/// The bundle format written by `export_bundle`.
+pub const BUNDLE_FORMAT: &str = "uapk-audit-bundle/2";
 
 const READ_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -61,6 +78,11 @@ impl Snapshot {
                     Snapshot { db: SnapshotDb::Repaired(builder.create(&temp).map_err(|e| io(&e))?), temp: Some(temp) };
                 Ok(snap)
             }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(AuditError::Io(format!(
+                "cannot open {}: the database is open in a running gateway (it holds the file's lock); read \
+                 the live log through the gateway's admin API with --admin URL, or stop the gateway",
+                path.display()
+            ))),
             Err(e) => Err(io(&e)),
         }
     }
@@ -86,7 +108,11 @@ fn rand_suffix() -> u64 {
 }
 
 fn fail(index: Option<u64>, reason: impl Into<String>) -> VerifyFailure {
-    VerifyFailure { index, reason: reason.into() }
+    VerifyFailure { index, reason: reason.into(), io: false }
+}
+
+fn io_fail(reason: impl Into<String>) -> VerifyFailure {
+    VerifyFailure { index: None, reason: reason.into(), io: true }
 }
 
 /// Entries `[from, from + limit)`, as stored.
@@ -175,13 +201,20 @@ struct Head<'a> {
     prev: std::borrow::Cow<'a, str>,
     #[serde(borrow, default)]
     kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    log: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Checks one entry's index and chain link (its bytes are covered by the leaf hash, so any
 /// change to them shows in the chain or the signed roots). Returns its leaf hash and whether it
 /// is a key rotation.
-fn check_entry(expected: u64, bytes: &[u8], prev: &Hash) -> Result<(Hash, bool), VerifyFailure> {
+fn check_entry(expected: u64, bytes: &[u8], prev: &Hash, origin: Option<&str>) -> Result<(Hash, bool), VerifyFailure> {
     let head: Head = serde_json::from_slice(bytes).map_err(|_| fail(Some(expected), "the entry is not valid JSON"))?;
+    if let Some(o) = origin
+        && head.log.as_deref() != Some(o)
+    {
+        return Err(fail(Some(expected), format!("the entry is not of log {o:?}")));
+    }
     if head.idx.parse::<u64>().ok() != Some(expected) {
         return Err(fail(Some(expected), format!("the entry says idx {:?} (reordered or replaced)", head.idx)));
     }
@@ -215,15 +248,19 @@ pub fn verify_db(path: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, Ver
 
 /// `verify_db` with a trusted older checkpoint and progress reports.
 pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) -> Result<VerifyReport, VerifyFailure> {
-    let trusted = match opts.trusted_checkpoint {
-        Some(note) => Some(
-            parse_checkpoint(note, &named_keys(note, keys))
-                .map_err(|e| fail(None, format!("trusted checkpoint: {e}")))?,
-        ),
-        None => None,
-    };
-    let db = Snapshot::open(path).map_err(|e| fail(None, e.to_string()))?;
-    let tx = db.begin_read().map_err(|e| fail(None, e.to_string()))?;
+    let db = Snapshot::open(path).map_err(|e| io_fail(e.to_string()))?;
+    let tx = db.begin_read().map_err(|e| io_fail(e.to_string()))?;
+    verify_tx(&tx, keys, opts)
+}
+
+/// `verify_db_with` over an open read transaction: a consistent snapshot of the log (also of a
+/// running gateway's database, whose writer keeps committing meanwhile).
+pub fn verify_tx(
+    tx: &redb::ReadTransaction,
+    keys: &[VerifyingKey],
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, VerifyFailure> {
+    let mut trusted = Trusted::parse(opts.trusted_checkpoint)?;
     let entries = tx.open_table(ENTRIES).map_err(|e| fail(None, format!("no audit entries table: {e}")))?;
     let cps = tx.open_table(CHECKPOINTS).map_err(|e| fail(None, format!("no checkpoints table: {e}")))?;
     // Diagnosis only (cold path), for a broken link at `at`: was entry `at - 1` changed, rather
@@ -254,6 +291,12 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
     // The keys that may sign at this point of the log: the trusted keys, then whatever key a
     // rotation entry (signed by the key active before it) announces.
     let mut active: Vec<VerifyingKey> = keys.to_vec();
+    // Every key trusted at some point of the log (a trusted checkpoint may be from any of them).
+    let mut known: Vec<VerifyingKey> = keys.to_vec();
+    let mut rotations = 0u64;
+    if let Some(t) = &mut trusted {
+        t.check_at(0, &Frontier::new(), None, &known)?;
+    }
     let check_cp = |size: u64, note: &str, frontier: &Frontier, active: &[VerifyingKey]| -> Result<(), VerifyFailure> {
         let cp = parse_checkpoint(note, &named_keys(note, active))
             .map_err(|e| fail(None, format!("checkpoint at size {size}: {e}")))?;
@@ -278,7 +321,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
             return Err(fail(Some(expected), "the entry is missing (deleted)"));
         }
         let bytes = v.value();
-        let (leaf, is_key) = match check_entry(expected, bytes, &prev) {
+        let (leaf, is_key) = match check_entry(expected, bytes, &prev, None) {
             Ok(l) => l,
             Err(f) => {
                 // A broken link at `expected`: if the signed root confirms the hash this link
@@ -307,20 +350,13 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
                 return Err(fail(Some(expected), "a key rotation not signed by the key active before it"));
             }
             active = vec![new_key];
+            known.push(new_key);
+            rotations += 1;
         }
         frontier.push(leaf);
         prev = leaf;
-        if let Some(t) = &trusted
-            && frontier.size() == t.size
-            && (frontier.root() != t.root || origin_of(bytes) != t.origin)
-        {
-            return Err(fail(
-                Some(expected),
-                format!(
-                    "the log is not an extension of the trusted checkpoint of size {} (rolled back, forked or replaced)",
-                    t.size
-                ),
-            ));
+        if let Some(t) = &mut trusted {
+            t.check_at(frontier.size(), &frontier, Some(&origin_of(bytes)), &known)?;
         }
         if let Some(p) = opts.progress
             && frontier.size().is_multiple_of(100_000)
@@ -354,17 +390,8 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
     if frontier.size() > last_cp_size {
         return Err(fail(Some(last_cp_size), "entries after the last checkpoint are covered by no signature"));
     }
-    if let Some(t) = &trusted
-        && frontier.size() < t.size
-    {
-        return Err(fail(
-            Some(frontier.size()),
-            format!(
-                "the log holds {} entries but the trusted checkpoint covers {}: it was truncated or replaced by an older copy",
-                frontier.size(),
-                t.size
-            ),
-        ));
+    if let Some(t) = &trusted {
+        t.finish(frontier.size(), &known)?;
     }
     if checkpoints == 0 && frontier.size() == 0 {
         return Err(fail(None, "the log is empty"));
@@ -374,7 +401,89 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
         checkpoints,
         size: frontier.size(),
         root_hex: hex::encode(frontier.root()),
+        from: 0,
+        trusted_size: trusted.map(|t| t.cp.size),
+        rotations,
     })
+}
+
+/// A checkpoint the auditor kept. It is parsed strictly before anything else; its signature is
+/// checked when the log reaches its size (by then every key rotation before it has been
+/// followed), or at the end when the log is shorter.
+struct Trusted<'a> {
+    note: &'a str,
+    cp: Checkpoint,
+    signed: bool,
+}
+
+impl<'a> Trusted<'a> {
+    fn parse(note: Option<&'a str>) -> Result<Option<Trusted<'a>>, VerifyFailure> {
+        let Some(note) = note else { return Ok(None) };
+        let cp = parse_unverified(note).map_err(|e| fail(None, format!("trusted {e}")))?;
+        Ok(Some(Trusted { note, cp, signed: false }))
+    }
+
+    fn check_signature(&mut self, known: &[VerifyingKey]) -> Result<(), VerifyFailure> {
+        if !self.signed {
+            parse_checkpoint(self.note, &named_keys(self.note, known))
+                .map_err(|e| fail(None, format!("trusted {e}")))?;
+            self.signed = true;
+        }
+        Ok(())
+    }
+
+    /// At tree size `size` (`tree` the tree of that size): the log must hold the trusted tree.
+    fn check_at(
+        &mut self,
+        size: u64,
+        tree: &Frontier,
+        origin: Option<&str>,
+        known: &[VerifyingKey],
+    ) -> Result<(), VerifyFailure> {
+        if size != self.cp.size {
+            return Ok(());
+        }
+        self.check_signature(known)?;
+        if origin.is_some_and(|o| o != self.cp.origin) {
+            return Err(fail(
+                size.checked_sub(1),
+                format!(
+                    "the trusted checkpoint is of log {:?}, not of log {:?}",
+                    self.cp.origin,
+                    origin.unwrap_or_default()
+                ),
+            ));
+        }
+        if tree.root() != self.cp.root {
+            return Err(fail(
+                size.checked_sub(1),
+                format!(
+                    "the log is not an extension of the trusted checkpoint of size {}: its tree of that size has \
+                     another root (rolled back, forked or replaced)",
+                    self.cp.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// After the last entry (`size` entries): a log shorter than the trusted tree was rolled back.
+    fn finish(&self, size: u64, known: &[VerifyingKey]) -> Result<(), VerifyFailure> {
+        if size < self.cp.size {
+            // A forged "newer" checkpoint is named as such, not as a rollback.
+            parse_checkpoint(self.note, &named_keys(self.note, known))
+                .map_err(|e| fail(None, format!("trusted {e}")))?;
+            return Err(fail(
+                Some(size),
+                format!(
+                    "the log holds {size} entries but the trusted checkpoint covers {}: it was truncated, rolled \
+                     back or replaced by an older copy",
+                    self.cp.size
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What an export wrote.
@@ -397,10 +506,12 @@ fn sha_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
-/// Writes an export bundle: `checkpoint` (the signed note covering the range's end),
+/// Writes an export bundle (format `uapk-audit-bundle/2`, documented in
+/// `docs/evidence-format.md`): `checkpoint` (the signed note covering the range's end),
 /// `entries.jsonl`, `prefix.json` (the tree state before `from`), `gateway.pub.pem`, and a
-/// `manifest.json` with every file's SHA-256, signed in `manifest.json.sig`. The range is
-/// extended to the next checkpoint so that the bundle proves itself against a signed root.
+/// `manifest.json` with every file's SHA-256, signed in `manifest.json.sig` over
+/// `MANIFEST_CONTEXT ‖ manifest.json`. The range is extended to the next checkpoint so that the
+/// bundle proves itself against a signed root.
 pub fn export_bundle(
     db_path: &Path,
     out: &Path,
@@ -408,9 +519,21 @@ pub fn export_bundle(
     to: Option<u64>,
     key: &SigningKey,
 ) -> Result<ExportReport, AuditError> {
-    use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
     let db = Snapshot::open(db_path)?;
     let tx = db.begin_read()?;
+    export_from(&tx, out, from, to, key)
+}
+
+/// `export_bundle` from an open read transaction (a consistent snapshot, e.g. of a running
+/// gateway's database).
+pub fn export_from(
+    tx: &redb::ReadTransaction,
+    out: &Path,
+    from: Option<u64>,
+    to: Option<u64>,
+    key: &SigningKey,
+) -> Result<ExportReport, AuditError> {
+    use ed25519_dalek::pkcs8::{EncodePublicKey, spki::der::pem::LineEnding};
     let entries = tx.open_table(ENTRIES).map_err(storage)?;
     let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
     let size = entries.len().map_err(storage)?;
@@ -423,6 +546,7 @@ pub fn export_bundle(
         }
         None => return Err(AuditError::Integrity("no checkpoint covers the requested range".into())),
     };
+    let origin = parse_unverified(&note).map_err(|e| AuditError::Integrity(format!("stored checkpoint: {e}")))?.origin;
     std::fs::create_dir_all(out).map_err(|e| AuditError::Io(format!("{}: {e}", out.display())))?;
     // The tree before `from`, recomputed from the entries.
     let mut prefix = Frontier::new();
@@ -439,8 +563,9 @@ pub fn export_bundle(
     }))
     .map_err(|e| AuditError::Io(e.to_string()))?;
     let entries_path = out.join("entries.jsonl");
-    let mut f =
-        std::io::BufWriter::new(std::fs::File::create(&entries_path).map_err(|e| AuditError::Io(e.to_string()))?);
+    let mut f = std::io::BufWriter::new(
+        std::fs::File::create(&entries_path).map_err(|e| AuditError::Io(format!("entries.jsonl: {e}")))?,
+    );
     let mut hasher = Sha256::new();
     let mut n = 0u64;
     for item in entries.range(from..cp_size).map_err(storage)? {
@@ -458,8 +583,9 @@ pub fn export_bundle(
     write("checkpoint", note.as_bytes())?;
     write("prefix.json", &prefix_json)?;
     write("gateway.pub.pem", pub_pem.as_bytes())?;
-    let manifest = serde_json::to_vec_pretty(&json!({
-        "format": "uapk-audit-bundle/1",
+    let mut manifest = serde_json::to_vec_pretty(&json!({
+        "format": BUNDLE_FORMAT,
+        "origin": origin,
         "from": from.to_string(),
         "to": cp_size.to_string(),
         "files": {
@@ -470,64 +596,262 @@ pub fn export_bundle(
         },
     }))
     .map_err(|e| AuditError::Io(e.to_string()))?;
+    manifest.push(b'\n');
     write("manifest.json", &manifest)?;
-    let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&manifest).to_bytes());
-    write("manifest.json.sig", sig.as_bytes())?;
+    let sig = base64::engine::general_purpose::STANDARD.encode(key.sign(&manifest_message(&manifest)).to_bytes());
+    write("manifest.json.sig", format!("{sig}\n").as_bytes())?;
     Ok(ExportReport { entries: n, from, to: cp_size })
 }
 
+/// What the manifest's signature covers.
+fn manifest_message(manifest: &[u8]) -> Vec<u8> {
+    [MANIFEST_CONTEXT, manifest].concat()
+}
+
+/// The files of a bundle, in the order the manifest lists them.
+const BUNDLE_FILES: [&str; 4] = ["checkpoint", "entries.jsonl", "prefix.json", "gateway.pub.pem"];
+
 /// Verifies a bundle with nothing but its files and the trusted key(s).
 pub fn verify_bundle(dir: &Path, keys: &[VerifyingKey]) -> Result<VerifyReport, VerifyFailure> {
-    let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| fail(None, format!("{name}: {e}")));
-    let manifest = read("manifest.json")?;
-    let sig_b64 = read("manifest.json.sig")?;
-    let sig = base64::engine::general_purpose::STANDARD
-        .decode(String::from_utf8_lossy(&sig_b64).trim())
-        .ok()
-        .and_then(|b| Signature::from_slice(&b).ok())
-        .ok_or_else(|| fail(None, "manifest.json.sig is not a signature"))?;
-    if !keys.iter().any(|k| k.verify(&manifest, &sig).is_ok()) {
-        return Err(fail(None, "manifest.json is not signed by a trusted key"));
+    verify_bundle_with(dir, keys, &VerifyOptions::default())
+}
+
+/// `verify_bundle`, and (given a trusted checkpoint) that the bundle's tree extends it.
+///
+/// `keys` are the keys trusted at the bundle's first entry; key rotations inside the bundle are
+/// followed as in `verify_db`. The bundle's checkpoint must be signed by the key active at its
+/// end, and the manifest by a trusted key (one of `keys`, or the key active at the end).
+pub fn verify_bundle_with(
+    dir: &Path,
+    keys: &[VerifyingKey],
+    opts: &VerifyOptions,
+) -> Result<VerifyReport, VerifyFailure> {
+    let mut trusted = Trusted::parse(opts.trusted_checkpoint)?;
+    if !dir.is_dir() {
+        return Err(io_fail(format!("{}: not a bundle directory", dir.display())));
     }
+    let read = |name: &str| {
+        std::fs::read(dir.join(name)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => fail(None, format!("the bundle has no {name} (incomplete or altered)")),
+            _ => io_fail(format!("{name}: {e}")),
+        })
+    };
+    let manifest = read("manifest.json")?;
+    let sig_text = read("manifest.json.sig")?;
+    let sig = std::str::from_utf8(&sig_text)
+        .ok()
+        .and_then(|t| t.strip_suffix('\n'))
+        .and_then(|t| base64::engine::general_purpose::STANDARD.decode(t).ok())
+        .and_then(|b| Signature::from_slice(&b).ok())
+        .ok_or_else(|| fail(None, "manifest.json.sig is not a base64 Ed25519 signature line"))?;
+    let signed_manifest = manifest_message(&manifest);
+    let manifest_by = |ks: &[VerifyingKey]| ks.iter().any(|k| k.verify(&signed_manifest, &sig).is_ok());
+    let manifest_signed_early = manifest_by(keys);
     let m: Value = serde_json::from_slice(&manifest).map_err(|_| fail(None, "manifest.json is not JSON"))?;
-    for name in ["checkpoint", "entries.jsonl", "prefix.json", "gateway.pub.pem"] {
+    if m["format"] != BUNDLE_FORMAT {
+        return Err(fail(None, format!("manifest.json: format is not {BUNDLE_FORMAT:?}")));
+    }
+    let num = |v: &Value, what: &str| {
+        v.as_str()
+            .filter(|s| s == &"0" || (!s.starts_with('0') && s.bytes().all(|b| b.is_ascii_digit())))
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| fail(None, format!("{what} is not a decimal string")))
+    };
+    let (from, to) = (num(&m["from"], "manifest.json from")?, num(&m["to"], "manifest.json to")?);
+    for name in BUNDLE_FILES {
         let want =
             m["files"][name].as_str().ok_or_else(|| fail(None, format!("manifest.json does not list {name}")))?;
-        if sha_file(&dir.join(name)).map_err(|e| fail(None, format!("{name}: {e}")))? != want {
+        let got = sha_file(&dir.join(name)).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => fail(None, format!("the bundle has no {name} (incomplete or altered)")),
+            _ => io_fail(format!("{name}: {e}")),
+        })?;
+        if got != want {
             return Err(fail(None, format!("{name} does not match its SHA-256 in manifest.json")));
         }
     }
-    let note = String::from_utf8(read("checkpoint")?).map_err(|_| fail(None, "checkpoint is not text"))?;
-    let cp = parse_checkpoint(&note, &named_keys(&note, keys)).map_err(|e| fail(None, format!("checkpoint: {e}")))?;
+    let note = String::from_utf8(read("checkpoint")?).map_err(|_| fail(None, "checkpoint is not UTF-8 text"))?;
+    let cp = parse_unverified(&note).map_err(|e| fail(None, e.to_string()))?;
+    if m["origin"].as_str() != Some(cp.origin.as_str()) {
+        return Err(fail(None, "manifest.json names another origin than the checkpoint"));
+    }
+    if cp.size != to {
+        return Err(fail(
+            None,
+            format!("manifest.json says the bundle ends at {to}, its checkpoint covers {}", cp.size),
+        ));
+    }
     let prefix: Value =
         serde_json::from_slice(&read("prefix.json")?).map_err(|_| fail(None, "prefix.json is not JSON"))?;
-    let mut frontier = prefix["frontier"]
+    let frontier = prefix["frontier"]
         .as_str()
         .and_then(|h| hex::decode(h).ok())
         .and_then(|b| Frontier::from_bytes(&b))
         .ok_or_else(|| fail(None, "prefix.json has no valid frontier"))?;
-    let mut prev: Hash = prefix["last_leaf"]
+    if num(&prefix["size"], "prefix.json size")? != from || frontier.size() != from {
+        return Err(fail(None, format!("prefix.json is not the tree of the {from} entries before the bundle")));
+    }
+    let prev: Hash = prefix["last_leaf"]
         .as_str()
         .and_then(|h| hex::decode(h).ok())
         .and_then(|b| b.try_into().ok())
         .ok_or_else(|| fail(None, "prefix.json has no valid last_leaf"))?;
-    let file = std::fs::File::open(dir.join("entries.jsonl")).map_err(|e| fail(None, e.to_string()))?;
+    if from == 0 && prev != [0u8; 32] {
+        return Err(fail(None, "prefix.json: last_leaf of an empty prefix must be the genesis value (64 zeros)"));
+    }
+    if let Some(t) = &trusted
+        && t.cp.size < from
+    {
+        return Err(fail(
+            None,
+            format!(
+                "the bundle starts at entry {from}, after the trusted checkpoint's size {}: its consistency with \
+                 that checkpoint cannot be checked (export from {} or earlier)",
+                t.cp.size, t.cp.size
+            ),
+        ));
+    }
+    let file = std::fs::File::open(dir.join("entries.jsonl")).map_err(|e| io_fail(format!("entries.jsonl: {e}")))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 16, file);
+    let next = |idx: u64, line: &mut Vec<u8>| -> Result<bool, VerifyFailure> {
+        let got = reader.read_until(b'\n', line).map_err(|e| io_fail(format!("entries.jsonl: {e}")))?;
+        if got == 0 {
+            return Ok(false);
+        }
+        if line.pop() != Some(b'\n') {
+            return Err(fail(Some(idx), "entries.jsonl: the last line does not end in a newline"));
+        }
+        Ok(true)
+    };
+    let range = check_range(&note, &cp, frontier, prev, keys, &mut trusted, next)?;
+    let (n, rotations, active) = (range.entries, range.rotations, range.active);
+    if !manifest_signed_early && !manifest_by(&active) {
+        return Err(fail(None, "manifest.json is not signed by a trusted key"));
+    }
+    if let Some(t) = &trusted {
+        t.finish(cp.size, &range.known)?;
+    }
+    Ok(VerifyReport {
+        entries: n,
+        checkpoints: 1,
+        size: cp.size,
+        root_hex: hex::encode(cp.root),
+        from,
+        trusted_size: trusted.map(|t| t.cp.size),
+        rotations,
+    })
+}
+
+/// What `check_range` verified.
+struct Range {
+    entries: u64,
+    rotations: u64,
+    /// The keys active after the last entry.
+    active: Vec<VerifyingKey>,
+    /// Every key active at some point.
+    known: Vec<VerifyingKey>,
+}
+
+/// Checks the entries after the tree `frontier` (whose last leaf is `prev`) up to the signed
+/// checkpoint `note` (`cp` parsed from it): each entry's index, chain link and log, key
+/// rotations, the trusted checkpoint when the tree passes its size, and the final root and its
+/// signature. `next(index, buffer)` fills `buffer` with the next entry's bytes, false at the end.
+fn check_range(
+    note: &str,
+    cp: &Checkpoint,
+    mut frontier: Frontier,
+    mut prev: Hash,
+    keys: &[VerifyingKey],
+    trusted: &mut Option<Trusted>,
+    mut next: impl FnMut(u64, &mut Vec<u8>) -> Result<bool, VerifyFailure>,
+) -> Result<Range, VerifyFailure> {
+    let from = frontier.size();
+    if let Some(t) = &*trusted
+        && t.cp.size < from
+    {
+        return Err(fail(
+            None,
+            format!(
+                "the bundle starts at entry {from}, after the trusted checkpoint's size {}: its consistency with \
+                 that checkpoint cannot be checked (export from {} or earlier)",
+                t.cp.size, t.cp.size
+            ),
+        ));
+    }
+    let mut active: Vec<VerifyingKey> = keys.to_vec();
+    let mut known: Vec<VerifyingKey> = keys.to_vec();
+    let mut rotations = 0u64;
+    if let Some(t) = trusted.as_mut() {
+        t.check_at(from, &frontier, Some(&cp.origin), &known)?;
+    }
+    let mut line = Vec::with_capacity(4096);
     let mut n = 0u64;
-    for line in std::io::BufReader::new(file).lines() {
-        let line = line.map_err(|e| fail(None, e.to_string()))?;
+    loop {
+        line.clear();
         let idx = frontier.size();
-        prev = check_entry(idx, line.as_bytes(), &prev)?.0;
-        frontier.push(prev);
+        if !next(idx, &mut line)? {
+            break;
+        }
+        let bytes = line.as_slice();
+        let (leaf, is_key) = check_entry(idx, bytes, &prev, Some(&cp.origin))?;
+        if is_key && let Some(new) = rotation(bytes) {
+            let (new_key, message, sig) = new.map_err(|why| fail(Some(idx), why))?;
+            if !active.iter().any(|k| k.verify(message.as_bytes(), &sig).is_ok()) {
+                return Err(fail(Some(idx), "a key rotation not signed by the key active before it"));
+            }
+            active = vec![new_key];
+            known.push(new_key);
+            rotations += 1;
+        }
+        frontier.push(leaf);
+        prev = leaf;
         n += 1;
+        if let Some(t) = trusted.as_mut() {
+            t.check_at(frontier.size(), &frontier, Some(&cp.origin), &known)?;
+        }
     }
     if frontier.size() != cp.size {
         return Err(fail(
             Some(frontier.size().min(cp.size)),
-            format!("the bundle ends at {} but its checkpoint covers {}", frontier.size(), cp.size),
+            format!("the entries end at {} but the checkpoint covers {}", frontier.size(), cp.size),
         ));
     }
+    parse_checkpoint(note, &named_keys(note, &active)).map_err(|e| fail(None, e.to_string()))?;
     if frontier.root() != cp.root {
-        return Err(fail(None, "the bundle's entries do not hash to its signed checkpoint"));
+        return Err(fail(
+            Some(cp.size.saturating_sub(1)),
+            "the entries do not hash to the signed checkpoint (an entry was changed, dropped, added or moved)",
+        ));
     }
-    Ok(VerifyReport { entries: n, checkpoints: 1, size: cp.size, root_hex: hex::encode(cp.root) })
+    Ok(Range { entries: n, rotations, active, known })
+}
+
+/// Verifies a log served by a running gateway: its latest signed checkpoint `note` and the
+/// entries `0..size` of that checkpoint, as `next(index, buffer)` yields them (the checkpoint pins
+/// a consistent snapshot whatever the writer appends meanwhile).
+pub fn verify_served(
+    note: &str,
+    keys: &[VerifyingKey],
+    opts: &VerifyOptions,
+    next: impl FnMut(u64, &mut Vec<u8>) -> Result<bool, VerifyFailure>,
+) -> Result<VerifyReport, VerifyFailure> {
+    let mut trusted = Trusted::parse(opts.trusted_checkpoint)?;
+    let cp = parse_unverified(note).map_err(|e| fail(None, format!("the served {e}")))?;
+    let range = check_range(note, &cp, Frontier::new(), [0u8; 32], keys, &mut trusted, next)?;
+    if let Some(t) = &trusted {
+        t.finish(cp.size, &range.known)?;
+    }
+    Ok(VerifyReport {
+        entries: range.entries,
+        checkpoints: 1,
+        size: cp.size,
+        root_hex: hex::encode(cp.root),
+        from: 0,
+        trusted_size: trusted.map(|t| t.cp.size),
+        rotations: range.rotations,
+    })
+}
+
+/// A failure to fetch evidence (exit 2).
+pub fn fetch_failure(reason: impl Into<String>) -> VerifyFailure {
+    io_fail(reason)
 }

@@ -155,8 +155,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             .unwrap_or_else(|| "localhost".into());
         format!("uapk-gateway/{host}")
     });
-    if origin.is_empty() || origin.contains(['\n', ' ']) {
-        cx.err("audit.origin", "must be a non-empty name without spaces or newlines");
+    if let Err(e) = crate::audit::valid_key_name(&origin) {
+        cx.err("audit.origin", format!("{origin:?} {e}; it is the checkpoints' key name"));
     }
     let queue_capacity = raw.audit.queue_capacity.unwrap_or(65_536);
     if queue_capacity == 0 {
