@@ -13,8 +13,7 @@ pub use keys::{generate_key_files, load_signing_key, parse_verifying_key_pem, ve
 pub use token::{
     Audience, CapabilityClaims, Constraints, CounterpartyConstraint, IssuerKey, MAX_TIME_CLAIM, OverrideClaims,
     OverrideError, ParamConstraint, TokenError, TokenPolicy, TokenVerifier, mint, mint_override, token_policy_for,
-    unverified_subject,
-    verify_override,
+    unverified_subject, verify_override,
 };
 
 /// Errors of key handling and minting. Messages name files, never key material.
