@@ -629,3 +629,102 @@ async fn an_agent_fetches_its_own_approval_and_override_on_the_proxy_listener() 
     assert!(entries.iter().any(|e| e["event"] == "override_issued" && e["approval_id"] == id.as_str()));
     assert_eq!(up.count(), 1, "the agent API is never forwarded");
 }
+
+/// The override's approval, as stored.
+fn approval_status(gw: &TestGateway, id: &str) -> String {
+    gw.gateway().approvals.get(id).unwrap().unwrap().status.as_str().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_is_consumed_only_with_the_decision_that_uses_it() {
+    // A rate limit of one action a minute on refunds, and an upstream that is not there.
+    let up = Upstream::start().await;
+    let policy = format!("{POLICY}  rate_limits:\n    - scope: action\n      rate: 1/m\n      burst: 1\n");
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, &policy, ""))], &admin_keys()).await;
+    let tok = token("pay-agent");
+    let escalated = |amount: u64| {
+        let tok = tok.clone();
+        let gw = &gw;
+        async move {
+            let v: Value = refund(gw, &tok, amount, None).await.json().await.unwrap();
+            let id = v["approval_id"].as_str().unwrap().to_string();
+            let over = approve(gw, &id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
+            (id, over)
+        }
+    };
+    // Take the one refund the minute allows.
+    assert_eq!(refund(&gw, &tok, 1000, None).await.status(), 200);
+    // Refused by the rate limit after the override was accepted: the approval is not spent.
+    let (id, over) = escalated(6000).await;
+    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(approval_status(&gw, &id), "approved", "a refused request used up the approval");
+    assert_eq!(up.count(), 1);
+
+    // Accepted, recorded, then the forward fails: the decision that consumed it says so, with
+    // the approval and the token's jti, in the same commit.
+    let gw2 = {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = dead.local_addr().unwrap();
+        drop(dead);
+        TestGateway::start(&[("pay.yaml", manifest("pay-agent", addr, POLICY, ""))], &admin_keys()).await
+    };
+    let v: Value = refund(&gw2, &tok, 6000, None).await.json().await.unwrap();
+    let id2 = v["approval_id"].as_str().unwrap().to_string();
+    let (_, body) = approve(&gw2, &id2, APPROVER).await;
+    let over2 = body["override_token"].as_str().unwrap().to_string();
+    let r = refund(&gw2, &tok, 6000, Some(&over2)).await;
+    assert_eq!(r.status(), 502);
+    let record = r.headers()["x-uapk-record"].to_str().unwrap().to_string();
+    assert_eq!(approval_status(&gw2, &id2), "consumed");
+    let entry = gw2.entries().into_iter().find(|e| e["idx"] == record.as_str()).unwrap();
+    assert_eq!(entry["kind"], "decision");
+    assert_eq!(entry["approval_id"], id2.as_str());
+    assert_eq!(entry["reasons"][1]["code"], "override_accepted");
+    let jti = entry["override_jti"].as_str().expect("the token's jti is recorded");
+    let approved =
+        gw2.entries().into_iter().find(|e| e["event"] == "approved" && e["approval_id"] == id2.as_str()).unwrap();
+    assert_eq!(approved["override_jti"], jti);
+    let r = refund(&gw2, &tok, 6000, Some(&over2)).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_already_used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_uses_of_one_override_forward_exactly_once() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], &admin_keys()).await;
+    let tok = token("pay-agent");
+    let v: Value = refund(&gw, &tok, 6000, None).await.json().await.unwrap();
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    let over = approve(&gw, &id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
+    let tries: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, tok, over) = (gw.base("/shop/v1/refunds"), tok.clone(), over.clone());
+            tokio::spawn(async move {
+                client()
+                    .post(url)
+                    .header("x-uapk-capability", tok)
+                    .header("x-country", "US")
+                    .header("x-uapk-override", over)
+                    .json(&json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tries {
+        statuses.push(t.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 403).count(), 15, "{statuses:?}");
+    assert_eq!(up.count(), 1);
+    let accepted = decisions(&gw.entries())
+        .into_iter()
+        .filter(|e| e["approval_id"] == id.as_str() && e["decision"] == "allow")
+        .count();
+    assert_eq!(accepted, 1, "one decision entry consumed the approval");
+}

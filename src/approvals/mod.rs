@@ -258,25 +258,7 @@ impl ApprovalStore {
         edit: impl FnOnce(&mut Approval),
     ) -> Result<Approval, ApprovalError> {
         let tx = self.db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
-        let updated = {
-            let mut t = tx.open_table(APPROVALS).map_err(store_err)?;
-            let mut a: Approval = match t.get(id).map_err(store_err)? {
-                Some(v) => serde_json::from_slice(v.value()).map_err(store_err)?,
-                None => return Err(ApprovalError::NotFound(id.to_string())),
-            };
-            let current = a.status_at(now);
-            if current != from {
-                return Err(ApprovalError::NotPending { id: id.to_string(), status: current.as_str() });
-            }
-            if a.status == Status::Pending && to != Status::Pending {
-                tx.open_table(PENDING).map_err(store_err)?.remove(a.time_key()).map_err(store_err)?;
-            }
-            a.status = to;
-            edit(&mut a);
-            let bytes = serde_json::to_vec(&a).map_err(store_err)?;
-            t.insert(id, bytes.as_slice()).map_err(store_err)?;
-            a
-        };
+        let updated = transition_in(&tx, id, from, to, now, edit)?;
         tx.commit().map_err(store_err)?;
         Ok(updated)
     }
@@ -310,4 +292,35 @@ impl ApprovalStore {
         tx.commit().map_err(store_err)?;
         Ok(expired)
     }
+}
+
+/// `ApprovalStore::transition` inside a transaction someone else commits (the audit writer's:
+/// an override is consumed in the same commit as the decision that accepts it). On error the
+/// transaction is left as it was.
+pub fn transition_in(
+    tx: &redb::WriteTransaction,
+    id: &str,
+    from: Status,
+    to: Status,
+    now: i64,
+    edit: impl FnOnce(&mut Approval),
+) -> Result<Approval, ApprovalError> {
+    let mut t = tx.open_table(APPROVALS).map_err(store_err)?;
+    let mut a: Approval = match t.get(id).map_err(store_err)? {
+        Some(v) => serde_json::from_slice(v.value()).map_err(store_err)?,
+        None => return Err(ApprovalError::NotFound(id.to_string())),
+    };
+    let current = a.status_at(now);
+    if current != from {
+        return Err(ApprovalError::NotPending { id: id.to_string(), status: current.as_str() });
+    }
+    let was_pending = a.status == Status::Pending;
+    a.status = to;
+    edit(&mut a);
+    let bytes = serde_json::to_vec(&a).map_err(store_err)?;
+    if was_pending && to != Status::Pending {
+        tx.open_table(PENDING).map_err(store_err)?.remove(a.time_key()).map_err(store_err)?;
+    }
+    t.insert(id, bytes.as_slice()).map_err(store_err)?;
+    Ok(a)
 }

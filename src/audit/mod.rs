@@ -22,7 +22,8 @@ pub use merkle::{Frontier, Hash, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint, parse_unverified, valid_key_name};
 pub use proof::Proof;
 pub use store::{
-    AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV, SharedDb, rotate_key, rotation_message,
+    AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV, Guard, SharedDb, rotate_key,
+    rotation_message,
 };
 pub use verify::{
     BUNDLE_FORMAT, ExportReport, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle,
@@ -53,6 +54,9 @@ pub enum AuditError {
     Integrity(String),
     #[error("{0}")]
     Io(String),
+    /// A guarded entry whose guard refused: nothing was appended (see `Guard`).
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub fn storage(e: impl std::fmt::Display) -> AuditError {

@@ -99,9 +99,16 @@ pub struct AuditConfig {
 }
 
 enum Msg {
-    Append(Fields, Option<oneshot::Sender<Result<u64, AuditError>>>),
+    Append(Fields, Option<oneshot::Sender<Result<u64, AuditError>>>, Option<Guard>),
     Stop,
 }
+
+/// A state change that must commit in the same transaction as its entry, or not at all. It runs
+/// inside the writer's transaction just before its entry is appended; `Err(why)` leaves the
+/// entry out of the log (its appender gets `AuditError::Refused(why)`) and must leave the
+/// transaction as it found it. Used to consume an approval in the commit of the decision that
+/// accepts it.
+pub type Guard = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send>;
 
 #[derive(Default)]
 struct Shared {
@@ -145,7 +152,17 @@ impl AuditHandle {
     /// `append` for fields already in canonical form (the request path's entries).
     pub async fn append_fields(&self, fields: Fields) -> Result<u64, AuditError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.try_send(Msg::Append(fields, Some(tx))).map_err(|e| match e {
+        self.tx.try_send(Msg::Append(fields, Some(tx), None)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
+        })?;
+        rx.await.map_err(|_| AuditError::Stopped)?
+    }
+
+    /// `append_fields` whose entry commits only together with `guard`'s change (see [`Guard`]).
+    pub async fn append_guarded(&self, fields: Fields, guard: Guard) -> Result<u64, AuditError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.try_send(Msg::Append(fields, Some(tx), Some(guard))).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
         })?;
@@ -154,7 +171,7 @@ impl AuditHandle {
 
     /// `append_nowait` for fields already in canonical form.
     pub fn append_fields_nowait(&self, fields: Fields) -> Result<(), AuditError> {
-        self.tx.try_send(Msg::Append(fields, None)).map_err(|e| match e {
+        self.tx.try_send(Msg::Append(fields, None, None)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
         })
@@ -449,11 +466,11 @@ impl Writer {
             let mut batch = Vec::new();
             match first {
                 None | Some(Msg::Stop) => stop = true,
-                Some(Msg::Append(f, r)) => batch.push((f, r)),
+                Some(Msg::Append(f, r, g)) => batch.push((f, r, g)),
             }
             while !stop && batch.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(Msg::Append(f, r)) => batch.push((f, r)),
+                    Ok(Msg::Append(f, r, g)) => batch.push((f, r, g)),
                     Ok(Msg::Stop) => stop = true,
                     Err(_) => break,
                 }
@@ -478,8 +495,8 @@ impl Writer {
                 rx.close();
                 // Anything that raced in before the close is still committed.
                 let mut rest = Vec::new();
-                while let Ok(Msg::Append(f, r)) = rx.try_recv() {
-                    rest.push((f, r));
+                while let Ok(Msg::Append(f, r, g)) = rx.try_recv() {
+                    rest.push((f, r, g));
                 }
                 if !rest.is_empty() {
                     self.commit(rest, true);
@@ -659,9 +676,9 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: Vec<(Fields, Reply)>, durable: bool) {
+    fn commit(&mut self, batch: Vec<(Fields, Reply, Option<Guard>)>, durable: bool) {
         if let Err(e) = self.ensure_writable() {
-            for (_, reply) in batch {
+            for (_, reply, _) in batch {
                 reply_err(reply, e.clone());
             }
             return;
@@ -669,11 +686,35 @@ impl Writer {
         let started = self.state.clone();
         let mut rows: Vec<(u64, Vec<u8>, Reply)> = Vec::with_capacity(batch.len());
         let mut nodes: Vec<(u64, Hash)> = Vec::new();
-        for (fields, reply) in batch {
+        // Guards need the transaction, so it is opened before the entries are laid out.
+        let tx = self.db.get().and_then(|db| db.begin_write().map_err(storage)).and_then(|mut tx| {
+            tx.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
+                .map_err(storage)?;
+            Ok(tx)
+        });
+        let tx = match tx {
+            Ok(tx) => tx,
+            Err(e) => {
+                tracing::error!(error = %e, entries = batch.len(), "audit commit failed");
+                self.failed();
+                for (_, reply, _) in batch {
+                    reply_err(reply, AuditError::Commit(e.to_string()));
+                }
+                return;
+            }
+        };
+        for (fields, reply, guard) in batch {
             let idx = self.state.size;
             let bytes = self.entry_bytes(&fields, idx);
             if bytes.len() > MAX_ENTRY_BYTES {
                 reply_err(reply, AuditError::EntryTooLarge(bytes.len()));
+                continue;
+            }
+            // The guard runs last, once its entry is sure to be appended with it.
+            if let Some(guard) = guard
+                && let Err(why) = guard(&tx)
+            {
+                reply_err(reply, AuditError::Refused(why));
                 continue;
             }
             let leaf = leaf_hash(&bytes);
@@ -687,6 +728,8 @@ impl Writer {
             rows.push((idx, bytes, reply));
         }
         if rows.is_empty() {
+            // Nothing to append: whatever a refusing guard left is not committed either.
+            drop(tx);
             return;
         }
         let cp =
@@ -696,9 +739,6 @@ impl Writer {
             note = super::note::cosign(&note, &self.cfg.key_name, k);
         }
         let result = (|| -> Result<(), AuditError> {
-            let mut tx = self.db.get()?.begin_write().map_err(storage)?;
-            tx.set_durability(if durable { redb::Durability::Immediate } else { redb::Durability::None })
-                .map_err(storage)?;
             {
                 let mut entries = tx.open_table(ENTRIES).map_err(storage)?;
                 for (idx, bytes, _) in &rows {
@@ -778,7 +818,7 @@ pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<
     let shared = Arc::new(Shared::default());
     let mut w = Writer::new(SharedDb::new(db), cfg, old, state, shared, Some(new));
     let (tx, mut rx) = oneshot::channel();
-    w.commit(vec![(Fields::from_map(fields)?, Some(tx))], true);
+    w.commit(vec![(Fields::from_map(fields)?, Some(tx), None)], true);
     rx.try_recv().map_err(|_| AuditError::Stopped)?
 }
 

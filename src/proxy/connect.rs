@@ -4,12 +4,14 @@
 //! host and every request inside runs the full policy; `passthrough` connectors are spliced
 //! byte for byte and recorded as one tunnel.
 
+use super::classify::{admit, connector_for};
+use super::identify::{identify, proxy_auth_token};
 use super::{
-    DenyBody, Entry, Facts, Gateway, ProxyBody, Via, full_body, handle, identify, new_facts, now_unix, refuse,
-    split_authority, ssrf, tls,
+    DenyBody, Entry, Facts, Gateway, ProxyBody, Via, full_body, handle, new_facts, now_unix, refuse, split_authority,
+    ssrf, tls,
 };
 use crate::config::{Connector, TlsMode};
-use crate::policy::{self, Decision};
+use crate::policy::Decision;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -43,8 +45,8 @@ pub(super) async fn authorize_tunnel(
     let (host, port) = (facts.host.clone(), facts.port);
     facts.scheme = crate::config::Scheme::Https;
     let policies = gw.policies.load_full();
-    let (manifest, claims) = match identify(gw, &policies, headers, facts, presented) {
-        Ok(ok) => ok,
+    let who = match identify(gw, &policies, headers, facts, presented) {
+        Ok(who) => who,
         Err(d) => {
             let status = if d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch" {
                 StatusCode::PROXY_AUTHENTICATION_REQUIRED
@@ -54,21 +56,18 @@ pub(super) async fn authorize_tunnel(
             return Err(gw.refuse_recorded(status, facts, d).await);
         }
     };
-    // Host and port must belong to a connector: checked on names only, before any DNS lookup.
-    let Some(connector) = manifest.connectors.iter().find(|c| c.matches_host(&host) && c.matches_port(port)).cloned()
-    else {
-        let d = Decision::deny(
-            "host_not_allowed",
-            format!("{}:{port} belongs to no connector of this agent", super::sanitize(&host)),
-        );
-        return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+    // Host and port must belong to a connector (the classification every request goes
+    // through): checked on names only, before any DNS lookup.
+    let connector = match connector_for(&who.manifest, None, "", facts) {
+        Ok(c) => c,
+        Err(d) => return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await),
     };
     facts.connector = Some(connector.name.clone());
     facts.action = Some(match connector.tls {
         TlsMode::Intercept => "tunnel.intercept".into(),
         TlsMode::Passthrough => "tunnel.passthrough".into(),
     });
-    if let Err(d) = policy::check_connector(&manifest, claims.as_deref(), &connector) {
+    if let Err(d) = admit(&who, &connector, facts) {
         return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
     }
     if connector.tls == TlsMode::Intercept && gw.leaves.is_none() {
@@ -107,7 +106,7 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
     };
     facts.host = host.clone();
     facts.port = port;
-    let presented = super::proxy_auth_token(req.headers());
+    let presented = proxy_auth_token(req.headers());
     let (connector, record) = match authorize_tunnel(gw, &mut facts, req.headers(), presented.clone()).await {
         Ok(ok) => ok,
         Err(resp) => return resp,

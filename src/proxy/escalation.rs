@@ -2,8 +2,14 @@
 //! parks the request (a future, not a thread) until a human decides, the hold times out, or the
 //! gateway shuts down. The approvals themselves live in `crate::approvals`.
 
-use super::{Facts, Gateway};
-use crate::approvals::Resolution;
+use super::respond::DenyBody;
+use super::{Facts, Gateway, ProxyBody, now_unix, refuse};
+use crate::approvals::{self, Resolution, Status, approval_entry};
+use crate::config::{EscalationMode, Manifest};
+use crate::policy::Decision;
+use http::{HeaderValue, Response, StatusCode};
+use serde_json::json;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Waits for the human decision on a held request.
@@ -20,4 +26,94 @@ pub(super) async fn hold(gw: &Gateway, facts: &Facts, id: &str, timeout: Duratio
         return gw.approvals.expire_held(&gw.audit, id, facts.agent.as_deref()).await;
     }
     r
+}
+
+pub(super) enum Escalated {
+    Respond(Response<ProxyBody>),
+    /// A held request was approved: it proceeds under this approval.
+    Approved(String),
+}
+
+/// ESCALATE: store a pending approval and record it; `reject` answers 403 with its id, `hold`
+/// waits for the decision.
+pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decision: Decision) -> Escalated {
+    // One agent cannot pile up approvals (memory, the operator's list): past its
+    // `max_pending` the escalation is a refusal, recorded like any other.
+    let agent = facts.agent.clone().unwrap_or_default();
+    let max = manifest.escalation.max_pending;
+    if let Err(pending) = gw.approvals.reserve(&agent, max) {
+        let d = Decision::deny(
+            "too_many_pending_approvals",
+            format!("{pending} approvals of this agent are pending (escalation.max_pending {max}); wait for decisions"),
+        );
+        return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+    }
+    let id = approvals::new_id();
+    let idx = match gw.record(facts, &decision, Some(&id)).await {
+        Ok(i) => i,
+        Err(resp) => {
+            gw.approvals.unreserve(&agent);
+            return Escalated::Respond(resp);
+        }
+    };
+    let now = now_unix();
+    let approval = approvals::Approval {
+        id: id.clone(),
+        agent: facts.agent.clone().unwrap_or_default(),
+        connector: facts.connector.clone().unwrap_or_default(),
+        action: facts.action.clone().unwrap_or_default(),
+        params: facts.params.clone(),
+        method: facts.method.to_string(),
+        scheme: facts.scheme.as_str().to_string(),
+        host: facts.host.clone(),
+        port: facts.port,
+        path: facts.path.clone(),
+        query: facts.query.clone(),
+        headers: facts.bound_headers.clone(),
+        body_sha256: facts.body.as_ref().map(|b| b.0.clone()),
+        body_len: facts.body.as_ref().map(|b| b.1),
+        action_hash: facts.action_hash(),
+        reasons: decision
+            .reasons
+            .iter()
+            .map(|r| approvals::ReasonRecord { code: r.code.to_string(), message: r.message.clone() })
+            .collect(),
+        status: Status::Pending,
+        created_at: now,
+        expires_at: now + manifest.escalation.approval_ttl.as_secs() as i64,
+        record: idx,
+        note: None,
+        decided_by: None,
+        override_expires_at: None,
+    };
+    if gw.approvals.store(approval).await.is_err() {
+        tracing::error!(approval_id = %id, "cannot store approval");
+        let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
+        return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));
+    }
+    let created = approval_entry(&id, "created", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
+    let _ = gw.audit.append_nowait(created);
+    if manifest.escalation.mode == EscalationMode::Hold {
+        let d = match hold(gw, facts, &id, manifest.escalation.hold_timeout).await {
+            Resolution::Approved => return Escalated::Approved(id),
+            Resolution::Denied => Decision::deny("approval_denied", format!("approval {id} was denied")),
+            Resolution::TimedOut => {
+                Decision::deny("approval_timeout", format!("approval {id} was not decided in time"))
+            }
+            Resolution::ShuttingDown => {
+                let d = Decision::deny("shutting_down", "the gateway is shutting down; retry");
+                let resp =
+                    refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
+                return Escalated::Respond(resp);
+            }
+        };
+        return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+    }
+    let mut resp =
+        refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-uapk-approval", v);
+    }
+    gw.finish_metrics(facts, &decision, StatusCode::FORBIDDEN, Some(idx));
+    Escalated::Respond(resp)
 }

@@ -1,0 +1,243 @@
+//! Stage 3, classification: which connector the request belongs to (by the base-URL name or by
+//! host and port — the same rule a CONNECT is authorised by), whether the agent may use it, and
+//! which route it takes, with the params the policy reads, read as the upstream will read them.
+
+use super::identify::Identity;
+use super::target::{Target, sanitize};
+use super::{Facts, Stop, full_body, now_unix};
+use crate::config::{Connector, Manifest, Route, Scheme};
+use crate::limits::Spend;
+use crate::policy::{self, Decision, Params};
+use crate::response::{BoxError, ProxyBody};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header, request::Parts};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+/// A request classified: its connector, route and params.
+pub(crate) struct Classified {
+    pub connector: Arc<Connector>,
+    route: usize,
+    pub params: Params,
+}
+
+impl Classified {
+    pub fn route(&self) -> &Route {
+        &self.connector.routes[self.route]
+    }
+
+    /// What the policy engine reads.
+    pub fn policy_action(&self) -> policy::Action<'_> {
+        policy::Action { connector: &self.connector, route: self.route(), params: &self.params }
+    }
+
+    /// What a forwarded request of this action counts in budgets.
+    pub fn spend(&self, manifest: &Manifest) -> Spend {
+        Spend {
+            agent: manifest.agent.id.clone(),
+            connector: self.connector.name.clone(),
+            action: self.route().action.clone(),
+            amount: self.params.amount.map(|a| (a, self.params.currency.clone().unwrap_or_default())),
+            at: now_unix(),
+        }
+    }
+}
+
+/// The request body: streamed to the upstream unless a stage needs it whole (body params, or
+/// the hash an escalation binds).
+pub(crate) enum RequestBody {
+    Streaming(Incoming),
+    Buffered(Bytes),
+    /// Failed to read: nothing is forwarded.
+    Gone,
+}
+
+impl RequestBody {
+    /// Reads the whole body (once) and records its hash and length in `facts`; a refusal for a
+    /// body too large, too slow or broken.
+    pub async fn buffer(
+        &mut self,
+        headers: &HeaderMap,
+        limits: &crate::config::Limits,
+        facts: &mut Facts,
+    ) -> Result<&Bytes, Stop> {
+        if let RequestBody::Streaming(_) = self {
+            let RequestBody::Streaming(incoming) = std::mem::replace(self, RequestBody::Gone) else {
+                unreachable!("matched above")
+            };
+            let b = read_whole(incoming, headers, limits)
+                .await
+                .map_err(|status| Stop::refuse(status, body_refusal(status, limits.max_body_bytes)))?;
+            facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
+            *self = RequestBody::Buffered(b);
+        }
+        match self {
+            RequestBody::Buffered(b) => Ok(b),
+            _ => Err(Stop::refuse(
+                StatusCode::BAD_REQUEST,
+                Decision::deny("malformed_request", "the request body could not be read"),
+            )),
+        }
+    }
+
+    pub fn buffered(&self) -> Option<&Bytes> {
+        match self {
+            RequestBody::Buffered(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn into_proxy(self) -> ProxyBody {
+        match self {
+            RequestBody::Streaming(b) => b.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
+            RequestBody::Buffered(b) => full_body(b),
+            RequestBody::Gone => full_body(Bytes::new()),
+        }
+    }
+}
+
+/// The connector a request belongs to: the one its base-URL path names, else the one whose
+/// hosts and ports name its target (`facts.{host,port}`), as for a CONNECT. For a base-URL
+/// request the target becomes the connector's base URL.
+pub(crate) fn connector_for(
+    manifest: &Manifest,
+    base: Option<&str>,
+    path: &str,
+    facts: &mut Facts,
+) -> Result<Arc<Connector>, Decision> {
+    let Some(name) = base else {
+        return manifest
+            .connectors
+            .iter()
+            .find(|c| c.matches_host(&facts.host) && c.matches_port(facts.port))
+            .cloned()
+            .ok_or_else(|| {
+                Decision::deny(
+                    "host_not_allowed",
+                    format!("{}:{} belongs to no connector of this agent", sanitize(&facts.host), facts.port),
+                )
+            });
+    };
+    let c = manifest.connector(name).ok_or_else(|| {
+        facts.connector = Some(sanitize(name));
+        Decision::deny("tool_not_allowed", format!("no connector named {}", sanitize(name)))
+    })?;
+    let Some(b) = c.base_url.as_ref() else {
+        facts.connector = Some(name.to_string());
+        return Err(Decision::deny("tool_not_allowed", format!("connector {name} has no base_url")));
+    };
+    facts.scheme = b.scheme;
+    facts.host = b.host.clone();
+    facts.port = b.port;
+    facts.path = format!("{}{}", b.path_prefix, path);
+    Ok(c.clone())
+}
+
+/// May this agent use this connector, this way: the manifest's and token's connector lists, a
+/// connector whose credentials are missing, and no credentials over cleartext.
+pub(crate) fn admit(who: &Identity, connector: &Connector, facts: &Facts) -> Result<(), Decision> {
+    policy::check_connector(&who.manifest, who.claims.as_deref(), connector)?;
+    match cleartext_refusal(facts, connector) {
+        Some(d) => Err(d),
+        None => Ok(()),
+    }
+}
+
+/// Connector, route, body (when the route reads it) and params.
+pub(crate) async fn classify(
+    gw: &super::Gateway,
+    who: &Identity,
+    target: &Target,
+    parts: &Parts,
+    body: &mut RequestBody,
+    facts: &mut Facts,
+) -> Result<Classified, Stop> {
+    let connector =
+        connector_for(&who.manifest, target.base_connector.as_deref(), &target.path, facts).map_err(Stop::forbidden)?;
+    facts.connector = Some(connector.name.clone());
+    admit(who, &connector, facts).map_err(Stop::forbidden)?;
+
+    let Some((route, captures)) = connector.route(&facts.method, &facts.path) else {
+        let d =
+            Decision::deny("route_not_allowed", format!("{} {} matches no route", facts.method, sanitize(&facts.path)));
+        return Err(Stop::forbidden(d));
+    };
+    facts.route = Some(route.path.raw.clone());
+    facts.action = Some(route.action.clone());
+    let index = connector.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or_default();
+
+    // A route that reads body params reads them only from its declared media type, as the
+    // upstream decides by Content-Type: anything else is refused, never guessed at.
+    if route.needs_body() {
+        let b = body.buffer(&parts.headers, &gw.config.limits, facts).await?;
+        if let Err(d) = policy::check_body_media_type(route, &parts.headers, b) {
+            let status = if d.code() == "unsupported_media_type" {
+                StatusCode::UNSUPPORTED_MEDIA_TYPE
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            return Err(Stop::refuse(status, d));
+        }
+    }
+    let params = policy::extract_params(
+        route,
+        &captures,
+        &parts.headers,
+        facts.query.as_deref(),
+        body.buffered().map(|b| &b[..]),
+    );
+    facts.params = params.values.clone();
+    Ok(Classified { connector: connector.clone(), route: index, params })
+}
+
+/// Credentials never travel in cleartext (SPEC §14.2): a plain-HTTP request (absolute-form or
+/// transparent) to a connector whose `base_url` is `https://`, or that injects credentials and
+/// has no `base_url` to say plain HTTP is intended, is refused before anything is dialled.
+fn cleartext_refusal(facts: &Facts, connector: &Connector) -> Option<Decision> {
+    if facts.scheme != Scheme::Http {
+        return None;
+    }
+    let refused = match &connector.base_url {
+        Some(b) => b.scheme == Scheme::Https,
+        None => connector.injects_credentials(),
+    };
+    refused.then(|| {
+        Decision::deny(
+            "cleartext_not_allowed",
+            format!("connector {} is reached only over TLS; use https:// (CONNECT) or its base URL", connector.name),
+        )
+    })
+}
+
+pub(crate) fn body_refusal(status: StatusCode, limit: usize) -> Decision {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        Decision::deny("body_too_large", format!("the request body exceeds limits.max_body_bytes ({limit} bytes)"))
+    } else if status == StatusCode::REQUEST_TIMEOUT {
+        Decision::deny("body_timeout", "the request body did not arrive within limits.body_read_timeout")
+    } else {
+        Decision::deny("malformed_request", "the request body could not be read")
+    }
+}
+
+/// Reads a whole body up to `limits.max_body_bytes`: 413 above it, 408 when it stalls, 400 if
+/// the peer fails mid-body.
+async fn read_whole(body: Incoming, headers: &HeaderMap, limits: &crate::config::Limits) -> Result<Bytes, StatusCode> {
+    let limit = limits.max_body_bytes;
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    match tokio::time::timeout(limits.body_read_timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(StatusCode::REQUEST_TIMEOUT),
+        Ok(r) => match r {
+            Ok(c) => Ok(c.to_bytes()),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                Err(StatusCode::PAYLOAD_TOO_LARGE)
+            }
+            Err(_) => Err(StatusCode::BAD_REQUEST),
+        },
+    }
+}

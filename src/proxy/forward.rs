@@ -1,0 +1,262 @@
+//! Stages 6 and 7: the decision is recorded durably before anything leaves (with the approval
+//! it goes out under consumed in the same commit), then the request is forwarded with the
+//! connector's credentials and the answer streamed back; its `outcome` entry is written when the
+//! response body ends.
+
+use super::body::{self, RecordedBody};
+use super::respond::DenyBody;
+use super::settle::Settled;
+use super::{BoxError, Facts, Gateway, ProxyBody, Stop, full_body, hygiene, refuse, ssrf};
+use crate::approvals::{self, Status, approval_entry};
+use crate::config::{Connector, Scheme};
+use crate::policy::{Decision, Verdict};
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The SSRF guard for requests about to leave (resolved once, every address classified; the
+/// client dials only what was vetted), then the durable `decision` entry, then the budget and
+/// rate reservations are kept. Returns the record index and the decision.
+pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>) -> Result<(u64, Decision), Stop> {
+    let Settled { decision, dry_run, budget, rate, grant } = settled;
+    if decision.verdict == Verdict::Allow || dry_run {
+        let refusal = match gw.vetter.vet(&facts.host, facts.port).await {
+            ssrf::Vetted::Ok => None,
+            ssrf::Vetted::Blocked(why) => Some((StatusCode::FORBIDDEN, Decision::deny("ssrf_blocked", why))),
+            ssrf::Vetted::Unresolvable(why) => {
+                Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why)))
+            }
+        };
+        if let Some((status, d)) = refusal {
+            return Err(Stop::refuse(status, d));
+        }
+    }
+    let idx = match &grant {
+        None => gw.record(facts, &decision, None).await.map_err(Stop::respond)?,
+        Some(g) => {
+            facts.override_jti = g.jti.clone();
+            let (id, now) = (g.approval_id.clone(), super::now_unix());
+            let guard: crate::audit::Guard = Box::new(move |tx| {
+                approvals::transition_in(tx, &id, Status::Approved, Status::Consumed, now, |_| {}).map(|_| ()).map_err(
+                    |e| {
+                        match e {
+                            approvals::ApprovalError::NotPending { status: "consumed", .. } => {
+                                "override_token_already_used"
+                            }
+                            _ => "override_token_invalid",
+                        }
+                        .to_string()
+                    },
+                )
+            });
+            match gw.record_guarded(facts, &decision, Some(&g.approval_id), guard).await {
+                Ok(i) => i,
+                Err(Err(code)) => {
+                    facts.override_jti = None;
+                    let d = if code == "override_token_already_used" {
+                        Decision::deny("override_token_already_used", "the approval was already used")
+                    } else {
+                        Decision::deny(
+                            "override_token_invalid",
+                            "the approval behind the override token is not approved",
+                        )
+                    };
+                    return Err(Stop::forbidden(d));
+                }
+                Err(Ok(resp)) => return Err(Stop::respond(resp)),
+            }
+        }
+    };
+    if let Some(b) = budget {
+        // One rule with the rebuild from the log (a dry-run escalation is forwarded, not counted);
+        // a slot not kept goes back when dropped.
+        if crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref()) {
+            b.commit();
+        }
+    }
+    if let Some(t) = rate {
+        t.commit();
+    }
+    if let Some(g) = &grant {
+        let e = approval_entry(
+            &g.approval_id,
+            "consumed",
+            facts.agent.as_deref(),
+            &[("request_id", json!(facts.request_id)), ("record", json!(idx.to_string()))],
+        );
+        let _ = gw.audit.append_nowait(e);
+    }
+    Ok((idx, decision))
+}
+
+/// Forwards a recorded request and counts it; a dry-run request that would have been refused
+/// says so in `x-uapk-would-deny`.
+pub(crate) async fn send(
+    gw: &Arc<Gateway>,
+    facts: &Facts,
+    connector: &Connector,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    (record, decision): (u64, Decision),
+) -> Response<ProxyBody> {
+    let would_deny = (facts.mode == crate::config::PolicyMode::DryRun && decision.verdict != Verdict::Allow)
+        .then(|| decision.code());
+    let mut resp = forward(gw, facts, connector, parts, body, record, facts.access(&decision)).await;
+    if let Some(code) = would_deny {
+        resp.headers_mut().insert("x-uapk-would-deny", HeaderValue::from_static(code));
+    }
+    gw.metrics.request(decision.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+    resp
+}
+
+/// Sends the request upstream with the connector's credentials and streams the answer back;
+/// the `outcome` entry is written when the response body ends.
+async fn forward(
+    gw: &Arc<Gateway>,
+    facts: &Facts,
+    connector: &Connector,
+    parts: http::request::Parts,
+    body: ProxyBody,
+    record: u64,
+    access: body::Access,
+) -> Response<ProxyBody> {
+    let host = if facts.host.contains(':') { format!("[{}]", facts.host) } else { facts.host.clone() };
+    let default_port = matches!((facts.scheme, facts.port), (Scheme::Http, 80) | (Scheme::Https, 443));
+    let authority = if default_port { host } else { format!("{host}:{}", facts.port) };
+    let pq = match &facts.query {
+        Some(q) => format!("{}?{q}", facts.path),
+        None => facts.path.clone(),
+    };
+    let uri = match format!("{}://{authority}{pq}", facts.scheme.as_str()).parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(_) => {
+            let d = Decision::deny("malformed_request", "the upstream URI is invalid");
+            return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
+        }
+    };
+    let mut parts = parts;
+    // An upgrade (WebSocket) keeps its Upgrade/Connection pair; the tunnel is spliced after 101.
+    let upgrade = hygiene::requested_upgrade(&parts.headers);
+    let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    let mut headers = parts.headers;
+    hygiene::strip_request(&mut headers);
+    hygiene::strip_for_connector(&mut headers, connector);
+    if let Some(proto) = &upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, proto.clone());
+    }
+    let creds = connector.credentials.as_ref().map(Vec::as_slice).unwrap_or_default();
+    for (name, value) in creds {
+        headers.append(name.clone(), value.clone());
+    }
+    let mut up = Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
+    if let Some(h) = up.headers_mut() {
+        *h = headers;
+    }
+    let up = match up.body(body) {
+        Ok(r) => r,
+        Err(_) => {
+            let d = Decision::deny("malformed_request", "the request cannot be forwarded");
+            return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
+        }
+    };
+    let sent = Instant::now();
+    let result = tokio::time::timeout(gw.config.limits.upstream_timeout, gw.client.request(up)).await;
+    let latency = sent.elapsed();
+    gw.metrics.upstream_duration.observe(latency.as_secs_f64());
+    let outcome = body::Outcome {
+        audit: gw.audit.clone(),
+        request_id: facts.request_id.clone(),
+        record,
+        upstream_latency: latency,
+        access,
+    };
+    // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
+    // anything else, or unasked, would leave a raw connection no policy reads.
+    let switched_to_websocket = |r: &Response<Incoming>| {
+        client_upgrade.is_some()
+            && r.headers()
+                .get(header::UPGRADE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
+    };
+    match result {
+        Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_to_websocket(&resp) => {
+            let (status, msg) = (StatusCode::BAD_GATEWAY, "the upstream switched to a protocol that was not allowed");
+            outcome.write(status, 0, None, Some(msg));
+            let d = Decision::deny("upstream_unavailable", msg);
+            refuse(status, facts, &d, Some(record), DenyBody::default())
+        }
+        Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let client_upgrade = client_upgrade.expect("checked");
+            tokio::spawn(async move {
+                let (c, u) = match tokio::join!(client_upgrade, upstream_upgrade) {
+                    (Ok(c), Ok(u)) => (c, u),
+                    _ => {
+                        outcome.write(StatusCode::SWITCHING_PROTOCOLS, 0, None, Some("the upgrade did not complete"));
+                        return;
+                    }
+                };
+                let (mut c, mut u) = (hyper_util::rt::TokioIo::new(c), hyper_util::rt::TokioIo::new(u));
+                let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                let bytes = r.as_ref().map_or(0, |(a, b)| a + b);
+                outcome.write(
+                    StatusCode::SWITCHING_PROTOCOLS,
+                    bytes,
+                    None,
+                    r.err().map(|_| "the upgraded connection ended with an error"),
+                );
+            });
+            let (mut rp, _) = resp.into_parts();
+            let proto = rp.headers.get(header::UPGRADE).cloned();
+            hygiene::strip_response(&mut rp.headers);
+            if let Some(p) = proto {
+                rp.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                rp.headers.insert(header::UPGRADE, p);
+            }
+            rp.headers.insert("x-uapk-record", HeaderValue::from(record));
+            Response::from_parts(rp, full_body(Bytes::new()))
+        }
+        Ok(Ok(resp)) => {
+            let (mut rp, rb) = resp.into_parts();
+            hygiene::strip_response(&mut rp.headers);
+            rp.headers.insert("x-uapk-record", HeaderValue::from(record));
+            let status = rp.status;
+            let body = RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, status);
+            Response::from_parts(rp, body.boxed_unsync())
+        }
+        Ok(Err(e)) => {
+            let (status, msg) = upstream_error(&e);
+            outcome.write(status, 0, None, Some(msg));
+            let d = Decision::deny("upstream_unavailable", msg);
+            refuse(status, facts, &d, Some(record), DenyBody::default())
+        }
+        Err(_) => {
+            let status = StatusCode::GATEWAY_TIMEOUT;
+            let msg = "the upstream did not answer within limits.upstream_timeout";
+            outcome.write(status, 0, None, Some(msg));
+            let d = Decision::deny("upstream_timeout", msg);
+            refuse(status, facts, &d, Some(record), DenyBody::default())
+        }
+    }
+}
+
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str) {
+    let text = format!("{e:?}");
+    if text.contains("certificate") || text.contains("InvalidCertificate") || text.contains("AlertReceived") {
+        (StatusCode::BAD_GATEWAY, "the upstream TLS handshake failed")
+    } else if e.is_connect() {
+        if text.contains("TimedOut") || text.contains("timed out") {
+            (StatusCode::GATEWAY_TIMEOUT, "connecting to the upstream timed out")
+        } else {
+            (StatusCode::BAD_GATEWAY, "the upstream is unreachable")
+        }
+    } else {
+        (StatusCode::BAD_GATEWAY, "the upstream failed before answering")
+    }
+}

@@ -1,0 +1,107 @@
+//! Stage 2, the identity: who is calling — a verified capability token (presented on the
+//! request, on the tunnel's CONNECT, or by the gateway from `identity.token_file`), or the pod's
+//! default agent — and the agent's manifest.
+
+use super::{Entry, Facts, Gateway, Policies, TokenFile, now_unix, target::sanitize};
+use crate::config::Manifest;
+use crate::identity::CapabilityClaims;
+use crate::policy::Decision;
+use http::{HeaderMap, header};
+use std::sync::Arc;
+
+/// The identified agent.
+pub(crate) struct Identity {
+    pub manifest: Arc<Manifest>,
+    pub claims: Option<Arc<CapabilityClaims>>,
+}
+
+/// Splits `Proxy-Authorization` into (username, token): Basic uses the password, Bearer the
+/// credential. Never logged.
+pub(crate) fn proxy_auth_token(headers: &HeaderMap) -> Option<(Option<String>, String)> {
+    use base64::Engine;
+    let v = headers.get(header::PROXY_AUTHORIZATION)?.to_str().ok()?.trim();
+    let (scheme, rest) = v.split_once(' ')?;
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some((None, rest.trim().to_string()));
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let raw = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+        let text = String::from_utf8(raw).ok()?;
+        let (user, pass) = text.split_once(':')?;
+        return Some((Some(user.to_string()), pass.to_string()));
+    }
+    None
+}
+
+/// Step 1 (SPEC §8): who is calling. Fills in `facts.{agent,token,mode}`.
+pub(crate) fn identify(
+    gw: &Gateway,
+    policies: &Policies,
+    headers: &HeaderMap,
+    facts: &mut Facts,
+    preset: Option<(Option<String>, String)>,
+) -> Result<Identity, Decision> {
+    let mut basic_user = None;
+    let from_proxy_auth = if facts.entry == Entry::Explicit { proxy_auth_token(headers) } else { None };
+    let token = match preset.or(from_proxy_auth) {
+        Some((user, tok)) => {
+            basic_user = user;
+            Some(tok)
+        }
+        _ => headers
+            .get("x-uapk-capability")
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim().to_string())
+            .or_else(|| gw.token_file.as_ref().and_then(TokenFile::get)),
+    };
+    let default_agent = gw.config.identity.default_agent.as_deref();
+    facts.agent = default_agent.map(str::to_string);
+    let Some(token) = token else {
+        let Some(agent) = default_agent else {
+            return Err(Decision::deny("capability_token_required", "no capability token and no default agent"));
+        };
+        let Some(m) = policies.set.get(agent) else {
+            return Err(Decision::deny("manifest_not_found", format!("no manifest for agent {agent}")));
+        };
+        facts.mode = m.mode;
+        if m.capability.required {
+            return Err(Decision::deny("capability_token_required", "this agent requires a capability token"));
+        }
+        return Ok(Identity { manifest: m.clone(), claims: None });
+    };
+    let Some(sub) = crate::identity::unverified_subject(&token) else {
+        return Err(Decision::deny("capability_token_invalid", "the capability token is malformed"));
+    };
+    let (Some(m), Some(verifier)) = (policies.set.get(&sub), policies.verifiers.get(&sub)) else {
+        return Err(Decision::deny(
+            "manifest_not_found",
+            format!("no manifest for the agent the token names ({})", sanitize(&sub)),
+        ));
+    };
+    facts.mode = m.mode;
+    let claims = verifier.verify(&token, now_unix()).map_err(|e| Decision::deny(e.code(), e.message()))?;
+    facts.agent = Some(claims.sub.clone());
+    facts.token = Some((claims.iss.clone(), claims.jti.clone()));
+    let user_names_other = basic_user.as_deref().is_some_and(|u| !u.is_empty() && u != "agent" && u != claims.sub);
+    if default_agent.is_some_and(|d| d != claims.sub) || user_names_other {
+        return Err(Decision::deny("token_agent_mismatch", "the capability token was issued to another agent"));
+    }
+    Ok(Identity { manifest: m.clone(), claims: Some(claims) })
+}
+
+/// The refusal of a request whose agent could not be identified: 407 on the explicit proxy
+/// for token problems (so clients offer credentials), else 403; recorded with the connector a
+/// base-URL path named.
+pub(crate) fn refusal(facts: &mut Facts, target: &super::target::Target, d: Decision) -> super::Stop {
+    let status = if facts.entry == Entry::Explicit
+        && (d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch")
+    {
+        http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
+    } else {
+        http::StatusCode::FORBIDDEN
+    };
+    if let Some(name) = &target.base_connector {
+        facts.connector = Some(sanitize(name));
+    }
+    super::Stop::refuse(status, d)
+}
