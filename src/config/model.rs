@@ -234,9 +234,41 @@ pub struct Connector {
     /// credential headers every connector with `credentials` strips.
     pub strip_headers: Vec<HeaderName>,
     pub routes: Vec<Route>,
+    /// Set for `protocol: mcp` connectors (which have tools instead of routes).
+    pub mcp: Option<McpEndpoint>,
+}
+
+/// An MCP connector's endpoint (JSON-RPC 2.0 over streamable HTTP): each JSON-RPC request
+/// posted to `path` is one decision.
+#[derive(Debug)]
+pub struct McpEndpoint {
+    /// The upstream path of the endpoint: the base URL's path prefix and `mcp_path`.
+    pub path: String,
+    /// `tools/call` rules, first match wins.
+    pub tools: Vec<McpTool>,
+}
+
+#[derive(Debug)]
+pub struct McpTool {
+    /// The exact tool name; `None` for `*`.
+    pub name: Option<String>,
+    /// The tool's action and params; `json` pointers already point into the JSON-RPC request
+    /// (below `/params/arguments`), so params are read from the body like a route's.
+    pub rule: Route,
+}
+
+impl McpEndpoint {
+    /// The first tool rule matching `name`.
+    pub fn tool(&self, name: &str) -> Option<&McpTool> {
+        self.tools.iter().find(|t| t.name.as_deref().is_none_or(|n| n == name))
+    }
 }
 
 impl Connector {
+    /// Every rule that reads params: the routes, and an MCP connector's tools.
+    pub fn rules(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter().chain(self.mcp.iter().flat_map(|m| m.tools.iter().map(|t| &t.rule)))
+    }
     /// Whether the connector injects credentials (configured, even if a source is missing).
     pub fn injects_credentials(&self) -> bool {
         self.credentials.as_ref().map_or(true, |c| !c.is_empty())

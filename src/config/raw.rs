@@ -167,6 +167,25 @@ pub struct RawConnector {
     pub strip_headers: Vec<String>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
+    /// `http` (default) or `mcp`: JSON-RPC 2.0 over streamable HTTP at `mcp_path`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub mcp_path: Option<String>,
+    /// MCP `tools/call` rules, first match wins.
+    #[serde(default)]
+    pub tools: Vec<RawTool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTool {
+    /// Exact tool name, or `*`.
+    pub name: String,
+    pub action: String,
+    /// Params read from the call's `params.arguments` (`json` pointers) or fixed (`value`).
+    #[serde(default)]
+    pub params: BTreeMap<String, RawParam>,
 }
 
 #[derive(Debug, Deserialize)]

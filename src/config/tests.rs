@@ -226,6 +226,7 @@ fn host_patterns_and_cidrs() {
         tls: TlsMode::Intercept,
         credentials: Ok(vec![]),
         strip_headers: vec![],
+        mcp: None,
         routes: vec![],
     };
     assert!(c.matches_host("API.example.com"));

@@ -401,91 +401,10 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
     }
     let mut routes = Vec::new();
     for (i, r) in raw.routes.into_iter().enumerate() {
-        let k = format!("{key}.routes[{i}]");
-        let mut methods = Vec::new();
-        for (j, m) in r.methods.iter().enumerate() {
-            match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
-                Ok(m) => methods.push(m),
-                Err(_) => cx.err(&format!("{k}.methods[{j}]"), format!("{m:?} is not an HTTP method")),
-            }
-        }
-        let path = match PathPattern::parse(&r.path) {
-            Ok(p) => p,
-            Err(e) => {
-                cx.err(&format!("{k}.path"), format!("{:?}: {e}", r.path));
-                continue;
-            }
-        };
-        if r.action.is_empty() || r.action.contains(char::is_whitespace) {
-            cx.err(&format!("{k}.action"), "must be a non-empty action type like payment.refund");
-        }
-        let mut params = Vec::new();
-        for (name, p) in r.params {
-            let pk = format!("{k}.params.{name}");
-            let sources = [
-                p.json.is_some(),
-                p.form.is_some(),
-                p.header.is_some(),
-                p.query.is_some(),
-                p.path.is_some(),
-                p.value.is_some(),
-            ];
-            if sources.iter().filter(|&&s| s).count() != 1 {
-                cx.err(&pk, "needs exactly one of json, form, header, query, path, value");
-                continue;
-            }
-            let source = if let Some(ptr) = p.json {
-                if !(ptr.is_empty() || ptr.starts_with('/')) {
-                    cx.err(&format!("{pk}.json"), format!("{ptr:?} is not a JSON pointer (e.g. /amount)"));
-                }
-                ParamSource::Json(ptr)
-            } else if let Some(key) = p.form {
-                if key.is_empty() {
-                    cx.err(&format!("{pk}.form"), "must name a form key (e.g. amount or metadata[order_id])");
-                }
-                ParamSource::Form(key)
-            } else if let Some(v) = p.value {
-                if v.trim().is_empty() {
-                    cx.err(&format!("{pk}.value"), "a fixed value must not be empty");
-                }
-                ParamSource::Value(v)
-            } else if let Some(h) = p.header {
-                match HeaderName::from_str(&h) {
-                    Ok(h) => ParamSource::Header(h),
-                    Err(_) => {
-                        cx.err(&format!("{pk}.header"), format!("{h:?} is not a header name"));
-                        continue;
-                    }
-                }
-            } else if let Some(q) = p.query {
-                if q.is_empty() {
-                    cx.err(&format!("{pk}.query"), "must name a query parameter");
-                }
-                ParamSource::Query(q)
-            } else {
-                let name = p.path.unwrap_or_default();
-                if !path.captures().any(|c| c == name) {
-                    cx.err(&format!("{pk}.path"), format!("the route path {:?} captures no {{{name}}}", r.path));
-                }
-                ParamSource::Path(name)
-            };
-            if let Some(s) = p.scale
-                && s > 18
-            {
-                cx.err(&format!("{pk}.scale"), "must be at most 18");
-            }
-            params.push(ParamSpec { name, source, scale: p.scale });
-        }
-        let json = params.iter().any(|p| matches!(p.source, ParamSource::Json(_)));
-        let form = params.iter().any(|p| matches!(p.source, ParamSource::Form(_)));
-        if json && form {
-            cx.err(
-                &format!("{k}.params"),
-                "a route reads its body either as JSON (json:) or as a form (form:), not both",
-            );
-        }
-        routes.push(Route { methods, path, action: r.action, params, safe: r.safe });
+        routes.extend(route(cx, &format!("{key}.routes[{i}]"), r));
     }
+    let mcp =
+        mcp_endpoint(cx, key, raw.protocol.as_deref(), raw.mcp_path, raw.tools, base_url.as_ref(), !routes.is_empty());
     // Overlap warning: a later route that an earlier one fully shadows.
     for i in 0..routes.len() {
         for j in 0..i {
@@ -507,7 +426,157 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
             Err(_) => cx.err(&format!("{key}.strip_headers[{i}]"), format!("{h:?} is not a header name")),
         }
     }
-    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, strip_headers, routes }
+    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, strip_headers, routes, mcp }
+}
+
+/// One route (or an MCP tool, given as a route on the endpoint's path) from its raw form; `None`
+/// when it cannot be used (the error is reported).
+fn route(cx: &mut Cx, k: &str, r: RawRoute) -> Option<Route> {
+    let mut methods = Vec::new();
+    for (j, m) in r.methods.iter().enumerate() {
+        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(m) => methods.push(m),
+            Err(_) => cx.err(&format!("{k}.methods[{j}]"), format!("{m:?} is not an HTTP method")),
+        }
+    }
+    let path = match PathPattern::parse(&r.path) {
+        Ok(p) => p,
+        Err(e) => {
+            cx.err(&format!("{k}.path"), format!("{:?}: {e}", r.path));
+            return None;
+        }
+    };
+    if r.action.is_empty() || r.action.contains(char::is_whitespace) {
+        cx.err(&format!("{k}.action"), "must be a non-empty action type like payment.refund");
+    }
+    let mut params = Vec::new();
+    for (name, p) in r.params {
+        let pk = format!("{k}.params.{name}");
+        let sources = [
+            p.json.is_some(),
+            p.form.is_some(),
+            p.header.is_some(),
+            p.query.is_some(),
+            p.path.is_some(),
+            p.value.is_some(),
+        ];
+        if sources.iter().filter(|&&s| s).count() != 1 {
+            cx.err(&pk, "needs exactly one of json, form, header, query, path, value");
+            continue;
+        }
+        let source = if let Some(ptr) = p.json {
+            if !(ptr.is_empty() || ptr.starts_with('/')) {
+                cx.err(&format!("{pk}.json"), format!("{ptr:?} is not a JSON pointer (e.g. /amount)"));
+            }
+            ParamSource::Json(ptr)
+        } else if let Some(key) = p.form {
+            if key.is_empty() {
+                cx.err(&format!("{pk}.form"), "must name a form key (e.g. amount or metadata[order_id])");
+            }
+            ParamSource::Form(key)
+        } else if let Some(v) = p.value {
+            if v.trim().is_empty() {
+                cx.err(&format!("{pk}.value"), "a fixed value must not be empty");
+            }
+            ParamSource::Value(v)
+        } else if let Some(h) = p.header {
+            match HeaderName::from_str(&h) {
+                Ok(h) => ParamSource::Header(h),
+                Err(_) => {
+                    cx.err(&format!("{pk}.header"), format!("{h:?} is not a header name"));
+                    continue;
+                }
+            }
+        } else if let Some(q) = p.query {
+            if q.is_empty() {
+                cx.err(&format!("{pk}.query"), "must name a query parameter");
+            }
+            ParamSource::Query(q)
+        } else {
+            let name = p.path.unwrap_or_default();
+            if !path.captures().any(|c| c == name) {
+                cx.err(&format!("{pk}.path"), format!("the route path {:?} captures no {{{name}}}", r.path));
+            }
+            ParamSource::Path(name)
+        };
+        if let Some(s) = p.scale
+            && s > 18
+        {
+            cx.err(&format!("{pk}.scale"), "must be at most 18");
+        }
+        params.push(ParamSpec { name, source, scale: p.scale });
+    }
+    let json = params.iter().any(|p| matches!(p.source, ParamSource::Json(_)));
+    let form = params.iter().any(|p| matches!(p.source, ParamSource::Form(_)));
+    if json && form {
+        cx.err(&format!("{k}.params"), "a route reads its body either as JSON (json:) or as a form (form:), not both");
+    }
+    Some(Route { methods, path, action: r.action, params, safe: r.safe })
+}
+
+/// `protocol: mcp`: the endpoint path and the tool rules. A tool's `json` params point into its
+/// call's `params.arguments`; it reads nothing else of the request but fixed values and headers.
+fn mcp_endpoint(
+    cx: &mut Cx,
+    key: &str,
+    protocol: Option<&str>,
+    mcp_path: Option<String>,
+    tools: Vec<RawTool>,
+    base_url: Option<&BaseUrl>,
+    has_routes: bool,
+) -> Option<McpEndpoint> {
+    match protocol {
+        None | Some("http") => {
+            if mcp_path.is_some() || !tools.is_empty() {
+                cx.err(&format!("{key}.protocol"), "mcp_path and tools need protocol: mcp");
+            }
+            return None;
+        }
+        Some("mcp") => {}
+        Some(o) => {
+            cx.err(&format!("{key}.protocol"), format!("{o:?} is not one of http, mcp"));
+            return None;
+        }
+    }
+    if has_routes {
+        cx.err(&format!("{key}.routes"), "an MCP connector is governed by its tools, not routes");
+    }
+    let mcp_path = mcp_path.unwrap_or_else(|| "/mcp".to_string());
+    if !mcp_path.starts_with('/') || mcp_path.contains(['?', '#', '*', '{', ';']) {
+        cx.err(&format!("{key}.mcp_path"), format!("{mcp_path:?} is not a plain path like /mcp"));
+    }
+    let path = format!("{}{}", base_url.map_or("", |b| b.path_prefix.as_str()), mcp_path);
+    let mut out = Vec::new();
+    for (i, t) in tools.into_iter().enumerate() {
+        let k = format!("{key}.tools[{i}]");
+        if t.name.trim().is_empty() {
+            cx.err(&format!("{k}.name"), "must be a tool name or *");
+        }
+        let mut params = BTreeMap::new();
+        for (name, mut p) in t.params {
+            if p.form.is_some() || p.query.is_some() || p.path.is_some() {
+                cx.err(
+                    &format!("{k}.params.{name}"),
+                    "a tool reads its call's arguments (json: /pointer), a header or a fixed value (value:)",
+                );
+                continue;
+            }
+            if let Some(ptr) = &p.json
+                && !(ptr.is_empty() || ptr.starts_with('/'))
+            {
+                cx.err(&format!("{k}.params.{name}.json"), format!("{ptr:?} is not a JSON pointer (e.g. /amount)"));
+                continue;
+            }
+            p.json = p.json.map(|ptr| format!("/params/arguments{ptr}"));
+            params.insert(name, p);
+        }
+        let raw =
+            RawRoute { methods: vec!["POST".into()], path: mcp_path.clone(), action: t.action, params, safe: false };
+        if let Some(rule) = route(cx, &k, raw) {
+            out.push(McpTool { name: (t.name != "*").then_some(t.name), rule });
+        }
+    }
+    Some(McpEndpoint { path, tools: out })
 }
 
 pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Strictness, sha256: String) -> Manifest {
@@ -666,7 +735,7 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
     }
     // Money rules need an amount to act on: a manifest whose routes read none would let every
     // request through them unweighed.
-    let reads_amount = connectors.iter().flat_map(|c| c.routes.iter()).any(|r| r.declares("amount"));
+    let reads_amount = connectors.iter().flat_map(|c| c.rules()).any(|r| r.declares("amount"));
     if !reads_amount {
         if !approval.amount_above.is_empty() {
             cx.err(
@@ -686,7 +755,7 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
     let mut param_constraints = BTreeMap::new();
     for (name, c) in p.params {
         let k = format!("policy.params.{name}");
-        let declared = connectors.iter().flat_map(|c| c.routes.iter()).any(|r| r.declares(&name));
+        let declared = connectors.iter().flat_map(|c| c.rules()).any(|r| r.declares(&name));
         if !declared {
             cx.warn(&k, format!("no route declares a param {name:?}; this constraint never applies"));
         }

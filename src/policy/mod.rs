@@ -5,9 +5,9 @@
 
 mod params;
 
-pub use params::{Params, check_body_media_type, extract_params};
+pub use params::{JsonDoc, Params, check_body_media_type, check_media_type, extract_params};
 
-use crate::config::{AllowDeny, Connector, Manifest, Route};
+use crate::config::{AllowDeny, Connector, Manifest};
 use crate::identity::CapabilityClaims;
 use rust_decimal::Decimal;
 use serde::Serialize;
@@ -72,7 +72,9 @@ impl Decision {
 #[derive(Debug)]
 pub struct Action<'a> {
     pub connector: &'a Arc<Connector>,
-    pub route: &'a Route,
+    /// The action type: a REST route's or MCP tool's `action`, or `mcp.<method>`.
+    pub action: &'a str,
+    /// The params the route or tool declares, as read from the request.
     pub params: &'a Params,
 }
 
@@ -114,7 +116,7 @@ fn money_above(amount: Decimal, limit: Decimal) -> bool {
 /// Steps 3–7 for a request whose connector passed `check_connector` and whose route matched.
 pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: &Action) -> Decision {
     let p = &manifest.policy;
-    let act = action.route.action.as_str();
+    let act = action.action;
     // 3. action type
     if !p.action_types.allows(act) {
         return Decision::deny("action_type_not_allowed", format!("action {act} is not allowed for this agent"));
@@ -260,7 +262,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
     }
     // 7. constraints on any declared param: the manifest's, then the token's.
     for (name, c) in &p.params {
-        if action.route.declares(name)
+        if params.declares(name)
             && let Err(miss) = check_param(name, &c.values.allow, &c.values.deny, c.min, c.max, params)
         {
             return miss.into_decision("param_not_allowed", "param_out_of_range", "");
@@ -268,7 +270,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
     }
     if let Some(list) = token_constraints.and_then(|c| c.params.as_ref()) {
         for (name, c) in list {
-            if action.route.declares(name)
+            if params.declares(name)
                 && let Err(miss) = check_param(name, &c.allow, &c.deny, c.min, c.max, params)
             {
                 return miss.into_decision(

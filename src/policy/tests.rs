@@ -103,7 +103,7 @@ fn decide_as(
         h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
     }
     let params = extract_params(route, &caps, &h, query, body.map(str::as_bytes));
-    evaluate(m, claims, &Action { connector: c, route, params: &params })
+    evaluate(m, claims, &Action { connector: c, action: &route.action, params: &params })
 }
 
 fn refund(m: &Manifest, body: &str, country: &str) -> Decision {

@@ -5,7 +5,7 @@
 use super::identify::Identity;
 use super::target::{Target, sanitize};
 use super::{Facts, Stop, full_body, now_unix};
-use crate::config::{Connector, Manifest, Route, Scheme};
+use crate::config::{Connector, Manifest, Scheme};
 use crate::limits::Spend;
 use crate::policy::{self, Decision, Params};
 use crate::response::{BoxError, ProxyBody};
@@ -16,21 +16,36 @@ use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-/// A request classified: its connector, route and params.
+/// What a request was classified by.
+pub(crate) enum Rule {
+    /// A REST route of the connector (its index).
+    Route(usize),
+    /// An MCP connector's tool rule (its index), for `tools/call`.
+    Tool(usize),
+    /// An MCP protocol message: `mcp.session` or `mcp.<method>`.
+    Protocol(String),
+}
+
+/// A request classified: its connector, the rule it falls under, and its params.
 pub(crate) struct Classified {
     pub connector: Arc<Connector>,
-    route: usize,
+    rule: Rule,
     pub params: Params,
 }
 
 impl Classified {
-    pub fn route(&self) -> &Route {
-        &self.connector.routes[self.route]
+    /// The action type.
+    pub fn action(&self) -> &str {
+        match &self.rule {
+            Rule::Route(i) => &self.connector.routes[*i].action,
+            Rule::Tool(i) => self.connector.mcp.as_ref().map_or("", |m| m.tools[*i].rule.action.as_str()),
+            Rule::Protocol(a) => a,
+        }
     }
 
     /// What the policy engine reads.
     pub fn policy_action(&self) -> policy::Action<'_> {
-        policy::Action { connector: &self.connector, route: self.route(), params: &self.params }
+        policy::Action { connector: &self.connector, action: self.action(), params: &self.params }
     }
 
     /// What a forwarded request of this action counts in budgets.
@@ -38,7 +53,7 @@ impl Classified {
         Spend {
             agent: manifest.agent.id.clone(),
             connector: self.connector.name.clone(),
-            action: self.route().action.clone(),
+            action: self.action().to_string(),
             amount: self.params.amount.map(|a| (a, self.params.currency.clone().unwrap_or_default())),
             at: now_unix(),
         }
@@ -145,7 +160,7 @@ pub(crate) fn admit(who: &Identity, connector: &Connector, facts: &Facts) -> Res
     }
 }
 
-/// Connector, route, body (when the route reads it) and params.
+/// Connector, route (or MCP tool), body (when the route reads it) and params.
 pub(crate) async fn classify(
     gw: &super::Gateway,
     who: &Identity,
@@ -158,6 +173,11 @@ pub(crate) async fn classify(
         connector_for(&who.manifest, target.base_connector.as_deref(), &target.path, facts).map_err(Stop::forbidden)?;
     facts.connector = Some(connector.name.clone());
     admit(who, &connector, facts).map_err(Stop::forbidden)?;
+    if let Some(mcp) = &connector.mcp {
+        let (rule, params) = super::mcp::classify(gw, mcp, parts, body, facts).await?;
+        facts.params = params.values.clone();
+        return Ok(Classified { connector, rule, params });
+    }
 
     let Some((route, captures)) = connector.route(&facts.method, &facts.path) else {
         let d =
@@ -189,7 +209,7 @@ pub(crate) async fn classify(
         body.buffered().map(|b| &b[..]),
     );
     facts.params = params.values.clone();
-    Ok(Classified { connector: connector.clone(), route: index, params })
+    Ok(Classified { connector: connector.clone(), rule: Rule::Route(index), params })
 }
 
 /// Credentials never travel in cleartext (SPEC §14.2): a plain-HTTP request (absolute-form or

@@ -16,6 +16,7 @@ mod escalation;
 mod forward;
 mod hygiene;
 mod identify;
+mod mcp;
 mod respond;
 mod settle;
 pub mod ssrf;
@@ -167,6 +168,13 @@ pub(crate) struct Facts {
     bound_headers: BTreeMap<String, Vec<String>>,
     /// The `jti` of the override token a request goes out under (recorded with its decision).
     override_jti: Option<String>,
+    /// The id of a JSON-RPC request (MCP): its refusals are answered as JSON-RPC errors.
+    jsonrpc_id: Option<serde_json::Value>,
+    /// An MCP message's method and the tool, prompt or resource it names.
+    mcp: Option<(String, Option<String>)>,
+    /// What an override binds instead of the body's hash (an MCP call: method and params, not
+    /// the JSON-RPC id a retry renews).
+    bound_body: Option<String>,
     mode: PolicyMode,
     started: Instant,
 }
@@ -203,6 +211,9 @@ impl Facts {
             f.str("approval_id", id);
         }
         f.opt_str("override_jti", self.override_jti.as_deref());
+        if let Some((method, name)) = &self.mcp {
+            f.str("mcp_method", method).opt_str("mcp_name", name.as_deref());
+        }
         Ok(f)
     }
 
@@ -224,7 +235,8 @@ impl Facts {
             "agent": self.agent, "connector": self.connector, "method": self.method.as_str(),
             "scheme": self.scheme.as_str(), "host": self.host, "port": self.port.to_string(),
             "path": self.path, "query": self.query,
-            "body_sha256": self.body.as_ref().map(|b| b.0.clone()).unwrap_or_else(|| hex::encode(Sha256::digest(b""))),
+            "body_sha256": self.bound_body.clone().or_else(|| self.body.as_ref().map(|b| b.0.clone()))
+                .unwrap_or_else(|| hex::encode(Sha256::digest(b""))),
             "action": self.action, "params": self.params, "headers": self.bound_headers,
         });
         let bytes = crate::audit::canonical_json(&v).unwrap_or_default();
@@ -240,7 +252,10 @@ fn refuse(
     record: Option<u64>,
     extra: DenyBody,
 ) -> Response<ProxyBody> {
-    deny_response(status, d, record, facts.agent.as_deref(), extra)
+    match &facts.jsonrpc_id {
+        Some(id) => respond::jsonrpc_refusal(id, d, record, facts.agent.as_deref(), extra),
+        None => deny_response(status, d, record, facts.agent.as_deref(), extra),
+    }
 }
 
 /// Why the path stops before forwarding.
@@ -320,8 +335,9 @@ impl Gateway {
             }
             Stop::Refuse { status, decision, headers, .. } => {
                 let mut resp = self.refuse_recorded(status, facts, decision).await;
+                // Only on the refusal itself, not on a 503 that replaced it.
                 if let Some(h) = headers
-                    && resp.status() == status
+                    && resp.headers().get("x-uapk-record").is_some()
                 {
                     resp.headers_mut().extend(*h);
                 }
@@ -401,6 +417,9 @@ pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts
         headers: Map::new(),
         bound_headers: BTreeMap::new(),
         override_jti: None,
+        jsonrpc_id: None,
+        mcp: None,
+        bound_body: None,
         mode: PolicyMode::Enforce,
         started: Instant::now(),
     }

@@ -4,7 +4,7 @@ use super::ProxyBody;
 use crate::policy::Decision;
 use crate::response::json_response;
 use http::{HeaderValue, Response, StatusCode};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// Extra fields of a refusal body.
 #[derive(Default)]
@@ -33,6 +33,14 @@ pub fn deny_response(
     agent: Option<&str>,
     extra: DenyBody,
 ) -> Response<ProxyBody> {
+    let body = refusal_body(d, record, agent, extra.approval_id.as_deref());
+    let mut r = json_response(status, &body);
+    decision_headers(&mut r, d, record);
+    r
+}
+
+/// The §7 body of a refusal, with the §14.6 `error` object.
+fn refusal_body(d: &Decision, record: Option<u64>, agent: Option<&str>, approval_id: Option<&str>) -> Value {
     let mut body = json!({
         "decision": d.verdict.as_str(),
         "reasons": d.reasons,
@@ -44,13 +52,39 @@ pub fn deny_response(
             "message": refusal_message(d, record),
         },
     });
-    if let Some(id) = &extra.approval_id {
+    if let Some(id) = approval_id {
         body["approval_id"] = json!(id);
     }
-    let mut r = json_response(status, &body);
+    body
+}
+
+fn decision_headers(r: &mut Response<ProxyBody>, d: &Decision, record: Option<u64>) {
     r.headers_mut().insert("x-uapk-decision", HeaderValue::from_static(d.verdict.as_str()));
     if let Some(i) = record {
         r.headers_mut().insert("x-uapk-record", HeaderValue::from(i));
     }
+}
+
+/// A refused JSON-RPC request (MCP, SPEC §14.4): HTTP 200 with a JSON-RPC error whose message is
+/// the one-line refusal and whose `data` is the §7 body, so MCP clients show why; the
+/// `x-uapk-*` headers are those of any refusal.
+pub fn jsonrpc_refusal(
+    id: &Value,
+    d: &Decision,
+    record: Option<u64>,
+    agent: Option<&str>,
+    extra: DenyBody,
+) -> Response<ProxyBody> {
+    let body = json!({
+        "jsonrpc": "2.0",
+        "id": id,
+        "error": {
+            "code": -32003,
+            "message": refusal_message(d, record),
+            "data": refusal_body(d, record, agent, extra.approval_id.as_deref()),
+        },
+    });
+    let mut r = json_response(StatusCode::OK, &body);
+    decision_headers(&mut r, d, record);
     r
 }

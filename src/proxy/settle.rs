@@ -155,7 +155,7 @@ pub(crate) async fn settle<'a>(
     // decision is recorded.
     let mut rate = None;
     if decision.verdict == Verdict::Allow {
-        match gw.rate_limits.check(manifest, &action.connector.name, &action.route().action) {
+        match gw.rate_limits.check(manifest, &action.connector.name, action.action()) {
             Ok(taken) => rate = Some(taken),
             Err(limited) => {
                 budget = None;

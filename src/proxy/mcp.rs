@@ -1,0 +1,185 @@
+//! MCP connectors (SPEC §14.4): JSON-RPC 2.0 over streamable HTTP. Each JSON-RPC request posted
+//! to the endpoint is one decision, classified here like a REST route: `tools/call` takes the
+//! matching tool's action and params (read from the call's arguments), protocol housekeeping is
+//! `mcp.session`, any other method `mcp.<method>`. The routing fields are read with the params
+//! rules (a duplicated `method` or `name` is refused, never guessed), and `Mcp-Method` /
+//! `Mcp-Name` headers must say what the body says. Refusals of a JSON-RPC request are answered
+//! as JSON-RPC errors (`respond::jsonrpc_refusal`), so MCP clients show the reason.
+
+use super::classify::{RequestBody, Rule};
+use super::target::sanitize;
+use super::{Facts, Gateway, Stop};
+use crate::config::{BodyFormat, McpEndpoint};
+use crate::policy::{self, Decision, JsonDoc, Params};
+use http::{HeaderMap, Method, StatusCode, request::Parts};
+use sha2::{Digest, Sha256};
+
+/// Methods that only keep the session going; they are one action, `mcp.session`, and are not
+/// counted in budgets.
+const SESSION_METHODS: [&str; 7] = [
+    "initialize",
+    "ping",
+    "tools/list",
+    "resources/list",
+    "prompts/list",
+    "server/discover",
+    "resources/templates/list",
+];
+
+pub const SESSION_ACTION: &str = "mcp.session";
+
+fn is_session(method: &str) -> bool {
+    SESSION_METHODS.contains(&method) || method.starts_with("notifications/")
+}
+
+fn malformed(why: impl Into<String>) -> Stop {
+    Stop::refuse(StatusCode::BAD_REQUEST, Decision::deny("malformed_request", why))
+}
+
+fn mismatch(why: String) -> Stop {
+    Stop::forbidden(Decision::deny("mcp_header_mismatch", why))
+}
+
+/// The one value of a header, if sent (twice is a mismatch by itself).
+fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Stop> {
+    let mut all = headers.get_all(name).iter();
+    match (all.next(), all.next()) {
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(mismatch(format!("{name} is sent more than once"))),
+        (Some(v), None) => {
+            v.to_str().map(|s| Some(s.trim())).map_err(|_| mismatch(format!("{name} is not valid text")))
+        }
+    }
+}
+
+/// A string the body gives at `ptr`: absent, one string, or a refusal (two readings, not a string).
+fn string_at<'a>(doc: &'a JsonDoc, ptr: &str) -> Result<Option<&'a str>, Stop> {
+    match doc.scalar(ptr) {
+        Err(why) => Err(Stop::forbidden(Decision::deny("param_ambiguous", why))),
+        Ok(None) | Ok(Some(serde_json::Value::Null)) => Ok(None),
+        Ok(Some(serde_json::Value::String(s))) => Ok(Some(s)),
+        Ok(Some(_)) => Err(malformed(format!("{ptr} must be a string"))),
+    }
+}
+
+/// Classifies one MCP message: the rule it falls under and its params.
+pub(super) async fn classify(
+    gw: &Gateway,
+    mcp: &McpEndpoint,
+    parts: &Parts,
+    body: &mut RequestBody,
+    facts: &mut Facts,
+) -> Result<(Rule, Params), Stop> {
+    if facts.path != mcp.path {
+        return Err(Stop::forbidden(Decision::deny(
+            "route_not_allowed",
+            format!("{} is not this connector's MCP endpoint ({})", sanitize(&facts.path), mcp.path),
+        )));
+    }
+    let headers = &parts.headers;
+    if parts.method == Method::GET || parts.method == Method::DELETE {
+        // The server-to-client event stream, and the end of a session.
+        if let Some(m) = header_value(headers, "mcp-method")? {
+            return Err(mismatch(format!(
+                "Mcp-Method {:?} on a {} without a JSON-RPC body",
+                sanitize(m),
+                parts.method
+            )));
+        }
+        facts.action = Some(SESSION_ACTION.into());
+        return Ok((Rule::Protocol(SESSION_ACTION.into()), Params::default()));
+    }
+    if parts.method != Method::POST {
+        return Err(Stop::forbidden(Decision::deny(
+            "route_not_allowed",
+            format!("{} is not an MCP request (POST, GET or DELETE)", parts.method),
+        )));
+    }
+    let b = body.buffer(headers, &gw.config.limits, facts).await?;
+    policy::check_media_type(BodyFormat::Json, "an MCP endpoint reads", headers, b).map_err(|d| {
+        let status = if d.code() == "unsupported_media_type" {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        Stop::refuse(status, d)
+    })?;
+    let doc = JsonDoc::parse(b).map_err(malformed)?;
+    if doc.is_array() {
+        return Err(malformed("JSON-RPC batches are not accepted: send one request per HTTP request"));
+    }
+    if !doc.is_object() {
+        return Err(malformed("the body is not a JSON-RPC message"));
+    }
+    let id = doc.scalar("/id").map_err(|why| Stop::forbidden(Decision::deny("param_ambiguous", why)))?;
+    match id {
+        None | Some(serde_json::Value::Null) => {}
+        Some(v @ (serde_json::Value::String(_) | serde_json::Value::Number(_))) => facts.jsonrpc_id = Some(v.clone()),
+        Some(_) => return Err(malformed("a JSON-RPC id is a string or a number")),
+    }
+    let Some(method) = string_at(&doc, "/method")? else {
+        // A response to a request of the server's (sampling, elicitation): part of the session.
+        let is_response = doc.has("/result").unwrap_or(false) || doc.has("/error").unwrap_or(false);
+        if !is_response {
+            return Err(malformed("a JSON-RPC message needs a method (or a result or error)"));
+        }
+        if header_value(headers, "mcp-method")?.is_some() {
+            return Err(mismatch("Mcp-Method on a JSON-RPC response".into()));
+        }
+        facts.mcp = Some(("(response)".into(), None));
+        facts.action = Some(SESSION_ACTION.into());
+        return Ok((Rule::Protocol(SESSION_ACTION.into()), Params::default()));
+    };
+    if method.is_empty() || method.len() > 128 || !method.bytes().all(|c| c.is_ascii_graphic()) {
+        return Err(malformed("the JSON-RPC method is not a method name"));
+    }
+    if let Some(h) = header_value(headers, "mcp-method")?
+        && h != method
+    {
+        return Err(mismatch(format!("Mcp-Method says {:?}, the body calls {:?}", sanitize(h), sanitize(method))));
+    }
+    // The name the call acts on: a tool's or prompt's name, a resource's URI.
+    let name = match method {
+        "tools/call" | "prompts/get" => string_at(&doc, "/params/name")?,
+        "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string_at(&doc, "/params/uri")?,
+        _ => None,
+    };
+    if let Some(h) = header_value(headers, "mcp-name")?
+        && Some(h) != name
+    {
+        return Err(mismatch(format!(
+            "Mcp-Name says {:?}, the body names {:?}",
+            sanitize(h),
+            name.map(sanitize).unwrap_or_default()
+        )));
+    }
+    facts.mcp = Some((method.to_string(), name.map(str::to_string)));
+    // An override binds the call (method and params), not the JSON-RPC id a retry renews.
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(b) {
+        let call = serde_json::json!({"method": method, "params": v.get("params")});
+        facts.bound_body = crate::audit::canonical_json(&call).ok().map(|c| hex::encode(Sha256::digest(c)));
+    }
+    if method == "tools/call" {
+        let Some(tool_name) = name else {
+            return Err(malformed("tools/call needs params.name"));
+        };
+        let Some((index, tool)) =
+            mcp.tools.iter().enumerate().find(|(_, t)| t.name.as_deref().is_none_or(|n| n == tool_name))
+        else {
+            return Err(Stop::forbidden(Decision::deny(
+                "tool_not_allowed",
+                format!("no tool rule of this connector allows {}", sanitize(tool_name)),
+            )));
+        };
+        facts.route = Some(mcp.path.clone());
+        facts.action = Some(tool.rule.action.clone());
+        let params = policy::extract_params(&tool.rule, &[], headers, facts.query.as_deref(), Some(b));
+        return Ok((Rule::Tool(index), params));
+    }
+    let action = if is_session(method) { SESSION_ACTION.to_string() } else { format!("mcp.{method}") };
+    if action != SESSION_ACTION {
+        facts.route = Some(mcp.path.clone());
+    }
+    facts.action = Some(action.clone());
+    Ok((Rule::Protocol(action), Params::default()))
+}
