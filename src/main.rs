@@ -42,14 +42,14 @@ enum Cmd {
         #[arg(long)]
         demo: bool,
         /// The demo upstream's address, with --demo.
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15090", requires = "demo")]
+        #[arg(long, value_name = "ADDR", env = "UAPK_DEMO_UPSTREAM", default_value = "127.0.0.1:15090")]
         demo_upstream: std::net::SocketAddr,
     },
     /// A small local HTTP API for demos: Stripe-, helpdesk- and chat-completions-shaped, echoing
     /// what it received with credentials redacted. `run --demo` points the example manifests at it.
     #[command(name = "demo-upstream")]
     DemoUpstream {
-        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15090")]
+        #[arg(long, value_name = "ADDR", env = "UAPK_DEMO_UPSTREAM", default_value = "127.0.0.1:15090")]
         listen: std::net::SocketAddr,
     },
     /// Validate the config and every manifest; exit 1 with file:line:col and key path.

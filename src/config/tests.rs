@@ -388,14 +388,9 @@ fn demo_mode_points_base_url_connectors_at_the_local_upstream_and_nothing_else()
     let set = load_policies(&dir, Strictness::Run).unwrap_or_else(|e| panic!("{e}"));
     let addr: std::net::SocketAddr = "127.0.0.1:15090".parse().unwrap();
     for (id, m) in &set.manifests {
-        let mut m = crate::config::parse_manifest(
-            &m.source,
-            &std::fs::read(&m.source).unwrap(),
-            &dir,
-            Strictness::Run,
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
-        .0;
+        let mut m = crate::config::parse_manifest(&m.source, &std::fs::read(&m.source).unwrap(), &dir, Strictness::Run)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .0;
         let before: Vec<(String, String)> = m
             .connectors
             .iter()

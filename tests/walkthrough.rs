@@ -1,0 +1,205 @@
+//! The README walkthrough, replayed: every `sh` block of its "Five-minute walkthrough" section
+//! is run in order by one bash, in a fresh directory holding copies of `policies/` and
+//! `examples/`, with the real `uapk-gateway` binary first on the `PATH` (so `cargo install --path
+//! .`, which would put it there, is skipped). What each command prints on stdout is compared with
+//! the `#>` lines that follow it in the README: line for line, where `…` matches any text (ids,
+//! record indexes, hashes, times); a command followed by no `#>` line must print nothing.
+//!
+//! So that it can run beside other gateways on the machine, the README's ports (15080, 15021,
+//! 15090) are replaced by free ones everywhere: in the commands, the copied
+//! `examples/gateway.yaml`, and through `UAPK_DEMO_UPSTREAM` (read by `demo-upstream --listen` and
+//! `run --demo-upstream`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SECTION: &str = "## Five-minute walkthrough";
+const STEP_MARK: &str = "@@walkthrough-step ";
+
+/// One command of the walkthrough and the lines the README says it prints.
+#[derive(Debug)]
+struct Step {
+    command: String,
+    expected: Vec<String>,
+}
+
+/// The `sh` blocks of the walkthrough section, split into commands (with their `\`
+/// continuation lines) and the `#>` lines after each.
+fn steps(readme: &str) -> Vec<Step> {
+    let start = readme.find(SECTION).expect("the README has a walkthrough section");
+    let rest = &readme[start + SECTION.len()..];
+    let section = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
+    let mut steps: Vec<Step> = Vec::new();
+    let mut in_block = false;
+    let mut continuing = false;
+    for line in section.lines() {
+        if !in_block {
+            in_block = line.trim_end() == "```sh";
+            continue;
+        }
+        if line.starts_with("```") {
+            in_block = false;
+            continue;
+        }
+        if continuing {
+            let step = steps.last_mut().expect("a command");
+            step.command.push('\n');
+            step.command.push_str(line);
+            continuing = line.ends_with('\\');
+        } else if let Some(out) = line.strip_prefix("#>") {
+            let step = steps.last_mut().expect("#> lines follow a command");
+            step.expected.push(out.strip_prefix(' ').unwrap_or(out).to_string());
+        } else if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        } else {
+            steps.push(Step { command: line.to_string(), expected: Vec::new() });
+            continuing = line.ends_with('\\');
+        }
+    }
+    steps
+}
+
+/// Whether `actual` is `pattern` with each `…` standing for any text.
+fn matches(pattern: &str, actual: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('…').collect();
+    if parts.len() == 1 {
+        return pattern == actual;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !actual.starts_with(first) || actual.len() < first.len() + last.len() || !actual.ends_with(last) {
+        return false;
+    }
+    let mut rest = &actual[first.len()..actual.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn matcher_treats_the_ellipsis_as_any_text_and_nothing_else() {
+    assert!(matches("ok: … entries verified; …", "ok: 17 entries verified; 9 checkpoints"));
+    assert!(matches("{\"a\":…,\"b\":2}", "{\"a\":1,\"b\":2}"));
+    assert!(!matches("{\"a\":…,\"b\":2}", "{\"a\":1,\"b\":3}"));
+    assert!(!matches("ok: 3 manifest(s)", "ok: 2 manifest(s)"));
+    assert!(!matches("x…y…z", "xzy"));
+    assert!(matches("…", ""));
+}
+
+#[test]
+fn the_readme_walkthrough_prints_what_it_shows() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let steps = steps(&readme);
+    assert!(steps.len() > 10, "too few walkthrough commands found: {steps:?}");
+    for must in ["demo-upstream", "run --demo", "/approve", "x-uapk-override", "verify --db", "verify --bundle"] {
+        assert!(steps.iter().any(|s| s.command.contains(must)), "the walkthrough no longer runs {must}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root.join("policies"), &dir.path().join("policies"));
+    copy_dir(&root.join("examples"), &dir.path().join("examples"));
+    let (proxy, admin, demo) = (free_port(), free_port(), free_port());
+    let ports = |s: &str| {
+        s.replace("127.0.0.1:15080", &format!("127.0.0.1:{proxy}"))
+            .replace("127.0.0.1:15021", &format!("127.0.0.1:{admin}"))
+            .replace("127.0.0.1:15090", &format!("127.0.0.1:{demo}"))
+    };
+    let example = std::fs::read_to_string(root.join("examples/gateway.yaml")).unwrap();
+    std::fs::write(dir.path().join("examples/gateway.yaml"), ports(&example)).unwrap();
+
+    // One script: each command, then a marker line, so the output splits per command. Every
+    // background job is ended when the script exits, whatever happened.
+    let mut script = String::from("trap 'kill $(jobs -p) 2>/dev/null' EXIT\n");
+    for (i, s) in steps.iter().enumerate() {
+        if s.command.trim_start().starts_with("cargo install") {
+            continue;
+        }
+        script.push_str(&ports(&s.command));
+        script.push_str(&format!("\nprintf '\\n{STEP_MARK}{i}\\n'\n"));
+    }
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_uapk-gateway"));
+    let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(dir.path())
+        .env("PATH", path)
+        .env("UAPK_DEMO_UPSTREAM", format!("127.0.0.1:{demo}"))
+        .env_remove("UAPK_ADMIN_KEY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("bash");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let gateway_log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap_or_default();
+
+    // Split stdout at the markers: segment i is what command i printed.
+    let mut printed: std::collections::BTreeMap<usize, Vec<String>> = Default::default();
+    let mut current: Vec<String> = Vec::new();
+    for line in stdout.lines() {
+        if let Some(i) = line.strip_prefix(STEP_MARK) {
+            printed.insert(i.parse().unwrap(), std::mem::take(&mut current));
+        } else if !line.trim().is_empty() {
+            current.push(line.to_string());
+        }
+    }
+    let mut problems = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        if s.command.trim_start().starts_with("cargo install") {
+            continue;
+        }
+        let Some(got) = printed.get(&i) else {
+            problems.push(format!("command {i} never finished: {}", s.command));
+            break;
+        };
+        let expected: Vec<String> = s.expected.iter().map(|e| ports(e)).collect();
+        let same = got.len() == expected.len() && expected.iter().zip(got).all(|(e, g)| matches(e, g));
+        if !same {
+            problems.push(format!(
+                "command {i}: {}\n  README shows:\n    {}\n  it printed:\n    {}",
+                s.command,
+                expected.join("\n    "),
+                got.join("\n    ")
+            ));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{}\n--- stderr:\n{stderr}\n--- gateway.log (tail):\n{}",
+        problems.join("\n"),
+        gateway_log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    );
+}
