@@ -203,3 +203,85 @@ fn the_readme_walkthrough_prints_what_it_shows() {
         gateway_log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     );
 }
+
+/// Dotted paths of every leaf key of a YAML document.
+fn leaf_keys(v: &serde_yaml::Value, prefix: &str, out: &mut Vec<String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) if !m.is_empty() => {
+            for (k, v) in m {
+                let k = k.as_str().expect("string keys");
+                let path = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };
+                leaf_keys(v, &path, out);
+            }
+        }
+        _ => out.push(prefix.to_string()),
+    }
+}
+
+#[test]
+fn example_gateway_yaml_is_the_defaults_and_every_key_is_documented() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let path = root.join("examples/gateway.yaml");
+    let loaded = uapk_gateway::config::load_gateway(Some(&path)).unwrap_or_else(|e| panic!("{e}"));
+    let defaults = uapk_gateway::config::load_gateway(None).unwrap_or_else(|e| panic!("{e}"));
+    // The example names its log instead of taking the host's name; everything else is the default.
+    let without_origin = |c: &uapk_gateway::config::GatewayConfig| {
+        let mut c = c.clone();
+        c.audit.origin = String::new();
+        format!("{c:?}")
+    };
+    assert_eq!(without_origin(&loaded), without_origin(&defaults), "examples/gateway.yaml must show the defaults");
+    assert_eq!(loaded.audit.origin, "uapk-gateway/local");
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let mut keys = Vec::new();
+    leaf_keys(&doc, "", &mut keys);
+    assert!(keys.len() >= 25, "{keys:?}");
+    let reference = std::fs::read_to_string(root.join("docs/configuration.md")).unwrap();
+    let missing: Vec<&String> = keys.iter().filter(|k| !reference.contains(&format!("`{k}`"))).collect();
+    assert!(missing.is_empty(), "docs/configuration.md does not document {missing:?}");
+    // And every key the reference documents is one the example (so the code) has.
+    for line in reference.lines().filter(|l| l.starts_with("| `")) {
+        let key = line.trim_start_matches("| `").split('`').next().unwrap();
+        assert!(
+            keys.iter().any(|k| k == key),
+            "docs/configuration.md documents {key}, which examples/gateway.yaml lacks"
+        );
+    }
+}
+
+/// Key names of a manifest (not the user-chosen names under params and money maps).
+fn manifest_keys(v: &serde_yaml::Value, parent: &str, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        serde_yaml::Value::Mapping(m) => {
+            let user_named = ["params", "amount_caps", "amount_above", "max_spend"].contains(&parent);
+            for (k, v) in m {
+                let k = k.as_str().expect("string keys");
+                if !user_named {
+                    out.insert(k.to_string());
+                }
+                manifest_keys(v, if user_named { "" } else { k }, out);
+            }
+        }
+        serde_yaml::Value::Sequence(s) => s.iter().for_each(|v| manifest_keys(v, parent, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn every_key_the_example_manifests_use_is_in_the_manifest_reference() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let reference = std::fs::read_to_string(root.join("docs/manifest.md")).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    for f in uapk_gateway::config::manifest_files(&root.join("policies")).unwrap() {
+        let doc: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        manifest_keys(&doc, "", &mut keys);
+    }
+    assert!(keys.len() > 30, "{keys:?}");
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| !reference.contains(&format!("`{k}`")) && !reference.contains(&format!("\n{k}:")))
+        .collect();
+    assert!(missing.is_empty(), "docs/manifest.md does not document {missing:?}");
+}
