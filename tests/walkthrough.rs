@@ -285,3 +285,93 @@ fn every_key_the_example_manifests_use_is_in_the_manifest_reference() {
         .collect();
     assert!(missing.is_empty(), "docs/manifest.md does not document {missing:?}");
 }
+
+/// What the walkthrough's last step says: a credential missing from `policies/secrets/` is a
+/// warning for `check` (exit 0) as for `run`, whose connector then denies `connector_unavailable`
+/// and forwards nothing.
+#[test]
+fn check_and_run_agree_on_a_missing_credential() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_uapk-gateway"));
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root.join("policies"), &dir.path().join("policies"));
+    copy_dir(&root.join("examples"), &dir.path().join("examples"));
+    std::fs::remove_file(dir.path().join("policies/secrets/stripe.key")).unwrap();
+    let (proxy, admin, demo) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("listeners: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}\n"),
+    )
+    .unwrap();
+
+    let check = Command::new(&bin).args(["check", "-c", "gateway.yaml"]).current_dir(dir.path()).output().unwrap();
+    let (out, err) = (String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
+    assert_eq!(check.status.code(), Some(0), "{out}{err}");
+    assert!(out.starts_with("ok: 3 manifest(s)"), "{out}");
+    assert!(
+        err.contains("warning: ")
+            && err.contains("payments-agent.yaml:")
+            && err.contains("connectors[0].credentials[0].value")
+            && err.contains("connector \"stripe\" is unavailable"),
+        "{err}"
+    );
+
+    // The same files under `run --demo`: ready, and the stripe connector refuses.
+    let mut upstream = Command::new(&bin)
+        .args(["demo-upstream", "--listen", &format!("127.0.0.1:{demo}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gateway = Command::new(&bin)
+        .args(["run", "--demo", "--demo-upstream", &format!("127.0.0.1:{demo}"), "-c", "gateway.yaml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = Command::new(&bin)
+        .args(["token", "mint", "--issuer-key", "examples/keys/demo-issuer.pem", "--iss", "platform"])
+        .args(["--sub", "payments-agent", "--ttl", "1h"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let curl = |args: &[&str]| {
+        let o = Command::new("curl").arg("-s").args(args).output().expect("curl");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let ready = curl(&[
+        "--retry",
+        "30",
+        "--retry-connrefused",
+        "--retry-delay",
+        "1",
+        &format!("http://127.0.0.1:{admin}/readyz"),
+    ]);
+    let refund = curl(&[
+        "-X",
+        "POST",
+        &format!("http://127.0.0.1:{proxy}/stripe/v1/refunds"),
+        "-H",
+        &format!("x-uapk-capability: {token}"),
+        "-H",
+        "x-country: US",
+        "-d",
+        "amount=1500",
+        "-d",
+        "currency=usd",
+        "-d",
+        "customer=cus_123",
+    ]);
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = upstream.kill();
+    let upstream_log = upstream.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+    assert!(ready.contains("\"ready\":true"), "{ready}");
+    let v: serde_json::Value = serde_json::from_str(&refund).unwrap_or_else(|e| panic!("{e}: {refund}"));
+    assert_eq!(v["decision"], "deny", "{v}");
+    assert_eq!(v["reasons"][0]["code"], "connector_unavailable", "{v}");
+    let upstream_log = upstream_log.unwrap_or_default();
+    assert!(!upstream_log.contains("/v1/refunds"), "forwarded unauthenticated: {upstream_log}");
+}
