@@ -375,3 +375,104 @@ fn check_and_run_agree_on_a_missing_credential() {
     let upstream_log = upstream_log.unwrap_or_default();
     assert!(!upstream_log.contains("/v1/refunds"), "forwarded unauthenticated: {upstream_log}");
 }
+
+/// The LLM example through `run --demo`: a chat completion answers with its `usage`, and a
+/// streamed one arrives as server-sent events ending in a usage chunk and `[DONE]`; a model off
+/// the manifest's list never reaches the demo upstream.
+#[test]
+fn the_llm_example_works_offline_through_the_demo_upstream() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_uapk-gateway"));
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&root.join("policies"), &dir.path().join("policies"));
+    copy_dir(&root.join("examples"), &dir.path().join("examples"));
+    let (proxy, admin, demo) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        format!("listeners: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}\n"),
+    )
+    .unwrap();
+    let mut upstream = Command::new(&bin)
+        .args(["demo-upstream"])
+        .env("UAPK_DEMO_UPSTREAM", format!("127.0.0.1:{demo}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut gateway = Command::new(&bin)
+        .args(["run", "--demo", "-c", "gateway.yaml"])
+        .env("UAPK_DEMO_UPSTREAM", format!("127.0.0.1:{demo}"))
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let token = Command::new(&bin)
+        .args(["token", "mint", "--issuer-key", "examples/keys/demo-issuer.pem", "--iss", "platform"])
+        .args(["--sub", "llm-agent", "--ttl", "30m"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let curl = |args: &[&str]| {
+        let o = Command::new("curl").arg("-s").args(args).output().expect("curl");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let ready = curl(&[
+        "--retry",
+        "30",
+        "--retry-connrefused",
+        "--retry-delay",
+        "1",
+        &format!("http://127.0.0.1:{admin}/readyz"),
+    ]);
+    let url = format!("http://127.0.0.1:{proxy}/openai/v1/chat/completions");
+    let auth = format!("x-uapk-capability: {token}");
+    let chat = |body: &str| {
+        curl(&[
+            "-X",
+            "POST",
+            &url,
+            "-H",
+            &auth,
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "authorization: Bearer agent-own",
+            "-d",
+            body,
+        ])
+    };
+    let plain = chat(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"say hello"}]}"#);
+    let streamed = chat(r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"say hello"}]}"#);
+    let refused = chat(r#"{"model":"gpt-5-unlisted","messages":[{"role":"user","content":"say hello"}]}"#);
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = upstream.kill();
+    let upstream_log =
+        upstream.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+
+    assert!(ready.contains("\"ready\":true"), "{ready}");
+    let v: serde_json::Value = serde_json::from_str(&plain).unwrap_or_else(|e| panic!("{e}: {plain}"));
+    assert_eq!(v["object"], "chat.completion", "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], 2, "{v}");
+    assert_eq!(
+        v["usage"]["total_tokens"].as_u64(),
+        Some(2 + v["usage"]["completion_tokens"].as_u64().unwrap_or(0)),
+        "{v}"
+    );
+    // The gateway injected the connector's key (redacted in the echo) in place of the agent's.
+    assert_eq!(v["demo_echo"]["headers"]["authorization"], "[redacted]", "{v}");
+    assert!(!plain.contains("agent-own") && !plain.contains("uapk-demo-not-a-real-key"), "{plain}");
+
+    let events: Vec<&str> = streamed.split("\n\n").filter(|e| !e.trim().is_empty()).collect();
+    assert_eq!(events.last().map(|e| e.trim()), Some("data: [DONE]"), "{streamed}");
+    let usage: serde_json::Value =
+        serde_json::from_str(events[events.len() - 2].trim().strip_prefix("data: ").unwrap_or("")).unwrap();
+    assert_eq!(usage["usage"]["prompt_tokens"], 2, "{usage}");
+
+    let r: serde_json::Value = serde_json::from_str(&refused).unwrap_or_else(|e| panic!("{e}: {refused}"));
+    assert_eq!(r["decision"], "deny", "{r}");
+    assert_eq!(r["reasons"][0]["code"], "param_not_allowed", "{r}");
+    assert_eq!(upstream_log.matches("/v1/chat/completions").count(), 2, "{upstream_log}");
+}
