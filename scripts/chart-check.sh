@@ -156,5 +156,65 @@ PY
 }
 readme_install
 
+# chart-mount.py itself, on what the chart does not use today: subPath, nested item paths, a
+# Secret's stringData, a missing key (which must fail, as the pod would).
+mount_selftest() {
+  local work; work=$(mktemp -d)
+  cat > "$work/objects.yaml" <<'YAML'
+apiVersion: v1
+kind: ConfigMap
+metadata: { name: cfg }
+data:
+  gateway.yaml: |
+    policies: /etc/uapk/policies
+    data_dir: /var/lib/uapk
+    listeners: { proxy: 0.0.0.0:15080, admin: 0.0.0.0:15021 }
+  extra.yaml: "x: 1"
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: sec }
+stringData: { token: s3cret }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: d }
+spec:
+  template:
+    spec:
+      containers:
+        - name: uapk-gateway
+          args: ["run", "-c", "/etc/uapk/config/gateway.yaml"]
+          volumeMounts:
+            - { name: cfg, mountPath: /etc/uapk/config/gateway.yaml, subPath: gateway.yaml }
+            - { name: pol, mountPath: /etc/uapk/policies }
+            - { name: data, mountPath: /var/lib/uapk }
+      volumes:
+        - { name: cfg, configMap: { name: cfg } }
+        - name: pol
+          projected:
+            sources:
+              - secret: { name: sec, items: [{ key: token, path: secrets/deep/token }] }
+        - { name: data, emptyDir: {} }
+YAML
+  local info problems=""
+  if info=$(python3 scripts/chart-mount.py "$work/objects.yaml" "$work/root" 2>&1); then
+    [ "$(cat "$work/root/etc/uapk/policies/secrets/deep/token" 2>/dev/null)" = s3cret ] || problems+=" item-path"
+    [ -L "$work/root/etc/uapk/policies/..data" ] || problems+=" ..data"
+    grep -q "policies: $work/root/etc/uapk/policies" "$work/root/etc/uapk/config/gateway.yaml" || problems+=" path-rewrite"
+    grep -q "data_dir: $work/root/var/lib/uapk" "$work/root/etc/uapk/config/gateway.yaml" || problems+=" data-rewrite"
+    grep -q "admin: 127.0.0.1:" "$work/root/etc/uapk/config/gateway.yaml" || problems+=" listeners"
+    [ ! -e "$work/root/etc/uapk/config/extra.yaml" ] || problems+=" subPath-leak"
+    [ -d "$work/root/var/lib/uapk" ] || problems+=" emptyDir"
+  else
+    problems=" failed: $info"
+  fi
+  sed -i 's/path: secrets\/deep\/token/path: x/; s/key: token/key: absent/' "$work/objects.yaml"
+  if python3 scripts/chart-mount.py "$work/objects.yaml" "$work/root2" >/dev/null 2>&1; then problems+=" missing-key-accepted"; fi
+  if [ -z "$problems" ]; then ok "chart-mount.py: subPath, item paths, stringData, path mapping, missing keys refused"; else bad "chart-mount.py:$problems"; fi
+  rm -rf "$work"
+}
+mount_selftest
+
 echo "chart-check: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]
