@@ -64,6 +64,33 @@ else:
     order = [c["name"] for c in inits]
     if "uapk-gateway" in order and order.index("uapk-init-iptables") > order.index("uapk-gateway"):
         problems.append("the iptables init container must run before the gateway sidecar")
+# Policies, issuer keys and credentials: one directory (no subPath), the manifests' relative
+# paths (keys/<file>, secrets/<key>) laid out as the values ask, credentials for the gateway only.
+ci = yaml.safe_load(open(f"helm/ci/{name}.yaml")) or {}
+pol = volumes.get("uapk-policies", {})
+sources = (pol.get("projected") or {}).get("sources") or []
+paths = [i["path"] for s in sources for src in s.values() for i in (src.get("items") or [])]
+for f in (ci.get("issuerKeys") or {}).get("files") or []:
+    if f"keys/{f}" not in paths:
+        problems.append(f"issuer key {f} is not mounted at keys/{f} beside the manifests")
+for secret, keys in (ci.get("credentials") or {}).items():
+    for k in keys:
+        if f"secrets/{k}" not in paths:
+            problems.append(f"credential {secret}/{k} is not mounted at secrets/{k} beside the manifests")
+if not any("configMap" in s for s in sources):
+    problems.append("the policies directory does not project the manifests' ConfigMap")
+for c in every:
+    if c is not gateway and any(m["name"] == "uapk-policies" for m in c.get("volumeMounts", [])):
+        problems.append(f"{c['name']} mounts the policies directory (credentials live there)")
+cms = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ConfigMap"}
+for fname, manifest in (ci.get("policies") or {}).items():
+    data = next((d.get("data", {}) for d in cms.values() if fname in d.get("data", {})), None)
+    if data is None:
+        problems.append(f"policy {fname} is in no ConfigMap")
+    elif (yaml.safe_load(data[fname]) if isinstance(manifest, str) else None) != (yaml.safe_load(manifest) if isinstance(manifest, str) else None):
+        problems.append(f"policy {fname} given as text is not carried unchanged")
+    elif not isinstance(manifest, str) and yaml.safe_load(data[fname]) != manifest:
+        problems.append(f"policy {fname} given as a mapping is not carried unchanged")
 if gateway.get("startupProbe", {}).get("httpGet", {}).get("path") != "/readyz":
     problems.append("gateway startupProbe is not /readyz")
 

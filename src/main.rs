@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use uapk_gateway::{audit, config, identity, runtime};
 
+mod demo;
+
 /// mimalloc: the data path allocates many small, short-lived buffers per request.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -34,6 +36,21 @@ enum Cmd {
     Run {
         #[arg(short = 'c', long = "config")]
         config: Option<PathBuf>,
+        /// Demo mode: point every manifest connector that has a base_url at the local
+        /// `demo-upstream` (plain HTTP, --demo-upstream) instead of the real API, and let the
+        /// gateway dial that loopback address. The manifests on disk are not changed.
+        #[arg(long)]
+        demo: bool,
+        /// The demo upstream's address, with --demo.
+        #[arg(long, value_name = "ADDR", env = "UAPK_DEMO_UPSTREAM", default_value = "127.0.0.1:15090")]
+        demo_upstream: std::net::SocketAddr,
+    },
+    /// A small local HTTP API for demos: Stripe-, helpdesk- and chat-completions-shaped, echoing
+    /// what it received with credentials redacted. `run --demo` points the example manifests at it.
+    #[command(name = "demo-upstream")]
+    DemoUpstream {
+        #[arg(long, value_name = "ADDR", env = "UAPK_DEMO_UPSTREAM", default_value = "127.0.0.1:15090")]
+        listen: std::net::SocketAddr,
     },
     /// Validate the config and every manifest; exit 1 with file:line:col and key path.
     Check {
@@ -296,7 +313,10 @@ fn load_config(path: Option<&Path>) -> Result<config::GatewayConfig, Fail> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
-        Cmd::Run { config } => run(config.as_deref(), cli.log_format),
+        Cmd::Run { config, demo, demo_upstream } => {
+            run(config.as_deref(), cli.log_format, demo.then_some(demo_upstream))
+        }
+        Cmd::DemoUpstream { listen } => demo_upstream(listen),
         Cmd::Check { config } => check(config.as_deref()),
         Cmd::Verify(a) => verify(a),
         Cmd::Export(a) => export(a),
@@ -329,13 +349,23 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: Option<&Path>, log: Option<LogFormatArg>) -> Result<(), Fail> {
-    let cfg = load_config(path)?;
+fn run(path: Option<&Path>, log: Option<LogFormatArg>, demo: Option<std::net::SocketAddr>) -> Result<(), Fail> {
+    let mut cfg = load_config(path)?;
     init_logging(match log {
         Some(LogFormatArg::Text) => config::LogFormat::Text,
         Some(LogFormatArg::Json) => config::LogFormat::Json,
         None => cfg.log_format,
     });
+    if let Some(addr) = demo {
+        // Before anything is loaded, so the first load and every reload see it.
+        config::enable_demo_upstream(addr);
+        let only = config::Cidr { addr: addr.ip(), prefix: if addr.is_ipv4() { 32 } else { 128 } };
+        cfg.allow_private_destinations.push(only);
+        tracing::warn!(
+            demo_upstream = %addr,
+            "DEMO MODE: every connector with a base_url is pointed at http://{addr} (uapk-gateway demo-upstream), not at its real API"
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let running = runtime::start(cfg).await.map_err(|e| Fail(2, format!("{e:#}")))?;
@@ -363,6 +393,16 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+fn demo_upstream(listen: std::net::SocketAddr) -> Result<(), Fail> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        tokio::select! {
+            r = demo::serve(listen) => r.map_err(|e| Fail(2, format!("demo upstream on {listen}: {e}"))),
+            _ = shutdown_signal() => Ok(()),
+        }
+    })
 }
 
 fn check(path: Option<&Path>) -> Result<(), Fail> {

@@ -17,8 +17,9 @@ pub use validate::{parse_duration, parse_rate};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// One problem in a configuration file, located as precisely as the file allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,12 +60,50 @@ impl fmt::Display for Diagnostics {
 
 impl std::error::Error for Diagnostics {}
 
-/// How strictly credential sources are checked: `check` refuses a missing secret; a running
-/// gateway loads the manifest and marks that connector unavailable (its requests are denied).
+/// Who is loading the configuration: `check` or a running gateway. Both judge everything the
+/// same way; in particular a missing credential source is a warning for both, and the connector
+/// is then unavailable (its requests are denied `connector_unavailable`), so `check` never passes
+/// a configuration `run` would refuse, nor refuses one `run` serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strictness {
     Check,
     Run,
+}
+
+/// The local demo upstream of `run --demo`, set once for the whole process before anything is
+/// loaded. Unset (always, but in that mode) the manifests are served exactly as written.
+static DEMO_UPSTREAM: OnceLock<SocketAddr> = OnceLock::new();
+
+/// Demo mode (`uapk-gateway run --demo`): every manifest loaded from now on, at start and at each
+/// reload, has its `base_url` connectors pointed at `addr` (see [`point_at_demo_upstream`]). The
+/// files on disk are not changed; a gateway started without `--demo` never calls this. Returns
+/// false if demo mode was already set to another address.
+pub fn enable_demo_upstream(addr: SocketAddr) -> bool {
+    *DEMO_UPSTREAM.get_or_init(|| addr) == addr
+}
+
+/// The demo upstream address, when demo mode is on.
+pub fn demo_upstream() -> Option<SocketAddr> {
+    DEMO_UPSTREAM.get().copied()
+}
+
+/// Points every connector that has a `base_url` at the plain-HTTP demo upstream `addr`, keeping
+/// its path prefix, routes, params, credentials and policy: `https://api.stripe.com` becomes
+/// `http://127.0.0.1:15090`, `https://acme.zendesk.com/api/v2` becomes
+/// `http://127.0.0.1:15090/api/v2`. Its `hosts` and `ports` become that address alone, so in
+/// demo mode nothing reaches the real upstreams (CONNECT to them is `host_not_allowed`).
+/// Connectors without a `base_url` are left as they are.
+pub fn point_at_demo_upstream(m: &mut Manifest, addr: SocketAddr) {
+    for c in &mut m.connectors {
+        // Freshly validated: this is the only reference, so the connector is changed in place.
+        let Some(c) = Arc::get_mut(c) else { continue };
+        let Some(b) = c.base_url.as_mut() else { continue };
+        b.scheme = Scheme::Http;
+        b.host = addr.ip().to_string();
+        b.port = addr.port();
+        c.hosts = vec![addr.ip().to_string()];
+        c.ports = vec![addr.port()];
+    }
 }
 
 /// Parses YAML text into `T`, turning serde errors into located diagnostics.
@@ -168,6 +207,9 @@ pub fn parse_manifest(
     let mut cx = validate::Cx::new(path, &text);
     let mut m = validate::manifest(&mut cx, raw, base, strictness, hex::encode(Sha256::digest(bytes)));
     m.source = path.to_path_buf();
+    if let Some(addr) = DEMO_UPSTREAM.get() {
+        point_at_demo_upstream(&mut m, *addr);
+    }
     let warnings = cx.warnings.clone();
     cx.finish(m).map(|m| (m, warnings))
 }

@@ -117,19 +117,55 @@ fn invalid_rate_string_is_reported() {
 }
 
 #[test]
-fn missing_credential_fails_check_but_makes_connector_unavailable_at_run() {
+fn missing_credential_is_a_warning_for_check_and_run_alike() {
     let text = good_manifest().replace(
         "    routes:\n",
         "    credentials:\n      - header: Authorization\n        value: \"Bearer ${env:UAPK_TEST_SURELY_UNSET}\"\n    routes:\n",
     );
-    let errs = errors_of(&text);
-    assert_eq!(errs.len(), 1, "{errs:?}");
-    assert_eq!(errs[0].key, "connectors[0].credentials[0].value");
+    assert!(errors_of(&text).is_empty(), "a missing credential source is not an error");
     let dir = tempfile::tempdir().unwrap();
     let p = write(dir.path(), "m.yaml", &text);
-    let (m, warnings) = load_manifest(&p, Strictness::Run).unwrap();
-    assert_eq!(warnings.len(), 1);
-    assert!(m.connector("shop").unwrap().credentials.is_err());
+    for strictness in [Strictness::Check, Strictness::Run] {
+        let (m, warnings) = load_manifest(&p, strictness).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(warnings.len(), 1, "{strictness:?}: {warnings:?}");
+        assert_eq!(warnings[0].key, "connectors[0].credentials[0].value");
+        assert!(warnings[0].message.contains("UAPK_TEST_SURELY_UNSET"), "{}", warnings[0].message);
+        assert!(warnings[0].message.contains("unavailable"), "{}", warnings[0].message);
+        let err = m.connector("shop").unwrap().credentials.as_ref().unwrap_err();
+        assert!(err.contains("UAPK_TEST_SURELY_UNSET"), "{err}");
+    }
+}
+
+#[test]
+fn missing_credential_file_is_a_warning_for_check_and_run_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = good_manifest().replace(
+        "    routes:\n",
+        "    credentials:\n      - header: Authorization\n        value: \"Bearer ${file:secrets/absent.key}\"\n    routes:\n",
+    );
+    let p = write(dir.path(), "m.yaml", &text);
+    for strictness in [Strictness::Check, Strictness::Run] {
+        let (m, warnings) = load_manifest(&p, strictness).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(warnings.len(), 1, "{strictness:?}: {warnings:?}");
+        assert!(m.connector("shop").unwrap().credentials.is_err());
+    }
+}
+
+#[test]
+fn a_credential_template_that_can_never_resolve_is_an_error_for_check_and_run() {
+    for bad in ["${vault:stripe}", "Bearer ${file:x"] {
+        let text = good_manifest().replace(
+            "    routes:\n",
+            &format!("    credentials:\n      - header: Authorization\n        value: \"{bad}\"\n    routes:\n"),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "m.yaml", &text);
+        for strictness in [Strictness::Check, Strictness::Run] {
+            let Err(Diagnostics(errs)) = load_manifest(&p, strictness) else { panic!("{bad} accepted") };
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert_eq!(errs[0].key, "connectors[0].credentials[0].value");
+        }
+    }
 }
 
 #[test]
@@ -345,4 +381,31 @@ fn hosts_compare_without_a_trailing_dot() {
     assert_eq!(c.base_url.as_ref().unwrap().host, "shop.example.com");
     assert!(c.matches_host("api.example.com.") && c.matches_host("API.EXAMPLE.COM"));
     assert!(!c.matches_host("api.example.com..") && !c.matches_host("."));
+}
+
+#[test]
+fn demo_mode_points_base_url_connectors_at_the_local_upstream_and_nothing_else() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let set = load_policies(&dir, Strictness::Run).unwrap_or_else(|e| panic!("{e}"));
+    let addr: std::net::SocketAddr = "127.0.0.1:15090".parse().unwrap();
+    for (id, m) in &set.manifests {
+        let mut m = crate::config::parse_manifest(&m.source, &std::fs::read(&m.source).unwrap(), &dir, Strictness::Run)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .0;
+        let before: Vec<(String, String)> = m
+            .connectors
+            .iter()
+            .map(|c| (c.name.clone(), c.base_url.as_ref().map(|b| b.path_prefix.clone()).unwrap_or_default()))
+            .collect();
+        crate::config::point_at_demo_upstream(&mut m, addr);
+        for (c, (name, prefix)) in m.connectors.iter().zip(before) {
+            let b = c.base_url.as_ref().unwrap_or_else(|| panic!("{id}: {name} has no base_url"));
+            assert_eq!((b.scheme, b.host.as_str(), b.port), (Scheme::Http, "127.0.0.1", 15090), "{id}: {name}");
+            assert_eq!(b.path_prefix, prefix, "{id}: {name} keeps its path prefix");
+            assert_eq!(c.hosts, vec!["127.0.0.1".to_string()], "{id}: {name}: the real host is no longer reachable");
+            assert_eq!(c.ports, vec![15090]);
+            assert!(c.credentials.is_ok(), "{id}: {name} keeps its credentials");
+        }
+    }
+    assert!(crate::config::demo_upstream().is_none(), "demo mode is never on unless `run --demo` turns it on");
 }

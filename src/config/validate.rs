@@ -264,23 +264,35 @@ fn resolve_path(base: &Path, p: &str) -> PathBuf {
 
 /// Expands `${file:PATH}` and `${env:NAME}` in a credential template. The error names the
 /// source, never a secret.
-fn resolve_secret(template: &str, base: &Path) -> Result<String, String> {
+/// Why a credential template did not resolve: a source that is missing now (a file not there
+/// yet, an unset variable: the connector is unavailable until it appears) or a template that can
+/// never work (a configuration error).
+enum SecretError {
+    Missing(String),
+    Invalid(String),
+}
+
+fn resolve_secret(template: &str, base: &Path) -> Result<String, SecretError> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or("unterminated ${...} in credential value")?;
+        let end =
+            after.find('}').ok_or_else(|| SecretError::Invalid("unterminated ${...} in credential value".into()))?;
         let spec = &after[..end];
         let value = if let Some(f) = spec.strip_prefix("file:") {
             let path = resolve_path(base, f);
             let v = std::fs::read_to_string(&path)
-                .map_err(|e| format!("credential file {} cannot be read: {e}", path.display()))?;
+                .map_err(|e| SecretError::Missing(format!("credential file {} cannot be read: {e}", path.display())))?;
             v.trim_end_matches(['\n', '\r']).to_string()
         } else if let Some(name) = spec.strip_prefix("env:") {
-            std::env::var(name).map_err(|_| format!("credential environment variable {name} is not set"))?
+            std::env::var(name)
+                .map_err(|_| SecretError::Missing(format!("credential environment variable {name} is not set")))?
         } else {
-            return Err(format!("unknown credential source ${{{spec}}} (use ${{file:...}} or ${{env:...}})"));
+            return Err(SecretError::Invalid(format!(
+                "unknown credential source ${{{spec}}} (use ${{file:...}} or ${{env:...}})"
+            )));
         };
         out.push_str(&value);
         rest = &after[end + 1..];
@@ -289,7 +301,7 @@ fn resolve_secret(template: &str, base: &Path) -> Result<String, String> {
     Ok(out)
 }
 
-fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Strictness) -> Connector {
+fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, _strict: Strictness) -> Connector {
     if !is_agent_id(&raw.name) {
         cx.err(
             &format!("{key}.name"),
@@ -389,12 +401,14 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, strict: Str
                 }
                 Err(_) => cx.err(&format!("{k}.value"), "the resolved credential is not a valid header value"),
             },
-            Err(e) => {
-                if strict == Strictness::Check {
-                    cx.err(&format!("{k}.value"), e.clone());
-                } else {
-                    cx.warn(&format!("{k}.value"), format!("{e}; connector {:?} is unavailable", raw.name));
-                }
+            // `check` and `run` judge a missing source alike: a warning, and the connector denies
+            // `connector_unavailable` (it never forwards unauthenticated).
+            Err(SecretError::Missing(e)) => {
+                cx.warn(&format!("{k}.value"), format!("{e}; connector {:?} is unavailable", raw.name));
+                creds = Err(e);
+            }
+            Err(SecretError::Invalid(e)) => {
+                cx.err(&format!("{k}.value"), e.clone());
                 creds = Err(e);
             }
         }

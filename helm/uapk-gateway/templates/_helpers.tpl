@@ -21,6 +21,26 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not .Values.policies) (not .Values.existingPoliciesConfigMap) -}}
 {{- fail "set policies (file name -> manifest) or existingPoliciesConfigMap: the gateway needs at least one manifest" -}}
 {{- end -}}
+{{- range $file, $manifest := .Values.policies -}}
+{{- if not (regexMatch "\\.ya?ml$" $file) -}}
+{{- if and (kindIs "map" $manifest) (or (hasKey $manifest "yaml") (hasKey $manifest "yml")) -}}
+{{- fail (printf "policies.%s: the file name lost its \\. and became nested keys; quote the argument: --set-file 'policies.%s\\.yaml=FILE'" $file $file) -}}
+{{- end -}}
+{{- fail (printf "policies.%s: a manifest's file name must end in .yaml or .yml (the gateway reads only those)" $file) -}}
+{{- end -}}
+{{- if and (kindIs "string" $manifest) (not (trim $manifest)) -}}
+{{- fail (printf "policies.%s is empty" $file) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.issuerKeys.configMap .Values.issuerKeys.secret -}}
+{{- fail "issuerKeys: set configMap or secret, not both" -}}
+{{- end -}}
+{{- if and (or .Values.issuerKeys.configMap .Values.issuerKeys.secret) (not .Values.issuerKeys.files) -}}
+{{- fail "issuerKeys.files: list the keys to mount as keys/<file> (e.g. {demo-issuer.pub.pem})" -}}
+{{- end -}}
+{{- if and .Values.issuerKeys.files (not (or .Values.issuerKeys.configMap .Values.issuerKeys.secret)) -}}
+{{- fail "issuerKeys.files needs issuerKeys.configMap or issuerKeys.secret to take them from" -}}
+{{- end -}}
 {{- end -}}
 
 {{/* gateway.yaml */}}
@@ -123,7 +143,28 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: uapk-config
   configMap: { name: {{ include "uapk-gateway.fullname" . }}-config }
 - name: uapk-policies
-  configMap: { name: {{ .Values.existingPoliciesConfigMap | default (printf "%s-policies" (include "uapk-gateway.fullname" .)) }} }
+  # One directory: the manifests, issuer keys under keys/ and credentials under secrets/, where
+  # the manifests' relative paths find them. Projected (never subPath): updates reach the pod.
+  projected:
+    defaultMode: 0440
+    sources:
+      - configMap: { name: {{ .Values.existingPoliciesConfigMap | default (printf "%s-policies" (include "uapk-gateway.fullname" .)) }} }
+{{- with .Values.issuerKeys }}
+{{- if or .configMap .secret }}
+{{- $items := list }}
+{{- range .files }}{{ $items = append $items (dict "key" . "path" (printf "keys/%s" .)) }}{{ end }}
+{{- if .configMap }}
+      - configMap: { name: {{ .configMap }}, items: {{ toJson $items }} }
+{{- else }}
+      - secret: { name: {{ .secret }}, items: {{ toJson $items }} }
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $secret, $keys := .Values.credentials }}
+{{- $items := list }}
+{{- range $keys }}{{ $items = append $items (dict "key" . "path" (printf "secrets/%s" .)) }}{{ end }}
+      - secret: { name: {{ $secret }}, items: {{ toJson $items }} }
+{{- end }}
 - name: uapk-data
 {{- if .Values.persistence.enabled }}
   persistentVolumeClaim: { claimName: {{ .Values.persistence.existingClaim | default (printf "%s-audit" (include "uapk-gateway.fullname" .)) }} }
