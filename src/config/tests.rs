@@ -409,3 +409,21 @@ fn demo_mode_points_base_url_connectors_at_the_local_upstream_and_nothing_else()
     }
     assert!(crate::config::demo_upstream().is_none(), "demo mode is never on unless `run --demo` turns it on");
 }
+
+#[test]
+fn check_warns_about_rules_nothing_can_trigger_and_connectors_sharing_a_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = good_manifest()
+        .replace(
+            "policy:\n",
+            "  - name: shop2\n    base_url: http://127.0.0.1:9999/v2\n    routes:\n      - { path: /x, action: order.read }\npolicy:\n  approval:\n    action_types: [order.create, order.refund]\n",
+        )
+        .replace("allow: [shop]", "allow: [shop, shop2]");
+    let p = write(dir.path(), "m.yaml", &text);
+    let (_, warnings) = load_manifest(&p, Strictness::Check).unwrap();
+    let keys: Vec<&str> = warnings.iter().map(|w| w.key.as_str()).collect();
+    assert!(keys.contains(&"policy.approval.action_types[1]"), "{warnings:?}");
+    assert!(!keys.contains(&"policy.approval.action_types[0]"), "order.create has a route: {warnings:?}");
+    let shared = warnings.iter().find(|w| w.key == "connectors[1].hosts").expect("the shared host is warned about");
+    assert!(shared.message.contains("127.0.0.1:9999") && shared.message.contains("connectors[0]"), "{shared:?}");
+}

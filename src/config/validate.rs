@@ -747,6 +747,43 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
             Err(e) => cx.err(&format!("{k}.rate"), e),
         }
     }
+    // Rules nothing can trigger are usually a typo; say so (a warning: the manifest still loads).
+    let has_mcp = connectors.iter().any(|c| c.mcp.is_some());
+    let actions: HashSet<&str> = connectors.iter().flat_map(|c| c.rules().map(|r| r.action.as_str())).collect();
+    for (i, a) in approval.action_types.iter().enumerate() {
+        if !actions.contains(a.as_str()) && !(has_mcp && a.starts_with("mcp.")) {
+            cx.warn(
+                &format!("policy.approval.action_types[{i}]"),
+                format!("no route or tool has the action {a:?}; this approval rule never triggers"),
+            );
+        }
+    }
+    for (i, name) in approval.connectors.iter().enumerate() {
+        if connectors.iter().any(|c| &c.name == name && c.routes.is_empty() && c.mcp.is_none()) {
+            cx.warn(
+                &format!("policy.approval.connectors[{i}]"),
+                format!("connector {name:?} has no routes; this approval rule never triggers"),
+            );
+        }
+    }
+    // Two connectors on one host and port: requests by host go to the first, the second's
+    // routes and credentials apply only through its base URL.
+    for (i, b) in connectors.iter().enumerate() {
+        for (j, a) in connectors.iter().enumerate().take(i) {
+            let shared = b.hosts.iter().find(|h| a.hosts.contains(h));
+            let port = b.ports.iter().find(|p| a.ports.contains(p));
+            if let (Some(h), Some(p)) = (shared, port) {
+                cx.warn(
+                    &format!("connectors[{i}].hosts"),
+                    format!(
+                        "{h}:{p} is also connectors[{j}] ({}): requests by host (explicit proxy, CONNECT, transparent) \
+                         always go to connectors[{j}]",
+                        a.name
+                    ),
+                );
+            }
+        }
+    }
     // Money rules need an amount to act on: a manifest whose routes read none would let every
     // request through them unweighed.
     let reads_amount = connectors.iter().flat_map(|c| c.rules()).any(|r| r.declares("amount"));
