@@ -751,7 +751,7 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
     let has_mcp = connectors.iter().any(|c| c.mcp.is_some());
     let actions: HashSet<&str> = connectors.iter().flat_map(|c| c.rules().map(|r| r.action.as_str())).collect();
     for (i, a) in approval.action_types.iter().enumerate() {
-        if !actions.contains(a.as_str()) && !(has_mcp && a.starts_with("mcp.")) {
+        if !(actions.contains(a.as_str()) || has_mcp && a.starts_with("mcp.")) {
             cx.warn(
                 &format!("policy.approval.action_types[{i}]"),
                 format!("no route or tool has the action {a:?}; this approval rule never triggers"),
