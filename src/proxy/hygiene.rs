@@ -56,8 +56,10 @@ pub fn requested_upgrade(h: &HeaderMap) -> Option<http::HeaderValue> {
 const CREDENTIAL_HEADERS: [&str; 5] = ["authorization", "proxy-authorization", "x-api-key", "api-key", "cookie"];
 
 /// Headers that do not bind an override to an action (SPEC §14.7): they vary between an
-/// agent's retries without changing what the upstream is asked to do.
-const UNBOUND_HEADERS: [&str; 5] = ["traceparent", "tracestate", "user-agent", "accept-encoding", "content-length"];
+/// agent's retries without changing what the upstream is asked to do. (`mcp-session-id`, beyond
+/// the specification's list: an MCP client retrying an approved call may be in a new session.)
+const UNBOUND_HEADERS: [&str; 6] =
+    ["traceparent", "tracestate", "user-agent", "accept-encoding", "content-length", "mcp-session-id"];
 
 /// Prepares agent headers for the upstream. `Host` is dropped: the client sets it from the
 /// upstream URI. `x-uapk-*` are ours; `forwarded`, `x-forwarded-*` and `x-real-ip` would let an
