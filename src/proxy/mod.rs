@@ -6,6 +6,7 @@
 
 mod agent_api;
 mod body;
+pub mod conn;
 pub mod connect;
 mod escalation;
 mod hygiene;
@@ -77,6 +78,8 @@ pub struct Gateway {
     pub leaves: Option<tls::LeafCache>,
     /// The gateway's redb file (audit tables, approvals).
     pub db: crate::audit::SharedDb,
+    /// How fast each agent's refusals are recorded one by one (`limits::refusals`).
+    pub refusals: crate::limits::refusals::RefusalBudget,
 }
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk
@@ -251,8 +254,40 @@ impl Gateway {
         })
     }
 
+    /// Beyond the agent's refusal budget (`limits::refusals`) a refusal is not recorded as its
+    /// own entry but counted into the agent's summary entry, and answered 429
+    /// `refusals_rate_limited` with `Retry-After` and the request id to find it there.
+    fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
+        use crate::limits::refusals::{Admission, RATE_LIMITED, Refuser};
+        let refuser = match (&facts.agent, facts.entry) {
+            (Some(a), _) => Refuser::Agent(a.clone()),
+            (None, Entry::Transparent) => Refuser::Listener("transparent"),
+            (None, _) => Refuser::Listener("proxy"),
+        };
+        let Admission::Summarised { retry_after } =
+            self.refusals.admit(&refuser, &facts.request_id, d.code(), Instant::now())
+        else {
+            return None;
+        };
+        let why = Decision::deny(
+            RATE_LIMITED,
+            format!("{} refused; refusals beyond limits.refusals_per_agent are summarised", d.code()),
+        );
+        let mut resp = refuse(StatusCode::TOO_MANY_REQUESTS, facts, &why, None, DenyBody::default());
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
+        if let Ok(v) = HeaderValue::from_str(&facts.request_id) {
+            resp.headers_mut().insert("x-uapk-request-id", v);
+        }
+        // Counted, but no access line per refusal: the summary entry is the record.
+        self.metrics.request(why.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+        Some(resp)
+    }
+
     /// Records `d` and answers with `status`.
     async fn refuse_recorded(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
+        if let Some(resp) = self.over_refusal_budget(facts, &d) {
+            return resp;
+        }
         match self.record(facts, &d, None).await {
             Ok(idx) => {
                 let mut resp = refuse(status, facts, &d, Some(idx), DenyBody::default());
@@ -778,6 +813,9 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         release(gw, reservation.take());
         let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
         if !dry_run {
+            if let Some(resp) = gw.over_refusal_budget(&facts, &d) {
+                return resp;
+            }
             let idx = match gw.record(&facts, &d, None).await {
                 Ok(i) => i,
                 Err(resp) => return resp,
@@ -1093,6 +1131,8 @@ async fn forward(
     // An upgrade (WebSocket) keeps its Upgrade/Connection pair; the tunnel is spliced after 101.
     let upgrade = hygiene::requested_upgrade(&parts.headers);
     let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    // The spliced connection keeps its place under limits.max_connections until it closes.
+    let (slot, splice_idle) = (parts.extensions.get::<conn::ConnSlot>().cloned(), gw.config.limits.tunnel_idle_timeout);
     let mut headers = parts.headers;
     hygiene::strip_request(&mut headers);
     hygiene::strip_for_connector(&mut headers, connector);
@@ -1154,14 +1194,9 @@ async fn forward(
                     }
                 };
                 let (mut c, mut u) = (hyper_util::rt::TokioIo::new(c), hyper_util::rt::TokioIo::new(u));
-                let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                let bytes = r.as_ref().map_or(0, |(a, b)| a + b);
-                outcome.write(
-                    StatusCode::SWITCHING_PROTOCOLS,
-                    bytes,
-                    None,
-                    r.err().map(|_| "the upgraded connection ended with an error"),
-                );
+                let r = conn::splice(&mut c, &mut u, splice_idle).await;
+                drop(slot);
+                outcome.write(StatusCode::SWITCHING_PROTOCOLS, r.a_to_b + r.b_to_a, None, r.error);
             });
             let (mut rp, _) = resp.into_parts();
             let proto = rp.headers.get(header::UPGRADE).cloned();
