@@ -202,16 +202,38 @@ impl Acceptor {
 
 /// Answers a connection past the cap with a ready-made 503 (`too_many_connections`) and closes
 /// it; at most `OVERLOAD_WRITERS` at a time, each bounded to one second, beyond which the
-/// connection is simply closed.
+/// connection is simply closed. The request head is read first (HTTP clients treat an answer
+/// that comes before their request as an error); a connection that sends nothing, TLS, or the
+/// HTTP/2 preface is closed without an answer.
 fn refuse_connection(stream: tokio::net::TcpStream, writers: &Arc<Semaphore>, reply: &Arc<Vec<u8>>) {
     let Ok(permit) = writers.clone().try_acquire_owned() else { return };
     let reply = reply.clone();
     tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = stream;
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut head = Vec::with_capacity(1024);
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            if head.first() == Some(&0x16) || head.starts_with(b"PRI * HTTP/2.0") {
+                return;
+            }
             let _ = stream.write_all(&reply).await;
             let _ = stream.shutdown().await;
+            // Read what else the client sent (bounded) before closing: closing with unread bytes
+            // resets the connection, and a reset can destroy the 503 before the client reads it.
+            let mut left: usize = 64 * 1024;
+            while left > 0 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
         })
         .await;
         drop(permit);

@@ -81,14 +81,17 @@ impl Summary {
                 "message": format!("{} refusals beyond limits.refusals_per_agent, summarised", self.count),
             }]),
         );
-        m.insert("count".into(), json!(self.count));
+        // The log holds no JSON numbers: integers are decimal strings.
+        m.insert("count".into(), json!(self.count.to_string()));
         m.insert("first_ts".into(), json!(self.first_ts));
         m.insert("last_ts".into(), json!(self.last_ts));
         m.insert("request_ids".into(), json!(self.request_ids));
         let omitted = self.count.saturating_sub(self.request_ids.len() as u64);
-        m.insert("request_ids_omitted".into(), json!(omitted));
+        m.insert("request_ids_omitted".into(), json!(omitted.to_string()));
         m.insert("request_ids_sha256".into(), json!(hex::encode(self.ids_digest.clone().finalize())));
-        m.insert("reason_counts".into(), json!(self.reasons));
+        let counts: Map<String, Value> =
+            self.reasons.iter().map(|(k, v)| (k.to_string(), json!(v.to_string()))).collect();
+        m.insert("reason_counts".into(), Value::Object(counts));
         m
     }
 }
@@ -224,12 +227,12 @@ mod tests {
         assert_eq!(e["decision"], "deny");
         assert_eq!(e["agent"], "a1");
         assert_eq!(e["reasons"][0]["code"], RATE_LIMITED);
-        assert_eq!(e["count"], json!(MAX_IDS + 20));
+        assert_eq!(e["count"], json!((MAX_IDS + 20).to_string()));
         assert_eq!(e["request_ids"].as_array().unwrap().len(), MAX_IDS);
-        assert_eq!(e["request_ids_omitted"], json!(20));
+        assert_eq!(e["request_ids_omitted"], json!("20"));
         assert_eq!(e["request_ids_sha256"], json!(ids_sha256(ids.iter().map(String::as_str))));
-        assert_eq!(e["reason_counts"]["route_not_allowed"], json!(60));
-        assert_eq!(e["reason_counts"]["host_not_allowed"], json!(60));
+        assert_eq!(e["reason_counts"]["route_not_allowed"], json!("60"));
+        assert_eq!(e["reason_counts"]["host_not_allowed"], json!("60"));
         assert!(b.drain().is_empty(), "a summary is written once");
     }
 

@@ -199,13 +199,15 @@ pub async fn serve_http<IO, S, F>(
     }
 }
 
-/// A server builder with the gateway's header limits; `header_read_timeout` also bounds a
-/// request head that started to arrive.
+/// A server builder with the gateway's header limits. Deadlines are the [`watchdog`]'s: hyper's
+/// own header timer would also run while a keep-alive connection waits for its next request,
+/// closing it after `header_read_timeout` instead of `idle_timeout`. The first request head must
+/// arrive within `header_read_timeout`, a later one within `idle_timeout` of the last response.
 pub fn builder(l: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(l.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(l.max_header_bytes.max(8192))
         .keep_alive(true);
     b.http2()
