@@ -127,6 +127,33 @@ impl Drop for InFlight {
     }
 }
 
+/// A response body that keeps its request in flight until it is sent or dropped; its size and
+/// end are the inner body's, so a `Content-Length` stays a `Content-Length`.
+struct InFlightBody {
+    body: ProxyBody,
+    _guard: InFlight,
+}
+
+impl http_body::Body for InFlightBody {
+    type Data = bytes::Bytes;
+    type Error = super::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Completes when the connection has outlived its deadline: no first request within
 /// `first_request`, or no request in flight for `idle`. Requests in flight are never cut.
 pub async fn watchdog(act: &Activity, t: ConnTimeouts) {
@@ -167,13 +194,7 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             // The request stays in flight until its body has been sent.
-            Ok(resp.map(move |b| {
-                b.map_frame(move |f| {
-                    let _held = &guard;
-                    f
-                })
-                .boxed_unsync()
-            }))
+            Ok(resp.map(move |body| InFlightBody { body, _guard: guard }.boxed_unsync()))
         })
     }
 }

@@ -283,11 +283,17 @@ impl Gateway {
         Some(resp)
     }
 
-    /// Records `d` and answers with `status`.
+    /// Records `d` and answers with `status` (within the agent's refusal budget).
     async fn refuse_recorded(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
         if let Some(resp) = self.over_refusal_budget(facts, &d) {
             return resp;
         }
+        self.refuse_recorded_always(status, facts, d).await
+    }
+
+    /// Records `d` and answers with `status`, outside the refusal budget: for the refusals that
+    /// end an approval wait, which `escalation.max_pending` and the approvers already bound.
+    async fn refuse_recorded_always(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
         match self.record(facts, &d, None).await {
             Ok(idx) => {
                 let mut resp = refuse(status, facts, &d, Some(idx), DenyBody::default());
@@ -849,12 +855,12 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
                             gw.approvals.transition(&id, Status::Approved, Status::Consumed, now_unix()).await;
                         if consumed.is_err() {
                             let d = Decision::deny("override_token_already_used", "the approval was already used");
-                            return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+                            return gw.refuse_recorded_always(StatusCode::FORBIDDEN, &facts, d).await;
                         }
                         match gw.budgets.reserve(&manifest, spend_of(&manifest, &connector, route, &params)) {
                             BudgetCheck::Exceeded(r) => {
                                 let d = Decision { verdict: Verdict::Deny, reasons: vec![r] };
-                                return gw.refuse_recorded(StatusCode::FORBIDDEN, &facts, d).await;
+                                return gw.refuse_recorded_always(StatusCode::FORBIDDEN, &facts, d).await;
                             }
                             BudgetCheck::Reserved { reservation: r, .. } => reservation = Some(r),
                         }
@@ -1091,7 +1097,7 @@ async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decisio
                 return Escalated::Respond(resp);
             }
         };
-        return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+        return Escalated::Respond(gw.refuse_recorded_always(StatusCode::FORBIDDEN, facts, d).await);
     }
     let mut resp =
         refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
