@@ -592,3 +592,181 @@ async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every
         assert!(anon_ids.contains(id.as_str()), "unidentified refusal {id} is in no summary");
     }
 }
+
+/// A ClientHello for `host`, as a real client's first flight.
+fn client_hello(host: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercepted_tunnels_must_say_hello_and_finish_the_handshake_in_time() {
+    let up = Upstream::start().await;
+    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let m = format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: tls-agent }}
+capability:
+  issuers:
+    - id: platform
+      public_key: |
+{pem}connectors:
+  - name: secure
+    hosts: [localhost]
+    ports: [443]
+    tls: intercept
+    routes:
+      - methods: [GET]
+        path: /**
+        action: item.read
+  - name: shop
+    base_url: http://{up}
+    routes:
+      - methods: [GET]
+        path: /v1/charges/**
+        action: payment.read
+"#,
+        up = up.addr
+    );
+    let gw = TestGateway::start(
+        &[("tls.yaml", m)],
+        "limits:\n  header_read_timeout: 1s\n  tls_handshake_timeout: 3s\n  idle_timeout: 30s\n",
+    )
+    .await;
+    let tok = token("tls-agent");
+    let open = |hello: bool| {
+        let (proxy, tok) = (gw.proxy, tok.clone());
+        async move {
+            let mut s = TcpStream::connect(proxy).await.unwrap();
+            s.write_all(
+                format!(
+                    "CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\nProxy-Authorization: Bearer {tok}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the CONNECT answer");
+                head.push(b[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+            let t = Instant::now();
+            if hello {
+                // A whole ClientHello, then silence: the gateway answers and waits for the
+                // client's next flight until tls_handshake_timeout.
+                s.write_all(&client_hello("localhost")).await.unwrap();
+            }
+            (s, t)
+        }
+    };
+    let mut silent = Vec::new();
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        silent.push(open(false).await);
+        stalled.push(open(true).await);
+    }
+    let silent_w = watch_closes(silent, Duration::from_secs(4));
+    let stalled_w = watch_closes(stalled, Duration::from_secs(6));
+    // Meanwhile the gateway serves.
+    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // No ClientHello within header_read_timeout (1 s): closed.
+    let s = closed_after(silent_w).await;
+    assert_all_closed_within(
+        "tunnels without a ClientHello",
+        &s,
+        Duration::from_millis(900),
+        Duration::from_millis(2500),
+    );
+    // A ClientHello and then nothing: closed after tls_handshake_timeout (3 s), not before.
+    let h = closed_after(stalled_w).await;
+    assert_all_closed_within("stalled TLS handshakes", &h, Duration::from_millis(2900), Duration::from_millis(4500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_holds_a_connection_slot_until_tunnel_idle_timeout() {
+    // A WebSocket upstream that switches protocols and then never sends a byte.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(u) = on.await {
+                            let mut io = hyper_util::rt::TokioIo::new(u);
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    r.headers_mut().insert("connection", "upgrade".parse().unwrap());
+                    r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    let gw = TestGateway::start(
+        &[("pay.yaml", manifest("pay-agent", ws, "", ""))],
+        "limits:\n  max_connections: 3\n  tunnel_idle_timeout: 2s\n  idle_timeout: 30s\n  header_read_timeout: 5s\n",
+    )
+    .await;
+    let tok = token("pay-agent");
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(format!("GET /shop/v1/charges/stream HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-uapk-capability: {tok}\r\n\r\n").as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the response head");
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        sockets.push((s, Instant::now()));
+    }
+    // Three upgraded connections fill a cap of three: the next connection gets a fast 503.
+    let t = Instant::now();
+    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["reasons"][0]["code"], "too_many_connections");
+    // With no bytes either way they are closed after tunnel_idle_timeout, and the slots free.
+    let closes = closed_after(watch_closes(sockets, Duration::from_secs(5))).await;
+    assert_all_closed_within("idle WebSockets", &closes, Duration::from_millis(1900), Duration::from_millis(3500));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_ne!(r.status(), 503, "the slots of the closed WebSockets are free again");
+    let outcomes: Vec<Value> = gw
+        .entries()
+        .into_iter()
+        .filter(|e| e["kind"] == "outcome" && e["status"] == "101")
+        .filter(|e| e.to_string().contains("tunnel_idle_timeout"))
+        .collect();
+    assert_eq!(outcomes.len(), 3, "each WebSocket's outcome says it was closed for idleness");
+}
