@@ -139,20 +139,33 @@ impl Repeated {
     }
 
     fn note(&mut self, detail: &dyn std::fmt::Display) {
-        let now = Instant::now();
+        match self.tally(Instant::now()) {
+            Some(0) => tracing::warn!(error = %detail, "{}", self.what),
+            Some(n) => {
+                tracing::warn!(error = %detail, repeated = n, "{} (repeated {n} times in {:?})", self.what, Self::EVERY)
+            }
+            None => {}
+        }
+    }
+
+    /// Counts one occurrence at `now`; `Some(n)` when a line is due: 0 for the first
+    /// occurrence, else the number of occurrences since the last line.
+    fn tally(&mut self, now: Instant) -> Option<u64> {
         match self.window {
             None => {
-                tracing::warn!(error = %detail, "{}", self.what);
                 self.window = Some(now);
                 self.count = 0;
+                Some(0)
             }
             Some(since) => {
                 self.count += 1;
-                if now.duration_since(since) >= Self::EVERY {
-                    tracing::warn!(error = %detail, repeated = self.count, "{} (repeated in the last {:?})", self.what, now.duration_since(since));
-                    self.window = Some(now);
-                    self.count = 0;
+                if now.saturating_duration_since(since) < Self::EVERY {
+                    return None;
                 }
+                let n = self.count;
+                self.window = Some(now);
+                self.count = 0;
+                Some(n)
             }
         }
     }
@@ -160,40 +173,59 @@ impl Repeated {
     /// The condition is over: report what was not reported yet.
     fn clear(&mut self) {
         if self.window.take().is_some() && self.count > 0 {
-            tracing::warn!(repeated = self.count, "{} (repeated, now over)", self.what);
+            tracing::warn!(repeated = self.count, "{} (repeated {} more times, now over)", self.what, self.count);
         }
         self.count = 0;
     }
 }
 
-/// Accept with back-off: an accept error (EMFILE, ENFILE, ENOBUFS, …) waits 10 ms, doubling
-/// to 1 s while it lasts, instead of spinning; its log lines are rate-limited.
+/// Waits between failed accepts: 10 ms, doubling to 1 s while errors last.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn new() -> Backoff {
+        Backoff(Self::FIRST)
+    }
+
+    /// The wait after one more failure.
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+/// Accept with back-off: an accept error (EMFILE, ENFILE, ENOBUFS, …) waits instead of
+/// spinning ([`Backoff`]); its log lines are rate-limited ([`Repeated`]).
 struct Acceptor {
     listener: TcpListener,
-    backoff: Duration,
+    backoff: Backoff,
     errors: Repeated,
 }
 
 impl Acceptor {
-    const FIRST_BACKOFF: Duration = Duration::from_millis(10);
-    const MAX_BACKOFF: Duration = Duration::from_secs(1);
-
     fn new(listener: TcpListener) -> Acceptor {
-        Acceptor { listener, backoff: Self::FIRST_BACKOFF, errors: Repeated::new("accept failed; backing off") }
+        Acceptor { listener, backoff: Backoff::new(), errors: Repeated::new("accept failed; backing off") }
     }
 
     async fn accept(&mut self) -> tokio::net::TcpStream {
         loop {
             match self.listener.accept().await {
                 Ok((stream, _)) => {
-                    self.backoff = Self::FIRST_BACKOFF;
+                    self.backoff.reset();
                     self.errors.clear();
                     return stream;
                 }
                 Err(e) => {
                     self.errors.note(&e);
-                    tokio::time::sleep(self.backoff).await;
-                    self.backoff = (self.backoff * 2).min(Self::MAX_BACKOFF);
+                    tokio::time::sleep(self.backoff.next()).await;
                 }
             }
         }
@@ -388,6 +420,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             server_builder(&gw.config),
             svc,
             agent_slots.clone(),
+            "limits.max_connections",
             conn::ConnTimeouts::from_limits(&gw.config.limits),
             rx.clone(),
         )));
@@ -403,6 +436,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             server_builder(&gw.config),
             svc,
             admin_slots,
+            "admin.max_connections",
             conn::ConnTimeouts::from_limits(&gw.config.limits),
             rx.clone(),
         )));
@@ -579,6 +613,7 @@ async fn serve<S, F>(
     builder: auto::Builder<TokioExecutor>,
     svc: S,
     slots: conn::Slots,
+    cap_key: &'static str,
     timeouts: conn::ConnTimeouts,
     mut shutdown: watch::Receiver<bool>,
 ) where
@@ -589,7 +624,7 @@ async fn serve<S, F>(
     let mut acceptor = Acceptor::new(listener);
     let mut full = Repeated::new("connection cap reached; answering new connections 503 too_many_connections");
     let writers = Arc::new(Semaphore::new(OVERLOAD_WRITERS));
-    let reply = Arc::new(conn::overloaded_response());
+    let reply = Arc::new(conn::overloaded_response(cap_key));
     loop {
         tokio::select! {
             stream = acceptor.accept() => {
@@ -692,7 +727,33 @@ impl Running {
 
 #[cfg(test)]
 mod tests {
-    use super::effective_max_connections;
+    use super::{Backoff, Repeated, effective_max_connections};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accept_errors_back_off_from_10_ms_doubling_to_1_s() {
+        let mut b = Backoff::new();
+        let waits: Vec<u128> = (0..10).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_repeated_error_is_logged_once_then_summarised_every_ten_seconds() {
+        let mut r = Repeated::new("accept failed");
+        let t0 = Instant::now();
+        assert_eq!(r.tally(t0), Some(0), "the first occurrence is logged");
+        // 364 more within 10 s: no line.
+        for i in 1..=364u64 {
+            assert_eq!(r.tally(t0 + Duration::from_millis(i * 20)), None);
+        }
+        // The next one after 10 s writes one summary with the count.
+        assert_eq!(r.tally(t0 + Duration::from_secs(10)), Some(365));
+        assert_eq!(r.tally(t0 + Duration::from_secs(11)), None);
+        r.clear();
+        assert_eq!(r.tally(t0 + Duration::from_secs(12)), Some(0), "a new episode is logged again");
+    }
 
     #[test]
     fn the_connection_cap_fits_the_open_file_limit_next_to_the_admin_cap() {

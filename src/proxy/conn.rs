@@ -239,8 +239,9 @@ pub fn builder(l: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
 
 /// The answer to a connection past the cap: a complete HTTP/1.1 503 with the §7 body and
 /// reason `too_many_connections`, written without reading the request.
-pub fn overloaded_response() -> Vec<u8> {
-    let d = Decision::deny("too_many_connections", "the gateway is at limits.max_connections; retry shortly");
+/// `cap_key` names the configuration key of the cap that was reached.
+pub fn overloaded_response(cap_key: &str) -> Vec<u8> {
+    let d = Decision::deny("too_many_connections", format!("the gateway is at {cap_key}; retry shortly"));
     let body = serde_json::json!({
         "decision": d.verdict.as_str(),
         "reasons": d.reasons,
