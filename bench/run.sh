@@ -9,6 +9,8 @@
 # CPU split on 2 cores: the proxy under test on core 0; load generator and upstream on core 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Proxies and load generators hold many sockets: use the whole open-file allowance.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 root=$PWD
 secs=10; rounds=3; [ "${1:-}" = "--quick" ] && secs=2 && rounds=1
 need=()
@@ -139,18 +141,24 @@ connectors:
     tls: intercept
     routes: [{ methods: [GET], path: /ok, action: bench.read }]
 YAML
+sed -e 's/id: bench-agent/id: flood-agent/' "$w/policies/bench.yaml" > "$w/policies/flood.yaml"
 token=$("$bin" token mint --issuer-key "$w/issuer.pem" --iss bench --sub bench-agent --ttl 2h)
+flood_token=$("$bin" token mint --issuer-key "$w/issuer.pem" --iss bench --sub flood-agent --ttl 2h)
 declare -A gw gp ga
-start_gw() { # durability
-  local d=$1; gp[$d]=$(port); ga[$d]=$(port)
+start_gw() { # durability [limits-yaml]
+  # The denied rows measure recorded refusals, so their instances record every one (a refusal
+  # budget far above any rate here); the "under attack" instance keeps the default budget.
+  local d=$1 limits=${2:-"{ refusals_per_agent: 4000000000/s, refusals_burst: 4000000000 }"}
+  gp[$d]=$(port); ga[$d]=$(port)
   rm -rf "$w/gw-$d"; mkdir -p "$w/gw-$d"
   cat > "$w/gw-$d/gateway.yaml" <<YAML
 listeners: { proxy: 127.0.0.1:${gp[$d]}, admin: 127.0.0.1:${ga[$d]} }
 policies: $w/policies
 data_dir: $w/gw-$d/data
-audit: { durability: $d }
+audit: { durability: ${d%%-*} }
 tls: { extra_upstream_roots: [$w/ca.pem] }
 network: { allow_private_destinations: [127.0.0.0/8, "::1/128"] }
+limits: $limits
 YAML
   UAPK_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$bin" run -c "$w/gw-$d/gateway.yaml" 2>"$w/gw-$d/log" & gw[$d]=$!; pids+=(${gw[$d]})
   wait_port "${gp[$d]}"
@@ -241,6 +249,62 @@ add uapk-intercept-sync "uapk-gateway CONNECT + interception, audit sync"
 add uapk-intercept-async "uapk-gateway CONNECT + interception, audit async"
 add uapk-base-tls "uapk-gateway base-URL, TLS upstream, audit sync (wrk)"
 
+# Under attack: allowed requests (explicit proxy, sync audit, default limits) on one instance,
+# alone, while another agent floods refusals (wrk -c8 on /bench/denied), and while silent
+# sockets are held open (re-opened as the gateway closes them after header_read_timeout): 2,000,
+# or fewer when the open-file limit would put them past the gateway's connection cap.
+# wrk -c32 --latency: req/s and p99 of the allowed requests.
+start_gw sync-attack "{}"
+atk="http://127.0.0.1:${gp[sync-attack]}"
+printf 'wrk.path = "/bench/denied"\nwrk.headers["x-uapk-capability"] = "%s"\n' "$flood_token" > "$w/flood.lua"
+cat > "$w/silent.py" <<'PY'
+import resource, selectors, socket, sys, time
+port, n, secs = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < n + 64: resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 64), hard))
+sel = selectors.DefaultSelector()
+def open_one():
+    s = socket.create_connection(("127.0.0.1", port)); s.setblocking(False)
+    sel.register(s, selectors.EVENT_READ)
+for _ in range(n): open_one()
+print("held", n, flush=True)
+end = time.time() + secs
+while time.time() < end:
+    for key, _ in sel.select(timeout=0.2):
+        try: data = key.fileobj.recv(4096)
+        except OSError: data = b""
+        if not data:
+            sel.unregister(key.fileobj); key.fileobj.close(); open_one()
+PY
+attack_entries() { curl -s "http://127.0.0.1:${ga[sync-attack]}/metrics" | awk '/^uapk_audit_entries_total/ {print $2}'; }
+atk_run() { # NAME → one run of allowed requests, req/s into runs[NAME], p50/p99 into p50/p99
+  local out; out=$(taskset -c 1 wrk -t1 -c32 -d"${secs}s" --latency -s "$w/explicit.lua" "$atk")
+  runs[$1]+="$(awk '/Requests\/sec/ {printf "%.0f", $2}' <<<"$out") "
+  p50[$1]=$(awk '$1=="50%" {print $2}' <<<"$out"); p99[$1]=$(awk '$1=="99%" {print $2}' <<<"$out")
+  grep -q "Non-2xx" <<<"$out" && failed[$1]=1 && echo "warning: $1: non-2xx answers to allowed requests" >&2 || true
+}
+flood_rps=0; flood_entries=0
+# The gateway's cap is (open files - 64 - 256 admin) / 2; stay 100 below it with the wrk clients.
+silent_n=$(python3 -c "import sys; print(max(0, min(2000, ($(ulimit -n) - 320) // 2 - 100)))")
+for round in $(seq "$rounds"); do
+  atk_run uapk-attack-none
+  e0=$(attack_entries); t0=$(date +%s.%N)
+  taskset -c 1 wrk -t1 -c8 -d"$((secs + 1))s" -s "$w/flood.lua" "$atk" > "$w/flood.out" & flood=$!
+  sleep 0.5; atk_run uapk-attack-refusals; wait "$flood"
+  t1=$(date +%s.%N); e1=$(attack_entries)
+  flood_rps=$(awk '/Requests\/sec/ {printf "%.0f", $2}' "$w/flood.out")
+  flood_entries=$(python3 -c "print(int(($e1 - $e0) / ($t1 - $t0)))")
+  taskset -c 1 python3 "$w/silent.py" "${gp[sync-attack]}" "$silent_n" "$((secs + 2))" > "$w/silent.out" & silent=$!
+  for _ in $(seq 100); do grep -q held "$w/silent.out" 2>/dev/null && break; sleep 0.05; done
+  atk_run uapk-attack-silent; wait "$silent" || true
+done
+rss[uapk-attack-none]=$(hwm "${gw[sync-attack]}"); rss[uapk-attack-refusals]=${rss[uapk-attack-none]}; rss[uapk-attack-silent]=${rss[uapk-attack-none]}
+stop_gw sync-attack
+for n in uapk-attack-none uapk-attack-refusals uapk-attack-silent; do finish "$n"; done
+add uapk-attack-none "under attack: none (allowed, explicit, sync; c=32 p50/p99)"
+add uapk-attack-refusals "under attack: another agent floods refusals (wrk -c8)"
+add uapk-attack-silent "under attack: $silent_n silent sockets held"
+
 # Audit micro-benchmark: 32 concurrent writers, each waiting for its durable commit; then verify.
 am=$(taskset -c 0 "$root/target/release/examples/audit-append" --writers 32 --seconds "$secs" --durability sync)
 echo "$am"
@@ -272,5 +336,6 @@ ratio() { python3 -c "import sys; a,b=sys.argv[1:]; print(f'{float(a)/float(b):.
   echo "- peak RSS at 1,000 req/s (explicit, sync): ${rss_1k} MB (target ≤ 30)"
   echo "- durable audit appends, micro-benchmark with 32 concurrent writers (bench/audit_append.rs): ${appends_micro} entries/s (target ≥ 20,000); through the proxy during the denied run: ${appends} entries/s"
   echo "- verify of the micro-benchmark's log: ${verify_rate} entries/s (target ≥ 200,000)"
+  echo "- under attack (default limits; peak RSS over all three runs ${rss[uapk-attack-none]} MB): allowed req/s with a refusal flood / without: $(ratio "${rps[uapk-attack-refusals]}" "${rps[uapk-attack-none]}"), with $silent_n silent sockets / without: $(ratio "${rps[uapk-attack-silent]}" "${rps[uapk-attack-none]}"); p99 ${p99[uapk-attack-none]} → ${p99[uapk-attack-refusals]} (refusals), ${p99[uapk-attack-silent]} (silent sockets); the flood sent ${flood_rps} refusals/s and the log took ${flood_entries} entries/s for everything during it (refusal budget: 50/s per agent, the rest summarised)"
 } | tee bench/results.md
 echo "bench: 1 passed, 0 failed"

@@ -7,11 +7,11 @@ use crate::approvals::{ApprovalStore, Approvals};
 use crate::audit::{self, AuditConfig, AuditLog};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
 use crate::limits::{Budgets, RateLimiters};
-use crate::proxy::{self, Gateway, Policies, TokenFile, ssrf::Vetter, upstream};
+use crate::proxy::{self, Gateway, Policies, TokenFile, conn, ssrf::Vetter, upstream};
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use serde_json::{Map, Value, json};
@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
@@ -97,15 +97,182 @@ fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64> {
 }
 
 fn server_builder(cfg: &GatewayConfig) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(cfg.limits.header_read_timeout)
-        .max_buf_size(cfg.limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2().timer(TokioTimer::new()).max_header_list_size(cfg.limits.max_header_bytes as u32);
-    b
+    conn::builder(&cfg.limits)
 }
+
+/// File descriptors kept out of the connection budget: the audit database, listeners, DNS,
+/// the reload watcher, logs.
+const RESERVED_FDS: usize = 64;
+
+/// The soft `RLIMIT_NOFILE` of this process, from `/proc/self/limits` (Linux).
+fn open_files_limit() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files").split_whitespace().next()?.parse().ok()
+}
+
+/// The cap actually applied to the proxy and transparent listeners: `limits.max_connections`,
+/// lowered when the process's open-file limit could not hold that many connections (up to two
+/// descriptors each: the client's and the upstream's) next to the admin listener's own cap, so
+/// that running out of descriptors refuses agent connections with a 503 instead of failing
+/// every accept, `/livez` included.
+pub fn effective_max_connections(configured: usize, admin: usize, open_files: Option<usize>) -> usize {
+    match open_files {
+        Some(n) => configured.min(n.saturating_sub(RESERVED_FDS + admin) / 2).max(1),
+        None => configured,
+    }
+}
+
+/// A log line for an error that may repeat many times a second: the first occurrence, then at
+/// most one summary with the count every [`Repeated::EVERY`].
+struct Repeated {
+    what: &'static str,
+    window: Option<Instant>,
+    count: u64,
+}
+
+impl Repeated {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    fn new(what: &'static str) -> Repeated {
+        Repeated { what, window: None, count: 0 }
+    }
+
+    fn note(&mut self, detail: &dyn std::fmt::Display) {
+        match self.tally(Instant::now()) {
+            Some(0) => tracing::warn!(error = %detail, "{}", self.what),
+            Some(n) => {
+                tracing::warn!(error = %detail, repeated = n, "{} (repeated {n} times in {:?})", self.what, Self::EVERY)
+            }
+            None => {}
+        }
+    }
+
+    /// Counts one occurrence at `now`; `Some(n)` when a line is due: 0 for the first
+    /// occurrence, else the number of occurrences since the last line.
+    fn tally(&mut self, now: Instant) -> Option<u64> {
+        match self.window {
+            None => {
+                self.window = Some(now);
+                self.count = 0;
+                Some(0)
+            }
+            Some(since) => {
+                self.count += 1;
+                if now.saturating_duration_since(since) < Self::EVERY {
+                    return None;
+                }
+                let n = self.count;
+                self.window = Some(now);
+                self.count = 0;
+                Some(n)
+            }
+        }
+    }
+
+    /// The condition is over: report what was not reported yet.
+    fn clear(&mut self) {
+        if self.window.take().is_some() && self.count > 0 {
+            tracing::warn!(repeated = self.count, "{} (repeated {} more times, now over)", self.what, self.count);
+        }
+        self.count = 0;
+    }
+}
+
+/// Waits between failed accepts: 10 ms, doubling to 1 s while errors last.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    fn new() -> Backoff {
+        Backoff(Self::FIRST)
+    }
+
+    /// The wait after one more failure.
+    fn next(&mut self) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Self::MAX);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+}
+
+/// Accept with back-off: an accept error (EMFILE, ENFILE, ENOBUFS, …) waits instead of
+/// spinning ([`Backoff`]); its log lines are rate-limited ([`Repeated`]).
+struct Acceptor {
+    listener: TcpListener,
+    backoff: Backoff,
+    errors: Repeated,
+}
+
+impl Acceptor {
+    fn new(listener: TcpListener) -> Acceptor {
+        Acceptor { listener, backoff: Backoff::new(), errors: Repeated::new("accept failed; backing off") }
+    }
+
+    async fn accept(&mut self) -> tokio::net::TcpStream {
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, _)) => {
+                    self.backoff.reset();
+                    self.errors.clear();
+                    return stream;
+                }
+                Err(e) => {
+                    self.errors.note(&e);
+                    tokio::time::sleep(self.backoff.next()).await;
+                }
+            }
+        }
+    }
+}
+
+/// Answers a connection past the cap with a ready-made 503 (`too_many_connections`) and closes
+/// it; at most `OVERLOAD_WRITERS` at a time, each bounded to one second, beyond which the
+/// connection is simply closed. The request head is read first (HTTP clients treat an answer
+/// that comes before their request as an error); a connection that sends nothing, TLS, or the
+/// HTTP/2 preface is closed without an answer.
+fn refuse_connection(stream: tokio::net::TcpStream, writers: &Arc<Semaphore>, reply: &Arc<Vec<u8>>) {
+    let Ok(permit) = writers.clone().try_acquire_owned() else { return };
+    let reply = reply.clone();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = stream;
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut head = Vec::with_capacity(1024);
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+                match tokio::time::timeout(Duration::from_millis(500), stream.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => head.extend_from_slice(&buf[..n]),
+                    _ => return,
+                }
+            }
+            if head.first() == Some(&0x16) || head.starts_with(b"PRI * HTTP/2.0") {
+                return;
+            }
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
+            // Read what else the client sent (bounded) before closing: closing with unread bytes
+            // resets the connection, and a reset can destroy the 503 before the client reads it.
+            let mut left: usize = 64 * 1024;
+            while left > 0 {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+        drop(permit);
+    });
+}
+
+const OVERLOAD_WRITERS: usize = 64;
 
 /// Starts the gateway described by `cfg`.
 pub async fn start(cfg: GatewayConfig) -> Result<Running> {
@@ -211,6 +378,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         stopping: watch::channel(false).0,
         leaves,
         db: db.clone(),
+        refusals: crate::limits::refusals::RefusalBudget::new(
+            cfg.limits.refusals_per_second,
+            cfg.limits.refusals_burst,
+        ),
         config: cfg,
     });
     let health = Arc::new(AdminState::default());
@@ -223,6 +394,21 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     ));
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
+    // One cap for every agent-facing connection (proxy and transparent listeners, tunnels and
+    // upgrades included); the admin listener has its own.
+    let open_files = open_files_limit();
+    let max_connections =
+        effective_max_connections(gw.config.limits.max_connections, gw.config.admin_max_connections, open_files);
+    if max_connections < gw.config.limits.max_connections {
+        tracing::warn!(
+            configured = gw.config.limits.max_connections,
+            applied = max_connections,
+            open_files = open_files.unwrap_or_default(),
+            "limits.max_connections lowered to what the open-file limit can hold next to admin.max_connections; raise `ulimit -n` to serve more"
+        );
+    }
+    let agent_slots = conn::Slots::new(max_connections);
+    let admin_slots = conn::Slots::new(gw.config.admin_max_connections);
     {
         let gw2 = gw.clone();
         let svc = move |req| {
@@ -233,7 +419,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             proxy_listener,
             server_builder(&gw.config),
             svc,
-            gw.config.limits.max_connections,
+            agent_slots.clone(),
+            "limits.max_connections",
+            conn::ConnTimeouts::from_limits(&gw.config.limits),
             rx.clone(),
         )));
     }
@@ -243,13 +431,21 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             let (gw, h) = (gw2.clone(), h2.clone());
             async move { Ok::<_, Infallible>(admin::handle(gw, h, req).await) }
         };
-        tasks.push(tokio::spawn(serve(admin_listener, server_builder(&gw.config), svc, 256, rx.clone())));
+        tasks.push(tokio::spawn(serve(
+            admin_listener,
+            server_builder(&gw.config),
+            svc,
+            admin_slots,
+            "admin.max_connections",
+            conn::ConnTimeouts::from_limits(&gw.config.limits),
+            rx.clone(),
+        )));
     }
     let transparent_v6_addr = transparent_v6.as_ref().and_then(|l| l.local_addr().ok());
     for listener in transparent_listener.into_iter().chain(transparent_v6) {
         let own: Vec<SocketAddr> =
             [Some(proxy_addr), Some(admin_addr), transparent_addr, transparent_v6_addr].into_iter().flatten().collect();
-        tasks.push(tokio::spawn(serve_transparent(listener, gw.clone(), own, rx.clone())));
+        tasks.push(tokio::spawn(serve_transparent(listener, gw.clone(), own, agent_slots.clone(), rx.clone())));
     }
     {
         // Keep rate-limiter memory bounded.
@@ -258,7 +454,24 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => { gw2.rate_limits.sweep(); }
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                        gw2.rate_limits.sweep();
+                        gw2.refusals.sweep(Instant::now());
+                    }
+                    _ = rx2.changed() => break,
+                }
+            }
+        }));
+    }
+    {
+        // Refusals beyond an agent's refusal budget: one summary entry per agent, at most once
+        // a second (the last ones are written at shutdown).
+        let gw2 = gw.clone();
+        let mut rx2 = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => flush_refusals(&gw2).await,
                     _ = rx2.changed() => break,
                 }
             }
@@ -356,78 +569,89 @@ fn bind_ipv6_only(a: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// Accept loop of the transparent listener (one per address family).
+/// Writes the pending refusal summaries (`limits::refusals`), one `decision` entry each.
+async fn flush_refusals(gw: &Gateway) {
+    for summary in gw.refusals.drain() {
+        if let Err(e) = gw.audit.append(summary.entry()).await {
+            tracing::error!(error = %e, count = summary.count, "refusal summary not recorded");
+        }
+    }
+}
+
+/// Accept loop of the transparent listener (one per address family). Past the cap a new
+/// connection is closed: it may be TLS, so no HTTP answer fits.
 async fn serve_transparent(
     listener: TcpListener,
     gw: Arc<Gateway>,
     own: Vec<SocketAddr>,
+    slots: conn::Slots,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(gw.config.limits.max_connections.max(1)));
+    let mut acceptor = Acceptor::new(listener);
+    let mut full = Repeated::new("limits.max_connections reached; closing new transparent connections");
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+            stream = acceptor.accept() => {
+                let Some(slot) = slots.try_take() else {
+                    full.note(&format_args!("{} connections open", slots.in_use()));
                     continue;
                 };
-                let Ok(permit) = slots.clone().try_acquire_owned() else { continue };
+                full.clear();
                 let _ = stream.set_nodelay(true);
                 let (gw, own) = (gw.clone(), own.clone());
-                tokio::spawn(async move {
-                    proxy::transparent::serve_connection(gw, stream, own).await;
-                    drop(permit);
-                });
+                tokio::spawn(proxy::transparent::serve_connection(gw, stream, own, slot));
             }
             _ = shutdown.changed() => break,
         }
     }
 }
 
-/// Accept loop shared by the listeners: bounded connections, graceful drain on shutdown.
+/// Accept loop shared by the listeners: bounded connections (a fast 503 past the cap),
+/// connection deadlines, graceful drain on shutdown.
 async fn serve<S, F>(
     listener: TcpListener,
     builder: auto::Builder<TokioExecutor>,
     svc: S,
-    max_connections: usize,
+    slots: conn::Slots,
+    cap_key: &'static str,
+    timeouts: conn::ConnTimeouts,
     mut shutdown: watch::Receiver<bool>,
 ) where
     S: Fn(http::Request<hyper::body::Incoming>) -> F + Clone + Send + Sync + 'static,
     F: std::future::Future<Output = Result<http::Response<proxy::ProxyBody>, Infallible>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(max_connections.max(1)));
+    let mut acceptor = Acceptor::new(listener);
+    let mut full = Repeated::new("connection cap reached; answering new connections 503 too_many_connections");
+    let writers = Arc::new(Semaphore::new(OVERLOAD_WRITERS));
+    let reply = Arc::new(conn::overloaded_response(cap_key));
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!("limits.max_connections reached; closing a new connection");
+            stream = acceptor.accept() => {
+                let Some(slot) = slots.try_take() else {
+                    full.note(&format_args!("{} connections open", slots.in_use()));
+                    refuse_connection(stream, &writers, &reply);
                     continue;
                 };
+                full.clear();
                 let _ = stream.set_nodelay(true);
-                let svc = svc.clone();
+                let act = conn::Activity::new();
+                let svc = conn::track(svc.clone(), act.clone(), Some(slot));
                 let conn = builder
                     .serve_connection_with_upgrades(TokioIo::new(stream), service_fn(svc))
                     .into_owned();
                 let conn = graceful.watch(conn);
                 tokio::spawn(async move {
-                    let _ = conn.await;
-                    drop(permit);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn::watchdog(&act, timeouts) => {}
+                    }
                 });
             }
             _ = shutdown.changed() => break,
         }
     }
-    drop(listener);
+    drop(acceptor);
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
@@ -494,8 +718,50 @@ impl Running {
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }
+        flush_refusals(&self.gateway).await;
         if let Some(log) = self.audit.take() {
             let _ = tokio::task::spawn_blocking(move || log.shutdown()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Backoff, Repeated, effective_max_connections};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn accept_errors_back_off_from_10_ms_doubling_to_1_s() {
+        let mut b = Backoff::new();
+        let waits: Vec<u128> = (0..10).map(|_| b.next().as_millis()).collect();
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn a_repeated_error_is_logged_once_then_summarised_every_ten_seconds() {
+        let mut r = Repeated::new("accept failed");
+        let t0 = Instant::now();
+        assert_eq!(r.tally(t0), Some(0), "the first occurrence is logged");
+        // 364 more within 10 s: no line.
+        for i in 1..=364u64 {
+            assert_eq!(r.tally(t0 + Duration::from_millis(i * 20)), None);
+        }
+        // The next one after 10 s writes one summary with the count.
+        assert_eq!(r.tally(t0 + Duration::from_secs(10)), Some(365));
+        assert_eq!(r.tally(t0 + Duration::from_secs(11)), None);
+        r.clear();
+        assert_eq!(r.tally(t0 + Duration::from_secs(12)), Some(0), "a new episode is logged again");
+    }
+
+    #[test]
+    fn the_connection_cap_fits_the_open_file_limit_next_to_the_admin_cap() {
+        assert_eq!(effective_max_connections(4096, 256, None), 4096);
+        assert_eq!(effective_max_connections(4096, 256, Some(1_048_576)), 4096);
+        // 1024 descriptors: 64 reserved, 256 for admin, two per agent connection.
+        assert_eq!(effective_max_connections(4096, 256, Some(1024)), 352);
+        assert_eq!(effective_max_connections(100, 256, Some(1024)), 100);
+        assert_eq!(effective_max_connections(4096, 256, Some(100)), 1);
     }
 }

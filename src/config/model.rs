@@ -31,6 +31,9 @@ pub struct GatewayConfig {
     pub audit: AuditSettings,
     pub identity: IdentitySettings,
     pub admin_keys: Vec<AdminKey>,
+    /// `admin.max_connections`: the admin listener's own connection cap, so health checks
+    /// answer while the proxy listener is flooded.
+    pub admin_max_connections: usize,
     pub limits: Limits,
     /// CIDRs that may be dialled despite the SSRF guard.
     pub allow_private_destinations: Vec<Cidr>,
@@ -103,7 +106,22 @@ pub struct Limits {
     pub body_read_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_timeout: Duration,
+    /// Open connections on the proxy and transparent listeners together, CONNECT tunnels and
+    /// upgraded connections included; past it new connections get a fast 503 or are closed.
     pub max_connections: usize,
+    /// A connection with no request in flight (HTTP/1 keep-alive, HTTP/2 without streams) is
+    /// closed after this long.
+    pub idle_timeout: Duration,
+    /// Interception and transparent TLS handshakes must complete within this time.
+    pub tls_handshake_timeout: Duration,
+    /// Passthrough tunnels and upgraded connections (WebSockets) with no bytes either way are
+    /// closed after this long.
+    pub tunnel_idle_timeout: Duration,
+    /// Refusals recorded one by one per agent (or per listener for unidentified clients):
+    /// `refusals_per_second` sustained, `refusals_burst` at once; beyond, refusals are answered
+    /// 429 and counted into a per-agent summary entry.
+    pub refusals_per_second: f64,
+    pub refusals_burst: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -66,6 +66,7 @@ pub struct RawIdentity {
 #[serde(deny_unknown_fields, default)]
 pub struct RawAdmin {
     pub keys: Vec<RawAdminKey>,
+    pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -86,6 +87,11 @@ pub struct RawLimits {
     pub upstream_connect_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
     pub max_connections: Option<usize>,
+    pub idle_timeout: Option<String>,
+    pub tls_handshake_timeout: Option<String>,
+    pub tunnel_idle_timeout: Option<String>,
+    pub refusals_per_agent: Option<String>,
+    pub refusals_burst: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -239,6 +239,49 @@ fn gateway_defaults_and_errors() {
 }
 
 #[test]
+fn connection_and_refusal_limits_have_defaults_and_are_validated() {
+    let cfg = load_gateway(None).unwrap();
+    let l = &cfg.limits;
+    assert_eq!(l.idle_timeout, std::time::Duration::from_secs(60));
+    assert_eq!(l.header_read_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(l.tls_handshake_timeout, std::time::Duration::from_secs(10));
+    assert_eq!(l.tunnel_idle_timeout, std::time::Duration::from_secs(300));
+    assert_eq!(l.max_connections, 4096);
+    assert_eq!((l.refusals_per_second, l.refusals_burst), (50.0, 100));
+    assert_eq!(cfg.admin_max_connections, 256);
+
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(
+        dir.path(),
+        "g.yaml",
+        "admin:\n  max_connections: 8\nlimits:\n  idle_timeout: 2s\n  tunnel_idle_timeout: 500ms\n  refusals_per_agent: 600/m\n  refusals_burst: 7\n",
+    );
+    let cfg = load_gateway(Some(&p)).unwrap();
+    assert_eq!(cfg.admin_max_connections, 8);
+    assert_eq!(cfg.limits.idle_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(cfg.limits.tunnel_idle_timeout, std::time::Duration::from_millis(500));
+    assert_eq!((cfg.limits.refusals_per_second, cfg.limits.refusals_burst), (10.0, 7));
+
+    let p = write(
+        dir.path(),
+        "bad.yaml",
+        "admin:\n  max_connections: 0\nlimits:\n  idle_timeout: 0s\n  tls_handshake_timeout: soon\n  refusals_per_agent: lots\n  refusals_burst: 0\n  max_connections: 0\n",
+    );
+    let errs = load_gateway(Some(&p)).unwrap_err().0;
+    let keys: Vec<_> = errs.iter().map(|d| d.key.as_str()).collect();
+    for k in [
+        "admin.max_connections",
+        "limits.idle_timeout",
+        "limits.tls_handshake_timeout",
+        "limits.refusals_per_agent",
+        "limits.refusals_burst",
+        "limits.max_connections",
+    ] {
+        assert!(keys.contains(&k), "{k} not reported: {errs:?}");
+    }
+}
+
+#[test]
 fn path_patterns() {
     let p = PathPattern::parse("/v1/charges/**").unwrap();
     assert!(p.matches("/v1/charges").is_some());

@@ -215,9 +215,51 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         ),
         upstream_timeout: duration(cx, "limits.upstream_timeout", l.upstream_timeout, Duration::from_secs(60)),
         max_connections: l.max_connections.unwrap_or(4096),
+        idle_timeout: duration(cx, "limits.idle_timeout", l.idle_timeout, Duration::from_secs(60)),
+        tls_handshake_timeout: duration(
+            cx,
+            "limits.tls_handshake_timeout",
+            l.tls_handshake_timeout,
+            Duration::from_secs(10),
+        ),
+        tunnel_idle_timeout: duration(
+            cx,
+            "limits.tunnel_idle_timeout",
+            l.tunnel_idle_timeout,
+            Duration::from_secs(300),
+        ),
+        refusals_per_second: match l.refusals_per_agent.as_deref().map(parse_rate) {
+            None => 50.0,
+            Some(Ok((n, per))) => f64::from(n) / per.as_secs_f64(),
+            Some(Err(e)) => {
+                cx.err("limits.refusals_per_agent", e);
+                50.0
+            }
+        },
+        refusals_burst: l.refusals_burst.unwrap_or(100),
     };
     if limits.max_header_bytes < 1024 {
         cx.err("limits.max_header_bytes", "must be at least 1024");
+    }
+    if limits.max_connections == 0 {
+        cx.err("limits.max_connections", "must be at least 1");
+    }
+    if limits.refusals_burst == 0 {
+        cx.err("limits.refusals_burst", "must be at least 1");
+    }
+    for (key, d) in [
+        ("limits.header_read_timeout", limits.header_read_timeout),
+        ("limits.idle_timeout", limits.idle_timeout),
+        ("limits.tls_handshake_timeout", limits.tls_handshake_timeout),
+        ("limits.tunnel_idle_timeout", limits.tunnel_idle_timeout),
+    ] {
+        if d.is_zero() {
+            cx.err(key, "must be greater than zero (a connection must not wait forever or not at all)");
+        }
+    }
+    let admin_max_connections = raw.admin.max_connections.unwrap_or(256);
+    if admin_max_connections == 0 {
+        cx.err("admin.max_connections", "must be at least 1");
     }
     GatewayConfig {
         proxy_listener: addr(cx, "listeners.proxy", raw.listeners.proxy, "127.0.0.1:15080"),
@@ -243,6 +285,7 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             token_file: raw.identity.token_file.map(PathBuf::from),
         },
         admin_keys,
+        admin_max_connections,
         limits,
         allow_private_destinations: private,
         log_format,

@@ -10,6 +10,9 @@
 //! runtime and when rebuilding alike.
 //!
 //! Rate limits are GCRA buckets checked all before any is taken ([`RateLimiters::check`]).
+//! How fast one agent's refusals are recorded is bounded by [`refusals`].
+
+pub mod refusals;
 
 use crate::config::{Manifest, RateLimit, Scope, Window};
 use crate::policy::Reason;

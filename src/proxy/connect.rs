@@ -6,6 +6,7 @@
 
 use super::classify::{admit, connector_for};
 use super::identify::{identify, proxy_auth_token};
+use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::{
     DenyBody, Entry, Facts, Gateway, ProxyBody, Via, full_body, handle, new_facts, now_unix, refuse, split_authority,
     ssrf, tls,
@@ -14,12 +15,12 @@ use crate::config::{Connector, TlsMode};
 use crate::policy::Decision;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::{Map, json};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What every request inside one intercepted tunnel shares.
@@ -112,6 +113,8 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
         Err(resp) => return resp,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
+    // The tunnel keeps the connection's place under limits.max_connections until it closes.
+    let slot = req.extensions().get::<ConnSlot>().cloned();
     let gw2 = gw.clone();
     let tunnel = Arc::new(Tunnel { host, port, token: presented, agent: facts.agent.clone() });
     tokio::spawn(async move {
@@ -123,8 +126,11 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
             }
         };
         match connector.tls {
-            TlsMode::Intercept => intercept(gw2, upgraded, tunnel).await,
-            TlsMode::Passthrough => passthrough(gw2, upgraded, &tunnel, &connector, &facts, record).await,
+            TlsMode::Intercept => intercept(gw2, upgraded, tunnel, slot).await,
+            TlsMode::Passthrough => {
+                passthrough(gw2, upgraded, &tunnel, &connector, &facts, record).await;
+                drop(slot);
+            }
         }
     });
     let mut resp = Response::new(full_body(bytes::Bytes::new()));
@@ -133,18 +139,25 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
 }
 
 /// Terminates TLS with a leaf for the tunnel's host and serves HTTP/1.1 or HTTP/2 (ALPN),
-/// every request going through the full data path.
+/// every request going through the full data path. The ClientHello must arrive within
+/// `limits.header_read_timeout` and the rest of the handshake within
+/// `limits.tls_handshake_timeout`; the HTTP connection inside has the listeners' deadlines.
 ///
 /// Boxed with an explicit `Send` bound: the data path can open tunnels whose requests go
 /// through the data path again, and the named type breaks that cycle for the compiler.
-pub fn intercept<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>) -> Pin<Box<dyn Future<Output = ()> + Send>>
+pub fn intercept<IO>(
+    gw: Arc<Gateway>,
+    io: IO,
+    tunnel: Arc<Tunnel>,
+    slot: Option<ConnSlot>,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Box::pin(intercept_inner(gw, io, tunnel))
+    Box::pin(intercept_inner(gw, io, tunnel, slot))
 }
 
-async fn intercept_inner<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>)
+async fn intercept_inner<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>, slot: Option<ConnSlot>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -162,22 +175,37 @@ where
     gw.metrics
         .leaf_cache_misses
         .store(leaves.misses.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
-    let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
-    let tls = match tokio::time::timeout(gw.config.limits.header_read_timeout, acceptor.accept(io)).await {
+    let limits = &gw.config.limits;
+    let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
+    let start = match tokio::time::timeout(limits.header_read_timeout, hello).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(host = %tunnel.host, error = %e, "client TLS handshake failed");
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            tracing::debug!(host = %tunnel.host, "no ClientHello within limits.header_read_timeout");
+            return;
+        }
     };
-    let svc = hyper::service::service_fn(move |req| {
+    let tls = match tokio::time::timeout(limits.tls_handshake_timeout, start.into_stream(cfg)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(host = %tunnel.host, error = %e, "client TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(host = %tunnel.host, "TLS handshake not done within limits.tls_handshake_timeout");
+            return;
+        }
+    };
+    let timeouts = ConnTimeouts::from_limits(limits);
+    let builder = conn::builder(limits);
+    let svc = move |req| {
         let (gw, t) = (gw.clone(), tunnel.clone());
         async move { Ok::<_, std::convert::Infallible>(handle(gw, req, Via::Tunnel(t)).await) }
-    });
-    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
-    let _ = b.serve_connection_with_upgrades(TokioIo::new(tls), svc).await;
+    };
+    conn::serve_http(&builder, tls, svc, slot, timeouts).await;
 }
 
 /// Splices a passthrough tunnel to the vetted upstream address and records its byte counts.
@@ -209,12 +237,11 @@ pub(crate) async fn passthrough<IO>(
     m.insert("tunnel".into(), json!("passthrough"));
     match upstream {
         Some(mut up) => {
-            let r = tokio::io::copy_bidirectional(&mut io, &mut up).await;
-            let (sent, received) = r.as_ref().map_or((0, 0), |(a, b)| (*a, *b));
-            m.insert("bytes_sent".into(), json!(sent.to_string()));
-            m.insert("bytes_received".into(), json!(received.to_string()));
-            if r.is_err() {
-                m.insert("error".into(), json!("the tunnel ended with an error"));
+            let r = conn::splice(&mut io, &mut up, gw.config.limits.tunnel_idle_timeout).await;
+            m.insert("bytes_sent".into(), json!(r.a_to_b.to_string()));
+            m.insert("bytes_received".into(), json!(r.b_to_a.to_string()));
+            if let Some(e) = r.error {
+                m.insert("error".into(), json!(e));
             }
         }
         None => {

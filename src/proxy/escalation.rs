@@ -107,7 +107,7 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
                 return Escalated::Respond(resp);
             }
         };
-        return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
+        return Escalated::Respond(gw.refuse_recorded_always(StatusCode::FORBIDDEN, facts, d).await);
     }
     let mut resp =
         refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });

@@ -6,7 +6,7 @@
 use super::body::{self, RecordedBody};
 use super::respond::DenyBody;
 use super::settle::Settled;
-use super::{BoxError, Facts, Gateway, ProxyBody, Stop, full_body, hygiene, refuse, ssrf};
+use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse, ssrf};
 use crate::approvals::{self, Status, approval_entry};
 use crate::config::{Connector, Scheme};
 use crate::policy::{Decision, Verdict};
@@ -142,6 +142,8 @@ async fn forward(
     // An upgrade (WebSocket) keeps its Upgrade/Connection pair; the tunnel is spliced after 101.
     let upgrade = hygiene::requested_upgrade(&parts.headers);
     let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
+    // The spliced connection keeps its place under limits.max_connections until it closes.
+    let (slot, splice_idle) = (parts.extensions.get::<conn::ConnSlot>().cloned(), gw.config.limits.tunnel_idle_timeout);
     let mut headers = parts.headers;
     hygiene::strip_request(&mut headers);
     hygiene::strip_for_connector(&mut headers, connector);
@@ -203,14 +205,9 @@ async fn forward(
                     }
                 };
                 let (mut c, mut u) = (hyper_util::rt::TokioIo::new(c), hyper_util::rt::TokioIo::new(u));
-                let r = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                let bytes = r.as_ref().map_or(0, |(a, b)| a + b);
-                outcome.write(
-                    StatusCode::SWITCHING_PROTOCOLS,
-                    bytes,
-                    None,
-                    r.err().map(|_| "the upgraded connection ended with an error"),
-                );
+                let r = conn::splice(&mut c, &mut u, splice_idle).await;
+                drop(slot);
+                outcome.write(StatusCode::SWITCHING_PROTOCOLS, r.a_to_b + r.b_to_a, None, r.error);
             });
             let (mut rp, _) = resp.into_parts();
             let proto = rp.headers.get(header::UPGRADE).cloned();

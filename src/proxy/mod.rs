@@ -11,6 +11,7 @@
 mod agent_api;
 mod body;
 mod classify;
+pub mod conn;
 pub mod connect;
 mod escalation;
 mod forward;
@@ -87,6 +88,8 @@ pub struct Gateway {
     pub leaves: Option<tls::LeafCache>,
     /// The gateway's redb file (audit tables, approvals).
     pub db: crate::audit::SharedDb,
+    /// How fast each agent's refusals are recorded one by one (`limits::refusals`).
+    pub refusals: crate::limits::refusals::RefusalBudget,
 }
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk
@@ -346,8 +349,46 @@ impl Gateway {
         }
     }
 
-    /// Records `d` and answers with `status`.
+    /// Beyond the agent's refusal budget (`limits::refusals`) a refusal is not recorded as its
+    /// own entry but counted into the agent's summary entry, and answered 429
+    /// `refusals_rate_limited` with `Retry-After` and the request id to find it there.
+    fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
+        use crate::limits::refusals::{Admission, RATE_LIMITED, Refuser};
+        let refuser = match (&facts.agent, facts.entry) {
+            (Some(a), _) => Refuser::Agent(a.clone()),
+            (None, Entry::Transparent) => Refuser::Listener("transparent"),
+            (None, _) => Refuser::Listener("proxy"),
+        };
+        let Admission::Summarised { retry_after } =
+            self.refusals.admit(&refuser, &facts.request_id, d.code(), Instant::now())
+        else {
+            return None;
+        };
+        let why = Decision::deny(
+            RATE_LIMITED,
+            format!("{} refused; refusals beyond limits.refusals_per_agent are summarised", d.code()),
+        );
+        let mut resp = refuse(StatusCode::TOO_MANY_REQUESTS, facts, &why, None, DenyBody::default());
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
+        if let Ok(v) = HeaderValue::from_str(&facts.request_id) {
+            resp.headers_mut().insert("x-uapk-request-id", v);
+        }
+        // Counted, but no access line per refusal: the summary entry is the record.
+        self.metrics.request(why.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+        Some(resp)
+    }
+
+    /// Records `d` and answers with `status` (within the agent's refusal budget).
     async fn refuse_recorded(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
+        if let Some(resp) = self.over_refusal_budget(facts, &d) {
+            return resp;
+        }
+        self.refuse_recorded_always(status, facts, d).await
+    }
+
+    /// Records `d` and answers with `status`, outside the refusal budget: for the refusals that
+    /// end an approval wait, which `escalation.max_pending` and the approvers already bound.
+    async fn refuse_recorded_always(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
         match self.record(facts, &d, None).await {
             Ok(idx) => {
                 let mut resp = refuse(status, facts, &d, Some(idx), DenyBody::default());

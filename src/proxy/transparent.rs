@@ -7,10 +7,10 @@
 //! Also the rules `init-iptables` installs ([`iptables_rules`], [`install`]): all agent TCP,
 //! IPv4 and IPv6, redirected here; every other agent packet dropped but DNS to the resolvers.
 
+use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::connect::{Tunnel, authorize_tunnel, intercept, passthrough};
 use super::{Entry, Gateway, Via, handle, new_facts};
 use crate::config::TlsMode;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,7 +27,8 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 }
 
 /// Handles one redirected connection.
-pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<SocketAddr>) {
+/// It holds `slot` (its place under `limits.max_connections`) for as long as it is open.
+pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<SocketAddr>, slot: ConnSlot) {
     let orig = match original_destination(&stream) {
         Ok(a) => a,
         Err(e) => {
@@ -74,13 +75,12 @@ pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<Sock
         }
     }
     if !is_tls {
-        let svc = hyper::service::service_fn(move |req| {
+        let (builder, timeouts) = (conn::builder(&gw.config.limits), ConnTimeouts::from_limits(&gw.config.limits));
+        let svc = move |req| {
             let gw = gw.clone();
             async move { Ok::<_, std::convert::Infallible>(handle(gw, req, Via::Transparent(orig)).await) }
-        });
-        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-        b.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(10));
-        let _ = b.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+        };
+        conn::serve_http(&builder, stream, svc, Some(slot), timeouts).await;
         return;
     }
     // The SNI is compared and recorded as every other host is (lower-case, no trailing dot); a
@@ -95,8 +95,11 @@ pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<Sock
     };
     let tunnel = Arc::new(Tunnel { host, port: orig.port(), token: None, agent: facts.agent.clone() });
     match connector.tls {
-        TlsMode::Intercept => intercept(gw, stream, tunnel).await,
-        TlsMode::Passthrough => passthrough(gw, stream, &tunnel, &connector, &facts, record).await,
+        TlsMode::Intercept => intercept(gw, stream, tunnel, Some(slot)).await,
+        TlsMode::Passthrough => {
+            passthrough(gw, stream, &tunnel, &connector, &facts, record).await;
+            drop(slot);
+        }
     }
 }
 

@@ -1,0 +1,772 @@
+//! Keeps serving under abuse (SPEC §14.7 "Limits"): silent sockets, HTTP/2 connections that
+//! send only the preface, idle keep-alives, silent CONNECT tunnels past the connection cap with
+//! a low open-file limit, and a flood of refusals from one agent. Each flood runs for a few
+//! seconds while a normal client keeps being served within a bound, and the test checks that
+//! the gateway closed what it should within the configured timeout plus a margin.
+//!
+//! Connection floods run against the real binary in a child process (its open-file limit set
+//! with `ulimit -n`, i.e. setrlimit in the child only); the refusal flood runs in-process.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A gateway running as a child process.
+struct ChildGateway {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl ChildGateway {
+    /// Starts `uapk-gateway run` with `limits_yaml` appended to gateway.yaml, under an
+    /// open-file limit of `nofile` when given.
+    async fn start(manifests: &[(&str, String)], extra_yaml: &str, nofile: Option<u32>) -> ChildGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("policies")).unwrap();
+        for (name, text) in manifests {
+            std::fs::write(d.join("policies").join(name), text).unwrap();
+        }
+        let (proxy, admin) = (free_port(), free_port());
+        std::fs::write(
+            d.join("gateway.yaml"),
+            format!(
+                "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\naudit:\n  origin: abuse.test/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n{extra_yaml}",
+                p = d.join("policies").display(),
+                data = d.join("data").display()
+            ),
+        )
+        .unwrap();
+        let cfg = d.join("gateway.yaml");
+        let log = std::fs::File::create(d.join("gateway.log")).unwrap();
+        let mut cmd = match nofile {
+            // `ulimit -n` is setrlimit(RLIMIT_NOFILE) in the shell that then becomes the gateway.
+            Some(n) => {
+                let mut c = std::process::Command::new("sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin(), "run", "-c"]).arg(&cfg);
+                c
+            }
+            None => {
+                let mut c = std::process::Command::new(bin());
+                c.args(["run", "-c"]).arg(&cfg);
+                c
+            }
+        };
+        let mut child = cmd.env("UAPK_LOG", "warn").stderr(log).spawn().unwrap();
+        let started = Instant::now();
+        loop {
+            let ok = client()
+                .get(format!("http://127.0.0.1:{admin}/readyz"))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .map(|r| r.status() == 200);
+            if ok.unwrap_or(false) {
+                break;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the gateway exited ({status}): {}", std::fs::read_to_string(d.join("gateway.log")).unwrap());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "the gateway did not become ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ChildGateway {
+            child,
+            dir,
+            proxy: format!("127.0.0.1:{proxy}").parse().unwrap(),
+            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM, wait for a clean exit, and return every committed entry.
+    fn stop(mut self) -> (Vec<Value>, String) {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let status = loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "the gateway did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "the gateway exited with {status}: {}", self.log());
+        let db = redb::Database::open(self.dir.path().join("data/audit.redb")).unwrap();
+        (read_all(&db), self.log())
+    }
+}
+
+impl Drop for ChildGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Times an allowed request through the base URL.
+async fn allowed(proxy: SocketAddr, tok: &str) -> (u16, Duration) {
+    let t = Instant::now();
+    let r = client()
+        .get(format!("http://{proxy}/shop/v1/charges/ch_1"))
+        .header("x-uapk-capability", tok)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    let status = match r {
+        Ok(r) => r.status().as_u16(),
+        Err(e) => {
+            eprintln!("allowed request failed: {e:?}");
+            0
+        }
+    };
+    (status, t.elapsed())
+}
+
+async fn livez(admin: SocketAddr) -> (u16, Duration) {
+    let t = Instant::now();
+    let r = client().get(format!("http://{admin}/livez")).timeout(Duration::from_secs(5)).send().await;
+    (r.map(|r| r.status().as_u16()).unwrap_or(0), t.elapsed())
+}
+
+/// Spawns a watcher per stream that reads (and discards) until the peer closes, and returns
+/// how long after `since` each was closed, or `None` if still open after `give_up`.
+fn watch_closes(
+    streams: Vec<(TcpStream, Instant)>,
+    give_up: Duration,
+) -> Vec<tokio::task::JoinHandle<Option<Duration>>> {
+    streams
+        .into_iter()
+        .map(|(mut s, since)| {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let until = since + give_up;
+                loop {
+                    let left = until.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(left, s.read(&mut buf)).await {
+                        Ok(Ok(0)) | Ok(Err(_)) => return Some(since.elapsed()),
+                        Ok(Ok(_)) => continue,
+                        Err(_) => return None,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn closed_after(watchers: Vec<tokio::task::JoinHandle<Option<Duration>>>) -> Vec<Option<Duration>> {
+    let mut out = Vec::new();
+    for w in watchers {
+        out.push(w.await.unwrap());
+    }
+    out
+}
+
+fn assert_all_closed_within(what: &str, closes: &[Option<Duration>], low: Duration, high: Duration) {
+    let open = closes.iter().filter(|c| c.is_none()).count();
+    assert_eq!(open, 0, "{what}: {open} of {} connections were still open after {high:?}", closes.len());
+    for c in closes.iter().flatten() {
+        assert!(*c >= low && *c <= high, "{what}: closed after {c:?}, expected between {low:?} and {high:?}");
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_preface_only_and_idle_connections_are_closed_while_agents_are_served() {
+    let up = Upstream::start().await;
+    let gw = ChildGateway::start(
+        &[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))],
+        "admin:\n  max_connections: 64\nlimits:\n  header_read_timeout: 1s\n  idle_timeout: 2s\n  max_connections: 1000\n",
+        None,
+    )
+    .await;
+    let tok = token("pay-agent");
+    assert_eq!(allowed(gw.proxy, &tok).await.0, 200);
+
+    // 300 silent sockets and 40 HTTP/2 connections that send only the preface on the proxy
+    // listener, 30 silent sockets on the admin listener, 20 keep-alives idle after one request.
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push((TcpStream::connect(gw.proxy).await.unwrap(), Instant::now()));
+    }
+    let mut preface = Vec::new();
+    for _ in 0..40 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        let t = Instant::now();
+        s.write_all(H2_PREFACE).await.unwrap();
+        preface.push((s, t));
+    }
+    let mut admin_silent = Vec::new();
+    for _ in 0..30 {
+        admin_silent.push((TcpStream::connect(gw.admin).await.unwrap(), Instant::now()));
+    }
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(
+            format!("GET /shop/v1/charges/ch_2 HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        // Read the whole response (it ends with the upstream's JSON echo).
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !got.ends_with(b"}") {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.unwrap().unwrap();
+            assert!(n > 0, "the keep-alive was closed before its response");
+            got.extend_from_slice(&b[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.1 200"), "{text}");
+        assert!(text.contains("content-length:") && !text.contains("chunked"), "the length is kept: {text}");
+        idle.push((s, Instant::now()));
+    }
+    let silent_w = watch_closes(silent, Duration::from_secs(5));
+    let preface_w = watch_closes(preface, Duration::from_secs(5));
+    let admin_w = watch_closes(admin_silent, Duration::from_secs(5));
+    let idle_w = watch_closes(idle, Duration::from_secs(6));
+
+    // While they are held, agents and health checks are answered promptly.
+    for _ in 0..4 {
+        let (status, took) = allowed(gw.proxy, &tok).await;
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_secs(1), "an allowed request took {took:?} during the flood");
+        let (status, took) = livez(gw.admin).await;
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_secs(1), "/livez took {took:?} during the flood");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+
+    // A connection that sends nothing, or only the HTTP/2 preface, is closed after
+    // header_read_timeout (1 s); a keep-alive with no request in flight after idle_timeout (2 s).
+    let margin = Duration::from_millis(1500);
+    let s = closed_after(silent_w).await;
+    assert_all_closed_within("silent proxy sockets", &s, Duration::from_millis(900), Duration::from_secs(1) + margin);
+    let p = closed_after(preface_w).await;
+    assert_all_closed_within("HTTP/2 preface only", &p, Duration::from_millis(900), Duration::from_secs(1) + margin);
+    let a = closed_after(admin_w).await;
+    assert_all_closed_within("silent admin sockets", &a, Duration::from_millis(900), Duration::from_secs(1) + margin);
+    let i = closed_after(idle_w).await;
+    assert_all_closed_within("idle keep-alives", &i, Duration::from_millis(900), Duration::from_secs(2) + margin);
+
+    // A keep-alive that keeps sending requests is never idle, so never closed.
+    let mut busy = TcpStream::connect(gw.proxy).await.unwrap();
+    for n in 0..6 {
+        busy.write_all(
+            format!("GET /shop/v1/charges/busy{n} HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 4096];
+        while !got.ends_with(b"}") {
+            let n = tokio::time::timeout(Duration::from_secs(5), busy.read(&mut b)).await.unwrap().unwrap();
+            assert!(n > 0, "a busy keep-alive was closed");
+            got.extend_from_slice(&b[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    assert_eq!(allowed(gw.proxy, &tok).await.0, 200);
+    let (_, log) = gw.stop();
+    assert!(!log.contains("accept failed"), "{log}");
+}
+
+/// A manifest with a base-URL connector to `up` and a passthrough connector to `pinned`.
+fn tunnel_manifest(agent: &str, up: SocketAddr, pinned: SocketAddr) -> String {
+    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: {agent} }}
+capability:
+  issuers:
+    - id: platform
+      public_key: |
+{pem}connectors:
+  - name: shop
+    base_url: http://{up}
+    routes:
+      - methods: [GET]
+        path: /v1/charges/**
+        action: payment.read
+  - name: pinned
+    hosts: [127.0.0.1]
+    ports: [{port}]
+    tls: passthrough
+"#,
+        port = pinned.port()
+    )
+}
+
+/// A TCP server that accepts connections and never sends a byte (the far end of a silent
+/// passthrough tunnel).
+async fn silent_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    addr
+}
+
+/// Sends CONNECT and reads the response head (and, for a refusal, its body).
+async fn connect(proxy: SocketAddr, target: SocketAddr, tok: &str) -> (TcpStream, String, Duration) {
+    let t = Instant::now();
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {tok}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 2048];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&b[..n]),
+        }
+        let text = String::from_utf8_lossy(&got);
+        if text.starts_with("HTTP/1.1 200") && text.contains("\r\n\r\n") {
+            break;
+        }
+    }
+    (s, String::from_utf8_lossy(&got).into_owned(), t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tunnels_past_the_cap_under_a_low_open_file_limit_leave_health_and_agents_answered() {
+    let up = Upstream::start().await;
+    let pinned = silent_server().await;
+    // 256 descriptors: the cap is lowered to what they can hold ((256 - 64 - 16) / 2 = 88
+    // connections) next to the admin listener's 16.
+    let gw = ChildGateway::start(
+        &[("flood.yaml", tunnel_manifest("flood-agent", up.addr, pinned))],
+        "admin:\n  max_connections: 16\nlimits:\n  header_read_timeout: 2s\n  tunnel_idle_timeout: 3s\n",
+        Some(256),
+    )
+    .await;
+    assert!(gw.log().contains("limits.max_connections lowered"), "{}", gw.log());
+    let tok = token("flood-agent");
+    assert_eq!(allowed(gw.proxy, &tok).await.0, 200);
+
+    // 150 silent tunnels: the first 88 open, the rest get a fast 503 too_many_connections.
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..150 {
+        let (s, head, took) = connect(gw.proxy, pinned, &tok).await;
+        if head.starts_with("HTTP/1.1 200") {
+            open.push((s, Instant::now()));
+        } else {
+            assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+            assert!(head.contains("too_many_connections"), "{head}");
+            let body: Value = serde_json::from_str(head.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap();
+            assert_eq!(body["error"]["code"], "too_many_connections");
+            assert!(took < Duration::from_secs(1), "a refusal past the cap took {took:?}");
+            refused += 1;
+        }
+    }
+    assert_eq!(open.len(), 88, "tunnels count toward the (lowered) connection cap");
+    assert_eq!(refused, 62);
+    let watchers = watch_closes(open, Duration::from_secs(7));
+
+    // While the tunnels are held: health answers, and an agent gets a fast answer, not a hang.
+    for _ in 0..3 {
+        let (status, took) = livez(gw.admin).await;
+        assert_eq!(status, 200, "/livez during the tunnel flood");
+        assert!(took < Duration::from_secs(1), "/livez took {took:?}");
+        let (status, took) = allowed(gw.proxy, &tok).await;
+        assert_eq!(status, 503, "past the cap an agent request is refused fast");
+        assert!(took < Duration::from_secs(1), "the refusal took {took:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Tunnels with no bytes either way are closed after tunnel_idle_timeout (3 s), which frees
+    // their slots: agents are served again.
+    let closes = closed_after(watchers).await;
+    assert_all_closed_within("silent tunnels", &closes, Duration::from_millis(2900), Duration::from_millis(4500));
+    let (status, took) = allowed(gw.proxy, &tok).await;
+    assert_eq!(status, 200, "after the idle tunnels closed");
+    assert!(took < Duration::from_secs(1));
+
+    let (entries, log) = gw.stop();
+    let idle_closed = entries
+        .iter()
+        .filter(|e| e["kind"] == "outcome" && e["tunnel"] == "passthrough")
+        .filter(|e| e["error"].as_str().is_some_and(|m| m.contains("tunnel_idle_timeout")))
+        .count();
+    assert_eq!(idle_closed, 88, "every idle tunnel's outcome says why it was closed");
+    // The descriptors never ran out, and refusals past the cap are logged rate-limited.
+    assert!(!log.contains("accept failed"), "{log}");
+    let cap_lines = log.lines().filter(|l| l.contains("connection cap reached")).count();
+    assert!((1..=3).contains(&cap_lines), "{cap_lines} log lines for the connections past the cap:\n{log}");
+}
+
+/// Sends `n` GETs on one keep-alive connection, one after the other, and returns each
+/// (status, x-uapk-record, x-uapk-request-id).
+async fn serial_gets(
+    proxy: SocketAddr,
+    path: &str,
+    tok: Option<&str>,
+    n: usize,
+) -> Vec<(u16, Option<u64>, Option<String>)> {
+    let c = client();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut r = c.get(format!("http://{proxy}{path}"));
+        if let Some(t) = tok {
+            r = r.header("x-uapk-capability", t);
+        }
+        let r = r.send().await.unwrap();
+        let h = |k: &str| r.headers().get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let rec = h("x-uapk-record").and_then(|v| v.parse().ok());
+        let id = h("x-uapk-request-id");
+        let status = r.status().as_u16();
+        if status == 429 {
+            assert!(h("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)));
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "refusals_rate_limited");
+        }
+        out.push((status, rec, id));
+    }
+    out
+}
+
+/// An integer field of an entry (the log writes integers as decimal strings).
+fn num(v: &Value) -> u64 {
+    v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not an integer string: {v}"))
+}
+
+fn sha256_ids<'a>(ids: impl Iterator<Item = &'a String>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for id in ids {
+        h.update(id.as_bytes());
+        h.update(b"\n");
+    }
+    hex::encode(h.finalize())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every_refusal_is_accounted_for() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(
+        &[
+            ("flood.yaml", manifest("flood-agent", up.addr, POLICY, "")),
+            ("calm.yaml", manifest("calm-agent", up.addr, POLICY, "")),
+        ],
+        "limits:\n  refusals_per_agent: 20/s\n  refusals_burst: 10\n",
+    )
+    .await;
+    let (flood_tok, calm_tok) = (token("flood-agent"), token("calm-agent"));
+    let size_before: usize = gw.entries().iter().map(|e| e.to_string().len()).sum();
+
+    // The flood: refused requests with 12 KB paths, one after the other as fast as the gateway
+    // answers, for about three seconds; meanwhile another agent is served and refused normally.
+    let long = format!("/shop/v1/nothing/{}", "a".repeat(12 * 1024));
+    let started = Instant::now();
+    let flood = {
+        let (proxy, tok, long) = (gw.proxy, flood_tok.clone(), long.clone());
+        tokio::spawn(async move {
+            let mut all = Vec::new();
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until {
+                all.extend(serial_gets(proxy, &long, Some(&tok), 50).await);
+            }
+            all
+        })
+    };
+    let mut calm = Vec::new();
+    while !flood.is_finished() {
+        let (status, took) = allowed(gw.proxy, &calm_tok).await;
+        assert_eq!(status, 200, "the other agent is served during the flood");
+        assert!(took < Duration::from_secs(1), "an allowed request took {took:?} during the flood");
+        calm.extend(serial_gets(gw.proxy, "/shop/v1/nothing/calm", Some(&calm_tok), 1).await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let flood = flood.await.unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    // Unidentified clients share the proxy listener's budget.
+    let anon = serial_gets(gw.proxy, "/shop/v1/charges/x", None, 40).await;
+
+    // Summaries are written at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let entries = gw.entries();
+    let by_idx: HashMap<u64, &Value> =
+        entries.iter().filter_map(|e| Some((e["idx"].as_str()?.parse().ok()?, e))).collect();
+
+    // The other agent: every refusal its own entry, nothing summarised.
+    assert!(calm.len() >= 5);
+    for (status, rec, _) in &calm {
+        assert_eq!(*status, 403);
+        let e = by_idx[&rec.expect("a record index")];
+        assert_eq!(
+            (e["agent"].as_str(), e["reasons"][0]["code"].as_str()),
+            (Some("calm-agent"), Some("route_not_allowed"))
+        );
+    }
+
+    // The flooding agent: the burst and the sustained rate are recorded one by one...
+    let recorded: Vec<u64> = flood.iter().filter(|(s, ..)| *s == 403).map(|(_, r, _)| r.expect("record")).collect();
+    let limited: Vec<&String> =
+        flood.iter().filter(|(s, ..)| *s == 429).map(|(.., id)| id.as_ref().expect("id")).collect();
+    assert_eq!(recorded.len() + limited.len(), flood.len(), "every refusal is a 403 or a 429");
+    assert!(flood.len() > 200, "the flood was too light to mean anything ({} requests)", flood.len());
+    let max_individual = 10.0 + 20.0 * (elapsed + 1.0);
+    assert!(
+        (recorded.len() as f64) <= max_individual,
+        "{} individual entries in {elapsed:.1}s, more than burst + rate allows ({max_individual})",
+        recorded.len()
+    );
+    for idx in &recorded {
+        let e = by_idx[idx];
+        assert_eq!((e["agent"].as_str(), e["decision"].as_str()), (Some("flood-agent"), Some("deny")));
+    }
+    // ...and everything beyond is in summary entries, at most one a second.
+    let summaries: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["kind"] == "decision" && e["reasons"][0]["code"] == "refusals_rate_limited")
+        .filter(|e| e["agent"] == "flood-agent")
+        .collect();
+    assert!(!summaries.is_empty());
+    assert!(summaries.len() as f64 <= elapsed + 2.0, "{} summaries in {elapsed:.1}s", summaries.len());
+    let total: u64 = summaries.iter().map(|s| num(&s["count"])).sum();
+    assert_eq!(total as usize, limited.len(), "every 429 is counted in a summary");
+    // Summaries cover consecutive runs of the 429s, in order: each lists its first ids and
+    // hashes all of them.
+    let mut rest = limited.as_slice();
+    let mut listed = HashSet::new();
+    for s in &summaries {
+        let n = num(&s["count"]) as usize;
+        let (mine, after) = rest.split_at(n);
+        let ids: Vec<&str> = s["request_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(ids.len(), n.min(100));
+        assert_eq!(ids, mine.iter().take(100).map(|s| s.as_str()).collect::<Vec<_>>());
+        assert_eq!(num(&s["request_ids_omitted"]) as usize, n - ids.len());
+        assert_eq!(s["request_ids_sha256"].as_str().unwrap(), sha256_ids(mine.iter().copied()));
+        assert_eq!(num(&s["reason_counts"]["route_not_allowed"]) as usize, n);
+        listed.extend(ids.iter().map(|s| s.to_string()));
+        rest = after;
+    }
+    assert!(rest.is_empty());
+    // The log grew by at most the documented bound: per agent, the burst and then
+    // refusals_per_agent entries a second plus one summary a second, each at most 16 KiB
+    // (this flood's entries are large: 12 KB paths).
+    let size_after: usize = entries.iter().map(|e| e.to_string().len()).sum();
+    let grown = size_after - size_before;
+    let entries_allowed = (10.0 + 20.0 * (elapsed + 1.0)) + (elapsed + 2.0) + 2.0 * calm.len() as f64 + 60.0;
+    let bound = (entries_allowed * 16.0 * 1024.0) as usize;
+    assert!(grown <= bound, "the log grew {grown} bytes, more than {bound}");
+    assert!(grown < flood.len() * 12 * 1024 / 4, "the flood was not bounded at all ({grown} bytes)");
+
+    // Unidentified clients: the listener's budget, then summarised under the listener.
+    let anon_recorded = anon.iter().filter(|(s, rec, _)| *s == 403 && rec.is_some()).count();
+    assert!((10..=14).contains(&anon_recorded), "{anon:?}");
+    let anon_limited: Vec<&String> =
+        anon.iter().filter(|(s, ..)| *s == 429).filter_map(|(.., id)| id.as_ref()).collect();
+    assert_eq!(anon_limited.len() + anon_recorded, 40);
+    let anon_summaries: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["reasons"][0]["code"] == "refusals_rate_limited" && e["listener"] == "proxy")
+        .collect();
+    let anon_ids: HashSet<&str> = anon_summaries
+        .iter()
+        .flat_map(|s| s["request_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()))
+        .collect();
+    for id in anon_limited {
+        assert!(anon_ids.contains(id.as_str()), "unidentified refusal {id} is in no summary");
+    }
+}
+
+/// A ClientHello for `host`, as a real client's first flight.
+fn client_hello(host: &str) -> Vec<u8> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut out = Vec::new();
+    conn.write_tls(&mut out).unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercepted_tunnels_must_say_hello_and_finish_the_handshake_in_time() {
+    let up = Upstream::start().await;
+    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let m = format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: tls-agent }}
+capability:
+  issuers:
+    - id: platform
+      public_key: |
+{pem}connectors:
+  - name: secure
+    hosts: [localhost]
+    ports: [443]
+    tls: intercept
+    routes:
+      - methods: [GET]
+        path: /**
+        action: item.read
+  - name: shop
+    base_url: http://{up}
+    routes:
+      - methods: [GET]
+        path: /v1/charges/**
+        action: payment.read
+"#,
+        up = up.addr
+    );
+    let gw = TestGateway::start(
+        &[("tls.yaml", m)],
+        "limits:\n  header_read_timeout: 1s\n  tls_handshake_timeout: 3s\n  idle_timeout: 30s\n",
+    )
+    .await;
+    let tok = token("tls-agent");
+    let open = |hello: bool| {
+        let (proxy, tok) = (gw.proxy, tok.clone());
+        async move {
+            let mut s = TcpStream::connect(proxy).await.unwrap();
+            s.write_all(
+                format!(
+                    "CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\nProxy-Authorization: Bearer {tok}\r\n\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the CONNECT answer");
+                head.push(b[0]);
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+            let t = Instant::now();
+            if hello {
+                // A whole ClientHello, then silence: the gateway answers and waits for the
+                // client's next flight until tls_handshake_timeout.
+                s.write_all(&client_hello("localhost")).await.unwrap();
+            }
+            (s, t)
+        }
+    };
+    let mut silent = Vec::new();
+    let mut stalled = Vec::new();
+    for _ in 0..20 {
+        silent.push(open(false).await);
+        stalled.push(open(true).await);
+    }
+    let silent_w = watch_closes(silent, Duration::from_secs(4));
+    let stalled_w = watch_closes(stalled, Duration::from_secs(6));
+    // Meanwhile the gateway serves.
+    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    // No ClientHello within header_read_timeout (1 s): closed.
+    let s = closed_after(silent_w).await;
+    assert_all_closed_within(
+        "tunnels without a ClientHello",
+        &s,
+        Duration::from_millis(900),
+        Duration::from_millis(2500),
+    );
+    // A ClientHello and then nothing: closed after tls_handshake_timeout (3 s), not before.
+    let h = closed_after(stalled_w).await;
+    assert_all_closed_within("stalled TLS handshakes", &h, Duration::from_millis(2900), Duration::from_millis(4500));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_websocket_holds_a_connection_slot_until_tunnel_idle_timeout() {
+    // A WebSocket upstream that switches protocols and then never sends a byte.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        if let Ok(u) = on.await {
+                            let mut io = hyper_util::rt::TokioIo::new(u);
+                            let mut buf = [0u8; 64];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                    let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    r.headers_mut().insert("connection", "upgrade".parse().unwrap());
+                    r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
+                    Ok::<_, std::convert::Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    let gw = TestGateway::start(
+        &[("pay.yaml", manifest("pay-agent", ws, "", ""))],
+        "limits:\n  max_connections: 3\n  tunnel_idle_timeout: 2s\n  idle_timeout: 30s\n  header_read_timeout: 5s\n",
+    )
+    .await;
+    let tok = token("pay-agent");
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        s.write_all(format!("GET /shop/v1/charges/stream HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-uapk-capability: {tok}\r\n\r\n").as_bytes()).await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the response head");
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        sockets.push((s, Instant::now()));
+    }
+    // Three upgraded connections fill a cap of three: the next connection gets a fast 503.
+    let t = Instant::now();
+    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(t.elapsed() < Duration::from_secs(1));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["reasons"][0]["code"], "too_many_connections");
+    // With no bytes either way they are closed after tunnel_idle_timeout, and the slots free.
+    let closes = closed_after(watch_closes(sockets, Duration::from_secs(5))).await;
+    assert_all_closed_within("idle WebSockets", &closes, Duration::from_millis(1900), Duration::from_millis(3500));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_ne!(r.status(), 503, "the slots of the closed WebSockets are free again");
+    let outcomes: Vec<Value> = gw
+        .entries()
+        .into_iter()
+        .filter(|e| e["kind"] == "outcome" && e["status"] == "101")
+        .filter(|e| e.to_string().contains("tunnel_idle_timeout"))
+        .collect();
+    assert_eq!(outcomes.len(), 3, "each WebSocket's outcome says it was closed for idleness");
+}
