@@ -130,7 +130,8 @@ async fn a_streamed_body_is_hashed_in_the_outcome_and_a_buffered_one_in_the_deci
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_none_records_no_body_hash_anywhere() {
     let up = Upstream::start().await;
-    let m = manifest("pay-agent", up.addr, "", "audit:\n  bodies: none\n");
+    let policy = "  approval:\n    amount_above: { USD: \"50.00\" }\n";
+    let m = manifest("pay-agent", up.addr, policy, "audit:\n  bodies: none\n");
     let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
     let tok = token("pay-agent");
     let r = client()
@@ -155,6 +156,19 @@ async fn bodies_none_records_no_body_hash_anywhere() {
     assert_eq!(r.status(), 200, "params are still read from the body");
     let buffered = record_of(&r);
     r.bytes().await.unwrap();
+    // An escalation: its approval record holds no body hash either.
+    let r = client()
+        .post(gw.base("/shop/v1/refunds"))
+        .header("x-uapk-capability", &tok)
+        .header("content-type", "application/json")
+        .body(r#"{"amount":7500,"currency":"USD","customer":"cus_1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let id = r.headers()["x-uapk-approval"].to_str().unwrap().to_string();
+    let approval = gw.gateway().approvals.get(&id).unwrap().unwrap();
+    assert!(approval.body_sha256.is_none() && approval.body_len.is_none(), "{approval:?}");
     outcome_of(&gw, streamed).await;
     outcome_of(&gw, buffered).await;
     let entries = gw.entries();
