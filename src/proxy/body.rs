@@ -292,3 +292,74 @@ impl Body for HashedBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod request_digest_tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use serde_json::Value;
+
+    fn frames(parts: &[&'static [u8]]) -> ProxyBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p)))).collect();
+        StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    fn recorded(d: &RequestDigest) -> Value {
+        let mut f = Fields::new();
+        d.write_fields(&mut f);
+        let mut out = Vec::new();
+        f.join(&[], &mut out);
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_pass_unchanged_and_are_hashed() {
+        let d = RequestDigest::new(false);
+        let got = HashedBody::new(frames(&[b"hello ", b"", b"world"]), d.clone()).collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello world");
+        let v = recorded(&d);
+        assert_eq!(v["request_body_sha256"], hex::encode(Sha256::digest(b"hello world")));
+        assert_eq!(v["request_body_len"], "11");
+        assert!(v.get("request_body_complete").is_none() && v.get("request_body").is_none(), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_is_recorded_as_sent_and_incomplete() {
+        let d = RequestDigest::new(false);
+        let mut body = HashedBody::new(frames(&[b"abc", b"def"]), d.clone());
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        let v = recorded(&d);
+        assert_eq!(v["request_body_sha256"], hex::encode(Sha256::digest(b"abc")));
+        assert_eq!(v["request_body_len"], "3");
+        assert_eq!(v["request_body_complete"], false);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_records_nothing() {
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[]), d.clone()).collect().await.unwrap();
+        assert_eq!(recorded(&d), serde_json::json!({}));
+    }
+
+    #[tokio::test]
+    async fn a_full_body_keeps_only_a_bounded_prefix_and_is_cut_with_its_own_hash() {
+        static BIG: [u8; 3000] = [b'x'; 3000];
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[&BIG[..1000], &BIG[1000..]]), d.clone()).collect().await.unwrap();
+        assert_eq!(d.state().prefix.as_ref().map(Vec::len), Some(crate::audit::canonical::MAX_STRING_BYTES + 1));
+        let v = recorded(&d);
+        assert_eq!(v["request_body"], format!("{}…", "x".repeat(256)).as_str());
+        assert_eq!(v["truncated"]["request_body"]["sha256"], hex::encode(Sha256::digest(BIG)));
+        assert_eq!(v["truncated"]["request_body"]["len"], "3000");
+        // Short text is kept whole; bytes that are not UTF-8 only hashed.
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[b"{\"a\":", b"1}"]), d.clone()).collect().await.unwrap();
+        assert_eq!(recorded(&d)["request_body"], "{\"a\":1}");
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[b"\xff\xfe"]), d.clone()).collect().await.unwrap();
+        let v = recorded(&d);
+        assert!(v.get("request_body").is_none() && v["request_body_len"] == "2", "{v}");
+    }
+}
