@@ -639,6 +639,80 @@ mod cut_tests {
         assert_eq!(dropped, ["f", "g", "h"], "{} {e}", out.len());
     }
 
+    fn arb_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let ch = prop_oneof![Just('a'), Just('é'), Just('😀'), Just('"'), Just('\n')];
+        prop_oneof![
+            prop::collection::vec(ch.clone(), 0..8).prop_map(String::from_iter),
+            prop::collection::vec(ch, 900..1400).prop_map(String::from_iter),
+        ]
+    }
+
+    fn arb_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        arb_text().prop_map(Value::String).prop_recursive(2, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                prop::collection::btree_map("[a-z]{1,3}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// The value at a `truncated` path (keys here never contain `.`).
+    fn at_path<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+        path.split('.').try_fold(v, |v, seg| match v {
+            Value::Object(m) => m.get(seg),
+            Value::Array(a) => a.get(seg.parse::<usize>().ok()?),
+            _ => None,
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Whatever the fields, the stored entry is canonical, within the limit, cuts nothing
+        /// short, and its `truncated` map accounts for every value it cut or dropped.
+        #[test]
+        fn every_cut_and_drop_is_accounted_for(
+            m in proptest::collection::btree_map("[a-z]{1,3}", arb_value(), 0..10),
+        ) {
+            let original: Map<String, Value> = m.into_iter().collect();
+            let f = Fields::from_map(original.clone()).unwrap();
+            let mut out = Vec::new();
+            f.join_within(&[("idx", b"\"1\"")], crate::audit::MAX_ENTRY_BYTES, &mut out);
+            proptest::prop_assert!(out.len() <= crate::audit::MAX_ENTRY_BYTES);
+            let stored: Value = serde_json::from_slice(&out).unwrap();
+            proptest::prop_assert_eq!(canonical_json(&stored).unwrap(), out.clone());
+            let mut whole = original.clone();
+            whole.insert("idx".into(), json!("1"));
+            let original = Value::Object(whole);
+            let Some(t) = stored.get("truncated") else {
+                // Nothing cut or dropped: exactly the canonical JSON of the fields.
+                proptest::prop_assert_eq!(out, canonical_json(&original).unwrap());
+                return Ok(());
+            };
+            for (path, entry) in t.as_object().unwrap() {
+                let full = at_path(&original, path).unwrap();
+                let text = match full {
+                    Value::String(s) => s.as_bytes().to_vec(),
+                    other => canonical_json(other).unwrap(),
+                };
+                proptest::prop_assert_eq!(&entry["sha256"], &json!(sha(&text)));
+                proptest::prop_assert_eq!(&entry["len"], &json!(text.len().to_string()));
+                if let (Some(kept), Value::String(s)) = (at_path(&stored, path), full) {
+                    let want = format!("{}…", utf8_prefix(s, CUT_STRING_BYTES));
+                    proptest::prop_assert_eq!(kept, &json!(want));
+                }
+            }
+            // Whatever is stored and not cut is the original value.
+            for (k, v) in stored.as_object().unwrap() {
+                if k != "truncated" && !t.as_object().unwrap().keys().any(|p| p == k || p.starts_with(&format!("{k}."))) {
+                    proptest::prop_assert_eq!(Some(v), original.get(k));
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_dropped_string_field_keeps_the_hash_of_its_text() {
         let mut f = Fields::new();
