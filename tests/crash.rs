@@ -1,12 +1,16 @@
 //! The black-box promise under crashes: sustained load through the real binary, SIGKILL at
 //! random moments, restart, and after every kill: `verify` passes, every request the upstream
 //! received has a committed decision entry, and every response a client got with a record index
-//! is in the log. `UAPK_CRASH_ROUNDS` (default 10) sets the number of kills; the README documents
+//! is in the log, with the SHA-256 of the body the upstream received (in the decision entry for a
+//! body the gateway buffered, in the outcome entry for one it streamed; an outcome follows the
+//! response, so only the last requests of a client cut off by the kill may lack one). `UAPK_CRASH_ROUNDS` (default 10) sets the number of kills; the README documents
 //! a longer run.
 
 mod common;
 
 use common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,6 +37,9 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let tok = token("pay-agent");
     // marker → record index the client was told
     let acknowledged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    // "r{round}-c{client}" → the last request number that client started.
+    let last_started: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let (mut streamed_checked, mut buffered_checked, mut outcome_lost) = (0usize, 0usize, 0usize);
     let mut seed: u64 = 0x9e3779b97f4a7c15 ^ now() as u64;
     for round in 0..rounds {
         let mut child = std::process::Command::new(bin())
@@ -59,15 +66,27 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for c in 0..8 {
-            let (stop, acked, tok) = (stop.clone(), acknowledged.clone(), tok.clone());
+            let (stop, acked, tok, last) = (stop.clone(), acknowledged.clone(), tok.clone(), last_started.clone());
             tasks.push(tokio::spawn(async move {
                 let http = client();
-                let mut i = 0;
+                let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     i += 1;
                     let marker = format!("r{round}-c{c}-{i}");
-                    let r = http
-                        .get(format!("http://127.0.0.1:{proxy}/shop/v1/charges/x"))
+                    last.lock().unwrap().insert(format!("r{round}-c{c}"), i);
+                    // A third of the clients send no body, a third a body the route reads
+                    // (buffered), a third a 20 KB body no route reads (streamed).
+                    let req = match c % 3 {
+                        0 => http.get(format!("http://127.0.0.1:{proxy}/shop/v1/charges/x")),
+                        1 => http
+                            .post(format!("http://127.0.0.1:{proxy}/shop/v1/charges"))
+                            .header("content-type", "application/json")
+                            .body(format!(r#"{{"amount":"1","currency":"USD","marker":"{marker}"}}"#)),
+                        _ => http
+                            .post(format!("http://127.0.0.1:{proxy}/other/upload"))
+                            .body(marker.repeat(20_000 / marker.len())),
+                    };
+                    let r = req
                         .header("x-uapk-capability", &tok)
                         .header("x-test-marker", &marker)
                         .timeout(Duration::from_secs(2))
@@ -75,7 +94,9 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                         .await;
                     if let Ok(r) = r
                         && r.status() == 200
-                        && let Some(idx) = r.headers().get("x-uapk-record").and_then(|v| v.to_str().ok()?.parse().ok())
+                        && let Some(idx) =
+                            r.headers().get("x-uapk-record").and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                        && r.bytes().await.is_ok()
                     {
                         acked.lock().unwrap().insert(marker, idx);
                     }
@@ -100,15 +121,55 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // Every request the upstream received has a committed decision; every acknowledged
         // record index holds the request the client sent.
         let entries = read_all(&redb::Database::open(&db).unwrap());
-        let by_marker: HashSet<String> = entries
+        let by_marker: HashMap<String, usize> = entries
             .iter()
-            .filter(|e| e["kind"] == "decision" && e["decision"] == "allow")
-            .filter_map(|e| e["headers"]["x-test-marker"].as_str().map(str::to_string))
+            .enumerate()
+            .filter(|(_, e)| e["kind"] == "decision" && e["decision"] == "allow")
+            .filter_map(|(i, e)| e["headers"]["x-test-marker"].as_str().map(|m| (m.to_string(), i)))
             .collect();
+        let outcomes: HashMap<&str, &Value> = entries
+            .iter()
+            .filter(|e| e["kind"] == "outcome")
+            .filter_map(|e| Some((e["decision_idx"].as_str()?, e)))
+            .collect();
+        let mut lost_here = HashSet::new();
         for s in up.seen.lock().unwrap().iter() {
             let m = s.headers.get("x-test-marker").and_then(|v| v.to_str().ok()).unwrap_or_default();
-            assert!(by_marker.contains(m), "round {round}: the upstream saw {m} but no committed decision exists");
+            let Some(&idx) = by_marker.get(m) else {
+                panic!("round {round}: the upstream saw {m} but no committed decision exists")
+            };
+            if s.body.is_empty() {
+                continue;
+            }
+            // Its body's hash is in the log: in the decision if buffered, else in the outcome.
+            let want = hex::encode(Sha256::digest(&s.body));
+            let decision = &entries[idx];
+            if let Some(h) = decision["body_sha256"].as_str() {
+                assert_eq!(h, want, "round {round}: {m}: the decision holds another body's hash");
+                buffered_checked += 1;
+                continue;
+            }
+            match outcomes.get(idx.to_string().as_str()) {
+                Some(o) => {
+                    assert_eq!(o["request_body_sha256"], want.as_str(), "round {round}: {m}: {o}");
+                    assert_eq!(o["request_body_len"], s.body.len().to_string().as_str());
+                    streamed_checked += 1;
+                }
+                None => {
+                    // Only a request the kill cut off may lack its outcome: one of the last
+                    // its client started in that round.
+                    let (client_round, i) = m.rsplit_once('-').unwrap();
+                    let i: u64 = i.parse().unwrap();
+                    let last = last_started.lock().unwrap()[client_round];
+                    assert!(
+                        i + 2 >= last,
+                        "round {round}: {m} (of {last}) reached the upstream but its body hash is nowhere in the log"
+                    );
+                    lost_here.insert(m.to_string());
+                }
+            }
         }
+        outcome_lost += lost_here.len();
         for (marker, idx) in acknowledged.lock().unwrap().iter() {
             let e =
                 entries.get(*idx as usize).unwrap_or_else(|| panic!("round {round}: record {idx} of {marker} is lost"));
@@ -120,4 +181,8 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         }
     }
     assert!(acknowledged.lock().unwrap().len() > rounds * 5, "the load was too light to mean anything");
+    assert!(
+        streamed_checked > rounds && buffered_checked > rounds,
+        "too few bodies checked: {streamed_checked} streamed, {buffered_checked} buffered ({outcome_lost} cut off)"
+    );
 }

@@ -636,8 +636,13 @@ impl Writer {
         let _ = write!(idx_s, "\"{idx}\"");
         let ts = self.timestamp();
         let mut out = Vec::with_capacity(fields.len_hint() + 256);
-        fields
-            .join(&[("idx", &idx_s), ("log", &self.log_json), ("prev", &prev), ("ts", &ts), ("v", b"\"1\"")], &mut out);
+        // Long strings are already cut; an entry still above the limit drops whole fields into
+        // its `truncated` map (SPEC §14.8) rather than go unrecorded.
+        fields.join_within(
+            &[("idx", &idx_s), ("log", &self.log_json), ("prev", &prev), ("ts", &ts), ("v", b"\"1\"")],
+            MAX_ENTRY_BYTES,
+            &mut out,
+        );
         out
     }
 

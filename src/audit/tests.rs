@@ -479,14 +479,25 @@ async fn a_full_queue_fails_fast() {
 }
 
 #[tokio::test]
-async fn oversized_entries_are_refused_and_nothing_else_is_lost() {
+async fn long_strings_are_cut_unfit_entries_refused_and_nothing_else_is_lost() {
     let dir = tempfile::tempdir().unwrap();
     let log = open(dir.path(), Durability::Sync, 16);
     let h = log.handle();
+    // A long string is cut (its hash kept), not refused.
     let mut big = entry(0);
     big.insert("blob".into(), json!("x".repeat(20_000)));
-    assert!(matches!(h.append(big).await, Err(AuditError::EntryTooLarge(_))));
-    assert_eq!(h.append(entry(1)).await.unwrap(), 0);
+    assert_eq!(h.append(big).await.unwrap(), 0);
+    // An entry that fits by no cutting or dropping (field names are never cut) is refused.
+    let mut unfit = entry(1);
+    for i in 0..20 {
+        unfit.insert(format!("{i:02}{}", "k".repeat(1000)), json!("v"));
+    }
+    assert!(matches!(h.append(unfit).await, Err(AuditError::EntryTooLarge(_))));
+    assert_eq!(h.append(entry(2)).await.unwrap(), 1);
+    let db = log.database().get().unwrap();
+    let stored: Value = serde_json::from_slice(&read_entries(&db, 0, 1).unwrap()[0].1).unwrap();
+    assert_eq!(stored["truncated"]["blob"]["len"], "20000");
+    drop(db);
     tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
 }
 

@@ -1,5 +1,6 @@
 //! The response body wrapper that counts and hashes what the upstream sends and writes the
-//! `outcome` entry when the body ends (or the client goes away).
+//! `outcome` entry when the body ends (or the client goes away); and the request body wrapper
+//! that hashes a streamed request body as it passes to the upstream, for that `outcome` entry.
 
 use super::{BoxError, ProxyBody};
 use crate::audit::{AuditHandle, Fields};
@@ -8,6 +9,7 @@ use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use sha2::{Digest, Sha256};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -57,6 +59,9 @@ pub struct Outcome {
     pub record: u64,
     pub upstream_latency: Duration,
     pub access: Access,
+    /// The streamed request body's digest (`None` when it was buffered and hashed in the
+    /// decision entry, or `audit.bodies: none`).
+    pub request_body: Option<RequestDigest>,
 }
 
 impl Outcome {
@@ -75,6 +80,9 @@ impl Outcome {
         }
         if let Some(e) = error {
             f.str("error", e);
+        }
+        if let Some(d) = &self.request_body {
+            d.write_fields(&mut f);
         }
         if let Err(e) = self.audit.append_fields_nowait(f) {
             tracing::error!(request_id = %self.request_id, error = %e, "outcome entry not queued");
@@ -150,5 +158,208 @@ impl Drop for RecordedBody {
                 self.finish(Some("the client went away before the response ended"));
             }
         }
+    }
+}
+
+/// What a streamed request body's wrapper has seen so far: SHA-256 and length of every byte
+/// handed to the upstream connection, whether the body ended, and (with `audit.bodies: full` on
+/// a `safe` route) its first bytes.
+#[derive(Clone)]
+pub struct RequestDigest(Arc<Mutex<DigestState>>);
+
+struct DigestState {
+    hash: Sha256,
+    len: u64,
+    complete: bool,
+    /// Up to `MAX_STRING_BYTES + 1` first bytes, kept only with `audit.bodies: full`.
+    prefix: Option<Vec<u8>>,
+}
+
+impl RequestDigest {
+    /// A digest; `keep_prefix` for a body recorded in full (`audit.bodies: full`, safe route).
+    pub fn new(keep_prefix: bool) -> RequestDigest {
+        RequestDigest(Arc::new(Mutex::new(DigestState {
+            hash: Sha256::new(),
+            len: 0,
+            complete: false,
+            prefix: keep_prefix.then(Vec::new),
+        })))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, DigestState> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, data: &[u8]) {
+        let mut s = self.state();
+        s.hash.update(data);
+        s.len += data.len() as u64;
+        if let Some(p) = &mut s.prefix {
+            let room = (crate::audit::canonical::MAX_STRING_BYTES + 1).saturating_sub(p.len());
+            p.extend_from_slice(&data[..room.min(data.len())]);
+        }
+    }
+
+    fn complete(&self) {
+        self.state().complete = true;
+    }
+
+    /// The `outcome` entry's `request_body_sha256` and `request_body_len` (of what was sent so
+    /// far, with `request_body_complete: false` if the body had not ended), for a body with
+    /// content; with a kept prefix, `request_body` too.
+    pub fn write_fields(&self, f: &mut Fields) {
+        let s = self.state();
+        if s.len == 0 {
+            return;
+        }
+        let sha = s.hash.clone().finalize();
+        f.str("request_body_sha256", &hex::encode(sha)).int("request_body_len", s.len);
+        if !s.complete {
+            f.put_bool("request_body_complete", false);
+        }
+        if let Some(p) = &s.prefix {
+            record_full_body(f, "request_body", p, sha.into(), s.len);
+        }
+    }
+}
+
+/// The body text recorded with `audit.bodies: full` under `key` (`prefix` holds its first bytes,
+/// at least `MAX_STRING_BYTES + 1` of them when it is longer): in full up to the string limit,
+/// else cut like any long string, with the body's own SHA-256 and length in `truncated`. A body
+/// that is not UTF-8 text is not recorded (its hash is).
+pub fn record_full_body(f: &mut Fields, key: &'static str, prefix: &[u8], sha256: [u8; 32], len: u64) {
+    use crate::audit::canonical::{CUT_STRING_BYTES, MAX_STRING_BYTES};
+    if len as usize <= MAX_STRING_BYTES && prefix.len() as u64 == len {
+        if let Ok(text) = std::str::from_utf8(prefix) {
+            f.str(key, text);
+        }
+        return;
+    }
+    // Only the first bytes count: a character cut at the end of the prefix is not an error.
+    let head = &prefix[..prefix.len().min(CUT_STRING_BYTES + 4)];
+    let text = match std::str::from_utf8(head) {
+        Ok(t) => t,
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&head[..e.valid_up_to()]).unwrap_or_default(),
+        Err(_) => return,
+    };
+    f.cut_str(key, crate::audit::canonical::utf8_prefix(text, CUT_STRING_BYTES), sha256, len);
+}
+
+/// Streams a request body to the upstream unchanged (no buffering, no copy) while hashing each
+/// data frame into its `RequestDigest`, which the `outcome` entry reads when the response ends.
+pub struct HashedBody {
+    inner: ProxyBody,
+    digest: RequestDigest,
+}
+
+impl HashedBody {
+    pub fn new(inner: ProxyBody, digest: RequestDigest) -> HashedBody {
+        HashedBody { inner, digest }
+    }
+}
+
+impl Body for HashedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.digest.update(d);
+                }
+                if this.inner.is_end_stream() {
+                    this.digest.complete();
+                }
+            }
+            Poll::Ready(None) => this.digest.complete(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.digest.complete();
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod request_digest_tests {
+    use super::*;
+    use http_body_util::{BodyExt, StreamBody};
+    use serde_json::Value;
+
+    fn frames(parts: &[&'static [u8]]) -> ProxyBody {
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+            parts.iter().map(|p| Ok(Frame::data(Bytes::from_static(p)))).collect();
+        StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+    }
+
+    fn recorded(d: &RequestDigest) -> Value {
+        let mut f = Fields::new();
+        d.write_fields(&mut f);
+        let mut out = Vec::new();
+        f.join(&[], &mut out);
+        serde_json::from_slice(&out).unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_pass_unchanged_and_are_hashed() {
+        let d = RequestDigest::new(false);
+        let got = HashedBody::new(frames(&[b"hello ", b"", b"world"]), d.clone()).collect().await.unwrap().to_bytes();
+        assert_eq!(&got[..], b"hello world");
+        let v = recorded(&d);
+        assert_eq!(v["request_body_sha256"], hex::encode(Sha256::digest(b"hello world")));
+        assert_eq!(v["request_body_len"], "11");
+        assert!(v.get("request_body_complete").is_none() && v.get("request_body").is_none(), "{v}");
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_off_is_recorded_as_sent_and_incomplete() {
+        let d = RequestDigest::new(false);
+        let mut body = HashedBody::new(frames(&[b"abc", b"def"]), d.clone());
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        let v = recorded(&d);
+        assert_eq!(v["request_body_sha256"], hex::encode(Sha256::digest(b"abc")));
+        assert_eq!(v["request_body_len"], "3");
+        assert_eq!(v["request_body_complete"], false);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_records_nothing() {
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[]), d.clone()).collect().await.unwrap();
+        assert_eq!(recorded(&d), serde_json::json!({}));
+    }
+
+    #[tokio::test]
+    async fn a_full_body_keeps_only_a_bounded_prefix_and_is_cut_with_its_own_hash() {
+        static BIG: [u8; 3000] = [b'x'; 3000];
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[&BIG[..1000], &BIG[1000..]]), d.clone()).collect().await.unwrap();
+        assert_eq!(d.state().prefix.as_ref().map(Vec::len), Some(crate::audit::canonical::MAX_STRING_BYTES + 1));
+        let v = recorded(&d);
+        assert_eq!(v["request_body"], format!("{}…", "x".repeat(256)).as_str());
+        assert_eq!(v["truncated"]["request_body"]["sha256"], hex::encode(Sha256::digest(BIG)));
+        assert_eq!(v["truncated"]["request_body"]["len"], "3000");
+        // Short text is kept whole; bytes that are not UTF-8 only hashed.
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[b"{\"a\":", b"1}"]), d.clone()).collect().await.unwrap();
+        assert_eq!(recorded(&d)["request_body"], "{\"a\":1}");
+        let d = RequestDigest::new(true);
+        HashedBody::new(frames(&[b"\xff\xfe"]), d.clone()).collect().await.unwrap();
+        let v = recorded(&d);
+        assert!(v.get("request_body").is_none() && v["request_body_len"] == "2", "{v}");
     }
 }

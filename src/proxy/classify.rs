@@ -86,6 +86,9 @@ impl RequestBody {
                 .await
                 .map_err(|status| Stop::refuse(status, body_refusal(status, limits.max_body_bytes)))?;
             facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
+            if facts.bodies == crate::config::BodiesMode::Full {
+                facts.full_body = Some(b.clone());
+            }
             *self = RequestBody::Buffered(b);
         }
         match self {
@@ -186,6 +189,10 @@ pub(crate) async fn classify(
     };
     facts.route = Some(route.path.raw.clone());
     facts.action = Some(route.action.clone());
+    if facts.bodies == crate::config::BodiesMode::Full && !route.safe {
+        // `audit.bodies: full` records bodies only of routes marked `safe`; others are hashed.
+        facts.bodies = crate::config::BodiesMode::Hash;
+    }
     let index = connector.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or_default();
 
     // A route that reads body params reads them only from its declared media type, as the

@@ -5,7 +5,7 @@
 use super::respond::DenyBody;
 use super::{Facts, Gateway, ProxyBody, now_unix, refuse};
 use crate::approvals::{self, Resolution, Status, approval_entry};
-use crate::config::{EscalationMode, Manifest};
+use crate::config::{BodiesMode, EscalationMode, Manifest};
 use crate::policy::Decision;
 use http::{HeaderValue, Response, StatusCode};
 use serde_json::json;
@@ -70,8 +70,10 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
         path: facts.path.clone(),
         query: facts.query.clone(),
         headers: facts.bound_headers.clone(),
-        body_sha256: facts.body.as_ref().map(|b| b.0.clone()),
-        body_len: facts.body.as_ref().map(|b| b.1),
+        // `audit.bodies: none` keeps the body hash out of the approval too (the action hash
+        // binds it all the same).
+        body_sha256: facts.body.as_ref().filter(|_| facts.bodies != BodiesMode::None).map(|b| b.0.clone()),
+        body_len: facts.body.as_ref().filter(|_| facts.bodies != BodiesMode::None).map(|b| b.1),
         action_hash: facts.action_hash(),
         reasons: decision
             .reasons

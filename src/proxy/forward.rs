@@ -3,12 +3,12 @@
 //! connector's credentials and the answer streamed back; its `outcome` entry is written when the
 //! response body ends.
 
-use super::body::{self, RecordedBody};
+use super::body::{self, HashedBody, RecordedBody, RequestDigest};
 use super::respond::DenyBody;
 use super::settle::Settled;
 use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse, ssrf};
 use crate::approvals::{self, Status, approval_entry};
-use crate::config::{Connector, Scheme};
+use crate::config::{BodiesMode, Connector, Scheme};
 use crate::policy::{Decision, Verdict};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -155,6 +155,7 @@ async fn forward(
     for (name, value) in creds {
         headers.append(name.clone(), value.clone());
     }
+    let (body, request_body) = hash_streamed(facts, body);
     let mut up = Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
     if let Some(h) = up.headers_mut() {
         *h = headers;
@@ -176,6 +177,7 @@ async fn forward(
         record,
         upstream_latency: latency,
         access,
+        request_body,
     };
     // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
     // anything else, or unasked, would leave a raw connection no policy reads.
@@ -241,6 +243,17 @@ async fn forward(
             refuse(status, facts, &d, Some(record), DenyBody::default())
         }
     }
+}
+
+/// A body not buffered (so not hashed in the decision entry) is hashed as it streams to the
+/// upstream, for the `outcome` entry (`audit.bodies: hash` or `full`; an upgrade's request body
+/// too). A buffered body, or `audit.bodies: none`, goes out as it is.
+fn hash_streamed(facts: &Facts, body: ProxyBody) -> (ProxyBody, Option<RequestDigest>) {
+    if facts.body.is_some() || facts.bodies == BodiesMode::None {
+        return (body, None);
+    }
+    let digest = RequestDigest::new(facts.bodies == BodiesMode::Full);
+    (HashedBody::new(body, digest.clone()).boxed_unsync(), Some(digest))
 }
 
 fn upstream_error(e: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str) {

@@ -30,7 +30,7 @@ pub use target::{normalize_host, split_authority};
 
 use crate::approvals::Approvals;
 use crate::audit::{AuditError, AuditHandle, Fields};
-use crate::config::{GatewayConfig, PolicyMode, PolicySet, Scheme};
+use crate::config::{BodiesMode, GatewayConfig, PolicyMode, PolicySet, Scheme};
 use crate::identity::TokenVerifier;
 use crate::limits::{Budgets, RateLimiters};
 use crate::policy::{self, Decision};
@@ -166,6 +166,10 @@ pub(crate) struct Facts {
     path: String,
     query: Option<String>,
     body: Option<(String, u64)>, // (sha256 hex, length)
+    /// What is recorded of the request body (`audit.bodies`; `full` only on a `safe` route).
+    bodies: BodiesMode,
+    /// The buffered body, kept to be recorded when `bodies` is `full`.
+    full_body: Option<bytes::Bytes>,
     headers: Map<String, Value>,
     /// The forwarded headers an override is bound to; filled in only when a request escalates.
     bound_headers: BTreeMap<String, Vec<String>>,
@@ -203,8 +207,14 @@ impl Facts {
             .int("port", self.port)
             .str("path", &self.path)
             .opt_str("query", self.query.as_deref());
-        if let Some((sha, len)) = &self.body {
+        // `audit.bodies: none` records no body hash (the override's action hash still binds it).
+        if let Some((sha, len)) = self.body.as_ref().filter(|_| self.bodies != BodiesMode::None) {
             f.str("body_sha256", sha).int("body_len", *len);
+            if let (BodiesMode::Full, Some(b)) = (self.bodies, &self.full_body) {
+                let mut sha256 = [0u8; 32];
+                let _ = hex::decode_to_slice(sha, &mut sha256);
+                body::record_full_body(&mut f, "body", b, sha256, *len);
+            }
         }
         f.map("headers", &self.headers)?;
         f.str("decision", d.verdict.as_str());
@@ -455,6 +465,8 @@ pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts
         path: uri.path().to_string(),
         query: uri.query().map(str::to_string),
         body: None,
+        bodies: BodiesMode::Hash,
+        full_body: None,
         headers: Map::new(),
         bound_headers: BTreeMap::new(),
         override_jti: None,
@@ -494,6 +506,7 @@ async fn pipeline(
     let who = identify::identify(gw, &policies, &parts.headers, facts, target.preset_token.clone())
         .map_err(|d| identify::refusal(facts, &target, d))?;
     facts.headers = hygiene::recorded_headers(&parts.headers, &who.manifest.audit.redact_headers);
+    facts.bodies = who.manifest.audit.bodies;
     if target.is_agent_api() {
         return Ok(agent_api::serve(gw, facts, &parts.method, &target.path).await);
     }

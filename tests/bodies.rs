@@ -1,0 +1,344 @@
+//! Evidence for every request (SPEC §14.8): every request body with content is hashed — in the
+//! decision entry when the gateway buffered it, in the outcome entry while it streams otherwise —
+//! and large requests are recorded with long strings cut (their full hash and length in the
+//! entry's `truncated` map), never refused for their size.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::time::{Duration, Instant};
+
+fn sha_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn record_of(r: &reqwest::Response) -> u64 {
+    r.headers()
+        .get("x-uapk-record")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or_else(|| panic!("no x-uapk-record on a {} answer", r.status()))
+}
+
+/// The outcome entry of the decision at `idx` (written when the response ends: waited for).
+async fn outcome_of(gw: &TestGateway, idx: u64) -> Value {
+    let started = Instant::now();
+    loop {
+        let found =
+            gw.entries().into_iter().find(|e| e["kind"] == "outcome" && e["decision_idx"] == idx.to_string().as_str());
+        if let Some(e) = found {
+            return e;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no outcome entry for decision {idx}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Not JSON, not text: bytes no route reads.
+fn blob(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i.wrapping_mul(2_654_435_761) >> 7) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_is_hashed_in_the_outcome_and_a_buffered_one_in_the_decision() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], "").await;
+    let tok = token("pay-agent");
+
+    // 1.3 MB on a route that reads no body params: streamed, hashed on the way.
+    let body = blob(1_300_000);
+    let r = client()
+        .post(gw.base("/other/upload"))
+        .header("x-uapk-capability", &tok)
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let idx = record_of(&r);
+    r.bytes().await.unwrap();
+    let received = up.last().body;
+    assert_eq!(received.len(), 1_300_000, "the upstream got the whole body");
+    let outcome = outcome_of(&gw, idx).await;
+    assert_eq!(outcome["request_body_sha256"], sha_hex(&received), "{outcome}");
+    assert_eq!(outcome["request_body_len"], "1300000");
+    assert!(outcome.get("request_body_complete").is_none(), "{outcome}");
+    let decision = &gw.entries()[idx as usize];
+    assert!(decision.get("body_sha256").is_none(), "a streamed body is not hashed before it is read: {decision}");
+
+    // A body the route reads is buffered and hashed in the decision entry, not twice.
+    let json_body = br#"{"amount":"12","currency":"USD"}"#.to_vec();
+    let r = client()
+        .post(gw.base("/shop/v1/charges"))
+        .header("x-uapk-capability", &tok)
+        .header("content-type", "application/json")
+        .body(json_body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let idx = record_of(&r);
+    r.bytes().await.unwrap();
+    let decision = &gw.entries()[idx as usize];
+    assert_eq!(decision["body_sha256"], sha_hex(&json_body), "{decision}");
+    assert_eq!(decision["body_len"], json_body.len().to_string().as_str());
+    assert_eq!(up.last().body.as_ref(), &json_body[..]);
+    let outcome = outcome_of(&gw, idx).await;
+    assert!(outcome.get("request_body_sha256").is_none(), "{outcome}");
+
+    // A request without a body has no body hash.
+    let r = client().get(gw.base("/shop/v1/charges/c1")).header("x-uapk-capability", &tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let idx = record_of(&r);
+    r.bytes().await.unwrap();
+    let outcome = outcome_of(&gw, idx).await;
+    assert!(outcome.get("request_body_sha256").is_none() && outcome.get("request_body_len").is_none(), "{outcome}");
+
+    // A chunked body of unknown length, sent in pieces, is hashed as well.
+    let pieces: Vec<Vec<u8>> = (0..20).map(|i| blob(10_000 + i)).collect();
+    let whole: Vec<u8> = pieces.concat();
+    let head = format!(
+        "PUT /other/chunks HTTP/1.1\r\nHost: {}\r\nx-uapk-capability: {tok}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+        gw.proxy
+    );
+    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(head.as_bytes()).await.unwrap();
+    for p in &pieces {
+        s.write_all(format!("{:x}\r\n", p.len()).as_bytes()).await.unwrap();
+        s.write_all(p).await.unwrap();
+        s.write_all(b"\r\n").await.unwrap();
+        s.flush().await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let idx: u64 = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-uapk-record: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{answer}"));
+    assert_eq!(up.last().body.as_ref(), &whole[..]);
+    let outcome = outcome_of(&gw, idx).await;
+    assert_eq!(outcome["request_body_sha256"], sha_hex(&whole), "{outcome}");
+    assert_eq!(outcome["request_body_len"], whole.len().to_string().as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_none_records_no_body_hash_anywhere() {
+    let up = Upstream::start().await;
+    let policy = "  approval:\n    amount_above: { USD: \"50.00\" }\n";
+    let m = manifest("pay-agent", up.addr, policy, "audit:\n  bodies: none\n");
+    let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
+    let tok = token("pay-agent");
+    let r = client()
+        .post(gw.base("/other/upload"))
+        .header("x-uapk-capability", &tok)
+        .body(blob(300_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let streamed = record_of(&r);
+    r.bytes().await.unwrap();
+    assert_eq!(up.last().body.len(), 300_000);
+    let r = client()
+        .post(gw.base("/shop/v1/charges"))
+        .header("x-uapk-capability", &tok)
+        .header("content-type", "application/json")
+        .body(r#"{"amount":"12","currency":"USD"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "params are still read from the body");
+    let buffered = record_of(&r);
+    r.bytes().await.unwrap();
+    // An escalation: its approval record holds no body hash either.
+    let r = client()
+        .post(gw.base("/shop/v1/refunds"))
+        .header("x-uapk-capability", &tok)
+        .header("content-type", "application/json")
+        .body(r#"{"amount":7500,"currency":"USD","customer":"cus_1"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let id = r.headers()["x-uapk-approval"].to_str().unwrap().to_string();
+    let approval = gw.gateway().approvals.get(&id).unwrap().unwrap();
+    assert!(approval.body_sha256.is_none() && approval.body_len.is_none(), "{approval:?}");
+    outcome_of(&gw, streamed).await;
+    outcome_of(&gw, buffered).await;
+    let entries = gw.entries();
+    assert_eq!(entries[buffered as usize]["params"]["amount"], "12");
+    for e in &entries {
+        for key in ["body_sha256", "body_len", "request_body_sha256", "request_body_len", "body", "request_body"] {
+            assert!(e.get(key).is_none(), "bodies: none, yet {key} is recorded: {e}");
+        }
+    }
+}
+
+/// A 17 KB value where an entry holds it: in the path, the query or a header.
+#[derive(Clone, Copy, Debug)]
+enum Where {
+    Path,
+    Query,
+    Header,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_paths_queries_and_headers_are_recorded_cut_never_refused() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
+    let tok = token("pay-agent");
+    let long: String = (0..17_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let encoded = long.clone();
+    for (place, allowed) in [
+        (Where::Path, true),
+        (Where::Path, false),
+        (Where::Query, true),
+        (Where::Query, false),
+        (Where::Header, true),
+        (Where::Header, false),
+    ] {
+        // `/v1/charges/**` is allowed; `/v1/nope` matches no route (403 route_not_allowed).
+        let base = if allowed { "/shop/v1/charges/c1" } else { "/shop/v1/nope" };
+        let mut req = match place {
+            Where::Path => client().get(gw.base(&format!("{base}/{encoded}"))),
+            Where::Query => client().get(gw.base(&format!("{base}?q={encoded}"))),
+            Where::Header => client().get(gw.base(base)).header("x-long", long.as_str()),
+        };
+        req = req.header("x-uapk-capability", &tok);
+        let before = up.count();
+        let r = req.send().await.unwrap();
+        let want = if allowed { 200 } else { 403 };
+        assert_eq!(r.status(), want, "{place:?} allowed={allowed}: {}", r.text().await.unwrap_or_default());
+        let idx = record_of(&r);
+        r.bytes().await.unwrap();
+        assert_eq!(up.count(), before + usize::from(allowed));
+        let e = &gw.entries()[idx as usize];
+        assert_eq!(e["kind"], "decision");
+        assert_eq!(e["decision"], if allowed { "allow" } else { "deny" });
+        let (key, full, stored) = match place {
+            Where::Path => ("path", format!("{}/{encoded}", &base[5..]), &e["path"]),
+            Where::Query => ("query", format!("q={encoded}"), &e["query"]),
+            Where::Header => ("headers.x-long", long.clone(), &e["headers"]["x-long"]),
+        };
+        let t = &e["truncated"][key];
+        assert_eq!(t["sha256"], sha_hex(full.as_bytes()), "{place:?}: {e}");
+        assert_eq!(t["len"], full.len().to_string().as_str(), "{place:?}");
+        let stored = stored.as_str().unwrap_or_else(|| panic!("{place:?}: {e}"));
+        assert!(stored.ends_with('…'), "{stored}");
+        let kept = stored.trim_end_matches('…');
+        assert!(kept.len() == 256 && full.starts_with(kept), "{place:?}: {kept}");
+        assert!(serde_json::to_vec(e).unwrap().len() <= 16 * 1024);
+        if allowed {
+            let seen = up.last();
+            match place {
+                Where::Header => assert_eq!(seen.headers["x-long"], long.as_str()),
+                _ => assert!(seen.path.ends_with(&full), "the upstream got the whole target"),
+            }
+        }
+    }
+
+    // Very many long headers: each is cut, and the entry, still too large, drops `headers` whole.
+    let mut req = client().get(gw.base("/shop/v1/charges/many")).header("x-uapk-capability", &tok);
+    for i in 0..50 {
+        req = req.header(format!("x-h-{i:02}"), "b".repeat(1100));
+    }
+    let r = req.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let idx = record_of(&r);
+    r.bytes().await.unwrap();
+    let e = &gw.entries()[idx as usize];
+    assert!(e.get("headers").is_none(), "{e}");
+    assert_eq!(e["path"], "/v1/charges/many");
+    let t = e["truncated"].as_object().unwrap();
+    assert!(t.contains_key("headers") && !t.keys().any(|k| k.starts_with("headers.")), "{t:?}");
+
+    let ready = client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "the log is still writable");
+    let dir = gw.stop().await;
+    let d = dir.path();
+    let cfg = d.join("gateway.yaml");
+    let (code, out, err) = run_cli(&["export", "-c", cfg.to_str().unwrap(), "--out", "bundle"], d);
+    assert_eq!(code, 0, "{out}{err}");
+    let key = d.join("data/gateway.pub.pem");
+    let (code, out, err) = run_cli(&["verify", "--bundle", "bundle", "--key", key.to_str().unwrap()], d);
+    assert_eq!(code, 0, "verify of the exported log: {out}{err}");
+    // The standalone verifier for auditors agrees (where Python and `cryptography` are there).
+    let python = std::process::Command::new("python3").args(["-c", "import cryptography"]).output();
+    if python.is_ok_and(|o| o.status.success()) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/verify_log_chain.py");
+        let out = std::process::Command::new("python3")
+            .args([script, "--bundle", "bundle", "--key", key.to_str().unwrap()])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let db = d.join("data/audit.redb");
+    let (code, out, err) = run_cli(&["verify", "--db", db.to_str().unwrap(), "--key", key.to_str().unwrap()], d);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_full_records_the_body_of_safe_routes_only() {
+    let up = Upstream::start().await;
+    let m = manifest("pay-agent", up.addr, "", "audit:\n  bodies: full\n")
+        .replace("        action: payment.charge\n", "        action: payment.charge\n        safe: true\n")
+        .replace("        action: other.any\n", "        action: other.any\n        safe: true\n");
+    assert_eq!(m.matches("safe: true").count(), 2);
+    let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
+    let tok = token("pay-agent");
+    let send = |path: &'static str, body: String| {
+        let (c, url, tok) = (client(), gw.base(path), tok.clone());
+        async move {
+            let r = c
+                .post(url)
+                .header("x-uapk-capability", tok)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            let idx = record_of(&r);
+            r.bytes().await.unwrap();
+            idx
+        }
+    };
+    // A safe route: the body in full.
+    let small = r#"{"amount":"12","currency":"USD"}"#.to_string();
+    let idx = send("/shop/v1/charges", small.clone()).await;
+    assert_eq!(gw.entries()[idx as usize]["body"], small.as_str());
+    // Long: cut like any long string, with the body's own hash.
+    let long = format!(r#"{{"amount":"12","currency":"USD","note":"{}"}}"#, "n".repeat(3000));
+    let idx = send("/shop/v1/charges", long.clone()).await;
+    let e = &gw.entries()[idx as usize];
+    assert_eq!(e["truncated"]["body"]["sha256"], sha_hex(long.as_bytes()), "{e}");
+    assert_eq!(e["body_sha256"], sha_hex(long.as_bytes()));
+    assert!(e["body"].as_str().unwrap().ends_with('…'));
+    // A route not marked safe: hashed only (refunds escalate above 50; 12 is allowed).
+    let idx = send("/shop/v1/refunds", r#"{"amount":"12","currency":"USD","customer":"c"}"#.into()).await;
+    let e = &gw.entries()[idx as usize];
+    assert!(e.get("body").is_none() && e.get("body_sha256").is_some(), "{e}");
+    // Streamed (no body params) on a safe route: in the outcome, with its hash.
+    let idx = send("/other/x", "plain text".into()).await;
+    let o = outcome_of(&gw, idx).await;
+    assert_eq!(o["request_body"], "plain text", "{o}");
+    assert_eq!(o["request_body_sha256"], sha_hex(b"plain text"));
+    let long = "t".repeat(5000);
+    let idx = send("/other/x", long.clone()).await;
+    let o = outcome_of(&gw, idx).await;
+    assert_eq!(o["request_body"], format!("{}…", "t".repeat(256)).as_str(), "{o}");
+    assert_eq!(o["truncated"]["request_body"]["sha256"], sha_hex(long.as_bytes()));
+    assert_eq!(o["truncated"]["request_body"]["len"], "5000");
+}
