@@ -502,7 +502,9 @@ async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every
     let flood = flood.await.unwrap();
     let elapsed = started.elapsed().as_secs_f64();
     // Unidentified clients share the proxy listener's budget.
+    let anon_started = std::time::Instant::now();
     let anon = serial_gets(gw.proxy, "/shop/v1/charges/x", None, 40).await;
+    let anon_secs = anon_started.elapsed().as_secs_f64();
 
     // Summaries are written at most once a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -576,7 +578,10 @@ async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every
 
     // Unidentified clients: the listener's budget, then summarised under the listener.
     let anon_recorded = anon.iter().filter(|(s, rec, _)| *s == 403 && rec.is_some()).count();
-    assert!((10..=14).contains(&anon_recorded), "{anon:?}");
+    // The burst, plus what 20/s refills while the 40 requests run (slower on a loaded machine).
+    let refilled = (20.0 * anon_secs).ceil() as usize + 1;
+    assert!((10..=10 + refilled).contains(&anon_recorded), "{anon_recorded} in {anon_secs:.2}s: {anon:?}");
+    assert!(anon_recorded < 40, "unidentified refusals were not bounded at all");
     let anon_limited: Vec<&String> =
         anon.iter().filter(|(s, ..)| *s == 429).filter_map(|(.., id)| id.as_ref()).collect();
     assert_eq!(anon_limited.len() + anon_recorded, 40);

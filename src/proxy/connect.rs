@@ -5,8 +5,8 @@
 //! byte for byte and recorded as one tunnel.
 
 use super::classify::{admit, connector_for};
-use super::identify::{identify, proxy_auth_token};
 use super::conn::{self, ConnSlot, ConnTimeouts};
+use super::identify::{identify, proxy_auth_token};
 use super::{
     DenyBody, Entry, Facts, Gateway, ProxyBody, Via, full_body, handle, new_facts, now_unix, refuse, split_authority,
     ssrf, tls,
