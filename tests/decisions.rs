@@ -396,35 +396,7 @@ async fn get(c: &reqwest::Client, url: String) -> (u16, String) {
 async fn budgets_count_the_same_decisions_before_and_after_a_restart() {
     let up = TlsUpstream::start().await;
     let port = up.addr.port();
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
-    let m = format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: tls-agent }}
-capability:
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
-  - name: secure
-    hosts: [localhost]
-    ports: [{port}]
-    tls: intercept
-    routes:
-      - methods: [GET]
-        path: /v1/items/**
-        action: item.read
-  - name: pinned
-    hosts: [127.0.0.1]
-    ports: [{port}]
-    tls: passthrough
-policy:
-  budgets:
-    - window: day
-      scope: agent
-      max_actions: 3
-"#
-    );
+    let m = tls_manifest(port, "policy:\n  budgets:\n    - window: day\n      scope: agent\n      max_actions: 3\n");
     let files = [("tls.yaml", m)];
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("upstream-ca.pem"), &up.ca_pem).unwrap();

@@ -8,33 +8,6 @@ use serde_json::Value;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn https_manifest(port: u16) -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
-    format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: tls-agent }}
-capability:
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
-  - name: secure
-    hosts: [localhost]
-    ports: [{port}]
-    tls: intercept
-    routes:
-      - methods: [GET]
-        path: /v1/items/**
-        action: item.read
-  - name: pinned
-    hosts: [127.0.0.1]
-    ports: [{port}]
-    tls: passthrough
-"#
-    )
-}
-
 async fn start(up: &TlsUpstream) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("upstream-ca.pem"), &up.ca_pem).unwrap();
@@ -45,7 +18,7 @@ async fn start(up: &TlsUpstream) -> TestGateway {
         d = dir.path().join("data").display(),
     );
     std::fs::write(dir.path().join("gateway.yaml"), cfg).unwrap();
-    TestGateway::start_in(dir, &[("tls.yaml", https_manifest(up.addr.port()))], "").await
+    TestGateway::start_in(dir, &[("tls.yaml", tls_manifest(up.addr.port(), ""))], "").await
 }
 
 fn gateway_ca(gw: &TestGateway) -> std::path::PathBuf {

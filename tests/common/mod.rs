@@ -389,3 +389,33 @@ impl TlsUpstream {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A manifest for `tls-agent` with an `intercept` connector for `localhost:port` (GET
+/// /v1/items/** → item.read) and a `passthrough` one for `127.0.0.1:port`; `tail` is appended
+/// (e.g. a `policy:` block).
+pub fn tls_manifest(port: u16, tail: &str) -> String {
+    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: tls-agent }}
+capability:
+  issuers:
+    - id: platform
+      public_key: |
+{pem}connectors:
+  - name: secure
+    hosts: [localhost]
+    ports: [{port}]
+    tls: intercept
+    routes:
+      - methods: [GET]
+        path: /v1/items/**
+        action: item.read
+  - name: pinned
+    hosts: [127.0.0.1]
+    ports: [{port}]
+    tls: passthrough
+{tail}"#
+    )
+}
