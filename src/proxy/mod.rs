@@ -1096,6 +1096,7 @@ async fn forward(
     let mut headers = parts.headers;
     hygiene::strip_request(&mut headers);
     hygiene::strip_for_connector(&mut headers, connector);
+    crate::usage::prepare_request(&mut headers, connector);
     if let Some(proto) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
@@ -1125,6 +1126,7 @@ async fn forward(
         record,
         upstream_latency: latency,
         access,
+        usage: body::UsageHook::new(connector.usage, &gw.budgets),
     };
     // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
     // anything else, or unasked, would leave a raw connection no policy reads.
@@ -1177,8 +1179,7 @@ async fn forward(
             let (mut rp, rb) = resp.into_parts();
             hygiene::strip_response(&mut rp.headers);
             rp.headers.insert("x-uapk-record", HeaderValue::from(record));
-            let status = rp.status;
-            let body = RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, status);
+            let body = RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, &rp);
             Response::from_parts(rp, body.boxed_unsync())
         }
         Ok(Err(e)) => {
