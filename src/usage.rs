@@ -324,6 +324,12 @@ struct Sse {
     line_has_bytes: bool,
     /// The event has data.
     event_has_data: bool,
+    /// The start of the current event's data and `event` name (bounded), to spot the last
+    /// event of a stream.
+    data_head: Vec<u8>,
+    event_name: Vec<u8>,
+    /// The stream's final event passed (`data: [DONE]`, `event: message_stop`).
+    done: bool,
     scanner: Scanner,
 }
 
@@ -402,6 +408,14 @@ impl UsageParser {
         }
     }
 
+    /// Whether an event stream's final event (`data: [DONE]`, Anthropic `event: message_stop`)
+    /// has passed: the usage is complete, whatever else the connection carries. SDKs stop
+    /// reading there (openai-python closes the response at `[DONE]`), so the outcome is
+    /// written then rather than when the connection ends.
+    pub fn stream_done(&self) -> bool {
+        matches!(&self.mode, Mode::Sse(sse) if sse.done)
+    }
+
     /// The usage of the whole response, or why it is unknown.
     pub fn finish(mut self) -> Result<Usage, String> {
         let mode = std::mem::replace(&mut self.mode, Mode::Off(String::new()));
@@ -441,6 +455,11 @@ impl UsageParser {
 impl Sse {
     /// Ends the current event; its captures, if it had data.
     fn end_event(&mut self) -> Option<Captures> {
+        let data = std::mem::take(&mut self.data_head);
+        let name = std::mem::take(&mut self.event_name);
+        if data.trim_ascii_end() == b"[DONE]" || name == b"message_stop" {
+            self.done = true;
+        }
         let had = std::mem::take(&mut self.event_has_data);
         let scanner = std::mem::take(&mut self.scanner);
         had.then(|| scanner.finish())
@@ -472,14 +491,22 @@ impl Sse {
             _ => {
                 self.line_has_bytes = true;
                 if self.in_value {
+                    if std::mem::take(&mut self.skip_space) && b == b' ' {
+                        return None;
+                    }
                     if self.data_line {
-                        if std::mem::take(&mut self.skip_space) && b == b' ' {
-                            return None;
+                        if self.data_head.len() < 16 {
+                            self.data_head.push(b);
                         }
                         self.scanner.byte(b);
+                    } else if self.field == b"event" && self.event_name.len() < 32 {
+                        self.event_name.push(b);
                     }
                 } else if b == b':' {
                     self.in_value = true;
+                    if self.field == b"event" {
+                        self.event_name.clear();
+                    }
                     self.data_line = self.field == b"data";
                     self.skip_space = true;
                     if self.data_line {

@@ -473,3 +473,39 @@ async fn a_token_budget_refuses_once_crossed_and_survives_a_restart() {
     let d = decisions(&gw.entries());
     assert_eq!(d.iter().filter(|e| e["reasons"][0]["code"] == "budget_exceeded").count(), 2);
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_at_the_final_event_still_gets_its_tokens_counted() {
+    // openai-python closes a stream's response at `data: [DONE]` without reading on; the
+    // upstream here also keeps the connection open after it.
+    let up = LlmUpstream::start().await;
+    up.set_answer(|r| {
+        let mut reply = default_answer(r);
+        reply.chunks.push(": trailing comment after the final event\n\n".into());
+        Reply { hold_last: true, ..reply }
+    });
+    let budgets = "  budgets:\n    - window: hour\n      max_tokens: 40\n";
+    let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, budgets))], "").await;
+    let mut resp = client()
+        .post(gw.base("/openai/v1/chat/completions"))
+        .header("x-uapk-capability", token("llm-agent"))
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    let record: u64 = resp.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let mut got = String::new();
+    while !got.contains("data: [DONE]\n\n") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await.unwrap().unwrap().unwrap();
+        got.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(resp);
+    // The very next request sees the 42 tokens counted.
+    let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("42/40 tokens"), "{body}");
+    let o = outcome_of(&gw, record).await;
+    assert_eq!(o["usage"], usage(30, 12, 42));
+    assert!(o.get("error").is_none(), "a stream read to its final event is complete: {o}");
+    up.release.notify_one();
+}

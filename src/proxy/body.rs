@@ -193,10 +193,17 @@ impl Body for RecordedBody {
                     if let Some(p) = &mut this.usage {
                         p.feed(d);
                     }
+                    // Written before the last bytes are handed on: an agent that has read them
+                    // and sends its next request finds this one's tokens counted. A stream's
+                    // final event ends it too, as SDKs may stop reading there.
+                    if this.inner.is_end_stream() || this.usage.as_ref().is_some_and(UsageParser::stream_done) {
+                        this.finish(None);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                // (A stream whose final event passed is already recorded as complete.)
                 this.finish(Some("the upstream failed mid-response"));
                 Poll::Ready(Some(Err(e)))
             }

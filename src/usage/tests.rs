@@ -268,3 +268,27 @@ fn deep_nesting_and_garbage_never_panic() {
     let body = r#"{"choices":[{"usage":{"prompt_tokens":1,"completion_tokens":1}}],"meta":{"x":{"usage":{"prompt_tokens":1}}}}"#;
     assert!(parse(UsageFormat::OpenAi, "application/json", body).is_err());
 }
+
+#[test]
+fn the_final_event_of_a_stream_is_spotted() {
+    for (format, body, last) in [
+        (UsageFormat::OpenAi, OPENAI_SSE, "data: [DONE]\n\n"),
+        (UsageFormat::Anthropic, ANTHROPIC_SSE, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"),
+    ] {
+        let (before, _) = body.split_at(body.len() - last.len());
+        let mut p = UsageParser::new(format, &headers("text/event-stream", None));
+        for b in before.as_bytes() {
+            p.feed(std::slice::from_ref(b));
+            assert!(!p.stream_done(), "done before the final event");
+        }
+        p.feed(last.as_bytes());
+        assert!(p.stream_done());
+    }
+    // Data that merely mentions them, or a JSON body, is no final event.
+    let mut p = UsageParser::new(UsageFormat::OpenAi, &headers("text/event-stream", None));
+    p.feed(b"event: ping\ndata: {\"text\": \"[DONE] message_stop\"}\n\ndata: [DONE]x\n\n");
+    assert!(!p.stream_done());
+    let mut p = UsageParser::new(UsageFormat::OpenAi, &headers("application/json", None));
+    p.feed(OPENAI_JSON.as_bytes());
+    assert!(!p.stream_done());
+}
