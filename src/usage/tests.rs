@@ -292,3 +292,39 @@ fn the_final_event_of_a_stream_is_spotted() {
     p.feed(OPENAI_JSON.as_bytes());
     assert!(!p.stream_done());
 }
+
+proptest::proptest! {
+    /// Any bytes, cut anywhere: never a panic, and the same answer as when fed whole.
+    #[test]
+    fn any_bytes_any_chunking_same_answer(
+        body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+        cuts in proptest::collection::vec(0usize..600, 0..8),
+        sse in proptest::prelude::any::<bool>(),
+        anthropic in proptest::prelude::any::<bool>(),
+    ) {
+        let format = if anthropic { UsageFormat::Anthropic } else { UsageFormat::OpenAi };
+        let ct = if sse { "text/event-stream" } else { "application/json" };
+        let whole = parse_chunked(format, ct, &body, body.len());
+        let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(body.len())).collect();
+        cuts.sort_unstable();
+        let mut p = UsageParser::new(format, &headers(ct, None));
+        let mut at = 0;
+        for c in cuts {
+            p.feed(&body[at..c]);
+            at = c;
+        }
+        p.feed(&body[at..]);
+        proptest::prop_assert_eq!(p.finish(), whole);
+    }
+
+    /// Real-looking streams with arbitrary token counts read back exactly, however cut.
+    #[test]
+    fn streamed_counts_read_back(i in 0u64..1_000_000_000, o in 0u64..1_000_000_000, size in 1usize..64) {
+        let body = format!(
+            "event: message_start\ndata: {{\"type\":\"message_start\",\"message\":{{\"usage\":{{\"input_tokens\":{i},\"output_tokens\":1}}}}}}\n\n\
+             event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"output_tokens\":{o}}}}}\n\n"
+        );
+        let got = parse_chunked(UsageFormat::Anthropic, "text/event-stream", body.as_bytes(), size);
+        proptest::prop_assert_eq!(got, usage(i, o, i + o));
+    }
+}
