@@ -121,13 +121,14 @@ impl Outcome {
                 Ok(u) => u.to_json(),
                 Err(_) => serde_json::Value::Null,
             };
-            if let Err(e) = f.value("usage", &value) {
-                tracing::error!(request_id = %self.request_id, error = %e, "usage not recordable");
+            match f.value("usage", &value) {
+                // Only what the entry records counts (a rebuild reads the entry).
+                Ok(_) => tokens = crate::limits::usage_tokens(&value),
+                Err(e) => tracing::error!(request_id = %self.request_id, error = %e, "usage not recordable"),
             }
             if let Err(e) = &usage {
                 f.str("usage_error", e);
             }
-            tokens = crate::limits::usage_tokens(&value);
         }
         match self.audit.append_fields_nowait(f) {
             Ok(()) => {
