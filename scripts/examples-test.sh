@@ -3,7 +3,10 @@
 # gateway to a real HTTPS upstream, in explicit-proxy mode on loopback and in transparent mode
 # inside two network namespaces with the rules `init-iptables` prints; each agent must see
 # allow → the upstream's answer, deny → 403 JSON, escalate → an approval id; the log must verify.
-# Needs root (namespaces, iptables).
+# Then the LLM SDK agents (openai and anthropic for Python, openai for Node) against a fake LLM
+# API (scripts/fake_llm_upstream.py, HTTPS), in explicit-proxy and base-URL mode: decisions and
+# token usage (JSON and streamed) in the log, a max_tokens budget refusing once crossed, and the
+# refusal as each SDK shows it. Needs root (namespaces, iptables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -15,6 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl iptables openssl util-linux >/dev/null
 fi
 python3 -c "import requests, httpx" 2>/dev/null || python3 -m pip install -q requests httpx
+python3 -c "import openai, anthropic" 2>/dev/null || python3 -m pip install -q openai==3.63.0 anthropic==2.17.0
 (cd examples && npm ci --no-audit --no-fund --silent)
 cargo build --quiet
 bin=$root/target/debug/uapk-gateway
@@ -134,6 +138,129 @@ for a in "${agents[@]}"; do
 done
 kill -TERM "$gw"; wait "$gw" || true
 verify_log "$work/explicit/data"
+
+# ---------------------------------------------------------------- LLM SDK agents, usage, token budgets
+# Two fake LLM APIs over HTTPS (one per connector, told apart by port in explicit-proxy mode).
+oa=$(port); an=$(port)
+python3 "$root/scripts/fake_llm_upstream.py" "$oa" --cert "$work/up.pem" --key "$work/up.key" --log "$work/llm-openai.log" 2>/dev/null & pids+=($!)
+python3 "$root/scripts/fake_llm_upstream.py" "$an" --cert "$work/up.pem" --key "$work/up.key" --log "$work/llm-anthropic.log" 2>/dev/null & pids+=($!)
+for p in "$oa" "$an"; do
+  for _ in $(seq 100); do curl -s -o /dev/null --cacert "$work/up-ca.pem" "https://localhost:$p/v1/models" && break; sleep 0.1; done
+done
+llm_manifest() {
+  cat <<YAML
+apiVersion: uapk/v1
+kind: Manifest
+agent: { id: llm-agent }
+capability:
+  issuers:
+    - id: platform
+      public_key_file: $work/issuer.pub.pem
+connectors:
+  - name: openai
+    base_url: https://localhost:$oa
+    hosts: [localhost]
+    ports: [$oa]
+    usage: openai
+    routes:
+      - { methods: [POST], path: /v1/chat/completions, action: llm.chat, params: { model: { json: /model } } }
+  - name: anthropic
+    base_url: https://localhost:$an
+    hosts: [localhost]
+    ports: [$an]
+    usage: anthropic
+    routes:
+      - { methods: [POST], path: /v1/messages, action: llm.chat, params: { model: { json: /model } } }
+policy:
+  params:
+    model: { allow: [gpt-4o-mini, claude-sonnet-4-5] }
+  budgets:
+    # The fake APIs answer 60 + 42 (OpenAI) and 36 + 46 (Anthropic) tokens: the second call of
+    # each agent crosses 80 and completes, the third is refused.
+    - { window: day, scope: connector, max_tokens: 80 }
+YAML
+}
+# check_llm NAME MODE OUT RC DATA CONNECTOR "TOTALS": the agent's own output, then the log.
+check_llm() {
+  local name=$1 mode=$2 out=$3 rc=$4 data=$5 conn=$6 totals=$7 why=""
+  [ "$rc" -eq 0 ] || why="exit $rc"
+  grep -q '^chat record [0-9]' "$out" || why="$why; no chat line"
+  grep -q '^stream tokens [0-9]' "$out" || why="$why; no stream line"
+  grep -q '^followup' "$out" && why="$why; the follow-up passed the spent budget"
+  grep -Eq '^refused:.*deny: budget_exceeded: .*tokens.*\(record [0-9]+\)' "$out" || why="$why; no refusal with decision, code and record"
+  "$bin" export -c "$data/../gateway.yaml" --out "$work/bundle-$name-$mode" >/dev/null 2>"$work/export.err" \
+    || why="$why; export failed: $(cat "$work/export.err")"
+  python3 - "$work/bundle-$name-$mode" "$conn" "$totals" > "$work/logcheck" 2>&1 <<'PY' || why="$why; log: $(cat "$work/logcheck")"
+import json, pathlib, sys
+bundle, conn, totals = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3].split()
+entries = [json.loads(l) for l in (bundle / "entries.jsonl").read_text().splitlines() if l.strip()]
+# Requests (not CONNECT tunnel authorisations, which explicit-proxy mode adds).
+dec = [e for e in entries if e["kind"] == "decision" and e.get("connector") == conn and e.get("action") == "llm.chat"]
+out = [e for e in entries if e["kind"] == "outcome"]
+allowed = [d for d in dec if d["decision"] == "allow"]
+denied = [d for d in dec if d["decision"] == "deny"]
+assert len(allowed) == 2, f"{len(allowed)} allowed decisions"
+assert [d["reasons"][0]["code"] for d in denied] == ["budget_exceeded"], denied
+seen = sorted(o["usage"]["total_tokens"] for o in out if o.get("usage"))
+assert seen == sorted(totals), f"usage totals {seen}, want {totals}"
+assert all(o["connector"] == conn and o["action"] == "llm.chat" for o in out), out
+assert not any(o.get("error") or o.get("usage_error") for o in out), out
+print("ok")
+PY
+  if [ -z "$why" ]; then
+    pass=$((pass + 1)); echo "ok   $mode/$name (usage $totals; budget refused)"; sed 's/^/       /' "$out"
+  else
+    fail=$((fail + 1)); echo "FAIL $mode/$name:$why"; sed 's/^/       /' "$out"
+  fi
+}
+llm_agents=("openai-py:openai:60 42:python3 $root/examples/openai-agent.py"
+            "anthropic-py:anthropic:36 46:python3 $root/examples/anthropic-agent.py"
+            "openai-node:openai:60 42:node $root/examples/openai-node-agent.mjs")
+token=$("$bin" token mint --issuer-key "$work/issuer.pem" --iss platform --sub llm-agent --ttl 10m)
+for mode in explicit base-url; do
+  for a in "${llm_agents[@]}"; do
+    IFS=: read -r name conn totals cmd <<<"$a"
+    d=$work/llm-$mode-$name; mkdir -p "$d/policies"
+    llm_manifest > "$d/policies/llm.yaml"
+    cat > "$d/gateway.yaml" <<YAML
+listeners: { proxy: 127.0.0.1:$proxy, admin: 127.0.0.1:$admin }
+policies: $d/policies
+data_dir: $d/data
+tls: { extra_upstream_roots: [$work/up-ca.pem] }
+network: { allow_private_destinations: [127.0.0.0/8, "::1/128"] }
+YAML
+    UAPK_LOG=warn "$bin" run -c "$d/gateway.yaml" 2>"$d/gateway.log" & gw=$!; pids+=($gw)
+    for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+    if [ "$mode" = explicit ]; then
+      # The SDK talks to the API's own URL; the proxy and the gateway CA come from the environment.
+      set -- HTTPS_PROXY="http://agent:$token@127.0.0.1:$proxy" SSL_CERT_FILE="$d/data/ca.pem" \
+        NODE_EXTRA_CA_CERTS="$d/data/ca.pem" NODE_USE_ENV_PROXY=1 \
+        OPENAI_BASE_URL="https://localhost:$oa/v1" ANTHROPIC_BASE_URL="https://localhost:$an"
+    else
+      # The SDK's base URL is the gateway's connector prefix; the token travels as a header.
+      set -- UAPK_CAPABILITY="$token" \
+        OPENAI_BASE_URL="http://127.0.0.1:$proxy/openai/v1" ANTHROPIC_BASE_URL="http://127.0.0.1:$proxy/anthropic"
+    fi
+    set +e
+    env -u NO_PROXY -u no_proxy -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy \
+      -u OPENAI_API_KEY -u ANTHROPIC_API_KEY "$@" $cmd > "$d/out" 2>&1
+    rc=$?; set -e
+    kill -TERM "$gw"; wait "$gw" || true
+    check_llm "$name" "$mode" "$d/out" "$rc" "$d/data" "$conn" "$totals"
+    verify_log "$d/data"
+  done
+done
+# What reached the fake APIs: uncompressed bodies asked for, and never the agent's identity.
+if python3 - "$work/llm-openai.log" "$work/llm-anthropic.log" <<'PY'
+import json, sys
+reqs = [json.loads(l) for f in sys.argv[1:] for l in open(f)]
+posts = [r for r in reqs if r["method"] == "POST"]
+assert len(posts) == 12, [(r["path"], (r["body"] or {}).get("stream")) for r in posts]
+assert all(r["headers"].get("accept-encoding") == "identity" for r in reqs if r["method"] == "POST")
+assert not any(k.startswith("x-uapk") or k == "proxy-authorization" for r in reqs for k in r["headers"])
+PY
+then pass=$((pass + 1)); echo "ok   the fake LLM APIs saw 12 calls, identity-encoded, without gateway headers"
+else fail=$((fail + 1)); echo "FAIL what reached the fake LLM APIs"; fi
 
 # ---------------------------------------------------------------- transparent, in namespaces
 va=va$tag; vu=vu$tag

@@ -237,6 +237,24 @@ pub enum TlsMode {
     Passthrough,
 }
 
+/// Which LLM API's token usage a connector reads from its responses (SPEC §14.5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageFormat {
+    /// OpenAI chat completions / responses: `usage.prompt_tokens`, `completion_tokens`.
+    OpenAi,
+    /// Anthropic messages: `usage.input_tokens`, `output_tokens`.
+    Anthropic,
+}
+
+impl UsageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageFormat::OpenAi => "openai",
+            UsageFormat::Anthropic => "anthropic",
+        }
+    }
+}
+
 /// A named upstream: the hosts and ports an agent may reach through it, and its routes.
 #[derive(Debug)]
 pub struct Connector {
@@ -251,6 +269,8 @@ pub struct Connector {
     /// Agent-supplied headers removed before forwarding (`strip_headers`), on top of the
     /// credential headers every connector with `credentials` strips.
     pub strip_headers: Vec<HeaderName>,
+    /// Token usage read from responses (`usage`), recorded in outcome entries.
+    pub usage: Option<UsageFormat>,
     pub routes: Vec<Route>,
     /// Set for `protocol: mcp` connectors (which have tools instead of routes).
     pub mcp: Option<McpEndpoint>,
@@ -596,6 +616,8 @@ pub struct Budget {
     pub window: Window,
     pub scope: Scope,
     pub max_actions: Option<u64>,
+    /// LLM tokens (recorded `usage.total_tokens`) per window.
+    pub max_tokens: Option<u64>,
     pub escalate_at_percent: Option<u8>,
     pub max_spend: Money,
 }

@@ -171,6 +171,9 @@ pub struct RawConnector {
     pub credentials: Vec<RawCredential>,
     #[serde(default)]
     pub strip_headers: Vec<String>,
+    /// Which LLM API's token usage to read from responses (`openai` | `anthropic`).
+    #[serde(default)]
+    pub usage: Option<String>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     /// `http` (default) or `mcp`: JSON-RPC 2.0 over streamable HTTP at `mcp_path`.
@@ -286,6 +289,9 @@ pub struct RawBudget {
     pub scope: Option<String>,
     #[serde(default)]
     pub max_actions: Option<u64>,
+    /// LLM tokens per window (recorded `usage.total_tokens`).
+    #[serde(default)]
+    pub max_tokens: Option<u64>,
     #[serde(default)]
     pub escalate_at_percent: Option<u8>,
     #[serde(default)]

@@ -306,6 +306,7 @@ fn host_patterns_and_cidrs() {
         credentials: Ok(vec![]),
         strip_headers: vec![],
         mcp: None,
+        usage: None,
         routes: vec![],
     };
     assert!(c.matches_host("API.example.com"));
@@ -469,4 +470,42 @@ fn check_warns_about_rules_nothing_can_trigger_and_connectors_sharing_a_host() {
     assert!(!keys.contains(&"policy.approval.action_types[0]"), "order.create has a route: {warnings:?}");
     let shared = warnings.iter().find(|w| w.key == "connectors[1].hosts").expect("the shared host is warned about");
     assert!(shared.message.contains("127.0.0.1:9999") && shared.message.contains("connectors[0]"), "{shared:?}");
+}
+
+#[test]
+fn usage_and_max_tokens_are_validated() {
+    let budget = |text: &str, b: &str| {
+        text.replace("  rate_limits:", &format!("  budgets:\n    - window: day\n{b}  rate_limits:"))
+    };
+    let usage = |u: &str| {
+        good_manifest().replace(
+            "    base_url: http://127.0.0.1:9999\n",
+            &format!("    base_url: http://127.0.0.1:9999\n    usage: {u}\n"),
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    for (u, want) in [("openai", UsageFormat::OpenAi), ("anthropic", UsageFormat::Anthropic)] {
+        let p = write(dir.path(), "u.yaml", &budget(&usage(u), "      max_tokens: 5000\n"));
+        let (m, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(m.connector("shop").unwrap().usage, Some(want));
+        assert_eq!(m.policy.budgets[0].max_tokens, Some(5000));
+    }
+    let errs = errors_of(&usage("gemini"));
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].key, "connectors[0].usage");
+    assert!(errs[0].message.contains("openai, anthropic"), "{}", errs[0]);
+    // max_tokens is a positive integer.
+    for bad in ["0", "-5", "1.5", "lots"] {
+        let errs = errors_of(&budget(&usage("openai"), &format!("      max_tokens: {bad}\n")));
+        assert!(!errs.is_empty(), "max_tokens: {bad} loaded");
+        assert!(errs[0].to_string().contains("max_tokens"), "{bad}: {}", errs[0]);
+    }
+    // A token budget alone is a budget.
+    assert!(errors_of(&budget(&usage("openai"), "      max_tokens: 1\n")).is_empty());
+    // Without a usage connector no token is ever counted: a warning.
+    let p = write(dir.path(), "w.yaml", &budget(&good_manifest(), "      max_tokens: 5000\n"));
+    let (_, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].key, "policy.budgets[0].max_tokens");
 }

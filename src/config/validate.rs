@@ -483,7 +483,16 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, _strict: St
             Err(_) => cx.err(&format!("{key}.strip_headers[{i}]"), format!("{h:?} is not a header name")),
         }
     }
-    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, strip_headers, routes, mcp }
+    let usage = match raw.usage.as_deref() {
+        None => None,
+        Some("openai") => Some(UsageFormat::OpenAi),
+        Some("anthropic") => Some(UsageFormat::Anthropic),
+        Some(o) => {
+            cx.err(&format!("{key}.usage"), format!("{o:?} is not one of openai, anthropic"));
+            None
+        }
+    };
+    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, strip_headers, usage, routes, mcp }
 }
 
 /// One route (or an MCP tool, given as a route on the endpoint's path) from its raw form; `None`
@@ -759,13 +768,17 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
         {
             cx.err(&format!("{k}.escalate_at_percent"), "must be between 1 and 100");
         }
-        if b.max_actions.is_none() && b.max_spend.is_empty() {
-            cx.err(&k, "a budget needs max_actions or max_spend");
+        if b.max_actions.is_none() && b.max_spend.is_empty() && b.max_tokens.is_none() {
+            cx.err(&k, "a budget needs max_actions, max_tokens or max_spend");
+        }
+        if b.max_tokens == Some(0) {
+            cx.err(&format!("{k}.max_tokens"), "must be a positive integer");
         }
         budgets.push(Budget {
             window,
             scope: scope(cx, &format!("{k}.scope"), b.scope),
             max_actions: b.max_actions,
+            max_tokens: b.max_tokens,
             escalate_at_percent: b.escalate_at_percent,
             max_spend: money(cx, &format!("{k}.max_spend"), b.max_spend),
         });
@@ -842,6 +855,17 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
                 cx.err(
                     &format!("policy.budgets[{i}].max_spend"),
                     "no route declares an `amount` param, so this spend limit could never apply",
+                );
+            }
+        }
+    }
+    // Token budgets count recorded usage, which only connectors with `usage` record.
+    if !connectors.iter().any(|c| c.usage.is_some()) {
+        for (i, b) in budgets.iter().enumerate() {
+            if b.max_tokens.is_some() {
+                cx.warn(
+                    &format!("policy.budgets[{i}].max_tokens"),
+                    "no connector of this manifest has `usage: openai | anthropic`, so no tokens are ever counted",
                 );
             }
         }

@@ -7,7 +7,8 @@
 //! Every counted decision increments the counters of all window/scope combinations (also for
 //! agents whose manifest has no budget yet), so a budget added by a reload sees the whole
 //! current window. What counts is decided by one function, [`counts_toward_budgets`], at
-//! runtime and when rebuilding alike.
+//! runtime and when rebuilding alike; [`recorded_spend`] reads both what a `decision` entry
+//! spends and the LLM tokens an `outcome` entry records ([`usage_tokens`]).
 //!
 //! Rate limits are GCRA buckets checked all before any is taken ([`RateLimiters::check`]).
 //! How fast one agent's refusals are recorded is bounded by [`refusals`].
@@ -18,7 +19,7 @@ use crate::config::{Manifest, RateLimit, Scope, Window};
 use crate::policy::Reason;
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const WINDOWS: [Window; 2] = [Window::Day, Window::Hour];
@@ -43,6 +44,8 @@ struct AgentCounters {
 struct Counter {
     count: u64,
     spend: BTreeMap<String, Decimal>,
+    /// LLM tokens of recorded usage (SPEC §14.5).
+    tokens: u64,
 }
 
 /// What one action spends: its identity and optional amount.
@@ -67,6 +70,27 @@ impl Spend {
     }
 }
 
+/// LLM tokens one request used: counted once its `outcome` entry (which records the usage) is
+/// in the log.
+#[derive(Debug, Clone)]
+pub struct TokenUse {
+    pub agent: String,
+    pub connector: String,
+    pub action: String,
+    pub tokens: u64,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// What one committed entry adds to the budget counters.
+#[derive(Debug, Clone)]
+pub enum Counted {
+    /// An allowed action (and its amount).
+    Action(Spend),
+    /// LLM tokens of a response.
+    Tokens(TokenUse),
+}
+
 /// The one rule of what budgets count, applied both when a request is decided and when the
 /// counters are rebuilt from the log, so a restart never changes a count: an ALLOW decision of
 /// a route's action (SPEC §8 step 8: "only forwarded ALLOWs count"). Not counted: refusals and
@@ -79,32 +103,92 @@ pub fn counts_toward_budgets(decision: &str, route: Option<&str>) -> bool {
     decision == "allow" && route.is_some()
 }
 
-/// What a committed `decision` entry spends, when it counts (see [`counts_toward_budgets`]).
-/// `fallback_at` dates an entry whose `ts` cannot be read.
-pub fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Spend> {
-    if entry["kind"] != "decision" || !counts_toward_budgets(entry["decision"].as_str()?, entry["route"].as_str()) {
-        return None;
-    }
+/// The tokens a recorded `usage` object counts toward token budgets (SPEC §14.5): its
+/// `total_tokens` (a decimal string in the log, as every integer there). Unknown usage
+/// (`null`) counts nothing. Used when the outcome entry is written and when it is read back.
+pub fn usage_tokens(usage: &serde_json::Value) -> Option<u64> {
+    let t = &usage["total_tokens"];
+    t.as_u64().or_else(|| t.as_str().and_then(|s| s.parse().ok())).filter(|&n| n > 0)
+}
+
+/// What a committed entry adds to the budget counters, if anything: a `decision` entry what it
+/// spends (when it counts, see [`counts_toward_budgets`]), an `outcome` entry the tokens of its
+/// recorded usage ([`usage_tokens`]). `fallback_at` dates an entry whose `ts` cannot be read.
+pub fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Counted> {
     let at = entry["ts"]
         .as_str()
         .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
         .map_or(fallback_at, |t| t.unix_timestamp());
     let s = |k: &str| entry[k].as_str().unwrap_or_default().to_string();
+    if entry["kind"] == "outcome" {
+        let tokens = usage_tokens(&entry["usage"])?;
+        return Some(Counted::Tokens(TokenUse {
+            agent: s("agent"),
+            connector: s("connector"),
+            action: s("action"),
+            tokens,
+            at,
+        }));
+    }
+    if entry["kind"] != "decision" || !counts_toward_budgets(entry["decision"].as_str()?, entry["route"].as_str()) {
+        return None;
+    }
     let amount = entry["params"]["amount"].as_str().and_then(|a| a.parse().ok());
     let currency = entry["params"]["currency"].as_str().unwrap_or_default().to_string();
-    Some(Spend {
+    Some(Counted::Action(Spend {
         agent: s("agent"),
         connector: s("connector"),
         action: s("action"),
         amount: amount.map(|a| (a, currency)),
         at,
-    })
+    }))
 }
 
 /// Budget counters for every agent.
 #[derive(Debug, Default)]
 pub struct Budgets {
-    counters: Mutex<HashMap<String, AgentCounters>>,
+    counters: Arc<Mutex<HashMap<String, AgentCounters>>>,
+}
+
+/// A handle that counts LLM tokens into [`Budgets`] when a response's outcome is recorded.
+#[derive(Debug, Clone)]
+pub struct TokenCounter {
+    counters: Arc<Mutex<HashMap<String, AgentCounters>>>,
+}
+
+impl TokenCounter {
+    /// Counts the tokens of a response whose outcome entry was handed to the log.
+    pub fn record(&self, t: &TokenUse) {
+        let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        add(&mut map, &t.agent, [&t.agent, &t.connector, &t.action], t.at, |c| {
+            c.tokens = c.tokens.saturating_add(t.tokens);
+        });
+    }
+}
+
+/// Applies `f` to the counter of every window/scope combination of one (agent, connector,
+/// action) at `at`, creating counters as needed; a new window forgets the one it replaced.
+fn add(map: &mut HashMap<String, AgentCounters>, agent: &str, values: [&str; 3], at: i64, f: impl Fn(&mut Counter)) {
+    if !map.contains_key(agent) {
+        map.insert(agent.to_string(), AgentCounters::default());
+    }
+    let Some(counters) = map.get_mut(agent) else { return };
+    for w in WINDOWS {
+        let start = window_start(at, w);
+        if !counters.windows.contains_key(&(w, start, Scope::Agent)) {
+            // A new window of this kind began: the ones it replaced are over.
+            counters.windows.retain(|&(kw, kstart, _), _| kw != w || kstart + kw.seconds() > at);
+        }
+        for (scope, value) in SCOPES.into_iter().zip(values) {
+            let values = counters.windows.entry((w, start, scope)).or_default();
+            if !values.contains_key(value) {
+                values.insert(value.to_string(), Counter::default());
+            }
+            if let Some(c) = values.get_mut(value) {
+                f(c);
+            }
+        }
+    }
 }
 
 /// A budget slot taken by a request that has not been forwarded yet. Hand it back with
@@ -154,40 +238,34 @@ impl Budgets {
             }
             return;
         }
-        if !map.contains_key(spend.agent.as_str()) {
-            map.insert(spend.agent.clone(), AgentCounters::default());
-        }
-        let Some(agent) = map.get_mut(spend.agent.as_str()) else { return };
-        for w in WINDOWS {
-            let start = window_start(spend.at, w);
-            if !agent.windows.contains_key(&(w, start, Scope::Agent)) {
-                // A new window of this kind began: the ones it replaced are over.
-                agent.windows.retain(|&(kw, kstart, _), _| kw != w || kstart + kw.seconds() > spend.at);
-            }
-            for scope in SCOPES {
-                let values = agent.windows.entry((w, start, scope)).or_default();
-                let value = spend.scope_value(scope);
-                if !values.contains_key(value) {
-                    values.insert(value.to_string(), Counter::default());
-                }
-                let Some(c) = values.get_mut(value) else { continue };
-                c.count = c.count.saturating_add(1);
-                if let Some((amt, cur)) = &spend.amount {
-                    match c.spend.get_mut(cur) {
-                        Some(s) => *s = s.saturating_add(*amt),
-                        None => {
-                            c.spend.insert(cur.clone(), *amt);
-                        }
+        add(map, &spend.agent, [&spend.agent, &spend.connector, &spend.action], spend.at, |c| {
+            c.count = c.count.saturating_add(1);
+            if let Some((amt, cur)) = &spend.amount {
+                match c.spend.get_mut(cur) {
+                    Some(s) => *s = s.saturating_add(*amt),
+                    None => {
+                        c.spend.insert(cur.clone(), *amt);
                     }
                 }
             }
+        });
+    }
+
+    /// Counts what a committed entry recorded (used when rebuilding from the log; see
+    /// [`recorded_spend`]).
+    pub fn record(&self, counted: &Counted) {
+        match counted {
+            Counted::Action(spend) => {
+                let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+                Self::apply(&mut map, spend, 1);
+            }
+            Counted::Tokens(t) => self.token_counter().record(t),
         }
     }
 
-    /// Counts an action that was already allowed (used when rebuilding from the log).
-    pub fn record(&self, spend: &Spend) {
-        let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        Self::apply(&mut map, spend, 1);
+    /// A handle for counting tokens as responses end.
+    pub fn token_counter(&self) -> TokenCounter {
+        TokenCounter { counters: self.counters.clone() }
     }
 
     /// Atomically checks every budget of `manifest` against `spend` and, if none is spent,
@@ -217,6 +295,24 @@ impl Budgets {
                     threshold = Some(Reason::new(
                         "budget_threshold_reached",
                         format!("{} reached {pct}%: {count}/{max} actions", label()),
+                    ));
+                }
+            }
+            if let Some(max) = b.max_tokens {
+                let tokens = used.map_or(0, |c| c.tokens);
+                if tokens >= max {
+                    return BudgetCheck::Exceeded(Reason::new(
+                        "budget_exceeded",
+                        format!("{} is spent: {tokens}/{max} tokens", label()),
+                    ));
+                }
+                if let Some(pct) = b.escalate_at_percent
+                    && threshold.is_none()
+                    && u128::from(tokens) * 100 >= u128::from(max) * u128::from(pct)
+                {
+                    threshold = Some(Reason::new(
+                        "budget_threshold_reached",
+                        format!("{} reached {pct}%: {tokens}/{max} tokens", label()),
                     ));
                 }
             }
@@ -258,6 +354,15 @@ impl Budgets {
             let mut map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
             Self::apply(&mut map, &spend, -1);
         }
+    }
+
+    /// Tokens counted so far in the window containing `at` for one scope value.
+    pub fn used_tokens(&self, agent: &str, window: Window, scope: Scope, value: &str, at: i64) -> u64 {
+        let map = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(agent)
+            .and_then(|a| a.windows.get(&(window, window_start(at, window), scope)))
+            .and_then(|values| values.get(value))
+            .map_or(0, |c| c.tokens)
     }
 
     /// Actions counted so far in the window containing `at` for one scope value.

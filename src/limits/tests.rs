@@ -219,7 +219,7 @@ fn one_counting_rule_for_runtime_and_rebuild() {
     let allowed = json!({"kind": "decision", "decision": "allow", "agent": "unit-agent", "connector": "pay",
         "route": "/v1/refunds", "action": "payment.refund", "params": {"amount": "12.34", "currency": "USD"},
         "ts": "2027-01-15T08:00:00Z"});
-    let s = recorded_spend(&allowed, 0).expect("counts");
+    let Some(Counted::Action(s)) = recorded_spend(&allowed, 0) else { panic!("counts as an action") };
     assert_eq!((s.agent.as_str(), s.connector.as_str(), s.action.as_str()), ("unit-agent", "pay", "payment.refund"));
     assert_eq!(s.amount, Some(("12.34".parse().unwrap(), "USD".to_string())));
     assert_eq!(s.at, T, "the entry's ts dates it");
@@ -272,4 +272,86 @@ fn windows_that_are_over_are_forgotten_and_releases_never_resurrect_them() {
     // The day window holds both hours.
     assert_eq!(b.used("unit-agent", Window::Day, Scope::Agent, "unit-agent", T), 1);
     assert!(matches!(b.reserve(&m, spend(None, T + 3601)), BudgetCheck::Exceeded(_)));
+}
+
+fn tokens(n: u64, at: i64) -> TokenUse {
+    TokenUse { agent: "unit-agent".into(), connector: "pay".into(), action: "payment.refund".into(), tokens: n, at }
+}
+
+#[test]
+fn token_budgets_refuse_once_the_window_total_reaches_the_cap() {
+    let m = manifest("  budgets:\n    - window: hour\n      scope: connector\n      max_tokens: 100\n");
+    let b = Budgets::new();
+    let counter = b.token_counter();
+    // Requests pass while the recorded total is below the cap; the one that crosses it has
+    // already been forwarded (its usage is only known when it ends).
+    for used in [0, 60] {
+        match b.reserve(&m, spend(None, T)) {
+            BudgetCheck::Reserved { reservation, threshold } => {
+                assert!(threshold.is_none());
+                reservation.commit();
+            }
+            BudgetCheck::Exceeded(r) => panic!("refused at {used} tokens: {}", r.message),
+        }
+        counter.record(&tokens(60, T));
+    }
+    assert_eq!(b.used_tokens("unit-agent", Window::Hour, Scope::Connector, "pay", T), 120);
+    assert_eq!(b.used("unit-agent", Window::Hour, Scope::Connector, "pay", T), 2, "tokens are not actions");
+    let BudgetCheck::Exceeded(r) = b.reserve(&m, spend(None, T)) else { panic!("the cap was crossed") };
+    assert_eq!(r.code, "budget_exceeded");
+    assert!(r.message.contains("120/100 tokens"), "{}", r.message);
+    // The next hour starts afresh.
+    assert!(matches!(b.reserve(&m, spend(None, T + 3600)), BudgetCheck::Reserved { .. }));
+    // Another connector's window is its own.
+    let mut other = spend(None, T);
+    other.connector = "other".into();
+    assert!(matches!(b.reserve(&m, other), BudgetCheck::Reserved { .. }));
+}
+
+#[test]
+fn token_budgets_reach_the_cap_exactly_and_escalate_at_the_threshold() {
+    let m = manifest("  budgets:\n    - window: day\n      max_tokens: 1000\n      escalate_at_percent: 80\n");
+    let b = Budgets::new();
+    b.token_counter().record(&tokens(800, T));
+    let BudgetCheck::Reserved { reservation, threshold: Some(t) } = b.reserve(&m, spend(None, T)) else {
+        panic!("80% escalates")
+    };
+    b.release(reservation);
+    assert_eq!(t.code, "budget_threshold_reached");
+    b.token_counter().record(&tokens(200, T));
+    assert!(matches!(b.reserve(&m, spend(None, T)), BudgetCheck::Exceeded(_)), "1000/1000 is spent");
+    // Saturating: absurd totals never wrap around to a small count.
+    b.token_counter().record(&tokens(u64::MAX, T));
+    assert!(matches!(b.reserve(&m, spend(None, T)), BudgetCheck::Exceeded(_)));
+}
+
+#[test]
+fn outcome_entries_count_their_recorded_tokens_at_rebuild() {
+    use serde_json::json;
+    let outcome = json!({"kind": "outcome", "agent": "unit-agent", "connector": "pay", "action": "payment.refund",
+        "usage": {"input_tokens": "30", "output_tokens": "12", "total_tokens": "42"},
+        "ts": "2027-01-15T08:00:00Z"});
+    let Some(Counted::Tokens(t)) = recorded_spend(&outcome, 0) else { panic!("tokens count") };
+    assert_eq!((t.tokens, t.at, t.connector.as_str()), (42, T, "pay"));
+    // The same rule the outcome writer uses.
+    assert_eq!(usage_tokens(&outcome["usage"]), Some(42));
+    assert_eq!(usage_tokens(&json!({"total_tokens": 42})), Some(42));
+    for unknown in [
+        json!(null),
+        json!({"total_tokens": "-1"}),
+        json!({"total_tokens": "x"}),
+        json!({}),
+        json!({"total_tokens": "0"}),
+    ] {
+        let mut e = outcome.clone();
+        e["usage"] = unknown.clone();
+        assert!(recorded_spend(&e, 0).is_none(), "{unknown}");
+    }
+    let b = Budgets::new();
+    let c = recorded_spend(&outcome, 0).unwrap();
+    b.record(&c);
+    b.record(&c);
+    assert_eq!(b.used_tokens("unit-agent", Window::Day, Scope::Agent, "unit-agent", T), 84);
+    assert_eq!(b.used_tokens("unit-agent", Window::Hour, Scope::Action, "payment.refund", T), 84);
+    assert_eq!(b.used("unit-agent", Window::Day, Scope::Agent, "unit-agent", T), 0);
 }

@@ -1,9 +1,14 @@
 //! The response body wrapper that counts and hashes what the upstream sends and writes the
-//! `outcome` entry when the body ends (or the client goes away); and the request body wrapper
-//! that hashes a streamed request body as it passes to the upstream, for that `outcome` entry.
+//! `outcome` entry when the body ends (or the client goes away); the request body wrapper that
+//! hashes a streamed request body as it passes to the upstream, for that `outcome` entry; and,
+//! for a connector with `usage`, the response's LLM token usage read as it passes
+//! ([`crate::usage`]), recorded in the outcome entry and counted toward token budgets.
 
 use super::{BoxError, ProxyBody};
 use crate::audit::{AuditHandle, Fields};
+use crate::config::UsageFormat;
+use crate::limits::{Budgets, TokenCounter, TokenUse};
+use crate::usage::{Usage, UsageParser};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
@@ -62,12 +67,43 @@ pub struct Outcome {
     /// The streamed request body's digest (`None` when it was buffered and hashed in the
     /// decision entry, or `audit.bodies: none`).
     pub request_body: Option<RequestDigest>,
+    /// Set for a connector with `usage`: the response's token usage is read and recorded.
+    pub usage: Option<UsageHook>,
+}
+
+/// How a usage connector's outcome reads and counts tokens.
+pub struct UsageHook {
+    format: UsageFormat,
+    counter: TokenCounter,
+}
+
+impl UsageHook {
+    /// The hook for a connector's `usage` setting (none without one).
+    pub fn new(format: Option<UsageFormat>, budgets: &Budgets) -> Option<UsageHook> {
+        format.map(|format| UsageHook { format, counter: budgets.token_counter() })
+    }
 }
 
 impl Outcome {
     /// Queues the `outcome` entry (it follows the response; a full queue is logged, the
     /// decision entry is already durable).
     pub fn write(&self, status: StatusCode, bytes: u64, sha256: Option<String>, error: Option<&str>) {
+        self.write_with_usage(status, bytes, sha256, error, None);
+    }
+
+    /// `write`, with the usage read from the response body (`None`: no body was read). For a
+    /// usage connector the entry carries `usage` (or `usage: null` and `usage_error`) and the
+    /// agent, connector and action the tokens count toward; the tokens are counted once the
+    /// entry is handed to the log, so what counts is exactly what a rebuild reads back
+    /// (`limits::recorded_spend`).
+    pub fn write_with_usage(
+        &self,
+        status: StatusCode,
+        bytes: u64,
+        sha256: Option<String>,
+        error: Option<&str>,
+        usage: Option<Result<Usage, String>>,
+    ) {
         let mut f = Fields::new();
         f.str("kind", "outcome")
             .str("request_id", &self.request_id)
@@ -84,8 +120,40 @@ impl Outcome {
         if let Some(d) = &self.request_body {
             d.write_fields(&mut f);
         }
-        if let Err(e) = self.audit.append_fields_nowait(f) {
-            tracing::error!(request_id = %self.request_id, error = %e, "outcome entry not queued");
+        let mut tokens = None;
+        if self.usage.is_some() {
+            let a = &self.access;
+            f.str("agent", &a.agent).str("connector", &a.connector).str("action", &a.action);
+            let usage = usage.unwrap_or_else(|| Err("no response body was read".into()));
+            let value = match &usage {
+                Ok(u) => u.to_json(),
+                Err(_) => serde_json::Value::Null,
+            };
+            match f.value("usage", &value) {
+                // Only what the entry records counts (a rebuild reads the entry).
+                Ok(_) => tokens = crate::limits::usage_tokens(&value),
+                Err(e) => tracing::error!(request_id = %self.request_id, error = %e, "usage not recordable"),
+            }
+            if let Err(e) = &usage {
+                f.str("usage_error", e);
+            }
+        }
+        match self.audit.append_fields_nowait(f) {
+            Ok(()) => {
+                if let (Some(hook), Some(tokens)) = (&self.usage, tokens) {
+                    let a = &self.access;
+                    hook.counter.record(&TokenUse {
+                        agent: a.agent.clone(),
+                        connector: a.connector.clone(),
+                        action: a.action.clone(),
+                        tokens,
+                        at: time::OffsetDateTime::now_utc().unix_timestamp(),
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::error!(request_id = %self.request_id, error = %e, "outcome entry not queued");
+            }
         }
         access_line(&self.access, status, bytes, Some(self.record), Some(self.upstream_latency), error);
     }
@@ -98,18 +166,24 @@ pub struct RecordedBody {
     hash: Sha256,
     status: StatusCode,
     outcome: Option<Outcome>,
+    /// Reads token usage as the body passes (usage connectors only).
+    usage: Option<UsageParser>,
 }
 
 impl RecordedBody {
-    pub fn new(inner: ProxyBody, outcome: Outcome, status: StatusCode) -> Self {
-        RecordedBody { inner, bytes: 0, hash: Sha256::new(), status, outcome: Some(outcome) }
+    /// Wraps the body of the response whose head is `head` (its status, and for usage
+    /// connectors its content type and encoding).
+    pub fn new(inner: ProxyBody, outcome: Outcome, head: &http::response::Parts) -> Self {
+        let usage = outcome.usage.as_ref().map(|u| UsageParser::new(u.format, &head.headers));
+        RecordedBody { inner, bytes: 0, hash: Sha256::new(), status: head.status, outcome: Some(outcome), usage }
     }
 
     fn finish(&mut self, error: Option<&str>) {
         if let Some(o) = self.outcome.take() {
             let hash = std::mem::take(&mut self.hash);
             let sha = error.is_none().then(|| hex::encode(hash.finalize()));
-            o.write(self.status, self.bytes, sha, error);
+            let usage = self.usage.take().map(UsageParser::finish);
+            o.write_with_usage(self.status, self.bytes, sha, error, usage);
         }
     }
 }
@@ -125,10 +199,20 @@ impl Body for RecordedBody {
                 if let Some(d) = frame.data_ref() {
                     this.bytes += d.len() as u64;
                     this.hash.update(d);
+                    if let Some(p) = &mut this.usage {
+                        p.feed(d);
+                    }
+                    // Written before the last bytes are handed on: an agent that has read them
+                    // and sends its next request finds this one's tokens counted. A stream's
+                    // final event ends it too, as SDKs may stop reading there.
+                    if this.inner.is_end_stream() || this.usage.as_ref().is_some_and(UsageParser::stream_done) {
+                        this.finish(None);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
+                // (A stream whose final event passed is already recorded as complete.)
                 this.finish(Some("the upstream failed mid-response"));
                 Poll::Ready(Some(Err(e)))
             }

@@ -147,6 +147,7 @@ async fn forward(
     let mut headers = parts.headers;
     hygiene::strip_request(&mut headers);
     hygiene::strip_for_connector(&mut headers, connector);
+    crate::usage::prepare_request(&mut headers, connector);
     if let Some(proto) = &upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, proto.clone());
@@ -178,6 +179,7 @@ async fn forward(
         upstream_latency: latency,
         access,
         request_body,
+        usage: body::UsageHook::new(connector.usage, &gw.budgets),
     };
     // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
     // anything else, or unasked, would leave a raw connection no policy reads.
@@ -225,8 +227,7 @@ async fn forward(
             let (mut rp, rb) = resp.into_parts();
             hygiene::strip_response(&mut rp.headers);
             rp.headers.insert("x-uapk-record", HeaderValue::from(record));
-            let status = rp.status;
-            let body = RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, status);
+            let body = RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, &rp);
             Response::from_parts(rp, body.boxed_unsync())
         }
         Ok(Err(e)) => {

@@ -22,6 +22,7 @@ fn connector(credentials: &[(&str, &str)], strip: &[&str]) -> Connector {
             .map(|(n, v)| (HeaderName::from_bytes(n.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap()))
             .collect()),
         strip_headers: strip.iter().map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()).collect(),
+        usage: None,
         routes: vec![],
         mcp: None,
     }
