@@ -223,6 +223,13 @@ for line in open(runs_file):
             w = [("payment.refund", "escalate"), ("payment.refund", "allow")]
         if got.get(k) != w:
             problems.append(f"{k}: want {w}, got {got.get(k)}")
+    # What the policy read from the refund's arguments, and nothing forwarded for a refusal.
+    for e in rpc:
+        if e.get("mcp_name") == "refund" and e["params"] != {"amount": "900", "currency": "USD"}:
+            problems.append(f"refund params {e['params']}")
+        outcomes = [o for o in entries if o.get("kind") == "outcome" and o.get("decision_idx") == e["idx"]]
+        if (e["decision"] == "allow") != bool(outcomes):
+            problems.append(f"{e['mcp_method']} {e['decision']} with {len(outcomes)} outcome entries")
     for k in got:
         if k not in expected:
             problems.append(f"unexpected JSON-RPC request {k}: {got[k]}")
