@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The official MCP Python SDK through a real gateway: the example server (examples/mcp/server.py)
 # in the SDK's session mode and in its stateless mode, the example agent (examples/mcp/agent.py)
-# in base-URL and explicit-proxy mode against both. Asserts what the agent prints (allowed tool
-# results, streamed progress, the SDK's error for an escalation and for a tool the manifest does
-# not allow), what reached the MCP server, the decision entries in the log (read through
-# GET /v1/records) with their actions, a held call that completes after an approval through the
-# admin API, and an Mcp-Name header contradicting the body refused before the server.
+# in base-URL and explicit-proxy mode against both, with the SDK's high-level Client (protocol
+# 2026-07-28, Mcp-Method / Mcp-Name headers) and with the initialize handshake (2025-11-25).
+# Asserts what the agent prints (allowed tool results, streamed progress, the SDK's error for an
+# escalation and for a tool the manifest does not allow), what reached the MCP server, the
+# decision entries in the log (read through GET /v1/records) with their actions, a held call
+# that completes after an approval through the admin API, a non-ASCII tool name (its Mcp-Name
+# header base64-wrapped by the SDK) allowed, and an Mcp-Name header contradicting the body, or
+# malformed, refused before the server. Ends with `uapk-gateway verify` on the log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -35,10 +38,22 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 posts() { grep -c '"POST /mcp HTTP/1.1"' "$1" || true; } # requests the MCP server received
 
 # ---------------------------------------------------------------- the two MCP servers
-s_sess=$(port); s_less=$(port); proxy=$(port); admin=$(port)
+s_sess=$(port); s_less=$(port); s_names=$(port); proxy=$(port); admin=$(port)
 python3 "$root/examples/mcp/server.py" --port "$s_sess" > "$work/server-session.log" 2>&1 & pids+=($!)
 python3 "$root/examples/mcp/server.py" --port "$s_less" --stateless > "$work/server-stateless.log" 2>&1 & pids+=($!)
-for p in "$s_sess" "$s_less"; do
+# The example server plus a tool whose name is not plain ASCII: the SDK sends its Mcp-Name header
+# as =?base64?…?=, which the gateway must decode before comparing it with the body.
+cat > "$work/names_server.py" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+from server import app
+@app.tool(name="résumé")
+def resume(id: str) -> str:
+    return f"résumé of {id}"
+app.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+PY
+python3 "$work/names_server.py" "$root/examples/mcp" "$s_names" > "$work/server-names.log" 2>&1 & pids+=($!)
+for p in "$s_sess" "$s_less" "$s_names"; do
   # (a GET would open the stateless server's event stream: wait for the port instead)
   for _ in $(seq 150); do (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && break; sleep 0.1; done
 done
@@ -59,6 +74,8 @@ connector() { # name, port
     tools:
       - name: read_ticket
         action: ticket.read
+      - name: "résumé"
+        action: ticket.summary
       - name: export_tickets
         action: ticket.export
       - name: refund
@@ -80,6 +97,7 @@ capability:
 connectors:
 $(connector tickets "$s_sess")
 $(connector tickets-stateless "$s_less")
+$(connector tickets-names "$s_names")
 policy:
   approval: { amount_above: { USD: "100.00" } }
 escalation: { mode: $2, hold_timeout: 60s }
@@ -103,38 +121,46 @@ for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && 
 mint() { "$bin" token mint --issuer-key "$work/issuer.pem" --iss platform --sub "$1" --ttl 10m; }
 jti() { python3 -c 'import base64,json,sys; p=sys.argv[1].split(".")[1]; print(json.loads(base64.urlsafe_b64decode(p+"="*(-len(p)%4)))["jti"])' "$1"; }
 
-# ---------------------------------------------------------------- the agent, four ways
-# Each run has its own token, so its decision entries are found by the token's jti.
+# ---------------------------------------------------------------- the agent, eight ways
+# Server in session or stateless mode; agent in base-URL or explicit-proxy mode, with the SDK's
+# high-level Client (auto: server/discover, protocol 2026-07-28 with Mcp-Method / Mcp-Name
+# headers) or the initialize handshake (legacy: 2025-11-25). Each run has its own token, so its
+# decision entries are found by the token's jti.
 runs=()
 for server in session stateless; do
   if [ $server = session ]; then conn=tickets; sport=$s_sess; else conn=tickets-stateless; sport=$s_less; fi
   for mode in base-url proxy; do
-    name=$server/$mode
-    token=$(mint mcp-agent)
-    runs+=("$name $(jti "$token")")
-    before=$(posts "$work/server-$server.log")
-    if [ $mode = base-url ]; then args=(--base-url "http://127.0.0.1:$proxy/$conn/mcp")
-    else args=(--url "http://127.0.0.1:$sport/mcp" --proxy "http://127.0.0.1:$proxy"); fi
-    set +e
-    UAPK_TOKEN=$token timeout 60 python3 "$root/examples/mcp/agent.py" "${args[@]}" > "$work/out" 2>&1
-    rc=$?; set -e
-    sleep 0.3
-    after=$(posts "$work/server-$server.log")
-    echo "---- agent $name (exit $rc)"; sed 's/^/       /' "$work/out"
-    out=$work/out
-    check "$name: the agent exits 0" test "$rc" -eq 0
-    check "$name: tools listed" grep -q '^tools .*read_ticket.*refund' "$out"
-    check "$name: read_ticket allowed, the server's answer" grep -q '^allow read_ticket: ticket T-1001' "$out"
-    check "$name: streamed tool result (3 progress events, then the result)" \
-      bash -c "grep -q '^progress events 3$' '$out' && grep -q '^allow export_tickets: exported 3 tickets' '$out'"
-    check "$name: escalated refund: the SDK error shows decision, code and record" \
-      grep -Eq '^refused refund: MCPError -32003: escalate: amount_requires_approval: .*\(record [0-9]+\) \[approval appr-' "$out"
-    check "$name: disallowed tool: the SDK error shows tool_not_allowed" \
-      grep -Eq '^refused delete_ticket: MCPError -32003: deny: tool_not_allowed: .*\(record [0-9]+\)' "$out"
-    # initialize, notifications/initialized, tools/list, read_ticket, export_tickets: the refund
-    # and the disallowed tool never reach the server.
-    check "$name: the server received the 5 allowed JSON-RPC POSTs only (got $((after - before)))" \
-      test $((after - before)) -eq 5
+    for protocol in auto legacy; do
+      name=$server/$mode/$protocol
+      token=$(mint mcp-agent)
+      runs+=("$name $(jti "$token")")
+      before=$(posts "$work/server-$server.log")
+      if [ $mode = base-url ]; then args=(--base-url "http://127.0.0.1:$proxy/$conn/mcp")
+      else args=(--url "http://127.0.0.1:$sport/mcp" --proxy "http://127.0.0.1:$proxy"); fi
+      set +e
+      UAPK_TOKEN=$token timeout 60 python3 "$root/examples/mcp/agent.py" --protocol $protocol "${args[@]}" > "$work/out" 2>&1
+      rc=$?; set -e
+      sleep 0.3
+      after=$(posts "$work/server-$server.log")
+      echo "---- agent $name (exit $rc)"; sed 's/^/       /' "$work/out"
+      out=$work/out
+      check "$name: the agent exits 0" test "$rc" -eq 0
+      if [ $protocol = auto ]; then want_protocol=2026-07-28; else want_protocol=2025-11-25; fi
+      check "$name: protocol $want_protocol" grep -q "^session ticket-desk (protocol $want_protocol)" "$out"
+      check "$name: tools listed" grep -q '^tools .*read_ticket.*refund' "$out"
+      check "$name: read_ticket allowed, the server's answer" grep -q '^allow read_ticket: ticket T-1001' "$out"
+      check "$name: streamed tool result (3 progress events, then the result)" \
+        bash -c "grep -q '^progress events 3$' '$out' && grep -q '^allow export_tickets: exported 3 tickets' '$out'"
+      check "$name: escalated refund: the SDK error shows decision, code and record" \
+        grep -Eq '^refused refund: MCPError -32003: escalate: amount_requires_approval: .*\(record [0-9]+\) \[approval appr-' "$out"
+      check "$name: disallowed tool: the SDK error shows tool_not_allowed" \
+        grep -Eq '^refused delete_ticket: MCPError -32003: deny: tool_not_allowed: .*\(record [0-9]+\)' "$out"
+      # The session requests (discover, or initialize and its notification), tools/list,
+      # read_ticket, export_tickets: the refund and the disallowed tool never reach the server.
+      if [ $protocol = auto ]; then want=4; else want=5; fi
+      check "$name: the server received the $want allowed JSON-RPC POSTs only (got $((after - before)))" \
+        test $((after - before)) -eq $want
+    done
   done
 done
 
@@ -159,9 +185,42 @@ assert b["error"]["data"]["reasons"][0]["code"] == "mcp_header_mismatch", b
 ' "$work/mm.b" "$work/mm.h"
 check "Mcp-Name mismatch: nothing reached the server" test "$after" -eq "$before"
 
+# ---------------------------------------------------------------- a tool name sent base64-wrapped
+token=$(mint mcp-agent)
+cat > "$work/names_agent.py" <<'PY'
+import sys, anyio, httpx2
+from mcp import Client, MCPError
+from mcp.client.streamable_http import streamable_http_client
+async def main(url, token):
+    async with httpx2.AsyncClient(headers={"x-uapk-capability": token}, trust_env=False) as http:
+        async with Client(streamable_http_client(url, http_client=http)) as client:
+            try:
+                r = await client.call_tool("résumé", {"id": "T-7"})
+                print(f"allow résumé: {r.content[0].text} (protocol {client.protocol_version})")
+            except MCPError as e:
+                print(f"refused résumé: {e.message}")
+anyio.run(main, sys.argv[1], sys.argv[2])
+PY
+set +e
+timeout 60 python3 "$work/names_agent.py" "http://127.0.0.1:$proxy/tickets-names/mcp" "$token" > "$work/names.out" 2>&1
+set -e
+echo "---- non-ASCII tool name"; sed 's/^/       /' "$work/names.out"
+check "non-ASCII tool name (Mcp-Name =?base64?…?=): allowed, the server's answer" \
+  grep -q '^allow résumé: résumé of T-7 (protocol 2026-07-28)' "$work/names.out"
+# A wrapper that is not canonical base64 is a mismatch, never a guess; nothing reaches the server.
+sleep 0.3; before=$(posts "$work/server-names.log")
+curl -s -o "$work/mm2.b" "http://127.0.0.1:$proxy/tickets-names/mcp" \
+  -H "x-uapk-capability: $token" -H 'content-type: application/json' \
+  -H 'accept: application/json, text/event-stream' -H 'mcp-name: =?base64?YR==?=' \
+  -d '{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"a","arguments":{}}}'
+sleep 0.3
+check "malformed =?base64?…?= Mcp-Name: deny mcp_header_mismatch" grep -q '"message":"deny: mcp_header_mismatch: ' "$work/mm2.b"
+got=$(( $(posts "$work/server-names.log") - before ))
+check "malformed =?base64?…?= Mcp-Name: nothing reached the server (got $got)" test "$got" -eq 0
+
 # ---------------------------------------------------------------- hold mode: approved through the admin API
 token=$(mint mcp-hold-agent)
-runs+=("hold/base-url $(jti "$token")")
+runs+=("hold/base-url/auto $(jti "$token")")
 UAPK_TOKEN=$token timeout 90 python3 "$root/examples/mcp/agent.py" \
   --base-url "http://127.0.0.1:$proxy/tickets/mcp" > "$work/hold.out" 2>&1 & held=$!
 approval=
@@ -197,18 +256,24 @@ while True:
     if len(page) < 1000:
         break
     start += len(page)
-expected = {  # (mcp_method, mcp_name) -> (action, decision)
-    ("initialize", None): ("mcp.session", "allow"),
-    ("notifications/initialized", None): ("mcp.session", "allow"),
+calls = {  # (mcp_method, mcp_name) -> (action, decision)
     ("tools/list", None): ("mcp.session", "allow"),
     ("tools/call", "read_ticket"): ("ticket.read", "allow"),
     ("tools/call", "export_tickets"): ("ticket.export", "allow"),
     ("tools/call", "refund"): ("payment.refund", "escalate"),
     ("tools/call", "delete_ticket"): (None, "deny"),
 }
+session = {
+    "auto": {("server/discover", None): ("mcp.session", "allow")},
+    "legacy": {
+        ("initialize", None): ("mcp.session", "allow"),
+        ("notifications/initialized", None): ("mcp.session", "allow"),
+    },
+}
 failed = 0
 for line in open(runs_file):
     name, jti = line.split()
+    expected = {**calls, **session[name.rsplit("/", 1)[1]]}
     mine = [e for e in entries if e.get("kind") == "decision" and (e.get("token") or {}).get("jti") == jti]
     rpc = [e for e in mine if e.get("mcp_method")]
     other = [e for e in mine if not e.get("mcp_method")]
@@ -249,8 +314,9 @@ mm_idx = str(json.load(open(sys.argv[4]))["error"]["data"]["record"])
 mm = [e for e in entries if e.get("idx") == mm_idx]
 forwarded = [e for e in entries if e.get("kind") == "outcome" and e.get("decision_idx") == mm_idx]
 if mm and mm[0].get("kind") == "decision" and mm[0]["decision"] == "deny" \
-        and mm[0]["reasons"][0]["code"] == "mcp_header_mismatch" and not forwarded:
-    print(f"ok   log/mcp-name-mismatch: record {mm_idx} is deny mcp_header_mismatch, no outcome")
+        and mm[0]["reasons"][0]["code"] == "mcp_header_mismatch" and not forwarded \
+        and (mm[0].get("mcp_method"), mm[0].get("mcp_name")) == ("tools/call", "refund"):
+    print(f"ok   log/mcp-name-mismatch: record {mm_idx} is deny mcp_header_mismatch of tools/call refund, no outcome")
 else:
     failed += 1
     print(f"FAIL log/mcp-name-mismatch: record {mm_idx}: {mm} {forwarded}")
