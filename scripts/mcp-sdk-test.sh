@@ -6,7 +6,8 @@
 # Asserts what the agent prints (allowed tool results, streamed progress, the SDK's error for an
 # escalation and for a tool the manifest does not allow), what reached the MCP server, the
 # decision entries in the log (read through GET /v1/records) with their actions, a held call
-# that completes after an approval through the admin API, a non-ASCII tool name (its Mcp-Name
+# that completes after an approval through the admin API, a rejected call retried with its
+# override token in the same SDK session, a non-ASCII tool name (its Mcp-Name
 # header base64-wrapped by the SDK) allowed, and an Mcp-Name header contradicting the body, or
 # malformed, refused before the server. Ends with `uapk-gateway verify` on the log.
 set -euo pipefail
@@ -217,6 +218,61 @@ sleep 0.3
 check "malformed =?base64?…?= Mcp-Name: deny mcp_header_mismatch" grep -q '"message":"deny: mcp_header_mismatch: ' "$work/mm2.b"
 got=$(( $(posts "$work/server-names.log") - before ))
 check "malformed =?base64?…?= Mcp-Name: nothing reached the server (got $got)" test "$got" -eq 0
+
+# ---------------------------------------------------------------- reject mode: approve, then retry with the override
+# In the same SDK session: the refund escalates, an approver approves it (admin API), the agent
+# fetches its override token on the proxy listener and retries the identical call with
+# x-uapk-override set on its http client; once for each protocol generation.
+cat > "$work/override_agent.py" <<'PY'
+import sys, anyio, httpx2
+from mcp import Client, ClientSession, MCPError
+from mcp.client.streamable_http import streamable_http_client
+url, gateway, admin, admin_key, token, protocol = sys.argv[1:7]
+async def flow(session, http):
+    args = {"amount": 900, "customer": "cus_123"}
+    try:
+        await session.call_tool("refund", args)
+        print("unexpected: the refund was not escalated"); return
+    except MCPError as e:
+        approval = e.data["approval_id"]
+        print(f"escalated {approval}")
+    async with httpx2.AsyncClient(trust_env=False) as h:
+        r = await h.post(f"{admin}/v1/approvals/{approval}/approve", json={"note": "ok"},
+                         headers={"authorization": f"Bearer {admin_key}"})
+        print(f"approve {r.status_code}")
+        r = await h.get(f"{gateway}/uapk/v1/approvals/{approval}", headers={"x-uapk-capability": token})
+        override = r.json().get("override_token")
+        print(f"agent view {r.json().get('status')}")
+    http.headers["x-uapk-override"] = override
+    try:
+        res = await session.call_tool("refund", args)
+        print(f"retry allow: {res.content[0].text}")
+    except MCPError as e:
+        print(f"retry refused: {e.message}")
+    finally:
+        del http.headers["x-uapk-override"]
+async def main():
+    async with httpx2.AsyncClient(headers={"x-uapk-capability": token}, trust_env=False) as http:
+        if protocol == "legacy":
+            async with streamable_http_client(url, http_client=http) as (r, w):
+                async with ClientSession(r, w) as session:
+                    await session.initialize()
+                    await flow(session, http)
+        else:
+            async with Client(streamable_http_client(url, http_client=http)) as session:
+                await flow(session, http)
+anyio.run(main)
+PY
+for protocol in auto legacy; do
+  token=$(mint mcp-agent)
+  set +e
+  timeout 60 python3 "$work/override_agent.py" "http://127.0.0.1:$proxy/tickets/mcp" "http://127.0.0.1:$proxy" \
+    "http://127.0.0.1:$admin" "$admin_key" "$token" $protocol > "$work/override.out" 2>&1
+  set -e
+  echo "---- reject, approve, retry with the override ($protocol)"; sed 's/^/       /' "$work/override.out"
+  check "override/$protocol: the retried refund goes through with the server's answer" \
+    bash -c "grep -q '^escalated appr-' '$work/override.out' && grep -q '^retry allow: refunded 900.00 USD to cus_123' '$work/override.out'"
+done
 
 # ---------------------------------------------------------------- hold mode: approved through the admin API
 token=$(mint mcp-hold-agent)
