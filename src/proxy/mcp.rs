@@ -11,8 +11,11 @@ use super::target::sanitize;
 use super::{Facts, Gateway, Stop};
 use crate::config::{BodyFormat, McpEndpoint};
 use crate::policy::{self, Decision, JsonDoc, Params};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use http::{HeaderMap, Method, StatusCode, request::Parts};
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 
 /// Methods that only keep the session going; they are one action, `mcp.session`, and are not
 /// counted in budgets.
@@ -50,6 +53,25 @@ fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str
             v.to_str().map(|s| Some(s.trim())).map_err(|_| mismatch(format!("{name} is not valid text")))
         }
     }
+}
+
+/// The text an `Mcp-Method` / `Mcp-Name` header stands for. MCP clients send a value that would
+/// not survive as a header field (non-ASCII, control characters, edge whitespace) as
+/// `=?base64?<standard base64 of its UTF-8>?=` (the official SDKs do); any other value is itself.
+/// A malformed wrapper (bad or non-canonical base64, not UTF-8) is a mismatch, never a guess.
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<Cow<'a, str>>, Stop> {
+    let Some(v) = header_value(headers, name)? else {
+        return Ok(None);
+    };
+    let Some(payload) = v.strip_prefix("=?base64?").and_then(|r| r.strip_suffix("?=")) else {
+        return Ok(Some(Cow::Borrowed(v)));
+    };
+    STANDARD
+        .decode(payload)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .map(|t| Some(Cow::Owned(t)))
+        .ok_or_else(|| mismatch(format!("{name} is not a valid =?base64?…?= value")))
 }
 
 /// A string the body gives at `ptr`: absent, one string, or a refusal (two readings, not a string).
@@ -133,10 +155,12 @@ pub(super) async fn classify(
     if method.is_empty() || method.len() > 128 || !method.bytes().all(|c| c.is_ascii_graphic()) {
         return Err(malformed("the JSON-RPC method is not a method name"));
     }
-    if let Some(h) = header_value(headers, "mcp-method")?
+    // Recorded before the header checks, so a refused mismatch shows what the body asked for.
+    facts.mcp = Some((method.to_string(), None));
+    if let Some(h) = header_text(headers, "mcp-method")?
         && h != method
     {
-        return Err(mismatch(format!("Mcp-Method says {:?}, the body calls {:?}", sanitize(h), sanitize(method))));
+        return Err(mismatch(format!("Mcp-Method says {:?}, the body calls {:?}", sanitize(&h), sanitize(method))));
     }
     // The name the call acts on: a tool's or prompt's name, a resource's URI.
     let name = match method {
@@ -144,16 +168,16 @@ pub(super) async fn classify(
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string_at(&doc, "/params/uri")?,
         _ => None,
     };
-    if let Some(h) = header_value(headers, "mcp-name")?
-        && Some(h) != name
+    facts.mcp = Some((method.to_string(), name.map(str::to_string)));
+    if let Some(h) = header_text(headers, "mcp-name")?
+        && Some(h.as_ref()) != name
     {
         return Err(mismatch(format!(
             "Mcp-Name says {:?}, the body names {:?}",
-            sanitize(h),
+            sanitize(&h),
             name.map(sanitize).unwrap_or_default()
         )));
     }
-    facts.mcp = Some((method.to_string(), name.map(str::to_string)));
     // An override binds the call (method and params), not the JSON-RPC id a retry renews.
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(b) {
         let call = serde_json::json!({"method": method, "params": v.get("params")});
@@ -182,4 +206,38 @@ pub(super) async fn classify(
     }
     facts.action = Some(action.clone());
     Ok((Rule::Protocol(action), Params::default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn text(value: &'static str) -> Result<Option<String>, ()> {
+        let mut h = HeaderMap::new();
+        h.insert("mcp-name", HeaderValue::from_static(value));
+        header_text(&h, "mcp-name").map(|t| t.map(|c| c.into_owned())).map_err(|_| ())
+    }
+
+    #[test]
+    fn plain_header_values_are_themselves() {
+        assert_eq!(text("read_ticket"), Ok(Some("read_ticket".into())));
+        assert_eq!(text("file:///tmp/a b.txt"), Ok(Some("file:///tmp/a b.txt".into())));
+        assert_eq!(header_text(&HeaderMap::new(), "mcp-name").ok().flatten(), None);
+    }
+
+    #[test]
+    fn base64_wrapped_values_are_decoded() {
+        // What the MCP Python SDK sends for "résumé" and for " padded ".
+        assert_eq!(text("=?base64?csOpc3Vtw6k=?="), Ok(Some("résumé".into())));
+        assert_eq!(text("=?base64?IHBhZGRlZCA=?="), Ok(Some(" padded ".into())));
+    }
+
+    #[test]
+    fn malformed_wrappers_are_mismatches() {
+        assert_eq!(text("=?base64?not base64!?="), Err(()), "not base64");
+        assert_eq!(text("=?base64?YR==?="), Err(()), "non-zero trailing bits (non-canonical)");
+        assert_eq!(text("=?base64?YQ?="), Err(()), "missing padding (non-canonical)");
+        assert_eq!(text("=?base64?/w==?="), Err(()), "not UTF-8");
+    }
 }
