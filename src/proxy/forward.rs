@@ -250,7 +250,8 @@ async fn forward(
 /// upstream, for the `outcome` entry (`audit.bodies: hash` or `full`; an upgrade's request body
 /// too). A buffered body, or `audit.bodies: none`, goes out as it is.
 fn hash_streamed(facts: &Facts, body: ProxyBody) -> (ProxyBody, Option<RequestDigest>) {
-    if facts.body.is_some() || facts.bodies == BodiesMode::None {
+    // (A body known to be empty — a GET without a length — has nothing to hash.)
+    if facts.body.is_some() || facts.bodies == BodiesMode::None || http_body::Body::is_end_stream(&body) {
         return (body, None);
     }
     let digest = RequestDigest::new(facts.bodies == BodiesMode::Full);
