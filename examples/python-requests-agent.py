@@ -18,7 +18,19 @@ ok &= r.status_code == 403 and r.json()["decision"] == "deny"
 
 # Stripe-style APIs take form-encoded bodies (data=), as the gateway reads them.
 r = requests.post(f"{api}/v1/refunds", data={"amount": 9000, "currency": "usd", "customer": "cus_42"}, timeout=10)
-print("escalate", r.status_code, r.json().get("approval_id"))
+approval = r.json().get("approval_id")
+print("escalate", r.status_code, approval)
 ok &= r.status_code == 403 and r.json()["decision"] == "escalate"
+
+# An agent in reject mode asks the gateway itself how its approval stands (with its own token, not
+# through the proxy); once approved the answer carries the override token to retry with, in the
+# x-uapk-override header.
+gateway, token = os.environ.get("UAPK_GATEWAY"), os.environ.get("UAPK_TOKEN")
+if gateway and token and approval:
+    direct = requests.Session()
+    direct.trust_env = False  # the gateway's own API is not reached through the proxy
+    s = direct.get(f"{gateway}/uapk/v1/approvals/{approval}", headers={"x-uapk-capability": token}, timeout=10)
+    print("approval", s.status_code, s.json().get("status"))
+    ok &= s.status_code == 200 and s.json()["status"] == "pending" and "override_token" not in s.json()
 
 sys.exit(0 if ok else 1)
