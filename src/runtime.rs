@@ -87,8 +87,9 @@ fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64> {
             let Ok(v) = serde_json::from_slice::<Value>(bytes) else { continue };
             // The same rule as at runtime: what counts is decided in one place.
             if let Some(spend) = crate::limits::recorded_spend(&v, now) {
+                // `budget_actions_replayed` counts actions; token usage is replayed alongside.
+                counted += u64::from(matches!(spend, crate::limits::Counted::Action(_)));
                 budgets.record(&spend);
-                counted += 1;
             }
         }
         from = last + 1;
