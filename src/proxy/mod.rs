@@ -361,8 +361,10 @@ impl Gateway {
 
     /// Beyond the agent's refusal budget (`limits::refusals`) a refusal is not recorded as its
     /// own entry but counted into the agent's summary entry, and answered 429
-    /// `refusals_rate_limited` with `Retry-After` and the request id to find it there.
-    fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
+    /// `refusals_rate_limited` with `Retry-After` and the request id to find it there — after a
+    /// pause (the time until the budget has room again, 100 ms to 1 s), so a flooding client
+    /// slows down instead of taking the core from every other agent (a timer, no CPU).
+    async fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
         use crate::limits::refusals::{Admission, RATE_LIMITED, Refuser};
         let refuser = match (&facts.agent, facts.entry) {
             (Some(a), _) => Refuser::Agent(a.clone()),
@@ -378,6 +380,7 @@ impl Gateway {
             RATE_LIMITED,
             format!("{} refused; refusals beyond limits.refusals_per_agent are summarised", d.code()),
         );
+        tokio::time::sleep(retry_after.clamp(Duration::from_millis(100), Duration::from_secs(1))).await;
         let mut resp = refuse(StatusCode::TOO_MANY_REQUESTS, facts, &why, None, DenyBody::default());
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
         if let Ok(v) = HeaderValue::from_str(&facts.request_id) {
@@ -390,7 +393,7 @@ impl Gateway {
 
     /// Records `d` and answers with `status` (within the agent's refusal budget).
     async fn refuse_recorded(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
-        if let Some(resp) = self.over_refusal_budget(facts, &d) {
+        if let Some(resp) = self.over_refusal_budget(facts, &d).await {
             return resp;
         }
         self.refuse_recorded_always(status, facts, d).await
