@@ -159,6 +159,24 @@ pub fn first_index_at_or_after(db: &redb::Database, ts: &str) -> Result<Option<u
 type Rotation = Result<(VerifyingKey, String, Signature), String>;
 
 /// For a `key` rotation entry: the announced key, the signed message and its signature.
+/// A `key` entry at `idx` that announces a rotation, signed by a key active before it, makes
+/// its new key the only active one (and a known one); returns how many rotations it made (0 or 1).
+fn follow_rotation(
+    idx: u64,
+    bytes: &[u8],
+    active: &mut Vec<VerifyingKey>,
+    known: &mut Vec<VerifyingKey>,
+) -> Result<u64, VerifyFailure> {
+    let Some(new) = rotation(bytes) else { return Ok(0) };
+    let (new_key, message, sig) = new.map_err(|why| fail(Some(idx), why))?;
+    if !active.iter().any(|k| k.verify(message.as_bytes(), &sig).is_ok()) {
+        return Err(fail(Some(idx), "a key rotation not signed by the key active before it"));
+    }
+    *active = vec![new_key];
+    known.push(new_key);
+    Ok(1)
+}
+
 fn rotation(entry: &[u8]) -> Option<Rotation> {
     let v: Value = serde_json::from_slice(entry).ok()?;
     if v["kind"] != "key" {
@@ -344,14 +362,8 @@ pub fn verify_tx(
                 return Err(fail(Some(expected), "the entry's own signature is not by the key active at this index"));
             }
         }
-        if is_key && let Some(new) = rotation(bytes) {
-            let (new_key, message, sig) = new.map_err(|why| fail(Some(expected), why))?;
-            if !active.iter().any(|k| k.verify(message.as_bytes(), &sig).is_ok()) {
-                return Err(fail(Some(expected), "a key rotation not signed by the key active before it"));
-            }
-            active = vec![new_key];
-            known.push(new_key);
-            rotations += 1;
+        if is_key {
+            rotations += follow_rotation(expected, bytes, &mut active, &mut known)?;
         }
         frontier.push(leaf);
         prev = leaf;
@@ -793,14 +805,8 @@ fn check_range(
         }
         let bytes = line.as_slice();
         let (leaf, is_key) = check_entry(idx, bytes, &prev, Some(&cp.origin))?;
-        if is_key && let Some(new) = rotation(bytes) {
-            let (new_key, message, sig) = new.map_err(|why| fail(Some(idx), why))?;
-            if !active.iter().any(|k| k.verify(message.as_bytes(), &sig).is_ok()) {
-                return Err(fail(Some(idx), "a key rotation not signed by the key active before it"));
-            }
-            active = vec![new_key];
-            known.push(new_key);
-            rotations += 1;
+        if is_key {
+            rotations += follow_rotation(idx, bytes, &mut active, &mut known)?;
         }
         frontier.push(leaf);
         prev = leaf;
