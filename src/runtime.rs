@@ -573,7 +573,11 @@ fn bind_ipv6_only(a: SocketAddr) -> std::io::Result<TcpListener> {
 /// Writes the pending refusal summaries (`limits::refusals`), one `decision` entry each.
 async fn flush_refusals(gw: &Gateway) {
     for summary in gw.refusals.drain() {
-        if let Err(e) = gw.audit.append(summary.entry()).await {
+        let appended = match summary.entry() {
+            Ok(fields) => gw.audit.append_fields(fields).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = appended {
             tracing::error!(error = %e, count = summary.count, "refusal summary not recorded");
         }
     }

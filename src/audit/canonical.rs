@@ -205,6 +205,32 @@ impl Fields {
         self.try_put(key.into(), v, false)
     }
 
+    /// A JSON value whose long strings the producer already cut (keeping their first bytes, then
+    /// `…`), so it did not hold them whole: `cuts` gives each one's path below `key` (`3.path`)
+    /// and its full SHA-256 and length, for the `truncated` map (`key.3.path`).
+    pub fn value_precut(
+        &mut self,
+        key: &'static str,
+        v: &Value,
+        cuts: &[(String, [u8; 32], u64)],
+    ) -> Result<&mut Fields, AuditError> {
+        let field = self.keys.len();
+        self.try_put(key.into(), v, false)?;
+        if cuts.is_empty() {
+            return Ok(self);
+        }
+        for (path, sha256, len) in cuts {
+            self.cuts.push(Cut { field, path: format!("{key}.{path}"), sha256: *sha256, len: *len });
+        }
+        if !self.full.iter().any(|(f, ..)| *f == field) {
+            // Dropped whole, the field is known by what was stored of it.
+            let (_, start, end) = &self.keys[field];
+            let stored = &self.buf[*start..*end];
+            self.full.push((field, Sha256::digest(stored).into(), stored.len() as u64));
+        }
+        Ok(self)
+    }
+
     /// A JSON object value, canonicalised (no copy of the map).
     pub fn map(&mut self, key: &'static str, m: &Map<String, Value>) -> Result<&mut Fields, AuditError> {
         let field = self.keys.len();

@@ -360,20 +360,30 @@ impl Gateway {
     }
 
     /// Beyond the agent's refusal budget (`limits::refusals`) a refusal is not recorded as its
-    /// own entry but counted into the agent's summary entry, and answered 429
+    /// own entry but counted into the agent's summary entry (under its code, method, host,
+    /// connector and action, with its path, query and params if it is the first), and answered 429
     /// `refusals_rate_limited` with `Retry-After` and the request id to find it there — after a
     /// pause (the time until the budget has room again, 100 ms to 1 s), so a flooding client
     /// slows down instead of taking the core from every other agent (a timer, no CPU).
     async fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
-        use crate::limits::refusals::{Admission, RATE_LIMITED, Refuser};
+        use crate::limits::refusals::{Admission, RATE_LIMITED, Refusal, Refuser};
         let refuser = match (&facts.agent, facts.entry) {
             (Some(a), _) => Refuser::Agent(a.clone()),
             (None, Entry::Transparent) => Refuser::Listener("transparent"),
             (None, _) => Refuser::Listener("proxy"),
         };
-        let Admission::Summarised { retry_after } =
-            self.refusals.admit(&refuser, &facts.request_id, d.code(), Instant::now())
-        else {
+        let refusal = Refusal {
+            request_id: &facts.request_id,
+            code: d.code(),
+            method: facts.method.as_str(),
+            host: &facts.host,
+            connector: facts.connector.as_deref(),
+            action: facts.action.as_deref(),
+            path: &facts.path,
+            query: facts.query.as_deref(),
+            params: &facts.params,
+        };
+        let Admission::Summarised { retry_after } = self.refusals.admit(&refuser, &refusal, Instant::now()) else {
             return None;
         };
         let why = Decision::deny(
