@@ -383,6 +383,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             cfg.limits.refusals_per_second,
             cfg.limits.refusals_burst,
         ),
+        // By default half the connections the listeners can hold, so one agent cannot hold them all.
+        in_flight: crate::limits::in_flight::InFlight::new(cfg.limits.max_in_flight_per_agent.unwrap_or_else(|| {
+            effective_max_connections(cfg.limits.max_connections, cfg.admin_max_connections, open_files_limit()) / 2
+        })),
         config: cfg,
     });
     let health = Arc::new(AdminState::default());

@@ -109,6 +109,10 @@ pub struct Limits {
     /// Open connections on the proxy and transparent listeners together, CONNECT tunnels and
     /// upgraded connections included; past it new connections get a fast 503 or are closed.
     pub max_connections: usize,
+    /// Requests of one identified agent in flight at once (from identification until the
+    /// response body ends); beyond, 429 `too_many_requests_in_flight` and the connection is
+    /// closed. `None`: half of `max_connections` as applied (after the open-file limit).
+    pub max_in_flight_per_agent: Option<usize>,
     /// A connection with no request in flight (HTTP/1 keep-alive, HTTP/2 without streams) is
     /// closed after this long.
     pub idle_timeout: Duration,

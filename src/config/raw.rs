@@ -87,6 +87,7 @@ pub struct RawLimits {
     pub upstream_connect_timeout: Option<String>,
     pub upstream_timeout: Option<String>,
     pub max_connections: Option<usize>,
+    pub max_in_flight_per_agent: Option<usize>,
     pub idle_timeout: Option<String>,
     pub tls_handshake_timeout: Option<String>,
     pub tunnel_idle_timeout: Option<String>,

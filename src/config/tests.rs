@@ -247,6 +247,7 @@ fn connection_and_refusal_limits_have_defaults_and_are_validated() {
     assert_eq!(l.tls_handshake_timeout, std::time::Duration::from_secs(10));
     assert_eq!(l.tunnel_idle_timeout, std::time::Duration::from_secs(300));
     assert_eq!(l.max_connections, 4096);
+    assert_eq!(l.max_in_flight_per_agent, None, "half of max_connections as applied");
     assert_eq!((l.refusals_per_second, l.refusals_burst), (50.0, 100));
     assert_eq!(cfg.admin_max_connections, 256);
 
@@ -254,9 +255,10 @@ fn connection_and_refusal_limits_have_defaults_and_are_validated() {
     let p = write(
         dir.path(),
         "g.yaml",
-        "admin:\n  max_connections: 8\nlimits:\n  idle_timeout: 2s\n  tunnel_idle_timeout: 500ms\n  refusals_per_agent: 600/m\n  refusals_burst: 7\n",
+        "admin:\n  max_connections: 8\nlimits:\n  idle_timeout: 2s\n  tunnel_idle_timeout: 500ms\n  refusals_per_agent: 600/m\n  refusals_burst: 7\n  max_in_flight_per_agent: 3\n",
     );
     let cfg = load_gateway(Some(&p)).unwrap();
+    assert_eq!(cfg.limits.max_in_flight_per_agent, Some(3));
     assert_eq!(cfg.admin_max_connections, 8);
     assert_eq!(cfg.limits.idle_timeout, std::time::Duration::from_secs(2));
     assert_eq!(cfg.limits.tunnel_idle_timeout, std::time::Duration::from_millis(500));
@@ -265,7 +267,7 @@ fn connection_and_refusal_limits_have_defaults_and_are_validated() {
     let p = write(
         dir.path(),
         "bad.yaml",
-        "admin:\n  max_connections: 0\nlimits:\n  idle_timeout: 0s\n  tls_handshake_timeout: soon\n  refusals_per_agent: lots\n  refusals_burst: 0\n  max_connections: 0\n",
+        "admin:\n  max_connections: 0\nlimits:\n  idle_timeout: 0s\n  tls_handshake_timeout: soon\n  refusals_per_agent: lots\n  refusals_burst: 0\n  max_connections: 0\n  max_in_flight_per_agent: 0\n",
     );
     let errs = load_gateway(Some(&p)).unwrap_err().0;
     let keys: Vec<_> = errs.iter().map(|d| d.key.as_str()).collect();
@@ -276,6 +278,7 @@ fn connection_and_refusal_limits_have_defaults_and_are_validated() {
         "limits.refusals_per_agent",
         "limits.refusals_burst",
         "limits.max_connections",
+        "limits.max_in_flight_per_agent",
     ] {
         assert!(keys.contains(&k), "{k} not reported: {errs:?}");
     }

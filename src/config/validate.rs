@@ -215,6 +215,7 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         ),
         upstream_timeout: duration(cx, "limits.upstream_timeout", l.upstream_timeout, Duration::from_secs(60)),
         max_connections: l.max_connections.unwrap_or(4096),
+        max_in_flight_per_agent: l.max_in_flight_per_agent,
         idle_timeout: duration(cx, "limits.idle_timeout", l.idle_timeout, Duration::from_secs(60)),
         tls_handshake_timeout: duration(
             cx,
@@ -243,6 +244,9 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
     }
     if limits.max_connections == 0 {
         cx.err("limits.max_connections", "must be at least 1");
+    }
+    if limits.max_in_flight_per_agent == Some(0) {
+        cx.err("limits.max_in_flight_per_agent", "must be at least 1");
     }
     if limits.refusals_burst == 0 {
         cx.err("limits.refusals_burst", "must be at least 1");

@@ -13,6 +13,7 @@
 //! Rate limits are GCRA buckets checked all before any is taken ([`RateLimiters::check`]).
 //! How fast one agent's refusals are recorded is bounded by [`refusals`].
 
+pub mod in_flight;
 pub mod refusals;
 
 use crate::config::{Manifest, RateLimit, Scope, Window};

@@ -2,7 +2,8 @@
 //! `outcome` entry when the body ends (or the client goes away); the request body wrapper that
 //! hashes a streamed request body as it passes to the upstream, for that `outcome` entry; and,
 //! for a connector with `usage`, the response's LLM token usage read as it passes
-//! ([`crate::usage`]), recorded in the outcome entry and counted toward token budgets.
+//! ([`crate::usage`]), recorded in the outcome entry and counted toward token budgets; and the
+//! stall deadline of a streamed request body ([`StallCut`], `limits.body_read_timeout`).
 
 use super::{BoxError, ProxyBody};
 use crate::audit::{AuditHandle, Fields};
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use sha2::{Digest, Sha256};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -69,6 +71,8 @@ pub struct Outcome {
     pub request_body: Option<RequestDigest>,
     /// Set for a connector with `usage`: the response's token usage is read and recorded.
     pub usage: Option<UsageHook>,
+    /// Set when the streamed request body was cut for stalling (`request_body_error`).
+    pub body_stalled: Option<Stalled>,
 }
 
 /// How a usage connector's outcome reads and counts tokens.
@@ -119,6 +123,9 @@ impl Outcome {
         }
         if let Some(d) = &self.request_body {
             d.write_fields(&mut f);
+        }
+        if self.body_stalled.as_ref().is_some_and(Stalled::get) {
+            f.str("request_body_error", BODY_TIMEOUT);
         }
         let mut tokens = None;
         if self.usage.is_some() {
@@ -377,11 +384,131 @@ impl Body for HashedBody {
     }
 }
 
+/// What an `outcome` entry's `request_body_error` says of a streamed request body cut for
+/// stalling; the reason code a buffered body that stalls is refused with.
+pub const BODY_TIMEOUT: &str = "body_timeout";
+
+/// Whether a [`StallCut`] cut its body; shared with the `outcome` entry.
+#[derive(Clone, Default)]
+pub struct Stalled(Arc<std::sync::atomic::AtomicBool>);
+
+impl Stalled {
+    pub fn get(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The error a stalled request body ends with: the upstream request is aborted.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request body sent nothing for {:?} (limits.body_read_timeout)", self.0)
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
+/// Streams a request body to the upstream, and fails it (so the upstream request is aborted
+/// mid-body) when no frame arrives for `timeout`: a client that stops sending cannot hold an
+/// upstream request, and its slot, forever. The timer is armed only when the body waits.
+pub struct StallCut {
+    inner: ProxyBody,
+    timeout: Duration,
+    last: Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    stalled: Stalled,
+    done: bool,
+}
+
+impl StallCut {
+    pub fn new(inner: ProxyBody, timeout: Duration, stalled: Stalled) -> StallCut {
+        StallCut { inner, timeout, last: Instant::now(), timer: None, stalled, done: false }
+    }
+}
+
+impl Body for StallCut {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {}
+            ready => {
+                this.last = Instant::now();
+                return ready;
+            }
+        }
+        let deadline = tokio::time::Instant::from_std(this.last + this.timeout);
+        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                this.done = true;
+                this.stalled.0.store(true, std::sync::atomic::Ordering::Relaxed);
+                Poll::Ready(Some(Err(Box::new(BodyStalled(this.timeout)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod request_digest_tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
     use serde_json::Value;
+
+    /// A body whose frames the test sends.
+    fn channel() -> (tokio::sync::mpsc::UnboundedSender<Result<Frame<Bytes>, BoxError>>, ProxyBody) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+        (tx, StreamBody::new(frames).boxed_unsync())
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stalls_is_cut_and_one_that_trickles_is_not() {
+        let timeout = Duration::from_millis(300);
+        // Two bytes, then nothing: cut after the timeout.
+        let (tx, rx) = channel();
+        tx.send(Ok(Frame::data(Bytes::from_static(b"ab")))).unwrap();
+        let stalled = Stalled::default();
+        let mut body = StallCut::new(rx, timeout, stalled.clone());
+        assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "ab");
+        let started = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<BodyStalled>(), "{err}");
+        assert!(started.elapsed() >= timeout && started.elapsed() < timeout * 4, "{:?}", started.elapsed());
+        assert!(stalled.get() && body.frame().await.is_none());
+        drop(tx);
+        // A frame every 100 ms under a 300 ms timeout, for longer than the timeout: never cut.
+        let (tx, rx) = channel();
+        let stalled = Stalled::default();
+        let body = StallCut::new(rx, timeout, stalled.clone());
+        tokio::spawn(async move {
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send(Ok(Frame::data(Bytes::from_static(b"x")))).unwrap();
+            }
+        });
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "xxxxxxxx");
+        assert!(!stalled.get());
+    }
 
     fn frames(parts: &[&'static [u8]]) -> ProxyBody {
         let frames: Vec<Result<Frame<Bytes>, BoxError>> =

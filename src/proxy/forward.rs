@@ -3,7 +3,7 @@
 //! connector's credentials and the answer streamed back; its `outcome` entry is written when the
 //! response body ends.
 
-use super::body::{self, HashedBody, RecordedBody, RequestDigest};
+use super::body::{self, HashedBody, RecordedBody, RequestDigest, StallCut, Stalled};
 use super::respond::DenyBody;
 use super::settle::Settled;
 use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse, ssrf};
@@ -156,6 +156,7 @@ async fn forward(
     for (name, value) in creds {
         headers.append(name.clone(), value.clone());
     }
+    let (body, body_stalled) = cut_stalls(facts, body, gw.config.limits.body_read_timeout);
     let (body, request_body) = hash_streamed(facts, body);
     let mut up = Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
     if let Some(h) = up.headers_mut() {
@@ -180,6 +181,7 @@ async fn forward(
         access,
         request_body,
         usage: body::UsageHook::new(connector.usage, &gw.budgets),
+        body_stalled: body_stalled.clone(),
     };
     // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
     // anything else, or unasked, would leave a raw connection no policy reads.
@@ -230,6 +232,16 @@ async fn forward(
             let body = RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, &rp);
             Response::from_parts(rp, body.boxed_unsync())
         }
+        Ok(Err(_)) if body_stalled.as_ref().is_some_and(Stalled::get) => {
+            // The agent stopped sending: the upstream request was aborted mid-body.
+            let status = StatusCode::REQUEST_TIMEOUT;
+            let msg = "the request body stalled longer than limits.body_read_timeout; the upstream request was aborted";
+            outcome.write(status, 0, None, Some(msg));
+            let d = Decision::deny(body::BODY_TIMEOUT, msg);
+            let mut resp = refuse(status, facts, &d, Some(record), DenyBody::default());
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
         Ok(Err(e)) => {
             let (status, msg) = upstream_error(&e);
             outcome.write(status, 0, None, Some(msg));
@@ -244,6 +256,16 @@ async fn forward(
             refuse(status, facts, &d, Some(record), DenyBody::default())
         }
     }
+}
+
+/// A streamed request body (not buffered, not known empty) is cut when it sends nothing for
+/// `limits.body_read_timeout` (SPEC §16.3), as a buffered one is refused.
+fn cut_stalls(facts: &Facts, body: ProxyBody, timeout: std::time::Duration) -> (ProxyBody, Option<Stalled>) {
+    if facts.body.is_some() || http_body::Body::is_end_stream(&body) {
+        return (body, None);
+    }
+    let stalled = Stalled::default();
+    (StallCut::new(body, timeout, stalled.clone()).boxed_unsync(), Some(stalled))
 }
 
 /// A body not buffered (so not hashed in the decision entry) is hashed as it streams to the

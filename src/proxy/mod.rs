@@ -32,6 +32,7 @@ use crate::approvals::Approvals;
 use crate::audit::{AuditError, AuditHandle, Fields};
 use crate::config::{BodiesMode, GatewayConfig, PolicyMode, PolicySet, Scheme};
 use crate::identity::TokenVerifier;
+use crate::limits::in_flight::InFlightSlot;
 use crate::limits::{Budgets, RateLimiters};
 use crate::policy::{self, Decision};
 use arc_swap::ArcSwap;
@@ -90,6 +91,8 @@ pub struct Gateway {
     pub db: crate::audit::SharedDb,
     /// How fast each agent's refusals are recorded one by one (`limits::refusals`).
     pub refusals: crate::limits::refusals::RefusalBudget,
+    /// Each identified agent's requests in flight (`limits.max_in_flight_per_agent`).
+    pub in_flight: crate::limits::in_flight::InFlight,
 }
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk
@@ -401,6 +404,24 @@ impl Gateway {
         Some(resp)
     }
 
+    /// An identified agent with `limits.max_in_flight_per_agent` requests in flight: 429
+    /// `too_many_requests_in_flight`, recorded (within the refusal budget, like any refusal), and
+    /// the connection closed, so the agent's extra connections give their place back.
+    async fn too_many_in_flight(&self, facts: &Facts) -> Response<ProxyBody> {
+        let d = Decision::deny(
+            "too_many_requests_in_flight",
+            format!(
+                "the agent already has {} requests in flight (limits.max_in_flight_per_agent)",
+                self.in_flight.max()
+            ),
+        );
+        let mut resp = self.refuse_recorded(StatusCode::TOO_MANY_REQUESTS, facts, d).await;
+        let h = resp.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.entry(header::RETRY_AFTER).or_insert(HeaderValue::from_static("1"));
+        resp
+    }
+
     /// Records `d` and answers with `status` (within the agent's refusal budget).
     async fn refuse_recorded(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
         if let Some(resp) = self.over_refusal_budget(facts, &d).await {
@@ -520,8 +541,11 @@ async fn pipeline(
         .map_err(|d| identify::refusal(facts, &target, d))?;
     facts.headers = hygiene::recorded_headers(&parts.headers, &who.manifest.audit.redact_headers);
     facts.bodies = who.manifest.audit.bodies;
+    let Some(slot) = gw.in_flight.try_take(&who.manifest.agent.id) else {
+        return Ok(gw.too_many_in_flight(facts).await);
+    };
     if target.is_agent_api() {
-        return Ok(agent_api::serve(gw, facts, &parts.method, &target.path).await);
+        return Ok(holding(agent_api::serve(gw, facts, &parts.method, &target.path).await, slot));
     }
     if let Some(why) = hygiene::upgrade_refusal(&parts.method, &parts.headers) {
         return Err(Stop::refuse(StatusCode::BAD_REQUEST, Decision::deny("upgrade_not_allowed", why)));
@@ -531,7 +555,39 @@ async fn pipeline(
     let decision = policy::evaluate(&who.manifest, who.claims.as_deref(), &action.policy_action());
     let settled = settle::settle(gw, &who, &action, decision, &parts, &mut body, facts).await?;
     let recorded = forward::commit(gw, facts, settled).await?;
-    Ok(forward::send(gw, facts, &action.connector, parts, body.into_proxy(), recorded).await)
+    Ok(holding(forward::send(gw, facts, &action.connector, parts, body.into_proxy(), recorded).await, slot))
+}
+
+/// The response, whose body keeps the agent's in-flight slot until it ends or is dropped.
+fn holding(resp: Response<ProxyBody>, slot: InFlightSlot) -> Response<ProxyBody> {
+    use http_body_util::BodyExt;
+    resp.map(|b| HoldsSlot { inner: b, _slot: slot }.boxed_unsync())
+}
+
+/// A response body holding an in-flight slot (`limits::in_flight`).
+struct HoldsSlot {
+    inner: ProxyBody,
+    _slot: InFlightSlot,
+}
+
+impl http_body::Body for HoldsSlot {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]
