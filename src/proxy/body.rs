@@ -411,12 +411,15 @@ impl std::fmt::Display for BodyStalled {
 impl std::error::Error for BodyStalled {}
 
 /// Streams a request body to the upstream, and fails it (so the upstream request is aborted
-/// mid-body) when no frame arrives for `timeout`: a client that stops sending cannot hold an
-/// upstream request, and its slot, forever. The timer is armed only when the body waits.
+/// mid-body) when the client sends nothing for `timeout` while the gateway waits for it: a
+/// client that stops sending cannot hold an upstream request, and its slot, forever. Time the
+/// upstream takes to accept bytes (the body is not polled then) does not count. The timer is
+/// armed only when the body waits.
 pub struct StallCut {
     inner: ProxyBody,
     timeout: Duration,
-    last: Instant,
+    /// Waiting for the client since the last frame (the timer runs).
+    waiting: bool,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     stalled: Stalled,
     done: bool,
@@ -424,7 +427,7 @@ pub struct StallCut {
 
 impl StallCut {
     pub fn new(inner: ProxyBody, timeout: Duration, stalled: Stalled) -> StallCut {
-        StallCut { inner, timeout, last: Instant::now(), timer: None, stalled, done: false }
+        StallCut { inner, timeout, waiting: false, timer: None, stalled, done: false }
     }
 }
 
@@ -440,13 +443,14 @@ impl Body for StallCut {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {}
             ready => {
-                this.last = Instant::now();
+                this.waiting = false;
                 return ready;
             }
         }
-        let deadline = tokio::time::Instant::from_std(this.last + this.timeout);
+        let deadline = tokio::time::Instant::now() + this.timeout;
         let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.deadline() != deadline {
+        if !this.waiting {
+            this.waiting = true;
             timer.as_mut().reset(deadline);
         }
         match timer.as_mut().poll(cx) {
