@@ -595,9 +595,8 @@ fn init_iptables_after_istio_rules_still_redirects_the_agent() {
     std::fs::write(d.join("envoy.py"), ENVOY_PY).unwrap();
     std::fs::write(&envoy_log, "").unwrap();
     sh(&format!("chmod 0666 {}", envoy_log.display()));
-    let envoy = in_ns(&a, ENVOY_UID, &[PY, d.join("envoy.py").to_str().unwrap(), envoy_log.to_str().unwrap()])
-        .spawn()
-        .unwrap();
+    let envoy =
+        in_ns(&a, ENVOY_UID, &[PY, d.join("envoy.py").to_str().unwrap(), envoy_log.to_str().unwrap()]).spawn().unwrap();
     lab.ns.children.push(envoy);
     wait_port(&a, 15001);
 

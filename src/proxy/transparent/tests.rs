@@ -268,7 +268,9 @@ fn exempt_uids_return_in_both_tables_before_the_redirect_and_the_drop() {
     let rules = iptables_rules_exempting(14337, &[1337, 14337], 14001, &[ip("10.96.0.10")]);
     let all = lines(&rules);
     for bin in ["iptables", "ip6tables"] {
-        for (table, chain, last) in [("", "UAPK_EGRESS", "-j DROP"), ("-t nat ", "UAPK_OUTPUT", "-j REDIRECT --to-ports 14001")] {
+        for (table, chain, last) in
+            [("", "UAPK_EGRESS", "-j DROP"), ("-t nat ", "UAPK_OUTPUT", "-j REDIRECT --to-ports 14001")]
+        {
             let chain_rules: Vec<&String> =
                 all.iter().filter(|l| l.starts_with(&format!("{bin} {table}-A {chain} "))).collect();
             let pos = |needle: &str| chain_rules.iter().position(|l| l.contains(needle));
