@@ -874,12 +874,8 @@ async fn a_rotated_credential_file_is_used_without_sighup() {
     use sha2::Digest;
     let new_sha = hex::encode(sha2::Sha256::digest(b"sk_new_9876543210\n"));
     let entries = gw.entries();
-    let reload = entries
-        .iter()
-        .filter(|e| e["kind"] == "config" && e["event"] == "reload")
-        .last()
-        .expect("a reload entry")
-        .clone();
+    let reload =
+        entries.iter().rfind(|e| e["kind"] == "config" && e["event"] == "reload").expect("a reload entry").clone();
     let files = reload["files"].as_object().expect("files");
     let (path, sha) = files.iter().find(|(p, _)| p.ends_with("secrets/shop.key")).expect("the credential file");
     assert_eq!(sha, &json!(new_sha), "{path}");

@@ -241,14 +241,12 @@ pub fn parse_manifest(
     parse_manifest_tracked(path, bytes, base, strictness).0
 }
 
+/// A validated manifest and its warnings, or every problem found.
+type Parsed = Result<(Manifest, Vec<Diagnostic>), Diagnostics>;
+
 /// [`parse_manifest`], also returning the other files the manifest reads (even when it is
 /// invalid, e.g. an issuer key file that is not there yet).
-fn parse_manifest_tracked(
-    path: &Path,
-    bytes: &[u8],
-    base: &Path,
-    strictness: Strictness,
-) -> (Result<(Manifest, Vec<Diagnostic>), Diagnostics>, Vec<PathBuf>) {
+fn parse_manifest_tracked(path: &Path, bytes: &[u8], base: &Path, strictness: Strictness) -> (Parsed, Vec<PathBuf>) {
     let text = String::from_utf8_lossy(bytes).into_owned();
     let raw: raw::RawManifest = match parse_yaml(path, &text) {
         Ok(r) => r,
