@@ -76,6 +76,9 @@ done
 # The README's install block, exactly as written there: rendered, mounted as the kubelet would,
 # checked and run by the real binary (see scripts/chart-mount.py for the layout and path mapping).
 readme_install() {
+  # $1: the `helm install` line that marks the block; $2: a Python check of the rendered objects
+  # (file in sys.argv[1]) or empty. Blocks after the first assume the first block's key files.
+  local marker=$1 extra_check=${2:-}
   # The binary `cargo build --release` (or, after `cargo test`, the debug one) made; UAPK_BIN wins.
   local bin=${UAPK_BIN:-}
   if [ -z "$bin" ]; then
@@ -103,13 +106,15 @@ PY
   fi
   local work; work=$(mktemp -d)
   # The block under "Deploy on Kubernetes" that holds `helm install`.
-  python3 - README.md > "$work/install.sh" <<'PY'
+  python3 - README.md "$marker" > "$work/install.sh" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 section = text[text.index("## Deploy on Kubernetes"):]
 section = section[:section.index("\n## ", 1)]
 blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-block = next(b for b in blocks if "helm install" in b)
+block = next(b for b in blocks if sys.argv[2] in b)
+if "uapk-gateway keygen" not in block:
+    print("uapk-gateway keygen --out gateway.pem && uapk-gateway ca init --out-dir . >/dev/null")
 print(block)
 PY
   ln -s "$PWD/helm" "$work/helm"; ln -s "$PWD/policies" "$work/policies"
@@ -124,7 +129,10 @@ PY
     set -e; source ./install.sh
   ) > "$log" 2>&1 || status=$?
   if [ $status -ne 0 ]; then bad "README install block failed: $(tail -n 5 "$log")"; rm -rf "$work"; return; fi
-  ok "README install block: rendered ($(grep -c '^kind:' "$work/objects.yaml") objects)"
+  ok "README install block ($marker): rendered ($(grep -c '^kind:' "$work/objects.yaml") objects)"
+  if [ -n "$extra_check" ]; then
+    if msg=$(python3 -c "$extra_check" "$work/objects.yaml" 2>&1); then ok "README install ($marker): $msg"; else bad "README install ($marker): $msg"; fi
+  fi
   local info
   if ! info=$(python3 scripts/chart-mount.py "$work/objects.yaml" "$work/root" 2>&1); then
     bad "README install: mounting the rendered volumes: $info"; rm -rf "$work"; return
@@ -154,7 +162,25 @@ PY
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
   rm -rf "$work"
 }
-readme_install
+readme_install "helm install payments"
+# The egress-gateway block renders what the README says: the gateway alone (no init container, no
+# agent), the Service, the agents' NetworkPolicy in their namespace, the proxy on all interfaces.
+readme_install "helm install egress" '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind")]
+kinds = lambda k: [d for d in docs if d["kind"] == k]
+deps = kinds("Deployment")
+assert len(deps) == 1, f"{len(deps)} Deployments (want only the gateway)"
+spec = deps[0]["spec"]["template"]["spec"]
+assert not spec.get("initContainers") and [c["name"] for c in spec["containers"]] == ["uapk-gateway"], "the gateway pod holds more"
+assert any(d["metadata"]["name"] == "uapk-gateway" for d in kinds("Service")), "no Service uapk-gateway"
+ap = [d for d in kinds("NetworkPolicy") if d["metadata"].get("namespace") == "agents"]
+assert len(ap) == 1 and ap[0]["spec"]["podSelector"] == {"matchLabels": {"uapk.io/egress": "gateway"}}, "no agents NetworkPolicy"
+cfg = yaml.safe_load(next(d for d in kinds("ConfigMap") if "gateway.yaml" in d.get("data", {}))["data"]["gateway.yaml"])
+assert cfg["listeners"]["proxy"] == "0.0.0.0:14080", cfg["listeners"]
+assert deps[0]["spec"]["strategy"]["type"] == "Recreate", "persistence without Recreate"
+print("egress gateway, Service uapk-gateway, agents NetworkPolicy, Recreate")
+'
 
 # chart-mount.py itself, on what the chart does not use today: subPath, nested item paths, a
 # Secret's stringData, a missing key (which must fail, as the pod would).

@@ -48,9 +48,17 @@ docs = [d for d in yaml.safe_load_all(open(objects_path)) if d]
 by_kind = {}
 for d in docs:
     by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
-deploy = next(iter(by_kind.get("Deployment", {}).values()), None) or fail("no Deployment rendered")
+
+def pod_containers(d):
+    s = d["spec"]["template"]["spec"]
+    return s.get("initContainers", []) + s["containers"]
+
+
+# The Deployment the gateway runs in (the agent's pod, or the egress gateway's own).
+deploy = next((d for d in by_kind.get("Deployment", {}).values() if any(c["name"] == "uapk-gateway" for c in pod_containers(d))),
+              None) or fail("no Deployment with the gateway rendered")
 spec = deploy["spec"]["template"]["spec"]
-containers = spec.get("initContainers", []) + spec["containers"]
+containers = pod_containers(deploy)
 gateway = next((c for c in containers if c["name"] == "uapk-gateway"), None) or fail("no uapk-gateway container")
 volumes = {v["name"]: v for v in spec.get("volumes", [])}
 mounts = gateway.get("volumeMounts", [])

@@ -107,6 +107,10 @@ enum Cmd {
         /// The transparent listener's port.
         #[arg(long, default_value_t = 15001)]
         port: u16,
+        /// A further UID whose traffic is neither redirected nor dropped, e.g. 1337 for Istio's
+        /// Envoy sidecar in the same pod; repeatable. Never the agent's UID.
+        #[arg(long = "exempt-uid", value_name = "UID")]
+        exempt_uid: Vec<u32>,
         /// A resolver DNS (UDP and TCP 53) may go to; repeatable. Default: the `nameserver` lines
         /// of /etc/resolv.conf.
         #[arg(long = "dns", value_name = "IP")]
@@ -334,7 +338,9 @@ fn main() -> ExitCode {
                 .map_err(|e| Fail(2, e))
         }
         Cmd::RotateKey { config, new_key } => rotate_key(config.as_deref(), &new_key),
-        Cmd::InitIptables { proxy_uid, port, dns, dry_run } => init_iptables(proxy_uid, port, &dns, dry_run),
+        Cmd::InitIptables { proxy_uid, port, exempt_uid, dns, dry_run } => {
+            init_iptables(proxy_uid, &exempt_uid, port, &dns, dry_run)
+        }
         Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id } } => {
             admin_key(&role, &id);
             Ok(())
@@ -740,10 +746,10 @@ fn rotate_key(path: Option<&Path>, new_key: &Path) -> Result<(), Fail> {
     Ok(())
 }
 
-fn init_iptables(uid: u32, port: u16, dns: &[std::net::IpAddr], dry_run: bool) -> Result<(), Fail> {
+fn init_iptables(uid: u32, exempt: &[u32], port: u16, dns: &[std::net::IpAddr], dry_run: bool) -> Result<(), Fail> {
     use uapk_gateway::proxy::transparent;
     let resolvers = transparent::resolvers(dns);
-    let rules = transparent::iptables_rules(uid, port, &resolvers);
+    let rules = transparent::iptables_rules_exempting(uid, exempt, port, &resolvers);
     let conf = Path::new("/proc/sys/net/ipv6/conf");
     transparent::install(&rules, &resolvers, dry_run, &mut transparent::SystemRunner, conf, &mut std::io::stdout())
         .map_err(|e| Fail(2, e))

@@ -64,7 +64,31 @@ fn config_entry(set: &config::PolicySet, event: &str) -> Map<String, Value> {
         .map(|(id, man)| (id.clone(), json!({"sha256": man.sha256, "mode": man.mode.as_str()})))
         .collect();
     m.insert("manifests".into(), Value::Object(manifests));
+    // The files the manifests read (issuer keys, credentials): their SHA-256, never their
+    // content (null: not readable now), so a rotated Secret is on record.
+    let files: Map<String, Value> =
+        set.file_hashes.iter().map(|(f, sha)| (f.display().to_string(), json!(sha))).collect();
+    if !files.is_empty() {
+        m.insert("files".into(), Value::Object(files));
+    }
+    if !set.invalid.is_empty() {
+        let invalid: Vec<Value> =
+            set.invalid.iter().map(|i| json!({"file": i.file.display().to_string(), "agent": i.agent})).collect();
+        m.insert("invalid_manifests".into(), Value::Array(invalid));
+    }
     m
+}
+
+/// Logs each manifest file that failed validation (its agent is refused `manifest_invalid`).
+fn report_invalid(set: &config::PolicySet) {
+    for i in &set.invalid {
+        let errors = config::Diagnostics(i.errors.clone());
+        tracing::error!(
+            file = %i.file.display(),
+            agent = i.agent.as_deref().unwrap_or("-"),
+            "manifest invalid; its agent is refused manifest_invalid until it is fixed:\n{errors}"
+        );
+    }
 }
 
 /// Rebuilds budget counters from the committed decisions of the current UTC day that count
@@ -287,11 +311,13 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     }
     let key = gateway_key(&cfg)?;
-    let set =
-        config::load_policies(&cfg.policies_dir, Strictness::Run).map_err(|e| anyhow!("invalid policies:\n{e}"))?;
+    // A broken manifest must not stop the valid ones: its agent is refused (SPEC §17).
+    let set = config::load_policies_lenient(&cfg.policies_dir, Strictness::Run)
+        .map_err(|e| anyhow!("invalid policies:\n{e}"))?;
     for w in &set.warnings {
         tracing::warn!("{w}");
     }
+    report_invalid(&set);
     let audit_log = AuditLog::open(
         AuditConfig {
             path: cfg.audit.path.clone(),
@@ -489,17 +515,19 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         let mut rx2 = rx.clone();
         tasks.push(tokio::spawn(async move {
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let mut last = fingerprint(&gw2.config.policies_dir);
+            let watched = |gw: &Gateway| gw.policies.load().set.watched_files();
+            let mut last = fingerprint(&gw2.config.policies_dir, &watched(&gw2));
             loop {
                 let forced = tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(500)) => false,
                     Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
                     _ = rx2.changed() => break,
                 };
-                let now = fingerprint(&gw2.config.policies_dir);
+                let now = fingerprint(&gw2.config.policies_dir, &watched(&gw2));
                 if forced || now != last {
-                    last = now;
                     reload(&gw2, &h2, if forced { "sighup" } else { "change" }).await;
+                    // What the new set reads may differ from what the old one did.
+                    last = fingerprint(&gw2.config.policies_dir, &watched(&gw2));
                 }
             }
         }));
@@ -664,23 +692,32 @@ async fn serve<S, F>(
     let _ = tokio::time::timeout(Duration::from_secs(30), graceful.shutdown()).await;
 }
 
-/// A cheap digest of the manifest files' contents.
-fn fingerprint(dir: &std::path::Path) -> String {
+/// A cheap digest of the manifest files' contents and of the files they read (issuer keys,
+/// credentials), read through their paths, so a kubelet `..data` swap of a mounted Secret or
+/// ConfigMap shows as a change.
+fn fingerprint(dir: &std::path::Path, watched: &[std::path::PathBuf]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
-    for f in config::manifest_files(dir).unwrap_or_default() {
+    for f in config::manifest_files(dir).unwrap_or_default().iter().chain(watched) {
         h.update(f.to_string_lossy().as_bytes());
-        h.update(std::fs::read(&f).unwrap_or_default());
+        match std::fs::read(f) {
+            Ok(b) => {
+                h.update(b"=");
+                h.update(Sha256::digest(b));
+            }
+            Err(_) => h.update(b"!"),
+        }
     }
     hex::encode(h.finalize())
 }
 
-/// Reloads the policies: validate fully, record, swap atomically; on any error keep serving the
-/// last good policy and report the error.
+/// Reloads the policies: validate fully, record, swap atomically. A manifest that fails keeps
+/// its agent's last good version (or, without one, refuses it `manifest_invalid`); the error is
+/// counted and shown on `/readyz` until a reload without one.
 pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
     let dir = gw.config.policies_dir.clone();
-    let loaded = tokio::task::spawn_blocking(move || config::load_policies(&dir, Strictness::Run)).await;
-    let set = match loaded {
+    let loaded = tokio::task::spawn_blocking(move || config::load_policies_lenient(&dir, Strictness::Run)).await;
+    let mut set = match loaded {
         Ok(Ok(set)) => set,
         Ok(Err(e)) => {
             tracing::error!(trigger, "policy reload rejected; keeping the last good policy:\n{e}");
@@ -691,6 +728,34 @@ pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
         Err(_) => return,
     };
     let old = gw.policies.load_full();
+    // A bad file never replaces a good policy: the agent it names keeps its last good manifest.
+    for i in &set.invalid {
+        if let Some(agent) = &i.agent
+            && let Some(good) = old.set.get(agent)
+        {
+            set.manifests.insert(agent.clone(), good.clone());
+        }
+    }
+    let error = (!set.invalid.is_empty())
+        .then(|| config::Diagnostics(set.invalid.iter().flat_map(|i| i.errors.clone()).collect()).to_string());
+    if let Some(e) = &error {
+        tracing::error!(
+            trigger,
+            "policy reload: invalid manifests keep their agents' last good policy (or none):\n{e}"
+        );
+    }
+    // Nothing that serves requests changed (only files turned invalid, their agents keeping the
+    // last good policy): nothing to record or swap.
+    let unchanged = set.digest() == old.set.digest() && set.file_hashes == old.set.file_hashes;
+    if unchanged && error.is_some() {
+        // The invalid list itself is served (`manifest_invalid`, `/readyz`).
+        if !set.invalid.iter().map(|i| &i.file).eq(old.set.invalid.iter().map(|i| &i.file)) {
+            gw.policies.store(Arc::new(Policies::new(set)));
+        }
+        gw.metrics.reload("error");
+        *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
+        return;
+    }
     let mut entry = config_entry(&set, "reload");
     let changes: Vec<Value> = set
         .manifests
@@ -713,8 +778,8 @@ pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
     }
     let n = set.manifests.len();
     gw.policies.store(Arc::new(Policies::new(set)));
-    gw.metrics.reload("success");
-    *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    gw.metrics.reload(if error.is_some() { "error" } else { "success" });
+    *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
     tracing::info!(trigger, manifests = n, "policies reloaded");
 }
 

@@ -728,3 +728,157 @@ async fn concurrent_uses_of_one_override_forward_exactly_once() {
         .count();
     assert_eq!(accepted, 1, "one decision entry consumed the approval");
 }
+
+/// A gateway started with one broken manifest beside a valid one serves the valid agent; the
+/// broken agent's requests are refused `manifest_invalid` and recorded; `/readyz` lists the file
+/// and stays 200 (503 only when no manifest is valid); `check` still exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_manifest_at_start_refuses_only_its_agent() {
+    let up = Upstream::start().await;
+    let broken = manifest("broken-agent", up.addr, POLICY, "bogus_key: 1\n");
+    let gw =
+        TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, "")), ("broken.yaml", broken)], "")
+            .await;
+    let r = client()
+        .get(gw.base("/shop/v1/charges/a"))
+        .header("x-uapk-capability", token("pay-agent"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the valid agent is served");
+    let r = client()
+        .get(gw.base("/shop/v1/charges/a"))
+        .header("x-uapk-capability", token("broken-agent"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let record = r.headers().get("x-uapk-record").map(|v| v.to_str().unwrap().to_string());
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["reasons"][0]["code"], "manifest_invalid", "{body}");
+    assert!(record.is_some(), "the refusal is recorded");
+    assert_eq!(up.count(), 1, "only the valid agent's request reached the upstream");
+    let ready = client().get(admin(&gw, "/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["manifests"], 1, "{ready}");
+    assert_eq!(ready["invalid_manifests"][0]["agent"], "broken-agent", "{ready}");
+    assert!(ready["invalid_manifests"][0]["file"].as_str().unwrap().ends_with("broken.yaml"), "{ready}");
+    let entries = gw.entries();
+    let config = entries.iter().find(|e| e["kind"] == "config").expect("config entry");
+    assert_eq!(config["invalid_manifests"][0]["agent"], "broken-agent", "{config}");
+    let refused = decisions(&entries)
+        .into_iter()
+        .find(|e| e["reasons"][0]["code"] == "manifest_invalid")
+        .expect("the manifest_invalid refusal is in the log");
+    assert_eq!(refused["decision"], "deny");
+    let (code, _, err) = run_cli(&["check", "-c", gw.config_path.to_str().unwrap()], gw.dir.path());
+    assert_eq!(code, 1, "check must still fail: {err}");
+    assert!(err.contains("bogus_key"), "{err}");
+
+    // Fixing the file serves the agent, without a restart.
+    std::fs::write(gw.dir.path().join("policies/broken.yaml"), manifest("broken-agent", up.addr, POLICY, "")).unwrap();
+    let t = Instant::now();
+    loop {
+        let r = client()
+            .get(gw.base("/shop/v1/charges/b"))
+            .header("x-uapk-capability", token("broken-agent"))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the fixed manifest was not picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ready: Value = client().get(admin(&gw, "/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["invalid_manifests"], json!([]), "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_broken_manifests_are_not_ready() {
+    let up = Upstream::start().await;
+    let gw =
+        TestGateway::start(&[("broken.yaml", manifest("broken-agent", up.addr, POLICY, "bogus_key: 1\n"))], "").await;
+    let ready = client().get(admin(&gw, "/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["invalid_manifests"][0]["agent"], "broken-agent", "{ready}");
+    let r = client()
+        .get(gw.base("/shop/v1/charges/a"))
+        .header("x-uapk-capability", token("broken-agent"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(up.count(), 0);
+}
+
+/// A rotated Secret: the credential file a manifest reads is replaced through the kubelet's
+/// `..data` swap; the next requests carry the new credential without SIGHUP, and the reload is
+/// recorded with the file's new SHA-256, never its content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_credential_file_is_used_without_sighup() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    let secrets = policies.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let swap = |generation: u32, value: &str| {
+        let real = secrets.join(format!("..gen_{generation}"));
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::write(real.join("shop.key"), value).unwrap();
+        let tmp = secrets.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("..gen_{generation}"), &tmp).unwrap();
+        std::fs::rename(&tmp, secrets.join("..data")).unwrap();
+        if !secrets.join("shop.key").exists() {
+            std::os::unix::fs::symlink("..data/shop.key", secrets.join("shop.key")).unwrap();
+        }
+    };
+    swap(1, "sk_old_0123456789\n");
+    let m = manifest("pay-agent", up.addr, POLICY, "").replace(
+        "    base_url: http://",
+        "    credentials:\n      - { header: Authorization, value: \"Bearer ${file:secrets/shop.key}\" }\n    base_url: http://",
+    );
+    std::fs::write(policies.join("pay.yaml"), m).unwrap();
+    let gw = TestGateway::start_in(dir, &[], "").await;
+    let get = || async {
+        client()
+            .get(gw.base("/shop/v1/charges/a"))
+            .header("x-uapk-capability", token("pay-agent"))
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(get().await.status(), 200);
+    assert_eq!(up.last().headers["authorization"], "Bearer sk_old_0123456789");
+    let secrets = gw.dir.path().join("policies/secrets");
+    let real = secrets.join("..gen_2");
+    std::fs::create_dir_all(&real).unwrap();
+    std::fs::write(real.join("shop.key"), "sk_new_9876543210\n").unwrap();
+    let tmp = secrets.join("..data_tmp");
+    std::os::unix::fs::symlink("..gen_2", &tmp).unwrap();
+    std::fs::rename(&tmp, secrets.join("..data")).unwrap();
+    let t = Instant::now();
+    loop {
+        assert_eq!(get().await.status(), 200);
+        if up.last().headers["authorization"] == "Bearer sk_new_9876543210" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "the rotated credential was not picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Recorded: a reload naming the file's new SHA-256; the secret itself nowhere in the log.
+    use sha2::Digest;
+    let new_sha = hex::encode(sha2::Sha256::digest(b"sk_new_9876543210\n"));
+    let entries = gw.entries();
+    let reload =
+        entries.iter().rfind(|e| e["kind"] == "config" && e["event"] == "reload").expect("a reload entry").clone();
+    let files = reload["files"].as_object().expect("files");
+    let (path, sha) = files.iter().find(|(p, _)| p.ends_with("secrets/shop.key")).expect("the credential file");
+    assert_eq!(sha, &json!(new_sha), "{path}");
+    let log = serde_json::to_string(&entries).unwrap();
+    assert!(!log.contains("sk_new_") && !log.contains("sk_old_"), "a credential reached the log");
+}

@@ -529,3 +529,138 @@ fn without_ip6tables_ipv6_egress_is_disabled_not_left_open() {
     let rules = sh_out(&format!("ip netns exec {a} iptables -t nat -S"));
     assert!(rules.contains("-A UAPK_OUTPUT -p tcp -j REDIRECT --to-ports 15001"), "{rules}");
 }
+
+/// A stand-in for Istio's Envoy: listens on 15001 as UID 1337 (where Istio's rules redirect a
+/// pod's outbound TCP), logs each connection's original destination and relays it there.
+const ENVOY_PY: &str = r#"
+import socket, struct, sys, threading
+log = sys.argv[1]
+def note(line):
+    with open(log, "a") as f:
+        f.write(line + "\n")
+def pipe(a, b):
+    try:
+        while True:
+            data = a.recv(65536)
+            if not data:
+                break
+            b.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try: b.shutdown(socket.SHUT_WR)
+        except OSError: pass
+def serve(c):
+    raw = c.getsockopt(socket.SOL_IP, 80, 16)  # SO_ORIGINAL_DST
+    port, ip = struct.unpack("!H", raw[2:4])[0], socket.inet_ntoa(raw[4:8])
+    note(f"envoy {ip}:{port}")
+    u = socket.create_connection((ip, port))
+    threading.Thread(target=pipe, args=(c, u), daemon=True).start()
+    pipe(u, c)
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 15001)); s.listen(64)
+note("ready")
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// Inside an Istio mesh (transparent mode): Istio's rules are installed first (its init
+/// container or CNI), as `istio-iptables` writes them — every TCP connection of the pod but
+/// Envoy's (UID 1337) to Envoy on 15001. `init-iptables --exempt-uid 1337` then puts the
+/// gateway's chain ahead of Istio's: the agent is still redirected to the gateway and decided,
+/// the gateway's own upstream connection goes on through Envoy, and Envoy's connections go out
+/// instead of coming back to the gateway.
+#[test]
+fn init_iptables_after_istio_rules_still_redirects_the_agent() {
+    if !can_run() {
+        return;
+    }
+    const GATEWAY_UID: &str = "14337";
+    const ENVOY_UID: &str = "1337";
+    let mut lab = Lab::start();
+    let (a, d) = (lab.ns.agent.clone(), lab.d().to_path_buf());
+    for rule in [
+        "-t nat -N ISTIO_REDIRECT",
+        "-t nat -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001",
+        "-t nat -N ISTIO_OUTPUT",
+        "-t nat -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN",
+        "-t nat -A ISTIO_OUTPUT -j ISTIO_REDIRECT",
+        "-t nat -A OUTPUT -p tcp -j ISTIO_OUTPUT",
+    ] {
+        sh(&format!("ip netns exec {a} iptables {rule}"));
+    }
+    let envoy_log = d.join("envoy.log");
+    std::fs::write(d.join("envoy.py"), ENVOY_PY).unwrap();
+    std::fs::write(&envoy_log, "").unwrap();
+    sh(&format!("chmod 0666 {}", envoy_log.display()));
+    let envoy =
+        in_ns(&a, ENVOY_UID, &[PY, d.join("envoy.py").to_str().unwrap(), envoy_log.to_str().unwrap()]).spawn().unwrap();
+    lab.ns.children.push(envoy);
+    wait_port(&a, 15001);
+
+    let policies = d.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    std::fs::write(
+        policies.join("agent.yaml"),
+        format!(
+            "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: pod-agent }}\ncapability:\n  issuers:\n    - id: platform\n      public_key: |\n{pem}connectors:\n  - name: plain\n    hosts: [10.201.0.2]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(d.join("token"), token("pod-agent")).unwrap();
+    let data = d.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    sh(&format!("chown -R {GATEWAY_UID}:{GATEWAY_UID} {p} {data}", p = policies.display(), data = data.display()));
+    sh(&format!("chown {GATEWAY_UID}:{GATEWAY_UID} {}", d.join("token").display()));
+    std::fs::write(
+        d.join("gateway.yaml"),
+        format!(
+            "listeners:\n  proxy: 127.0.0.1:14080\n  transparent: 0.0.0.0:14001\n  admin: 127.0.0.1:14021\npolicies: {p}\ndata_dir: {data}\nidentity:\n  default_agent: pod-agent\n  token_file: {tok}\nnetwork:\n  allow_private_destinations: [10.201.0.0/24]\nlog_format: text\n",
+            p = policies.display(),
+            data = data.display(),
+            tok = d.join("token").display(),
+        ),
+    )
+    .unwrap();
+    let gw = in_ns(&a, GATEWAY_UID, &[bin(), "run", "-c", d.join("gateway.yaml").to_str().unwrap()])
+        .stderr(std::fs::File::create(d.join("gateway.log")).unwrap())
+        .spawn()
+        .unwrap();
+    lab.ns.children.push(gw);
+    wait_port(&a, 14001);
+
+    let out = Command::new("ip")
+        .args(["netns", "exec", &a, bin(), "init-iptables", "--proxy-uid", GATEWAY_UID, "--port", "14001"])
+        .args(["--exempt-uid", ENVOY_UID, "--dns", "10.201.0.53", "--dns", "fd00:201::53"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The gateway's jump comes first in nat OUTPUT, Istio's after it.
+    let nat = sh_out(&format!("ip netns exec {a} iptables -t nat -S OUTPUT"));
+    let (ours, istio) = (nat.find("-j UAPK_OUTPUT"), nat.find("-j ISTIO_OUTPUT"));
+    assert!(ours.is_some() && istio.is_some() && ours < istio, "{nat}");
+
+    let gateway_log = || std::fs::read_to_string(d.join("gateway.log")).unwrap_or_default();
+    // The agent: redirected to the gateway and decided (allowed, recorded; denied by route) ...
+    let (code, body) = curl(&a, AGENT_UID, &["-D", "-"], "http://10.201.0.2/v1/items/1");
+    assert_eq!(code, "200", "{body}\n{}", gateway_log());
+    assert!(body.to_ascii_lowercase().contains("x-uapk-record:"), "not decided by the gateway: {body}");
+    let (code, body) = curl(&a, AGENT_UID, &[], "http://10.201.0.2/v1/other");
+    assert_eq!(code, "403", "{body}");
+    assert!(body.contains("route_not_allowed"), "{body}");
+    // ... and the gateway's own connection to the upstream went on through Envoy.
+    let envoy_seen = std::fs::read_to_string(&envoy_log).unwrap_or_default();
+    assert!(envoy_seen.contains("envoy 10.201.0.2:80"), "the gateway's upstream call bypassed Envoy:\n{envoy_seen}");
+    assert!(lab.upstream_log().contains("/v1/items/1"));
+    assert!(!lab.upstream_log().contains("/v1/other"), "a refused request reached the upstream");
+    // Envoy's own connections are not sent back to the gateway: the gateway would refuse this
+    // path, the upstream answers it.
+    let (code, _) = curl(&a, ENVOY_UID, &[], "http://10.201.0.2/v1/from-envoy");
+    assert_eq!(code, "200");
+    lab.wait_upstream("/v1/from-envoy");
+    // The agent's UDP still never leaves.
+    assert!(lab.probe(AGENT_UID, &["udp", "10.201.0.2", "443", "quic-mesh-agent"]).starts_with("refused"));
+}

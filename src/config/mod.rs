@@ -155,16 +155,52 @@ pub fn load_gateway(path: Option<&Path>) -> Result<GatewayConfig, Diagnostics> {
     cx.finish(cfg)
 }
 
-/// A validated set of manifests, keyed by agent id.
+/// A validated set of manifests, keyed by agent id, and the manifest files that failed
+/// validation (served as refusals: SPEC §17).
 #[derive(Debug, Default)]
 pub struct PolicySet {
     pub manifests: BTreeMap<String, Arc<Manifest>>,
     pub warnings: Vec<Diagnostic>,
+    pub invalid: Vec<InvalidManifest>,
+    /// SHA-256 (hex) of each file of [`PolicySet::watched_files`] when the set was loaded; `None`:
+    /// not readable then.
+    pub file_hashes: BTreeMap<PathBuf, Option<String>>,
+}
+
+/// A manifest file that failed validation: its agent's requests are refused
+/// `manifest_invalid` until it is fixed.
+#[derive(Debug, Clone)]
+pub struct InvalidManifest {
+    pub file: PathBuf,
+    /// The `agent.id` the file names, when it can be read at all.
+    pub agent: Option<String>,
+    pub errors: Vec<Diagnostic>,
+    /// The other files it reads (watched, so that a Secret appearing later fixes it).
+    pub files: Vec<PathBuf>,
 }
 
 impl PolicySet {
     pub fn get(&self, agent: &str) -> Option<&Arc<Manifest>> {
         self.manifests.get(agent)
+    }
+    /// The invalid manifest that names `agent` (and no valid one does).
+    pub fn invalid_for(&self, agent: &str) -> Option<&InvalidManifest> {
+        if self.manifests.contains_key(agent) {
+            return None;
+        }
+        self.invalid.iter().find(|i| i.agent.as_deref() == Some(agent))
+    }
+    /// Every file the set depends on besides the manifests themselves, sorted.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = self
+            .manifests
+            .values()
+            .flat_map(|m| m.files.iter().cloned())
+            .chain(self.invalid.iter().flat_map(|i| i.files.iter().cloned()))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
     /// SHA-256 over every manifest's hash, in agent order: one value that changes when any does.
     pub fn digest(&self) -> String {
@@ -202,16 +238,39 @@ pub fn parse_manifest(
     base: &Path,
     strictness: Strictness,
 ) -> Result<(Manifest, Vec<Diagnostic>), Diagnostics> {
+    parse_manifest_tracked(path, bytes, base, strictness).0
+}
+
+/// A validated manifest and its warnings, or every problem found.
+type Parsed = Result<(Manifest, Vec<Diagnostic>), Diagnostics>;
+
+/// [`parse_manifest`], also returning the other files the manifest reads (even when it is
+/// invalid, e.g. an issuer key file that is not there yet).
+fn parse_manifest_tracked(path: &Path, bytes: &[u8], base: &Path, strictness: Strictness) -> (Parsed, Vec<PathBuf>) {
     let text = String::from_utf8_lossy(bytes).into_owned();
-    let raw: raw::RawManifest = parse_yaml(path, &text).map_err(|d| Diagnostics(vec![d]))?;
+    let raw: raw::RawManifest = match parse_yaml(path, &text) {
+        Ok(r) => r,
+        Err(d) => return (Err(Diagnostics(vec![d])), Vec::new()),
+    };
     let mut cx = validate::Cx::new(path, &text);
     let mut m = validate::manifest(&mut cx, raw, base, strictness, hex::encode(Sha256::digest(bytes)));
     m.source = path.to_path_buf();
+    let mut files = std::mem::take(&mut cx.reads);
+    files.sort();
+    files.dedup();
+    m.files = files.clone();
     if let Some(addr) = DEMO_UPSTREAM.get() {
         point_at_demo_upstream(&mut m, *addr);
     }
     let warnings = cx.warnings.clone();
-    cx.finish(m).map(|m| (m, warnings))
+    (cx.finish(m).map(|m| (m, warnings)), files)
+}
+
+/// The `agent.id` a manifest file names, read as plain YAML (for a file that fails validation).
+fn agent_id_of(bytes: &[u8]) -> Option<String> {
+    let v: serde_yaml::Value = serde_yaml::from_slice(bytes).ok()?;
+    let id = v.get("agent")?.get("id")?.as_str()?;
+    validate::is_agent_id(id).then(|| id.to_string())
 }
 
 /// The manifest files of a policies directory: `*.yaml` / `*.yml`, skipping hidden entries
@@ -234,9 +293,21 @@ pub fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Loads and validates every manifest in `dir`. Any error fails the whole set, so a bad file
-/// never replaces a good policy.
+/// Loads and validates every manifest in `dir`. Any error fails the whole set (`check`).
 pub fn load_policies(dir: &Path, strictness: Strictness) -> Result<PolicySet, Diagnostics> {
+    let set = load_policies_lenient(dir, strictness)?;
+    if set.invalid.is_empty() {
+        Ok(set)
+    } else {
+        Err(Diagnostics(set.invalid.into_iter().flat_map(|i| i.errors).collect()))
+    }
+}
+
+/// Loads every manifest in `dir`, keeping the valid ones and listing the files that fail
+/// validation in [`PolicySet::invalid`] (`run`: one broken manifest must not stop every agent).
+/// Two files naming one agent make that agent invalid (which of them applies is ambiguous).
+/// Only an unreadable directory is an error.
+pub fn load_policies_lenient(dir: &Path, strictness: Strictness) -> Result<PolicySet, Diagnostics> {
     let files = manifest_files(dir).map_err(|e| {
         Diagnostics(vec![Diagnostic {
             file: dir.to_path_buf(),
@@ -247,30 +318,62 @@ pub fn load_policies(dir: &Path, strictness: Strictness) -> Result<PolicySet, Di
         }])
     })?;
     let mut set = PolicySet::default();
-    let mut errors = Vec::new();
     let mut sources: BTreeMap<String, PathBuf> = BTreeMap::new();
     for f in files {
-        match load_manifest(&f, strictness) {
-            Ok((m, warnings)) => {
+        let bytes = match std::fs::read(&f) {
+            Ok(b) => b,
+            Err(e) => {
+                let errors = vec![Diagnostic {
+                    file: f.clone(),
+                    line: 1,
+                    col: 1,
+                    key: String::new(),
+                    message: format!("cannot read: {e}"),
+                }];
+                set.invalid.push(InvalidManifest { file: f, agent: None, errors, files: Vec::new() });
+                continue;
+            }
+        };
+        let base = f.parent().map(Path::to_path_buf).unwrap_or_default();
+        match parse_manifest_tracked(&f, &bytes, &base, strictness) {
+            (Ok((m, warnings)), files) => {
                 set.warnings.extend(warnings);
                 if let Some(prev) = sources.get(&m.agent.id) {
-                    let (line, col) = locate::locate(&std::fs::read_to_string(&f).unwrap_or_default(), "agent.id");
-                    errors.push(Diagnostic {
+                    let (line, col) = locate::locate(&String::from_utf8_lossy(&bytes), "agent.id");
+                    let errors = vec![Diagnostic {
                         file: f.clone(),
                         line,
                         col,
                         key: "agent.id".into(),
                         message: format!("agent {:?} is already defined in {}", m.agent.id, prev.display()),
-                    });
+                    }];
+                    set.manifests.remove(&m.agent.id);
+                    set.invalid.push(InvalidManifest { file: f, agent: Some(m.agent.id.clone()), errors, files });
                     continue;
                 }
                 sources.insert(m.agent.id.clone(), f.clone());
                 set.manifests.insert(m.agent.id.clone(), Arc::new(m));
             }
-            Err(Diagnostics(d)) => errors.extend(d),
+            (Err(Diagnostics(errors)), files) => {
+                set.invalid.push(InvalidManifest { file: f, agent: agent_id_of(&bytes), errors, files });
+            }
         }
     }
-    if errors.is_empty() { Ok(set) } else { Err(Diagnostics(errors)) }
+    // An agent named by an invalid file as well as a valid one is ambiguous: refused.
+    for i in &set.invalid {
+        if let Some(a) = &i.agent {
+            set.manifests.remove(a);
+        }
+    }
+    set.file_hashes = set
+        .watched_files()
+        .into_iter()
+        .map(|f| {
+            let sha = std::fs::read(&f).ok().map(|b| hex::encode(Sha256::digest(b)));
+            (f, sha)
+        })
+        .collect();
+    Ok(set)
 }
 
 #[cfg(test)]

@@ -187,6 +187,9 @@ pub struct Manifest {
     /// SHA-256 (hex) of the manifest file bytes.
     pub sha256: String,
     pub source: PathBuf,
+    /// The other files it reads (issuer key files, `${file:…}` credentials), sorted: watched
+    /// for changes like the manifest itself.
+    pub files: Vec<PathBuf>,
 }
 
 impl Manifest {

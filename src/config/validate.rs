@@ -19,11 +19,14 @@ pub(super) struct Cx<'a> {
     text: &'a str,
     errors: Vec<Diagnostic>,
     pub warnings: Vec<Diagnostic>,
+    /// Files the validated value depends on besides its own (issuer keys, credential files),
+    /// read or not: the reload watcher follows them.
+    pub reads: Vec<PathBuf>,
 }
 
 impl<'a> Cx<'a> {
     pub fn new(file: &'a Path, text: &'a str) -> Self {
-        Cx { file, text, errors: Vec::new(), warnings: Vec::new() }
+        Cx { file, text, errors: Vec::new(), warnings: Vec::new(), reads: Vec::new() }
     }
     fn diag(&self, key: &str, message: String) -> Diagnostic {
         let (line, col) = locate(self.text, key);
@@ -319,7 +322,7 @@ enum SecretError {
     Invalid(String),
 }
 
-fn resolve_secret(template: &str, base: &Path) -> Result<String, SecretError> {
+fn resolve_secret(template: &str, base: &Path, reads: &mut Vec<PathBuf>) -> Result<String, SecretError> {
     let mut out = String::new();
     let mut rest = template;
     while let Some(start) = rest.find("${") {
@@ -330,6 +333,7 @@ fn resolve_secret(template: &str, base: &Path) -> Result<String, SecretError> {
         let spec = &after[..end];
         let value = if let Some(f) = spec.strip_prefix("file:") {
             let path = resolve_path(base, f);
+            reads.push(path.clone());
             let v = std::fs::read_to_string(&path)
                 .map_err(|e| SecretError::Missing(format!("credential file {} cannot be read: {e}", path.display())))?;
             v.trim_end_matches(['\n', '\r']).to_string()
@@ -438,7 +442,7 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, _strict: St
             cx.err(&format!("{k}.header"), format!("{:?} is not a header name", c.header));
             continue;
         };
-        match resolve_secret(&c.value, base) {
+        match resolve_secret(&c.value, base, &mut cx.reads) {
             Ok(v) => match HeaderValue::from_str(&v) {
                 Ok(mut hv) => {
                     hv.set_sensitive(true);
@@ -679,6 +683,7 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
         let pem = match (&is.public_key_file, &is.public_key) {
             (Some(f), None) => {
                 let path = resolve_path(base, f);
+                cx.reads.push(path.clone());
                 match std::fs::read_to_string(&path) {
                     Ok(p) => p,
                     Err(e) => {
@@ -983,5 +988,6 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
         audit,
         sha256,
         source: PathBuf::new(),
+        files: Vec::new(),
     }
 }

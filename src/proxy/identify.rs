@@ -61,7 +61,7 @@ pub(crate) fn identify(
             return Err(Decision::deny("capability_token_required", "no capability token and no default agent"));
         };
         let Some(m) = policies.set.get(agent) else {
-            return Err(Decision::deny("manifest_not_found", format!("no manifest for agent {agent}")));
+            return Err(missing_manifest(policies, agent));
         };
         facts.mode = m.mode;
         if m.capability.required {
@@ -73,10 +73,7 @@ pub(crate) fn identify(
         return Err(Decision::deny("capability_token_invalid", "the capability token is malformed"));
     };
     let (Some(m), Some(verifier)) = (policies.set.get(&sub), policies.verifiers.get(&sub)) else {
-        return Err(Decision::deny(
-            "manifest_not_found",
-            format!("no manifest for the agent the token names ({})", sanitize(&sub)),
-        ));
+        return Err(missing_manifest(policies, &sub));
     };
     facts.mode = m.mode;
     let claims = verifier.verify(&token, now_unix()).map_err(|e| Decision::deny(e.code(), e.message()))?;
@@ -87,6 +84,22 @@ pub(crate) fn identify(
         return Err(Decision::deny("token_agent_mismatch", "the capability token was issued to another agent"));
     }
     Ok(Identity { manifest: m.clone(), claims: Some(claims) })
+}
+
+/// No manifest serves `agent`: `manifest_invalid` when its manifest file failed validation
+/// (SPEC §17), else `manifest_not_found`.
+fn missing_manifest(policies: &Policies, agent: &str) -> Decision {
+    match policies.set.invalid_for(agent) {
+        Some(i) => Decision::deny(
+            "manifest_invalid",
+            format!(
+                "the manifest of agent {} ({}) failed validation; its requests are refused until it is fixed",
+                sanitize(agent),
+                i.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            ),
+        ),
+        None => Decision::deny("manifest_not_found", format!("no manifest for the agent {}", sanitize(agent))),
+    }
 }
 
 /// The refusal of a request whose agent could not be identified: 407 on the explicit proxy

@@ -178,6 +178,17 @@ impl Rule {
 /// - nat `UAPK_OUTPUT`, hooked first in `OUTPUT` for TCP: loopback, the gateway's UID and TCP 53
 ///   to a resolver return; every other TCP connection is redirected to `port`.
 pub fn iptables_rules(proxy_uid: u32, port: u16, resolvers: &[IpAddr]) -> Vec<Rule> {
+    iptables_rules_exempting(proxy_uid, &[], port, resolvers)
+}
+
+/// [`iptables_rules`], with further UIDs whose traffic is neither redirected nor dropped: the
+/// sidecar proxy of a service mesh sharing the pod (Istio's Envoy runs as UID 1337), whose own
+/// connections must go out rather than come back to the gateway. The agent must never run as
+/// one of them.
+pub fn iptables_rules_exempting(proxy_uid: u32, exempt: &[u32], port: u16, resolvers: &[IpAddr]) -> Vec<Rule> {
+    let mut uids = vec![proxy_uid];
+    uids.extend(exempt.iter().copied().filter(|u| *u != proxy_uid));
+    uids.dedup();
     let mut out = Vec::new();
     for (bin, v6) in [("iptables", false), ("ip6tables", true)] {
         let dns: Vec<IpAddr> = resolvers.iter().copied().filter(|r| r.is_ipv6() == v6).collect();
@@ -188,7 +199,9 @@ pub fn iptables_rules(proxy_uid: u32, port: u16, resolvers: &[IpAddr]) -> Vec<Ru
         let f = FILTER_CHAIN;
         push(Step::NewChain, format!("-N {f}"));
         push(Step::Append, format!("-A {f} -o lo -j RETURN"));
-        push(Step::Append, format!("-A {f} -m owner --uid-owner {proxy_uid} -j RETURN"));
+        for uid in &uids {
+            push(Step::Append, format!("-A {f} -m owner --uid-owner {uid} -j RETURN"));
+        }
         for r in &dns {
             push(Step::Append, format!("-A {f} -d {r} -p udp --dport 53 -j RETURN"));
             push(Step::Append, format!("-A {f} -d {r} -p tcp --dport 53 -j RETURN"));
@@ -204,7 +217,9 @@ pub fn iptables_rules(proxy_uid: u32, port: u16, resolvers: &[IpAddr]) -> Vec<Ru
         let n = NAT_CHAIN;
         push(Step::NewChain, format!("-t nat -N {n}"));
         push(Step::Append, format!("-t nat -A {n} -o lo -j RETURN"));
-        push(Step::Append, format!("-t nat -A {n} -m owner --uid-owner {proxy_uid} -j RETURN"));
+        for uid in &uids {
+            push(Step::Append, format!("-t nat -A {n} -m owner --uid-owner {uid} -j RETURN"));
+        }
         for r in &dns {
             push(Step::Append, format!("-t nat -A {n} -d {r} -p tcp --dport 53 -j RETURN"));
         }

@@ -12,6 +12,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Refuse values that cannot work, with a clear message. */}}
 {{- define "uapk-gateway.validate" -}}
+{{- if gt (int .Values.replicas) 1 -}}
+{{- if eq .Values.state.backend "embedded" -}}
+{{- fail (printf "replicas: %d with state.backend: embedded would keep %d budgets, %d approval queues and %d audit logs (one redb file per pod): an agent would get every budget and rate limit %d times over. Run one replica with the embedded backend." (int .Values.replicas) (int .Values.replicas) (int .Values.replicas) (int .Values.replicas) (int .Values.replicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.persistence.enabled (gt (int .Values.replicas) 1) -}}
+{{- fail "persistence.enabled holds one ReadWriteOnce volume: it cannot serve more than one replica" -}}
+{{- end -}}
+{{- $ports := list (int .Values.ports.proxy) (int .Values.ports.admin) -}}
+{{- if eq .Values.mode "transparent" }}{{ $ports = append $ports (int .Values.ports.transparent) }}{{ end -}}
+{{- if ne (len $ports) (len (uniq $ports)) -}}
+{{- fail (printf "ports: proxy, transparent and admin must differ (%v)" $ports) -}}
+{{- end -}}
+{{- range $ports -}}
+{{- if and (ge . 15000) (le . 15090) -}}
+{{- fail (printf "ports: %d is in 15000-15090, which Istio reserves for its sidecar; pick another port" .) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.mode "egress-gateway") (not (and .Values.agents.podSelector .Values.agents.podSelector.matchLabels)) -}}
+{{- fail "agents.podSelector.matchLabels is required in egress-gateway mode: it selects the agents' pods, whose egress the chart restricts to the gateway (an empty selector would select every pod of the namespace)" -}}
+{{- end -}}
+{{- range .Values.iptables.exemptUids -}}
+{{- if eq (int .) (int $.Values.agent.uid) -}}
+{{- fail (printf "agent.uid %d is in iptables.exemptUids: its traffic would bypass the gateway" (int .)) -}}
+{{- end -}}
+{{- end -}}
+{{- if eq (int .Values.gateway.uid) 1337 -}}
+{{- fail "gateway.uid: 1337 is Istio's sidecar UID: Istio's rules exempt that UID's traffic, and in a mesh the gateway would share the proxy's identity; pick another UID" -}}
+{{- end -}}
 {{- if and (eq .Values.mode "transparent") (not .Values.iptables.enabled) (not .Values.cni.enabled) -}}
 {{- fail "mode: transparent needs the iptables init container (iptables.enabled: true) or a CNI plugin that installs the redirect rules (cni.enabled: true); otherwise agent traffic bypasses the gateway" -}}
 {{- end -}}
@@ -45,8 +74,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* gateway.yaml */}}
 {{- define "uapk-gateway.config" -}}
-{{- $listeners := dict "proxy" "127.0.0.1:15080" "admin" "0.0.0.0:15021" -}}
-{{- if eq .Values.mode "transparent" }}{{ $_ := set $listeners "transparent" "0.0.0.0:15001" }}{{ end -}}
+{{- $proxyHost := ternary "0.0.0.0" "127.0.0.1" (eq .Values.mode "egress-gateway") -}}
+{{- $listeners := dict "proxy" (printf "%s:%d" $proxyHost (int .Values.ports.proxy)) "admin" (printf "0.0.0.0:%d" (int .Values.ports.admin)) -}}
+{{- if eq .Values.mode "transparent" }}{{ $_ := set $listeners "transparent" (printf "0.0.0.0:%d" (int .Values.ports.transparent)) }}{{ end -}}
 {{- $cfg := dict "listeners" $listeners "policies" "/etc/uapk/policies" "data_dir" "/var/lib/uapk" "log_format" .Values.gateway.logFormat -}}
 {{- if .Values.secrets.gatewayKey }}{{ $_ := set $cfg "keys" (dict "gateway" "/etc/uapk/keys/gateway.pem") }}{{ end -}}
 {{- if .Values.secrets.ca }}{{ $_ := set $cfg "tls" (dict "ca_cert" "/etc/uapk/ca/ca.pem" "ca_key" "/etc/uapk/ca/ca-key.pem") }}{{ end -}}
@@ -59,7 +89,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - name: uapk-init-iptables
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
-  args: ["init-iptables", "--proxy-uid", "{{ .Values.gateway.uid }}", "--port", "15001"]
+  args: ["init-iptables", "--proxy-uid", "{{ .Values.gateway.uid }}", "--port", "{{ .Values.ports.transparent }}"{{ range .Values.iptables.exemptUids }}, "--exempt-uid", "{{ . }}"{{ end }}]
   securityContext:
     runAsUser: 0
     runAsNonRoot: false
@@ -77,14 +107,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
   image: "{{ .Values.image.repository }}:{{ .Values.image.tag }}"
   imagePullPolicy: {{ .Values.image.pullPolicy }}
   args: ["run", "-c", "/etc/uapk/config/gateway.yaml"]
-{{- if .Values.sidecar.native }}
+{{- if and .Values.sidecar.native (ne .Values.mode "egress-gateway") }}
   restartPolicy: Always
 {{- end }}
   ports:
-    - { name: proxy, containerPort: 15080 }
-    - { name: admin, containerPort: 15021 }
+    - { name: proxy, containerPort: {{ .Values.ports.proxy }} }
+    - { name: admin, containerPort: {{ .Values.ports.admin }} }
 {{- if eq .Values.mode "transparent" }}
-    - { name: transparent, containerPort: 15001 }
+    - { name: transparent, containerPort: {{ .Values.ports.transparent }} }
 {{- end }}
   startupProbe:
     httpGet: { path: /readyz, port: admin }
@@ -195,11 +225,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - { name: CURL_CA_BUNDLE, value: /etc/uapk-ca/ca.pem }
 - { name: NODE_EXTRA_CA_CERTS, value: /etc/uapk-ca/ca.pem }
 {{- end }}
-{{- if eq .Values.mode "explicit" }}
-- { name: HTTP_PROXY, value: "http://127.0.0.1:15080" }
-- { name: HTTPS_PROXY, value: "http://127.0.0.1:15080" }
-- { name: http_proxy, value: "http://127.0.0.1:15080" }
-- { name: https_proxy, value: "http://127.0.0.1:15080" }
+{{- if ne .Values.mode "transparent" }}
+{{- $proxy := include "uapk-gateway.proxyUrl" . }}
+- { name: HTTP_PROXY, value: {{ $proxy | quote }} }
+- { name: HTTPS_PROXY, value: {{ $proxy | quote }} }
+- { name: http_proxy, value: {{ $proxy | quote }} }
+- { name: https_proxy, value: {{ $proxy | quote }} }
 - { name: NO_PROXY, value: {{ .Values.agent.noProxy | quote }} }
 - { name: no_proxy, value: {{ .Values.agent.noProxy | quote }} }
 - { name: NODE_USE_ENV_PROXY, value: "1" }
@@ -210,4 +241,96 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secrets.ca }}
 - { name: uapk-ca-cert, mountPath: /etc/uapk-ca, readOnly: true }
 {{- end }}
+{{- end -}}
+
+
+{{/* The proxy URL agents use: the sidecar on loopback, or the egress gateway's Service. (The
+     capability token goes in it as the password, or in a header: see the README.) */}}
+{{- define "uapk-gateway.proxyUrl" -}}
+{{- if eq .Values.mode "egress-gateway" -}}
+http://{{ .Values.service.name }}.{{ .Release.Namespace }}.svc:{{ .Values.ports.proxy }}
+{{- else -}}
+http://127.0.0.1:{{ .Values.ports.proxy }}
+{{- end -}}
+{{- end -}}
+
+{{/* Labels that select the gateway's pods (the demo pod in the sidecar modes). */}}
+{{- define "uapk-gateway.selectorLabels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* The agents' namespace (egress-gateway mode). */}}
+{{- define "uapk-gateway.agentsNamespace" -}}
+{{- .Values.agents.namespace | default .Release.Namespace -}}
+{{- end -}}
+
+{{/* Upgrades: the embedded backend's file is held open by the running pod, so with persistence
+     the old pod must stop before the new one starts. */}}
+{{- define "uapk-gateway.strategy" -}}
+{{- if and (eq .Values.state.backend "embedded") .Values.persistence.enabled -}}
+type: Recreate
+{{- else -}}
+type: RollingUpdate
+rollingUpdate: { maxUnavailable: 0, maxSurge: 1 }
+{{- end -}}
+{{- end -}}
+
+{{/* Pod-level settings every pod of the chart shares (pull secrets, service account, scheduling). */}}
+{{- define "uapk-gateway.podCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.serviceAccount.name }}
+serviceAccountName: {{ . }}
+{{- end }}
+automountServiceAccountToken: {{ .Values.serviceAccount.automount }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod metadata: selector labels, podLabels, the config checksum (a changed gateway.yaml rolls
+     the pods) and podAnnotations. */}}
+{{- define "uapk-gateway.podMetadata" -}}
+labels:
+  {{- include "uapk-gateway.selectorLabels" . | nindent 2 }}
+  {{- with .Values.podLabels }}{{ toYaml . | nindent 2 }}{{ end }}
+annotations:
+  checksum/config: {{ include "uapk-gateway.config" . | sha256sum }}
+  {{- with .Values.podAnnotations }}{{ toYaml . | nindent 2 }}{{ end }}
+{{- end -}}
+
+{{/* The (demo) agent container: never a capability, never the policies or the CA key. */}}
+{{- define "uapk-gateway.agentContainer" -}}
+- name: {{ .Values.agent.name }}
+  image: {{ .Values.agent.image }}
+  command: {{ toJson .Values.agent.command }}
+  securityContext:
+    runAsUser: {{ .Values.agent.uid }}
+    runAsGroup: {{ .Values.agent.uid }}
+    runAsNonRoot: true
+    allowPrivilegeEscalation: false
+    capabilities: { drop: ["ALL"] }
+    seccompProfile: { type: RuntimeDefault }
+  {{- $env := include "uapk-gateway.agentEnv" . | trim }}
+  {{- if or $env .Values.agent.env }}
+  env:
+    {{- if $env }}{{ $env | nindent 4 }}{{ end }}
+    {{- with .Values.agent.env }}{{ toYaml . | nindent 4 }}{{ end }}
+  {{- end }}
+  {{- $mounts := include "uapk-gateway.agentVolumeMounts" . | trim }}
+  {{- if $mounts }}
+  volumeMounts:
+    {{- $mounts | nindent 4 }}
+  {{- end }}
 {{- end -}}

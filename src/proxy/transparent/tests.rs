@@ -262,3 +262,27 @@ fn a_failing_ipv4_command_stops_the_install_with_its_message() {
     let err = r.expect_err("must fail");
     assert!(err.contains("iptables -t nat -I OUTPUT 1 -p tcp -j UAPK_OUTPUT"), "{err}");
 }
+
+#[test]
+fn exempt_uids_return_in_both_tables_before_the_redirect_and_the_drop() {
+    let rules = iptables_rules_exempting(14337, &[1337, 14337], 14001, &[ip("10.96.0.10")]);
+    let all = lines(&rules);
+    for bin in ["iptables", "ip6tables"] {
+        for (table, chain, last) in
+            [("", "UAPK_EGRESS", "-j DROP"), ("-t nat ", "UAPK_OUTPUT", "-j REDIRECT --to-ports 14001")]
+        {
+            let chain_rules: Vec<&String> =
+                all.iter().filter(|l| l.starts_with(&format!("{bin} {table}-A {chain} "))).collect();
+            let pos = |needle: &str| chain_rules.iter().position(|l| l.contains(needle));
+            let end = pos(last).unwrap_or_else(|| panic!("{bin} {chain}: no {last}"));
+            for uid in ["14337", "1337"] {
+                let p = pos(&format!("--uid-owner {uid} -j RETURN")).unwrap_or_else(|| panic!("{bin} {chain}: {uid}"));
+                assert!(p < end, "{bin} {chain}: UID {uid} returns after {last}");
+            }
+            // The gateway's UID is listed once, though named twice.
+            assert_eq!(chain_rules.iter().filter(|l| l.contains("--uid-owner 14337 ")).count(), 1);
+        }
+    }
+    // Without exemptions the rules are those of `iptables_rules`.
+    assert_eq!(lines(&iptables_rules_exempting(1337, &[], 15001, &[])), lines(&iptables_rules(1337, 15001, &[])));
+}
