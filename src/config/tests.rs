@@ -307,6 +307,7 @@ fn host_patterns_and_cidrs() {
         strip_headers: vec![],
         mcp: None,
         usage: None,
+        usage_estimate: 4096,
         routes: vec![],
     };
     assert!(c.matches_host("API.example.com"));
