@@ -223,6 +223,11 @@ async fn forward(
         }
     });
     let Ok((result, outcome)) = rx.await else {
+        // The exchange's task failed: the request may have been sent, so an LLM call is charged
+        // its estimate.
+        if let Some(estimate) = facts.token_estimate {
+            gw.budgets.settle(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
+        }
         let d = Decision::deny("upstream_unavailable", "the upstream exchange failed");
         return refuse(StatusCode::BAD_GATEWAY, facts, &d, Some(record), DenyBody::default());
     };
@@ -317,14 +322,17 @@ fn abandoned(result: Exchange, outcome: body::Outcome) {
 /// A recorded request that is refused before anything is sent: an LLM call's token estimate
 /// is released (nothing reached the upstream, so nothing is charged).
 fn unsent(gw: &Gateway, facts: &Facts) {
-    let used = TokenUse {
+    gw.budgets.settle(&facts.request_id, Settlement::Tokens(token_use(facts, 0)));
+}
+
+fn token_use(facts: &Facts, tokens: u64) -> TokenUse {
+    TokenUse {
         agent: facts.agent.clone().unwrap_or_default(),
         connector: facts.connector.clone().unwrap_or_default(),
         action: facts.action.clone().unwrap_or_default(),
-        tokens: 0,
+        tokens,
         at: super::now_unix(),
-    };
-    gw.budgets.settle(&facts.request_id, Settlement::Tokens(used));
+    }
 }
 
 /// A body not buffered (so not hashed in the decision entry) is hashed as it streams to the
