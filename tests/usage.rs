@@ -716,4 +716,25 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 1, "one action forwarded");
     assert_eq!(tokens_counted(&gw, "llm-agent"), 60);
     assert_eq!(up.count(), 1);
+
+    // Escalated after reserving (the call needs approval): answered with its approval id, and
+    // nothing stays held while it waits.
+    let policy = "  budgets:\n    - window: day\n      max_tokens: 10000\n  approval:\n    action_types: [llm.chat]\n";
+    let gw = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", up.addr, policy))], "").await;
+    let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!((status, code(&body).as_str()), (403, "requires_human_approval"), "{body}");
+    let b = &gw.gateway().budgets;
+    assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
+    assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
+
+    // Refused by the SSRF guard after reserving (a private address nobody allowed).
+    let private: SocketAddr = "10.255.255.1:9".parse().unwrap();
+    let policy = "  budgets:\n    - window: day\n      max_tokens: 10000\n";
+    let gw = TestGateway::start(&[("c.yaml", llm_manifest("llm-agent", private, policy))], "").await;
+    let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!((status, code(&body).as_str()), (403, "ssrf_blocked"), "{body}");
+    let b = &gw.gateway().budgets;
+    assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
+    assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
+    assert_eq!(up.count(), 1);
 }
