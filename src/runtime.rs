@@ -487,6 +487,10 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(60)) => {
                         gw2.rate_limits.sweep();
+                        // Nothing between reserve and forward waits this long (an escalation
+                        // gives its reservation back before it waits).
+                        let stale = gw2.config.limits.body_read_timeout + Duration::from_secs(120);
+                        gw2.budgets.expire_unforwarded(stale);
                         gw2.refusals.sweep(Instant::now());
                     }
                     _ = rx2.changed() => break,

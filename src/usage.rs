@@ -15,8 +15,12 @@
 //!   `message_start` and output from the last `message_delta`, and on OpenAI streams (with
 //!   `stream_options.include_usage`) from the last chunk before `[DONE]`.
 //!
-//! OpenAI `prompt_tokens` / `completion_tokens` are input / output. `total_tokens` is the
-//! upstream's total, or input + output when it gives none (or gives less). Anything else —
+//! OpenAI `prompt_tokens` / `completion_tokens` are input / output (`prompt_tokens` already
+//! holds cached tokens, and with `n > 1` the counts cover every choice). Anthropic reports
+//! prompt-cache writes and reads apart from `input_tokens`: input is `input_tokens +
+//! cache_creation_input_tokens + cache_read_input_tokens` (SPEC §16.1), and the two parts are
+//! kept in the record too. `total_tokens` is the upstream's total, or input + output when it
+//! gives none (or gives less). Anything else —
 //! no usage, a malformed one, counts that are not plausible non-negative integers, a
 //! content-encoded body — is usage unknown, with the reason: never a guess, never a panic.
 //! Usage connectors ask the upstream for an identity-encoded body ([`prepare_request`]), so a
@@ -38,20 +42,53 @@ pub const MAX_TOKENS: u64 = 1 << 53;
 /// Token usage of one response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
+    /// Every input token, prompt-cache writes and reads included.
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub total_tokens: u64,
+    /// Anthropic's prompt-cache writes and reads (part of `input_tokens`), when reported.
+    pub cache_creation_input_tokens: Option<u64>,
+    pub cache_read_input_tokens: Option<u64>,
 }
 
 impl Usage {
     /// The `usage` object of an outcome entry.
     pub fn to_json(self) -> Value {
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "total_tokens": self.total_tokens,
-        })
+        });
+        if let Some(n) = self.cache_creation_input_tokens {
+            v["cache_creation_input_tokens"] = n.into();
+        }
+        if let Some(n) = self.cache_read_input_tokens {
+            v["cache_read_input_tokens"] = n.into();
+        }
+        v
     }
+}
+
+/// Largest `n` (choices) an estimate multiplies the declared output limit by.
+const MAX_CHOICES: u64 = 128;
+
+/// The tokens an LLM call reserves before it is forwarded (SPEC §16.1): the output limit the
+/// request declares (`max_tokens`, `max_completion_tokens` or `max_output_tokens` at the top of a
+/// JSON body, times `n` choices when `n > 1`), else `default_output` (the connector's
+/// `usage_estimate`), plus the body's length / 4, rounded up, for the input. A declared limit
+/// that is not a positive integer is ignored (the upstream refuses it anyway).
+pub fn estimate(body: &[u8], default_output: u64) -> u64 {
+    let input = (body.len() as u64).div_ceil(4);
+    let declared = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+        let limit = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .filter_map(|k| v.get(*k).and_then(Value::as_u64))
+            .filter(|&n| n > 0)
+            .max()?;
+        let n = v.get("n").and_then(Value::as_u64).filter(|&n| n > 1).map_or(1, |n| n.min(MAX_CHOICES));
+        Some(limit.min(MAX_TOKENS).saturating_mul(n))
+    });
+    declared.unwrap_or(default_output).saturating_add(input)
 }
 
 /// Makes the upstream answer a usage connector's requests uncompressed, so usage can be read
@@ -279,6 +316,8 @@ struct Partial {
     input: Option<u64>,
     output: Option<u64>,
     total: Option<u64>,
+    cache_creation: Option<u64>,
+    cache_read: Option<u64>,
 }
 
 fn read_usage(format: UsageFormat, bytes: &[u8]) -> Result<Option<Partial>, String> {
@@ -289,14 +328,21 @@ fn read_usage(format: UsageFormat, bytes: &[u8]) -> Result<Option<Partial>, Stri
         Value::Object(o) => o,
         other => return Err(format!("usage is not an object: {}", truncate(&other.to_string()))),
     };
-    let (input, output) = match format {
+    let (input, output, cache_creation, cache_read) = match format {
         UsageFormat::OpenAi => (
             count(&obj, "prompt_tokens")?.or(count(&obj, "input_tokens")?),
             count(&obj, "completion_tokens")?.or(count(&obj, "output_tokens")?),
+            None,
+            None,
         ),
-        UsageFormat::Anthropic => (count(&obj, "input_tokens")?, count(&obj, "output_tokens")?),
+        UsageFormat::Anthropic => (
+            count(&obj, "input_tokens")?,
+            count(&obj, "output_tokens")?,
+            count(&obj, "cache_creation_input_tokens")?,
+            count(&obj, "cache_read_input_tokens")?,
+        ),
     };
-    Ok(Some(Partial { input, output, total: count(&obj, "total_tokens")? }))
+    Ok(Some(Partial { input, output, total: count(&obj, "total_tokens")?, cache_creation, cache_read }))
 }
 
 #[derive(Debug)]
@@ -341,6 +387,8 @@ pub struct UsageParser {
     input: Option<u64>,
     output: Option<u64>,
     total: Option<u64>,
+    cache_creation: Option<u64>,
+    cache_read: Option<u64>,
     /// The first malformed usage seen (a later valid one does not erase it).
     error: Option<String>,
     seen: bool,
@@ -366,7 +414,17 @@ impl UsageParser {
             None if sse => Mode::Sse(Sse::default()),
             None => Mode::Json(Scanner::default()),
         };
-        UsageParser { format, mode, input: None, output: None, total: None, error: None, seen: false }
+        UsageParser {
+            format,
+            mode,
+            input: None,
+            output: None,
+            total: None,
+            cache_creation: None,
+            cache_read: None,
+            error: None,
+            seen: false,
+        }
     }
 
     /// Feeds the next chunk of the body.
@@ -399,6 +457,8 @@ impl UsageParser {
                     self.input = p.input.or(self.input);
                     self.output = p.output.or(self.output);
                     self.total = p.total.or(self.total);
+                    self.cache_creation = p.cache_creation.or(self.cache_creation);
+                    self.cache_read = p.cache_read.or(self.cache_read);
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -414,6 +474,25 @@ impl UsageParser {
     /// written then rather than when the connection ends.
     pub fn stream_done(&self) -> bool {
         matches!(&self.mode, Mode::Sse(sse) if sse.done)
+    }
+
+    /// Whether the response's usage is being read (not a content-encoded body).
+    pub fn is_reading(&self) -> bool {
+        !matches!(self.mode, Mode::Off(_))
+    }
+
+    /// An event stream whose final event has not passed: its usage so far may be partial
+    /// (Anthropic's output count grows with every `message_delta`).
+    pub fn stream_unfinished(&self) -> bool {
+        matches!(&self.mode, Mode::Sse(sse) if !sse.done)
+    }
+
+    /// The tokens seen so far (input, cache and output), for a response cut short: a floor for
+    /// what it is charged.
+    pub fn seen_so_far(&self) -> u64 {
+        let parts = [self.input, self.cache_creation, self.cache_read, self.output];
+        let sum = parts.into_iter().flatten().fold(0u64, u64::saturating_add);
+        sum.max(self.total.unwrap_or(0)).min(MAX_TOKENS)
     }
 
     /// The usage of the whole response, or why it is unknown.
@@ -445,10 +524,25 @@ impl UsageParser {
         let (Some(input), Some(output)) = (self.input, output) else {
             return Err("the usage lacks input or output tokens".into());
         };
-        let sum = input.checked_add(output).filter(|s| *s <= MAX_TOKENS).ok_or("the token counts are not plausible")?;
+        let implausible = "the token counts are not plausible";
+        // Prompt-cache writes and reads are input the call is billed for (Anthropic reports them
+        // apart from input_tokens).
+        let input = [self.cache_creation, self.cache_read]
+            .into_iter()
+            .flatten()
+            .try_fold(input, u64::checked_add)
+            .filter(|s| *s <= MAX_TOKENS)
+            .ok_or(implausible)?;
+        let sum = input.checked_add(output).filter(|s| *s <= MAX_TOKENS).ok_or(implausible)?;
         // An upstream total below input + output would undercount: the sum is the floor.
         let total = self.total.map_or(sum, |t| t.max(sum));
-        Ok(Usage { input_tokens: input, output_tokens: output, total_tokens: total })
+        Ok(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: total,
+            cache_creation_input_tokens: self.cache_creation,
+            cache_read_input_tokens: self.cache_read,
+        })
     }
 }
 

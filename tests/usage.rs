@@ -4,195 +4,12 @@
 
 mod common;
 
+use common::llm::*;
 use common::*;
 use serde_json::{Value, json};
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Notify;
-
-/// What the fake LLM upstream answers to one request.
-#[derive(Clone)]
-struct Reply {
-    content_type: &'static str,
-    encoding: Option<&'static str>,
-    chunks: Vec<String>,
-    /// Wait for [`LlmUpstream::release`] before sending the last chunk.
-    hold_last: bool,
-}
-
-/// What reached the upstream.
-#[derive(Debug, Clone)]
-struct SeenReq {
-    path: String,
-    headers: HashMap<String, String>,
-    body: Value,
-}
-
-type Answer = Arc<dyn Fn(&SeenReq) -> Reply + Send + Sync>;
-
-/// A loopback HTTP/1.1 upstream that answers with chunked bodies sent chunk by chunk (so
-/// streaming through the gateway is observable), speaking OpenAI chat completions and Anthropic
-/// messages by default.
-struct LlmUpstream {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<SeenReq>>>,
-    answer: Arc<Mutex<Answer>>,
-    release: Arc<Notify>,
-}
-
-fn sse(events: &[Value]) -> Vec<String> {
-    let mut out: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
-    out.push("data: [DONE]\n\n".into());
-    out
-}
-
-/// OpenAI and Anthropic answers, JSON or streamed per the request's `stream`, with usage.
-fn default_answer(r: &SeenReq) -> Reply {
-    let stream = r.body["stream"] == true;
-    let openai = r.path.starts_with("/v1/chat/completions");
-    match (openai, stream) {
-        (true, false) => Reply {
-            content_type: "application/json",
-            encoding: None,
-            chunks: vec![
-                json!({"id": "chatcmpl-1", "object": "chat.completion", "model": r.body["model"],
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60}})
-                .to_string(),
-            ],
-            hold_last: false,
-        },
-        (true, true) => {
-            let mut events = vec![
-                json!({"id": "c1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}], "usage": null}),
-                json!({"id": "c1", "choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}], "usage": null}),
-            ];
-            if r.body["stream_options"]["include_usage"] == true {
-                events.push(json!({"id": "c1", "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 12, "total_tokens": 42}}));
-            }
-            Reply { content_type: "text/event-stream; charset=utf-8", encoding: None, chunks: sse(&events), hold_last: false }
-        }
-        (false, false) => Reply {
-            content_type: "application/json",
-            encoding: None,
-            chunks: vec![
-                json!({"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "Hi"}],
-                    "stop_reason": "end_turn", "usage": {"input_tokens": 25, "output_tokens": 11}})
-                .to_string(),
-            ],
-            hold_last: false,
-        },
-        (false, true) => {
-            let ev = |name: &str, data: Value| format!("event: {name}\ndata: {data}\n\n");
-            Reply {
-                content_type: "text/event-stream",
-                encoding: None,
-                chunks: vec![
-                    ev("message_start", json!({"type": "message_start", "message": {"id": "msg_2", "content": [], "usage": {"input_tokens": 31, "output_tokens": 1}}})),
-                    ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}})),
-                    ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": null}, "usage": {"output_tokens": 8}})),
-                    ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}})),
-                    ev("message_stop", json!({"type": "message_stop"})),
-                ],
-                hold_last: false,
-            }
-        }
-    }
-}
-
-impl LlmUpstream {
-    async fn start() -> LlmUpstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<SeenReq>>> = Arc::default();
-        let answer: Arc<Mutex<Answer>> = Arc::new(Mutex::new(Arc::new(default_answer)));
-        let release = Arc::new(Notify::new());
-        let (s2, a2, r2) = (seen.clone(), answer.clone(), release.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut stream, _)) = listener.accept().await else { continue };
-                let (seen, answer, release) = (s2.clone(), a2.clone(), r2.clone());
-                tokio::spawn(async move {
-                    let Some(req) = read_request(&mut stream).await else { return };
-                    let reply = (answer.lock().unwrap().clone())(&req);
-                    seen.lock().unwrap().push(req);
-                    let mut head = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n",
-                        reply.content_type
-                    );
-                    if let Some(e) = reply.encoding {
-                        head.push_str(&format!("content-encoding: {e}\r\n"));
-                    }
-                    head.push_str("\r\n");
-                    if stream.write_all(head.as_bytes()).await.is_err() {
-                        return;
-                    }
-                    let n = reply.chunks.len();
-                    for (i, c) in reply.chunks.iter().enumerate() {
-                        if reply.hold_last && i + 1 == n {
-                            release.notified().await;
-                        }
-                        let frame = format!("{:x}\r\n{c}\r\n", c.len());
-                        if stream.write_all(frame.as_bytes()).await.is_err() || stream.flush().await.is_err() {
-                            return;
-                        }
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    let _ = stream.write_all(b"0\r\n\r\n").await;
-                    let _ = stream.shutdown().await;
-                });
-            }
-        });
-        LlmUpstream { addr, seen, answer, release }
-    }
-
-    fn set_answer(&self, f: impl Fn(&SeenReq) -> Reply + Send + Sync + 'static) {
-        *self.answer.lock().unwrap() = Arc::new(f);
-    }
-
-    fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    fn last(&self) -> SeenReq {
-        self.seen.lock().unwrap().last().cloned().expect("the upstream saw no request")
-    }
-}
-
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<SeenReq> {
-    let mut buf = Vec::new();
-    let mut tmp = [0u8; 4096];
-    let head_end = loop {
-        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break p + 4;
-        }
-        let n = stream.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let mut lines = head.split("\r\n");
-    let path = lines.next()?.split(' ').nth(1)?.to_string();
-    let headers: HashMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
-    while buf.len() < head_end + len {
-        let n = stream.read(&mut tmp).await.ok()?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&tmp[..n]);
-    }
-    let body = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
-    Some(SeenReq { path, headers, body })
-}
 
 /// A manifest with an OpenAI and an Anthropic connector on the fake upstream.
 fn llm_manifest(agent: &str, up: SocketAddr, budgets: &str) -> String {
@@ -259,6 +76,23 @@ async fn outcome_of(gw: &TestGateway, record: u64) -> Value {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("no outcome entry for record {record}");
+}
+
+/// The estimate SPEC §16.1 reserves for a request the upstream received: its declared output
+/// limit (times `n`), else the default `usage_estimate` of 4096, plus its body length / 4.
+fn estimate(r: &SeenReq) -> u64 {
+    let declared = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+        .iter()
+        .filter_map(|k| r.body[*k].as_u64())
+        .max()
+        .map(|m| m * r.body["n"].as_u64().unwrap_or(1).max(1));
+    declared.unwrap_or(4096) + (r.body_len as u64).div_ceil(4)
+}
+
+/// Tokens the gateway has counted for `agent` today.
+fn tokens_counted(gw: &TestGateway, agent: &str) -> u64 {
+    use uapk_gateway::config::{Scope, Window};
+    gw.gateway().budgets.used_tokens(agent, Window::Day, Scope::Agent, agent, now())
 }
 
 fn usage(i: u64, o: u64, t: u64) -> Value {
@@ -362,6 +196,7 @@ async fn missing_malformed_or_encoded_usage_is_recorded_as_unknown() {
                 encoding: None,
                 chunks: sse(&[json!({"choices": [{"delta": {"content": "hi"}}]})]),
                 hold_last: false,
+                billed: 0,
             },
             "include_usage",
         ),
@@ -371,6 +206,7 @@ async fn missing_malformed_or_encoded_usage_is_recorded_as_unknown() {
                 encoding: None,
                 chunks: vec![r#"{"usage": {"prompt_tokens": -4, "completion_tokens": 1}}"#.into()],
                 hold_last: false,
+                billed: 0,
             },
             "prompt_tokens",
         ),
@@ -380,6 +216,7 @@ async fn missing_malformed_or_encoded_usage_is_recorded_as_unknown() {
                 encoding: None,
                 chunks: vec![r#"{"usage": {"prompt_tokens": 99999999999999999999999, "completion_tokens": 1}}"#.into()],
                 hold_last: false,
+                billed: 0,
             },
             "plausible",
         ),
@@ -389,6 +226,7 @@ async fn missing_malformed_or_encoded_usage_is_recorded_as_unknown() {
                 encoding: None,
                 chunks: vec![r#"{"usage": {"prompt_tokens": 4, "#.into(), "oops".into()],
                 hold_last: false,
+                billed: 0,
             },
             "usage",
         ),
@@ -398,10 +236,12 @@ async fn missing_malformed_or_encoded_usage_is_recorded_as_unknown() {
                 encoding: Some("gzip"),
                 chunks: vec!["\u{1f}garbage".into()],
                 hold_last: false,
+                billed: 0,
             },
             "content-encoded (gzip)",
         ),
     ];
+    let mut charged = 0;
     for (reply, why) in cases {
         let sent = reply.chunks.concat();
         up.set_answer(move |_| reply.clone());
@@ -412,20 +252,11 @@ async fn missing_malformed_or_encoded_usage_is_recorded_as_unknown() {
         assert!(o["usage"].is_null(), "{o}");
         let err = o["usage_error"].as_str().unwrap_or_default();
         assert!(err.contains(why), "{why}: {o}");
+        // Unknown usage is charged the call's estimate (SPEC §16.1), never 0.
+        assert_eq!(o["usage_charged"], estimate(&up.last()).to_string().as_str(), "{o}");
+        charged += estimate(&up.last());
     }
-    // Unknown usage counts nothing.
-    let g = gw.gateway();
-    let now = now();
-    assert_eq!(
-        g.budgets.used_tokens(
-            "llm-agent",
-            uapk_gateway::config::Window::Day,
-            uapk_gateway::config::Scope::Agent,
-            "llm-agent",
-            now
-        ),
-        0
-    );
+    assert_eq!(tokens_counted(&gw, "llm-agent"), charged);
 }
 
 #[tokio::test]
@@ -512,4 +343,398 @@ async fn a_client_that_stops_reading_at_the_final_event_still_gets_its_tokens_co
     assert_eq!(o["usage"], usage(30, 12, 42));
     assert!(o.get("error").is_none(), "a stream read to its final event is complete: {o}");
     up.release.notify_one();
+}
+
+// ---------------------------------------------------------------- SPEC §16.1
+
+const BUDGET_2000: &str = "  budgets:\n    - window: day\n      max_tokens: 2000\n";
+
+/// The refusal's reason code, from a §7 body.
+fn code(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .map(|v| v["reasons"][0]["code"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+/// Every outcome entry's `usage_charged`, summed.
+fn charged_in_log(gw: &TestGateway) -> u64 {
+    gw.entries()
+        .iter()
+        .filter(|e| e["kind"] == "outcome")
+        .filter_map(|e| e["usage_charged"].as_str().and_then(|c| c.parse::<u64>().ok()))
+        .sum()
+}
+
+/// A streamed chat completion without `stream_options.include_usage`.
+fn stream_without_usage(max_tokens: Option<u64>) -> Value {
+    let mut b = json!({"model": "gpt-4o-mini", "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    if let Some(m) = max_tokens {
+        b["max_tokens"] = json!(m);
+    }
+    b
+}
+
+#[tokio::test]
+async fn streams_without_usage_are_charged_their_estimate_and_the_budget_holds() {
+    let up = LlmUpstream::start().await;
+    let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, BUDGET_2000))], "").await;
+    // Twenty streamed completions that never report usage: the first reserves 4096 + body/4,
+    // more than the whole budget, and is charged that when its usage cannot be read.
+    let mut statuses = Vec::new();
+    let mut first = None;
+    for _ in 0..20 {
+        let (status, record, body) =
+            call(&gw, "llm-agent", "/openai/v1/chat/completions", stream_without_usage(None)).await;
+        if status == 200 {
+            first.get_or_insert(record.unwrap());
+            outcome_of(&gw, record.unwrap()).await;
+        } else {
+            assert_eq!((status, code(&body).as_str()), (403, "budget_exceeded"), "{body}");
+        }
+        statuses.push(status);
+    }
+    assert_eq!(up.count(), 1, "only the first call reached the upstream: {statuses:?}");
+    let e = estimate(&up.last());
+    assert!(e > 4096);
+    let o = outcome_of(&gw, first.unwrap()).await;
+    assert!(o["usage"].is_null(), "{o}");
+    assert!(o["usage_error"].as_str().unwrap().contains("include_usage"), "{o}");
+    assert_eq!(o["usage_charged"], e.to_string().as_str());
+    assert_eq!(tokens_counted(&gw, "llm-agent"), e);
+    assert!(tokens_counted(&gw, "llm-agent") >= up.billed(), "never less than the upstream billed");
+    let (_, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", stream_without_usage(None)).await;
+    assert!(body.contains(&format!("{e}/2000 tokens")), "{body}");
+
+    // Declaring an output limit makes the estimate small: calls pass until their charged
+    // estimates reach the budget, one by one.
+    let gw2 = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent-b", up.addr, BUDGET_2000))], "").await;
+    let before = up.count();
+    let mut passed = 0;
+    for _ in 0..40 {
+        let (status, record, body) =
+            call(&gw2, "llm-agent-b", "/openai/v1/chat/completions", stream_without_usage(Some(100))).await;
+        match status {
+            200 => {
+                passed += 1;
+                let o = outcome_of(&gw2, record.unwrap()).await;
+                assert_eq!(o["usage_charged"], estimate(&up.last()).to_string().as_str(), "{o}");
+            }
+            _ => assert_eq!(code(&body), "budget_exceeded", "{body}"),
+        }
+    }
+    let e = estimate(&up.last());
+    assert!(e < 200, "{e}");
+    assert_eq!(passed, 2000_u64.div_ceil(e) as usize, "admitted while counted < 2000, each charged {e}");
+    assert_eq!(up.count() - before, passed);
+    assert_eq!(tokens_counted(&gw2, "llm-agent-b"), passed as u64 * e);
+    assert_eq!(gw.gateway().budgets.held() + gw2.gateway().budgets.held(), 0, "every reservation settled");
+}
+
+/// Reads a streamed response until `until` shows up, then hangs up.
+async fn read_until_then_hang_up(gw: &TestGateway, body: Value, until: &str) -> u64 {
+    let mut resp = client()
+        .post(gw.base("/openai/v1/chat/completions"))
+        .header("x-uapk-capability", token("llm-agent"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let record: u64 = resp.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let mut got = String::new();
+    while !got.contains(until) {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await.unwrap().unwrap().unwrap();
+        got.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!got.contains("[DONE]"), "hung up before the end: {got}");
+    drop(resp);
+    record
+}
+
+#[tokio::test]
+async fn an_agent_that_hangs_up_after_the_finish_reason_still_has_its_usage_counted() {
+    let up = LlmUpstream::start().await;
+    // The usage chunk and [DONE] are held back until the agent has hung up.
+    up.set_answer(|r| {
+        let mut reply = default_answer(r);
+        if r.body["stream"] == true {
+            let tail: String = reply.chunks.split_off(reply.chunks.len() - 2).concat();
+            reply.chunks.push(tail);
+            reply.hold_last = true;
+        }
+        reply
+    });
+    let budgets = "  budgets:\n    - window: day\n      max_tokens: 100000\n";
+    let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, budgets))], "").await;
+    let record = read_until_then_hang_up(&gw, chat(true), "\"finish_reason\":\"stop\"").await;
+    // Give the gateway a moment to see the agent go, then let the upstream finish.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    up.release.notify_one();
+    let o = outcome_of(&gw, record).await;
+    assert_eq!(o["error"], "the client went away before the response ended", "{o}");
+    assert_eq!(o["usage"], usage(30, 12, 42), "read on after the agent left: {o}");
+    assert_eq!(o["usage_charged"], "42");
+    assert_eq!(tokens_counted(&gw, "llm-agent"), 42);
+    assert_eq!(gw.gateway().budgets.held(), 0);
+}
+
+#[tokio::test]
+async fn an_agent_that_hangs_up_on_a_stream_that_never_reports_usage_is_charged_the_estimate() {
+    let up = LlmUpstream::start().await;
+    // Two events (the second carries finish_reason), then silence: no usage, no [DONE].
+    up.set_delivery(Delivery::StallAfter(2));
+    let budgets = "  budgets:\n    - window: day\n      max_tokens: 100000\n";
+    let gw = TestGateway::start(
+        &[("a.yaml", llm_manifest("llm-agent", up.addr, budgets))],
+        "limits:\n  usage_drain_timeout: 1s\n",
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let record = read_until_then_hang_up(&gw, stream_without_usage(None), "\"finish_reason\":\"stop\"").await;
+    let o = outcome_of(&gw, record).await;
+    assert!(started.elapsed() >= Duration::from_secs(1), "read on for limits.usage_drain_timeout");
+    assert!(o["usage"].is_null(), "{o}");
+    let err = o["usage_error"].as_str().unwrap();
+    assert!(err.contains("usage_drain_timeout"), "{o}");
+    assert_eq!(o["error"], "the client went away before the response ended");
+    let e = estimate(&up.last());
+    assert_eq!(o["usage_charged"], e.to_string().as_str());
+    assert_eq!(tokens_counted(&gw, "llm-agent"), e);
+    assert_eq!(gw.gateway().budgets.held(), 0);
+}
+
+#[tokio::test]
+async fn anthropic_prompt_cache_tokens_count_toward_the_budget() {
+    let up = LlmUpstream::start().await;
+    up.set_answer(|_| Reply {
+        content_type: "application/json",
+        encoding: None,
+        chunks: vec![
+            json!({"id": "msg_1", "type": "message", "role": "assistant", "content": [{"type": "text", "text": "Hi"}],
+                "stop_reason": "end_turn",
+                "usage": {"input_tokens": 10, "cache_creation_input_tokens": 50000, "cache_read_input_tokens": 0, "output_tokens": 100}})
+            .to_string(),
+        ],
+        hold_last: false,
+        billed: 50110,
+    });
+    let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, BUDGET_2000))], "").await;
+    let (status, record, _) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(false)).await;
+    assert_eq!(status, 200);
+    let o = outcome_of(&gw, record.unwrap()).await;
+    assert_eq!(o["usage"]["total_tokens"], "50110", "{o}");
+    assert_eq!(o["usage"]["input_tokens"], "50010");
+    assert_eq!(o["usage"]["cache_creation_input_tokens"], "50000");
+    assert_eq!(o["usage_charged"], "50110");
+    assert_eq!(tokens_counted(&gw, "llm-agent"), 50110);
+    for _ in 0..14 {
+        let (status, _, body) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(false)).await;
+        assert_eq!((status, code(&body).as_str()), (403, "budget_exceeded"), "{body}");
+        assert!(body.contains("50110/2000 tokens"), "{body}");
+    }
+    assert_eq!(up.count(), 1);
+
+    // Streamed: the cache counts come with message_start.
+    up.set_cache(3000, 700);
+    let budgets = "  budgets:\n    - window: day\n      max_tokens: 100000\n";
+    let gw = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", up.addr, budgets))], "").await;
+    let (status, record, _) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(true)).await;
+    assert_eq!(status, 200);
+    let o = outcome_of(&gw, record.unwrap()).await;
+    assert_eq!(o["usage"]["total_tokens"], (31 + 3000 + 700 + 15).to_string().as_str(), "{o}");
+    assert_eq!(o["usage"]["cache_read_input_tokens"], "700");
+    assert_eq!(tokens_counted(&gw, "llm-agent"), 31 + 3000 + 700 + 15);
+}
+
+#[tokio::test]
+async fn concurrent_calls_overshoot_the_budget_by_at_most_one_estimate() {
+    let up = LlmUpstream::start().await;
+    // Answers wait until every call has been decided: none settles early.
+    up.set_gate(false);
+    let gw = Arc::new(TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, BUDGET_2000))], "").await);
+    let body = json!({"model": "gpt-4o-mini", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}]});
+    let calls: Vec<_> = (0..40)
+        .map(|_| {
+            let (gw, body) = (gw.clone(), body.clone());
+            tokio::spawn(async move { call(&gw, "llm-agent", "/openai/v1/chat/completions", body).await })
+        })
+        .collect();
+    // Every refusal is answered at once; the admitted calls wait at the upstream.
+    let mut waited = 0;
+    while gw.entries().iter().filter(|e| e["kind"] == "decision").count() < 40 && waited < 500 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waited += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = estimate(&up.last());
+    let allowed = 2000_u64.div_ceil(e) as usize;
+    assert_eq!(up.count(), allowed, "admitted while counted + reserved < 2000, each reserving {e}");
+    let reserved = {
+        use uapk_gateway::config::{Scope, Window};
+        gw.gateway().budgets.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())
+    };
+    assert_eq!(reserved, allowed as u64 * e);
+    up.set_gate(true);
+    let mut ok = 0;
+    for c in calls {
+        let (status, _, body) = c.await.unwrap();
+        match status {
+            200 => ok += 1,
+            _ => assert_eq!((status, code(&body).as_str()), (403, "budget_exceeded"), "{body}"),
+        }
+    }
+    assert_eq!(ok, allowed);
+    assert_eq!(up.count(), allowed, "the upstream received at most what the rule allows");
+    for _ in 0..250 {
+        if gw.gateway().budgets.held() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gw.gateway().budgets.held(), 0);
+    // Each settled to the usage its response reported (40 + 20).
+    assert_eq!(tokens_counted(&gw, "llm-agent"), allowed as u64 * 60);
+    assert_eq!(up.billed(), allowed as u64 * 60);
+}
+
+#[tokio::test]
+async fn rebuilt_token_counters_equal_the_runtime_ones() {
+    use uapk_gateway::config::{Scope, Window};
+    let up = LlmUpstream::start().await;
+    let budgets = "  budgets:\n    - window: day\n      scope: connector\n      max_tokens: 1000000\n";
+    let files = [("a.yaml", llm_manifest("llm-agent", up.addr, budgets))];
+    let gw = TestGateway::start_in(tempfile::tempdir().unwrap(), &files, "").await;
+    let mut records = Vec::new();
+    for (path, body) in [
+        ("/openai/v1/chat/completions", chat(false)), // usage read: 60
+        ("/openai/v1/chat/completions", stream_without_usage(None)), // estimate charged
+        ("/openai/v1/chat/completions", json!({"model": "m", "n": 3, "messages": []})), // n = 3: 40 + 60
+        ("/anthropic/v1/messages", message(true)),    // 46
+    ] {
+        let (status, record, _) = call(&gw, "llm-agent", path, body).await;
+        assert_eq!(status, 200);
+        records.push(record.unwrap());
+    }
+    up.set_delivery(Delivery::FailBeforeAnswer);
+    let (status, record, _) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(false)).await;
+    assert_eq!(status, 502);
+    records.push(record.unwrap());
+    let mut charged = Vec::new();
+    for r in &records {
+        charged.push(outcome_of(&gw, *r).await["usage_charged"].as_str().unwrap().parse::<u64>().unwrap());
+    }
+    assert_eq!(charged[0], 60);
+    assert_eq!(charged[2], 40 + 3 * 20, "n > 1: every choice counts");
+    assert_eq!(charged[3], 46);
+    assert!(charged[1] > 4096 && charged[4] > 64, "{charged:?}");
+    let counters = |gw: &TestGateway| {
+        let b = &gw.gateway().budgets;
+        let t = now();
+        (
+            b.used_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", t),
+            b.used_tokens("llm-agent", Window::Hour, Scope::Connector, "openai", t),
+            b.used_tokens("llm-agent", Window::Day, Scope::Connector, "anthropic", t),
+            b.used_tokens("llm-agent", Window::Day, Scope::Action, "llm.messages", t),
+        )
+    };
+    let runtime = counters(&gw);
+    assert_eq!(runtime.0, charged.iter().sum::<u64>());
+    assert_eq!(runtime.0, charged_in_log(&gw));
+    assert_eq!(runtime.1, charged[0] + charged[1] + charged[2]);
+    let dir = gw.stop().await;
+    let gw = TestGateway::start_in(dir, &files, "").await;
+    assert_eq!(counters(&gw), runtime, "the rebuild counts usage_charged exactly as at runtime");
+}
+
+#[tokio::test]
+async fn an_upstream_error_after_the_request_was_sent_is_charged_the_estimate() {
+    let up = LlmUpstream::start().await;
+    let budgets = "  budgets:\n    - window: day\n      max_tokens: 100000\n";
+    let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, budgets))], "").await;
+    // The upstream reads (and bills) the request, then closes without answering.
+    up.set_delivery(Delivery::FailBeforeAnswer);
+    let (status, record, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!((status, code(&body).as_str()), (502, "upstream_unavailable"), "{body}");
+    let o = outcome_of(&gw, record.unwrap()).await;
+    assert!(o["usage"].is_null(), "{o}");
+    assert_eq!(o["usage_error"], "no response body was read");
+    let e1 = estimate(&up.last());
+    assert_eq!(o["usage_charged"], e1.to_string().as_str());
+
+    // It hangs up mid-stream (after message_start): the stream's counts so far are partial, so
+    // its usage is unknown and it is charged the estimate.
+    up.set_delivery(Delivery::HangUpAfter(1));
+    let r = client()
+        .post(gw.base("/anthropic/v1/messages"))
+        .header("x-uapk-capability", token("llm-agent"))
+        .json(&message(true))
+        .send()
+        .await
+        .unwrap();
+    let record: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    assert!(r.text().await.is_err(), "the agent sees the stream break");
+    let o = outcome_of(&gw, record).await;
+    assert_eq!(o["error"], "the upstream failed mid-response");
+    assert!(o["usage"].is_null(), "{o}");
+    assert!(o["usage_error"].as_str().unwrap().contains("before its final event"), "{o}");
+    let e2 = estimate(&up.last());
+    assert_eq!(o["usage_charged"], e2.to_string().as_str());
+    assert_eq!(tokens_counted(&gw, "llm-agent"), e1 + e2);
+
+    // Nothing reached an upstream that cannot be connected to: nothing is charged.
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let gw2 = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", closed, budgets))], "").await;
+    let (status, record, _) = call(&gw2, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!(status, 502);
+    let o = outcome_of(&gw2, record.unwrap()).await;
+    assert_eq!(
+        (o["usage_charged"].as_str(), o["usage_error"].as_str()),
+        (Some("0"), Some("the request did not reach the upstream"))
+    );
+    assert_eq!(tokens_counted(&gw2, "llm-agent"), 0);
+    assert_eq!(gw.gateway().budgets.held() + gw2.gateway().budgets.held(), 0);
+}
+
+#[tokio::test]
+async fn a_call_refused_after_its_reservation_holds_nothing() {
+    use uapk_gateway::config::{Scope, Window};
+    let up = LlmUpstream::start().await;
+    let policy =
+        "  budgets:\n    - window: day\n      max_tokens: 10000\n  rate_limits:\n    - rate: 1/h\n      burst: 1\n";
+    let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, policy))], "").await;
+    let (status, record, _) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!(status, 200);
+    outcome_of(&gw, record.unwrap()).await;
+    // Refused by the rate limit after the budget admitted it: the reservation goes back.
+    for _ in 0..3 {
+        let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+        assert_eq!((status, code(&body).as_str()), (429, "rate_limited"), "{body}");
+    }
+    let b = &gw.gateway().budgets;
+    assert_eq!(b.held(), 0);
+    assert_eq!(b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
+    assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 1, "one action forwarded");
+    assert_eq!(tokens_counted(&gw, "llm-agent"), 60);
+    assert_eq!(up.count(), 1);
+
+    // Escalated after reserving (the call needs approval): answered with its approval id, and
+    // nothing stays held while it waits.
+    let policy = "  budgets:\n    - window: day\n      max_tokens: 10000\n  approval:\n    action_types: [llm.chat]\n";
+    let gw = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", up.addr, policy))], "").await;
+    let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!((status, code(&body).as_str()), (403, "requires_human_approval"), "{body}");
+    let b = &gw.gateway().budgets;
+    assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
+    assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
+
+    // Refused by the SSRF guard after reserving (a private address nobody allowed).
+    let private: SocketAddr = "10.255.255.1:9".parse().unwrap();
+    let policy = "  budgets:\n    - window: day\n      max_tokens: 10000\n";
+    let gw = TestGateway::start(&[("c.yaml", llm_manifest("llm-agent", private, policy))], "").await;
+    let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
+    assert_eq!((status, code(&body).as_str()), (403, "ssrf_blocked"), "{body}");
+    let b = &gw.gateway().budgets;
+    assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
+    assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
+    assert_eq!(up.count(), 1);
 }

@@ -126,7 +126,16 @@ pub struct Limits {
     /// 429 and counted into a per-agent summary entry.
     pub refusals_per_second: f64,
     pub refusals_burst: u32,
+    /// After the agent goes away mid-response, an LLM response (a connector with `usage`) is
+    /// read on for at most this long (and [`USAGE_DRAIN_MAX_BYTES`]) to learn its token usage.
+    pub usage_drain_timeout: Duration,
 }
+
+/// At most this much of an LLM response is read after the agent went away (SPEC §16.1).
+pub const USAGE_DRAIN_MAX_BYTES: u64 = 1 << 20;
+
+/// Tokens reserved by default for an LLM call that declares no output limit (SPEC §16.1).
+pub const DEFAULT_USAGE_ESTIMATE: u64 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -278,6 +287,9 @@ pub struct Connector {
     pub strip_headers: Vec<HeaderName>,
     /// Token usage read from responses (`usage`), recorded in outcome entries.
     pub usage: Option<UsageFormat>,
+    /// Output tokens reserved for a call that declares no limit (`usage_estimate`, SPEC §16.1);
+    /// the request body's length / 4 is added for its input.
+    pub usage_estimate: u64,
     pub routes: Vec<Route>,
     /// Set for `protocol: mcp` connectors (which have tools instead of routes).
     pub mcp: Option<McpEndpoint>,

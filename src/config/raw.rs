@@ -93,6 +93,8 @@ pub struct RawLimits {
     pub tunnel_idle_timeout: Option<String>,
     pub refusals_per_agent: Option<String>,
     pub refusals_burst: Option<u32>,
+    /// How long an LLM response is read on after the agent went away, to learn its usage.
+    pub usage_drain_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +177,9 @@ pub struct RawConnector {
     /// Which LLM API's token usage to read from responses (`openai` | `anthropic`).
     #[serde(default)]
     pub usage: Option<String>,
+    /// Tokens reserved for a call whose request declares no output limit (with `usage`).
+    #[serde(default)]
+    pub usage_estimate: Option<u64>,
     #[serde(default)]
     pub routes: Vec<RawRoute>,
     /// `http` (default) or `mcp`: JSON-RPC 2.0 over streamable HTTP at `mcp_path`.

@@ -310,6 +310,7 @@ fn host_patterns_and_cidrs() {
         strip_headers: vec![],
         mcp: None,
         usage: None,
+        usage_estimate: 4096,
         routes: vec![],
     };
     assert!(c.matches_host("API.example.com"));
@@ -511,4 +512,36 @@ fn usage_and_max_tokens_are_validated() {
     let (_, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert_eq!(warnings[0].key, "policy.budgets[0].max_tokens");
+}
+
+#[test]
+fn usage_estimate_and_usage_drain_timeout_have_defaults_and_are_validated() {
+    assert_eq!(load_gateway(None).unwrap().limits.usage_drain_timeout, std::time::Duration::from_secs(10));
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "g.yaml", "limits:\n  usage_drain_timeout: 1500ms\n");
+    assert_eq!(load_gateway(Some(&p)).unwrap().limits.usage_drain_timeout, std::time::Duration::from_millis(1500));
+    let p = write(dir.path(), "bad.yaml", "limits:\n  usage_drain_timeout: a while\n");
+    let errs = load_gateway(Some(&p)).unwrap_err().0;
+    assert_eq!(errs[0].key, "limits.usage_drain_timeout", "{errs:?}");
+
+    let with = |extra: &str| {
+        good_manifest()
+            .replace("    base_url: http://127.0.0.1:9999\n", &format!("    base_url: http://127.0.0.1:9999\n{extra}"))
+    };
+    let p = write(dir.path(), "d.yaml", &with("    usage: openai\n"));
+    let (m, _) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(m.connector("shop").unwrap().usage_estimate, 4096);
+    let p = write(dir.path(), "e.yaml", &with("    usage: anthropic\n    usage_estimate: 1024\n"));
+    let (m, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(m.connector("shop").unwrap().usage_estimate, 1024);
+    // 0 would charge nothing for a call whose usage cannot be read.
+    for bad in ["0", "-1", "9007199254740993", "many"] {
+        let errs = errors_of(&with(&format!("    usage: openai\n    usage_estimate: {bad}\n")));
+        assert!(errs.iter().any(|e| e.to_string().contains("usage_estimate")), "usage_estimate: {bad}: {errs:?}");
+    }
+    // Without usage it does nothing: a warning.
+    let p = write(dir.path(), "f.yaml", &with("    usage_estimate: 100\n"));
+    let (_, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(warnings[0].key, "connectors[0].usage_estimate", "{warnings:?}");
 }

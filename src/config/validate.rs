@@ -241,6 +241,7 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             }
         },
         refusals_burst: l.refusals_burst.unwrap_or(100),
+        usage_drain_timeout: duration(cx, "limits.usage_drain_timeout", l.usage_drain_timeout, Duration::from_secs(10)),
     };
     if limits.max_header_bytes < 1024 {
         cx.err("limits.max_header_bytes", "must be at least 1024");
@@ -500,7 +501,34 @@ fn connector(cx: &mut Cx, key: &str, raw: RawConnector, base: &Path, _strict: St
             None
         }
     };
-    Connector { name: raw.name, base_url, hosts, ports, tls, credentials: creds, strip_headers, usage, routes, mcp }
+    // An estimate of 0 would count nothing for a call whose usage cannot be read; 2^53 is the
+    // largest token count the usage reader accepts.
+    let usage_estimate = match raw.usage_estimate {
+        None => DEFAULT_USAGE_ESTIMATE,
+        Some(n) if n == 0 || n > 1 << 53 => {
+            cx.err(&format!("{key}.usage_estimate"), format!("{n} is not a token count between 1 and 2^53"));
+            DEFAULT_USAGE_ESTIMATE
+        }
+        Some(n) => {
+            if usage.is_none() {
+                cx.warn(&format!("{key}.usage_estimate"), "has no effect without `usage: openai | anthropic`");
+            }
+            n
+        }
+    };
+    Connector {
+        name: raw.name,
+        base_url,
+        hosts,
+        ports,
+        tls,
+        credentials: creds,
+        strip_headers,
+        usage,
+        usage_estimate,
+        routes,
+        mcp,
+    }
 }
 
 /// One route (or an MCP tool, given as a route on the endpoint's path) from its raw form; `None`

@@ -2,13 +2,15 @@
 //! `outcome` entry when the body ends (or the client goes away); the request body wrapper that
 //! hashes a streamed request body as it passes to the upstream, for that `outcome` entry; and,
 //! for a connector with `usage`, the response's LLM token usage read as it passes
-//! ([`crate::usage`]), recorded in the outcome entry and counted toward token budgets; and the
-//! stall deadline of a streamed request body ([`StallCut`], `limits.body_read_timeout`).
+//! ([`crate::usage`]), recorded in the outcome entry and charged to token budgets: the usage
+//! read, else the call's estimate (SPEC §16.1). When the agent goes away mid-response, an LLM
+//! response is read on (bounded in time and bytes) to learn its usage. And the stall deadline of
+//! a streamed request body ([`StallCut`], `limits.body_read_timeout`).
 
 use super::{BoxError, ProxyBody};
 use crate::audit::{AuditHandle, Fields};
-use crate::config::UsageFormat;
-use crate::limits::{Budgets, TokenCounter, TokenUse};
+use crate::config::{USAGE_DRAIN_MAX_BYTES, UsageFormat};
+use crate::limits::{Budgets, Settlement, TokenUse};
 use crate::usage::{Usage, UsageParser};
 use bytes::Bytes;
 use http::StatusCode;
@@ -75,38 +77,59 @@ pub struct Outcome {
     pub body_stalled: Option<Stalled>,
 }
 
-/// How a usage connector's outcome reads and counts tokens.
+/// How a usage connector's outcome reads and charges tokens.
 pub struct UsageHook {
     format: UsageFormat,
-    counter: TokenCounter,
+    budgets: Budgets,
+    /// What the call reserved: charged when its usage cannot be read.
+    estimate: u64,
+    /// How long the response is read on after the agent went away.
+    drain_timeout: Duration,
 }
 
 impl UsageHook {
-    /// The hook for a connector's `usage` setting (none without one).
-    pub fn new(format: Option<UsageFormat>, budgets: &Budgets) -> Option<UsageHook> {
-        format.map(|format| UsageHook { format, counter: budgets.token_counter() })
+    /// The hook for a connector's `usage` setting (none without one), charging `estimate` when
+    /// the usage cannot be read.
+    pub fn new(
+        format: Option<UsageFormat>,
+        budgets: &Budgets,
+        estimate: u64,
+        drain_timeout: Duration,
+    ) -> Option<UsageHook> {
+        format.map(|format| UsageHook { format, budgets: budgets.clone(), estimate, drain_timeout })
     }
+}
+
+/// What was learnt of an LLM response's usage.
+pub enum UsageRead {
+    /// The request never reached the upstream (connecting failed): nothing to charge.
+    Unsent,
+    /// No response body was read (an upstream error or timeout after sending).
+    NoBody,
+    /// Read from the body: the usage or why it is unknown, and the tokens seen so far (the floor
+    /// of the charge for a response cut short).
+    Body(Result<Usage, String>, u64),
 }
 
 impl Outcome {
     /// Queues the `outcome` entry (it follows the response; a full queue is logged, the
     /// decision entry is already durable).
     pub fn write(&self, status: StatusCode, bytes: u64, sha256: Option<String>, error: Option<&str>) {
-        self.write_with_usage(status, bytes, sha256, error, None);
+        self.write_with_usage(status, bytes, sha256, error, UsageRead::NoBody);
     }
 
-    /// `write`, with the usage read from the response body (`None`: no body was read). For a
-    /// usage connector the entry carries `usage` (or `usage: null` and `usage_error`) and the
-    /// agent, connector and action the tokens count toward; the tokens are counted once the
-    /// entry is handed to the log, so what counts is exactly what a rebuild reads back
-    /// (`limits::recorded_spend`).
+    /// `write`, with what was learnt of the usage. For a usage connector the entry carries
+    /// `usage` (or `usage: null` and `usage_error`), `usage_charged` (the usage's total, else the
+    /// call's estimate: never 0 for a call that was sent) and the agent, connector and action the
+    /// tokens count toward; the call's reservation settles to `usage_charged`, exactly what a
+    /// rebuild reads back (`limits::recorded_spend`).
     pub fn write_with_usage(
         &self,
         status: StatusCode,
         bytes: u64,
         sha256: Option<String>,
         error: Option<&str>,
-        usage: Option<Result<Usage, String>>,
+        usage: UsageRead,
     ) {
         let mut f = Fields::new();
         f.str("kind", "outcome")
@@ -127,40 +150,48 @@ impl Outcome {
         if self.body_stalled.as_ref().is_some_and(Stalled::get) {
             f.str("request_body_error", BODY_TIMEOUT);
         }
-        let mut tokens = None;
-        if self.usage.is_some() {
+        let mut charged = None;
+        if let Some(hook) = &self.usage {
             let a = &self.access;
             f.str("agent", &a.agent).str("connector", &a.connector).str("action", &a.action);
-            let usage = usage.unwrap_or_else(|| Err("no response body was read".into()));
+            let (usage, floor, sent) = match usage {
+                UsageRead::Unsent => (Err("the request did not reach the upstream".to_string()), 0, false),
+                UsageRead::NoBody => (Err("no response body was read".to_string()), 0, true),
+                UsageRead::Body(u, seen) => (u, seen, true),
+            };
             let value = match &usage {
                 Ok(u) => u.to_json(),
                 Err(_) => serde_json::Value::Null,
             };
-            match f.value("usage", &value) {
-                // Only what the entry records counts (a rebuild reads the entry).
-                Ok(_) => tokens = crate::limits::usage_tokens(&value),
-                Err(e) => tracing::error!(request_id = %self.request_id, error = %e, "usage not recordable"),
+            if let Err(e) = f.value("usage", &value) {
+                tracing::error!(request_id = %self.request_id, error = %e, "usage not recordable");
             }
             if let Err(e) = &usage {
                 f.str("usage_error", e);
             }
+            let tokens = if sent {
+                crate::limits::token_charge(usage.as_ref().ok().map(|u| u.total_tokens), hook.estimate.max(floor))
+            } else {
+                0
+            };
+            f.int("usage_charged", tokens);
+            charged = Some(tokens);
         }
-        match self.audit.append_fields_nowait(f) {
-            Ok(()) => {
-                if let (Some(hook), Some(tokens)) = (&self.usage, tokens) {
-                    let a = &self.access;
-                    hook.counter.record(&TokenUse {
-                        agent: a.agent.clone(),
-                        connector: a.connector.clone(),
-                        action: a.action.clone(),
-                        tokens,
-                        at: time::OffsetDateTime::now_utc().unix_timestamp(),
-                    });
-                }
-            }
-            Err(e) => {
-                tracing::error!(request_id = %self.request_id, error = %e, "outcome entry not queued");
-            }
+        if let Err(e) = self.audit.append_fields_nowait(f) {
+            tracing::error!(request_id = %self.request_id, error = %e, "outcome entry not queued");
+        }
+        if let (Some(hook), Some(tokens)) = (&self.usage, charged) {
+            // Settled also when the entry could not be queued: the budget holds the charge
+            // rather than forget a call that was sent.
+            let a = &self.access;
+            let used = TokenUse {
+                agent: a.agent.clone(),
+                connector: a.connector.clone(),
+                action: a.action.clone(),
+                tokens,
+                at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            };
+            hook.budgets.settle(&self.request_id, Settlement::Tokens(used));
         }
         access_line(&self.access, status, bytes, Some(self.record), Some(self.upstream_latency), error);
     }
@@ -189,10 +220,75 @@ impl RecordedBody {
         if let Some(o) = self.outcome.take() {
             let hash = std::mem::take(&mut self.hash);
             let sha = error.is_none().then(|| hex::encode(hash.finalize()));
-            let usage = self.usage.take().map(UsageParser::finish);
+            let usage = match self.usage.take() {
+                Some(p) => read_usage(p, error),
+                None => UsageRead::NoBody,
+            };
             o.write_with_usage(self.status, self.bytes, sha, error, usage);
         }
     }
+
+    /// The agent went away mid-response: an LLM response whose usage is still being read is read
+    /// on in a task of its own (at most `limits.usage_drain_timeout` and 1 MiB, nothing more is
+    /// sent to the agent), then the outcome is written. Anything else is written now.
+    fn abandon(&mut self) {
+        const GONE: &str = "the client went away before the response ended";
+        let drain = self.outcome.as_ref().and_then(|o| o.usage.as_ref()).map(|h| h.drain_timeout);
+        let reading = self.usage.as_ref().is_some_and(UsageParser::is_reading);
+        if let (Some(timeout), true, Ok(handle)) = (drain, reading, tokio::runtime::Handle::try_current())
+            && let (Some(parser), Some(outcome)) = (self.usage.take(), self.outcome.take())
+        {
+            let inner = std::mem::replace(&mut self.inner, super::full_body(Bytes::new()));
+            let (status, bytes) = (self.status, self.bytes);
+            handle.spawn(async move {
+                let (parser, why) = drain_usage(inner, parser, timeout).await;
+                let usage = read_usage(parser, why.as_deref().or(Some(GONE)));
+                outcome.write_with_usage(status, bytes, None, Some(GONE), usage);
+            });
+            return;
+        }
+        self.finish(Some(GONE));
+    }
+}
+
+/// The usage of a response body read by `p`; `cut` says why the body did not end, if it did
+/// not. The usage of an event stream cut before its final event is unknown (its counts may be
+/// partial); what it showed so far is the floor of the charge.
+fn read_usage(p: UsageParser, cut: Option<&str>) -> UsageRead {
+    let seen = p.seen_so_far();
+    match cut {
+        Some(why) if p.stream_unfinished() => {
+            UsageRead::Body(Err(format!("the stream ended before its final event ({why})")), seen)
+        }
+        _ => UsageRead::Body(p.finish(), seen),
+    }
+}
+
+/// Reads the rest of an LLM response nobody receives any more, feeding `parser`, until the
+/// stream's final event, the body's end, `timeout` or [`USAGE_DRAIN_MAX_BYTES`]; returns the
+/// parser and why it stopped early (`None`: the body or stream ended).
+async fn drain_usage(mut body: ProxyBody, mut parser: UsageParser, timeout: Duration) -> (UsageParser, Option<String>) {
+    use http_body_util::BodyExt;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut read = 0u64;
+    while !parser.stream_done() {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return (parser, Some("limits.usage_drain_timeout passed while reading on".into())),
+            Ok(None) => return (parser, None),
+            Ok(Some(Err(_))) => return (parser, Some("the upstream failed mid-response".into())),
+            Ok(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    let room = usize::try_from(USAGE_DRAIN_MAX_BYTES - read).unwrap_or(usize::MAX);
+                    parser.feed(&d[..d.len().min(room)]);
+                    read += d.len().min(room) as u64;
+                    if read >= USAGE_DRAIN_MAX_BYTES {
+                        return (parser, Some("1 MiB read on without the usage".into()));
+                    }
+                }
+            }
+        }
+    }
+    (parser, None)
 }
 
 impl Body for RecordedBody {
@@ -246,7 +342,7 @@ impl Drop for RecordedBody {
             if self.inner.is_end_stream() {
                 self.finish(None);
             } else {
-                self.finish(Some("the client went away before the response ended"));
+                self.abandon();
             }
         }
     }

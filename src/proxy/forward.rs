@@ -5,10 +5,11 @@
 
 use super::body::{self, HashedBody, RecordedBody, RequestDigest, StallCut, Stalled};
 use super::respond::DenyBody;
-use super::settle::Settled;
+use super::settle::{self, Grant, Settled};
 use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse, ssrf};
 use crate::approvals::{self, Status, approval_entry};
 use crate::config::{BodiesMode, Connector, Scheme};
+use crate::limits::{Settlement, TokenUse};
 use crate::policy::{Decision, Verdict};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -20,9 +21,50 @@ use std::time::Instant;
 
 /// The SSRF guard for requests about to leave (resolved once, every address classified; the
 /// client dials only what was vetted), then the durable `decision` entry, then the budget and
-/// rate reservations are kept. Returns the record index and the decision.
+/// rate reservations are kept. Returns the record index and the decision. The budget
+/// reservation is settled on every path: released when the request stops here, kept (and its
+/// token estimate held until the outcome) once the decision is recorded.
 pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>) -> Result<(u64, Decision), Stop> {
     let Settled { decision, dry_run, budget, rate, grant } = settled;
+    match record_decision(gw, facts, &decision, dry_run, grant.as_ref()).await {
+        Ok(idx) => {
+            if let Some(r) = budget {
+                // One rule with the rebuild from the log (a dry-run escalation is forwarded, not
+                // counted as an action).
+                let counted = crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref());
+                gw.budgets.settle(r.id(), Settlement::Forwarded { counted });
+            }
+            if let Some(t) = rate {
+                t.commit();
+            }
+            if let Some(g) = &grant {
+                let e = approval_entry(
+                    &g.approval_id,
+                    "consumed",
+                    facts.agent.as_deref(),
+                    &[("request_id", json!(facts.request_id)), ("record", json!(idx.to_string()))],
+                );
+                let _ = gw.audit.append_nowait(e);
+            }
+            Ok((idx, decision))
+        }
+        Err(stop) => {
+            // Refused by the SSRF guard, the audit log or a used override: nothing is forwarded.
+            settle::release(gw, budget);
+            Err(stop)
+        }
+    }
+}
+
+/// The SSRF guard, then the durable `decision` entry (consuming the approval it goes out under
+/// in the same commit).
+async fn record_decision(
+    gw: &Gateway,
+    facts: &mut Facts,
+    decision: &Decision,
+    dry_run: bool,
+    grant: Option<&Grant>,
+) -> Result<u64, Stop> {
     if decision.verdict == Verdict::Allow || dry_run {
         let refusal = match gw.vetter.vet(&facts.host, facts.port).await {
             ssrf::Vetted::Ok => None,
@@ -35,8 +77,8 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
             return Err(Stop::refuse(status, d));
         }
     }
-    let idx = match &grant {
-        None => gw.record(facts, &decision, None).await.map_err(Stop::respond)?,
+    let idx = match grant {
+        None => gw.record(facts, decision, None).await.map_err(Stop::respond)?,
         Some(g) => {
             facts.override_jti = g.jti.clone();
             let (id, now) = (g.approval_id.clone(), super::now_unix());
@@ -53,7 +95,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
                     },
                 )
             });
-            match gw.record_guarded(facts, &decision, Some(&g.approval_id), guard).await {
+            match gw.record_guarded(facts, decision, Some(&g.approval_id), guard).await {
                 Ok(i) => i,
                 Err(Err(code)) => {
                     facts.override_jti = None;
@@ -71,26 +113,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
             }
         }
     };
-    if let Some(b) = budget {
-        // One rule with the rebuild from the log (a dry-run escalation is forwarded, not counted);
-        // a slot not kept goes back when dropped.
-        if crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref()) {
-            b.commit();
-        }
-    }
-    if let Some(t) = rate {
-        t.commit();
-    }
-    if let Some(g) = &grant {
-        let e = approval_entry(
-            &g.approval_id,
-            "consumed",
-            facts.agent.as_deref(),
-            &[("request_id", json!(facts.request_id)), ("record", json!(idx.to_string()))],
-        );
-        let _ = gw.audit.append_nowait(e);
-    }
-    Ok((idx, decision))
+    Ok(idx)
 }
 
 /// Forwards a recorded request and counts it; a dry-run request that would have been refused
@@ -134,6 +157,7 @@ async fn forward(
     let uri = match format!("{}://{authority}{pq}", facts.scheme.as_str()).parse::<http::Uri>() {
         Ok(u) => u,
         Err(_) => {
+            unsent(gw, facts);
             let d = Decision::deny("malformed_request", "the upstream URI is invalid");
             return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
         }
@@ -165,23 +189,49 @@ async fn forward(
     let up = match up.body(body) {
         Ok(r) => r,
         Err(_) => {
+            unsent(gw, facts);
             let d = Decision::deny("malformed_request", "the request cannot be forwarded");
             return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
         }
     };
-    let sent = Instant::now();
-    let result = tokio::time::timeout(gw.config.limits.upstream_timeout, gw.client.request(up)).await;
-    let latency = sent.elapsed();
-    gw.metrics.upstream_duration.observe(latency.as_secs_f64());
     let outcome = body::Outcome {
         audit: gw.audit.clone(),
         request_id: facts.request_id.clone(),
         record,
-        upstream_latency: latency,
+        upstream_latency: std::time::Duration::ZERO,
         access,
         request_body,
-        usage: body::UsageHook::new(connector.usage, &gw.budgets),
+        usage: body::UsageHook::new(
+            connector.usage,
+            &gw.budgets,
+            facts.token_estimate.unwrap_or(connector.usage_estimate),
+            gw.config.limits.usage_drain_timeout,
+        ),
         body_stalled: body_stalled.clone(),
+    };
+    // The exchange runs in a task of its own, so an agent that goes away while the upstream
+    // thinks does not cancel it: the request was sent, and its outcome (and an LLM call's
+    // usage) is still recorded.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (client, timeout, gw2) = (gw.client.clone(), gw.config.limits.upstream_timeout, gw.clone());
+    tokio::spawn(async move {
+        let mut outcome = outcome;
+        let sent = Instant::now();
+        let result = tokio::time::timeout(timeout, client.request(up)).await;
+        outcome.upstream_latency = sent.elapsed();
+        gw2.metrics.upstream_duration.observe(outcome.upstream_latency.as_secs_f64());
+        if let Err((result, outcome)) = tx.send((result, outcome)) {
+            abandoned(result, outcome);
+        }
+    });
+    let Ok((result, outcome)) = rx.await else {
+        // The exchange's task failed: the request may have been sent, so an LLM call is charged
+        // its estimate.
+        if let Some(estimate) = facts.token_estimate {
+            gw.budgets.settle(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
+        }
+        let d = Decision::deny("upstream_unavailable", "the upstream exchange failed");
+        return refuse(StatusCode::BAD_GATEWAY, facts, &d, Some(record), DenyBody::default());
     };
     // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
     // anything else, or unasked, would leave a raw connection no policy reads.
@@ -244,7 +294,10 @@ async fn forward(
         }
         Ok(Err(e)) => {
             let (status, msg) = upstream_error(&e);
-            outcome.write(status, 0, None, Some(msg));
+            // A request that never reached the upstream is charged nothing; one that failed
+            // after it was sent is charged its estimate.
+            let usage = if e.is_connect() { body::UsageRead::Unsent } else { body::UsageRead::NoBody };
+            outcome.write_with_usage(status, 0, None, Some(msg), usage);
             let d = Decision::deny("upstream_unavailable", msg);
             refuse(status, facts, &d, Some(record), DenyBody::default())
         }
@@ -266,6 +319,42 @@ fn cut_stalls(facts: &Facts, body: ProxyBody, timeout: std::time::Duration) -> (
     }
     let stalled = Stalled::default();
     (StallCut::new(body, timeout, stalled.clone()).boxed_unsync(), Some(stalled))
+}
+
+type Exchange = Result<Result<Response<Incoming>, hyper_util::client::legacy::Error>, tokio::time::error::Elapsed>;
+
+/// The agent went away before the upstream answered: the outcome is recorded all the same (an
+/// LLM response's body read on for its usage, `RecordedBody`'s drop).
+fn abandoned(result: Exchange, outcome: body::Outcome) {
+    const GONE: &str = "the client went away before the upstream answered";
+    match result {
+        Ok(Ok(resp)) if resp.status() != StatusCode::SWITCHING_PROTOCOLS => {
+            let (rp, rb) = resp.into_parts();
+            drop(RecordedBody::new(rb.map_err(|e| Box::new(e) as BoxError).boxed_unsync(), outcome, &rp));
+        }
+        Ok(Ok(_)) => outcome.write(StatusCode::SWITCHING_PROTOCOLS, 0, None, Some(GONE)),
+        Ok(Err(e)) if e.is_connect() => {
+            outcome.write_with_usage(upstream_error(&e).0, 0, None, Some(GONE), body::UsageRead::Unsent)
+        }
+        Ok(Err(e)) => outcome.write(upstream_error(&e).0, 0, None, Some(GONE)),
+        Err(_) => outcome.write(StatusCode::GATEWAY_TIMEOUT, 0, None, Some(GONE)),
+    }
+}
+
+/// A recorded request that is refused before anything is sent: an LLM call's token estimate
+/// is released (nothing reached the upstream, so nothing is charged).
+fn unsent(gw: &Gateway, facts: &Facts) {
+    gw.budgets.settle(&facts.request_id, Settlement::Tokens(token_use(facts, 0)));
+}
+
+fn token_use(facts: &Facts, tokens: u64) -> TokenUse {
+    TokenUse {
+        agent: facts.agent.clone().unwrap_or_default(),
+        connector: facts.connector.clone().unwrap_or_default(),
+        action: facts.action.clone().unwrap_or_default(),
+        tokens,
+        at: super::now_unix(),
+    }
 }
 
 /// A body not buffered (so not hashed in the decision entry) is hashed as it streams to the

@@ -187,6 +187,8 @@ pub(crate) struct Facts {
     bound_body: Option<String>,
     mode: PolicyMode,
     started: Instant,
+    /// The tokens an LLM call reserves and is charged when its usage cannot be read (SPEC §16.1).
+    token_estimate: Option<u64>,
 }
 
 impl Facts {
@@ -509,6 +511,7 @@ pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts
         bound_body: None,
         mode: PolicyMode::Enforce,
         started: Instant::now(),
+        token_estimate: None,
     }
 }
 

@@ -1,8 +1,10 @@
-//! Stage 5, settling a decision (SPEC §8 steps 8–10): the budget is reserved, an escalation is
-//! lifted by a valid override or by a human while the request is held (or answered with its
-//! approval id), and the rate limits are taken. What is reserved is given back when the request
-//! stops before it is recorded (the guards release on drop); an approval the request goes out
-//! under is consumed only in the commit of its decision entry (`forward::commit`).
+//! Stage 5, settling a decision (SPEC §8 steps 8–10): the budget is reserved (for an LLM call,
+//! with its token estimate, SPEC §16.1), an escalation is lifted by a valid override or by a
+//! human while the request is held (or answered with its approval id), and the rate limits are
+//! taken. A budget reservation is settled explicitly, by request id, on every path that stops
+//! the request before it is forwarded (here and in `forward::commit`); one that is forwarded
+//! settles its tokens with its `outcome` entry. An approval the request goes out under is
+//! consumed only in the commit of its decision entry (`forward::commit`).
 
 use super::classify::{Classified, RequestBody};
 use super::escalation::{Escalated, escalate};
@@ -10,7 +12,7 @@ use super::identify::Identity;
 use super::{Facts, Gateway, Stop, hygiene, now_unix};
 use crate::approvals::Status;
 use crate::config::PolicyMode;
-use crate::limits::{BudgetCheck, Budgets, RateTaken, Reservation};
+use crate::limits::{Ask, BudgetCheck, RateTaken, Reservation, Settlement};
 use crate::policy::{Decision, Reason, Verdict};
 use http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use std::sync::Arc;
@@ -22,50 +24,63 @@ pub(crate) struct Grant {
     pub jti: Option<String>,
 }
 
-/// A budget slot that goes back unless the request is recorded and counted.
-pub(crate) struct BudgetSlot<'a> {
-    budgets: &'a Budgets,
-    reservation: Option<Reservation>,
-}
-
-impl BudgetSlot<'_> {
-    pub fn commit(mut self) {
-        if let Some(r) = self.reservation.take() {
-            r.commit();
-        }
-    }
-}
-
-impl Drop for BudgetSlot<'_> {
-    fn drop(&mut self) {
-        if let Some(r) = self.reservation.take() {
-            self.budgets.release(r);
-        }
-    }
-}
-
 /// A decision ready to be recorded, with what it holds.
 pub(crate) struct Settled<'a> {
     pub decision: Decision,
     pub dry_run: bool,
-    pub budget: Option<BudgetSlot<'a>>,
+    /// Settled by `forward::commit`: kept when the request is recorded, else released.
+    pub budget: Option<Reservation>,
     pub rate: Option<RateTaken<'a>>,
     pub grant: Option<Grant>,
 }
 
-/// Reserves a budget slot for `action`; `Err` is `budget_exceeded`, `Ok` may carry the
-/// `budget_threshold_reached` escalation reason.
-fn reserve<'a>(
-    gw: &'a Gateway,
+/// Reserves the budget for `action` (with the request's token estimate, if it is an LLM call);
+/// `Err` is `budget_exceeded`, `Ok` may carry the `budget_threshold_reached` escalation reason.
+fn reserve(
+    gw: &Gateway,
     who: &Identity,
     action: &Classified,
-) -> Result<(BudgetSlot<'a>, Option<Reason>), Reason> {
-    match gw.budgets.reserve(&who.manifest, action.spend(&who.manifest)) {
+    facts: &Facts,
+) -> Result<(Reservation, Option<Reason>), Reason> {
+    let ask = Ask { id: facts.request_id.clone(), spend: action.spend(&who.manifest), tokens: facts.token_estimate };
+    match gw.budgets.reserve(&who.manifest, ask) {
         BudgetCheck::Exceeded(r) => Err(r),
-        BudgetCheck::Reserved { reservation, threshold } => {
-            Ok((BudgetSlot { budgets: &gw.budgets, reservation: Some(reservation) }, threshold))
-        }
+        BudgetCheck::Reserved { reservation, threshold } => Ok((reservation, threshold)),
     }
+}
+
+/// Gives back what a request that stops before it is forwarded reserved.
+pub(crate) fn release(gw: &Gateway, budget: Option<Reservation>) {
+    if let Some(r) = budget {
+        gw.budgets.settle(r.id(), Settlement::Release);
+    }
+}
+
+/// The tokens an LLM call reserves (SPEC §16.1). Under a `max_tokens` budget the body is read
+/// first (within `limits.max_body_bytes`), so the estimate sees its declared output limit and
+/// length; without one, a body nobody read is estimated from its `Content-Length`.
+async fn token_estimate(
+    gw: &Gateway,
+    who: &Identity,
+    action: &Classified,
+    parts: &Parts,
+    body: &mut RequestBody,
+    facts: &mut Facts,
+) -> Result<Option<u64>, Stop> {
+    let connector = &action.connector;
+    if connector.usage.is_none() {
+        return Ok(None);
+    }
+    if who.manifest.policy.budgets.iter().any(|b| b.max_tokens.is_some()) {
+        body.buffer(&parts.headers, &gw.config.limits, facts).await?;
+    }
+    Ok(Some(match body.buffered() {
+        Some(b) => crate::usage::estimate(b, connector.usage_estimate),
+        None => {
+            let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            connector.usage_estimate.saturating_add(declared.unwrap_or(0).div_ceil(4))
+        }
+    }))
 }
 
 pub(crate) async fn settle<'a>(
@@ -80,14 +95,20 @@ pub(crate) async fn settle<'a>(
     let manifest = &who.manifest;
     let dry_run = manifest.mode == PolicyMode::DryRun;
 
+    // An LLM call's token estimate, for anything that may be forwarded (read before anything
+    // is reserved: a body refused here holds nothing).
+    if decision.verdict != Verdict::Deny || dry_run {
+        facts.token_estimate = token_estimate(gw, who, action, parts, body, facts).await?;
+    }
+
     // 8. budgets; reserved also without budgets, so counters are what a rebuild from the log
     // finds when a reload adds one.
     let mut budget = None;
     if decision.verdict != Verdict::Deny {
-        match reserve(gw, who, action) {
+        match reserve(gw, who, action, facts) {
             Err(r) => decision = Decision { verdict: Verdict::Deny, reasons: vec![r] },
-            Ok((slot, threshold)) => {
-                budget = Some(slot);
+            Ok((reservation, threshold)) => {
+                budget = Some(reservation);
                 if let Some(r) = threshold {
                     decision = match decision.verdict {
                         Verdict::Escalate => {
@@ -108,7 +129,10 @@ pub(crate) async fn settle<'a>(
     if decision.verdict == Verdict::Escalate {
         facts.bound_headers = hygiene::bound_headers(&parts.headers, &action.connector);
         // The action hash covers the body, so an escalated request's body is read now.
-        body.buffer(&parts.headers, &gw.config.limits, facts).await?;
+        if let Err(stop) = body.buffer(&parts.headers, &gw.config.limits, facts).await {
+            release(gw, budget.take());
+            return Err(stop);
+        }
         if let Some(tok) = parts.headers.get("x-uapk-override").and_then(|v| v.to_str().ok()) {
             match check_override(gw, facts, tok).await {
                 Ok(g) => {
@@ -122,7 +146,8 @@ pub(crate) async fn settle<'a>(
         }
     }
     if decision.verdict == Verdict::Deny {
-        budget = None;
+        // Refused after reserving (an invalid override): nothing is forwarded.
+        release(gw, budget.take());
     }
 
     // Refusals and escalations (enforce mode; dry run records the would-be decision and goes on).
@@ -130,17 +155,17 @@ pub(crate) async fn settle<'a>(
         match decision.verdict {
             Verdict::Deny => return Err(Stop::forbidden(decision)),
             Verdict::Escalate => {
-                // The slot goes back while the request waits (or is answered with its id).
-                drop(budget.take());
+                // The reservation goes back while the request waits (or is answered with its id).
+                release(gw, budget.take());
                 let id = match escalate(gw, facts, manifest, decision).await {
                     Escalated::Respond(resp) => return Err(Stop::respond(resp)),
                     Escalated::Approved(id) => id,
                 };
                 // Approved while held: counted again, and rate-limited like any request that
                 // is about to leave.
-                let (slot, _) = reserve(gw, who, action)
+                let (reservation, _) = reserve(gw, who, action, facts)
                     .map_err(|r| Stop::forbidden(Decision { verdict: Verdict::Deny, reasons: vec![r] }))?;
-                budget = Some(slot);
+                budget = Some(reservation);
                 let mut d = Decision::allow();
                 d.reasons.push(Reason::new("approval_granted", format!("approved in {id}")));
                 decision = d;
@@ -158,7 +183,8 @@ pub(crate) async fn settle<'a>(
         match gw.rate_limits.check(manifest, &action.connector.name, action.action()) {
             Ok(taken) => rate = Some(taken),
             Err(limited) => {
-                budget = None;
+                // A request refused by a rate limit spends no budget (§8 step 9).
+                release(gw, budget.take());
                 let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
                 if !dry_run {
                     let mut headers = HeaderMap::new();

@@ -23,6 +23,7 @@ fn connector(credentials: &[(&str, &str)], strip: &[&str]) -> Connector {
             .collect()),
         strip_headers: strip.iter().map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()).collect(),
         usage: None,
+        usage_estimate: 4096,
         routes: vec![],
         mcp: None,
     }

@@ -34,7 +34,13 @@ fn parse(format: UsageFormat, content_type: &str, body: &str) -> Result<Usage, S
 }
 
 fn usage(i: u64, o: u64, t: u64) -> Result<Usage, String> {
-    Ok(Usage { input_tokens: i, output_tokens: o, total_tokens: t })
+    Ok(Usage {
+        input_tokens: i,
+        output_tokens: o,
+        total_tokens: t,
+        cache_creation_input_tokens: None,
+        cache_read_input_tokens: None,
+    })
 }
 
 const OPENAI_JSON: &str = r#"{
@@ -105,7 +111,9 @@ const ANTHROPIC_JSON: &str = r#"{"id":"msg_1","type":"message","role":"assistant
 
 #[test]
 fn anthropic_json() {
-    assert_eq!(parse(UsageFormat::Anthropic, "application/json", ANTHROPIC_JSON), usage(25, 11, 36));
+    let want =
+        Usage { cache_creation_input_tokens: Some(0), cache_read_input_tokens: Some(0), ..usage(25, 11, 36).unwrap() };
+    assert_eq!(parse(UsageFormat::Anthropic, "application/json", ANTHROPIC_JSON), Ok(want));
 }
 
 const ANTHROPIC_SSE: &str = "event: message_start\n\
@@ -124,6 +132,54 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
 #[test]
 fn anthropic_sse_input_from_message_start_output_from_last_message_delta() {
     assert_eq!(parse(UsageFormat::Anthropic, "text/event-stream", ANTHROPIC_SSE), usage(31, 15, 46));
+}
+
+#[test]
+fn anthropic_prompt_cache_writes_and_reads_are_input() {
+    let body = r#"{"type":"message","usage":{"input_tokens":10,"cache_creation_input_tokens":50000,"cache_read_input_tokens":0,"output_tokens":100}}"#;
+    let u = parse(UsageFormat::Anthropic, "application/json", body).unwrap();
+    assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens), (50010, 100, 50110));
+    assert_eq!((u.cache_creation_input_tokens, u.cache_read_input_tokens), (Some(50000), Some(0)));
+    let v = u.to_json();
+    assert_eq!(v["cache_creation_input_tokens"], 50000);
+    assert_eq!(v["total_tokens"], 50110);
+    // Streamed: the cache counts come with message_start; a later message_delta that repeats
+    // only input_tokens does not drop them.
+    let sse = concat!(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":7,\"cache_creation_input_tokens\":20,\"cache_read_input_tokens\":300,\"output_tokens\":1}}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":7,\"output_tokens\":40}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    let u = parse(UsageFormat::Anthropic, "text/event-stream", sse).unwrap();
+    assert_eq!((u.input_tokens, u.output_tokens, u.total_tokens), (327, 40, 367));
+    // OpenAI's prompt_tokens already hold cached tokens: nothing is added.
+    let u = parse(UsageFormat::OpenAi, "application/json", OPENAI_JSON).unwrap();
+    assert_eq!(u.total_tokens, 17);
+    assert!(u.to_json().get("cache_creation_input_tokens").is_none());
+    // Cache counts that overflow are not plausible.
+    let body =
+        format!(r#"{{"usage":{{"input_tokens":1,"cache_read_input_tokens":{},"output_tokens":1}}}}"#, MAX_TOKENS);
+    assert!(parse(UsageFormat::Anthropic, "application/json", &body).is_err());
+}
+
+#[test]
+fn the_estimate_is_the_declared_output_limit_or_the_default_plus_a_quarter_of_the_body() {
+    let est = |b: &str| estimate(b.as_bytes(), 4096);
+    let body = r#"{"model":"m","messages":[]}"#; // 27 bytes: 7 tokens of input
+    assert_eq!(est(body), 4096 + 7);
+    let body = r#"{"model":"m","max_tokens":100}"#; // 30 bytes
+    assert_eq!(est(body), 100 + 8);
+    assert_eq!(est(r#"{"max_completion_tokens":50}"#), 50 + 7);
+    assert_eq!(est(r#"{"max_output_tokens":64,"x":1}"#), 64 + 8);
+    // n choices each up to the limit.
+    assert_eq!(est(r#"{"max_tokens":100,"n":3}"#), 300 + 6);
+    assert_eq!(est(r#"{"max_tokens":100,"n":1000000}"#), 100 * 128 + 8);
+    // Not a positive integer: the connector's default.
+    for b in [r#"{"max_tokens":0}"#, r#"{"max_tokens":"9"}"#, r#"{"max_tokens":-5}"#, "not json", ""] {
+        assert_eq!(est(b), 4096 + (b.len() as u64).div_ceil(4), "{b}");
+    }
+    // Absurd limits saturate instead of wrapping.
+    assert_eq!(estimate(br#"{"max_tokens":18446744073709551615,"n":128}"#, 1), MAX_TOKENS * 128 + 11);
 }
 
 #[test]
@@ -202,6 +258,7 @@ fn usage_connectors_ask_for_identity_encoding() {
         credentials: Ok(vec![]),
         strip_headers: vec![],
         usage: None,
+        usage_estimate: 4096,
         routes: vec![],
         mcp: None,
     };

@@ -2,6 +2,8 @@
 //! server on 127.0.0.1:0 that records what reaches it, and real clients.
 #![allow(dead_code)]
 
+pub mod llm;
+
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
 use http_body_util::{BodyExt, Full};

@@ -1,0 +1,591 @@
+//! Budgets (SPEC §8 step 8, §14.5, §16.1): the rules of what counts and when a request is
+//! admitted, and the counter store that applies them.
+//!
+//! The rules are pure functions, so every state backend applies the same ones:
+//! - what counts: [`counts_toward_budgets`] (an ALLOW of a route's action) and, for an entry read
+//!   back from the log, [`recorded_spend`] with [`usage_tokens`] (an `outcome` entry's
+//!   `usage_charged`);
+//! - what an LLM call is charged: [`token_charge`] (its usage when read, else its estimate);
+//! - admission: [`admit`], over what one budget's window holds ([`Used`]); a call that reserves
+//!   tokens is admitted only while `counted + reserved < max_tokens`.
+//!
+//! The store's operations are the ones a database shared by several gateways implements too
+//! (its reserve being a conditional `UPDATE … WHERE`): [`Budgets::reserve`] checks and holds
+//! atomically, under the request's id; [`Budgets::settle`] ends what is held by that id,
+//! idempotently ([`Settlement`]): given back when the request stops before it is forwarded,
+//! kept when it is forwarded, and a held token estimate turned into the tokens its outcome
+//! records. Nothing is given back from a destructor: every path of the data path settles.
+//!
+//! This store keeps the counters in memory behind one lock. They survive restarts because
+//! they are rebuilt from the audit log ([`Budgets::record`]), which holds every committed ALLOW
+//! decision durably before it is forwarded and every outcome's charged tokens. Every counted
+//! decision increments the counters of all window/scope combinations (also for agents whose
+//! manifest has no budget yet), so a budget added by a reload sees the whole current window.
+
+use crate::config::{Budget, Manifest, Scope, Window};
+use crate::policy::Reason;
+use rust_decimal::Decimal;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WINDOWS: [Window; 2] = [Window::Day, Window::Hour];
+const SCOPES: [Scope; 3] = [Scope::Agent, Scope::Connector, Scope::Action];
+
+/// (window, start of the window in Unix seconds, scope): one agent's counters of one window,
+/// by scope value.
+type WindowKey = (Window, i64, Scope);
+
+fn window_start(at: i64, w: Window) -> i64 {
+    at.div_euclid(w.seconds()) * w.seconds()
+}
+
+// ---------------------------------------------------------------- the rules
+
+/// The one rule of what budgets count, applied both when a request is decided and when the
+/// counters are rebuilt from the log, so a restart never changes a count: an ALLOW decision of
+/// a route's action (SPEC §8 step 8: "only forwarded ALLOWs count"). Not counted: refusals and
+/// escalations, also in `dry_run` (forwarded, but not as ALLOWs); and tunnel authorisations
+/// (a CONNECT, or a TLS connection caught by the transparent listener), which match no route
+/// and are not actions: the requests inside an intercepted tunnel are decided, and counted,
+/// one by one like any other, while a `passthrough` tunnel is bounded by its connector's allow
+/// lists, not by budgets.
+pub fn counts_toward_budgets(decision: &str, route: Option<&str>) -> bool {
+    decision == "allow" && route.is_some()
+}
+
+/// The tokens an LLM call is charged (SPEC §16.1): the total of the usage read from its
+/// response, else (usage unknown: a stream without usage, a client gone, an unreadable body,
+/// an upstream error after sending) its reserved estimate — never 0 for a call that was sent.
+pub fn token_charge(read_total: Option<u64>, estimate: u64) -> u64 {
+    read_total.unwrap_or(estimate)
+}
+
+/// The tokens an `outcome` entry counts toward token budgets: its `usage_charged` (a decimal
+/// string, as every integer in the log). Entries written before `usage_charged` existed count
+/// their `usage.total_tokens`; with neither, nothing. Used when the outcome entry is written
+/// (runtime) and when it is read back (rebuild), so both count the same.
+pub fn usage_tokens(outcome: &serde_json::Value) -> Option<u64> {
+    let int = |v: &serde_json::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
+    match outcome.get("usage_charged") {
+        Some(c) => int(c),
+        None => int(&outcome["usage"]["total_tokens"]),
+    }
+    .filter(|&n| n > 0)
+}
+
+/// What a committed entry adds to the budget counters, if anything: a `decision` entry what it
+/// spends (when it counts, see [`counts_toward_budgets`]), an `outcome` entry the tokens it
+/// charged ([`usage_tokens`]). `fallback_at` dates an entry whose `ts` cannot be read.
+pub fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Counted> {
+    let at = entry["ts"]
+        .as_str()
+        .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
+        .map_or(fallback_at, |t| t.unix_timestamp());
+    let s = |k: &str| entry[k].as_str().unwrap_or_default().to_string();
+    if entry["kind"] == "outcome" {
+        let tokens = usage_tokens(entry)?;
+        return Some(Counted::Tokens(TokenUse {
+            agent: s("agent"),
+            connector: s("connector"),
+            action: s("action"),
+            tokens,
+            at,
+        }));
+    }
+    if entry["kind"] != "decision" || !counts_toward_budgets(entry["decision"].as_str()?, entry["route"].as_str()) {
+        return None;
+    }
+    let amount = entry["params"]["amount"].as_str().and_then(|a| a.parse().ok());
+    let currency = entry["params"]["currency"].as_str().unwrap_or_default().to_string();
+    Some(Counted::Action(Spend {
+        agent: s("agent"),
+        connector: s("connector"),
+        action: s("action"),
+        amount: amount.map(|a| (a, currency)),
+        at,
+    }))
+}
+
+/// What one budget's current window holds for the request's scope value, as a backend reads
+/// it for [`admit`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Used {
+    /// Actions counted.
+    pub count: u64,
+    /// Amount counted in the request's currency.
+    pub spend: Decimal,
+    /// LLM tokens counted (charged by settled calls).
+    pub tokens: u64,
+    /// LLM token estimates held by calls in flight.
+    pub reserved: u64,
+}
+
+/// Whether `ask` is admitted under every budget of `manifest`, given what each budget's window
+/// holds (`used`): `Err` is `budget_exceeded`; `Ok` may carry `budget_threshold_reached`.
+///
+/// Token budgets: a call that reserves tokens is admitted only while `counted + reserved <
+/// max_tokens` — its own estimate is not part of the check, so concurrent calls overshoot by at
+/// most one estimate, and the call that crosses the cap completes (SPEC §14.5, §16.1). A
+/// request that reserves no tokens (not an LLM call) is refused once `counted` reaches the cap.
+pub fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> Result<Option<Reason>, Reason> {
+    let spend = &ask.spend;
+    let mut threshold = None;
+    for b in &manifest.policy.budgets {
+        let value = spend.scope_value(b.scope);
+        let u = used(b);
+        let label = || format!("{} budget for {} {}", b.window.as_str(), b.scope.as_str(), value);
+        if let Some(max) = b.max_actions {
+            let count = u.count;
+            if count >= max {
+                return Err(Reason::new("budget_exceeded", format!("{} is spent: {count}/{max} actions", label())));
+            }
+            if let Some(pct) = b.escalate_at_percent
+                && threshold.is_none()
+                && u128::from(count) * 100 >= u128::from(max) * u128::from(pct)
+            {
+                threshold = Some(Reason::new(
+                    "budget_threshold_reached",
+                    format!("{} reached {pct}%: {count}/{max} actions", label()),
+                ));
+            }
+        }
+        if let Some(max) = b.max_tokens {
+            let (tokens, held) = (u.tokens, if ask.tokens.is_some() { u.reserved } else { 0 });
+            let taken = tokens.saturating_add(held);
+            let held_note =
+                || if held > 0 { format!(" ({held} more reserved by calls in flight)") } else { String::new() };
+            if taken >= max {
+                return Err(Reason::new(
+                    "budget_exceeded",
+                    format!("{} is spent: {tokens}/{max} tokens{}", label(), held_note()),
+                ));
+            }
+            if let Some(pct) = b.escalate_at_percent
+                && threshold.is_none()
+                && u128::from(taken) * 100 >= u128::from(max) * u128::from(pct)
+            {
+                threshold = Some(Reason::new(
+                    "budget_threshold_reached",
+                    format!("{} reached {pct}%: {tokens}/{max} tokens{}", label(), held_note()),
+                ));
+            }
+        }
+        if let Some((amt, cur)) = &spend.amount
+            && let Some(max) = b.max_spend.get(cur)
+        {
+            let spent = u.spend;
+            // Fail closed: a sum too large for a decimal exceeds any cap.
+            let Some(total) = spent.checked_add(*amt).filter(|t| t <= max) else {
+                return Err(Reason::new(
+                    "budget_exceeded",
+                    format!("{} would be exceeded: {spent} + {amt} > {max} {cur}", label()),
+                ));
+            };
+            if let Some(pct) = b.escalate_at_percent
+                && threshold.is_none()
+            {
+                let pct_dec = Decimal::from(pct);
+                let at = max
+                    .checked_mul(pct_dec)
+                    .map(|m| m / Decimal::from(100))
+                    .unwrap_or_else(|| *max / Decimal::from(100) * pct_dec);
+                if total >= at {
+                    threshold = Some(Reason::new(
+                        "budget_threshold_reached",
+                        format!("{} reached {pct}%: {total} of {max} {cur}", label()),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(threshold)
+}
+
+// ---------------------------------------------------------------- the operations' values
+
+/// What one action spends: its identity and optional amount.
+#[derive(Debug, Clone)]
+pub struct Spend {
+    pub agent: String,
+    pub connector: String,
+    pub action: String,
+    /// Amount and upper-case currency.
+    pub amount: Option<(Decimal, String)>,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+impl Spend {
+    fn scope_value(&self, s: Scope) -> &str {
+        match s {
+            Scope::Agent => &self.agent,
+            Scope::Connector => &self.connector,
+            Scope::Action => &self.action,
+        }
+    }
+}
+
+/// A reservation request: the request's id (what settles it), its action, and for an LLM call
+/// the tokens it is estimated to use (SPEC §16.1).
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub id: String,
+    pub spend: Spend,
+    pub tokens: Option<u64>,
+}
+
+/// LLM tokens one request was charged: counted once its `outcome` entry (which records them as
+/// `usage_charged`) is written.
+#[derive(Debug, Clone)]
+pub struct TokenUse {
+    pub agent: String,
+    pub connector: String,
+    pub action: String,
+    pub tokens: u64,
+    /// Unix seconds.
+    pub at: i64,
+}
+
+/// What one committed entry adds to the budget counters.
+#[derive(Debug, Clone)]
+pub enum Counted {
+    /// An allowed action (and its amount).
+    Action(Spend),
+    /// LLM tokens charged for a response.
+    Tokens(TokenUse),
+}
+
+/// What a request holds after [`Budgets::reserve`]: settle it by its id with
+/// [`Budgets::settle`]. It gives nothing back by itself.
+#[must_use = "a reservation is settled explicitly: Budgets::settle"]
+#[derive(Debug)]
+pub struct Reservation {
+    id: String,
+}
+
+impl Reservation {
+    /// The request id the reservation is held under.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// The result of a reservation attempt.
+#[derive(Debug)]
+pub enum BudgetCheck {
+    /// Reserved; `threshold` carries `budget_threshold_reached` when an escalation percentage is
+    /// reached (the caller escalates unless an override lifts it).
+    Reserved { reservation: Reservation, threshold: Option<Reason> },
+    /// A budget is spent: `budget_exceeded`.
+    Exceeded(Reason),
+}
+
+/// How a reservation ends. Settling is idempotent: what is already settled stays as it is.
+#[derive(Debug, Clone)]
+pub enum Settlement {
+    /// The request stopped before it was forwarded (a refusal, an escalation, a rate limit, the
+    /// SSRF guard, an audit failure, a client gone): everything it holds goes back. Once it was
+    /// forwarded, nothing changes.
+    Release,
+    /// The request was forwarded: its action (and amount) stays counted if the decision counts
+    /// ([`counts_toward_budgets`]; a dry-run escalation does not), and a token estimate stays
+    /// held until its usage settles.
+    Forwarded { counted: bool },
+    /// A forwarded LLM call's outcome: the estimate it held is released and the tokens it was
+    /// charged ([`token_charge`]) count — also for a call that held none (a dry run).
+    Tokens(TokenUse),
+}
+
+// ---------------------------------------------------------------- the in-memory store
+
+/// One agent's counters. Two levels, so counting an action that has been seen before in its
+/// window looks keys up by reference and allocates nothing.
+#[derive(Debug, Default)]
+struct AgentCounters {
+    windows: HashMap<WindowKey, HashMap<String, Counter>>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Counter {
+    count: u64,
+    spend: BTreeMap<String, Decimal>,
+    /// LLM tokens charged (SPEC §14.5, §16.1).
+    tokens: u64,
+    /// LLM token estimates of calls in flight.
+    reserved: u64,
+}
+
+/// What a request holds, by its id.
+#[derive(Debug)]
+struct Held {
+    spend: Spend,
+    /// The action (and amount) is counted but not yet kept: given back on release.
+    action: bool,
+    /// A token estimate held until the call's usage settles.
+    tokens: Option<u64>,
+    forwarded: bool,
+    /// When it was reserved (for [`Budgets::expire_unforwarded`]).
+    since: Instant,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    agents: HashMap<String, AgentCounters>,
+    held: HashMap<String, Held>,
+}
+
+/// Budget counters for every agent, and what requests in flight hold. Cloning shares them.
+#[derive(Debug, Default, Clone)]
+pub struct Budgets {
+    state: Arc<Mutex<State>>,
+}
+
+/// Applies `f` to the counter of every window/scope combination of one (agent, connector,
+/// action) at `at`, creating counters as needed; a new window forgets the one it replaced.
+fn add(map: &mut HashMap<String, AgentCounters>, s: &Spend, at: i64, f: impl Fn(&mut Counter)) {
+    if !map.contains_key(s.agent.as_str()) {
+        map.insert(s.agent.clone(), AgentCounters::default());
+    }
+    let Some(counters) = map.get_mut(s.agent.as_str()) else { return };
+    for w in WINDOWS {
+        let start = window_start(at, w);
+        if !counters.windows.contains_key(&(w, start, Scope::Agent)) {
+            // A new window of this kind began: the ones it replaced are over.
+            counters.windows.retain(|&(kw, kstart, _), _| kw != w || kstart + kw.seconds() > at);
+        }
+        for scope in SCOPES {
+            let value = s.scope_value(scope);
+            let values = counters.windows.entry((w, start, scope)).or_default();
+            if !values.contains_key(value) {
+                values.insert(value.to_string(), Counter::default());
+            }
+            if let Some(c) = values.get_mut(value) {
+                f(c);
+            }
+        }
+    }
+}
+
+/// Applies `f` to the existing counters of `s`'s windows at `s.at`: only what was counted is
+/// taken back, and a window forgotten since stays forgotten.
+fn take_back(map: &mut HashMap<String, AgentCounters>, s: &Spend, f: impl Fn(&mut Counter)) {
+    let Some(agent) = map.get_mut(s.agent.as_str()) else { return };
+    for w in WINDOWS {
+        for scope in SCOPES {
+            let c = agent
+                .windows
+                .get_mut(&(w, window_start(s.at, w), scope))
+                .and_then(|values| values.get_mut(s.scope_value(scope)));
+            if let Some(c) = c {
+                f(c);
+            }
+        }
+    }
+}
+
+/// Counts an action (and its amount). Sums saturate: an amount no budget caps must not be able
+/// to overflow a counter.
+fn count_action(map: &mut HashMap<String, AgentCounters>, spend: &Spend) {
+    add(map, spend, spend.at, |c| {
+        c.count = c.count.saturating_add(1);
+        if let Some((amt, cur)) = &spend.amount {
+            match c.spend.get_mut(cur) {
+                Some(s) => *s = s.saturating_add(*amt),
+                None => {
+                    c.spend.insert(cur.clone(), *amt);
+                }
+            }
+        }
+    });
+}
+
+fn uncount_action(map: &mut HashMap<String, AgentCounters>, spend: &Spend) {
+    take_back(map, spend, |c| {
+        c.count = c.count.saturating_sub(1);
+        if let Some((amt, cur)) = &spend.amount
+            && let Some(s) = c.spend.get_mut(cur)
+        {
+            *s = s.saturating_sub(*amt);
+        }
+    });
+}
+
+fn count_tokens(map: &mut HashMap<String, AgentCounters>, t: &TokenUse) {
+    let s = Spend {
+        agent: t.agent.clone(),
+        connector: t.connector.clone(),
+        action: t.action.clone(),
+        amount: None,
+        at: t.at,
+    };
+    add(map, &s, t.at, |c| c.tokens = c.tokens.saturating_add(t.tokens));
+}
+
+impl Budgets {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts what a committed entry recorded (used when rebuilding from the log; see
+    /// [`recorded_spend`]).
+    pub fn record(&self, counted: &Counted) {
+        let mut st = self.lock();
+        match counted {
+            Counted::Action(spend) => count_action(&mut st.agents, spend),
+            Counted::Tokens(t) => count_tokens(&mut st.agents, t),
+        }
+    }
+
+    /// Atomically checks every budget of `manifest` ([`admit`]) and, if none is spent, holds
+    /// the request under `ask.id`: its action counted (in every window and scope, also without
+    /// budgets: see the module comment) and its token estimate reserved. Idempotent: an id
+    /// already held is not reserved twice.
+    pub fn reserve(&self, manifest: &Manifest, ask: Ask) -> BudgetCheck {
+        let mut st = self.lock();
+        if st.held.contains_key(&ask.id) {
+            return BudgetCheck::Reserved { reservation: Reservation { id: ask.id }, threshold: None };
+        }
+        let agents = &st.agents;
+        let spend = &ask.spend;
+        let verdict = admit(manifest, &ask, |b| {
+            let c = agents
+                .get(spend.agent.as_str())
+                .and_then(|a| a.windows.get(&(b.window, window_start(spend.at, b.window), b.scope)))
+                .and_then(|values| values.get(spend.scope_value(b.scope)));
+            let currency = spend.amount.as_ref().map(|(_, cur)| cur.as_str());
+            c.map_or_else(Used::default, |c| Used {
+                count: c.count,
+                spend: currency.and_then(|cur| c.spend.get(cur)).copied().unwrap_or_default(),
+                tokens: c.tokens,
+                reserved: c.reserved,
+            })
+        });
+        let threshold = match verdict {
+            Err(r) => return BudgetCheck::Exceeded(r),
+            Ok(t) => t,
+        };
+        count_action(&mut st.agents, &ask.spend);
+        if let Some(n) = ask.tokens {
+            add(&mut st.agents, &ask.spend, ask.spend.at, |c| c.reserved = c.reserved.saturating_add(n));
+        }
+        let id = ask.id.clone();
+        st.held.insert(
+            ask.id,
+            Held { spend: ask.spend, action: true, tokens: ask.tokens, forwarded: false, since: Instant::now() },
+        );
+        BudgetCheck::Reserved { reservation: Reservation { id }, threshold }
+    }
+
+    /// Ends what request `id` holds (see [`Settlement`]). Idempotent: settling an id that holds
+    /// nothing (any more) changes nothing, except that [`Settlement::Tokens`] always counts its
+    /// tokens — its caller, the outcome writer, settles once.
+    pub fn settle(&self, id: &str, settlement: Settlement) {
+        let mut st = self.lock();
+        let State { agents, held } = &mut *st;
+        match settlement {
+            Settlement::Release => {
+                if held.get(id).is_some_and(|h| !h.forwarded)
+                    && let Some(h) = held.remove(id)
+                {
+                    if h.action {
+                        uncount_action(agents, &h.spend);
+                    }
+                    release_tokens(agents, &h);
+                }
+            }
+            Settlement::Forwarded { counted } => {
+                let Some(h) = held.get_mut(id).filter(|h| !h.forwarded) else { return };
+                if h.action && !counted {
+                    uncount_action(agents, &h.spend);
+                }
+                h.action = false;
+                h.forwarded = true;
+                if h.tokens.is_none() {
+                    held.remove(id);
+                }
+            }
+            Settlement::Tokens(t) => {
+                if let Some(h) = held.remove(id) {
+                    release_tokens(agents, &h);
+                }
+                if t.tokens > 0 {
+                    count_tokens(agents, &t);
+                }
+            }
+        }
+    }
+
+    /// Releases reservations held longer than `max_age` by requests that were never forwarded
+    /// nor released: the backstop for a request whose handling was cancelled between reserve
+    /// and forward (its client went away while its decision was being recorded), so a lost
+    /// request cannot hold an agent's budget for the rest of the window. A forwarded call is
+    /// never expired: its outcome settles it. Returns how many were released.
+    pub fn expire_unforwarded(&self, max_age: Duration) -> usize {
+        let mut st = self.lock();
+        let State { agents, held } = &mut *st;
+        let stale: Vec<String> = held
+            .iter()
+            .filter(|(_, h)| !h.forwarded && h.since.elapsed() > max_age)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            if let Some(h) = held.remove(id) {
+                if h.action {
+                    uncount_action(agents, &h.spend);
+                }
+                release_tokens(agents, &h);
+            }
+        }
+        stale.len()
+    }
+
+    /// Requests holding a reservation now (calls in flight, and requests between reserve and
+    /// forward).
+    pub fn held(&self) -> usize {
+        self.lock().held.len()
+    }
+
+    fn counter<T: Default>(
+        &self,
+        agent: &str,
+        window: Window,
+        scope: Scope,
+        value: &str,
+        at: i64,
+        f: impl Fn(&Counter) -> T,
+    ) -> T {
+        let st = self.lock();
+        st.agents
+            .get(agent)
+            .and_then(|a| a.windows.get(&(window, window_start(at, window), scope)))
+            .and_then(|values| values.get(value))
+            .map_or_else(T::default, f)
+    }
+
+    /// Tokens counted (charged) so far in the window containing `at` for one scope value.
+    pub fn used_tokens(&self, agent: &str, window: Window, scope: Scope, value: &str, at: i64) -> u64 {
+        self.counter(agent, window, scope, value, at, |c| c.tokens)
+    }
+
+    /// Token estimates held by calls in flight in the window containing `at` for one scope value.
+    pub fn reserved_tokens(&self, agent: &str, window: Window, scope: Scope, value: &str, at: i64) -> u64 {
+        self.counter(agent, window, scope, value, at, |c| c.reserved)
+    }
+
+    /// Actions counted so far in the window containing `at` for one scope value.
+    pub fn used(&self, agent: &str, window: Window, scope: Scope, value: &str, at: i64) -> u64 {
+        self.counter(agent, window, scope, value, at, |c| c.count)
+    }
+}
+
+/// Gives back the token estimate `h` holds (in the windows it was reserved in).
+fn release_tokens(agents: &mut HashMap<String, AgentCounters>, h: &Held) {
+    if let Some(n) = h.tokens {
+        take_back(agents, &h.spend, |c| c.reserved = c.reserved.saturating_sub(n));
+    }
+}
