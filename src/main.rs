@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use uapk_gateway::{audit, config, identity, runtime};
 
 mod demo;
+mod tail;
 
 /// mimalloc: the data path allocates many small, short-lived buffers per request.
 #[global_allocator]
@@ -63,6 +64,11 @@ enum Cmd {
     /// Export a range of the audit log as a signed bundle directory (format:
     /// docs/evidence-format.md), from the database file or a running gateway (--admin).
     Export(ExportArgs),
+    /// Print the audit log's entries from index --from on, one per line exactly as stored
+    /// (NDJSON); with --follow keep printing new entries as they commit. Reads the log file, or
+    /// a running gateway's live log through its admin API (--admin, or the config's admin
+    /// listener when the gateway holds the file) with a viewer key.
+    Tail(TailArgs),
     /// Inclusion and consistency proofs from an audit log (text format: see the README).
     Proof {
         #[command(subcommand)]
@@ -131,7 +137,7 @@ struct AdminArgs {
     #[arg(long = "admin", value_name = "URL")]
     admin: Option<String>,
     /// File holding the admin key (default: the UAPK_ADMIN_KEY environment variable). Viewer
-    /// role for verify and proof, admin role for export.
+    /// role for verify, proof and tail, auditor role (or above) for export.
     #[arg(long, value_name = "FILE", requires = "admin")]
     admin_key_file: Option<PathBuf>,
 }
@@ -209,6 +215,22 @@ struct ExportArgs {
     remote: AdminArgs,
 }
 
+#[derive(Args)]
+struct TailArgs {
+    /// The gateway config: where the log is (audit.path) and, while a gateway holds it, its
+    /// admin listener (listeners.admin). Defaults as `run` does.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// First index to print (a shipper resumes with its last index + 1).
+    #[arg(long, default_value_t = 0)]
+    from: u64,
+    /// Keep printing new entries as they commit, across gateway restarts.
+    #[arg(long)]
+    follow: bool,
+    #[command(flatten)]
+    remote: AdminArgs,
+}
+
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Mint a capability token (printed on stdout).
@@ -280,7 +302,8 @@ enum CaCmd {
 enum AdminKeyCmd {
     /// Print a new admin key once, and the line for gateway.yaml.
     New {
-        #[arg(long, value_parser = ["viewer", "approver", "admin"])]
+        /// viewer < auditor < approver < admin (see the README's admin API section).
+        #[arg(long, value_parser = ["viewer", "auditor", "approver", "admin"])]
         role: String,
         #[arg(long, default_value = "operator")]
         id: String,
@@ -320,6 +343,7 @@ fn main() -> ExitCode {
         Cmd::Check { config } => check(config.as_deref()),
         Cmd::Verify(a) => verify(a),
         Cmd::Export(a) => export(a),
+        Cmd::Tail(a) => tail::run(a),
         Cmd::Proof { cmd } => proof(cmd),
         Cmd::Keygen { out, force } => identity::generate_key_files(&out, force)
             .map(|pubp| println!("wrote {} (0600) and {}", out.display(), pubp.display()))
@@ -764,12 +788,23 @@ fn admin_key(role: &str, id: &str) {
 
 /// A small HTTP/1.1 client for the admin API of a running gateway (plain HTTP: the admin listener
 /// is a loopback or pod-local port).
-mod remote {
+pub(crate) mod remote {
     use super::Fail;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::{Client, connect::HttpConnector};
     use std::path::Path;
+
+    /// How a streamed response ended.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum StreamEnd {
+        /// The admin API could not be reached.
+        Unreachable,
+        /// The body ended as the server ended it.
+        Complete,
+        /// The connection broke mid-body.
+        CutOff,
+    }
 
     pub struct Admin {
         base: String,
@@ -806,6 +841,36 @@ mod remote {
 
         pub fn post(&self, path: &str) -> Result<Bytes, Fail> {
             self.request(http::Method::POST, path)
+        }
+
+        /// GETs `path` and hands each piece of the body to `each` as it arrives.
+        pub fn stream(&self, path: &str, mut each: impl FnMut(&[u8]) -> Result<(), Fail>) -> Result<StreamEnd, Fail> {
+            let url = format!("{}{path}", self.base);
+            let req = http::Request::builder()
+                .uri(&url)
+                .header(http::header::AUTHORIZATION, format!("Bearer {}", self.key))
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| Fail(2, format!("{url}: {e}")))?;
+            self.rt.block_on(async {
+                let Ok(resp) = self.client.request(req).await else { return Ok(StreamEnd::Unreachable) };
+                let status = resp.status();
+                let mut body = resp.into_body();
+                if status != http::StatusCode::OK {
+                    let b = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                    let what = if matches!(status.as_u16(), 401 | 403) { "the admin API refused the key" } else { "" };
+                    return Err(Fail(
+                        2,
+                        format!("{url}: {status} {what}: {}", String::from_utf8_lossy(&b[..b.len().min(300)])),
+                    ));
+                }
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else { return Ok(StreamEnd::CutOff) };
+                    if let Some(data) = frame.data_ref() {
+                        each(data)?;
+                    }
+                }
+                Ok(StreamEnd::Complete)
+            })
         }
 
         fn request(&self, method: http::Method, path: &str) -> Result<Bytes, Fail> {
