@@ -307,6 +307,10 @@ enum AdminKeyCmd {
         role: String,
         #[arg(long, default_value = "operator")]
         id: String,
+        /// Write the key to FILE (created 0600, never overwritten; its directory 0700 if new)
+        /// instead of printing it; stdout then carries only the line for gateway.yaml.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -359,10 +363,7 @@ fn main() -> ExitCode {
         }
         Cmd::RotateKey { config, new_key } => rotate_key(config.as_deref(), &new_key),
         Cmd::InitIptables { proxy_uid, port, dns, dry_run } => init_iptables(proxy_uid, port, &dns, dry_run),
-        Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id } } => {
-            admin_key(&role, &id);
-            Ok(())
-        }
+        Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id, out } } => admin_key(&role, &id, out.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -773,7 +774,7 @@ fn init_iptables(uid: u32, port: u16, dns: &[std::net::IpAddr], dry_run: bool) -
         .map_err(|e| Fail(2, e))
 }
 
-fn admin_key(role: &str, id: &str) {
+fn admin_key(role: &str, id: &str, out: Option<&Path>) -> Result<(), Fail> {
     use base64::Engine;
     use rand::RngCore;
     use sha2::Digest;
@@ -781,9 +782,39 @@ fn admin_key(role: &str, id: &str) {
     rand::thread_rng().fill_bytes(&mut b);
     let key = format!("uapk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b));
     let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
-    println!("admin key (shown once; give it to the {role}): {key}");
-    println!("add to gateway.yaml under admin.keys:");
-    println!("  - {{ id: {id}, sha256: {hash}, role: {role} }}");
+    let line = format!("  - {{ id: {id}, sha256: {hash}, role: {role} }}");
+    let Some(path) = out else {
+        println!("admin key (shown once; give it to the {role}): {key}");
+        println!("add to gateway.yaml under admin.keys:");
+        println!("{line}");
+        return Ok(());
+    };
+    write_secret(path, format!("{key}\n").as_bytes())?;
+    eprintln!("wrote the {role} admin key to {} (0600); its line for gateway.yaml admin.keys:", path.display());
+    println!("{line}");
+    Ok(())
+}
+
+/// Creates `path` readable by its owner only (its directory 0700 if new); an existing file is
+/// never replaced.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Fail> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Fail(2, format!("{}: {e}", dir.display())))?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Fail(2, format!("{} exists: not overwritten (remove it, or choose another --out)", path.display()))
+        } else {
+            Fail(2, format!("{}: {e}", path.display()))
+        }
+    })?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| Fail(2, format!("{}: {e}", path.display())))
 }
 
 /// A small HTTP/1.1 client for the admin API of a running gateway (plain HTTP: the admin listener

@@ -1,5 +1,6 @@
 //! Operators' own tools: the record stream a SIEM shipper reads (`GET /v1/records/stream`,
-//! `uapk-gateway tail`), the `auditor` role, admin key ids that say who approved (`by`).
+//! `uapk-gateway tail`), the `auditor` role, admin key ids that say who approved (`by`); and a
+//! first run that stops on a busy port before generating anything.
 
 mod common;
 
@@ -412,4 +413,32 @@ fn check_refuses_two_admin_keys_with_one_id() {
     let (code, _, err) = run_cli(&["check", "-c", "gw.yaml"], dir.path());
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("reserved"), "{err}");
+}
+
+/// A port already in use is reported before the first run creates anything: no development
+/// gateway key, no interception CA, no data directory.
+#[test]
+fn a_port_in_use_is_reported_before_any_key_or_ca_is_generated() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("pay.yaml"), manifest("pay-agent", "127.0.0.1:9".parse().unwrap(), "", "")).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    for (which, listeners) in [
+        ("listeners.proxy", format!("proxy: 127.0.0.1:{port}\n  admin: 127.0.0.1:0")),
+        ("listeners.admin", format!("proxy: 127.0.0.1:0\n  admin: 127.0.0.1:{port}")),
+    ] {
+        let yaml = format!(
+            "listeners:\n  {listeners}\npolicies: {}\ndata_dir: {}\nlog_format: text\n",
+            policies.display(),
+            dir.path().join("data").display()
+        );
+        std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
+        let (code, _, err) = run_cli(&["run", "-c", "gateway.yaml"], dir.path());
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(&format!("{which} 127.0.0.1:{port}")) && err.contains("in use"), "{err}");
+        assert!(!dir.path().join("data").exists(), "{which}: nothing is generated for a gateway that cannot start");
+    }
+    drop(taken);
 }
