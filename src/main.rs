@@ -221,12 +221,17 @@ struct TailArgs {
     /// admin listener (listeners.admin). Defaults as `run` does.
     #[arg(short = 'c', long = "config")]
     config: Option<PathBuf>,
-    /// First index to print (a shipper resumes with its last index + 1).
-    #[arg(long, default_value_t = 0)]
-    from: u64,
+    /// First index to print (a shipper resumes with its last index + 1). Default 0, or where
+    /// --state says.
+    #[arg(long)]
+    from: Option<u64>,
     /// Keep printing new entries as they commit, across gateway restarts.
     #[arg(long)]
     follow: bool,
+    /// Keep the next index to print in FILE, rewritten after each batch reaches stdout; a later
+    /// `tail --state FILE` (without --from) resumes there.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
     #[command(flatten)]
     remote: AdminArgs,
 }

@@ -44,7 +44,18 @@ pub fn run(a: TailArgs) -> Result<(), Fail> {
         }
         format!("http://{addr}")
     });
-    let mut out = Output { next: a.from, partial: Vec::new() };
+    let from = match (a.from, &a.state) {
+        (Some(n), _) => n,
+        (None, Some(state)) => match std::fs::read_to_string(state) {
+            Ok(text) => text.trim().parse().map_err(|_| {
+                Fail(2, format!("{}: not a tail state file (it holds the next index to print)", state.display()))
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(Fail(2, format!("{}: {e}", state.display()))),
+        },
+        (None, None) => 0,
+    };
+    let mut out = Output { next: from, partial: Vec::new(), state: a.state.clone() };
     let mut first = true;
     let mut unreachable_said = false;
     loop {
@@ -112,6 +123,8 @@ fn remote_key_missing(r: &AdminArgs) -> bool {
 struct Output {
     next: u64,
     partial: Vec<u8>,
+    /// `--state`: where `next` is kept.
+    state: Option<std::path::PathBuf>,
 }
 
 impl Output {
@@ -122,7 +135,18 @@ impl Output {
         let whole: Vec<u8> = self.partial.drain(..=end).collect();
         self.write(&whole)?;
         self.next += whole.iter().filter(|&&b| b == b'\n').count() as u64;
-        Ok(())
+        self.save()
+    }
+
+    /// Writes `next` to the state file: a temporary file renamed over it, so a crash leaves the
+    /// old value or the new one.
+    fn save(&self) -> Result<(), Fail> {
+        let Some(path) = &self.state else { return Ok(()) };
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        std::fs::write(&tmp, format!("{}\n", self.next))
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| Fail(2, format!("{}: {e}", path.display())))
     }
 
     fn write(&self, bytes: &[u8]) -> Result<(), Fail> {

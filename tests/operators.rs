@@ -304,6 +304,16 @@ async fn tail_prints_the_log_from_the_file_or_the_running_gateway() {
     let (code, _, err) = tail(args(&["--from", &(total + 1).to_string()]), None).await;
     assert_eq!(code, 2);
     assert!(err.contains("past the end"), "{err}");
+    // --state keeps the next index: a later run resumes there.
+    let (code, out, err) = tail(args(&["--state", "shipped.idx"]), None).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines(&out).len() as u64, total);
+    assert_eq!(std::fs::read_to_string(d.join("shipped.idx")).unwrap(), format!("{total}\n"));
+    let (code, out, _) = tail(args(&["--state", "shipped.idx"]), None).await;
+    assert_eq!((code, out.len()), (0, 0), "nothing new");
+    std::fs::write(d.join("shipped.idx"), "3\n").unwrap();
+    let (_, out, _) = tail(args(&["--state", "shipped.idx"]), None).await;
+    assert_eq!(lines(&out).iter().map(|l| idx(l)).collect::<Vec<_>>(), (3..total).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
