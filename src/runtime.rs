@@ -395,6 +395,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         gw.audit.tree_size(),
     ));
+    // Listeners bound, policy and keys loaded: ready before the first connection is served (the
+    // listeners were bound first, so connections may already be waiting in their backlog).
+    health.ready.store(true, Ordering::SeqCst);
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     // One cap for every agent-facing connection (proxy and transparent listeners, tunnels and
@@ -515,7 +518,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             }
         }));
     }
-    health.ready.store(true, Ordering::SeqCst);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");
     Ok(Running {
         proxy_addr,
