@@ -6,7 +6,8 @@
 # Then the LLM SDK agents (openai and anthropic for Python, openai for Node) against a fake LLM
 # API (scripts/fake_llm_upstream.py, HTTPS), in explicit-proxy and base-URL mode: decisions and
 # token usage (JSON and streamed) in the log, a max_tokens budget refusing once crossed, and the
-# refusal as each SDK shows it. Needs root (namespaces, iptables).
+# refusal as each SDK shows it. Then the Anthropic agent against `run --demo` and `demo-upstream`
+# (streamed messages). Needs root (namespaces, iptables).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -263,6 +264,47 @@ assert not any(k.startswith("x-uapk") or k == "proxy-authorization" for r in req
 PY
 then pass=$((pass + 1)); echo "ok   the fake LLM APIs saw 12 calls, identity-encoded, without gateway headers"
 else fail=$((fail + 1)); echo "FAIL what reached the fake LLM APIs"; fi
+
+# ---------------------------------------------------------------- the Anthropic agent against `run --demo`
+# The shipped example manifests (policies/) served by `run --demo` against `demo-upstream`, as in
+# the README: a message, a streamed one (the Messages API's event stream), a follow-up; each with
+# its usage in the log.
+demo=$(port); d=$work/demo; mkdir -p "$d"
+cat > "$d/gateway.yaml" <<YAML
+listeners: { proxy: 127.0.0.1:$proxy, admin: 127.0.0.1:$admin }
+policies: $root/policies
+data_dir: $d/data
+YAML
+"$bin" demo-upstream --listen "127.0.0.1:$demo" >/dev/null 2>"$d/upstream.log" & pids+=($!)
+UAPK_LOG=warn "$bin" run --demo --demo-upstream "127.0.0.1:$demo" -c "$d/gateway.yaml" 2>"$d/gateway.log" & gw=$!; pids+=($gw)
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$admin/readyz" >/dev/null && break; sleep 0.1; done
+token=$("$bin" token mint --issuer-key "$root/examples/keys/demo-issuer.pem" --iss platform --sub llm-agent --ttl 10m)
+set +e
+env -u NO_PROXY -u no_proxy -u HTTP_PROXY -u HTTPS_PROXY -u http_proxy -u https_proxy -u ANTHROPIC_API_KEY \
+  UAPK_CAPABILITY="$token" ANTHROPIC_BASE_URL="http://127.0.0.1:$proxy/anthropic" \
+  python3 "$root/examples/anthropic-agent.py" > "$d/out" 2>&1
+rc=$?; set -e
+kill -TERM "$gw"; wait "$gw" || true
+why=""
+[ "$rc" -eq 0 ] || why="exit $rc"
+for line in '^chat record [0-9]' '^stream tokens [0-9]' '^followup tokens [0-9]'; do
+  grep -q "$line" "$d/out" || why="$why; no line $line"
+done
+"$bin" export -c "$d/gateway.yaml" --out "$d/bundle" >/dev/null 2>"$d/export.err" || why="$why; export: $(cat "$d/export.err")"
+python3 - "$d/bundle" > "$d/logcheck" 2>&1 <<'PY' || why="$why; log: $(cat "$d/logcheck")"
+import json, pathlib, sys
+entries = [json.loads(l) for l in (pathlib.Path(sys.argv[1]) / "entries.jsonl").read_text().splitlines() if l.strip()]
+out = [e for e in entries if e["kind"] == "outcome" and e.get("connector") == "anthropic"]
+assert len(out) == 3, out
+assert all(o["status"] == "200" and o.get("usage") and not o.get("usage_error") for o in out), out
+assert all(int(o["usage"]["input_tokens"]) > 0 and int(o["usage"]["output_tokens"]) > 0 for o in out), out
+PY
+if [ -z "$why" ]; then
+  pass=$((pass + 1)); echo "ok   demo/anthropic-py (run --demo, streamed message, usage recorded)"; sed 's/^/       /' "$d/out"
+else
+  fail=$((fail + 1)); echo "FAIL demo/anthropic-py:$why"; sed 's/^/       /' "$d/out"
+fi
+verify_log "$d/data"
 
 # ---------------------------------------------------------------- transparent, in namespaces
 va=va$tag; vu=vu$tag

@@ -2,7 +2,7 @@
 //! example manifests, so the README walkthrough runs offline. It answers in the shape of the
 //! real APIs (Stripe refunds, charges and customers, form-encoded; helpdesk tickets, JSON; chat
 //! completions with a `usage` object, also streamed as server-sent events; Anthropic-style
-//! messages) and echoes what it received under `demo_echo`, with credential headers shown as
+//! messages, also streamed as the Messages API's events) and echoes what it received under `demo_echo`, with credential headers shown as
 //! `[redacted]`, so a reader sees what the gateway forwarded and that the agent never held the
 //! key. It stores nothing and is for demos and tests only.
 
@@ -196,16 +196,7 @@ fn route(got: &Received, n: u64) -> (StatusCode, Result<Response<Body>, Value>) 
             "data": [{"id": "gpt-4o-mini", "object": "model"}, {"id": "gpt-4o", "object": "model"}],
         })),
         (&Method::POST, ["v1", "chat", "completions"]) => chat_completion(got, n, &echo),
-        (&Method::POST, ["v1", "messages"]) => {
-            let req = got.json().unwrap_or(Value::Null);
-            let (prompt, reply) = conversation(&req);
-            ok(json!({
-                "id": format!("msg_demo_{n}"), "type": "message", "role": "assistant",
-                "model": req.get("model"), "content": [{"type": "text", "text": reply}],
-                "stop_reason": "end_turn",
-                "usage": {"input_tokens": words(&prompt), "output_tokens": words(&reply)},
-            }))
-        }
+        (&Method::POST, ["v1", "messages"]) => message(got, n, &echo),
         _ => (
             StatusCode::NOT_FOUND,
             Err(with_echo(
@@ -264,17 +255,66 @@ fn chat_completion(got: &Received, n: u64, echo: &Value) -> (StatusCode, Result<
     events.extend(parts.iter().map(|w| chunk(json!({"content": w}), Value::Null)));
     events.push(chunk(json!({}), json!("stop")));
     events.push(json!({"id": id, "object": "chat.completion.chunk", "model": model, "choices": [], "usage": usage}));
-    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> =
-        events.iter().map(|e| Ok(Frame::data(Bytes::from(format!("data: {e}\n\n"))))).collect();
-    frames.push(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))));
+    let mut frames: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    frames.push("data: [DONE]\n\n".into());
+    (StatusCode::OK, Ok(event_stream(frames)))
+}
+
+/// An Anthropic-style message; with `stream: true`, the Messages API's event stream:
+/// `message_start` (input tokens), a text block in word-sized deltas, `message_delta` (output
+/// tokens, stop reason), `message_stop`.
+fn message(got: &Received, n: u64, echo: &Value) -> (StatusCode, Result<Response<Body>, Value>) {
+    let req = got.json().unwrap_or(Value::Null);
+    let model = req.get("model").cloned().unwrap_or(Value::Null);
+    let (prompt, reply) = conversation(&req);
+    let (input, output) = (words(&prompt), words(&reply));
+    let id = format!("msg_demo_{n}");
+    if req.get("stream").and_then(Value::as_bool) != Some(true) {
+        return (
+            StatusCode::OK,
+            Err(json!({
+                "id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": reply}],
+                "stop_reason": "end_turn", "stop_sequence": null,
+                "usage": {"input_tokens": input, "output_tokens": output},
+                "demo_echo": echo,
+            })),
+        );
+    }
+    let mut events = vec![
+        json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": 1},
+        }}),
+        json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        json!({"type": "ping"}),
+    ];
+    events.extend(
+        reply
+            .split_inclusive(' ')
+            .map(|w| json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}})),
+    );
+    events.push(json!({"type": "content_block_stop", "index": 0}));
+    events.push(json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                       "usage": {"output_tokens": output}}));
+    events.push(json!({"type": "message_stop"}));
+    let frames =
+        events.iter().map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap_or("message"))).collect();
+    (StatusCode::OK, Ok(event_stream(frames)))
+}
+
+/// A `text/event-stream` response sending each event as its own frame.
+fn event_stream(events: Vec<String>) -> Response<Body> {
+    let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+        events.into_iter().map(|e| Ok(Frame::data(Bytes::from(e)))).collect();
     let body = StreamBody::new(stream::iter(frames)).boxed();
-    let resp = Response::builder()
+    Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .body(body)
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()));
-    (StatusCode::OK, Ok(resp))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
 fn json_response(status: StatusCode, v: Value) -> Response<Body> {
@@ -376,6 +416,47 @@ mod tests {
         assert_eq!(usage["usage"]["prompt_tokens"], 1);
         assert!(usage["usage"]["total_tokens"].as_u64().unwrap() > 1);
         assert!(events.len() > 4, "{events:?}");
+    }
+
+    #[tokio::test]
+    async fn streamed_message_is_the_anthropic_event_sequence_with_usage() {
+        let got = received(
+            Method::POST,
+            "/v1/messages",
+            None,
+            &[],
+            r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"hello there"}]}"#,
+        );
+        let resp = route(&got, 1).1.expect("streamed");
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(body.to_vec()).unwrap();
+        let events: Vec<(String, Value)> = text
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap();
+                let v: Value = serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap();
+                assert_eq!(name.strip_prefix("event: ").unwrap(), v["type"], "{e}");
+                (v["type"].as_str().unwrap().to_string(), v)
+            })
+            .collect();
+        let names: Vec<&str> = events.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names[..3], ["message_start", "content_block_start", "ping"]);
+        assert_eq!(names[names.len() - 3..], ["content_block_stop", "message_delta", "message_stop"]);
+        assert_eq!(events[0].1["message"]["usage"]["input_tokens"], 2);
+        let text: String = events
+            .iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .map(|(_, v)| v["delta"]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, "This is the demo upstream. You said: hello there");
+        assert_eq!(events[events.len() - 2].1["usage"]["output_tokens"], 9);
+        // Without `stream`, one JSON message with the same usage.
+        let got = received(Method::POST, "/v1/messages", None, &[], r#"{"messages":[{"role":"user","content":"hi"}]}"#);
+        let (_, v) = json_of(route(&got, 2));
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["usage"]["input_tokens"], 1);
     }
 
     #[test]

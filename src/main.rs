@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use uapk_gateway::{audit, config, identity, runtime};
 
 mod demo;
+mod tail;
 
 /// mimalloc: the data path allocates many small, short-lived buffers per request.
 #[global_allocator]
@@ -63,6 +64,11 @@ enum Cmd {
     /// Export a range of the audit log as a signed bundle directory (format:
     /// docs/evidence-format.md), from the database file or a running gateway (--admin).
     Export(ExportArgs),
+    /// Print the audit log's entries from index --from on, one per line exactly as stored
+    /// (NDJSON); with --follow keep printing new entries as they commit. Reads the log file, or
+    /// a running gateway's live log through its admin API (--admin, or the config's admin
+    /// listener when the gateway holds the file) with a viewer key.
+    Tail(TailArgs),
     /// Inclusion and consistency proofs from an audit log (text format: see the README).
     Proof {
         #[command(subcommand)]
@@ -135,7 +141,7 @@ struct AdminArgs {
     #[arg(long = "admin", value_name = "URL")]
     admin: Option<String>,
     /// File holding the admin key (default: the UAPK_ADMIN_KEY environment variable). Viewer
-    /// role for verify and proof, admin role for export.
+    /// role for verify, proof and tail, auditor role (or above) for export.
     #[arg(long, value_name = "FILE", requires = "admin")]
     admin_key_file: Option<PathBuf>,
 }
@@ -213,6 +219,27 @@ struct ExportArgs {
     remote: AdminArgs,
 }
 
+#[derive(Args)]
+struct TailArgs {
+    /// The gateway config: where the log is (audit.path) and, while a gateway holds it, its
+    /// admin listener (listeners.admin). Defaults as `run` does.
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// First index to print (a shipper resumes with its last index + 1). Default 0, or where
+    /// --state says.
+    #[arg(long)]
+    from: Option<u64>,
+    /// Keep printing new entries as they commit, across gateway restarts.
+    #[arg(long)]
+    follow: bool,
+    /// Keep the next index to print in FILE, rewritten after each batch reaches stdout; a later
+    /// `tail --state FILE` (without --from) resumes there.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    #[command(flatten)]
+    remote: AdminArgs,
+}
+
 #[derive(Subcommand)]
 enum TokenCmd {
     /// Mint a capability token (printed on stdout).
@@ -284,10 +311,15 @@ enum CaCmd {
 enum AdminKeyCmd {
     /// Print a new admin key once, and the line for gateway.yaml.
     New {
-        #[arg(long, value_parser = ["viewer", "approver", "admin"])]
+        /// viewer < auditor < approver < admin (see the README's admin API section).
+        #[arg(long, value_parser = ["viewer", "auditor", "approver", "admin"])]
         role: String,
         #[arg(long, default_value = "operator")]
         id: String,
+        /// Write the key to FILE (created 0600, never overwritten; its directory 0700 if new)
+        /// instead of printing it; stdout then carries only the line for gateway.yaml.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -324,6 +356,7 @@ fn main() -> ExitCode {
         Cmd::Check { config } => check(config.as_deref()),
         Cmd::Verify(a) => verify(a),
         Cmd::Export(a) => export(a),
+        Cmd::Tail(a) => tail::run(a),
         Cmd::Proof { cmd } => proof(cmd),
         Cmd::Keygen { out, force } => identity::generate_key_files(&out, force)
             .map(|pubp| println!("wrote {} (0600) and {}", out.display(), pubp.display()))
@@ -341,10 +374,7 @@ fn main() -> ExitCode {
         Cmd::InitIptables { proxy_uid, port, exempt_uid, dns, dry_run } => {
             init_iptables(proxy_uid, &exempt_uid, port, &dns, dry_run)
         }
-        Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id } } => {
-            admin_key(&role, &id);
-            Ok(())
-        }
+        Cmd::AdminKey { cmd: AdminKeyCmd::New { role, id, out } } => admin_key(&role, &id, out.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -755,7 +785,7 @@ fn init_iptables(uid: u32, exempt: &[u32], port: u16, dns: &[std::net::IpAddr], 
         .map_err(|e| Fail(2, e))
 }
 
-fn admin_key(role: &str, id: &str) {
+fn admin_key(role: &str, id: &str, out: Option<&Path>) -> Result<(), Fail> {
     use base64::Engine;
     use rand::RngCore;
     use sha2::Digest;
@@ -763,19 +793,60 @@ fn admin_key(role: &str, id: &str) {
     rand::thread_rng().fill_bytes(&mut b);
     let key = format!("uapk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b));
     let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
-    println!("admin key (shown once; give it to the {role}): {key}");
-    println!("add to gateway.yaml under admin.keys:");
-    println!("  - {{ id: {id}, sha256: {hash}, role: {role} }}");
+    let line = format!("  - {{ id: {id}, sha256: {hash}, role: {role} }}");
+    let Some(path) = out else {
+        println!("admin key (shown once; give it to the {role}): {key}");
+        println!("add to gateway.yaml under admin.keys:");
+        println!("{line}");
+        return Ok(());
+    };
+    write_secret(path, format!("{key}\n").as_bytes())?;
+    eprintln!("wrote the {role} admin key to {} (0600); its line for gateway.yaml admin.keys:", path.display());
+    println!("{line}");
+    Ok(())
+}
+
+/// Creates `path` readable by its owner only (its directory 0700 if new); an existing file is
+/// never replaced.
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), Fail> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| Fail(2, format!("{}: {e}", dir.display())))?;
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            Fail(2, format!("{} exists: not overwritten (remove it, or choose another --out)", path.display()))
+        } else {
+            Fail(2, format!("{}: {e}", path.display()))
+        }
+    })?;
+    f.write_all(bytes).and_then(|()| f.sync_all()).map_err(|e| Fail(2, format!("{}: {e}", path.display())))
 }
 
 /// A small HTTP/1.1 client for the admin API of a running gateway (plain HTTP: the admin listener
 /// is a loopback or pod-local port).
-mod remote {
+pub(crate) mod remote {
     use super::Fail;
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::{Client, connect::HttpConnector};
     use std::path::Path;
+
+    /// How a streamed response ended.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub enum StreamEnd {
+        /// The admin API could not be reached.
+        Unreachable,
+        /// The body ended as the server ended it.
+        Complete,
+        /// The connection broke mid-body.
+        CutOff,
+    }
 
     pub struct Admin {
         base: String,
@@ -812,6 +883,36 @@ mod remote {
 
         pub fn post(&self, path: &str) -> Result<Bytes, Fail> {
             self.request(http::Method::POST, path)
+        }
+
+        /// GETs `path` and hands each piece of the body to `each` as it arrives.
+        pub fn stream(&self, path: &str, mut each: impl FnMut(&[u8]) -> Result<(), Fail>) -> Result<StreamEnd, Fail> {
+            let url = format!("{}{path}", self.base);
+            let req = http::Request::builder()
+                .uri(&url)
+                .header(http::header::AUTHORIZATION, format!("Bearer {}", self.key))
+                .body(Full::new(Bytes::new()))
+                .map_err(|e| Fail(2, format!("{url}: {e}")))?;
+            self.rt.block_on(async {
+                let Ok(resp) = self.client.request(req).await else { return Ok(StreamEnd::Unreachable) };
+                let status = resp.status();
+                let mut body = resp.into_body();
+                if status != http::StatusCode::OK {
+                    let b = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                    let what = if matches!(status.as_u16(), 401 | 403) { "the admin API refused the key" } else { "" };
+                    return Err(Fail(
+                        2,
+                        format!("{url}: {status} {what}: {}", String::from_utf8_lossy(&b[..b.len().min(300)])),
+                    ));
+                }
+                while let Some(frame) = body.frame().await {
+                    let Ok(frame) = frame else { return Ok(StreamEnd::CutOff) };
+                    if let Some(data) = frame.data_ref() {
+                        each(data)?;
+                    }
+                }
+                Ok(StreamEnd::Complete)
+            })
         }
 
         fn request(&self, method: http::Method, path: &str) -> Result<Bytes, Fail> {

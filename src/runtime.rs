@@ -301,6 +301,36 @@ const OVERLOAD_WRITERS: usize = 64;
 
 /// Starts the gateway described by `cfg`.
 pub async fn start(cfg: GatewayConfig) -> Result<Running> {
+    // The listeners first: a port already in use is reported before anything is created on
+    // disk (a development key or CA generated for a gateway that then cannot start). Until
+    // the gateway serves, connections wait in the listen backlog.
+    let proxy_listener = TcpListener::bind(cfg.proxy_listener)
+        .await
+        .with_context(|| format!("binding listeners.proxy {}", cfg.proxy_listener))?;
+    let admin_listener = TcpListener::bind(cfg.admin_listener)
+        .await
+        .with_context(|| format!("binding listeners.admin {}", cfg.admin_listener))?;
+    let proxy_addr = proxy_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let transparent_listener = match cfg.transparent_listener {
+        Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding listeners.transparent {a}"))?),
+        None => None,
+    };
+    let transparent_addr = transparent_listener.as_ref().and_then(|l| l.local_addr().ok());
+    // ip6tables REDIRECT sends IPv6 connections to [::1]:P: the IPv4 wildcard or loopback gets
+    // its IPv6 twin on the same port.
+    let transparent_v6 = match transparent_addr.and_then(ipv6_twin) {
+        Some(a) => match bind_ipv6_only(a) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                // Without IPv6 here (disabled, or absent from the kernel) a redirected IPv6
+                // connection has nowhere to go and is refused: nothing leaves undecided.
+                tracing::warn!(addr = %a, error = %e, "transparent listener: no IPv6 socket; IPv6 connections are refused");
+                None
+            }
+        },
+        None => None,
+    };
     {
         // Created 0700 (an existing directory keeps its mode: it may be a mounted volume).
         use std::os::unix::fs::DirBuilderExt;
@@ -352,42 +382,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     let vetter = Vetter::new(cfg.allow_private_destinations.clone());
     let client = upstream::build_client(vetter.clone(), tls, cfg.limits.upstream_connect_timeout);
 
-    let proxy_listener = TcpListener::bind(cfg.proxy_listener)
-        .await
-        .with_context(|| format!("binding listeners.proxy {}", cfg.proxy_listener))?;
-    let admin_listener = TcpListener::bind(cfg.admin_listener)
-        .await
-        .with_context(|| format!("binding listeners.admin {}", cfg.admin_listener))?;
-    let proxy_addr = proxy_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
     vetter.add_own_listener(proxy_addr);
     vetter.add_own_listener(admin_addr);
-
-    let transparent_listener = match cfg.transparent_listener {
-        Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding listeners.transparent {a}"))?),
-        None => None,
-    };
-    let transparent_addr = transparent_listener.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(a) = transparent_addr {
         vetter.add_own_listener(a);
     }
-    // ip6tables REDIRECT sends IPv6 connections to [::1]:P: the IPv4 wildcard or loopback gets
-    // its IPv6 twin on the same port.
-    let transparent_v6 = match transparent_addr.and_then(ipv6_twin) {
-        Some(a) => match bind_ipv6_only(a) {
-            Ok(l) => {
-                vetter.add_own_listener(a);
-                Some(l)
-            }
-            Err(e) => {
-                // Without IPv6 here (disabled, or absent from the kernel) a redirected IPv6
-                // connection has nowhere to go and is refused: nothing leaves undecided.
-                tracing::warn!(addr = %a, error = %e, "transparent listener: no IPv6 socket; IPv6 connections are refused");
-                None
-            }
-        },
-        None => None,
-    };
+    if let Some(a) = transparent_v6.as_ref().and_then(|l| l.local_addr().ok()) {
+        vetter.add_own_listener(a);
+    }
     let leaves = interception_ca(&cfg)?;
     let token_file = cfg.identity.token_file.clone().map(TokenFile::new);
     let gw = Arc::new(Gateway {
@@ -423,6 +425,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
         gw.audit.tree_size(),
     ));
+    // Listeners bound, policy and keys loaded: ready before the first connection is served (the
+    // listeners were bound first, so connections may already be waiting in their backlog).
+    health.ready.store(true, Ordering::SeqCst);
     let (tx, rx) = watch::channel(false);
     let mut tasks = Vec::new();
     // One cap for every agent-facing connection (proxy and transparent listeners, tunnels and
@@ -549,7 +554,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             }
         }));
     }
-    health.ready.store(true, Ordering::SeqCst);
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");
     Ok(Running {
         proxy_addr,

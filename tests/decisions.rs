@@ -571,3 +571,36 @@ async fn a_budget_added_by_a_reload_sees_what_a_restart_would() {
     assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "budget_exceeded");
     assert_eq!(up.count(), 3);
 }
+
+/// `capability.leeway`: the clock skew a manifest allows on `exp`. The default (60 s) accepts a
+/// token 18 s past `exp`; `0s` refuses one 1 s past it, with its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_leeway_decides_how_late_a_token_may_be() {
+    let up = Upstream::start().await;
+    let strict = manifest("strict-agent", up.addr, "", "")
+        .replace("  max_lifetime: 24h\n", "  max_lifetime: 24h\n  leeway: 0s\n");
+    assert!(strict.contains("leeway: 0s"));
+    let lax = manifest("lax-agent", up.addr, "", "");
+    let gw = TestGateway::start(&[("strict.yaml", strict), ("lax.yaml", lax)], "").await;
+    let late = |agent: &str, secs: i64| {
+        let mut c = claims(agent);
+        c.iat = now() - 600;
+        c.exp = now() - secs;
+        mint(&c)
+    };
+    let get = |t: String| client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", t).send();
+
+    let r = get(late("lax-agent", 18)).await.unwrap();
+    assert_eq!(r.status(), 200, "the default leeway accepts a token 18 s past exp");
+    let r = get(late("strict-agent", 1)).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["reasons"][0]["code"], "capability_token_expired", "{body}");
+    let record = body["record"].as_u64().unwrap().to_string();
+    let entry = gw.entries().into_iter().find(|e| e["idx"] == record.as_str()).unwrap();
+    assert_eq!(entry["decision"], "deny");
+    assert_eq!(entry["reasons"][0]["code"], "capability_token_expired", "{entry}");
+    // A fresh token for the strict agent is served.
+    let r = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", token("strict-agent")).send();
+    assert_eq!(r.await.unwrap().status(), 200);
+}

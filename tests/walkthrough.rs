@@ -202,6 +202,12 @@ fn the_readme_walkthrough_prints_what_it_shows() {
         problems.join("\n"),
         gateway_log.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     );
+    // The admin key is readable by its owner only, in the (git-ignored) data directory.
+    use std::os::unix::fs::PermissionsExt;
+    let key_file = dir.path().join("data/admin-key.txt");
+    let mode = std::fs::metadata(&key_file).map(|m| m.permissions().mode() & 0o777);
+    assert_eq!(mode.ok(), Some(0o600), "{}", key_file.display());
+    assert!(!dir.path().join("admin-key.txt").exists());
 }
 
 /// Dotted paths of every leaf key of a YAML document.

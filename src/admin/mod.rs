@@ -1,11 +1,13 @@
 //! The admin listener: health (`/livez`, `/readyz`), Prometheus `/metrics`, and the admin API
-//! (SPEC §10). Admin keys are stored as SHA-256 hashes with a role (viewer < approver < admin);
+//! (SPEC §10, §17). Admin keys are stored as SHA-256 hashes with a role (viewer < auditor <
+//! approver < admin: `config::AdminRole`);
 //! every approval decision made here is an audit entry, exactly as from any other client.
 
 // Handlers return early with the response to send; boxing it would only add an allocation.
 #![allow(clippy::result_large_err)]
 
 mod page;
+mod stream;
 
 use crate::approvals::{Approval, ApprovalError, Cursor, Status};
 use crate::config::AdminRole;
@@ -276,6 +278,29 @@ async fn api(
             let records = blocking(move || filter.scan(&db, from, before, limit)).await?;
             Ok(json_response(StatusCode::OK, &json!({"records": records, "tree_size": size})))
         }
+        (&Method::GET, ["records", "stream"]) => {
+            authorize(gw, st, &req, AdminRole::Viewer)?;
+            let from = match query_param(&req, "from").as_deref() {
+                None | Some("") => 0,
+                Some(v) => v
+                    .parse::<u64>()
+                    .map_err(|_| error(StatusCode::BAD_REQUEST, "from must be an entry index (a whole number)"))?,
+            };
+            let follow = match query_param(&req, "follow").as_deref() {
+                None | Some("") | Some("true") => true,
+                Some("false") => false,
+                Some(_) => return Err(error(StatusCode::BAD_REQUEST, "follow must be true or false")),
+            };
+            stream::response(gw.clone(), from, follow).map_err(|stream::Refused::PastEnd { from, size }| {
+                json_response(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    &json!({
+                        "error": format!("from {from} is past the end of the log ({size} entries): is this the log you read before?"),
+                        "tree_size": size,
+                    }),
+                )
+            })
+        }
         (&Method::GET, ["records", idx]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
             let idx: u64 = idx.parse().map_err(|_| error(StatusCode::BAD_REQUEST, "index must be a number"))?;
@@ -330,7 +355,7 @@ async fn api(
             }
         }
         (&Method::POST, ["export"]) => {
-            authorize(gw, st, &req, AdminRole::Admin)?;
+            authorize(gw, st, &req, AdminRole::Auditor)?;
             let num = |k: &str| query_param(&req, k).and_then(|v| v.parse::<u64>().ok());
             let (from, to) = (num("from"), num("to"));
             Ok(export_tar(gw, from, to).await?)

@@ -84,6 +84,7 @@ impl Sessions {
 pub fn role_name(r: AdminRole) -> &'static str {
     match r {
         AdminRole::Viewer => "viewer",
+        AdminRole::Auditor => "auditor",
         AdminRole::Approver => "approver",
         AdminRole::Admin => "admin",
     }

@@ -4,7 +4,7 @@
 
 mod service;
 
-pub use service::{Approvals, Decided, Resolution, approval_entry};
+pub use service::{Approvals, BY_GATEWAY, Decided, Resolution, approval_entry};
 
 use crate::audit::SharedDb;
 use rand::RngCore;

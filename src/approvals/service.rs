@@ -6,6 +6,7 @@
 
 use super::{Approval, ApprovalError, ApprovalStore, Cursor, Status};
 use crate::audit::AuditHandle;
+pub use crate::config::BY_GATEWAY;
 use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -41,12 +42,20 @@ fn now_unix() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-/// An `approval` audit entry.
-pub fn approval_entry(id: &str, event: &str, agent: Option<&str>, extra: &[(&str, Value)]) -> Map<String, Value> {
+/// An `approval` audit entry. `by` is who made the event: the admin key id for approve and
+/// deny, [`BY_GATEWAY`] for the events the gateway makes by itself.
+pub fn approval_entry(
+    id: &str,
+    event: &str,
+    by: &str,
+    agent: Option<&str>,
+    extra: &[(&str, Value)],
+) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("kind".into(), json!("approval"));
     m.insert("approval_id".into(), json!(id));
     m.insert("event".into(), json!(event));
+    m.insert("by".into(), json!(by));
     m.insert("agent".into(), json!(agent));
     for (k, v) in extra {
         m.insert((*k).to_string(), v.clone());
@@ -209,7 +218,7 @@ impl Approvals {
             override_token = Some(token);
         }
         let event = if approve { "approved" } else { "denied" };
-        if let Err(e) = audit.append(approval_entry(id, event, Some(&approval.agent), &extra)).await {
+        if let Err(e) = audit.append(approval_entry(id, event, decided_by, Some(&approval.agent), &extra)).await {
             tracing::error!(approval_id = %id, error = %e, "approval decision not recorded");
             return Err(ApprovalError::Store("the audit log cannot commit".into()));
         }
@@ -230,7 +239,13 @@ impl Approvals {
     /// instant wins) and say how it ended.
     pub async fn expire_held(&self, audit: &AuditHandle, id: &str, agent: Option<&str>) -> Resolution {
         if self.transition(id, Status::Pending, Status::Expired, i64::MAX).await.is_ok() {
-            let _ = audit.append_nowait(approval_entry(id, "expired", agent, &[("why", json!("hold_timeout"))]));
+            let _ = audit.append_nowait(approval_entry(
+                id,
+                "expired",
+                BY_GATEWAY,
+                agent,
+                &[("why", json!("hold_timeout"))],
+            ));
             return Resolution::TimedOut;
         }
         match self.fetch(id).await {
@@ -249,6 +264,7 @@ impl Approvals {
             let _ = audit.append_nowait(approval_entry(
                 &a.id,
                 "expired",
+                BY_GATEWAY,
                 Some(&a.agent),
                 &[("why", json!("approval_ttl"))],
             ));

@@ -48,7 +48,13 @@ impl PrefilledFile {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         }
         let writer = file.try_clone()?;
-        let inner = FileBackend::new(file).map_err(io::Error::other)?;
+        let inner = FileBackend::new(file).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the file is open in another process (a gateway, or a reader such as `uapk-gateway tail`)",
+            ),
+            e => io::Error::other(e),
+        })?;
         Ok(PrefilledFile { inner, file: writer, filled: Mutex::new(0) })
     }
 

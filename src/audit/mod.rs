@@ -54,6 +54,10 @@ pub enum AuditError {
     Integrity(String),
     #[error("{0}")]
     Io(String),
+    /// The database file is open in a running gateway (which holds its lock): read the live log
+    /// through the gateway's admin API instead.
+    #[error("{0}")]
+    Locked(String),
     /// A guarded entry whose guard refused: nothing was appended (see `Guard`).
     #[error("{0}")]
     Refused(String),

@@ -74,6 +74,8 @@ const WRITER_CACHE_BYTES: usize = 4 * 1024 * 1024;
 pub(crate) const ASYNC_SYNC_EVERY: Duration = Duration::from_millis(25);
 /// A group at least this large means the queue is busy: see `Writer::run`.
 const YIELD_ABOVE_BATCH: usize = 16;
+/// How long opening the file waits for another process to let go of it.
+const OPEN_WAIT: Duration = Duration::from_secs(5);
 /// After a failed write, how often the writer tries to reopen the database.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
@@ -113,12 +115,32 @@ pub type Guard = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), String> +
 #[derive(Default)]
 struct Shared {
     size: AtomicU64,
+    /// The committed size again, for those who wait for new entries (the record stream): one
+    /// value, so a subscriber costs the writer nothing and a slow one holds nothing back.
+    committed: CommittedSize,
     entries_total: AtomicU64,
     commits_total: AtomicU64,
     last_batch: AtomicU64,
     /// A write failed and the database has not been reopened since.
     failed: std::sync::atomic::AtomicBool,
     checkpoint: RwLock<Option<String>>,
+}
+
+/// A `watch` channel of the committed tree size (`Default` for `Shared`).
+struct CommittedSize(tokio::sync::watch::Sender<u64>);
+
+impl Default for CommittedSize {
+    fn default() -> Self {
+        CommittedSize(tokio::sync::watch::channel(0).0)
+    }
+}
+
+impl Shared {
+    /// Publishes a new committed size: to the atomic readers, then wakes the waiters.
+    fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::SeqCst);
+        self.committed.0.send_replace(size);
+    }
 }
 
 /// Counters for metrics.
@@ -186,6 +208,12 @@ impl AuditHandle {
         self.shared.size.load(Ordering::SeqCst)
     }
 
+    /// The committed size, updated after every commit: `changed()` wakes a reader when new
+    /// entries are readable (no polling).
+    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.committed.0.subscribe()
+    }
+
     /// The latest signed checkpoint note.
     pub fn latest_checkpoint(&self) -> Option<String> {
         self.shared.checkpoint.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -229,8 +257,17 @@ impl SharedDb {
 
 /// Opens (or creates) the database file and its tables.
 fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
-    let file =
-        super::file::PrefilledFile::open(path).map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
+    // A reader of a stopped gateway's file (`tail --follow`, `verify`) holds it for a moment:
+    // wait that moment out rather than fail the start.
+    let deadline = Instant::now() + OPEN_WAIT;
+    let file = loop {
+        match super::file::PrefilledFile::open(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => break r.map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?,
+        }
+    };
     // A bounded page cache: the log only grows, and a sidecar must not grow with it.
     let db = redb::Builder::new()
         .set_cache_size(WRITER_CACHE_BYTES)
@@ -355,7 +392,7 @@ impl AuditLog {
         ensure_nodes(&db, state.size)?;
         let db = SharedDb::new(db);
         let shared = Arc::new(Shared::default());
-        shared.size.store(state.size, Ordering::SeqCst);
+        shared.set_size(state.size);
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
         let writer = Writer::new(db.clone(), cfg, key, state, shared.clone(), None);
@@ -618,7 +655,7 @@ impl Writer {
             );
         }
         self.state = State { last_ts: self.state.last_ts.max(state.last_ts), ..state };
-        self.shared.size.store(self.state.size, Ordering::SeqCst);
+        self.shared.set_size(self.state.size);
         *self.shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         Ok(())
     }
@@ -769,7 +806,7 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
-                self.shared.size.store(self.state.size, Ordering::SeqCst);
+                self.shared.set_size(self.state.size);
                 self.shared.entries_total.fetch_add(rows.len() as u64, Ordering::Relaxed);
                 self.shared.commits_total.fetch_add(1, Ordering::Relaxed);
                 self.shared.last_batch.store(rows.len() as u64, Ordering::Relaxed);

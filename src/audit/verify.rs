@@ -78,13 +78,28 @@ impl Snapshot {
                     Snapshot { db: SnapshotDb::Repaired(builder.create(&temp).map_err(|e| io(&e))?), temp: Some(temp) };
                 Ok(snap)
             }
-            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(AuditError::Io(format!(
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => Err(AuditError::Locked(format!(
                 "cannot open {}: the database is open in a running gateway (it holds the file's lock); read \
                  the live log through the gateway's admin API with --admin URL, or stop the gateway",
                 path.display()
             ))),
             Err(e) => Err(io(&e)),
         }
+    }
+
+    /// Entries `[from, from + limit)`, as stored.
+    pub fn read_entries(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        match &self.db {
+            SnapshotDb::ReadOnly(d) => read_in(d, from, limit),
+            SnapshotDb::Repaired(d) => read_in(d, from, limit),
+        }
+    }
+
+    /// Committed entries.
+    pub fn size(&self) -> Result<u64, AuditError> {
+        let tx = self.begin_read()?;
+        let t = tx.open_table(ENTRIES).map_err(storage)?;
+        redb::ReadableTableMetadata::len(&t).map_err(storage)
     }
 
     pub fn begin_read(&self) -> Result<redb::ReadTransaction, AuditError> {

@@ -76,11 +76,31 @@ pub struct IdentitySettings {
     pub token_file: Option<PathBuf>,
 }
 
+/// What an approval entry's `by` holds for the events the gateway makes by itself (created,
+/// expired, consumed, override_issued); approve and deny hold the admin key's id, so no admin
+/// key may take this id.
+pub const BY_GATEWAY: &str = "gateway";
+
+/// Admin roles, in order: each role may do everything the roles before it may. Reading grows
+/// from viewer (records, checkpoint, proofs, stream, approvals, manifests) to auditor (also the
+/// export bundle); approver adds approve/deny, admin everything. An auditor never approves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AdminRole {
     Viewer,
+    Auditor,
     Approver,
     Admin,
+}
+
+impl AdminRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminRole::Viewer => "viewer",
+            AdminRole::Auditor => "auditor",
+            AdminRole::Approver => "approver",
+            AdminRole::Admin => "admin",
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -243,6 +263,8 @@ pub struct CapabilityPolicy {
     pub required: bool,
     pub audience: String,
     pub max_lifetime: Duration,
+    /// Clock skew allowed on `exp`, `nbf` and `iat` (`capability.leeway`, default 60 s).
+    pub leeway: Duration,
     pub issuers: Vec<Issuer>,
     pub revoked: HashSet<String>,
 }

@@ -144,6 +144,7 @@ pub struct RawCapability {
     pub required: Option<bool>,
     pub audience: Option<String>,
     pub max_lifetime: Option<String>,
+    pub leeway: Option<String>,
     pub issuers: Vec<RawIssuer>,
     pub revoked: Vec<String>,
 }

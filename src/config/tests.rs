@@ -545,3 +545,17 @@ fn usage_estimate_and_usage_drain_timeout_have_defaults_and_are_validated() {
     let (_, warnings) = load_manifest(&p, Strictness::Check).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(warnings[0].key, "connectors[0].usage_estimate", "{warnings:?}");
 }
+
+#[test]
+fn capability_leeway_defaults_to_60s_and_takes_whole_seconds_up_to_an_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let (m, _) = load_manifest(&write(dir.path(), "m.yaml", &good_manifest()), Strictness::Check).unwrap();
+    assert_eq!(m.capability.leeway, std::time::Duration::from_secs(60));
+    let with = |l: &str| good_manifest().replace("capability:\n", &format!("capability:\n  leeway: {l}\n"));
+    let (m, _) = load_manifest(&write(dir.path(), "z.yaml", &with("0s")), Strictness::Check).unwrap();
+    assert_eq!(m.capability.leeway, std::time::Duration::ZERO);
+    for bad in ["2h", "500ms", "soon"] {
+        let errs = errors_of(&with(bad));
+        assert!(errs.iter().any(|d| d.key == "capability.leeway"), "{bad}: {errs:?}");
+    }
+}

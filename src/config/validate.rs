@@ -121,6 +121,11 @@ fn duration(cx: &mut Cx, key: &str, raw: Option<String>, default: Duration) -> D
     }
 }
 
+/// `capability.leeway` when the manifest says nothing.
+pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+/// More skew than this is not clock skew: a token an hour past `exp` is expired.
+const MAX_LEEWAY: Duration = Duration::from_secs(3600);
+
 pub fn is_agent_id(id: &str) -> bool {
     let b = id.as_bytes();
     (3..=63).contains(&b.len())
@@ -166,14 +171,30 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         cx.err("audit.queue_capacity", "must be at least 1");
     }
     let mut admin_keys = Vec::new();
+    let mut key_ids = HashSet::new();
     for (i, k) in raw.admin.keys.into_iter().enumerate() {
         let key = format!("admin.keys[{i}]");
+        // The id is what approval entries name (`by`): it must say which key acted.
+        if k.id.trim().is_empty() {
+            cx.err(&format!("{key}.id"), "must not be empty: approval entries name the key that made them");
+        } else if k.id == BY_GATEWAY {
+            cx.err(
+                &format!("{key}.id"),
+                format!("{:?} is reserved: it names the gateway's own approval events (`by`)", k.id),
+            );
+        } else if !key_ids.insert(k.id.clone()) {
+            cx.err(
+                &format!("{key}.id"),
+                format!("admin key id {:?} is used twice: approval entries could not say which key acted", k.id),
+            );
+        }
         let role = match k.role.as_str() {
             "viewer" => AdminRole::Viewer,
+            "auditor" => AdminRole::Auditor,
             "approver" => AdminRole::Approver,
             "admin" => AdminRole::Admin,
             o => {
-                cx.err(&format!("{key}.role"), format!("{o:?} is not one of viewer, approver, admin"));
+                cx.err(&format!("{key}.role"), format!("{o:?} is not one of viewer, auditor, approver, admin"));
                 continue;
             }
         };
@@ -746,6 +767,14 @@ pub(super) fn manifest(cx: &mut Cx, raw: RawManifest, base: &Path, strict: Stric
         required,
         audience: c.audience.unwrap_or_else(|| "uapk-gateway".into()),
         max_lifetime: duration(cx, "capability.max_lifetime", c.max_lifetime, Duration::from_secs(86_400)),
+        leeway: {
+            let l = duration(cx, "capability.leeway", c.leeway, DEFAULT_LEEWAY);
+            // Sub-second values would be rounded away by the seconds-based time claims.
+            if l > MAX_LEEWAY || l.subsec_nanos() != 0 {
+                cx.err("capability.leeway", "must be whole seconds from 0s to 1h");
+            }
+            l.min(MAX_LEEWAY)
+        },
         issuers,
         revoked: c.revoked.into_iter().collect(),
     };

@@ -12,9 +12,14 @@ fn key() -> SigningKey {
 }
 
 fn verifier(max_lifetime_secs: i64) -> TokenVerifier {
+    verifier_with_leeway(max_lifetime_secs, 60)
+}
+
+fn verifier_with_leeway(max_lifetime_secs: i64, leeway_secs: i64) -> TokenVerifier {
     TokenVerifier::new(TokenPolicy {
         audience: "uapk-gateway".into(),
         max_lifetime_secs,
+        leeway_secs,
         issuers: vec![IssuerKey { id: "platform".into(), key: key().verifying_key() }],
         revoked: HashSet::new(),
     })
@@ -98,6 +103,22 @@ fn lifetime_is_compared_exactly() {
     let v = verifier(3600);
     assert!(v.verify(&sign(&claims(NOW, NOW + 3600)), NOW).is_ok());
     invalid_because(v.verify(&sign(&claims(NOW, NOW + 3601)), NOW), "max_lifetime");
+}
+
+#[test]
+fn the_leeway_is_the_manifests() {
+    let t = sign(&claims(NOW - 100, NOW));
+    // The default 60 s: 18 s past `exp` is accepted, 61 s is not.
+    assert!(verifier(86_400).verify(&t, NOW + 18).is_ok());
+    assert_eq!(verifier(86_400).verify(&t, NOW + 61), Err(TokenError::Expired));
+    // 0 s: 1 s past `exp` is expired, `exp` itself still valid; the cached path agrees.
+    let strict = verifier_with_leeway(86_400, 0);
+    assert!(strict.verify(&t, NOW).is_ok());
+    assert_eq!(strict.verify(&t, NOW + 1), Err(TokenError::Expired));
+    let mut c = claims(NOW, NOW + 60);
+    c["nbf"] = (NOW + 1).into();
+    invalid_because(strict.verify(&sign(&c), NOW), "nbf");
+    invalid_because(strict.verify(&sign(&claims(NOW + 1, NOW + 60)), NOW), "issued in the future");
 }
 
 #[test]

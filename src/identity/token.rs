@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
-/// Leeway on time claims, seconds.
+/// Leeway on the time claims of override tokens, seconds. Capability tokens use their manifest's
+/// `capability.leeway` ([`TokenPolicy::leeway_secs`]).
 pub const LEEWAY: i64 = 60;
 /// The latest time claim accepted: 9999-12-31T23:59:59Z. Later values, and negative ones, are
 /// refused as invalid: no honest issuer writes them, and bounding them keeps every comparison
@@ -160,6 +161,8 @@ pub struct IssuerKey {
 pub struct TokenPolicy {
     pub audience: String,
     pub max_lifetime_secs: i64,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, seconds (`capability.leeway`).
+    pub leeway_secs: i64,
     pub issuers: Vec<IssuerKey>,
     pub revoked: HashSet<String>,
 }
@@ -169,6 +172,7 @@ pub fn token_policy_for(m: &crate::config::Manifest) -> TokenPolicy {
     TokenPolicy {
         audience: m.capability.audience.clone(),
         max_lifetime_secs: i64::try_from(m.capability.max_lifetime.as_secs()).unwrap_or(i64::MAX),
+        leeway_secs: i64::try_from(m.capability.leeway.as_secs()).unwrap_or(i64::MAX),
         issuers: m.capability.issuers.iter().map(|i| IssuerKey { id: i.id.clone(), key: i.key }).collect(),
         revoked: m.capability.revoked.clone(),
     }
@@ -319,10 +323,10 @@ impl TokenVerifier {
 
     /// Time and revocation checks, applied on every use (cached or not).
     fn still_valid(&self, c: &CapabilityClaims, now: i64) -> Result<(), TokenError> {
-        if i128::from(now) > wide_add(c.exp, LEEWAY) {
+        if i128::from(now) > wide_add(c.exp, self.policy.leeway_secs) {
             return Err(TokenError::Expired);
         }
-        if c.nbf.is_some_and(|nbf| i128::from(nbf) > wide_add(now, LEEWAY)) {
+        if c.nbf.is_some_and(|nbf| i128::from(nbf) > wide_add(now, self.policy.leeway_secs)) {
             return Err(TokenError::Invalid("not valid yet (nbf)".into()));
         }
         if c.jti.as_ref().is_some_and(|j| self.policy.revoked.contains(j)) {
@@ -370,14 +374,14 @@ impl TokenVerifier {
         if i128::from(c.exp) - i128::from(c.iat) > i128::from(self.policy.max_lifetime_secs) {
             return Err(TokenError::Invalid("lifetime (exp - iat) above capability.max_lifetime".into()));
         }
-        if i128::from(c.iat) > wide_add(now, LEEWAY) {
+        if i128::from(c.iat) > wide_add(now, self.policy.leeway_secs) {
             return Err(TokenError::Invalid("issued in the future (iat)".into()));
         }
         self.still_valid(&c, now)?;
         let c = Arc::new(c);
         let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_MAX {
-            cache.retain(|_, v| wide_add(v.exp, LEEWAY) >= i128::from(now));
+            cache.retain(|_, v| wide_add(v.exp, self.policy.leeway_secs) >= i128::from(now));
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }

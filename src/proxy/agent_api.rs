@@ -57,6 +57,7 @@ pub(super) async fn serve(gw: &Gateway, facts: &mut Facts, method: &Method, path
         let e = approval_entry(
             &a.id,
             "override_issued",
+            crate::approvals::BY_GATEWAY,
             Some(&a.agent),
             &[("override_jti", json!(j)), ("record", json!(idx.to_string()))],
         );

@@ -93,7 +93,13 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
         let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
         return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));
     }
-    let created = approval_entry(&id, "created", facts.agent.as_deref(), &[("request_id", json!(facts.request_id))]);
+    let created = approval_entry(
+        &id,
+        "created",
+        approvals::BY_GATEWAY,
+        facts.agent.as_deref(),
+        &[("request_id", json!(facts.request_id))],
+    );
     let _ = gw.audit.append_nowait(created);
     if manifest.escalation.mode == EscalationMode::Hold {
         let d = match hold(gw, facts, &id, manifest.escalation.hold_timeout).await {

@@ -41,6 +41,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
                 let e = approval_entry(
                     &g.approval_id,
                     "consumed",
+                    approvals::BY_GATEWAY,
                     facts.agent.as_deref(),
                     &[("request_id", json!(facts.request_id)), ("record", json!(idx.to_string()))],
                 );
