@@ -291,7 +291,11 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
 /// token's constraints) must be one the upstream reads the same way: a control, invisible format
 /// or non-ASCII whitespace character in it is `param_invalid` (SPEC §16.4), as the upstream
 /// may cut or drop it and act on a listed value the comparison missed.
-fn check_listed_values(manifest: &Manifest, claims: Option<&CapabilityClaims>, params: &Params) -> Result<(), Decision> {
+fn check_listed_values(
+    manifest: &Manifest,
+    claims: Option<&CapabilityClaims>,
+    params: &Params,
+) -> Result<(), Decision> {
     let p = &manifest.policy;
     let tc = claims.and_then(|c| c.constraints.as_ref());
     let listed = |name: &str| match name {
@@ -303,7 +307,10 @@ fn check_listed_values(manifest: &Manifest, claims: Option<&CapabilityClaims>, p
         if let Some(c) = params::invalid_char(v).filter(|_| listed(name)) {
             return Err(Decision::deny(
                 "param_invalid",
-                format!("{name} holds U+{:04X}, which the upstream may drop or cut at; it cannot be matched", u32::from(c)),
+                format!(
+                    "{name} holds U+{:04X}, which the upstream may drop or cut at; it cannot be matched",
+                    u32::from(c)
+                ),
             ));
         }
     }

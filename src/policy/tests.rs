@@ -222,10 +222,8 @@ fn listed_values_with_invisible_or_control_characters_are_invalid() {
     let d = decide(&m, "pay", Method::POST, "/transfers/cus%E2%80%8Bb?amount=1&cur=USD", &[], None);
     assert_eq!(d.code(), "param_invalid");
     // A param no list reads may hold anything.
-    let free = manifest_from(&MANIFEST.replace(
-        "  counterparties: { allow: [cus_a, cus_b, acct_1], deny: [cus_b] }\n",
-        "",
-    ));
+    let free =
+        manifest_from(&MANIFEST.replace("  counterparties: { allow: [cus_a, cus_b, acct_1], deny: [cus_b] }\n", ""));
     let d = refund(&free, &body("cus_\u{200b}b"), "US");
     assert_eq!(d.verdict, Verdict::Allow, "{d:?}");
     // The token's list makes it a listed value again.
@@ -234,7 +232,15 @@ fn listed_values_with_invisible_or_control_characters_are_invalid() {
         counterparties: Some(crate::identity::CounterpartyConstraint { allow: vec![], deny: vec!["cus_b".into()] }),
         ..Default::default()
     });
-    let d = decide_as(&free, Some(&c), "pay", Method::POST, "/refunds", &[("x-country", "US")], Some(&body("cus_\u{200b}b")));
+    let d = decide_as(
+        &free,
+        Some(&c),
+        "pay",
+        Method::POST,
+        "/refunds",
+        &[("x-country", "US")],
+        Some(&body("cus_\u{200b}b")),
+    );
     assert_eq!(d.code(), "param_invalid");
 }
 
