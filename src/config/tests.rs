@@ -247,6 +247,8 @@ fn hash_before_forward_defaults_to_64_kib_and_stays_within_max_body_bytes() {
     let p = write(dir.path(), "g.yaml", "limits:\n  max_body_bytes: 1000\n  hash_before_forward: 1001\n");
     let errs = load_gateway(Some(&p)).unwrap_err().0;
     assert!(errs.iter().any(|d| d.key == "limits.hash_before_forward"), "{errs:?}");
+    let p = write(dir.path(), "g.yaml", "limits:\n  max_body_bytes: 1024\n");
+    assert_eq!(load_gateway(Some(&p)).unwrap().limits.hash_before_forward, 1024, "the default follows a smaller max");
     let p = write(dir.path(), "g.yaml", "limits:\n  hash_before_forward: -1\n");
     assert!(load_gateway(Some(&p)).is_err(), "not a byte count");
 }

@@ -205,7 +205,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
     let limits = Limits {
         max_header_bytes: l.max_header_bytes.unwrap_or(65_536),
         max_body_bytes: l.max_body_bytes.unwrap_or(10_485_760),
-        hash_before_forward: l.hash_before_forward.unwrap_or(65_536),
+        // The default never exceeds a smaller max_body_bytes (a config that lowered it stays valid).
+        hash_before_forward: l.hash_before_forward.unwrap_or(65_536.min(l.max_body_bytes.unwrap_or(10_485_760))),
         header_read_timeout: duration(cx, "limits.header_read_timeout", l.header_read_timeout, Duration::from_secs(10)),
         body_read_timeout: duration(cx, "limits.body_read_timeout", l.body_read_timeout, Duration::from_secs(30)),
         upstream_connect_timeout: duration(
