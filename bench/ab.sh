@@ -7,8 +7,9 @@
 #   git worktree add /tmp/before <rev> && (cd /tmp/before && cargo build --release --bin uapk-gateway)
 #   cargo build --release --bin uapk-gateway
 #   bash bench/ab.sh /tmp/before/target/release/uapk-gateway target/release/uapk-gateway
-# Rows: allowed (explicit proxy, plain HTTP, audit sync and async, wrk -c32) and denied (no route,
-# audit sync, wrk -c32). Refusals are recorded one by one in both (a refusal budget far above the
+# Rows: allowed (explicit proxy, plain HTTP, audit sync and async, wrk -c32), allowed-post (a
+# 1 KiB JSON body to a route that reads no params, audit sync: the body is read and hashed before
+# the decision since limits.hash_before_forward) and denied (no route, audit sync, wrk -c32). Refusals are recorded one by one in both (a refusal budget far above the
 # rates here, where the binary knows limits.refusals_per_agent).
 set -euo pipefail
 [ $# -ge 2 ] || { echo "usage: bash bench/ab.sh OLD_BIN NEW_BIN [SECONDS] [ROUNDS]" >&2; exit 2; }
@@ -44,10 +45,12 @@ connectors:
     base_url: http://localhost:$up
     hosts: [localhost, 127.0.0.1]
     ports: [$up]
-    routes: [{ methods: [GET], path: /ok, action: bench.read }]
+    routes: [{ methods: [GET], path: /ok, action: bench.read }, { methods: [POST], path: /post, action: bench.write }]
 YAML
 token=$("$new" token mint --issuer-key "$w/issuer.pem" --iss bench --sub bench-agent --ttl 2h)
 printf 'wrk.path = "http://127.0.0.1:%s/ok"\nwrk.headers["Host"] = "127.0.0.1:%s"\nwrk.headers["Proxy-Authorization"] = "Bearer %s"\n' "$up" "$up" "$token" > "$w/allowed.lua"
+body=$(python3 -c 'import json; print(json.dumps({"event": "bench", "data": "x" * 990}))')
+printf 'wrk.method = "POST"\nwrk.path = "http://127.0.0.1:%s/post"\nwrk.body = %s\nwrk.headers["Host"] = "127.0.0.1:%s"\nwrk.headers["Content-Type"] = "application/json"\nwrk.headers["Proxy-Authorization"] = "Bearer %s"\n' "$up" "$(python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$body")" "$up" "$token" > "$w/post.lua"
 printf 'wrk.path = "/bench/denied"\nwrk.headers["x-uapk-capability"] = "%s"\n' "$token" > "$w/denied.lua"
 
 gwpid=""; gwport=""
@@ -75,7 +78,10 @@ for r in $(seq "$rounds"); do
       start "$bin" "$d"; p=$gwport
       taskset -c 1 wrk -t1 -c32 -d1s -s "$w/allowed.lua" "http://127.0.0.1:$p" >/dev/null # warm-up
       runs[$which-allowed-$d]+="$(rate "http://127.0.0.1:$p" "$w/allowed.lua") "
-      if [ "$d" = sync ]; then runs[$which-denied-$d]+="$(rate "http://127.0.0.1:$p" "$w/denied.lua") "; fi
+      if [ "$d" = sync ]; then
+        runs[$which-allowed-post-$d]+="$(rate "http://127.0.0.1:$p" "$w/post.lua") "
+        runs[$which-denied-$d]+="$(rate "http://127.0.0.1:$p" "$w/denied.lua") "
+      fi
       kill -TERM "$gwpid"; wait "$gwpid" 2>/dev/null || true
     done
   done
@@ -84,7 +90,7 @@ done
 median() { python3 -c 'import statistics, sys; print(f"{statistics.median(float(x) for x in sys.argv[1:]):.0f}")' "$@"; }
 echo "| row | old req/s (rounds) | new req/s (rounds) | new / old |"
 echo "|---|---|---|---|"
-for row in allowed-sync allowed-async denied-sync; do
+for row in allowed-sync allowed-async allowed-post-sync denied-sync; do
   o=$(median ${runs[old-$row]}); n=$(median ${runs[new-$row]})
   echo "| $row | $o (${runs[old-$row]% }) | $n (${runs[new-$row]% }) | $(python3 -c "print(f'{$n/$o:.2f}')") |"
 done

@@ -330,15 +330,107 @@ async fn bodies_full_records_the_body_of_safe_routes_only() {
     let idx = send("/shop/v1/refunds", r#"{"amount":"12","currency":"USD","customer":"c"}"#.into()).await;
     let e = &gw.entries()[idx as usize];
     assert!(e.get("body").is_none() && e.get("body_sha256").is_some(), "{e}");
-    // Streamed (no body params) on a safe route: in the outcome, with its hash.
+    // No body params on a safe route: a small body is read before forwarding, so it is in the
+    // decision entry; one above limits.hash_before_forward streams, into the outcome entry.
     let idx = send("/other/x", "plain text".into()).await;
+    let e = &gw.entries()[idx as usize];
+    assert_eq!((e["body"].as_str(), e["body_sha256"].as_str()), (Some("plain text"), Some(&*sha_hex(b"plain text"))));
     let o = outcome_of(&gw, idx).await;
-    assert_eq!(o["request_body"], "plain text", "{o}");
-    assert_eq!(o["request_body_sha256"], sha_hex(b"plain text"));
-    let long = "t".repeat(5000);
+    assert!(o.get("request_body").is_none() && o.get("request_body_sha256").is_none(), "{o}");
+    let long = "t".repeat(70_000);
     let idx = send("/other/x", long.clone()).await;
     let o = outcome_of(&gw, idx).await;
     assert_eq!(o["request_body"], format!("{}…", "t".repeat(256)).as_str(), "{o}");
     assert_eq!(o["truncated"]["request_body"]["sha256"], sha_hex(long.as_bytes()));
-    assert_eq!(o["truncated"]["request_body"]["len"], "5000");
+    assert_eq!(o["truncated"]["request_body"]["len"], "70000");
+    // A small body read before its route was known is not recorded in full when the route
+    // turns out not to be safe, or when none matches: hashed only.
+    let r = client()
+        .post(gw.base("/shop/v1/nope"))
+        .header("x-uapk-capability", &tok)
+        .header("content-type", "application/json")
+        .body(r#"{"secret":"s"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let e = &gw.entries()[record_of(&r) as usize];
+    assert_eq!(e["reasons"][0]["code"], "route_not_allowed");
+    assert!(e.get("body").is_none() && e["body_sha256"] == sha_hex(br#"{"secret":"s"}"#).as_str(), "{e}");
+}
+
+/// SPEC §16.3: a body whose Content-Length is at most `limits.hash_before_forward` (64 KiB by
+/// default) is hashed in the decision entry, written before anything is forwarded; its outcome
+/// carries no second hash. Refused requests keep their body hash too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_body_is_hashed_in_the_decision_entry_before_it_is_forwarded() {
+    let up = Upstream::start().await;
+    // No policy block: the `other` connector (a route that reads no params) is open.
+    let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], "").await;
+    let tok = token("pay-agent");
+    let send = |gw: &TestGateway, path: &str, body: Vec<u8>| {
+        let (c, url, tok) = (client(), gw.base(path), tok.clone());
+        async move {
+            let r = c
+                .post(url)
+                .header("x-uapk-capability", tok)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let (status, idx) = (r.status().as_u16(), record_of(&r));
+            r.bytes().await.unwrap();
+            (status, idx)
+        }
+    };
+    let small = br#"{"note":"a small JSON body no route reads","n":1}"#.to_vec();
+    let (status, idx) = send(&gw, "/other/upload", small.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(up.last().body.as_ref(), &small[..]);
+    let e = &gw.entries()[idx as usize];
+    assert_eq!((e["kind"].as_str(), e["decision"].as_str()), (Some("decision"), Some("allow")));
+    assert_eq!(e["body_sha256"], sha_hex(&small), "{e}");
+    assert_eq!(e["body_len"], small.len().to_string().as_str());
+    let o = outcome_of(&gw, idx).await;
+    assert!(o.get("request_body_sha256").is_none() && o.get("request_body_len").is_none(), "{o}");
+    // Exactly the limit: in the decision. One byte more: streamed, in the outcome.
+    for (len, in_decision) in [(65_536usize, true), (65_537, false)] {
+        let body = blob(len);
+        let (status, idx) = send(&gw, "/other/upload", body.clone()).await;
+        assert_eq!(status, 200);
+        assert_eq!(up.last().body.len(), len);
+        let e = &gw.entries()[idx as usize];
+        let o = outcome_of(&gw, idx).await;
+        if in_decision {
+            assert_eq!(e["body_sha256"], sha_hex(&body), "{len}: {e}");
+            assert!(o.get("request_body_sha256").is_none(), "{len}: {o}");
+        } else {
+            assert!(e.get("body_sha256").is_none(), "{len}: {e}");
+            assert_eq!(o["request_body_sha256"], sha_hex(&body), "{len}: {o}");
+        }
+    }
+    // Refusals keep the hash of the body they refused: no route, a connector the policy denies.
+    let strict = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
+    let before = up.count();
+    for (path, code) in [("/shop/v1/nope", "route_not_allowed"), ("/other/upload", "tool_not_allowed")] {
+        let body = format!(r#"{{"refused":"{path}"}}"#).into_bytes();
+        let (status, idx) = send(&strict, path, body.clone()).await;
+        assert_eq!(status, 403, "{path}");
+        let e = &strict.entries()[idx as usize];
+        assert_eq!(e["reasons"][0]["code"], code, "{path}: {e}");
+        assert_eq!(e["body_sha256"], sha_hex(&body), "{path}: {e}");
+    }
+    assert_eq!(up.count(), before);
+
+    // limits.hash_before_forward: 0 streams every body (hashed in the outcome, as before).
+    let streaming = TestGateway::start(
+        &[("pay.yaml", manifest("pay-agent", up.addr, "", ""))],
+        "limits:\n  hash_before_forward: 0\n",
+    )
+    .await;
+    let (status, idx) = send(&streaming, "/other/upload", small.clone()).await;
+    assert_eq!(status, 200);
+    assert!(streaming.entries()[idx as usize].get("body_sha256").is_none());
+    assert_eq!(outcome_of(&streaming, idx).await["request_body_sha256"], sha_hex(&small));
 }

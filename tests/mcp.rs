@@ -245,3 +245,89 @@ fn check_refuses_tools_without_protocol_mcp() {
     let (code, out, err) = run_cli(&["check", "-c", "gateway.yaml"], dir.path());
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// SPEC §16.3: the `tools/call` POST refuses is not forwarded on another method either. A GET
+/// (event stream) or DELETE (end of session) that carries a body — with a length or chunked —
+/// is 400 `malformed_request`, recorded with the call its body names; any other method with it
+/// is no MCP request (403 `route_not_allowed`). Without a body, GET and DELETE still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_sent_on_another_method_than_post_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = Mcp::start("").await;
+    let body = call(1, "delete_ticket", json!({"id": "T-1"})).to_string();
+    let (_, h, v) = m.post_raw(body.clone(), &[]).await;
+    jsonrpc_refusal(&v, 1, "deny", "tool_not_allowed");
+    assert_eq!(m.decision(&h)["mcp_name"], "delete_ticket");
+    let send = |method: reqwest::Method| {
+        client()
+            .request(method, m.gw.base("/tickets/mcp"))
+            .header("x-uapk-capability", &m.tok)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.clone())
+            .send()
+    };
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    let mut records = Vec::new();
+    for (method, status, code) in [
+        (reqwest::Method::GET, 400, "malformed_request"),
+        (reqwest::Method::DELETE, 400, "malformed_request"),
+        (reqwest::Method::PUT, 403, "route_not_allowed"),
+        (reqwest::Method::PATCH, 403, "route_not_allowed"),
+        (reqwest::Method::OPTIONS, 403, "route_not_allowed"),
+    ] {
+        let r = send(method.clone()).await.unwrap();
+        assert_eq!(r.status(), status, "{method}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["reasons"][0]["code"], code, "{method}: {v}");
+        let record = v["record"].as_u64().unwrap_or_else(|| panic!("{method}: not recorded: {v}"));
+        let e = m.gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("recorded");
+        assert_eq!((e["kind"].as_str(), e["decision"].as_str()), (Some("decision"), Some("deny")), "{method}");
+        assert_eq!((e["method"].as_str(), e["path"].as_str()), (Some(method.as_str()), Some("/mcp")), "{method}");
+        assert_eq!(e["body_sha256"], sha.as_str(), "{method}: the record holds what the body was: {e}");
+        if status == 400 {
+            assert_eq!((e["mcp_method"].as_str(), e["mcp_name"].as_str()), (Some("tools/call"), Some("delete_ticket")));
+        }
+        records.push(record);
+    }
+    // The same body chunked (no length to read it by): refused unread.
+    for method in ["GET", "DELETE"] {
+        let mut s = tokio::net::TcpStream::connect(m.gw.proxy).await.unwrap();
+        let head = format!(
+            "{method} /tickets/mcp HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {}\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            m.tok,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{method} chunked: {text}");
+        assert!(text.contains("malformed_request"), "{text}");
+        let record: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("x-uapk-record: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        let e = m.gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("recorded");
+        assert_eq!((e["method"].as_str(), e["reasons"][0]["code"].as_str()), (Some(method), Some("malformed_request")));
+        records.push(record);
+    }
+    assert_eq!(m.up.count(), 0, "a smuggled call reached the MCP server");
+    records.dedup();
+    assert_eq!(records.len(), 7);
+    // Without a body, the event stream and the end of a session are session housekeeping.
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let r = client()
+            .request(method.clone(), m.gw.base("/tickets/mcp"))
+            .header("x-uapk-capability", &m.tok)
+            .header("mcp-session-id", "s-1")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{method}");
+        let e = m.decision(r.headers());
+        assert_eq!((e["action"].as_str(), e["decision"].as_str()), (Some("mcp.session"), Some("allow")), "{method}");
+    }
+    assert_eq!(m.up.count(), 2);
+}

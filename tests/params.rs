@@ -398,3 +398,200 @@ async fn model_allowlists_in_the_manifest_and_the_token() {
     );
     assert_eq!(code, 2, "{err}");
 }
+
+/// GETs the customer search with `query` as sent; returns (status, body).
+async fn search(gw: &TestGateway, tok: &str, query: &str) -> (u16, Value) {
+    let r = client()
+        .get(gw.base(&format!("/stripe/v1/customers/search?{query}")))
+        .header("x-uapk-capability", tok)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// SPEC §16.4: bracket-aware upstreams (PHP, Rails, `qs`) read `customer[]`, `customer[0]` and
+/// `customer[x]` as `customer`: sent beside (or instead of) a read form or query key, the param
+/// has two readings. JSON keys have no such reading.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_param_also_sent_with_brackets_is_ambiguous() {
+    let (gw, up, tok) = start().await;
+    for extra in [
+        "customer[]=cus_blocked",
+        "customer[0]=cus_blocked",
+        "customer[x]=cus_blocked",
+        "customer%5B%5D=cus_blocked",
+        "Customer[]=cus_blocked",
+    ] {
+        for sep in ['&', ';'] {
+            let body = format!("amount=100&currency=usd&customer=cus_ok{sep}{extra}");
+            let got = post(&gw, &tok, "/stripe/v1/refunds", FORM, &body).await;
+            let e = assert_refused(&gw, &up, &body, &got, 403, "param_ambiguous");
+            assert!(e["reasons"][0]["message"].as_str().unwrap().contains("customer"), "{e}");
+            let query = format!("customer=cus_ok{sep}{extra}");
+            let got = search(&gw, &tok, &query).await;
+            let e = assert_refused(&gw, &up, &query, &got, 403, "param_ambiguous");
+            assert_eq!(e["query"], query.as_str(), "the record keeps the query as sent");
+        }
+    }
+    // Only the bracketed spelling: the upstream reads cus_blocked where the policy read nothing.
+    let got = post(&gw, &tok, "/stripe/v1/refunds", FORM, "amount=100&currency=usd&customer[]=cus_blocked").await;
+    assert_refused(&gw, &up, "only customer[]", &got, 403, "param_ambiguous");
+    let got = search(&gw, &tok, "customer[0]=cus_blocked").await;
+    assert_refused(&gw, &up, "only customer[0]", &got, 403, "param_ambiguous");
+    // A read key that has brackets of its own (`metadata[order_id]`) is read as sent, and a
+    // deeper spelling of it is ambiguous as well.
+    let body = "amount=100&currency=usd&customer=cus_ok&metadata[order_id]=o1&metadata[order_id][]=o2";
+    let got = post(&gw, &tok, "/stripe/v1/refunds", FORM, body).await;
+    assert_refused(&gw, &up, body, &got, 403, "param_ambiguous");
+    // Other keys that merely start alike pass, as does a JSON body with a `customer[]` key
+    // (JSON upstreams read keys as they are).
+    let (s, v) = post(
+        &gw,
+        &tok,
+        "/stripe/v1/refunds",
+        FORM,
+        "amount=100&currency=usd&customer=cus_ok&customers[]=x&metadata[order_id]=o1",
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = search(&gw, &tok, "customer=cus_ok&customer_id[]=x").await;
+    assert_eq!(s, 200);
+    let json_body = json!({"amount": 100, "currency": "usd", "customer": "cus_ok", "customer[]": "cus_blocked"});
+    let (s, _) = post(&gw, &tok, "/stripe/v1/json/refunds", "application/json", &json_body.to_string()).await;
+    assert_eq!(s, 200);
+    assert_eq!(up.count(), 3);
+}
+
+/// SPEC §16.4: a value compared with a list that holds a control character or an invisible
+/// format character is `param_invalid`: `"cus_blocked\u0000"` is `cus_blocked` to a C-string
+/// upstream, `"cus_\u200bblocked"` to one that drops format characters. From every source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_and_control_characters_in_listed_values_are_invalid() {
+    let (gw, up, tok) = start().await;
+    let refund = |c: &str| json!({"amount": 100, "currency": "usd", "customer": c}).to_string();
+    for c in [
+        "cus_blocked\u{0}",
+        "cus_\u{200b}blocked",
+        "\u{feff}cus_blocked",
+        "cus_blocked\u{2060}",
+        "cus_bl\u{ad}ocked",
+        "cus_blocked\u{200e}",
+        "\u{202e}dekcolb_suc",
+        "cus_blocked\u{2066}",
+        "cus_blocked\u{1b}",
+        "cus_blocked\u{85}",
+        "cus_blocked\u{a0}",
+    ] {
+        let got = post(&gw, &tok, "/stripe/v1/json/refunds", "application/json", &refund(c)).await;
+        let e = assert_refused(&gw, &up, &format!("{c:?}"), &got, 403, "param_invalid");
+        assert_eq!(e["params"]["counterparty"], c, "the record keeps the value as read: {e}");
+    }
+    // Nested JSON (a ticket's requester), a form body, a query, and a `policy.params` list.
+    let ticket = json!({"ticket": {"requester": {"email": "ceo@acme.example\u{200b}"}}}).to_string();
+    let got = post(&gw, &tok, "/stripe/v1/tickets", "application/json", &ticket).await;
+    assert_refused(&gw, &up, "ticket", &got, 403, "param_invalid");
+    for body in
+        ["amount=100&currency=usd&customer=cus_blocked%00", "amount=100&currency=usd&customer=cus_%E2%80%8Bblocked"]
+    {
+        let got = post(&gw, &tok, "/stripe/v1/refunds", FORM, body).await;
+        assert_refused(&gw, &up, body, &got, 403, "param_invalid");
+    }
+    for q in ["customer=cus_blocked%00", "customer=cus_%EF%BB%BFblocked", "customer=cus_blocked%C2%A0"] {
+        let got = search(&gw, &tok, q).await;
+        assert_refused(&gw, &up, q, &got, 403, "param_invalid");
+    }
+    let chat = json!({"model": "gpt-4o\u{2063}", "messages": []}).to_string();
+    let got = post(&gw, &tok, "/stripe/v1/chat/completions", "application/json", &chat).await;
+    assert_refused(&gw, &up, "model", &got, 403, "param_invalid");
+    // Plain values pass; so does a param no list reads (`order`), whatever it holds.
+    let (s, v) = post(&gw, &tok, "/stripe/v1/json/refunds", "application/json", &refund("cus_ok")).await;
+    assert_eq!(s, 200, "{v}");
+    let body = "amount=100&currency=usd&customer=cus_ok&metadata[order_id]=o%E2%80%8B1";
+    let (s, v) = post(&gw, &tok, "/stripe/v1/refunds", FORM, body).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(up.count(), 2);
+}
+
+/// SPEC §16.4: CGI-style servers (PHP, WSGI, Rack) read `x_api_key` as `X-Api-Key`. On a
+/// connector that injects a credential, any header that reads as a credential header or as the
+/// injected one, with `_` for `-`, is stripped: the upstream receives the injected credential
+/// only. A connector without credentials leaves the agent's headers alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_spellings_of_credential_headers_never_reach_the_upstream() {
+    let up = Upstream::start().await;
+    let connectors = format!(
+        r#"connectors:
+  - name: keyed
+    base_url: http://{addr}
+    hosts: [keyed.test]
+    credentials:
+      - header: x-api-key
+        value: "sk_injected_${{file:secret}}"
+      - header: x-org-token
+        value: "org_injected"
+    strip_headers: [x-session-hint]
+    routes:
+      - path: /**
+        action: keyed.any
+"#,
+        addr = up.addr
+    );
+    let m = manifest("pay-agent", up.addr, "", "").replacen("connectors:\n", &connectors, 1);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("policies")).unwrap();
+    std::fs::write(dir.path().join("policies/secret"), "s3cr3t\n").unwrap();
+    let gw = TestGateway::start_in(dir, &[("pay.yaml", m)], "").await;
+    let tok = token("pay-agent");
+    let agent_headers = [
+        ("x_api_key", "agent-key"),
+        ("api_key", "agent-key"),
+        ("x_api-key", "agent-key"),
+        ("x-api_key", "agent-key"),
+        ("X_API_KEY", "agent-key"),
+        ("authorization", "Bearer agent"),
+        ("proxy_authorization", "Basic agent"),
+        ("cookie", "session=agent"),
+        ("x_org_token", "agent-org"),
+        ("x_session_hint", "agent"),
+        ("x_request_tag", "kept"),
+    ];
+    let mut rb = client().get(gw.base("/keyed/v1/items")).header("x-uapk-capability", &tok);
+    for (k, v) in agent_headers {
+        rb = rb.header(k, v);
+    }
+    let r = rb.send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let record: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let seen = up.last();
+    let creds: Vec<(String, String)> = seen
+        .headers
+        .iter()
+        .filter(|(k, _)| k.as_str() != "x-request-tag" && k.as_str() != "x_request_tag")
+        .filter(|(_, v)| v.to_str().is_ok_and(|v| v.contains("agent") || v.contains("injected")))
+        .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        creds,
+        [
+            ("x-api-key".to_string(), "sk_injected_s3cr3t".to_string()),
+            ("x-org-token".to_string(), "org_injected".to_string())
+        ],
+        "what the upstream received: {:?}",
+        seen.headers
+    );
+    assert_eq!(seen.headers["x_request_tag"], "kept", "other underscore headers pass");
+    // The record shows what the agent sent, its credentials hashed, never the injected secret.
+    let e = gw.entries().into_iter().find(|e| e["idx"] == json!(record.to_string())).unwrap();
+    assert!(e["headers"]["proxy_authorization"].as_str().unwrap().starts_with("sha256:"), "{e}");
+    assert!(!e.to_string().contains("s3cr3t"));
+    // Without credentials (`shop`), the agent's headers are its own business.
+    let mut rb = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", &tok);
+    for (k, v) in agent_headers {
+        rb = rb.header(k, v);
+    }
+    assert_eq!(rb.send().await.unwrap().status(), 200);
+    let seen = up.last();
+    assert_eq!(seen.headers["x_api_key"], "agent-key");
+    assert_eq!(seen.headers["authorization"], "Bearer agent");
+}

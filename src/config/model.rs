@@ -121,6 +121,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Bodies buffered for body params are capped at this size (else 413).
     pub max_body_bytes: usize,
+    /// A body whose declared length is at most this is read and hashed before its decision is
+    /// recorded (its hash is in the `decision` entry whatever happens next); longer or chunked
+    /// bodies stream and are hashed on the way (in the `outcome` entry). At most `max_body_bytes`.
+    pub hash_before_forward: usize,
     pub header_read_timeout: Duration,
     /// A body the gateway buffers (for body params) must arrive within this time (else 408).
     pub body_read_timeout: Duration,

@@ -82,6 +82,7 @@ pub struct RawAdminKey {
 pub struct RawLimits {
     pub max_header_bytes: Option<usize>,
     pub max_body_bytes: Option<usize>,
+    pub hash_before_forward: Option<usize>,
     pub header_read_timeout: Option<String>,
     pub body_read_timeout: Option<String>,
     pub upstream_connect_timeout: Option<String>,

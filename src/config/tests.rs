@@ -239,6 +239,21 @@ fn gateway_defaults_and_errors() {
 }
 
 #[test]
+fn hash_before_forward_defaults_to_64_kib_and_stays_within_max_body_bytes() {
+    assert_eq!(load_gateway(None).unwrap().limits.hash_before_forward, 65_536);
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(dir.path(), "g.yaml", "limits:\n  hash_before_forward: 0\n");
+    assert_eq!(load_gateway(Some(&p)).unwrap().limits.hash_before_forward, 0, "0 streams every body");
+    let p = write(dir.path(), "g.yaml", "limits:\n  max_body_bytes: 1000\n  hash_before_forward: 1001\n");
+    let errs = load_gateway(Some(&p)).unwrap_err().0;
+    assert!(errs.iter().any(|d| d.key == "limits.hash_before_forward"), "{errs:?}");
+    let p = write(dir.path(), "g.yaml", "limits:\n  max_body_bytes: 1024\n");
+    assert_eq!(load_gateway(Some(&p)).unwrap().limits.hash_before_forward, 1024, "the default follows a smaller max");
+    let p = write(dir.path(), "g.yaml", "limits:\n  hash_before_forward: -1\n");
+    assert!(load_gateway(Some(&p)).is_err(), "not a byte count");
+}
+
+#[test]
 fn connection_and_refusal_limits_have_defaults_and_are_validated() {
     let cfg = load_gateway(None).unwrap();
     let l = &cfg.limits;

@@ -229,6 +229,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
     let limits = Limits {
         max_header_bytes: l.max_header_bytes.unwrap_or(65_536),
         max_body_bytes: l.max_body_bytes.unwrap_or(10_485_760),
+        // The default never exceeds a smaller max_body_bytes (a config that lowered it stays valid).
+        hash_before_forward: l.hash_before_forward.unwrap_or(65_536.min(l.max_body_bytes.unwrap_or(10_485_760))),
         header_read_timeout: duration(cx, "limits.header_read_timeout", l.header_read_timeout, Duration::from_secs(10)),
         body_read_timeout: duration(cx, "limits.body_read_timeout", l.body_read_timeout, Duration::from_secs(30)),
         upstream_connect_timeout: duration(
@@ -266,6 +268,10 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
     };
     if limits.max_header_bytes < 1024 {
         cx.err("limits.max_header_bytes", "must be at least 1024");
+    }
+    if limits.hash_before_forward > limits.max_body_bytes {
+        // A body read before forwarding is bounded by max_body_bytes like any buffered body.
+        cx.err("limits.hash_before_forward", "must not exceed limits.max_body_bytes");
     }
     if limits.max_connections == 0 {
         cx.err("limits.max_connections", "must be at least 1");

@@ -135,6 +135,9 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
     if let Some(why) = &params.ambiguous {
         return Decision::deny("param_ambiguous", why.clone());
     }
+    if let Err(d) = check_listed_values(manifest, claims, params) {
+        return d;
+    }
     if let Some(err) = &params.amount_error {
         return Decision::deny("amount_invalid", err.clone());
     }
@@ -282,6 +285,36 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         }
     }
     if escalate.is_empty() { Decision::allow() } else { Decision::escalate(escalate) }
+}
+
+/// A value matched against a list (counterparties, jurisdictions, `policy.params` and the
+/// token's constraints) must be one the upstream reads the same way: a control, invisible format
+/// or non-ASCII whitespace character in it is `param_invalid` (SPEC §16.4), as the upstream
+/// may cut or drop it and act on a listed value the comparison missed.
+fn check_listed_values(
+    manifest: &Manifest,
+    claims: Option<&CapabilityClaims>,
+    params: &Params,
+) -> Result<(), Decision> {
+    let p = &manifest.policy;
+    let tc = claims.and_then(|c| c.constraints.as_ref());
+    let listed = |name: &str| match name {
+        "counterparty" if !p.counterparties.is_empty() || tc.is_some_and(|c| c.counterparties.is_some()) => true,
+        "jurisdiction" if !p.jurisdictions.is_empty() || tc.is_some_and(|c| c.jurisdictions.is_some()) => true,
+        _ => p.params.contains_key(name) || tc.and_then(|c| c.params.as_ref()).is_some_and(|l| l.contains_key(name)),
+    };
+    for (name, v) in &params.values {
+        if let Some(c) = params::invalid_char(v).filter(|_| listed(name)) {
+            return Err(Decision::deny(
+                "param_invalid",
+                format!(
+                    "{name} holds U+{:04X}, which the upstream may drop or cut at; it cannot be matched",
+                    u32::from(c)
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Money fails closed: while any currency-keyed rule exists (caps, approval thresholds, spend

@@ -291,12 +291,33 @@ fn decode(s: &str, plus_is_space: bool) -> String {
     }
 }
 
+/// A key of `text` that is `name` followed by brackets (`customer[]`, `customer[0]`,
+/// `customer[x]`, up to case and encoding, `&` or `;` separated): PHP, Rails, `qs` and others
+/// read it as `name` itself (an array or map), so a read param sent that way too has two
+/// readings, and one sent only that way would go past the policy unread.
+fn bracketed(text: &str, name: &str, plus_is_space: bool) -> Option<String> {
+    text.split(['&', ';']).find_map(|piece| {
+        let k = piece.split_once('=').map_or(piece, |(k, _)| k);
+        let readings = [decode(k, plus_is_space), decode(k, true)];
+        readings.into_iter().find(|key| {
+            key.match_indices('[').any(|(i, _)| i > 0 && same_key(&key[..i], name) && key[i..].contains(']'))
+        })
+    })
+}
+
 /// Reads `name` from `application/x-www-form-urlencoded` text (a form body, `plus_is_space`) or
 /// a query string. Fails closed wherever servers disagree: `;` separates pairs for some of them,
 /// so the text is read both ways and must give one and the same value; keys that differ only in
 /// case count as the same key; in a query, a raw `+` is a space to some servers and a plus to
 /// others, so a read query param that contains one is ambiguous (send `%20` or `%2B`).
 fn read_pairs(text: &str, name: &str, plus_is_space: bool, what: &str) -> Read {
+    if let Some(k) = bracketed(text, name, plus_is_space) {
+        return Read::Ambiguous(format!(
+            "{what} {:?} is sent as {:?} (the same param, as an array or map, to bracket-aware servers)",
+            truncate(name),
+            truncate(&k)
+        ));
+    }
     let matching = |seps: &[char]| -> Vec<(String, String, &str)> {
         text.split(seps)
             .filter(|piece| !piece.is_empty())
@@ -366,6 +387,61 @@ pub(crate) fn parse_decimal_value(s: &str) -> Option<Decimal> {
         && !digits.starts_with('.')
         && !digits.ends_with('.');
     if ok { Decimal::from_str_exact(s).ok() } else { None }
+}
+
+/// Format characters (Unicode category Cf, as of Unicode 15.1) and the other default-ignorable
+/// code points (variation selectors, Hangul fillers, tags): invisible when shown, and dropped
+/// by some upstreams' sanitising, so `cus_\u{200b}blocked` is a list's `cus_blocked` to them.
+/// Sorted, inclusive ranges.
+const INVISIBLE: [(u32, u32); 25] = [
+    (0x00AD, 0x00AD),
+    (0x034F, 0x034F),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x200B, 0x200F),
+    (0x202A, 0x202E),
+    (0x2060, 0x206F),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0),
+    (0xFFF0, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF),
+];
+
+/// The first character of `v` that makes it unfit to match against a list (SPEC §16.4): a
+/// control character (U+0000–U+001F, U+007F–U+009F, which C-string and trimming upstreams cut
+/// at or drop), an invisible format character ([`INVISIBLE`]), or whitespace beyond ASCII
+/// (U+00A0, U+2028, U+3000…, which `str.strip()` and the like trim).
+pub(crate) fn invalid_char(v: &str) -> Option<char> {
+    v.chars().find(|&c| {
+        let n = u32::from(c);
+        c.is_control()
+            || (!c.is_ascii() && c.is_whitespace())
+            || INVISIBLE
+                .binary_search_by(|&(lo, hi)| {
+                    if hi < n {
+                        std::cmp::Ordering::Less
+                    } else if lo > n {
+                        std::cmp::Ordering::Greater
+                    } else {
+                        std::cmp::Ordering::Equal
+                    }
+                })
+                .is_ok()
+    })
 }
 
 pub(crate) fn trim_ascii(s: &str) -> &str {

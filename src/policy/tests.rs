@@ -209,6 +209,42 @@ fn duplicate_param_sources_are_not_guessed() {
 }
 
 #[test]
+fn listed_values_with_invisible_or_control_characters_are_invalid() {
+    let m = manifest();
+    let body = |c: &str| serde_json::json!({"amount": 100, "currency": "USD", "customer": c}).to_string();
+    for c in ["cus_b\u{0}", "cus_\u{200b}b", "\u{feff}cus_b", "cus_b\u{a0}", "cus_a\u{2060}"] {
+        let d = refund(&m, &body(c), "US");
+        assert_eq!(d.code(), "param_invalid", "{c:?}: {d:?}");
+        assert!(d.reasons[0].message.starts_with("counterparty holds U+"), "{d:?}");
+    }
+    // A jurisdiction (from a header, where a tab survives) and a path capture likewise.
+    assert_eq!(refund(&m, &body("cus_a"), "U\tS").code(), "param_invalid");
+    let d = decide(&m, "pay", Method::POST, "/transfers/cus%E2%80%8Bb?amount=1&cur=USD", &[], None);
+    assert_eq!(d.code(), "param_invalid");
+    // A param no list reads may hold anything.
+    let free =
+        manifest_from(&MANIFEST.replace("  counterparties: { allow: [cus_a, cus_b, acct_1], deny: [cus_b] }\n", ""));
+    let d = refund(&free, &body("cus_\u{200b}b"), "US");
+    assert_eq!(d.verdict, Verdict::Allow, "{d:?}");
+    // The token's list makes it a listed value again.
+    let mut c = claims();
+    c.constraints = Some(crate::identity::Constraints {
+        counterparties: Some(crate::identity::CounterpartyConstraint { allow: vec![], deny: vec!["cus_b".into()] }),
+        ..Default::default()
+    });
+    let d = decide_as(
+        &free,
+        Some(&c),
+        "pay",
+        Method::POST,
+        "/refunds",
+        &[("x-country", "US")],
+        Some(&body("cus_\u{200b}b")),
+    );
+    assert_eq!(d.code(), "param_invalid");
+}
+
+#[test]
 fn lists_match_values_ascii_case_insensitively() {
     let m = manifest();
     let body = |c: &str| format!(r#"{{"amount": 100, "currency": "USD", "customer": "{c}"}}"#);

@@ -5,12 +5,13 @@
 use super::identify::Identity;
 use super::target::{Target, sanitize};
 use super::{Facts, Stop, full_body, now_unix};
-use crate::config::{Connector, Manifest, Scheme};
+use crate::config::{BodiesMode, Connector, Manifest, Scheme};
 use crate::limits::Spend;
 use crate::policy::{self, Decision, Params};
 use crate::response::{BoxError, ProxyBody};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header, request::Parts};
+use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use sha2::{Digest, Sha256};
@@ -78,6 +79,56 @@ impl RequestBody {
         limits: &crate::config::Limits,
         facts: &mut Facts,
     ) -> Result<&Bytes, Stop> {
+        let keep_full = facts.bodies == BodiesMode::Full;
+        self.read(headers, limits, facts, keep_full).await
+    }
+
+    /// SPEC §16.3: a body whose declared length is at most `limits.hash_before_forward` is read
+    /// and hashed now, before anything is decided, so its hash is in the `decision` entry even
+    /// if the process dies right after forwarding it. Longer and chunked bodies stream (hashed on
+    /// the way, for the `outcome` entry); `audit.bodies: none` records no hash, so reads nothing.
+    /// (With `audit.bodies: full` the text is kept only once the route is known to be `safe`:
+    /// [`RequestBody::keep_full`].)
+    pub async fn hash_small(
+        &mut self,
+        headers: &HeaderMap,
+        limits: &crate::config::Limits,
+        facts: &mut Facts,
+    ) -> Result<(), Stop> {
+        let RequestBody::Streaming(incoming) = self else { return Ok(()) };
+        // hyper knows the length exactly only from a single valid Content-Length (HTTP/1 and 2).
+        let small = incoming.size_hint().exact().is_some_and(|n| n > 0 && n <= limits.hash_before_forward as u64);
+        if !small || facts.bodies == BodiesMode::None {
+            return Ok(());
+        }
+        self.read(headers, limits, facts, false).await.map(|_| ())
+    }
+
+    /// With `audit.bodies: full` still in force for this request (a `safe` route, an MCP
+    /// endpoint), the text of a body read earlier is recorded with the decision.
+    pub fn keep_full(&self, facts: &mut Facts) {
+        if facts.bodies == BodiesMode::Full && facts.full_body.is_none() {
+            facts.full_body = self.buffered().cloned();
+        }
+    }
+
+    /// Whether the request carries a body: a length above 0, chunked, or HTTP/2 data to come.
+    pub fn carries_body(&self, headers: &HeaderMap) -> bool {
+        let streamed = match self {
+            RequestBody::Streaming(b) => !b.is_end_stream(),
+            RequestBody::Buffered(b) => !b.is_empty(),
+            RequestBody::Gone => false,
+        };
+        streamed || headers.contains_key(header::TRANSFER_ENCODING)
+    }
+
+    async fn read(
+        &mut self,
+        headers: &HeaderMap,
+        limits: &crate::config::Limits,
+        facts: &mut Facts,
+        keep_full: bool,
+    ) -> Result<&Bytes, Stop> {
         if let RequestBody::Streaming(_) = self {
             let RequestBody::Streaming(incoming) = std::mem::replace(self, RequestBody::Gone) else {
                 unreachable!("matched above")
@@ -86,7 +137,7 @@ impl RequestBody {
                 .await
                 .map_err(|status| Stop::refuse(status, body_refusal(status, limits.max_body_bytes)))?;
             facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
-            if facts.bodies == crate::config::BodiesMode::Full {
+            if keep_full {
                 facts.full_body = Some(b.clone());
             }
             *self = RequestBody::Buffered(b);
@@ -177,6 +228,7 @@ pub(crate) async fn classify(
     facts.connector = Some(connector.name.clone());
     admit(who, &connector, facts).map_err(Stop::forbidden)?;
     if let Some(mcp) = &connector.mcp {
+        body.keep_full(facts);
         let (rule, params) = super::mcp::classify(gw, mcp, parts, body, facts).await?;
         facts.params = params.values.clone();
         return Ok(Classified { connector, rule, params });
@@ -189,10 +241,11 @@ pub(crate) async fn classify(
     };
     facts.route = Some(route.path.raw.clone());
     facts.action = Some(route.action.clone());
-    if facts.bodies == crate::config::BodiesMode::Full && !route.safe {
+    if facts.bodies == BodiesMode::Full && !route.safe {
         // `audit.bodies: full` records bodies only of routes marked `safe`; others are hashed.
-        facts.bodies = crate::config::BodiesMode::Hash;
+        facts.bodies = BodiesMode::Hash;
     }
+    body.keep_full(facts);
     let index = connector.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or_default();
 
     // A route that reads body params reads them only from its declared media type, as the

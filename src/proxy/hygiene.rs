@@ -79,18 +79,28 @@ pub fn strip_request(h: &mut HeaderMap) {
     }
 }
 
+/// A header name as CGI-style servers read it (PHP, WSGI, Rack, nginx's `underscores_in_headers`
+/// merge `x_api_key` into `X-Api-Key`): lower-case with `_` as `-`.
+fn cgi_name(n: &str) -> String {
+    n.to_ascii_lowercase().replace('_', "-")
+}
+
 /// The connector's own rules on top of `strip_request`: every agent-supplied credential header
-/// when it injects credentials, its `strip_headers`, and the names it injects.
+/// when it injects credentials, its `strip_headers`, and the names it injects — each also under
+/// any name that reads as it with `_` for `-` (SPEC §16.4), so no second credential goes out
+/// beside the injected one.
 pub fn strip_for_connector(h: &mut HeaderMap, connector: &Connector) {
+    let injected = connector.credentials.as_deref().unwrap_or_default();
+    let mut names: Vec<String> = connector.strip_headers.iter().map(|n| cgi_name(n.as_str())).collect();
+    names.extend(injected.iter().map(|(n, _)| cgi_name(n.as_str())));
     if connector.injects_credentials() {
-        for n in CREDENTIAL_HEADERS {
-            h.remove(n);
-        }
+        names.extend(CREDENTIAL_HEADERS.iter().map(|n| n.to_string()));
     }
-    for n in &connector.strip_headers {
-        h.remove(n);
+    if names.is_empty() {
+        return;
     }
-    for (n, _) in connector.credentials.as_deref().unwrap_or_default() {
+    let strip: Vec<HeaderName> = h.keys().filter(|k| names.contains(&cgi_name(k.as_str()))).cloned().collect();
+    for n in strip {
         h.remove(n);
     }
 }
@@ -149,7 +159,9 @@ pub fn recorded_headers(h: &HeaderMap, redact: &[String]) -> Map<String, Value> 
     let mut out = Map::new();
     for (name, value) in h {
         let n = name.as_str();
-        let shown = if ALWAYS.contains(&n) || redact.iter().any(|r| r == n) {
+        // `proxy_authorization` is the same credential to CGI-style servers.
+        let always = ALWAYS.contains(&n) || n.contains('_') && ALWAYS.contains(&cgi_name(n).as_str());
+        let shown = if always || redact.iter().any(|r| r == n) {
             format!("sha256:{}", hex::encode(Sha256::digest(value.as_bytes())))
         } else {
             String::from_utf8_lossy(value.as_bytes()).into_owned()

@@ -3,8 +3,10 @@
 //! matching tool's action and params (read from the call's arguments), protocol housekeeping is
 //! `mcp.session`, any other method `mcp.<method>`. The routing fields are read with the params
 //! rules (a duplicated `method` or `name` is refused, never guessed), and `Mcp-Method` /
-//! `Mcp-Name` headers must say what the body says. Refusals of a JSON-RPC request are answered
-//! as JSON-RPC errors (`respond::jsonrpc_refusal`), so MCP clients show the reason.
+//! `Mcp-Name` headers must say what the body says. A GET (event stream) or DELETE (end of
+//! session) that carries a body is malformed; other methods are no MCP request at all. Refusals
+//! of a JSON-RPC request are answered as JSON-RPC errors (`respond::jsonrpc_refusal`), so MCP
+//! clients show the reason.
 
 use super::classify::{RequestBody, Rule};
 use super::target::sanitize;
@@ -99,6 +101,15 @@ pub(super) async fn classify(
         )));
     }
     let headers = &parts.headers;
+    if (parts.method == Method::GET || parts.method == Method::DELETE) && body.carries_body(headers) {
+        // SPEC §16.3: servers that dispatch JSON-RPC whatever the method would run a call no
+        // decision read. The record names what the body asked for when it was read (small).
+        if let Some(doc) = body.buffered().and_then(|b| JsonDoc::parse(b).ok()) {
+            let field = |p| string_at(&doc, p).ok().flatten().map(str::to_string);
+            facts.mcp = field("/method").map(|m| (m, field("/params/name")));
+        }
+        return Err(malformed(format!("an MCP {} carries no body; JSON-RPC messages are POSTed", parts.method)));
+    }
     if parts.method == Method::GET || parts.method == Method::DELETE {
         // The server-to-client event stream, and the end of a session.
         if let Some(m) = header_value(headers, "mcp-method")? {

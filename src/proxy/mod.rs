@@ -2,11 +2,11 @@
 //! that takes what the previous one proved and returns a typed value the next can trust — or a
 //! [`Stop`], answered and recorded in one place:
 //!
-//! `target` (where it goes) → `identify` (who, which manifest) → `classify` (connector, route,
-//! params) → `policy::evaluate` (the pure engine) → `settle` (budget, escalation and override,
-//! rate limits) → `forward::commit` (SSRF guard, durable `decision` entry) → `forward::send`
-//! (credentials, upstream, `outcome` entry). The policy engine decides; this module only
-//! gathers facts, enforces and moves bytes.
+//! `target` (where it goes) → `identify` (who, which manifest) → a small body read and hashed
+//! (`RequestBody::hash_small`) → `classify` (connector, route, params) → `policy::evaluate` (the
+//! pure engine) → `settle` (budget, escalation and override, rate limits) → `forward::commit`
+//! (SSRF guard, durable `decision` entry) → `forward::send` (credentials, upstream, `outcome`
+//! entry). The policy engine decides; this module only gathers facts, enforces and moves bytes.
 
 mod agent_api;
 mod body;
@@ -554,6 +554,7 @@ async fn pipeline(
         return Err(Stop::refuse(StatusCode::BAD_REQUEST, Decision::deny("upgrade_not_allowed", why)));
     }
     let mut body = classify::RequestBody::Streaming(body);
+    body.hash_small(&parts.headers, &gw.config.limits, facts).await?;
     let action = classify::classify(gw, &who, &target, &parts, &mut body, facts).await?;
     let decision = policy::evaluate(&who.manifest, who.claims.as_deref(), &action.policy_action());
     let settled = settle::settle(gw, &who, &action, decision, &parts, &mut body, facts).await?;

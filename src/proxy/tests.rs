@@ -110,3 +110,34 @@ fn overrides_bind_what_is_forwarded_and_nothing_that_varies_between_retries() {
     raw2.insert("x-a", HeaderValue::from_bytes(b"\xfe").unwrap());
     assert_ne!(bound_headers(&raw, &c), bound_headers(&raw2, &c));
 }
+
+#[test]
+fn underscore_spellings_of_stripped_headers_are_stripped_too() {
+    let agent = [
+        ("x_api_key", "agent"),
+        ("api_key", "agent"),
+        ("X_Api-Key", "agent"),
+        ("proxy_authorization", "agent"),
+        ("authorization_", "kept: not a credential name"),
+        ("x_custom_key", "agent"),
+        ("x_hint", "agent"),
+        ("x_other", "kept"),
+    ];
+    let mut h = headers(&agent);
+    strip_for_connector(&mut h, &connector(&[("x-custom-key", "secret")], &["x-hint"]));
+    let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+    left.sort_unstable();
+    assert_eq!(left, ["authorization_", "x_other"]);
+    // Without credentials an agent's own `x_api_key` is its business; strip_headers still apply.
+    let mut h = headers(&agent);
+    strip_for_connector(&mut h, &connector(&[], &["x-hint"]));
+    assert!(h.contains_key("x_api_key") && h.contains_key("proxy_authorization") && !h.contains_key("x_hint"));
+}
+
+#[test]
+fn underscore_spellings_of_credentials_are_recorded_hashed() {
+    let h = headers(&[("proxy_authorization", "Basic c2VjcmV0"), ("x_trace", "t")]);
+    let rec = super::hygiene::recorded_headers(&h, &[]);
+    assert!(rec["proxy_authorization"].as_str().unwrap().starts_with("sha256:"), "{rec:?}");
+    assert_eq!(rec["x_trace"], "t");
+}

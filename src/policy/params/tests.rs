@@ -230,3 +230,71 @@ fn decimal_values_for_ranges() {
         assert_eq!(parse_decimal_value(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn bracketed_spellings_of_a_read_key_are_ambiguous() {
+    let r = route(&[("customer", form("customer")), ("order", form("metadata[order_id]"))]);
+    for body in [
+        "customer=cus_ok&customer[]=cus_blocked",
+        "customer[]=cus_blocked&customer=cus_ok",
+        "customer=cus_ok&customer[0]=cus_blocked",
+        "customer=cus_ok&customer[x]=cus_blocked",
+        "customer=cus_ok;customer[]=cus_blocked",
+        "customer=cus_ok&customer%5B%5D=cus_blocked",
+        "customer=cus_ok&Customer[]=cus_blocked",
+        "customer=cus_ok&customer[a][b]=cus_blocked",
+        "customer[]=cus_blocked",
+        "customer=cus_ok&metadata[order_id][]=o2&metadata[order_id]=o1",
+    ] {
+        let p = from_body(&r, body);
+        assert!(p.ambiguous.as_deref().is_some_and(|m| m.contains("sent as")), "{body}: {p:?}");
+    }
+    // Keys that merely start alike, or a bracket that never closes, are other keys.
+    for body in ["customer=cus_ok&customers[]=x", "customer=cus_ok&customer[=x", "customer=cus_ok&xcustomer[]=y"] {
+        let p = from_body(&r, body);
+        assert_eq!((p.ambiguous.as_deref(), p.get("customer")), (None, Some("cus_ok")), "{body}");
+    }
+    assert_eq!(from_body(&r, "metadata[order_id]=o1&customer=c").get("order"), Some("o1"));
+
+    let r = route(&[("customer", query("customer"))]);
+    for q in ["customer=cus_ok&customer[]=cus_blocked", "customer[0]=cus_blocked", "customer=a&customer%5b0%5d=b"] {
+        let p = from_query(&r, q);
+        assert!(p.ambiguous.is_some(), "{q}: {p:?}");
+    }
+}
+
+#[test]
+fn control_format_and_unicode_space_characters_are_found() {
+    for v in [
+        "cus_blocked\u{0}",
+        "cus_\u{1}x",
+        "cus\u{7f}",
+        "cus\u{85}",
+        "cus\u{9f}",
+        "cus_\u{200b}blocked",
+        "\u{feff}cus_blocked",
+        "cus\u{ad}blocked",
+        "cus\u{200e}",
+        "cus\u{200f}",
+        "cus\u{202a}",
+        "cus\u{202e}",
+        "cus\u{2060}",
+        "cus\u{2066}",
+        "cus\u{2069}",
+        "cus\u{61c}",
+        "cus\u{180e}",
+        "cus\u{fe0f}",
+        "cus\u{e0041}",
+        "cus\u{1343f}",
+        "cus_blocked\u{a0}",
+        "cus\u{3000}",
+        "cus\u{2028}",
+    ] {
+        assert!(invalid_char(v).is_some(), "{v:?}");
+    }
+    for v in ["cus_blocked", "ceo@acme.example", "Zoë Ltd", "株式会社", "gpt-4o-mini", "a b", "😀", "\u{2c7}"] {
+        assert_eq!(invalid_char(v), None, "{v:?}");
+    }
+    // The table is sorted and its ranges do not overlap (binary search relies on it).
+    assert!(INVISIBLE.windows(2).all(|w| w[0].1 < w[1].0) && INVISIBLE.iter().all(|(lo, hi)| lo <= hi));
+}
