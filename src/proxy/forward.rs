@@ -109,7 +109,7 @@ pub(crate) async fn send(
     if let Some(code) = would_deny {
         resp.headers_mut().insert("x-uapk-would-deny", HeaderValue::from_static(code));
     }
-    gw.metrics.request(decision.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+    gw.count(facts, &decision);
     resp
 }
 
@@ -156,6 +156,8 @@ async fn forward(
     for (name, value) in creds {
         headers.append(name.clone(), value.clone());
     }
+    // With telemetry on, the upstream continues the gateway's trace (its call's span).
+    let span = facts.trace.start_upstream(&mut headers);
     let (body, request_body) = hash_streamed(facts, body);
     let mut up = Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
     if let Some(h) = up.headers_mut() {
@@ -172,6 +174,15 @@ async fn forward(
     let result = tokio::time::timeout(gw.config.limits.upstream_timeout, gw.client.request(up)).await;
     let latency = sent.elapsed();
     gw.metrics.upstream_duration.observe(latency.as_secs_f64());
+    let (status, error) = match &result {
+        Ok(Ok(r)) => (r.status(), None),
+        Ok(Err(e)) => {
+            let (status, msg) = upstream_error(e);
+            (status, Some(msg))
+        }
+        Err(_) => (StatusCode::GATEWAY_TIMEOUT, Some("the upstream did not answer within limits.upstream_timeout")),
+    };
+    access.finish_upstream(span, status, record, error);
     let outcome = body::Outcome {
         audit: gw.audit.clone(),
         request_id: facts.request_id.clone(),
