@@ -161,6 +161,55 @@ impl Collector {
     }
 }
 
+/// A minimal OTLP/gRPC collector: HTTP/2, `TraceService/Export`, each message a 5-byte
+/// length prefix and an `ExportTraceServiceRequest`, answered with `grpc-status: 0`.
+async fn grpc_collector() -> (SocketAddr, Arc<Mutex<Vec<Span>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
+    let s2 = spans.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let spans = s2.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let spans = spans.clone();
+                    async move {
+                        assert_eq!(req.uri().path(), "/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        assert_eq!(body[0], 0, "uncompressed");
+                        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+                        let export = ExportTraceServiceRequest::decode(&body[5..5 + len]).unwrap();
+                        for rs in export.resource_spans {
+                            for ss in rs.scope_spans {
+                                spans.lock().unwrap().extend(ss.spans);
+                            }
+                        }
+                        let msg = ExportTraceServiceResponse::default().encode_to_vec();
+                        let mut framed = vec![0u8];
+                        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+                        framed.extend_from_slice(&msg);
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                        let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+                            Ok(hyper::body::Frame::data(Bytes::from(framed))),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ];
+                        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                        Ok::<_, Infallible>(
+                            http::Response::builder().header("content-type", "application/grpc").body(body).unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, spans)
+}
+
 /// A collector that accepts connections and never reads or answers.
 async fn silent_collector() -> (SocketAddr, Arc<Mutex<Vec<tokio::net::TcpStream>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -274,6 +323,43 @@ async fn spans_carry_the_decision_and_continue_the_callers_trace() {
     let m = metrics(&gw).await;
     assert!(series(&m, "uapk_spans_exported_total").unwrap() >= 5.0, "{m}");
     assert_eq!(series(&m, "uapk_spans_dropped_total{reason=\"queue_full\"}"), Some(0.0), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_grpc_too() {
+    let (collector, spans) = grpc_collector().await;
+    let up = Upstream::start().await;
+    let gw = TestGateway::start(
+        &[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))],
+        &format!("telemetry:\n  otlp:\n    endpoint: http://{collector}\n    protocol: grpc\n"),
+    )
+    .await;
+    let r = client()
+        .get(gw.base("/shop/v1/charges/ch_1"))
+        .header("x-uapk-capability", token("pay-agent"))
+        .header("traceparent", format!("00-{TRACE}-{PARENT}-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let names: Vec<(String, String)> =
+            spans.lock().unwrap().iter().map(|s| (s.name.clone(), hex::encode(&s.trace_id))).collect();
+        if names.contains(&("uapk.request".into(), TRACE.into()))
+            && names.contains(&("uapk.upstream".into(), TRACE.into()))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "spans received over gRPC: {names:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while series(&metrics(&gw).await, "uapk_spans_exported_total") < Some(2.0) {
+        assert!(Instant::now() < deadline, "the gRPC export was not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
