@@ -191,6 +191,10 @@ impl RequestTrace {
             &child,
             &mut HeaderInjector(headers),
         );
+        // The propagator writes `tracestate` even when it is empty.
+        if headers.get("tracestate").is_some_and(|v| v.is_empty()) {
+            headers.remove("tracestate");
+        }
         UpstreamSpan(Some(child))
     }
 }

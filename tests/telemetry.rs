@@ -288,6 +288,7 @@ async fn spans_carry_the_decision_and_continue_the_callers_trace() {
     assert_eq!(upstream.str("uapk.decision"), "allow");
     let seen = up.last().headers["traceparent"].to_str().unwrap().to_string();
     assert_eq!(seen, format!("00-{TRACE}-{}-01", upstream.span_id()), "the upstream sees the gateway's call span");
+    assert!(up.last().headers.get("tracestate").is_none(), "no empty tracestate");
     assert!(collector.paths.lock().unwrap().iter().all(|p| p == "/v1/traces"));
 
     // A refusal: its span says why; no upstream span.
