@@ -20,4 +20,5 @@ pub mod policy;
 pub mod proxy;
 pub mod response;
 pub mod runtime;
+pub mod telemetry;
 pub mod usage;

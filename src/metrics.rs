@@ -1,5 +1,10 @@
 //! Prometheus metrics (SPEC §13), rendered in the text exposition format. Labels carry only
-//! configured names (decision, connector, mode), never raw hosts, paths or agent strings.
+//! closed sets and configured names, never raw hosts, paths or agent-supplied strings, so the
+//! number of series stays bounded: `decision` (3 verdicts), `reason` (the reason codes in
+//! [`REASON_CODES`], anything else `other`), `agent` (configured agent ids; `unknown` for an id
+//! no manifest configures, `-` before one is known), `connector` (configured names) and `mode`.
+//! Process metrics are read from `/proc/self` at scrape time (a few small reads; the open-fd
+//! count lists `/proc/self/fd`, bounded by the open-file limit).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -43,10 +48,111 @@ impl Histogram {
     }
 }
 
+/// Every reason code a decision can carry (docs/manifest.md, "Reason codes"): the closed set of
+/// the `reason` label. A code not listed here is counted as `other`.
+pub const REASON_CODES: &[&str] = &[
+    "all_checks_passed",
+    // identity
+    "capability_token_required",
+    "capability_token_invalid",
+    "capability_token_expired",
+    "capability_token_revoked",
+    "token_agent_mismatch",
+    "manifest_not_found",
+    "manifest_invalid",
+    // connector and route
+    "host_not_allowed",
+    "ssrf_blocked",
+    "tool_not_allowed",
+    "token_tool_not_allowed",
+    "connector_unavailable",
+    "cleartext_not_allowed",
+    "route_not_allowed",
+    "action_type_not_allowed",
+    "token_action_type_not_allowed",
+    "mcp_header_mismatch",
+    // params
+    "amount_invalid",
+    "param_ambiguous",
+    "param_invalid",
+    "unsupported_media_type",
+    "currency_required",
+    "currency_not_allowed",
+    // escalation
+    "requires_human_approval",
+    "amount_requires_approval",
+    "budget_threshold_reached",
+    "too_many_pending_approvals",
+    // limits
+    "amount_exceeds_cap",
+    "token_amount_exceeds_cap",
+    "jurisdiction_not_allowed",
+    "token_jurisdiction_not_allowed",
+    "counterparty_denied",
+    "counterparty_not_in_allowlist",
+    "token_counterparty_not_allowed",
+    "param_not_allowed",
+    "param_out_of_range",
+    "token_param_not_allowed",
+    "token_param_out_of_range",
+    "budget_exceeded",
+    "rate_limited",
+    "refusals_rate_limited",
+    "too_many_requests_in_flight",
+    // overrides and approvals
+    "override_token_invalid",
+    "override_token_already_used",
+    "override_accepted",
+    "approval_granted",
+    "approval_denied",
+    "approval_timeout",
+    "approval_not_found",
+    "approval_store_unavailable",
+    // transport
+    "malformed_request",
+    "body_too_large",
+    "body_timeout",
+    "misdirected_request",
+    "upgrade_not_allowed",
+    "upstream_unresolvable",
+    "upstream_unavailable",
+    "upstream_timeout",
+    "audit_unavailable",
+    "interception_unavailable",
+    "shutting_down",
+    "too_many_connections",
+];
+
+/// The `reason` label of a code: itself when it is a known reason code, else `other`.
+pub fn reason_label(code: &str) -> &'static str {
+    REASON_CODES.iter().find(|&&c| c == code).copied().unwrap_or("other")
+}
+
+/// The labels of one `uapk_requests_total` series.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct RequestLabels {
+    decision: &'static str,
+    reason: &'static str,
+    agent: String,
+    connector: String,
+    mode: &'static str,
+}
+
+/// Spans that reached the collector or were lost on the way (`telemetry`).
+#[derive(Debug, Default)]
+pub struct SpanStats {
+    pub exported: AtomicU64,
+    /// Dropped because the export queue was full (the collector is slower than the traffic).
+    pub dropped_queue_full: AtomicU64,
+    /// Dropped because an export failed or did not finish within `telemetry.otlp.timeout`.
+    pub dropped_export_failed: AtomicU64,
+}
+
 /// Every metric the gateway exports.
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, String, String), u64>>,
+    requests: Mutex<BTreeMap<RequestLabels, u64>>,
+    pub spans: std::sync::Arc<SpanStats>,
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
     pub audit_append: Histogram,
@@ -68,8 +174,23 @@ pub struct Gauges {
 }
 
 impl Metrics {
-    pub fn request(&self, decision: &str, connector: Option<&str>, mode: &str) {
-        let key = (decision.to_string(), connector.unwrap_or("none").to_string(), mode.to_string());
+    /// Counts a decided request. `agent` must already be a configured id, `unknown` or `-`
+    /// (see `proxy::Gateway::count`); `reason` is mapped onto the closed set here.
+    pub fn request(
+        &self,
+        decision: &'static str,
+        reason: &str,
+        agent: &str,
+        connector: Option<&str>,
+        mode: &'static str,
+    ) {
+        let key = RequestLabels {
+            decision,
+            reason: reason_label(reason),
+            agent: agent.to_string(),
+            connector: connector.unwrap_or("none").to_string(),
+            mode,
+        };
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
     }
 
@@ -79,10 +200,16 @@ impl Metrics {
 
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::new();
-        out.push_str("# HELP uapk_requests_total Requests decided, by decision, connector and policy mode.\n");
+        out.push_str(
+            "# HELP uapk_requests_total Requests decided, by decision, first reason code, agent, connector and policy mode.\n",
+        );
         out.push_str("# TYPE uapk_requests_total counter\n");
-        for ((d, c, m), n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(out, "uapk_requests_total{{decision=\"{d}\",connector=\"{c}\",mode=\"{m}\"}} {n}");
+        for (l, n) in self.requests.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "uapk_requests_total{{decision=\"{}\",reason=\"{}\",agent=\"{}\",connector=\"{}\",mode=\"{}\"}} {n}",
+                l.decision, l.reason, l.agent, l.connector, l.mode
+            );
         }
         self.request_duration.render(
             &mut out,
@@ -133,11 +260,130 @@ impl Metrics {
         for (r, n) in self.config_reloads.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             let _ = writeln!(out, "uapk_config_reloads_total{{result=\"{r}\"}} {n}");
         }
+        let spans = &self.spans;
+        out.push_str(
+            "# HELP uapk_spans_exported_total Trace spans accepted by the OTLP collector.\n# TYPE uapk_spans_exported_total counter\n",
+        );
+        let _ = writeln!(out, "uapk_spans_exported_total {}", spans.exported.load(Ordering::Relaxed));
+        out.push_str(
+            "# HELP uapk_spans_dropped_total Trace spans lost: export queue full, or export failed or timed out.\n# TYPE uapk_spans_dropped_total counter\n",
+        );
+        let _ = writeln!(
+            out,
+            "uapk_spans_dropped_total{{reason=\"queue_full\"}} {}",
+            spans.dropped_queue_full.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "uapk_spans_dropped_total{{reason=\"export_failed\"}} {}",
+            spans.dropped_export_failed.load(Ordering::Relaxed)
+        );
+        process_metrics(&mut out);
         let _ = writeln!(
             out,
             "# HELP uapk_build_info Build information.\n# TYPE uapk_build_info gauge\nuapk_build_info{{version=\"{}\"}} 1",
             env!("CARGO_PKG_VERSION")
         );
         out
+    }
+}
+
+/// `process_*` metrics (the names Prometheus client libraries use), from `/proc/self`; absent
+/// where there is no procfs.
+fn process_metrics(out: &mut String) {
+    if let Some(cpu) = cpu_seconds() {
+        let _ = writeln!(
+            out,
+            "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.\n# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}"
+        );
+    }
+    if let Some(rss) = resident_bytes() {
+        let _ = writeln!(
+            out,
+            "# HELP process_resident_memory_bytes Resident memory size in bytes.\n# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes {rss}"
+        );
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        // Names only (no stat per entry); the listing's own descriptor is counted, as in other
+        // exporters.
+        let fds = dir.count();
+        let _ = writeln!(
+            out,
+            "# HELP process_open_fds Number of open file descriptors.\n# TYPE process_open_fds gauge\nprocess_open_fds {fds}"
+        );
+    }
+    if let Some(max) = max_fds() {
+        let _ = writeln!(
+            out,
+            "# HELP process_max_fds Maximum number of open file descriptors.\n# TYPE process_max_fds gauge\nprocess_max_fds {max}"
+        );
+    }
+}
+
+/// utime + stime from `/proc/self/stat` (fields 14 and 15, in clock ticks).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11); // field 3 is the first after ')'
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    let ticks = rustix::param::clock_ticks_per_second();
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
+/// Resident pages (`/proc/self/statm`, second field) in bytes.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * rustix::param::page_size() as u64)
+}
+
+/// The soft open-file limit (`/proc/self/limits`).
+fn max_fds() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files").split_whitespace().next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_label_is_a_closed_set() {
+        assert_eq!(reason_label("budget_exceeded"), "budget_exceeded");
+        assert_eq!(reason_label("all_checks_passed"), "all_checks_passed");
+        assert_eq!(reason_label("anything\"else"), "other");
+        assert_eq!(reason_label(""), "other");
+    }
+
+    /// Every code docs/manifest.md lists is its own label (a code documented later but not
+    /// added to `REASON_CODES` would be charted as `other`).
+    #[test]
+    fn every_documented_reason_code_is_a_label() {
+        let doc = include_str!("../docs/manifest.md");
+        let section = doc.split("## Reason codes").nth(1).expect("docs/manifest.md has a Reason codes section");
+        let section = section.split("\n## ").next().unwrap_or(section);
+        let codes: Vec<&str> = section.split('`').skip(1).step_by(2).collect();
+        assert!(codes.len() > 40, "{codes:?}");
+        for c in codes {
+            assert_eq!(reason_label(c), c, "{c} is documented but not in REASON_CODES");
+        }
+    }
+
+    #[test]
+    fn process_metrics_are_read_from_procfs() {
+        let mut out = String::new();
+        process_metrics(&mut out);
+        let value = |name: &str| -> f64 {
+            let line =
+                out.lines().find(|l| l.starts_with(&format!("{name} "))).unwrap_or_else(|| panic!("{name} in {out}"));
+            line.rsplit(' ').next().unwrap().parse().unwrap()
+        };
+        assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+        assert!(value("process_open_fds") >= 3.0);
+        assert!(value("process_max_fds") >= value("process_open_fds"));
+        assert!(value("process_cpu_seconds_total") >= 0.0);
     }
 }

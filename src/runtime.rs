@@ -392,6 +392,16 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     }
     let leaves = interception_ca(&cfg)?;
     let token_file = cfg.identity.token_file.clone().map(TokenFile::new);
+    let metrics = crate::metrics::Metrics::default();
+    let telemetry = match &cfg.otlp {
+        Some(otlp) => {
+            let t = crate::telemetry::Telemetry::start(otlp, &cfg.tls.extra_upstream_roots, metrics.spans.clone())
+                .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(endpoint = %otlp.endpoint, protocol = ?otlp.protocol, "exporting request spans (telemetry.otlp)");
+            t
+        }
+        None => crate::telemetry::Telemetry::off(),
+    };
     let gw = Arc::new(Gateway {
         policies: ArcSwap::from_pointee(Policies::new(set)),
         audit: handle,
@@ -402,7 +412,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         vetter,
         gateway_key: key,
         token_file,
-        metrics: crate::metrics::Metrics::default(),
+        metrics,
+        telemetry,
         draining: AtomicBool::new(false),
         stopping: watch::channel(false).0,
         leaves,

@@ -357,8 +357,8 @@ async fn every_metric_of_the_spec_is_exported() {
     client().get(gw.base("/shop/v1/nope")).header("x-uapk-capability", &tok).send().await.unwrap();
     let m = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
     for name in [
-        "uapk_requests_total{decision=\"allow\",connector=\"shop\",mode=\"enforce\"} 1",
-        "uapk_requests_total{decision=\"deny\",connector=\"shop\",mode=\"enforce\"} 1",
+        "uapk_requests_total{decision=\"allow\",reason=\"all_checks_passed\",agent=\"pay-agent\",connector=\"shop\",mode=\"enforce\"} 1",
+        "uapk_requests_total{decision=\"deny\",reason=\"route_not_allowed\",agent=\"pay-agent\",connector=\"shop\",mode=\"enforce\"} 1",
         "uapk_request_duration_seconds_bucket",
         "uapk_upstream_duration_seconds_count 1",
         "uapk_audit_append_duration_seconds_count",

@@ -38,6 +38,29 @@ pub struct GatewayConfig {
     /// CIDRs that may be dialled despite the SSRF guard.
     pub allow_private_destinations: Vec<Cidr>,
     pub log_format: LogFormat,
+    /// `telemetry.otlp`: where request spans are exported (off when `None`).
+    pub otlp: Option<OtlpSettings>,
+}
+
+/// How OpenTelemetry traces leave the gateway (`telemetry.otlp`).
+#[derive(Debug, Clone)]
+pub struct OtlpSettings {
+    /// The collector: for `http`, the full `/v1/traces` URL (appended when the endpoint has no
+    /// path); for `grpc`, the collector's origin.
+    pub endpoint: String,
+    pub protocol: OtlpProtocol,
+    /// Bound on one export; a collector slower than this loses that batch (counted).
+    pub timeout: Duration,
+    /// Spans waiting for export; beyond it new spans are dropped (counted), never waited for.
+    pub queue_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    /// OTLP/HTTP with protobuf bodies.
+    Http,
+    /// OTLP/gRPC.
+    Grpc,
 }
 
 #[derive(Debug, Clone)]

@@ -20,6 +20,7 @@ pub struct RawGateway {
     pub limits: RawLimits,
     pub network: RawNetwork,
     pub log_format: Option<String>,
+    pub telemetry: RawTelemetry,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +103,21 @@ pub struct RawLimits {
 #[serde(deny_unknown_fields, default)]
 pub struct RawNetwork {
     pub allow_private_destinations: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTelemetry {
+    pub otlp: RawOtlp,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawOtlp {
+    pub endpoint: Option<String>,
+    pub protocol: Option<String>,
+    pub timeout: Option<String>,
+    pub queue_size: Option<usize>,
 }
 
 // ---------------------------------------------------------------- manifest

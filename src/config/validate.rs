@@ -292,6 +292,7 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             cx.err(key, "must be greater than zero (a connection must not wait forever or not at all)");
         }
     }
+    let otlp = otlp(cx, raw.telemetry.otlp);
     let admin_max_connections = raw.admin.max_connections.unwrap_or(256);
     if admin_max_connections == 0 {
         cx.err("admin.max_connections", "must be at least 1");
@@ -325,7 +326,52 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         allow_private_destinations: private,
         log_format,
         data_dir,
+        otlp,
     }
+}
+
+/// `telemetry.otlp`: off without an endpoint; the endpoint must be an `http://` or `https://`
+/// URL (for gRPC, with no path: the service path is fixed by the protocol).
+fn otlp(cx: &mut Cx, raw: RawOtlp) -> Option<OtlpSettings> {
+    let protocol = match raw.protocol.as_deref() {
+        None | Some("http") | Some("http/protobuf") => OtlpProtocol::Http,
+        Some("grpc") => OtlpProtocol::Grpc,
+        Some(o) => {
+            cx.err("telemetry.otlp.protocol", format!("{o:?} is not one of http, grpc"));
+            OtlpProtocol::Http
+        }
+    };
+    let timeout = duration(cx, "telemetry.otlp.timeout", raw.timeout, Duration::from_secs(2));
+    if timeout.is_zero() {
+        cx.err("telemetry.otlp.timeout", "must be greater than zero");
+    }
+    let queue_size = raw.queue_size.unwrap_or(2048);
+    if queue_size == 0 {
+        cx.err("telemetry.otlp.queue_size", "must be at least 1");
+    }
+    let raw_endpoint = raw.endpoint.filter(|e| !e.trim().is_empty())?;
+    let key = "telemetry.otlp.endpoint";
+    let url = match url::Url::parse(raw_endpoint.trim()) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() => u,
+        _ => {
+            cx.err(key, format!("{raw_endpoint:?} is not an http:// or https:// URL of a collector"));
+            return None;
+        }
+    };
+    if !url.username().is_empty() || url.password().is_some() || url.query().is_some() || url.fragment().is_some() {
+        cx.err(key, "must carry no credentials, query or fragment");
+        return None;
+    }
+    let endpoint = match protocol {
+        OtlpProtocol::Http if url.path() == "/" => format!("{}v1/traces", url.as_str()),
+        OtlpProtocol::Http => url.to_string(),
+        OtlpProtocol::Grpc if url.path() == "/" => url.as_str().trim_end_matches('/').to_string(),
+        OtlpProtocol::Grpc => {
+            cx.err(key, "with protocol grpc, give the collector's origin only (e.g. http://collector:4317)");
+            return None;
+        }
+    };
+    Some(OtlpSettings { endpoint, protocol, timeout, queue_size })
 }
 
 // ---------------------------------------------------------------- manifest

@@ -11,6 +11,7 @@ use super::{BoxError, ProxyBody};
 use crate::audit::{AuditHandle, Fields};
 use crate::config::{USAGE_DRAIN_MAX_BYTES, UsageFormat};
 use crate::limits::{Budgets, Settlement, TokenUse};
+use crate::telemetry::{SpanFacts, UpstreamSpan};
 use crate::usage::{Usage, UsageParser};
 use bytes::Bytes;
 use http::StatusCode;
@@ -31,6 +32,33 @@ pub struct Access {
     pub decision: &'static str,
     pub reasons: String,
     pub started: Instant,
+    pub trace: crate::telemetry::RequestTrace,
+}
+
+impl Access {
+    fn span_facts<'a>(&'a self, status: StatusCode, record: Option<u64>, error: Option<&'a str>) -> SpanFacts<'a> {
+        SpanFacts {
+            request_id: &self.request_id,
+            agent: &self.agent,
+            connector: &self.connector,
+            action: &self.action,
+            decision: self.decision,
+            reasons: &self.reasons,
+            record,
+            status: status.as_u16(),
+            error,
+        }
+    }
+
+    /// Ends the request's span (telemetry on) with what was decided and answered.
+    pub fn finish_span(&self, status: StatusCode, record: Option<u64>, error: Option<&str>) {
+        self.trace.finish(&self.span_facts(status, record, error));
+    }
+
+    /// Ends the span of the upstream call with the upstream's answer (or failure).
+    pub fn finish_upstream(&self, span: UpstreamSpan, status: StatusCode, record: u64, error: Option<&str>) {
+        span.finish(&self.span_facts(status, Some(record), error));
+    }
 }
 
 /// One JSON access-log line per request (SPEC §13).
@@ -42,9 +70,11 @@ pub fn access_line(
     upstream: Option<Duration>,
     error: Option<&str>,
 ) {
+    a.finish_span(status, record, error);
     tracing::info!(
         target: "access",
         request_id = %a.request_id,
+        trace_id = a.trace.trace_id(),
         agent = %a.agent,
         connector = %a.connector,
         action = %a.action,

@@ -133,7 +133,7 @@ pub(crate) async fn send(
     if let Some(code) = would_deny {
         resp.headers_mut().insert("x-uapk-would-deny", HeaderValue::from_static(code));
     }
-    gw.metrics.request(decision.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+    gw.count(facts, &decision);
     resp
 }
 
@@ -182,6 +182,8 @@ async fn forward(
         headers.append(name.clone(), value.clone());
     }
     let (body, body_stalled) = cut_stalls(facts, body, gw.config.limits.body_read_timeout);
+    // With telemetry on, the upstream continues the gateway's trace (its call's span).
+    let span = facts.trace.start_upstream(&mut headers);
     let (body, request_body) = hash_streamed(facts, body);
     let mut up = Request::builder().method(parts.method).uri(uri).version(http::Version::HTTP_11);
     if let Some(h) = up.headers_mut() {
@@ -221,6 +223,15 @@ async fn forward(
         let result = tokio::time::timeout(timeout, client.request(up)).await;
         outcome.upstream_latency = sent.elapsed();
         gw2.metrics.upstream_duration.observe(outcome.upstream_latency.as_secs_f64());
+        let (status, error) = match &result {
+            Ok(Ok(r)) => (r.status(), None),
+            Ok(Err(e)) => {
+                let (status, msg) = upstream_error(e);
+                (status, Some(msg))
+            }
+            Err(_) => (StatusCode::GATEWAY_TIMEOUT, Some("the upstream did not answer within limits.upstream_timeout")),
+        };
+        outcome.access.finish_upstream(span, status, record, error);
         if let Err((result, outcome)) = tx.send((result, outcome)) {
             abandoned(result, outcome);
         }

@@ -93,6 +93,8 @@ pub struct Gateway {
     pub refusals: crate::limits::refusals::RefusalBudget,
     /// Each identified agent's requests in flight (`limits.max_in_flight_per_agent`).
     pub in_flight: crate::limits::in_flight::InFlight,
+    /// Request spans (`telemetry.otlp`), or only the callers' trace ids when off.
+    pub telemetry: crate::telemetry::Telemetry,
 }
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk
@@ -189,6 +191,8 @@ pub(crate) struct Facts {
     started: Instant,
     /// The tokens an LLM call reserves and is charged when its usage cannot be read (SPEC §16.1).
     token_estimate: Option<u64>,
+    /// The request's trace (its id recorded as `trace_id` when known) and span.
+    trace: crate::telemetry::RequestTrace,
 }
 
 impl Facts {
@@ -232,6 +236,10 @@ impl Facts {
         if let Some((method, name)) = &self.mcp {
             f.str("mcp_method", method).opt_str("mcp_name", name.as_deref());
         }
+        // Only when a trace is known (a caller's traceparent, or telemetry on).
+        if let Some(t) = self.trace.trace_id() {
+            f.str("trace_id", t);
+        }
         Ok(f)
     }
 
@@ -244,6 +252,7 @@ impl Facts {
             decision: d.verdict.as_str(),
             reasons: d.reasons.iter().map(|r| r.code).collect::<Vec<_>>().join(","),
             started: self.started,
+            trace: self.trace.clone(),
         }
     }
 
@@ -340,6 +349,7 @@ impl Gateway {
         };
         tracing::error!(request_id = %facts.request_id, error = %e, "audit append failed");
         let d = Decision::deny("audit_unavailable", msg);
+        facts.access(&d).finish_span(StatusCode::SERVICE_UNAVAILABLE, None, None);
         deny_response(StatusCode::SERVICE_UNAVAILABLE, &d, None, facts.agent.as_deref(), DenyBody::default())
     }
 
@@ -402,7 +412,8 @@ impl Gateway {
             resp.headers_mut().insert("x-uapk-request-id", v);
         }
         // Counted, but no access line per refusal: the summary entry is the record.
-        self.metrics.request(why.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+        self.count(facts, &why);
+        facts.access(&why).finish_span(StatusCode::TOO_MANY_REQUESTS, None, None);
         Some(resp)
     }
 
@@ -452,8 +463,31 @@ impl Gateway {
     /// Counts a decided request; the access-log line is written here for answers the gateway
     /// gives itself, and by the outcome for forwarded ones (which know their bytes then).
     fn finish_metrics(&self, facts: &Facts, d: &Decision, status: StatusCode, record: Option<u64>) {
-        self.metrics.request(d.verdict.as_str(), facts.connector.as_deref(), facts.mode.as_str());
+        self.count(facts, d);
         access_line(&facts.access(d), status, 0, record, None, None);
+    }
+
+    /// Counts a decided request in `uapk_requests_total`. The `agent` and `connector` labels
+    /// are configured names only — `unknown` for a name no manifest configures (a default agent
+    /// without a manifest, a connector named by a refused request's path), `-` / `none` before
+    /// one is known — never a string an agent chose, so the series stay bounded.
+    pub(crate) fn count(&self, facts: &Facts, d: &Decision) {
+        let policies = self.policies.load();
+        let manifest = facts.agent.as_deref().and_then(|a| policies.set.get(a));
+        let agent = match (facts.agent.as_deref(), manifest) {
+            (None, _) => "-",
+            (Some(a), Some(_)) => a,
+            (Some(_), None) => "unknown",
+        };
+        let connector = facts.connector.as_deref().map(|c| {
+            let configured = match manifest {
+                Some(m) => m.connector(c).is_some(),
+                // A refusal before the agent is known: any manifest's connector.
+                None => policies.set.manifests.values().any(|m| m.connector(c).is_some()),
+            };
+            if configured { c } else { "unknown" }
+        });
+        self.metrics.request(d.verdict.as_str(), d.code(), agent, connector, facts.mode.as_str());
     }
 }
 
@@ -512,6 +546,7 @@ pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts
         mode: PolicyMode::Enforce,
         started: Instant::now(),
         token_estimate: None,
+        trace: crate::telemetry::RequestTrace::default(),
     }
 }
 
@@ -524,6 +559,7 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
         Via::Transparent(_) => Entry::Transparent,
     };
     let mut facts = new_facts(&parts.method, &parts.uri, entry);
+    facts.trace = gw.telemetry.start_request(&parts.headers, parts.method.as_str());
     match pipeline(gw, parts, body, &via, &mut facts).await {
         Ok(resp) => resp,
         Err(stop) => gw.answer(&facts, stop).await,
