@@ -275,15 +275,21 @@ async fn admin_api_needs_keys_and_serves_records() {
 
 /// Writes `text` as the manifest of a ConfigMap-style directory, swapping `..data` atomically.
 fn configmap_swap(dir: &std::path::Path, generation: u32, text: &str) {
+    kubelet_swap(dir, generation, "pay.yaml", text);
+}
+
+/// Updates a mounted ConfigMap or Secret as the kubelet does: the new generation's files in a
+/// hidden directory, then one rename of the `..data` symlink; `name` links into `..data`.
+fn kubelet_swap(dir: &std::path::Path, generation: u32, name: &str, text: &str) {
     let real = dir.join(format!("..gen_{generation}"));
     std::fs::create_dir_all(&real).unwrap();
-    std::fs::write(real.join("pay.yaml"), text).unwrap();
+    std::fs::write(real.join(name), text).unwrap();
     let tmp = dir.join("..data_tmp");
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(format!("..gen_{generation}"), &tmp).unwrap();
     std::fs::rename(&tmp, dir.join("..data")).unwrap();
-    if !dir.join("pay.yaml").exists() {
-        std::os::unix::fs::symlink("..data/pay.yaml", dir.join("pay.yaml")).unwrap();
+    if !dir.join(name).exists() {
+        std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
     }
 }
 
@@ -825,19 +831,7 @@ async fn a_rotated_credential_file_is_used_without_sighup() {
     let policies = dir.path().join("policies");
     let secrets = policies.join("secrets");
     std::fs::create_dir_all(&secrets).unwrap();
-    let swap = |generation: u32, value: &str| {
-        let real = secrets.join(format!("..gen_{generation}"));
-        std::fs::create_dir_all(&real).unwrap();
-        std::fs::write(real.join("shop.key"), value).unwrap();
-        let tmp = secrets.join("..data_tmp");
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(format!("..gen_{generation}"), &tmp).unwrap();
-        std::fs::rename(&tmp, secrets.join("..data")).unwrap();
-        if !secrets.join("shop.key").exists() {
-            std::os::unix::fs::symlink("..data/shop.key", secrets.join("shop.key")).unwrap();
-        }
-    };
-    swap(1, "sk_old_0123456789\n");
+    kubelet_swap(&secrets, 1, "shop.key", "sk_old_0123456789\n");
     let m = manifest("pay-agent", up.addr, POLICY, "").replace(
         "    base_url: http://",
         "    credentials:\n      - { header: Authorization, value: \"Bearer ${file:secrets/shop.key}\" }\n    base_url: http://",
@@ -854,13 +848,7 @@ async fn a_rotated_credential_file_is_used_without_sighup() {
     };
     assert_eq!(get().await.status(), 200);
     assert_eq!(up.last().headers["authorization"], "Bearer sk_old_0123456789");
-    let secrets = gw.dir.path().join("policies/secrets");
-    let real = secrets.join("..gen_2");
-    std::fs::create_dir_all(&real).unwrap();
-    std::fs::write(real.join("shop.key"), "sk_new_9876543210\n").unwrap();
-    let tmp = secrets.join("..data_tmp");
-    std::os::unix::fs::symlink("..gen_2", &tmp).unwrap();
-    std::fs::rename(&tmp, secrets.join("..data")).unwrap();
+    kubelet_swap(&gw.dir.path().join("policies/secrets"), 2, "shop.key", "sk_new_9876543210\n");
     let t = Instant::now();
     loop {
         assert_eq!(get().await.status(), 200);

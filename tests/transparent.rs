@@ -287,6 +287,47 @@ impl Lab {
         )
     }
 
+    /// Starts the gateway in the agent namespace as `uid`, its transparent listener on
+    /// `ports.1` (proxy on `ports.0`, admin on `ports.2`), serving one manifest for `pod-agent`
+    /// with `connectors` (YAML list items), identity from a token file.
+    fn start_gateway(&mut self, uid: &str, connectors: &str, ports: (u16, u16, u16)) {
+        let (a, d) = (self.ns.agent.clone(), self.d().to_path_buf());
+        let policies = d.join("policies");
+        std::fs::create_dir_all(&policies).unwrap();
+        let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+        std::fs::write(
+            policies.join("agent.yaml"),
+            format!(
+                "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: pod-agent }}\ncapability:\n  issuers:\n    - id: platform\n      public_key: |\n{pem}connectors:\n{connectors}"
+            ),
+        )
+        .unwrap();
+        std::fs::write(d.join("token"), token("pod-agent")).unwrap();
+        let data = d.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        sh(&format!("chown -R {uid}:{uid} {}", d.display()));
+        std::fs::write(
+            d.join("gateway.yaml"),
+            format!(
+                "listeners:\n  proxy: 127.0.0.1:{}\n  transparent: 0.0.0.0:{}\n  admin: 127.0.0.1:{}\npolicies: {p}\ndata_dir: {data}\nidentity:\n  default_agent: pod-agent\n  token_file: {tok}\ntls:\n  extra_upstream_roots: [{ca}]\nnetwork:\n  allow_private_destinations: [10.201.0.0/24, \"fd00:201::/64\"]\nlog_format: text\n",
+                ports.0,
+                ports.1,
+                ports.2,
+                p = policies.display(),
+                data = data.display(),
+                tok = d.join("token").display(),
+                ca = d.join("up-ca.pem").display()
+            ),
+        )
+        .unwrap();
+        let gw = in_ns(&a, uid, &[bin(), "run", "-c", d.join("gateway.yaml").to_str().unwrap()])
+            .stderr(std::fs::File::create(d.join("gateway.log")).unwrap())
+            .spawn()
+            .unwrap();
+        self.ns.children.push(gw);
+        wait_port(&a, ports.1);
+    }
+
     /// The agent namespace's rules, without counters.
     fn rules(&self) -> String {
         let a = &self.ns.agent;
@@ -310,37 +351,12 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
     let (a, d) = (lab.ns.agent.clone(), lab.d().to_path_buf());
 
     // Gateway in the agent namespace, as the proxy UID, identity from a token file.
-    let policies = d.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
-    std::fs::write(
-        policies.join("agent.yaml"),
-        format!(
-            "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: pod-agent }}\ncapability:\n  issuers:\n    - id: platform\n      public_key: |\n{pem}connectors:\n  - name: plain\n    hosts: [10.201.0.2]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n  - name: plain6\n    hosts: [\"fd00:201::2\"]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n  - name: secure\n    hosts: [api.test]\n    ports: [443]\n    tls: intercept\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(d.join("token"), token("pod-agent")).unwrap();
     let data = d.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    sh(&format!("chown -R {PROXY_UID}:{PROXY_UID} {}", d.display()));
-    std::fs::write(
-        d.join("gateway.yaml"),
-        format!(
-            "listeners:\n  proxy: 127.0.0.1:15080\n  transparent: 0.0.0.0:15001\n  admin: 127.0.0.1:15021\npolicies: {p}\ndata_dir: {data}\nidentity:\n  default_agent: pod-agent\n  token_file: {tok}\ntls:\n  extra_upstream_roots: [{ca}]\nnetwork:\n  allow_private_destinations: [10.201.0.0/24, \"fd00:201::/64\"]\nlog_format: text\n",
-            p = policies.display(),
-            data = data.display(),
-            tok = d.join("token").display(),
-            ca = d.join("up-ca.pem").display()
-        ),
-    )
-    .unwrap();
-    let gw = in_ns(&a, PROXY_UID, &[bin(), "run", "-c", d.join("gateway.yaml").to_str().unwrap()])
-        .stderr(std::fs::File::create(d.join("gateway.log")).unwrap())
-        .spawn()
-        .unwrap();
-    lab.ns.children.push(gw);
-    wait_port(&a, 15001);
+    lab.start_gateway(
+        PROXY_UID,
+        "  - name: plain\n    hosts: [10.201.0.2]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n  - name: plain6\n    hosts: [\"fd00:201::2\"]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n  - name: secure\n    hosts: [api.test]\n    ports: [443]\n    tls: intercept\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n",
+        (15080, 15001, 15021),
+    );
     let ss = sh_out(&format!("ip netns exec {a} ss -ltn"));
     assert!(ss.contains("[::]:15001"), "the transparent listener does not accept IPv6:\n{ss}");
 
@@ -600,37 +616,11 @@ fn init_iptables_after_istio_rules_still_redirects_the_agent() {
     lab.ns.children.push(envoy);
     wait_port(&a, 15001);
 
-    let policies = d.join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
-    std::fs::write(
-        policies.join("agent.yaml"),
-        format!(
-            "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: pod-agent }}\ncapability:\n  issuers:\n    - id: platform\n      public_key: |\n{pem}connectors:\n  - name: plain\n    hosts: [10.201.0.2]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(d.join("token"), token("pod-agent")).unwrap();
-    let data = d.join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    sh(&format!("chown -R {GATEWAY_UID}:{GATEWAY_UID} {p} {data}", p = policies.display(), data = data.display()));
-    sh(&format!("chown {GATEWAY_UID}:{GATEWAY_UID} {}", d.join("token").display()));
-    std::fs::write(
-        d.join("gateway.yaml"),
-        format!(
-            "listeners:\n  proxy: 127.0.0.1:14080\n  transparent: 0.0.0.0:14001\n  admin: 127.0.0.1:14021\npolicies: {p}\ndata_dir: {data}\nidentity:\n  default_agent: pod-agent\n  token_file: {tok}\nnetwork:\n  allow_private_destinations: [10.201.0.0/24]\nlog_format: text\n",
-            p = policies.display(),
-            data = data.display(),
-            tok = d.join("token").display(),
-        ),
-    )
-    .unwrap();
-    let gw = in_ns(&a, GATEWAY_UID, &[bin(), "run", "-c", d.join("gateway.yaml").to_str().unwrap()])
-        .stderr(std::fs::File::create(d.join("gateway.log")).unwrap())
-        .spawn()
-        .unwrap();
-    lab.ns.children.push(gw);
-    wait_port(&a, 14001);
+    lab.start_gateway(
+        GATEWAY_UID,
+        "  - name: plain\n    hosts: [10.201.0.2]\n    ports: [80]\n    routes:\n      - methods: [GET]\n        path: /v1/items/**\n        action: item.read\n",
+        (14080, 14001, 14021),
+    );
 
     let out = Command::new("ip")
         .args(["netns", "exec", &a, bin(), "init-iptables", "--proxy-uid", GATEWAY_UID, "--port", "14001"])

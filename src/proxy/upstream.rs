@@ -69,17 +69,22 @@ pub fn tls_config(roots: RootCertStore) -> Result<rustls::ClientConfig, BoxError
         .with_no_client_auth())
 }
 
+/// TLS (HTTP/1.1 and HTTP/2 by ALPN) or plain HTTP over `http`, by the URI's scheme.
+pub(crate) fn https_over<C>(http: C, tls: rustls::ClientConfig) -> hyper_rustls::HttpsConnector<C> {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http)
+}
+
 pub fn build_client(vetter: Vetter, tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
     let mut http = HttpConnector::new_with_resolver(VettedResolver(vetter));
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));
     http.set_nodelay(true);
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+    let https = https_over(http, tls);
     Client::builder(TokioExecutor::new())
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
