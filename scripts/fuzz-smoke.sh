@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Runs every fuzz target briefly (CI smoke). Longer, by hand:
 #   RUSTC_BOOTSTRAP=1 cargo fuzz run <target> fuzz/corpus/<target> -- -max_total_time=3600
-# Targets: manifest, token, authority_and_path, audit_parsers, client_hello. Seeds live in
-# fuzz/corpus/<target>/ (libFuzzer adds what it finds there; commit interesting ones).
+# Targets: manifest, token, authority_and_path, audit_parsers, client_hello, usage (the token
+# usage reader), mcp (the MCP JSON-RPC classifier), params (form and query param readers).
+# Seeds live in fuzz/corpus/<target>/ (libFuzzer adds what it finds there; commit interesting
+# ones, a few dozen at most). fuzz/Cargo.lock is checked to be current: after changing the
+# gateway's dependencies, run `cargo metadata --format-version 1 --manifest-path fuzz/Cargo.toml`
+# (it resolves the lock again, keeping the versions already locked) and commit fuzz/Cargo.lock.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${FUZZ_SECONDS:-15}
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # cargo-fuzz needs nightly-only flags; this stable toolchain accepts them with RUSTC_BOOTSTRAP.
 export RUSTC_BOOTSTRAP=1
-targets=(manifest token authority_and_path audit_parsers client_hello)
-cargo fuzz build -O "${targets[@]}" >/dev/null 2>&1 || cargo fuzz build -O
+targets=(manifest token authority_and_path audit_parsers client_hello usage mcp params)
+# cargo-fuzz takes no --locked: check the lock first, so the build below cannot rewrite it.
+cargo metadata --locked --format-version 1 --manifest-path fuzz/Cargo.toml >/dev/null ||
+  { echo "fuzz/Cargo.lock is out of date with the gateway's dependencies (see the top of $0)"; exit 1; }
+cargo fuzz build -O
 pass=0; fail=0
 for t in "${targets[@]}"; do
   work=$(mktemp -d)

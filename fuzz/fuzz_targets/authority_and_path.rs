@@ -8,9 +8,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else { return };
     let _ = split_authority(s);
     let (pattern, path) = s.split_once('\n').unwrap_or((s, "/"));
-    if let Ok(p) = PathPattern::parse(pattern) {
-        if let Some(caps) = p.matches(path) {
-            assert!(caps.len() <= p.segs.len());
-        }
+    if let Ok(p) = PathPattern::parse(pattern)
+        && let Some(caps) = p.matches(path)
+    {
+        assert!(caps.len() <= p.segs.len());
     }
 });

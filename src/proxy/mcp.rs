@@ -11,7 +11,7 @@
 use super::classify::{RequestBody, Rule};
 use super::target::sanitize;
 use super::{Facts, Gateway, Stop};
-use crate::config::{BodyFormat, McpEndpoint};
+use crate::config::{BodyFormat, Limits, McpEndpoint};
 use crate::policy::{self, Decision, JsonDoc, Params};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -94,6 +94,17 @@ pub(super) async fn classify(
     body: &mut RequestBody,
     facts: &mut Facts,
 ) -> Result<(Rule, Params), Stop> {
+    classify_with(&gw.config.limits, mcp, parts, body, facts).await
+}
+
+/// [`classify`] with only the limits it reads (the fuzz entry point has no gateway).
+pub(super) async fn classify_with(
+    limits: &Limits,
+    mcp: &McpEndpoint,
+    parts: &Parts,
+    body: &mut RequestBody,
+    facts: &mut Facts,
+) -> Result<(Rule, Params), Stop> {
     if facts.path != mcp.path {
         return Err(Stop::forbidden(Decision::deny(
             "route_not_allowed",
@@ -128,7 +139,7 @@ pub(super) async fn classify(
             format!("{} is not an MCP request (POST, GET or DELETE)", parts.method),
         )));
     }
-    let b = body.buffer(headers, &gw.config.limits, facts).await?;
+    let b = body.buffer(headers, limits, facts).await?;
     policy::check_media_type(BodyFormat::Json, "an MCP endpoint reads", headers, b).map_err(|d| {
         let status = if d.code() == "unsupported_media_type" {
             StatusCode::UNSUPPORTED_MEDIA_TYPE

@@ -15,6 +15,8 @@ pub mod conn;
 pub mod connect;
 mod escalation;
 mod forward;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hygiene;
 mod identify;
 mod mcp;
