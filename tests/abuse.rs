@@ -1147,9 +1147,11 @@ async fn a_streamed_upload_that_stalls_is_cut_and_its_outcome_says_body_timeout(
     let tok = token("up-agent");
     let mut s = TcpStream::connect(gw.proxy).await.unwrap();
     let started = Instant::now();
+    // Longer than limits.hash_before_forward, so streamed (a shorter body is read before the
+    // decision, and a stall there is refused before anything leaves).
     s.write_all(
         format!(
-            "PUT /shop/v1/files/big HTTP/1.1\r\nHost: shop.test\r\nx-uapk-capability: {tok}\r\ncontent-length: 1000\r\n\r\nhello"
+            "PUT /shop/v1/files/big HTTP/1.1\r\nHost: shop.test\r\nx-uapk-capability: {tok}\r\ncontent-length: 100000\r\n\r\nhello"
         )
         .as_bytes(),
     )
@@ -1166,7 +1168,7 @@ async fn a_streamed_upload_that_stalls_is_cut_and_its_outcome_says_body_timeout(
     let (got, _) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
     let got = String::from_utf8_lossy(&got).into_owned();
     let (head, body) = got.split_once("\r\n\r\n").expect("the upstream saw the request head");
-    assert!(head.to_ascii_lowercase().contains("content-length: 1000"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-length: 100000"), "{head}");
     assert_eq!(body, "hello", "the upstream saw an incomplete body");
 
     // The outcome entry says so.
