@@ -11,6 +11,7 @@ fn verifier() -> &'static TokenVerifier {
         TokenVerifier::new(TokenPolicy {
             audience: "uapk-gateway".into(),
             max_lifetime_secs: 86_400,
+            leeway_secs: 60,
             issuers: vec![IssuerKey { id: "platform".into(), key: SigningKey::from_bytes(&[7u8; 32]).verifying_key() }],
             revoked: Default::default(),
         })
