@@ -299,19 +299,10 @@ async fn bodies_full_records_the_body_of_safe_routes_only() {
     let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
     let tok = token("pay-agent");
     let send = |path: &'static str, body: String| {
-        let (c, url, tok) = (client(), gw.base(path), tok.clone());
+        let fut = post_json(&gw, path, &tok, body.into_bytes());
         async move {
-            let r = c
-                .post(url)
-                .header("x-uapk-capability", tok)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-            let idx = record_of(&r);
-            r.bytes().await.unwrap();
+            let (status, idx) = fut.await;
+            assert_eq!(status, 200);
             idx
         }
     };
@@ -368,22 +359,7 @@ async fn a_small_body_is_hashed_in_the_decision_entry_before_it_is_forwarded() {
     // No policy block: the `other` connector (a route that reads no params) is open.
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], "").await;
     let tok = token("pay-agent");
-    let send = |gw: &TestGateway, path: &str, body: Vec<u8>| {
-        let (c, url, tok) = (client(), gw.base(path), tok.clone());
-        async move {
-            let r = c
-                .post(url)
-                .header("x-uapk-capability", tok)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            let (status, idx) = (r.status().as_u16(), record_of(&r));
-            r.bytes().await.unwrap();
-            (status, idx)
-        }
-    };
+    let send = |gw: &TestGateway, path: &str, body: Vec<u8>| post_json(gw, path, &tok, body);
     let small = br#"{"note":"a small JSON body no route reads","n":1}"#.to_vec();
     let (status, idx) = send(&gw, "/other/upload", small.clone()).await;
     assert_eq!(status, 200);
@@ -433,4 +409,25 @@ async fn a_small_body_is_hashed_in_the_decision_entry_before_it_is_forwarded() {
     assert_eq!(status, 200);
     assert!(streaming.entries()[idx as usize].get("body_sha256").is_none());
     assert_eq!(outcome_of(&streaming, idx).await["request_body_sha256"], sha_hex(&small));
+}
+
+/// POSTs a JSON `body` to `path` on the base-URL listener with `tok`; the status and the record
+/// index, once the response body is read.
+fn post_json(
+    gw: &TestGateway,
+    path: &str,
+    tok: &str,
+    body: Vec<u8>,
+) -> impl std::future::Future<Output = (u16, u64)> + use<> {
+    let req = client()
+        .post(gw.base(path))
+        .header("x-uapk-capability", tok)
+        .header("content-type", "application/json")
+        .body(body);
+    async move {
+        let r = req.send().await.unwrap();
+        let (status, idx) = (r.status().as_u16(), record_of(&r));
+        r.bytes().await.unwrap();
+        (status, idx)
+    }
 }

@@ -293,6 +293,11 @@ fn kubelet_swap(dir: &std::path::Path, generation: u32, name: &str, text: &str) 
     }
 }
 
+/// `GET /shop/v1/charges/a` as `agent` (its capability token on the base-URL listener).
+async fn charges_as(gw: &TestGateway, agent: &str) -> reqwest::Response {
+    client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", token(agent)).send().await.unwrap()
+}
+
 /// Polls until the allowed route answers `want`; returns how long that took.
 async fn wait_for(gw: &TestGateway, want: u16) -> Duration {
     wait_for_agent(gw, "pay-agent", want).await
@@ -746,19 +751,9 @@ async fn a_broken_manifest_at_start_refuses_only_its_agent() {
     let gw =
         TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, "")), ("broken.yaml", broken)], "")
             .await;
-    let r = client()
-        .get(gw.base("/shop/v1/charges/a"))
-        .header("x-uapk-capability", token("pay-agent"))
-        .send()
-        .await
-        .unwrap();
+    let r = charges_as(&gw, "pay-agent").await;
     assert_eq!(r.status(), 200, "the valid agent is served");
-    let r = client()
-        .get(gw.base("/shop/v1/charges/a"))
-        .header("x-uapk-capability", token("broken-agent"))
-        .send()
-        .await
-        .unwrap();
+    let r = charges_as(&gw, "broken-agent").await;
     assert_eq!(r.status(), 403);
     let record = r.headers().get("x-uapk-record").map(|v| v.to_str().unwrap().to_string());
     let body: Value = r.json().await.unwrap();
@@ -799,12 +794,7 @@ async fn only_broken_manifests_are_not_ready() {
     assert_eq!(ready.status(), 503);
     let ready: Value = ready.json().await.unwrap();
     assert_eq!(ready["invalid_manifests"][0]["agent"], "broken-agent", "{ready}");
-    let r = client()
-        .get(gw.base("/shop/v1/charges/a"))
-        .header("x-uapk-capability", token("broken-agent"))
-        .send()
-        .await
-        .unwrap();
+    let r = charges_as(&gw, "broken-agent").await;
     assert_eq!(r.status(), 403);
     assert_eq!(up.count(), 0);
 }
