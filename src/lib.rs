@@ -20,5 +20,6 @@ pub mod policy;
 pub mod proxy;
 pub mod response;
 pub mod runtime;
+pub mod state;
 pub mod telemetry;
 pub mod usage;

@@ -443,6 +443,9 @@ fn demo_upstream(listen: std::net::SocketAddr) -> Result<(), Fail> {
 
 fn check(path: Option<&Path>) -> Result<(), Fail> {
     let cfg = load_config(path)?;
+    for w in &cfg.warnings {
+        eprintln!("warning: {w}");
+    }
     match config::load_policies(&cfg.policies_dir, config::Strictness::Check) {
         Ok(set) => {
             for w in &set.warnings {

@@ -7,6 +7,7 @@ use crate::approvals::{ApprovalStore, Approvals};
 use crate::audit::{self, AuditConfig, AuditLog};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
 use crate::limits::{Budgets, RateLimiters};
+use crate::state;
 use crate::proxy::{self, Gateway, Policies, TokenFile, conn, ssrf::Vetter, upstream};
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
@@ -32,7 +33,71 @@ pub struct Running {
     pub admin: Arc<AdminState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    audit: Option<AuditLog>,
+    audit: Option<LogOwner>,
+}
+
+/// The log this gateway appends to: its own file, or the fleet's in PostgreSQL.
+enum LogOwner {
+    Embedded(AuditLog),
+    Fleet(state::postgres::FleetLog),
+}
+
+impl LogOwner {
+    fn handle(&self) -> audit::AuditHandle {
+        match self {
+            LogOwner::Embedded(l) => l.handle(),
+            LogOwner::Fleet(l) => l.handle(),
+        }
+    }
+
+    fn database(&self) -> audit::SharedDb {
+        match self {
+            LogOwner::Embedded(l) => l.database(),
+            LogOwner::Fleet(l) => l.database(),
+        }
+    }
+
+    /// Commits everything queued and stops the writer.
+    async fn shutdown(self) {
+        match self {
+            LogOwner::Embedded(l) => {
+                let _ = tokio::task::spawn_blocking(move || l.shutdown()).await;
+            }
+            LogOwner::Fleet(l) => l.shutdown().await,
+        }
+    }
+}
+
+/// The name entries of a fleet carry in `gateway` (SPEC §15.2): `HOSTNAME` (the pod name in
+/// Kubernetes), else the host name.
+pub fn gateway_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Creates or upgrades the fleet's schema; gateways starting together wait for each other's
+/// migration (the advisory lock's wait is bounded by `statement_timeout`, so retried).
+async fn migrate_at_start(db: &state::postgres::Db) -> Result<()> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match state::postgres::migrate(db).await {
+            Ok(applied) => {
+                if !applied.is_empty() {
+                    tracing::info!(versions = ?applied, "database schema migrated");
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                last = e;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    Err(anyhow!("migrating the database schema: {last}"))
 }
 
 /// Loads the gateway key, generating a development key when it is missing.
@@ -348,32 +413,53 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         tracing::warn!("{w}");
     }
     report_invalid(&set);
-    let audit_log = AuditLog::open(
-        AuditConfig {
-            path: cfg.audit.path.clone(),
-            origin: cfg.audit.origin.clone(),
-            durability: match cfg.audit.durability {
-                AuditDurability::Sync => audit::Durability::Sync,
-                AuditDurability::Async => audit::Durability::Async,
-            },
-            sign_each_entry: cfg.audit.sign_each_entry,
-            queue_capacity: cfg.audit.queue_capacity,
-            key_name: key_name(&cfg),
+    let audit_cfg = AuditConfig {
+        path: cfg.audit.path.clone(),
+        origin: cfg.audit.origin.clone(),
+        durability: match cfg.audit.durability {
+            AuditDurability::Sync => audit::Durability::Sync,
+            AuditDurability::Async => audit::Durability::Async,
         },
-        key.clone(),
-    )
-    .map_err(|e| anyhow!("audit log {}: {e}", cfg.audit.path.display()))?;
+        sign_each_entry: cfg.audit.sign_each_entry,
+        queue_capacity: cfg.audit.queue_capacity,
+        key_name: key_name(&cfg),
+    };
+    let (audit_log, budgets, approvals, counted, fleet_db) = match &cfg.state {
+        config::StateBackend::Embedded => {
+            let approvals_check: audit::Checker = Arc::new(|tx, p: &audit::Precondition| match &p.consume_approval {
+                None => Ok(()),
+                Some((id, now)) => crate::approvals::consume_in(tx, id, *now),
+            });
+            let audit_log = AuditLog::open_with(audit_cfg, key.clone(), approvals_check)
+                .map_err(|e| anyhow!("audit log {}: {e}", cfg.audit.path.display()))?;
+            let db = audit_log.database();
+            let budgets = Budgets::new();
+            let counted = rebuild_budgets(&*db.get().map_err(|e| anyhow!("{e}"))?, &budgets)?;
+            let approvals = ApprovalStore::open(db).and_then(Approvals::new).map_err(|e| anyhow!("{e}"))?;
+            (LogOwner::Embedded(audit_log), state::BudgetStore::Memory(budgets), approvals, Some(counted), None)
+        }
+        config::StateBackend::Postgres(pg) => {
+            let db = state::postgres::Db::new(pg).map_err(|e| anyhow!(e))?;
+            migrate_at_start(&db).await?;
+            let log = state::postgres::FleetLog::open(db.clone(), audit_cfg, key.clone(), &gateway_name())
+                .await
+                .map_err(|e| anyhow!(e))?;
+            let origin = &cfg.audit.origin;
+            let budgets = state::BudgetStore::Postgres(state::postgres::PgBudgets::new(db.clone(), origin));
+            let approvals = Approvals::fleet(state::postgres::PgApprovals::new(db.clone(), origin));
+            (LogOwner::Fleet(log), budgets, approvals, None, Some(db))
+        }
+    };
     let handle = audit_log.handle();
     let db = audit_log.database();
-    let budgets = Budgets::new();
-    let counted = rebuild_budgets(&*db.get().map_err(|e| anyhow!("{e}"))?, &budgets)?;
-    let approvals = ApprovalStore::open(db.clone()).and_then(Approvals::new).map_err(|e| anyhow!("{e}"))?;
 
     let mut startup = Map::new();
     startup.insert("kind".into(), json!("startup"));
     startup.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
     startup.insert("tree_size".into(), json!(handle.tree_size().to_string()));
-    startup.insert("budget_actions_replayed".into(), json!(counted.to_string()));
+    if let Some(counted) = counted {
+        startup.insert("budget_actions_replayed".into(), json!(counted.to_string()));
+    }
     handle.append(startup).await.map_err(|e| anyhow!("writing the startup entry: {e}"))?;
     handle.append(config_entry(&set, "load")).await.map_err(|e| anyhow!("writing the config entry: {e}"))?;
 
@@ -406,6 +492,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         policies: ArcSwap::from_pointee(Policies::new(set)),
         audit: handle,
         budgets,
+        fleet_db,
         rate_limits: RateLimiters::new(),
         approvals,
         client,
@@ -506,7 +593,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
                         // Nothing between reserve and forward waits this long (an escalation
                         // gives its reservation back before it waits).
                         let stale = gw2.config.limits.body_read_timeout + Duration::from_secs(120);
-                        gw2.budgets.expire_unforwarded(stale);
+                        gw2.budgets.expire_unforwarded(stale).await;
                         gw2.refusals.sweep(Instant::now());
                     }
                     _ = rx2.changed() => break,
@@ -560,6 +647,27 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(15)) => gw2.approvals.expire_due(&gw2.audit).await,
+                    _ = rx2.changed() => break,
+                }
+            }
+        }));
+    }
+    if let Some(db) = gw.fleet_db.clone() {
+        // The fleet: held requests wake on decisions made on other gateways (within 250 ms),
+        // and readiness follows the database even while no request comes.
+        let gw2 = gw.clone();
+        let mut rx2 = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                        gw2.approvals.poll_fleet().await;
+                        n = n.wrapping_add(1);
+                        if n % 4 == 0 {
+                            let _ = db.ping().await;
+                        }
+                    }
                     _ = rx2.changed() => break,
                 }
             }
@@ -813,7 +921,7 @@ impl Running {
         }
         flush_refusals(&self.gateway).await;
         if let Some(log) = self.audit.take() {
-            let _ = tokio::task::spawn_blocking(move || log.shutdown()).await;
+            log.shutdown().await;
         }
     }
 }

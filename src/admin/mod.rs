@@ -241,10 +241,13 @@ async fn api(
                 Some(t) => Some(crate::config::parse_duration(t).map_err(|e| error(StatusCode::BAD_REQUEST, e))?),
                 None => None,
             };
-            let override_ttl = ttl.unwrap_or_else(|| {
-                let agent = gw.approvals.get(&id).ok().flatten().map(|a| a.agent).unwrap_or_default();
-                gw.policies.load().set.get(&agent).map_or(Duration::from_secs(300), |m| m.escalation.override_ttl)
-            });
+            let override_ttl = match ttl {
+                Some(t) => t,
+                None => {
+                    let agent = gw.approvals.fetch(&id).await.ok().flatten().map(|a| a.agent).unwrap_or_default();
+                    gw.policies.load().set.get(&agent).map_or(Duration::from_secs(300), |m| m.escalation.override_ttl)
+                }
+            };
             let out = gw
                 .approvals
                 .decide(&gw.audit, &gw.gateway_key, &id, approve, &key_id, body.note, override_ttl)
@@ -599,13 +602,20 @@ fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
     let policies = gw.policies.load();
     // A gateway with no valid manifest refuses every request (`manifest_not_found`,
     // `manifest_invalid`): not ready. With at least one it serves those agents.
-    let ready = st.ready.load(Ordering::SeqCst) && !draining && audit_writable && !policies.set.manifests.is_empty();
+    // The fleet's database (SPEC §15.4): not ready while it does not answer.
+    let state_up = gw.fleet_db.as_ref().is_none_or(|db| db.up());
+    let ready = st.ready.load(Ordering::SeqCst)
+        && !draining
+        && audit_writable
+        && state_up
+        && !policies.set.manifests.is_empty();
     let invalid: Vec<Value> =
         policies.set.invalid.iter().map(|i| json!({"file": i.file.display().to_string(), "agent": i.agent})).collect();
     let body = json!({
         "ready": ready,
         "draining": draining,
         "audit_writable": audit_writable,
+        "state": state_up,
         "manifests": policies.set.manifests.len(),
         "invalid_manifests": invalid,
         "last_reload_error": *st.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()),

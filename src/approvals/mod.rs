@@ -4,7 +4,7 @@
 
 mod service;
 
-pub use service::{Approvals, BY_GATEWAY, Decided, Resolution, approval_entry};
+pub use service::{Approvals, BY_GATEWAY, Decided, Resolution, Slot, approval_entry};
 
 use crate::audit::SharedDb;
 use rand::RngCore;
@@ -104,8 +104,8 @@ impl Approval {
 /// Where the next page of a listing starts (opaque to clients: `<created_at>-<id>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
-    created_at: u64,
-    id: String,
+    pub(crate) created_at: u64,
+    pub(crate) id: String,
 }
 
 impl Cursor {
@@ -292,6 +292,19 @@ impl ApprovalStore {
         tx.commit().map_err(store_err)?;
         Ok(expired)
     }
+}
+
+/// Consumes approval `id` (approved → consumed) in the audit writer's transaction, so the
+/// override is used in the same commit as the decision that accepts it; `Err` is the refusal's
+/// reason code.
+pub fn consume_in(tx: &redb::WriteTransaction, id: &str, now: i64) -> Result<(), String> {
+    transition_in(tx, id, Status::Approved, Status::Consumed, now, |_| {}).map(|_| ()).map_err(|e| {
+        match e {
+            ApprovalError::NotPending { status: "consumed", .. } => "override_token_already_used",
+            _ => "override_token_invalid",
+        }
+        .to_string()
+    })
 }
 
 /// `ApprovalStore::transition` inside a transaction someone else commits (the audit writer's:

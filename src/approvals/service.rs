@@ -14,6 +14,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::oneshot;
 
+/// A `max_pending` slot taken by [`Approvals::reserve`] (the fleet's holds a row).
+#[derive(Debug)]
+pub struct Slot(Option<String>);
+
 /// How a held request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolution {
@@ -31,7 +35,12 @@ pub struct Decided {
 }
 
 pub struct Approvals {
-    store: ApprovalStore,
+    /// The gateway's own queue (embedded); `None` with the fleet's.
+    store: Option<ApprovalStore>,
+    /// The fleet's queue (`state.backend: postgres`); `store` is then unused.
+    fleet: Option<crate::state::postgres::PgApprovals>,
+    /// The fleet's pending approvals as last counted (the gauge).
+    fleet_pending: std::sync::atomic::AtomicU64,
     /// Held requests by approval id.
     waiters: Mutex<HashMap<String, oneshot::Sender<Resolution>>>,
     /// Stored pending approvals per agent.
@@ -72,7 +81,50 @@ async fn blocking<T: Send + 'static>(
 impl Approvals {
     pub fn new(store: ApprovalStore) -> Result<Approvals, ApprovalError> {
         let pending = store.pending_by_agent()?;
-        Ok(Approvals { store, waiters: Mutex::default(), pending: Mutex::new(pending) })
+        Ok(Approvals {
+            store: Some(store),
+            fleet: None,
+            fleet_pending: Default::default(),
+            waiters: Mutex::default(),
+            pending: Mutex::new(pending),
+        })
+    }
+
+    /// The fleet's queue (SPEC §15.3).
+    pub fn fleet(fleet: crate::state::postgres::PgApprovals) -> Approvals {
+        Approvals {
+            store: None,
+            fleet: Some(fleet),
+            fleet_pending: Default::default(),
+            waiters: Mutex::default(),
+            pending: Mutex::default(),
+        }
+    }
+
+    /// Held requests whose approval was decided on another gateway of the fleet are woken here
+    /// (called about every 250 ms), and the fleet's pending count refreshed.
+    pub async fn poll_fleet(&self) {
+        let Some(f) = &self.fleet else { return };
+        let ids: Vec<String> = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
+        if !ids.is_empty()
+            && let Ok(decided) = f.decided(ids).await
+        {
+            for (id, status) in decided {
+                let r = match status {
+                    Status::Approved | Status::Consumed => Resolution::Approved,
+                    Status::Denied => Resolution::Denied,
+                    _ => Resolution::TimedOut,
+                };
+                self.wake(&id, r);
+            }
+        }
+        if let Ok(n) = f.pending_total(now_unix()).await {
+            self.fleet_pending.store(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn local(&self) -> Result<ApprovalStore, ApprovalError> {
+        self.store.clone().ok_or_else(|| ApprovalError::Store("no local approvals store".into()))
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
@@ -91,15 +143,17 @@ impl Approvals {
 
     /// Pending approvals of all agents (the `uapk_approvals_pending` gauge).
     pub fn pending_total(&self) -> u64 {
+        if self.fleet.is_some() {
+            return self.fleet_pending.load(std::sync::atomic::Ordering::Relaxed);
+        }
         self.counts().values().map(|&n| n as u64).sum()
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
-        self.store.get(id)
-    }
-
     pub async fn fetch(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
-        let (store, id) = (self.store.clone(), id.to_string());
+        if let Some(f) = &self.fleet {
+            return f.get(id).await;
+        }
+        let (store, id) = (self.local()?, id.to_string());
         blocking(move || store.get(&id)).await
     }
 
@@ -109,30 +163,43 @@ impl Approvals {
         limit: usize,
         cursor: Option<Cursor>,
     ) -> Result<(Vec<Approval>, Option<Cursor>), ApprovalError> {
-        let store = self.store.clone();
+        if let Some(f) = &self.fleet {
+            return f.page(status, limit, cursor, now_unix()).await;
+        }
+        let store = self.local()?;
         blocking(move || store.page(status, limit, cursor.as_ref(), now_unix())).await
     }
 
     /// Takes one of `agent`'s `max_pending` slots before its approval is recorded and stored,
-    /// so concurrent escalations cannot overshoot; `Err` says how many are pending. A taken
-    /// slot is either filled by `store` or given back with `unreserve`.
-    pub fn reserve(&self, agent: &str, max_pending: usize) -> Result<(), usize> {
+    /// so concurrent escalations cannot overshoot (across the fleet with the fleet's queue);
+    /// `Ok(Err(n))` says how many are pending. A taken slot is either filled by `store` or given
+    /// back with `unreserve`.
+    pub async fn reserve(&self, agent: &str, max_pending: usize) -> Result<Result<Slot, usize>, ApprovalError> {
+        if let Some(f) = &self.fleet {
+            return Ok(f.reserve(agent, max_pending).await?.map(|s| Slot(Some(s))));
+        }
         let mut c = self.counts();
         let n = c.entry(agent.to_string()).or_default();
         if *n >= max_pending {
-            return Err(*n);
+            return Ok(Err(*n));
         }
         *n += 1;
-        Ok(())
+        Ok(Ok(Slot(None)))
     }
 
-    pub fn unreserve(&self, agent: &str) {
-        self.left_pending(agent);
+    pub async fn unreserve(&self, agent: &str, slot: Slot) {
+        match (&self.fleet, slot.0) {
+            (Some(f), Some(s)) => f.unreserve(&s).await,
+            _ => self.left_pending(agent),
+        }
     }
 
     /// Stores a new pending approval in the slot `reserve` took (given back on failure).
-    pub async fn store(&self, a: Approval) -> Result<(), ApprovalError> {
-        let (store, agent) = (self.store.clone(), a.agent.clone());
+    pub async fn store(&self, a: Approval, slot: Slot) -> Result<(), ApprovalError> {
+        if let Some(f) = &self.fleet {
+            return f.put(&a, slot.0).await;
+        }
+        let (store, agent) = (self.local()?, a.agent.clone());
         let r = blocking(move || store.put(&a)).await;
         if r.is_err() {
             self.left_pending(&agent);
@@ -153,7 +220,10 @@ impl Approvals {
         now: i64,
         edit: impl FnOnce(&mut Approval) + Send + 'static,
     ) -> Result<Approval, ApprovalError> {
-        let (store, id) = (self.store.clone(), id.to_string());
+        if let Some(f) = &self.fleet {
+            return f.transition(id, from, to, now, edit).await;
+        }
+        let (store, id) = (self.local()?, id.to_string());
         let a = blocking(move || store.transition(&id, from, to, now, edit)).await?;
         if from == Status::Pending && to != Status::Pending {
             self.left_pending(&a.agent);
@@ -257,8 +327,14 @@ impl Approvals {
 
     /// Marks pending approvals past their expiry as expired, with an audit entry each.
     pub async fn expire_due(&self, audit: &AuditHandle) {
-        let store = self.store.clone();
-        let Ok(expired) = blocking(move || store.expire_overdue(now_unix())).await else { return };
+        let expired = match &self.fleet {
+            Some(f) => f.expire_overdue(now_unix()).await,
+            None => match self.local() {
+                Ok(store) => blocking(move || store.expire_overdue(now_unix())).await,
+                Err(e) => Err(e),
+            },
+        };
+        let Ok(expired) = expired else { return };
         for a in expired {
             self.left_pending(&a.agent);
             let _ = audit.append_nowait(approval_entry(

@@ -13,7 +13,7 @@ mod file;
 pub mod merkle;
 pub mod note;
 pub mod proof;
-mod store;
+pub(crate) mod store;
 pub mod tar;
 mod verify;
 
@@ -22,7 +22,7 @@ pub use merkle::{Frontier, Hash, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint, parse_unverified, valid_key_name};
 pub use proof::Proof;
 pub use store::{
-    AuditConfig, AuditHandle, AuditLog, AuditStats, Durability, GENESIS_PREV, Guard, SharedDb, rotate_key,
+    AuditConfig, AuditHandle, AuditLog, AuditStats, Checker, Durability, GENESIS_PREV, Precondition, SharedDb, rotate_key,
     rotation_message,
 };
 pub use verify::{

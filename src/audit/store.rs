@@ -100,34 +100,45 @@ pub struct AuditConfig {
     pub key_name: String,
 }
 
-enum Msg {
-    Append(Fields, Option<oneshot::Sender<Result<u64, AuditError>>>, Option<Guard>),
+pub(crate) enum Msg {
+    Append(Fields, Option<oneshot::Sender<Result<u64, AuditError>>>, Option<Precondition>),
     Stop,
 }
 
-/// A state change that must commit in the same transaction as its entry, or not at all. It runs
-/// inside the writer's transaction just before its entry is appended; `Err(why)` leaves the
-/// entry out of the log (its appender gets `AuditError::Refused(why)`) and must leave the
-/// transaction as it found it. Used to consume an approval in the commit of the decision that
-/// accepts it.
-pub type Guard = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), String> + Send>;
+/// What must still hold when an entry is appended, checked in the entry's own transaction: the
+/// entry is appended only if it holds, and the change it names commits with the entry or not
+/// at all. A value, so every backend checks it its own way (SPEC §15.3: an override is consumed
+/// in the transaction of the `decision` entry that accepts it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Precondition {
+    /// Move this approval from approved to consumed, as of this Unix time.
+    pub consume_approval: Option<(String, i64)>,
+    /// Keep this request's budget reservation: it is forwarded (`true`: its action counts).
+    /// Backends whose counters live elsewhere settle it after the commit instead.
+    pub keep_budget: Option<(String, bool)>,
+}
+
+/// How the embedded writer checks a [`Precondition`] inside its redb transaction: `Err(why)`
+/// leaves the entry out (its appender gets `AuditError::Refused(why)`) and must leave the
+/// transaction as it found it.
+pub type Checker = Arc<dyn Fn(&redb::WriteTransaction, &Precondition) -> Result<(), String> + Send + Sync>;
 
 #[derive(Default)]
-struct Shared {
-    size: AtomicU64,
+pub(crate) struct Shared {
+    pub(crate) size: AtomicU64,
     /// The committed size again, for those who wait for new entries (the record stream): one
     /// value, so a subscriber costs the writer nothing and a slow one holds nothing back.
-    committed: CommittedSize,
-    entries_total: AtomicU64,
-    commits_total: AtomicU64,
-    last_batch: AtomicU64,
+    pub(crate) committed: CommittedSize,
+    pub(crate) entries_total: AtomicU64,
+    pub(crate) commits_total: AtomicU64,
+    pub(crate) last_batch: AtomicU64,
     /// A write failed and the database has not been reopened since.
-    failed: std::sync::atomic::AtomicBool,
-    checkpoint: RwLock<Option<String>>,
+    pub(crate) failed: std::sync::atomic::AtomicBool,
+    pub(crate) checkpoint: RwLock<Option<String>>,
 }
 
 /// A `watch` channel of the committed tree size (`Default` for `Shared`).
-struct CommittedSize(tokio::sync::watch::Sender<u64>);
+pub(crate) struct CommittedSize(tokio::sync::watch::Sender<u64>);
 
 impl Default for CommittedSize {
     fn default() -> Self {
@@ -137,7 +148,7 @@ impl Default for CommittedSize {
 
 impl Shared {
     /// Publishes a new committed size: to the atomic readers, then wakes the waiters.
-    fn set_size(&self, size: u64) {
+    pub(crate) fn set_size(&self, size: u64) {
         self.size.store(size, Ordering::SeqCst);
         self.committed.0.send_replace(size);
     }
@@ -181,8 +192,9 @@ impl AuditHandle {
         rx.await.map_err(|_| AuditError::Stopped)?
     }
 
-    /// `append_fields` whose entry commits only together with `guard`'s change (see [`Guard`]).
-    pub async fn append_guarded(&self, fields: Fields, guard: Guard) -> Result<u64, AuditError> {
+    /// `append_fields` whose entry is appended only if `guard` holds, together with its change
+    /// (see [`Precondition`]).
+    pub async fn append_guarded(&self, fields: Fields, guard: Precondition) -> Result<u64, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.tx.try_send(Msg::Append(fields, Some(tx), Some(guard))).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
@@ -197,6 +209,16 @@ impl AuditHandle {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
         })
+    }
+
+    /// A handle on a queue drained by another writer (the fleet's database writer).
+    pub(crate) fn from_parts(tx: mpsc::Sender<Msg>, shared: Arc<Shared>) -> AuditHandle {
+        AuditHandle { tx, shared }
+    }
+
+    /// The queue (the fleet writer's stop message).
+    pub(crate) fn sender(&self) -> &mpsc::Sender<Msg> {
+        &self.tx
     }
 
     pub fn queue_depth(&self) -> usize {
@@ -241,7 +263,7 @@ impl AuditHandle {
 pub struct SharedDb(Arc<RwLock<Option<Arc<redb::Database>>>>);
 
 impl SharedDb {
-    fn new(db: redb::Database) -> SharedDb {
+    pub(crate) fn new(db: redb::Database) -> SharedDb {
         SharedDb(Arc::new(RwLock::new(Some(Arc::new(db)))))
     }
 
@@ -282,6 +304,49 @@ fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
     Ok(db)
 }
 
+/// A read copy of a log kept elsewhere (the fleet's database): the same tables as the
+/// gateway's own file, so every reader (records, proofs, export, verify) works on it
+/// unchanged. Not evidence by itself: it is filled from the database and re-verified.
+pub(crate) fn open_copy(path: &std::path::Path) -> Result<redb::Database, AuditError> {
+    let db = redb::Builder::new()
+        .set_cache_size(WRITER_CACHE_BYTES)
+        .create(path)
+        .map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
+    let tx = db.begin_write().map_err(storage)?;
+    tx.open_table(ENTRIES).map_err(storage)?;
+    tx.open_table(CHECKPOINTS).map_err(storage)?;
+    tx.open_table(SIGS).map_err(storage)?;
+    tx.open_table(NODES).map_err(storage)?;
+    tx.commit().map_err(storage)?;
+    Ok(db)
+}
+
+/// Adds entries (with their signatures, if any) and checkpoints to a read copy; entries must
+/// continue it densely. Not fsynced: the copy is rebuilt from its source after a crash.
+pub(crate) fn copy_append(
+    db: &redb::Database,
+    entries: &[(u64, Vec<u8>, Option<Vec<u8>>)],
+    checkpoints: &[(u64, String)],
+) -> Result<(), AuditError> {
+    let mut tx = db.begin_write().map_err(storage)?;
+    tx.set_durability(redb::Durability::None).map_err(storage)?;
+    {
+        let mut t = tx.open_table(ENTRIES).map_err(storage)?;
+        let mut sigs = tx.open_table(SIGS).map_err(storage)?;
+        for (idx, body, sig) in entries {
+            t.insert(*idx, body.as_slice()).map_err(storage)?;
+            if let Some(sig) = sig {
+                sigs.insert(*idx, sig.as_slice()).map_err(storage)?;
+            }
+        }
+        let mut cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
+        for (size, note) in checkpoints {
+            cps.insert(*size, note.as_str()).map_err(storage)?;
+        }
+    }
+    tx.commit().map_err(storage)
+}
+
 /// The open log and its writer thread.
 pub struct AuditLog {
     db: SharedDb,
@@ -291,15 +356,19 @@ pub struct AuditLog {
 
 /// The writer's view of the tree.
 #[derive(Clone)]
-struct State {
-    size: u64,
-    prev: Hash,
-    frontier: Frontier,
-    last_ts: time::OffsetDateTime,
+pub(crate) struct State {
+    pub(crate) size: u64,
+    pub(crate) prev: Hash,
+    pub(crate) frontier: Frontier,
+    pub(crate) last_ts: time::OffsetDateTime,
 }
 
 /// Recomputes the tree from the stored entries and checks it against the latest checkpoint.
-fn recover(db: &redb::Database, cfg: &AuditConfig, key: &SigningKey) -> Result<(State, Option<String>), AuditError> {
+pub(crate) fn recover(
+    db: &redb::Database,
+    cfg: &AuditConfig,
+    key: &SigningKey,
+) -> Result<(State, Option<String>), AuditError> {
     let tx = db.begin_read().map_err(storage)?;
     let entries = tx.open_table(ENTRIES).map_err(storage)?;
     let mut frontier = Frontier::new();
@@ -377,6 +446,16 @@ impl AuditLog {
     /// Opens (or creates) the log, re-verifies it against its latest checkpoint (refusing a
     /// truncated or altered database) and starts the writer.
     pub fn open(cfg: AuditConfig, key: SigningKey) -> Result<AuditLog, AuditError> {
+        AuditLog::open_with(cfg, key, Arc::new(|_: &redb::WriteTransaction, p: &Precondition| {
+            match p.consume_approval {
+                Some(_) => Err("no approval store".into()),
+                None => Ok(()),
+            }
+        }))
+    }
+
+    /// `open`, with the way the writer checks an entry's [`Precondition`] in its transaction.
+    pub fn open_with(cfg: AuditConfig, key: SigningKey, checker: Checker) -> Result<AuditLog, AuditError> {
         super::note::valid_key_name(&cfg.origin)
             .map_err(|e| AuditError::Checkpoint(format!("the log origin {:?} {e}", cfg.origin)))?;
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -395,7 +474,7 @@ impl AuditLog {
         shared.set_size(state.size);
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest;
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let writer = Writer::new(db.clone(), cfg, key, state, shared.clone(), None);
+        let writer = Writer::new(db.clone(), cfg, key, state, shared.clone(), None, checker);
         let clock = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
@@ -443,6 +522,7 @@ struct Writer {
     log_json: Vec<u8>,
     /// The runtime of the request tasks (when the log was opened on one): see `acknowledge`.
     runtime: Option<tokio::runtime::Handle>,
+    checker: Checker,
 }
 
 type Ack = oneshot::Sender<Result<u64, AuditError>>;
@@ -456,11 +536,11 @@ impl Writer {
         state: State,
         shared: Arc<Shared>,
         cosign: Option<SigningKey>,
+        checker: Checker,
     ) -> Writer {
-        let mut log_json = Vec::with_capacity(cfg.origin.len() + 2);
-        write_str(&cfg.origin, &mut log_json);
+        let log_json = log_json(&cfg.origin);
         let runtime = tokio::runtime::Handle::try_current().ok();
-        Writer { db, cfg, key, state, shared, cosign, failed_at: None, reopen_attempts: 0, log_json, runtime }
+        Writer { db, cfg, key, state, shared, cosign, failed_at: None, reopen_attempts: 0, log_json, runtime, checker }
     }
 
     /// `clock` only waits on the queue with a deadline (async mode's fsync timer).
@@ -662,45 +742,9 @@ impl Writer {
 
     /// The entry's canonical bytes: `fields` and the writer's own `v`, `log`, `idx`, `ts`, `prev`.
     fn entry_bytes(&mut self, fields: &Fields, idx: u64) -> Vec<u8> {
-        use std::io::Write as _;
-        let mut prev = [b'"'; 66];
-        if idx == 0 {
-            prev[1..65].copy_from_slice(GENESIS_PREV.as_bytes());
-        } else {
-            let _ = hex::encode_to_slice(self.state.prev, &mut prev[1..65]);
-        }
-        let mut idx_s = Vec::with_capacity(22);
-        let _ = write!(idx_s, "\"{idx}\"");
-        let ts = self.timestamp();
-        let mut out = Vec::with_capacity(fields.len_hint() + 256);
-        // Long strings are already cut; an entry still above the limit drops whole fields into
-        // its `truncated` map (SPEC §14.8) rather than go unrecorded.
-        fields.join_within(
-            &[("idx", &idx_s), ("log", &self.log_json), ("prev", &prev), ("ts", &ts), ("v", b"\"1\"")],
-            MAX_ENTRY_BYTES,
-            &mut out,
-        );
-        out
-    }
-
-    /// The entry time, quoted: RFC 3339 UTC with microseconds, never earlier than the last one.
-    fn timestamp(&mut self) -> Vec<u8> {
-        use std::io::Write as _;
         let now = time::OffsetDateTime::now_utc().max(self.state.last_ts);
         self.state.last_ts = now;
-        let mut out = Vec::with_capacity(30);
-        let _ = write!(
-            out,
-            "\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\"",
-            now.year(),
-            u8::from(now.month()),
-            now.day(),
-            now.hour(),
-            now.minute(),
-            now.second(),
-            now.microsecond()
-        );
-        out
+        entry_bytes(fields, idx, &self.state.prev, now, &self.log_json, None)
     }
 
     /// Tells the waiters of a committed group their indexes. Waking request tasks one by one from
@@ -718,7 +762,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, batch: Vec<(Fields, Reply, Option<Guard>)>, durable: bool) {
+    fn commit(&mut self, batch: Vec<(Fields, Reply, Option<Precondition>)>, durable: bool) {
         if let Err(e) = self.ensure_writable() {
             for (_, reply, _) in batch {
                 reply_err(reply, e.clone());
@@ -754,7 +798,7 @@ impl Writer {
             }
             // The guard runs last, once its entry is sure to be appended with it.
             if let Some(guard) = guard
-                && let Err(why) = guard(&tx)
+                && let Err(why) = (self.checker)(&tx, &guard)
             {
                 reply_err(reply, AuditError::Refused(why));
                 continue;
@@ -836,6 +880,68 @@ fn reply_err(reply: Reply, e: AuditError) {
     }
 }
 
+/// An entry's canonical bytes: `fields` and the writer's `v`, `log` (`log_json`, the origin as a
+/// JSON string), `idx`, `ts` (`now`), `prev` (the previous leaf hash; ignored for entry 0).
+pub(crate) fn entry_bytes(
+    fields: &Fields,
+    idx: u64,
+    prev: &Hash,
+    now: time::OffsetDateTime,
+    log_json: &[u8],
+    gateway: Option<&[u8]>,
+) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut prev_json = [b'"'; 66];
+    if idx == 0 {
+        prev_json[1..65].copy_from_slice(GENESIS_PREV.as_bytes());
+    } else {
+        let _ = hex::encode_to_slice(prev, &mut prev_json[1..65]);
+    }
+    let mut idx_s = Vec::with_capacity(22);
+    let _ = write!(idx_s, "\"{idx}\"");
+    let ts = timestamp(now);
+    let mut out = Vec::with_capacity(fields.len_hint() + 256);
+    // Long strings are already cut; an entry still above the limit drops whole fields into
+    // its `truncated` map (SPEC §14.8) rather than go unrecorded.
+    let own: [(&'static str, &[u8]); 5] =
+        [("idx", &idx_s), ("log", log_json), ("prev", &prev_json), ("ts", &ts), ("v", b"\"1\"")];
+    match gateway {
+        None => fields.join_within(&own, MAX_ENTRY_BYTES, &mut out),
+        Some(g) => {
+            let mut with = Vec::with_capacity(6);
+            with.push(("gateway", g));
+            with.extend_from_slice(&own);
+            fields.join_within(&with, MAX_ENTRY_BYTES, &mut out)
+        }
+    }
+    out
+}
+
+/// An entry time, quoted: RFC 3339 UTC with microseconds.
+fn timestamp(now: time::OffsetDateTime) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = Vec::with_capacity(30);
+    let _ = write!(
+        out,
+        "\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\"",
+        now.year(),
+        u8::from(now.month()),
+        now.day(),
+        now.hour(),
+        now.minute(),
+        now.second(),
+        now.microsecond()
+    );
+    out
+}
+
+/// The origin as a canonical JSON string: every entry's `log`.
+pub(crate) fn log_json(origin: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(origin.len() + 2);
+    write_str(origin, &mut out);
+    out
+}
+
 /// The message a rotation's old key signs: the log, and the new public key.
 pub fn rotation_message(origin: &str, new_key_hex: &str) -> String {
     format!("uapk-gateway key rotation\n{origin}\n{new_key_hex}\n")
@@ -858,7 +964,8 @@ pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<
     fields.insert("new_key".into(), Value::String(new_hex));
     fields.insert("announcement_sig".into(), Value::String(hex::encode(announcement.to_bytes())));
     let shared = Arc::new(Shared::default());
-    let mut w = Writer::new(SharedDb::new(db), cfg, old, state, shared, Some(new));
+    let checker: Checker = Arc::new(|_: &redb::WriteTransaction, _: &Precondition| Ok(()));
+    let mut w = Writer::new(SharedDb::new(db), cfg, old, state, shared, Some(new), checker);
     let (tx, mut rx) = oneshot::channel();
     w.commit(vec![(Fields::from_map(fields)?, Some(tx), None)], true);
     rx.try_recv().map_err(|_| AuditError::Stopped)?

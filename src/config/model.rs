@@ -29,6 +29,10 @@ pub struct GatewayConfig {
     pub gateway_key: PathBuf,
     pub tls: TlsSettings,
     pub audit: AuditSettings,
+    /// `state.backend`: embedded (redb, one gateway) or a fleet's PostgreSQL (SPEC §15).
+    pub state: StateBackend,
+    /// What `check` warns about in `gateway.yaml` (valid, but probably not what was meant).
+    pub warnings: Vec<String>,
     pub identity: IdentitySettings,
     pub admin_keys: Vec<AdminKey>,
     /// `admin.max_connections`: the admin listener's own connection cap, so health checks
@@ -89,6 +93,79 @@ pub struct AuditSettings {
     pub sign_each_entry: bool,
     /// A full queue answers 503 (fail closed).
     pub queue_capacity: usize,
+}
+
+/// Where the policy state and the log live (SPEC §15.1).
+#[derive(Debug, Clone, Default)]
+pub enum StateBackend {
+    /// One gateway: the redb file at `audit.path`.
+    #[default]
+    Embedded,
+    /// A fleet: PostgreSQL shared by every gateway with the same `audit.origin`.
+    Postgres(PostgresSettings),
+}
+
+/// `state.postgres`.
+#[derive(Debug, Clone)]
+pub struct PostgresSettings {
+    pub url: SecretSource,
+    pub pool_size: usize,
+    pub connect_timeout: Duration,
+    /// Any statement or lock wait beyond it fails (closed).
+    pub statement_timeout: Duration,
+    /// Roots for `sslmode=verify-full` (else the bundled web roots).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A connection URL that carries a password: read from a file (a mounted Secret) when the
+/// gateway starts, or written inline. Never printed with its password.
+#[derive(Clone)]
+pub enum SecretSource {
+    File(PathBuf),
+    Inline(String),
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::File(p) => write!(f, "File({})", p.display()),
+            SecretSource::Inline(u) => write!(f, "Inline({})", redact_url(u)),
+        }
+    }
+}
+
+impl SecretSource {
+    /// The URL, read from its file now (trimmed).
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            SecretSource::Inline(u) => Ok(u.clone()),
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("{}: {e}", p.display())),
+        }
+    }
+}
+
+/// A URL with its password (if any) shown as `***`; text that is no URL is hidden whole.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            let mut q: Vec<(String, String)> = u.query_pairs().into_owned().collect();
+            if q.iter().any(|(k, _)| k.eq_ignore_ascii_case("password")) {
+                for (k, v) in &mut q {
+                    if k.eq_ignore_ascii_case("password") {
+                        *v = "***".into();
+                    }
+                }
+                u.query_pairs_mut().clear().extend_pairs(q);
+            }
+            u.to_string()
+        }
+        Err(_) => "***".into(),
+    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -21,6 +21,7 @@ pub struct RawGateway {
     pub network: RawNetwork,
     pub log_format: Option<String>,
     pub telemetry: RawTelemetry,
+    pub state: RawState,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +55,25 @@ pub struct RawAudit {
     pub durability: Option<String>,
     pub sign_each_entry: Option<bool>,
     pub queue_capacity: Option<usize>,
+}
+
+/// `state:` (SPEC §15.1): where budgets, approvals and the log live.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawState {
+    pub backend: Option<String>,
+    pub postgres: RawPostgres,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPostgres {
+    pub url_file: Option<String>,
+    pub url: Option<String>,
+    pub pool_size: Option<usize>,
+    pub connect_timeout: Option<String>,
+    pub statement_timeout: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -155,6 +155,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             AuditDurability::Sync
         }
     };
+    let explicit_origin = raw.audit.origin.is_some();
+    let audit_path_set = raw.audit.path.is_some();
     let origin = raw.audit.origin.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
@@ -293,6 +295,19 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         }
     }
     let otlp = otlp(cx, raw.telemetry.otlp);
+    let mut warnings = Vec::new();
+    let state = state(cx, raw.state, &mut warnings);
+    if let StateBackend::Postgres(_) = &state {
+        if !explicit_origin {
+            cx.err(
+                "audit.origin",
+                "is required with state.backend: postgres (every gateway of the fleet appends to the log of this origin; host names differ between pods)",
+            );
+        }
+        if audit_path_set {
+            warnings.push("audit.path is not used with state.backend: postgres (the log is in the database)".to_string());
+        }
+    }
     let admin_max_connections = raw.admin.max_connections.unwrap_or(256);
     if admin_max_connections == 0 {
         cx.err("admin.max_connections", "must be at least 1");
@@ -316,6 +331,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             sign_each_entry: raw.audit.sign_each_entry.unwrap_or(false),
             queue_capacity,
         },
+        state,
+        warnings,
         identity: IdentitySettings {
             default_agent: raw.identity.default_agent,
             token_file: raw.identity.token_file.map(PathBuf::from),
@@ -328,6 +345,63 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         data_dir,
         otlp,
     }
+}
+
+/// `state` (SPEC §15.1): the backend and, for postgres, its connection.
+fn state(cx: &mut Cx, raw: RawState, warnings: &mut Vec<String>) -> StateBackend {
+    match raw.backend.as_deref() {
+        None | Some("embedded") => return StateBackend::Embedded,
+        Some("postgres") => {}
+        Some(o) => {
+            cx.err("state.backend", format!("{o:?} is not one of embedded, postgres"));
+            return StateBackend::Embedded;
+        }
+    }
+    let p = raw.postgres;
+    let url = match (p.url_file, p.url) {
+        (Some(_), Some(_)) => {
+            cx.err("state.postgres.url", "set either url or url_file, not both");
+            SecretSource::Inline(String::new())
+        }
+        (Some(f), None) => SecretSource::File(PathBuf::from(f)),
+        (None, Some(u)) => {
+            match url::Url::parse(&u) {
+                Ok(parsed) if matches!(parsed.scheme(), "postgres" | "postgresql") => {
+                    if parsed.password().is_some() {
+                        warnings.push(
+                            "state.postgres.url carries a password inline: keep it in a file (a mounted Secret) and use url_file"
+                                .to_string(),
+                        );
+                    }
+                }
+                _ => cx.err("state.postgres.url", format!("{} is not a postgres:// URL", redact_url(&u))),
+            }
+            SecretSource::Inline(u)
+        }
+        (None, None) => {
+            cx.err("state.postgres", "url_file (or url) is required with state.backend: postgres");
+            SecretSource::Inline(String::new())
+        }
+    };
+    let pool_size = p.pool_size.unwrap_or(8);
+    if pool_size < 2 {
+        cx.err("state.postgres.pool_size", "must be at least 2 (the log's writer keeps one connection)");
+    }
+    let connect_timeout = duration(cx, "state.postgres.connect_timeout", p.connect_timeout, Duration::from_secs(2));
+    let statement_timeout =
+        duration(cx, "state.postgres.statement_timeout", p.statement_timeout, Duration::from_millis(500));
+    for (key, d) in [("state.postgres.connect_timeout", connect_timeout), ("state.postgres.statement_timeout", statement_timeout)] {
+        if d.is_zero() {
+            cx.err(key, "must be greater than zero (a database that does not answer must fail closed, not hang)");
+        }
+    }
+    StateBackend::Postgres(PostgresSettings {
+        url,
+        pool_size,
+        connect_timeout,
+        statement_timeout,
+        ca_file: p.ca_file.map(PathBuf::from),
+    })
 }
 
 /// `telemetry.otlp`: off without an endpoint; the endpoint must be an `http://` or `https://`

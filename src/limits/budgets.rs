@@ -265,6 +265,11 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A reservation held under `id` (by a store).
+    pub(crate) fn new(id: String) -> Reservation {
+        Reservation { id }
+    }
+
     /// The request id the reservation is held under.
     pub fn id(&self) -> &str {
         &self.id

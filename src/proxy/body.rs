@@ -10,7 +10,7 @@
 use super::{BoxError, ProxyBody};
 use crate::audit::{AuditHandle, Fields};
 use crate::config::{USAGE_DRAIN_MAX_BYTES, UsageFormat};
-use crate::limits::{Budgets, Settlement, TokenUse};
+use crate::limits::{Settlement, TokenUse};
 use crate::telemetry::{SpanFacts, UpstreamSpan};
 use crate::usage::{Usage, UsageParser};
 use bytes::Bytes;
@@ -110,7 +110,7 @@ pub struct Outcome {
 /// How a usage connector's outcome reads and charges tokens.
 pub struct UsageHook {
     format: UsageFormat,
-    budgets: Budgets,
+    budgets: crate::state::BudgetStore,
     /// What the call reserved: charged when its usage cannot be read.
     estimate: u64,
     /// How long the response is read on after the agent went away.
@@ -122,7 +122,7 @@ impl UsageHook {
     /// the usage cannot be read.
     pub fn new(
         format: Option<UsageFormat>,
-        budgets: &Budgets,
+        budgets: &crate::state::BudgetStore,
         estimate: u64,
         drain_timeout: Duration,
     ) -> Option<UsageHook> {
@@ -221,7 +221,7 @@ impl Outcome {
                 tokens,
                 at: time::OffsetDateTime::now_utc().unix_timestamp(),
             };
-            hook.budgets.settle(&self.request_id, Settlement::Tokens(used));
+            hook.budgets.settle_later(&self.request_id, Settlement::Tokens(used));
         }
         access_line(&self.access, status, bytes, Some(self.record), Some(self.upstream_latency), error);
     }

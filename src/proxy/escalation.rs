@@ -34,6 +34,15 @@ pub(super) enum Escalated {
     Approved(String),
 }
 
+/// Past `max_pending`: a refusal, recorded like any other.
+async fn too_many(gw: &Arc<Gateway>, facts: &Facts, pending: usize, max: usize) -> Response<ProxyBody> {
+    let d = Decision::deny(
+        "too_many_pending_approvals",
+        format!("{pending} approvals of this agent are pending (escalation.max_pending {max}); wait for decisions"),
+    );
+    gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await
+}
+
 /// ESCALATE: store a pending approval and record it; `reject` answers 403 with its id, `hold`
 /// waits for the decision.
 pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decision: Decision) -> Escalated {
@@ -41,18 +50,20 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
     // `max_pending` the escalation is a refusal, recorded like any other.
     let agent = facts.agent.clone().unwrap_or_default();
     let max = manifest.escalation.max_pending;
-    if let Err(pending) = gw.approvals.reserve(&agent, max) {
-        let d = Decision::deny(
-            "too_many_pending_approvals",
-            format!("{pending} approvals of this agent are pending (escalation.max_pending {max}); wait for decisions"),
-        );
-        return Escalated::Respond(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
-    }
+    let slot = match gw.approvals.reserve(&agent, max).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(pending)) => return Escalated::Respond(too_many(gw, facts, pending, max).await),
+        Err(e) => {
+            tracing::error!(error = %e, "approvals store unavailable");
+            let d = Decision::deny("approval_store_unavailable", "the approvals queue cannot be reached; nothing was forwarded");
+            return Escalated::Respond(gw.refuse_recorded(StatusCode::SERVICE_UNAVAILABLE, facts, d).await);
+        }
+    };
     let id = approvals::new_id();
     let idx = match gw.record(facts, &decision, Some(&id)).await {
         Ok(i) => i,
         Err(resp) => {
-            gw.approvals.unreserve(&agent);
+            gw.approvals.unreserve(&agent, slot).await;
             return Escalated::Respond(resp);
         }
     };
@@ -88,7 +99,7 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
         decided_by: None,
         override_expires_at: None,
     };
-    if gw.approvals.store(approval).await.is_err() {
+    if gw.approvals.store(approval, slot).await.is_err() {
         tracing::error!(approval_id = %id, "cannot store approval");
         let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
         return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));

@@ -7,7 +7,7 @@ use super::body::{self, HashedBody, RecordedBody, RequestDigest, StallCut, Stall
 use super::respond::DenyBody;
 use super::settle::{self, Grant, Settled};
 use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse, ssrf};
-use crate::approvals::{self, Status, approval_entry};
+use crate::approvals::{self, approval_entry};
 use crate::config::{BodiesMode, Connector, Scheme};
 use crate::limits::{Settlement, TokenUse};
 use crate::policy::{Decision, Verdict};
@@ -26,13 +26,14 @@ use std::time::Instant;
 /// token estimate held until the outcome) once the decision is recorded.
 pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>) -> Result<(u64, Decision), Stop> {
     let Settled { decision, dry_run, budget, rate, grant } = settled;
-    match record_decision(gw, facts, &decision, dry_run, grant.as_ref()).await {
+    // One rule with the rebuild from the log (a dry-run escalation is forwarded, not counted as
+    // an action). A shared store keeps the reservation in the decision's own commit.
+    let counted = crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref());
+    let keep = budget.as_ref().map(|r| (r.id().to_string(), counted));
+    match record_decision(gw, facts, &decision, dry_run, grant.as_ref(), keep).await {
         Ok(idx) => {
             if let Some(r) = budget {
-                // One rule with the rebuild from the log (a dry-run escalation is forwarded, not
-                // counted as an action).
-                let counted = crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref());
-                gw.budgets.settle(r.id(), Settlement::Forwarded { counted });
+                gw.budgets.settle(r.id(), Settlement::Forwarded { counted }).await;
             }
             if let Some(t) = rate {
                 t.commit();
@@ -51,7 +52,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
         }
         Err(stop) => {
             // Refused by the SSRF guard, the audit log or a used override: nothing is forwarded.
-            settle::release(gw, budget);
+            settle::release(gw, budget).await;
             Err(stop)
         }
     }
@@ -65,6 +66,7 @@ async fn record_decision(
     decision: &Decision,
     dry_run: bool,
     grant: Option<&Grant>,
+    keep_budget: Option<(String, bool)>,
 ) -> Result<u64, Stop> {
     if decision.verdict == Verdict::Allow || dry_run {
         let refusal = match gw.vetter.vet(&facts.host, facts.port).await {
@@ -79,23 +81,24 @@ async fn record_decision(
         }
     }
     let idx = match grant {
-        None => gw.record(facts, decision, None).await.map_err(Stop::respond)?,
+        None if keep_budget.is_none() => gw.record(facts, decision, None).await.map_err(Stop::respond)?,
+        None => {
+            let guard = crate::audit::Precondition { consume_approval: None, keep_budget };
+            match gw.record_guarded(facts, decision, None, guard).await {
+                Ok(i) => i,
+                Err(Err(why)) => {
+                    tracing::error!(request_id = %facts.request_id, why = %why, "budget reservation not kept");
+                    return Err(Stop::respond(gw.audit_failure(facts, crate::audit::AuditError::Refused(why))));
+                }
+                Err(Ok(resp)) => return Err(Stop::respond(resp)),
+            }
+        }
         Some(g) => {
             facts.override_jti = g.jti.clone();
-            let (id, now) = (g.approval_id.clone(), super::now_unix());
-            let guard: crate::audit::Guard = Box::new(move |tx| {
-                approvals::transition_in(tx, &id, Status::Approved, Status::Consumed, now, |_| {}).map(|_| ()).map_err(
-                    |e| {
-                        match e {
-                            approvals::ApprovalError::NotPending { status: "consumed", .. } => {
-                                "override_token_already_used"
-                            }
-                            _ => "override_token_invalid",
-                        }
-                        .to_string()
-                    },
-                )
-            });
+            let guard = crate::audit::Precondition {
+                consume_approval: Some((g.approval_id.clone(), super::now_unix())),
+                keep_budget,
+            };
             match gw.record_guarded(facts, decision, Some(&g.approval_id), guard).await {
                 Ok(i) => i,
                 Err(Err(code)) => {
@@ -240,7 +243,7 @@ async fn forward(
         // The exchange's task failed: the request may have been sent, so an LLM call is charged
         // its estimate.
         if let Some(estimate) = facts.token_estimate {
-            gw.budgets.settle(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
+            gw.budgets.settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
         }
         let d = Decision::deny("upstream_unavailable", "the upstream exchange failed");
         return refuse(StatusCode::BAD_GATEWAY, facts, &d, Some(record), DenyBody::default());
@@ -356,7 +359,7 @@ fn abandoned(result: Exchange, outcome: body::Outcome) {
 /// A recorded request that is refused before anything is sent: an LLM call's token estimate
 /// is released (nothing reached the upstream, so nothing is charged).
 fn unsent(gw: &Gateway, facts: &Facts) {
-    gw.budgets.settle(&facts.request_id, Settlement::Tokens(token_use(facts, 0)));
+    gw.budgets.settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, 0)));
 }
 
 fn token_use(facts: &Facts, tokens: u64) -> TokenUse {

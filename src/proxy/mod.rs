@@ -35,7 +35,7 @@ use crate::audit::{AuditError, AuditHandle, Fields};
 use crate::config::{BodiesMode, GatewayConfig, PolicyMode, PolicySet, Scheme};
 use crate::identity::TokenVerifier;
 use crate::limits::in_flight::InFlightSlot;
-use crate::limits::{Budgets, RateLimiters};
+use crate::limits::RateLimiters;
 use crate::policy::{self, Decision};
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
@@ -76,7 +76,9 @@ pub struct Gateway {
     pub config: GatewayConfig,
     pub policies: ArcSwap<Policies>,
     pub audit: AuditHandle,
-    pub budgets: Budgets,
+    pub budgets: crate::state::BudgetStore,
+    /// The fleet's database (`state.backend: postgres`): readiness reports it.
+    pub fleet_db: Option<crate::state::postgres::Db>,
     pub rate_limits: RateLimiters,
     pub approvals: Approvals,
     pub client: upstream::UpstreamClient,
@@ -330,7 +332,7 @@ impl Gateway {
         facts: &Facts,
         d: &Decision,
         approval_id: Option<&str>,
-        guard: crate::audit::Guard,
+        guard: crate::audit::Precondition,
     ) -> Result<u64, Result<Response<ProxyBody>, String>> {
         let started = Instant::now();
         let r = match facts.entry(d, approval_id) {
@@ -344,7 +346,7 @@ impl Gateway {
         })
     }
 
-    fn audit_failure(&self, facts: &Facts, e: AuditError) -> Response<ProxyBody> {
+    pub(crate) fn audit_failure(&self, facts: &Facts, e: AuditError) -> Response<ProxyBody> {
         let msg = match e {
             AuditError::QueueFull => "the audit queue is full; nothing was forwarded",
             _ => "the audit log cannot commit; nothing was forwarded",

@@ -36,23 +36,24 @@ pub(crate) struct Settled<'a> {
 
 /// Reserves the budget for `action` (with the request's token estimate, if it is an LLM call);
 /// `Err` is `budget_exceeded`, `Ok` may carry the `budget_threshold_reached` escalation reason.
-fn reserve(
+async fn reserve(
     gw: &Gateway,
     who: &Identity,
     action: &Classified,
     facts: &Facts,
-) -> Result<(Reservation, Option<Reason>), Reason> {
+) -> Result<Result<(Reservation, Option<Reason>), Reason>, Stop> {
     let ask = Ask { id: facts.request_id.clone(), spend: action.spend(&who.manifest), tokens: facts.token_estimate };
-    match gw.budgets.reserve(&who.manifest, ask) {
-        BudgetCheck::Exceeded(r) => Err(r),
-        BudgetCheck::Reserved { reservation, threshold } => Ok((reservation, threshold)),
+    match gw.budgets.reserve(&who.manifest, ask).await {
+        Ok(BudgetCheck::Exceeded(r)) => Ok(Err(r)),
+        Ok(BudgetCheck::Reserved { reservation, threshold }) => Ok(Ok((reservation, threshold))),
+        Err(e) => Err(Stop::respond(gw.audit_failure(facts, crate::audit::AuditError::Storage(e)))),
     }
 }
 
 /// Gives back what a request that stops before it is forwarded reserved.
-pub(crate) fn release(gw: &Gateway, budget: Option<Reservation>) {
+pub(crate) async fn release(gw: &Gateway, budget: Option<Reservation>) {
     if let Some(r) = budget {
-        gw.budgets.settle(r.id(), Settlement::Release);
+        gw.budgets.settle(r.id(), Settlement::Release).await;
     }
 }
 
@@ -105,7 +106,7 @@ pub(crate) async fn settle<'a>(
     // finds when a reload adds one.
     let mut budget = None;
     if decision.verdict != Verdict::Deny {
-        match reserve(gw, who, action, facts) {
+        match reserve(gw, who, action, facts).await? {
             Err(r) => decision = Decision { verdict: Verdict::Deny, reasons: vec![r] },
             Ok((reservation, threshold)) => {
                 budget = Some(reservation);
@@ -130,7 +131,7 @@ pub(crate) async fn settle<'a>(
         facts.bound_headers = hygiene::bound_headers(&parts.headers, &action.connector);
         // The action hash covers the body, so an escalated request's body is read now.
         if let Err(stop) = body.buffer(&parts.headers, &gw.config.limits, facts).await {
-            release(gw, budget.take());
+            release(gw, budget.take()).await;
             return Err(stop);
         }
         if let Some(tok) = parts.headers.get("x-uapk-override").and_then(|v| v.to_str().ok()) {
@@ -147,7 +148,7 @@ pub(crate) async fn settle<'a>(
     }
     if decision.verdict == Verdict::Deny {
         // Refused after reserving (an invalid override): nothing is forwarded.
-        release(gw, budget.take());
+        release(gw, budget.take()).await;
     }
 
     // Refusals and escalations (enforce mode; dry run records the would-be decision and goes on).
@@ -156,7 +157,7 @@ pub(crate) async fn settle<'a>(
             Verdict::Deny => return Err(Stop::forbidden(decision)),
             Verdict::Escalate => {
                 // The reservation goes back while the request waits (or is answered with its id).
-                release(gw, budget.take());
+                release(gw, budget.take()).await;
                 let id = match escalate(gw, facts, manifest, decision).await {
                     Escalated::Respond(resp) => return Err(Stop::respond(resp)),
                     Escalated::Approved(id) => id,
@@ -164,6 +165,7 @@ pub(crate) async fn settle<'a>(
                 // Approved while held: counted again, and rate-limited like any request that
                 // is about to leave.
                 let (reservation, _) = reserve(gw, who, action, facts)
+                    .await?
                     .map_err(|r| Stop::forbidden(Decision { verdict: Verdict::Deny, reasons: vec![r] }))?;
                 budget = Some(reservation);
                 let mut d = Decision::allow();
@@ -184,7 +186,7 @@ pub(crate) async fn settle<'a>(
             Ok(taken) => rate = Some(taken),
             Err(limited) => {
                 // A request refused by a rate limit spends no budget (§8 step 9).
-                release(gw, budget.take());
+                release(gw, budget.take()).await;
                 let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
                 if !dry_run {
                     let mut headers = HeaderMap::new();
