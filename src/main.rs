@@ -87,6 +87,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: Box<TokenCmd>,
     },
+    /// Create or upgrade the fleet's database schema (`state.backend: postgres`): idempotent,
+    /// under an advisory lock, never dropping data. `run` does the same at start.
+    Migrate {
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+    },
     /// Rotate the gateway key of a stopped gateway: a `key` entry signed by the current key
     /// (keys.gateway) announces NEW; then point keys.gateway at NEW and start the gateway.
     #[command(name = "rotate-key")]
@@ -149,8 +155,12 @@ struct AdminArgs {
 #[derive(Args)]
 struct VerifyArgs {
     /// The redb audit file.
-    #[arg(long, conflicts_with_all = ["bundle", "admin"], required_unless_present_any = ["bundle", "proof", "admin"])]
+    #[arg(long, conflicts_with_all = ["bundle", "admin"], required_unless_present_any = ["bundle", "proof", "admin", "config"])]
     db: Option<PathBuf>,
+    /// The gateway config: its log (audit.path, or the fleet's log in PostgreSQL with
+    /// state.backend: postgres), and by default the public half of its keys.gateway.
+    #[arg(short = 'c', long = "config", conflicts_with_all = ["db", "bundle", "admin", "proof"])]
+    config: Option<PathBuf>,
     /// An export bundle directory.
     #[arg(long)]
     bundle: Option<PathBuf>,
@@ -173,8 +183,11 @@ struct VerifyArgs {
 enum ProofCmd {
     /// Prove that entry INDEX is in the tree of SIZE entries (default: the latest checkpoint).
     Inclusion {
-        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        #[arg(long, required_unless_present_any = ["admin", "config"], conflicts_with = "admin")]
         db: Option<PathBuf>,
+        /// The gateway config (its log: audit.path or the fleet's in PostgreSQL).
+        #[arg(short = 'c', long = "config", conflicts_with_all = ["db", "admin"])]
+        config: Option<PathBuf>,
         #[arg(long)]
         index: u64,
         #[arg(long)]
@@ -184,8 +197,11 @@ enum ProofCmd {
     },
     /// Prove that the tree of OLD entries is a prefix of the tree of NEW entries.
     Consistency {
-        #[arg(long, required_unless_present = "admin", conflicts_with = "admin")]
+        #[arg(long, required_unless_present_any = ["admin", "config"], conflicts_with = "admin")]
         db: Option<PathBuf>,
+        /// The gateway config (its log: audit.path or the fleet's in PostgreSQL).
+        #[arg(short = 'c', long = "config", conflicts_with_all = ["db", "admin"])]
+        config: Option<PathBuf>,
         #[arg(long)]
         old: u64,
         #[arg(long)]
@@ -371,6 +387,7 @@ fn main() -> ExitCode {
                 .map_err(|e| Fail(2, e))
         }
         Cmd::RotateKey { config, new_key } => rotate_key(config.as_deref(), &new_key),
+        Cmd::Migrate { config } => migrate(config.as_deref()),
         Cmd::InitIptables { proxy_uid, port, exempt_uid, dns, dry_run } => {
             init_iptables(proxy_uid, &exempt_uid, port, &dns, dry_run)
         }
@@ -503,10 +520,22 @@ fn proof(cmd: ProofCmd) -> Result<(), Fail> {
         print!("{}", String::from_utf8_lossy(&text));
         return Ok(());
     }
-    let db = |d: Option<PathBuf>| d.ok_or_else(|| Fail(2, "give --db FILE or --admin URL".into()));
+    let db = |d: Option<PathBuf>, c: Option<PathBuf>| -> Result<(PathBuf, Option<LogCopy>), Fail> {
+        match (d, c) {
+            (Some(d), _) => Ok((d, None)),
+            (None, Some(c)) => log_source(&load_config(Some(&c))?),
+            (None, None) => Err(Fail(2, "give --db FILE, -c gateway.yaml or --admin URL".into())),
+        }
+    };
     let p = match cmd {
-        ProofCmd::Inclusion { db: d, index, size, .. } => audit::proof::inclusion(&read(&db(d)?)?.1, index, size),
-        ProofCmd::Consistency { db: d, old, new, .. } => audit::proof::consistency(&read(&db(d)?)?.1, old, new),
+        ProofCmd::Inclusion { db: d, config, index, size, .. } => {
+            let (path, _copy) = db(d, config)?;
+            audit::proof::inclusion(&read(&path)?.1, index, size)
+        }
+        ProofCmd::Consistency { db: d, config, old, new, .. } => {
+            let (path, _copy) = db(d, config)?;
+            audit::proof::consistency(&read(&path)?.1, old, new)
+        }
     }
     .map_err(|e| Fail(1, e.to_string()))?;
     print!("{}", p.to_text());
@@ -517,9 +546,22 @@ fn read_text(p: &Path) -> Result<String, Fail> {
     std::fs::read_to_string(p).map_err(|e| Fail(2, format!("{}: {e}", p.display())))
 }
 
-fn verify(a: VerifyArgs) -> Result<(), Fail> {
+fn verify(mut a: VerifyArgs) -> Result<(), Fail> {
     let mut key_paths = a.keys.clone();
-    if key_paths.is_empty() {
+    let mut _copy = None;
+    let mut own_key = None;
+    if let Some(c) = a.config.take() {
+        let cfg = load_config(Some(&c))?;
+        let (path, copy) = log_source(&cfg)?;
+        a.db = Some(path);
+        _copy = copy;
+        if key_paths.is_empty() {
+            let k = identity::load_signing_key(&cfg.gateway_key).map_err(|e| Fail(2, e.to_string()))?;
+            eprintln!("using the public key of keys.gateway {} (pass --key to choose the trusted key)", cfg.gateway_key.display());
+            own_key = Some(k.verifying_key());
+        }
+    }
+    if key_paths.is_empty() && own_key.is_none() {
         if a.bundle.is_some() || a.proof.is_some() || a.remote.admin.is_some() {
             // A bundle or proof carries its own public key: trusting it would accept anything
             // re-signed by whoever made the copy.
@@ -541,7 +583,10 @@ fn verify(a: VerifyArgs) -> Result<(), Fail> {
         key_paths.push(PathBuf::from("./data/gateway.pub.pem"));
         eprintln!("using key {} (pass --key to choose the trusted key)", key_paths[0].display());
     }
-    let keys = read_keys(&key_paths)?;
+    let keys = match own_key {
+        Some(k) => vec![k],
+        None => read_keys(&key_paths)?,
+    };
     let trusted = a.trusted_checkpoint.as_deref().map(read_text).transpose()?;
     if let Some(p) = &a.proof {
         let proof = audit::Proof::parse(&read_text(p)?).map_err(|e| Fail(1, e.to_string()))?;
@@ -654,11 +699,18 @@ fn export(a: ExportArgs) -> Result<(), Fail> {
         println!("exported {entries} entries to {} ({} files from {url})", a.out.display(), files.len());
         return Ok(());
     }
+    let mut _copy = None;
     let (db, key_path) = match (a.db, a.gateway_key) {
         (Some(db), Some(k)) if a.config.is_none() => (db, k),
-        (db, k) => {
+        (Some(db), k) => {
             let cfg = load_config(a.config.as_deref())?;
-            (db.unwrap_or(cfg.audit.path), k.unwrap_or(cfg.gateway_key))
+            (db, k.unwrap_or(cfg.gateway_key))
+        }
+        (None, k) => {
+            let cfg = load_config(a.config.as_deref())?;
+            let (path, copy) = log_source(&cfg)?;
+            _copy = copy;
+            (path, k.unwrap_or(cfg.gateway_key))
         }
     };
     let key = identity::load_signing_key(&key_path).map_err(|e| Fail(2, e.to_string()))?;
@@ -667,6 +719,56 @@ fn export(a: ExportArgs) -> Result<(), Fail> {
     }
     let r = audit::export_bundle(&db, &a.out, a.from, a.to, &key).map_err(|e| Fail(2, e.to_string()))?;
     println!("exported {} entries to {}", r.entries, a.out.display());
+    Ok(())
+}
+
+/// A consistent copy of the fleet's log in a temporary file, removed when dropped.
+struct LogCopy(PathBuf);
+
+impl Drop for LogCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Where a config's log is read from: its `audit.path`, or (state.backend: postgres) a
+/// snapshot of the fleet's log copied into a temporary file in the same format, so `verify`,
+/// `export` and `proof` read it exactly like a gateway's own file.
+fn log_source(cfg: &config::GatewayConfig) -> Result<(PathBuf, Option<LogCopy>), Fail> {
+    let config::StateBackend::Postgres(pg) = &cfg.state else {
+        return Ok((cfg.audit.path.clone(), None));
+    };
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let path = std::env::temp_dir().join(format!("uapk-fleet-snapshot-{}-{nanos}.redb", std::process::id()));
+    let copy = LogCopy(path.clone());
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let n = rt
+        .block_on(async {
+            let db = uapk_gateway::state::postgres::Db::new(pg)?;
+            uapk_gateway::state::postgres::snapshot_copy(&db, &cfg.audit.origin, &path).await
+        })
+        .map_err(|e| Fail(2, e))?;
+    eprintln!("read {n} entries of log {} from PostgreSQL", cfg.audit.origin);
+    Ok((path, Some(copy)))
+}
+
+fn migrate(path: Option<&Path>) -> Result<(), Fail> {
+    let cfg = load_config(path)?;
+    let config::StateBackend::Postgres(pg) = &cfg.state else {
+        return Err(Fail(2, "migrate needs state.backend: postgres (the embedded log needs no migration)".into()));
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let applied = rt
+        .block_on(async {
+            let db = uapk_gateway::state::postgres::Db::new(pg)?;
+            uapk_gateway::state::postgres::migrate(&db).await
+        })
+        .map_err(|e| Fail(1, e))?;
+    if applied.is_empty() {
+        println!("ok: the schema is current");
+    } else {
+        println!("ok: applied migration(s) {applied:?}");
+    }
     Ok(())
 }
 

@@ -1,0 +1,605 @@
+//! A fleet (SPEC §15): three gateway processes of the real binary on one private PostgreSQL
+//! cluster (started here with `initdb` on a free loopback port, as the `postgres` user when run
+//! as root). One budget, one approvals queue and one log for all of them; an outage refuses
+//! traffic and heals by itself. Without the PostgreSQL binaries the tests say which package to
+//! install and pass, except with `CI` set, where they fail.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const APPROVER: &str = "uapk_fleet_approver";
+
+/// A private PostgreSQL cluster in a temporary directory.
+struct Pg {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+}
+
+fn postgres_bin() -> Option<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|b| b.join("initdb").exists())
+        .collect();
+    found.sort();
+    found.pop()
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+/// Runs a PostgreSQL program as the cluster's owner (`postgres` when we are root: the server
+/// refuses to run as root).
+fn as_owner(bin: &Path, args: &[&str]) -> std::process::Output {
+    let root = is_root();
+    let mut c = if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    };
+    c.args(args).output().unwrap()
+}
+
+impl Pg {
+    fn start() -> Option<Pg> {
+        let Some(bin) = postgres_bin() else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "PostgreSQL is not installed (Debian package `postgresql`): the fleet tests need initdb and postgres"
+            );
+            eprintln!("skipped: install the Debian package `postgresql` to run the fleet tests");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
+        }
+        let data = dir.path().join("data");
+        let out = as_owner(
+            &bin.join("initdb"),
+            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        );
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let pg = Pg { port: free_port(), dir, bin };
+        pg.up();
+        Some(pg)
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Starts (or restarts) the server on its port.
+    fn up(&self) {
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("pg.log");
+        let out = as_owner(
+            &self.bin.join("pg_ctl"),
+            &["-D", &self.data(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "-t", "30", "start"],
+        );
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {} {}",
+            String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    /// Stops the server the way a crash does.
+    fn kill(&self) {
+        let out = as_owner(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
+    }
+
+    fn psql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-At", "-c", sql, "postgres"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    fn tool(&self, name: &str, args: &[&str]) -> std::process::Output {
+        Command::new(self.bin.join(name))
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Pg {
+    fn drop(&mut self) {
+        let _ = as_owner(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-m", "immediate", "stop"]);
+    }
+}
+
+/// N gateway processes sharing one policy directory, one key and one database.
+struct Fleet {
+    dir: tempfile::TempDir,
+    gateways: Vec<Gw>,
+}
+
+struct Gw {
+    proxy: u16,
+    admin: u16,
+    config: PathBuf,
+    child: Option<Child>,
+    name: String,
+}
+
+fn admin_keys() -> String {
+    use sha2::Digest;
+    format!(
+        "admin:\n  keys:\n    - {{ id: ops, sha256: {}, role: approver }}\n",
+        hex::encode(sha2::Sha256::digest(APPROVER))
+    )
+}
+
+impl Fleet {
+    async fn start(pg: &Pg, n: usize, manifests: &[(&str, String)]) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("policies")).unwrap();
+        for (name, text) in manifests {
+            std::fs::write(d.join("policies").join(name), text).unwrap();
+        }
+        let key = d.join("gateway.pem");
+        let (code, _, err) = run_cli(&["keygen", "--out", key.to_str().unwrap()], d);
+        assert_eq!(code, 0, "{err}");
+        let mut gateways = Vec::new();
+        for i in 0..n {
+            let (proxy, admin) = (free_port(), free_port());
+            let config = d.join(format!("gw{i}.yaml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\nkeys:\n  gateway: {key}\naudit:\n  origin: fleet.test/log\nstate:\n  backend: postgres\n  postgres:\n    url_file: {url_file}\n    connect_timeout: 1s\n    statement_timeout: 1s\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n{admin_keys}",
+                    p = d.join("policies").display(),
+                    data = d.join(format!("data{i}")).display(),
+                    key = key.display(),
+                    url_file = d.join("pg-url").display(),
+                    admin_keys = admin_keys(),
+                ),
+            )
+            .unwrap();
+            gateways.push(Gw { proxy, admin, config, child: None, name: format!("gw-{i}") });
+        }
+        std::fs::write(d.join("pg-url"), pg.url()).unwrap();
+        let mut f = Fleet { dir, gateways };
+        for i in 0..n {
+            f.spawn(i).await;
+        }
+        f
+    }
+
+    async fn spawn(&mut self, i: usize) {
+        let g = &mut self.gateways[i];
+        let log = self.dir.path().join(format!("{}.log", g.name));
+        let child = Command::new(bin())
+            .args(["run", "-c", g.config.to_str().unwrap()])
+            .env("HOSTNAME", &g.name)
+            .env("UAPK_LOG", "warn")
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        g.child = Some(child);
+        let started = Instant::now();
+        loop {
+            let ok = client().get(format!("http://127.0.0.1:{}/readyz", g.admin)).send().await.map(|r| r.status() == 200);
+            if ok.unwrap_or(false) {
+                return;
+            }
+            if let Some(status) = g.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("{} exited ({status}): {}", g.name, std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(started.elapsed() < Duration::from_secs(30), "{} not ready", g.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.gateways[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM: a graceful stop.
+    fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.gateways[i].child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+    }
+
+    fn base(&self, i: usize, rest: &str) -> String {
+        format!("http://127.0.0.1:{}{rest}", self.gateways[i].proxy)
+    }
+
+    fn admin(&self, i: usize, rest: &str) -> String {
+        format!("http://127.0.0.1:{}{rest}", self.gateways[i].admin)
+    }
+
+    /// Every entry of the fleet's log, read from PostgreSQL through `export -c`.
+    fn entries(&self) -> Vec<Value> {
+        let out = self.dir.path().join(format!("export-{}", rand_hex()));
+        let (code, _, err) =
+            run_cli(&["export", "-c", self.gateways[0].config.to_str().unwrap(), "--out", out.to_str().unwrap()], self.dir.path());
+        assert_eq!(code, 0, "export: {err}");
+        std::fs::read_to_string(out.join("entries.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for i in 0..self.gateways.len() {
+            self.kill(i);
+        }
+    }
+}
+
+async fn refund(url: String, tok: &str, amount: u64, over: Option<&str>) -> (u16, Value) {
+    let mut rb = client()
+        .post(url)
+        .header("x-uapk-capability", tok)
+        .header("x-country", "US")
+        .json(&json!({"amount": amount, "currency": "USD", "customer": "cus_1"}));
+    if let Some(o) = over {
+        rb = rb.header("x-uapk-override", o);
+    }
+    let r = rb.send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// `n` concurrent refunds of `amount` cents, spread round-robin over the fleet.
+async fn spread(f: &Fleet, tok: &str, n: usize, amount: u64) -> Vec<(u16, Value)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let (url, tok) = (f.base(i % f.gateways.len(), "/shop/v1/refunds"), tok.to_string());
+            tokio::spawn(async move { refund(url, &tok, amount, None).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+fn reason(v: &Value) -> &str {
+    v["reasons"][0]["code"].as_str().unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_budget_and_one_log_for_three_gateways() {
+    let Some(pg) = Pg::start() else { return };
+    let up = Upstream::start().await;
+    let spend = format!("{POLICY}  budgets:\n    - window: day\n      max_spend: {{ USD: \"100.00\" }}\n");
+    let actions = format!("{POLICY}  budgets:\n    - window: day\n      max_actions: 10\n");
+    let mut f = Fleet::start(
+        &pg,
+        3,
+        &[("spend.yaml", manifest("spend-agent", up.addr, &spend, "")), ("act.yaml", manifest("act-agent", up.addr, &actions, ""))],
+    )
+    .await;
+
+    // 60 concurrent 5.00 USD refunds over 3 gateways under max_spend 100.00: exactly 20.
+    let results = spread(&f, &token("spend-agent"), 60, 500).await;
+    let ok = results.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(ok, 20, "{results:?}");
+    assert!(results.iter().filter(|(s, _)| *s != 200).all(|(s, v)| *s == 403 && reason(v) == "budget_exceeded"));
+    assert_eq!(up.count(), 20);
+    // max_actions 10: exactly 10 of 40.
+    let results = spread(&f, &token("act-agent"), 40, 100).await;
+    assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 10, "{results:?}");
+    assert_eq!(up.count(), 30);
+
+    // One log: every gateway's decisions, each naming its gateway, dense and verifiable.
+    let entries = f.entries();
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e["idx"], i.to_string());
+    }
+    let allowed: Vec<&Value> = entries.iter().filter(|e| e["kind"] == "decision" && e["decision"] == "allow").collect();
+    assert_eq!(allowed.len(), 30);
+    let names: std::collections::BTreeSet<&str> =
+        entries.iter().filter(|e| e["kind"] == "decision").filter_map(|e| e["gateway"].as_str()).collect();
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), ["gw-0", "gw-1", "gw-2"]);
+    let starts = entries.iter().filter(|e| e["kind"] == "startup").count();
+    assert_eq!(starts, 3);
+    let d = f.dir.path().to_path_buf();
+    let cfg = f.gateways[1].config.to_str().unwrap().to_string();
+    let (code, out, err) = run_cli(&["verify", "-c", &cfg], &d);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("entries verified"), "{out}");
+    let bundle = d.join("bundle");
+    let (code, _, err) = run_cli(&["export", "-c", &cfg, "--out", bundle.to_str().unwrap()], &d);
+    assert_eq!(code, 0, "{err}");
+    let key = uapk_gateway::identity::load_signing_key(&d.join("gateway.pem")).unwrap();
+    std::fs::write(d.join("gateway.pub.pem"), uapk_gateway::identity::verifying_key_pem(&key.verifying_key())).unwrap();
+    let pubkey = d.join("gateway.pub.pem");
+    let (code, out, err) =
+        run_cli(&["verify", "--bundle", bundle.to_str().unwrap(), "--key", pubkey.to_str().unwrap()], &d);
+    assert_eq!(code, 0, "{out}{err}");
+    let py = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify_log_chain.py"))
+        .args([bundle.to_str().unwrap(), "--key", pubkey.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(py.status.success(), "{}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
+
+    // Budgets stay spent after every gateway restarts.
+    for i in 0..3 {
+        f.stop(i);
+    }
+    for i in 0..3 {
+        f.spawn(i).await;
+    }
+    for i in 0..3 {
+        let (s, v) = refund(f.base(i, "/shop/v1/refunds"), &token("spend-agent"), 500, None).await;
+        assert_eq!((s, reason(&v)), (403, "budget_exceeded"), "{v}");
+    }
+    assert_eq!(up.count(), 30);
+    // What PostgreSQL holds: one counter for the agent's day, at 100.00 USD.
+    let spent = pg.psql(
+        "SELECT spend FROM uapk_budget_counters WHERE agent = 'spend-agent' AND win = 'day' AND scope = 'agent'",
+    );
+    assert!(spent.contains("100"), "{spent}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_approvals_queue_for_three_gateways() {
+    let Some(pg) = Pg::start() else { return };
+    let up = Upstream::start().await;
+    let f = Fleet::start(
+        &pg,
+        3,
+        &[
+            ("pay.yaml", manifest("pay-agent", up.addr, POLICY, "escalation:\n  max_pending: 3\n")),
+            ("hold.yaml", manifest("hold-agent", up.addr, POLICY, "escalation:\n  mode: hold\n  hold_timeout: 20s\n")),
+        ],
+    )
+    .await;
+    let tok = token("pay-agent");
+    // Escalated on gateway 0, listed on 1, approved on 2.
+    let (s, v) = refund(f.base(0, "/shop/v1/refunds"), &tok, 6000, None).await;
+    assert_eq!(s, 403, "{v}");
+    let id = v["approval_id"].as_str().unwrap().to_string();
+    let list: Value = client()
+        .get(f.admin(1, "/v1/approvals?status=pending"))
+        .bearer_auth(APPROVER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(list["approvals"].as_array().unwrap().iter().any(|a| a["id"] == id.as_str()), "{list}");
+    let got: Value = client()
+        .get(f.admin(2, &format!("/v1/approvals/{id}")))
+        .bearer_auth(APPROVER)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["status"], "pending", "{got}");
+    let r = client()
+        .post(f.admin(2, &format!("/v1/approvals/{id}/approve")))
+        .bearer_auth(APPROVER)
+        .json(&json!({"note": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let over = r.json::<Value>().await.unwrap()["override_token"].as_str().unwrap().to_string();
+    // Its override, used 12 times at once over the fleet, is accepted exactly once.
+    let tries: Vec<_> = (0..12)
+        .map(|i| {
+            let (url, tok, over) = (f.base(i % 3, "/shop/v1/refunds"), tok.clone(), over.clone());
+            tokio::spawn(async move { refund(url, &tok, 6000, Some(&over)).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tries {
+        results.push(t.await.unwrap());
+    }
+    assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 1, "{results:?}");
+    assert!(
+        results.iter().filter(|(s, _)| *s != 200).all(|(s, v)| *s == 403 && reason(v) == "override_token_already_used"),
+        "{results:?}"
+    );
+    assert_eq!(up.count(), 1);
+
+    // max_pending counts the fleet: 3 pending at most, wherever they were made.
+    let mut codes = Vec::new();
+    for i in 0..4 {
+        let (s, v) = refund(f.base(i % 3, "/shop/v1/refunds"), &tok, 6000, None).await;
+        codes.push((s, v["approval_id"].is_string(), reason(&v).to_string()));
+    }
+    assert_eq!(codes.iter().filter(|c| c.1).count(), 3, "{codes:?}");
+    assert_eq!(codes[3].2, "too_many_pending_approvals", "{codes:?}");
+
+    // A request held on gateway 0 proceeds within a second of its approval on gateway 1.
+    let url = f.base(0, "/shop/v1/refunds");
+    let held = tokio::spawn(async move {
+        let r = refund(url, &token("hold-agent"), 7000, None).await;
+        (r, Instant::now())
+    });
+    let mut hid = None;
+    for _ in 0..100 {
+        let list: Value = client()
+            .get(f.admin(1, "/v1/approvals?status=pending"))
+            .bearer_auth(APPROVER)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        hid = list["approvals"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent"] == "hold-agent")
+            .and_then(|a| a["id"].as_str().map(String::from));
+        if hid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let hid = hid.expect("the held request's approval is listed on another gateway");
+    let approved_at = Instant::now();
+    let r = client()
+        .post(f.admin(1, &format!("/v1/approvals/{hid}/approve")))
+        .bearer_auth(APPROVER)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ((s, v), done) = held.await.unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert!(done.duration_since(approved_at) < Duration::from_secs(1), "{:?}", done.duration_since(approved_at));
+    assert_eq!(up.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outages_refuse_traffic_and_heal_by_themselves() {
+    let Some(pg) = Pg::start() else { return };
+    let up = Upstream::start().await;
+    let mut f = Fleet::start(&pg, 2, &[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))]).await;
+    let tok = token("pay-agent");
+    assert_eq!(refund(f.base(0, "/shop/v1/refunds"), &tok, 1000, None).await.0, 200);
+    pg.kill();
+    let started = Instant::now();
+    let (s, v) = refund(f.base(1, "/shop/v1/refunds"), &tok, 1000, None).await;
+    assert_eq!((s, reason(&v)), (503, "audit_unavailable"), "{v}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert_eq!(up.count(), 1, "nothing is forwarded while the log cannot commit");
+    let r = client().get(f.admin(0, "/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.json::<Value>().await.unwrap()["state"], false);
+    assert_eq!(client().get(f.admin(0, "/healthz")).send().await.unwrap().status(), 200);
+    pg.up();
+    let back = Instant::now();
+    loop {
+        let (s, _) = refund(f.base(1, "/shop/v1/refunds"), &tok, 1000, None).await;
+        if s == 200 {
+            break;
+        }
+        assert!(back.elapsed() < Duration::from_secs(5), "not served again within 5 s: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(client().get(f.admin(0, "/readyz")).send().await.unwrap().status(), 200);
+
+    // SIGKILL of one gateway under load loses nothing: every forwarded request is in the log.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for c in 0..6 {
+        let (url, tok, stop) = (f.base(c % 2, "/shop/v1/refunds"), tok.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok(r) = client()
+                    .post(&url)
+                    .header("x-uapk-capability", &tok)
+                    .header("x-country", "US")
+                    .json(&json!({"amount": 100, "currency": "USD", "customer": "cus_1"}))
+                    .send()
+                    .await
+                    && r.status() == 200
+                    && let Some(idx) = r.headers().get("x-uapk-record").and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                {
+                    acked.push(idx);
+                }
+            }
+            acked
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    f.kill(1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut acked = Vec::new();
+    for t in load {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(acked.len() > 10, "{}", acked.len());
+    let entries = f.entries();
+    for idx in &acked {
+        let e = &entries[*idx as usize];
+        assert_eq!((e["kind"].as_str(), e["decision"].as_str()), (Some("decision"), Some("allow")), "{e}");
+    }
+    let allowed = entries.iter().filter(|e| e["kind"] == "decision" && e["decision"] == "allow").count();
+    assert!(allowed >= up.count(), "{allowed} allowed decisions, {} forwarded", up.count());
+    let (code, out, err) = run_cli(&["verify", "-c", f.gateways[0].config.to_str().unwrap()], f.dir.path());
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_key_and_an_older_backup_are_caught() {
+    let Some(pg) = Pg::start() else { return };
+    let up = Upstream::start().await;
+    let mut f = Fleet::start(&pg, 1, &[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))]).await;
+    let tok = token("pay-agent");
+    assert_eq!(refund(f.base(0, "/shop/v1/refunds"), &tok, 1000, None).await.0, 200);
+    let d = f.dir.path().to_path_buf();
+    let dump = d.join("backup.sql");
+    let out = pg.tool("pg_dump", &["-f", dump.to_str().unwrap(), "postgres"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for _ in 0..3 {
+        assert_eq!(refund(f.base(0, "/shop/v1/refunds"), &tok, 1000, None).await.0, 200);
+    }
+    // A checkpoint kept after the backup.
+    let note = client().get(f.admin(0, "/v1/checkpoint")).send().await.unwrap().text().await.unwrap();
+    std::fs::write(d.join("trusted.txt"), &note).unwrap();
+    f.stop(0);
+    // A gateway with another key refuses to start on the log.
+    let other = d.join("other.pem");
+    assert_eq!(run_cli(&["keygen", "--out", other.to_str().unwrap()], &d).0, 0);
+    let cfg = std::fs::read_to_string(&f.gateways[0].config).unwrap();
+    let other_cfg = d.join("other.yaml");
+    std::fs::write(&other_cfg, cfg.replace(d.join("gateway.pem").to_str().unwrap(), other.to_str().unwrap())).unwrap();
+    let out = Command::new(bin()).args(["run", "-c", other_cfg.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("keys.gateway is not the active key of log fleet.test/log"), "{err}");
+    // The database restored from the older backup: verify with the later checkpoint exits 1.
+    pg.psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public;");
+    let out = pg.tool("psql", &["-q", "-f", dump.to_str().unwrap(), "postgres"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cfg0 = f.gateways[0].config.to_str().unwrap().to_string();
+    let (code, _, _) = run_cli(&["verify", "-c", &cfg0], &d);
+    assert_eq!(code, 0, "the older log is consistent by itself");
+    let (code, out, err) = run_cli(&["verify", "-c", &cfg0, "--trusted-checkpoint", d.join("trusted.txt").to_str().unwrap()], &d);
+    assert_eq!(code, 1, "{out}{err}");
+    // The URL never shows its password: a wrong one is reported without it.
+    std::fs::write(d.join("pg-url"), format!("postgres://postgres:s3cret-pw@127.0.0.1:{}/nodb?sslmode=disable", pg.port)).unwrap();
+    let (code, out, err) = run_cli(&["verify", "-c", &cfg0], &d);
+    assert_ne!(code, 0);
+    assert!(!format!("{out}{err}").contains("s3cret-pw"), "{out}{err}");
+}
