@@ -345,7 +345,7 @@ async fn one_budget_and_one_log_for_three_gateways() {
     assert_eq!(code, 0, "{out}{err}");
     let py = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify_log_chain.py"))
-        .args([bundle.to_str().unwrap(), "--key", pubkey.to_str().unwrap()])
+        .args(["--bundle", bundle.to_str().unwrap(), "--key", pubkey.to_str().unwrap()])
         .output()
         .unwrap();
     assert!(py.status.success(), "{}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
@@ -503,7 +503,7 @@ async fn outages_refuse_traffic_and_heal_by_themselves() {
     let r = client().get(f.admin(0, "/readyz")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.json::<Value>().await.unwrap()["state"], false);
-    assert_eq!(client().get(f.admin(0, "/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(client().get(f.admin(0, "/livez")).send().await.unwrap().status(), 200);
     pg.up();
     let back = Instant::now();
     loop {
