@@ -557,7 +557,10 @@ fn verify(mut a: VerifyArgs) -> Result<(), Fail> {
         _copy = copy;
         if key_paths.is_empty() {
             let k = identity::load_signing_key(&cfg.gateway_key).map_err(|e| Fail(2, e.to_string()))?;
-            eprintln!("using the public key of keys.gateway {} (pass --key to choose the trusted key)", cfg.gateway_key.display());
+            eprintln!(
+                "using the public key of keys.gateway {} (pass --key to choose the trusted key)",
+                cfg.gateway_key.display()
+            );
             own_key = Some(k.verifying_key());
         }
     }

@@ -7,8 +7,8 @@ use crate::approvals::{ApprovalStore, Approvals};
 use crate::audit::{self, AuditConfig, AuditLog};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
 use crate::limits::{Budgets, RateLimiters};
-use crate::state;
 use crate::proxy::{self, Gateway, Policies, TokenFile, conn, ssrf::Vetter, upstream};
+use crate::state;
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -664,7 +664,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {
                         gw2.approvals.poll_fleet().await;
                         n = n.wrapping_add(1);
-                        if n % 4 == 0 {
+                        if n.is_multiple_of(4) {
                             let _ = db.ping().await;
                         }
                     }

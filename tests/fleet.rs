@@ -204,7 +204,8 @@ impl Fleet {
         g.child = Some(child);
         let started = Instant::now();
         loop {
-            let ok = client().get(format!("http://127.0.0.1:{}/readyz", g.admin)).send().await.map(|r| r.status() == 200);
+            let ok =
+                client().get(format!("http://127.0.0.1:{}/readyz", g.admin)).send().await.map(|r| r.status() == 200);
             if ok.unwrap_or(false) {
                 return;
             }
@@ -242,8 +243,10 @@ impl Fleet {
     /// Every entry of the fleet's log, read from PostgreSQL through `export -c`.
     fn entries(&self) -> Vec<Value> {
         let out = self.dir.path().join(format!("export-{}", rand_hex()));
-        let (code, _, err) =
-            run_cli(&["export", "-c", self.gateways[0].config.to_str().unwrap(), "--out", out.to_str().unwrap()], self.dir.path());
+        let (code, _, err) = run_cli(
+            &["export", "-c", self.gateways[0].config.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            self.dir.path(),
+        );
         assert_eq!(code, 0, "export: {err}");
         std::fs::read_to_string(out.join("entries.jsonl"))
             .unwrap()
@@ -302,7 +305,10 @@ async fn one_budget_and_one_log_for_three_gateways() {
     let mut f = Fleet::start(
         &pg,
         3,
-        &[("spend.yaml", manifest("spend-agent", up.addr, &spend, "")), ("act.yaml", manifest("act-agent", up.addr, &actions, ""))],
+        &[
+            ("spend.yaml", manifest("spend-agent", up.addr, &spend, "")),
+            ("act.yaml", manifest("act-agent", up.addr, &actions, "")),
+        ],
     )
     .await;
 
@@ -363,9 +369,8 @@ async fn one_budget_and_one_log_for_three_gateways() {
     }
     assert_eq!(up.count(), 30);
     // What PostgreSQL holds: one counter for the agent's day, at 100.00 USD.
-    let spent = pg.psql(
-        "SELECT spend FROM uapk_budget_counters WHERE agent = 'spend-agent' AND win = 'day' AND scope = 'agent'",
-    );
+    let spent = pg
+        .psql("SELECT spend FROM uapk_budget_counters WHERE agent = 'spend-agent' AND win = 'day' AND scope = 'agent'");
     assert!(spent.contains("100"), "{spent}");
 }
 
@@ -532,7 +537,8 @@ async fn outages_refuse_traffic_and_heal_by_themselves() {
                     .send()
                     .await
                     && r.status() == 200
-                    && let Some(idx) = r.headers().get("x-uapk-record").and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    && let Some(idx) =
+                        r.headers().get("x-uapk-record").and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                 {
                     acked.push(idx);
                 }
@@ -595,10 +601,15 @@ async fn another_key_and_an_older_backup_are_caught() {
     let cfg0 = f.gateways[0].config.to_str().unwrap().to_string();
     let (code, _, _) = run_cli(&["verify", "-c", &cfg0], &d);
     assert_eq!(code, 0, "the older log is consistent by itself");
-    let (code, out, err) = run_cli(&["verify", "-c", &cfg0, "--trusted-checkpoint", d.join("trusted.txt").to_str().unwrap()], &d);
+    let (code, out, err) =
+        run_cli(&["verify", "-c", &cfg0, "--trusted-checkpoint", d.join("trusted.txt").to_str().unwrap()], &d);
     assert_eq!(code, 1, "{out}{err}");
     // The URL never shows its password: a wrong one is reported without it.
-    std::fs::write(d.join("pg-url"), format!("postgres://postgres:s3cret-pw@127.0.0.1:{}/nodb?sslmode=disable", pg.port)).unwrap();
+    std::fs::write(
+        d.join("pg-url"),
+        format!("postgres://postgres:s3cret-pw@127.0.0.1:{}/nodb?sslmode=disable", pg.port),
+    )
+    .unwrap();
     let (code, out, err) = run_cli(&["verify", "-c", &cfg0], &d);
     assert_ne!(code, 0);
     assert!(!format!("{out}{err}").contains("s3cret-pw"), "{out}{err}");

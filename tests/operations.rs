@@ -643,8 +643,8 @@ async fn an_agent_fetches_its_own_approval_and_override_on_the_proxy_listener() 
 }
 
 /// The override's approval, as stored.
-fn approval_status(gw: &TestGateway, id: &str) -> String {
-    gw.gateway().approvals.get(id).unwrap().unwrap().status.as_str().to_string()
+async fn approval_status(gw: &TestGateway, id: &str) -> String {
+    gw.gateway().approvals.fetch(id).await.unwrap().unwrap().status.as_str().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -670,7 +670,7 @@ async fn an_override_is_consumed_only_with_the_decision_that_uses_it() {
     let (id, over) = escalated(6000).await;
     let r = refund(&gw, &tok, 6000, Some(&over)).await;
     assert_eq!(r.status(), 429);
-    assert_eq!(approval_status(&gw, &id), "approved", "a refused request used up the approval");
+    assert_eq!(approval_status(&gw, &id).await, "approved", "a refused request used up the approval");
     assert_eq!(up.count(), 1);
 
     // Accepted, recorded, then the forward fails: the decision that consumed it says so, with
@@ -688,7 +688,7 @@ async fn an_override_is_consumed_only_with_the_decision_that_uses_it() {
     let r = refund(&gw2, &tok, 6000, Some(&over2)).await;
     assert_eq!(r.status(), 502);
     let record = r.headers()["x-uapk-record"].to_str().unwrap().to_string();
-    assert_eq!(approval_status(&gw2, &id2), "consumed");
+    assert_eq!(approval_status(&gw2, &id2).await, "consumed");
     let entry = gw2.entries().into_iter().find(|e| e["idx"] == record.as_str()).unwrap();
     assert_eq!(entry["kind"], "decision");
     assert_eq!(entry["approval_id"], id2.as_str());

@@ -22,8 +22,8 @@ pub use merkle::{Frontier, Hash, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint, parse_unverified, valid_key_name};
 pub use proof::Proof;
 pub use store::{
-    AuditConfig, AuditHandle, AuditLog, AuditStats, Checker, Durability, GENESIS_PREV, Precondition, SharedDb, rotate_key,
-    rotation_message,
+    AuditConfig, AuditHandle, AuditLog, AuditStats, Checker, Durability, GENESIS_PREV, Precondition, SharedDb,
+    rotate_key, rotation_message,
 };
 pub use verify::{
     BUNDLE_FORMAT, ExportReport, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle,

@@ -321,11 +321,14 @@ pub(crate) fn open_copy(path: &std::path::Path) -> Result<redb::Database, AuditE
     Ok(db)
 }
 
+/// An entry for a read copy: index, bytes, and its own signature if the log signs each entry.
+pub(crate) type CopiedEntry = (u64, Vec<u8>, Option<Vec<u8>>);
+
 /// Adds entries (with their signatures, if any) and checkpoints to a read copy; entries must
 /// continue it densely. Not fsynced: the copy is rebuilt from its source after a crash.
 pub(crate) fn copy_append(
     db: &redb::Database,
-    entries: &[(u64, Vec<u8>, Option<Vec<u8>>)],
+    entries: &[CopiedEntry],
     checkpoints: &[(u64, String)],
 ) -> Result<(), AuditError> {
     let mut tx = db.begin_write().map_err(storage)?;
@@ -446,12 +449,14 @@ impl AuditLog {
     /// Opens (or creates) the log, re-verifies it against its latest checkpoint (refusing a
     /// truncated or altered database) and starts the writer.
     pub fn open(cfg: AuditConfig, key: SigningKey) -> Result<AuditLog, AuditError> {
-        AuditLog::open_with(cfg, key, Arc::new(|_: &redb::WriteTransaction, p: &Precondition| {
-            match p.consume_approval {
+        AuditLog::open_with(
+            cfg,
+            key,
+            Arc::new(|_: &redb::WriteTransaction, p: &Precondition| match p.consume_approval {
                 Some(_) => Err("no approval store".into()),
                 None => Ok(()),
-            }
-        }))
+            }),
+        )
     }
 
     /// `open`, with the way the writer checks an entry's [`Precondition`] in its transaction.

@@ -139,9 +139,9 @@ impl SecretSource {
     pub fn read(&self) -> Result<String, String> {
         match self {
             SecretSource::Inline(u) => Ok(u.clone()),
-            SecretSource::File(p) => std::fs::read_to_string(p)
-                .map(|s| s.trim().to_string())
-                .map_err(|e| format!("{}: {e}", p.display())),
+            SecretSource::File(p) => {
+                std::fs::read_to_string(p).map(|s| s.trim().to_string()).map_err(|e| format!("{}: {e}", p.display()))
+            }
         }
     }
 }

@@ -305,7 +305,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             );
         }
         if audit_path_set {
-            warnings.push("audit.path is not used with state.backend: postgres (the log is in the database)".to_string());
+            warnings
+                .push("audit.path is not used with state.backend: postgres (the log is in the database)".to_string());
         }
     }
     let admin_max_connections = raw.admin.max_connections.unwrap_or(256);
@@ -390,7 +391,9 @@ fn state(cx: &mut Cx, raw: RawState, warnings: &mut Vec<String>) -> StateBackend
     let connect_timeout = duration(cx, "state.postgres.connect_timeout", p.connect_timeout, Duration::from_secs(2));
     let statement_timeout =
         duration(cx, "state.postgres.statement_timeout", p.statement_timeout, Duration::from_millis(500));
-    for (key, d) in [("state.postgres.connect_timeout", connect_timeout), ("state.postgres.statement_timeout", statement_timeout)] {
+    for (key, d) in
+        [("state.postgres.connect_timeout", connect_timeout), ("state.postgres.statement_timeout", statement_timeout)]
+    {
         if d.is_zero() {
             cx.err(key, "must be greater than zero (a database that does not answer must fail closed, not hang)");
         }

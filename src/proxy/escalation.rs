@@ -55,7 +55,10 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
         Ok(Err(pending)) => return Escalated::Respond(too_many(gw, facts, pending, max).await),
         Err(e) => {
             tracing::error!(error = %e, "approvals store unavailable");
-            let d = Decision::deny("approval_store_unavailable", "the approvals queue cannot be reached; nothing was forwarded");
+            let d = Decision::deny(
+                "approval_store_unavailable",
+                "the approvals queue cannot be reached; nothing was forwarded",
+            );
             return Escalated::Respond(gw.refuse_recorded(StatusCode::SERVICE_UNAVAILABLE, facts, d).await);
         }
     };

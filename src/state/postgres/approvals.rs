@@ -7,8 +7,8 @@
 
 use super::{CallError, Db, DbError, lock_key};
 use crate::approvals::{Approval, ApprovalError, Cursor, Status};
-use std::sync::Arc;
 use deadpool_postgres::GenericClient;
+use std::sync::Arc;
 
 /// A slot taken for longer than this without its approval being stored is free again (its
 /// gateway died between the two).
@@ -80,7 +80,8 @@ impl PgApprovals {
             .call("approval_reserve", move |mut c| async move {
                 let tx = c.transaction().await?;
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&["approvals", &origin, &agent])]).await?;
-                let now: i64 = tx.query_one("SELECT floor(extract(epoch FROM clock_timestamp()))::bigint", &[]).await?.get(0);
+                let now: i64 =
+                    tx.query_one("SELECT floor(extract(epoch FROM clock_timestamp()))::bigint", &[]).await?.get(0);
                 let pending: i64 = tx
                     .query_one(
                         "SELECT (SELECT count(*) FROM uapk_approvals
@@ -112,7 +113,8 @@ impl PgApprovals {
         let _ = self
             .db
             .call("approval_reserve", move |c| async move {
-                Ok(c.execute("DELETE FROM uapk_approval_slots WHERE origin = $1 AND slot = $2", &[&&*origin, &slot]).await?)
+                Ok(c.execute("DELETE FROM uapk_approval_slots WHERE origin = $1 AND slot = $2", &[&&*origin, &slot])
+                    .await?)
             })
             .await;
     }
@@ -147,7 +149,10 @@ impl PgApprovals {
         let (origin, id) = (self.origin.clone(), id.to_string());
         self.db
             .call("approval_get", move |c| async move {
-                match c.query_opt("SELECT body FROM uapk_approvals WHERE origin = $1 AND id = $2", &[&&*origin, &id]).await? {
+                match c
+                    .query_opt("SELECT body FROM uapk_approvals WHERE origin = $1 AND id = $2", &[&&*origin, &id])
+                    .await?
+                {
                     Some(r) => parse(r.get::<_, &str>(0)).map(Some),
                     None => Ok(None),
                 }
@@ -221,12 +226,14 @@ impl PgApprovals {
         edit: impl FnOnce(&mut Approval) + Send + 'static,
     ) -> Result<Approval, ApprovalError> {
         let (origin, id2) = (self.origin.clone(), id.to_string());
-        let r = self
-            .db
+        self.db
             .call("approval_transition", move |mut c| async move {
                 let tx = c.transaction().await?;
                 let row = tx
-                    .query_opt("SELECT body FROM uapk_approvals WHERE origin = $1 AND id = $2 FOR UPDATE", &[&&*origin, &id2])
+                    .query_opt(
+                        "SELECT body FROM uapk_approvals WHERE origin = $1 AND id = $2 FOR UPDATE",
+                        &[&&*origin, &id2],
+                    )
                     .await?;
                 let Some(row) = row else { return Ok(Err(ApprovalError::NotFound(id2))) };
                 let mut a = parse(row.get::<_, &str>(0))?;
@@ -246,8 +253,7 @@ impl PgApprovals {
                 Ok(Ok(a))
             })
             .await
-            .map_err(store_err)?;
-        r
+            .map_err(store_err)?
     }
 
     /// Expires the fleet's pending approvals past their expiry; returns those this call

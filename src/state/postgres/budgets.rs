@@ -10,13 +10,13 @@
 use super::{CallError, Db, DbError, lock_key};
 use crate::config::{Manifest, Scope, Window};
 use crate::limits::{Ask, BudgetCheck, Reservation, Settlement, Spend, Used, admit};
+use deadpool_postgres::GenericClient;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use deadpool_postgres::GenericClient;
 
 const WINDOWS: [Window; 2] = [Window::Day, Window::Hour];
 const SCOPES: [Scope; 3] = [Scope::Agent, Scope::Connector, Scope::Action];
@@ -243,7 +243,7 @@ impl PgBudgets {
                 spend.at = db_now(&tx).await?;
                 let mut rows = load(&tx, &origin, &spend).await?;
                 let currency = spend.amount.as_ref().map(|(_, c)| c.clone());
-                let verdict = admit(&manifest, &ask, |b| {
+                let verdict = admit(manifest, &ask, |b| {
                     let key = (b.window, window_start(spend.at, b.window), b.scope, scope_value(&spend, b.scope).to_string());
                     rows.get(&key).map_or_else(Used::default, |r| Used {
                         count: r.count.max(0) as u64,

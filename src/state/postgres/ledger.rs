@@ -12,7 +12,9 @@
 
 use super::budgets::keep_in;
 use super::{CallError, Db, DbError};
-use crate::audit::store::{Msg, Precondition, Shared, SharedDb, copy_append, entry_bytes, log_json, open_copy, recover};
+use crate::audit::store::{
+    Msg, Precondition, Shared, SharedDb, copy_append, entry_bytes, log_json, open_copy, recover,
+};
 use crate::audit::{AuditConfig, AuditError, AuditHandle, Checkpoint, Frontier, Hash, leaf_hash};
 use ed25519_dalek::{Signer, SigningKey};
 use std::sync::Arc;
@@ -66,10 +68,13 @@ impl FleetLog {
         let _ = std::fs::remove_file(&copy_path);
         let copy = open_copy(&copy_path).map_err(|e| e.to_string())?;
         let size = fill_copy(&db, &origin, &copy, 0, 0, None).await?;
-        let (state, latest) = recover(&copy, &cfg, &key)
-            .map_err(|e| format!("the log {origin} in PostgreSQL does not verify: {e}"))?;
+        let (state, latest) =
+            recover(&copy, &cfg, &key).map_err(|e| format!("the log {origin} in PostgreSQL does not verify: {e}"))?;
         if state.size != size {
-            return Err(format!("the log {origin} in PostgreSQL does not verify: the read copy holds {} of {size} entries", state.size));
+            return Err(format!(
+                "the log {origin} in PostgreSQL does not verify: the read copy holds {} of {size} entries",
+                state.size
+            ));
         }
         let shared = Arc::new(Shared::default());
         shared.set_size(size);
@@ -97,7 +102,10 @@ impl FleetLog {
             copy: copy.clone(),
             shared: shared.clone(),
             kick,
-            last_checkpoint: latest.as_deref().and_then(|n| crate::audit::parse_unverified(n).ok()).map_or(0, |c| c.size),
+            last_checkpoint: latest
+                .as_deref()
+                .and_then(|n| crate::audit::parse_unverified(n).ok())
+                .map_or(0, |c| c.size),
         };
         Ok(FleetLog {
             handle: AuditHandle::from_parts(tx, shared),
@@ -181,8 +189,7 @@ async fn fill_copy(
             entries.push((idx as u64, r.get::<_, Vec<u8>>(1), r.get::<_, Option<Vec<u8>>>(2)));
             at += 1;
         }
-        let cps: Vec<(u64, String)> =
-            cps.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, String>(1))).collect();
+        let cps: Vec<(u64, String)> = cps.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get::<_, String>(1))).collect();
         copy_append(copy, &entries, &cps).map_err(|e| e.to_string())?;
         cp_after = at;
         if max.is_some() {

@@ -66,7 +66,9 @@ impl Db {
         cfg.keepalives(true);
         cfg.keepalives_idle(Duration::from_secs(30));
         let ms = s.statement_timeout.as_millis().max(1);
-        cfg.options(format!("-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=60000"));
+        cfg.options(format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=60000"
+        ));
         let mgr_cfg = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let mgr = match sslmode.as_deref() {
             Some("disable") => {
@@ -77,7 +79,11 @@ impl Db {
                 cfg.ssl_mode(match mode {
                     None | Some("prefer") | Some("allow") => tokio_postgres::config::SslMode::Prefer,
                     Some("require" | "verify-ca" | "verify-full") => tokio_postgres::config::SslMode::Require,
-                    Some(o) => return Err(format!("state.postgres url: sslmode {o:?} is not one of disable, prefer, require, verify-full")),
+                    Some(o) => {
+                        return Err(format!(
+                            "state.postgres url: sslmode {o:?} is not one of disable, prefer, require, verify-full"
+                        ));
+                    }
                 });
                 Manager::from_config(cfg, tls(s.ca_file.as_deref())?, mgr_cfg)
             }

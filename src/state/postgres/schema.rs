@@ -84,10 +84,8 @@ pub async fn migrate(db: &Db) -> Result<Vec<i32>, DbError> {
                      applied_at timestamptz NOT NULL DEFAULT now())",
             )
             .await?;
-            let current: i32 = c
-                .query_one("SELECT coalesce(max(version), 0) FROM uapk_schema_migrations", &[])
-                .await?
-                .get(0);
+            let current: i32 =
+                c.query_one("SELECT coalesce(max(version), 0) FROM uapk_schema_migrations", &[]).await?.get(0);
             let mut applied = Vec::new();
             for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
                 let tx = c.transaction().await?;
