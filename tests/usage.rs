@@ -92,7 +92,7 @@ fn estimate(r: &SeenReq) -> u64 {
 /// Tokens the gateway has counted for `agent` today.
 fn tokens_counted(gw: &TestGateway, agent: &str) -> u64 {
     use uapk_gateway::config::{Scope, Window};
-    gw.gateway().budgets.used_tokens(agent, Window::Day, Scope::Agent, agent, now())
+    gw.gateway().budgets.memory().unwrap().used_tokens(agent, Window::Day, Scope::Agent, agent, now())
 }
 
 fn usage(i: u64, o: u64, t: u64) -> Value {
@@ -571,7 +571,13 @@ async fn concurrent_calls_overshoot_the_budget_by_at_most_one_estimate() {
     assert_eq!(up.count(), allowed, "admitted while counted + reserved < 2000, each reserving {e}");
     let reserved = {
         use uapk_gateway::config::{Scope, Window};
-        gw.gateway().budgets.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())
+        gw.gateway().budgets.memory().unwrap().reserved_tokens(
+            "llm-agent",
+            Window::Day,
+            Scope::Agent,
+            "llm-agent",
+            now(),
+        )
     };
     assert_eq!(reserved, allowed as u64 * e);
     up.set_gate(true);
@@ -628,7 +634,7 @@ async fn rebuilt_token_counters_equal_the_runtime_ones() {
     assert_eq!(charged[3], 46);
     assert!(charged[1] > 4096 && charged[4] > 64, "{charged:?}");
     let counters = |gw: &TestGateway| {
-        let b = &gw.gateway().budgets;
+        let b = gw.gateway().budgets.memory().unwrap();
         let t = now();
         (
             b.used_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", t),
@@ -710,7 +716,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
         let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
         assert_eq!((status, code(&body).as_str()), (429, "rate_limited"), "{body}");
     }
-    let b = &gw.gateway().budgets;
+    let b = gw.gateway().budgets.memory().unwrap();
     assert_eq!(b.held(), 0);
     assert_eq!(b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 1, "one action forwarded");
@@ -723,7 +729,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     let gw = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", up.addr, policy))], "").await;
     let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!((status, code(&body).as_str()), (403, "requires_human_approval"), "{body}");
-    let b = &gw.gateway().budgets;
+    let b = gw.gateway().budgets.memory().unwrap();
     assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
 
@@ -733,7 +739,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     let gw = TestGateway::start(&[("c.yaml", llm_manifest("llm-agent", private, policy))], "").await;
     let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!((status, code(&body).as_str()), (403, "ssrf_blocked"), "{body}");
-    let b = &gw.gateway().budgets;
+    let b = gw.gateway().budgets.memory().unwrap();
     assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
     assert_eq!(up.count(), 1);
