@@ -876,9 +876,19 @@ fn rotate_key(path: Option<&Path>, new_key: &Path) -> Result<(), Fail> {
         queue_capacity: 1,
         key_name: runtime::key_name(&cfg),
     };
-    let idx = audit::rotate_key(audit_cfg, old, new).map_err(|e| Fail(1, e.to_string()))?;
+    let idx = match &cfg.state {
+        config::StateBackend::Embedded => audit::rotate_key(audit_cfg, old, new).map_err(|e| Fail(1, e.to_string()))?,
+        config::StateBackend::Postgres(pg) => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let db = uapk_gateway::state::postgres::Db::new(pg)?;
+                uapk_gateway::state::postgres::rotate(&db, &audit_cfg, &old, &new, &runtime::gateway_name()).await
+            })
+            .map_err(|e| Fail(1, e))?
+        }
+    };
     println!(
-        "key rotation recorded as entry {idx}; now set keys.gateway to {} and start the gateway",
+        "key rotation recorded as entry {idx}; now set keys.gateway to {} and start the gateway (every gateway of a fleet)",
         new_key.display()
     );
     Ok(())

@@ -3,12 +3,12 @@
 //! every listener is bound, so tests (and `run`) get the real addresses, even for port 0.
 
 use crate::admin::{self, AdminState};
-use crate::approvals::{ApprovalStore, Approvals};
-use crate::audit::{self, AuditConfig, AuditLog};
+use crate::audit::{self, AuditConfig};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
-use crate::limits::{Budgets, RateLimiters};
+use crate::limits::RateLimiters;
 use crate::proxy::{self, Gateway, Policies, TokenFile, conn, ssrf::Vetter, upstream};
 use crate::state;
+pub use crate::state::gateway_name;
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
@@ -33,71 +33,7 @@ pub struct Running {
     pub admin: Arc<AdminState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    audit: Option<LogOwner>,
-}
-
-/// The log this gateway appends to: its own file, or the fleet's in PostgreSQL.
-enum LogOwner {
-    Embedded(AuditLog),
-    Fleet(state::postgres::FleetLog),
-}
-
-impl LogOwner {
-    fn handle(&self) -> audit::AuditHandle {
-        match self {
-            LogOwner::Embedded(l) => l.handle(),
-            LogOwner::Fleet(l) => l.handle(),
-        }
-    }
-
-    fn database(&self) -> audit::SharedDb {
-        match self {
-            LogOwner::Embedded(l) => l.database(),
-            LogOwner::Fleet(l) => l.database(),
-        }
-    }
-
-    /// Commits everything queued and stops the writer.
-    async fn shutdown(self) {
-        match self {
-            LogOwner::Embedded(l) => {
-                let _ = tokio::task::spawn_blocking(move || l.shutdown()).await;
-            }
-            LogOwner::Fleet(l) => l.shutdown().await,
-        }
-    }
-}
-
-/// The name entries of a fleet carry in `gateway` (SPEC §15.2): `HOSTNAME` (the pod name in
-/// Kubernetes), else the host name.
-pub fn gateway_name() -> String {
-    std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.trim().is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
-
-/// Creates or upgrades the fleet's schema; gateways starting together wait for each other's
-/// migration (the advisory lock's wait is bounded by `statement_timeout`, so retried).
-async fn migrate_at_start(db: &state::postgres::Db) -> Result<()> {
-    let mut last = String::new();
-    for _ in 0..20 {
-        match state::postgres::migrate(db).await {
-            Ok(applied) => {
-                if !applied.is_empty() {
-                    tracing::info!(versions = ?applied, "database schema migrated");
-                }
-                return Ok(());
-            }
-            Err(e) => {
-                last = e;
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        }
-    }
-    Err(anyhow!("migrating the database schema: {last}"))
+    audit: Option<state::Log>,
 }
 
 /// Loads the gateway key, generating a development key when it is missing.
@@ -154,36 +90,6 @@ fn report_invalid(set: &config::PolicySet) {
             "manifest invalid; its agent is refused manifest_invalid until it is fixed:\n{errors}"
         );
     }
-}
-
-/// Rebuilds budget counters from the committed decisions of the current UTC day that count
-/// (`limits::counts_toward_budgets`).
-fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64> {
-    let now = proxy::now_unix();
-    let day = now - now.rem_euclid(86_400);
-    let since = time::OffsetDateTime::from_unix_timestamp(day)
-        .map_err(|e| anyhow!("{e}"))?
-        .format(&time::format_description::well_known::Rfc3339)
-        .map_err(|e| anyhow!("{e}"))?;
-    let Some(mut from) = audit::first_index_at_or_after(db, &since).map_err(|e| anyhow!("{e}"))? else {
-        return Ok(0);
-    };
-    let mut counted = 0;
-    loop {
-        let batch = audit::read_entries(db, from, 4096).map_err(|e| anyhow!("{e}"))?;
-        let Some(last) = batch.last().map(|(i, _)| *i) else { break };
-        for (_, bytes) in &batch {
-            let Ok(v) = serde_json::from_slice::<Value>(bytes) else { continue };
-            // The same rule as at runtime: what counts is decided in one place.
-            if let Some(spend) = crate::limits::recorded_spend(&v, now) {
-                // `budget_actions_replayed` counts actions; token usage is replayed alongside.
-                counted += u64::from(matches!(spend, crate::limits::Counted::Action(_)));
-                budgets.record(&spend);
-            }
-        }
-        from = last + 1;
-    }
-    Ok(counted)
 }
 
 fn server_builder(cfg: &GatewayConfig) -> auto::Builder<TokioExecutor> {
@@ -424,32 +330,8 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         queue_capacity: cfg.audit.queue_capacity,
         key_name: key_name(&cfg),
     };
-    let (audit_log, budgets, approvals, counted, fleet_db) = match &cfg.state {
-        config::StateBackend::Embedded => {
-            let approvals_check: audit::Checker = Arc::new(|tx, p: &audit::Precondition| match &p.consume_approval {
-                None => Ok(()),
-                Some((id, now)) => crate::approvals::consume_in(tx, id, *now),
-            });
-            let audit_log = AuditLog::open_with(audit_cfg, key.clone(), approvals_check)
-                .map_err(|e| anyhow!("audit log {}: {e}", cfg.audit.path.display()))?;
-            let db = audit_log.database();
-            let budgets = Budgets::new();
-            let counted = rebuild_budgets(&*db.get().map_err(|e| anyhow!("{e}"))?, &budgets)?;
-            let approvals = ApprovalStore::open(db).and_then(Approvals::new).map_err(|e| anyhow!("{e}"))?;
-            (LogOwner::Embedded(audit_log), state::BudgetStore::Memory(budgets), approvals, Some(counted), None)
-        }
-        config::StateBackend::Postgres(pg) => {
-            let db = state::postgres::Db::new(pg).map_err(|e| anyhow!(e))?;
-            migrate_at_start(&db).await?;
-            let log = state::postgres::FleetLog::open(db.clone(), audit_cfg, key.clone(), &gateway_name())
-                .await
-                .map_err(|e| anyhow!(e))?;
-            let origin = &cfg.audit.origin;
-            let budgets = state::BudgetStore::Postgres(state::postgres::PgBudgets::new(db.clone(), origin));
-            let approvals = Approvals::fleet(state::postgres::PgApprovals::new(db.clone(), origin));
-            (LogOwner::Fleet(log), budgets, approvals, None, Some(db))
-        }
-    };
+    let state::Opened { log: audit_log, budgets, approvals, replayed: counted, fleet_db } =
+        state::open(&cfg, audit_cfg, key.clone()).await.map_err(|e| anyhow!(e))?;
     let handle = audit_log.handle();
     let db = audit_log.database();
 

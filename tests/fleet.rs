@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::postgres::Pg;
 use common::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -13,124 +14,6 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const APPROVER: &str = "uapk_fleet_approver";
-
-/// A private PostgreSQL cluster in a temporary directory.
-struct Pg {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    port: u16,
-}
-
-fn postgres_bin() -> Option<PathBuf> {
-    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()?
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|b| b.join("initdb").exists())
-        .collect();
-    found.sort();
-    found.pop()
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-}
-
-/// Runs a PostgreSQL program as the cluster's owner (`postgres` when we are root: the server
-/// refuses to run as root).
-fn as_owner(bin: &Path, args: &[&str]) -> std::process::Output {
-    let root = is_root();
-    let mut c = if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    };
-    c.args(args).output().unwrap()
-}
-
-impl Pg {
-    fn start() -> Option<Pg> {
-        let Some(bin) = postgres_bin() else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "PostgreSQL is not installed (Debian package `postgresql`): the fleet tests need initdb and postgres"
-            );
-            eprintln!("skipped: install the Debian package `postgresql` to run the fleet tests");
-            return None;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        if is_root() {
-            Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status().unwrap();
-        }
-        let data = dir.path().join("data");
-        let out = as_owner(
-            &bin.join("initdb"),
-            &["-D", data.to_str().unwrap(), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-        );
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let pg = Pg { port: free_port(), dir, bin };
-        pg.up();
-        Some(pg)
-    }
-
-    fn data(&self) -> String {
-        self.dir.path().join("data").display().to_string()
-    }
-
-    /// Starts (or restarts) the server on its port.
-    fn up(&self) {
-        let opts = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
-            self.port,
-            self.dir.path().display()
-        );
-        let log = self.dir.path().join("pg.log");
-        let out = as_owner(
-            &self.bin.join("pg_ctl"),
-            &["-D", &self.data(), "-o", &opts, "-l", log.to_str().unwrap(), "-w", "-t", "30", "start"],
-        );
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {} {}",
-            String::from_utf8_lossy(&out.stderr),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-    }
-
-    /// Stops the server the way a crash does.
-    fn kill(&self) {
-        let out = as_owner(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-m", "immediate", "-w", "stop"]);
-        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?sslmode=disable", self.port)
-    }
-
-    fn psql(&self, sql: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-At", "-c", sql, "postgres"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    fn tool(&self, name: &str, args: &[&str]) -> std::process::Output {
-        Command::new(self.bin.join(name))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Pg {
-    fn drop(&mut self) {
-        let _ = as_owner(&self.bin.join("pg_ctl"), &["-D", &self.data(), "-m", "immediate", "stop"]);
-    }
-}
 
 /// N gateway processes sharing one policy directory, one key and one database.
 struct Fleet {
@@ -505,9 +388,17 @@ async fn outages_refuse_traffic_and_heal_by_themselves() {
     assert_eq!((s, reason(&v)), (503, "audit_unavailable"), "{v}");
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     assert_eq!(up.count(), 1, "nothing is forwarded while the log cannot commit");
-    let r = client().get(f.admin(0, "/readyz")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.json::<Value>().await.unwrap()["state"], false);
+    // Readiness reports the database on every gateway, also one that served nothing since.
+    let down = Instant::now();
+    loop {
+        let r = client().get(f.admin(0, "/readyz")).send().await.unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.json::<Value>().await.unwrap()["state"], false);
+            break;
+        }
+        assert!(down.elapsed() < Duration::from_secs(5), "gateway 0 still ready with the database down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(client().get(f.admin(0, "/livez")).send().await.unwrap().status(), 200);
     pg.up();
     let back = Instant::now();
@@ -519,7 +410,13 @@ async fn outages_refuse_traffic_and_heal_by_themselves() {
         assert!(back.elapsed() < Duration::from_secs(5), "not served again within 5 s: {s}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(client().get(f.admin(0, "/readyz")).send().await.unwrap().status(), 200);
+    // Readiness follows within the same 5 s, on every gateway.
+    for i in 0..2 {
+        while client().get(f.admin(i, "/readyz")).send().await.unwrap().status() != 200 {
+            assert!(back.elapsed() < Duration::from_secs(5), "gateway {i} not ready again within 5 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 
     // SIGKILL of one gateway under load loses nothing: every forwarded request is in the log.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -613,4 +510,48 @@ async fn another_key_and_an_older_backup_are_caught() {
     let (code, out, err) = run_cli(&["verify", "-c", &cfg0], &d);
     assert_ne!(code, 0);
     assert!(!format!("{out}{err}").contains("s3cret-pw"), "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotating_the_fleet_key_fails_the_old_key_closed() {
+    let Some(pg) = Pg::start() else { return };
+    let up = Upstream::start().await;
+    let mut f = Fleet::start(&pg, 2, &[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))]).await;
+    let tok = token("pay-agent");
+    assert_eq!(refund(f.base(0, "/shop/v1/refunds"), &tok, 1000, None).await.0, 200);
+    let d = f.dir.path().to_path_buf();
+    let new = d.join("new.pem");
+    assert_eq!(run_cli(&["keygen", "--out", new.to_str().unwrap()], &d).0, 0);
+    let (code, out, err) =
+        run_cli(&["rotate-key", "-c", f.gateways[0].config.to_str().unwrap(), "--new-key", new.to_str().unwrap()], &d);
+    assert_eq!(code, 0, "{out}{err}");
+    // Both gateways still hold the old key: they refuse to record, so nothing is forwarded.
+    for i in 0..2 {
+        let (s, v) = refund(f.base(i, "/shop/v1/refunds"), &tok, 1000, None).await;
+        assert_eq!((s, reason(&v)), (503, "audit_unavailable"), "{v}");
+    }
+    assert_eq!(up.count(), 1);
+    // Restarted with the new key, they record again.
+    let old = d.join("gateway.pem");
+    for i in 0..2 {
+        f.stop(i);
+        let cfg = std::fs::read_to_string(&f.gateways[i].config).unwrap();
+        std::fs::write(&f.gateways[i].config, cfg.replace(old.to_str().unwrap(), new.to_str().unwrap())).unwrap();
+        f.spawn(i).await;
+        assert_eq!(refund(f.base(i, "/shop/v1/refunds"), &tok, 1000, None).await.0, 200);
+    }
+    // The log verifies from the original key across the rotation.
+    let pem = |p: &Path| {
+        let k = uapk_gateway::identity::load_signing_key(p).unwrap();
+        let out = p.with_extension("pub.pem");
+        std::fs::write(&out, uapk_gateway::identity::verifying_key_pem(&k.verifying_key())).unwrap();
+        out
+    };
+    let (old_pub, new_pub) = (pem(&old), pem(&new));
+    let cfg0 = f.gateways[0].config.to_str().unwrap().to_string();
+    let (code, out, err) =
+        run_cli(&["verify", "-c", &cfg0, "--key", old_pub.to_str().unwrap(), "--key", new_pub.to_str().unwrap()], &d);
+    assert_eq!(code, 0, "{out}{err}");
+    let rotations = f.entries().iter().filter(|e| e["kind"] == "key").count();
+    assert_eq!(rotations, 1);
 }

@@ -952,6 +952,20 @@ pub fn rotation_message(origin: &str, new_key_hex: &str) -> String {
     format!("uapk-gateway key rotation\n{origin}\n{new_key_hex}\n")
 }
 
+/// The `key` entry announcing `new` (signed by `old`) in the log `origin`.
+pub(crate) fn rotation_fields(origin: &str, key_name: &str, old: &SigningKey, new: &SigningKey) -> Map<String, Value> {
+    let new_hex = hex::encode(new.verifying_key().as_bytes());
+    let announcement = old.sign(rotation_message(origin, &new_hex).as_bytes());
+    let mut fields = Map::new();
+    fields.insert("kind".into(), Value::String("key".into()));
+    fields.insert("event".into(), Value::String("rotate".into()));
+    fields.insert("key_name".into(), Value::String(key_name.to_string()));
+    fields.insert("old_key".into(), Value::String(hex::encode(old.verifying_key().as_bytes())));
+    fields.insert("new_key".into(), Value::String(new_hex));
+    fields.insert("announcement_sig".into(), Value::String(hex::encode(announcement.to_bytes())));
+    fields
+}
+
 /// Rotates the gateway key of a stopped gateway's log: appends a `key` entry announcing `new`
 /// (signed by `old`), in a batch whose checkpoint both keys sign. From then on only `new` may
 /// sign checkpoints and entries; `verify` follows the rotation from the original key.
@@ -959,15 +973,7 @@ pub fn rotate_key(cfg: AuditConfig, old: SigningKey, new: SigningKey) -> Result<
     let db =
         redb::Database::create(&cfg.path).map_err(|e| AuditError::Storage(format!("{}: {e}", cfg.path.display())))?;
     let (state, _) = recover(&db, &cfg, &old)?;
-    let new_hex = hex::encode(new.verifying_key().as_bytes());
-    let announcement = old.sign(rotation_message(&cfg.origin, &new_hex).as_bytes());
-    let mut fields = Map::new();
-    fields.insert("kind".into(), Value::String("key".into()));
-    fields.insert("event".into(), Value::String("rotate".into()));
-    fields.insert("key_name".into(), Value::String(cfg.key_name.clone()));
-    fields.insert("old_key".into(), Value::String(hex::encode(old.verifying_key().as_bytes())));
-    fields.insert("new_key".into(), Value::String(new_hex));
-    fields.insert("announcement_sig".into(), Value::String(hex::encode(announcement.to_bytes())));
+    let fields = rotation_fields(&cfg.origin, &cfg.key_name, &old, &new);
     let shared = Arc::new(Shared::default());
     let checker: Checker = Arc::new(|_: &redb::WriteTransaction, _: &Precondition| Ok(()));
     let mut w = Writer::new(SharedDb::new(db), cfg, old, state, shared, Some(new), checker);

@@ -14,9 +14,163 @@ pub mod postgres;
 #[cfg(test)]
 mod tests;
 
-use crate::config::Manifest;
+use crate::approvals::{ApprovalStore, Approvals};
+use crate::audit::{self, AuditConfig, AuditLog};
+use crate::config::{GatewayConfig, Manifest, StateBackend};
 use crate::limits::{Ask, BudgetCheck, Budgets, Settlement};
+use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// A backend opened for a gateway: its log, budget counters and approvals queue.
+pub struct Opened {
+    pub log: Log,
+    pub budgets: BudgetStore,
+    pub approvals: Approvals,
+    /// Embedded: how many counted actions the counters were rebuilt from (`startup` entry).
+    pub replayed: Option<u64>,
+    /// The fleet's database (readiness, the background loops).
+    pub fleet_db: Option<postgres::Db>,
+}
+
+/// Opens the backend `cfg.state` names: embedded (the redb file, counters rebuilt from its
+/// log) or the fleet's PostgreSQL (schema migrated under an advisory lock, the log re-verified,
+/// this gateway's key checked against the log's active key).
+pub async fn open(
+    cfg: &GatewayConfig,
+    audit_cfg: AuditConfig,
+    key: ed25519_dalek::SigningKey,
+) -> Result<Opened, String> {
+    match &cfg.state {
+        StateBackend::Embedded => {
+            let consume: audit::Checker = Arc::new(|tx, p: &audit::Precondition| match &p.consume_approval {
+                None => Ok(()),
+                Some((id, now)) => crate::approvals::consume_in(tx, id, *now),
+            });
+            let path = audit_cfg.path.clone();
+            let log = AuditLog::open_with(audit_cfg, key, consume)
+                .map_err(|e| format!("audit log {}: {e}", path.display()))?;
+            let db = log.database();
+            let budgets = Budgets::new();
+            let replayed = rebuild_budgets(&*db.get().map_err(|e| e.to_string())?, &budgets)?;
+            let approvals = ApprovalStore::open(db).and_then(Approvals::new).map_err(|e| e.to_string())?;
+            Ok(Opened {
+                log: Log::Embedded(log),
+                budgets: BudgetStore::Memory(budgets),
+                approvals,
+                replayed: Some(replayed),
+                fleet_db: None,
+            })
+        }
+        StateBackend::Postgres(pg) => {
+            let db = postgres::Db::new(pg)?;
+            migrate_at_start(&db).await?;
+            let origin = audit_cfg.origin.clone();
+            let log = postgres::FleetLog::open(db.clone(), audit_cfg, key, &gateway_name()).await?;
+            Ok(Opened {
+                log: Log::Fleet(log),
+                budgets: BudgetStore::Postgres(postgres::PgBudgets::new(db.clone(), &origin)),
+                approvals: Approvals::fleet(postgres::PgApprovals::new(db.clone(), &origin)),
+                replayed: None,
+                fleet_db: Some(db),
+            })
+        }
+    }
+}
+
+/// The log this gateway appends to: its own file, or the fleet's in PostgreSQL.
+pub enum Log {
+    Embedded(AuditLog),
+    Fleet(postgres::FleetLog),
+}
+
+impl Log {
+    pub fn handle(&self) -> audit::AuditHandle {
+        match self {
+            Log::Embedded(l) => l.handle(),
+            Log::Fleet(l) => l.handle(),
+        }
+    }
+
+    pub fn database(&self) -> audit::SharedDb {
+        match self {
+            Log::Embedded(l) => l.database(),
+            Log::Fleet(l) => l.database(),
+        }
+    }
+
+    /// Commits everything queued and stops the writer.
+    pub async fn shutdown(self) {
+        match self {
+            Log::Embedded(l) => {
+                let _ = tokio::task::spawn_blocking(move || l.shutdown()).await;
+            }
+            Log::Fleet(l) => l.shutdown().await,
+        }
+    }
+}
+
+/// The name entries of a fleet carry in `gateway` (SPEC §15.2): `HOSTNAME` (the pod name in
+/// Kubernetes), else the host name.
+pub fn gateway_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Creates or upgrades the fleet's schema; gateways starting together wait for each other's
+/// migration (the advisory lock's wait is bounded by `statement_timeout`, so retried).
+async fn migrate_at_start(db: &postgres::Db) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..20 {
+        match postgres::migrate(db).await {
+            Ok(applied) => {
+                if !applied.is_empty() {
+                    tracing::info!(versions = ?applied, "database schema migrated");
+                }
+                return Ok(());
+            }
+            Err(e) => {
+                last = e;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    Err(format!("migrating the database schema: {last}"))
+}
+
+/// Rebuilds budget counters from the committed decisions of the current UTC day that count
+/// (`limits::counts_toward_budgets`).
+fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64, String> {
+    let now = crate::proxy::now_unix();
+    let day = now - now.rem_euclid(86_400);
+    let since = time::OffsetDateTime::from_unix_timestamp(day)
+        .map_err(|e| e.to_string())?
+        .format(&time::format_description::well_known::Rfc3339)
+        .map_err(|e| e.to_string())?;
+    let Some(mut from) = crate::audit::first_index_at_or_after(db, &since).map_err(|e| e.to_string())? else {
+        return Ok(0);
+    };
+    let mut counted = 0;
+    loop {
+        let batch = crate::audit::read_entries(db, from, 4096).map_err(|e| e.to_string())?;
+        let Some(last) = batch.last().map(|(i, _)| *i) else { break };
+        for (_, bytes) in &batch {
+            let Ok(v) = serde_json::from_slice::<Value>(bytes) else { continue };
+            // The same rule as at runtime: what counts is decided in one place.
+            if let Some(spend) = crate::limits::recorded_spend(&v, now) {
+                // `budget_actions_replayed` counts actions; token usage is replayed alongside.
+                counted += u64::from(matches!(spend, crate::limits::Counted::Action(_)));
+                budgets.record(&spend);
+            }
+        }
+        from = last + 1;
+    }
+    Ok(counted)
+}
 
 /// Budget counters: in memory (embedded) or in the fleet's database. Cloning shares them.
 #[derive(Clone)]

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod llm;
+pub mod postgres;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;

@@ -313,93 +313,23 @@ impl Writer {
         }
     }
 
+    fn job(&self) -> Job {
+        Job {
+            origin: self.cfg.origin.clone(),
+            our_key: self.our_key.clone(),
+            log_json: self.log_json.clone(),
+            gateway: self.gateway.clone(),
+            key: self.key.clone(),
+            key_name: self.cfg.key_name.clone(),
+            sign_each: self.cfg.sign_each_entry,
+            rotate_to: None,
+        }
+    }
+
     async fn commit(&self, batch: Vec<(crate::audit::Fields, Reply, Option<Precondition>)>) {
         let (items, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|(f, r, g)| ((f, g), r)).unzip();
-        let items = Arc::new(items);
-        let work = items.clone();
-        let (origin, our_key, log_json, gateway) =
-            (self.cfg.origin.clone(), self.our_key.clone(), self.log_json.clone(), self.gateway.clone());
-        let (key, key_name, sign_each) = (self.key.clone(), self.cfg.key_name.clone(), self.cfg.sign_each_entry);
-        let result = self
-            .db
-            .call("append", move |mut c| async move {
-                let mut tx = c.transaction().await?;
-                let head = tx
-                    .query_one(
-                        "SELECT size, prev, frontier, last_ts_us, active_key FROM uapk_logs WHERE origin = $1 FOR UPDATE",
-                        &[&origin],
-                    )
-                    .await?;
-                let active: String = head.get(4);
-                if active != our_key {
-                    return Ok(Err(format!(
-                        "keys.gateway is not the active key of log {origin} (it was rotated): restart this gateway with the new key"
-                    )));
-                }
-                let mut size = head.get::<_, i64>(0) as u64;
-                let mut prev: Hash = head.get::<_, Vec<u8>>(1).try_into().unwrap_or([0u8; 32]);
-                let Some(mut frontier) = Frontier::from_bytes(&head.get::<_, Vec<u8>>(2)) else {
-                    return Ok(Err(format!("the log {origin} in PostgreSQL has an unreadable frontier")));
-                };
-                let last_us: i64 = head.get(3);
-                let last = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(last_us) * 1000)
-                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-                let now = time::OffsetDateTime::now_utc().max(last);
-                let mut out = Vec::with_capacity(work.len());
-                let (mut idxs, mut bodies, mut sigs) = (Vec::new(), Vec::new(), Vec::new());
-                for (fields, guard) in work.iter() {
-                    if let Some(g) = guard {
-                        let sp = tx.savepoint("pre").await?;
-                        match check(&sp, &origin, g).await? {
-                            Ok(()) => sp.commit().await?,
-                            Err(why) => {
-                                sp.rollback().await?;
-                                out.push(Appended::Refused(why));
-                                continue;
-                            }
-                        }
-                    }
-                    let bytes = entry_bytes(fields, size, &prev, now, &log_json, Some(&gateway));
-                    if bytes.len() > crate::audit::MAX_ENTRY_BYTES {
-                        out.push(Appended::Refused(format!("entry of {} bytes is too large", bytes.len())));
-                        continue;
-                    }
-                    let leaf = leaf_hash(&bytes);
-                    frontier.push(leaf);
-                    prev = leaf;
-                    out.push(Appended::At(size));
-                    idxs.push(size as i64);
-                    sigs.push(sign_each.then(|| key.sign(&bytes).to_bytes().to_vec()));
-                    bodies.push(bytes);
-                    size += 1;
-                }
-                if idxs.is_empty() {
-                    tx.rollback().await?;
-                    return Ok(Ok((out, None)));
-                }
-                tx.execute(
-                    "INSERT INTO uapk_entries (origin, idx, body, sig)
-                     SELECT $1, i, b, s FROM unnest($2::bigint[], $3::bytea[], $4::bytea[]) AS t(i, b, s)",
-                    &[&origin, &idxs, &bodies, &sigs],
-                )
-                .await?;
-                let cp = Checkpoint { origin: origin.clone(), size, root: frontier.root() };
-                let note = cp.sign(&key_name, &key);
-                tx.execute(
-                    "INSERT INTO uapk_checkpoints (origin, size, note) VALUES ($1, $2, $3)",
-                    &[&origin, &(size as i64), &note],
-                )
-                .await?;
-                let now_us = (now.unix_timestamp_nanos() / 1000) as i64;
-                tx.execute(
-                    "UPDATE uapk_logs SET size = $2, prev = $3, frontier = $4, last_ts_us = $5 WHERE origin = $1",
-                    &[&origin, &(size as i64), &prev.to_vec(), &frontier.to_bytes(), &now_us],
-                )
-                .await?;
-                tx.commit().await?;
-                Ok(Ok((out, Some(note))))
-            })
-            .await;
+        let job = self.job();
+        let result = self.db.call("append", move |mut c| async move { append_in(&mut c, &job, &items).await }).await;
         let failure = match result {
             Ok(Ok((out, note))) => {
                 self.shared.failed.store(false, Ordering::SeqCst);
@@ -444,6 +374,149 @@ impl Writer {
                 None => tracing::error!("queued audit entry dropped: the fleet log cannot commit"),
             }
         }
+    }
+}
+
+/// What one append transaction needs besides its entries.
+struct Job {
+    origin: String,
+    /// The key this gateway signs with (hex): must be the log's active key.
+    our_key: String,
+    log_json: Vec<u8>,
+    gateway: Vec<u8>,
+    key: SigningKey,
+    key_name: String,
+    sign_each: bool,
+    /// A key rotation: the new key co-signs the checkpoint and becomes the active key.
+    rotate_to: Option<SigningKey>,
+}
+
+/// One group commit: under the log's row lock, each entry's precondition (in a savepoint), the
+/// entries continuing the chain and the tree, their signed checkpoint, the new head; all in one
+/// transaction. `Ok(Err(why))` refuses the whole group (this gateway's key is not the log's).
+async fn append_in(
+    c: &mut deadpool_postgres::Object,
+    job: &Job,
+    work: &[(crate::audit::Fields, Option<Precondition>)],
+) -> Result<Result<(Vec<Appended>, Option<String>), String>, CallError> {
+    let origin = &job.origin;
+    let mut tx = c.transaction().await?;
+    let head = tx
+        .query_one(
+            "SELECT size, prev, frontier, last_ts_us, active_key FROM uapk_logs WHERE origin = $1 FOR UPDATE",
+            &[origin],
+        )
+        .await?;
+    let active: String = head.get(4);
+    if active != job.our_key {
+        return Ok(Err(format!(
+            "keys.gateway is not the active key of log {origin} (it was rotated): restart this gateway with the new key"
+        )));
+    }
+    let mut size = head.get::<_, i64>(0) as u64;
+    let mut prev: Hash = head.get::<_, Vec<u8>>(1).try_into().unwrap_or([0u8; 32]);
+    let Some(mut frontier) = Frontier::from_bytes(&head.get::<_, Vec<u8>>(2)) else {
+        return Ok(Err(format!("the log {origin} in PostgreSQL has an unreadable frontier")));
+    };
+    let last_us: i64 = head.get(3);
+    let last = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(last_us) * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let now = time::OffsetDateTime::now_utc().max(last);
+    let mut out = Vec::with_capacity(work.len());
+    let (mut idxs, mut bodies, mut sigs) = (Vec::new(), Vec::new(), Vec::new());
+    for (fields, guard) in work {
+        if let Some(g) = guard {
+            let sp = tx.savepoint("pre").await?;
+            match check(&sp, origin, g).await? {
+                Ok(()) => sp.commit().await?,
+                Err(why) => {
+                    sp.rollback().await?;
+                    out.push(Appended::Refused(why));
+                    continue;
+                }
+            }
+        }
+        let bytes = entry_bytes(fields, size, &prev, now, &job.log_json, Some(&job.gateway));
+        if bytes.len() > crate::audit::MAX_ENTRY_BYTES {
+            out.push(Appended::Refused(format!("entry of {} bytes is too large", bytes.len())));
+            continue;
+        }
+        let leaf = leaf_hash(&bytes);
+        frontier.push(leaf);
+        prev = leaf;
+        out.push(Appended::At(size));
+        idxs.push(size as i64);
+        sigs.push(job.sign_each.then(|| job.key.sign(&bytes).to_bytes().to_vec()));
+        bodies.push(bytes);
+        size += 1;
+    }
+    if idxs.is_empty() {
+        tx.rollback().await?;
+        return Ok(Ok((out, None)));
+    }
+    tx.execute(
+        "INSERT INTO uapk_entries (origin, idx, body, sig)
+         SELECT $1, i, b, s FROM unnest($2::bigint[], $3::bytea[], $4::bytea[]) AS t(i, b, s)",
+        &[origin, &idxs, &bodies, &sigs],
+    )
+    .await?;
+    let cp = Checkpoint { origin: origin.clone(), size, root: frontier.root() };
+    let mut note = cp.sign(&job.key_name, &job.key);
+    if let Some(new) = &job.rotate_to {
+        note = crate::audit::note::cosign(&note, &job.key_name, new);
+    }
+    tx.execute(
+        "INSERT INTO uapk_checkpoints (origin, size, note) VALUES ($1, $2, $3)",
+        &[origin, &(size as i64), &note],
+    )
+    .await?;
+    let now_us = (now.unix_timestamp_nanos() / 1000) as i64;
+    let active = match &job.rotate_to {
+        Some(new) => hex::encode(new.verifying_key().as_bytes()),
+        None => active,
+    };
+    tx.execute(
+        "UPDATE uapk_logs SET size = $2, prev = $3, frontier = $4, last_ts_us = $5, active_key = $6 WHERE origin = $1",
+        &[origin, &(size as i64), &prev.to_vec(), &frontier.to_bytes(), &now_us, &active],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Ok((out, Some(note))))
+}
+
+/// Rotates the fleet log's key (SPEC §15.2): appends the `key` entry announcing `new` (signed
+/// by `old`) with a checkpoint both sign, and makes `new` the active key in the same commit.
+/// Gateways still holding `old` fail closed on their next append until restarted with `new`.
+pub async fn rotate(
+    db: &Db,
+    cfg: &AuditConfig,
+    old: &SigningKey,
+    new: &SigningKey,
+    gateway: &str,
+) -> Result<u64, DbError> {
+    let fields =
+        crate::audit::Fields::from_map(crate::audit::store::rotation_fields(&cfg.origin, &cfg.key_name, old, new))
+            .map_err(|e| e.to_string())?;
+    let mut g = Vec::new();
+    crate::audit::canonical::write_str(gateway, &mut g);
+    let job = Job {
+        origin: cfg.origin.clone(),
+        our_key: hex::encode(old.verifying_key().as_bytes()),
+        log_json: log_json(&cfg.origin),
+        gateway: g,
+        key: old.clone(),
+        key_name: cfg.key_name.clone(),
+        sign_each: cfg.sign_each_entry,
+        rotate_to: Some(new.clone()),
+    };
+    let items = vec![(fields, None)];
+    match db.call("rotate", move |mut c| async move { append_in(&mut c, &job, &items).await }).await? {
+        Ok((out, _)) => match out.into_iter().next() {
+            Some(Appended::At(i)) => Ok(i),
+            Some(Appended::Refused(why)) => Err(why),
+            None => Err("nothing appended".into()),
+        },
+        Err(why) => Err(why),
     }
 }
 

@@ -14,7 +14,7 @@ mod schema;
 
 pub use approvals::PgApprovals;
 pub use budgets::PgBudgets;
-pub use ledger::{FleetLog, snapshot_copy};
+pub use ledger::{FleetLog, rotate, snapshot_copy};
 pub use schema::migrate;
 
 use crate::config::{PostgresSettings, redact_url};
