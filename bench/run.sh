@@ -24,7 +24,8 @@ bin=$root/target/release/uapk-gateway
 lg=$root/target/release/examples/loadgen
 w=$(mktemp -d); chmod 755 "$w"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$w"; }
+pg_stop=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ ${#pg_stop[@]} -gt 0 ] && "${pg_stop[@]}" >/dev/null 2>&1; rm -rf "$w"; }
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
@@ -249,6 +250,63 @@ add uapk-intercept-sync "uapk-gateway CONNECT + interception, audit sync"
 add uapk-intercept-async "uapk-gateway CONNECT + interception, audit async"
 add uapk-base-tls "uapk-gateway base-URL, TLS upstream, audit sync (wrk)"
 
+# Fleet class (SPEC §15.6): two gateways sharing one PostgreSQL (a private cluster, on core 1
+# with the load generator), allowed requests through the explicit proxy, against the embedded
+# sync mode in the same rounds. Both fleet gateways run on core 0, the core one embedded gateway
+# has: "fleet, one gateway" drives one of them (c=32), "fleet, both" drives both at once (two
+# wrk -c16, rates summed). Skipped, saying so, without PostgreSQL.
+pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+fleet_note="not measured (no PostgreSQL: install the Debian package postgresql)"
+if [ -n "$pgbin" ] && [ -x "$pgbin/initdb" ]; then
+  as_pg() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+  pgd=$w/pg; mkdir -p "$pgd"; [ "$(id -u)" = 0 ] && chown postgres:postgres "$pgd"
+  as_pg "$pgbin/initdb" -D "$pgd/data" -U postgres --auth=trust -E UTF8 --no-sync >/dev/null
+  pgp=$(port)
+  as_pg taskset -c 1 "$pgbin/pg_ctl" -D "$pgd/data" -l "$pgd/log" -w \
+    -o "-p $pgp -k $pgd -c listen_addresses=127.0.0.1 -c max_connections=100" start >/dev/null
+  pg_stop=(as_pg "$pgbin/pg_ctl" -D "$pgd/data" -m immediate stop)
+  echo "postgres://postgres@127.0.0.1:$pgp/postgres?sslmode=disable" > "$w/pg-url"
+  "$bin" keygen --out "$w/fleet-key.pem" >/dev/null
+  start_fleet_gw() { # name
+    local n=$1; gp[$n]=$(port); ga[$n]=$(port); mkdir -p "$w/gw-$n"
+    cat > "$w/gw-$n/gateway.yaml" <<YAML
+listeners: { proxy: 127.0.0.1:${gp[$n]}, admin: 127.0.0.1:${ga[$n]} }
+policies: $w/policies
+data_dir: $w/gw-$n/data
+keys: { gateway: $w/fleet-key.pem }
+audit: { origin: bench.fleet/log }
+state: { backend: postgres, postgres: { url_file: $w/pg-url } }
+network: { allow_private_destinations: [127.0.0.0/8, "::1/128"] }
+limits: { refusals_per_agent: 4000000000/s, refusals_burst: 4000000000 }
+YAML
+    HOSTNAME=$n UAPK_LOG=warn TOKIO_WORKER_THREADS=1 taskset -c 0 "$bin" run -c "$w/gw-$n/gateway.yaml" 2>"$w/gw-$n/log" & gw[$n]=$!; pids+=(${gw[$n]})
+    wait_port "${gp[$n]}"
+  }
+  start_gw sync; start_fleet_gw fleet-a; start_fleet_gw fleet-b
+  url[uapk-fleet-ref]="http://127.0.0.1:${gp[sync]}"
+  url[uapk-fleet-one]="http://127.0.0.1:${gp[fleet-a]}"
+  for round in $(seq "$rounds"); do
+    wrk_tput uapk-fleet-ref "${url[uapk-fleet-ref]}" "$w/explicit.lua"
+    wrk_tput uapk-fleet-one "${url[uapk-fleet-one]}" "$w/explicit.lua"
+    taskset -c 1 wrk -t1 -c16 -d"${secs}s" -s "$w/explicit.lua" "http://127.0.0.1:${gp[fleet-a]}" > "$w/fa.out" & fa=$!
+    taskset -c 1 wrk -t1 -c16 -d"${secs}s" -s "$w/explicit.lua" "http://127.0.0.1:${gp[fleet-b]}" > "$w/fb.out"
+    wait "$fa"
+    runs[uapk-fleet-both]+="$(awk '/Requests\/sec/ {s+=$2} END {printf "%.0f", s}' "$w/fa.out" "$w/fb.out") "
+  done
+  wrk_lat uapk-fleet-ref "${url[uapk-fleet-ref]}" "$w/explicit.lua"
+  wrk_lat uapk-fleet-one "${url[uapk-fleet-one]}" "$w/explicit.lua"
+  p50[uapk-fleet-both]=-; p99[uapk-fleet-both]=-
+  rss[uapk-fleet-ref]=$(hwm "${gw[sync]}"); rss[uapk-fleet-one]=$(hwm "${gw[fleet-a]}"); rss[uapk-fleet-both]=${rss[uapk-fleet-one]}
+  fleet_entries=$("$pgbin/psql" -h 127.0.0.1 -p "$pgp" -U postgres -At -c "SELECT count(*) FROM uapk_entries" postgres)
+  stop_gw sync; stop_gw fleet-a; stop_gw fleet-b
+  for n in uapk-fleet-ref uapk-fleet-one uapk-fleet-both; do finish "$n"; done
+  add uapk-fleet-ref "uapk-gateway explicit proxy, embedded audit sync (the fleet rows' reference)"
+  add uapk-fleet-one "uapk-gateway fleet: one of 2 gateways on one PostgreSQL"
+  add uapk-fleet-both "uapk-gateway fleet: both gateways at once (2 × wrk -c16, summed; core 0 shared)"
+  fleet_note="one fleet gateway / embedded sync: $(python3 -c "import sys; a,b=sys.argv[1:]; print(f'{float(a)/float(b):.2f}')" "${rps[uapk-fleet-one]}" "${rps[uapk-fleet-ref]}") (target ≥ 0.5); both at once / embedded sync: $(python3 -c "import sys; a,b=sys.argv[1:]; print(f'{float(a)/float(b):.2f}')" "${rps[uapk-fleet-both]}" "${rps[uapk-fleet-ref]}"); p50 ${p50[uapk-fleet-ref]} → ${p50[uapk-fleet-one]}, p99 ${p99[uapk-fleet-ref]} → ${p99[uapk-fleet-one]}; the fleet log holds ${fleet_entries} entries"
+  "${pg_stop[@]}" >/dev/null 2>&1 || true; pg_stop=()
+fi
+
 # Under attack: allowed requests (explicit proxy, sync audit, default limits) on one instance,
 # alone, while another agent floods refusals (wrk -c8 on /bench/denied), and while silent
 # sockets are held open (re-opened as the gateway closes them after header_read_timeout): 2,000,
@@ -336,6 +394,7 @@ ratio() { python3 -c "import sys; a,b=sys.argv[1:]; print(f'{float(a)/float(b):.
   echo "- peak RSS at 1,000 req/s (explicit, sync): ${rss_1k} MB (target ≤ 30)"
   echo "- durable audit appends, micro-benchmark with 32 concurrent writers (bench/audit_append.rs): ${appends_micro} entries/s (target ≥ 20,000); through the proxy during the denied run: ${appends} entries/s"
   echo "- verify of the micro-benchmark's log: ${verify_rate} entries/s (target ≥ 200,000)"
+  echo "- fleet (two gateways, one PostgreSQL): ${fleet_note}"
   echo "- under attack (default limits; peak RSS over all three runs ${rss[uapk-attack-none]} MB): allowed req/s with a refusal flood / without: $(ratio "${rps[uapk-attack-refusals]}" "${rps[uapk-attack-none]}"), with $silent_n silent sockets / without: $(ratio "${rps[uapk-attack-silent]}" "${rps[uapk-attack-none]}"); p99 ${p99[uapk-attack-none]} → ${p99[uapk-attack-refusals]} (refusals), ${p99[uapk-attack-silent]} (silent sockets); the flood sent ${flood_rps} refusals/s and the log took ${flood_entries} entries/s for everything during it (refusal budget: 50/s per agent, the rest summarised)"
 } | tee bench/results.md
 echo "bench: 1 passed, 0 failed"
