@@ -2,9 +2,11 @@
 # Chart and image checks, offline but for package registries: hadolint on the Dockerfile, helm
 # lint + template for every values file in helm/ci, strict schema validation of the rendered
 # manifests against Kubernetes 1.29, 1.33 and the newest known, the native-sidecar layout refused
-# by 1.27, assertions on the rendered YAML (chart-assert.py: security contexts, mounts, and the
-# NetworkPolicy: on by default, DNS only to the cluster DNS, no other UDP, admin ingress
-# restricted), and values files (bad-*) that must fail with the message they name. Then the
+# by 1.27, assertions on the rendered YAML and NOTES (chart-assert.py: security contexts, mounts,
+# the NetworkPolicy: on by default, DNS only to the cluster DNS, no other UDP, admin ingress
+# restricted; the state backends: URL Secrets mounted as files that gateway.yaml reads, strategy,
+# PodDisruptionBudget, NOTES warnings), and values files (bad-*) that must fail with the message
+# they name. Then the
 # README's install block, rendered and mounted as the kubelet would, must pass `uapk-gateway
 # check` and make `uapk-gateway run` ready.
 set -euo pipefail
@@ -71,7 +73,16 @@ for values in helm/ci/*.yaml; do
   else
     bad "$name: the fallback layout is invalid for Kubernetes 1.27"
   fi
-  if python3 scripts/chart-assert.py "$out/$name.yaml" "$name"; then ok "$name: rendered-manifest assertions"; else bad "$name: rendered-manifest assertions"; fi
+  # NOTES (not rendered by `helm template`): what chart-assert.py checks, and each `# notes: REGEX`
+  # line of the values file must match it, each `# notes-not: REGEX` line must not.
+  "$helm" install t helm/uapk-gateway -f "$values" --dry-run=client 2>&1 | sed -n '/^NOTES:/,$p' > "$out/$name.notes"
+  if python3 scripts/chart-assert.py "$out/$name.yaml" "$name" "$out/$name.notes"; then ok "$name: rendered-manifest and NOTES assertions"; else bad "$name: rendered-manifest and NOTES assertions"; fi
+  while IFS= read -r want; do
+    if grep -qE -- "$want" "$out/$name.notes"; then ok "$name: NOTES say /$want/"; else bad "$name: NOTES lack /$want/"; fi
+  done < <(sed -n 's/^# notes: //p' "$values")
+  while IFS= read -r unwanted; do
+    if grep -qE -- "$unwanted" "$out/$name.notes"; then bad "$name: NOTES say /$unwanted/"; else ok "$name: NOTES do not say /$unwanted/"; fi
+  done < <(sed -n 's/^# notes-not: //p' "$values")
 done
 # The README's install block, exactly as written there: rendered, mounted as the kubelet would,
 # checked and run by the real binary (see scripts/chart-mount.py for the layout and path mapping).
