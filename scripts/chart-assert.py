@@ -3,13 +3,16 @@ and secrets are mounted, the restricted security context of the gateway, the Net
 (on by default; DNS only to the cluster DNS selector; no UDP but DNS; every egress rule names
 its ports; ingress only to the admin port from listed peers, and in egress-gateway mode the proxy
 port from the agents), the Pod Security level each mode meets, ports and UID clear of Istio's,
-the upgrade strategy, the PodDisruptionBudget, the Service and the agents' NetworkPolicy, and
-the pod-level knobs."""
+the upgrade strategy, the PodDisruptionBudget, the Service and the agents' NetworkPolicy, the
+pod-level knobs, the state backends (embedded or PostgreSQL, local or Redis rate limits: the URL
+Secrets mounted read-only as the files gateway.yaml reads, for the gateway only; no redb volume
+with PostgreSQL; the egress rules to the engines) and the NOTES (third argument, optional)."""
 import copy
 import sys
 import yaml
 
 path, name = sys.argv[1], sys.argv[2]
+notes = open(sys.argv[3]).read() if len(sys.argv) > 3 else None
 docs = [d for d in yaml.safe_load_all(open(path)) if d]
 problems = []
 
@@ -80,7 +83,7 @@ for m in agent.get("volumeMounts", []):
     secret = v.get("secret")
     if secret and [i["key"] for i in secret.get("items", [])] != ["ca.pem"]:
         problems.append(f"agent mounts secret {secret['secretName']} beyond ca.pem")
-    if m["name"] in ("uapk-ca", "uapk-gateway-key", "uapk-credentials"):
+    if m["name"] in ("uapk-ca", "uapk-gateway-key", "uapk-credentials", "uapk-state"):
         problems.append(f"agent mounts {m['name']}")
 env = {e["name"]: e.get("value") for e in agent.get("env", [])}
 if "secretName" in str(agent_volumes.get("uapk-ca-cert", "")):
@@ -369,6 +372,121 @@ if values["serviceMonitor"]["enabled"]:
         problems.append("the ServiceMonitor does not scrape /metrics on the admin port")
 elif monitors:
     problems.append("a ServiceMonitor rendered though disabled")
+
+# State backends (SPEC 15.1, 15.5): what gateway.yaml reads, where the chart mounts it from.
+backend = values["state"]["backend"]
+rl_backend = values["rateLimits"]["backend"]
+origin = values["audit"]["origin"] or ((values["gateway"]["config"] or {}).get("audit") or {}).get("origin")
+if deploy["spec"]["replicas"] != values["replicas"]:
+    problems.append(f"the gateways' Deployment has {deploy['spec']['replicas']} replicas, values say {values['replicas']}")
+if values["replicas"] > 1 and backend != "postgres":
+    problems.append(f"{values['replicas']} replicas rendered with state.backend {backend}")
+if (cfg.get("audit") or {}).get("origin") != (origin or None):
+    problems.append(f"gateway.yaml audit.origin {(cfg.get('audit') or {}).get('origin')!r}, values say {origin!r}")
+mounts = {m["mountPath"]: m for m in gateway.get("volumeMounts", [])}
+
+
+def mounted_file(file, secret_ref, what):
+    """file must be a key of the Secret secret_ref, projected read-only (mode 0400) under a mount
+    of the gateway container."""
+    if not file:
+        problems.append(f"gateway.yaml has no {what}")
+        return
+    base = max((mp for mp in mounts if file.startswith(mp.rstrip("/") + "/")), key=len, default=None)
+    if base is None:
+        problems.append(f"{what} {file} is under no mount of the gateway")
+        return
+    m = mounts[base]
+    if not m.get("readOnly"):
+        problems.append(f"{what}: the mount {base} is not read-only")
+    rel = file[len(base.rstrip("/")) + 1:]
+    v = volumes[m["name"]]
+    srcs = [s["secret"] for s in (v.get("projected") or {}).get("sources", []) if "secret" in s]
+    if "secret" in v:
+        srcs.append({"name": v["secret"]["secretName"], "items": v["secret"].get("items")})
+    default_mode = (v.get("projected") or v.get("secret") or {}).get("defaultMode")
+    hits = [(src, i) for src in srcs for i in (src.get("items") or []) if i["path"] == rel]
+    if len(hits) != 1:
+        problems.append(f"{what}: {len(hits)} Secret items project {rel} in volume {m['name']}")
+        return
+    src, item = hits[0]
+    if (src["name"], item["key"]) != (secret_ref["name"], secret_ref["key"]):
+        problems.append(f"{what}: {file} is Secret {src['name']} key {item['key']}, values say {secret_ref}")
+    if item.get("mode", default_mode) != 0o400:
+        problems.append(f"{what}: {file} has mode {oct(item.get('mode', default_mode) or 0)}, want 0400")
+    for c in every:
+        if c is not gateway and any(cm["name"] == m["name"] for cm in c.get("volumeMounts", [])):
+            problems.append(f"{c['name']} mounts {m['name']} ({what})")
+
+
+state_cfg = cfg.get("state") or {}
+if backend == "postgres":
+    pgv = values["state"]["postgres"]
+    pg = state_cfg.get("postgres") or {}
+    if state_cfg.get("backend") != "postgres":
+        problems.append(f"gateway.yaml state.backend is {state_cfg.get('backend')}, want postgres")
+    if "url" in pg:
+        problems.append("gateway.yaml carries the PostgreSQL URL inline")
+    mounted_file(pg.get("url_file"), pgv["urlSecret"], "state.postgres.url_file")
+    if pgv["caSecret"]["name"]:
+        mounted_file(pg.get("ca_file"), pgv["caSecret"], "state.postgres.ca_file")
+    elif "ca_file" in pg:
+        problems.append("state.postgres.ca_file without caSecret")
+    for key, vkey in [("pool_size", "poolSize"), ("connect_timeout", "connectTimeout"), ("statement_timeout", "statementTimeout")]:
+        if pg.get(key) != pgv[vkey]:
+            problems.append(f"gateway.yaml state.postgres.{key} {pg.get(key)!r}, values say {pgv[vkey]!r}")
+    if not origin:
+        problems.append("postgres rendered without audit.origin")
+    if "path" in (cfg.get("audit") or {}):
+        problems.append("gateway.yaml sets audit.path with the postgres backend")
+    if any("persistentVolumeClaim" in v for v in volumes.values()) or any(d["kind"] == "PersistentVolumeClaim" for d in docs):
+        problems.append("the postgres backend renders or mounts the redb PersistentVolumeClaim")
+    if not values["secrets"]["gatewayKey"] or (cfg.get("keys") or {}).get("gateway") is None:
+        problems.append("the postgres backend without a shared keys.gateway")
+    ru = deploy["spec"].get("strategy", {}).get("rollingUpdate") or {}
+    if ru.get("maxUnavailable") != 0 or ru.get("maxSurge") != 1:
+        problems.append(f"postgres backend: rollingUpdate {ru}, want maxUnavailable 0, maxSurge 1")
+    if values["podDisruptionBudget"]["enabled"] and (len(pdbs) != 1 or pdbs[0]["spec"]["selector"]["matchLabels"] != deploy["spec"]["selector"]["matchLabels"]):
+        problems.append("postgres backend without a PodDisruptionBudget selecting the gateways")
+elif "state" in cfg and state_cfg.get("backend") != "embedded":
+    problems.append(f"embedded backend, gateway.yaml state {state_cfg}")
+rl_cfg = cfg.get("rate_limits") or {}
+if rl_backend == "redis":
+    rv = values["rateLimits"]["redis"]
+    rd = rl_cfg.get("redis") or {}
+    if rl_cfg.get("backend") != "redis":
+        problems.append(f"gateway.yaml rate_limits.backend is {rl_cfg.get('backend')}, want redis")
+    if "url" in rd:
+        problems.append("gateway.yaml carries the Redis URL inline")
+    mounted_file(rd.get("url_file"), rv["urlSecret"], "rate_limits.redis.url_file")
+    if rv["caSecret"]["name"]:
+        mounted_file(rd.get("ca_file"), rv["caSecret"], "rate_limits.redis.ca_file")
+    if rd.get("timeout") != rv["timeout"]:
+        problems.append(f"gateway.yaml rate_limits.redis.timeout {rd.get('timeout')!r}, values say {rv['timeout']!r}")
+elif "rate_limits" in cfg and rl_cfg.get("backend") != "local":
+    problems.append(f"local rate limits, gateway.yaml rate_limits {rl_cfg}")
+if backend == "embedded" and rl_backend == "local" and "uapk-state" in volumes:
+    problems.append("the embedded backend with local rate limits mounts state Secrets")
+# The engines are reachable through the pod's NetworkPolicy: a TCP rule on their port.
+for engine, on in [("postgres", backend == "postgres"), ("redis", rl_backend == "redis")]:
+    port = values["networkPolicy"][engine]["port"]
+    rules = [r for np in policies for r in np["spec"].get("egress", [])
+             if [(p.get("protocol", "TCP"), p.get("port")) for p in r.get("ports") or []] == [("TCP", port)]]
+    if np_enabled and on:
+        want_to = values["networkPolicy"][engine]["to"] or [{"ipBlock": {"cidr": c}} for c in values["networkPolicy"]["egressCidrs"]]
+        if not any(r.get("to") == want_to for r in rules):
+            problems.append(f"the NetworkPolicy lets the gateway reach no {engine} on TCP {port} at {want_to}")
+
+# NOTES: the warnings SPEC 15.5 asks for, exactly when they apply.
+if notes is not None:
+    if not notes.startswith("NOTES:"):
+        problems.append("no NOTES rendered")
+    lost = "the log is lost with the pod" in " ".join(notes.split())
+    if lost != (backend == "embedded" and not values["persistence"]["enabled"]):
+        problems.append(f"NOTES {'warn' if lost else 'do not warn'} that the log is lost with the pod (backend {backend}, persistence {values['persistence']['enabled']})")
+    each = "each replica enforces each rate limit on its own" in " ".join(notes.split())
+    if each != (backend == "postgres" and rl_backend == "local"):
+        problems.append(f"NOTES {'warn' if each else 'do not warn'} that each replica enforces each rate limit on its own (state {backend}, rate limits {rl_backend})")
 
 for p in problems:
     print(f"  {name}: {p}", file=sys.stderr)

