@@ -262,12 +262,21 @@ pub enum Counted {
 #[derive(Debug)]
 pub struct Reservation {
     id: String,
+    /// Held in a store shared by a fleet: kept in the commit of the request's decision entry
+    /// (`audit::Precondition::keep_budget`).
+    shared: bool,
 }
 
 impl Reservation {
-    /// A reservation held under `id` (by a store).
-    pub(crate) fn new(id: String) -> Reservation {
-        Reservation { id }
+    /// A reservation a fleet's store holds under `id` (`shared`), or one it did not need to
+    /// store (the agent has no budget).
+    pub(crate) fn new(id: String, shared: bool) -> Reservation {
+        Reservation { id, shared }
+    }
+
+    /// Whether the decision's commit must keep it (see [`crate::audit::Precondition`]).
+    pub fn shared(&self) -> bool {
+        self.shared
     }
 
     /// The request id the reservation is held under.
@@ -453,7 +462,7 @@ impl Budgets {
     pub fn reserve(&self, manifest: &Manifest, ask: Ask) -> BudgetCheck {
         let mut st = self.lock();
         if st.held.contains_key(&ask.id) {
-            return BudgetCheck::Reserved { reservation: Reservation { id: ask.id }, threshold: None };
+            return BudgetCheck::Reserved { reservation: Reservation { id: ask.id, shared: false }, threshold: None };
         }
         let agents = &st.agents;
         let spend = &ask.spend;
@@ -483,7 +492,7 @@ impl Budgets {
             ask.id,
             Held { spend: ask.spend, action: true, tokens: ask.tokens, forwarded: false, since: Instant::now() },
         );
-        BudgetCheck::Reserved { reservation: Reservation { id }, threshold }
+        BudgetCheck::Reserved { reservation: Reservation { id, shared: false }, threshold }
     }
 
     /// Ends what request `id` holds (see [`Settlement`]). Idempotent: settling an id that holds

@@ -29,7 +29,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
     // One rule with the rebuild from the log (a dry-run escalation is forwarded, not counted as
     // an action). A shared store keeps the reservation in the decision's own commit.
     let counted = crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref());
-    let keep = budget.as_ref().map(|r| (r.id().to_string(), counted));
+    let keep = budget.as_ref().filter(|r| r.shared()).map(|r| (r.id().to_string(), counted));
     match record_decision(gw, facts, &decision, dry_run, grant.as_ref(), keep).await {
         Ok(idx) => {
             if let Some(r) = budget {

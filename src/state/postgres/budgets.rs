@@ -116,7 +116,8 @@ async fn load<C: GenericClient>(c: &C, origin: &str, spend: &Spend) -> Result<Ha
     Ok(out)
 }
 
-/// Applies `f` to the counter of every window/scope of `spend` and writes them back.
+/// Applies `f` to the counter of every window/scope of `spend` and writes them back (one
+/// statement for the six rows).
 async fn change<C: GenericClient>(
     c: &C,
     origin: &str,
@@ -124,34 +125,32 @@ async fn change<C: GenericClient>(
     rows: &mut HashMap<Key, Row>,
     f: impl Fn(&mut Row),
 ) -> Result<(), CallError> {
+    let (mut wins, mut starts, mut scopes, mut values) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut counts, mut tokens, mut reserved, mut spends) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for w in WINDOWS {
         let start = window_start(spend.at, w);
         for scope in SCOPES {
             let value = scope_value(spend, scope).to_string();
             let row = rows.entry((w, start, scope, value.clone())).or_default();
             f(row);
-            let spend_json = serde_json::to_string(&row.spend).unwrap_or_else(|_| "{}".into());
-            c.execute(
-                "INSERT INTO uapk_budget_counters (origin, agent, win, start, scope, value, count, tokens, reserved, spend)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                 ON CONFLICT (origin, agent, win, start, scope, value) DO UPDATE
-                 SET count = $7, tokens = $8, reserved = $9, spend = $10",
-                &[
-                    &origin,
-                    &spend.agent,
-                    &win_str(w),
-                    &start,
-                    &scope_str(scope),
-                    &value,
-                    &row.count,
-                    &row.tokens,
-                    &row.reserved,
-                    &spend_json,
-                ],
-            )
-            .await?;
+            wins.push(win_str(w));
+            starts.push(start);
+            scopes.push(scope_str(scope));
+            values.push(value);
+            counts.push(row.count);
+            tokens.push(row.tokens);
+            reserved.push(row.reserved);
+            spends.push(serde_json::to_string(&row.spend).unwrap_or_else(|_| "{}".into()));
         }
     }
+    c.execute(
+        "INSERT INTO uapk_budget_counters (origin, agent, win, start, scope, value, count, tokens, reserved, spend)
+         SELECT $1, $2, * FROM unnest($3::text[], $4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::text[])
+         ON CONFLICT (origin, agent, win, start, scope, value) DO UPDATE
+         SET count = EXCLUDED.count, tokens = EXCLUDED.tokens, reserved = EXCLUDED.reserved, spend = EXCLUDED.spend",
+        &[&origin, &spend.agent, &wins, &starts, &scopes, &values, &counts, &tokens, &reserved, &spends],
+    )
+    .await?;
     Ok(())
 }
 
@@ -168,6 +167,17 @@ fn count_action(spend: &Spend, sign: i64) -> impl Fn(&mut Row) + '_ {
 async fn lock_agent<C: GenericClient>(c: &C, origin: &str, agent: &str) -> Result<(), CallError> {
     c.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key(&["budget", origin, agent])]).await?;
     Ok(())
+}
+
+/// `lock_agent`, returning the database's clock (Unix seconds) in the same round trip.
+async fn lock_agent_at<C: GenericClient>(c: &C, origin: &str, agent: &str) -> Result<i64, CallError> {
+    let row = c
+        .query_one(
+            "SELECT pg_advisory_xact_lock($1), floor(extract(epoch FROM clock_timestamp()))::bigint",
+            &[&lock_key(&["budget", origin, agent])],
+        )
+        .await?;
+    Ok(row.get(1))
 }
 
 async fn db_now<C: GenericClient>(c: &C) -> Result<i64, CallError> {
@@ -222,13 +232,19 @@ impl PgBudgets {
 
     /// See [`crate::limits::Budgets::reserve`]: the same admission rule, over the fleet's rows,
     /// under the agent's lock; idempotent by request id.
+    /// An agent without budgets reserves nothing in the database (its requests take no lock
+    /// and no row): its actions are counted from the moment a budget is added to its manifest.
     pub async fn reserve(&self, manifest: &Manifest, ask: Ask) -> Result<BudgetCheck, DbError> {
+        if manifest.policy.budgets.is_empty() {
+            return Ok(BudgetCheck::Reserved { reservation: Reservation::new(ask.id, false), threshold: None });
+        }
         let origin = self.origin.clone();
         let r = self
             .db
             .call("reserve", move |mut c| async move {
                 let tx = c.transaction().await?;
-                lock_agent(&tx, &origin, &ask.spend.agent).await?;
+                let mut spend = ask.spend.clone();
+                spend.at = lock_agent_at(&tx, &origin, &ask.spend.agent).await?;
                 let held = tx
                     .query_opt(
                         "SELECT 1 FROM uapk_budget_holds WHERE origin = $1 AND request_id = $2",
@@ -237,10 +253,8 @@ impl PgBudgets {
                     .await?;
                 if held.is_some() {
                     tx.commit().await?;
-                    return Ok((BudgetCheck::Reserved { reservation: Reservation::new(ask.id), threshold: None }, false));
+                    return Ok((BudgetCheck::Reserved { reservation: Reservation::new(ask.id, true), threshold: None }, false));
                 }
-                let mut spend = ask.spend.clone();
-                spend.at = db_now(&tx).await?;
                 let mut rows = load(&tx, &origin, &spend).await?;
                 let currency = spend.amount.as_ref().map(|(_, c)| c.clone());
                 let verdict = admit(manifest, &ask, |b| {
@@ -278,7 +292,7 @@ impl PgBudgets {
                 )
                 .await?;
                 tx.commit().await?;
-                Ok((BudgetCheck::Reserved { reservation: Reservation::new(ask.id), threshold }, true))
+                Ok((BudgetCheck::Reserved { reservation: Reservation::new(ask.id, true), threshold }, true))
             })
             .await;
         let (check, new) = r?;

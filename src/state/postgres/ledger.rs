@@ -426,14 +426,21 @@ async fn append_in(
     let (mut idxs, mut bodies, mut sigs) = (Vec::new(), Vec::new(), Vec::new());
     for (fields, guard) in work {
         if let Some(g) = guard {
-            let sp = tx.savepoint("pre").await?;
-            match check(&sp, origin, g).await? {
-                Ok(()) => sp.commit().await?,
-                Err(why) => {
-                    sp.rollback().await?;
-                    out.push(Appended::Refused(why));
-                    continue;
+            // Only an approval can refuse; keeping a reservation cannot (an error fails the
+            // whole group), so it needs no savepoint of its own.
+            if g.consume_approval.is_some() {
+                let sp = tx.savepoint("pre").await?;
+                match check(&sp, origin, g).await? {
+                    Ok(()) => sp.commit().await?,
+                    Err(why) => {
+                        sp.rollback().await?;
+                        out.push(Appended::Refused(why));
+                        continue;
+                    }
                 }
+            } else if let Err(why) = check(&tx, origin, g).await? {
+                out.push(Appended::Refused(why));
+                continue;
             }
         }
         let bytes = entry_bytes(fields, size, &prev, now, &job.log_json, Some(&job.gateway));
