@@ -402,11 +402,17 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         }
         None => crate::telemetry::Telemetry::off(),
     };
+    let rate_limits = match &cfg.rate_limits {
+        config::RateLimitBackend::Local => RateLimiters::new(),
+        config::RateLimitBackend::Redis(r) => RateLimiters::redis(
+            crate::limits::rate_redis::RedisLimiters::start(r, metrics.state.clone()).await.map_err(|e| anyhow!(e))?,
+        ),
+    };
     let gw = Arc::new(Gateway {
         policies: ArcSwap::from_pointee(Policies::new(set)),
         audit: handle,
         budgets,
-        rate_limits: RateLimiters::new(),
+        rate_limits,
         approvals,
         client,
         vetter,

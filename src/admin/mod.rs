@@ -599,13 +599,20 @@ fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
     let policies = gw.policies.load();
     // A gateway with no valid manifest refuses every request (`manifest_not_found`,
     // `manifest_invalid`): not ready. With at least one it serves those agents.
-    let ready = st.ready.load(Ordering::SeqCst) && !draining && audit_writable && !policies.set.manifests.is_empty();
+    // Redis rate limits unreachable: agents with rate limits are refused (SPEC §15.4).
+    let rate_limits = gw.rate_limits.available();
+    let ready = st.ready.load(Ordering::SeqCst)
+        && !draining
+        && audit_writable
+        && rate_limits
+        && !policies.set.manifests.is_empty();
     let invalid: Vec<Value> =
         policies.set.invalid.iter().map(|i| json!({"file": i.file.display().to_string(), "agent": i.agent})).collect();
     let body = json!({
         "ready": ready,
         "draining": draining,
         "audit_writable": audit_writable,
+        "rate_limits": rate_limits,
         "manifests": policies.set.manifests.len(),
         "invalid_manifests": invalid,
         "last_reload_error": *st.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()),

@@ -293,6 +293,7 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         }
     }
     let otlp = otlp(cx, raw.telemetry.otlp);
+    let rate_limits = rate_limits(cx, raw.rate_limits);
     let admin_max_connections = raw.admin.max_connections.unwrap_or(256);
     if admin_max_connections == 0 {
         cx.err("admin.max_connections", "must be at least 1");
@@ -327,6 +328,74 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         log_format,
         data_dir,
         otlp,
+        rate_limits,
+    }
+}
+
+/// `rate_limits` (SPEC §15.1): `local` (default) or `redis` with exactly one of `url_file` and
+/// `url`. The URL's password is never shown: diagnostics name the key, not the value.
+fn rate_limits(cx: &mut Cx, raw: RawRateLimits) -> RateLimitBackend {
+    let redis = raw.redis;
+    match raw.backend.as_deref().map(str::trim) {
+        None | Some("local") => {
+            if redis.is_some() {
+                cx.warn("rate_limits.redis", "has no effect with rate_limits.backend: local");
+            }
+            RateLimitBackend::Local
+        }
+        Some("redis") => {
+            let Some(r) = redis else {
+                cx.err("rate_limits.redis", "rate_limits.backend: redis needs rate_limits.redis.url_file or .url");
+                return RateLimitBackend::Local;
+            };
+            let timeout = duration(cx, "rate_limits.redis.timeout", r.timeout, Duration::from_millis(100));
+            if timeout.is_zero() {
+                cx.err("rate_limits.redis.timeout", "must be greater than zero");
+            }
+            let (key, url) = match (r.url_file, r.url) {
+                (Some(_), Some(_)) => {
+                    cx.err("rate_limits.redis.url", "set either url_file or url, not both");
+                    return RateLimitBackend::Local;
+                }
+                (None, None) => {
+                    cx.err("rate_limits.redis", "rate_limits.backend: redis needs rate_limits.redis.url_file or .url");
+                    return RateLimitBackend::Local;
+                }
+                (Some(file), None) => match std::fs::read_to_string(&file) {
+                    Ok(text) => ("rate_limits.redis.url_file", SecretUrl::new(text.trim().to_string())),
+                    Err(e) => {
+                        cx.err("rate_limits.redis.url_file", format!("cannot read {file}: {e}"));
+                        return RateLimitBackend::Local;
+                    }
+                },
+                (None, Some(url)) => ("rate_limits.redis.url", SecretUrl::new(url.trim().to_string())),
+            };
+            match url::Url::parse(url.expose()) {
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some() => {}
+                _ => {
+                    cx.err(key, "is not a redis:// or rediss:// URL with a host");
+                    return RateLimitBackend::Local;
+                }
+            }
+            if key == "rate_limits.redis.url" && url.has_password() {
+                cx.warn(
+                    key,
+                    format!(
+                        "{} carries a password in gateway.yaml; prefer url_file (a mounted Secret)",
+                        url.redacted()
+                    ),
+                );
+            }
+            let ca_file = r.ca_file.map(PathBuf::from);
+            if ca_file.is_some() && !url.expose().starts_with("rediss://") {
+                cx.warn("rate_limits.redis.ca_file", "has no effect without a rediss:// URL");
+            }
+            RateLimitBackend::Redis(RedisSettings { url, timeout, ca_file })
+        }
+        Some(o) => {
+            cx.err("rate_limits.backend", format!("{o:?} is not one of local, redis"));
+            RateLimitBackend::Local
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use super::identify::Identity;
 use super::{Facts, Gateway, Stop, hygiene, now_unix};
 use crate::approvals::Status;
 use crate::config::PolicyMode;
-use crate::limits::{Ask, BudgetCheck, RateTaken, Reservation, Settlement};
+use crate::limits::{Ask, BudgetCheck, RateRefused, RateTaken, Reservation, Settlement};
 use crate::policy::{Decision, Reason, Verdict};
 use http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use std::sync::Arc;
@@ -180,9 +180,9 @@ pub(crate) async fn settle<'a>(
     // decision is recorded.
     let mut rate = None;
     if decision.verdict == Verdict::Allow {
-        match gw.rate_limits.check(manifest, &action.connector.name, action.action()) {
+        match gw.rate_limits.check(manifest, &action.connector.name, action.action()).await {
             Ok(taken) => rate = Some(taken),
-            Err(limited) => {
+            Err(RateRefused::Limited(limited)) => {
                 // A request refused by a rate limit spends no budget (§8 step 9).
                 release(gw, budget.take());
                 let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
@@ -200,6 +200,21 @@ pub(crate) async fn settle<'a>(
                         decision: d,
                         record: true,
                         headers: Some(Box::new(headers)),
+                    });
+                }
+                decision = d;
+            }
+            Err(RateRefused::Unavailable(reason)) => {
+                // The shared rate-limit state does not answer: fail closed (§15.4), spending
+                // no budget.
+                release(gw, budget.take());
+                let d = Decision { verdict: Verdict::Deny, reasons: vec![reason] };
+                if !dry_run {
+                    return Err(Stop::Refuse {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        decision: d,
+                        record: true,
+                        headers: None,
                     });
                 }
                 decision = d;
