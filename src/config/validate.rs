@@ -338,7 +338,7 @@ fn rate_limits(cx: &mut Cx, raw: RawRateLimits) -> RateLimitBackend {
     let redis = raw.redis;
     match raw.backend.as_deref().map(str::trim) {
         None | Some("local") => {
-            if redis.is_some() {
+            if redis.is_some_and(|r| r.url.is_some() || r.url_file.is_some()) {
                 cx.warn("rate_limits.redis", "has no effect with rate_limits.backend: local");
             }
             RateLimitBackend::Local
