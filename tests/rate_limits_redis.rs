@@ -337,7 +337,7 @@ fn check_rejects_two_urls_and_warns_about_an_inline_password() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_password_never_reaches_logs_records_or_metrics() {
+async fn the_password_never_reaches_records_metrics_or_readyz() {
     let Some(redis) = RedisServer::start() else { return };
     let up = Upstream::start().await;
     let files = [("limited.yaml", manifest("limited-agent", up.addr, &format!("{POLICY}{LIMITED}"), ""))];
@@ -381,4 +381,110 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_up() {
     }
     assert_eq!(read(&c, &gw, "limited-agent", 2).await.0, 200);
     assert_eq!(up.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quota_taken_by_a_request_refused_later_goes_back_to_redis() {
+    let Some(redis) = RedisServer::start() else { return };
+    let up = Upstream::start().await;
+    let m = format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: meter-agent }}
+capability: {{ required: false }}
+connectors:
+  - name: shop
+    base_url: http://{addr}
+    routes:
+      - methods: [GET]
+        path: /v1/**
+        action: item.read
+  - name: meta
+    base_url: http://169.254.169.254
+    routes:
+      - methods: [GET]
+        path: /**
+        action: item.read
+policy:
+  rate_limits:
+    - scope: agent
+      rate: 1/h
+      burst: 1
+"#,
+        addr = up.addr
+    );
+    let files = [("meter.yaml", m)];
+    let gw = TestGateway::start(&files, &format!("identity:\n  default_agent: meter-agent\n{}", redis.config())).await;
+    let c = client();
+    // Past the rate limit (one unit taken in Redis), then refused by the SSRF guard: the unit
+    // is given back, so each of these meets the guard, not the limit.
+    for i in 0..3 {
+        let (status, code, _) = answer(c.get(gw.base(&format!("/meta/latest/{i}"))).send().await.unwrap()).await;
+        assert_eq!((status, code.as_str()), (403, "ssrf_blocked"));
+        // The unit goes back in the background.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (status, _, _) = answer(c.get(gw.base("/shop/v1/a")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    let (status, code, _) = answer(c.get(gw.base("/shop/v1/b")).send().await.unwrap()).await;
+    assert_eq!((status, code.as_str()), (429, "rate_limited"));
+    assert_eq!(up.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_never_reaches_the_gateways_log() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("policies")).unwrap();
+    std::fs::write(
+        d.join("policies/limited.yaml"),
+        manifest("limited-agent", up.addr, &format!("{POLICY}{LIMITED}"), ""),
+    )
+    .unwrap();
+    // Nothing listens on the Redis port: the gateway starts, fails closed and says so in its log.
+    let (proxy, admin, nothing) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        d.join("gateway.yaml"),
+        format!(
+            "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\naudit:\n  origin: redis.test/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\nrate_limits:\n  backend: redis\n  redis:\n    url: redis://:log-s3cret@127.0.0.1:{nothing}/0\n",
+            p = d.join("policies").display(),
+            data = d.join("data").display()
+        ),
+    )
+    .unwrap();
+    let log = d.join("gw.log");
+    let mut child = std::process::Command::new(bin())
+        .args(["run", "-c", d.join("gateway.yaml").to_str().unwrap()])
+        .env("UAPK_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let ready = loop {
+        if let Ok(r) = client().get(format!("http://127.0.0.1:{admin}/readyz")).send().await {
+            break r.json::<Value>().await.unwrap();
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no admin listener");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(ready["rate_limits"], false, "{ready}");
+    let r = client()
+        .get(format!("http://127.0.0.1:{proxy}/shop/v1/charges/ch_1"))
+        .header("x-uapk-capability", token("limited-agent"))
+        .send()
+        .await
+        .unwrap();
+    let (status, code, _) = answer(r).await;
+    assert_eq!((status, code.as_str()), (503, "rate_limit_unavailable"));
+    let metrics = client().get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    // A ping or two more, then stop.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains(&format!("redis://:***@127.0.0.1:{nothing}/0")), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+    assert!(!metrics.contains("s3cret") && metrics.contains("uapk_state_up{backend=\"redis\"} 0"), "{metrics}");
+    assert_eq!(up.count(), 0);
 }
