@@ -140,9 +140,11 @@ impl RateLimiters {
     }
 }
 
-/// Quota taken by a request that has not been forwarded yet. Dropped without
-/// [`RateTaken::commit`] (the request was refused after its rate limits passed: SSRF guard,
-/// audit failure), it is given back, as if the request had never been checked.
+/// Quota taken by a request that has not been forwarded yet, settled explicitly: kept by
+/// [`RateTaken::commit`] once the request is forwarded, given back by [`RateTaken::release`] when
+/// it is refused after its rate limits passed (SSRF guard, audit failure), as if it had never
+/// been checked. Dropped unsettled (the request's task was cancelled), it is given back as well:
+/// at once locally, in a background task for Redis.
 #[must_use]
 pub struct RateTaken<'a> {
     held: Held<'a>,
@@ -171,6 +173,17 @@ impl RateTaken<'_> {
     pub fn commit(mut self) {
         self.held = Held::Nothing;
     }
+
+    /// The request stops before it is forwarded: the quota goes back now (for Redis, awaited
+    /// within `rate_limits.redis.timeout`; a Redis that does not answer keeps it until the
+    /// key expires).
+    pub async fn release(mut self) {
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Nothing => {}
+            Held::Local(limiters, manifest, connector, action) => limiters.give_back(manifest, connector, action),
+            Held::Redis(g) => g.give_back_now().await,
+        }
+    }
 }
 
 impl Drop for RateTaken<'_> {
@@ -186,7 +199,7 @@ impl Drop for RateTaken<'_> {
 // ---------------------------------------------------------------- local: governor
 
 /// governor's clock for one check: the instant of the request, pinned under the shard lock, in
-/// nanoseconds since [`LocalLimiters::base`] (read from governor's [`MonotonicClock`]).
+/// nanoseconds since the limiters were made (read from governor's [`MonotonicClock`]).
 #[derive(Default)]
 struct Pinned(AtomicU64);
 

@@ -121,17 +121,27 @@ pub struct RedisGiveBack {
 }
 
 impl RedisGiveBack {
-    /// Gives the units back in the background (best effort, bounded by the timeout).
+    /// Gives the units back, bounded by the timeout (best effort: a Redis that does not answer
+    /// keeps them until the keys expire).
+    pub(crate) async fn give_back_now(self) {
+        let mut con = self.inner.manager.clone();
+        let mut inv = GIVE_BACK_SCRIPT.prepare_invoke();
+        for (k, t) in self.keys.iter().zip(&self.ts) {
+            inv.key(k).arg(t);
+        }
+        let t0 = Instant::now();
+        let r = tokio::time::timeout(self.inner.timeout, inv.invoke_async::<i64>(&mut con)).await;
+        self.inner.metrics.observe(BACKEND, "rate_limit", t0.elapsed().as_secs_f64());
+        if !matches!(r, Ok(Ok(_))) {
+            tracing::warn!(url = %self.inner.url, "rate limits: quota of a refused request could not be given back");
+        }
+    }
+
+    /// [`RedisGiveBack::give_back_now`] from a destructor: in a background task.
     pub(crate) fn give_back(self) {
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        rt.spawn(async move {
-            let mut con = self.inner.manager.clone();
-            let mut inv = GIVE_BACK_SCRIPT.prepare_invoke();
-            for (k, t) in self.keys.iter().zip(&self.ts) {
-                inv.key(k).arg(t);
-            }
-            let _ = tokio::time::timeout(self.inner.timeout, inv.invoke_async::<i64>(&mut con)).await;
-        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(self.give_back_now());
+        }
     }
 }
 

@@ -242,10 +242,13 @@ fn quota_of_a_request_refused_later_is_given_back() {
     let m = manifest(TWO_LIMITS);
     let rl = LocalLimiters::new();
     // Taken, then dropped uncommitted (the SSRF guard or the audit log refused it): given back.
-    for _ in 0..3 {
+    for _ in 0..2 {
         let taken = rl.check_at(&m, "pay", "payment.refund", 0).expect("admitted");
         drop(taken);
     }
+    // Released explicitly (the data path's way), the same.
+    let taken = rl.check_at(&m, "pay", "payment.refund", 0).expect("admitted");
+    tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(taken.release());
     assert_eq!(run(&rl, &m, "payment.refund", 3, 0), (1, 2));
     // Only the committed one spent a unit of the agent limit: 4 of 5 remain.
     let passed: usize = (0..10).map(|i| run(&rl, &m, &format!("other.{i}"), 1, 0).0).sum();
