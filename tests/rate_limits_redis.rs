@@ -486,3 +486,33 @@ async fn the_password_never_reaches_the_gateways_log() {
     assert!(!metrics.contains("s3cret") && metrics.contains("uapk_state_up{backend=\"redis\"} 0"), "{metrics}");
     assert_eq!(up.count(), 0);
 }
+
+#[test]
+fn rate_limits_config_defaults_and_url_file() {
+    use uapk_gateway::config::{RateLimitBackend, load_gateway};
+    assert!(matches!(load_gateway(None).unwrap().rate_limits, RateLimitBackend::Local));
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("url");
+    std::fs::write(&url_file, "rediss://:f1le-s3cret@redis.internal:6380/2\n").unwrap();
+    let p = dir.path().join("gateway.yaml");
+    std::fs::write(&p, format!("rate_limits:\n  backend: redis\n  redis:\n    url_file: {}\n", url_file.display()))
+        .unwrap();
+    let RateLimitBackend::Redis(r) = load_gateway(Some(&p)).unwrap().rate_limits else { panic!("redis") };
+    assert_eq!(r.timeout, Duration::from_millis(100));
+    assert_eq!(r.url.expose(), "rediss://:f1le-s3cret@redis.internal:6380/2");
+    assert_eq!(r.url.to_string(), "rediss://:***@redis.internal:6380/2");
+    assert!(r.ca_file.is_none());
+    for (yaml, key) in [
+        ("rate_limits:\n  backend: redis\n", "rate_limits.redis"),
+        ("rate_limits:\n  backend: redis\n  redis:\n    url: http://x\n", "rate_limits.redis.url"),
+        (
+            "rate_limits:\n  backend: redis\n  redis:\n    url: redis://x\n    timeout: 0ms\n",
+            "rate_limits.redis.timeout",
+        ),
+        ("rate_limits:\n  backend: redis\n  redis:\n    url: redis://x\n    pool: 3\n", "pool"),
+    ] {
+        std::fs::write(&p, yaml).unwrap();
+        let e = load_gateway(Some(&p)).expect_err(yaml).to_string();
+        assert!(e.contains(key), "{yaml}: {e}");
+    }
+}
