@@ -459,8 +459,8 @@ fn demo_upstream(listen: std::net::SocketAddr) -> Result<(), Fail> {
 }
 
 fn check(path: Option<&Path>) -> Result<(), Fail> {
-    let cfg = load_config(path)?;
-    for w in &cfg.warnings {
+    let (cfg, warnings) = config::load_gateway_with_warnings(path).map_err(|e| Fail(1, e.to_string()))?;
+    for w in &warnings {
         eprintln!("warning: {w}");
     }
     match config::load_policies(&cfg.policies_dir, config::Strictness::Check) {

@@ -36,15 +36,22 @@ impl Histogram {
     /// Observes a value that is not a duration (e.g. a batch size), as-is.
     pub fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The series of one histogram without its header; `labels` (`k="v",…`) go before `le`.
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
         let mut cum = 0;
         for (i, b) in BUCKETS.iter().enumerate() {
             cum += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cum}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cum}");
         }
         cum += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {cum}");
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum{braces} {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{braces} {cum}");
     }
 }
 
@@ -97,6 +104,7 @@ pub const REASON_CODES: &[&str] = &[
     "token_param_out_of_range",
     "budget_exceeded",
     "rate_limited",
+    "rate_limit_unavailable",
     "refusals_rate_limited",
     "too_many_requests_in_flight",
     // overrides and approvals
@@ -148,11 +156,56 @@ pub struct SpanStats {
     pub dropped_export_failed: AtomicU64,
 }
 
+/// Shared state backends (SPEC §15.4): whether each is reachable, `uapk_state_up{backend}`, and
+/// how long its operations take, `uapk_state_duration_seconds{backend,op}`. `backend` and `op`
+/// are fixed names given by the code (`redis`, `rate_limit`, …), never configuration.
+#[derive(Default)]
+pub struct StateMetrics {
+    up: Mutex<BTreeMap<&'static str, bool>>,
+    durations: Mutex<BTreeMap<(&'static str, &'static str), std::sync::Arc<Histogram>>>,
+}
+
+impl StateMetrics {
+    /// Records whether `backend` answers (shown as 1 or 0).
+    pub fn set_up(&self, backend: &'static str, up: bool) {
+        self.up.lock().unwrap_or_else(|e| e.into_inner()).insert(backend, up);
+    }
+
+    /// Observes one operation `op` against `backend` that took `secs` (failed ones included).
+    pub fn observe(&self, backend: &'static str, op: &'static str, secs: f64) {
+        let h = self.durations.lock().unwrap_or_else(|e| e.into_inner()).entry((backend, op)).or_default().clone();
+        h.observe(secs);
+    }
+
+    fn render(&self, out: &mut String) {
+        let up = self.up.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !up.is_empty() {
+            out.push_str(
+                "# HELP uapk_state_up Whether the shared state backend answers (1) or not (0).\n# TYPE uapk_state_up gauge\n",
+            );
+            for (backend, up) in up {
+                let _ = writeln!(out, "uapk_state_up{{backend=\"{backend}\"}} {}", u8::from(up));
+            }
+        }
+        let durations = self.durations.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !durations.is_empty() {
+            out.push_str(
+                "# HELP uapk_state_duration_seconds Time of operations on the shared state backend, failed ones included.\n# TYPE uapk_state_duration_seconds histogram\n",
+            );
+            for ((backend, op), h) in durations {
+                h.render_series(out, "uapk_state_duration_seconds", &format!("backend=\"{backend}\",op=\"{op}\""));
+            }
+        }
+    }
+}
+
 /// Every metric the gateway exports.
 #[derive(Default)]
 pub struct Metrics {
     requests: Mutex<BTreeMap<RequestLabels, u64>>,
     pub spans: std::sync::Arc<SpanStats>,
+    /// Shared state backends (Redis rate limits, …).
+    pub state: std::sync::Arc<StateMetrics>,
     pub request_duration: Histogram,
     pub upstream_duration: Histogram,
     pub audit_append: Histogram,
@@ -278,6 +331,7 @@ impl Metrics {
             "uapk_spans_dropped_total{{reason=\"export_failed\"}} {}",
             spans.dropped_export_failed.load(Ordering::Relaxed)
         );
+        self.state.render(&mut out);
         process_metrics(&mut out);
         let _ = writeln!(
             out,
@@ -370,6 +424,29 @@ mod tests {
         for c in codes {
             assert_eq!(reason_label(c), c, "{c} is documented but not in REASON_CODES");
         }
+    }
+
+    #[test]
+    fn state_metrics_carry_backend_and_op() {
+        let m = StateMetrics::default();
+        let mut out = String::new();
+        m.render(&mut out);
+        assert_eq!(out, "", "nothing before a backend reports");
+        m.set_up("redis", true);
+        m.observe("redis", "rate_limit", 0.003);
+        m.set_up("redis", false);
+        m.render(&mut out);
+        assert!(out.contains("uapk_state_up{backend=\"redis\"} 0\n"), "{out}");
+        assert!(
+            out.contains("uapk_state_duration_seconds_bucket{backend=\"redis\",op=\"rate_limit\",le=\"0.0025\"} 0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("uapk_state_duration_seconds_bucket{backend=\"redis\",op=\"rate_limit\",le=\"0.005\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains("uapk_state_duration_seconds_count{backend=\"redis\",op=\"rate_limit\"} 1\n"), "{out}");
+        assert_eq!(out.matches("# TYPE uapk_state_duration_seconds histogram").count(), 1);
     }
 
     #[test]

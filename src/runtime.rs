@@ -330,8 +330,9 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         queue_capacity: cfg.audit.queue_capacity,
         key_name: key_name(&cfg),
     };
+    let metrics = crate::metrics::Metrics::default();
     let state::Opened { log: audit_log, budgets, approvals, replayed: counted, fleet_db } =
-        state::open(&cfg, audit_cfg, key.clone()).await.map_err(|e| anyhow!(e))?;
+        state::open(&cfg, audit_cfg, key.clone(), metrics.state.clone()).await.map_err(|e| anyhow!(e))?;
     let handle = audit_log.handle();
     let db = audit_log.database();
 
@@ -360,7 +361,6 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     }
     let leaves = interception_ca(&cfg)?;
     let token_file = cfg.identity.token_file.clone().map(TokenFile::new);
-    let metrics = crate::metrics::Metrics::default();
     let telemetry = match &cfg.otlp {
         Some(otlp) => {
             let t = crate::telemetry::Telemetry::start(otlp, &cfg.tls.extra_upstream_roots, metrics.spans.clone())
@@ -370,12 +370,18 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         }
         None => crate::telemetry::Telemetry::off(),
     };
+    let rate_limits = match &cfg.rate_limits {
+        config::RateLimitBackend::Local => RateLimiters::new(),
+        config::RateLimitBackend::Redis(r) => RateLimiters::redis(
+            crate::limits::rate_redis::RedisLimiters::start(r, metrics.state.clone()).await.map_err(|e| anyhow!(e))?,
+        ),
+    };
     let gw = Arc::new(Gateway {
         policies: ArcSwap::from_pointee(Policies::new(set)),
         audit: handle,
         budgets,
         fleet_db,
-        rate_limits: RateLimiters::new(),
+        rate_limits,
         approvals,
         client,
         vetter,

@@ -54,7 +54,7 @@ impl Backend {
             key_name: self.cfg.audit.origin.clone(),
         };
         std::fs::create_dir_all(self.dir.path().join("data")).unwrap();
-        self.opened = Some(state::open(&self.cfg, audit_cfg, self.key.clone()).await.unwrap());
+        self.opened = Some(state::open(&self.cfg, audit_cfg, self.key.clone(), Default::default()).await.unwrap());
     }
 
     async fn restart(&mut self) {

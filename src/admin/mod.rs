@@ -604,10 +604,13 @@ fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
     // `manifest_invalid`): not ready. With at least one it serves those agents.
     // The fleet's database (SPEC §15.4): not ready while it does not answer.
     let state_up = gw.fleet_db.as_ref().is_none_or(|db| db.up());
+    // Redis rate limits unreachable: agents with rate limits are refused (SPEC §15.4).
+    let rate_limits = gw.rate_limits.available();
     let ready = st.ready.load(Ordering::SeqCst)
         && !draining
         && audit_writable
         && state_up
+        && rate_limits
         && !policies.set.manifests.is_empty();
     let invalid: Vec<Value> =
         policies.set.invalid.iter().map(|i| json!({"file": i.file.display().to_string(), "agent": i.agent})).collect();
@@ -616,6 +619,7 @@ fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
         "draining": draining,
         "audit_writable": audit_writable,
         "state": state_up,
+        "rate_limits": rate_limits,
         "manifests": policies.set.manifests.len(),
         "invalid_manifests": invalid,
         "last_reload_error": *st.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()),

@@ -130,6 +130,11 @@ fn parse_yaml<T: serde::de::DeserializeOwned>(file: &Path, text: &str) -> Result
 
 /// Loads `gateway.yaml`, or the built-in defaults when `path` is `None`.
 pub fn load_gateway(path: Option<&Path>) -> Result<GatewayConfig, Diagnostics> {
+    load_gateway_with_warnings(path).map(|(cfg, _)| cfg)
+}
+
+/// [`load_gateway`], with the warnings `check` shows.
+pub fn load_gateway_with_warnings(path: Option<&Path>) -> Result<(GatewayConfig, Vec<Diagnostic>), Diagnostics> {
     let (file, text) = match path {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|e| {
@@ -152,7 +157,8 @@ pub fn load_gateway(path: Option<&Path>) -> Result<GatewayConfig, Diagnostics> {
     };
     let mut cx = validate::Cx::new(&file, &text);
     let cfg = validate::gateway(&mut cx, raw);
-    cx.finish(cfg)
+    let warnings = cx.warnings.clone();
+    cx.finish(cfg).map(|cfg| (cfg, warnings))
 }
 
 /// A validated set of manifests, keyed by agent id, and the manifest files that failed

@@ -31,8 +31,6 @@ pub struct GatewayConfig {
     pub audit: AuditSettings,
     /// `state.backend`: embedded (redb, one gateway) or a fleet's PostgreSQL (SPEC §15).
     pub state: StateBackend,
-    /// What `check` warns about in `gateway.yaml` (valid, but probably not what was meant).
-    pub warnings: Vec<String>,
     pub identity: IdentitySettings,
     pub admin_keys: Vec<AdminKey>,
     /// `admin.max_connections`: the admin listener's own connection cap, so health checks
@@ -44,6 +42,74 @@ pub struct GatewayConfig {
     pub log_format: LogFormat,
     /// `telemetry.otlp`: where request spans are exported (off when `None`).
     pub otlp: Option<OtlpSettings>,
+    /// `rate_limits.backend`: where the rate-limit state of the manifests lives.
+    pub rate_limits: RateLimitBackend,
+}
+
+/// `rate_limits.backend` (SPEC §15.1).
+#[derive(Debug, Clone, Default)]
+pub enum RateLimitBackend {
+    /// Per gateway, in memory (the governor crate): each gateway enforces each limit on its own.
+    #[default]
+    Local,
+    /// One state per limit for every gateway sharing the Redis server.
+    Redis(RedisSettings),
+}
+
+/// `rate_limits.redis`.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://` or `rediss://` URL, read from `url_file` or given inline as `url`.
+    pub url: SecretUrl,
+    /// Bound on one rate-limit round trip (and on connecting); beyond it the request fails closed.
+    pub timeout: Duration,
+    /// PEM roots trusted for `rediss://` instead of the built-in web roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A URL that may carry a password: shown (`Debug`, `Display`) with the password as `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn new(url: String) -> SecretUrl {
+        SecretUrl(url)
+    }
+
+    /// The URL itself, password included: only for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether the URL carries a password.
+    pub fn has_password(&self) -> bool {
+        url::Url::parse(&self.0).is_ok_and(|u| u.password().is_some())
+    }
+
+    /// The URL with its password replaced by `***` (unparsable: nothing of it is shown).
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut u) => {
+                if u.password().is_some() {
+                    let _ = u.set_password(Some("***"));
+                }
+                u.to_string()
+            }
+            Err(_) => "<invalid URL>".to_string(),
+        }
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
 }
 
 /// How OpenTelemetry traces leave the gateway (`telemetry.otlp`).

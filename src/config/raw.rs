@@ -22,6 +22,7 @@ pub struct RawGateway {
     pub log_format: Option<String>,
     pub telemetry: RawTelemetry,
     pub state: RawState,
+    pub rate_limits: RawRateLimits,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -138,6 +139,23 @@ pub struct RawOtlp {
     pub protocol: Option<String>,
     pub timeout: Option<String>,
     pub queue_size: Option<usize>,
+}
+
+/// `rate_limits` (SPEC §15.1): where rate-limit state lives.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRateLimits {
+    pub backend: Option<String>,
+    pub redis: Option<RawRedis>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    pub url_file: Option<String>,
+    pub url: Option<String>,
+    pub timeout: Option<String>,
+    pub ca_file: Option<String>,
 }
 
 // ---------------------------------------------------------------- manifest

@@ -295,8 +295,8 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         }
     }
     let otlp = otlp(cx, raw.telemetry.otlp);
-    let mut warnings = Vec::new();
-    let state = state(cx, raw.state, &mut warnings);
+    let rate_limits = rate_limits(cx, raw.rate_limits);
+    let state = state(cx, raw.state);
     if let StateBackend::Postgres(_) = &state {
         if !explicit_origin {
             cx.err(
@@ -305,8 +305,13 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             );
         }
         if audit_path_set {
-            warnings
-                .push("audit.path is not used with state.backend: postgres (the log is in the database)".to_string());
+            cx.warn("audit.path", "is not used with state.backend: postgres (the log is in the database)");
+        }
+        if let RateLimitBackend::Local = &rate_limits {
+            cx.warn(
+                "rate_limits.backend",
+                "is local with state.backend: postgres: each gateway of the fleet enforces each rate limit on its own (use redis for one limit per fleet)",
+            );
         }
     }
     let admin_max_connections = raw.admin.max_connections.unwrap_or(256);
@@ -333,7 +338,6 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
             queue_capacity,
         },
         state,
-        warnings,
         identity: IdentitySettings {
             default_agent: raw.identity.default_agent,
             token_file: raw.identity.token_file.map(PathBuf::from),
@@ -345,11 +349,79 @@ pub(super) fn gateway(cx: &mut Cx, raw: RawGateway) -> GatewayConfig {
         log_format,
         data_dir,
         otlp,
+        rate_limits,
+    }
+}
+
+/// `rate_limits` (SPEC §15.1): `local` (default) or `redis` with exactly one of `url_file` and
+/// `url`. The URL's password is never shown: diagnostics name the key, not the value.
+fn rate_limits(cx: &mut Cx, raw: RawRateLimits) -> RateLimitBackend {
+    let redis = raw.redis;
+    match raw.backend.as_deref().map(str::trim) {
+        None | Some("local") => {
+            if redis.is_some_and(|r| r.url.is_some() || r.url_file.is_some()) {
+                cx.warn("rate_limits.redis", "has no effect with rate_limits.backend: local");
+            }
+            RateLimitBackend::Local
+        }
+        Some("redis") => {
+            let Some(r) = redis else {
+                cx.err("rate_limits.redis", "rate_limits.backend: redis needs rate_limits.redis.url_file or .url");
+                return RateLimitBackend::Local;
+            };
+            let timeout = duration(cx, "rate_limits.redis.timeout", r.timeout, Duration::from_millis(100));
+            if timeout.is_zero() {
+                cx.err("rate_limits.redis.timeout", "must be greater than zero");
+            }
+            let (key, url) = match (r.url_file, r.url) {
+                (Some(_), Some(_)) => {
+                    cx.err("rate_limits.redis.url", "set either url_file or url, not both");
+                    return RateLimitBackend::Local;
+                }
+                (None, None) => {
+                    cx.err("rate_limits.redis", "rate_limits.backend: redis needs rate_limits.redis.url_file or .url");
+                    return RateLimitBackend::Local;
+                }
+                (Some(file), None) => match std::fs::read_to_string(&file) {
+                    Ok(text) => ("rate_limits.redis.url_file", SecretUrl::new(text.trim().to_string())),
+                    Err(e) => {
+                        cx.err("rate_limits.redis.url_file", format!("cannot read {file}: {e}"));
+                        return RateLimitBackend::Local;
+                    }
+                },
+                (None, Some(url)) => ("rate_limits.redis.url", SecretUrl::new(url.trim().to_string())),
+            };
+            match url::Url::parse(url.expose()) {
+                Ok(u) if matches!(u.scheme(), "redis" | "rediss") && u.host_str().is_some() => {}
+                _ => {
+                    cx.err(key, "is not a redis:// or rediss:// URL with a host");
+                    return RateLimitBackend::Local;
+                }
+            }
+            if key == "rate_limits.redis.url" && url.has_password() {
+                cx.warn(
+                    key,
+                    format!(
+                        "{} carries a password in gateway.yaml; prefer url_file (a mounted Secret)",
+                        url.redacted()
+                    ),
+                );
+            }
+            let ca_file = r.ca_file.map(PathBuf::from);
+            if ca_file.is_some() && !url.expose().starts_with("rediss://") {
+                cx.warn("rate_limits.redis.ca_file", "has no effect without a rediss:// URL");
+            }
+            RateLimitBackend::Redis(RedisSettings { url, timeout, ca_file })
+        }
+        Some(o) => {
+            cx.err("rate_limits.backend", format!("{o:?} is not one of local, redis"));
+            RateLimitBackend::Local
+        }
     }
 }
 
 /// `state` (SPEC §15.1): the backend and, for postgres, its connection.
-fn state(cx: &mut Cx, raw: RawState, warnings: &mut Vec<String>) -> StateBackend {
+fn state(cx: &mut Cx, raw: RawState) -> StateBackend {
     match raw.backend.as_deref() {
         None | Some("embedded") => return StateBackend::Embedded,
         Some("postgres") => {}
@@ -369,9 +441,9 @@ fn state(cx: &mut Cx, raw: RawState, warnings: &mut Vec<String>) -> StateBackend
             match url::Url::parse(&u) {
                 Ok(parsed) if matches!(parsed.scheme(), "postgres" | "postgresql") => {
                     if parsed.password().is_some() {
-                        warnings.push(
-                            "state.postgres.url carries a password inline: keep it in a file (a mounted Secret) and use url_file"
-                                .to_string(),
+                        cx.warn(
+                            "state.postgres.url",
+                            "carries a password inline: keep it in a file (a mounted Secret) and use url_file",
                         );
                     }
                 }

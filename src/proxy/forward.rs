@@ -53,6 +53,9 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
         Err(stop) => {
             // Refused by the SSRF guard, the audit log or a used override: nothing is forwarded.
             settle::release(gw, budget).await;
+            if let Some(t) = rate {
+                t.release().await;
+            }
             Err(stop)
         }
     }

@@ -12,7 +12,7 @@ use super::identify::Identity;
 use super::{Facts, Gateway, Stop, hygiene, now_unix};
 use crate::approvals::Status;
 use crate::config::PolicyMode;
-use crate::limits::{Ask, BudgetCheck, RateTaken, Reservation, Settlement};
+use crate::limits::{Ask, BudgetCheck, RateRefused, RateTaken, Reservation};
 use crate::policy::{Decision, Reason, Verdict};
 use http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
 use std::sync::Arc;
@@ -53,7 +53,7 @@ async fn reserve(
 /// Gives back what a request that stops before it is forwarded reserved.
 pub(crate) async fn release(gw: &Gateway, budget: Option<Reservation>) {
     if let Some(r) = budget {
-        gw.budgets.settle(r.id(), Settlement::Release).await;
+        gw.budgets.release(r).await;
     }
 }
 
@@ -182,9 +182,9 @@ pub(crate) async fn settle<'a>(
     // decision is recorded.
     let mut rate = None;
     if decision.verdict == Verdict::Allow {
-        match gw.rate_limits.check(manifest, &action.connector.name, action.action()) {
+        match gw.rate_limits.check(manifest, &action.connector.name, action.action()).await {
             Ok(taken) => rate = Some(taken),
-            Err(limited) => {
+            Err(RateRefused::Limited(limited)) => {
                 // A request refused by a rate limit spends no budget (§8 step 9).
                 release(gw, budget.take()).await;
                 let d = Decision { verdict: Verdict::Deny, reasons: vec![limited.reason.clone()] };
@@ -202,6 +202,21 @@ pub(crate) async fn settle<'a>(
                         decision: d,
                         record: true,
                         headers: Some(Box::new(headers)),
+                    });
+                }
+                decision = d;
+            }
+            Err(RateRefused::Unavailable(reason)) => {
+                // The shared rate-limit state does not answer: fail closed (§15.4), spending
+                // no budget.
+                release(gw, budget.take()).await;
+                let d = Decision { verdict: Verdict::Deny, reasons: vec![reason] };
+                if !dry_run {
+                    return Err(Stop::Refuse {
+                        status: StatusCode::SERVICE_UNAVAILABLE,
+                        decision: d,
+                        record: true,
+                        headers: None,
                     });
                 }
                 decision = d;

@@ -40,6 +40,7 @@ pub async fn open(
     cfg: &GatewayConfig,
     audit_cfg: AuditConfig,
     key: ed25519_dalek::SigningKey,
+    metrics: Arc<crate::metrics::StateMetrics>,
 ) -> Result<Opened, String> {
     match &cfg.state {
         StateBackend::Embedded => {
@@ -63,7 +64,11 @@ pub async fn open(
             })
         }
         StateBackend::Postgres(pg) => {
-            let db = postgres::Db::new(pg)?;
+            metrics.set_up("postgres", true);
+            let db = postgres::Db::new(pg)?.with_observer(Arc::new(move |op, secs, ok| {
+                metrics.observe("postgres", op, secs);
+                metrics.set_up("postgres", ok);
+            }));
             migrate_at_start(&db).await?;
             let origin = audit_cfg.origin.clone();
             let log = postgres::FleetLog::open(db.clone(), audit_cfg, key, &gateway_name()).await?;
@@ -197,6 +202,16 @@ impl BudgetStore {
         match self {
             BudgetStore::Memory(b) => b.settle(id, settlement),
             BudgetStore::Postgres(p) => p.settle(id, settlement).await,
+        }
+    }
+
+    /// Gives back what a request that stops before it is forwarded holds (`Settlement::Release`);
+    /// a fleet reservation that was never stored (no budget) needs no call.
+    pub async fn release(&self, r: crate::limits::Reservation) {
+        match self {
+            BudgetStore::Memory(b) => b.settle(r.id(), Settlement::Release),
+            BudgetStore::Postgres(p) if r.shared() => p.settle(r.id(), Settlement::Release).await,
+            BudgetStore::Postgres(_) => {}
         }
     }
 

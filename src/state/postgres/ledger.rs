@@ -20,10 +20,11 @@ use ed25519_dalek::{Signer, SigningKey};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 const MAX_BATCH: usize = 1024;
-/// How often the follower looks for entries other gateways appended.
+/// How often the follower copies new entries (of every gateway, this one's too) into the read
+/// copy: readers see an entry at most this long after its commit. Not on the request path.
 const FOLLOW_EVERY: Duration = Duration::from_millis(200);
 const FOLLOW_CHUNK: i64 = 4096;
 
@@ -81,7 +82,6 @@ impl FleetLog {
         *shared.checkpoint.write().unwrap_or_else(|e| e.into_inner()) = latest.clone();
         let copy = SharedDb::new(copy);
         let (tx, rx) = mpsc::channel(cfg.queue_capacity.max(1));
-        let kick = Arc::new(Notify::new());
         let writer = Writer {
             db: db.clone(),
             log_json: log_json(&origin),
@@ -94,14 +94,13 @@ impl FleetLog {
             cfg,
             key,
             shared: shared.clone(),
-            kick: kick.clone(),
         };
         let follower = Follower {
             db,
+            our_key: hex::encode(writer.key.verifying_key().as_bytes()),
             origin,
             copy: copy.clone(),
             shared: shared.clone(),
-            kick,
             last_checkpoint: latest
                 .as_deref()
                 .and_then(|n| crate::audit::parse_unverified(n).ok())
@@ -217,18 +216,33 @@ pub async fn snapshot_copy(db: &Db, origin: &str, path: &std::path::Path) -> Res
 struct Follower {
     db: Db,
     origin: String,
+    /// This gateway's key (hex): a failed writer is writable again once the database answers
+    /// and this is still the log's active key.
+    our_key: String,
     copy: SharedDb,
     shared: Arc<Shared>,
-    kick: Arc<Notify>,
     last_checkpoint: u64,
 }
 
 impl Follower {
     async fn run(mut self) {
         loop {
-            tokio::select! {
-                _ = self.kick.notified() => {}
-                _ = tokio::time::sleep(FOLLOW_EVERY) => {}
+            tokio::time::sleep(FOLLOW_EVERY).await;
+            if self.shared.failed.load(Ordering::SeqCst) {
+                // Readiness comes back without waiting for an append (none comes while the
+                // gateway is out of its Service): the database answers and the key is active.
+                let o = self.origin.clone();
+                let active = self
+                    .db
+                    .call("ping", |c| async move {
+                        Ok(c.query_opt("SELECT active_key FROM uapk_logs WHERE origin = $1", &[&o])
+                            .await?
+                            .map(|r| r.get::<_, String>(0)))
+                    })
+                    .await;
+                if matches!(active, Ok(Some(k)) if k == self.our_key) {
+                    self.shared.failed.store(false, Ordering::SeqCst);
+                }
             }
             loop {
                 let size = self.shared.size.load(Ordering::SeqCst);
@@ -271,7 +285,6 @@ struct Writer {
     log_json: Vec<u8>,
     gateway: Vec<u8>,
     shared: Arc<Shared>,
-    kick: Arc<Notify>,
 }
 
 /// What one group commit did for each of its entries.
@@ -357,7 +370,6 @@ impl Writer {
                     self.shared.entries_total.fetch_add(appended, Ordering::Relaxed);
                     self.shared.commits_total.fetch_add(1, Ordering::Relaxed);
                     self.shared.last_batch.store(appended, Ordering::Relaxed);
-                    self.kick.notify_one();
                 }
                 return;
             }
@@ -401,12 +413,11 @@ async fn append_in(
 ) -> Result<Result<(Vec<Appended>, Option<String>), String>, CallError> {
     let origin = &job.origin;
     let mut tx = c.transaction().await?;
-    let head = tx
-        .query_one(
-            "SELECT size, prev, frontier, last_ts_us, active_key FROM uapk_logs WHERE origin = $1 FOR UPDATE",
-            &[origin],
-        )
-        .await?;
+    // Prepared once per connection (the pool keeps them): one round trip per statement.
+    let head = tx.prepare_cached(
+        "SELECT size, prev, frontier, last_ts_us, active_key FROM uapk_logs WHERE origin = $1 FOR UPDATE",
+    );
+    let head = tx.query_one(&head.await?, &[origin]).await?;
     let active: String = head.get(4);
     if active != job.our_key {
         return Ok(Err(format!(
@@ -461,32 +472,31 @@ async fn append_in(
         tx.rollback().await?;
         return Ok(Ok((out, None)));
     }
-    tx.execute(
-        "INSERT INTO uapk_entries (origin, idx, body, sig)
-         SELECT $1, i, b, s FROM unnest($2::bigint[], $3::bytea[], $4::bytea[]) AS t(i, b, s)",
-        &[origin, &idxs, &bodies, &sigs],
-    )
-    .await?;
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO uapk_entries (origin, idx, body, sig)
+             SELECT $1, i, b, s FROM unnest($2::bigint[], $3::bytea[], $4::bytea[]) AS t(i, b, s)",
+        )
+        .await?;
+    tx.execute(&insert, &[origin, &idxs, &bodies, &sigs]).await?;
     let cp = Checkpoint { origin: origin.clone(), size, root: frontier.root() };
     let mut note = cp.sign(&job.key_name, &job.key);
     if let Some(new) = &job.rotate_to {
         note = crate::audit::note::cosign(&note, &job.key_name, new);
     }
-    tx.execute(
-        "INSERT INTO uapk_checkpoints (origin, size, note) VALUES ($1, $2, $3)",
-        &[origin, &(size as i64), &note],
-    )
-    .await?;
+    let insert = tx.prepare_cached("INSERT INTO uapk_checkpoints (origin, size, note) VALUES ($1, $2, $3)").await?;
+    tx.execute(&insert, &[origin, &(size as i64), &note]).await?;
     let now_us = (now.unix_timestamp_nanos() / 1000) as i64;
     let active = match &job.rotate_to {
         Some(new) => hex::encode(new.verifying_key().as_bytes()),
         None => active,
     };
-    tx.execute(
-        "UPDATE uapk_logs SET size = $2, prev = $3, frontier = $4, last_ts_us = $5, active_key = $6 WHERE origin = $1",
-        &[origin, &(size as i64), &prev.to_vec(), &frontier.to_bytes(), &now_us, &active],
-    )
-    .await?;
+    let update = tx
+        .prepare_cached(
+            "UPDATE uapk_logs SET size = $2, prev = $3, frontier = $4, last_ts_us = $5, active_key = $6 WHERE origin = $1",
+        )
+        .await?;
+    tx.execute(&update, &[origin, &(size as i64), &prev.to_vec(), &frontier.to_bytes(), &now_us, &active]).await?;
     tx.commit().await?;
     Ok(Ok((out, Some(note))))
 }

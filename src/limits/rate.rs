@@ -1,0 +1,422 @@
+//! Rate limits (SPEC §8 step 9, §14.7, §15.3): one GCRA state per (agent, rate limit of its
+//! manifest, scope value). A request is checked against every limit that applies and takes from
+//! all of them only if all admit it, so a request refused by one limit spends no quota of
+//! another, and two concurrent requests never both pass a limit with one unit left.
+//!
+//! [`RateLimiters`] is what the data path calls, whatever the backend: [`LocalLimiters`] (per
+//! gateway, the governor crate) or [`RedisLimiters`] (one state for the fleet).
+
+use super::rate_redis::{RedisGiveBack, RedisLimiters};
+use crate::config::{Manifest, RateLimit, Scope};
+use crate::policy::Reason;
+use governor::clock::{Clock, MonotonicClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::StateStore;
+use governor::{NotUntil, Quota, RateLimiter};
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A refusal by a rate limit, with what the 429 response needs.
+#[derive(Debug, Clone)]
+pub struct RateLimited {
+    pub reason: Reason,
+    pub retry_after: Duration,
+    /// `RateLimit-Policy` value.
+    pub policy: String,
+    /// `RateLimit` value.
+    pub limit: String,
+}
+
+/// Why a request does not pass its rate limits.
+#[derive(Debug, Clone)]
+pub enum RateRefused {
+    /// A limit is spent: 429 `rate_limited` with `Retry-After`.
+    Limited(RateLimited),
+    /// The rate-limit state cannot be reached in time (Redis down or slow): 503
+    /// `rate_limit_unavailable`. Nothing was taken; nothing may be forwarded (SPEC §15.4).
+    Unavailable(Reason),
+}
+
+/// The GCRA parameters of a limit, from governor's [`Quota`]: the emission interval `t` (one
+/// request per `t`) and the burst (`tau = t * (burst - 1)` lets `burst` requests arrive at once).
+pub(crate) fn quota_of(rl: &RateLimit) -> Quota {
+    let per = u64::try_from(rl.per.as_nanos()).unwrap_or(u64::MAX);
+    let t = (per / u64::from(rl.count.max(1))).max(1);
+    let burst = NonZeroU32::new(rl.burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(Duration::from_nanos(t)).unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX)).allow_burst(burst)
+}
+
+pub(crate) fn scope_value<'a>(scope: Scope, agent: &'a str, connector: &'a str, action: &'a str) -> &'a str {
+    match scope {
+        Scope::Agent => agent,
+        Scope::Connector => connector,
+        Scope::Action => action,
+    }
+}
+
+/// The 429 answer for a refusal by `rl` that frees up in `wait`.
+pub(crate) fn refusal(rl: &RateLimit, wait: Duration) -> RateLimited {
+    let secs = (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1);
+    let window = rl.per.as_secs().max(1);
+    let name = rl.scope.as_str();
+    RateLimited {
+        reason: Reason::new(
+            "rate_limited",
+            format!("rate limit {} (burst {}) per {name} reached; retry in {secs}s", rl.raw, rl.burst),
+        ),
+        retry_after: Duration::from_secs(secs),
+        policy: format!("\"{name}\";q={};w={window}", rl.count),
+        limit: format!("\"{name}\";r=0;t={secs}"),
+    }
+}
+
+// ---------------------------------------------------------------- the facade
+
+enum Backend {
+    Local(LocalLimiters),
+    Redis(RedisLimiters),
+}
+
+/// The rate limiters of the gateway, on the configured backend (`rate_limits.backend`).
+pub struct RateLimiters {
+    backend: Backend,
+}
+
+impl Default for RateLimiters {
+    fn default() -> Self {
+        RateLimiters { backend: Backend::Local(LocalLimiters::new()) }
+    }
+}
+
+impl RateLimiters {
+    /// Per-gateway limiters (`rate_limits.backend: local`).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Fleet-wide limiters in Redis (`rate_limits.backend: redis`).
+    pub fn redis(r: RedisLimiters) -> Self {
+        RateLimiters { backend: Backend::Redis(r) }
+    }
+
+    /// Checks every rate limit of `manifest` for this request and, only if all admit it, takes
+    /// one unit from each. On refusal nothing is taken, and the answer names the limit that
+    /// frees up last (its `Retry-After` is when the request could pass). A manifest without
+    /// rate limits never waits for the backend.
+    pub async fn check<'a>(
+        &'a self,
+        manifest: &'a Manifest,
+        connector: &'a str,
+        action: &'a str,
+    ) -> Result<RateTaken<'a>, RateRefused> {
+        if manifest.policy.rate_limits.is_empty() {
+            return Ok(RateTaken { held: Held::Nothing });
+        }
+        match &self.backend {
+            Backend::Local(l) => l.check(manifest, connector, action).map_err(RateRefused::Limited),
+            Backend::Redis(r) => r.check(manifest, connector, action).await,
+        }
+    }
+
+    /// Whether the backend answers (always for `local`): `/readyz`'s `rate_limits`.
+    pub fn available(&self) -> bool {
+        match &self.backend {
+            Backend::Local(_) => true,
+            Backend::Redis(r) => r.available(),
+        }
+    }
+
+    /// Forgets local state that is the same as absent; returns how many keys this gateway holds
+    /// (Redis expires its keys itself: 0).
+    pub fn sweep(&self) -> usize {
+        match &self.backend {
+            Backend::Local(l) => l.sweep(),
+            Backend::Redis(_) => 0,
+        }
+    }
+}
+
+/// Quota taken by a request that has not been forwarded yet, settled explicitly: kept by
+/// [`RateTaken::commit`] once the request is forwarded, given back by [`RateTaken::release`] when
+/// it is refused after its rate limits passed (SSRF guard, audit failure), as if it had never
+/// been checked. Dropped unsettled (the request's task was cancelled), it is given back as well:
+/// at once locally, in a background task for Redis.
+#[must_use]
+pub struct RateTaken<'a> {
+    held: Held<'a>,
+}
+
+enum Held<'a> {
+    Nothing,
+    Local(&'a LocalLimiters, &'a Manifest, &'a str, &'a str),
+    Redis(RedisGiveBack),
+}
+
+impl<'a> RateTaken<'a> {
+    pub(crate) fn redis(g: RedisGiveBack) -> RateTaken<'a> {
+        RateTaken { held: Held::Redis(g) }
+    }
+}
+
+impl std::fmt::Debug for RateTaken<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if matches!(self.held, Held::Nothing) { "RateTaken(settled)" } else { "RateTaken(held)" })
+    }
+}
+
+impl RateTaken<'_> {
+    /// The request was forwarded: the quota stays spent.
+    pub fn commit(mut self) {
+        self.held = Held::Nothing;
+    }
+
+    /// The request stops before it is forwarded: the quota goes back now (for Redis, awaited
+    /// within `rate_limits.redis.timeout`; a Redis that does not answer keeps it until the
+    /// key expires).
+    pub async fn release(mut self) {
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Nothing => {}
+            Held::Local(limiters, manifest, connector, action) => limiters.give_back(manifest, connector, action),
+            Held::Redis(g) => g.give_back_now().await,
+        }
+    }
+}
+
+impl Drop for RateTaken<'_> {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.held, Held::Nothing) {
+            Held::Nothing => {}
+            Held::Local(limiters, manifest, connector, action) => limiters.give_back(manifest, connector, action),
+            Held::Redis(g) => g.give_back(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- local: governor
+
+/// governor's clock for one check: the instant of the request, pinned under the shard lock, in
+/// nanoseconds since the limiters were made (read from governor's [`MonotonicClock`]).
+#[derive(Default)]
+struct Pinned(AtomicU64);
+
+impl Clock for Pinned {
+    type Instant = Nanos;
+    fn now(&self) -> Nanos {
+        Nanos::new(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// governor's state store for one limit: the theoretical arrival time (TAT) per scope value.
+/// governor's GCRA measures a key and says what the TAT would become; the store only stages it,
+/// so every limit of a request can be checked before any is written ([`LocalLimiters`] writes
+/// the staged TATs once all limits admitted the request). A key whose TAT is not after now is
+/// the same as an absent one. (Only ever used under the shard lock: its own locks are never
+/// contended.)
+#[derive(Default)]
+struct Tats {
+    map: Mutex<HashMap<String, Nanos>>,
+    staged: Mutex<Option<Nanos>>,
+}
+
+impl Tats {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Nanos>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn take_staged(&self) -> Option<Nanos> {
+        self.staged.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The [`StateStore`] governor's limiter owns: a handle on the limit's [`Tats`].
+struct Store(Arc<Tats>);
+
+impl StateStore for Store {
+    type Key = String;
+
+    fn measure_and_replace<T, F, E>(&self, key: &String, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let old = self.0.map().get(key).copied();
+        let (out, next) = f(old)?;
+        *self.0.staged.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
+        Ok(out)
+    }
+}
+
+type Governed = RateLimiter<String, Store, Pinned, NoOpMiddleware<Nanos>>;
+
+/// One rate limit of one agent's manifest: governor's limiter over its TATs.
+struct LimitState {
+    /// What the state was made for: a limit changed by a reload starts afresh.
+    raw: String,
+    burst: u32,
+    scope: Scope,
+    /// Emission interval in nanoseconds (governor's replenish interval).
+    t: u64,
+    tats: Arc<Tats>,
+    limiter: Governed,
+}
+
+impl LimitState {
+    fn new(rl: &RateLimit) -> LimitState {
+        let quota = quota_of(rl);
+        let t = u64::try_from(quota.replenish_interval().as_nanos()).unwrap_or(u64::MAX).max(1);
+        let tats = Arc::new(Tats::default());
+        LimitState {
+            raw: rl.raw.clone(),
+            burst: rl.burst,
+            scope: rl.scope,
+            t,
+            limiter: RateLimiter::new(quota, Store(tats.clone()), Pinned::default()),
+            tats,
+        }
+    }
+
+    fn made_for(&self, rl: &RateLimit) -> bool {
+        self.raw == rl.raw && self.burst == rl.burst && self.scope == rl.scope
+    }
+}
+
+/// Shards of the rate-limit state, chosen by agent: every limit a request is checked against
+/// belongs to its agent, so one shard lock makes "check all, then take all" atomic.
+const RATE_SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<String, Vec<LimitState>>>;
+
+/// Per-gateway rate limits (`rate_limits.backend: local`) on the governor crate: its [`Quota`]
+/// gives each limit's emission interval and burst, its GCRA decides through a state store that
+/// stages what it would write, and a refusal's wait is governor's
+/// [`NotUntil::wait_time_from`]. All limits of a request are checked, then all taken, under one
+/// lock.
+pub struct LocalLimiters {
+    base: Instant,
+    shards: Box<[Shard]>,
+}
+
+impl Default for LocalLimiters {
+    fn default() -> Self {
+        LocalLimiters { base: MonotonicClock.now(), shards: (0..RATE_SHARDS).map(|_| Shard::default()).collect() }
+    }
+}
+
+impl LocalLimiters {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn now(&self) -> u64 {
+        Reference::duration_since(&MonotonicClock.now(), self.base).as_u64()
+    }
+
+    fn shard(&self, agent: &str) -> std::sync::MutexGuard<'_, HashMap<String, Vec<LimitState>>> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let h = BuildHasherDefault::<DefaultHasher>::default().hash_one(agent);
+        self.shards[(h as usize) % self.shards.len()].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// See [`RateLimiters::check`].
+    pub fn check<'a>(
+        &'a self,
+        manifest: &'a Manifest,
+        connector: &'a str,
+        action: &'a str,
+    ) -> Result<RateTaken<'a>, RateLimited> {
+        self.check_at(manifest, connector, action, self.now())
+    }
+
+    pub(crate) fn check_at<'a>(
+        &'a self,
+        manifest: &'a Manifest,
+        connector: &'a str,
+        action: &'a str,
+        now: u64,
+    ) -> Result<RateTaken<'a>, RateLimited> {
+        let limits = &manifest.policy.rate_limits;
+        if limits.is_empty() {
+            return Ok(RateTaken { held: Held::Nothing });
+        }
+        let agent = manifest.agent.id.as_str();
+        let mut shard = self.shard(agent);
+        let states = shard.entry(agent.to_string()).or_default();
+        // Follow reloads: a limit that changed (or moved) starts with fresh state.
+        states.truncate(limits.len());
+        for (i, rl) in limits.iter().enumerate() {
+            match states.get_mut(i) {
+                Some(s) if s.made_for(rl) => {}
+                Some(s) => *s = LimitState::new(rl),
+                None => states.push(LimitState::new(rl)),
+            }
+        }
+        // Check all (governor's GCRA; the store only stages the new TATs)...
+        let mut staged: Vec<(String, Nanos)> = Vec::with_capacity(limits.len());
+        let mut refused: Option<(usize, Duration)> = None;
+        for (i, (rl, s)) in limits.iter().zip(states.iter()).enumerate() {
+            s.limiter.clock().0.store(now, Ordering::Relaxed);
+            let key = scope_value(rl.scope, agent, connector, action).to_string();
+            let answer: Result<(), NotUntil<Nanos>> = s.limiter.check_key(&key);
+            match answer {
+                Ok(()) => {
+                    let next = s.tats.take_staged().unwrap_or(Nanos::new(now.saturating_add(s.t)));
+                    staged.push((key, next));
+                }
+                Err(not_until) => {
+                    let wait = not_until.wait_time_from(Nanos::new(now));
+                    if refused.is_none_or(|(_, w)| wait > w) {
+                        refused = Some((i, wait));
+                    }
+                }
+            }
+        }
+        if let Some((i, wait)) = refused {
+            return Err(refusal(&limits[i], wait));
+        }
+        // ...then take from all.
+        for (s, (key, next)) in states.iter().zip(staged) {
+            s.tats.map().insert(key, next);
+        }
+        Ok(RateTaken { held: Held::Local(self, manifest, connector, action) })
+    }
+
+    /// Gives back one unit of every limit `check` took it from (limits changed by a reload in
+    /// between start afresh anyway and are left alone).
+    fn give_back(&self, manifest: &Manifest, connector: &str, action: &str) {
+        let agent = manifest.agent.id.as_str();
+        let mut shard = self.shard(agent);
+        let Some(states) = shard.get_mut(agent) else { return };
+        for (rl, s) in manifest.policy.rate_limits.iter().zip(states.iter_mut()) {
+            if !s.made_for(rl) {
+                continue;
+            }
+            let t = s.t;
+            if let Some(tat) = s.tats.map().get_mut(scope_value(rl.scope, agent, connector, action)) {
+                *tat = Nanos::new(tat.as_u64().saturating_sub(t));
+            }
+        }
+    }
+
+    /// Forgets keys whose bucket is full again (the same as absent) so memory stays bounded;
+    /// returns how many keys remain.
+    pub fn sweep(&self) -> usize {
+        let now = self.now();
+        let mut keys = 0;
+        for shard in self.shards.iter() {
+            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, states| {
+                for s in states.iter_mut() {
+                    let mut tats = s.tats.map();
+                    tats.retain(|_, tat| tat.as_u64() > now);
+                    tats.shrink_to_fit();
+                    keys += tats.len();
+                }
+                states.iter().any(|s| !s.tats.map().is_empty())
+            });
+        }
+        keys
+    }
+}
