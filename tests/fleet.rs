@@ -7,6 +7,7 @@
 mod common;
 
 use common::postgres::Pg;
+use common::redis::RedisServer;
 use common::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -39,6 +40,11 @@ fn admin_keys() -> String {
 
 impl Fleet {
     async fn start(pg: &Pg, n: usize, manifests: &[(&str, String)]) -> Fleet {
+        Fleet::start_with(pg, n, manifests, "").await
+    }
+
+    /// `start`, with `extra` appended to every gateway's `gateway.yaml`.
+    async fn start_with(pg: &Pg, n: usize, manifests: &[(&str, String)], extra: &str) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("policies")).unwrap();
@@ -55,7 +61,7 @@ impl Fleet {
             std::fs::write(
                 &config,
                 format!(
-                    "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\nkeys:\n  gateway: {key}\naudit:\n  origin: fleet.test/log\nstate:\n  backend: postgres\n  postgres:\n    url_file: {url_file}\n    connect_timeout: 1s\n    statement_timeout: 1s\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n{admin_keys}",
+                    "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\nkeys:\n  gateway: {key}\naudit:\n  origin: fleet.test/log\nstate:\n  backend: postgres\n  postgres:\n    url_file: {url_file}\n    connect_timeout: 1s\n    statement_timeout: 1s\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n{admin_keys}{extra}",
                     p = d.join("policies").display(),
                     data = d.join(format!("data{i}")).display(),
                     key = key.display(),
@@ -558,4 +564,44 @@ async fn rotating_the_fleet_key_fails_the_old_key_closed() {
     assert_eq!(code, 0, "{out}{err}");
     let rotations = f.entries().iter().filter(|e| e["kind"] == "key").count();
     assert_eq!(rotations, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_rate_limit_in_redis_for_three_gateways() {
+    let Some(pg) = Pg::start() else { return };
+    let Some(mut redis) = RedisServer::start() else { return };
+    let up = Upstream::start().await;
+    let limited = format!("{POLICY}  rate_limits:\n    - scope: agent\n      rate: 5/m\n      burst: 5\n");
+    let f = Fleet::start_with(
+        &pg,
+        3,
+        &[
+            ("lim.yaml", manifest("lim-agent", up.addr, &limited, "")),
+            ("free.yaml", manifest("free-agent", up.addr, POLICY, "")),
+        ],
+        &redis.config_with_timeout("2s"),
+    )
+    .await;
+    // 30 concurrent requests over 3 gateways under one 5/minute limit: exactly 5.
+    let results = spread(&f, &token("lim-agent"), 30, 100).await;
+    assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 5, "{results:?}");
+    assert!(
+        results.iter().filter(|(s, _)| *s != 200).all(|(s, v)| *s == 429 && reason(v) == "rate_limited"),
+        "{results:?}"
+    );
+    assert_eq!(up.count(), 5);
+    // Redis gone: the rate-limited agent is refused 503 on every gateway, the other is served.
+    redis.kill();
+    for i in 0..3 {
+        let (s, v) = refund(f.base(i, "/shop/v1/refunds"), &token("lim-agent"), 100, None).await;
+        assert_eq!((s, reason(&v)), (503, "rate_limit_unavailable"), "{v}");
+        assert_eq!(refund(f.base(i, "/shop/v1/refunds"), &token("free-agent"), 100, None).await.0, 200);
+    }
+    assert_eq!(up.count(), 8);
+    let refused = f
+        .entries()
+        .into_iter()
+        .filter(|e| e["kind"] == "decision" && e["reasons"][0]["code"] == "rate_limit_unavailable")
+        .count();
+    assert_eq!(refused, 3, "every 503 is in the fleet's log");
 }

@@ -4,6 +4,7 @@
 
 pub mod llm;
 pub mod postgres;
+pub mod redis;
 
 use bytes::Bytes;
 use ed25519_dalek::SigningKey;
