@@ -12,7 +12,6 @@ use common::redis::RedisServer;
 use common::*;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const LIMITED: &str = "  rate_limits:\n    - scope: agent\n      rate: 5/m\n      burst: 5\n";
