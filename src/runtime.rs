@@ -541,8 +541,14 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         }));
     }
     if let Some(db) = gw.fleet_db.clone() {
-        // The fleet: held requests wake on decisions made on other gateways (within 250 ms),
-        // and readiness follows the database even while no request comes.
+        // The fleet: held requests wake on decisions made on other gateways (a NOTIFY, else
+        // the next poll within 250 ms), and readiness follows the database even while no
+        // request comes.
+        let decided = Arc::new(tokio::sync::Notify::new());
+        let (db2, d2) = (db.clone(), decided.clone());
+        let listener = tokio::spawn(async move {
+            db2.listen(state::postgres::APPROVALS_CHANNEL, move |_| d2.notify_one()).await;
+        });
         let gw2 = gw.clone();
         let mut rx2 = rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -550,15 +556,17 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                        gw2.approvals.poll_fleet().await;
                         n = n.wrapping_add(1);
                         if n.is_multiple_of(4) {
                             let _ = db.ping().await;
                         }
                     }
+                    _ = decided.notified() => {}
                     _ = rx2.changed() => break,
                 }
+                gw2.approvals.poll_fleet().await;
             }
+            listener.abort();
         }));
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");

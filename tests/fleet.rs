@@ -366,6 +366,9 @@ async fn one_approvals_queue_for_three_gateways() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let hid = hid.expect("the held request's approval is listed on another gateway");
+    // Each gateway listens for decisions (NOTIFY), besides polling.
+    let listening = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN uapk_approvals'");
+    assert_eq!(listening, "3");
     let approved_at = Instant::now();
     let r = client()
         .post(f.admin(1, &format!("/v1/approvals/{hid}/approve")))

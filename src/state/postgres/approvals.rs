@@ -10,6 +10,9 @@ use crate::approvals::{Approval, ApprovalError, Cursor, Status};
 use deadpool_postgres::GenericClient;
 use std::sync::Arc;
 
+/// The `NOTIFY` channel of decided approvals (payload: the approval id).
+pub const CHANNEL: &str = "uapk_approvals";
+
 /// A slot taken for longer than this without its approval being stored is free again (its
 /// gateway died between the two).
 const SLOT_MAX_AGE: i64 = 120;
@@ -249,6 +252,8 @@ impl PgApprovals {
                     &[&&*origin, &id2, &to.as_str(), &body],
                 )
                 .await?;
+                // Held requests on other gateways wake on it (delivered at commit).
+                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id2]).await?;
                 tx.commit().await?;
                 Ok(Ok(a))
             })

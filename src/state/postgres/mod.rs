@@ -12,7 +12,7 @@ mod budgets;
 mod ledger;
 mod schema;
 
-pub use approvals::PgApprovals;
+pub use approvals::{CHANNEL as APPROVALS_CHANNEL, PgApprovals};
 pub use budgets::PgBudgets;
 pub use ledger::{FleetLog, rotate, snapshot_copy};
 pub use schema::migrate;
@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
+    /// How to open a connection of its own (`listen`).
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     /// `connect_timeout` + `statement_timeout`: a call that takes longer fails closed.
     deadline: Duration,
     /// The last call's outcome (`/readyz` `"state"`, `uapk_state_up{backend="postgres"}`).
@@ -70,10 +73,10 @@ impl Db {
             "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout=60000"
         ));
         let mgr_cfg = ManagerConfig { recycling_method: RecyclingMethod::Fast };
-        let mgr = match sslmode.as_deref() {
+        let (mgr, tls) = match sslmode.as_deref() {
             Some("disable") => {
                 cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
-                Manager::from_config(cfg, tokio_postgres::NoTls, mgr_cfg)
+                (Manager::from_config(cfg.clone(), tokio_postgres::NoTls, mgr_cfg), None)
             }
             mode => {
                 cfg.ssl_mode(match mode {
@@ -85,7 +88,8 @@ impl Db {
                         ));
                     }
                 });
-                Manager::from_config(cfg, tls(s.ca_file.as_deref())?, mgr_cfg)
+                let tls = tls(s.ca_file.as_deref())?;
+                (Manager::from_config(cfg.clone(), tls.clone(), mgr_cfg), Some(tls))
             }
         };
         let timeout = Some(s.connect_timeout);
@@ -99,6 +103,8 @@ impl Db {
             .map_err(|e| format!("state.postgres pool: {e}"))?;
         Ok(Db {
             pool,
+            config: cfg,
+            tls,
             deadline: s.connect_timeout + s.statement_timeout,
             up: Arc::new(AtomicBool::new(true)),
             observe: None,
@@ -139,10 +145,59 @@ impl Db {
         r
     }
 
+    /// Calls `on` with the payload of every `NOTIFY` on `channel`, over a connection of its own
+    /// (not from the pool), reconnecting a second after it fails. Runs until dropped; callers
+    /// keep polling as well, so a lost notification only delays.
+    pub async fn listen(&self, channel: &'static str, on: impl Fn(String) + Send + Sync + 'static) {
+        loop {
+            let r = match &self.tls {
+                None => listen_once(&self.config, tokio_postgres::NoTls, channel, &on).await,
+                Some(t) => listen_once(&self.config, t.clone(), channel, &on).await,
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %db_error(&e), channel, "LISTEN connection lost; reconnecting");
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     /// Checks the database answers (the readiness probe's loop).
     pub async fn ping(&self) -> Result<(), DbError> {
         self.call("ping", |c| async move { Ok(c.simple_query("SELECT 1").await.map(|_| ())?) }).await
     }
+}
+
+async fn listen_once<T>(
+    config: &tokio_postgres::Config,
+    tls: T,
+    channel: &str,
+    on: &(dyn Fn(String) + Send + Sync),
+) -> Result<(), tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    use futures_util::StreamExt;
+    let (client, mut conn) = config.connect(tls).await?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                    let _ = tx.send(n.payload().to_string());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN {channel}")).await?;
+    while let Some(payload) = rx.recv().await {
+        on(payload);
+    }
+    driver.abort();
+    Ok(())
 }
 
 /// The URL without its `sslmode` parameter (tokio-postgres knows fewer modes than libpq), and
