@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 pub struct Db {
     pool: Pool,
     /// How to open a connection of its own (`listen`).
-    config: tokio_postgres::Config,
-    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    config: Arc<tokio_postgres::Config>,
+    tls: Option<Arc<tokio_postgres_rustls::MakeRustlsConnect>>,
     /// `connect_timeout` + `statement_timeout`: a call that takes longer fails closed.
     deadline: Duration,
     /// The last call's outcome (`/readyz` `"state"`, `uapk_state_up{backend="postgres"}`).
@@ -103,8 +103,8 @@ impl Db {
             .map_err(|e| format!("state.postgres pool: {e}"))?;
         Ok(Db {
             pool,
-            config: cfg,
-            tls,
+            config: Arc::new(cfg),
+            tls: tls.map(Arc::new),
             deadline: s.connect_timeout + s.statement_timeout,
             up: Arc::new(AtomicBool::new(true)),
             observe: None,
@@ -152,7 +152,7 @@ impl Db {
         loop {
             let r = match &self.tls {
                 None => listen_once(&self.config, tokio_postgres::NoTls, channel, &on).await,
-                Some(t) => listen_once(&self.config, t.clone(), channel, &on).await,
+                Some(t) => listen_once(&self.config, (**t).clone(), channel, &on).await,
             };
             if let Err(e) = r {
                 tracing::debug!(error = %db_error(&e), channel, "LISTEN connection lost; reconnecting");
