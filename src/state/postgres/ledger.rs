@@ -61,11 +61,11 @@ impl FleetLog {
         if active != our_key {
             return Err(format!("keys.gateway is not the active key of log {origin}"));
         }
-        let copy_path = std::env::temp_dir().join(format!(
-            "uapk-fleet-log-{}-{}.redb",
-            std::process::id(),
-            super::lock_key(&[&origin]) as u64
-        ));
+        // Beside where the embedded log would be (`data_dir`, writable in the chart's pods whose
+        // root file system is read-only); rebuilt at every start.
+        let dir = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let copy_path = dir.join("fleet-log-copy.redb");
         let _ = std::fs::remove_file(&copy_path);
         let copy = open_copy(&copy_path).map_err(|e| e.to_string())?;
         let size = fill_copy(&db, &origin, &copy, 0, 0, None).await?;
