@@ -487,7 +487,8 @@ async fn export_tar(
     let db = audit_db(gw)?;
     let key = gw.gateway_key.clone();
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("uapk-export-{}-{nanos}", std::process::id()));
+    // In data_dir: a pod's root file system (and so its /tmp) is read-only.
+    let dir = gw.config.data_dir.join(format!(".export-{}-{nanos}", std::process::id()));
     let out = dir.clone();
     let exported = blocking(move || {
         use std::os::unix::fs::DirBuilderExt;
