@@ -1,7 +1,6 @@
 use super::merkle::*;
 use super::*;
 use ed25519_dalek::SigningKey;
-use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 
 fn hexh(s: &str) -> Hash {
