@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
-use uapk_tlog::verify::{EntrySource, Trusted, manifest_message, verify_log};
 pub use uapk_tlog::verify::{
     BUNDLE_FORMAT, MANIFEST_CONTEXT, VerifyFailure, VerifyOptions, VerifyReport, fetch_failure, verify_bundle,
     verify_bundle_with, verify_served,
 };
+use uapk_tlog::verify::{EntrySource, Trusted, manifest_message, verify_log};
 
 fn fail(index: Option<u64>, reason: impl Into<String>) -> VerifyFailure {
     VerifyFailure::new(index, reason)

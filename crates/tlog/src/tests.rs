@@ -207,4 +207,3 @@ fn checkpoints_sign_and_parse_and_refuse_tampering() {
     assert!(parse_checkpoint("garbage", &keys).is_err());
     assert!(parse_checkpoint("", &keys).is_err());
 }
-
