@@ -259,11 +259,6 @@ impl<'a> Trusted<'a> {
         Ok(Some(Trusted { note, cp, signed: false }))
     }
 
-    /// The tree size it covers.
-    pub fn size(&self) -> u64 {
-        self.cp.size
-    }
-
     fn check_signature(&mut self, known: &[VerifyingKey]) -> Result<(), VerifyFailure> {
         if !self.signed {
             parse_checkpoint(self.note, &named_keys(self.note, known))
@@ -513,10 +508,9 @@ fn walk(
 pub fn verify_log(
     source: &mut dyn EntrySource,
     keys: &[VerifyingKey],
-    trusted: Option<Trusted>,
+    mut trusted: Option<Trusted>,
     progress: Option<&dyn Fn(u64)>,
 ) -> Result<VerifyReport, VerifyFailure> {
-    let mut trusted = trusted;
     let w = walk(source, Frontier::new(), [0u8; 32], Signed::Stored, keys, &mut trusted, progress)?;
     if let Some(t) = &trusted {
         t.finish(w.tree.size(), &w.known)?;
