@@ -66,8 +66,8 @@ fn ensure_nodes(db: &redb::Database, size: u64) -> Result<(), AuditError> {
     tx.commit().map_err(storage)
 }
 
-/// `prev` of entry 0.
-pub const GENESIS_PREV: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub use uapk_tlog::GENESIS_PREV;
+
 const MAX_BATCH: usize = 4096;
 const WRITER_CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// Async mode's durability window: a commit is fsynced at most this long after it.
@@ -947,10 +947,7 @@ pub(crate) fn log_json(origin: &str) -> Vec<u8> {
     out
 }
 
-/// The message a rotation's old key signs: the log, and the new public key.
-pub fn rotation_message(origin: &str, new_key_hex: &str) -> String {
-    format!("uapk-gateway key rotation\n{origin}\n{new_key_hex}\n")
-}
+pub use uapk_tlog::rotation_message;
 
 /// The `key` entry announcing `new` (signed by `old`) in the log `origin`.
 pub(crate) fn rotation_fields(origin: &str, key_name: &str, old: &SigningKey, new: &SigningKey) -> Map<String, Value> {

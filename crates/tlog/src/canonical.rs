@@ -10,7 +10,7 @@
 //! happens as the fields are encoded, before anything is hashed: the stored bytes are what
 //! `verify` checks. `canonical_json` itself never cuts anything (it also hashes actions).
 
-use super::AuditError;
+use crate::Error as AuditError;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
@@ -490,7 +490,7 @@ fn needs_escape(w: u64) -> bool {
 }
 
 /// A JSON string in canonical form.
-pub(crate) fn write_str(s: &str, out: &mut Vec<u8>) {
+pub fn write_str(s: &str, out: &mut Vec<u8>) {
     out.push(b'"');
     let bytes = s.as_bytes();
     let mut start = 0;
@@ -535,7 +535,7 @@ mod cut_tests {
 
     fn joined(f: &Fields) -> Value {
         let mut out = Vec::new();
-        f.join_within(&[("idx", b"\"1\"")], crate::audit::MAX_ENTRY_BYTES, &mut out);
+        f.join_within(&[("idx", b"\"1\"")], crate::MAX_ENTRY_BYTES, &mut out);
         // What is stored is canonical: a fixed point of the encoder.
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(canonical_json(&v).unwrap(), out);
@@ -626,8 +626,8 @@ mod cut_tests {
         f.map("headers", &headers).unwrap();
         f.str("decision", "allow");
         let mut out = Vec::new();
-        f.join_within(&[("idx", b"\"1\"")], crate::audit::MAX_ENTRY_BYTES, &mut out);
-        assert!(out.len() <= crate::audit::MAX_ENTRY_BYTES, "{}", out.len());
+        f.join_within(&[("idx", b"\"1\"")], crate::MAX_ENTRY_BYTES, &mut out);
+        assert!(out.len() <= crate::MAX_ENTRY_BYTES, "{}", out.len());
         let e: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(canonical_json(&e).unwrap(), out);
         // `headers` went first (with its cut strings); the rest stays, `path` still cut.
@@ -644,7 +644,7 @@ mod cut_tests {
         // Without a bound (`join`), nothing is dropped.
         let mut unbounded = Vec::new();
         f.join(&[("idx", b"\"1\"")], &mut unbounded);
-        assert!(unbounded.len() > crate::audit::MAX_ENTRY_BYTES);
+        assert!(unbounded.len() > crate::MAX_ENTRY_BYTES);
 
         // Several fields must go: in the documented order, then largest first; `kind` never.
         let mut f = Fields::new();
@@ -655,8 +655,8 @@ mod cut_tests {
             f.map(key, &many).unwrap();
         }
         let mut out = Vec::new();
-        f.join_within(&[], crate::audit::MAX_ENTRY_BYTES, &mut out);
-        assert!(out.len() <= crate::audit::MAX_ENTRY_BYTES);
+        f.join_within(&[], crate::MAX_ENTRY_BYTES, &mut out);
+        assert!(out.len() <= crate::MAX_ENTRY_BYTES);
         let e: Value = serde_json::from_slice(&out).unwrap();
         // The largest (the last ones) were dropped, the smallest kept.
         assert!(e.get("h").is_none() && e.get("a").is_some(), "{e}");
@@ -705,8 +705,8 @@ mod cut_tests {
             let original: Map<String, Value> = m.into_iter().collect();
             let f = Fields::from_map(original.clone()).unwrap();
             let mut out = Vec::new();
-            f.join_within(&[("idx", b"\"1\"")], crate::audit::MAX_ENTRY_BYTES, &mut out);
-            proptest::prop_assert!(out.len() <= crate::audit::MAX_ENTRY_BYTES);
+            f.join_within(&[("idx", b"\"1\"")], crate::MAX_ENTRY_BYTES, &mut out);
+            proptest::prop_assert!(out.len() <= crate::MAX_ENTRY_BYTES);
             let stored: Value = serde_json::from_slice(&out).unwrap();
             proptest::prop_assert_eq!(canonical_json(&stored).unwrap(), out.clone());
             let mut whole = original.clone();

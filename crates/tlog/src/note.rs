@@ -7,8 +7,8 @@
 //! (`valid_key_name`), and the body is a well-formed `tlog-checkpoint` (decimal size without
 //! leading zeros, a 32-byte root in standard padded base64, optional non-empty extension lines).
 
-use super::AuditError;
-use super::merkle::Hash;
+use crate::Error as AuditError;
+use crate::merkle::Hash;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
@@ -55,12 +55,17 @@ impl Checkpoint {
     }
 
     pub fn sign(&self, key_name: &str, key: &SigningKey) -> String {
-        let body = self.body();
-        let sig = key.sign(body.as_bytes());
-        let mut blob = key_id(key_name, &key.verifying_key()).to_vec();
-        blob.extend_from_slice(&sig.to_bytes());
-        format!("{body}\n\u{2014} {key_name} {}\n", B64.encode(blob))
+        sign_note(&self.body(), key_name, key)
     }
+}
+
+/// Signs the note text `body` (lines ending in `\n`) with `key` as `key_name`: the body, a blank
+/// line and one signature line.
+pub fn sign_note(body: &str, key_name: &str, key: &SigningKey) -> String {
+    let sig = key.sign(body.as_bytes());
+    let mut blob = key_id(key_name, &key.verifying_key()).to_vec();
+    blob.extend_from_slice(&sig.to_bytes());
+    format!("{body}\n\u{2014} {key_name} {}\n", B64.encode(blob))
 }
 
 fn bad(m: &str) -> AuditError {
@@ -141,6 +146,20 @@ pub fn parse_unverified(note: &str) -> Result<Checkpoint, AuditError> {
 pub fn parse_checkpoint(note: &str, keys: &[(String, VerifyingKey)]) -> Result<Checkpoint, AuditError> {
     let n = split_note(note)?;
     let cp = parse_body(n.body)?;
+    check_signatures(&n, keys)?;
+    Ok(cp)
+}
+
+/// Opens a signed note of any text: checks its syntax and that at least one signature line
+/// verifies under one of `keys` (as `parse_checkpoint`), and returns its text (the body, with its
+/// final newline).
+pub fn open_note<'a>(note: &'a str, keys: &[(String, VerifyingKey)]) -> Result<&'a str, AuditError> {
+    let n = split_note(note)?;
+    check_signatures(&n, keys)?;
+    Ok(n.body)
+}
+
+fn check_signatures(n: &Note, keys: &[(String, VerifyingKey)]) -> Result<(), AuditError> {
     let mut verified = false;
     for s in &n.sigs {
         for (kname, vk) in keys {
@@ -157,7 +176,7 @@ pub fn parse_checkpoint(note: &str, keys: &[(String, VerifyingKey)]) -> Result<C
     if !verified {
         return Err(bad("no signature by a trusted key"));
     }
-    Ok(cp)
+    Ok(())
 }
 
 /// The key names a note is signed with (to pair trusted keys with names).
@@ -246,6 +265,55 @@ mod tests {
         blob[10] ^= 1;
         let tampered = format!("{head}\u{2014} {name} {}\n", B64.encode(blob));
         assert!(parse_checkpoint(&tampered, &keys()).unwrap_err().to_string().contains("does not verify"));
+    }
+
+    /// The published example of Go's `golang.org/x/mod/sumdb/note` (note_test.go, `TestSign` and
+    /// `TestOpen`): key `PeterNeumann+c74f20a3+ARpc…`, its private key, and the note it signs.
+    #[test]
+    fn go_sumdb_note_known_answer() {
+        const VKEY: &str = "PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW";
+        const SKEY: &str = "PRIVATE+KEY+PeterNeumann+c74f20a3+AYEKFALVFGyNhPJEMzD1QIDr+Y7hfZx09iUvxdXHKDFz";
+        const TEXT: &str =
+            "If you think cryptography is the answer to your problem,\nthen you don't know what your problem is.\n";
+        const SIGNED: &str = "If you think cryptography is the answer to your problem,\n\
+            then you don't know what your problem is.\n\
+            \n\
+            \u{2014} PeterNeumann x08go/ZJkuBS9UG/SffcvIAQxVBtiFupLLr8pAcElZInNIuGUgYN1FFYC2pZSNXgKvqfqdngotpRZb6KE6RyyBwJnAM=\n";
+        const ENOCH_SIG: &str = "\u{2014} EnochRoot rwz+eBzmZa0SO3NbfRGzPCpDckykFXSdeX+MNtCOXm2/5n2tiOHp+vAF1aGrQ5ovTG01oOTGwnWLox33WWd1RvMc+QQ=\n";
+
+        // Verifier key: <name>+<hex key id>+base64(0x01 (Ed25519) ‖ public key).
+        let parts: Vec<&str> = VKEY.splitn(3, '+').collect();
+        let (name, id_hex) = (parts[0], parts[1]);
+        let raw = B64.decode(parts[2]).unwrap();
+        assert_eq!(raw[0], 0x01, "Ed25519");
+        let vk = VerifyingKey::from_bytes(&raw[1..].try_into().unwrap()).unwrap();
+        assert_eq!(hex::encode(key_id(name, &vk)), id_hex);
+
+        // The note verifies, with and without an unknown second signature, and yields its text.
+        let keys = vec![(name.to_string(), vk)];
+        assert_eq!(open_note(SIGNED, &keys).unwrap(), TEXT);
+        assert_eq!(open_note(&format!("{SIGNED}{ENOCH_SIG}"), &keys).unwrap(), TEXT);
+        assert_eq!(signer_names(SIGNED), vec![name.to_string()]);
+        // Not a checkpoint body, so not a checkpoint.
+        assert!(parse_checkpoint(SIGNED, &keys).is_err());
+        // A changed text or a changed signature does not verify; another key is not trusted.
+        let changed = SIGNED.replacen("problem,", "problem;", 1);
+        assert!(open_note(&changed, &keys).unwrap_err().to_string().contains("does not verify"));
+        let at = SIGNED.find("x08go").unwrap() + 20;
+        let mut forged = SIGNED.to_string();
+        forged.replace_range(at..at + 1, if &SIGNED[at..at + 1] == "A" { "B" } else { "A" });
+        assert!(open_note(&forged, &keys).is_err());
+        let other = vec![(name.to_string(), key().verifying_key())];
+        assert!(open_note(SIGNED, &other).unwrap_err().to_string().contains("no signature by a trusted key"));
+
+        // Signing the text with the private key (Ed25519 is deterministic) gives the same note.
+        let parts: Vec<&str> = SKEY.splitn(5, '+').collect();
+        assert_eq!((parts[2], parts[3]), (name, id_hex));
+        let raw = B64.decode(parts[4]).unwrap();
+        assert_eq!(raw[0], 0x01, "Ed25519");
+        let sk = SigningKey::from_bytes(&raw[1..].try_into().unwrap());
+        assert_eq!(sk.verifying_key(), vk);
+        assert_eq!(sign_note(TEXT, name, &sk), SIGNED);
     }
 
     #[test]
