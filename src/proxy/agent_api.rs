@@ -6,7 +6,7 @@
 
 use super::{Facts, Gateway, ProxyBody, json_response, now_unix};
 use crate::approvals::{Status, approval_entry};
-use crate::policy::Decision;
+use crate::policy::{At, Code, Decision};
 use http::{Method, Response, StatusCode};
 use serde_json::json;
 
@@ -14,24 +14,24 @@ use serde_json::json;
 pub(super) async fn serve(gw: &Gateway, facts: &mut Facts, method: &Method, path: &str) -> Response<ProxyBody> {
     facts.action = Some("uapk.approval.read".into());
     let Some(id) = path.strip_prefix("/v1/approvals/").filter(|id| !id.is_empty() && !id.contains('/')) else {
-        let d = Decision::deny("route_not_allowed", "the gateway serves GET /uapk/v1/approvals/{id} here");
-        return gw.refuse_recorded(StatusCode::NOT_FOUND, facts, d).await;
+        let d = Decision::deny(Code::RouteNotAllowed, "the gateway serves GET /uapk/v1/approvals/{id} here");
+        return gw.refuse_recorded(At::NoSuchPath, facts, d).await;
     };
     if method != Method::GET {
-        let d = Decision::deny("route_not_allowed", "only GET is served here");
-        return gw.refuse_recorded(StatusCode::METHOD_NOT_ALLOWED, facts, d).await;
+        let d = Decision::deny(Code::RouteNotAllowed, "only GET is served here");
+        return gw.refuse_recorded(At::WrongMethod, facts, d).await;
     }
     let found = match gw.approvals.fetch(id).await {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "reading an approval");
-            let d = Decision::deny("approval_store_unavailable", "the approval store is unavailable");
-            return gw.refuse_recorded(StatusCode::SERVICE_UNAVAILABLE, facts, d).await;
+            let d = Decision::deny(Code::ApprovalStoreUnavailable, "the approval store is unavailable");
+            return gw.refuse_recorded(At::Request, facts, d).await;
         }
     };
     let Some(a) = found.filter(|a| Some(&a.agent) == facts.agent.as_ref()) else {
-        let d = Decision::deny("approval_not_found", "no such approval for this agent");
-        return gw.refuse_recorded(StatusCode::NOT_FOUND, facts, d).await;
+        let d = Decision::deny(Code::ApprovalNotFound, "no such approval for this agent");
+        return gw.refuse_recorded(At::Request, facts, d).await;
     };
     let now = now_unix();
     let status = a.status_at(now);

@@ -6,8 +6,8 @@ use super::respond::DenyBody;
 use super::{Facts, Gateway, ProxyBody, now_unix, refuse};
 use crate::approvals::{self, Resolution, Status, approval_entry};
 use crate::config::{BodiesMode, EscalationMode, Manifest};
-use crate::policy::Decision;
-use http::{HeaderValue, Response, StatusCode};
+use crate::policy::{At, Code, Decision};
+use http::{HeaderValue, Response};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,10 +37,10 @@ pub(super) enum Escalated {
 /// Past `max_pending`: a refusal, recorded like any other.
 async fn too_many(gw: &Arc<Gateway>, facts: &Facts, pending: usize, max: usize) -> Response<ProxyBody> {
     let d = Decision::deny(
-        "too_many_pending_approvals",
+        Code::TooManyPendingApprovals,
         format!("{pending} approvals of this agent are pending (escalation.max_pending {max}); wait for decisions"),
     );
-    gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await
+    gw.refuse_recorded(At::Request, facts, d).await
 }
 
 /// ESCALATE: store a pending approval and record it; `reject` answers 403 with its id, `hold`
@@ -56,10 +56,10 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
         Err(e) => {
             tracing::error!(error = %e, "approvals store unavailable");
             let d = Decision::deny(
-                "approval_store_unavailable",
+                Code::ApprovalStoreUnavailable,
                 "the approvals queue cannot be reached; nothing was forwarded",
             );
-            return Escalated::Respond(gw.refuse_recorded(StatusCode::SERVICE_UNAVAILABLE, facts, d).await);
+            return Escalated::Respond(gw.refuse_recorded(At::Request, facts, d).await);
         }
     };
     let id = approvals::new_id();
@@ -104,8 +104,9 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
     };
     if gw.approvals.store(approval, slot).await.is_err() {
         tracing::error!(approval_id = %id, "cannot store approval");
-        let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
-        return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));
+        let d = Decision::deny(Code::ApprovalStoreUnavailable, "the approval could not be stored");
+        let status = d.code().status(At::Request);
+        return Escalated::Respond(refuse(status, facts, &d, Some(idx), DenyBody::default()));
     }
     let created = approval_entry(
         &id,
@@ -118,24 +119,24 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
     if manifest.escalation.mode == EscalationMode::Hold {
         let d = match hold(gw, facts, &id, manifest.escalation.hold_timeout).await {
             Resolution::Approved => return Escalated::Approved(id),
-            Resolution::Denied => Decision::deny("approval_denied", format!("approval {id} was denied")),
+            Resolution::Denied => Decision::deny(Code::ApprovalDenied, format!("approval {id} was denied")),
             Resolution::TimedOut => {
-                Decision::deny("approval_timeout", format!("approval {id} was not decided in time"))
+                Decision::deny(Code::ApprovalTimeout, format!("approval {id} was not decided in time"))
             }
             Resolution::ShuttingDown => {
-                let d = Decision::deny("shutting_down", "the gateway is shutting down; retry");
-                let resp =
-                    refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
+                let d = Decision::deny(Code::ShuttingDown, "the gateway is shutting down; retry");
+                let status = d.code().status(At::Request);
+                let resp = refuse(status, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
                 return Escalated::Respond(resp);
             }
         };
-        return Escalated::Respond(gw.refuse_recorded_always(StatusCode::FORBIDDEN, facts, d).await);
+        return Escalated::Respond(gw.refuse_recorded_always(At::Request, facts, d).await);
     }
-    let mut resp =
-        refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
+    let status = decision.code().status(At::Request);
+    let mut resp = refuse(status, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-uapk-approval", v);
     }
-    gw.finish_metrics(facts, &decision, StatusCode::FORBIDDEN, Some(idx));
+    gw.finish_metrics(facts, &decision, status, Some(idx));
     Escalated::Respond(resp)
 }
