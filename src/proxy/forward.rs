@@ -71,10 +71,10 @@ async fn record_decision(
     grant: Option<&Grant>,
     keep_budget: Option<(String, bool)>,
 ) -> Result<u64, Stop> {
-    if decision.verdict == Verdict::Allow || dry_run {
-        if let Some(d) = gw.vetter.vet(&facts.host, facts.port).await.refusal() {
-            return Err(Stop::refuse(d));
-        }
+    if (decision.verdict == Verdict::Allow || dry_run)
+        && let Some(d) = gw.vetter.vet(&facts.host, facts.port).await.refusal()
+    {
+        return Err(Stop::refuse(d));
     }
     let idx = match grant {
         None if keep_budget.is_none() => gw.record(facts, decision, None).await.map_err(Stop::respond)?,
