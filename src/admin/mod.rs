@@ -311,7 +311,7 @@ async fn api(
             let (id, approve) = (id.to_string(), *action == "approve");
             let body: Body = read_json(req).await?;
             let ttl = match &body.ttl {
-                Some(t) => Some(crate::config::parse_duration(t).map_err(|e| AdminError::bad_request(e))?),
+                Some(t) => Some(crate::config::parse_duration(t).map_err(AdminError::bad_request)?),
                 None => None,
             };
             let override_ttl = match ttl {
