@@ -289,12 +289,23 @@ fn refuse(
     }
 }
 
+/// Whether a refusal is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// Not recorded: a request refused before it could be read or identified (malformed HTTP).
+    Never,
+    /// Recorded within the agent's refusal budget (`limits::refusals`).
+    WithinBudget,
+    /// Recorded outside the refusal budget: the refusals that end an approval wait, which
+    /// `escalation.max_pending` and the approvers already bound.
+    Always,
+}
+
 /// Why the path stops before forwarding.
 pub(crate) enum Stop {
-    /// Refused with the decision's §7 body and the status its code has `at`; recorded unless
-    /// `record` is false (a request refused before it could be read or identified: malformed
-    /// HTTP).
-    Refuse { decision: Decision, at: At, record: bool, headers: Option<Box<HeaderMap>> },
+    /// Refused with the decision's §7 body and the status its code has `at`, recorded as
+    /// `record` says.
+    Refuse { decision: Decision, at: At, record: Record, headers: Option<Box<HeaderMap>> },
     /// A stage already answered, and recorded what it answered.
     Respond(Box<Response<ProxyBody>>),
 }
@@ -306,14 +317,18 @@ impl Stop {
     }
     /// A recorded refusal answered `at` (407 on the explicit proxy, 404, 405…).
     pub(crate) fn refuse_at(decision: Decision, at: At) -> Stop {
-        Stop::Refuse { decision, at, record: true, headers: None }
+        Stop::Refuse { decision, at, record: Record::WithinBudget, headers: None }
     }
     /// A refusal that is not recorded.
     pub(crate) fn unrecorded(decision: Decision) -> Stop {
         Stop::unrecorded_at(decision, At::Request)
     }
     pub(crate) fn unrecorded_at(decision: Decision, at: At) -> Stop {
-        Stop::Refuse { decision, at, record: false, headers: None }
+        Stop::Refuse { decision, at, record: Record::Never, headers: None }
+    }
+    /// A recorded refusal outside the refusal budget ([`Record::Always`]).
+    pub(crate) fn refuse_always(decision: Decision) -> Stop {
+        Stop::Refuse { decision, at: At::Request, record: Record::Always, headers: None }
     }
     pub(crate) fn respond(resp: Response<ProxyBody>) -> Stop {
         Stop::Respond(Box::new(resp))
@@ -370,10 +385,13 @@ impl Gateway {
     async fn answer(&self, facts: &Facts, stop: Stop) -> Response<ProxyBody> {
         match stop {
             Stop::Respond(resp) => *resp,
-            Stop::Refuse { decision, at, record: false, .. } => {
+            Stop::Refuse { decision, at, record: Record::Never, .. } => {
                 refuse(decision.code().status(at), facts, &decision, None, DenyBody::default())
             }
-            Stop::Refuse { decision, at, headers, .. } => {
+            Stop::Refuse { decision, at, record: Record::Always, .. } => {
+                self.refuse_recorded_always(at, facts, decision).await
+            }
+            Stop::Refuse { decision, at, record: Record::WithinBudget, headers } => {
                 let mut resp = self.refuse_recorded(at, facts, decision).await;
                 // Only on the refusal itself, not on a 503 that replaced it.
                 if let Some(h) = headers
@@ -599,7 +617,12 @@ async fn pipeline(
         return Ok(gw.too_many_in_flight(facts).await);
     };
     if target.is_agent_api() {
-        return Ok(holding(agent_api::serve(gw, facts, &parts.method, &target.path).await, slot));
+        // Answered here, while the agent's in-flight slot is still held.
+        let resp = match agent_api::serve(gw, facts, &parts.method, &target.path).await {
+            Ok(resp) => resp,
+            Err(stop) => gw.answer(facts, stop).await,
+        };
+        return Ok(holding(resp, slot));
     }
     if let Some(why) = hygiene::upgrade_refusal(&parts.method, &parts.headers) {
         return Err(Stop::refuse(Decision::deny(Code::UpgradeNotAllowed, why)));

@@ -7,9 +7,9 @@
 //! consumed only in the commit of its decision entry (`forward::commit`).
 
 use super::classify::{Classified, RequestBody};
-use super::escalation::{Escalated, escalate};
+use super::escalation::escalate;
 use super::identify::Identity;
-use super::{Facts, Gateway, Stop, hygiene, now_unix};
+use super::{Facts, Gateway, Record, Stop, hygiene, now_unix};
 use crate::approvals::Status;
 use crate::config::PolicyMode;
 use crate::limits::{Ask, BudgetCheck, RateRefused, RateTaken, Reservation};
@@ -158,9 +158,10 @@ pub(crate) async fn settle<'a>(
             Verdict::Escalate => {
                 // The reservation goes back while the request waits (or is answered with its id).
                 release(gw, budget.take()).await;
+                // Answered here, while the agent's in-flight slot is still held.
                 let id = match escalate(gw, facts, manifest, decision).await {
-                    Escalated::Respond(resp) => return Err(Stop::respond(resp)),
-                    Escalated::Approved(id) => id,
+                    Ok(id) => id,
+                    Err(stop) => return Err(Stop::respond(gw.answer(facts, stop).await)),
                 };
                 // Approved while held: counted again, and rate-limited like any request that
                 // is about to leave.
@@ -200,7 +201,7 @@ pub(crate) async fn settle<'a>(
                     return Err(Stop::Refuse {
                         decision: d,
                         at: At::Request,
-                        record: true,
+                        record: Record::WithinBudget,
                         headers: Some(Box::new(headers)),
                     });
                 }
