@@ -95,7 +95,7 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
     facts.path = String::new();
     let Some((host, Some(port))) = split_authority(&target) else {
         let d = Decision::deny(Code::MalformedRequest, "CONNECT needs an authority-form target host:port");
-        return refuse(d.code().status(At::Request), &facts, &d, None, DenyBody::default());
+        return refuse(At::Request, &facts, &d, None, DenyBody::default());
     };
     facts.host = host.clone();
     facts.port = port;

@@ -103,8 +103,7 @@ pub(super) async fn escalate(
     if gw.approvals.store(approval, slot).await.is_err() {
         tracing::error!(approval_id = %id, "cannot store approval");
         let d = Decision::deny(Code::ApprovalStoreUnavailable, "the approval could not be stored");
-        let status = d.code().status(At::Request);
-        return Err(Stop::respond(refuse(status, facts, &d, Some(idx), DenyBody::default())));
+        return Err(Stop::respond(refuse(At::Request, facts, &d, Some(idx), DenyBody::default())));
     }
     let created = approval_entry(
         &id,
@@ -123,18 +122,16 @@ pub(super) async fn escalate(
             }
             Resolution::ShuttingDown => {
                 let d = Decision::deny(Code::ShuttingDown, "the gateway is shutting down; retry");
-                let status = d.code().status(At::Request);
-                let resp = refuse(status, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
+                let resp = refuse(At::Request, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
                 return Err(Stop::respond(resp));
             }
         };
         return Err(Stop::refuse_always(d));
     }
-    let status = decision.code().status(At::Request);
-    let mut resp = refuse(status, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
+    let mut resp = refuse(At::Request, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-uapk-approval", v);
     }
-    gw.finish_metrics(facts, &decision, status, Some(idx));
+    gw.finish_metrics(facts, &decision, decision.code().status(At::Request), Some(idx));
     Err(Stop::respond(resp))
 }

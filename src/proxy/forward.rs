@@ -159,7 +159,7 @@ async fn forward(
         Err(_) => {
             unsent(gw, facts);
             let d = Decision::deny(Code::MalformedRequest, "the upstream URI is invalid");
-            return refuse(d.code().status(At::Request), facts, &d, Some(record), DenyBody::default());
+            return refuse(At::Request, facts, &d, Some(record), DenyBody::default());
         }
     };
     let mut parts = parts;
@@ -193,7 +193,7 @@ async fn forward(
         Err(_) => {
             unsent(gw, facts);
             let d = Decision::deny(Code::MalformedRequest, "the request cannot be forwarded");
-            return refuse(d.code().status(At::Request), facts, &d, Some(record), DenyBody::default());
+            return refuse(At::Request, facts, &d, Some(record), DenyBody::default());
         }
     };
     let outcome = body::Outcome {
@@ -242,7 +242,7 @@ async fn forward(
             gw.budgets.settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
         }
         let d = Decision::deny(Code::UpstreamUnavailable, "the upstream exchange failed");
-        return refuse(d.code().status(At::Request), facts, &d, Some(record), DenyBody::default());
+        return refuse(At::Request, facts, &d, Some(record), DenyBody::default());
     };
     // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
     // anything else, or unasked, would leave a raw connection no policy reads.
@@ -257,9 +257,8 @@ async fn forward(
         Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_to_websocket(&resp) => {
             let msg = "the upstream switched to a protocol that was not allowed";
             let d = Decision::deny(Code::UpstreamUnavailable, msg);
-            let status = d.code().status(At::Request);
-            outcome.write(status, 0, None, Some(msg));
-            refuse(status, facts, &d, Some(record), DenyBody::default())
+            outcome.write(d.code().status(At::Request), 0, None, Some(msg));
+            refuse(At::Request, facts, &d, Some(record), DenyBody::default())
         }
         Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -298,27 +297,24 @@ async fn forward(
             // The agent stopped sending: the upstream request was aborted mid-body.
             let msg = "the request body stalled longer than limits.body_read_timeout; the upstream request was aborted";
             let d = Decision::deny(Code::BodyTimeout, msg);
-            let status = d.code().status(At::Request);
-            outcome.write(status, 0, None, Some(msg));
-            let mut resp = refuse(status, facts, &d, Some(record), DenyBody::default());
+            outcome.write(d.code().status(At::Request), 0, None, Some(msg));
+            let mut resp = refuse(At::Request, facts, &d, Some(record), DenyBody::default());
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             resp
         }
         Ok(Err(e)) => {
             let (at, msg) = upstream_error(&e);
             let d = Decision::deny(Code::UpstreamUnavailable, msg);
-            let status = d.code().status(at);
             // A request that never reached the upstream is charged nothing; one that failed
             // after it was sent is charged its estimate.
             let usage = if e.is_connect() { body::UsageRead::Unsent } else { body::UsageRead::NoBody };
-            outcome.write_with_usage(status, 0, None, Some(msg), usage);
-            refuse(status, facts, &d, Some(record), DenyBody::default())
+            outcome.write_with_usage(d.code().status(at), 0, None, Some(msg), usage);
+            refuse(at, facts, &d, Some(record), DenyBody::default())
         }
         Err(_) => {
             let d = Decision::deny(Code::UpstreamTimeout, UPSTREAM_TIMEOUT);
-            let status = d.code().status(At::Request);
-            outcome.write(status, 0, None, Some(UPSTREAM_TIMEOUT));
-            refuse(status, facts, &d, Some(record), DenyBody::default())
+            outcome.write(d.code().status(At::Request), 0, None, Some(UPSTREAM_TIMEOUT));
+            refuse(At::Request, facts, &d, Some(record), DenyBody::default())
         }
     }
 }

@@ -275,14 +275,10 @@ impl Facts {
     }
 }
 
-/// A response the proxy produced itself (not the upstream's).
-fn refuse(
-    status: StatusCode,
-    facts: &Facts,
-    d: &Decision,
-    record: Option<u64>,
-    extra: DenyBody,
-) -> Response<ProxyBody> {
+/// A response the proxy produced itself (not the upstream's): the refusal of `d`, with the
+/// status its code has `at`.
+fn refuse(at: At, facts: &Facts, d: &Decision, record: Option<u64>, extra: DenyBody) -> Response<ProxyBody> {
+    let status = d.code().status(at);
     match &facts.jsonrpc_id {
         Some(id) => respond::jsonrpc_refusal(id, d, record, facts.agent.as_deref(), extra),
         None => deny_response(status, d, record, facts.agent.as_deref(), extra),
@@ -386,7 +382,7 @@ impl Gateway {
         match stop {
             Stop::Respond(resp) => *resp,
             Stop::Refuse { decision, at, record: Record::Never, .. } => {
-                refuse(decision.code().status(at), facts, &decision, None, DenyBody::default())
+                refuse(at, facts, &decision, None, DenyBody::default())
             }
             Stop::Refuse { decision, at, record: Record::Always, .. } => {
                 self.refuse_recorded_always(at, facts, decision).await
@@ -436,15 +432,14 @@ impl Gateway {
             format!("{} refused; refusals beyond limits.refusals_per_agent are summarised", d.code()),
         );
         tokio::time::sleep(retry_after.clamp(Duration::from_millis(100), Duration::from_secs(1))).await;
-        let status = why.code().status(At::Request);
-        let mut resp = refuse(status, facts, &why, None, DenyBody::default());
+        let mut resp = refuse(At::Request, facts, &why, None, DenyBody::default());
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
         if let Ok(v) = HeaderValue::from_str(&facts.request_id) {
             resp.headers_mut().insert("x-uapk-request-id", v);
         }
         // Counted, but no access line per refusal: the summary entry is the record.
         self.count(facts, &why);
-        facts.access(&why).finish_span(status, None, None);
+        facts.access(&why).finish_span(why.code().status(At::Request), None, None);
         Some(resp)
     }
 
@@ -481,7 +476,7 @@ impl Gateway {
         let status = d.code().status(at);
         match self.record(facts, &d, None).await {
             Ok(idx) => {
-                let mut resp = refuse(status, facts, &d, Some(idx), DenyBody::default());
+                let mut resp = refuse(at, facts, &d, Some(idx), DenyBody::default());
                 if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
                     resp.headers_mut()
                         .insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-gateway\""));
