@@ -1,7 +1,7 @@
 //! Prometheus metrics (SPEC §13), rendered in the text exposition format. Labels carry only
 //! closed sets and configured names, never raw hosts, paths or agent-supplied strings, so the
 //! number of series stays bounded: `decision` (3 verdicts), `reason` (the reason codes in
-//! [`REASON_CODES`], anything else `other`), `agent` (configured agent ids; `unknown` for an id
+//! [`crate::policy::Code`], anything else `other`), `agent` (configured agent ids; `unknown` for an id
 //! no manifest configures, `-` before one is known), `connector` (configured names) and `mode`.
 //! Process metrics are read from `/proc/self` at scrape time (a few small reads; the open-fd
 //! count lists `/proc/self/fd`, bounded by the open-file limit).
@@ -55,85 +55,9 @@ impl Histogram {
     }
 }
 
-/// Every reason code a decision can carry (docs/manifest.md, "Reason codes"): the closed set of
-/// the `reason` label. A code not listed here is counted as `other`.
-pub const REASON_CODES: &[&str] = &[
-    "all_checks_passed",
-    // identity
-    "capability_token_required",
-    "capability_token_invalid",
-    "capability_token_expired",
-    "capability_token_revoked",
-    "token_agent_mismatch",
-    "manifest_not_found",
-    "manifest_invalid",
-    // connector and route
-    "host_not_allowed",
-    "ssrf_blocked",
-    "tool_not_allowed",
-    "token_tool_not_allowed",
-    "connector_unavailable",
-    "cleartext_not_allowed",
-    "route_not_allowed",
-    "action_type_not_allowed",
-    "token_action_type_not_allowed",
-    "mcp_header_mismatch",
-    // params
-    "amount_invalid",
-    "param_ambiguous",
-    "param_invalid",
-    "unsupported_media_type",
-    "currency_required",
-    "currency_not_allowed",
-    // escalation
-    "requires_human_approval",
-    "amount_requires_approval",
-    "budget_threshold_reached",
-    "too_many_pending_approvals",
-    // limits
-    "amount_exceeds_cap",
-    "token_amount_exceeds_cap",
-    "jurisdiction_not_allowed",
-    "token_jurisdiction_not_allowed",
-    "counterparty_denied",
-    "counterparty_not_in_allowlist",
-    "token_counterparty_not_allowed",
-    "param_not_allowed",
-    "param_out_of_range",
-    "token_param_not_allowed",
-    "token_param_out_of_range",
-    "budget_exceeded",
-    "rate_limited",
-    "rate_limit_unavailable",
-    "refusals_rate_limited",
-    "too_many_requests_in_flight",
-    // overrides and approvals
-    "override_token_invalid",
-    "override_token_already_used",
-    "override_accepted",
-    "approval_granted",
-    "approval_denied",
-    "approval_timeout",
-    "approval_not_found",
-    "approval_store_unavailable",
-    // transport
-    "malformed_request",
-    "body_too_large",
-    "body_timeout",
-    "misdirected_request",
-    "upgrade_not_allowed",
-    "upstream_unresolvable",
-    "upstream_unavailable",
-    "upstream_timeout",
-    "audit_unavailable",
-    "interception_unavailable",
-    "shutting_down",
-    "too_many_connections",
-];
-
 /// The `reason` label of a code: itself when it is a known reason code, else `other`.
 pub fn reason_label(code: &str) -> &'static str {
-    REASON_CODES.iter().find(|&&c| c == code).copied().unwrap_or("other")
+    code.parse::<crate::policy::Code>().map_or("other", crate::policy::Code::as_str)
 }
 
 /// The labels of one `uapk_requests_total` series.
@@ -413,7 +337,7 @@ mod tests {
     }
 
     /// Every code docs/manifest.md lists is its own label (a code documented later but not
-    /// added to `REASON_CODES` would be charted as `other`).
+    /// added to `Code` would be charted as `other`).
     #[test]
     fn every_documented_reason_code_is_a_label() {
         let doc = include_str!("../docs/manifest.md");
@@ -422,7 +346,7 @@ mod tests {
         let codes: Vec<&str> = section.split('`').skip(1).step_by(2).collect();
         assert!(codes.len() > 40, "{codes:?}");
         for c in codes {
-            assert_eq!(reason_label(c), c, "{c} is documented but not in REASON_CODES");
+            assert_eq!(reason_label(c), c, "{c} is documented but is no Code");
         }
     }
 

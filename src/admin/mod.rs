@@ -3,9 +3,6 @@
 //! approver < admin: `config::AdminRole`);
 //! every approval decision made here is an audit entry, exactly as from any other client.
 
-// Handlers return early with the response to send; boxing it would only add an allocation.
-#![allow(clippy::result_large_err)]
-
 mod page;
 mod stream;
 
@@ -40,9 +37,94 @@ pub struct AdminState {
     pub sessions: page::Sessions,
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response<ProxyBody> {
-    json_response(status, &json!({"error": msg.into()}))
+/// Why an admin request is refused: a status and the `{"error": "..."}` body, in one place
+/// ([`AdminError::into_response`]).
+#[derive(Debug)]
+pub(crate) enum AdminError {
+    /// 401: no key, an unknown key, or an ended session; `challenge` adds `WWW-Authenticate`.
+    Unauthorized { message: &'static str, challenge: bool },
+    /// 403: a role too low, or a missing CSRF token.
+    Forbidden(String),
+    /// 400: a parameter or body that cannot be read.
+    BadRequest(String),
+    /// 404.
+    NotFound(String),
+    /// 409: an approval that is no longer pending.
+    Conflict(String),
+    /// 416: a stream asked to start past the end of the log.
+    PastEnd { from: u64, size: u64 },
+    /// 503: storage or the approval store does not answer.
+    Unavailable(&'static str),
+    /// 500.
+    Internal,
 }
+
+impl AdminError {
+    fn forbidden_role(need: AdminRole) -> AdminError {
+        AdminError::Forbidden(format!("this needs the {need:?} role").to_lowercase())
+    }
+
+    fn bad_request(message: impl Into<String>) -> AdminError {
+        AdminError::BadRequest(message.into())
+    }
+
+    fn not_found(message: impl Into<String>) -> AdminError {
+        AdminError::NotFound(message.into())
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        match self {
+            AdminError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
+            AdminError::Forbidden(_) => StatusCode::FORBIDDEN,
+            AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+            AdminError::Conflict(_) => StatusCode::CONFLICT,
+            AdminError::PastEnd { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
+            AdminError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AdminError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The response: the status and `{"error": message}` (416 adds the log's `tree_size`).
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
+        let status = self.status();
+        let body = match self {
+            AdminError::Unauthorized { message, challenge } => {
+                let mut r = json_response(status, &json!({"error": message}));
+                if challenge {
+                    r.headers_mut()
+                        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-admin\""));
+                }
+                return r;
+            }
+            AdminError::Forbidden(m)
+            | AdminError::BadRequest(m)
+            | AdminError::NotFound(m)
+            | AdminError::Conflict(m) => {
+                json!({"error": m})
+            }
+            AdminError::PastEnd { from, size } => json!({
+                "error": format!("from {from} is past the end of the log ({size} entries): is this the log you read before?"),
+                "tree_size": size,
+            }),
+            AdminError::Unavailable(m) => json!({"error": m}),
+            AdminError::Internal => json!({"error": "internal error"}),
+        };
+        json_response(status, &body)
+    }
+}
+
+impl From<ApprovalError> for AdminError {
+    fn from(e: ApprovalError) -> AdminError {
+        match e {
+            ApprovalError::NotFound(_) => AdminError::NotFound(e.to_string()),
+            ApprovalError::NotPending { .. } => AdminError::Conflict(e.to_string()),
+            ApprovalError::Store(_) => AdminError::Unavailable(APPROVALS_UNAVAILABLE),
+        }
+    }
+}
+
+const APPROVALS_UNAVAILABLE: &str = "the approval store is unavailable";
 
 /// The caller's key id and role (bearer key, or an operator-page session), or the refusal.
 fn authorize(
@@ -50,7 +132,7 @@ fn authorize(
     st: &AdminState,
     req: &Request<Incoming>,
     need: AdminRole,
-) -> Result<(String, AdminRole), Response<ProxyBody>> {
+) -> Result<(String, AdminRole), AdminError> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -61,35 +143,28 @@ fn authorize(
         && let Some(sid) = page::session_cookie(req)
     {
         let Some(s) = st.sessions.get(sid) else {
-            return Err(error(StatusCode::UNAUTHORIZED, "the session has ended; sign in again"));
+            return Err(AdminError::Unauthorized { message: "the session has ended; sign in again", challenge: false });
         };
         // Cookie-authenticated changes must carry the session's CSRF token in a header that a
         // cross-site form cannot set.
         if req.method() != Method::GET {
             let sent = req.headers().get("x-uapk-csrf").and_then(|v| v.to_str().ok());
             if sent != Some(s.csrf.as_str()) {
-                return Err(error(StatusCode::FORBIDDEN, "missing or wrong x-uapk-csrf token"));
+                return Err(AdminError::Forbidden("missing or wrong x-uapk-csrf token".into()));
             }
         }
-        return if s.role < need {
-            Err(error(StatusCode::FORBIDDEN, format!("this needs the {need:?} role").to_lowercase()))
-        } else {
-            Ok((s.key_id, s.role))
-        };
+        return if s.role < need { Err(AdminError::forbidden_role(need)) } else { Ok((s.key_id, s.role)) };
     }
     check_key(gw, bearer, need)
 }
 
 /// Looks an admin key up by its SHA-256.
-fn check_key(
-    gw: &Gateway,
-    presented: Option<&str>,
-    need: AdminRole,
-) -> Result<(String, AdminRole), Response<ProxyBody>> {
+fn check_key(gw: &Gateway, presented: Option<&str>, need: AdminRole) -> Result<(String, AdminRole), AdminError> {
     let Some(key) = presented else {
-        let mut r = error(StatusCode::UNAUTHORIZED, "an admin key is required (Authorization: Bearer <key>)");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-admin\""));
-        return Err(r);
+        return Err(AdminError::Unauthorized {
+            message: "an admin key is required (Authorization: Bearer <key>)",
+            challenge: true,
+        });
     };
     let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     // Compare every configured hash without an early exit.
@@ -101,10 +176,8 @@ fn check_key(
         }
     }
     match found {
-        None => Err(error(StatusCode::UNAUTHORIZED, "unknown admin key")),
-        Some((_, role)) if role < need => {
-            Err(error(StatusCode::FORBIDDEN, format!("this needs the {need:?} role").to_lowercase()))
-        }
+        None => Err(AdminError::Unauthorized { message: "unknown admin key", challenge: false }),
+        Some((_, role)) if role < need => Err(AdminError::forbidden_role(need)),
         Some(ok) => Ok(ok),
     }
 }
@@ -115,16 +188,16 @@ fn query_param(req: &Request<Incoming>, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
-async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, Response<ProxyBody>> {
+async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming>) -> Result<T, AdminError> {
     let body = Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
         .map(|c| c.to_bytes())
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "the request body could not be read (64 KiB at most)"))?;
+        .map_err(|_| AdminError::bad_request("the request body could not be read (64 KiB at most)"))?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
     }
-    serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
+    serde_json::from_slice(&body).map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 pub async fn handle(gw: Arc<Gateway>, st: Arc<AdminState>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -143,9 +216,9 @@ pub async fn handle(gw: Arc<Gateway>, st: Arc<AdminState>, req: Request<Incoming
             Ok(r)
         }
         (_, ["v1", rest @ ..]) => api(&gw, &st, req, rest).await,
-        _ => Err(error(StatusCode::NOT_FOUND, "not found")),
+        _ => Err(AdminError::not_found("not found")),
     };
-    r.unwrap_or_else(|e| e)
+    r.unwrap_or_else(AdminError::into_response)
 }
 
 async fn api(
@@ -153,7 +226,7 @@ async fn api(
     st: &AdminState,
     req: Request<Incoming>,
     rest: &[&str],
-) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+) -> Result<Response<ProxyBody>, AdminError> {
     let method = req.method().clone();
     match (&method, rest) {
         (&Method::POST, ["session"]) => {
@@ -195,7 +268,7 @@ async fn api(
             authorize(gw, st, &req, AdminRole::Viewer)?;
             let status = match query_param(&req, "status").as_deref() {
                 None | Some("") => None,
-                Some(s) => Some(parse_status(s).ok_or_else(|| error(StatusCode::BAD_REQUEST, "unknown status"))?),
+                Some(s) => Some(parse_status(s).ok_or_else(|| AdminError::bad_request("unknown status"))?),
             };
             let limit = match query_param(&req, "limit").as_deref() {
                 None | Some("") => 100,
@@ -203,15 +276,15 @@ async fn api(
                     .parse::<usize>()
                     .ok()
                     .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| error(StatusCode::BAD_REQUEST, "limit must be a number from 1 to 1000"))?,
+                    .ok_or_else(|| AdminError::bad_request("limit must be a number from 1 to 1000"))?,
             };
             let cursor = match query_param(&req, "cursor").as_deref() {
                 None | Some("") => None,
-                Some(c) => Some(Cursor::parse(c).ok_or_else(|| error(StatusCode::BAD_REQUEST, "invalid cursor"))?),
+                Some(c) => Some(Cursor::parse(c).ok_or_else(|| AdminError::bad_request("invalid cursor"))?),
             };
             let (list, next) = gw.approvals.page(status, limit, cursor).await.map_err(|e| {
                 tracing::error!(error = %e, "listing approvals");
-                error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
+                AdminError::Unavailable(APPROVALS_UNAVAILABLE)
             })?;
             let next = next.map(|c| c.to_string());
             Ok(json_response(StatusCode::OK, &json!({"approvals": list, "next_cursor": next})))
@@ -220,11 +293,11 @@ async fn api(
             authorize(gw, st, &req, AdminRole::Viewer)?;
             let found = gw.approvals.fetch(id).await.map_err(|e| {
                 tracing::error!(error = %e, "reading an approval");
-                error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
+                AdminError::Unavailable(APPROVALS_UNAVAILABLE)
             })?;
             match found {
                 Some(a) => Ok(json_response(StatusCode::OK, &approval_view(a))),
-                None => Err(error(StatusCode::NOT_FOUND, "no such approval")),
+                None => Err(AdminError::not_found("no such approval")),
             }
         }
         (&Method::POST, ["approvals", id, action @ ("approve" | "deny")]) => {
@@ -238,7 +311,7 @@ async fn api(
             let (id, approve) = (id.to_string(), *action == "approve");
             let body: Body = read_json(req).await?;
             let ttl = match &body.ttl {
-                Some(t) => Some(crate::config::parse_duration(t).map_err(|e| error(StatusCode::BAD_REQUEST, e))?),
+                Some(t) => Some(crate::config::parse_duration(t).map_err(AdminError::bad_request)?),
                 None => None,
             };
             let override_ttl = match ttl {
@@ -252,13 +325,7 @@ async fn api(
                 .approvals
                 .decide(&gw.audit, &gw.gateway_key, &id, approve, &key_id, body.note, override_ttl)
                 .await
-                .map_err(|e| match e {
-                    ApprovalError::NotFound(_) => error(StatusCode::NOT_FOUND, e.to_string()),
-                    ApprovalError::NotPending { .. } => error(StatusCode::CONFLICT, e.to_string()),
-                    ApprovalError::Store(_) => {
-                        error(StatusCode::SERVICE_UNAVAILABLE, "the approval store is unavailable")
-                    }
-                })?;
+                .map_err(AdminError::from)?;
             let mut v = approval_view(out.approval);
             if let Some(t) = out.override_token {
                 v["override_token"] = json!(t);
@@ -287,26 +354,19 @@ async fn api(
                 None | Some("") => 0,
                 Some(v) => v
                     .parse::<u64>()
-                    .map_err(|_| error(StatusCode::BAD_REQUEST, "from must be an entry index (a whole number)"))?,
+                    .map_err(|_| AdminError::bad_request("from must be an entry index (a whole number)"))?,
             };
             let follow = match query_param(&req, "follow").as_deref() {
                 None | Some("") | Some("true") => true,
                 Some("false") => false,
-                Some(_) => return Err(error(StatusCode::BAD_REQUEST, "follow must be true or false")),
+                Some(_) => return Err(AdminError::bad_request("follow must be true or false")),
             };
-            stream::response(gw.clone(), from, follow).map_err(|stream::Refused::PastEnd { from, size }| {
-                json_response(
-                    StatusCode::RANGE_NOT_SATISFIABLE,
-                    &json!({
-                        "error": format!("from {from} is past the end of the log ({size} entries): is this the log you read before?"),
-                        "tree_size": size,
-                    }),
-                )
-            })
+            stream::response(gw.clone(), from, follow)
+                .map_err(|stream::Refused::PastEnd { from, size }| AdminError::PastEnd { from, size })
         }
         (&Method::GET, ["records", idx]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
-            let idx: u64 = idx.parse().map_err(|_| error(StatusCode::BAD_REQUEST, "index must be a number"))?;
+            let idx: u64 = idx.parse().map_err(|_| AdminError::bad_request("index must be a number"))?;
             let db = audit_db(gw)?;
             let rows = blocking(move || crate::audit::read_entries(&db, idx, 1)).await?;
             match rows.into_iter().find(|(i, _)| *i == idx) {
@@ -315,7 +375,7 @@ async fn api(
                     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                     Ok(r)
                 }
-                None => Err(error(StatusCode::NOT_FOUND, "no such record")),
+                None => Err(AdminError::not_found("no such record")),
             }
         }
         (&Method::GET, ["proof", kind @ ("inclusion" | "consistency")]) => {
@@ -324,7 +384,7 @@ async fn api(
             let db = audit_db(gw)?;
             let proof = match *kind {
                 "inclusion" => {
-                    let index = num("index").ok_or_else(|| error(StatusCode::BAD_REQUEST, "index is required"))?;
+                    let index = num("index").ok_or_else(|| AdminError::bad_request("index is required"))?;
                     let size = num("size");
                     blocking(move || {
                         crate::audit::proof::inclusion(
@@ -337,7 +397,7 @@ async fn api(
                 }
                 _ => {
                     let (Some(old), Some(new)) = (num("old"), num("new")) else {
-                        return Err(error(StatusCode::BAD_REQUEST, "old and new are required"));
+                        return Err(AdminError::bad_request("old and new are required"));
                     };
                     blocking(move || {
                         crate::audit::proof::consistency(
@@ -351,10 +411,9 @@ async fn api(
             };
             match proof {
                 Ok(p) => Ok(text(StatusCode::OK, p.to_text())),
-                Err(_) => Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "no such proof: check the index and sizes against the tree size",
-                )),
+                Err(_) => {
+                    Err(AdminError::bad_request("no such proof: check the index and sizes against the tree size"))
+                }
             }
         }
         (&Method::POST, ["export"]) => {
@@ -367,7 +426,7 @@ async fn api(
             authorize(gw, st, &req, AdminRole::Viewer)?;
             match gw.audit.latest_checkpoint() {
                 Some(note) => Ok(text(StatusCode::OK, note)),
-                None => Err(error(StatusCode::NOT_FOUND, "no checkpoint yet")),
+                None => Err(AdminError::not_found("no checkpoint yet")),
             }
         }
         (&Method::GET, ["manifests"]) => {
@@ -388,7 +447,7 @@ async fn api(
             let err = st.last_reload_error.lock().unwrap_or_else(|e| e.into_inner()).clone();
             Ok(json_response(StatusCode::OK, &json!({"manifests": list, "last_reload_error": err})))
         }
-        _ => Err(error(StatusCode::NOT_FOUND, "not found")),
+        _ => Err(AdminError::not_found("not found")),
     }
 }
 
@@ -477,11 +536,7 @@ fn approval_view(a: Approval) -> Value {
 /// The database for one admin read; 503 while the writer reopens it after a storage failure.
 /// `POST /v1/export`: the export bundle of one read transaction (a consistent snapshot while the
 /// writer goes on), written to a private temporary directory and streamed as a ustar archive.
-async fn export_tar(
-    gw: &Gateway,
-    from: Option<u64>,
-    to: Option<u64>,
-) -> Result<Response<ProxyBody>, Response<ProxyBody>> {
+async fn export_tar(gw: &Gateway, from: Option<u64>, to: Option<u64>) -> Result<Response<ProxyBody>, AdminError> {
     use http_body_util::StreamBody;
     use hyper::body::Frame;
     let db = audit_db(gw)?;
@@ -564,23 +619,23 @@ async fn export_tar(
     Ok(r)
 }
 
-fn audit_db(gw: &Gateway) -> Result<std::sync::Arc<redb::Database>, Response<ProxyBody>> {
+fn audit_db(gw: &Gateway) -> Result<std::sync::Arc<redb::Database>, AdminError> {
     gw.db.get().map_err(|e| {
         tracing::error!(error = %e, "admin storage error");
-        error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable")
+        AdminError::Unavailable("storage unavailable")
     })
 }
 
 async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
-) -> Result<T, Response<ProxyBody>> {
+) -> Result<T, AdminError> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "admin storage error");
-            Err(error(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable"))
+            Err(AdminError::Unavailable("storage unavailable"))
         }
-        Err(_) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")),
+        Err(_) => Err(AdminError::Internal),
     }
 }
 

@@ -116,7 +116,7 @@ pub fn asset(name: &str) -> Response<ProxyBody> {
         "index.html" => (INDEX, "text/html; charset=utf-8"),
         "app.js" => (APP_JS, "text/javascript; charset=utf-8"),
         "app.css" => (APP_CSS, "text/css; charset=utf-8"),
-        _ => return json_response(StatusCode::NOT_FOUND, &json!({"error": "not found"})),
+        _ => return super::AdminError::not_found("not found").into_response(),
     };
     let mut r = Response::new(full_body(body));
     let h = r.headers_mut();

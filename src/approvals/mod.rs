@@ -7,6 +7,7 @@ mod service;
 pub use service::{Approvals, BY_GATEWAY, Decided, Resolution, Slot, approval_entry};
 
 use crate::audit::SharedDb;
+use crate::policy::Code;
 use rand::RngCore;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -300,9 +301,10 @@ impl ApprovalStore {
 pub fn consume_in(tx: &redb::WriteTransaction, id: &str, now: i64) -> Result<(), String> {
     transition_in(tx, id, Status::Approved, Status::Consumed, now, |_| {}).map(|_| ()).map_err(|e| {
         match e {
-            ApprovalError::NotPending { status: "consumed", .. } => "override_token_already_used",
-            _ => "override_token_invalid",
+            ApprovalError::NotPending { status: "consumed", .. } => Code::OverrideTokenAlreadyUsed,
+            _ => Code::OverrideTokenInvalid,
         }
+        .as_str()
         .to_string()
     })
 }

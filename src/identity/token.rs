@@ -2,6 +2,7 @@
 //! by the gateway when a human approves an escalation).
 
 use super::IdentityError;
+use crate::policy::Code;
 use base64::Engine;
 use ed25519_dalek::pkcs8::EncodePrivateKey;
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -187,11 +188,11 @@ pub enum TokenError {
 }
 
 impl TokenError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Code {
         match self {
-            TokenError::Invalid(_) => "capability_token_invalid",
-            TokenError::Expired => "capability_token_expired",
-            TokenError::Revoked => "capability_token_revoked",
+            TokenError::Invalid(_) => Code::CapabilityTokenInvalid,
+            TokenError::Expired => Code::CapabilityTokenExpired,
+            TokenError::Revoked => Code::CapabilityTokenRevoked,
         }
     }
     pub fn message(&self) -> String {
@@ -456,8 +457,8 @@ pub enum OverrideError {
 }
 
 impl OverrideError {
-    pub fn code(&self) -> &'static str {
-        "override_token_invalid"
+    pub fn code(&self) -> Code {
+        Code::OverrideTokenInvalid
     }
 }
 

@@ -23,7 +23,7 @@
 //! manifest has no budget yet), so a budget added by a reload sees the whole current window.
 
 use crate::config::{Budget, Manifest, Scope, Window};
-use crate::policy::Reason;
+use crate::policy::{Code, Reason};
 use rust_decimal::Decimal;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -138,14 +138,14 @@ pub fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> 
         if let Some(max) = b.max_actions {
             let count = u.count;
             if count >= max {
-                return Err(Reason::new("budget_exceeded", format!("{} is spent: {count}/{max} actions", label())));
+                return Err(Reason::new(Code::BudgetExceeded, format!("{} is spent: {count}/{max} actions", label())));
             }
             if let Some(pct) = b.escalate_at_percent
                 && threshold.is_none()
                 && u128::from(count) * 100 >= u128::from(max) * u128::from(pct)
             {
                 threshold = Some(Reason::new(
-                    "budget_threshold_reached",
+                    Code::BudgetThresholdReached,
                     format!("{} reached {pct}%: {count}/{max} actions", label()),
                 ));
             }
@@ -157,7 +157,7 @@ pub fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> 
                 || if held > 0 { format!(" ({held} more reserved by calls in flight)") } else { String::new() };
             if taken >= max {
                 return Err(Reason::new(
-                    "budget_exceeded",
+                    Code::BudgetExceeded,
                     format!("{} is spent: {tokens}/{max} tokens{}", label(), held_note()),
                 ));
             }
@@ -166,7 +166,7 @@ pub fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> 
                 && u128::from(taken) * 100 >= u128::from(max) * u128::from(pct)
             {
                 threshold = Some(Reason::new(
-                    "budget_threshold_reached",
+                    Code::BudgetThresholdReached,
                     format!("{} reached {pct}%: {tokens}/{max} tokens{}", label(), held_note()),
                 ));
             }
@@ -178,7 +178,7 @@ pub fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> 
             // Fail closed: a sum too large for a decimal exceeds any cap.
             let Some(total) = spent.checked_add(*amt).filter(|t| t <= max) else {
                 return Err(Reason::new(
-                    "budget_exceeded",
+                    Code::BudgetExceeded,
                     format!("{} would be exceeded: {spent} + {amt} > {max} {cur}", label()),
                 ));
             };
@@ -192,7 +192,7 @@ pub fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> 
                     .unwrap_or_else(|| *max / Decimal::from(100) * pct_dec);
                 if total >= at {
                     threshold = Some(Reason::new(
-                        "budget_threshold_reached",
+                        Code::BudgetThresholdReached,
                         format!("{} reached {pct}%: {total} of {max} {cur}", label()),
                     ));
                 }

@@ -8,7 +8,7 @@
 
 use super::rate_redis::{RedisGiveBack, RedisLimiters};
 use crate::config::{Manifest, RateLimit, Scope};
-use crate::policy::Reason;
+use crate::policy::{Code, Reason};
 use governor::clock::{Clock, MonotonicClock, Reference};
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
@@ -65,7 +65,7 @@ pub(crate) fn refusal(rl: &RateLimit, wait: Duration) -> RateLimited {
     let name = rl.scope.as_str();
     RateLimited {
         reason: Reason::new(
-            "rate_limited",
+            Code::RateLimited,
             format!("rate limit {} (burst {}) per {name} reached; retry in {secs}s", rl.raw, rl.burst),
         ),
         retry_after: Duration::from_secs(secs),

@@ -13,7 +13,7 @@
 use super::rate::{RateRefused, RateTaken, quota_of, refusal, scope_value};
 use crate::config::{Manifest, RedisSettings, SecretUrl};
 use crate::metrics::StateMetrics;
-use crate::policy::Reason;
+use crate::policy::{Code, Reason};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -275,7 +275,7 @@ impl RedisLimiters {
 
 fn unavailable(timeout: Duration) -> RateRefused {
     RateRefused::Unavailable(Reason::new(
-        "rate_limit_unavailable",
+        Code::RateLimitUnavailable,
         format!("the rate-limit state (Redis) did not answer within {timeout:?}; nothing is forwarded until it does"),
     ))
 }

@@ -17,6 +17,7 @@
 
 use crate::audit::canonical::{CUT_STRING_BYTES, MAX_STRING_BYTES, utf8_prefix};
 use crate::audit::{AuditError, Fields, MAX_ENTRY_BYTES};
+use crate::policy::Code;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -33,9 +34,6 @@ pub const MAX_DROPPED_KEYS: usize = 1024;
 
 /// Bytes of an entry kept for the writer's own fields (`v`, `log`, `idx`, `ts`, `prev`).
 const WRITER_BYTES: usize = 1024;
-
-/// Reason code of a refusal answered beyond the budget.
-pub const RATE_LIMITED: &str = "refusals_rate_limited";
 
 /// Whose budget a refusal is taken from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -266,7 +264,7 @@ impl Summary {
         f.value(
             "reasons",
             &json!([{
-                "code": RATE_LIMITED,
+                "code": Code::RefusalsRateLimited,
                 "message": format!("{} refusals beyond limits.refusals_per_agent, summarised", self.count),
             }]),
         )?;
@@ -450,7 +448,7 @@ mod tests {
         assert_eq!(e["kind"], "decision");
         assert_eq!(e["decision"], "deny");
         assert_eq!(e["agent"], "a1");
-        assert_eq!(e["reasons"][0]["code"], RATE_LIMITED);
+        assert_eq!(e["reasons"][0]["code"], Code::RefusalsRateLimited.as_str());
         assert_eq!(e["count"], json!((MAX_IDS + 20).to_string()));
         assert_eq!(e["request_ids"].as_array().unwrap().len(), MAX_IDS);
         assert_eq!(e["request_ids_omitted"], json!("20"));

@@ -3,8 +3,10 @@
 //! reason codes (SPEC §8, steps 2–7). It never touches sockets, clocks or storage; budgets,
 //! rate limits and overrides (steps 8–10) are applied by the caller around it, in that order.
 
+mod code;
 mod params;
 
+pub use code::{At, Code, UnknownCode};
 pub use params::{JsonDoc, Params, check_body_media_type, check_media_type, extract_params};
 
 use crate::config::{AllowDeny, Connector, Manifest};
@@ -35,12 +37,12 @@ impl Verdict {
 /// One reason code with a human message (never containing secrets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Reason {
-    pub code: &'static str,
+    pub code: Code,
     pub message: String,
 }
 
 impl Reason {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Reason {
+    pub fn new(code: Code, message: impl Into<String>) -> Reason {
         Reason { code, message: message.into() }
     }
 }
@@ -53,18 +55,18 @@ pub struct Decision {
 }
 
 impl Decision {
-    pub fn deny(code: &'static str, message: impl Into<String>) -> Decision {
+    pub fn deny(code: Code, message: impl Into<String>) -> Decision {
         Decision { verdict: Verdict::Deny, reasons: vec![Reason::new(code, message)] }
     }
     pub fn allow() -> Decision {
-        Decision { verdict: Verdict::Allow, reasons: vec![Reason::new("all_checks_passed", "all checks passed")] }
+        Decision { verdict: Verdict::Allow, reasons: vec![Reason::new(Code::AllChecksPassed, "all checks passed")] }
     }
     pub fn escalate(reasons: Vec<Reason>) -> Decision {
         Decision { verdict: Verdict::Escalate, reasons }
     }
     /// The first reason's code.
-    pub fn code(&self) -> &'static str {
-        self.reasons.first().map_or("all_checks_passed", |r| r.code)
+    pub fn code(&self) -> Code {
+        self.reasons.first().map_or(Code::AllChecksPassed, |r| r.code)
     }
 }
 
@@ -86,7 +88,7 @@ pub fn check_connector(
 ) -> Result<(), Decision> {
     if !manifest.policy.connectors.allows(&connector.name) {
         return Err(Decision::deny(
-            "tool_not_allowed",
+            Code::ToolNotAllowed,
             format!("connector {} is not allowed for this agent", connector.name),
         ));
     }
@@ -94,7 +96,7 @@ pub fn check_connector(
         && !list.iter().any(|c| c == &connector.name)
     {
         return Err(Decision::deny(
-            "token_tool_not_allowed",
+            Code::TokenToolNotAllowed,
             format!("the capability token does not grant connector {}", connector.name),
         ));
     }
@@ -102,7 +104,7 @@ pub fn check_connector(
         // The reason names the missing source, never a secret; the connector must not be
         // reached unauthenticated.
         return Err(Decision::deny(
-            "connector_unavailable",
+            Code::ConnectorUnavailable,
             format!("connector {} is unavailable: {why}", connector.name),
         ));
     }
@@ -119,13 +121,13 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
     let act = action.action;
     // 3. action type
     if !p.action_types.allows(act) {
-        return Decision::deny("action_type_not_allowed", format!("action {act} is not allowed for this agent"));
+        return Decision::deny(Code::ActionTypeNotAllowed, format!("action {act} is not allowed for this agent"));
     }
     if let Some(list) = claims.and_then(|c| c.action_types.as_ref())
         && !list.iter().any(|a| a == act)
     {
         return Decision::deny(
-            "token_action_type_not_allowed",
+            Code::TokenActionTypeNotAllowed,
             format!("the capability token does not grant action {act}"),
         );
     }
@@ -133,13 +135,13 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
     // extractor already failed closed), and money needs a currency its rules name.
     let params = action.params;
     if let Some(why) = &params.ambiguous {
-        return Decision::deny("param_ambiguous", why.clone());
+        return Decision::deny(Code::ParamAmbiguous, why.clone());
     }
     if let Err(d) = check_listed_values(manifest, claims, params) {
         return d;
     }
     if let Some(err) = &params.amount_error {
-        return Decision::deny("amount_invalid", err.clone());
+        return Decision::deny(Code::AmountInvalid, err.clone());
     }
     if let Err(d) = check_currency(manifest, claims, params) {
         return d;
@@ -149,11 +151,11 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
     // 5. approval triggers (accumulate)
     let mut escalate = Vec::new();
     if p.approval.action_types.iter().any(|a| a == act) {
-        escalate.push(Reason::new("requires_human_approval", format!("action {act} requires human approval")));
+        escalate.push(Reason::new(Code::RequiresHumanApproval, format!("action {act} requires human approval")));
     }
     if p.approval.connectors.iter().any(|c| c == &action.connector.name) {
         escalate.push(Reason::new(
-            "requires_human_approval",
+            Code::RequiresHumanApproval,
             format!("connector {} requires human approval", action.connector.name),
         ));
     }
@@ -162,7 +164,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         && money_above(*amt, *limit)
     {
         escalate.push(Reason::new(
-            "amount_requires_approval",
+            Code::AmountRequiresApproval,
             format!("amount {amt} {cur} is above the approval threshold {limit} {cur}"),
         ));
     }
@@ -174,13 +176,13 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
                 None => {
                     let shown = cur.as_deref().unwrap_or("(none)");
                     return Decision::deny(
-                        "currency_not_allowed",
+                        Code::CurrencyNotAllowed,
                         format!("currency {shown} has no cap for this agent"),
                     );
                 }
                 Some((c, limit)) if money_above(*amt, *limit) => {
                     return Decision::deny(
-                        "amount_exceeds_cap",
+                        Code::AmountExceedsCap,
                         format!("amount {amt} {c} exceeds the cap {limit} {c}"),
                     );
                 }
@@ -193,7 +195,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
             match cur.as_ref().and_then(|c| caps.get(c).map(|l| (c, l))) {
                 Some((c, limit)) if money_above(*amt, *limit) => {
                     return Decision::deny(
-                        "token_amount_exceeds_cap",
+                        Code::TokenAmountExceedsCap,
                         format!("amount {amt} {c} exceeds the token's cap {limit} {c}"),
                     );
                 }
@@ -201,7 +203,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
                 None => {
                     let shown = cur.as_deref().unwrap_or("(none)");
                     return Decision::deny(
-                        "token_amount_exceeds_cap",
+                        Code::TokenAmountExceedsCap,
                         format!("the capability token allows no amount in {shown}"),
                     );
                 }
@@ -216,9 +218,9 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         let j = params.get("jurisdiction").map(str::to_ascii_uppercase);
         if !p.jurisdictions.is_empty() {
             match &j {
-                None => return Decision::deny("jurisdiction_not_allowed", "the request names no jurisdiction"),
+                None => return Decision::deny(Code::JurisdictionNotAllowed, "the request names no jurisdiction"),
                 Some(j) if !p.jurisdictions.allows_value(j) => {
-                    return Decision::deny("jurisdiction_not_allowed", format!("jurisdiction {j} is not allowed"));
+                    return Decision::deny(Code::JurisdictionNotAllowed, format!("jurisdiction {j} is not allowed"));
                 }
                 Some(_) => {}
             }
@@ -227,7 +229,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
             && !j.as_ref().is_some_and(|j| list.iter().any(|l| l.eq_ignore_ascii_case(j)))
         {
             return Decision::deny(
-                "token_jurisdiction_not_allowed",
+                Code::TokenJurisdictionNotAllowed,
                 format!("the capability token does not allow jurisdiction {}", j.as_deref().unwrap_or("(none)")),
             );
         }
@@ -237,14 +239,14 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         let lists = &p.counterparties;
         match cp {
             None if !lists.is_empty() => {
-                return Decision::deny("counterparty_not_in_allowlist", "the request names no counterparty");
+                return Decision::deny(Code::CounterpartyNotInAllowlist, "the request names no counterparty");
             }
             Some(c) if lists.denies_value(c) => {
-                return Decision::deny("counterparty_denied", format!("counterparty {c} is on the deny list"));
+                return Decision::deny(Code::CounterpartyDenied, format!("counterparty {c} is on the deny list"));
             }
             Some(c) if !lists.allows_value(c) => {
                 return Decision::deny(
-                    "counterparty_not_in_allowlist",
+                    Code::CounterpartyNotInAllowlist,
                     format!("counterparty {c} is not on the allow list"),
                 );
             }
@@ -257,7 +259,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
             });
             if !ok {
                 return Decision::deny(
-                    "token_counterparty_not_allowed",
+                    Code::TokenCounterpartyNotAllowed,
                     format!("the capability token does not allow counterparty {}", cp.unwrap_or("(none)")),
                 );
             }
@@ -268,7 +270,7 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
         if params.declares(name)
             && let Err(miss) = check_param(name, &c.values.allow, &c.values.deny, c.min, c.max, params)
         {
-            return miss.into_decision("param_not_allowed", "param_out_of_range", "");
+            return miss.into_decision(Code::ParamNotAllowed, Code::ParamOutOfRange, "");
         }
     }
     if let Some(list) = token_constraints.and_then(|c| c.params.as_ref()) {
@@ -277,8 +279,8 @@ pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: 
                 && let Err(miss) = check_param(name, &c.allow, &c.deny, c.min, c.max, params)
             {
                 return miss.into_decision(
-                    "token_param_not_allowed",
-                    "token_param_out_of_range",
+                    Code::TokenParamNotAllowed,
+                    Code::TokenParamOutOfRange,
                     " under the capability token",
                 );
             }
@@ -306,7 +308,7 @@ fn check_listed_values(
     for (name, v) in &params.values {
         if let Some(c) = params::invalid_char(v).filter(|_| listed(name)) {
             return Err(Decision::deny(
-                "param_invalid",
+                Code::ParamInvalid,
                 format!(
                     "{name} holds U+{:04X}, which the upstream may drop or cut at; it cannot be matched",
                     u32::from(c)
@@ -332,20 +334,20 @@ fn check_currency(manifest: &Manifest, claims: Option<&CapabilityClaims>, params
         Some(c) if crate::config::is_currency(c) => c,
         Some(c) => {
             return Err(Decision::deny(
-                "currency_required",
+                Code::CurrencyRequired,
                 format!("currency {:?} is not a 3-letter ISO-4217 code", params::truncate(c)),
             ));
         }
         None => {
             return Err(Decision::deny(
-                "currency_required",
+                Code::CurrencyRequired,
                 "the request carries an amount but no currency, and this agent's money rules are per currency",
             ));
         }
     };
     if first != cur && !named.any(|n| n == cur) {
         return Err(Decision::deny(
-            "currency_not_allowed",
+            Code::CurrencyNotAllowed,
             format!("currency {cur} is named by none of this agent's money rules"),
         ));
     }
@@ -359,7 +361,7 @@ enum ParamMiss {
 }
 
 impl ParamMiss {
-    fn into_decision(self, not_allowed: &'static str, out_of_range: &'static str, under: &str) -> Decision {
+    fn into_decision(self, not_allowed: Code, out_of_range: Code, under: &str) -> Decision {
         match self {
             ParamMiss::NotAllowed(m) => Decision::deny(not_allowed, format!("{m}{under}")),
             ParamMiss::OutOfRange(m) => Decision::deny(out_of_range, format!("{m}{under}")),

@@ -7,7 +7,7 @@
 //! of range is an error, never skipped. Money is `Decimal`, never a float. Values are trimmed of
 //! ASCII whitespace; an empty value is a missing one.
 
-use super::Decision;
+use super::{Code, Decision};
 use crate::config::{BodyFormat, ParamSource, Route};
 use http::{HeaderMap, header};
 use rust_decimal::Decimal;
@@ -94,12 +94,13 @@ pub fn check_body_media_type(route: &Route, headers: &HeaderMap, body: &[u8]) ->
 /// The body must be of the `want` media type (an empty body has none to check); `what` says
 /// who reads it, for the refusal's message.
 pub fn check_media_type(want: BodyFormat, what: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), Decision> {
-    let unsupported =
-        |why: String| Decision::deny("unsupported_media_type", format!("{what} an {} body: {why}", want.media_type()));
+    let unsupported = |why: String| {
+        Decision::deny(Code::UnsupportedMediaType, format!("{what} an {} body: {why}", want.media_type()))
+    };
     let mut types = headers.get_all(header::CONTENT_TYPE).iter();
     let ct = match (types.next(), types.next()) {
         (_, Some(_)) => {
-            return Err(Decision::deny("param_ambiguous", "the request has more than one Content-Type header"));
+            return Err(Decision::deny(Code::ParamAmbiguous, "the request has more than one Content-Type header"));
         }
         (None, None) => None,
         (Some(v), None) => Some(v.to_str().map_err(|_| unsupported("the Content-Type is not valid text".into()))?),

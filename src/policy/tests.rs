@@ -96,7 +96,7 @@ fn decide_as(
         None => (path, None),
     };
     let Some((route, caps)) = c.route(&method, path) else {
-        return Decision::deny("route_not_allowed", "no route");
+        return Decision::deny(Code::RouteNotAllowed, "no route");
     };
     let mut h = HeaderMap::new();
     for (k, v) in headers {
@@ -155,7 +155,7 @@ fn caps_thresholds_and_currency() {
     };
     assert_eq!(r(5000, "USD").verdict, Verdict::Allow); // 50.00 is not above 50.00
     let d = r(5001, "USD");
-    assert_eq!((d.verdict, d.code()), (Verdict::Escalate, "amount_requires_approval"));
+    assert_eq!((d.verdict, d.code().as_str()), (Verdict::Escalate, "amount_requires_approval"));
     assert_eq!(r(10000, "usd").code(), "amount_requires_approval"); // at the cap: allowed by caps, escalated
     assert_eq!(r(10001, "USD").code(), "amount_exceeds_cap");
     assert_eq!(r(100, "EUR").code(), "currency_not_allowed");
@@ -171,7 +171,7 @@ fn escalation_reasons_accumulate_and_a_deny_stops() {
     assert_eq!(codes, vec!["requires_human_approval", "amount_requires_approval"]);
     // The same transfer to a denied counterparty is denied, not escalated.
     let d = decide(&m, "pay", Method::POST, "/transfers/cus_b?amount=60&cur=USD", &[], None);
-    assert_eq!((d.verdict, d.code()), (Verdict::Deny, "counterparty_denied"));
+    assert_eq!((d.verdict, d.code().as_str()), (Verdict::Deny, "counterparty_denied"));
     // Query amounts are plain decimals (no scale here): 6000 is 6000 USD, above the cap.
     let d = decide(&m, "pay", Method::POST, "/transfers/acct_1?amount=6000&cur=USD", &[], None);
     assert_eq!(d.code(), "amount_exceeds_cap");
@@ -341,7 +341,7 @@ fn money_fails_closed_without_a_known_currency() {
     // The threshold still escalates a known currency.
     let m = money_manifest(rules[1]);
     let d = decide(&m, "pay", Method::POST, "/refunds", &[], Some(r#"{"amount": 7500, "currency": "usd"}"#));
-    assert_eq!((d.verdict, d.code()), (Verdict::Escalate, "amount_requires_approval"));
+    assert_eq!((d.verdict, d.code().as_str()), (Verdict::Escalate, "amount_requires_approval"));
     // A token cap is a money rule too, even when the manifest has none.
     let m = money_manifest("  action_types: { allow: [] }");
     let bare = r#"{"amount": 1000}"#;

@@ -4,34 +4,39 @@
 //! §14.7). The caller is identified exactly as for any request; an approval of another agent is
 //! answered 404, as for an unknown id.
 
-use super::{Facts, Gateway, ProxyBody, json_response, now_unix};
+use super::{Facts, Gateway, ProxyBody, Stop, json_response, now_unix};
 use crate::approvals::{Status, approval_entry};
-use crate::policy::Decision;
+use crate::policy::{At, Code, Decision};
 use http::{Method, Response, StatusCode};
 use serde_json::json;
 
 /// Serves `path` (below `/uapk`) for the identified agent of `facts`.
-pub(super) async fn serve(gw: &Gateway, facts: &mut Facts, method: &Method, path: &str) -> Response<ProxyBody> {
+pub(super) async fn serve(
+    gw: &Gateway,
+    facts: &mut Facts,
+    method: &Method,
+    path: &str,
+) -> Result<Response<ProxyBody>, Stop> {
     facts.action = Some("uapk.approval.read".into());
     let Some(id) = path.strip_prefix("/v1/approvals/").filter(|id| !id.is_empty() && !id.contains('/')) else {
-        let d = Decision::deny("route_not_allowed", "the gateway serves GET /uapk/v1/approvals/{id} here");
-        return gw.refuse_recorded(StatusCode::NOT_FOUND, facts, d).await;
+        let d = Decision::deny(Code::RouteNotAllowed, "the gateway serves GET /uapk/v1/approvals/{id} here");
+        return Err(Stop::refuse_at(d, At::NoSuchPath));
     };
     if method != Method::GET {
-        let d = Decision::deny("route_not_allowed", "only GET is served here");
-        return gw.refuse_recorded(StatusCode::METHOD_NOT_ALLOWED, facts, d).await;
+        let d = Decision::deny(Code::RouteNotAllowed, "only GET is served here");
+        return Err(Stop::refuse_at(d, At::WrongMethod));
     }
     let found = match gw.approvals.fetch(id).await {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "reading an approval");
-            let d = Decision::deny("approval_store_unavailable", "the approval store is unavailable");
-            return gw.refuse_recorded(StatusCode::SERVICE_UNAVAILABLE, facts, d).await;
+            let d = Decision::deny(Code::ApprovalStoreUnavailable, "the approval store is unavailable");
+            return Err(Stop::refuse(d));
         }
     };
     let Some(a) = found.filter(|a| Some(&a.agent) == facts.agent.as_ref()) else {
-        let d = Decision::deny("approval_not_found", "no such approval for this agent");
-        return gw.refuse_recorded(StatusCode::NOT_FOUND, facts, d).await;
+        let d = Decision::deny(Code::ApprovalNotFound, "no such approval for this agent");
+        return Err(Stop::refuse(d));
     };
     let now = now_unix();
     let status = a.status_at(now);
@@ -49,10 +54,7 @@ pub(super) async fn serve(gw: &Gateway, facts: &mut Facts, method: &Method, path
             }
         }
     }
-    let idx = match gw.record(facts, &Decision::allow(), Some(&a.id)).await {
-        Ok(i) => i,
-        Err(resp) => return resp,
-    };
+    let idx = gw.record(facts, &Decision::allow(), Some(&a.id)).await.map_err(Stop::respond)?;
     if let Some(j) = jti {
         let e = approval_entry(
             &a.id,
@@ -66,5 +68,5 @@ pub(super) async fn serve(gw: &Gateway, facts: &mut Facts, method: &Method, path
     gw.finish_metrics(facts, &Decision::allow(), StatusCode::OK, Some(idx));
     let mut resp = json_response(StatusCode::OK, &body);
     resp.headers_mut().insert("x-uapk-record", http::HeaderValue::from(idx));
-    resp
+    Ok(resp)
 }

@@ -11,6 +11,7 @@ use super::{BoxError, ProxyBody};
 use crate::audit::{AuditHandle, Fields};
 use crate::config::{USAGE_DRAIN_MAX_BYTES, UsageFormat};
 use crate::limits::{Settlement, TokenUse};
+use crate::policy::Code;
 use crate::telemetry::{SpanFacts, UpstreamSpan};
 use crate::usage::{Usage, UsageParser};
 use bytes::Bytes;
@@ -178,7 +179,7 @@ impl Outcome {
             d.write_fields(&mut f);
         }
         if self.body_stalled.as_ref().is_some_and(Stalled::get) {
-            f.str("request_body_error", BODY_TIMEOUT);
+            f.str("request_body_error", Code::BodyTimeout.as_str());
         }
         let mut charged = None;
         if let Some(hook) = &self.usage {
@@ -509,10 +510,6 @@ impl Body for HashedBody {
         self.inner.size_hint()
     }
 }
-
-/// What an `outcome` entry's `request_body_error` says of a streamed request body cut for
-/// stalling; the reason code a buffered body that stalls is refused with.
-pub const BODY_TIMEOUT: &str = "body_timeout";
 
 /// Whether a [`StallCut`] cut its body; shared with the `outcome` entry.
 #[derive(Clone, Default)]

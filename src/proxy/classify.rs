@@ -7,10 +7,10 @@ use super::target::{Target, sanitize};
 use super::{Facts, Stop, full_body, now_unix};
 use crate::config::{BodiesMode, Connector, Manifest, Scheme};
 use crate::limits::Spend;
-use crate::policy::{self, Decision, Params};
+use crate::policy::{self, Code, Decision, Params};
 use crate::response::{BoxError, ProxyBody};
 use bytes::Bytes;
-use http::{HeaderMap, StatusCode, header, request::Parts};
+use http::{HeaderMap, header, request::Parts};
 use http_body::Body as _;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -135,7 +135,7 @@ impl RequestBody {
             };
             let b = read_whole(incoming, headers, limits)
                 .await
-                .map_err(|status| Stop::refuse(status, body_refusal(status, limits.max_body_bytes)))?;
+                .map_err(|code| Stop::refuse(body_refusal(code, limits.max_body_bytes)))?;
             facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
             if keep_full {
                 facts.full_body = Some(b.clone());
@@ -144,10 +144,7 @@ impl RequestBody {
         }
         match self {
             RequestBody::Buffered(b) => Ok(b),
-            _ => Err(Stop::refuse(
-                StatusCode::BAD_REQUEST,
-                Decision::deny("malformed_request", "the request body could not be read"),
-            )),
+            _ => Err(Stop::refuse(Decision::deny(Code::MalformedRequest, "the request body could not be read"))),
         }
     }
 
@@ -184,18 +181,18 @@ pub(crate) fn connector_for(
             .cloned()
             .ok_or_else(|| {
                 Decision::deny(
-                    "host_not_allowed",
+                    Code::HostNotAllowed,
                     format!("{}:{} belongs to no connector of this agent", sanitize(&facts.host), facts.port),
                 )
             });
     };
     let c = manifest.connector(name).ok_or_else(|| {
         facts.connector = Some(sanitize(name));
-        Decision::deny("tool_not_allowed", format!("no connector named {}", sanitize(name)))
+        Decision::deny(Code::ToolNotAllowed, format!("no connector named {}", sanitize(name)))
     })?;
     let Some(b) = c.base_url.as_ref() else {
         facts.connector = Some(name.to_string());
-        return Err(Decision::deny("tool_not_allowed", format!("connector {name} has no base_url")));
+        return Err(Decision::deny(Code::ToolNotAllowed, format!("connector {name} has no base_url")));
     };
     facts.scheme = b.scheme;
     facts.host = b.host.clone();
@@ -224,9 +221,9 @@ pub(crate) async fn classify(
     facts: &mut Facts,
 ) -> Result<Classified, Stop> {
     let connector =
-        connector_for(&who.manifest, target.base_connector.as_deref(), &target.path, facts).map_err(Stop::forbidden)?;
+        connector_for(&who.manifest, target.base_connector.as_deref(), &target.path, facts).map_err(Stop::refuse)?;
     facts.connector = Some(connector.name.clone());
-    admit(who, &connector, facts).map_err(Stop::forbidden)?;
+    admit(who, &connector, facts).map_err(Stop::refuse)?;
     if let Some(mcp) = &connector.mcp {
         body.keep_full(facts);
         let (rule, params) = super::mcp::classify(gw, mcp, parts, body, facts).await?;
@@ -235,9 +232,11 @@ pub(crate) async fn classify(
     }
 
     let Some((route, captures)) = connector.route(&facts.method, &facts.path) else {
-        let d =
-            Decision::deny("route_not_allowed", format!("{} {} matches no route", facts.method, sanitize(&facts.path)));
-        return Err(Stop::forbidden(d));
+        let d = Decision::deny(
+            Code::RouteNotAllowed,
+            format!("{} {} matches no route", facts.method, sanitize(&facts.path)),
+        );
+        return Err(Stop::refuse(d));
     };
     facts.route = Some(route.path.raw.clone());
     facts.action = Some(route.action.clone());
@@ -252,14 +251,7 @@ pub(crate) async fn classify(
     // upstream decides by Content-Type: anything else is refused, never guessed at.
     if route.needs_body() {
         let b = body.buffer(&parts.headers, &gw.config.limits, facts).await?;
-        if let Err(d) = policy::check_body_media_type(route, &parts.headers, b) {
-            let status = if d.code() == "unsupported_media_type" {
-                StatusCode::UNSUPPORTED_MEDIA_TYPE
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return Err(Stop::refuse(status, d));
-        }
+        policy::check_body_media_type(route, &parts.headers, b).map_err(Stop::refuse)?;
     }
     let params = policy::extract_params(
         route,
@@ -285,39 +277,37 @@ fn cleartext_refusal(facts: &Facts, connector: &Connector) -> Option<Decision> {
     };
     refused.then(|| {
         Decision::deny(
-            "cleartext_not_allowed",
+            Code::CleartextNotAllowed,
             format!("connector {} is reached only over TLS; use https:// (CONNECT) or its base URL", connector.name),
         )
     })
 }
 
-pub(crate) fn body_refusal(status: StatusCode, limit: usize) -> Decision {
-    if status == StatusCode::PAYLOAD_TOO_LARGE {
-        Decision::deny("body_too_large", format!("the request body exceeds limits.max_body_bytes ({limit} bytes)"))
-    } else if status == StatusCode::REQUEST_TIMEOUT {
-        Decision::deny("body_timeout", "the request body did not arrive within limits.body_read_timeout")
-    } else {
-        Decision::deny("malformed_request", "the request body could not be read")
+pub(crate) fn body_refusal(code: Code, limit: usize) -> Decision {
+    match code {
+        Code::BodyTooLarge => {
+            Decision::deny(code, format!("the request body exceeds limits.max_body_bytes ({limit} bytes)"))
+        }
+        Code::BodyTimeout => Decision::deny(code, "the request body did not arrive within limits.body_read_timeout"),
+        _ => Decision::deny(Code::MalformedRequest, "the request body could not be read"),
     }
 }
 
-/// Reads a whole body up to `limits.max_body_bytes`: 413 above it, 408 when it stalls, 400 if
-/// the peer fails mid-body.
-async fn read_whole(body: Incoming, headers: &HeaderMap, limits: &crate::config::Limits) -> Result<Bytes, StatusCode> {
+/// Reads a whole body up to `limits.max_body_bytes`: `body_too_large` above it, `body_timeout`
+/// when it stalls, `malformed_request` if the peer fails mid-body.
+async fn read_whole(body: Incoming, headers: &HeaderMap, limits: &crate::config::Limits) -> Result<Bytes, Code> {
     let limit = limits.max_body_bytes;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+        return Err(Code::BodyTooLarge);
     }
     match tokio::time::timeout(limits.body_read_timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(StatusCode::REQUEST_TIMEOUT),
+        Err(_) => Err(Code::BodyTimeout),
         Ok(r) => match r {
             Ok(c) => Ok(c.to_bytes()),
-            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                Err(StatusCode::PAYLOAD_TOO_LARGE)
-            }
-            Err(_) => Err(StatusCode::BAD_REQUEST),
+            Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(Code::BodyTooLarge),
+            Err(_) => Err(Code::MalformedRequest),
         },
     }
 }

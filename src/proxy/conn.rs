@@ -8,7 +8,7 @@
 //! ready-made 503 that costs no parsing.
 
 use super::ProxyBody;
-use crate::policy::Decision;
+use crate::policy::{At, Code, Decision};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -238,7 +238,7 @@ pub fn builder(l: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
 /// reason `too_many_connections`, written without reading the request.
 /// `cap_key` names the configuration key of the cap that was reached.
 pub fn overloaded_response(cap_key: &str) -> Vec<u8> {
-    let d = Decision::deny("too_many_connections", format!("the gateway is at {cap_key}; retry shortly"));
+    let d = Decision::deny(Code::TooManyConnections, format!("the gateway is at {cap_key}; retry shortly"));
     let body = serde_json::json!({
         "decision": d.verdict.as_str(),
         "reasons": d.reasons,
@@ -252,14 +252,16 @@ pub fn overloaded_response(cap_key: &str) -> Vec<u8> {
     })
     .to_string();
     format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncache-control: no-store\r\nx-uapk-decision: deny\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncache-control: no-store\r\nx-uapk-decision: deny\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        OVERLOADED.as_str(),
+        OVERLOADED.canonical_reason().unwrap_or_default(),
         body.len()
     )
     .into_bytes()
 }
 
 /// The status of [`overloaded_response`].
-pub const OVERLOADED: StatusCode = StatusCode::SERVICE_UNAVAILABLE;
+pub const OVERLOADED: StatusCode = Code::TooManyConnections.status(At::Request);
 
 /// How a splice ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

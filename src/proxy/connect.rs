@@ -8,11 +8,11 @@ use super::classify::{admit, connector_for};
 use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::identify::{identify, proxy_auth_token};
 use super::{
-    DenyBody, Entry, Facts, Gateway, ProxyBody, Via, full_body, handle, new_facts, now_unix, refuse, split_authority,
-    ssrf, tls,
+    DenyBody, Entry, Facts, Gateway, ProxyBody, Stop, Via, full_body, handle, new_facts, now_unix, refuse,
+    split_authority, tls,
 };
 use crate::config::{Connector, TlsMode};
-use crate::policy::Decision;
+use crate::policy::{At, Code, Decision};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -43,55 +43,47 @@ pub(super) async fn authorize_tunnel(
     headers: &http::HeaderMap,
     presented: Option<(Option<String>, String)>,
 ) -> Result<(Arc<Connector>, u64), Response<ProxyBody>> {
+    match decide_tunnel(gw, facts, headers, presented).await {
+        Ok(ok) => Ok(ok),
+        Err(stop) => Err(gw.answer(facts, stop).await),
+    }
+}
+
+/// The tunnel's decision, a stage like any other: a refusal is a [`Stop`]. Identity failures
+/// are answered as on the explicit proxy (407), so clients offer credentials on CONNECT.
+async fn decide_tunnel(
+    gw: &Arc<Gateway>,
+    facts: &mut Facts,
+    headers: &http::HeaderMap,
+    presented: Option<(Option<String>, String)>,
+) -> Result<(Arc<Connector>, u64), Stop> {
     let (host, port) = (facts.host.clone(), facts.port);
     facts.scheme = crate::config::Scheme::Https;
     let policies = gw.policies.load_full();
-    let who = match identify(gw, &policies, headers, facts, presented) {
-        Ok(who) => who,
-        Err(d) => {
-            let status = if d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch" {
-                StatusCode::PROXY_AUTHENTICATION_REQUIRED
-            } else {
-                StatusCode::FORBIDDEN
-            };
-            return Err(gw.refuse_recorded(status, facts, d).await);
-        }
-    };
+    let who = identify(gw, &policies, headers, facts, presented).map_err(|d| Stop::refuse_at(d, At::ProxyAuth))?;
     // Host and port must belong to a connector (the classification every request goes
     // through): checked on names only, before any DNS lookup.
-    let connector = match connector_for(&who.manifest, None, "", facts) {
-        Ok(c) => c,
-        Err(d) => return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await),
-    };
+    let connector = connector_for(&who.manifest, None, "", facts).map_err(Stop::refuse)?;
     facts.connector = Some(connector.name.clone());
     facts.action = Some(match connector.tls {
         TlsMode::Intercept => "tunnel.intercept".into(),
         TlsMode::Passthrough => "tunnel.passthrough".into(),
     });
-    if let Err(d) = admit(&who, &connector, facts) {
-        return Err(gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await);
-    }
+    admit(&who, &connector, facts).map_err(Stop::refuse)?;
     if connector.tls == TlsMode::Intercept && gw.leaves.is_none() {
-        let d = Decision::deny("interception_unavailable", "no interception CA is configured (tls.ca_cert)");
-        return Err(gw.refuse_recorded(StatusCode::BAD_GATEWAY, facts, d).await);
+        let d = Decision::deny(Code::InterceptionUnavailable, "no interception CA is configured (tls.ca_cert)");
+        return Err(Stop::refuse(d));
     }
-    if connector.tls == TlsMode::Passthrough {
-        let refusal = match gw.vetter.vet(&host, port).await {
-            ssrf::Vetted::Ok => None,
-            ssrf::Vetted::Blocked(why) => Some((StatusCode::FORBIDDEN, Decision::deny("ssrf_blocked", why))),
-            ssrf::Vetted::Unresolvable(why) => {
-                Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why)))
-            }
-        };
-        if let Some((status, d)) = refusal {
-            return Err(gw.refuse_recorded(status, facts, d).await);
-        }
+    if connector.tls == TlsMode::Passthrough
+        && let Some(d) = gw.vetter.vet(&host, port).await.refusal()
+    {
+        return Err(Stop::refuse(d));
     }
     // A tunnel authorisation reserves no budget and its entry (no route) is not counted when
     // budgets are rebuilt: `limits::counts_toward_budgets` is the one rule for both. The
     // requests inside an intercepted tunnel are decided and counted one by one.
     let decision = Decision::allow();
-    let record = gw.record(facts, &decision, None).await?;
+    let record = gw.record(facts, &decision, None).await.map_err(Stop::respond)?;
     gw.finish_metrics(facts, &decision, StatusCode::OK, Some(record));
     Ok((connector, record))
 }
@@ -102,8 +94,8 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
     let target = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
     facts.path = String::new();
     let Some((host, Some(port))) = split_authority(&target) else {
-        let d = Decision::deny("malformed_request", "CONNECT needs an authority-form target host:port");
-        return refuse(StatusCode::BAD_REQUEST, &facts, &d, None, DenyBody::default());
+        let d = Decision::deny(Code::MalformedRequest, "CONNECT needs an authority-form target host:port");
+        return refuse(At::Request, &facts, &d, None, DenyBody::default());
     };
     facts.host = host.clone();
     facts.port = port;

@@ -3,11 +3,11 @@
 //! gateway shuts down. The approvals themselves live in `crate::approvals`.
 
 use super::respond::DenyBody;
-use super::{Facts, Gateway, ProxyBody, now_unix, refuse};
+use super::{Facts, Gateway, Stop, now_unix, refuse};
 use crate::approvals::{self, Resolution, Status, approval_entry};
 use crate::config::{BodiesMode, EscalationMode, Manifest};
-use crate::policy::Decision;
-use http::{HeaderValue, Response, StatusCode};
+use crate::policy::{At, Code, Decision};
+use http::HeaderValue;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,38 +28,36 @@ pub(super) async fn hold(gw: &Gateway, facts: &Facts, id: &str, timeout: Duratio
     r
 }
 
-pub(super) enum Escalated {
-    Respond(Response<ProxyBody>),
-    /// A held request was approved: it proceeds under this approval.
-    Approved(String),
-}
-
 /// Past `max_pending`: a refusal, recorded like any other.
-async fn too_many(gw: &Arc<Gateway>, facts: &Facts, pending: usize, max: usize) -> Response<ProxyBody> {
-    let d = Decision::deny(
-        "too_many_pending_approvals",
+fn too_many(pending: usize, max: usize) -> Stop {
+    Stop::refuse(Decision::deny(
+        Code::TooManyPendingApprovals,
         format!("{pending} approvals of this agent are pending (escalation.max_pending {max}); wait for decisions"),
-    );
-    gw.refuse_recorded(StatusCode::FORBIDDEN, facts, d).await
+    ))
 }
 
 /// ESCALATE: store a pending approval and record it; `reject` answers 403 with its id, `hold`
-/// waits for the decision.
-pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manifest, decision: Decision) -> Escalated {
+/// waits for the decision. `Ok` is the approval a held request was granted: it proceeds under it.
+pub(super) async fn escalate(
+    gw: &Arc<Gateway>,
+    facts: &Facts,
+    manifest: &Manifest,
+    decision: Decision,
+) -> Result<String, Stop> {
     // One agent cannot pile up approvals (memory, the operator's list): past its
     // `max_pending` the escalation is a refusal, recorded like any other.
     let agent = facts.agent.clone().unwrap_or_default();
     let max = manifest.escalation.max_pending;
     let slot = match gw.approvals.reserve(&agent, max).await {
         Ok(Ok(slot)) => slot,
-        Ok(Err(pending)) => return Escalated::Respond(too_many(gw, facts, pending, max).await),
+        Ok(Err(pending)) => return Err(too_many(pending, max)),
         Err(e) => {
             tracing::error!(error = %e, "approvals store unavailable");
             let d = Decision::deny(
-                "approval_store_unavailable",
+                Code::ApprovalStoreUnavailable,
                 "the approvals queue cannot be reached; nothing was forwarded",
             );
-            return Escalated::Respond(gw.refuse_recorded(StatusCode::SERVICE_UNAVAILABLE, facts, d).await);
+            return Err(Stop::refuse(d));
         }
     };
     let id = approvals::new_id();
@@ -67,7 +65,7 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
         Ok(i) => i,
         Err(resp) => {
             gw.approvals.unreserve(&agent, slot).await;
-            return Escalated::Respond(resp);
+            return Err(Stop::respond(resp));
         }
     };
     let now = now_unix();
@@ -104,8 +102,8 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
     };
     if gw.approvals.store(approval, slot).await.is_err() {
         tracing::error!(approval_id = %id, "cannot store approval");
-        let d = Decision::deny("approval_store_unavailable", "the approval could not be stored");
-        return Escalated::Respond(refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody::default()));
+        let d = Decision::deny(Code::ApprovalStoreUnavailable, "the approval could not be stored");
+        return Err(Stop::respond(refuse(At::Request, facts, &d, Some(idx), DenyBody::default())));
     }
     let created = approval_entry(
         &id,
@@ -117,25 +115,23 @@ pub(super) async fn escalate(gw: &Arc<Gateway>, facts: &Facts, manifest: &Manife
     let _ = gw.audit.append_nowait(created);
     if manifest.escalation.mode == EscalationMode::Hold {
         let d = match hold(gw, facts, &id, manifest.escalation.hold_timeout).await {
-            Resolution::Approved => return Escalated::Approved(id),
-            Resolution::Denied => Decision::deny("approval_denied", format!("approval {id} was denied")),
+            Resolution::Approved => return Ok(id),
+            Resolution::Denied => Decision::deny(Code::ApprovalDenied, format!("approval {id} was denied")),
             Resolution::TimedOut => {
-                Decision::deny("approval_timeout", format!("approval {id} was not decided in time"))
+                Decision::deny(Code::ApprovalTimeout, format!("approval {id} was not decided in time"))
             }
             Resolution::ShuttingDown => {
-                let d = Decision::deny("shutting_down", "the gateway is shutting down; retry");
-                let resp =
-                    refuse(StatusCode::SERVICE_UNAVAILABLE, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
-                return Escalated::Respond(resp);
+                let d = Decision::deny(Code::ShuttingDown, "the gateway is shutting down; retry");
+                let resp = refuse(At::Request, facts, &d, Some(idx), DenyBody { approval_id: Some(id) });
+                return Err(Stop::respond(resp));
             }
         };
-        return Escalated::Respond(gw.refuse_recorded_always(StatusCode::FORBIDDEN, facts, d).await);
+        return Err(Stop::refuse_always(d));
     }
-    let mut resp =
-        refuse(StatusCode::FORBIDDEN, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
+    let mut resp = refuse(At::Request, facts, &decision, Some(idx), DenyBody { approval_id: Some(id.clone()) });
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-uapk-approval", v);
     }
-    gw.finish_metrics(facts, &decision, StatusCode::FORBIDDEN, Some(idx));
-    Escalated::Respond(resp)
+    gw.finish_metrics(facts, &decision, decision.code().status(At::Request), Some(idx));
+    Err(Stop::respond(resp))
 }

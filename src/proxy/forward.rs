@@ -6,11 +6,11 @@
 use super::body::{self, HashedBody, RecordedBody, RequestDigest, StallCut, Stalled};
 use super::respond::DenyBody;
 use super::settle::{self, Grant, Settled};
-use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse, ssrf};
+use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse};
 use crate::approvals::{self, approval_entry};
 use crate::config::{BodiesMode, Connector, Scheme};
 use crate::limits::{Settlement, TokenUse};
-use crate::policy::{Decision, Verdict};
+use crate::policy::{At, Code, Decision, Verdict};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -71,17 +71,10 @@ async fn record_decision(
     grant: Option<&Grant>,
     keep_budget: Option<(String, bool)>,
 ) -> Result<u64, Stop> {
-    if decision.verdict == Verdict::Allow || dry_run {
-        let refusal = match gw.vetter.vet(&facts.host, facts.port).await {
-            ssrf::Vetted::Ok => None,
-            ssrf::Vetted::Blocked(why) => Some((StatusCode::FORBIDDEN, Decision::deny("ssrf_blocked", why))),
-            ssrf::Vetted::Unresolvable(why) => {
-                Some((StatusCode::BAD_GATEWAY, Decision::deny("upstream_unresolvable", why)))
-            }
-        };
-        if let Some((status, d)) = refusal {
-            return Err(Stop::refuse(status, d));
-        }
+    if (decision.verdict == Verdict::Allow || dry_run)
+        && let Some(d) = gw.vetter.vet(&facts.host, facts.port).await.refusal()
+    {
+        return Err(Stop::refuse(d));
     }
     let idx = match grant {
         None if keep_budget.is_none() => gw.record(facts, decision, None).await.map_err(Stop::respond)?,
@@ -106,15 +99,15 @@ async fn record_decision(
                 Ok(i) => i,
                 Err(Err(code)) => {
                     facts.override_jti = None;
-                    let d = if code == "override_token_already_used" {
-                        Decision::deny("override_token_already_used", "the approval was already used")
+                    let d = if code == Code::OverrideTokenAlreadyUsed.as_str() {
+                        Decision::deny(Code::OverrideTokenAlreadyUsed, "the approval was already used")
                     } else {
                         Decision::deny(
-                            "override_token_invalid",
+                            Code::OverrideTokenInvalid,
                             "the approval behind the override token is not approved",
                         )
                     };
-                    return Err(Stop::forbidden(d));
+                    return Err(Stop::refuse(d));
                 }
                 Err(Ok(resp)) => return Err(Stop::respond(resp)),
             }
@@ -137,7 +130,7 @@ pub(crate) async fn send(
         .then(|| decision.code());
     let mut resp = forward(gw, facts, connector, parts, body, record, facts.access(&decision)).await;
     if let Some(code) = would_deny {
-        resp.headers_mut().insert("x-uapk-would-deny", HeaderValue::from_static(code));
+        resp.headers_mut().insert("x-uapk-would-deny", HeaderValue::from_static(code.as_str()));
     }
     gw.count(facts, &decision);
     resp
@@ -165,8 +158,8 @@ async fn forward(
         Ok(u) => u,
         Err(_) => {
             unsent(gw, facts);
-            let d = Decision::deny("malformed_request", "the upstream URI is invalid");
-            return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
+            let d = Decision::deny(Code::MalformedRequest, "the upstream URI is invalid");
+            return refuse(At::Request, facts, &d, Some(record), DenyBody::default());
         }
     };
     let mut parts = parts;
@@ -199,8 +192,8 @@ async fn forward(
         Ok(r) => r,
         Err(_) => {
             unsent(gw, facts);
-            let d = Decision::deny("malformed_request", "the request cannot be forwarded");
-            return refuse(StatusCode::BAD_REQUEST, facts, &d, Some(record), DenyBody::default());
+            let d = Decision::deny(Code::MalformedRequest, "the request cannot be forwarded");
+            return refuse(At::Request, facts, &d, Some(record), DenyBody::default());
         }
     };
     let outcome = body::Outcome {
@@ -232,10 +225,10 @@ async fn forward(
         let (status, error) = match &result {
             Ok(Ok(r)) => (r.status(), None),
             Ok(Err(e)) => {
-                let (status, msg) = upstream_error(e);
-                (status, Some(msg))
+                let (at, msg) = upstream_error(e);
+                (Code::UpstreamUnavailable.status(at), Some(msg))
             }
-            Err(_) => (StatusCode::GATEWAY_TIMEOUT, Some("the upstream did not answer within limits.upstream_timeout")),
+            Err(_) => (Code::UpstreamTimeout.status(At::Request), Some(UPSTREAM_TIMEOUT)),
         };
         outcome.access.finish_upstream(span, status, record, error);
         if let Err((result, outcome)) = tx.send((result, outcome)) {
@@ -248,8 +241,8 @@ async fn forward(
         if let Some(estimate) = facts.token_estimate {
             gw.budgets.settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
         }
-        let d = Decision::deny("upstream_unavailable", "the upstream exchange failed");
-        return refuse(StatusCode::BAD_GATEWAY, facts, &d, Some(record), DenyBody::default());
+        let d = Decision::deny(Code::UpstreamUnavailable, "the upstream exchange failed");
+        return refuse(At::Request, facts, &d, Some(record), DenyBody::default());
     };
     // Only the WebSocket switch the agent asked for is spliced; an upstream that switches to
     // anything else, or unasked, would leave a raw connection no policy reads.
@@ -262,10 +255,10 @@ async fn forward(
     };
     match result {
         Ok(Ok(resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched_to_websocket(&resp) => {
-            let (status, msg) = (StatusCode::BAD_GATEWAY, "the upstream switched to a protocol that was not allowed");
-            outcome.write(status, 0, None, Some(msg));
-            let d = Decision::deny("upstream_unavailable", msg);
-            refuse(status, facts, &d, Some(record), DenyBody::default())
+            let msg = "the upstream switched to a protocol that was not allowed";
+            let d = Decision::deny(Code::UpstreamUnavailable, msg);
+            outcome.write(d.code().status(At::Request), 0, None, Some(msg));
+            refuse(At::Request, facts, &d, Some(record), DenyBody::default())
         }
         Ok(Ok(mut resp)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
@@ -302,29 +295,26 @@ async fn forward(
         }
         Ok(Err(_)) if body_stalled.as_ref().is_some_and(Stalled::get) => {
             // The agent stopped sending: the upstream request was aborted mid-body.
-            let status = StatusCode::REQUEST_TIMEOUT;
             let msg = "the request body stalled longer than limits.body_read_timeout; the upstream request was aborted";
-            outcome.write(status, 0, None, Some(msg));
-            let d = Decision::deny(body::BODY_TIMEOUT, msg);
-            let mut resp = refuse(status, facts, &d, Some(record), DenyBody::default());
+            let d = Decision::deny(Code::BodyTimeout, msg);
+            outcome.write(d.code().status(At::Request), 0, None, Some(msg));
+            let mut resp = refuse(At::Request, facts, &d, Some(record), DenyBody::default());
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             resp
         }
         Ok(Err(e)) => {
-            let (status, msg) = upstream_error(&e);
+            let (at, msg) = upstream_error(&e);
+            let d = Decision::deny(Code::UpstreamUnavailable, msg);
             // A request that never reached the upstream is charged nothing; one that failed
             // after it was sent is charged its estimate.
             let usage = if e.is_connect() { body::UsageRead::Unsent } else { body::UsageRead::NoBody };
-            outcome.write_with_usage(status, 0, None, Some(msg), usage);
-            let d = Decision::deny("upstream_unavailable", msg);
-            refuse(status, facts, &d, Some(record), DenyBody::default())
+            outcome.write_with_usage(d.code().status(at), 0, None, Some(msg), usage);
+            refuse(at, facts, &d, Some(record), DenyBody::default())
         }
         Err(_) => {
-            let status = StatusCode::GATEWAY_TIMEOUT;
-            let msg = "the upstream did not answer within limits.upstream_timeout";
-            outcome.write(status, 0, None, Some(msg));
-            let d = Decision::deny("upstream_timeout", msg);
-            refuse(status, facts, &d, Some(record), DenyBody::default())
+            let d = Decision::deny(Code::UpstreamTimeout, UPSTREAM_TIMEOUT);
+            outcome.write(d.code().status(At::Request), 0, None, Some(UPSTREAM_TIMEOUT));
+            refuse(At::Request, facts, &d, Some(record), DenyBody::default())
         }
     }
 }
@@ -352,10 +342,11 @@ fn abandoned(result: Exchange, outcome: body::Outcome) {
         }
         Ok(Ok(_)) => outcome.write(StatusCode::SWITCHING_PROTOCOLS, 0, None, Some(GONE)),
         Ok(Err(e)) if e.is_connect() => {
-            outcome.write_with_usage(upstream_error(&e).0, 0, None, Some(GONE), body::UsageRead::Unsent)
+            let status = Code::UpstreamUnavailable.status(upstream_error(&e).0);
+            outcome.write_with_usage(status, 0, None, Some(GONE), body::UsageRead::Unsent)
         }
-        Ok(Err(e)) => outcome.write(upstream_error(&e).0, 0, None, Some(GONE)),
-        Err(_) => outcome.write(StatusCode::GATEWAY_TIMEOUT, 0, None, Some(GONE)),
+        Ok(Err(e)) => outcome.write(Code::UpstreamUnavailable.status(upstream_error(&e).0), 0, None, Some(GONE)),
+        Err(_) => outcome.write(Code::UpstreamTimeout.status(At::Request), 0, None, Some(GONE)),
     }
 }
 
@@ -387,17 +378,22 @@ fn hash_streamed(facts: &Facts, body: ProxyBody) -> (ProxyBody, Option<RequestDi
     (HashedBody::new(body, digest.clone()).boxed_unsync(), Some(digest))
 }
 
-fn upstream_error(e: &hyper_util::client::legacy::Error) -> (StatusCode, &'static str) {
+/// The message of `upstream_timeout`.
+const UPSTREAM_TIMEOUT: &str = "the upstream did not answer within limits.upstream_timeout";
+
+/// How an exchange that failed is answered (`upstream_unavailable`, 504 when connecting timed
+/// out), and why.
+fn upstream_error(e: &hyper_util::client::legacy::Error) -> (At, &'static str) {
     let text = format!("{e:?}");
     if text.contains("certificate") || text.contains("InvalidCertificate") || text.contains("AlertReceived") {
-        (StatusCode::BAD_GATEWAY, "the upstream TLS handshake failed")
+        (At::Request, "the upstream TLS handshake failed")
     } else if e.is_connect() {
         if text.contains("TimedOut") || text.contains("timed out") {
-            (StatusCode::GATEWAY_TIMEOUT, "connecting to the upstream timed out")
+            (At::ConnectTimeout, "connecting to the upstream timed out")
         } else {
-            (StatusCode::BAD_GATEWAY, "the upstream is unreachable")
+            (At::Request, "the upstream is unreachable")
         }
     } else {
-        (StatusCode::BAD_GATEWAY, "the upstream failed before answering")
+        (At::Request, "the upstream failed before answering")
     }
 }

@@ -61,8 +61,8 @@ pub fn classify_mcp(
             jsonrpc_id: facts.jsonrpc_id.clone(),
             params,
         }),
-        Err(Stop::Refuse { status, decision, .. }) => {
-            Err(McpRefused { status: Some(status), code: Some(decision.code()) })
+        Err(Stop::Refuse { decision, at, .. }) => {
+            Err(McpRefused { status: Some(decision.code().status(at)), code: Some(decision.code().as_str()) })
         }
         Err(Stop::Respond(_)) => Err(McpRefused { status: None, code: None }),
     }

@@ -5,7 +5,7 @@
 use super::{Entry, Facts, Gateway, Policies, TokenFile, now_unix, target::sanitize};
 use crate::config::Manifest;
 use crate::identity::CapabilityClaims;
-use crate::policy::Decision;
+use crate::policy::{At, Code, Decision};
 use http::{HeaderMap, header};
 use std::sync::Arc;
 
@@ -58,19 +58,19 @@ pub(crate) fn identify(
     facts.agent = default_agent.map(str::to_string);
     let Some(token) = token else {
         let Some(agent) = default_agent else {
-            return Err(Decision::deny("capability_token_required", "no capability token and no default agent"));
+            return Err(Decision::deny(Code::CapabilityTokenRequired, "no capability token and no default agent"));
         };
         let Some(m) = policies.set.get(agent) else {
             return Err(missing_manifest(policies, agent));
         };
         facts.mode = m.mode;
         if m.capability.required {
-            return Err(Decision::deny("capability_token_required", "this agent requires a capability token"));
+            return Err(Decision::deny(Code::CapabilityTokenRequired, "this agent requires a capability token"));
         }
         return Ok(Identity { manifest: m.clone(), claims: None });
     };
     let Some(sub) = crate::identity::unverified_subject(&token) else {
-        return Err(Decision::deny("capability_token_invalid", "the capability token is malformed"));
+        return Err(Decision::deny(Code::CapabilityTokenInvalid, "the capability token is malformed"));
     };
     let (Some(m), Some(verifier)) = (policies.set.get(&sub), policies.verifiers.get(&sub)) else {
         return Err(missing_manifest(policies, &sub));
@@ -81,7 +81,7 @@ pub(crate) fn identify(
     facts.token = Some((claims.iss.clone(), claims.jti.clone()));
     let user_names_other = basic_user.as_deref().is_some_and(|u| !u.is_empty() && u != "agent" && u != claims.sub);
     if default_agent.is_some_and(|d| d != claims.sub) || user_names_other {
-        return Err(Decision::deny("token_agent_mismatch", "the capability token was issued to another agent"));
+        return Err(Decision::deny(Code::TokenAgentMismatch, "the capability token was issued to another agent"));
     }
     Ok(Identity { manifest: m.clone(), claims: Some(claims) })
 }
@@ -91,14 +91,14 @@ pub(crate) fn identify(
 fn missing_manifest(policies: &Policies, agent: &str) -> Decision {
     match policies.set.invalid_for(agent) {
         Some(i) => Decision::deny(
-            "manifest_invalid",
+            Code::ManifestInvalid,
             format!(
                 "the manifest of agent {} ({}) failed validation; its requests are refused until it is fixed",
                 sanitize(agent),
                 i.file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
             ),
         ),
-        None => Decision::deny("manifest_not_found", format!("no manifest for the agent {}", sanitize(agent))),
+        None => Decision::deny(Code::ManifestNotFound, format!("no manifest for the agent {}", sanitize(agent))),
     }
 }
 
@@ -106,15 +106,9 @@ fn missing_manifest(policies: &Policies, agent: &str) -> Decision {
 /// for token problems (so clients offer credentials), else 403; recorded with the connector a
 /// base-URL path named.
 pub(crate) fn refusal(facts: &mut Facts, target: &super::target::Target, d: Decision) -> super::Stop {
-    let status = if facts.entry == Entry::Explicit
-        && (d.code().starts_with("capability_token_") || d.code() == "token_agent_mismatch")
-    {
-        http::StatusCode::PROXY_AUTHENTICATION_REQUIRED
-    } else {
-        http::StatusCode::FORBIDDEN
-    };
+    let at = if facts.entry == Entry::Explicit { At::ProxyAuth } else { At::Request };
     if let Some(name) = &target.base_connector {
         facts.connector = Some(sanitize(name));
     }
-    super::Stop::refuse(status, d)
+    super::Stop::refuse_at(d, at)
 }

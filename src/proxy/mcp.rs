@@ -12,10 +12,10 @@ use super::classify::{RequestBody, Rule};
 use super::target::sanitize;
 use super::{Facts, Gateway, Stop};
 use crate::config::{BodyFormat, Limits, McpEndpoint};
-use crate::policy::{self, Decision, JsonDoc, Params};
+use crate::policy::{self, Code, Decision, JsonDoc, Params};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use http::{HeaderMap, Method, StatusCode, request::Parts};
+use http::{HeaderMap, Method, request::Parts};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 
@@ -38,11 +38,11 @@ fn is_session(method: &str) -> bool {
 }
 
 fn malformed(why: impl Into<String>) -> Stop {
-    Stop::refuse(StatusCode::BAD_REQUEST, Decision::deny("malformed_request", why))
+    Stop::refuse(Decision::deny(Code::MalformedRequest, why))
 }
 
 fn mismatch(why: String) -> Stop {
-    Stop::forbidden(Decision::deny("mcp_header_mismatch", why))
+    Stop::refuse(Decision::deny(Code::McpHeaderMismatch, why))
 }
 
 /// The one value of a header, if sent (twice is a mismatch by itself).
@@ -79,7 +79,7 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<Cow<'a, 
 /// A string the body gives at `ptr`: absent, one string, or a refusal (two readings, not a string).
 fn string_at<'a>(doc: &'a JsonDoc, ptr: &str) -> Result<Option<&'a str>, Stop> {
     match doc.scalar(ptr) {
-        Err(why) => Err(Stop::forbidden(Decision::deny("param_ambiguous", why))),
+        Err(why) => Err(Stop::refuse(Decision::deny(Code::ParamAmbiguous, why))),
         Ok(None) | Ok(Some(serde_json::Value::Null)) => Ok(None),
         Ok(Some(serde_json::Value::String(s))) => Ok(Some(s)),
         Ok(Some(_)) => Err(malformed(format!("{ptr} must be a string"))),
@@ -106,8 +106,8 @@ pub(super) async fn classify_with(
     facts: &mut Facts,
 ) -> Result<(Rule, Params), Stop> {
     if facts.path != mcp.path {
-        return Err(Stop::forbidden(Decision::deny(
-            "route_not_allowed",
+        return Err(Stop::refuse(Decision::deny(
+            Code::RouteNotAllowed,
             format!("{} is not this connector's MCP endpoint ({})", sanitize(&facts.path), mcp.path),
         )));
     }
@@ -134,20 +134,13 @@ pub(super) async fn classify_with(
         return Ok((Rule::Protocol(SESSION_ACTION.into()), Params::default()));
     }
     if parts.method != Method::POST {
-        return Err(Stop::forbidden(Decision::deny(
-            "route_not_allowed",
+        return Err(Stop::refuse(Decision::deny(
+            Code::RouteNotAllowed,
             format!("{} is not an MCP request (POST, GET or DELETE)", parts.method),
         )));
     }
     let b = body.buffer(headers, limits, facts).await?;
-    policy::check_media_type(BodyFormat::Json, "an MCP endpoint reads", headers, b).map_err(|d| {
-        let status = if d.code() == "unsupported_media_type" {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
-        } else {
-            StatusCode::FORBIDDEN
-        };
-        Stop::refuse(status, d)
-    })?;
+    policy::check_media_type(BodyFormat::Json, "an MCP endpoint reads", headers, b).map_err(Stop::refuse)?;
     let doc = JsonDoc::parse(b).map_err(malformed)?;
     if doc.is_array() {
         return Err(malformed("JSON-RPC batches are not accepted: send one request per HTTP request"));
@@ -155,7 +148,7 @@ pub(super) async fn classify_with(
     if !doc.is_object() {
         return Err(malformed("the body is not a JSON-RPC message"));
     }
-    let id = doc.scalar("/id").map_err(|why| Stop::forbidden(Decision::deny("param_ambiguous", why)))?;
+    let id = doc.scalar("/id").map_err(|why| Stop::refuse(Decision::deny(Code::ParamAmbiguous, why)))?;
     match id {
         None | Some(serde_json::Value::Null) => {}
         Some(v @ (serde_json::Value::String(_) | serde_json::Value::Number(_))) => facts.jsonrpc_id = Some(v.clone()),
@@ -212,8 +205,8 @@ pub(super) async fn classify_with(
         let Some((index, tool)) =
             mcp.tools.iter().enumerate().find(|(_, t)| t.name.as_deref().is_none_or(|n| n == tool_name))
         else {
-            return Err(Stop::forbidden(Decision::deny(
-                "tool_not_allowed",
+            return Err(Stop::refuse(Decision::deny(
+                Code::ToolNotAllowed,
                 format!("no tool rule of this connector allows {}", sanitize(tool_name)),
             )));
         };

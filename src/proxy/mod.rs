@@ -36,7 +36,7 @@ use crate::config::{BodiesMode, GatewayConfig, PolicyMode, PolicySet, Scheme};
 use crate::identity::TokenVerifier;
 use crate::limits::RateLimiters;
 use crate::limits::in_flight::InFlightSlot;
-use crate::policy::{self, Decision};
+use crate::policy::{self, At, Code, Decision};
 use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -254,7 +254,7 @@ impl Facts {
             connector: self.connector.clone().unwrap_or_else(|| "-".into()),
             action: self.action.clone().unwrap_or_else(|| "-".into()),
             decision: d.verdict.as_str(),
-            reasons: d.reasons.iter().map(|r| r.code).collect::<Vec<_>>().join(","),
+            reasons: d.reasons.iter().map(|r| r.code.as_str()).collect::<Vec<_>>().join(","),
             started: self.started,
             trace: self.trace.clone(),
         }
@@ -275,38 +275,56 @@ impl Facts {
     }
 }
 
-/// A response the proxy produced itself (not the upstream's).
-fn refuse(
-    status: StatusCode,
-    facts: &Facts,
-    d: &Decision,
-    record: Option<u64>,
-    extra: DenyBody,
-) -> Response<ProxyBody> {
+/// A response the proxy produced itself (not the upstream's): the refusal of `d`, with the
+/// status its code has `at`.
+fn refuse(at: At, facts: &Facts, d: &Decision, record: Option<u64>, extra: DenyBody) -> Response<ProxyBody> {
+    let status = d.code().status(at);
     match &facts.jsonrpc_id {
         Some(id) => respond::jsonrpc_refusal(id, d, record, facts.agent.as_deref(), extra),
         None => deny_response(status, d, record, facts.agent.as_deref(), extra),
     }
 }
 
+/// Whether a refusal is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Record {
+    /// Not recorded: a request refused before it could be read or identified (malformed HTTP).
+    Never,
+    /// Recorded within the agent's refusal budget (`limits::refusals`).
+    WithinBudget,
+    /// Recorded outside the refusal budget: the refusals that end an approval wait, which
+    /// `escalation.max_pending` and the approvers already bound.
+    Always,
+}
+
 /// Why the path stops before forwarding.
 pub(crate) enum Stop {
-    /// Refused with `status` and the decision's §7 body; recorded unless `record` is false (a
-    /// request refused before it could be read or identified: malformed HTTP).
-    Refuse { status: StatusCode, decision: Decision, record: bool, headers: Option<Box<HeaderMap>> },
+    /// Refused with the decision's §7 body and the status its code has `at`, recorded as
+    /// `record` says.
+    Refuse { decision: Decision, at: At, record: Record, headers: Option<Box<HeaderMap>> },
     /// A stage already answered, and recorded what it answered.
     Respond(Box<Response<ProxyBody>>),
 }
 
 impl Stop {
-    pub(crate) fn refuse(status: StatusCode, decision: Decision) -> Stop {
-        Stop::Refuse { status, decision, record: true, headers: None }
+    /// A recorded refusal.
+    pub(crate) fn refuse(decision: Decision) -> Stop {
+        Stop::refuse_at(decision, At::Request)
     }
-    pub(crate) fn forbidden(decision: Decision) -> Stop {
-        Stop::refuse(StatusCode::FORBIDDEN, decision)
+    /// A recorded refusal answered `at` (407 on the explicit proxy, 404, 405…).
+    pub(crate) fn refuse_at(decision: Decision, at: At) -> Stop {
+        Stop::Refuse { decision, at, record: Record::WithinBudget, headers: None }
     }
-    pub(crate) fn unrecorded(status: StatusCode, decision: Decision) -> Stop {
-        Stop::Refuse { status, decision, record: false, headers: None }
+    /// A refusal that is not recorded.
+    pub(crate) fn unrecorded(decision: Decision) -> Stop {
+        Stop::unrecorded_at(decision, At::Request)
+    }
+    pub(crate) fn unrecorded_at(decision: Decision, at: At) -> Stop {
+        Stop::Refuse { decision, at, record: Record::Never, headers: None }
+    }
+    /// A recorded refusal outside the refusal budget ([`Record::Always`]).
+    pub(crate) fn refuse_always(decision: Decision) -> Stop {
+        Stop::Refuse { decision, at: At::Request, record: Record::Always, headers: None }
     }
     pub(crate) fn respond(resp: Response<ProxyBody>) -> Stop {
         Stop::Respond(Box::new(resp))
@@ -352,9 +370,10 @@ impl Gateway {
             _ => "the audit log cannot commit; nothing was forwarded",
         };
         tracing::error!(request_id = %facts.request_id, error = %e, "audit append failed");
-        let d = Decision::deny("audit_unavailable", msg);
-        facts.access(&d).finish_span(StatusCode::SERVICE_UNAVAILABLE, None, None);
-        deny_response(StatusCode::SERVICE_UNAVAILABLE, &d, None, facts.agent.as_deref(), DenyBody::default())
+        let d = Decision::deny(Code::AuditUnavailable, msg);
+        let status = d.code().status(At::Request);
+        facts.access(&d).finish_span(status, None, None);
+        deny_response(status, &d, None, facts.agent.as_deref(), DenyBody::default())
     }
 
     /// Answers a stopped request: recorded refusals through `refuse_recorded`, with any extra
@@ -362,11 +381,14 @@ impl Gateway {
     async fn answer(&self, facts: &Facts, stop: Stop) -> Response<ProxyBody> {
         match stop {
             Stop::Respond(resp) => *resp,
-            Stop::Refuse { status, decision, record: false, .. } => {
-                refuse(status, facts, &decision, None, DenyBody::default())
+            Stop::Refuse { decision, at, record: Record::Never, .. } => {
+                refuse(at, facts, &decision, None, DenyBody::default())
             }
-            Stop::Refuse { status, decision, headers, .. } => {
-                let mut resp = self.refuse_recorded(status, facts, decision).await;
+            Stop::Refuse { decision, at, record: Record::Always, .. } => {
+                self.refuse_recorded_always(at, facts, decision).await
+            }
+            Stop::Refuse { decision, at, record: Record::WithinBudget, headers } => {
+                let mut resp = self.refuse_recorded(at, facts, decision).await;
                 // Only on the refusal itself, not on a 503 that replaced it.
                 if let Some(h) = headers
                     && resp.headers().get("x-uapk-record").is_some()
@@ -385,7 +407,7 @@ impl Gateway {
     /// pause (the time until the budget has room again, 100 ms to 1 s), so a flooding client
     /// slows down instead of taking the core from every other agent (a timer, no CPU).
     async fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
-        use crate::limits::refusals::{Admission, RATE_LIMITED, Refusal, Refuser};
+        use crate::limits::refusals::{Admission, Refusal, Refuser};
         let refuser = match (&facts.agent, facts.entry) {
             (Some(a), _) => Refuser::Agent(a.clone()),
             (None, Entry::Transparent) => Refuser::Listener("transparent"),
@@ -393,7 +415,7 @@ impl Gateway {
         };
         let refusal = Refusal {
             request_id: &facts.request_id,
-            code: d.code(),
+            code: d.code().as_str(),
             method: facts.method.as_str(),
             host: &facts.host,
             connector: facts.connector.as_deref(),
@@ -406,18 +428,18 @@ impl Gateway {
             return None;
         };
         let why = Decision::deny(
-            RATE_LIMITED,
+            Code::RefusalsRateLimited,
             format!("{} refused; refusals beyond limits.refusals_per_agent are summarised", d.code()),
         );
         tokio::time::sleep(retry_after.clamp(Duration::from_millis(100), Duration::from_secs(1))).await;
-        let mut resp = refuse(StatusCode::TOO_MANY_REQUESTS, facts, &why, None, DenyBody::default());
+        let mut resp = refuse(At::Request, facts, &why, None, DenyBody::default());
         resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after.as_secs()));
         if let Ok(v) = HeaderValue::from_str(&facts.request_id) {
             resp.headers_mut().insert("x-uapk-request-id", v);
         }
         // Counted, but no access line per refusal: the summary entry is the record.
         self.count(facts, &why);
-        facts.access(&why).finish_span(StatusCode::TOO_MANY_REQUESTS, None, None);
+        facts.access(&why).finish_span(why.code().status(At::Request), None, None);
         Some(resp)
     }
 
@@ -426,33 +448,35 @@ impl Gateway {
     /// the connection closed, so the agent's extra connections give their place back.
     async fn too_many_in_flight(&self, facts: &Facts) -> Response<ProxyBody> {
         let d = Decision::deny(
-            "too_many_requests_in_flight",
+            Code::TooManyRequestsInFlight,
             format!(
                 "the agent already has {} requests in flight (limits.max_in_flight_per_agent)",
                 self.in_flight.max()
             ),
         );
-        let mut resp = self.refuse_recorded(StatusCode::TOO_MANY_REQUESTS, facts, d).await;
+        let mut resp = self.refuse_recorded(At::Request, facts, d).await;
         let h = resp.headers_mut();
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         h.entry(header::RETRY_AFTER).or_insert(HeaderValue::from_static("1"));
         resp
     }
 
-    /// Records `d` and answers with `status` (within the agent's refusal budget).
-    async fn refuse_recorded(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
+    /// Records `d` and answers with its code's status `at` (within the agent's refusal budget).
+    async fn refuse_recorded(&self, at: At, facts: &Facts, d: Decision) -> Response<ProxyBody> {
         if let Some(resp) = self.over_refusal_budget(facts, &d).await {
             return resp;
         }
-        self.refuse_recorded_always(status, facts, d).await
+        self.refuse_recorded_always(at, facts, d).await
     }
 
-    /// Records `d` and answers with `status`, outside the refusal budget: for the refusals that
-    /// end an approval wait, which `escalation.max_pending` and the approvers already bound.
-    async fn refuse_recorded_always(&self, status: StatusCode, facts: &Facts, d: Decision) -> Response<ProxyBody> {
+    /// Records `d` and answers with its code's status `at`, outside the refusal budget: for the
+    /// refusals that end an approval wait, which `escalation.max_pending` and the approvers
+    /// already bound.
+    async fn refuse_recorded_always(&self, at: At, facts: &Facts, d: Decision) -> Response<ProxyBody> {
+        let status = d.code().status(at);
         match self.record(facts, &d, None).await {
             Ok(idx) => {
-                let mut resp = refuse(status, facts, &d, Some(idx), DenyBody::default());
+                let mut resp = refuse(at, facts, &d, Some(idx), DenyBody::default());
                 if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
                     resp.headers_mut()
                         .insert(header::PROXY_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"uapk-gateway\""));
@@ -491,7 +515,7 @@ impl Gateway {
             };
             if configured { c } else { "unknown" }
         });
-        self.metrics.request(d.verdict.as_str(), d.code(), agent, connector, facts.mode.as_str());
+        self.metrics.request(d.verdict.as_str(), d.code().as_str(), agent, connector, facts.mode.as_str());
     }
 }
 
@@ -588,10 +612,15 @@ async fn pipeline(
         return Ok(gw.too_many_in_flight(facts).await);
     };
     if target.is_agent_api() {
-        return Ok(holding(agent_api::serve(gw, facts, &parts.method, &target.path).await, slot));
+        // Answered here, while the agent's in-flight slot is still held.
+        let resp = match agent_api::serve(gw, facts, &parts.method, &target.path).await {
+            Ok(resp) => resp,
+            Err(stop) => gw.answer(facts, stop).await,
+        };
+        return Ok(holding(resp, slot));
     }
     if let Some(why) = hygiene::upgrade_refusal(&parts.method, &parts.headers) {
-        return Err(Stop::refuse(StatusCode::BAD_REQUEST, Decision::deny("upgrade_not_allowed", why)));
+        return Err(Stop::refuse(Decision::deny(Code::UpgradeNotAllowed, why)));
     }
     let mut body = classify::RequestBody::Streaming(body);
     body.hash_small(&parts.headers, &gw.config.limits, facts).await?;

@@ -7,14 +7,14 @@
 //! consumed only in the commit of its decision entry (`forward::commit`).
 
 use super::classify::{Classified, RequestBody};
-use super::escalation::{Escalated, escalate};
+use super::escalation::escalate;
 use super::identify::Identity;
-use super::{Facts, Gateway, Stop, hygiene, now_unix};
+use super::{Facts, Gateway, Record, Stop, hygiene, now_unix};
 use crate::approvals::Status;
 use crate::config::PolicyMode;
 use crate::limits::{Ask, BudgetCheck, RateRefused, RateTaken, Reservation};
-use crate::policy::{Decision, Reason, Verdict};
-use http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts};
+use crate::policy::{At, Code, Decision, Reason, Verdict};
+use http::{HeaderMap, HeaderValue, header, request::Parts};
 use std::sync::Arc;
 
 /// The approval a request goes out under.
@@ -138,7 +138,7 @@ pub(crate) async fn settle<'a>(
             match check_override(gw, facts, tok).await {
                 Ok(g) => {
                     let mut d = Decision::allow();
-                    d.reasons.push(Reason::new("override_accepted", format!("approved by {}", g.approval_id)));
+                    d.reasons.push(Reason::new(Code::OverrideAccepted, format!("approved by {}", g.approval_id)));
                     decision = d;
                     grant = Some(g);
                 }
@@ -154,22 +154,23 @@ pub(crate) async fn settle<'a>(
     // Refusals and escalations (enforce mode; dry run records the would-be decision and goes on).
     if !dry_run {
         match decision.verdict {
-            Verdict::Deny => return Err(Stop::forbidden(decision)),
+            Verdict::Deny => return Err(Stop::refuse(decision)),
             Verdict::Escalate => {
                 // The reservation goes back while the request waits (or is answered with its id).
                 release(gw, budget.take()).await;
+                // Answered here, while the agent's in-flight slot is still held.
                 let id = match escalate(gw, facts, manifest, decision).await {
-                    Escalated::Respond(resp) => return Err(Stop::respond(resp)),
-                    Escalated::Approved(id) => id,
+                    Ok(id) => id,
+                    Err(stop) => return Err(Stop::respond(gw.answer(facts, stop).await)),
                 };
                 // Approved while held: counted again, and rate-limited like any request that
                 // is about to leave.
                 let (reservation, _) = reserve(gw, who, action, facts)
                     .await?
-                    .map_err(|r| Stop::forbidden(Decision { verdict: Verdict::Deny, reasons: vec![r] }))?;
+                    .map_err(|r| Stop::refuse(Decision { verdict: Verdict::Deny, reasons: vec![r] }))?;
                 budget = Some(reservation);
                 let mut d = Decision::allow();
-                d.reasons.push(Reason::new("approval_granted", format!("approved in {id}")));
+                d.reasons.push(Reason::new(Code::ApprovalGranted, format!("approved in {id}")));
                 decision = d;
                 grant = Some(Grant { approval_id: id, jti: None });
             }
@@ -198,9 +199,9 @@ pub(crate) async fn settle<'a>(
                         headers.insert("ratelimit", v);
                     }
                     return Err(Stop::Refuse {
-                        status: StatusCode::TOO_MANY_REQUESTS,
                         decision: d,
-                        record: true,
+                        at: At::Request,
+                        record: Record::WithinBudget,
                         headers: Some(Box::new(headers)),
                     });
                 }
@@ -212,12 +213,7 @@ pub(crate) async fn settle<'a>(
                 release(gw, budget.take()).await;
                 let d = Decision { verdict: Verdict::Deny, reasons: vec![reason] };
                 if !dry_run {
-                    return Err(Stop::Refuse {
-                        status: StatusCode::SERVICE_UNAVAILABLE,
-                        decision: d,
-                        record: true,
-                        headers: None,
-                    });
+                    return Err(Stop::refuse(d));
                 }
                 decision = d;
             }
@@ -230,7 +226,7 @@ pub(crate) async fn settle<'a>(
 /// (signature, agent, action hash, an approved approval); consumed atomically with the
 /// decision entry that accepts it.
 async fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<Grant, Decision> {
-    let invalid = |m: &str| Decision::deny("override_token_invalid", m.to_string());
+    let invalid = |m: &str| Decision::deny(Code::OverrideTokenInvalid, m.to_string());
     let claims = crate::identity::verify_override(token, &gw.gateway_key.verifying_key(), now_unix())
         .map_err(|_| invalid("the override token is not valid"))?;
     if Some(&claims.sub) != facts.agent.as_ref() {
@@ -244,7 +240,7 @@ async fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<Gran
             Ok(Grant { approval_id: claims.approval_id, jti: Some(claims.jti) })
         }
         Ok(Some(a)) if a.status == Status::Consumed => {
-            Err(Decision::deny("override_token_already_used", "the override token was already used"))
+            Err(Decision::deny(Code::OverrideTokenAlreadyUsed, "the override token was already used"))
         }
         _ => Err(invalid("the approval behind the override token is not approved")),
     }

@@ -3,6 +3,7 @@
 //! so the address that was checked is the address that is dialled.
 
 use crate::config::Cidr;
+use crate::policy::{Code, Decision};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -99,6 +100,17 @@ pub enum Vetted {
     Blocked(String),
     /// The name does not resolve.
     Unresolvable(String),
+}
+
+impl Vetted {
+    /// The refusal of a host that did not pass: `ssrf_blocked` or `upstream_unresolvable`.
+    pub fn refusal(self) -> Option<Decision> {
+        match self {
+            Vetted::Ok => None,
+            Vetted::Blocked(why) => Some(Decision::deny(Code::SsrfBlocked, why)),
+            Vetted::Unresolvable(why) => Some(Decision::deny(Code::UpstreamUnresolvable, why)),
+        }
+    }
 }
 
 impl Vetter {

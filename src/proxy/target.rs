@@ -4,8 +4,8 @@
 
 use super::{Entry, Facts, Stop, Via};
 use crate::config::Scheme;
-use crate::policy::Decision;
-use http::{Method, StatusCode, header, request::Parts};
+use crate::policy::{At, Code, Decision};
+use http::{Method, header, request::Parts};
 
 /// What the request names before its agent is known.
 pub(crate) struct Target {
@@ -31,18 +31,18 @@ impl Target {
 pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Target, Stop> {
     // Both framings at once is how requests are smuggled past proxies (RFC 9112 §6.3): refuse.
     if parts.headers.contains_key(header::TRANSFER_ENCODING) && parts.headers.contains_key(header::CONTENT_LENGTH) {
-        return Err(Stop::unrecorded(
-            StatusCode::BAD_REQUEST,
-            Decision::deny("malformed_request", "Content-Length and Transfer-Encoding together"),
-        ));
+        return Err(Stop::unrecorded(Decision::deny(
+            Code::MalformedRequest,
+            "Content-Length and Transfer-Encoding together",
+        )));
     }
     if parts.method == Method::CONNECT {
-        return Err(Stop::unrecorded(
-            StatusCode::METHOD_NOT_ALLOWED,
-            Decision::deny("malformed_request", "CONNECT is not allowed here"),
+        return Err(Stop::unrecorded_at(
+            Decision::deny(Code::MalformedRequest, "CONNECT is not allowed here"),
+            At::WrongMethod,
         ));
     }
-    let malformed = |why: &str| Stop::unrecorded(StatusCode::BAD_REQUEST, Decision::deny("malformed_request", why));
+    let malformed = |why: &str| Stop::unrecorded(Decision::deny(Code::MalformedRequest, why));
     let mut target = Target { base_connector: None, path: parts.uri.path().to_string(), preset_token: None };
     match via {
         Via::Tunnel(t) => {
@@ -63,10 +63,10 @@ pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Targe
                 .and_then(split_authority)
                 .is_some_and(|(h, p)| Some(&h) == tunnel_host.as_ref() && p.is_none_or(|p| p == t.port));
             if !same {
-                return Err(Stop::refuse(
-                    StatusCode::MISDIRECTED_REQUEST,
-                    Decision::deny("misdirected_request", "the request names another host than the tunnel"),
-                ));
+                return Err(Stop::refuse(Decision::deny(
+                    Code::MisdirectedRequest,
+                    "the request names another host than the tunnel",
+                )));
             }
         }
         Via::Transparent(orig) => {
@@ -110,9 +110,9 @@ pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Targe
                 None => (rest, "/"),
             };
             if name.is_empty() {
-                return Err(Stop::unrecorded(
-                    StatusCode::NOT_FOUND,
-                    Decision::deny("route_not_allowed", "name a connector: /<connector>/<path>"),
+                return Err(Stop::unrecorded_at(
+                    Decision::deny(Code::RouteNotAllowed, "name a connector: /<connector>/<path>"),
+                    At::NoSuchPath,
                 ));
             }
             target.base_connector = Some(name.to_string());
@@ -120,10 +120,10 @@ pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Targe
         }
     }
     if ambiguous_path(&target.path) {
-        return Err(Stop::refuse(
-            StatusCode::BAD_REQUEST,
-            Decision::deny("malformed_request", "the path has dot segments, path parameters (;) or encoded separators"),
-        ));
+        return Err(Stop::refuse(Decision::deny(
+            Code::MalformedRequest,
+            "the path has dot segments, path parameters (;) or encoded separators",
+        )));
     }
     Ok(target)
 }

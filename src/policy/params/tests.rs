@@ -41,7 +41,8 @@ fn headers(list: &[(&str, &str)]) -> HeaderMap {
 }
 
 fn media(route: &Route, hs: &[(&str, &str)], body: &str) -> Result<(), (&'static str, String)> {
-    check_body_media_type(route, &headers(hs), body.as_bytes()).map_err(|d| (d.code(), d.reasons[0].message.clone()))
+    check_body_media_type(route, &headers(hs), body.as_bytes())
+        .map_err(|d| (d.code().as_str(), d.reasons[0].message.clone()))
 }
 
 fn from_body(route: &Route, body: &str) -> Params {
