@@ -456,35 +456,9 @@ async fn budgets_count_the_same_decisions_before_and_after_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_the_ssrf_guard_refuses_spends_no_budget_and_no_rate_quota() {
     let up = Upstream::start().await;
-    let m = format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: meter-agent }}
-capability: {{ required: false }}
-connectors:
-  - name: shop
-    base_url: http://{addr}
-    routes:
-      - methods: [GET]
-        path: /v1/**
-        action: item.read
-  - name: meta
-    base_url: http://169.254.169.254
-    routes:
-      - methods: [GET]
-        path: /**
-        action: item.read
-policy:
-  budgets:
-    - window: day
-      scope: agent
-      max_actions: 2
-  rate_limits:
-    - scope: agent
-      rate: 1/h
-      burst: 1
-"#,
-        addr = up.addr
+    let m = meter_manifest(
+        up.addr,
+        "  budgets:\n    - window: day\n      scope: agent\n      max_actions: 2\n  rate_limits:\n    - scope: agent\n      rate: 1/h\n      burst: 1\n",
     );
     let files = [("meter.yaml", m)];
     let gw = TestGateway::start(&files, "identity:\n  default_agent: meter-agent\n").await;

@@ -153,6 +153,23 @@ impl Drop for Fleet {
     }
 }
 
+/// GET an admin path of gateway `i` with the approver key, as JSON.
+async fn admin_get(f: &Fleet, i: usize, path: &str) -> Value {
+    client().get(f.admin(i, path)).bearer_auth(APPROVER).send().await.unwrap().json().await.unwrap()
+}
+
+/// Approves `id` on gateway `i`: the status and the answer (with the override token).
+async fn approve_on(f: &Fleet, i: usize, id: &str) -> (u16, Value) {
+    let r = client()
+        .post(f.admin(i, &format!("/v1/approvals/{id}/approve")))
+        .bearer_auth(APPROVER)
+        .json(&json!({"note": "ok"}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
 async fn refund(url: String, tok: &str, amount: u64, over: Option<&str>) -> (u16, Value) {
     let mut rb = client()
         .post(url)
@@ -281,35 +298,13 @@ async fn one_approvals_queue_for_three_gateways() {
     let (s, v) = refund(f.base(0, "/shop/v1/refunds"), &tok, 6000, None).await;
     assert_eq!(s, 403, "{v}");
     let id = v["approval_id"].as_str().unwrap().to_string();
-    let list: Value = client()
-        .get(f.admin(1, "/v1/approvals?status=pending"))
-        .bearer_auth(APPROVER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = admin_get(&f, 1, "/v1/approvals?status=pending").await;
     assert!(list["approvals"].as_array().unwrap().iter().any(|a| a["id"] == id.as_str()), "{list}");
-    let got: Value = client()
-        .get(f.admin(2, &format!("/v1/approvals/{id}")))
-        .bearer_auth(APPROVER)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got = admin_get(&f, 2, &format!("/v1/approvals/{id}")).await;
     assert_eq!(got["status"], "pending", "{got}");
-    let r = client()
-        .post(f.admin(2, &format!("/v1/approvals/{id}/approve")))
-        .bearer_auth(APPROVER)
-        .json(&json!({"note": "ok"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let over = r.json::<Value>().await.unwrap()["override_token"].as_str().unwrap().to_string();
+    let (s, v) = approve_on(&f, 2, &id).await;
+    assert_eq!(s, 200, "{v}");
+    let over = v["override_token"].as_str().unwrap().to_string();
     // Its override, used 12 times at once over the fleet, is accepted exactly once.
     let tries: Vec<_> = (0..12)
         .map(|i| {
@@ -345,15 +340,7 @@ async fn one_approvals_queue_for_three_gateways() {
     });
     let mut hid = None;
     for _ in 0..100 {
-        let list: Value = client()
-            .get(f.admin(1, "/v1/approvals?status=pending"))
-            .bearer_auth(APPROVER)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = admin_get(&f, 1, "/v1/approvals?status=pending").await;
         hid = list["approvals"]
             .as_array()
             .unwrap()
@@ -370,14 +357,7 @@ async fn one_approvals_queue_for_three_gateways() {
     let listening = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN uapk_approvals'");
     assert_eq!(listening, "3");
     let approved_at = Instant::now();
-    let r = client()
-        .post(f.admin(1, &format!("/v1/approvals/{hid}/approve")))
-        .bearer_auth(APPROVER)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(approve_on(&f, 1, &hid).await.0, 200);
     let ((s, v), done) = held.await.unwrap();
     assert_eq!(s, 200, "{v}");
     assert!(done.duration_since(approved_at) < Duration::from_secs(1), "{:?}", done.duration_since(approved_at));

@@ -14,6 +14,14 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+/// `limited-agent` under [`LIMITED`] and `free-agent` without rate limits.
+fn limited_and_free(up: &Upstream) -> [(&'static str, String); 2] {
+    [
+        ("limited.yaml", manifest("limited-agent", up.addr, &format!("{POLICY}{LIMITED}"), "")),
+        ("free.yaml", manifest("free-agent", up.addr, POLICY, "")),
+    ]
+}
+
 const LIMITED: &str = "  rate_limits:\n    - scope: agent\n      rate: 5/m\n      burst: 5\n";
 
 /// A request of `agent` for `payment.read` through `gw`: (status, reason code, Retry-After).
@@ -147,11 +155,7 @@ async fn a_request_refused_by_one_limit_takes_nothing_from_the_others() {
 async fn redis_down_fails_closed_for_rate_limited_agents_and_recovers_by_itself() {
     let Some(mut redis) = RedisServer::start() else { return };
     let up = Upstream::start().await;
-    let files = [
-        ("limited.yaml", manifest("limited-agent", up.addr, &format!("{POLICY}{LIMITED}"), "")),
-        ("free.yaml", manifest("free-agent", up.addr, POLICY, "")),
-    ];
-    let gw = TestGateway::start(&files, &redis.config()).await;
+    let gw = TestGateway::start(&limited_and_free(&up), &redis.config()).await;
     let c = client();
     assert_eq!(read(&c, &gw, "limited-agent", 0).await.0, 200);
     assert_eq!(readyz(gw.admin).await.0, 200);
@@ -294,11 +298,7 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_up() {
     let Some(mut redis) = RedisServer::start() else { return };
     redis.kill();
     let up = Upstream::start().await;
-    let files = [
-        ("limited.yaml", manifest("limited-agent", up.addr, &format!("{POLICY}{LIMITED}"), "")),
-        ("free.yaml", manifest("free-agent", up.addr, POLICY, "")),
-    ];
-    let gw = TestGateway::start(&files, &redis.config()).await;
+    let gw = TestGateway::start(&limited_and_free(&up), &redis.config()).await;
     let c = client();
     let (status, body) = readyz(gw.admin).await;
     assert_eq!((status, &body["rate_limits"]), (503, &Value::Bool(false)), "{body}");
@@ -318,32 +318,7 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_up() {
 async fn quota_taken_by_a_request_refused_later_goes_back_to_redis() {
     let Some(redis) = RedisServer::start() else { return };
     let up = Upstream::start().await;
-    let m = format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: meter-agent }}
-capability: {{ required: false }}
-connectors:
-  - name: shop
-    base_url: http://{addr}
-    routes:
-      - methods: [GET]
-        path: /v1/**
-        action: item.read
-  - name: meta
-    base_url: http://169.254.169.254
-    routes:
-      - methods: [GET]
-        path: /**
-        action: item.read
-policy:
-  rate_limits:
-    - scope: agent
-      rate: 1/h
-      burst: 1
-"#,
-        addr = up.addr
-    );
+    let m = meter_manifest(up.addr, "  rate_limits:\n    - scope: agent\n      rate: 1/h\n      burst: 1\n");
     let files = [("meter.yaml", m)];
     let gw = TestGateway::start(&files, &format!("identity:\n  default_agent: meter-agent\n{}", redis.config())).await;
     let c = client();

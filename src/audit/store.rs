@@ -295,6 +295,11 @@ fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
         .set_cache_size(WRITER_CACHE_BYTES)
         .create_with_backend(file)
         .map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
+    create_tables(db)
+}
+
+/// Creates the log's tables (if missing) in a newly opened database.
+fn create_tables(db: redb::Database) -> Result<redb::Database, AuditError> {
     let tx = db.begin_write().map_err(storage)?;
     tx.open_table(ENTRIES).map_err(storage)?;
     tx.open_table(CHECKPOINTS).map_err(storage)?;
@@ -312,13 +317,7 @@ pub(crate) fn open_copy(path: &std::path::Path) -> Result<redb::Database, AuditE
         .set_cache_size(WRITER_CACHE_BYTES)
         .create(path)
         .map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?;
-    let tx = db.begin_write().map_err(storage)?;
-    tx.open_table(ENTRIES).map_err(storage)?;
-    tx.open_table(CHECKPOINTS).map_err(storage)?;
-    tx.open_table(SIGS).map_err(storage)?;
-    tx.open_table(NODES).map_err(storage)?;
-    tx.commit().map_err(storage)?;
-    Ok(db)
+    create_tables(db)
 }
 
 /// An entry for a read copy: index, bytes, and its own signature if the log signs each entry.
@@ -584,19 +583,7 @@ impl Writer {
             if last_batch >= YIELD_ABOVE_BATCH {
                 std::thread::yield_now();
             }
-            let mut stop = false;
-            let mut batch = Vec::new();
-            match first {
-                None | Some(Msg::Stop) => stop = true,
-                Some(Msg::Append(f, r, g)) => batch.push((f, r, g)),
-            }
-            while !stop && batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Append(f, r, g)) => batch.push((f, r, g)),
-                    Ok(Msg::Stop) => stop = true,
-                    Err(_) => break,
-                }
-            }
+            let (batch, stop) = gather(first, &mut rx, MAX_BATCH);
             last_batch = batch.len();
             if !batch.is_empty() {
                 let durable = self.cfg.durability == Durability::Sync;
@@ -883,6 +870,28 @@ fn reply_err(reply: Reply, e: AuditError) {
         }
         None => tracing::error!(error = %e, "queued audit entry dropped"),
     }
+}
+
+/// One queued append: the entry's fields, who waits for its index, its precondition.
+pub(crate) type Queued = (Fields, Option<oneshot::Sender<Result<u64, AuditError>>>, Option<Precondition>);
+
+/// A group for one commit: `first` (what the writer woke up with) and whatever else is queued,
+/// up to `max`; `true` when a stop was asked for (or the queue closed).
+pub(crate) fn gather(first: Option<Msg>, rx: &mut mpsc::Receiver<Msg>, max: usize) -> (Vec<Queued>, bool) {
+    let mut stop = false;
+    let mut batch = Vec::new();
+    match first {
+        None | Some(Msg::Stop) => stop = true,
+        Some(Msg::Append(f, r, g)) => batch.push((f, r, g)),
+    }
+    while !stop && batch.len() < max {
+        match rx.try_recv() {
+            Ok(Msg::Append(f, r, g)) => batch.push((f, r, g)),
+            Ok(Msg::Stop) => stop = true,
+            Err(_) => break,
+        }
+    }
+    (batch, stop)
 }
 
 /// An entry's canonical bytes: `fields` and the writer's `v`, `log` (`log_json`, the origin as a

@@ -157,6 +157,33 @@ policy:
     )
 }
 
+/// A manifest for `meter-agent` (no token required) with a `shop` connector (GET /v1/** →
+/// item.read) on the upstream and a `meta` connector on the cloud metadata address, which the
+/// SSRF guard refuses; `policy` is the body of its `policy:` block.
+pub fn meter_manifest(upstream: SocketAddr, policy: &str) -> String {
+    format!(
+        r#"apiVersion: uapk/v1
+kind: Manifest
+agent: {{ id: meter-agent }}
+capability: {{ required: false }}
+connectors:
+  - name: shop
+    base_url: http://{upstream}
+    routes:
+      - methods: [GET]
+        path: /v1/**
+        action: item.read
+  - name: meta
+    base_url: http://169.254.169.254
+    routes:
+      - methods: [GET]
+        path: /**
+        action: item.read
+policy:
+{policy}"#
+    )
+}
+
 /// The default policy block used by most tests.
 pub const POLICY: &str = r#"  connectors:   { allow: [shop], deny: [other] }
   action_types: { allow: [], deny: [payment.delete] }

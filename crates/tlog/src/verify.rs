@@ -347,6 +347,23 @@ enum Signed<'a> {
 }
 
 /// What `walk` verified.
+/// The report of a walk that ended on one final checkpoint `cp` (a bundle, a served log), after
+/// the trusted checkpoint, if any, is checked against it.
+fn finish(w: Walked, cp: &Checkpoint, from: u64, trusted: Option<Trusted<'_>>) -> Result<VerifyReport, VerifyFailure> {
+    if let Some(t) = &trusted {
+        t.finish(cp.size, &w.known)?;
+    }
+    Ok(VerifyReport {
+        entries: w.entries,
+        checkpoints: w.checkpoints,
+        size: cp.size,
+        root_hex: hex::encode(cp.root),
+        from,
+        trusted_size: trusted.map(|t| t.cp.size),
+        rotations: w.rotations,
+    })
+}
+
 struct Walked {
     entries: u64,
     checkpoints: u64,
@@ -542,18 +559,7 @@ pub fn verify_served(
     let cp = parse_unverified(note).map_err(|e| fail(None, format!("the served {e}")))?;
     let signed = Signed::Final { note, cp: &cp };
     let w = walk(&mut Entries(next), Frontier::new(), [0u8; 32], signed, keys, &mut trusted, None)?;
-    if let Some(t) = &trusted {
-        t.finish(cp.size, &w.known)?;
-    }
-    Ok(VerifyReport {
-        entries: w.entries,
-        checkpoints: w.checkpoints,
-        size: cp.size,
-        root_hex: hex::encode(cp.root),
-        from: 0,
-        trusted_size: trusted.map(|t| t.cp.size),
-        rotations: w.rotations,
-    })
+    finish(w, &cp, 0, trusted)
 }
 
 /// SHA-256 of a file, streamed.
@@ -671,16 +677,5 @@ pub fn verify_bundle_with(
     if !manifest_signed_early && !manifest_by(&w.active) {
         return Err(fail(None, "manifest.json is not signed by a trusted key"));
     }
-    if let Some(t) = &trusted {
-        t.finish(cp.size, &w.known)?;
-    }
-    Ok(VerifyReport {
-        entries: w.entries,
-        checkpoints: w.checkpoints,
-        size: cp.size,
-        root_hex: hex::encode(cp.root),
-        from,
-        trusted_size: trusted.map(|t| t.cp.size),
-        rotations: w.rotations,
-    })
+    finish(w, &cp, from, trusted)
 }

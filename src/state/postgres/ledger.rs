@@ -13,7 +13,7 @@
 use super::budgets::keep_in;
 use super::{CallError, Db, DbError};
 use crate::audit::store::{
-    Msg, Precondition, Shared, SharedDb, copy_append, entry_bytes, log_json, open_copy, recover,
+    Msg, Precondition, Shared, SharedDb, copy_append, entry_bytes, gather, log_json, open_copy, recover,
 };
 use crate::audit::{AuditConfig, AuditError, AuditHandle, Checkpoint, Frontier, Hash, leaf_hash};
 use ed25519_dalek::{Signer, SigningKey};
@@ -296,19 +296,8 @@ enum Appended {
 impl Writer {
     async fn run(self, mut rx: mpsc::Receiver<Msg>) {
         loop {
-            let mut stop = false;
-            let mut batch = Vec::new();
-            match rx.recv().await {
-                None | Some(Msg::Stop) => stop = true,
-                Some(Msg::Append(f, r, g)) => batch.push((f, r, g)),
-            }
-            while !stop && batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Append(f, r, g)) => batch.push((f, r, g)),
-                    Ok(Msg::Stop) => stop = true,
-                    Err(_) => break,
-                }
-            }
+            let first = rx.recv().await;
+            let (batch, stop) = gather(first, &mut rx, MAX_BATCH);
             if !batch.is_empty() {
                 self.commit(batch).await;
             }
