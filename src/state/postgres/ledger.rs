@@ -98,6 +98,7 @@ impl FleetLog {
         let follower = Follower {
             db,
             our_key: hex::encode(writer.key.verifying_key().as_bytes()),
+            failing: false,
             origin,
             copy: copy.clone(),
             shared: shared.clone(),
@@ -219,6 +220,8 @@ struct Follower {
     /// This gateway's key (hex): a failed writer is writable again once the database answers
     /// and this is still the log's active key.
     our_key: String,
+    /// The last attempt failed (its warning is logged once).
+    failing: bool,
     copy: SharedDb,
     shared: Arc<Shared>,
     last_checkpoint: u64,
@@ -257,9 +260,18 @@ impl Follower {
                         }
                         self.shared.set_size(n);
                     }
-                    Ok(_) => break,
+                    Ok(_) => {
+                        if std::mem::take(&mut self.failing) {
+                            tracing::info!("following the fleet log again");
+                        }
+                        break;
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "following the fleet log failed; retrying");
+                        // Once per outage, not five times a second.
+                        if !self.failing {
+                            tracing::warn!(error = %e, "following the fleet log failed; retrying every 200 ms");
+                        }
+                        self.failing = true;
                         break;
                     }
                 }
@@ -291,6 +303,8 @@ struct Writer {
 enum Appended {
     At(u64),
     Refused(String),
+    /// Too large even after its fields were cut (as the embedded writer says it).
+    TooLarge(usize),
 }
 
 impl Writer {
@@ -343,6 +357,7 @@ impl Writer {
                             Ok(i)
                         }
                         Appended::Refused(why) => Err(AuditError::Refused(why)),
+                        Appended::TooLarge(n) => Err(AuditError::EntryTooLarge(n)),
                     };
                     match reply {
                         Some(tx) => {
@@ -445,7 +460,7 @@ async fn append_in(
         }
         let bytes = entry_bytes(fields, size, &prev, now, &job.log_json, Some(&job.gateway));
         if bytes.len() > crate::audit::MAX_ENTRY_BYTES {
-            out.push(Appended::Refused(format!("entry of {} bytes is too large", bytes.len())));
+            out.push(Appended::TooLarge(bytes.len()));
             continue;
         }
         let leaf = leaf_hash(&bytes);
@@ -520,6 +535,7 @@ pub async fn rotate(
         Ok((out, _)) => match out.into_iter().next() {
             Some(Appended::At(i)) => Ok(i),
             Some(Appended::Refused(why)) => Err(why),
+            Some(Appended::TooLarge(n)) => Err(format!("the key entry of {n} bytes is too large")),
             None => Err("nothing appended".into()),
         },
         Err(why) => Err(why),
