@@ -303,29 +303,40 @@ impl PgBudgets {
     }
 
     /// See [`crate::limits::Budgets::settle`]. `Forwarded` was kept in the decision's commit;
-    /// here it changes nothing. Retries a few times: a settlement lost to an outage is
-    /// finished by [`PgBudgets::expire_unforwarded`] (a release) or charged the estimate.
+    /// here it changes nothing. A settlement the database does not take is retried a few times
+    /// in the background; one lost to a long outage is finished by
+    /// [`PgBudgets::expire_unforwarded`] (a release) or charged the estimate.
     pub async fn settle(&self, id: &str, settlement: Settlement) {
         if matches!(settlement, Settlement::Forwarded { .. }) {
             // Kept by the decision's own commit (`keep_in`): nothing left to do.
             let _ = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
             return;
         }
-        for attempt in 0..5u32 {
-            match self.settle_once(id, &settlement).await {
-                Ok(()) => {
-                    if matches!(settlement, Settlement::Release) {
-                        let _ = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        // Once now; if the database does not take it, retried in the background, so a refusal
+        // answered during an outage is not held back by the retries.
+        match self.settle_once(id, &settlement).await {
+            Ok(()) => self.settled(&settlement),
+            Err(e) => {
+                tracing::warn!(request_id = %id, error = %e, "budget settlement failed; retrying in the background");
+                let (this, id) = (self.clone(), id.to_string());
+                tokio::spawn(async move {
+                    for attempt in 0..5u32 {
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                        if this.settle_once(&id, &settlement).await.is_ok() {
+                            this.settled(&settlement);
+                            return;
+                        }
                     }
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(request_id = %id, error = %e, attempt, "budget settlement failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
+                    tracing::error!(request_id = %id, "budget settlement not stored; the fleet's sweep settles it");
+                });
             }
         }
-        tracing::error!(request_id = %id, "budget settlement not stored; the fleet's sweep settles it");
+    }
+
+    fn settled(&self, settlement: &Settlement) {
+        if matches!(settlement, Settlement::Release) {
+            let _ = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
     }
 
     async fn settle_once(&self, id: &str, settlement: &Settlement) -> Result<(), DbError> {
