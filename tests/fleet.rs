@@ -372,7 +372,10 @@ async fn outages_refuse_traffic_and_heal_by_themselves() {
     let mut f = Fleet::start(
         &pg,
         2,
-        &[("pay.yaml", manifest("pay-agent", up.addr, POLICY, "")), ("b.yaml", manifest("b-agent", up.addr, &budgeted, ""))],
+        &[
+            ("pay.yaml", manifest("pay-agent", up.addr, POLICY, "")),
+            ("b.yaml", manifest("b-agent", up.addr, &budgeted, "")),
+        ],
     )
     .await;
     let tok = token("pay-agent");
