@@ -8,11 +8,9 @@
 //!
 //! The operations are the same for both: append with a precondition (`audit::Precondition`),
 //! reserve and settle by request id (`BudgetStore`), store, list and move approvals. The
-//! conformance suite (`tests.rs`) runs the same cases against both.
+//! conformance suite (`tests/state.rs`) runs the same cases against both.
 
 pub mod postgres;
-#[cfg(test)]
-mod tests;
 
 use crate::approvals::{ApprovalStore, Approvals};
 use crate::audit::{self, AuditConfig, AuditLog};
