@@ -419,19 +419,26 @@ def mounted_file(file, secret_ref, what):
             problems.append(f"{c['name']} mounts {m['name']} ({what})")
 
 
+def engine(section, key, name, v):
+    """gateway.yaml's `key.name` block of a shared engine: chosen, its URL and CA read from the
+    mounted Secret files the values name (never inline); returns the block."""
+    block = section.get(name) or {}
+    if section.get("backend") != name:
+        problems.append(f"gateway.yaml {key}.backend is {section.get('backend')}, want {name}")
+    if "url" in block:
+        problems.append(f"gateway.yaml carries the {name} URL inline")
+    mounted_file(block.get("url_file"), v["urlSecret"], f"{key}.{name}.url_file")
+    if v["caSecret"]["name"]:
+        mounted_file(block.get("ca_file"), v["caSecret"], f"{key}.{name}.ca_file")
+    elif "ca_file" in block:
+        problems.append(f"{key}.{name}.ca_file without caSecret")
+    return block
+
+
 state_cfg = cfg.get("state") or {}
 if backend == "postgres":
     pgv = values["state"]["postgres"]
-    pg = state_cfg.get("postgres") or {}
-    if state_cfg.get("backend") != "postgres":
-        problems.append(f"gateway.yaml state.backend is {state_cfg.get('backend')}, want postgres")
-    if "url" in pg:
-        problems.append("gateway.yaml carries the PostgreSQL URL inline")
-    mounted_file(pg.get("url_file"), pgv["urlSecret"], "state.postgres.url_file")
-    if pgv["caSecret"]["name"]:
-        mounted_file(pg.get("ca_file"), pgv["caSecret"], "state.postgres.ca_file")
-    elif "ca_file" in pg:
-        problems.append("state.postgres.ca_file without caSecret")
+    pg = engine(state_cfg, "state", "postgres", pgv)
     for key, vkey in [("pool_size", "poolSize"), ("connect_timeout", "connectTimeout"), ("statement_timeout", "statementTimeout")]:
         if pg.get(key) != pgv[vkey]:
             problems.append(f"gateway.yaml state.postgres.{key} {pg.get(key)!r}, values say {pgv[vkey]!r}")
@@ -453,14 +460,7 @@ elif "state" in cfg and state_cfg.get("backend") != "embedded":
 rl_cfg = cfg.get("rate_limits") or {}
 if rl_backend == "redis":
     rv = values["rateLimits"]["redis"]
-    rd = rl_cfg.get("redis") or {}
-    if rl_cfg.get("backend") != "redis":
-        problems.append(f"gateway.yaml rate_limits.backend is {rl_cfg.get('backend')}, want redis")
-    if "url" in rd:
-        problems.append("gateway.yaml carries the Redis URL inline")
-    mounted_file(rd.get("url_file"), rv["urlSecret"], "rate_limits.redis.url_file")
-    if rv["caSecret"]["name"]:
-        mounted_file(rd.get("ca_file"), rv["caSecret"], "rate_limits.redis.ca_file")
+    rd = engine(rl_cfg, "rate_limits", "redis", rv)
     if rd.get("timeout") != rv["timeout"]:
         problems.append(f"gateway.yaml rate_limits.redis.timeout {rd.get('timeout')!r}, values say {rv['timeout']!r}")
 elif "rate_limits" in cfg and rl_cfg.get("backend") != "local":

@@ -427,7 +427,11 @@ async fn streams_without_usage_are_charged_their_estimate_and_the_budget_holds()
     assert_eq!(passed, 2000_u64.div_ceil(e) as usize, "admitted while counted < 2000, each charged {e}");
     assert_eq!(up.count() - before, passed);
     assert_eq!(tokens_counted(&gw2, "llm-agent-b"), passed as u64 * e);
-    assert_eq!(gw.gateway().budgets.held() + gw2.gateway().budgets.held(), 0, "every reservation settled");
+    assert_eq!(
+        gw.gateway().budgets.memory().unwrap().held() + gw2.gateway().budgets.memory().unwrap().held(),
+        0,
+        "every reservation settled"
+    );
 }
 
 /// Reads a streamed response until `until` shows up, then hangs up.
@@ -475,7 +479,7 @@ async fn an_agent_that_hangs_up_after_the_finish_reason_still_has_its_usage_coun
     assert_eq!(o["usage"], usage(30, 12, 42), "read on after the agent left: {o}");
     assert_eq!(o["usage_charged"], "42");
     assert_eq!(tokens_counted(&gw, "llm-agent"), 42);
-    assert_eq!(gw.gateway().budgets.held(), 0);
+    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
 }
 
 #[tokio::test]
@@ -500,7 +504,7 @@ async fn an_agent_that_hangs_up_on_a_stream_that_never_reports_usage_is_charged_
     let e = estimate(&up.last());
     assert_eq!(o["usage_charged"], e.to_string().as_str());
     assert_eq!(tokens_counted(&gw, "llm-agent"), e);
-    assert_eq!(gw.gateway().budgets.held(), 0);
+    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
 }
 
 #[tokio::test]
@@ -592,12 +596,12 @@ async fn concurrent_calls_overshoot_the_budget_by_at_most_one_estimate() {
     assert_eq!(ok, allowed);
     assert_eq!(up.count(), allowed, "the upstream received at most what the rule allows");
     for _ in 0..250 {
-        if gw.gateway().budgets.held() == 0 {
+        if gw.gateway().budgets.memory().unwrap().held() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(gw.gateway().budgets.held(), 0);
+    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
     // Each settled to the usage its response reported (40 + 20).
     assert_eq!(tokens_counted(&gw, "llm-agent"), allowed as u64 * 60);
     assert_eq!(up.billed(), allowed as u64 * 60);
@@ -698,7 +702,7 @@ async fn an_upstream_error_after_the_request_was_sent_is_charged_the_estimate() 
         (Some("0"), Some("the request did not reach the upstream"))
     );
     assert_eq!(tokens_counted(&gw2, "llm-agent"), 0);
-    assert_eq!(gw.gateway().budgets.held() + gw2.gateway().budgets.held(), 0);
+    assert_eq!(gw.gateway().budgets.memory().unwrap().held() + gw2.gateway().budgets.memory().unwrap().held(), 0);
 }
 
 #[tokio::test]

@@ -237,14 +237,6 @@ impl BudgetStore {
         }
     }
 
-    /// Requests holding a reservation on this gateway.
-    pub fn held(&self) -> usize {
-        match self {
-            BudgetStore::Memory(b) => b.held(),
-            BudgetStore::Postgres(p) => p.held(),
-        }
-    }
-
     /// The in-memory counters (embedded only): what the rebuild from the log fills.
     pub fn memory(&self) -> Option<&Budgets> {
         match self {

@@ -15,7 +15,6 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 const WINDOWS: [Window; 2] = [Window::Day, Window::Hour];
@@ -29,8 +28,6 @@ const FORWARDED_TOKENS_MAX_AGE: i64 = 3600;
 pub struct PgBudgets {
     db: Db,
     origin: Arc<str>,
-    /// Reservations this gateway holds now (a gauge; the database holds the truth).
-    held: Arc<AtomicUsize>,
 }
 
 /// What a request holds, as stored in `uapk_budget_holds.hold`.
@@ -227,7 +224,7 @@ pub(super) async fn keep_in<C: GenericClient>(
 
 impl PgBudgets {
     pub fn new(db: Db, origin: &str) -> PgBudgets {
-        PgBudgets { db, origin: origin.into(), held: Arc::default() }
+        PgBudgets { db, origin: origin.into() }
     }
 
     /// See [`crate::limits::Budgets::reserve`]: the same admission rule, over the fleet's rows,
@@ -239,8 +236,7 @@ impl PgBudgets {
             return Ok(BudgetCheck::Reserved { reservation: Reservation::new(ask.id, false), threshold: None });
         }
         let origin = self.origin.clone();
-        let r = self
-            .db
+        self.db
             .call("reserve", move |mut c| async move {
                 let tx = c.transaction().await?;
                 let mut spend = ask.spend.clone();
@@ -253,7 +249,7 @@ impl PgBudgets {
                     .await?;
                 if held.is_some() {
                     tx.commit().await?;
-                    return Ok((BudgetCheck::Reserved { reservation: Reservation::new(ask.id, true), threshold: None }, false));
+                    return Ok(BudgetCheck::Reserved { reservation: Reservation::new(ask.id, true), threshold: None });
                 }
                 let mut rows = load(&tx, &origin, &spend).await?;
                 let currency = spend.amount.as_ref().map(|(_, c)| c.clone());
@@ -269,7 +265,7 @@ impl PgBudgets {
                 let threshold = match verdict {
                     Err(reason) => {
                         tx.commit().await?;
-                        return Ok((BudgetCheck::Exceeded(reason), false));
+                        return Ok(BudgetCheck::Exceeded(reason));
                     }
                     Ok(t) => t,
                 };
@@ -292,14 +288,9 @@ impl PgBudgets {
                 )
                 .await?;
                 tx.commit().await?;
-                Ok((BudgetCheck::Reserved { reservation: Reservation::new(ask.id, true), threshold }, true))
+                Ok(BudgetCheck::Reserved { reservation: Reservation::new(ask.id, true), threshold })
             })
-            .await;
-        let (check, new) = r?;
-        if new {
-            self.held.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(check)
+            .await
     }
 
     /// See [`crate::limits::Budgets::settle`]. `Forwarded` was kept in the decision's commit;
@@ -309,13 +300,12 @@ impl PgBudgets {
     pub async fn settle(&self, id: &str, settlement: Settlement) {
         if matches!(settlement, Settlement::Forwarded { .. }) {
             // Kept by the decision's own commit (`keep_in`): nothing left to do.
-            let _ = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
             return;
         }
         // Once now; if the database does not take it, retried in the background, so a refusal
         // answered during an outage is not held back by the retries.
         match self.settle_once(id, &settlement).await {
-            Ok(()) => self.settled(&settlement),
+            Ok(()) => {}
             Err(e) => {
                 tracing::warn!(request_id = %id, error = %e, "budget settlement failed; retrying in the background");
                 let (this, id) = (self.clone(), id.to_string());
@@ -323,19 +313,12 @@ impl PgBudgets {
                     for attempt in 0..5u32 {
                         tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
                         if this.settle_once(&id, &settlement).await.is_ok() {
-                            this.settled(&settlement);
                             return;
                         }
                     }
                     tracing::error!(request_id = %id, "budget settlement not stored; the fleet's sweep settles it");
                 });
             }
-        }
-    }
-
-    fn settled(&self, settlement: &Settlement) {
-        if matches!(settlement, Settlement::Release) {
-            let _ = self.held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         }
     }
 
@@ -457,10 +440,6 @@ impl PgBudgets {
                 0
             }
         }
-    }
-
-    pub fn held(&self) -> usize {
-        self.held.load(Ordering::Relaxed)
     }
 }
 
