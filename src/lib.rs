@@ -10,8 +10,10 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod app;
 pub mod approvals;
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod limits;

@@ -629,7 +629,7 @@ fn verify(mut a: VerifyArgs) -> Result<(), Fail> {
             }
             use std::io::IsTerminal;
             let tty = std::io::stderr().is_terminal();
-            let started = std::time::Instant::now();
+            let started = uapk_gateway::clock::instant();
             let progress = move |n: u64| {
                 if tty {
                     let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-6);
@@ -741,7 +741,7 @@ fn log_source(cfg: &config::GatewayConfig) -> Result<(PathBuf, Option<LogCopy>),
     let config::StateBackend::Postgres(pg) = &cfg.state else {
         return Ok((cfg.audit.path.clone(), None));
     };
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let nanos = uapk_gateway::clock::now_unix_nanos();
     let path = std::env::temp_dir().join(format!("uapk-fleet-snapshot-{}-{nanos}.redb", std::process::id()));
     let copy = LogCopy(path.clone());
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -778,7 +778,7 @@ fn migrate(path: Option<&Path>) -> Result<(), Fail> {
 fn mint(a: MintArgs) -> Result<(), Fail> {
     let key = identity::load_signing_key(&a.issuer_key).map_err(|e| Fail(2, e.to_string()))?;
     let ttl = config::parse_duration(&a.ttl).map_err(|e| Fail(2, format!("--ttl: {e}")))?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let now = uapk_gateway::clock::now_unix();
     let mut amount_max = std::collections::BTreeMap::new();
     for item in &a.amount_max {
         let (cur, amt) =

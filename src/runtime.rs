@@ -6,11 +6,10 @@ use crate::admin::{self, AdminState};
 use crate::audit::{self, AuditConfig};
 use crate::config::{self, AuditDurability, GatewayConfig, Strictness};
 use crate::limits::RateLimiters;
-use crate::proxy::{self, Gateway, Policies, TokenFile, conn, ssrf::Vetter, upstream};
+use crate::proxy::{self, App, Policies, TokenFile, conn, ssrf::Vetter, upstream};
 use crate::state;
 pub use crate::state::gateway_name;
 use anyhow::{Context, Result, anyhow};
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -19,7 +18,7 @@ use serde_json::{Map, Value, json};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -29,7 +28,7 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     pub transparent_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
-    pub gateway: Arc<Gateway>,
+    pub gateway: Arc<App>,
     pub admin: Arc<AdminState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -135,7 +134,7 @@ impl Repeated {
     }
 
     fn note(&mut self, detail: &dyn std::fmt::Display) {
-        match self.tally(Instant::now()) {
+        match self.tally(crate::clock::instant()) {
             Some(0) => tracing::warn!(error = %detail, "{}", self.what),
             Some(n) => {
                 tracing::warn!(error = %detail, repeated = n, "{} (repeated {n} times in {:?})", self.what, Self::EVERY)
@@ -270,129 +269,34 @@ fn refuse_connection(stream: tokio::net::TcpStream, writers: &Arc<Semaphore>, re
 
 const OVERLOAD_WRITERS: usize = 64;
 
-/// Starts the gateway described by `cfg`.
+/// Starts the gateway described by `cfg`, one named step at a time: bind the listeners, prepare
+/// `data_dir` and the key, load the policies, open the state (log, budgets, approvals), record the
+/// start, build the shared [`App`], then serve and start the background loops.
 pub async fn start(cfg: GatewayConfig) -> Result<Running> {
-    // The listeners first: a port already in use is reported before anything is created on
-    // disk (a development key or CA generated for a gateway that then cannot start). Until
-    // the gateway serves, connections wait in the listen backlog.
-    let proxy_listener = TcpListener::bind(cfg.proxy_listener)
-        .await
-        .with_context(|| format!("binding listeners.proxy {}", cfg.proxy_listener))?;
-    let admin_listener = TcpListener::bind(cfg.admin_listener)
-        .await
-        .with_context(|| format!("binding listeners.admin {}", cfg.admin_listener))?;
-    let proxy_addr = proxy_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
-    let transparent_listener = match cfg.transparent_listener {
-        Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding listeners.transparent {a}"))?),
-        None => None,
-    };
-    let transparent_addr = transparent_listener.as_ref().and_then(|l| l.local_addr().ok());
-    // ip6tables REDIRECT sends IPv6 connections to [::1]:P: the IPv4 wildcard or loopback gets
-    // its IPv6 twin on the same port.
-    let transparent_v6 = match transparent_addr.and_then(ipv6_twin) {
-        Some(a) => match bind_ipv6_only(a) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                // Without IPv6 here (disabled, or absent from the kernel) a redirected IPv6
-                // connection has nowhere to go and is refused: nothing leaves undecided.
-                tracing::warn!(addr = %a, error = %e, "transparent listener: no IPv6 socket; IPv6 connections are refused");
-                None
-            }
-        },
-        None => None,
-    };
-    {
-        // Created 0700 (an existing directory keeps its mode: it may be a mounted volume).
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&cfg.data_dir)
-            .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    }
+    let listeners = Listeners::bind(&cfg).await?;
+    create_data_dir(&cfg)?;
     let key = gateway_key(&cfg)?;
-    // A broken manifest must not stop the valid ones: its agent is refused (SPEC §17).
-    let set = config::load_policies_lenient(&cfg.policies_dir, Strictness::Run)
-        .map_err(|e| anyhow!("invalid policies:\n{e}"))?;
-    for w in &set.warnings {
-        tracing::warn!("{w}");
-    }
-    report_invalid(&set);
-    let audit_cfg = AuditConfig {
-        path: cfg.audit.path.clone(),
-        origin: cfg.audit.origin.clone(),
-        durability: match cfg.audit.durability {
-            AuditDurability::Sync => audit::Durability::Sync,
-            AuditDurability::Async => audit::Durability::Async,
-        },
-        sign_each_entry: cfg.audit.sign_each_entry,
-        queue_capacity: cfg.audit.queue_capacity,
-        key_name: key_name(&cfg),
-    };
+    let set = load_policies(&cfg)?;
     let metrics = crate::metrics::Metrics::default();
-    let state::Opened { log: audit_log, budgets, approvals, replayed: counted, fleet_db } =
-        state::open(&cfg, audit_cfg, key.clone(), metrics.state.clone()).await.map_err(|e| anyhow!(e))?;
-    let handle = audit_log.handle();
-    let db = audit_log.database();
-
-    let mut startup = Map::new();
-    startup.insert("kind".into(), json!("startup"));
-    startup.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
-    startup.insert("tree_size".into(), json!(handle.tree_size().to_string()));
-    if let Some(counted) = counted {
-        startup.insert("budget_actions_replayed".into(), json!(counted.to_string()));
-    }
-    handle.append(startup).await.map_err(|e| anyhow!("writing the startup entry: {e}"))?;
-    handle.append(config_entry(&set, "load")).await.map_err(|e| anyhow!("writing the config entry: {e}"))?;
-
-    let roots = upstream::root_store(&cfg.tls.extra_upstream_roots).map_err(|e| anyhow!(e))?;
-    let tls = upstream::tls_config(roots).map_err(|e| anyhow!("{e}"))?;
-    let vetter = Vetter::new(cfg.allow_private_destinations.clone());
-    let client = upstream::build_client(vetter.clone(), tls, cfg.limits.upstream_connect_timeout);
-
-    vetter.add_own_listener(proxy_addr);
-    vetter.add_own_listener(admin_addr);
-    if let Some(a) = transparent_addr {
-        vetter.add_own_listener(a);
-    }
-    if let Some(a) = transparent_v6.as_ref().and_then(|l| l.local_addr().ok()) {
-        vetter.add_own_listener(a);
-    }
-    let leaves = interception_ca(&cfg)?;
-    let token_file = cfg.identity.token_file.clone().map(TokenFile::new);
-    let telemetry = match &cfg.otlp {
-        Some(otlp) => {
-            let t = crate::telemetry::Telemetry::start(otlp, &cfg.tls.extra_upstream_roots, metrics.spans.clone())
-                .map_err(|e| anyhow::anyhow!(e))?;
-            tracing::info!(endpoint = %otlp.endpoint, protocol = ?otlp.protocol, "exporting request spans (telemetry.otlp)");
-            t
-        }
-        None => crate::telemetry::Telemetry::off(),
-    };
-    let rate_limits = match &cfg.rate_limits {
-        config::RateLimitBackend::Local => RateLimiters::new(),
-        config::RateLimitBackend::Redis(r) => RateLimiters::redis(
-            crate::limits::rate_redis::RedisLimiters::start(r, metrics.state.clone()).await.map_err(|e| anyhow!(e))?,
-        ),
-    };
-    let gw = Arc::new(Gateway {
-        policies: ArcSwap::from_pointee(Policies::new(set)),
-        audit: handle,
+    let opened =
+        state::open(&cfg, audit_config(&cfg), key.clone(), metrics.state.clone()).await.map_err(|e| anyhow!(e))?;
+    record_start(&opened, &set).await?;
+    let state::Opened { log: audit_log, budgets, approvals, replayed: _, fleet_db } = opened;
+    let (client, vetter) = upstream_client(&cfg, &listeners)?;
+    let parts = crate::app::Parts {
+        policies: Policies::new(set),
+        audit: audit_log.handle(),
+        log: audit::LogReader::new(audit_log.database()),
         budgets,
         fleet_db,
-        rate_limits,
+        rate_limits: rate_limiters(&cfg, &metrics).await?,
         approvals,
         client,
         vetter,
-        gateway_key: key,
-        token_file,
-        metrics,
-        telemetry,
-        draining: AtomicBool::new(false),
-        stopping: watch::channel(false).0,
-        leaves,
-        db: db.clone(),
+        key,
+        token_file: cfg.identity.token_file.clone().map(TokenFile::new),
+        telemetry: telemetry(&cfg, &metrics)?,
+        leaves: interception_ca(&cfg)?,
         refusals: crate::limits::refusals::RefusalBudget::new(
             cfg.limits.refusals_per_second,
             cfg.limits.refusals_burst,
@@ -401,173 +305,21 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         in_flight: crate::limits::in_flight::InFlight::new(cfg.limits.max_in_flight_per_agent.unwrap_or_else(|| {
             effective_max_connections(cfg.limits.max_connections, cfg.admin_max_connections, open_files_limit()) / 2
         })),
+        metrics,
         config: cfg,
-    });
-    let health = Arc::new(AdminState::default());
-    // The log was re-verified against its checkpoint when it was opened.
-    *health.key_id.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(hex::encode(audit::key_id(&key_name(&gw.config), &gw.gateway_key.verifying_key())));
-    *health.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some((
-        time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-        gw.audit.tree_size(),
-    ));
-    // Listeners bound, policy and keys loaded: ready before the first connection is served (the
-    // listeners were bound first, so connections may already be waiting in their backlog).
-    health.ready.store(true, Ordering::SeqCst);
-    let (tx, rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    // One cap for every agent-facing connection (proxy and transparent listeners, tunnels and
-    // upgrades included); the admin listener has its own.
-    let open_files = open_files_limit();
-    let max_connections =
-        effective_max_connections(gw.config.limits.max_connections, gw.config.admin_max_connections, open_files);
-    if max_connections < gw.config.limits.max_connections {
-        tracing::warn!(
-            configured = gw.config.limits.max_connections,
-            applied = max_connections,
-            open_files = open_files.unwrap_or_default(),
-            "limits.max_connections lowered to what the open-file limit can hold next to admin.max_connections; raise `ulimit -n` to serve more"
-        );
-    }
-    let agent_slots = conn::Slots::new(max_connections);
-    let admin_slots = conn::Slots::new(gw.config.admin_max_connections);
-    {
-        let gw2 = gw.clone();
-        let svc = move |req| {
-            let gw = gw2.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(gw, req, proxy::Via::Listener).await) }
-        };
-        tasks.push(tokio::spawn(serve(
-            proxy_listener,
-            server_builder(&gw.config),
-            svc,
-            agent_slots.clone(),
-            "limits.max_connections",
-            conn::ConnTimeouts::from_limits(&gw.config.limits),
-            rx.clone(),
-        )));
-    }
-    {
-        let (gw2, h2) = (gw.clone(), health.clone());
-        let svc = move |req| {
-            let (gw, h) = (gw2.clone(), h2.clone());
-            async move { Ok::<_, Infallible>(admin::handle(gw, h, req).await) }
-        };
-        tasks.push(tokio::spawn(serve(
-            admin_listener,
-            server_builder(&gw.config),
-            svc,
-            admin_slots,
-            "admin.max_connections",
-            conn::ConnTimeouts::from_limits(&gw.config.limits),
-            rx.clone(),
-        )));
-    }
-    let transparent_v6_addr = transparent_v6.as_ref().and_then(|l| l.local_addr().ok());
-    for listener in transparent_listener.into_iter().chain(transparent_v6) {
-        let own: Vec<SocketAddr> =
-            [Some(proxy_addr), Some(admin_addr), transparent_addr, transparent_v6_addr].into_iter().flatten().collect();
-        tasks.push(tokio::spawn(serve_transparent(listener, gw.clone(), own, agent_slots.clone(), rx.clone())));
-    }
-    {
-        // Keep rate-limiter memory bounded.
-        let gw2 = gw.clone();
-        let mut rx2 = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(60)) => {
-                        gw2.rate_limits.sweep();
-                        // Nothing between reserve and forward waits this long (an escalation
-                        // gives its reservation back before it waits).
-                        let stale = gw2.config.limits.body_read_timeout + Duration::from_secs(120);
-                        gw2.budgets.expire_unforwarded(stale).await;
-                        gw2.refusals.sweep(Instant::now());
-                    }
-                    _ = rx2.changed() => break,
-                }
-            }
-        }));
-    }
-    {
-        // Refusals beyond an agent's refusal budget: one summary entry per agent, at most once
-        // a second (the last ones are written at shutdown).
-        let gw2 = gw.clone();
-        let mut rx2 = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => flush_refusals(&gw2).await,
-                    _ = rx2.changed() => break,
-                }
-            }
-        }));
-    }
-    {
-        // Hot reload: poll the policies directory (a ConfigMap update is a `..data` symlink
-        // swap, which no write event reports reliably) and reload on SIGHUP.
-        let (gw2, h2) = (gw.clone(), health.clone());
-        let mut rx2 = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-            let watched = |gw: &Gateway| gw.policies.load().set.watched_files();
-            let mut last = fingerprint(&gw2.config.policies_dir, &watched(&gw2));
-            loop {
-                let forced = tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => false,
-                    Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
-                    _ = rx2.changed() => break,
-                };
-                let now = fingerprint(&gw2.config.policies_dir, &watched(&gw2));
-                if forced || now != last {
-                    reload(&gw2, &h2, if forced { "sighup" } else { "change" }).await;
-                    // What the new set reads may differ from what the old one did.
-                    last = fingerprint(&gw2.config.policies_dir, &watched(&gw2));
-                }
-            }
-        }));
-    }
-    {
-        // Pending approvals past their TTL become expired, with an audit entry.
-        let gw2 = gw.clone();
-        let mut rx2 = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(15)) => gw2.approvals.expire_due(&gw2.audit).await,
-                    _ = rx2.changed() => break,
-                }
-            }
-        }));
-    }
-    if let Some(db) = gw.fleet_db.clone() {
-        // The fleet: held requests wake on decisions made on other gateways (a NOTIFY, else
-        // the next poll within 250 ms), and readiness follows the database even while no
-        // request comes.
-        let decided = Arc::new(tokio::sync::Notify::new());
-        let (db2, d2) = (db.clone(), decided.clone());
-        let listener = tokio::spawn(async move {
-            db2.listen(state::postgres::APPROVALS_CHANNEL, move |_| d2.notify_one()).await;
-        });
-        let gw2 = gw.clone();
-        let mut rx2 = rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut n = 0u32;
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(250)) => {
-                        n = n.wrapping_add(1);
-                        if n.is_multiple_of(4) {
-                            let _ = db.ping().await;
-                        }
-                    }
-                    _ = decided.notified() => {}
-                    _ = rx2.changed() => break,
-                }
-                gw2.approvals.poll_fleet().await;
-            }
-            listener.abort();
-        }));
+    };
+    let gw = Arc::new(App::new(parts));
+    let health = admin_state(&gw);
+    let (shutdown, rx) = watch::channel(false);
+    let (proxy_addr, admin_addr, transparent_addr) =
+        (listeners.proxy_addr, listeners.admin_addr, listeners.transparent_addr);
+    let mut tasks = listeners.serve(&gw, &health, &rx);
+    tasks.push(tokio::spawn(sweep_loop(gw.clone(), rx.clone())));
+    tasks.push(tokio::spawn(refusal_summary_loop(gw.clone(), rx.clone())));
+    tasks.push(tokio::spawn(reload_loop(gw.clone(), health.clone(), rx.clone())));
+    tasks.push(tokio::spawn(approval_expiry_loop(gw.clone(), rx.clone())));
+    if let Some(db) = gw.fleet_db().cloned() {
+        tasks.push(tokio::spawn(fleet_loop(gw.clone(), db, rx.clone())));
     }
     tracing::info!(proxy = %proxy_addr, admin = %admin_addr, "uapk-gateway serving");
     Ok(Running {
@@ -576,10 +328,315 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
         admin_addr,
         gateway: gw,
         admin: health,
-        shutdown: tx,
+        shutdown,
         tasks,
         audit: Some(audit_log),
     })
+}
+
+/// The bound listeners. They are bound first: a port already in use is reported before anything
+/// is created on disk (a development key or CA generated for a gateway that then cannot start).
+/// Until the gateway serves, connections wait in the listen backlog.
+struct Listeners {
+    proxy: TcpListener,
+    admin: TcpListener,
+    transparent: Option<TcpListener>,
+    /// ip6tables REDIRECT sends IPv6 connections to `[::1]:P`: the IPv4 wildcard or loopback
+    /// transparent listener gets its IPv6 twin on the same port.
+    transparent_v6: Option<TcpListener>,
+    proxy_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    transparent_addr: Option<SocketAddr>,
+}
+
+impl Listeners {
+    async fn bind(cfg: &GatewayConfig) -> Result<Listeners> {
+        let proxy = TcpListener::bind(cfg.proxy_listener)
+            .await
+            .with_context(|| format!("binding listeners.proxy {}", cfg.proxy_listener))?;
+        let admin = TcpListener::bind(cfg.admin_listener)
+            .await
+            .with_context(|| format!("binding listeners.admin {}", cfg.admin_listener))?;
+        let transparent = match cfg.transparent_listener {
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding listeners.transparent {a}"))?),
+            None => None,
+        };
+        let transparent_addr = transparent.as_ref().and_then(|l| l.local_addr().ok());
+        let transparent_v6 = match transparent_addr.and_then(ipv6_twin) {
+            Some(a) => match bind_ipv6_only(a) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    // Without IPv6 here (disabled, or absent from the kernel) a redirected IPv6
+                    // connection has nowhere to go and is refused: nothing leaves undecided.
+                    tracing::warn!(addr = %a, error = %e, "transparent listener: no IPv6 socket; IPv6 connections are refused");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Listeners {
+            proxy_addr: proxy.local_addr()?,
+            admin_addr: admin.local_addr()?,
+            proxy,
+            admin,
+            transparent,
+            transparent_v6,
+            transparent_addr,
+        })
+    }
+
+    /// The gateway's own addresses: never an upstream (the SSRF guard refuses them).
+    fn own(&self) -> Vec<SocketAddr> {
+        let v6 = self.transparent_v6.as_ref().and_then(|l| l.local_addr().ok());
+        [Some(self.proxy_addr), Some(self.admin_addr), self.transparent_addr, v6].into_iter().flatten().collect()
+    }
+
+    /// Serves every listener until `shutdown`: one accept loop each.
+    fn serve(
+        self,
+        gw: &Arc<App>,
+        health: &Arc<AdminState>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let cfg = gw.config();
+        // One cap for every agent-facing connection (proxy and transparent listeners, tunnels and
+        // upgrades included); the admin listener has its own.
+        let open_files = open_files_limit();
+        let max_connections =
+            effective_max_connections(cfg.limits.max_connections, cfg.admin_max_connections, open_files);
+        if max_connections < cfg.limits.max_connections {
+            tracing::warn!(
+                configured = cfg.limits.max_connections,
+                applied = max_connections,
+                open_files = open_files.unwrap_or_default(),
+                "limits.max_connections lowered to what the open-file limit can hold next to admin.max_connections; raise `ulimit -n` to serve more"
+            );
+        }
+        let agent_slots = conn::Slots::new(max_connections);
+        let own = self.own();
+        let mut tasks = Vec::new();
+        let gw2 = gw.clone();
+        let svc = move |req| {
+            let gw = gw2.clone();
+            let arrival = proxy::Arrival::on_proxy_listener(&req);
+            async move { Ok::<_, Infallible>(proxy::handle(gw, req, arrival).await) }
+        };
+        tasks.push(tokio::spawn(serve(
+            self.proxy,
+            server_builder(cfg),
+            svc,
+            agent_slots.clone(),
+            "limits.max_connections",
+            conn::ConnTimeouts::from_limits(&cfg.limits),
+            shutdown.clone(),
+        )));
+        let (gw2, h2) = (gw.clone(), health.clone());
+        let svc = move |req| {
+            let (gw, h) = (gw2.clone(), h2.clone());
+            async move { Ok::<_, Infallible>(admin::handle(gw, h, req).await) }
+        };
+        tasks.push(tokio::spawn(serve(
+            self.admin,
+            server_builder(cfg),
+            svc,
+            conn::Slots::new(cfg.admin_max_connections),
+            "admin.max_connections",
+            conn::ConnTimeouts::from_limits(&cfg.limits),
+            shutdown.clone(),
+        )));
+        for listener in self.transparent.into_iter().chain(self.transparent_v6) {
+            tasks.push(tokio::spawn(serve_transparent(
+                listener,
+                gw.clone(),
+                own.clone(),
+                agent_slots.clone(),
+                shutdown.clone(),
+            )));
+        }
+        tasks
+    }
+}
+
+/// Creates `data_dir` 0700 (an existing directory keeps its mode: it may be a mounted volume).
+fn create_data_dir(cfg: &GatewayConfig) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))
+}
+
+/// Loads the manifests. A broken manifest must not stop the valid ones: its agent is refused
+/// `manifest_invalid` (SPEC §17).
+fn load_policies(cfg: &GatewayConfig) -> Result<config::PolicySet> {
+    let set = config::load_policies_lenient(&cfg.policies_dir, Strictness::Run)
+        .map_err(|e| anyhow!("invalid policies:\n{e}"))?;
+    for w in &set.warnings {
+        tracing::warn!("{w}");
+    }
+    report_invalid(&set);
+    Ok(set)
+}
+
+fn audit_config(cfg: &GatewayConfig) -> AuditConfig {
+    AuditConfig {
+        path: cfg.audit.path.clone(),
+        origin: cfg.audit.origin.clone(),
+        durability: match cfg.audit.durability {
+            AuditDurability::Sync => audit::Durability::Sync,
+            AuditDurability::Async => audit::Durability::Async,
+        },
+        sign_each_entry: cfg.audit.sign_each_entry,
+        queue_capacity: cfg.audit.queue_capacity,
+        key_name: key_name(cfg),
+    }
+}
+
+/// Records the start: a `startup` entry (with the budget actions replayed from the log) and the
+/// `config` entry of the policies loaded.
+async fn record_start(opened: &state::Opened, set: &config::PolicySet) -> Result<()> {
+    let handle = opened.log.handle();
+    let mut startup = Map::new();
+    startup.insert("kind".into(), json!("startup"));
+    startup.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+    startup.insert("tree_size".into(), json!(handle.tree_size().to_string()));
+    if let Some(counted) = opened.replayed {
+        startup.insert("budget_actions_replayed".into(), json!(counted.to_string()));
+    }
+    handle.append(startup).await.map_err(|e| anyhow!("writing the startup entry: {e}"))?;
+    handle.append(config_entry(set, "load")).await.map_err(|e| anyhow!("writing the config entry: {e}"))?;
+    Ok(())
+}
+
+/// The upstream client and its SSRF guard, which refuses the gateway's own listeners.
+fn upstream_client(cfg: &GatewayConfig, listeners: &Listeners) -> Result<(upstream::UpstreamClient, Vetter)> {
+    let roots = upstream::root_store(&cfg.tls.extra_upstream_roots).map_err(|e| anyhow!(e))?;
+    let tls = upstream::tls_config(roots).map_err(|e| anyhow!("{e}"))?;
+    let vetter = Vetter::new(cfg.allow_private_destinations.clone());
+    let client = upstream::build_client(vetter.clone(), tls, cfg.limits.upstream_connect_timeout);
+    for a in listeners.own() {
+        vetter.add_own_listener(a);
+    }
+    Ok((client, vetter))
+}
+
+/// Request spans (`telemetry.otlp`), or only the callers' trace ids when off.
+fn telemetry(cfg: &GatewayConfig, metrics: &crate::metrics::Metrics) -> Result<crate::telemetry::Telemetry> {
+    let Some(otlp) = &cfg.otlp else { return Ok(crate::telemetry::Telemetry::off()) };
+    let t = crate::telemetry::Telemetry::start(otlp, &cfg.tls.extra_upstream_roots, metrics.spans.clone())
+        .map_err(|e| anyhow!(e))?;
+    tracing::info!(endpoint = %otlp.endpoint, protocol = ?otlp.protocol, "exporting request spans (telemetry.otlp)");
+    Ok(t)
+}
+
+/// Rate limits in this process, or in Redis (`rate_limits.backend`).
+async fn rate_limiters(cfg: &GatewayConfig, metrics: &crate::metrics::Metrics) -> Result<RateLimiters> {
+    Ok(match &cfg.rate_limits {
+        config::RateLimitBackend::Local => RateLimiters::new(),
+        config::RateLimitBackend::Redis(r) => RateLimiters::redis(
+            crate::limits::rate_redis::RedisLimiters::start(r, metrics.state.clone()).await.map_err(|e| anyhow!(e))?,
+        ),
+    })
+}
+
+/// The admin listener's own state, ready: listeners bound, policy and keys loaded, the log
+/// re-verified against its checkpoint when it was opened. Ready before the first connection is
+/// served (connections may already be waiting in the listeners' backlog).
+fn admin_state(gw: &App) -> Arc<AdminState> {
+    let health = Arc::new(AdminState::default());
+    *health.key_id.lock().unwrap_or_else(|e| e.into_inner()) = Some(hex::encode(gw.key_id()));
+    *health.verified.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+        crate::clock::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+        gw.audit().tree_size(),
+    ));
+    health.ready.store(true, Ordering::SeqCst);
+    health
+}
+
+/// Every minute: keeps rate-limiter memory bounded, gives back reservations never forwarded,
+/// forgets idle refusal budgets.
+async fn sweep_loop(gw: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(60)) => {
+                gw.rate_limits().sweep();
+                // Nothing between reserve and forward waits this long (an escalation gives its
+                // reservation back before it waits).
+                let stale = gw.config().limits.body_read_timeout + Duration::from_secs(120);
+                gw.budgets().expire_unforwarded(stale).await;
+                gw.refusals().sweep(crate::clock::instant());
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Refusals beyond an agent's refusal budget: one summary entry per agent, at most once a second
+/// (the last ones are written at shutdown).
+async fn refusal_summary_loop(gw: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => flush_refusals(&gw).await,
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// Hot reload: polls the policies directory (a ConfigMap update is a `..data` symlink swap, which
+/// no write event reports reliably) and reloads on SIGHUP.
+async fn reload_loop(gw: Arc<App>, health: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let watched = |gw: &App| gw.policies().load().set.watched_files();
+    let mut last = fingerprint(&gw.config().policies_dir, &watched(&gw));
+    loop {
+        let forced = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+            Some(_) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = shutdown.changed() => break,
+        };
+        let now = fingerprint(&gw.config().policies_dir, &watched(&gw));
+        if forced || now != last {
+            reload(&gw, &health, if forced { "sighup" } else { "change" }).await;
+            // What the new set reads may differ from what the old one did.
+            last = fingerprint(&gw.config().policies_dir, &watched(&gw));
+        }
+    }
+}
+
+/// Pending approvals past their TTL become expired, with an audit entry.
+async fn approval_expiry_loop(gw: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(15)) => gw.approvals().expire_due(gw.audit()).await,
+            _ = shutdown.changed() => break,
+        }
+    }
+}
+
+/// The fleet: held requests wake on decisions made on other gateways (a NOTIFY, else the next
+/// poll within 250 ms), and readiness follows the database even while no request comes.
+async fn fleet_loop(gw: Arc<App>, db: state::postgres::Db, mut shutdown: watch::Receiver<bool>) {
+    let decided = Arc::new(tokio::sync::Notify::new());
+    let (db2, d2) = (db.clone(), decided.clone());
+    let listener = tokio::spawn(async move {
+        db2.listen(state::postgres::APPROVALS_CHANNEL, move |_| d2.notify_one()).await;
+    });
+    let mut n = 0u32;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {
+                n = n.wrapping_add(1);
+                if n.is_multiple_of(4) {
+                    let _ = db.ping().await;
+                }
+            }
+            _ = decided.notified() => {}
+            _ = shutdown.changed() => break,
+        }
+        gw.approvals().poll_fleet().await;
+    }
+    listener.abort();
 }
 
 /// Loads the interception CA, generating a development CA in `data_dir` when none exists and
@@ -626,10 +683,10 @@ fn bind_ipv6_only(a: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Writes the pending refusal summaries (`limits::refusals`), one `decision` entry each.
-async fn flush_refusals(gw: &Gateway) {
-    for summary in gw.refusals.drain() {
+async fn flush_refusals(gw: &App) {
+    for summary in gw.refusals().drain() {
         let appended = match summary.entry() {
-            Ok(fields) => gw.audit.append_fields(fields).await,
+            Ok(fields) => gw.audit().append_fields(fields).await,
             Err(e) => Err(e),
         };
         if let Err(e) = appended {
@@ -642,7 +699,7 @@ async fn flush_refusals(gw: &Gateway) {
 /// connection is closed: it may be TLS, so no HTTP answer fits.
 async fn serve_transparent(
     listener: TcpListener,
-    gw: Arc<Gateway>,
+    gw: Arc<App>,
     own: Vec<SocketAddr>,
     slots: conn::Slots,
     mut shutdown: watch::Receiver<bool>,
@@ -737,20 +794,20 @@ fn fingerprint(dir: &std::path::Path, watched: &[std::path::PathBuf]) -> String 
 /// Reloads the policies: validate fully, record, swap atomically. A manifest that fails keeps
 /// its agent's last good version (or, without one, refuses it `manifest_invalid`); the error is
 /// counted and shown on `/readyz` until a reload without one.
-pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
-    let dir = gw.config.policies_dir.clone();
+pub async fn reload(gw: &App, health: &AdminState, trigger: &str) {
+    let dir = gw.config().policies_dir.clone();
     let loaded = tokio::task::spawn_blocking(move || config::load_policies_lenient(&dir, Strictness::Run)).await;
     let mut set = match loaded {
         Ok(Ok(set)) => set,
         Ok(Err(e)) => {
             tracing::error!(trigger, "policy reload rejected; keeping the last good policy:\n{e}");
-            gw.metrics.reload("error");
+            gw.metrics().reload("error");
             *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
             return;
         }
         Err(_) => return,
     };
-    let old = gw.policies.load_full();
+    let old = gw.policies().load_full();
     // A bad file never replaces a good policy: the agent it names keeps its last good manifest.
     for i in &set.invalid {
         if let Some(agent) = &i.agent
@@ -773,9 +830,9 @@ pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
     if unchanged && error.is_some() {
         // The invalid list itself is served (`manifest_invalid`, `/readyz`).
         if !set.invalid.iter().map(|i| &i.file).eq(old.set.invalid.iter().map(|i| &i.file)) {
-            gw.policies.store(Arc::new(Policies::new(set)));
+            gw.policies().store(Arc::new(Policies::new(set)));
         }
-        gw.metrics.reload("error");
+        gw.metrics().reload("error");
         *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
         return;
     }
@@ -791,17 +848,17 @@ pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
         .collect();
     entry.insert("mode_changes".into(), Value::Array(changes));
     entry.insert("trigger".into(), json!(trigger));
-    if let Err(e) = gw.audit.append(entry).await {
+    if let Err(e) = gw.audit().append(entry).await {
         tracing::error!(error = %e, "policy reload not applied: the config entry could not be recorded");
-        gw.metrics.reload("error");
+        gw.metrics().reload("error");
         return;
     }
     for w in &set.warnings {
         tracing::warn!("{w}");
     }
     let n = set.manifests.len();
-    gw.policies.store(Arc::new(Policies::new(set)));
-    gw.metrics.reload(if error.is_some() { "error" } else { "success" });
+    gw.policies().store(Arc::new(Policies::new(set)));
+    gw.metrics().reload(if error.is_some() { "error" } else { "success" });
     *health.last_reload_error.lock().unwrap_or_else(|p| p.into_inner()) = error;
     tracing::info!(trigger, manifests = n, "policies reloaded");
 }
@@ -809,8 +866,7 @@ pub async fn reload(gw: &Gateway, health: &AdminState, trigger: &str) {
 impl Running {
     /// Stops accepting, drains in-flight requests (bounded), flushes the audit log.
     pub async fn shutdown(mut self) {
-        self.gateway.draining.store(true, Ordering::SeqCst);
-        self.gateway.stopping.send_replace(true);
+        self.gateway.stop();
         let _ = self.shutdown.send(true);
         for t in self.tasks.drain(..) {
             let _ = t.await;
@@ -825,7 +881,7 @@ impl Running {
 #[cfg(test)]
 mod tests {
     use super::{Backoff, Repeated, effective_max_connections};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     #[test]
     fn accept_errors_back_off_from_10_ms_doubling_to_1_s() {
@@ -839,7 +895,7 @@ mod tests {
     #[test]
     fn a_repeated_error_is_logged_once_then_summarised_every_ten_seconds() {
         let mut r = Repeated::new("accept failed");
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         assert_eq!(r.tally(t0), Some(0), "the first occurrence is logged");
         // 364 more within 10 s: no line.
         for i in 1..=364u64 {

@@ -945,8 +945,7 @@ async fn distinct_refusals_beyond_the_entry_bound_are_counted_as_dropped_tuples(
     assert_eq!(limited.len(), 120);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let db = gw.gateway().db.get().unwrap();
-    let raw = uapk_gateway::audit::read_entries(&db, 0, 100_000).unwrap();
+    let raw = gw.gateway().log().entries(0, 100_000).unwrap();
     let mut dropped_total = 0;
     let mut listed_total = 0;
     for (_, bytes) in &raw {
@@ -1013,7 +1012,7 @@ async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
         "limits:\n  max_connections: 100\n  body_read_timeout: 5s\n  header_read_timeout: 5s\n",
     )
     .await;
-    assert_eq!(gw.gateway().in_flight.max(), 50, "the default is half of max_connections");
+    assert_eq!(gw.gateway().in_flight().max(), 50, "the default is half of max_connections");
     let (flood_tok, calm_tok) = (token("flood-agent"), token("calm-agent"));
 
     // 100 uploads that announce 1 MB and send a byte at a time.
@@ -1101,15 +1100,15 @@ async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(served >= 3, "{served}");
-    assert_eq!(gw.gateway().in_flight.in_flight("flood-agent"), 50);
+    assert_eq!(gw.gateway().in_flight().in_flight("flood-agent"), 50);
     // The agent goes away: its slots come back.
     drop(trickle.await.unwrap());
     let t = Instant::now();
-    while gw.gateway().in_flight.in_flight("flood-agent") > 0 {
+    while gw.gateway().in_flight().in_flight("flood-agent") > 0 {
         assert!(
             t.elapsed() < Duration::from_secs(5),
             "{} slots still held",
-            gw.gateway().in_flight.in_flight("flood-agent")
+            gw.gateway().in_flight().in_flight("flood-agent")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -167,7 +167,7 @@ async fn bodies_none_records_no_body_hash_anywhere() {
         .unwrap();
     assert_eq!(r.status(), 403);
     let id = r.headers()["x-uapk-approval"].to_str().unwrap().to_string();
-    let approval = gw.gateway().approvals.fetch(&id).await.unwrap().unwrap();
+    let approval = gw.gateway().approvals().fetch(&id).await.unwrap().unwrap();
     assert!(approval.body_sha256.is_none() && approval.body_len.is_none(), "{approval:?}");
     outcome_of(&gw, streamed).await;
     outcome_of(&gw, buffered).await;

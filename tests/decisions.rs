@@ -302,7 +302,7 @@ async fn every_reason_code_has_its_status_body_and_record() {
     let escalated = decisions(&gw.entries()).into_iter().find(|e| e["decision"] == "escalate").unwrap();
     let id = escalated["approval_id"].as_str().unwrap();
     assert!(id.starts_with("appr-") && id.len() == 29, "{id}");
-    let stored = gw.gateway().approvals.fetch(id).await.unwrap().unwrap();
+    let stored = gw.gateway().approvals().fetch(id).await.unwrap().unwrap();
     assert_eq!(stored.status, uapk_gateway::approvals::Status::Pending);
     assert_eq!(stored.params["amount"], "60");
 }
@@ -368,7 +368,7 @@ async fn amounts_never_slip_through() {
 /// The used count of an agent-scoped daily budget, as the running gateway holds it.
 fn used_today(gw: &TestGateway, agent: &str) -> u64 {
     use uapk_gateway::config::{Scope, Window};
-    gw.gateway().budgets.memory().unwrap().used(agent, Window::Day, Scope::Agent, agent, now())
+    gw.gateway().budgets().memory().unwrap().used(agent, Window::Day, Scope::Agent, agent, now())
 }
 
 fn budget_replayed(gw: &TestGateway) -> Value {

@@ -62,10 +62,10 @@ async fn the_upstream_never_sees_a_request_whose_decision_is_not_durable() {
     let up = Upstream::start().await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], "").await;
     // The upstream looks the request up in the committed log before it answers.
-    let db = gw.gateway().db.get().unwrap();
+    let log = gw.gateway().log().clone();
     up.set_hook(move |seen| {
         let marker = seen.headers.get("x-test-marker").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let found = read_all(&db).iter().any(|e| {
+        let found = read_log(&log).iter().any(|e| {
             e["kind"] == "decision" && e["decision"] == "allow" && e["headers"]["x-test-marker"] == json!(marker)
         });
         if found { (200, "{\"logged\":true}".into()) } else { (599, "{\"logged\":false}".into()) }

@@ -172,7 +172,7 @@ async fn http2_inside_a_tunnel_and_421_for_another_authority() {
 async fn connect_refusals_happen_before_any_dns_lookup() {
     let up = TlsUpstream::start().await;
     let gw = start(&up).await;
-    let lookups = || gw.gateway().vetter.lookups.load(Ordering::SeqCst);
+    let lookups = || gw.gateway().vetter().lookups.load(Ordering::SeqCst);
     let before = lookups();
     let tok = token("tls-agent");
     let (_, head) = connect(&gw, "unknown-host.example:443", &tok).await;
@@ -210,7 +210,7 @@ async fn leaves_are_minted_once_per_host_and_pinned_clients_fail_closed() {
         assert_eq!(c.get(format!("https://localhost:{port}/v1/items/1")).send().await.unwrap().status(), 200);
     }
     let _ = trusting;
-    let leaves = gw.gateway().leaves.as_ref().unwrap();
+    let leaves = gw.gateway().leaves().unwrap();
     assert_eq!(leaves.misses.load(Ordering::SeqCst), 1, "one leaf minted for localhost");
     assert_eq!(leaves.hits.load(Ordering::SeqCst), 2);
     let metrics = client().get(format!("http://{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap();

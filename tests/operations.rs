@@ -644,7 +644,7 @@ async fn an_agent_fetches_its_own_approval_and_override_on_the_proxy_listener() 
 
 /// The override's approval, as stored.
 async fn approval_status(gw: &TestGateway, id: &str) -> String {
-    gw.gateway().approvals.fetch(id).await.unwrap().unwrap().status.as_str().to_string()
+    gw.gateway().approvals().fetch(id).await.unwrap().unwrap().status.as_str().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,8 +29,7 @@ fn url(gw: &TestGateway, path: &str) -> String {
 
 /// Every stored entry, as stored (the canonical bytes).
 fn stored(gw: &TestGateway) -> Vec<(u64, Vec<u8>)> {
-    let db = gw.gateway().db.get().unwrap();
-    uapk_gateway::audit::read_entries(&db, 0, 1_000_000).unwrap()
+    gw.gateway().log().entries(0, 1_000_000).unwrap()
 }
 
 /// `n` allowed requests, and their `outcome` entries committed (they follow the response).

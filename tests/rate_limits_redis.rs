@@ -290,7 +290,7 @@ async fn the_password_never_reaches_records_metrics_or_readyz() {
     for e in gw.entries() {
         assert!(!e.to_string().contains("s3cret"), "{e}");
     }
-    assert!(!format!("{:?}", gw.gateway().config).contains("s3cret"));
+    assert!(!format!("{:?}", gw.gateway().config()).contains("s3cret"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

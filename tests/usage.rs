@@ -92,7 +92,7 @@ fn estimate(r: &SeenReq) -> u64 {
 /// Tokens the gateway has counted for `agent` today.
 fn tokens_counted(gw: &TestGateway, agent: &str) -> u64 {
     use uapk_gateway::config::{Scope, Window};
-    gw.gateway().budgets.memory().unwrap().used_tokens(agent, Window::Day, Scope::Agent, agent, now())
+    gw.gateway().budgets().memory().unwrap().used_tokens(agent, Window::Day, Scope::Agent, agent, now())
 }
 
 fn usage(i: u64, o: u64, t: u64) -> Value {
@@ -428,7 +428,7 @@ async fn streams_without_usage_are_charged_their_estimate_and_the_budget_holds()
     assert_eq!(up.count() - before, passed);
     assert_eq!(tokens_counted(&gw2, "llm-agent-b"), passed as u64 * e);
     assert_eq!(
-        gw.gateway().budgets.memory().unwrap().held() + gw2.gateway().budgets.memory().unwrap().held(),
+        gw.gateway().budgets().memory().unwrap().held() + gw2.gateway().budgets().memory().unwrap().held(),
         0,
         "every reservation settled"
     );
@@ -479,7 +479,7 @@ async fn an_agent_that_hangs_up_after_the_finish_reason_still_has_its_usage_coun
     assert_eq!(o["usage"], usage(30, 12, 42), "read on after the agent left: {o}");
     assert_eq!(o["usage_charged"], "42");
     assert_eq!(tokens_counted(&gw, "llm-agent"), 42);
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
+    assert_eq!(gw.gateway().budgets().memory().unwrap().held(), 0);
 }
 
 #[tokio::test]
@@ -504,7 +504,7 @@ async fn an_agent_that_hangs_up_on_a_stream_that_never_reports_usage_is_charged_
     let e = estimate(&up.last());
     assert_eq!(o["usage_charged"], e.to_string().as_str());
     assert_eq!(tokens_counted(&gw, "llm-agent"), e);
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
+    assert_eq!(gw.gateway().budgets().memory().unwrap().held(), 0);
 }
 
 #[tokio::test]
@@ -575,7 +575,7 @@ async fn concurrent_calls_overshoot_the_budget_by_at_most_one_estimate() {
     assert_eq!(up.count(), allowed, "admitted while counted + reserved < 2000, each reserving {e}");
     let reserved = {
         use uapk_gateway::config::{Scope, Window};
-        gw.gateway().budgets.memory().unwrap().reserved_tokens(
+        gw.gateway().budgets().memory().unwrap().reserved_tokens(
             "llm-agent",
             Window::Day,
             Scope::Agent,
@@ -596,12 +596,12 @@ async fn concurrent_calls_overshoot_the_budget_by_at_most_one_estimate() {
     assert_eq!(ok, allowed);
     assert_eq!(up.count(), allowed, "the upstream received at most what the rule allows");
     for _ in 0..250 {
-        if gw.gateway().budgets.memory().unwrap().held() == 0 {
+        if gw.gateway().budgets().memory().unwrap().held() == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
+    assert_eq!(gw.gateway().budgets().memory().unwrap().held(), 0);
     // Each settled to the usage its response reported (40 + 20).
     assert_eq!(tokens_counted(&gw, "llm-agent"), allowed as u64 * 60);
     assert_eq!(up.billed(), allowed as u64 * 60);
@@ -638,7 +638,7 @@ async fn rebuilt_token_counters_equal_the_runtime_ones() {
     assert_eq!(charged[3], 46);
     assert!(charged[1] > 4096 && charged[4] > 64, "{charged:?}");
     let counters = |gw: &TestGateway| {
-        let b = gw.gateway().budgets.memory().unwrap();
+        let b = gw.gateway().budgets().memory().unwrap();
         let t = now();
         (
             b.used_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", t),
@@ -702,7 +702,7 @@ async fn an_upstream_error_after_the_request_was_sent_is_charged_the_estimate() 
         (Some("0"), Some("the request did not reach the upstream"))
     );
     assert_eq!(tokens_counted(&gw2, "llm-agent"), 0);
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held() + gw2.gateway().budgets.memory().unwrap().held(), 0);
+    assert_eq!(gw.gateway().budgets().memory().unwrap().held() + gw2.gateway().budgets().memory().unwrap().held(), 0);
 }
 
 #[tokio::test]
@@ -720,7 +720,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
         let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
         assert_eq!((status, code(&body).as_str()), (429, "rate_limited"), "{body}");
     }
-    let b = gw.gateway().budgets.memory().unwrap();
+    let b = gw.gateway().budgets().memory().unwrap();
     assert_eq!(b.held(), 0);
     assert_eq!(b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 1, "one action forwarded");
@@ -733,7 +733,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     let gw = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", up.addr, policy))], "").await;
     let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!((status, code(&body).as_str()), (403, "requires_human_approval"), "{body}");
-    let b = gw.gateway().budgets.memory().unwrap();
+    let b = gw.gateway().budgets().memory().unwrap();
     assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
 
@@ -743,7 +743,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     let gw = TestGateway::start(&[("c.yaml", llm_manifest("llm-agent", private, policy))], "").await;
     let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!((status, code(&body).as_str()), (403, "ssrf_blocked"), "{body}");
-    let b = gw.gateway().budgets.memory().unwrap();
+    let b = gw.gateway().budgets().memory().unwrap();
     assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
     assert_eq!(up.count(), 1);

@@ -6,10 +6,11 @@
 mod page;
 mod stream;
 
+use crate::app::App;
 use crate::approvals::{Approval, ApprovalError, Cursor, Status};
+use crate::clock::now_unix;
 use crate::config::AdminRole;
 use crate::metrics::Gauges;
-use crate::proxy::{Gateway, now_unix};
 use crate::response::{ProxyBody, full_body, json_response};
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -128,7 +129,7 @@ const APPROVALS_UNAVAILABLE: &str = "the approval store is unavailable";
 
 /// The caller's key id and role (bearer key, or an operator-page session), or the refusal.
 fn authorize(
-    gw: &Gateway,
+    gw: &App,
     st: &AdminState,
     req: &Request<Incoming>,
     need: AdminRole,
@@ -159,7 +160,7 @@ fn authorize(
 }
 
 /// Looks an admin key up by its SHA-256.
-fn check_key(gw: &Gateway, presented: Option<&str>, need: AdminRole) -> Result<(String, AdminRole), AdminError> {
+fn check_key(gw: &App, presented: Option<&str>, need: AdminRole) -> Result<(String, AdminRole), AdminError> {
     let Some(key) = presented else {
         return Err(AdminError::Unauthorized {
             message: "an admin key is required (Authorization: Bearer <key>)",
@@ -169,7 +170,7 @@ fn check_key(gw: &Gateway, presented: Option<&str>, need: AdminRole) -> Result<(
     let hash: [u8; 32] = Sha256::digest(key.as_bytes()).into();
     // Compare every configured hash without an early exit.
     let mut found = None;
-    for k in &gw.config.admin_keys {
+    for k in &gw.config().admin_keys {
         let diff = k.sha256.iter().zip(hash.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
         if diff == 0 {
             found = Some((k.id.clone(), k.role));
@@ -200,7 +201,7 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming
     serde_json::from_slice(&body).map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-pub async fn handle(gw: Arc<Gateway>, st: Arc<AdminState>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(gw: Arc<App>, st: Arc<AdminState>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
@@ -211,7 +212,7 @@ pub async fn handle(gw: Arc<Gateway>, st: Arc<AdminState>, req: Request<Incoming
         (&Method::GET, ["ui", name]) => Ok(page::asset(name)),
         (&Method::GET, ["metrics"]) => {
             let g = gauges(&gw).await;
-            let mut r = text(StatusCode::OK, gw.metrics.render(&g));
+            let mut r = text(StatusCode::OK, gw.metrics().render(&g));
             r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             Ok(r)
         }
@@ -222,7 +223,7 @@ pub async fn handle(gw: Arc<Gateway>, st: Arc<AdminState>, req: Request<Incoming
 }
 
 async fn api(
-    gw: &Arc<Gateway>,
+    gw: &Arc<App>,
     st: &AdminState,
     req: Request<Incoming>,
     rest: &[&str],
@@ -256,8 +257,8 @@ async fn api(
             Ok(json_response(
                 StatusCode::OK,
                 &json!({
-                    "tree_size": gw.audit.tree_size(),
-                    "checkpoint": gw.audit.latest_checkpoint(),
+                    "tree_size": gw.audit().tree_size(),
+                    "checkpoint": gw.audit().latest_checkpoint(),
                     "verified_at": verified.as_ref().map(|v| v.0.clone()),
                     "verified_entries": verified.map(|v| v.1),
                     "key_id": *st.key_id.lock().unwrap_or_else(|e| e.into_inner()),
@@ -282,7 +283,7 @@ async fn api(
                 None | Some("") => None,
                 Some(c) => Some(Cursor::parse(c).ok_or_else(|| AdminError::bad_request("invalid cursor"))?),
             };
-            let (list, next) = gw.approvals.page(status, limit, cursor).await.map_err(|e| {
+            let (list, next) = gw.approvals().page(status, limit, cursor).await.map_err(|e| {
                 tracing::error!(error = %e, "listing approvals");
                 AdminError::Unavailable(APPROVALS_UNAVAILABLE)
             })?;
@@ -291,7 +292,7 @@ async fn api(
         }
         (&Method::GET, ["approvals", id]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
-            let found = gw.approvals.fetch(id).await.map_err(|e| {
+            let found = gw.approvals().fetch(id).await.map_err(|e| {
                 tracing::error!(error = %e, "reading an approval");
                 AdminError::Unavailable(APPROVALS_UNAVAILABLE)
             })?;
@@ -317,15 +318,12 @@ async fn api(
             let override_ttl = match ttl {
                 Some(t) => t,
                 None => {
-                    let agent = gw.approvals.fetch(&id).await.ok().flatten().map(|a| a.agent).unwrap_or_default();
-                    gw.policies.load().set.get(&agent).map_or(Duration::from_secs(300), |m| m.escalation.override_ttl)
+                    let agent = gw.approvals().fetch(&id).await.ok().flatten().map(|a| a.agent).unwrap_or_default();
+                    gw.policies().load().set.get(&agent).map_or(Duration::from_secs(300), |m| m.escalation.override_ttl)
                 }
             };
-            let out = gw
-                .approvals
-                .decide(&gw.audit, &gw.gateway_key, &id, approve, &key_id, body.note, override_ttl)
-                .await
-                .map_err(AdminError::from)?;
+            let out =
+                gw.decide_approval(&id, approve, &key_id, body.note, override_ttl).await.map_err(AdminError::from)?;
             let mut v = approval_view(out.approval);
             if let Some(t) = out.override_token {
                 v["override_token"] = json!(t);
@@ -341,11 +339,11 @@ async fn api(
                 decision: query_param(&req, "decision").filter(|v| !v.is_empty()),
                 connector: query_param(&req, "connector").filter(|v| !v.is_empty()),
             };
-            let size = gw.audit.tree_size();
+            let size = gw.audit().tree_size();
             // `from` pages forward (oldest first); otherwise newest first, below `before`.
             let (from, before) = (num("from"), num("before").unwrap_or(size).min(size));
-            let db = audit_db(gw)?;
-            let records = blocking(move || filter.scan(&db, from, before, limit)).await?;
+            let log = gw.log().clone();
+            let records = blocking(move || filter.scan(&log, from, before, limit)).await?;
             Ok(json_response(StatusCode::OK, &json!({"records": records, "tree_size": size})))
         }
         (&Method::GET, ["records", "stream"]) => {
@@ -367,8 +365,8 @@ async fn api(
         (&Method::GET, ["records", idx]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
             let idx: u64 = idx.parse().map_err(|_| AdminError::bad_request("index must be a number"))?;
-            let db = audit_db(gw)?;
-            let rows = blocking(move || crate::audit::read_entries(&db, idx, 1)).await?;
+            let log = gw.log().clone();
+            let rows = blocking(move || log.entries(idx, 1)).await?;
             match rows.into_iter().find(|(i, _)| *i == idx) {
                 Some((_, bytes)) => {
                     let mut r = Response::new(full_body(Bytes::from(bytes)));
@@ -381,32 +379,18 @@ async fn api(
         (&Method::GET, ["proof", kind @ ("inclusion" | "consistency")]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
             let num = |k: &str| query_param(&req, k).and_then(|v| v.parse::<u64>().ok());
-            let db = audit_db(gw)?;
+            let tx = snapshot(gw)?;
             let proof = match *kind {
                 "inclusion" => {
                     let index = num("index").ok_or_else(|| AdminError::bad_request("index is required"))?;
                     let size = num("size");
-                    blocking(move || {
-                        crate::audit::proof::inclusion(
-                            &redb::ReadableDatabase::begin_read(&*db).map_err(crate::audit::storage)?,
-                            index,
-                            size,
-                        )
-                    })
-                    .await
+                    blocking(move || crate::audit::proof::inclusion(&tx, index, size)).await
                 }
                 _ => {
                     let (Some(old), Some(new)) = (num("old"), num("new")) else {
                         return Err(AdminError::bad_request("old and new are required"));
                     };
-                    blocking(move || {
-                        crate::audit::proof::consistency(
-                            &redb::ReadableDatabase::begin_read(&*db).map_err(crate::audit::storage)?,
-                            old,
-                            new,
-                        )
-                    })
-                    .await
+                    blocking(move || crate::audit::proof::consistency(&tx, old, new)).await
                 }
             };
             match proof {
@@ -424,14 +408,14 @@ async fn api(
         }
         (&Method::GET, ["checkpoint"]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
-            match gw.audit.latest_checkpoint() {
+            match gw.audit().latest_checkpoint() {
                 Some(note) => Ok(text(StatusCode::OK, note)),
                 None => Err(AdminError::not_found("no checkpoint yet")),
             }
         }
         (&Method::GET, ["manifests"]) => {
             authorize(gw, st, &req, AdminRole::Viewer)?;
-            let p = gw.policies.load();
+            let p = gw.policies().load();
             let list: Vec<Value> = p
                 .set
                 .manifests
@@ -467,7 +451,7 @@ impl RecordFilter {
     /// Up to `limit` matching entries, looking at no more than 20,000 entries.
     fn scan(
         &self,
-        db: &redb::Database,
+        log: &crate::audit::LogReader,
         from: Option<u64>,
         before: u64,
         limit: usize,
@@ -478,7 +462,7 @@ impl RecordFilter {
         match from {
             Some(mut at) => {
                 while out.len() < limit && looked < 20_000 && at < before {
-                    let rows = crate::audit::read_entries(db, at, CHUNK as usize)?;
+                    let rows = log.entries(at, CHUNK as usize)?;
                     let Some(last) = rows.last().map(|r| r.0) else { break };
                     looked += rows.len() as u64;
                     out.extend(
@@ -494,7 +478,7 @@ impl RecordFilter {
                 let mut end = before;
                 while out.len() < limit && looked < 20_000 && end > 0 {
                     let start = end.saturating_sub(CHUNK);
-                    let rows = crate::audit::read_entries(db, start, (end - start) as usize)?;
+                    let rows = log.entries(start, (end - start) as usize)?;
                     looked += end - start;
                     for (_, b) in rows.iter().rev() {
                         if out.len() >= limit {
@@ -536,20 +520,19 @@ fn approval_view(a: Approval) -> Value {
 /// The database for one admin read; 503 while the writer reopens it after a storage failure.
 /// `POST /v1/export`: the export bundle of one read transaction (a consistent snapshot while the
 /// writer goes on), written to a private temporary directory and streamed as a ustar archive.
-async fn export_tar(gw: &Gateway, from: Option<u64>, to: Option<u64>) -> Result<Response<ProxyBody>, AdminError> {
+async fn export_tar(gw: &Arc<App>, from: Option<u64>, to: Option<u64>) -> Result<Response<ProxyBody>, AdminError> {
     use http_body_util::StreamBody;
     use hyper::body::Frame;
-    let db = audit_db(gw)?;
-    let key = gw.gateway_key.clone();
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let snap = snapshot(gw)?;
+    let app = gw.clone();
+    let nanos = crate::clock::now_unix_nanos();
     // In data_dir: a pod's root file system (and so its /tmp) is read-only.
-    let dir = gw.config.data_dir.join(format!(".export-{}-{nanos}", std::process::id()));
+    let dir = gw.config().data_dir.join(format!(".export-{}-{nanos}", std::process::id()));
     let out = dir.clone();
     let exported = blocking(move || {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().mode(0o700).create(&out).map_err(|e| crate::audit::AuditError::Io(e.to_string()))?;
-        let tx = redb::ReadableDatabase::begin_read(&*db).map_err(crate::audit::storage)?;
-        crate::audit::export_from(&tx, &out, from, to, &key)
+        app.export_bundle(&snap, &out, from, to)
     })
     .await;
     let report = match exported {
@@ -559,7 +542,7 @@ async fn export_tar(gw: &Gateway, from: Option<u64>, to: Option<u64>) -> Result<
             return Err(resp);
         }
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, crate::proxy::BoxError>>(4);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, crate::response::BoxError>>(4);
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
         let mtime = now_unix().max(0) as u64;
@@ -619,8 +602,10 @@ async fn export_tar(gw: &Gateway, from: Option<u64>, to: Option<u64>) -> Result<
     Ok(r)
 }
 
-fn audit_db(gw: &Gateway) -> Result<std::sync::Arc<redb::Database>, AdminError> {
-    gw.db.get().map_err(|e| {
+/// One consistent snapshot of the log for an admin read; 503 while the writer reopens the file
+/// after a storage failure.
+fn snapshot(gw: &App) -> Result<redb::ReadTransaction, AdminError> {
+    gw.log().read().map_err(|e| {
         tracing::error!(error = %e, "admin storage error");
         AdminError::Unavailable("storage unavailable")
     })
@@ -639,29 +624,29 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
     }
 }
 
-async fn gauges(gw: &Arc<Gateway>) -> Gauges {
-    let stats = gw.audit.stats();
+async fn gauges(gw: &Arc<App>) -> Gauges {
+    let stats = gw.audit().stats();
     Gauges {
         audit_entries: stats.entries_total,
-        audit_queue_depth: gw.audit.queue_depth() as u64,
+        audit_queue_depth: gw.audit().queue_depth() as u64,
         audit_last_batch: stats.last_batch_size,
         audit_commits: stats.commits_total,
-        audit_writable: u64::from(!gw.audit.storage_failed()),
-        approvals_pending: gw.approvals.pending_total(),
-        ratelimit_keys: gw.rate_limits.sweep() as u64,
+        audit_writable: u64::from(!gw.audit().storage_failed()),
+        approvals_pending: gw.approvals().pending_total(),
+        ratelimit_keys: gw.rate_limits().sweep() as u64,
     }
 }
 
-fn readyz(gw: &Gateway, st: &AdminState) -> Response<ProxyBody> {
-    let draining = gw.draining.load(Ordering::SeqCst);
-    let audit_writable = !gw.audit.storage_failed();
-    let policies = gw.policies.load();
+fn readyz(gw: &App, st: &AdminState) -> Response<ProxyBody> {
+    let draining = gw.is_draining();
+    let audit_writable = !gw.audit().storage_failed();
+    let policies = gw.policies().load();
     // A gateway with no valid manifest refuses every request (`manifest_not_found`,
     // `manifest_invalid`): not ready. With at least one it serves those agents.
     // The fleet's database (SPEC §15.4): not ready while it does not answer.
-    let state_up = gw.fleet_db.as_ref().is_none_or(|db| db.up());
+    let state_up = gw.state_up();
     // Redis rate limits unreachable: agents with rate limits are refused (SPEC §15.4).
-    let rate_limits = gw.rate_limits.available();
+    let rate_limits = gw.rate_limits().available();
     let ready = st.ready.load(Ordering::SeqCst)
         && !draining
         && audit_writable

@@ -4,7 +4,7 @@
 
 use super::json_response;
 use crate::config::AdminRole;
-use crate::proxy::{ProxyBody, full_body};
+use crate::response::{ProxyBody, full_body};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use rand::RngCore;
 use serde_json::json;
@@ -45,7 +45,7 @@ impl Sessions {
     pub fn get(&self, id: &str) -> Option<Session> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(id) {
-            Some(s) if s.expires > Instant::now() => Some(s.clone()),
+            Some(s) if s.expires > crate::clock::instant() => Some(s.clone()),
             Some(_) => {
                 map.remove(id);
                 None
@@ -58,7 +58,7 @@ impl Sessions {
     pub fn open(&self, key_id: String, role: AdminRole) -> Response<ProxyBody> {
         let (id, csrf) = (random_token(), random_token());
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
+        let now = crate::clock::instant();
         map.retain(|_, s| s.expires > now);
         if map.len() >= MAX_SESSIONS {
             // Drop the session closest to expiry.

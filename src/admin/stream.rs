@@ -9,7 +9,7 @@
 //! Every entry carries its `idx`: a client that reconnects with `from` = last index + 1 gets the
 //! rest of the log with nothing lost and nothing repeated, across gateway restarts too.
 
-use crate::proxy::Gateway;
+use crate::app::App;
 use crate::response::{BoxError, ProxyBody};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -22,7 +22,7 @@ const CHUNK: usize = 64;
 
 /// Where a subscriber is.
 struct Cursor {
-    gw: Arc<Gateway>,
+    gw: Arc<App>,
     next: u64,
     follow: bool,
     committed: tokio::sync::watch::Receiver<u64>,
@@ -37,14 +37,14 @@ pub enum Refused {
 
 /// The streaming response: entries `[from, …)`; with `follow` it stays open for new entries
 /// until the client leaves or the gateway stops, else it ends at the current end of the log.
-pub fn response(gw: Arc<Gateway>, from: u64, follow: bool) -> Result<Response<ProxyBody>, Refused> {
+pub fn response(gw: Arc<App>, from: u64, follow: bool) -> Result<Response<ProxyBody>, Refused> {
     // Subscribed before the size is read: no commit can fall between the two.
-    let committed = gw.audit.committed();
-    let size = gw.audit.tree_size();
+    let committed = gw.audit().committed();
+    let size = gw.audit().tree_size();
     if from > size {
         return Err(Refused::PastEnd { from, size });
     }
-    let stopping = gw.stopping.subscribe();
+    let stopping = gw.stopping();
     let cursor = Cursor { gw, next: from, follow, committed, stopping };
     let stream = futures_util::stream::unfold(Some(cursor), |state| async move {
         let mut c = state?;
@@ -92,9 +92,9 @@ impl Cursor {
 
     /// Entries `[next, min(size, next + CHUNK))`, each followed by a newline.
     async fn read(&mut self, size: u64) -> Result<Bytes, BoxError> {
-        let db = self.gw.db.get().map_err(|e| -> BoxError { e.to_string().into() })?;
+        let log = self.gw.log().clone();
         let (from, want) = (self.next, (size - self.next).min(CHUNK as u64) as usize);
-        let rows = tokio::task::spawn_blocking(move || crate::audit::read_entries(&db, from, want))
+        let rows = tokio::task::spawn_blocking(move || log.entries(from, want))
             .await
             .map_err(|e| -> BoxError { e.to_string().into() })?
             .map_err(|e| -> BoxError {

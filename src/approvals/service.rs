@@ -47,9 +47,7 @@ pub struct Approvals {
     pending: Mutex<HashMap<String, usize>>,
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
+use crate::clock::now_unix;
 
 /// An `approval` audit entry. `by` is who made the event: the admin key id for approve and
 /// deny, [`BY_GATEWAY`] for the events the gateway makes by itself.

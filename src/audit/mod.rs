@@ -27,9 +27,9 @@ pub use store::{
 };
 pub use uapk_tlog::{Error as AuditError, MAX_ENTRY_BYTES, storage};
 pub use verify::{
-    BUNDLE_FORMAT, ExportReport, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle,
-    export_from, fetch_failure, first_index_at_or_after, read_entries, verify_bundle, verify_bundle_with, verify_db,
-    verify_db_with, verify_served, verify_tx,
+    BUNDLE_FORMAT, ExportReport, LogReader, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport,
+    export_bundle, export_from, fetch_failure, first_index_at_or_after, read_entries, verify_bundle,
+    verify_bundle_with, verify_db, verify_db_with, verify_served, verify_tx,
 };
 
 #[cfg(test)]

@@ -281,10 +281,10 @@ impl SharedDb {
 fn open_database(path: &std::path::Path) -> Result<redb::Database, AuditError> {
     // A reader of a stopped gateway's file (`tail --follow`, `verify`) holds it for a moment:
     // wait that moment out rather than fail the start.
-    let deadline = Instant::now() + OPEN_WAIT;
+    let deadline = crate::clock::instant() + OPEN_WAIT;
     let file = loop {
         match super::file::PrefilledFile::open(path) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && crate::clock::instant() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             r => break r.map_err(|e| AuditError::Storage(format!("{}: {e}", path.display())))?,
@@ -550,7 +550,7 @@ impl Writer {
     /// `clock` only waits on the queue with a deadline (async mode's fsync timer).
     fn run(mut self, mut rx: mpsc::Receiver<Msg>, clock: tokio::runtime::Runtime) {
         let mut unsynced = false;
-        let mut last_sync = Instant::now();
+        let mut last_sync = crate::clock::instant();
         let mut last_batch = 0usize;
         loop {
             // Wait on the queue, at most until a timed duty is due: after a storage failure the
@@ -572,7 +572,7 @@ impl Writer {
                     Err(_elapsed) => {
                         self.sync();
                         unsynced = false;
-                        last_sync = Instant::now();
+                        last_sync = crate::clock::instant();
                         continue;
                     }
                 },
@@ -593,7 +593,7 @@ impl Writer {
                     if last_sync.elapsed() >= ASYNC_SYNC_EVERY {
                         self.sync();
                         unsynced = false;
-                        last_sync = Instant::now();
+                        last_sync = crate::clock::instant();
                     }
                 }
             }
@@ -632,7 +632,7 @@ impl Writer {
     }
 
     fn failed(&mut self) {
-        self.failed_at = Some(Instant::now());
+        self.failed_at = Some(crate::clock::instant());
         self.shared.failed.store(true, Ordering::SeqCst);
     }
 
@@ -659,7 +659,7 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
-                self.failed_at = Some(Instant::now());
+                self.failed_at = Some(crate::clock::instant());
                 // Once, then every 30th attempt: a disk that stays full must not flood the logs.
                 if self.reopen_attempts % 30 == 1 {
                     tracing::error!(
@@ -734,7 +734,7 @@ impl Writer {
 
     /// The entry's canonical bytes: `fields` and the writer's own `v`, `log`, `idx`, `ts`, `prev`.
     fn entry_bytes(&mut self, fields: &Fields, idx: u64) -> Vec<u8> {
-        let now = time::OffsetDateTime::now_utc().max(self.state.last_ts);
+        let now = crate::clock::now_utc().max(self.state.last_ts);
         self.state.last_ts = now;
         entry_bytes(fields, idx, &self.state.prev, now, &self.log_json, None)
     }

@@ -99,7 +99,7 @@ impl Drop for Snapshot {
 }
 
 fn rand_suffix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+    crate::clock::now_unix_nanos() as u64
 }
 
 /// Entries `[from, from + limit)`, as stored.
@@ -107,8 +107,33 @@ pub fn read_entries(db: &redb::Database, from: u64, limit: usize) -> Result<Vec<
     read_in(db, from, limit)
 }
 
+/// Read-only access to a running gateway's log (the embedded log, or a fleet gateway's read
+/// copy): consistent read transactions, never the writer's handle. What the admin API, the record
+/// stream and the in-process test harness read.
+#[derive(Clone)]
+pub struct LogReader(crate::audit::SharedDb);
+
+impl LogReader {
+    pub(crate) fn new(db: crate::audit::SharedDb) -> LogReader {
+        LogReader(db)
+    }
+
+    /// One consistent snapshot; an error while the writer reopens the file after a storage failure.
+    pub fn read(&self) -> Result<redb::ReadTransaction, AuditError> {
+        self.0.get()?.begin_read().map_err(storage)
+    }
+
+    /// Entries `[from, from + limit)` of one snapshot, as stored.
+    pub fn entries(&self, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+        entries_in(&self.read()?, from, limit)
+    }
+}
+
 fn read_in(db: &impl ReadableDatabase, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
-    let tx = db.begin_read().map_err(storage)?;
+    entries_in(&db.begin_read().map_err(storage)?, from, limit)
+}
+
+fn entries_in(tx: &redb::ReadTransaction, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
     let t = tx.open_table(ENTRIES).map_err(storage)?;
     let mut out = Vec::new();
     for item in t.range(from..).map_err(storage)?.take(limit) {

@@ -490,7 +490,13 @@ impl Budgets {
         let id = ask.id.clone();
         st.held.insert(
             ask.id,
-            Held { spend: ask.spend, action: true, tokens: ask.tokens, forwarded: false, since: Instant::now() },
+            Held {
+                spend: ask.spend,
+                action: true,
+                tokens: ask.tokens,
+                forwarded: false,
+                since: crate::clock::instant(),
+            },
         );
         BudgetCheck::Reserved { reservation: Reservation { id, shared: false }, threshold }
     }

@@ -19,7 +19,7 @@ use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The `backend` label of the state metrics.
 const BACKEND: &str = "redis";
@@ -129,7 +129,7 @@ impl RedisGiveBack {
         for (k, t) in self.keys.iter().zip(&self.ts) {
             inv.key(k).arg(t);
         }
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         let r = tokio::time::timeout(self.inner.timeout, inv.invoke_async::<i64>(&mut con)).await;
         self.inner.metrics.observe(BACKEND, "rate_limit", t0.elapsed().as_secs_f64());
         if !matches!(r, Ok(Ok(_))) {
@@ -207,7 +207,7 @@ impl RedisLimiters {
                 tick.tick().await;
                 // Ends with the gateway that owns the limiters.
                 let Some(inner) = weak.upgrade() else { break };
-                let t0 = Instant::now();
+                let t0 = crate::clock::instant();
                 let r = inner.ping().await;
                 inner.metrics.observe(BACKEND, "ping", t0.elapsed().as_secs_f64());
                 match r {
@@ -248,7 +248,7 @@ impl RedisLimiters {
         }
         let inner = &self.inner;
         let mut con = inner.manager.clone();
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         let answer = tokio::time::timeout(inner.timeout, inv.invoke_async::<(i64, i64)>(&mut con)).await;
         inner.metrics.observe(BACKEND, "rate_limit", t0.elapsed().as_secs_f64());
         let (refused_by, wait_us) = match answer {

@@ -315,7 +315,7 @@ struct State {
 }
 
 fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    crate::clock::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 impl RefusalBudget {
@@ -415,7 +415,7 @@ mod tests {
     #[test]
     fn the_burst_is_recorded_then_refusals_are_summarised() {
         let b = RefusalBudget::new(10.0, 5);
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         for i in 0..5 {
             assert_eq!(b.admit(&agent("a1"), &r(&format!("r{i}"), "route_not_allowed"), t0), Admission::Record);
         }
@@ -435,7 +435,7 @@ mod tests {
     #[test]
     fn a_summary_lists_bounded_ids_and_hashes_all_of_them() {
         let b = RefusalBudget::new(1.0, 1);
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         assert_eq!(b.admit(&agent("a1"), &r("first", "route_not_allowed"), t0), Admission::Record);
         let ids: Vec<String> = (0..(MAX_IDS + 20)).map(|i| format!("id{i}")).collect();
         for (i, id) in ids.iter().enumerate() {
@@ -461,7 +461,7 @@ mod tests {
     #[test]
     fn a_summary_keeps_each_tuple_with_its_first_request_and_cuts_long_strings() {
         let b = RefusalBudget::new(1.0, 1);
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         assert_eq!(b.admit(&agent("a1"), &r("first", "route_not_allowed"), t0), Admission::Record);
         for i in 0..50 {
             b.admit(&agent("a1"), &r(&format!("junk{i}"), "route_not_allowed"), t0);
@@ -519,7 +519,7 @@ mod tests {
     #[test]
     fn tuples_beyond_the_entry_bound_are_counted_as_dropped() {
         let b = RefusalBudget::new(1.0, 1);
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         b.admit(&agent("a1"), &r("first", "route_not_allowed"), t0);
         let hosts: Vec<String> = (0..3000).map(|i| format!("h{i}.{}.example", "x".repeat(200))).collect();
         for (i, h) in hosts.iter().enumerate() {
@@ -546,7 +546,7 @@ mod tests {
     #[test]
     fn unidentified_clients_share_their_listener_budget() {
         let b = RefusalBudget::new(1.0, 2);
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         let proxy = Refuser::Listener("proxy");
         assert_eq!(b.admit(&proxy, &r("a", "capability_token_required"), t0), Admission::Record);
         assert_eq!(b.admit(&proxy, &r("b", "capability_token_required"), t0), Admission::Record);
@@ -560,7 +560,7 @@ mod tests {
     #[test]
     fn sweeping_keeps_only_buckets_that_are_not_full() {
         let b = RefusalBudget::new(10.0, 2);
-        let t0 = Instant::now();
+        let t0 = crate::clock::instant();
         b.admit(&agent("a1"), &r("x", "route_not_allowed"), t0);
         b.sweep(t0);
         assert_eq!(b.state.lock().unwrap().buckets.len(), 1);

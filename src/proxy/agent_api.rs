@@ -4,7 +4,7 @@
 //! §14.7). The caller is identified exactly as for any request; an approval of another agent is
 //! answered 404, as for an unknown id.
 
-use super::{Facts, Gateway, ProxyBody, Stop, json_response, now_unix};
+use super::{App, Facts, ProxyBody, Stop, json_response, now_unix};
 use crate::approvals::{Status, approval_entry};
 use crate::policy::{At, Code, Decision};
 use http::{Method, Response, StatusCode};
@@ -12,7 +12,7 @@ use serde_json::json;
 
 /// Serves `path` (below `/uapk`) for the identified agent of `facts`.
 pub(super) async fn serve(
-    gw: &Gateway,
+    gw: &App,
     facts: &mut Facts,
     method: &Method,
     path: &str,
@@ -26,7 +26,7 @@ pub(super) async fn serve(
         let d = Decision::deny(Code::RouteNotAllowed, "only GET is served here");
         return Err(Stop::refuse_at(d, At::WrongMethod));
     }
-    let found = match gw.approvals.fetch(id).await {
+    let found = match gw.approvals().fetch(id).await {
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "reading an approval");
@@ -45,7 +45,7 @@ pub(super) async fn serve(
     if status == Status::Approved {
         body["expires_at"] = json!(a.override_expires_at);
         if a.override_expires_at.is_some_and(|exp| exp > now) {
-            match gw.approvals.mint_override(&gw.gateway_key, &a, now) {
+            match gw.mint_override(&a, now) {
                 Ok((token, j)) => {
                     body["override_token"] = json!(token);
                     jti = Some(j);
@@ -63,7 +63,7 @@ pub(super) async fn serve(
             Some(&a.agent),
             &[("override_jti", json!(j)), ("record", json!(idx.to_string()))],
         );
-        let _ = gw.audit.append_nowait(e);
+        let _ = gw.audit().append_nowait(e);
     }
     gw.finish_metrics(facts, &Decision::allow(), StatusCode::OK, Some(idx));
     let mut resp = json_response(StatusCode::OK, &body);

@@ -220,7 +220,7 @@ impl Outcome {
                 connector: a.connector.clone(),
                 action: a.action.clone(),
                 tokens,
-                at: time::OffsetDateTime::now_utc().unix_timestamp(),
+                at: crate::clock::now_utc().unix_timestamp(),
             };
             hook.budgets.settle_later(&self.request_id, Settlement::Tokens(used));
         }
@@ -617,7 +617,7 @@ mod request_digest_tests {
         let stalled = Stalled::default();
         let mut body = StallCut::new(rx, timeout, stalled.clone());
         assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "ab");
-        let started = Instant::now();
+        let started = crate::clock::instant();
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.is::<BodyStalled>(), "{err}");
         assert!(started.elapsed() >= timeout && started.elapsed() < timeout * 4, "{:?}", started.elapsed());

@@ -213,7 +213,7 @@ pub(crate) fn admit(who: &Identity, connector: &Connector, facts: &Facts) -> Res
 
 /// Connector, route (or MCP tool), body (when the route reads it) and params.
 pub(crate) async fn classify(
-    gw: &super::Gateway,
+    gw: &super::App,
     who: &Identity,
     target: &Target,
     parts: &Parts,
@@ -250,7 +250,7 @@ pub(crate) async fn classify(
     // A route that reads body params reads them only from its declared media type, as the
     // upstream decides by Content-Type: anything else is refused, never guessed at.
     if route.needs_body() {
-        let b = body.buffer(&parts.headers, &gw.config.limits, facts).await?;
+        let b = body.buffer(&parts.headers, &gw.config().limits, facts).await?;
         policy::check_body_media_type(route, &parts.headers, b).map_err(Stop::refuse)?;
     }
     let params = policy::extract_params(

@@ -83,7 +83,7 @@ pub struct Activity {
 
 impl Activity {
     pub fn new() -> Arc<Activity> {
-        let now = Instant::now();
+        let now = crate::clock::instant();
         Arc::new(Activity {
             started: now,
             in_flight: AtomicUsize::new(0),
@@ -119,7 +119,7 @@ struct InFlight(Arc<Activity>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = crate::clock::instant();
         }
     }
 }
@@ -159,7 +159,7 @@ pub async fn watchdog(act: &Activity, t: ConnTimeouts) {
     let mut wake = act.started + t.first_request;
     loop {
         tokio::time::sleep_until(wake.into()).await;
-        let now = Instant::now();
+        let now = crate::clock::instant();
         match act.deadline(t) {
             // Busy: a request ending restarts the idle clock; look again an idle period on.
             None => wake = now + t.idle,
@@ -281,7 +281,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let base = Instant::now();
+    let base = crate::clock::instant();
     let last = AtomicU64::new(0);
     let (na, nb) = (AtomicU64::new(0), AtomicU64::new(0));
     let mut ta = Touch { inner: a, base, last: &last, count: &na };
@@ -291,7 +291,7 @@ where
         loop {
             let since = Duration::from_millis(last.load(Ordering::Relaxed));
             let deadline = base + since + idle;
-            if Instant::now() >= deadline {
+            if crate::clock::instant() >= deadline {
                 return;
             }
             tokio::time::sleep_until(deadline.into()).await;
@@ -347,7 +347,7 @@ mod tests {
     async fn a_splice_without_traffic_ends_after_the_idle_timeout_and_counts_bytes() {
         let (mut a, mut a_peer) = tokio::io::duplex(1024);
         let (mut b, mut b_peer) = tokio::io::duplex(1024);
-        let started = Instant::now();
+        let started = crate::clock::instant();
         let task = tokio::spawn(async move { splice(&mut a, &mut b, Duration::from_millis(300)).await });
         a_peer.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
@@ -387,7 +387,7 @@ mod tests {
         let w = tokio::spawn(async move { watchdog(&a2, t).await });
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(!w.is_finished(), "a request in flight is never cut");
-        let idle_from = Instant::now();
+        let idle_from = crate::clock::instant();
         drop(guard);
         w.await.unwrap();
         let waited = idle_from.elapsed();

@@ -8,8 +8,8 @@ use super::classify::{admit, connector_for};
 use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::identify::{identify, proxy_auth_token};
 use super::{
-    DenyBody, Entry, Facts, Gateway, ProxyBody, Stop, Via, full_body, handle, new_facts, now_unix, refuse,
-    split_authority, tls,
+    App, Arrival, DenyBody, Facts, ProxyBody, Stop, full_body, handle, new_facts, now_unix, refuse, split_authority,
+    tls,
 };
 use crate::config::{Connector, TlsMode};
 use crate::policy::{At, Code, Decision};
@@ -20,7 +20,6 @@ use serde_json::{Map, json};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What every request inside one intercepted tunnel shares.
@@ -38,7 +37,7 @@ pub struct Tunnel {
 /// On refusal returns the response to send (meaningful on CONNECT; a transparent connection is
 /// closed).
 pub(super) async fn authorize_tunnel(
-    gw: &Arc<Gateway>,
+    gw: &Arc<App>,
     facts: &mut Facts,
     headers: &http::HeaderMap,
     presented: Option<(Option<String>, String)>,
@@ -52,14 +51,14 @@ pub(super) async fn authorize_tunnel(
 /// The tunnel's decision, a stage like any other: a refusal is a [`Stop`]. Identity failures
 /// are answered as on the explicit proxy (407), so clients offer credentials on CONNECT.
 async fn decide_tunnel(
-    gw: &Arc<Gateway>,
+    gw: &Arc<App>,
     facts: &mut Facts,
     headers: &http::HeaderMap,
     presented: Option<(Option<String>, String)>,
 ) -> Result<(Arc<Connector>, u64), Stop> {
     let (host, port) = (facts.host.clone(), facts.port);
     facts.scheme = crate::config::Scheme::Https;
-    let policies = gw.policies.load_full();
+    let policies = gw.policies().load_full();
     let who = identify(gw, &policies, headers, facts, presented).map_err(|d| Stop::refuse_at(d, At::ProxyAuth))?;
     // Host and port must belong to a connector (the classification every request goes
     // through): checked on names only, before any DNS lookup.
@@ -70,12 +69,12 @@ async fn decide_tunnel(
         TlsMode::Passthrough => "tunnel.passthrough".into(),
     });
     admit(&who, &connector, facts).map_err(Stop::refuse)?;
-    if connector.tls == TlsMode::Intercept && gw.leaves.is_none() {
+    if connector.tls == TlsMode::Intercept && gw.leaves().is_none() {
         let d = Decision::deny(Code::InterceptionUnavailable, "no interception CA is configured (tls.ca_cert)");
         return Err(Stop::refuse(d));
     }
     if connector.tls == TlsMode::Passthrough
-        && let Some(d) = gw.vetter.vet(&host, port).await.refusal()
+        && let Some(d) = gw.vetter().vet(&host, port).await.refusal()
     {
         return Err(Stop::refuse(d));
     }
@@ -89,8 +88,8 @@ async fn decide_tunnel(
 }
 
 /// Handles a CONNECT request on the proxy listener.
-pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-    let mut facts = new_facts(req.method(), req.uri(), Entry::Explicit);
+pub async fn open(gw: &Arc<App>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let mut facts = new_facts(req.method(), req.uri(), Arrival::Explicit);
     let target = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
     facts.path = String::new();
     let Some((host, Some(port))) = split_authority(&target) else {
@@ -138,7 +137,7 @@ pub async fn open(gw: &Arc<Gateway>, mut req: Request<Incoming>) -> Response<Pro
 /// Boxed with an explicit `Send` bound: the data path can open tunnels whose requests go
 /// through the data path again, and the named type breaks that cycle for the compiler.
 pub fn intercept<IO>(
-    gw: Arc<Gateway>,
+    gw: Arc<App>,
     io: IO,
     tunnel: Arc<Tunnel>,
     slot: Option<ConnSlot>,
@@ -149,11 +148,11 @@ where
     Box::pin(intercept_inner(gw, io, tunnel, slot))
 }
 
-async fn intercept_inner<IO>(gw: Arc<Gateway>, io: IO, tunnel: Arc<Tunnel>, slot: Option<ConnSlot>)
+async fn intercept_inner<IO>(gw: Arc<App>, io: IO, tunnel: Arc<Tunnel>, slot: Option<ConnSlot>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(leaves) = gw.leaves.as_ref() else { return };
+    let Some(leaves) = gw.leaves() else { return };
     let cfg = match leaves.leaf(&tunnel.host).and_then(|leaf| tls::server_config(&tunnel.host, leaf)) {
         Ok(c) => c,
         Err(e) => {
@@ -161,13 +160,13 @@ where
             return;
         }
     };
-    gw.metrics
+    gw.metrics()
         .leaf_cache_hits
         .store(leaves.hits.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
-    gw.metrics
+    gw.metrics()
         .leaf_cache_misses
         .store(leaves.misses.load(std::sync::atomic::Ordering::Relaxed), std::sync::atomic::Ordering::Relaxed);
-    let limits = &gw.config.limits;
+    let limits = &gw.config().limits;
     let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
     let start = match tokio::time::timeout(limits.header_read_timeout, hello).await {
         Ok(Ok(s)) => s,
@@ -195,14 +194,14 @@ where
     let builder = conn::builder(limits);
     let svc = move |req| {
         let (gw, t) = (gw.clone(), tunnel.clone());
-        async move { Ok::<_, std::convert::Infallible>(handle(gw, req, Via::Tunnel(t)).await) }
+        async move { Ok::<_, std::convert::Infallible>(handle(gw, req, Arrival::Tunnel(t)).await) }
     };
     conn::serve_http(&builder, tls, svc, slot, timeouts).await;
 }
 
 /// Splices a passthrough tunnel to the vetted upstream address and records its byte counts.
 pub(crate) async fn passthrough<IO>(
-    gw: Arc<Gateway>,
+    gw: Arc<App>,
     mut io: IO,
     tunnel: &Tunnel,
     connector: &Connector,
@@ -211,12 +210,12 @@ pub(crate) async fn passthrough<IO>(
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let started = Instant::now();
-    let addrs = gw.vetter.lookup(&tunnel.host).unwrap_or_default();
+    let started = crate::clock::instant();
+    let addrs = gw.vetter().lookup(&tunnel.host).unwrap_or_default();
     let mut upstream = None;
     for ip in addrs {
         let dial = tokio::net::TcpStream::connect((ip, tunnel.port));
-        if let Ok(Ok(s)) = tokio::time::timeout(gw.config.limits.upstream_connect_timeout, dial).await {
+        if let Ok(Ok(s)) = tokio::time::timeout(gw.config().limits.upstream_connect_timeout, dial).await {
             upstream = Some(s);
             break;
         }
@@ -229,7 +228,7 @@ pub(crate) async fn passthrough<IO>(
     m.insert("tunnel".into(), json!("passthrough"));
     match upstream {
         Some(mut up) => {
-            let r = conn::splice(&mut io, &mut up, gw.config.limits.tunnel_idle_timeout).await;
+            let r = conn::splice(&mut io, &mut up, gw.config().limits.tunnel_idle_timeout).await;
             m.insert("bytes_sent".into(), json!(r.a_to_b.to_string()));
             m.insert("bytes_received".into(), json!(r.b_to_a.to_string()));
             if let Some(e) = r.error {
@@ -242,7 +241,7 @@ pub(crate) async fn passthrough<IO>(
     }
     m.insert("duration_us".into(), json!(started.elapsed().as_micros().to_string()));
     m.insert("closed_at".into(), json!(now_unix().to_string()));
-    if let Err(e) = gw.audit.append_nowait(m) {
+    if let Err(e) = gw.audit().append_nowait(m) {
         tracing::error!(error = %e, "tunnel outcome not queued");
     }
 }

@@ -3,7 +3,7 @@
 //! gateway shuts down. The approvals themselves live in `crate::approvals`.
 
 use super::respond::DenyBody;
-use super::{Facts, Gateway, Stop, now_unix, refuse};
+use super::{App, Facts, Stop, now_unix, refuse};
 use crate::approvals::{self, Resolution, Status, approval_entry};
 use crate::config::{BodiesMode, EscalationMode, Manifest};
 use crate::policy::{At, Code, Decision};
@@ -13,17 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Waits for the human decision on a held request.
-pub(super) async fn hold(gw: &Gateway, facts: &Facts, id: &str, timeout: Duration) -> Resolution {
-    let rx = gw.approvals.hold(id);
-    let mut stopping = gw.stopping.subscribe();
+pub(super) async fn hold(gw: &App, facts: &Facts, id: &str, timeout: Duration) -> Resolution {
+    let rx = gw.approvals().hold(id);
+    let mut stopping = gw.stopping();
     let r = tokio::select! {
         r = rx => r.unwrap_or(Resolution::ShuttingDown),
         _ = tokio::time::sleep(timeout) => Resolution::TimedOut,
         _ = stopping.wait_for(|s| *s) => Resolution::ShuttingDown,
     };
-    gw.approvals.release_hold(id);
+    gw.approvals().release_hold(id);
     if r == Resolution::TimedOut {
-        return gw.approvals.expire_held(&gw.audit, id, facts.agent.as_deref()).await;
+        return gw.approvals().expire_held(gw.audit(), id, facts.agent.as_deref()).await;
     }
     r
 }
@@ -39,7 +39,7 @@ fn too_many(pending: usize, max: usize) -> Stop {
 /// ESCALATE: store a pending approval and record it; `reject` answers 403 with its id, `hold`
 /// waits for the decision. `Ok` is the approval a held request was granted: it proceeds under it.
 pub(super) async fn escalate(
-    gw: &Arc<Gateway>,
+    gw: &Arc<App>,
     facts: &Facts,
     manifest: &Manifest,
     decision: Decision,
@@ -48,7 +48,7 @@ pub(super) async fn escalate(
     // `max_pending` the escalation is a refusal, recorded like any other.
     let agent = facts.agent.clone().unwrap_or_default();
     let max = manifest.escalation.max_pending;
-    let slot = match gw.approvals.reserve(&agent, max).await {
+    let slot = match gw.approvals().reserve(&agent, max).await {
         Ok(Ok(slot)) => slot,
         Ok(Err(pending)) => return Err(too_many(pending, max)),
         Err(e) => {
@@ -64,7 +64,7 @@ pub(super) async fn escalate(
     let idx = match gw.record(facts, &decision, Some(&id)).await {
         Ok(i) => i,
         Err(resp) => {
-            gw.approvals.unreserve(&agent, slot).await;
+            gw.approvals().unreserve(&agent, slot).await;
             return Err(Stop::respond(resp));
         }
     };
@@ -100,7 +100,7 @@ pub(super) async fn escalate(
         decided_by: None,
         override_expires_at: None,
     };
-    if gw.approvals.store(approval, slot).await.is_err() {
+    if gw.approvals().store(approval, slot).await.is_err() {
         tracing::error!(approval_id = %id, "cannot store approval");
         let d = Decision::deny(Code::ApprovalStoreUnavailable, "the approval could not be stored");
         return Err(Stop::respond(refuse(At::Request, facts, &d, Some(idx), DenyBody::default())));
@@ -112,7 +112,7 @@ pub(super) async fn escalate(
         facts.agent.as_deref(),
         &[("request_id", json!(facts.request_id))],
     );
-    let _ = gw.audit.append_nowait(created);
+    let _ = gw.audit().append_nowait(created);
     if manifest.escalation.mode == EscalationMode::Hold {
         let d = match hold(gw, facts, &id, manifest.escalation.hold_timeout).await {
             Resolution::Approved => return Ok(id),

@@ -6,7 +6,7 @@
 use super::body::{self, HashedBody, RecordedBody, RequestDigest, StallCut, Stalled};
 use super::respond::DenyBody;
 use super::settle::{self, Grant, Settled};
-use super::{BoxError, Facts, Gateway, ProxyBody, Stop, conn, full_body, hygiene, refuse};
+use super::{App, BoxError, Facts, ProxyBody, Stop, conn, full_body, hygiene, refuse};
 use crate::approvals::{self, approval_entry};
 use crate::config::{BodiesMode, Connector, Scheme};
 use crate::limits::{Settlement, TokenUse};
@@ -17,14 +17,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::json;
 use std::sync::Arc;
-use std::time::Instant;
 
 /// The SSRF guard for requests about to leave (resolved once, every address classified; the
 /// client dials only what was vetted), then the durable `decision` entry, then the budget and
 /// rate reservations are kept. Returns the record index and the decision. The budget
 /// reservation is settled on every path: released when the request stops here, kept (and its
 /// token estimate held until the outcome) once the decision is recorded.
-pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>) -> Result<(u64, Decision), Stop> {
+pub(crate) async fn commit(gw: &App, facts: &mut Facts, settled: Settled<'_>) -> Result<(u64, Decision), Stop> {
     let Settled { decision, dry_run, budget, rate, grant } = settled;
     // One rule with the rebuild from the log (a dry-run escalation is forwarded, not counted as
     // an action). A shared store keeps the reservation in the decision's own commit.
@@ -33,7 +32,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
     match record_decision(gw, facts, &decision, dry_run, grant.as_ref(), keep).await {
         Ok(idx) => {
             if let Some(r) = budget {
-                gw.budgets.settle(r.id(), Settlement::Forwarded { counted }).await;
+                gw.budgets().settle(r.id(), Settlement::Forwarded { counted }).await;
             }
             if let Some(t) = rate {
                 t.commit();
@@ -46,7 +45,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
                     facts.agent.as_deref(),
                     &[("request_id", json!(facts.request_id)), ("record", json!(idx.to_string()))],
                 );
-                let _ = gw.audit.append_nowait(e);
+                let _ = gw.audit().append_nowait(e);
             }
             Ok((idx, decision))
         }
@@ -64,7 +63,7 @@ pub(crate) async fn commit(gw: &Gateway, facts: &mut Facts, settled: Settled<'_>
 /// The SSRF guard, then the durable `decision` entry (consuming the approval it goes out under
 /// in the same commit).
 async fn record_decision(
-    gw: &Gateway,
+    gw: &App,
     facts: &mut Facts,
     decision: &Decision,
     dry_run: bool,
@@ -72,7 +71,7 @@ async fn record_decision(
     keep_budget: Option<(String, bool)>,
 ) -> Result<u64, Stop> {
     if (decision.verdict == Verdict::Allow || dry_run)
-        && let Some(d) = gw.vetter.vet(&facts.host, facts.port).await.refusal()
+        && let Some(d) = gw.vetter().vet(&facts.host, facts.port).await.refusal()
     {
         return Err(Stop::refuse(d));
     }
@@ -119,7 +118,7 @@ async fn record_decision(
 /// Forwards a recorded request and counts it; a dry-run request that would have been refused
 /// says so in `x-uapk-would-deny`.
 pub(crate) async fn send(
-    gw: &Arc<Gateway>,
+    gw: &Arc<App>,
     facts: &Facts,
     connector: &Connector,
     parts: http::request::Parts,
@@ -139,7 +138,7 @@ pub(crate) async fn send(
 /// Sends the request upstream with the connector's credentials and streams the answer back;
 /// the `outcome` entry is written when the response body ends.
 async fn forward(
-    gw: &Arc<Gateway>,
+    gw: &Arc<App>,
     facts: &Facts,
     connector: &Connector,
     parts: http::request::Parts,
@@ -167,7 +166,8 @@ async fn forward(
     let upgrade = hygiene::requested_upgrade(&parts.headers);
     let client_upgrade = upgrade.as_ref().and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     // The spliced connection keeps its place under limits.max_connections until it closes.
-    let (slot, splice_idle) = (parts.extensions.get::<conn::ConnSlot>().cloned(), gw.config.limits.tunnel_idle_timeout);
+    let (slot, splice_idle) =
+        (parts.extensions.get::<conn::ConnSlot>().cloned(), gw.config().limits.tunnel_idle_timeout);
     let mut headers = parts.headers;
     hygiene::strip_request(&mut headers);
     hygiene::strip_for_connector(&mut headers, connector);
@@ -180,7 +180,7 @@ async fn forward(
     for (name, value) in creds {
         headers.append(name.clone(), value.clone());
     }
-    let (body, body_stalled) = cut_stalls(facts, body, gw.config.limits.body_read_timeout);
+    let (body, body_stalled) = cut_stalls(facts, body, gw.config().limits.body_read_timeout);
     // With telemetry on, the upstream continues the gateway's trace (its call's span).
     let span = facts.trace.start_upstream(&mut headers);
     let (body, request_body) = hash_streamed(facts, body);
@@ -197,7 +197,7 @@ async fn forward(
         }
     };
     let outcome = body::Outcome {
-        audit: gw.audit.clone(),
+        audit: gw.audit().clone(),
         request_id: facts.request_id.clone(),
         record,
         upstream_latency: std::time::Duration::ZERO,
@@ -205,9 +205,9 @@ async fn forward(
         request_body,
         usage: body::UsageHook::new(
             connector.usage,
-            &gw.budgets,
+            gw.budgets(),
             facts.token_estimate.unwrap_or(connector.usage_estimate),
-            gw.config.limits.usage_drain_timeout,
+            gw.config().limits.usage_drain_timeout,
         ),
         body_stalled: body_stalled.clone(),
     };
@@ -215,13 +215,13 @@ async fn forward(
     // thinks does not cancel it: the request was sent, and its outcome (and an LLM call's
     // usage) is still recorded.
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let (client, timeout, gw2) = (gw.client.clone(), gw.config.limits.upstream_timeout, gw.clone());
+    let (client, timeout, gw2) = (gw.client().clone(), gw.config().limits.upstream_timeout, gw.clone());
     tokio::spawn(async move {
         let mut outcome = outcome;
-        let sent = Instant::now();
+        let sent = crate::clock::instant();
         let result = tokio::time::timeout(timeout, client.request(up)).await;
         outcome.upstream_latency = sent.elapsed();
-        gw2.metrics.upstream_duration.observe(outcome.upstream_latency.as_secs_f64());
+        gw2.metrics().upstream_duration.observe(outcome.upstream_latency.as_secs_f64());
         let (status, error) = match &result {
             Ok(Ok(r)) => (r.status(), None),
             Ok(Err(e)) => {
@@ -239,7 +239,7 @@ async fn forward(
         // The exchange's task failed: the request may have been sent, so an LLM call is charged
         // its estimate.
         if let Some(estimate) = facts.token_estimate {
-            gw.budgets.settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
+            gw.budgets().settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
         }
         let d = Decision::deny(Code::UpstreamUnavailable, "the upstream exchange failed");
         return refuse(At::Request, facts, &d, Some(record), DenyBody::default());
@@ -352,8 +352,8 @@ fn abandoned(result: Exchange, outcome: body::Outcome) {
 
 /// A recorded request that is refused before anything is sent: an LLM call's token estimate
 /// is released (nothing reached the upstream, so nothing is charged).
-fn unsent(gw: &Gateway, facts: &Facts) {
-    gw.budgets.settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, 0)));
+fn unsent(gw: &App, facts: &Facts) {
+    gw.budgets().settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, 0)));
 }
 
 fn token_use(facts: &Facts, tokens: u64) -> TokenUse {

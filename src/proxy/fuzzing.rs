@@ -3,7 +3,7 @@
 //! Not an interface for anything else; it may change with the code it calls.
 
 use super::classify::{RequestBody, Rule};
-use super::{Entry, Stop, mcp, new_facts};
+use super::{Arrival, Stop, mcp, new_facts};
 use crate::config::{Limits, McpEndpoint};
 use crate::policy::Params;
 use std::future::Future;
@@ -40,7 +40,7 @@ pub fn classify_mcp(
     request: http::Request<Vec<u8>>,
 ) -> Result<McpClassified, McpRefused> {
     let (parts, body) = request.into_parts();
-    let mut facts = new_facts(&parts.method, &parts.uri, Entry::BaseUrl);
+    let mut facts = new_facts(&parts.method, &parts.uri, Arrival::BaseUrl);
     let mut body = RequestBody::Buffered(body.into());
     let classified = {
         // A buffered body is never awaited: the future is ready on its first poll.

@@ -2,7 +2,7 @@
 //! request, on the tunnel's CONNECT, or by the gateway from `identity.token_file`), or the pod's
 //! default agent — and the agent's manifest.
 
-use super::{Entry, Facts, Gateway, Policies, TokenFile, now_unix, target::sanitize};
+use super::{App, Facts, Policies, TokenFile, now_unix, target::sanitize};
 use crate::config::Manifest;
 use crate::identity::CapabilityClaims;
 use crate::policy::{At, Code, Decision};
@@ -35,14 +35,14 @@ pub(crate) fn proxy_auth_token(headers: &HeaderMap) -> Option<(Option<String>, S
 
 /// Step 1 (SPEC §8): who is calling. Fills in `facts.{agent,token,mode}`.
 pub(crate) fn identify(
-    gw: &Gateway,
+    gw: &App,
     policies: &Policies,
     headers: &HeaderMap,
     facts: &mut Facts,
     preset: Option<(Option<String>, String)>,
 ) -> Result<Identity, Decision> {
     let mut basic_user = None;
-    let from_proxy_auth = if facts.entry == Entry::Explicit { proxy_auth_token(headers) } else { None };
+    let from_proxy_auth = if facts.arrival.is_explicit() { proxy_auth_token(headers) } else { None };
     let token = match preset.or(from_proxy_auth) {
         Some((user, tok)) => {
             basic_user = user;
@@ -52,9 +52,9 @@ pub(crate) fn identify(
             .get("x-uapk-capability")
             .and_then(|v| v.to_str().ok())
             .map(|s| s.trim().to_string())
-            .or_else(|| gw.token_file.as_ref().and_then(TokenFile::get)),
+            .or_else(|| gw.token_file().and_then(TokenFile::get)),
     };
-    let default_agent = gw.config.identity.default_agent.as_deref();
+    let default_agent = gw.config().identity.default_agent.as_deref();
     facts.agent = default_agent.map(str::to_string);
     let Some(token) = token else {
         let Some(agent) = default_agent else {
@@ -106,7 +106,7 @@ fn missing_manifest(policies: &Policies, agent: &str) -> Decision {
 /// for token problems (so clients offer credentials), else 403; recorded with the connector a
 /// base-URL path named.
 pub(crate) fn refusal(facts: &mut Facts, target: &super::target::Target, d: Decision) -> super::Stop {
-    let at = if facts.entry == Entry::Explicit { At::ProxyAuth } else { At::Request };
+    let at = if facts.arrival.is_explicit() { At::ProxyAuth } else { At::Request };
     if let Some(name) = &target.base_connector {
         facts.connector = Some(sanitize(name));
     }

@@ -10,7 +10,7 @@
 
 use super::classify::{RequestBody, Rule};
 use super::target::sanitize;
-use super::{Facts, Gateway, Stop};
+use super::{App, Facts, Stop};
 use crate::config::{BodyFormat, Limits, McpEndpoint};
 use crate::policy::{self, Code, Decision, JsonDoc, Params};
 use base64::Engine;
@@ -88,13 +88,13 @@ fn string_at<'a>(doc: &'a JsonDoc, ptr: &str) -> Result<Option<&'a str>, Stop> {
 
 /// Classifies one MCP message: the rule it falls under and its params.
 pub(super) async fn classify(
-    gw: &Gateway,
+    gw: &App,
     mcp: &McpEndpoint,
     parts: &Parts,
     body: &mut RequestBody,
     facts: &mut Facts,
 ) -> Result<(Rule, Params), Stop> {
-    classify_with(&gw.config.limits, mcp, parts, body, facts).await
+    classify_with(&gw.config().limits, mcp, parts, body, facts).await
 }
 
 /// [`classify`] with only the limits it reads (the fuzz entry point has no gateway).

@@ -30,76 +30,24 @@ pub mod upstream;
 
 pub use target::{normalize_host, split_authority};
 
-use crate::approvals::Approvals;
-use crate::audit::{AuditError, AuditHandle, Fields};
-use crate::config::{BodiesMode, GatewayConfig, PolicyMode, PolicySet, Scheme};
-use crate::identity::TokenVerifier;
-use crate::limits::RateLimiters;
+pub use crate::app::{App, Policies};
+use crate::audit::{AuditError, Fields};
+use crate::config::{BodiesMode, PolicyMode, Scheme};
 use crate::limits::in_flight::InFlightSlot;
 use crate::policy::{self, At, Code, Decision};
-use arc_swap::ArcSwap;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use respond::{DenyBody, deny_response};
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 pub use body::RecordedBody;
 use body::access_line;
 
 pub use crate::response::{BoxError, ProxyBody, full_body, json_response};
-
-/// Manifests plus one token verifier per agent (each with its own verified-token cache), swapped
-/// as a whole on reload so in-flight requests finish under the policy they started with.
-pub struct Policies {
-    pub set: PolicySet,
-    pub verifiers: HashMap<String, TokenVerifier>,
-}
-
-impl Policies {
-    pub fn new(set: PolicySet) -> Policies {
-        let verifiers = set
-            .manifests
-            .iter()
-            .map(|(id, m)| (id.clone(), TokenVerifier::new(crate::identity::token_policy_for(m))))
-            .collect();
-        Policies { set, verifiers }
-    }
-}
-
-/// Everything the data path shares.
-pub struct Gateway {
-    pub config: GatewayConfig,
-    pub policies: ArcSwap<Policies>,
-    pub audit: AuditHandle,
-    pub budgets: crate::state::BudgetStore,
-    /// The fleet's database (`state.backend: postgres`): readiness reports it.
-    pub fleet_db: Option<crate::state::postgres::Db>,
-    pub rate_limits: RateLimiters,
-    pub approvals: Approvals,
-    pub client: upstream::UpstreamClient,
-    pub vetter: ssrf::Vetter,
-    pub gateway_key: ed25519_dalek::SigningKey,
-    pub token_file: Option<TokenFile>,
-    pub metrics: crate::metrics::Metrics,
-    pub draining: AtomicBool,
-    /// Set when the gateway stops: held requests are answered 503.
-    pub stopping: tokio::sync::watch::Sender<bool>,
-    /// Leaf certificates for intercepted tunnels (absent when no CA is configured).
-    pub leaves: Option<tls::LeafCache>,
-    /// The gateway's redb file (audit tables, approvals).
-    pub db: crate::audit::SharedDb,
-    /// How fast each agent's refusals are recorded one by one (`limits::refusals`).
-    pub refusals: crate::limits::refusals::RefusalBudget,
-    /// Each identified agent's requests in flight (`limits.max_in_flight_per_agent`).
-    pub in_flight: crate::limits::in_flight::InFlight,
-    /// Request spans (`telemetry.otlp`), or only the callers' trace ids when off.
-    pub telemetry: crate::telemetry::Telemetry,
-}
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk
 /// (projected tokens rotate).
@@ -111,20 +59,18 @@ pub struct TokenFile {
 impl TokenFile {
     pub fn new(path: std::path::PathBuf) -> TokenFile {
         let token = std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string());
-        TokenFile { path, cached: std::sync::Mutex::new((token, Instant::now())) }
+        TokenFile { path, cached: std::sync::Mutex::new((token, crate::clock::instant())) }
     }
     fn get(&self) -> Option<String> {
         let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         if c.1.elapsed() > Duration::from_secs(10) {
-            *c = (std::fs::read_to_string(&self.path).ok().map(|t| t.trim().to_string()), Instant::now());
+            *c = (std::fs::read_to_string(&self.path).ok().map(|t| t.trim().to_string()), crate::clock::instant());
         }
         c.0.clone().filter(|t| !t.is_empty())
     }
 }
 
-pub(crate) fn now_unix() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
+pub(crate) use crate::clock::now_unix;
 
 fn new_request_id() -> String {
     use rand::RngCore;
@@ -133,27 +79,43 @@ fn new_request_id() -> String {
     hex::encode(b)
 }
 
-/// How the request reached the gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Entry {
-    /// `http://127.0.0.1:15080/<connector>/...`
+/// How a request reached the gateway: recorded as its decision's `via`, and what the target
+/// stage reads its destination from.
+#[derive(Clone)]
+pub enum Arrival {
+    /// The proxy listener, origin-form: `http://127.0.0.1:15080/<connector>/...`.
     BaseUrl,
-    /// Absolute-form request to the explicit proxy.
+    /// The proxy listener as an explicit proxy: an absolute-form request, or CONNECT.
     Explicit,
-    /// Inside an intercepted TLS tunnel.
-    Tunnel,
-    /// Plain HTTP caught by the transparent listener.
-    Transparent,
+    /// A request inside an intercepted TLS tunnel (after CONNECT, or caught transparently).
+    Tunnel(Arc<connect::Tunnel>),
+    /// A connection caught by the transparent listener; the address is its original destination.
+    Transparent(std::net::SocketAddr),
 }
 
-impl Entry {
-    fn as_str(self) -> &'static str {
-        match self {
-            Entry::BaseUrl => "base_url",
-            Entry::Explicit => "explicit",
-            Entry::Tunnel => "tunnel",
-            Entry::Transparent => "transparent",
+impl Arrival {
+    /// A request on the proxy listener: absolute-form and CONNECT are the explicit proxy.
+    pub fn on_proxy_listener<B>(req: &Request<B>) -> Arrival {
+        if req.uri().scheme().is_some() || req.method() == Method::CONNECT {
+            Arrival::Explicit
+        } else {
+            Arrival::BaseUrl
         }
+    }
+
+    /// As recorded (`via`).
+    fn as_str(&self) -> &'static str {
+        match self {
+            Arrival::BaseUrl => "base_url",
+            Arrival::Explicit => "explicit",
+            Arrival::Tunnel(_) => "tunnel",
+            Arrival::Transparent(_) => "transparent",
+        }
+    }
+
+    /// Whether the agent talks to the gateway as its explicit proxy (`Proxy-Authorization`, 407).
+    fn is_explicit(&self) -> bool {
+        matches!(self, Arrival::Explicit)
     }
 }
 
@@ -161,7 +123,7 @@ impl Entry {
 /// entry whatever the outcome.
 pub(crate) struct Facts {
     request_id: String,
-    entry: Entry,
+    arrival: Arrival,
     agent: Option<String>,
     token: Option<(String, Option<String>)>, // (iss, jti)
     connector: Option<String>,
@@ -201,11 +163,11 @@ pub(crate) struct Facts {
 
 impl Facts {
     /// The `decision` entry's fields, written straight into canonical form.
-    fn entry(&self, d: &Decision, approval_id: Option<&str>) -> Result<Fields, AuditError> {
+    fn decision_fields(&self, d: &Decision, approval_id: Option<&str>) -> Result<Fields, AuditError> {
         let mut f = Fields::new();
         f.str("kind", "decision")
             .str("request_id", &self.request_id)
-            .str("via", self.entry.as_str())
+            .str("via", self.arrival.as_str())
             .opt_str("agent", self.agent.as_deref());
         if let Some((iss, jti)) = &self.token {
             f.value("token", &json!({"iss": iss, "jti": jti}))?;
@@ -331,15 +293,15 @@ impl Stop {
     }
 }
 
-impl Gateway {
+impl App {
     /// Records a decision entry; a failure to commit is answered 503 and nothing is forwarded.
     async fn record(&self, facts: &Facts, d: &Decision, approval_id: Option<&str>) -> Result<u64, Response<ProxyBody>> {
-        let started = Instant::now();
-        let r = match facts.entry(d, approval_id) {
-            Ok(fields) => self.audit.append_fields(fields).await,
+        let started = crate::clock::instant();
+        let r = match facts.decision_fields(d, approval_id) {
+            Ok(fields) => self.audit().append_fields(fields).await,
             Err(e) => Err(e),
         };
-        self.metrics.audit_append.observe(started.elapsed().as_secs_f64());
+        self.metrics().audit_append.observe(started.elapsed().as_secs_f64());
         r.map_err(|e| self.audit_failure(facts, e))
     }
 
@@ -352,12 +314,12 @@ impl Gateway {
         approval_id: Option<&str>,
         guard: crate::audit::Precondition,
     ) -> Result<u64, Result<Response<ProxyBody>, String>> {
-        let started = Instant::now();
-        let r = match facts.entry(d, approval_id) {
-            Ok(fields) => self.audit.append_guarded(fields, guard).await,
+        let started = crate::clock::instant();
+        let r = match facts.decision_fields(d, approval_id) {
+            Ok(fields) => self.audit().append_guarded(fields, guard).await,
             Err(e) => Err(e),
         };
-        self.metrics.audit_append.observe(started.elapsed().as_secs_f64());
+        self.metrics().audit_append.observe(started.elapsed().as_secs_f64());
         r.map_err(|e| match e {
             AuditError::Refused(why) => Err(why),
             e => Ok(self.audit_failure(facts, e)),
@@ -408,9 +370,9 @@ impl Gateway {
     /// slows down instead of taking the core from every other agent (a timer, no CPU).
     async fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
         use crate::limits::refusals::{Admission, Refusal, Refuser};
-        let refuser = match (&facts.agent, facts.entry) {
+        let refuser = match (&facts.agent, &facts.arrival) {
             (Some(a), _) => Refuser::Agent(a.clone()),
-            (None, Entry::Transparent) => Refuser::Listener("transparent"),
+            (None, Arrival::Transparent(_)) => Refuser::Listener("transparent"),
             (None, _) => Refuser::Listener("proxy"),
         };
         let refusal = Refusal {
@@ -424,7 +386,8 @@ impl Gateway {
             query: facts.query.as_deref(),
             params: &facts.params,
         };
-        let Admission::Summarised { retry_after } = self.refusals.admit(&refuser, &refusal, Instant::now()) else {
+        let Admission::Summarised { retry_after } = self.refusals().admit(&refuser, &refusal, crate::clock::instant())
+        else {
             return None;
         };
         let why = Decision::deny(
@@ -451,7 +414,7 @@ impl Gateway {
             Code::TooManyRequestsInFlight,
             format!(
                 "the agent already has {} requests in flight (limits.max_in_flight_per_agent)",
-                self.in_flight.max()
+                self.in_flight().max()
             ),
         );
         let mut resp = self.refuse_recorded(At::Request, facts, d).await;
@@ -500,7 +463,7 @@ impl Gateway {
     /// without a manifest, a connector named by a refused request's path), `-` / `none` before
     /// one is known — never a string an agent chose, so the series stay bounded.
     pub(crate) fn count(&self, facts: &Facts, d: &Decision) {
-        let policies = self.policies.load();
+        let policies = self.policies().load();
         let manifest = facts.agent.as_deref().and_then(|a| policies.set.get(a));
         let agent = match (facts.agent.as_deref(), manifest) {
             (None, _) => "-",
@@ -515,7 +478,7 @@ impl Gateway {
             };
             if configured { c } else { "unknown" }
         });
-        self.metrics.request(d.verdict.as_str(), d.code().as_str(), agent, connector, facts.mode.as_str());
+        self.metrics().request(d.verdict.as_str(), d.code().as_str(), agent, connector, facts.mode.as_str());
     }
 }
 
@@ -523,33 +486,22 @@ impl Gateway {
 /// never a connector.
 pub const AGENT_API: &str = "uapk";
 
-/// How a request reached the data path.
-#[derive(Clone)]
-pub enum Via {
-    /// The proxy listener: base-URL (`/<connector>/...`) or absolute-form explicit proxy.
-    Listener,
-    /// A request inside an intercepted TLS tunnel (after CONNECT, or caught transparently).
-    Tunnel(Arc<connect::Tunnel>),
-    /// Plain HTTP caught by the transparent listener; the port is the original destination's.
-    Transparent(std::net::SocketAddr),
-}
-
 /// The whole request path.
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
-    let started = Instant::now();
-    let resp = if req.method() == Method::CONNECT && matches!(via, Via::Listener) {
+pub async fn handle(gw: Arc<App>, req: Request<Incoming>, arrival: Arrival) -> Response<ProxyBody> {
+    let started = crate::clock::instant();
+    let resp = if req.method() == Method::CONNECT && arrival.is_explicit() {
         connect::open(&gw, req).await
     } else {
-        handle_inner(&gw, req, via).await
+        handle_inner(&gw, req, arrival).await
     };
-    gw.metrics.request_duration.observe(started.elapsed().as_secs_f64());
+    gw.metrics().request_duration.observe(started.elapsed().as_secs_f64());
     resp
 }
 
-pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts {
+pub(crate) fn new_facts(method: &Method, uri: &http::Uri, arrival: Arrival) -> Facts {
     Facts {
         request_id: new_request_id(),
-        entry,
+        arrival,
         agent: None,
         token: None,
         connector: None,
@@ -572,23 +524,17 @@ pub(crate) fn new_facts(method: &Method, uri: &http::Uri, entry: Entry) -> Facts
         mcp: None,
         bound_body: None,
         mode: PolicyMode::Enforce,
-        started: Instant::now(),
+        started: crate::clock::instant(),
         token_estimate: None,
         trace: crate::telemetry::RequestTrace::default(),
     }
 }
 
-async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Response<ProxyBody> {
+async fn handle_inner(gw: &Arc<App>, req: Request<Incoming>, arrival: Arrival) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
-    let entry = match &via {
-        Via::Listener if parts.uri.scheme().is_some() => Entry::Explicit,
-        Via::Listener => Entry::BaseUrl,
-        Via::Tunnel(_) => Entry::Tunnel,
-        Via::Transparent(_) => Entry::Transparent,
-    };
-    let mut facts = new_facts(&parts.method, &parts.uri, entry);
-    facts.trace = gw.telemetry.start_request(&parts.headers, parts.method.as_str());
-    match pipeline(gw, parts, body, &via, &mut facts).await {
+    let mut facts = new_facts(&parts.method, &parts.uri, arrival.clone());
+    facts.trace = gw.telemetry().start_request(&parts.headers, parts.method.as_str());
+    match pipeline(gw, parts, body, &arrival, &mut facts).await {
         Ok(resp) => resp,
         Err(stop) => gw.answer(&facts, stop).await,
     }
@@ -596,19 +542,19 @@ async fn handle_inner(gw: &Arc<Gateway>, req: Request<Incoming>, via: Via) -> Re
 
 /// The request path, a stage a line.
 async fn pipeline(
-    gw: &Arc<Gateway>,
+    gw: &Arc<App>,
     parts: http::request::Parts,
     body: Incoming,
-    via: &Via,
+    arrival: &Arrival,
     facts: &mut Facts,
 ) -> Result<Response<ProxyBody>, Stop> {
-    let policies = gw.policies.load_full();
-    let target = target::parse(&parts, via, facts)?;
+    let policies = gw.policies().load_full();
+    let target = target::parse(&parts, arrival, facts)?;
     let who = identify::identify(gw, &policies, &parts.headers, facts, target.preset_token.clone())
         .map_err(|d| identify::refusal(facts, &target, d))?;
     facts.headers = hygiene::recorded_headers(&parts.headers, &who.manifest.audit.redact_headers);
     facts.bodies = who.manifest.audit.bodies;
-    let Some(slot) = gw.in_flight.try_take(&who.manifest.agent.id) else {
+    let Some(slot) = gw.in_flight().try_take(&who.manifest.agent.id) else {
         return Ok(gw.too_many_in_flight(facts).await);
     };
     if target.is_agent_api() {
@@ -623,7 +569,7 @@ async fn pipeline(
         return Err(Stop::refuse(Decision::deny(Code::UpgradeNotAllowed, why)));
     }
     let mut body = classify::RequestBody::Streaming(body);
-    body.hash_small(&parts.headers, &gw.config.limits, facts).await?;
+    body.hash_small(&parts.headers, &gw.config().limits, facts).await?;
     let action = classify::classify(gw, &who, &target, &parts, &mut body, facts).await?;
     let decision = policy::evaluate(&who.manifest, who.claims.as_deref(), &action.policy_action());
     let settled = settle::settle(gw, &who, &action, decision, &parts, &mut body, facts).await?;

@@ -9,7 +9,7 @@
 use super::classify::{Classified, RequestBody};
 use super::escalation::escalate;
 use super::identify::Identity;
-use super::{Facts, Gateway, Record, Stop, hygiene, now_unix};
+use super::{App, Facts, Record, Stop, hygiene, now_unix};
 use crate::approvals::Status;
 use crate::config::PolicyMode;
 use crate::limits::{Ask, BudgetCheck, RateRefused, RateTaken, Reservation};
@@ -37,13 +37,13 @@ pub(crate) struct Settled<'a> {
 /// Reserves the budget for `action` (with the request's token estimate, if it is an LLM call);
 /// `Err` is `budget_exceeded`, `Ok` may carry the `budget_threshold_reached` escalation reason.
 async fn reserve(
-    gw: &Gateway,
+    gw: &App,
     who: &Identity,
     action: &Classified,
     facts: &Facts,
 ) -> Result<Result<(Reservation, Option<Reason>), Reason>, Stop> {
     let ask = Ask { id: facts.request_id.clone(), spend: action.spend(&who.manifest), tokens: facts.token_estimate };
-    match gw.budgets.reserve(&who.manifest, ask).await {
+    match gw.budgets().reserve(&who.manifest, ask).await {
         Ok(BudgetCheck::Exceeded(r)) => Ok(Err(r)),
         Ok(BudgetCheck::Reserved { reservation, threshold }) => Ok(Ok((reservation, threshold))),
         Err(e) => Err(Stop::respond(gw.audit_failure(facts, crate::audit::AuditError::Storage(e)))),
@@ -51,9 +51,9 @@ async fn reserve(
 }
 
 /// Gives back what a request that stops before it is forwarded reserved.
-pub(crate) async fn release(gw: &Gateway, budget: Option<Reservation>) {
+pub(crate) async fn release(gw: &App, budget: Option<Reservation>) {
     if let Some(r) = budget {
-        gw.budgets.release(r).await;
+        gw.budgets().release(r).await;
     }
 }
 
@@ -61,7 +61,7 @@ pub(crate) async fn release(gw: &Gateway, budget: Option<Reservation>) {
 /// first (within `limits.max_body_bytes`), so the estimate sees its declared output limit and
 /// length; without one, a body nobody read is estimated from its `Content-Length`.
 async fn token_estimate(
-    gw: &Gateway,
+    gw: &App,
     who: &Identity,
     action: &Classified,
     parts: &Parts,
@@ -73,7 +73,7 @@ async fn token_estimate(
         return Ok(None);
     }
     if who.manifest.policy.budgets.iter().any(|b| b.max_tokens.is_some()) {
-        body.buffer(&parts.headers, &gw.config.limits, facts).await?;
+        body.buffer(&parts.headers, &gw.config().limits, facts).await?;
     }
     Ok(Some(match body.buffered() {
         Some(b) => crate::usage::estimate(b, connector.usage_estimate),
@@ -85,7 +85,7 @@ async fn token_estimate(
 }
 
 pub(crate) async fn settle<'a>(
-    gw: &'a Arc<Gateway>,
+    gw: &'a Arc<App>,
     who: &'a Identity,
     action: &'a Classified,
     mut decision: Decision,
@@ -130,7 +130,7 @@ pub(crate) async fn settle<'a>(
     if decision.verdict == Verdict::Escalate {
         facts.bound_headers = hygiene::bound_headers(&parts.headers, &action.connector);
         // The action hash covers the body, so an escalated request's body is read now.
-        if let Err(stop) = body.buffer(&parts.headers, &gw.config.limits, facts).await {
+        if let Err(stop) = body.buffer(&parts.headers, &gw.config().limits, facts).await {
             release(gw, budget.take()).await;
             return Err(stop);
         }
@@ -183,7 +183,7 @@ pub(crate) async fn settle<'a>(
     // decision is recorded.
     let mut rate = None;
     if decision.verdict == Verdict::Allow {
-        match gw.rate_limits.check(manifest, &action.connector.name, action.action()).await {
+        match gw.rate_limits().check(manifest, &action.connector.name, action.action()).await {
             Ok(taken) => rate = Some(taken),
             Err(RateRefused::Limited(limited)) => {
                 // A request refused by a rate limit spends no budget (§8 step 9).
@@ -225,17 +225,16 @@ pub(crate) async fn settle<'a>(
 /// Step 10: an override token lifts ESCALATE for the identical action, once. Checked here
 /// (signature, agent, action hash, an approved approval); consumed atomically with the
 /// decision entry that accepts it.
-async fn check_override(gw: &Gateway, facts: &Facts, token: &str) -> Result<Grant, Decision> {
+async fn check_override(gw: &App, facts: &Facts, token: &str) -> Result<Grant, Decision> {
     let invalid = |m: &str| Decision::deny(Code::OverrideTokenInvalid, m.to_string());
-    let claims = crate::identity::verify_override(token, &gw.gateway_key.verifying_key(), now_unix())
-        .map_err(|_| invalid("the override token is not valid"))?;
+    let claims = gw.verify_override(token, now_unix()).map_err(|_| invalid("the override token is not valid"))?;
     if Some(&claims.sub) != facts.agent.as_ref() {
         return Err(invalid("the override token was issued to another agent"));
     }
     if claims.action_hash != facts.action_hash() {
         return Err(invalid("the override token was issued for a different action"));
     }
-    match gw.approvals.fetch(&claims.approval_id).await {
+    match gw.approvals().fetch(&claims.approval_id).await {
         Ok(Some(a)) if a.status_at(now_unix()) == Status::Approved => {
             Ok(Grant { approval_id: claims.approval_id, jti: Some(claims.jti) })
         }

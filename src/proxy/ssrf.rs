@@ -174,7 +174,7 @@ impl Vetter {
                 return Vetted::Blocked(format!("{host}: {e}"));
             }
         }
-        self.table.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (ips, Instant::now()));
+        self.table.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (ips, crate::clock::instant()));
         Vetted::Ok
     }
 

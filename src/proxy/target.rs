@@ -2,7 +2,7 @@
 //! lower-case without a trailing dot, one port, a path with no dot segments, path parameters
 //! or encoded separators), before anything about the agent is known.
 
-use super::{Entry, Facts, Stop, Via};
+use super::{Arrival, Facts, Stop};
 use crate::config::Scheme;
 use crate::policy::{At, Code, Decision};
 use http::{Method, header, request::Parts};
@@ -28,7 +28,7 @@ impl Target {
 /// `facts.{scheme,host,port}`. Requests that cannot be read are refused before identification
 /// (not recorded: nobody is identified yet); a tunnel request naming another host, or a path
 /// the gateway refuses to interpret, is recorded.
-pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Target, Stop> {
+pub(crate) fn parse(parts: &Parts, arrival: &Arrival, facts: &mut Facts) -> Result<Target, Stop> {
     // Both framings at once is how requests are smuggled past proxies (RFC 9112 §6.3): refuse.
     if parts.headers.contains_key(header::TRANSFER_ENCODING) && parts.headers.contains_key(header::CONTENT_LENGTH) {
         return Err(Stop::unrecorded(Decision::deny(
@@ -44,8 +44,8 @@ pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Targe
     }
     let malformed = |why: &str| Stop::unrecorded(Decision::deny(Code::MalformedRequest, why));
     let mut target = Target { base_connector: None, path: parts.uri.path().to_string(), preset_token: None };
-    match via {
-        Via::Tunnel(t) => {
+    match arrival {
+        Arrival::Tunnel(t) => {
             facts.scheme = Scheme::Https;
             facts.host = t.host.clone();
             facts.port = t.port;
@@ -69,7 +69,7 @@ pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Targe
                 )));
             }
         }
-        Via::Transparent(orig) => {
+        Arrival::Transparent(orig) => {
             let Some((host, _)) =
                 parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).and_then(split_authority)
             else {
@@ -78,7 +78,7 @@ pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Targe
             facts.host = host;
             facts.port = orig.port();
         }
-        Via::Listener if facts.entry == Entry::Explicit => {
+        Arrival::Explicit => {
             if parts.uri.scheme_str() != Some("http") {
                 return Err(malformed("absolute-form requests must use http://; use CONNECT for https"));
             }
@@ -102,7 +102,7 @@ pub(crate) fn parse(parts: &Parts, via: &Via, facts: &mut Facts) -> Result<Targe
             facts.host = host;
             facts.port = port;
         }
-        Via::Listener => {
+        Arrival::BaseUrl => {
             let raw = parts.uri.path();
             let rest = raw.strip_prefix('/').unwrap_or(raw);
             let (name, tail) = match rest.find('/') {

@@ -173,7 +173,7 @@ fn access_line_carries_the_trace_id_when_one_is_known() {
             action: "x.read".into(),
             decision: "allow",
             reasons: "all_checks_passed".into(),
-            started: std::time::Instant::now(),
+            started: crate::clock::instant(),
             trace: crate::telemetry::Telemetry::off().start_request(&h, "GET"),
         };
         tracing::subscriber::with_default(subscriber, || {

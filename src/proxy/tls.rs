@@ -23,7 +23,7 @@ pub fn generate_ca(cert: &Path, key: &Path) -> Result<(), String> {
     params.distinguished_name.push(DnType::CommonName, "UAPK Gateway interception CA");
     params.distinguished_name.push(DnType::OrganizationName, "UAPK Gateway");
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    let now = time::OffsetDateTime::now_utc();
+    let now = crate::clock::now_utc();
     params.not_before = now - time::Duration::hours(1);
     params.not_after = now + time::Duration::days(365 * 2);
     let ca = params.self_signed(&kp).map_err(|e| format!("signing the CA: {e}"))?;
@@ -123,7 +123,7 @@ impl LeafCache {
                 cache.clear();
             }
         }
-        cache.insert(name, (ck.clone(), Instant::now()));
+        cache.insert(name, (ck.clone(), crate::clock::instant()));
         Ok(ck)
     }
 
@@ -139,7 +139,7 @@ impl LeafCache {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
+        let now = crate::clock::now_utc();
         params.not_before = now - time::Duration::minutes(10);
         params.not_after = now + time::Duration::seconds(self.validity.as_secs() as i64);
         let cert = params.signed_by(&self.leaf_key, &self.issuer).map_err(|e| format!("minting a leaf: {e}"))?;

@@ -9,11 +9,11 @@
 
 use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::connect::{Tunnel, authorize_tunnel, intercept, passthrough};
-use super::{Entry, Gateway, Via, handle, new_facts};
+use super::{App, Arrival, handle, new_facts};
 use crate::config::TlsMode;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// The destination the client dialled before iptables redirected it.
@@ -28,7 +28,7 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 
 /// Handles one redirected connection.
 /// It holds `slot` (its place under `limits.max_connections`) for as long as it is open.
-pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<SocketAddr>, slot: ConnSlot) {
+pub async fn serve_connection(gw: Arc<App>, stream: TcpStream, own: Vec<SocketAddr>, slot: ConnSlot) {
     let orig = match original_destination(&stream) {
         Ok(a) => a,
         Err(e) => {
@@ -45,13 +45,13 @@ pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<Sock
         return;
     }
     // Peek (not read) the first bytes, so a passthrough tunnel can still forward them.
-    let deadline = Instant::now() + gw.config.limits.header_read_timeout;
+    let deadline = crate::clock::instant() + gw.config().limits.header_read_timeout;
     let mut buf = vec![0u8; 16 * 1024];
     let mut seen = 0;
     let mut sni = None;
     let mut is_tls = false;
-    while Instant::now() < deadline {
-        let left = deadline.saturating_duration_since(Instant::now());
+    while crate::clock::instant() < deadline {
+        let left = deadline.saturating_duration_since(crate::clock::instant());
         match tokio::time::timeout(left, stream.peek(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
             Ok(Ok(n)) => {
@@ -75,10 +75,10 @@ pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<Sock
         }
     }
     if !is_tls {
-        let (builder, timeouts) = (conn::builder(&gw.config.limits), ConnTimeouts::from_limits(&gw.config.limits));
+        let (builder, timeouts) = (conn::builder(&gw.config().limits), ConnTimeouts::from_limits(&gw.config().limits));
         let svc = move |req| {
             let gw = gw.clone();
-            async move { Ok::<_, std::convert::Infallible>(handle(gw, req, Via::Transparent(orig)).await) }
+            async move { Ok::<_, std::convert::Infallible>(handle(gw, req, Arrival::Transparent(orig)).await) }
         };
         conn::serve_http(&builder, stream, svc, Some(slot), timeouts).await;
         return;
@@ -86,7 +86,7 @@ pub async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, own: Vec<Sock
     // The SNI is compared and recorded as every other host is (lower-case, no trailing dot); a
     // name that does not normalise falls back to the dialled address, which no name matches.
     let host = sni.as_deref().and_then(super::normalize_host).unwrap_or_else(|| orig.ip().to_string());
-    let mut facts = new_facts(&http::Method::CONNECT, &http::Uri::from_static("/"), Entry::Transparent);
+    let mut facts = new_facts(&http::Method::CONNECT, &http::Uri::from_static("/"), Arrival::Transparent(orig));
     facts.path = String::new();
     facts.host = host.clone();
     facts.port = orig.port();

@@ -238,7 +238,7 @@ impl TestGateway {
         self.data().join("audit.redb")
     }
 
-    pub fn gateway(&self) -> &Arc<uapk_gateway::proxy::Gateway> {
+    pub fn gateway(&self) -> &Arc<uapk_gateway::app::App> {
         &self.running.as_ref().unwrap().gateway
     }
 
@@ -256,9 +256,21 @@ impl TestGateway {
 
     /// Every committed entry, parsed.
     pub fn entries(&self) -> Vec<serde_json::Value> {
-        let db = self.running.as_ref().unwrap().gateway.db.get().unwrap();
-        read_all(&db)
+        read_log(self.running.as_ref().unwrap().gateway.log())
     }
+}
+
+/// Every committed entry of a running gateway's log, parsed.
+pub fn read_log(log: &uapk_gateway::audit::LogReader) -> Vec<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let batch = log.entries(from, 1000).unwrap();
+        let Some(last) = batch.last().map(|(i, _)| *i) else { break };
+        out.extend(batch.iter().map(|(_, b)| serde_json::from_slice(b).unwrap()));
+        from = last + 1;
+    }
+    out
 }
 
 pub fn read_all(db: &redb::Database) -> Vec<serde_json::Value> {

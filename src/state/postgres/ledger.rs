@@ -436,7 +436,7 @@ async fn append_in(
     let last_us: i64 = head.get(3);
     let last = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(last_us) * 1000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    let now = time::OffsetDateTime::now_utc().max(last);
+    let now = crate::clock::now_utc().max(last);
     let mut out = Vec::with_capacity(work.len());
     let (mut idxs, mut bodies, mut sigs) = (Vec::new(), Vec::new(), Vec::new());
     for (fields, guard) in work {

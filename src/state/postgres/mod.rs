@@ -22,7 +22,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A connection pool and the deadline of one call.
 #[derive(Clone)]
@@ -128,7 +128,7 @@ impl Db {
         F: FnOnce(deadpool_postgres::Object) -> Fut,
         Fut: Future<Output = Result<T, CallError>>,
     {
-        let started = Instant::now();
+        let started = crate::clock::instant();
         let r = tokio::time::timeout(self.deadline, async {
             let client = self.pool.get().await.map_err(|e| format!("postgres: {}", pool_error(&e)))?;
             f(client).await.map_err(|e| match e {
