@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 /// Manifests plus one token verifier per agent (each with its own verified-token cache), swapped
 /// as a whole on reload so in-flight requests finish under the policy they started with.
-pub struct Policies {
+pub(crate) struct Policies {
     /// The loaded manifests.
     pub set: PolicySet,
     /// One verifier per agent id.
@@ -34,7 +34,7 @@ pub struct Policies {
 
 impl Policies {
     /// Policies for `set`, each agent with a fresh verifier.
-    pub fn new(set: PolicySet) -> Policies {
+    pub(crate) fn new(set: PolicySet) -> Policies {
         let verifiers = set
             .manifests
             .iter()

@@ -7,9 +7,7 @@
 //!
 //! `audit` depends on nothing else in this crate, so `verify` links only the log's logic.
 
-#![forbid(unsafe_code)]
-
-pub mod admin;
+pub(crate) mod admin;
 pub mod app;
 pub mod approvals;
 pub mod audit;
@@ -17,11 +15,11 @@ pub mod clock;
 pub mod config;
 pub mod identity;
 pub mod limits;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod policy;
 pub mod proxy;
-pub mod response;
+pub(crate) mod response;
 pub mod runtime;
 pub mod state;
-pub mod telemetry;
+pub(crate) mod telemetry;
 pub mod usage;

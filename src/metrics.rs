@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 const BUCKETS: [f64; 14] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 /// A fixed-bucket histogram with lock-free observation.
-pub struct Histogram {
+pub(crate) struct Histogram {
     counts: [AtomicU64; BUCKETS.len() + 1],
     sum_micros: AtomicU64,
 }
@@ -27,14 +27,14 @@ impl Default for Histogram {
 }
 
 impl Histogram {
-    pub fn observe(&self, secs: f64) {
+    pub(crate) fn observe(&self, secs: f64) {
         let i = BUCKETS.iter().position(|&b| secs <= b).unwrap_or(BUCKETS.len());
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         self.sum_micros.fetch_add((secs * 1e6) as u64, Ordering::Relaxed);
     }
 
     /// Observes a value that is not a duration (e.g. a batch size), as-is.
-    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+    pub(crate) fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         self.render_series(out, name, "");
     }
@@ -56,7 +56,7 @@ impl Histogram {
 }
 
 /// The `reason` label of a code: itself when it is a known reason code, else `other`.
-pub fn reason_label(code: &str) -> &'static str {
+pub(crate) fn reason_label(code: &str) -> &'static str {
     code.parse::<crate::policy::Code>().map_or("other", crate::policy::Code::as_str)
 }
 
@@ -72,7 +72,7 @@ struct RequestLabels {
 
 /// Spans that reached the collector or were lost on the way (`telemetry`).
 #[derive(Debug, Default)]
-pub struct SpanStats {
+pub(crate) struct SpanStats {
     pub exported: AtomicU64,
     /// Dropped because the export queue was full (the collector is slower than the traffic).
     pub dropped_queue_full: AtomicU64,
@@ -91,12 +91,12 @@ pub struct StateMetrics {
 
 impl StateMetrics {
     /// Records whether `backend` answers (shown as 1 or 0).
-    pub fn set_up(&self, backend: &'static str, up: bool) {
+    pub(crate) fn set_up(&self, backend: &'static str, up: bool) {
         self.up.lock().unwrap_or_else(|e| e.into_inner()).insert(backend, up);
     }
 
     /// Observes one operation `op` against `backend` that took `secs` (failed ones included).
-    pub fn observe(&self, backend: &'static str, op: &'static str, secs: f64) {
+    pub(crate) fn observe(&self, backend: &'static str, op: &'static str, secs: f64) {
         let h = self.durations.lock().unwrap_or_else(|e| e.into_inner()).entry((backend, op)).or_default().clone();
         h.observe(secs);
     }
@@ -125,7 +125,7 @@ impl StateMetrics {
 
 /// Every metric the gateway exports.
 #[derive(Default)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     requests: Mutex<BTreeMap<RequestLabels, u64>>,
     pub spans: std::sync::Arc<SpanStats>,
     /// Shared state backends (Redis rate limits, …).
@@ -139,7 +139,7 @@ pub struct Metrics {
 }
 
 /// Values read at scrape time from other parts of the gateway.
-pub struct Gauges {
+pub(crate) struct Gauges {
     pub audit_entries: u64,
     pub audit_queue_depth: u64,
     pub audit_last_batch: u64,
@@ -153,7 +153,7 @@ pub struct Gauges {
 impl Metrics {
     /// Counts a decided request. `agent` must already be a configured id, `unknown` or `-`
     /// (see `proxy::Gateway::count`); `reason` is mapped onto the closed set here.
-    pub fn request(
+    pub(crate) fn request(
         &self,
         decision: &'static str,
         reason: &str,
@@ -171,11 +171,11 @@ impl Metrics {
         *self.requests.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default() += 1;
     }
 
-    pub fn reload(&self, result: &'static str) {
+    pub(crate) fn reload(&self, result: &'static str) {
         *self.config_reloads.lock().unwrap_or_else(|e| e.into_inner()).entry(result).or_default() += 1;
     }
 
-    pub fn render(&self, g: &Gauges) -> String {
+    pub(crate) fn render(&self, g: &Gauges) -> String {
         let mut out = String::new();
         out.push_str(
             "# HELP uapk_requests_total Requests decided, by decision, first reason code, agent, connector and policy mode.\n",

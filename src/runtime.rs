@@ -111,7 +111,7 @@ fn open_files_limit() -> Option<usize> {
 /// descriptors each: the client's and the upstream's) next to the admin listener's own cap, so
 /// that running out of descriptors refuses agent connections with a 503 instead of failing
 /// every accept, `/livez` included.
-pub fn effective_max_connections(configured: usize, admin: usize, open_files: Option<usize>) -> usize {
+pub(crate) fn effective_max_connections(configured: usize, admin: usize, open_files: Option<usize>) -> usize {
     match open_files {
         Some(n) => configured.min(n.saturating_sub(RESERVED_FDS + admin) / 2).max(1),
         None => configured,
@@ -794,7 +794,7 @@ fn fingerprint(dir: &std::path::Path, watched: &[std::path::PathBuf]) -> String 
 /// Reloads the policies: validate fully, record, swap atomically. A manifest that fails keeps
 /// its agent's last good version (or, without one, refuses it `manifest_invalid`); the error is
 /// counted and shown on `/readyz` until a reload without one.
-pub async fn reload(gw: &App, health: &AdminState, trigger: &str) {
+pub(crate) async fn reload(gw: &App, health: &AdminState, trigger: &str) {
     let dir = gw.config().policies_dir.clone();
     let loaded = tokio::task::spawn_blocking(move || config::load_policies_lenient(&dir, Strictness::Run)).await;
     let mut set = match loaded {

@@ -40,7 +40,7 @@ const MAX_BATCH: usize = 512;
 const MAX_ANSWER: usize = 64 * 1024;
 
 /// The gateway's tracer, or nothing when `telemetry.otlp` is off.
-pub struct Telemetry {
+pub(crate) struct Telemetry {
     tracer: Option<SdkTracer>,
     /// Kept so the span pipeline lives as long as the gateway.
     _provider: Option<SdkTracerProvider>,
@@ -48,13 +48,17 @@ pub struct Telemetry {
 
 impl Telemetry {
     /// Telemetry off: only a caller's `traceparent` gives a request a trace id.
-    pub fn off() -> Telemetry {
+    pub(crate) fn off() -> Telemetry {
         Telemetry { tracer: None, _provider: None }
     }
 
     /// Starts the export pipeline. Must run inside the gateway's tokio runtime. `extra_roots`
     /// are PEM files trusted for an `https://` collector next to the webpki roots.
-    pub fn start(settings: &OtlpSettings, extra_roots: &[PathBuf], stats: Arc<SpanStats>) -> Result<Telemetry, String> {
+    pub(crate) fn start(
+        settings: &OtlpSettings,
+        extra_roots: &[PathBuf],
+        stats: Arc<SpanStats>,
+    ) -> Result<Telemetry, String> {
         let mut exporter = exporter(settings, extra_roots)?;
         let mut resource = Resource::builder();
         // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by the builder; the service
@@ -76,7 +80,7 @@ impl Telemetry {
 
     /// The trace of a request with these headers: its server span (telemetry on) continuing a
     /// valid `traceparent`, or just that `traceparent`'s trace id (telemetry off).
-    pub fn start_request(&self, headers: &HeaderMap, method: &str) -> RequestTrace {
+    pub(crate) fn start_request(&self, headers: &HeaderMap, method: &str) -> RequestTrace {
         let parent = if headers.contains_key("traceparent") {
             opentelemetry::propagation::TextMapPropagator::extract(
                 &TraceContextPropagator::new(),
@@ -103,14 +107,14 @@ impl Telemetry {
 /// One request's trace: its id (when known) and, with telemetry on, its server span. Clones
 /// share the span; it ends at the first `finish` (or when the last clone is dropped).
 #[derive(Clone, Default)]
-pub struct RequestTrace {
+pub(crate) struct RequestTrace {
     trace_id: Option<String>,
     cx: Option<Context>,
     tracer: Option<SdkTracer>,
 }
 
 /// What a request's span records when it ends.
-pub struct SpanFacts<'a> {
+pub(crate) struct SpanFacts<'a> {
     pub request_id: &'a str,
     pub agent: &'a str,
     pub connector: &'a str,
@@ -165,13 +169,13 @@ fn end_span(cx: &Context, facts: &SpanFacts<'_>) {
 
 impl RequestTrace {
     /// The trace id (32 hex digits) when a trace is known.
-    pub fn trace_id(&self) -> Option<&str> {
+    pub(crate) fn trace_id(&self) -> Option<&str> {
         self.trace_id.as_deref()
     }
 
     /// Ends the request's span with what was decided (no-op without telemetry, or when it has
     /// already ended).
-    pub fn finish(&self, facts: &SpanFacts<'_>) {
+    pub(crate) fn finish(&self, facts: &SpanFacts<'_>) {
         if let Some(cx) = &self.cx {
             end_span(cx, facts);
         }
@@ -180,7 +184,7 @@ impl RequestTrace {
     /// Starts the span of the upstream call and, with telemetry on, sets the forwarded
     /// `traceparent` (and `tracestate`) to it, so the upstream continues the gateway's trace.
     /// Without telemetry the caller's headers pass through untouched.
-    pub fn start_upstream(&self, headers: &mut HeaderMap) -> UpstreamSpan {
+    pub(crate) fn start_upstream(&self, headers: &mut HeaderMap) -> UpstreamSpan {
         let (Some(cx), Some(tracer)) = (&self.cx, &self.tracer) else {
             return UpstreamSpan(None);
         };
@@ -200,10 +204,10 @@ impl RequestTrace {
 }
 
 /// The span of one upstream call; ended by `finish` (or when dropped).
-pub struct UpstreamSpan(Option<Context>);
+pub(crate) struct UpstreamSpan(Option<Context>);
 
 impl UpstreamSpan {
-    pub fn finish(self, facts: &SpanFacts<'_>) {
+    pub(crate) fn finish(self, facts: &SpanFacts<'_>) {
         if let Some(cx) = &self.0 {
             end_span(cx, facts);
         }

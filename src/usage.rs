@@ -53,7 +53,7 @@ pub struct Usage {
 
 impl Usage {
     /// The `usage` object of an outcome entry.
-    pub fn to_json(self) -> Value {
+    pub(crate) fn to_json(self) -> Value {
         let mut v = serde_json::json!({
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
@@ -77,7 +77,7 @@ const MAX_CHOICES: u64 = 128;
 /// JSON body, times `n` choices when `n > 1`), else `default_output` (the connector's
 /// `usage_estimate`), plus the body's length / 4, rounded up, for the input. A declared limit
 /// that is not a positive integer is ignored (the upstream refuses it anyway).
-pub fn estimate(body: &[u8], default_output: u64) -> u64 {
+pub(crate) fn estimate(body: &[u8], default_output: u64) -> u64 {
     let input = (body.len() as u64).div_ceil(4);
     let declared = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
         let limit = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
@@ -93,7 +93,7 @@ pub fn estimate(body: &[u8], default_output: u64) -> u64 {
 
 /// Makes the upstream answer a usage connector's requests uncompressed, so usage can be read
 /// as the body streams past (the agent gets the same bytes; only the transfer is larger).
-pub fn prepare_request(headers: &mut HeaderMap, connector: &Connector) {
+pub(crate) fn prepare_request(headers: &mut HeaderMap, connector: &Connector) {
     if connector.usage.is_some() {
         headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
     }
@@ -396,7 +396,7 @@ pub struct UsageParser {
 
 impl UsageParser {
     /// A parser for a response with these headers.
-    pub fn new(format: UsageFormat, headers: &HeaderMap) -> UsageParser {
+    pub(crate) fn new(format: UsageFormat, headers: &HeaderMap) -> UsageParser {
         let encoding = headers
             .get_all(header::CONTENT_ENCODING)
             .iter()
@@ -428,7 +428,7 @@ impl UsageParser {
     }
 
     /// Feeds the next chunk of the body.
-    pub fn feed(&mut self, data: &[u8]) {
+    pub(crate) fn feed(&mut self, data: &[u8]) {
         let mut events = Vec::new();
         match &mut self.mode {
             Mode::Off(_) => {}
@@ -472,31 +472,31 @@ impl UsageParser {
     /// has passed: the usage is complete, whatever else the connection carries. SDKs stop
     /// reading there (openai-python closes the response at `[DONE]`), so the outcome is
     /// written then rather than when the connection ends.
-    pub fn stream_done(&self) -> bool {
+    pub(crate) fn stream_done(&self) -> bool {
         matches!(&self.mode, Mode::Sse(sse) if sse.done)
     }
 
     /// Whether the response's usage is being read (not a content-encoded body).
-    pub fn is_reading(&self) -> bool {
+    pub(crate) fn is_reading(&self) -> bool {
         !matches!(self.mode, Mode::Off(_))
     }
 
     /// An event stream whose final event has not passed: its usage so far may be partial
     /// (Anthropic's output count grows with every `message_delta`).
-    pub fn stream_unfinished(&self) -> bool {
+    pub(crate) fn stream_unfinished(&self) -> bool {
         matches!(&self.mode, Mode::Sse(sse) if !sse.done)
     }
 
     /// The tokens seen so far (input, cache and output), for a response cut short: a floor for
     /// what it is charged.
-    pub fn seen_so_far(&self) -> u64 {
+    pub(crate) fn seen_so_far(&self) -> u64 {
         let parts = [self.input, self.cache_creation, self.cache_read, self.output];
         let sum = parts.into_iter().flatten().fold(0u64, u64::saturating_add);
         sum.max(self.total.unwrap_or(0)).min(MAX_TOKENS)
     }
 
     /// The usage of the whole response, or why it is unknown.
-    pub fn finish(mut self) -> Result<Usage, String> {
+    pub(crate) fn finish(mut self) -> Result<Usage, String> {
         let mode = std::mem::replace(&mut self.mode, Mode::Off(String::new()));
         match mode {
             Mode::Off(reason) => return Err(reason),

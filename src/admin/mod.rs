@@ -201,7 +201,7 @@ async fn read_json<T: for<'de> Deserialize<'de> + Default>(req: Request<Incoming
     serde_json::from_slice(&body).map_err(|e| AdminError::bad_request(format!("invalid JSON body: {e}")))
 }
 
-pub async fn handle(gw: Arc<App>, st: Arc<AdminState>, req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn handle(gw: Arc<App>, st: Arc<AdminState>, req: Request<Incoming>) -> Response<ProxyBody> {
     let path = req.uri().path().to_string();
     let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();

@@ -22,7 +22,7 @@ const MAX_SESSIONS: usize = 1024;
 
 /// A signed-in operator.
 #[derive(Clone)]
-pub struct Session {
+pub(crate) struct Session {
     pub key_id: String,
     pub role: AdminRole,
     /// Sent back in `x-uapk-csrf` on every change.
@@ -42,7 +42,7 @@ fn random_token() -> String {
 }
 
 impl Sessions {
-    pub fn get(&self, id: &str) -> Option<Session> {
+    pub(crate) fn get(&self, id: &str) -> Option<Session> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         match map.get(id) {
             Some(s) if s.expires > crate::clock::instant() => Some(s.clone()),
@@ -55,7 +55,7 @@ impl Sessions {
     }
 
     /// Opens a session and answers with its cookie and CSRF token.
-    pub fn open(&self, key_id: String, role: AdminRole) -> Response<ProxyBody> {
+    pub(crate) fn open(&self, key_id: String, role: AdminRole) -> Response<ProxyBody> {
         let (id, csrf) = (random_token(), random_token());
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let now = crate::clock::instant();
@@ -76,12 +76,12 @@ impl Sessions {
         r
     }
 
-    pub fn close(&self, id: &str) {
+    pub(crate) fn close(&self, id: &str) {
         self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 }
 
-pub fn role_name(r: AdminRole) -> &'static str {
+pub(super) fn role_name(r: AdminRole) -> &'static str {
     match r {
         AdminRole::Viewer => "viewer",
         AdminRole::Auditor => "auditor",
@@ -90,7 +90,7 @@ pub fn role_name(r: AdminRole) -> &'static str {
     }
 }
 
-pub fn clear_cookie() -> Response<ProxyBody> {
+pub(super) fn clear_cookie() -> Response<ProxyBody> {
     let mut r = json_response(StatusCode::OK, &json!({"signed_out": true}));
     r.headers_mut().insert(
         header::SET_COOKIE,
@@ -100,7 +100,7 @@ pub fn clear_cookie() -> Response<ProxyBody> {
 }
 
 /// The session id from the request's cookie.
-pub fn session_cookie<B>(req: &Request<B>) -> Option<&str> {
+pub(super) fn session_cookie<B>(req: &Request<B>) -> Option<&str> {
     req.headers()
         .get_all(header::COOKIE)
         .iter()
@@ -111,7 +111,7 @@ pub fn session_cookie<B>(req: &Request<B>) -> Option<&str> {
 }
 
 /// One of the page's files, with the security headers.
-pub fn asset(name: &str) -> Response<ProxyBody> {
+pub(super) fn asset(name: &str) -> Response<ProxyBody> {
     let (body, ctype) = match name {
         "index.html" => (INDEX, "text/html; charset=utf-8"),
         "app.js" => (APP_JS, "text/javascript; charset=utf-8"),

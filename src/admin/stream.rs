@@ -30,14 +30,14 @@ struct Cursor {
 }
 
 /// Why a stream cannot start.
-pub enum Refused {
+pub(super) enum Refused {
     /// `from` lies past the end of the log (a restored or different log: never wait silently).
     PastEnd { from: u64, size: u64 },
 }
 
 /// The streaming response: entries `[from, …)`; with `follow` it stays open for new entries
 /// until the client leaves or the gateway stops, else it ends at the current end of the log.
-pub fn response(gw: Arc<App>, from: u64, follow: bool) -> Result<Response<ProxyBody>, Refused> {
+pub(super) fn response(gw: Arc<App>, from: u64, follow: bool) -> Result<Response<ProxyBody>, Refused> {
     // Subscribed before the size is read: no commit can fall between the two.
     let committed = gw.audit().committed();
     let size = gw.audit().tree_size();

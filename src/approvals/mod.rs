@@ -4,7 +4,8 @@
 
 mod service;
 
-pub use service::{Approvals, BY_GATEWAY, Decided, Resolution, Slot, approval_entry};
+pub use service::Approvals;
+pub(crate) use service::{BY_GATEWAY, Decided, Resolution, approval_entry};
 
 use crate::audit::SharedDb;
 use crate::policy::Code;
@@ -94,7 +95,7 @@ pub struct Approval {
 
 impl Approval {
     /// The status as of `now`: a pending approval past its expiry is expired.
-    pub fn status_at(&self, now: i64) -> Status {
+    pub(crate) fn status_at(&self, now: i64) -> Status {
         if self.status == Status::Pending && self.expires_at <= now { Status::Expired } else { self.status }
     }
     fn time_key(&self) -> (u64, &str) {
@@ -104,13 +105,13 @@ impl Approval {
 
 /// Where the next page of a listing starts (opaque to clients: `<created_at>-<id>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Cursor {
+pub(crate) struct Cursor {
     pub(crate) created_at: u64,
     pub(crate) id: String,
 }
 
 impl Cursor {
-    pub fn parse(s: &str) -> Option<Cursor> {
+    pub(crate) fn parse(s: &str) -> Option<Cursor> {
         let (t, id) = s.split_once('-')?;
         let created_at = t.parse().ok()?;
         (id.starts_with("appr-") && id.len() == 29).then(|| Cursor { created_at, id: id.to_string() })
@@ -140,7 +141,7 @@ fn store_err(e: impl std::fmt::Display) -> ApprovalError {
 /// The approvals table in the gateway's database, with two index tables kept in the same
 /// transactions.
 #[derive(Clone)]
-pub struct ApprovalStore {
+pub(crate) struct ApprovalStore {
     db: SharedDb,
 }
 
@@ -153,7 +154,7 @@ pub fn new_id() -> String {
 
 impl ApprovalStore {
     /// Opens the tables; a database from before the index tables gets them built once.
-    pub fn open(db: SharedDb) -> Result<Self, ApprovalError> {
+    pub(crate) fn open(db: SharedDb) -> Result<Self, ApprovalError> {
         let tx = db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         {
             let t = tx.open_table(APPROVALS).map_err(store_err)?;
@@ -174,7 +175,7 @@ impl ApprovalStore {
         Ok(ApprovalStore { db })
     }
 
-    pub fn put(&self, a: &Approval) -> Result<(), ApprovalError> {
+    pub(crate) fn put(&self, a: &Approval) -> Result<(), ApprovalError> {
         let bytes = serde_json::to_vec(a).map_err(store_err)?;
         let tx = self.db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         {
@@ -188,7 +189,7 @@ impl ApprovalStore {
         tx.commit().map_err(store_err)
     }
 
-    pub fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
+    pub(crate) fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
         let tx = self.db.get().map_err(store_err)?.begin_read().map_err(store_err)?;
         let t = tx.open_table(APPROVALS).map_err(store_err)?;
         match t.get(id).map_err(store_err)? {
@@ -200,7 +201,7 @@ impl ApprovalStore {
     /// One page of approvals, newest first, optionally of one status (as of `now`: pending
     /// ones past their expiry count as expired), starting after `cursor`; with the cursor of
     /// the next page when there may be more. `status=pending` reads only the pending index.
-    pub fn page(
+    pub(crate) fn page(
         &self,
         status: Option<Status>,
         limit: usize,
@@ -234,7 +235,7 @@ impl ApprovalStore {
     }
 
     /// Pending approvals per agent, as stored (one pass over the pending index at start).
-    pub fn pending_by_agent(&self) -> Result<std::collections::HashMap<String, usize>, ApprovalError> {
+    pub(crate) fn pending_by_agent(&self) -> Result<std::collections::HashMap<String, usize>, ApprovalError> {
         let tx = self.db.get().map_err(store_err)?.begin_read().map_err(store_err)?;
         let t = tx.open_table(APPROVALS).map_err(store_err)?;
         let mut out = std::collections::HashMap::new();
@@ -250,7 +251,7 @@ impl ApprovalStore {
 
     /// Moves an approval from `from` to `to` in one write transaction; no approving twice, no
     /// approving after expiry.
-    pub fn transition(
+    pub(crate) fn transition(
         &self,
         id: &str,
         from: Status,
@@ -266,7 +267,7 @@ impl ApprovalStore {
 
     /// Flips every stored pending approval past its expiry to expired, in one transaction, and
     /// returns them. Reads only the pending index.
-    pub fn expire_overdue(&self, now: i64) -> Result<Vec<Approval>, ApprovalError> {
+    pub(crate) fn expire_overdue(&self, now: i64) -> Result<Vec<Approval>, ApprovalError> {
         let tx = self.db.get().map_err(store_err)?.begin_write().map_err(store_err)?;
         let mut expired = Vec::new();
         {
@@ -298,7 +299,7 @@ impl ApprovalStore {
 /// Consumes approval `id` (approved → consumed) in the audit writer's transaction, so the
 /// override is used in the same commit as the decision that accepts it; `Err` is the refusal's
 /// reason code.
-pub fn consume_in(tx: &redb::WriteTransaction, id: &str, now: i64) -> Result<(), String> {
+pub(crate) fn consume_in(tx: &redb::WriteTransaction, id: &str, now: i64) -> Result<(), String> {
     transition_in(tx, id, Status::Approved, Status::Consumed, now, |_| {}).map(|_| ()).map_err(|e| {
         match e {
             ApprovalError::NotPending { status: "consumed", .. } => Code::OverrideTokenAlreadyUsed,
@@ -312,7 +313,7 @@ pub fn consume_in(tx: &redb::WriteTransaction, id: &str, now: i64) -> Result<(),
 /// `ApprovalStore::transition` inside a transaction someone else commits (the audit writer's:
 /// an override is consumed in the same commit as the decision that accepts it). On error the
 /// transaction is left as it was.
-pub fn transition_in(
+pub(crate) fn transition_in(
     tx: &redb::WriteTransaction,
     id: &str,
     from: Status,

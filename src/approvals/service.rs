@@ -6,7 +6,7 @@
 
 use super::{Approval, ApprovalError, ApprovalStore, Cursor, Status};
 use crate::audit::AuditHandle;
-pub use crate::config::BY_GATEWAY;
+pub(crate) use crate::config::BY_GATEWAY;
 use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ pub struct Slot(Option<String>);
 
 /// How a held request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Resolution {
+pub(crate) enum Resolution {
     Approved,
     Denied,
     TimedOut,
@@ -28,7 +28,7 @@ pub enum Resolution {
 }
 
 /// What an approve/deny call produced.
-pub struct Decided {
+pub(crate) struct Decided {
     pub approval: Approval,
     /// The override token (approve only), shown once.
     pub override_token: Option<String>,
@@ -51,7 +51,7 @@ use crate::clock::now_unix;
 
 /// An `approval` audit entry. `by` is who made the event: the admin key id for approve and
 /// deny, [`BY_GATEWAY`] for the events the gateway makes by itself.
-pub fn approval_entry(
+pub(crate) fn approval_entry(
     id: &str,
     event: &str,
     by: &str,
@@ -77,7 +77,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Approvals {
-    pub fn new(store: ApprovalStore) -> Result<Approvals, ApprovalError> {
+    pub(crate) fn new(store: ApprovalStore) -> Result<Approvals, ApprovalError> {
         let pending = store.pending_by_agent()?;
         Ok(Approvals {
             store: Some(store),
@@ -89,7 +89,7 @@ impl Approvals {
     }
 
     /// The fleet's queue (SPEC §15.3).
-    pub fn fleet(fleet: crate::state::postgres::PgApprovals) -> Approvals {
+    pub(crate) fn fleet(fleet: crate::state::postgres::PgApprovals) -> Approvals {
         Approvals {
             store: None,
             fleet: Some(fleet),
@@ -101,7 +101,7 @@ impl Approvals {
 
     /// Held requests whose approval was decided on another gateway of the fleet are woken here
     /// (called about every 250 ms), and the fleet's pending count refreshed.
-    pub async fn poll_fleet(&self) {
+    pub(crate) async fn poll_fleet(&self) {
         let Some(f) = &self.fleet else { return };
         let ids: Vec<String> = self.waiters.lock().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect();
         if !ids.is_empty()
@@ -140,7 +140,7 @@ impl Approvals {
     }
 
     /// Pending approvals of all agents (the `uapk_approvals_pending` gauge).
-    pub fn pending_total(&self) -> u64 {
+    pub(crate) fn pending_total(&self) -> u64 {
         if self.fleet.is_some() {
             return self.fleet_pending.load(std::sync::atomic::Ordering::Relaxed);
         }
@@ -155,7 +155,7 @@ impl Approvals {
         blocking(move || store.get(&id)).await
     }
 
-    pub async fn page(
+    pub(crate) async fn page(
         &self,
         status: Option<Status>,
         limit: usize,
@@ -185,7 +185,7 @@ impl Approvals {
         Ok(Ok(Slot(None)))
     }
 
-    pub async fn unreserve(&self, agent: &str, slot: Slot) {
+    pub(crate) async fn unreserve(&self, agent: &str, slot: Slot) {
         match (&self.fleet, slot.0) {
             (Some(f), Some(s)) => f.unreserve(&s).await,
             _ => self.left_pending(agent),
@@ -230,13 +230,13 @@ impl Approvals {
     }
 
     /// Registers a held request; its receiver resolves when a human decides.
-    pub fn hold(&self, id: &str) -> oneshot::Receiver<Resolution> {
+    pub(crate) fn hold(&self, id: &str) -> oneshot::Receiver<Resolution> {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string(), tx);
         rx
     }
 
-    pub fn release_hold(&self, id: &str) {
+    pub(crate) fn release_hold(&self, id: &str) {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
     }
 
@@ -246,15 +246,10 @@ impl Approvals {
         }
     }
 
-    /// Requests currently held for a decision.
-    pub fn held(&self) -> usize {
-        self.waiters.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
     /// Approves or denies a pending approval, records it, and wakes a held request. An
     /// approval's override token is valid for `override_ttl`.
     #[allow(clippy::too_many_arguments)]
-    pub async fn decide(
+    pub(crate) async fn decide(
         &self,
         audit: &AuditHandle,
         key: &SigningKey,
@@ -296,7 +291,12 @@ impl Approvals {
 
     /// An override token for an approved approval, valid until its `override_expires_at`;
     /// returns the token and its `jti`.
-    pub fn mint_override(&self, key: &SigningKey, a: &Approval, now: i64) -> Result<(String, String), ApprovalError> {
+    pub(crate) fn mint_override(
+        &self,
+        key: &SigningKey,
+        a: &Approval,
+        now: i64,
+    ) -> Result<(String, String), ApprovalError> {
         let exp = a.override_expires_at.unwrap_or(now);
         crate::identity::mint_override(key, &a.agent, &a.id, &a.action_hash, exp.saturating_sub(now), now)
             .map(|(token, claims)| (token, claims.jti))
@@ -305,7 +305,7 @@ impl Approvals {
 
     /// A held request ran out of time: expire its approval (a decision made in the same
     /// instant wins) and say how it ended.
-    pub async fn expire_held(&self, audit: &AuditHandle, id: &str, agent: Option<&str>) -> Resolution {
+    pub(crate) async fn expire_held(&self, audit: &AuditHandle, id: &str, agent: Option<&str>) -> Resolution {
         if self.transition(id, Status::Pending, Status::Expired, i64::MAX).await.is_ok() {
             let _ = audit.append_nowait(approval_entry(
                 id,
@@ -324,7 +324,7 @@ impl Approvals {
     }
 
     /// Marks pending approvals past their expiry as expired, with an audit entry each.
-    pub async fn expire_due(&self, audit: &AuditHandle) {
+    pub(crate) async fn expire_due(&self, audit: &AuditHandle) {
         let expired = match &self.fleet {
             Some(f) => f.expire_overdue(now_unix()).await,
             None => match self.local() {

@@ -10,7 +10,7 @@
 //! C2SP signed checkpoint of the new tree (`note`): every acknowledged entry is covered by a signed
 //! checkpoint. With `Durability::Sync` an append resolves only after an fsynced commit.
 
-pub use uapk_tlog::{canonical, merkle, note};
+pub(crate) use uapk_tlog::{canonical, merkle, note};
 mod file;
 pub mod proof;
 pub(crate) mod store;
@@ -18,19 +18,21 @@ pub mod tar;
 mod verify;
 
 pub use canonical::{Fields, canonical_json};
-pub use merkle::{Frontier, Hash, leaf_hash};
-pub use note::{Checkpoint, key_id, parse_checkpoint, parse_unverified, valid_key_name};
+pub use merkle::{Frontier, leaf_hash};
+pub use note::{Checkpoint, key_id, parse_checkpoint, parse_unverified};
 pub use proof::Proof;
-pub use store::{
-    AuditConfig, AuditHandle, AuditLog, AuditStats, Checker, Durability, GENESIS_PREV, Precondition, SharedDb,
-    rotate_key, rotation_message,
-};
-pub use uapk_tlog::{Error as AuditError, MAX_ENTRY_BYTES, storage};
+pub use store::{AuditConfig, AuditHandle, AuditLog, Durability, Precondition, SharedDb, rotate_key};
+pub use uapk_tlog::Error as AuditError;
 pub use verify::{
-    BUNDLE_FORMAT, ExportReport, LogReader, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport,
-    export_bundle, export_from, fetch_failure, first_index_at_or_after, read_entries, verify_bundle,
-    verify_bundle_with, verify_db, verify_db_with, verify_served, verify_tx,
+    LogReader, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, fetch_failure,
+    read_entries, verify_bundle_with, verify_db, verify_db_with, verify_served,
 };
+
+pub(crate) use merkle::Hash;
+pub(crate) use note::valid_key_name;
+pub(crate) use store::Checker;
+pub(crate) use uapk_tlog::{MAX_ENTRY_BYTES, storage};
+pub(crate) use verify::{ExportReport, export_from, first_index_at_or_after};
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use super::merkle::{self, Hash};
 use super::store::{CHECKPOINTS, ENTRIES, NODE_MIN_LEVEL, NODES, node_key};
 use super::{AuditError, storage};
 use redb::{ReadTransaction, ReadableTable};
-pub use uapk_tlog::proof::{Proof, hash};
+pub use uapk_tlog::proof::Proof;
 
 /// The log's stored tree: the roots of its large complete subtrees (the node index), and the
 /// entries for the rest. A proof reads O(log n) nodes and hashes at most a few hundred entries per
@@ -91,7 +91,7 @@ fn checkpoint_at(tx: &ReadTransaction, n: u64) -> Result<Option<String>, AuditEr
 }
 
 /// The size of the latest checkpoint.
-pub fn latest_size(tx: &ReadTransaction) -> Result<u64, AuditError> {
+pub(crate) fn latest_size(tx: &ReadTransaction) -> Result<u64, AuditError> {
     let cps = tx.open_table(CHECKPOINTS).map_err(storage)?;
     Ok(cps.last().map_err(storage)?.map_or(0, |(k, _)| k.value()))
 }

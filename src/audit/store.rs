@@ -66,7 +66,7 @@ fn ensure_nodes(db: &redb::Database, size: u64) -> Result<(), AuditError> {
     tx.commit().map_err(storage)
 }
 
-pub use uapk_tlog::GENESIS_PREV;
+pub(crate) use uapk_tlog::GENESIS_PREV;
 
 const MAX_BATCH: usize = 4096;
 const WRITER_CACHE_BYTES: usize = 4 * 1024 * 1024;
@@ -121,7 +121,7 @@ pub struct Precondition {
 /// How the embedded writer checks a [`Precondition`] inside its redb transaction: `Err(why)`
 /// leaves the entry out (its appender gets `AuditError::Refused(why)`) and must leave the
 /// transaction as it found it.
-pub type Checker = Arc<dyn Fn(&redb::WriteTransaction, &Precondition) -> Result<(), String> + Send + Sync>;
+pub(crate) type Checker = Arc<dyn Fn(&redb::WriteTransaction, &Precondition) -> Result<(), String> + Send + Sync>;
 
 #[derive(Default)]
 pub(crate) struct Shared {
@@ -178,7 +178,7 @@ impl AuditHandle {
     }
 
     /// Queues an entry without waiting for its commit.
-    pub fn append_nowait(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
+    pub(crate) fn append_nowait(&self, fields: Map<String, Value>) -> Result<(), AuditError> {
         self.append_fields_nowait(Fields::from_map(fields)?)
     }
 
@@ -204,7 +204,7 @@ impl AuditHandle {
     }
 
     /// `append_nowait` for fields already in canonical form.
-    pub fn append_fields_nowait(&self, fields: Fields) -> Result<(), AuditError> {
+    pub(crate) fn append_fields_nowait(&self, fields: Fields) -> Result<(), AuditError> {
         self.tx.try_send(Msg::Append(fields, None, None)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => AuditError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => AuditError::Stopped,
@@ -221,7 +221,7 @@ impl AuditHandle {
         &self.tx
     }
 
-    pub fn queue_depth(&self) -> usize {
+    pub(crate) fn queue_depth(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
@@ -232,17 +232,17 @@ impl AuditHandle {
 
     /// The committed size, updated after every commit: `changed()` wakes a reader when new
     /// entries are readable (no polling).
-    pub fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn committed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shared.committed.0.subscribe()
     }
 
     /// The latest signed checkpoint note.
-    pub fn latest_checkpoint(&self) -> Option<String> {
+    pub(crate) fn latest_checkpoint(&self) -> Option<String> {
         self.shared.checkpoint.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// True while the log cannot write (a failed write, not yet recovered by reopening).
-    pub fn storage_failed(&self) -> bool {
+    pub(crate) fn storage_failed(&self) -> bool {
         self.shared.failed.load(Ordering::SeqCst)
     }
 
@@ -459,7 +459,7 @@ impl AuditLog {
     }
 
     /// `open`, with the way the writer checks an entry's [`Precondition`] in its transaction.
-    pub fn open_with(cfg: AuditConfig, key: SigningKey, checker: Checker) -> Result<AuditLog, AuditError> {
+    pub(crate) fn open_with(cfg: AuditConfig, key: SigningKey, checker: Checker) -> Result<AuditLog, AuditError> {
         super::note::valid_key_name(&cfg.origin)
             .map_err(|e| AuditError::Checkpoint(format!("the log origin {:?} {e}", cfg.origin)))?;
         if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -497,7 +497,7 @@ impl AuditLog {
         self.handle.clone()
     }
 
-    pub fn database(&self) -> SharedDb {
+    pub(crate) fn database(&self) -> SharedDb {
         self.db.clone()
     }
 
@@ -956,7 +956,7 @@ pub(crate) fn log_json(origin: &str) -> Vec<u8> {
     out
 }
 
-pub use uapk_tlog::rotation_message;
+pub(crate) use uapk_tlog::rotation_message;
 
 /// The `key` entry announcing `new` (signed by `old`) in the log `origin`.
 pub(crate) fn rotation_fields(origin: &str, key_name: &str, old: &SigningKey, new: &SigningKey) -> Map<String, Value> {

@@ -6,7 +6,7 @@ use super::AuditError;
 const BLOCK: usize = 512;
 
 /// The files of a bundle in the order they are streamed.
-pub const TAR_FILES: [&str; 6] =
+pub(crate) const TAR_FILES: [&str; 6] =
     ["manifest.json", "manifest.json.sig", "checkpoint", "prefix.json", "gateway.pub.pem", "entries.jsonl"];
 
 fn octal(field: &mut [u8], value: u64) {
@@ -17,7 +17,7 @@ fn octal(field: &mut [u8], value: u64) {
 }
 
 /// The 512-byte ustar header of a regular file.
-pub fn header(name: &str, size: u64, mtime: u64) -> Result<[u8; BLOCK], AuditError> {
+pub(crate) fn header(name: &str, size: u64, mtime: u64) -> Result<[u8; BLOCK], AuditError> {
     if name.is_empty() || name.len() > 100 || name.contains('/') || name == ".." {
         return Err(AuditError::Io(format!("{name:?} cannot be a bundle file name")));
     }
@@ -42,12 +42,12 @@ pub fn header(name: &str, size: u64, mtime: u64) -> Result<[u8; BLOCK], AuditErr
 }
 
 /// Zero bytes that pad `size` bytes of data to a whole block.
-pub fn padding(size: u64) -> usize {
+pub(crate) fn padding(size: u64) -> usize {
     (BLOCK - (size as usize % BLOCK)) % BLOCK
 }
 
 /// The end of an archive: two zero blocks.
-pub const END: [u8; 2 * BLOCK] = [0u8; 2 * BLOCK];
+pub(crate) const END: [u8; 2 * BLOCK] = [0u8; 2 * BLOCK];
 
 fn parse_octal(field: &[u8]) -> Option<u64> {
     let s = std::str::from_utf8(field).ok()?;

@@ -2,6 +2,7 @@ use super::merkle::*;
 use super::*;
 use ed25519_dalek::SigningKey;
 use serde_json::{Map, Value, json};
+use uapk_tlog::verify::verify_bundle;
 
 fn hexh(s: &str) -> Hash {
     hex::decode(s).unwrap().try_into().unwrap()

@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
-pub use uapk_tlog::verify::{
-    BUNDLE_FORMAT, MANIFEST_CONTEXT, VerifyFailure, VerifyOptions, VerifyReport, fetch_failure, verify_bundle,
-    verify_bundle_with, verify_served,
-};
+pub(crate) use uapk_tlog::verify::BUNDLE_FORMAT;
 use uapk_tlog::verify::{EntrySource, Trusted, manifest_message, verify_log};
+pub use uapk_tlog::verify::{
+    MANIFEST_CONTEXT, VerifyFailure, VerifyOptions, VerifyReport, fetch_failure, verify_bundle_with, verify_served,
+};
 
 fn fail(index: Option<u64>, reason: impl Into<String>) -> VerifyFailure {
     VerifyFailure::new(index, reason)
@@ -119,7 +119,7 @@ impl LogReader {
     }
 
     /// One consistent snapshot; an error while the writer reopens the file after a storage failure.
-    pub fn read(&self) -> Result<redb::ReadTransaction, AuditError> {
+    pub(crate) fn read(&self) -> Result<redb::ReadTransaction, AuditError> {
         self.0.get()?.begin_read().map_err(storage)
     }
 
@@ -145,7 +145,7 @@ fn entries_in(tx: &redb::ReadTransaction, from: u64, limit: usize) -> Result<Vec
 
 /// Index of the first entry whose `ts` is at or after `ts` (RFC 3339), by binary search: the
 /// writer keeps timestamps monotonic.
-pub fn first_index_at_or_after(db: &redb::Database, ts: &str) -> Result<Option<u64>, AuditError> {
+pub(crate) fn first_index_at_or_after(db: &redb::Database, ts: &str) -> Result<Option<u64>, AuditError> {
     let want = time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
         .map_err(|e| AuditError::Io(format!("bad timestamp {ts}: {e}")))?;
     let tx = db.begin_read().map_err(storage)?;
@@ -182,7 +182,7 @@ pub fn verify_db_with(path: &Path, keys: &[VerifyingKey], opts: &VerifyOptions) 
 
 /// `verify_db_with` over an open read transaction: a consistent snapshot of the log (also of a
 /// running gateway's database, whose writer keeps committing meanwhile).
-pub fn verify_tx(
+pub(crate) fn verify_tx(
     tx: &redb::ReadTransaction,
     keys: &[VerifyingKey],
     opts: &VerifyOptions,
@@ -297,7 +297,7 @@ pub fn export_bundle(
 
 /// `export_bundle` from an open read transaction (a consistent snapshot, e.g. of a running
 /// gateway's database).
-pub fn export_from(
+pub(crate) fn export_from(
     tx: &redb::ReadTransaction,
     out: &Path,
     from: Option<u64>,

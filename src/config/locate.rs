@@ -64,7 +64,7 @@ fn key_matches(content: &str, key: &str) -> bool {
 }
 
 /// Returns 1-based (line, column) of `path` in `text`.
-pub fn locate(text: &str, path: &str) -> (usize, usize) {
+pub(super) fn locate(text: &str, path: &str) -> (usize, usize) {
     let lines: Vec<Option<Line>> = text.lines().map(analyse).collect();
     let mut best = (1, 1);
     // The block being searched: lines [start, end) whose key column is > parent, or == parent for

@@ -12,7 +12,7 @@ mod validate;
 
 pub use model::*;
 pub(crate) use validate::is_currency;
-pub use validate::{parse_duration, parse_rate};
+pub use validate::parse_duration;
 
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -82,8 +82,9 @@ pub fn enable_demo_upstream(addr: SocketAddr) -> bool {
     *DEMO_UPSTREAM.get_or_init(|| addr) == addr
 }
 
+#[cfg(test)]
 /// The demo upstream address, when demo mode is on.
-pub fn demo_upstream() -> Option<SocketAddr> {
+pub(crate) fn demo_upstream() -> Option<SocketAddr> {
     DEMO_UPSTREAM.get().copied()
 }
 
@@ -93,7 +94,7 @@ pub fn demo_upstream() -> Option<SocketAddr> {
 /// `http://127.0.0.1:15090/api/v2`. Its `hosts` and `ports` become that address alone, so in
 /// demo mode nothing reaches the real upstreams (CONNECT to them is `host_not_allowed`).
 /// Connectors without a `base_url` are left as they are.
-pub fn point_at_demo_upstream(m: &mut Manifest, addr: SocketAddr) {
+pub(crate) fn point_at_demo_upstream(m: &mut Manifest, addr: SocketAddr) {
     for c in &mut m.connectors {
         // Freshly validated: this is the only reference, so the connector is changed in place.
         let Some(c) = Arc::get_mut(c) else { continue };
@@ -186,18 +187,18 @@ pub struct InvalidManifest {
 }
 
 impl PolicySet {
-    pub fn get(&self, agent: &str) -> Option<&Arc<Manifest>> {
+    pub(crate) fn get(&self, agent: &str) -> Option<&Arc<Manifest>> {
         self.manifests.get(agent)
     }
     /// The invalid manifest that names `agent` (and no valid one does).
-    pub fn invalid_for(&self, agent: &str) -> Option<&InvalidManifest> {
+    pub(crate) fn invalid_for(&self, agent: &str) -> Option<&InvalidManifest> {
         if self.manifests.contains_key(agent) {
             return None;
         }
         self.invalid.iter().find(|i| i.agent.as_deref() == Some(agent))
     }
     /// Every file the set depends on besides the manifests themselves, sorted.
-    pub fn watched_files(&self) -> Vec<PathBuf> {
+    pub(crate) fn watched_files(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = self
             .manifests
             .values()
@@ -209,7 +210,7 @@ impl PolicySet {
         v
     }
     /// SHA-256 over every manifest's hash, in agent order: one value that changes when any does.
-    pub fn digest(&self) -> String {
+    pub(crate) fn digest(&self) -> String {
         let mut h = Sha256::new();
         for (id, m) in &self.manifests {
             h.update(id.as_bytes());
@@ -313,7 +314,7 @@ pub fn load_policies(dir: &Path, strictness: Strictness) -> Result<PolicySet, Di
 /// validation in [`PolicySet::invalid`] (`run`: one broken manifest must not stop every agent).
 /// Two files naming one agent make that agent invalid (which of them applies is ambiguous).
 /// Only an unreadable directory is an error.
-pub fn load_policies_lenient(dir: &Path, strictness: Strictness) -> Result<PolicySet, Diagnostics> {
+pub(crate) fn load_policies_lenient(dir: &Path, strictness: Strictness) -> Result<PolicySet, Diagnostics> {
     let files = manifest_files(dir).map_err(|e| {
         Diagnostics(vec![Diagnostic {
             file: dir.to_path_buf(),

@@ -72,7 +72,7 @@ pub struct RedisSettings {
 pub struct SecretUrl(String);
 
 impl SecretUrl {
-    pub fn new(url: String) -> SecretUrl {
+    pub(crate) fn new(url: String) -> SecretUrl {
         SecretUrl(url)
     }
 
@@ -82,12 +82,12 @@ impl SecretUrl {
     }
 
     /// Whether the URL carries a password.
-    pub fn has_password(&self) -> bool {
+    pub(crate) fn has_password(&self) -> bool {
         url::Url::parse(&self.0).is_ok_and(|u| u.password().is_some())
     }
 
     /// The URL with its password replaced by `***` (unparsable: nothing of it is shown).
-    pub fn redacted(&self) -> String {
+    pub(crate) fn redacted(&self) -> String {
         match url::Url::parse(&self.0) {
             Ok(mut u) => {
                 if u.password().is_some() {
@@ -202,7 +202,7 @@ impl std::fmt::Debug for SecretSource {
 
 impl SecretSource {
     /// The URL, read from its file now (trimmed).
-    pub fn read(&self) -> Result<String, String> {
+    pub(crate) fn read(&self) -> Result<String, String> {
         match self {
             SecretSource::Inline(u) => Ok(u.clone()),
             SecretSource::File(p) => {
@@ -213,7 +213,7 @@ impl SecretSource {
 }
 
 /// A URL with its password (if any) shown as `***`; text that is no URL is hidden whole.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(mut u) => {
             if u.password().is_some() {
@@ -245,7 +245,7 @@ pub struct IdentitySettings {
 /// What an approval entry's `by` holds for the events the gateway makes by itself (created,
 /// expired, consumed, override_issued); approve and deny hold the admin key's id, so no admin
 /// key may take this id.
-pub const BY_GATEWAY: &str = "gateway";
+pub(crate) const BY_GATEWAY: &str = "gateway";
 
 /// Admin roles, in order: each role may do everything the roles before it may. Reading grows
 /// from viewer (records, checkpoint, proofs, stream, approvals, manifests) to auditor (also the
@@ -256,17 +256,6 @@ pub enum AdminRole {
     Auditor,
     Approver,
     Admin,
-}
-
-impl AdminRole {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AdminRole::Viewer => "viewer",
-            AdminRole::Auditor => "auditor",
-            AdminRole::Approver => "approver",
-            AdminRole::Admin => "admin",
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -322,10 +311,10 @@ pub struct Limits {
 }
 
 /// At most this much of an LLM response is read after the agent went away (SPEC §16.1).
-pub const USAGE_DRAIN_MAX_BYTES: u64 = 1 << 20;
+pub(crate) const USAGE_DRAIN_MAX_BYTES: u64 = 1 << 20;
 
 /// Tokens reserved by default for an LLM call that declares no output limit (SPEC §16.1).
-pub const DEFAULT_USAGE_ESTIMATE: u64 = 4096;
+pub(crate) const DEFAULT_USAGE_ESTIMATE: u64 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -341,7 +330,7 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    pub fn parse(s: &str) -> Option<Cidr> {
+    pub(crate) fn parse(s: &str) -> Option<Cidr> {
         let (a, p) = match s.split_once('/') {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
@@ -355,7 +344,7 @@ impl Cidr {
         Some(Cidr { addr, prefix })
     }
 
-    pub fn contains(&self, ip: IpAddr) -> bool {
+    pub(crate) fn contains(&self, ip: IpAddr) -> bool {
         fn masked(bits: u128, prefix: u8, width: u8) -> u128 {
             if prefix == 0 { 0 } else { bits >> (width - prefix) }
         }
@@ -392,7 +381,7 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn connector(&self, name: &str) -> Option<&Arc<Connector>> {
+    pub(crate) fn connector(&self, name: &str) -> Option<&Arc<Connector>> {
         self.connectors.iter().find(|c| c.name == name)
     }
 }
@@ -413,7 +402,7 @@ pub enum PolicyMode {
 }
 
 impl PolicyMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             PolicyMode::Enforce => "enforce",
             PolicyMode::DryRun => "dry_run",
@@ -452,15 +441,6 @@ pub enum UsageFormat {
     OpenAi,
     /// Anthropic messages: `usage.input_tokens`, `output_tokens`.
     Anthropic,
-}
-
-impl UsageFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UsageFormat::OpenAi => "openai",
-            UsageFormat::Anthropic => "anthropic",
-        }
-    }
 }
 
 /// A named upstream: the hosts and ports an agent may reach through it, and its routes.
@@ -506,23 +486,16 @@ pub struct McpTool {
     pub rule: Route,
 }
 
-impl McpEndpoint {
-    /// The first tool rule matching `name`.
-    pub fn tool(&self, name: &str) -> Option<&McpTool> {
-        self.tools.iter().find(|t| t.name.as_deref().is_none_or(|n| n == name))
-    }
-}
-
 impl Connector {
     /// Every rule that reads params: the routes, and an MCP connector's tools.
-    pub fn rules(&self) -> impl Iterator<Item = &Route> {
+    pub(crate) fn rules(&self) -> impl Iterator<Item = &Route> {
         self.routes.iter().chain(self.mcp.iter().flat_map(|m| m.tools.iter().map(|t| &t.rule)))
     }
     /// Whether the connector injects credentials (configured, even if a source is missing).
-    pub fn injects_credentials(&self) -> bool {
+    pub(crate) fn injects_credentials(&self) -> bool {
         self.credentials.as_ref().map_or(true, |c| !c.is_empty())
     }
-    pub fn matches_host(&self, host: &str) -> bool {
+    pub(crate) fn matches_host(&self, host: &str) -> bool {
         // One trailing dot names the same host (`api.example.com.`); two are no host name.
         let host = host.strip_suffix('.').unwrap_or(host);
         if host.is_empty() || host.ends_with('.') {
@@ -541,12 +514,12 @@ impl Connector {
         })
     }
 
-    pub fn matches_port(&self, port: u16) -> bool {
+    pub(crate) fn matches_port(&self, port: u16) -> bool {
         self.ports.contains(&port)
     }
 
     /// First route that matches the method and upstream path, with its captured path params.
-    pub fn route(&self, method: &Method, path: &str) -> Option<(&Route, Vec<(String, String)>)> {
+    pub(crate) fn route(&self, method: &Method, path: &str) -> Option<(&Route, Vec<(String, String)>)> {
         self.routes.iter().find_map(|r| {
             if !r.methods.is_empty() && !r.methods.contains(method) {
                 return None;
@@ -572,7 +545,7 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scheme::Http => "http",
             Scheme::Https => "https",
@@ -593,13 +566,13 @@ pub struct Route {
 
 impl Route {
     /// The route reads params from the body, so the body must be buffered.
-    pub fn needs_body(&self) -> bool {
+    pub(crate) fn needs_body(&self) -> bool {
         self.body_format().is_some()
     }
 
     /// The body media type the route's body params are read from (validation refuses a route
     /// that mixes `json` and `form` sources).
-    pub fn body_format(&self) -> Option<BodyFormat> {
+    pub(crate) fn body_format(&self) -> Option<BodyFormat> {
         self.params.iter().find_map(|p| match p.source {
             ParamSource::Json(_) => Some(BodyFormat::Json),
             ParamSource::Form(_) => Some(BodyFormat::Form),
@@ -608,14 +581,14 @@ impl Route {
     }
 
     /// The route declares a param of this name.
-    pub fn declares(&self, name: &str) -> bool {
+    pub(crate) fn declares(&self, name: &str) -> bool {
         self.params.iter().any(|p| p.name == name)
     }
 }
 
 /// How a body is encoded, decided by its media type as the upstream decides it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFormat {
+pub(crate) enum BodyFormat {
     /// `application/json` or `*/*+json`.
     Json,
     /// `application/x-www-form-urlencoded`.
@@ -623,7 +596,7 @@ pub enum BodyFormat {
 }
 
 impl BodyFormat {
-    pub fn media_type(self) -> &'static str {
+    pub(crate) fn media_type(self) -> &'static str {
         match self {
             BodyFormat::Json => "application/json",
             BodyFormat::Form => "application/x-www-form-urlencoded",
@@ -649,7 +622,7 @@ pub struct PathPattern {
 }
 
 impl PathPattern {
-    pub fn parse(raw: &str) -> Result<PathPattern, String> {
+    pub(crate) fn parse(raw: &str) -> Result<PathPattern, String> {
         let Some(rest) = raw.strip_prefix('/') else {
             return Err("must start with '/'".into());
         };
@@ -676,7 +649,7 @@ impl PathPattern {
     }
 
     /// Matches an upstream path (without query); returns captures.
-    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+    pub(crate) fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
         let rest = path.strip_prefix('/')?;
         let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
         let mut caps = Vec::new();
@@ -695,7 +668,7 @@ impl PathPattern {
         (parts.len() == self.segs.len()).then_some(caps)
     }
 
-    pub fn captures(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn captures(&self) -> impl Iterator<Item = &str> {
         self.segs.iter().filter_map(|s| match s {
             PathSeg::Capture(n) => Some(n.as_str()),
             _ => None,
@@ -740,25 +713,25 @@ impl AllowDeny {
         })
     }
     /// Names (connectors, action types): exact match.
-    pub fn denies(&self, v: &str) -> bool {
+    pub(crate) fn denies(&self, v: &str) -> bool {
         Self::hit(&self.deny, v, false)
     }
-    pub fn allows(&self, v: &str) -> bool {
+    pub(crate) fn allows(&self, v: &str) -> bool {
         !self.denies(v) && (self.allow.is_empty() || Self::hit(&self.allow, v, false))
     }
     /// Whether `list` (entries exact or `prefix*`) names the value `v`, ASCII case-insensitively.
-    pub fn list_has_value(list: &[String], v: &str) -> bool {
+    pub(crate) fn list_has_value(list: &[String], v: &str) -> bool {
         Self::hit(list, v, true)
     }
     /// Values read from a request (counterparties, jurisdictions, param values): ASCII
     /// case-insensitive, so `CEO@acme.example` is the `ceo@acme.example` of a deny list.
-    pub fn denies_value(&self, v: &str) -> bool {
+    pub(crate) fn denies_value(&self, v: &str) -> bool {
         Self::hit(&self.deny, v, true)
     }
-    pub fn allows_value(&self, v: &str) -> bool {
+    pub(crate) fn allows_value(&self, v: &str) -> bool {
         !self.denies_value(v) && (self.allow.is_empty() || Self::hit(&self.allow, v, true))
     }
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.allow.is_empty() && self.deny.is_empty()
     }
 }
@@ -773,7 +746,7 @@ pub struct ParamConstraint {
 }
 
 /// Upper-case ISO-4217 code → amount.
-pub type Money = BTreeMap<String, Decimal>;
+pub(crate) type Money = BTreeMap<String, Decimal>;
 
 #[derive(Debug, Clone, Default)]
 pub struct Approval {
@@ -791,13 +764,13 @@ pub enum Window {
 }
 
 impl Window {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Window::Day => "day",
             Window::Hour => "hour",
         }
     }
-    pub fn seconds(self) -> i64 {
+    pub(crate) fn seconds(self) -> i64 {
         match self {
             Window::Day => 86_400,
             Window::Hour => 3_600,
@@ -813,7 +786,7 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Scope::Agent => "agent",
             Scope::Connector => "connector",
@@ -860,7 +833,7 @@ pub struct Policy {
 impl Policy {
     /// Currencies named by any currency-keyed rule (caps, approval thresholds, spend budgets).
     /// While one exists, an amount without a known currency fails closed.
-    pub fn money_currencies(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn money_currencies(&self) -> impl Iterator<Item = &str> {
         self.amount_caps
             .keys()
             .chain(self.approval.amount_above.keys())

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawGateway {
+pub(super) struct RawGateway {
     pub listeners: RawListeners,
     pub policies: Option<String>,
     pub data_dir: Option<String>,
@@ -27,7 +27,7 @@ pub struct RawGateway {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawListeners {
+pub(super) struct RawListeners {
     pub proxy: Option<String>,
     pub transparent: Option<String>,
     pub admin: Option<String>,
@@ -35,13 +35,13 @@ pub struct RawListeners {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawKeys {
+pub(super) struct RawKeys {
     pub gateway: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawTls {
+pub(super) struct RawTls {
     pub ca_cert: Option<String>,
     pub ca_key: Option<String>,
     pub extra_upstream_roots: Vec<String>,
@@ -50,7 +50,7 @@ pub struct RawTls {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawAudit {
+pub(super) struct RawAudit {
     pub path: Option<String>,
     pub origin: Option<String>,
     pub durability: Option<String>,
@@ -61,14 +61,14 @@ pub struct RawAudit {
 /// `state:` (SPEC §15.1): where budgets, approvals and the log live.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawState {
+pub(super) struct RawState {
     pub backend: Option<String>,
     pub postgres: RawPostgres,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawPostgres {
+pub(super) struct RawPostgres {
     pub url_file: Option<String>,
     pub url: Option<String>,
     pub pool_size: Option<usize>,
@@ -79,21 +79,21 @@ pub struct RawPostgres {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawIdentity {
+pub(super) struct RawIdentity {
     pub default_agent: Option<String>,
     pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawAdmin {
+pub(super) struct RawAdmin {
     pub keys: Vec<RawAdminKey>,
     pub max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAdminKey {
+pub(super) struct RawAdminKey {
     pub id: String,
     pub sha256: String,
     pub role: String,
@@ -101,7 +101,7 @@ pub struct RawAdminKey {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawLimits {
+pub(super) struct RawLimits {
     pub max_header_bytes: Option<usize>,
     pub max_body_bytes: Option<usize>,
     pub hash_before_forward: Option<usize>,
@@ -122,19 +122,19 @@ pub struct RawLimits {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawNetwork {
+pub(super) struct RawNetwork {
     pub allow_private_destinations: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawTelemetry {
+pub(super) struct RawTelemetry {
     pub otlp: RawOtlp,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawOtlp {
+pub(super) struct RawOtlp {
     pub endpoint: Option<String>,
     pub protocol: Option<String>,
     pub timeout: Option<String>,
@@ -144,14 +144,14 @@ pub struct RawOtlp {
 /// `rate_limits` (SPEC §15.1): where rate-limit state lives.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawRateLimits {
+pub(super) struct RawRateLimits {
     pub backend: Option<String>,
     pub redis: Option<RawRedis>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawRedis {
+pub(super) struct RawRedis {
     pub url_file: Option<String>,
     pub url: Option<String>,
     pub timeout: Option<String>,
@@ -162,7 +162,7 @@ pub struct RawRedis {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawManifest {
+pub(super) struct RawManifest {
     #[serde(rename = "apiVersion")]
     pub api_version: String,
     pub kind: String,
@@ -183,7 +183,7 @@ pub struct RawManifest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawAgent {
+pub(super) struct RawAgent {
     pub id: String,
     #[serde(default)]
     pub name: Option<String>,
@@ -195,7 +195,7 @@ pub struct RawAgent {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawCapability {
+pub(super) struct RawCapability {
     pub required: Option<bool>,
     pub audience: Option<String>,
     pub max_lifetime: Option<String>,
@@ -206,7 +206,7 @@ pub struct RawCapability {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawIssuer {
+pub(super) struct RawIssuer {
     pub id: String,
     #[serde(default)]
     pub public_key_file: Option<String>,
@@ -216,7 +216,7 @@ pub struct RawIssuer {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConnector {
+pub(super) struct RawConnector {
     pub name: String,
     #[serde(default)]
     pub base_url: Option<String>,
@@ -250,7 +250,7 @@ pub struct RawConnector {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawTool {
+pub(super) struct RawTool {
     /// Exact tool name, or `*`.
     pub name: String,
     pub action: String,
@@ -261,14 +261,14 @@ pub struct RawTool {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawCredential {
+pub(super) struct RawCredential {
     pub header: String,
     pub value: String,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
+pub(super) struct RawRoute {
     #[serde(default)]
     pub methods: Vec<String>,
     pub path: String,
@@ -283,7 +283,7 @@ pub struct RawRoute {
 /// Where a route reads one param: exactly one source key is set.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawParam {
+pub(super) struct RawParam {
     /// JSON pointer into an `application/json` (or `*/*+json`) body.
     #[serde(default)]
     pub json: Option<String>,
@@ -305,14 +305,14 @@ pub struct RawParam {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawAllowDeny {
+pub(super) struct RawAllowDeny {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawPolicy {
+pub(super) struct RawPolicy {
     pub connectors: RawAllowDeny,
     pub action_types: RawAllowDeny,
     pub amount_caps: BTreeMap<String, String>,
@@ -328,7 +328,7 @@ pub struct RawPolicy {
 /// `policy.params.<name>`: allow/deny lists of values and a decimal range.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawParamConstraint {
+pub(super) struct RawParamConstraint {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
     pub min: Option<String>,
@@ -337,7 +337,7 @@ pub struct RawParamConstraint {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawApproval {
+pub(super) struct RawApproval {
     pub action_types: Vec<String>,
     pub connectors: Vec<String>,
     pub amount_above: BTreeMap<String, String>,
@@ -345,7 +345,7 @@ pub struct RawApproval {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBudget {
+pub(super) struct RawBudget {
     pub window: String,
     #[serde(default)]
     pub scope: Option<String>,
@@ -362,7 +362,7 @@ pub struct RawBudget {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRateLimit {
+pub(super) struct RawRateLimit {
     #[serde(default)]
     pub scope: Option<String>,
     pub rate: String,
@@ -372,7 +372,7 @@ pub struct RawRateLimit {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawEscalation {
+pub(super) struct RawEscalation {
     pub mode: Option<String>,
     pub hold_timeout: Option<String>,
     pub approval_ttl: Option<String>,
@@ -382,7 +382,7 @@ pub struct RawEscalation {
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RawManifestAudit {
+pub(super) struct RawManifestAudit {
     pub bodies: Option<String>,
     pub redact_headers: Option<Vec<String>>,
 }

@@ -25,7 +25,7 @@ pub(super) struct Cx<'a> {
 }
 
 impl<'a> Cx<'a> {
-    pub fn new(file: &'a Path, text: &'a str) -> Self {
+    pub(super) fn new(file: &'a Path, text: &'a str) -> Self {
         Cx { file, text, errors: Vec::new(), warnings: Vec::new(), reads: Vec::new() }
     }
     fn diag(&self, key: &str, message: String) -> Diagnostic {
@@ -40,7 +40,7 @@ impl<'a> Cx<'a> {
         let d = self.diag(key, message.into());
         self.warnings.push(d);
     }
-    pub fn finish<T>(self, value: T) -> Result<T, Diagnostics> {
+    pub(super) fn finish<T>(self, value: T) -> Result<T, Diagnostics> {
         if self.errors.is_empty() { Ok(value) } else { Err(Diagnostics(self.errors)) }
     }
 }
@@ -63,7 +63,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// `20/s`, `100/m`, `1000/h` → (count, period).
-pub fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
+pub(crate) fn parse_rate(s: &str) -> Result<(u32, Duration), String> {
     let bad = || format!("invalid rate {s:?} (expected n/s, n/m or n/h with n > 0)");
     let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
     let n: u32 = n.trim().parse().map_err(|_| bad())?;
@@ -122,11 +122,11 @@ fn duration(cx: &mut Cx, key: &str, raw: Option<String>, default: Duration) -> D
 }
 
 /// `capability.leeway` when the manifest says nothing.
-pub const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
+pub(super) const DEFAULT_LEEWAY: Duration = Duration::from_secs(60);
 /// More skew than this is not clock skew: a token an hour past `exp` is expired.
 const MAX_LEEWAY: Duration = Duration::from_secs(3600);
 
-pub fn is_agent_id(id: &str) -> bool {
+pub(super) fn is_agent_id(id: &str) -> bool {
     let b = id.as_bytes();
     (3..=63).contains(&b.len())
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())

@@ -14,7 +14,7 @@ fn file_err(path: &Path, message: impl Into<String>) -> IdentityError {
 }
 
 /// `key.pem` → `key.pub.pem`.
-pub fn public_path(out: &Path) -> PathBuf {
+pub(super) fn public_path(out: &Path) -> PathBuf {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let stem = name.strip_suffix(".pem").unwrap_or(&name);
     out.with_file_name(format!("{stem}.pub.pem"))
@@ -47,7 +47,7 @@ pub fn generate_key_files(out: &Path, force: bool) -> Result<PathBuf, IdentityEr
 
 /// The key as PKCS#8 v1 PEM (RFC 8410: the seed only, no public key). ed25519-dalek writes
 /// v2 (RFC 5958, with the public key), which OpenSSL 3 and pyca/cryptography refuse to load.
-pub fn private_key_pem(
+pub(super) fn private_key_pem(
     key: &SigningKey,
 ) -> Result<ed25519_dalek::pkcs8::spki::der::zeroize::Zeroizing<String>, IdentityError> {
     ed25519_dalek::pkcs8::KeypairBytes { secret_key: key.to_bytes(), public_key: None }

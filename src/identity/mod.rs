@@ -11,10 +11,10 @@ mod token;
 
 pub use keys::{generate_key_files, load_signing_key, parse_verifying_key_pem, verifying_key_pem};
 pub use token::{
-    Audience, CapabilityClaims, Constraints, CounterpartyConstraint, IssuerKey, MAX_TIME_CLAIM, OverrideClaims,
-    OverrideError, ParamConstraint, TokenError, TokenPolicy, TokenVerifier, mint, mint_override, token_policy_for,
-    unverified_subject, verify_override,
+    Audience, CapabilityClaims, Constraints, CounterpartyConstraint, IssuerKey, ParamConstraint, TokenPolicy,
+    TokenVerifier, mint, unverified_subject, verify_override,
 };
+pub(crate) use token::{OverrideClaims, OverrideError, mint_override, token_policy_for};
 
 /// Errors of key handling and minting. Messages name files, never key material.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,8 @@
 //! Token time claims and protected headers: overflow, absurd values, `crit`, duplicates.
 
 use super::*;
+use crate::identity::token::MAX_TIME_CLAIM;
+use crate::identity::token::TokenError;
 use base64::Engine;
 use ed25519_dalek::{Signer, SigningKey};
 use std::collections::HashSet;
@@ -201,8 +203,8 @@ fn override_tokens_follow_the_same_rules() {
         ("crit", sign_raw(&k, r#"{"alg":"EdDSA","crit":["exp"]}"#, &raw(NOW, NOW + 300))),
         ("duplicate alg", sign_raw(&k, r#"{"alg":"EdDSA","alg":"EdDSA"}"#, &raw(NOW, NOW + 300))),
     ] {
-        let e = verify_override(&t, &vk, NOW).expect_err(name);
-        assert_eq!(e.code(), "override_token_invalid", "{name}");
+        let OverrideError::Invalid(why) = verify_override(&t, &vk, NOW).expect_err(name);
+        assert!(!why.is_empty(), "{name}");
     }
     // Minting refuses a ttl that would put exp out of range instead of wrapping.
     assert!(mint_override(&k, "unit-agent", "appr-1", "hash", i64::MAX, NOW).is_err());

@@ -15,11 +15,11 @@ use std::sync::{Arc, RwLock};
 
 /// Leeway on the time claims of override tokens, seconds. Capability tokens use their manifest's
 /// `capability.leeway` ([`TokenPolicy::leeway_secs`]).
-pub const LEEWAY: i64 = 60;
+pub(super) const LEEWAY: i64 = 60;
 /// The latest time claim accepted: 9999-12-31T23:59:59Z. Later values, and negative ones, are
 /// refused as invalid: no honest issuer writes them, and bounding them keeps every comparison
 /// and difference far from `i64` overflow.
-pub const MAX_TIME_CLAIM: i64 = 253_402_300_799;
+pub(crate) const MAX_TIME_CLAIM: i64 = 253_402_300_799;
 const CACHE_MAX: usize = 10_000;
 
 /// `aud`: a string or an array of strings on the wire, always an array when minted.
@@ -169,7 +169,7 @@ pub struct TokenPolicy {
 }
 
 /// The token rules of a validated manifest.
-pub fn token_policy_for(m: &crate::config::Manifest) -> TokenPolicy {
+pub(crate) fn token_policy_for(m: &crate::config::Manifest) -> TokenPolicy {
     TokenPolicy {
         audience: m.capability.audience.clone(),
         max_lifetime_secs: i64::try_from(m.capability.max_lifetime.as_secs()).unwrap_or(i64::MAX),
@@ -181,21 +181,21 @@ pub fn token_policy_for(m: &crate::config::Manifest) -> TokenPolicy {
 
 /// Why a capability token was refused (SPEC §8 step 1). Messages never contain token bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     Invalid(String),
     Expired,
     Revoked,
 }
 
 impl TokenError {
-    pub fn code(&self) -> Code {
+    pub(crate) fn code(&self) -> Code {
         match self {
             TokenError::Invalid(_) => Code::CapabilityTokenInvalid,
             TokenError::Expired => Code::CapabilityTokenExpired,
             TokenError::Revoked => Code::CapabilityTokenRevoked,
         }
     }
-    pub fn message(&self) -> String {
+    pub(crate) fn message(&self) -> String {
         match self {
             TokenError::Invalid(why) => format!("the capability token is invalid: {why}"),
             TokenError::Expired => "the capability token has expired".into(),
@@ -317,7 +317,7 @@ pub struct TokenVerifier {
 }
 
 impl TokenVerifier {
-    pub fn new(policy: TokenPolicy) -> Self {
+    pub(crate) fn new(policy: TokenPolicy) -> Self {
         let keys = policy.issuers.iter().map(|i| (i.id.clone(), DecodingKey::from_ed_der(i.key.as_bytes()))).collect();
         TokenVerifier { policy, keys, cache: RwLock::new(HashMap::new()) }
     }
@@ -336,7 +336,7 @@ impl TokenVerifier {
         Ok(())
     }
 
-    pub fn verify(&self, token: &str, now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
+    pub(crate) fn verify(&self, token: &str, now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(c) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned() {
             self.still_valid(&c, now)?;
@@ -420,9 +420,9 @@ pub struct OverrideClaims {
     pub jti: String,
 }
 
-pub const OVERRIDE_ISSUER: &str = "uapk-gateway";
+pub(super) const OVERRIDE_ISSUER: &str = "uapk-gateway";
 
-pub fn mint_override(
+pub(crate) fn mint_override(
     key: &SigningKey,
     sub: &str,
     approval_id: &str,
@@ -454,12 +454,6 @@ pub fn mint_override(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OverrideError {
     Invalid(String),
-}
-
-impl OverrideError {
-    pub fn code(&self) -> Code {
-        Code::OverrideTokenInvalid
-    }
 }
 
 /// Verifies an override token against the gateway's own key, under the same header and

@@ -50,14 +50,14 @@ fn window_start(at: i64, w: Window) -> i64 {
 /// and are not actions: the requests inside an intercepted tunnel are decided, and counted,
 /// one by one like any other, while a `passthrough` tunnel is bounded by its connector's allow
 /// lists, not by budgets.
-pub fn counts_toward_budgets(decision: &str, route: Option<&str>) -> bool {
+pub(crate) fn counts_toward_budgets(decision: &str, route: Option<&str>) -> bool {
     decision == "allow" && route.is_some()
 }
 
 /// The tokens an LLM call is charged (SPEC §16.1): the total of the usage read from its
 /// response, else (usage unknown: a stream without usage, a client gone, an unreadable body,
 /// an upstream error after sending) its reserved estimate — never 0 for a call that was sent.
-pub fn token_charge(read_total: Option<u64>, estimate: u64) -> u64 {
+pub(crate) fn token_charge(read_total: Option<u64>, estimate: u64) -> u64 {
     read_total.unwrap_or(estimate)
 }
 
@@ -65,7 +65,7 @@ pub fn token_charge(read_total: Option<u64>, estimate: u64) -> u64 {
 /// string, as every integer in the log). Entries written before `usage_charged` existed count
 /// their `usage.total_tokens`; with neither, nothing. Used when the outcome entry is written
 /// (runtime) and when it is read back (rebuild), so both count the same.
-pub fn usage_tokens(outcome: &serde_json::Value) -> Option<u64> {
+pub(crate) fn usage_tokens(outcome: &serde_json::Value) -> Option<u64> {
     let int = |v: &serde_json::Value| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok()));
     match outcome.get("usage_charged") {
         Some(c) => int(c),
@@ -77,7 +77,7 @@ pub fn usage_tokens(outcome: &serde_json::Value) -> Option<u64> {
 /// What a committed entry adds to the budget counters, if anything: a `decision` entry what it
 /// spends (when it counts, see [`counts_toward_budgets`]), an `outcome` entry the tokens it
 /// charged ([`usage_tokens`]). `fallback_at` dates an entry whose `ts` cannot be read.
-pub fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Counted> {
+pub(crate) fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Counted> {
     let at = entry["ts"]
         .as_str()
         .and_then(|t| time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
@@ -110,7 +110,7 @@ pub fn recorded_spend(entry: &serde_json::Value, fallback_at: i64) -> Option<Cou
 /// What one budget's current window holds for the request's scope value, as a backend reads
 /// it for [`admit`].
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Used {
+pub(crate) struct Used {
     /// Actions counted.
     pub count: u64,
     /// Amount counted in the request's currency.
@@ -128,7 +128,7 @@ pub struct Used {
 /// max_tokens` — its own estimate is not part of the check, so concurrent calls overshoot by at
 /// most one estimate, and the call that crosses the cap completes (SPEC §14.5, §16.1). A
 /// request that reserves no tokens (not an LLM call) is refused once `counted` reaches the cap.
-pub fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> Result<Option<Reason>, Reason> {
+pub(crate) fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Used) -> Result<Option<Reason>, Reason> {
     let spend = &ask.spend;
     let mut threshold = None;
     for b in &manifest.policy.budgets {
@@ -249,7 +249,7 @@ pub struct TokenUse {
 
 /// What one committed entry adds to the budget counters.
 #[derive(Debug, Clone)]
-pub enum Counted {
+pub(crate) enum Counted {
     /// An allowed action (and its amount).
     Action(Spend),
     /// LLM tokens charged for a response.
@@ -275,7 +275,7 @@ impl Reservation {
     }
 
     /// Whether the decision's commit must keep it (see [`crate::audit::Precondition`]).
-    pub fn shared(&self) -> bool {
+    pub(crate) fn shared(&self) -> bool {
         self.shared
     }
 
@@ -437,7 +437,7 @@ fn count_tokens(map: &mut HashMap<String, AgentCounters>, t: &TokenUse) {
 }
 
 impl Budgets {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -447,7 +447,7 @@ impl Budgets {
 
     /// Counts what a committed entry recorded (used when rebuilding from the log; see
     /// [`recorded_spend`]).
-    pub fn record(&self, counted: &Counted) {
+    pub(crate) fn record(&self, counted: &Counted) {
         let mut st = self.lock();
         match counted {
             Counted::Action(spend) => count_action(&mut st.agents, spend),
@@ -459,7 +459,7 @@ impl Budgets {
     /// the request under `ask.id`: its action counted (in every window and scope, also without
     /// budgets: see the module comment) and its token estimate reserved. Idempotent: an id
     /// already held is not reserved twice.
-    pub fn reserve(&self, manifest: &Manifest, ask: Ask) -> BudgetCheck {
+    pub(crate) fn reserve(&self, manifest: &Manifest, ask: Ask) -> BudgetCheck {
         let mut st = self.lock();
         if st.held.contains_key(&ask.id) {
             return BudgetCheck::Reserved { reservation: Reservation { id: ask.id, shared: false }, threshold: None };
@@ -504,7 +504,7 @@ impl Budgets {
     /// Ends what request `id` holds (see [`Settlement`]). Idempotent: settling an id that holds
     /// nothing (any more) changes nothing, except that [`Settlement::Tokens`] always counts its
     /// tokens — its caller, the outcome writer, settles once.
-    pub fn settle(&self, id: &str, settlement: Settlement) {
+    pub(crate) fn settle(&self, id: &str, settlement: Settlement) {
         let mut st = self.lock();
         let State { agents, held } = &mut *st;
         match settlement {
@@ -545,7 +545,7 @@ impl Budgets {
     /// and forward (its client went away while its decision was being recorded), so a lost
     /// request cannot hold an agent's budget for the rest of the window. A forwarded call is
     /// never expired: its outcome settles it. Returns how many were released.
-    pub fn expire_unforwarded(&self, max_age: Duration) -> usize {
+    pub(crate) fn expire_unforwarded(&self, max_age: Duration) -> usize {
         let mut st = self.lock();
         let State { agents, held } = &mut *st;
         let stale: Vec<String> = held

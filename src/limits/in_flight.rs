@@ -19,14 +19,14 @@ pub struct InFlight {
 
 /// One request's place under its agent's cap, given back when dropped.
 #[derive(Debug)]
-pub struct InFlightSlot {
+pub(crate) struct InFlightSlot {
     counts: Arc<Mutex<HashMap<String, usize>>>,
     agent: String,
 }
 
 impl InFlight {
     /// `max` requests in flight per agent (at least one).
-    pub fn new(max: usize) -> InFlight {
+    pub(crate) fn new(max: usize) -> InFlight {
         InFlight { max: max.max(1), counts: Arc::default() }
     }
 
@@ -36,7 +36,7 @@ impl InFlight {
     }
 
     /// A slot for one more of `agent`'s requests, or `None` when it already has `max` in flight.
-    pub fn try_take(&self, agent: &str) -> Option<InFlightSlot> {
+    pub(crate) fn try_take(&self, agent: &str) -> Option<InFlightSlot> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         match counts.get_mut(agent) {
             Some(n) if *n >= self.max => return None,

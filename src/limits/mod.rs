@@ -7,18 +7,18 @@
 //! gateway on the governor crate ([`rate`]), or for a fleet in Redis ([`rate_redis`]).
 //! How fast one agent's refusals are recorded is bounded by [`refusals`].
 
-pub mod budgets;
-pub mod in_flight;
-pub mod rate;
-pub mod rate_redis;
+pub(crate) mod budgets;
+pub(crate) mod in_flight;
+pub(crate) mod rate;
+pub(crate) mod rate_redis;
 pub mod refusals;
 
-pub use budgets::{
-    Ask, BudgetCheck, Budgets, Counted, Reservation, Settlement, Spend, TokenUse, Used, admit, counts_toward_budgets,
-    recorded_spend, token_charge, usage_tokens,
+pub use budgets::{Ask, BudgetCheck, Budgets, Settlement, Spend};
+pub(crate) use budgets::{
+    Counted, Reservation, TokenUse, Used, admit, counts_toward_budgets, recorded_spend, token_charge,
 };
 
-pub use rate::{LocalLimiters, RateLimited, RateLimiters, RateRefused, RateTaken};
+pub(crate) use rate::{RateLimiters, RateRefused, RateTaken};
 
 #[cfg(test)]
 mod tests;

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 /// A refusal by a rate limit, with what the 429 response needs.
 #[derive(Debug, Clone)]
-pub struct RateLimited {
+pub(crate) struct RateLimited {
     pub reason: Reason,
     pub retry_after: Duration,
     /// `RateLimit-Policy` value.
@@ -33,7 +33,7 @@ pub struct RateLimited {
 
 /// Why a request does not pass its rate limits.
 #[derive(Debug, Clone)]
-pub enum RateRefused {
+pub(crate) enum RateRefused {
     /// A limit is spent: 429 `rate_limited` with `Retry-After`.
     Limited(RateLimited),
     /// The rate-limit state cannot be reached in time (Redis down or slow): 503
@@ -82,7 +82,7 @@ enum Backend {
 }
 
 /// The rate limiters of the gateway, on the configured backend (`rate_limits.backend`).
-pub struct RateLimiters {
+pub(crate) struct RateLimiters {
     backend: Backend,
 }
 
@@ -94,12 +94,12 @@ impl Default for RateLimiters {
 
 impl RateLimiters {
     /// Per-gateway limiters (`rate_limits.backend: local`).
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
     /// Fleet-wide limiters in Redis (`rate_limits.backend: redis`).
-    pub fn redis(r: RedisLimiters) -> Self {
+    pub(crate) fn redis(r: RedisLimiters) -> Self {
         RateLimiters { backend: Backend::Redis(r) }
     }
 
@@ -107,7 +107,7 @@ impl RateLimiters {
     /// one unit from each. On refusal nothing is taken, and the answer names the limit that
     /// frees up last (its `Retry-After` is when the request could pass). A manifest without
     /// rate limits never waits for the backend.
-    pub async fn check<'a>(
+    pub(crate) async fn check<'a>(
         &'a self,
         manifest: &'a Manifest,
         connector: &'a str,
@@ -123,7 +123,7 @@ impl RateLimiters {
     }
 
     /// Whether the backend answers (always for `local`): `/readyz`'s `rate_limits`.
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         match &self.backend {
             Backend::Local(_) => true,
             Backend::Redis(r) => r.available(),
@@ -132,7 +132,7 @@ impl RateLimiters {
 
     /// Forgets local state that is the same as absent; returns how many keys this gateway holds
     /// (Redis expires its keys itself: 0).
-    pub fn sweep(&self) -> usize {
+    pub(crate) fn sweep(&self) -> usize {
         match &self.backend {
             Backend::Local(l) => l.sweep(),
             Backend::Redis(_) => 0,
@@ -146,7 +146,7 @@ impl RateLimiters {
 /// been checked. Dropped unsettled (the request's task was cancelled), it is given back as well:
 /// at once locally, in a background task for Redis.
 #[must_use]
-pub struct RateTaken<'a> {
+pub(crate) struct RateTaken<'a> {
     held: Held<'a>,
 }
 
@@ -170,14 +170,14 @@ impl std::fmt::Debug for RateTaken<'_> {
 
 impl RateTaken<'_> {
     /// The request was forwarded: the quota stays spent.
-    pub fn commit(mut self) {
+    pub(crate) fn commit(mut self) {
         self.held = Held::Nothing;
     }
 
     /// The request stops before it is forwarded: the quota goes back now (for Redis, awaited
     /// within `rate_limits.redis.timeout`; a Redis that does not answer keeps it until the
     /// key expires).
-    pub async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         match std::mem::replace(&mut self.held, Held::Nothing) {
             Held::Nothing => {}
             Held::Local(limiters, manifest, connector, action) => limiters.give_back(manifest, connector, action),
@@ -294,7 +294,7 @@ type Shard = Mutex<HashMap<String, Vec<LimitState>>>;
 /// stages what it would write, and a refusal's wait is governor's
 /// [`NotUntil::wait_time_from`]. All limits of a request are checked, then all taken, under one
 /// lock.
-pub struct LocalLimiters {
+pub(crate) struct LocalLimiters {
     base: Instant,
     shards: Box<[Shard]>,
 }
@@ -306,7 +306,7 @@ impl Default for LocalLimiters {
 }
 
 impl LocalLimiters {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::default()
     }
 
@@ -321,7 +321,7 @@ impl LocalLimiters {
     }
 
     /// See [`RateLimiters::check`].
-    pub fn check<'a>(
+    pub(crate) fn check<'a>(
         &'a self,
         manifest: &'a Manifest,
         connector: &'a str,
@@ -402,7 +402,7 @@ impl LocalLimiters {
 
     /// Forgets keys whose bucket is full again (the same as absent) so memory stays bounded;
     /// returns how many keys remain.
-    pub fn sweep(&self) -> usize {
+    pub(crate) fn sweep(&self) -> usize {
         let now = self.now();
         let mut keys = 0;
         for shard in self.shards.iter() {

@@ -25,7 +25,7 @@ use std::time::Duration;
 const BACKEND: &str = "redis";
 
 /// Key prefix of every rate-limit state.
-pub const KEY_PREFIX: &str = "uapk:rl:";
+pub(crate) const KEY_PREFIX: &str = "uapk:rl:";
 
 /// KEYS: one state per limit. ARGV: per limit, its emission interval `t` and tolerance `tau`
 /// (microseconds). Returns `{0, 0}` when every limit admitted the request (each then took one
@@ -109,12 +109,12 @@ impl Inner {
 }
 
 /// Rate limits kept in Redis for the fleet.
-pub struct RedisLimiters {
+pub(crate) struct RedisLimiters {
     inner: Arc<Inner>,
 }
 
 /// One unit of each limit a request took, given back if it is not forwarded.
-pub struct RedisGiveBack {
+pub(crate) struct RedisGiveBack {
     inner: Arc<Inner>,
     keys: Vec<String>,
     ts: Vec<u64>,
@@ -168,7 +168,7 @@ fn micros(d: Duration) -> u64 {
 impl RedisLimiters {
     /// Connects lazily (a gateway starts while Redis is down, failing closed until it answers)
     /// and starts the once-a-second ping that keeps `/readyz` and `uapk_state_up` current.
-    pub async fn start(settings: &RedisSettings, metrics: Arc<StateMetrics>) -> Result<RedisLimiters, String> {
+    pub(crate) async fn start(settings: &RedisSettings, metrics: Arc<StateMetrics>) -> Result<RedisLimiters, String> {
         let url = settings.url.clone();
         let client = match &settings.ca_file {
             Some(ca) => {
@@ -220,7 +220,7 @@ impl RedisLimiters {
     }
 
     /// Whether Redis answered the last ping or request.
-    pub fn available(&self) -> bool {
+    pub(crate) fn available(&self) -> bool {
         self.inner.up.load(Ordering::SeqCst)
     }
 

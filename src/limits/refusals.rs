@@ -25,19 +25,19 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Request ids listed in one summary entry; beyond, they are counted and hashed only.
-pub const MAX_IDS: usize = 100;
+pub(crate) const MAX_IDS: usize = 100;
 
 /// Distinct tuples left out of one summary that are told apart (by a 16-byte digest each);
 /// beyond, each refusal of a tuple not listed counts as one more (`dropped_tuples` is then an
 /// upper bound).
-pub const MAX_DROPPED_KEYS: usize = 1024;
+pub(crate) const MAX_DROPPED_KEYS: usize = 1024;
 
 /// Bytes of an entry kept for the writer's own fields (`v`, `log`, `idx`, `ts`, `prev`).
 const WRITER_BYTES: usize = 1024;
 
 /// Whose budget a refusal is taken from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Refuser {
+pub(crate) enum Refuser {
     /// An identified agent.
     Agent(String),
     /// Unidentified clients of one listener share its budget.
@@ -46,7 +46,7 @@ pub enum Refuser {
 
 /// What to do with one refusal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
+pub(crate) enum Admission {
     /// Within the budget: record it as its own `decision` entry.
     Record,
     /// Beyond the budget: counted into the summary; answer 429 with this `Retry-After`.
@@ -55,7 +55,7 @@ pub enum Admission {
 
 /// One refused request, as far as its summary needs it.
 #[derive(Debug, Clone, Copy)]
-pub struct Refusal<'a> {
+pub(crate) struct Refusal<'a> {
     pub request_id: &'a str,
     /// The refusal's own reason code.
     pub code: &'static str,
@@ -186,7 +186,7 @@ struct Bucket {
 
 /// The refusals of one agent waiting to be written as a summary.
 #[derive(Debug, Clone)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub refuser: Refuser,
     pub count: u64,
     pub first_ts: String,
@@ -254,7 +254,7 @@ impl Summary {
 
     /// The `decision` entry this summary is written as: its own fields, then as many tuples as
     /// fit the entry bound (with the writer's fields); the others are counted in `dropped_tuples`.
-    pub fn entry(&self) -> Result<Fields, AuditError> {
+    pub(crate) fn entry(&self) -> Result<Fields, AuditError> {
         let mut f = Fields::new();
         f.str("kind", "decision").str("decision", "deny");
         match &self.refuser {
@@ -302,7 +302,7 @@ impl Summary {
 
 /// The per-agent refusal budgets and pending summaries.
 #[derive(Debug)]
-pub struct RefusalBudget {
+pub(crate) struct RefusalBudget {
     per_second: f64,
     burst: f64,
     state: Mutex<State>,
@@ -319,7 +319,7 @@ fn now_rfc3339() -> String {
 }
 
 impl RefusalBudget {
-    pub fn new(per_second: f64, burst: u32) -> RefusalBudget {
+    pub(crate) fn new(per_second: f64, burst: u32) -> RefusalBudget {
         RefusalBudget {
             per_second: if per_second.is_finite() && per_second > 0.0 { per_second } else { 1.0 },
             burst: f64::from(burst.max(1)),
@@ -329,7 +329,7 @@ impl RefusalBudget {
 
     /// Takes one refusal from `refuser`'s budget; beyond it, counts the refusal `r` into the
     /// pending summary.
-    pub fn admit(&self, refuser: &Refuser, r: &Refusal<'_>, now: Instant) -> Admission {
+    pub(crate) fn admit(&self, refuser: &Refuser, r: &Refusal<'_>, now: Instant) -> Admission {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let bucket = st.buckets.entry(refuser.clone()).or_insert(Bucket { tokens: self.burst, at: now });
         let elapsed = now.saturating_duration_since(bucket.at).as_secs_f64();
@@ -355,13 +355,13 @@ impl RefusalBudget {
     }
 
     /// Takes the pending summaries (at most one per agent) to be written.
-    pub fn drain(&self) -> Vec<Summary> {
+    pub(crate) fn drain(&self) -> Vec<Summary> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         std::mem::take(&mut st.pending).into_values().collect()
     }
 
     /// Forgets full buckets (they would be created full again), keeping memory bounded.
-    pub fn sweep(&self, now: Instant) {
+    pub(crate) fn sweep(&self, now: Instant) {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let (rate, burst) = (self.per_second, self.burst);
         st.buckets.retain(|_, b| b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst);

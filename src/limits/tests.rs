@@ -1,5 +1,7 @@
 use super::*;
 use crate::config::{Manifest, Scope, Strictness, Window, load_manifest};
+use crate::limits::budgets::usage_tokens;
+use crate::limits::rate::LocalLimiters;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;

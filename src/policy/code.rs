@@ -104,7 +104,7 @@ codes! {
 
 /// Where a refusal is answered, when that changes its status (SPEC §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum At {
+pub(crate) enum At {
     /// Any request the data path decides.
     #[default]
     Request,
@@ -121,7 +121,7 @@ pub enum At {
 
 impl Code {
     /// The HTTP status of a refusal carrying this code, answered `at`.
-    pub const fn status(self, at: At) -> StatusCode {
+    pub(crate) const fn status(self, at: At) -> StatusCode {
         use Code::*;
         match (self, at) {
             (AllChecksPassed | OverrideAccepted | ApprovalGranted, _) => StatusCode::OK,

@@ -6,8 +6,9 @@
 mod code;
 mod params;
 
-pub use code::{At, Code, UnknownCode};
-pub use params::{JsonDoc, Params, check_body_media_type, check_media_type, extract_params};
+pub(crate) use code::{At, Code};
+pub use params::extract_params;
+pub(crate) use params::{JsonDoc, Params, check_body_media_type, check_media_type};
 
 use crate::config::{AllowDeny, Connector, Manifest};
 use crate::identity::CapabilityClaims;
@@ -18,14 +19,14 @@ use std::sync::Arc;
 /// The three outcomes of policy evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Verdict {
+pub(crate) enum Verdict {
     Allow,
     Deny,
     Escalate,
 }
 
 impl Verdict {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Verdict::Allow => "allow",
             Verdict::Deny => "deny",
@@ -42,37 +43,37 @@ pub struct Reason {
 }
 
 impl Reason {
-    pub fn new(code: Code, message: impl Into<String>) -> Reason {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> Reason {
         Reason { code, message: message.into() }
     }
 }
 
 /// A decision and the reasons that produced it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Decision {
+pub(crate) struct Decision {
     pub verdict: Verdict,
     pub reasons: Vec<Reason>,
 }
 
 impl Decision {
-    pub fn deny(code: Code, message: impl Into<String>) -> Decision {
+    pub(crate) fn deny(code: Code, message: impl Into<String>) -> Decision {
         Decision { verdict: Verdict::Deny, reasons: vec![Reason::new(code, message)] }
     }
-    pub fn allow() -> Decision {
+    pub(crate) fn allow() -> Decision {
         Decision { verdict: Verdict::Allow, reasons: vec![Reason::new(Code::AllChecksPassed, "all checks passed")] }
     }
-    pub fn escalate(reasons: Vec<Reason>) -> Decision {
+    pub(crate) fn escalate(reasons: Vec<Reason>) -> Decision {
         Decision { verdict: Verdict::Escalate, reasons }
     }
     /// The first reason's code.
-    pub fn code(&self) -> Code {
+    pub(crate) fn code(&self) -> Code {
         self.reasons.first().map_or(Code::AllChecksPassed, |r| r.code)
     }
 }
 
 /// The request as the engine sees it after classification.
 #[derive(Debug)]
-pub struct Action<'a> {
+pub(crate) struct Action<'a> {
     pub connector: &'a Arc<Connector>,
     /// The action type: a REST route's or MCP tool's `action`, or `mcp.<method>`.
     pub action: &'a str,
@@ -81,7 +82,7 @@ pub struct Action<'a> {
 }
 
 /// Step 2 (after the host match and SSRF guard): may the agent use this connector at all?
-pub fn check_connector(
+pub(crate) fn check_connector(
     manifest: &Manifest,
     claims: Option<&CapabilityClaims>,
     connector: &Connector,
@@ -116,7 +117,7 @@ fn money_above(amount: Decimal, limit: Decimal) -> bool {
 }
 
 /// Steps 3–7 for a request whose connector passed `check_connector` and whose route matched.
-pub fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: &Action) -> Decision {
+pub(crate) fn evaluate(manifest: &Manifest, claims: Option<&CapabilityClaims>, action: &Action) -> Decision {
     let p = &manifest.policy;
     let act = action.action;
     // 3. action type

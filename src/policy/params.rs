@@ -32,10 +32,10 @@ pub struct Params {
 }
 
 impl Params {
-    pub fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.values.get(name).map(String::as_str)
     }
-    pub fn declares(&self, name: &str) -> bool {
+    pub(crate) fn declares(&self, name: &str) -> bool {
         self.declared.iter().any(|d| d == name)
     }
 }
@@ -84,7 +84,7 @@ fn format_of(essence: &str) -> Option<BodyFormat> {
 /// A route that reads body params reads them only from a body of its declared media type:
 /// any other media type, a non-empty body without a `Content-Type`, or an encoded body is
 /// `unsupported_media_type` (415); two `Content-Type` headers are `param_ambiguous`.
-pub fn check_body_media_type(route: &Route, headers: &HeaderMap, body: &[u8]) -> Result<(), Decision> {
+pub(crate) fn check_body_media_type(route: &Route, headers: &HeaderMap, body: &[u8]) -> Result<(), Decision> {
     match route.body_format() {
         Some(want) => check_media_type(want, "this route reads its params from", headers, body),
         None => Ok(()),
@@ -93,7 +93,7 @@ pub fn check_body_media_type(route: &Route, headers: &HeaderMap, body: &[u8]) ->
 
 /// The body must be of the `want` media type (an empty body has none to check); `what` says
 /// who reads it, for the refusal's message.
-pub fn check_media_type(want: BodyFormat, what: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), Decision> {
+pub(crate) fn check_media_type(want: BodyFormat, what: &str, headers: &HeaderMap, body: &[u8]) -> Result<(), Decision> {
     let unsupported = |why: String| {
         Decision::deny(Code::UnsupportedMediaType, format!("{what} an {} body: {why}", want.media_type()))
     };
@@ -251,24 +251,24 @@ fn resolve<'a>(doc: &'a Node, ptr: &str) -> Result<Option<&'a Node>, String> {
 /// A JSON document read with the rules params are read with: a key that appears twice (or
 /// twice up to case) on the way to a value makes that value ambiguous. Used for the fields a
 /// JSON-RPC message is routed by (`method`, `params.name`, `id`).
-pub struct JsonDoc(Node);
+pub(crate) struct JsonDoc(Node);
 
 impl JsonDoc {
-    pub fn parse(body: &[u8]) -> Result<JsonDoc, String> {
+    pub(crate) fn parse(body: &[u8]) -> Result<JsonDoc, String> {
         serde_json::from_slice::<Node>(body).map(JsonDoc).map_err(|e| format!("the body is not valid JSON ({e})"))
     }
 
-    pub fn is_array(&self) -> bool {
+    pub(crate) fn is_array(&self) -> bool {
         matches!(self.0, Node::Array(_))
     }
 
-    pub fn is_object(&self) -> bool {
+    pub(crate) fn is_object(&self) -> bool {
         matches!(self.0, Node::Object(_))
     }
 
     /// The scalar at `ptr` (`Ok(None)` when absent; an object or array is `Err`), or why it
     /// has more than one reading.
-    pub fn scalar(&self, ptr: &str) -> Result<Option<&serde_json::Value>, String> {
+    pub(crate) fn scalar(&self, ptr: &str) -> Result<Option<&serde_json::Value>, String> {
         match resolve(&self.0, ptr)? {
             None => Ok(None),
             Some(Node::Scalar(v)) => Ok(Some(v)),
@@ -277,7 +277,7 @@ impl JsonDoc {
     }
 
     /// Whether anything (even an object) is at `ptr`.
-    pub fn has(&self, ptr: &str) -> Result<bool, String> {
+    pub(crate) fn has(&self, ptr: &str) -> Result<bool, String> {
         resolve(&self.0, ptr).map(|n| n.is_some())
     }
 }

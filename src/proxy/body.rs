@@ -25,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// The fields of a request's access-log line.
-pub struct Access {
+pub(crate) struct Access {
     pub request_id: String,
     pub agent: String,
     pub connector: String,
@@ -52,18 +52,18 @@ impl Access {
     }
 
     /// Ends the request's span (telemetry on) with what was decided and answered.
-    pub fn finish_span(&self, status: StatusCode, record: Option<u64>, error: Option<&str>) {
+    pub(crate) fn finish_span(&self, status: StatusCode, record: Option<u64>, error: Option<&str>) {
         self.trace.finish(&self.span_facts(status, record, error));
     }
 
     /// Ends the span of the upstream call with the upstream's answer (or failure).
-    pub fn finish_upstream(&self, span: UpstreamSpan, status: StatusCode, record: u64, error: Option<&str>) {
+    pub(crate) fn finish_upstream(&self, span: UpstreamSpan, status: StatusCode, record: u64, error: Option<&str>) {
         span.finish(&self.span_facts(status, Some(record), error));
     }
 }
 
 /// One JSON access-log line per request (SPEC §13).
-pub fn access_line(
+pub(super) fn access_line(
     a: &Access,
     status: StatusCode,
     bytes: u64,
@@ -92,7 +92,7 @@ pub fn access_line(
 }
 
 /// What the `outcome` entry of a forwarded request needs.
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub audit: AuditHandle,
     pub request_id: String,
     /// Index of the request's `decision` entry.
@@ -109,7 +109,7 @@ pub struct Outcome {
 }
 
 /// How a usage connector's outcome reads and charges tokens.
-pub struct UsageHook {
+pub(crate) struct UsageHook {
     format: UsageFormat,
     budgets: crate::state::BudgetStore,
     /// What the call reserved: charged when its usage cannot be read.
@@ -121,7 +121,7 @@ pub struct UsageHook {
 impl UsageHook {
     /// The hook for a connector's `usage` setting (none without one), charging `estimate` when
     /// the usage cannot be read.
-    pub fn new(
+    pub(crate) fn new(
         format: Option<UsageFormat>,
         budgets: &crate::state::BudgetStore,
         estimate: u64,
@@ -132,7 +132,7 @@ impl UsageHook {
 }
 
 /// What was learnt of an LLM response's usage.
-pub enum UsageRead {
+pub(crate) enum UsageRead {
     /// The request never reached the upstream (connecting failed): nothing to charge.
     Unsent,
     /// No response body was read (an upstream error or timeout after sending).
@@ -145,7 +145,7 @@ pub enum UsageRead {
 impl Outcome {
     /// Queues the `outcome` entry (it follows the response; a full queue is logged, the
     /// decision entry is already durable).
-    pub fn write(&self, status: StatusCode, bytes: u64, sha256: Option<String>, error: Option<&str>) {
+    pub(crate) fn write(&self, status: StatusCode, bytes: u64, sha256: Option<String>, error: Option<&str>) {
         self.write_with_usage(status, bytes, sha256, error, UsageRead::NoBody);
     }
 
@@ -154,7 +154,7 @@ impl Outcome {
     /// call's estimate: never 0 for a call that was sent) and the agent, connector and action the
     /// tokens count toward; the call's reservation settles to `usage_charged`, exactly what a
     /// rebuild reads back (`limits::recorded_spend`).
-    pub fn write_with_usage(
+    pub(crate) fn write_with_usage(
         &self,
         status: StatusCode,
         bytes: u64,
@@ -229,7 +229,7 @@ impl Outcome {
 }
 
 /// Streams the upstream body through unchanged while counting and hashing it.
-pub struct RecordedBody {
+pub(crate) struct RecordedBody {
     inner: ProxyBody,
     bytes: u64,
     hash: Sha256,
@@ -242,7 +242,7 @@ pub struct RecordedBody {
 impl RecordedBody {
     /// Wraps the body of the response whose head is `head` (its status, and for usage
     /// connectors its content type and encoding).
-    pub fn new(inner: ProxyBody, outcome: Outcome, head: &http::response::Parts) -> Self {
+    pub(crate) fn new(inner: ProxyBody, outcome: Outcome, head: &http::response::Parts) -> Self {
         let usage = outcome.usage.as_ref().map(|u| UsageParser::new(u.format, &head.headers));
         RecordedBody { inner, bytes: 0, hash: Sha256::new(), status: head.status, outcome: Some(outcome), usage }
     }
@@ -383,7 +383,7 @@ impl Drop for RecordedBody {
 /// handed to the upstream connection, whether the body ended, and (with `audit.bodies: full` on
 /// a `safe` route) its first bytes.
 #[derive(Clone)]
-pub struct RequestDigest(Arc<Mutex<DigestState>>);
+pub(crate) struct RequestDigest(Arc<Mutex<DigestState>>);
 
 struct DigestState {
     hash: Sha256,
@@ -395,7 +395,7 @@ struct DigestState {
 
 impl RequestDigest {
     /// A digest; `keep_prefix` for a body recorded in full (`audit.bodies: full`, safe route).
-    pub fn new(keep_prefix: bool) -> RequestDigest {
+    pub(crate) fn new(keep_prefix: bool) -> RequestDigest {
         RequestDigest(Arc::new(Mutex::new(DigestState {
             hash: Sha256::new(),
             len: 0,
@@ -425,7 +425,7 @@ impl RequestDigest {
     /// The `outcome` entry's `request_body_sha256` and `request_body_len` (of what was sent so
     /// far, with `request_body_complete: false` if the body had not ended), for a body with
     /// content; with a kept prefix, `request_body` too.
-    pub fn write_fields(&self, f: &mut Fields) {
+    pub(crate) fn write_fields(&self, f: &mut Fields) {
         let s = self.state();
         if s.len == 0 {
             return;
@@ -445,7 +445,7 @@ impl RequestDigest {
 /// at least `MAX_STRING_BYTES + 1` of them when it is longer): in full up to the string limit,
 /// else cut like any long string, with the body's own SHA-256 and length in `truncated`. A body
 /// that is not UTF-8 text is not recorded (its hash is).
-pub fn record_full_body(f: &mut Fields, key: &'static str, prefix: &[u8], sha256: [u8; 32], len: u64) {
+pub(super) fn record_full_body(f: &mut Fields, key: &'static str, prefix: &[u8], sha256: [u8; 32], len: u64) {
     use crate::audit::canonical::{CUT_STRING_BYTES, MAX_STRING_BYTES};
     if len as usize <= MAX_STRING_BYTES && prefix.len() as u64 == len {
         if let Ok(text) = std::str::from_utf8(prefix) {
@@ -465,13 +465,13 @@ pub fn record_full_body(f: &mut Fields, key: &'static str, prefix: &[u8], sha256
 
 /// Streams a request body to the upstream unchanged (no buffering, no copy) while hashing each
 /// data frame into its `RequestDigest`, which the `outcome` entry reads when the response ends.
-pub struct HashedBody {
+pub(super) struct HashedBody {
     inner: ProxyBody,
     digest: RequestDigest,
 }
 
 impl HashedBody {
-    pub fn new(inner: ProxyBody, digest: RequestDigest) -> HashedBody {
+    pub(super) fn new(inner: ProxyBody, digest: RequestDigest) -> HashedBody {
         HashedBody { inner, digest }
     }
 }
@@ -513,17 +513,17 @@ impl Body for HashedBody {
 
 /// Whether a [`StallCut`] cut its body; shared with the `outcome` entry.
 #[derive(Clone, Default)]
-pub struct Stalled(Arc<std::sync::atomic::AtomicBool>);
+pub(crate) struct Stalled(Arc<std::sync::atomic::AtomicBool>);
 
 impl Stalled {
-    pub fn get(&self) -> bool {
+    pub(crate) fn get(&self) -> bool {
         self.0.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
 /// The error a stalled request body ends with: the upstream request is aborted.
 #[derive(Debug)]
-pub struct BodyStalled(pub Duration);
+pub(super) struct BodyStalled(pub Duration);
 
 impl std::fmt::Display for BodyStalled {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -538,7 +538,7 @@ impl std::error::Error for BodyStalled {}
 /// client that stops sending cannot hold an upstream request, and its slot, forever. Time the
 /// upstream takes to accept bytes (the body is not polled then) does not count. The timer is
 /// armed only when the body waits.
-pub struct StallCut {
+pub(super) struct StallCut {
     inner: ProxyBody,
     timeout: Duration,
     /// Waiting for the client since the last frame (the timer runs).
@@ -549,7 +549,7 @@ pub struct StallCut {
 }
 
 impl StallCut {
-    pub fn new(inner: ProxyBody, timeout: Duration, stalled: Stalled) -> StallCut {
+    pub(super) fn new(inner: ProxyBody, timeout: Duration, stalled: Stalled) -> StallCut {
         StallCut { inner, timeout, waiting: false, timer: None, stalled, done: false }
     }
 }

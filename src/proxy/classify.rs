@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
 /// What a request was classified by.
-pub(crate) enum Rule {
+pub(super) enum Rule {
     /// A REST route of the connector (its index).
     Route(usize),
     /// An MCP connector's tool rule (its index), for `tools/call`.
@@ -36,7 +36,7 @@ pub(crate) struct Classified {
 
 impl Classified {
     /// The action type.
-    pub fn action(&self) -> &str {
+    pub(super) fn action(&self) -> &str {
         match &self.rule {
             Rule::Route(i) => &self.connector.routes[*i].action,
             Rule::Tool(i) => self.connector.mcp.as_ref().map_or("", |m| m.tools[*i].rule.action.as_str()),
@@ -45,12 +45,12 @@ impl Classified {
     }
 
     /// What the policy engine reads.
-    pub fn policy_action(&self) -> policy::Action<'_> {
+    pub(super) fn policy_action(&self) -> policy::Action<'_> {
         policy::Action { connector: &self.connector, action: self.action(), params: &self.params }
     }
 
     /// What a forwarded request of this action counts in budgets.
-    pub fn spend(&self, manifest: &Manifest) -> Spend {
+    pub(super) fn spend(&self, manifest: &Manifest) -> Spend {
         Spend {
             agent: manifest.agent.id.clone(),
             connector: self.connector.name.clone(),
@@ -73,7 +73,7 @@ pub(crate) enum RequestBody {
 impl RequestBody {
     /// Reads the whole body (once) and records its hash and length in `facts`; a refusal for a
     /// body too large, too slow or broken.
-    pub async fn buffer(
+    pub(super) async fn buffer(
         &mut self,
         headers: &HeaderMap,
         limits: &crate::config::Limits,
@@ -89,7 +89,7 @@ impl RequestBody {
     /// the way, for the `outcome` entry); `audit.bodies: none` records no hash, so reads nothing.
     /// (With `audit.bodies: full` the text is kept only once the route is known to be `safe`:
     /// [`RequestBody::keep_full`].)
-    pub async fn hash_small(
+    pub(super) async fn hash_small(
         &mut self,
         headers: &HeaderMap,
         limits: &crate::config::Limits,
@@ -106,14 +106,14 @@ impl RequestBody {
 
     /// With `audit.bodies: full` still in force for this request (a `safe` route, an MCP
     /// endpoint), the text of a body read earlier is recorded with the decision.
-    pub fn keep_full(&self, facts: &mut Facts) {
+    pub(super) fn keep_full(&self, facts: &mut Facts) {
         if facts.bodies == BodiesMode::Full && facts.full_body.is_none() {
             facts.full_body = self.buffered().cloned();
         }
     }
 
     /// Whether the request carries a body: a length above 0, chunked, or HTTP/2 data to come.
-    pub fn carries_body(&self, headers: &HeaderMap) -> bool {
+    pub(super) fn carries_body(&self, headers: &HeaderMap) -> bool {
         let streamed = match self {
             RequestBody::Streaming(b) => !b.is_end_stream(),
             RequestBody::Buffered(b) => !b.is_empty(),
@@ -148,14 +148,14 @@ impl RequestBody {
         }
     }
 
-    pub fn buffered(&self) -> Option<&Bytes> {
+    pub(super) fn buffered(&self) -> Option<&Bytes> {
         match self {
             RequestBody::Buffered(b) => Some(b),
             _ => None,
         }
     }
 
-    pub fn into_proxy(self) -> ProxyBody {
+    pub(super) fn into_proxy(self) -> ProxyBody {
         match self {
             RequestBody::Streaming(b) => b.map_err(|e| Box::new(e) as BoxError).boxed_unsync(),
             RequestBody::Buffered(b) => full_body(b),

@@ -27,40 +27,36 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The connection cap of one or more listeners.
 #[derive(Clone)]
-pub struct Slots {
+pub(crate) struct Slots {
     sem: Arc<Semaphore>,
     cap: usize,
 }
 
 impl Slots {
-    pub fn new(cap: usize) -> Slots {
+    pub(crate) fn new(cap: usize) -> Slots {
         let cap = cap.max(1);
         Slots { sem: Arc::new(Semaphore::new(cap)), cap }
     }
 
     /// A slot for a new connection, or none when the cap is reached.
-    pub fn try_take(&self) -> Option<ConnSlot> {
+    pub(crate) fn try_take(&self) -> Option<ConnSlot> {
         self.sem.clone().try_acquire_owned().ok().map(|p| ConnSlot(Arc::new(p)))
     }
 
     /// Connections holding a slot now.
-    pub fn in_use(&self) -> usize {
+    pub(crate) fn in_use(&self) -> usize {
         self.cap - self.sem.available_permits()
-    }
-
-    pub fn cap(&self) -> usize {
-        self.cap
     }
 }
 
 /// One connection's place under the cap; released when the last clone is dropped (the
 /// connection and every tunnel made of it are closed).
 #[derive(Clone)]
-pub struct ConnSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
+pub(crate) struct ConnSlot(#[allow(dead_code)] Arc<OwnedSemaphorePermit>);
 
 /// The deadlines of an HTTP connection.
 #[derive(Debug, Clone, Copy)]
-pub struct ConnTimeouts {
+pub(crate) struct ConnTimeouts {
     /// Until the first request arrives (`limits.header_read_timeout`).
     pub first_request: Duration,
     /// With no request in flight after that (`limits.idle_timeout`).
@@ -68,13 +64,13 @@ pub struct ConnTimeouts {
 }
 
 impl ConnTimeouts {
-    pub fn from_limits(l: &crate::config::Limits) -> ConnTimeouts {
+    pub(crate) fn from_limits(l: &crate::config::Limits) -> ConnTimeouts {
         ConnTimeouts { first_request: l.header_read_timeout, idle: l.idle_timeout }
     }
 }
 
 /// What the watchdog of one HTTP connection knows: requests in flight and since when none is.
-pub struct Activity {
+pub(crate) struct Activity {
     started: Instant,
     in_flight: AtomicUsize,
     requests: AtomicU64,
@@ -82,7 +78,7 @@ pub struct Activity {
 }
 
 impl Activity {
-    pub fn new() -> Arc<Activity> {
+    pub(crate) fn new() -> Arc<Activity> {
         let now = crate::clock::instant();
         Arc::new(Activity {
             started: now,
@@ -155,7 +151,7 @@ impl http_body::Body for InFlightBody {
 /// `first_request`, or no request in flight for `idle`. Requests in flight are never cut.
 /// It sleeps until the deadline as it stood and looks again then (requests do not wake it: a
 /// timer re-armed on every request cost a tenth of the throughput).
-pub async fn watchdog(act: &Activity, t: ConnTimeouts) {
+pub(crate) async fn watchdog(act: &Activity, t: ConnTimeouts) {
     let mut wake = act.started + t.first_request;
     loop {
         tokio::time::sleep_until(wake.into()).await;
@@ -173,7 +169,7 @@ type BoxResponse = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infal
 
 /// Wraps a service so the connection's activity is tracked and its slot reaches every request
 /// (as a [`ConnSlot`] extension) for tunnels that outlive the HTTP connection.
-pub fn track<S, F>(
+pub(crate) fn track<S, F>(
     svc: S,
     act: Arc<Activity>,
     slot: Option<ConnSlot>,
@@ -197,7 +193,7 @@ where
 }
 
 /// Serves one HTTP/1.1 or HTTP/2 connection (with upgrades) under the connection deadlines.
-pub async fn serve_http<IO, S, F>(
+pub(crate) async fn serve_http<IO, S, F>(
     builder: &auto::Builder<TokioExecutor>,
     io: IO,
     svc: S,
@@ -221,7 +217,7 @@ pub async fn serve_http<IO, S, F>(
 /// own header timer would also run while a keep-alive connection waits for its next request,
 /// closing it after `header_read_timeout` instead of `idle_timeout`. The first request head must
 /// arrive within `header_read_timeout`, a later one within `idle_timeout` of the last response.
-pub fn builder(l: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
+pub(crate) fn builder(l: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -237,7 +233,7 @@ pub fn builder(l: &crate::config::Limits) -> auto::Builder<TokioExecutor> {
 /// The answer to a connection past the cap: a complete HTTP/1.1 503 with the §7 body and
 /// reason `too_many_connections`, written without reading the request.
 /// `cap_key` names the configuration key of the cap that was reached.
-pub fn overloaded_response(cap_key: &str) -> Vec<u8> {
+pub(crate) fn overloaded_response(cap_key: &str) -> Vec<u8> {
     let d = Decision::deny(Code::TooManyConnections, format!("the gateway is at {cap_key}; retry shortly"));
     let body = serde_json::json!({
         "decision": d.verdict.as_str(),
@@ -261,11 +257,11 @@ pub fn overloaded_response(cap_key: &str) -> Vec<u8> {
 }
 
 /// The status of [`overloaded_response`].
-pub const OVERLOADED: StatusCode = Code::TooManyConnections.status(At::Request);
+pub(crate) const OVERLOADED: StatusCode = Code::TooManyConnections.status(At::Request);
 
 /// How a splice ended.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Spliced {
+pub(crate) struct Spliced {
     /// Bytes read from the first side (and written to the second).
     pub a_to_b: u64,
     /// Bytes read from the second side.
@@ -276,7 +272,7 @@ pub struct Spliced {
 
 /// Copies both ways until both sides close, either fails, or no byte has moved either way for
 /// `idle` (then both are dropped by the caller).
-pub async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> Spliced
+pub(crate) async fn splice<A, B>(a: &mut A, b: &mut B, idle: Duration) -> Spliced
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// What every request inside one intercepted tunnel shares.
 #[derive(Debug)]
-pub struct Tunnel {
+pub(crate) struct Tunnel {
     pub host: String,
     pub port: u16,
     /// The token presented on CONNECT (username, token), reused for each request inside.
@@ -88,7 +88,7 @@ async fn decide_tunnel(
 }
 
 /// Handles a CONNECT request on the proxy listener.
-pub async fn open(gw: &Arc<App>, mut req: Request<Incoming>) -> Response<ProxyBody> {
+pub(crate) async fn open(gw: &Arc<App>, mut req: Request<Incoming>) -> Response<ProxyBody> {
     let mut facts = new_facts(req.method(), req.uri(), Arrival::Explicit);
     let target = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
     facts.path = String::new();
@@ -136,7 +136,7 @@ pub async fn open(gw: &Arc<App>, mut req: Request<Incoming>) -> Response<ProxyBo
 ///
 /// Boxed with an explicit `Send` bound: the data path can open tunnels whose requests go
 /// through the data path again, and the named type breaks that cycle for the compiler.
-pub fn intercept<IO>(
+pub(crate) fn intercept<IO>(
     gw: Arc<App>,
     io: IO,
     tunnel: Arc<Tunnel>,

@@ -41,7 +41,7 @@ fn strip_common(h: &mut HeaderMap) {
 }
 
 /// The protocol an HTTP/1.1 upgrade request asks for (`Connection: upgrade` + `Upgrade`).
-pub fn requested_upgrade(h: &HeaderMap) -> Option<http::HeaderValue> {
+pub(super) fn requested_upgrade(h: &HeaderMap) -> Option<http::HeaderValue> {
     let asks = h
         .get_all(header::CONNECTION)
         .iter()
@@ -64,7 +64,7 @@ const UNBOUND_HEADERS: [&str; 6] =
 /// Prepares agent headers for the upstream. `Host` is dropped: the client sets it from the
 /// upstream URI. `x-uapk-*` are ours; `forwarded`, `x-forwarded-*` and `x-real-ip` would let an
 /// agent speak for the gateway about where a request came from.
-pub fn strip_request(h: &mut HeaderMap) {
+pub(super) fn strip_request(h: &mut HeaderMap) {
     strip_common(h);
     h.remove(header::HOST);
     h.remove(header::FORWARDED);
@@ -91,7 +91,7 @@ fn same_cgi_name(a: &str, b: &str) -> bool {
 /// when it injects credentials, its `strip_headers`, and the names it injects — each also under
 /// any name that reads as it with `_` for `-` (SPEC §16.4), so no second credential goes out
 /// beside the injected one.
-pub fn strip_for_connector(h: &mut HeaderMap, connector: &Connector) {
+pub(super) fn strip_for_connector(h: &mut HeaderMap, connector: &Connector) {
     let injected = connector.credentials.as_deref().unwrap_or_default();
     let credentials: &[&str] = if connector.injects_credentials() { &CREDENTIAL_HEADERS } else { &[] };
     let names = connector
@@ -110,7 +110,7 @@ pub fn strip_for_connector(h: &mut HeaderMap, connector: &Connector) {
 /// The headers an override is bound to (SPEC §14.7): what would be forwarded, before
 /// credentials are injected, less hop-by-hop and the unbound names; lower-case names, sorted,
 /// each with its values in order. A value that is not UTF-8 is bound by its hex bytes.
-pub fn bound_headers(h: &HeaderMap, connector: &Connector) -> BTreeMap<String, Vec<String>> {
+pub(super) fn bound_headers(h: &HeaderMap, connector: &Connector) -> BTreeMap<String, Vec<String>> {
     let mut h = h.clone();
     strip_request(&mut h);
     strip_for_connector(&mut h, connector);
@@ -133,7 +133,7 @@ pub fn bound_headers(h: &HeaderMap, connector: &Connector) -> BTreeMap<String, V
 /// policy reads. (HTTP/2 extended CONNECT never gets here: the gateway does not advertise
 /// `SETTINGS_ENABLE_CONNECT_PROTOCOL`, so HTTP/2 refuses `:protocol` and clients fall back to
 /// an HTTP/1.1 WebSocket upgrade, which is decided like any GET.)
-pub fn upgrade_refusal(method: &http::Method, h: &HeaderMap) -> Option<&'static str> {
+pub(super) fn upgrade_refusal(method: &http::Method, h: &HeaderMap) -> Option<&'static str> {
     let tokens: Vec<&http::HeaderValue> = h.get_all(header::UPGRADE).iter().collect();
     if tokens.is_empty() {
         return None;
@@ -148,14 +148,14 @@ pub fn upgrade_refusal(method: &http::Method, h: &HeaderMap) -> Option<&'static 
     None
 }
 
-pub fn strip_response(h: &mut HeaderMap) {
+pub(super) fn strip_response(h: &mut HeaderMap) {
     strip_common(h);
 }
 
 /// The request headers as recorded: redacted ones (and every credential-bearing header) as
 /// `sha256:<hex>`, the rest verbatim. Size is the audit entry's concern: a long value is stored
 /// cut with its hash, and headers too large altogether are dropped whole with theirs (SPEC §14.8).
-pub fn recorded_headers(h: &HeaderMap, redact: &[String]) -> Map<String, Value> {
+pub(super) fn recorded_headers(h: &HeaderMap, redact: &[String]) -> Map<String, Value> {
     const ALWAYS: [&str; 5] =
         ["authorization", "proxy-authorization", "cookie", "x-uapk-capability", "x-uapk-override"];
     let mut out = Map::new();

@@ -31,7 +31,7 @@ const SESSION_METHODS: [&str; 7] = [
     "resources/templates/list",
 ];
 
-pub const SESSION_ACTION: &str = "mcp.session";
+pub(super) const SESSION_ACTION: &str = "mcp.session";
 
 fn is_session(method: &str) -> bool {
     SESSION_METHODS.contains(&method) || method.starts_with("notifications/")

@@ -11,8 +11,8 @@
 mod agent_api;
 mod body;
 mod classify;
-pub mod conn;
-pub mod connect;
+pub(crate) mod conn;
+pub(crate) mod connect;
 mod escalation;
 mod forward;
 #[doc(hidden)]
@@ -22,15 +22,16 @@ mod identify;
 mod mcp;
 mod respond;
 mod settle;
-pub mod ssrf;
+pub(crate) mod ssrf;
 mod target;
 pub mod tls;
 pub mod transparent;
-pub mod upstream;
+pub(crate) mod upstream;
 
-pub use target::{normalize_host, split_authority};
+pub(crate) use target::normalize_host;
+pub use target::split_authority;
 
-pub use crate::app::{App, Policies};
+pub(crate) use crate::app::{App, Policies};
 use crate::audit::{AuditError, Fields};
 use crate::config::{BodiesMode, PolicyMode, Scheme};
 use crate::limits::in_flight::InFlightSlot;
@@ -44,20 +45,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use body::RecordedBody;
 use body::access_line;
 
-pub use crate::response::{BoxError, ProxyBody, full_body, json_response};
+pub(crate) use crate::response::{BoxError, ProxyBody, full_body, json_response};
 
 /// A capability token the gateway presents for the pod, re-read when it changes on disk
 /// (projected tokens rotate).
-pub struct TokenFile {
+pub(crate) struct TokenFile {
     path: std::path::PathBuf,
     cached: std::sync::Mutex<(Option<String>, Instant)>,
 }
 
 impl TokenFile {
-    pub fn new(path: std::path::PathBuf) -> TokenFile {
+    pub(crate) fn new(path: std::path::PathBuf) -> TokenFile {
         let token = std::fs::read_to_string(&path).ok().map(|t| t.trim().to_string());
         TokenFile { path, cached: std::sync::Mutex::new((token, crate::clock::instant())) }
     }
@@ -82,7 +82,7 @@ fn new_request_id() -> String {
 /// How a request reached the gateway: recorded as its decision's `via`, and what the target
 /// stage reads its destination from.
 #[derive(Clone)]
-pub enum Arrival {
+pub(crate) enum Arrival {
     /// The proxy listener, origin-form: `http://127.0.0.1:15080/<connector>/...`.
     BaseUrl,
     /// The proxy listener as an explicit proxy: an absolute-form request, or CONNECT.
@@ -95,7 +95,7 @@ pub enum Arrival {
 
 impl Arrival {
     /// A request on the proxy listener: absolute-form and CONNECT are the explicit proxy.
-    pub fn on_proxy_listener<B>(req: &Request<B>) -> Arrival {
+    pub(crate) fn on_proxy_listener<B>(req: &Request<B>) -> Arrival {
         if req.uri().scheme().is_some() || req.method() == Method::CONNECT {
             Arrival::Explicit
         } else {
@@ -484,10 +484,10 @@ impl App {
 
 /// The first path segment of the proxy listener that is the gateway's own (`/uapk/v1/...`),
 /// never a connector.
-pub const AGENT_API: &str = "uapk";
+pub(crate) const AGENT_API: &str = "uapk";
 
 /// The whole request path.
-pub async fn handle(gw: Arc<App>, req: Request<Incoming>, arrival: Arrival) -> Response<ProxyBody> {
+pub(crate) async fn handle(gw: Arc<App>, req: Request<Incoming>, arrival: Arrival) -> Response<ProxyBody> {
     let started = crate::clock::instant();
     let resp = if req.method() == Method::CONNECT && arrival.is_explicit() {
         connect::open(&gw, req).await

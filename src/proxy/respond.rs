@@ -8,14 +8,14 @@ use serde_json::{Value, json};
 
 /// Extra fields of a refusal body.
 #[derive(Default)]
-pub struct DenyBody {
+pub(super) struct DenyBody {
     pub approval_id: Option<String>,
 }
 
 /// The one line agent SDKs show for a refusal (SPEC §14.6): `<decision>: <code>: <message>
 /// (record N)`; the record part is left out when nothing was recorded (a request refused before
 /// it could be identified).
-pub fn refusal_message(d: &Decision, record: Option<u64>) -> String {
+pub(super) fn refusal_message(d: &Decision, record: Option<u64>) -> String {
     let message = d.reasons.first().map_or("", |r| r.message.as_str());
     match record {
         Some(n) => format!("{}: {}: {message} (record {n})", d.verdict.as_str(), d.code()),
@@ -26,7 +26,7 @@ pub fn refusal_message(d: &Decision, record: Option<u64>) -> String {
 /// `{"decision","reasons":[{"code","message"}],"record":N,"agent":..,"error":{"type","code",
 /// "message"}}` plus `x-uapk-decision`. The `error` object has the shape OpenAI's and
 /// Anthropic's SDKs read, so their exceptions carry the reason and the record index.
-pub fn deny_response(
+pub(super) fn deny_response(
     status: StatusCode,
     d: &Decision,
     record: Option<u64>,
@@ -68,7 +68,7 @@ fn decision_headers(r: &mut Response<ProxyBody>, d: &Decision, record: Option<u6
 /// A refused JSON-RPC request (MCP, SPEC §14.4): HTTP 200 with a JSON-RPC error whose message is
 /// the one-line refusal and whose `data` is the §7 body, so MCP clients show why; the
 /// `x-uapk-*` headers are those of any refusal.
-pub fn jsonrpc_refusal(
+pub(super) fn jsonrpc_refusal(
     id: &Value,
     d: &Decision,
     record: Option<u64>,

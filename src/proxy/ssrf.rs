@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Why an address may not be dialled, or `None` for public unicast.
-pub fn classify(ip: IpAddr) -> Option<&'static str> {
+pub(crate) fn classify(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => classify_v4(v4),
         IpAddr::V6(v6) => classify_v6(v6),
@@ -94,7 +94,7 @@ pub struct Vetter {
 }
 
 /// The outcome of vetting a host.
-pub enum Vetted {
+pub(crate) enum Vetted {
     Ok,
     /// `ssrf_blocked`, with a message naming the address class.
     Blocked(String),
@@ -104,7 +104,7 @@ pub enum Vetted {
 
 impl Vetted {
     /// The refusal of a host that did not pass: `ssrf_blocked` or `upstream_unresolvable`.
-    pub fn refusal(self) -> Option<Decision> {
+    pub(crate) fn refusal(self) -> Option<Decision> {
         match self {
             Vetted::Ok => None,
             Vetted::Blocked(why) => Some(Decision::deny(Code::SsrfBlocked, why)),
@@ -114,7 +114,7 @@ impl Vetted {
 }
 
 impl Vetter {
-    pub fn new(allow: Vec<Cidr>) -> Self {
+    pub(crate) fn new(allow: Vec<Cidr>) -> Self {
         Vetter {
             allow: Arc::new(allow),
             own: Arc::default(),
@@ -124,7 +124,7 @@ impl Vetter {
         }
     }
 
-    pub fn add_own_listener(&self, addr: SocketAddr) {
+    pub(crate) fn add_own_listener(&self, addr: SocketAddr) {
         self.own.lock().unwrap_or_else(|e| e.into_inner()).push(addr);
     }
 
@@ -145,7 +145,7 @@ impl Vetter {
 
     /// Resolves `host` (once per TTL), checks every address, and records the vetted ones for the
     /// upstream client. An IP literal is checked as it is.
-    pub async fn vet(&self, host: &str, port: u16) -> Vetted {
+    pub(crate) async fn vet(&self, host: &str, port: u16) -> Vetted {
         let key = host.to_ascii_lowercase();
         let cached = {
             let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
@@ -184,7 +184,7 @@ impl Vetter {
     }
 
     /// The vetted addresses of `host`, for the dialer.
-    pub fn lookup(&self, host: &str) -> Option<Vec<IpAddr>> {
+    pub(crate) fn lookup(&self, host: &str) -> Option<Vec<IpAddr>> {
         let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
         t.get(&host.to_ascii_lowercase()).map(|(ips, _)| ips.clone())
     }

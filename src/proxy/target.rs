@@ -19,7 +19,7 @@ pub(crate) struct Target {
 
 impl Target {
     /// A call of the gateway's own agent API (`/uapk/v1/...`), never forwarded.
-    pub fn is_agent_api(&self) -> bool {
+    pub(super) fn is_agent_api(&self) -> bool {
         self.base_connector.as_deref() == Some(super::AGENT_API)
     }
 }
@@ -147,7 +147,7 @@ pub(crate) fn ambiguous_path(path: &str) -> bool {
 
 /// A host as the gateway compares it: lower-case, without the one trailing dot that names the
 /// same host (`API.Example.com.` is `api.example.com`). Empty or doubly dotted names are none.
-pub fn normalize_host(h: &str) -> Option<String> {
+pub(crate) fn normalize_host(h: &str) -> Option<String> {
     let h = h.strip_suffix('.').unwrap_or(h);
     (!h.is_empty() && !h.ends_with('.')).then(|| h.to_ascii_lowercase())
 }

@@ -33,7 +33,7 @@ pub fn generate_ca(cert: &Path, key: &Path) -> Result<(), String> {
 }
 
 /// Writes a file readable only by its owner, created with that mode.
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -72,7 +72,7 @@ const MAX_LEAVES: usize = 10_000;
 
 impl LeafCache {
     /// Loads the CA from PEM files. Errors name the file, never key material.
-    pub fn load(cert: &Path, key: &Path, validity: Duration) -> Result<LeafCache, String> {
+    pub(crate) fn load(cert: &Path, key: &Path, validity: Duration) -> Result<LeafCache, String> {
         let cert_pem = std::fs::read_to_string(cert).map_err(|e| format!("CA certificate {}: {e}", cert.display()))?;
         let key_pem = std::fs::read_to_string(key).map_err(|e| format!("CA key {}: {e}", key.display()))?;
         let kp =
@@ -97,12 +97,8 @@ impl LeafCache {
         })
     }
 
-    pub fn ca_der(&self) -> &CertificateDer<'static> {
-        &self.ca_der
-    }
-
     /// The leaf for `name` (a DNS name or an IP literal), minted on first use within the TTL.
-    pub fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, String> {
+    pub(crate) fn leaf(&self, name: &str) -> Result<Arc<CertifiedKey>, String> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -152,7 +148,7 @@ impl LeafCache {
 /// Serves the leaf for one tunnel's host: a ClientHello naming another host gets no
 /// certificate, so the handshake fails instead of a forged success for the wrong name.
 #[derive(Debug)]
-pub struct TunnelCert {
+pub(crate) struct TunnelCert {
     pub host: String,
     pub leaf: Arc<CertifiedKey>,
 }
@@ -167,7 +163,7 @@ impl rustls::server::ResolvesServerCert for TunnelCert {
 }
 
 /// A server config presenting `leaf` for `host`, offering HTTP/2 and HTTP/1.1.
-pub fn server_config(host: &str, leaf: Arc<CertifiedKey>) -> Result<Arc<rustls::ServerConfig>, String> {
+pub(crate) fn server_config(host: &str, leaf: Arc<CertifiedKey>) -> Result<Arc<rustls::ServerConfig>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 /// The destination the client dialled before iptables redirected it.
-pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
+pub(crate) fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
     let addr = match stream.local_addr()?.ip() {
         IpAddr::V4(_) => sock.original_dst()?,
@@ -28,7 +28,7 @@ pub fn original_destination(stream: &TcpStream) -> std::io::Result<SocketAddr> {
 
 /// Handles one redirected connection.
 /// It holds `slot` (its place under `limits.max_connections`) for as long as it is open.
-pub async fn serve_connection(gw: Arc<App>, stream: TcpStream, own: Vec<SocketAddr>, slot: ConnSlot) {
+pub(crate) async fn serve_connection(gw: Arc<App>, stream: TcpStream, own: Vec<SocketAddr>, slot: ConnSlot) {
     let orig = match original_destination(&stream) {
         Ok(a) => a,
         Err(e) => {
@@ -104,9 +104,9 @@ pub async fn serve_connection(gw: Arc<App>, stream: TcpStream, own: Vec<SocketAd
 }
 
 /// Name of the nat chain that redirects the agent's TCP connections.
-pub const NAT_CHAIN: &str = "UAPK_OUTPUT";
+pub(crate) const NAT_CHAIN: &str = "UAPK_OUTPUT";
 /// Name of the filter chain that drops every other agent datagram.
-pub const FILTER_CHAIN: &str = "UAPK_EGRESS";
+pub(crate) const FILTER_CHAIN: &str = "UAPK_EGRESS";
 
 /// How the installer treats one command, so that running the rules twice neither fails half-way
 /// nor leaves duplicates.
@@ -129,17 +129,17 @@ pub struct Rule {
 
 impl Rule {
     /// True for `ip6tables` commands.
-    pub fn is_ipv6(&self) -> bool {
+    pub(crate) fn is_ipv6(&self) -> bool {
         self.argv.first().is_some_and(|b| b == "ip6tables")
     }
 
     /// True for commands on the nat table.
-    pub fn is_nat(&self) -> bool {
+    pub(crate) fn is_nat(&self) -> bool {
         self.argv.windows(2).any(|w| w[0] == "-t" && w[1] == "nat")
     }
 
     /// The command as a shell line.
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         self.argv.join(" ")
     }
 
@@ -166,6 +166,7 @@ impl Rule {
     }
 }
 
+#[cfg(test)]
 /// The rules the pod's init container installs, IPv4 (`iptables`) then IPv6 (`ip6tables`), each
 /// family filter table first (so a failure half-way leaves traffic dropped, not open), then nat:
 ///
@@ -177,7 +178,7 @@ impl Rule {
 ///   QUIC fails and clients fall back to TCP), SCTP, DCCP, raw IP — is dropped.
 /// - nat `UAPK_OUTPUT`, hooked first in `OUTPUT` for TCP: loopback, the gateway's UID and TCP 53
 ///   to a resolver return; every other TCP connection is redirected to `port`.
-pub fn iptables_rules(proxy_uid: u32, port: u16, resolvers: &[IpAddr]) -> Vec<Rule> {
+pub(crate) fn iptables_rules(proxy_uid: u32, port: u16, resolvers: &[IpAddr]) -> Vec<Rule> {
     iptables_rules_exempting(proxy_uid, &[], port, resolvers)
 }
 
@@ -231,7 +232,7 @@ pub fn iptables_rules_exempting(proxy_uid: u32, exempt: &[u32], port: u16, resol
 
 /// The `nameserver` addresses of a resolv.conf, in order, without duplicates (a zone index such
 /// as `%eth0` is dropped; lines that do not parse are skipped).
-pub fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
+pub(crate) fn resolv_conf_nameservers(text: &str) -> Vec<IpAddr> {
     let mut out: Vec<IpAddr> = Vec::new();
     for line in text.lines() {
         let mut words = line.split_whitespace();

@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-pub type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector<VettedResolver>>, ProxyBody>;
+pub(crate) type UpstreamClient = Client<hyper_rustls::HttpsConnector<HttpConnector<VettedResolver>>, ProxyBody>;
 
 /// Resolves only from the vetted table; a name the guard has not approved does not resolve.
 #[derive(Clone)]
-pub struct VettedResolver(pub Vetter);
+pub(crate) struct VettedResolver(pub Vetter);
 
 impl tower::Service<Name> for VettedResolver {
     type Response = std::vec::IntoIter<SocketAddr>;
@@ -42,7 +42,7 @@ impl tower::Service<Name> for VettedResolver {
 }
 
 /// Root store: webpki roots plus every certificate in the `extra` PEM files.
-pub fn root_store(extra: &[PathBuf]) -> Result<RootCertStore, String> {
+pub(crate) fn root_store(extra: &[PathBuf]) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     for path in extra {
@@ -61,7 +61,7 @@ pub fn root_store(extra: &[PathBuf]) -> Result<RootCertStore, String> {
 }
 
 /// The TLS client configuration for upstream connections.
-pub fn tls_config(roots: RootCertStore) -> Result<rustls::ClientConfig, BoxError> {
+pub(crate) fn tls_config(roots: RootCertStore) -> Result<rustls::ClientConfig, BoxError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -79,7 +79,7 @@ pub(crate) fn https_over<C>(http: C, tls: rustls::ClientConfig) -> hyper_rustls:
         .wrap_connector(http)
 }
 
-pub fn build_client(vetter: Vetter, tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
+pub(crate) fn build_client(vetter: Vetter, tls: rustls::ClientConfig, connect_timeout: Duration) -> UpstreamClient {
     let mut http = HttpConnector::new_with_resolver(VettedResolver(vetter));
     http.enforce_http(false);
     http.set_connect_timeout(Some(connect_timeout));

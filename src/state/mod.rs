@@ -205,7 +205,7 @@ impl BudgetStore {
 
     /// Gives back what a request that stops before it is forwarded holds (`Settlement::Release`);
     /// a fleet reservation that was never stored (no budget) needs no call.
-    pub async fn release(&self, r: crate::limits::Reservation) {
+    pub(crate) async fn release(&self, r: crate::limits::Reservation) {
         match self {
             BudgetStore::Memory(b) => b.settle(r.id(), Settlement::Release),
             BudgetStore::Postgres(p) if r.shared() => p.settle(r.id(), Settlement::Release).await,
@@ -215,7 +215,7 @@ impl BudgetStore {
 
     /// `settle` from code that cannot wait (a response body's end): the fleet store settles in
     /// the background, retrying.
-    pub fn settle_later(&self, id: &str, settlement: Settlement) {
+    pub(crate) fn settle_later(&self, id: &str, settlement: Settlement) {
         match self {
             BudgetStore::Memory(b) => b.settle(id, settlement),
             BudgetStore::Postgres(p) => {
@@ -230,7 +230,7 @@ impl BudgetStore {
 
     /// Releases reservations never forwarded nor released after `max_age` (see
     /// [`Budgets::expire_unforwarded`]); the fleet store does it for the whole fleet.
-    pub async fn expire_unforwarded(&self, max_age: Duration) -> usize {
+    pub(crate) async fn expire_unforwarded(&self, max_age: Duration) -> usize {
         match self {
             BudgetStore::Memory(b) => b.expire_unforwarded(max_age),
             BudgetStore::Postgres(p) => p.expire_unforwarded(max_age).await,

@@ -11,14 +11,14 @@ use deadpool_postgres::GenericClient;
 use std::sync::Arc;
 
 /// The `NOTIFY` channel of decided approvals (payload: the approval id).
-pub const CHANNEL: &str = "uapk_approvals";
+pub(crate) const CHANNEL: &str = "uapk_approvals";
 
 /// A slot taken for longer than this without its approval being stored is free again (its
 /// gateway died between the two).
 const SLOT_MAX_AGE: i64 = 120;
 
 #[derive(Clone)]
-pub struct PgApprovals {
+pub(crate) struct PgApprovals {
     db: Db,
     origin: Arc<str>,
 }
@@ -70,13 +70,17 @@ pub(super) async fn consume_in<C: GenericClient>(
 }
 
 impl PgApprovals {
-    pub fn new(db: Db, origin: &str) -> PgApprovals {
+    pub(crate) fn new(db: Db, origin: &str) -> PgApprovals {
         PgApprovals { db, origin: origin.into() }
     }
 
     /// Takes one of `agent`'s `max_pending` slots across the fleet: `Ok(Ok(slot))`, or
     /// `Ok(Err(pending))` when the agent has that many pending already.
-    pub async fn reserve(&self, agent: &str, max_pending: usize) -> Result<Result<String, usize>, ApprovalError> {
+    pub(crate) async fn reserve(
+        &self,
+        agent: &str,
+        max_pending: usize,
+    ) -> Result<Result<String, usize>, ApprovalError> {
         let (origin, agent) = (self.origin.clone(), agent.to_string());
         let slot = crate::approvals::new_id();
         self.db
@@ -111,7 +115,7 @@ impl PgApprovals {
             .map_err(store_err)
     }
 
-    pub async fn unreserve(&self, slot: &str) {
+    pub(crate) async fn unreserve(&self, slot: &str) {
         let (origin, slot) = (self.origin.clone(), slot.to_string());
         let _ = self
             .db
@@ -123,7 +127,7 @@ impl PgApprovals {
     }
 
     /// Stores a new approval in the slot `reserve` took.
-    pub async fn put(&self, a: &Approval, slot: Option<String>) -> Result<(), ApprovalError> {
+    pub(crate) async fn put(&self, a: &Approval, slot: Option<String>) -> Result<(), ApprovalError> {
         let origin = self.origin.clone();
         let body = serde_json::to_string(a).map_err(|e| ApprovalError::Store(e.to_string()))?;
         let (id, agent, status, created, expires) =
@@ -148,7 +152,7 @@ impl PgApprovals {
             .map_err(store_err)
     }
 
-    pub async fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
+    pub(crate) async fn get(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
         let (origin, id) = (self.origin.clone(), id.to_string());
         self.db
             .call("approval_get", move |c| async move {
@@ -165,7 +169,7 @@ impl PgApprovals {
     }
 
     /// One page, newest first (see `ApprovalStore::page`).
-    pub async fn page(
+    pub(crate) async fn page(
         &self,
         status: Option<Status>,
         limit: usize,
@@ -220,7 +224,7 @@ impl PgApprovals {
     }
 
     /// Moves one approval between states (see `ApprovalStore::transition`), fleet-wide.
-    pub async fn transition(
+    pub(crate) async fn transition(
         &self,
         id: &str,
         from: Status,
@@ -263,7 +267,7 @@ impl PgApprovals {
 
     /// Expires the fleet's pending approvals past their expiry; returns those this call
     /// expired (another gateway's sweep gets the others: each is recorded once).
-    pub async fn expire_overdue(&self, now: i64) -> Result<Vec<Approval>, ApprovalError> {
+    pub(crate) async fn expire_overdue(&self, now: i64) -> Result<Vec<Approval>, ApprovalError> {
         let origin = self.origin.clone();
         self.db
             .call("approval_expire", move |mut c| async move {
@@ -296,7 +300,7 @@ impl PgApprovals {
     }
 
     /// Pending approvals of the fleet (the `uapk_approvals_pending` gauge).
-    pub async fn pending_total(&self, now: i64) -> Result<u64, ApprovalError> {
+    pub(crate) async fn pending_total(&self, now: i64) -> Result<u64, ApprovalError> {
         let origin = self.origin.clone();
         self.db
             .call("approval_count", move |c| async move {
@@ -314,7 +318,7 @@ impl PgApprovals {
     }
 
     /// The current status of each of `ids` that is no longer pending (held requests wake on it).
-    pub async fn decided(&self, ids: Vec<String>) -> Result<Vec<(String, Status)>, ApprovalError> {
+    pub(crate) async fn decided(&self, ids: Vec<String>) -> Result<Vec<(String, Status)>, ApprovalError> {
         let origin = self.origin.clone();
         self.db
             .call("approval_poll", move |c| async move {

@@ -223,7 +223,7 @@ pub(super) async fn keep_in<C: GenericClient>(
 }
 
 impl PgBudgets {
-    pub fn new(db: Db, origin: &str) -> PgBudgets {
+    pub(crate) fn new(db: Db, origin: &str) -> PgBudgets {
         PgBudgets { db, origin: origin.into() }
     }
 
@@ -231,7 +231,7 @@ impl PgBudgets {
     /// under the agent's lock; idempotent by request id.
     /// An agent without budgets reserves nothing in the database (its requests take no lock
     /// and no row): its actions are counted from the moment a budget is added to its manifest.
-    pub async fn reserve(&self, manifest: &Manifest, ask: Ask) -> Result<BudgetCheck, DbError> {
+    pub(crate) async fn reserve(&self, manifest: &Manifest, ask: Ask) -> Result<BudgetCheck, DbError> {
         if manifest.policy.budgets.is_empty() {
             return Ok(BudgetCheck::Reserved { reservation: Reservation::new(ask.id, false), threshold: None });
         }
@@ -297,7 +297,7 @@ impl PgBudgets {
     /// here it changes nothing. A settlement the database does not take is retried a few times
     /// in the background; one lost to a long outage is finished by
     /// [`PgBudgets::expire_unforwarded`] (a release) or charged the estimate.
-    pub async fn settle(&self, id: &str, settlement: Settlement) {
+    pub(crate) async fn settle(&self, id: &str, settlement: Settlement) {
         if matches!(settlement, Settlement::Forwarded { .. }) {
             // Kept by the decision's own commit (`keep_in`): nothing left to do.
             return;
@@ -386,7 +386,7 @@ impl PgBudgets {
     /// Releases the fleet's reservations never forwarded nor released after `max_age` (their
     /// gateway died, or lost them), and charges a forwarded LLM call whose outcome never
     /// settled its estimate after an hour. Returns how many it ended.
-    pub async fn expire_unforwarded(&self, max_age: Duration) -> usize {
+    pub(crate) async fn expire_unforwarded(&self, max_age: Duration) -> usize {
         let origin = self.origin.clone();
         let age = max_age.as_secs().max(1) as i64;
         let r = self

@@ -116,17 +116,17 @@ impl FleetLog {
         })
     }
 
-    pub fn handle(&self) -> AuditHandle {
+    pub(crate) fn handle(&self) -> AuditHandle {
         self.handle.clone()
     }
 
     /// The read copy (records, proofs, export).
-    pub fn database(&self) -> SharedDb {
+    pub(crate) fn database(&self) -> SharedDb {
         self.copy.clone()
     }
 
     /// Commits everything queued, then stops the tasks and removes the read copy.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         let _ = self.handle.sender().send(Msg::Stop).await;
         if let Some(w) = self.writer.take() {
             let _ = w.await;

@@ -12,9 +12,10 @@ mod budgets;
 mod ledger;
 mod schema;
 
-pub use approvals::{CHANNEL as APPROVALS_CHANNEL, PgApprovals};
-pub use budgets::PgBudgets;
-pub use ledger::{FleetLog, rotate, snapshot_copy};
+pub(crate) use approvals::{CHANNEL as APPROVALS_CHANNEL, PgApprovals};
+pub(crate) use budgets::PgBudgets;
+pub(crate) use ledger::FleetLog;
+pub use ledger::{rotate, snapshot_copy};
 pub use schema::migrate;
 
 use crate::config::{PostgresSettings, redact_url};
@@ -39,14 +40,14 @@ pub struct Db {
 }
 
 /// Called after every database call with its op name, seconds taken and success.
-pub type Observe = Arc<dyn Fn(&'static str, f64, bool) + Send + Sync>;
+pub(crate) type Observe = Arc<dyn Fn(&'static str, f64, bool) + Send + Sync>;
 
 /// A database error as the gateway reports it: what failed, never the URL or its password.
-pub type DbError = String;
+pub(crate) type DbError = String;
 
 /// What a call's body may fail with: the database, or a row it cannot read.
 #[derive(Debug)]
-pub enum CallError {
+pub(crate) enum CallError {
     Db(tokio_postgres::Error),
     Bad(String),
 }
@@ -112,18 +113,18 @@ impl Db {
     }
 
     /// Observes every call (`uapk_state_duration_seconds`).
-    pub fn with_observer(mut self, f: Observe) -> Db {
+    pub(crate) fn with_observer(mut self, f: Observe) -> Db {
         self.observe = Some(f);
         self
     }
 
     /// True when the last call succeeded.
-    pub fn up(&self) -> bool {
+    pub(crate) fn up(&self) -> bool {
         self.up.load(Ordering::SeqCst)
     }
 
     /// Runs `f` on a pooled connection within the deadline; `op` names it in metrics.
-    pub async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, DbError>
+    pub(crate) async fn call<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, DbError>
     where
         F: FnOnce(deadpool_postgres::Object) -> Fut,
         Fut: Future<Output = Result<T, CallError>>,
@@ -148,7 +149,7 @@ impl Db {
     /// Calls `on` with the payload of every `NOTIFY` on `channel`, over a connection of its own
     /// (not from the pool), reconnecting a second after it fails. Runs until dropped; callers
     /// keep polling as well, so a lost notification only delays.
-    pub async fn listen(&self, channel: &'static str, on: impl Fn(String) + Send + Sync + 'static) {
+    pub(crate) async fn listen(&self, channel: &'static str, on: impl Fn(String) + Send + Sync + 'static) {
         loop {
             let r = match &self.tls {
                 None => listen_once(&self.config, tokio_postgres::NoTls, channel, &on).await,
@@ -162,7 +163,7 @@ impl Db {
     }
 
     /// Checks the database answers (the readiness probe's loop).
-    pub async fn ping(&self) -> Result<(), DbError> {
+    pub(crate) async fn ping(&self) -> Result<(), DbError> {
         self.call("ping", |c| async move { Ok(c.simple_query("SELECT 1").await.map(|_| ())?) }).await
     }
 }
