@@ -2,9 +2,7 @@
 //! with the Kubernetes ConfigMap layout, dry run, metrics, and graceful shutdown of the real
 //! binary under load.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 

@@ -7,9 +7,7 @@
 //! response, so only the last requests of a client cut off by the kill may lack one).
 //! `UAPK_CRASH_ROUNDS` (default 10) sets the number of kills; the README documents a longer run.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};

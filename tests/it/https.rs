@@ -1,9 +1,7 @@
 //! HTTPS egress for real: CONNECT + TLS interception with curl, Python and an HTTP/2 client,
 //! passthrough tunnels, leaf caching, and the SSRF guard.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -1,12 +1,10 @@
 //! The state conformance suite (SPEC §15, DESIGN "State: one seam, two backends"): the same
 //! cases against every backend the gateway can be given — embedded (redb, counters rebuilt
-//! from the log) and the fleet's PostgreSQL (a private cluster, see `common::postgres`). A new
+//! from the log) and the fleet's PostgreSQL (a private cluster, see `support::postgres`). A new
 //! backend is done when it passes these.
 
-mod common;
-
-use common::postgres::Pg;
-use common::*;
+use crate::support::postgres::Pg;
+use crate::support::*;
 use serde_json::{Map, Value, json};
 use std::sync::Arc;
 use uapk_gateway::approvals::{Approval, Status};

@@ -1,9 +1,7 @@
 //! End to end: every §8 reason code from a real request through a real gateway to a real
 //! upstream, with the §7 status and body and a matching entry in the audit log.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{Value, json};
 
 struct Case {

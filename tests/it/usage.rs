@@ -2,10 +2,8 @@
 //! JSON and streamed responses in outcome entries, and `max_tokens` budgets refuse once the
 //! recorded total reaches the cap, also across a restart.
 
-mod common;
-
-use common::llm::*;
-use common::*;
+use crate::support::llm::*;
+use crate::support::*;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::Arc;

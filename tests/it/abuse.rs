@@ -7,9 +7,7 @@
 //! Connection floods run against the real binary in a child process (its open-file limit set
 //! with `ulimit -n`, i.e. setrlimit in the child only); the refusal flood runs in-process.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

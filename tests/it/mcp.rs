@@ -4,9 +4,7 @@
 //! could be read two ways (a batch, a duplicated key, a header that contradicts the body) reaches
 //! the server. (`scripts/mcp-sdk-test.sh` drives the official MCP SDK through the same paths.)
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{Value, json};
 
 fn mcp_manifest(up: std::net::SocketAddr, extra: &str) -> String {

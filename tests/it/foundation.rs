@@ -1,9 +1,7 @@
 //! End to end: budgets across restarts, write-ahead durability, credential injection, token
 //! refusals, the explicit proxy, and `verify` / `check` from the real binary.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use redb::ReadableTable;
 use serde_json::{Value, json};
 

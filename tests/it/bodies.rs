@@ -3,9 +3,7 @@
 //! and large requests are recorded with long strings cut (their full hash and length in the
 //! entry's `truncated` map), never refused for their size.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::time::{Duration, Instant};

@@ -4,10 +4,8 @@
 //! spans counted; the labels and process metrics of `/metrics`, and the Grafana dashboard in
 //! docs/ querying only metrics the gateway exports.
 
-mod common;
-
 use bytes::Bytes;
-use common::*;
+use crate::support::*;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};

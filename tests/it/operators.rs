@@ -2,9 +2,7 @@
 //! `uapk-gateway tail`), the `auditor` role, admin key ids that say who approved (`by`); and a
 //! first run that stops on a busy port before generating anything.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{Value, json};
 use std::time::Duration;
 

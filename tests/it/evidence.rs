@@ -1,9 +1,7 @@
 //! Evidence that holds up: proofs from the CLI and the admin API, trusted checkpoints against
 //! truncation and rollback, foreign re-signing, and the gateway refusing a shortened database.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use redb::ReadableTable;
 use serde_json::Value;
 use std::path::Path;

@@ -5,9 +5,7 @@
 //!
 //! Mounts a small tmpfs as the data directory, so it needs root (CI runs as root).
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -6,10 +6,8 @@
 //! Without the `redis-server` binary (Debian package `redis-server`) the tests say so and pass,
 //! except with `CI` set, where they fail.
 
-mod common;
-
-use common::redis::RedisServer;
-use common::*;
+use crate::support::redis::RedisServer;
+use crate::support::*;
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -2,9 +2,7 @@
 //! sent exactly as it was, through a real gateway to a real upstream; the client must see the
 //! refusal with its reason code, the upstream must see nothing, and the log must hold the record.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::time::Duration;

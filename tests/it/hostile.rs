@@ -2,9 +2,7 @@
 //! record where a request was identified, and after every case the gateway still serves a normal
 //! request.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -491,7 +489,7 @@ async fn only_websocket_upgrades_pass() {
     assert!(resp.contains("upgrade_not_allowed"));
 
     // An upstream that answers a WebSocket request by switching to h2c is not spliced.
-    // (A WebSocket that is switched and spliced: tests/foundation.rs.)
+    // (A WebSocket that is switched and spliced: foundation.rs.)
     let (mut s, head) = open_raw(
         &gw,
         &format!("GET /shop/v1/charges/switch-h2c HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="),

@@ -10,9 +10,7 @@
 //! with a message where they are missing, and `.ci/run` (root) installs them so it always runs
 //! there.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;

@@ -1,16 +1,14 @@
 //! Large logs (run by hand; numbers go in the README):
 //!
 //! ```sh
-//! cargo test --release --test large_log -- --ignored --nocapture
-//! UAPK_LARGE_ENTRIES=1000000 cargo test --release --test large_log -- --ignored --nocapture
+//! cargo test --release --test it large_log:: -- --ignored --nocapture
+//! UAPK_LARGE_ENTRIES=1000000 cargo test --release --test it large_log:: -- --ignored --nocapture
 //! ```
 //!
 //! Fills a log with realistic decision entries through the real writer, then times `verify` and
 //! `export` of the whole log from the real binary, and reports their rate and peak memory.
 
-mod common;
-
-use common::*;
+use crate::support::*;
 use serde_json::{Map, json};
 use std::time::Instant;
 

@@ -4,11 +4,9 @@
 //! traffic and heals by itself. Without the PostgreSQL binaries the tests say which package to
 //! install and pass, except with `CI` set, where they fail.
 
-mod common;
-
-use common::postgres::Pg;
-use common::redis::RedisServer;
-use common::*;
+use crate::support::postgres::Pg;
+use crate::support::redis::RedisServer;
+use crate::support::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
