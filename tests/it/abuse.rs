@@ -14,104 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A gateway running as a child process.
-struct ChildGateway {
-    child: std::process::Child,
-    dir: tempfile::TempDir,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl ChildGateway {
-    /// Starts `uapk-gateway run` with `limits_yaml` appended to gateway.yaml, under an
-    /// open-file limit of `nofile` when given.
-    async fn start(manifests: &[(&str, String)], extra_yaml: &str, nofile: Option<u32>) -> ChildGateway {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        std::fs::create_dir_all(d.join("policies")).unwrap();
-        for (name, text) in manifests {
-            std::fs::write(d.join("policies").join(name), text).unwrap();
-        }
-        let (proxy, admin) = (free_port(), free_port());
-        std::fs::write(
-            d.join("gateway.yaml"),
-            format!(
-                "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\naudit:\n  origin: abuse.test/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n{extra_yaml}",
-                p = d.join("policies").display(),
-                data = d.join("data").display()
-            ),
-        )
-        .unwrap();
-        let cfg = d.join("gateway.yaml");
-        let log = std::fs::File::create(d.join("gateway.log")).unwrap();
-        let mut cmd = match nofile {
-            // `ulimit -n` is setrlimit(RLIMIT_NOFILE) in the shell that then becomes the gateway.
-            Some(n) => {
-                let mut c = std::process::Command::new("sh");
-                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin(), "run", "-c"]).arg(&cfg);
-                c
-            }
-            None => {
-                let mut c = std::process::Command::new(bin());
-                c.args(["run", "-c"]).arg(&cfg);
-                c
-            }
-        };
-        let mut child = cmd.env("UAPK_LOG", "warn").stderr(log).spawn().unwrap();
-        let started = Instant::now();
-        loop {
-            let ok = client()
-                .get(format!("http://127.0.0.1:{admin}/readyz"))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .map(|r| r.status() == 200);
-            if ok.unwrap_or(false) {
-                break;
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("the gateway exited ({status}): {}", std::fs::read_to_string(d.join("gateway.log")).unwrap());
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "the gateway did not become ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        ChildGateway {
-            child,
-            dir,
-            proxy: format!("127.0.0.1:{proxy}").parse().unwrap(),
-            admin: format!("127.0.0.1:{admin}").parse().unwrap(),
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM, wait for a clean exit, and return every committed entry.
-    fn stop(mut self) -> (Vec<Value>, String) {
-        let pid = self.child.id().to_string();
-        let _ = std::process::Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(40);
-        let status = loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "the gateway did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        };
-        assert!(status.success(), "the gateway exited with {status}: {}", self.log());
-        let db = redb::Database::open(self.dir.path().join("data/audit.redb")).unwrap();
-        (read_all(&db), self.log())
-    }
-}
-
-impl Drop for ChildGateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use uapk_gateway::limits::refusals::ids_sha256;
 
 /// Times an allowed request through the base URL.
 async fn allowed(proxy: SocketAddr, tok: &str) -> (u16, Duration) {
@@ -163,14 +66,6 @@ fn watch_closes(
         .collect()
 }
 
-async fn closed_after(watchers: Vec<tokio::task::JoinHandle<Option<Duration>>>) -> Vec<Option<Duration>> {
-    let mut out = Vec::new();
-    for w in watchers {
-        out.push(w.await.unwrap());
-    }
-    out
-}
-
 fn assert_all_closed_within(what: &str, closes: &[Option<Duration>], low: Duration, high: Duration) {
     let open = closes.iter().filter(|c| c.is_none()).count();
     assert_eq!(open, 0, "{what}: {open} of {} connections were still open after {high:?}", closes.len());
@@ -179,12 +74,27 @@ fn assert_all_closed_within(what: &str, closes: &[Option<Duration>], low: Durati
     }
 }
 
+/// Sends `GET path` with `tok` on the keep-alive connection `s` and reads its whole response (it
+/// ends with the upstream's JSON echo); the connection must stay open.
+async fn keepalive_get(s: &mut TcpStream, path: &str, tok: &str) -> String {
+    let head = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 4096];
+    while !got.ends_with(b"}") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.unwrap().unwrap();
+        assert!(n > 0, "the keep-alive was closed before its response to {path}");
+        got.extend_from_slice(&b[..n]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_preface_only_and_idle_connections_are_closed_while_agents_are_served() {
     let up = Upstream::start().await;
-    let gw = ChildGateway::start(
+    let mut gw = ChildGateway::start(
         &[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))],
         "admin:\n  max_connections: 64\nlimits:\n  header_read_timeout: 1s\n  idle_timeout: 2s\n  max_connections: 1000\n",
         None,
@@ -213,20 +123,7 @@ async fn silent_preface_only_and_idle_connections_are_closed_while_agents_are_se
     let mut idle = Vec::new();
     for _ in 0..20 {
         let mut s = TcpStream::connect(gw.proxy).await.unwrap();
-        s.write_all(
-            format!("GET /shop/v1/charges/ch_2 HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        // Read the whole response (it ends with the upstream's JSON echo).
-        let mut got = Vec::new();
-        let mut b = [0u8; 4096];
-        while !got.ends_with(b"}") {
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await.unwrap().unwrap();
-            assert!(n > 0, "the keep-alive was closed before its response");
-            got.extend_from_slice(&b[..n]);
-        }
-        let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+        let text = keepalive_get(&mut s, "/shop/v1/charges/ch_2", &tok).await.to_ascii_lowercase();
         assert!(text.starts_with("http/1.1 200"), "{text}");
         assert!(text.contains("content-length:") && !text.contains("chunked"), "the length is kept: {text}");
         idle.push((s, Instant::now()));
@@ -250,31 +147,20 @@ async fn silent_preface_only_and_idle_connections_are_closed_while_agents_are_se
     // A connection that sends nothing, or only the HTTP/2 preface, is closed after
     // header_read_timeout (1 s); a keep-alive with no request in flight after idle_timeout (2 s).
     let margin = Duration::from_millis(1500);
-    let s = closed_after(silent_w).await;
+    let s = join_all(silent_w).await;
     assert_all_closed_within("silent proxy sockets", &s, Duration::from_millis(900), Duration::from_secs(1) + margin);
-    let p = closed_after(preface_w).await;
+    let p = join_all(preface_w).await;
     assert_all_closed_within("HTTP/2 preface only", &p, Duration::from_millis(900), Duration::from_secs(1) + margin);
-    let a = closed_after(admin_w).await;
+    let a = join_all(admin_w).await;
     assert_all_closed_within("silent admin sockets", &a, Duration::from_millis(900), Duration::from_secs(1) + margin);
-    let i = closed_after(idle_w).await;
+    let i = join_all(idle_w).await;
     assert_all_closed_within("idle keep-alives", &i, Duration::from_millis(900), Duration::from_secs(2) + margin);
 
     // A keep-alive that keeps sending requests is never idle, so never closed.
     let mut busy = TcpStream::connect(gw.proxy).await.unwrap();
     for n in 0..6 {
-        busy.write_all(
-            format!("GET /shop/v1/charges/busy{n} HTTP/1.1\r\nHost: gw\r\nx-uapk-capability: {tok}\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut got = Vec::new();
-        let mut b = [0u8; 4096];
-        while !got.ends_with(b"}") {
-            let n = tokio::time::timeout(Duration::from_secs(5), busy.read(&mut b)).await.unwrap().unwrap();
-            assert!(n > 0, "a busy keep-alive was closed");
-            got.extend_from_slice(&b[..n]);
-        }
-        assert!(got.starts_with(b"HTTP/1.1 200"));
+        let got = keepalive_get(&mut busy, &format!("/shop/v1/charges/busy{n}"), &tok).await;
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
         tokio::time::sleep(Duration::from_millis(700)).await;
     }
     assert_eq!(allowed(gw.proxy, &tok).await.0, 200);
@@ -284,16 +170,9 @@ async fn silent_preface_only_and_idle_connections_are_closed_while_agents_are_se
 
 /// A manifest with a base-URL connector to `up` and a passthrough connector to `pinned`.
 fn tunnel_manifest(agent: &str, up: SocketAddr, pinned: SocketAddr) -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head(agent, "");
     format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: {agent} }}
-capability:
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
+        r#"{head}connectors:
   - name: shop
     base_url: http://{up}
     routes:
@@ -323,37 +202,13 @@ async fn silent_server() -> SocketAddr {
     addr
 }
 
-/// Sends CONNECT and reads the response head (and, for a refusal, its body).
-async fn connect(proxy: SocketAddr, target: SocketAddr, tok: &str) -> (TcpStream, String, Duration) {
-    let t = Instant::now();
-    let mut s = TcpStream::connect(proxy).await.unwrap();
-    s.write_all(
-        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {tok}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut got = Vec::new();
-    let mut b = [0u8; 2048];
-    loop {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
-            Ok(Ok(n)) => got.extend_from_slice(&b[..n]),
-        }
-        let text = String::from_utf8_lossy(&got);
-        if text.starts_with("HTTP/1.1 200") && text.contains("\r\n\r\n") {
-            break;
-        }
-    }
-    (s, String::from_utf8_lossy(&got).into_owned(), t.elapsed())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_tunnels_past_the_cap_under_a_low_open_file_limit_leave_health_and_agents_answered() {
     let up = Upstream::start().await;
     let pinned = silent_server().await;
     // 256 descriptors: the cap is lowered to what they can hold ((256 - 64 - 16) / 2 = 88
     // connections) next to the admin listener's 16.
-    let gw = ChildGateway::start(
+    let mut gw = ChildGateway::start(
         &[("flood.yaml", tunnel_manifest("flood-agent", up.addr, pinned))],
         "admin:\n  max_connections: 16\nlimits:\n  header_read_timeout: 2s\n  tunnel_idle_timeout: 3s\n",
         Some(256),
@@ -367,14 +222,15 @@ async fn silent_tunnels_past_the_cap_under_a_low_open_file_limit_leave_health_an
     let mut open = Vec::new();
     let mut refused = 0;
     for _ in 0..150 {
-        let (s, head, took) = connect(gw.proxy, pinned, &tok).await;
+        let started = Instant::now();
+        let (s, head) = connect(gw.proxy, &pinned.to_string(), &tok).await;
+        let took = started.elapsed();
         if head.starts_with("HTTP/1.1 200") {
             open.push((s, Instant::now()));
         } else {
             assert!(head.starts_with("HTTP/1.1 503"), "{head}");
             assert!(head.contains("too_many_connections"), "{head}");
-            let body: Value = serde_json::from_str(head.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap();
-            assert_eq!(body["error"]["code"], "too_many_connections");
+            assert_eq!(body_json(&head)["error"]["code"], "too_many_connections");
             assert!(took < Duration::from_secs(1), "a refusal past the cap took {took:?}");
             refused += 1;
         }
@@ -396,7 +252,7 @@ async fn silent_tunnels_past_the_cap_under_a_low_open_file_limit_leave_health_an
 
     // Tunnels with no bytes either way are closed after tunnel_idle_timeout (3 s), which frees
     // their slots: agents are served again.
-    let closes = closed_after(watchers).await;
+    let closes = join_all(watchers).await;
     assert_all_closed_within("silent tunnels", &closes, Duration::from_millis(2900), Duration::from_millis(4500));
     let (status, took) = allowed(gw.proxy, &tok).await;
     assert_eq!(status, 200, "after the idle tunnels closed");
@@ -450,16 +306,6 @@ fn num(v: &Value) -> u64 {
     v.as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not an integer string: {v}"))
 }
 
-fn sha256_ids<'a>(ids: impl Iterator<Item = &'a str>) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    for id in ids {
-        h.update(id.as_bytes());
-        h.update(b"\n");
-    }
-    hex::encode(h.finalize())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every_refusal_is_accounted_for() {
     let up = Upstream::start().await;
@@ -495,11 +341,7 @@ async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every
                     })
                 })
                 .collect();
-            let mut all = Vec::new();
-            for l in lanes {
-                all.extend(l.await.unwrap());
-            }
-            all
+            join_all(lanes).await.into_iter().flatten().collect::<Vec<_>>()
         })
     };
     let mut calm = Vec::new();
@@ -558,11 +400,7 @@ async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every
         assert_eq!((e["agent"].as_str(), e["decision"].as_str()), (Some("flood-agent"), Some("deny")));
     }
     // ...and everything beyond is in summary entries, at most one a second.
-    let summaries: Vec<&Value> = entries
-        .iter()
-        .filter(|e| e["kind"] == "decision" && e["reasons"][0]["code"] == "refusals_rate_limited")
-        .filter(|e| e["agent"] == "flood-agent")
-        .collect();
+    let summaries = summaries_of(&entries, "flood-agent");
     assert!(!summaries.is_empty());
     assert!(summaries.len() as f64 <= elapsed + 2.0, "{} summaries in {elapsed:.1}s", summaries.len());
     let total: u64 = summaries.iter().map(|s| num(&s["count"])).sum();
@@ -578,7 +416,7 @@ async fn a_refusal_flood_from_one_agent_grows_the_log_within_the_bound_and_every
         assert!(ids.iter().all(|id| limited_set.contains(id)), "a summary lists an id no 429 carried");
         assert_eq!(num(&s["request_ids_omitted"]) as usize, n - ids.len());
         if n <= 100 {
-            assert_eq!(s["request_ids_sha256"].as_str().unwrap(), sha256_ids(ids.iter().copied()));
+            assert_eq!(s["request_ids_sha256"].as_str().unwrap(), ids_sha256(ids.iter().copied()));
         }
         assert_eq!(num(&s["reason_counts"]["route_not_allowed"]) as usize, n);
         listed.extend(ids.iter().map(|s| s.to_string()));
@@ -636,16 +474,9 @@ fn client_hello(host: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn intercepted_tunnels_must_say_hello_and_finish_the_handshake_in_time() {
     let up = Upstream::start().await;
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head("tls-agent", "");
     let m = format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: tls-agent }}
-capability:
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
+        r#"{head}connectors:
   - name: secure
     hosts: [localhost]
     ports: [443]
@@ -672,22 +503,8 @@ capability:
     let open = |hello: bool| {
         let (proxy, tok) = (gw.proxy, tok.clone());
         async move {
-            let mut s = TcpStream::connect(proxy).await.unwrap();
-            s.write_all(
-                format!(
-                    "CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\nProxy-Authorization: Bearer {tok}\r\n\r\n"
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the CONNECT answer");
-                head.push(b[0]);
-            }
-            assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+            let (mut s, head) = connect(proxy, "localhost:443", &tok).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             let t = Instant::now();
             if hello {
                 // A whole ClientHello, then silence: the gateway answers and waits for the
@@ -706,10 +523,10 @@ capability:
     let silent_w = watch_closes(silent, Duration::from_secs(4));
     let stalled_w = watch_closes(stalled, Duration::from_secs(6));
     // Meanwhile the gateway serves.
-    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/x", &tok).await;
     assert_eq!(r.status(), 200);
     // No ClientHello within header_read_timeout (1 s): closed.
-    let s = closed_after(silent_w).await;
+    let s = join_all(silent_w).await;
     assert_all_closed_within(
         "tunnels without a ClientHello",
         &s,
@@ -717,44 +534,14 @@ capability:
         Duration::from_millis(2500),
     );
     // A ClientHello and then nothing: closed after tls_handshake_timeout (3 s), not before.
-    let h = closed_after(stalled_w).await;
+    let h = join_all(stalled_w).await;
     assert_all_closed_within("stalled TLS handshakes", &h, Duration::from_millis(2900), Duration::from_millis(4500));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_websocket_holds_a_connection_slot_until_tunnel_idle_timeout() {
     // A WebSocket upstream that switches protocols and then never sends a byte.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
-                    let on = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        if let Ok(u) = on.await {
-                            let mut io = hyper_util::rt::TokioIo::new(u);
-                            let mut buf = [0u8; 64];
-                            while let Ok(n) = io.read(&mut buf).await {
-                                if n == 0 {
-                                    break;
-                                }
-                            }
-                        }
-                    });
-                    let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
-                    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-                    r.headers_mut().insert("connection", "upgrade".parse().unwrap());
-                    r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
-                    Ok::<_, std::convert::Infallible>(r)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
+    let ws = websocket_upstream(false).await;
     let gw = TestGateway::start(
         &[("pay.yaml", manifest("pay-agent", ws, "", ""))],
         "limits:\n  max_connections: 3\n  tunnel_idle_timeout: 2s\n  idle_timeout: 30s\n  header_read_timeout: 5s\n",
@@ -765,27 +552,22 @@ async fn an_idle_websocket_holds_a_connection_slot_until_tunnel_idle_timeout() {
     for _ in 0..3 {
         let mut s = TcpStream::connect(gw.proxy).await.unwrap();
         s.write_all(format!("GET /shop/v1/charges/stream HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nx-uapk-capability: {tok}\r\n\r\n").as_bytes()).await.unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the response head");
-            head.push(b[0]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
         sockets.push((s, Instant::now()));
     }
     // Three upgraded connections fill a cap of three: the next connection gets a fast 503.
     let t = Instant::now();
-    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/x", &tok).await;
     assert_eq!(r.status(), 503);
     assert!(t.elapsed() < Duration::from_secs(1));
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["reasons"][0]["code"], "too_many_connections");
     // With no bytes either way they are closed after tunnel_idle_timeout, and the slots free.
-    let closes = closed_after(watch_closes(sockets, Duration::from_secs(5))).await;
+    let closes = join_all(watch_closes(sockets, Duration::from_secs(5))).await;
     assert_all_closed_within("idle WebSockets", &closes, Duration::from_millis(1900), Duration::from_millis(3500));
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = client().get(gw.base("/shop/v1/charges/x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/x", &tok).await;
     assert_ne!(r.status(), 503, "the slots of the closed WebSockets are free again");
     let outcomes: Vec<Value> = gw
         .entries()
@@ -818,11 +600,7 @@ async fn concurrently(
             })
         })
         .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    all
+    join_all(tasks).await.into_iter().flatten().collect()
 }
 
 /// The refusal summaries of `agent` in the log.
@@ -943,8 +721,7 @@ async fn distinct_refusals_beyond_the_entry_bound_are_counted_as_dropped_tuples(
     assert_eq!(limited.len(), 120);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let db = gw.gateway().db.get().unwrap();
-    let raw = uapk_gateway::audit::read_entries(&db, 0, 100_000).unwrap();
+    let raw = gw.raw_entries();
     let mut dropped_total = 0;
     let mut listed_total = 0;
     for (_, bytes) in &raw {
@@ -995,11 +772,6 @@ async fn read_until_closed(s: &mut TcpStream, within: Duration) -> (String, bool
     }
 }
 
-/// The record index of a raw HTTP/1.1 response.
-fn record_of(response: &str) -> Option<u64> {
-    response.lines().find_map(|l| l.strip_prefix("x-uapk-record: ")).and_then(|v| v.trim().parse().ok())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
     let up = Upstream::start().await;
@@ -1011,7 +783,7 @@ async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
         "limits:\n  max_connections: 100\n  body_read_timeout: 5s\n  header_read_timeout: 5s\n",
     )
     .await;
-    assert_eq!(gw.gateway().in_flight.max(), 50, "the default is half of max_connections");
+    assert_eq!(gw.in_flight_max(), 50, "the default is half of max_connections");
     let (flood_tok, calm_tok) = (token("flood-agent"), token("calm-agent"));
 
     // 100 uploads that announce 1 MB and send a byte at a time.
@@ -1052,7 +824,7 @@ async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
         assert!(resp.starts_with("HTTP/1.1 429"), "{resp}");
         assert!(resp.to_ascii_lowercase().contains("connection: close"), "{resp}");
         assert!(resp.contains("too_many_requests_in_flight"), "{resp}");
-        let idx = record_of(resp).expect("recorded");
+        let idx = record_header(resp).expect("recorded");
         let e = entries.iter().find(|e| e["idx"] == idx.to_string().as_str()).unwrap();
         assert_eq!(
             (e["agent"].as_str(), e["reasons"][0]["code"].as_str()),
@@ -1085,12 +857,7 @@ async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
             .unwrap();
         assert_eq!(r.status(), 200, "the other agent is served");
         served += 1;
-        let r = client()
-            .get(gw.base("/shop/v1/charges/ch_1"))
-            .header("x-uapk-capability", &flood_tok)
-            .send()
-            .await
-            .unwrap();
+        let r = gw.get("/shop/v1/charges/ch_1", &flood_tok).await;
         assert_eq!(r.status(), 429);
         assert_eq!(r.headers()["connection"], "close");
         assert!(r.headers().get("x-uapk-record").is_some(), "recorded");
@@ -1099,20 +866,14 @@ async fn one_agents_trickling_uploads_take_only_its_share_of_connections() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(served >= 3, "{served}");
-    assert_eq!(gw.gateway().in_flight.in_flight("flood-agent"), 50);
+    assert_eq!(gw.in_flight_of("flood-agent"), 50);
     // The agent goes away: its slots come back.
     drop(trickle.await.unwrap());
-    let t = Instant::now();
-    while gw.gateway().in_flight.in_flight("flood-agent") > 0 {
-        assert!(
-            t.elapsed() < Duration::from_secs(5),
-            "{} slots still held",
-            gw.gateway().in_flight.in_flight("flood-agent")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let r =
-        client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", &flood_tok).send().await.unwrap();
+    eventually("the agent's slots to come back", Duration::from_secs(5), async || {
+        (gw.in_flight_of("flood-agent") == 0).then_some(())
+    })
+    .await;
+    let r = gw.get("/shop/v1/charges/ch_1", &flood_tok).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -1170,17 +931,8 @@ async fn a_streamed_upload_that_stalls_is_cut_and_its_outcome_says_body_timeout(
     assert_eq!(body, "hello", "the upstream saw an incomplete body");
 
     // The outcome entry says so.
-    let record = record_of(&resp).expect("the decision's record");
-    let is_outcome = |e: &Value| e["kind"] == "outcome" && e["decision_idx"] == record.to_string().as_str();
-    let waited = Instant::now();
-    let outcome = loop {
-        // (Written after the answer, without waiting for the commit.)
-        if let Some(o) = gw.entries().into_iter().find(is_outcome) {
-            break o;
-        }
-        assert!(waited.elapsed() < Duration::from_secs(5), "no outcome entry for {record}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // (Written after the answer, without waiting for the commit.)
+    let outcome = gw.outcome_of(record_header(&resp).expect("the decision's record")).await;
     assert_eq!(outcome["request_body_error"], "body_timeout");
     assert_eq!(outcome["status"], "408");
     assert_eq!(outcome["request_body_complete"], false);

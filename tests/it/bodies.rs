@@ -4,34 +4,7 @@
 //! entry's `truncated` map), never refused for their size.
 
 use crate::support::*;
-use serde_json::Value;
-use sha2::{Digest, Sha256};
-use std::time::{Duration, Instant};
-
-fn sha_hex(b: &[u8]) -> String {
-    hex::encode(Sha256::digest(b))
-}
-
-fn record_of(r: &reqwest::Response) -> u64 {
-    r.headers()
-        .get("x-uapk-record")
-        .and_then(|v| v.to_str().ok()?.parse().ok())
-        .unwrap_or_else(|| panic!("no x-uapk-record on a {} answer", r.status()))
-}
-
-/// The outcome entry of the decision at `idx` (written when the response ends: waited for).
-async fn outcome_of(gw: &TestGateway, idx: u64) -> Value {
-    let started = Instant::now();
-    loop {
-        let found =
-            gw.entries().into_iter().find(|e| e["kind"] == "outcome" && e["decision_idx"] == idx.to_string().as_str());
-        if let Some(e) = found {
-            return e;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "no outcome entry for decision {idx}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use std::path::Path;
 
 /// Not JSON, not text: bytes no route reads.
 fn blob(len: usize) -> Vec<u8> {
@@ -46,20 +19,14 @@ async fn a_streamed_body_is_hashed_in_the_outcome_and_a_buffered_one_in_the_deci
 
     // 1.3 MB on a route that reads no body params: streamed, hashed on the way.
     let body = blob(1_300_000);
-    let r = client()
-        .post(gw.base("/other/upload"))
-        .header("x-uapk-capability", &tok)
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, "/other/upload", &tok, false, body.clone()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let idx = record_of(&r);
     r.bytes().await.unwrap();
     let received = up.last().body;
     assert_eq!(received.len(), 1_300_000, "the upstream got the whole body");
-    let outcome = outcome_of(&gw, idx).await;
-    assert_eq!(outcome["request_body_sha256"], sha_hex(&received), "{outcome}");
+    let outcome = gw.outcome_of(idx).await;
+    assert_eq!(outcome["request_body_sha256"], sha256_hex(&received), "{outcome}");
     assert_eq!(outcome["request_body_len"], "1300000");
     assert!(outcome.get("request_body_complete").is_none(), "{outcome}");
     let decision = &gw.entries()[idx as usize];
@@ -67,30 +34,23 @@ async fn a_streamed_body_is_hashed_in_the_outcome_and_a_buffered_one_in_the_deci
 
     // A body the route reads is buffered and hashed in the decision entry, not twice.
     let json_body = br#"{"amount":"12","currency":"USD"}"#.to_vec();
-    let r = client()
-        .post(gw.base("/shop/v1/charges"))
-        .header("x-uapk-capability", &tok)
-        .header("content-type", "application/json")
-        .body(json_body.clone())
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, "/shop/v1/charges", &tok, true, json_body.clone()).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let idx = record_of(&r);
     r.bytes().await.unwrap();
     let decision = &gw.entries()[idx as usize];
-    assert_eq!(decision["body_sha256"], sha_hex(&json_body), "{decision}");
+    assert_eq!(decision["body_sha256"], sha256_hex(&json_body), "{decision}");
     assert_eq!(decision["body_len"], json_body.len().to_string().as_str());
     assert_eq!(up.last().body.as_ref(), &json_body[..]);
-    let outcome = outcome_of(&gw, idx).await;
+    let outcome = gw.outcome_of(idx).await;
     assert!(outcome.get("request_body_sha256").is_none(), "{outcome}");
 
     // A request without a body has no body hash.
-    let r = client().get(gw.base("/shop/v1/charges/c1")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/c1", &tok).await;
     assert_eq!(r.status(), 200);
     let idx = record_of(&r);
     r.bytes().await.unwrap();
-    let outcome = outcome_of(&gw, idx).await;
+    let outcome = gw.outcome_of(idx).await;
     assert!(outcome.get("request_body_sha256").is_none() && outcome.get("request_body_len").is_none(), "{outcome}");
 
     // A chunked body of unknown length, sent in pieces, is hashed as well.
@@ -114,14 +74,10 @@ async fn a_streamed_body_is_hashed_in_the_outcome_and_a_buffered_one_in_the_deci
     s.read_to_end(&mut answer).await.unwrap();
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let idx: u64 = answer
-        .lines()
-        .find_map(|l| l.strip_prefix("x-uapk-record: "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{answer}"));
+    let idx = record_header(&answer).unwrap_or_else(|| panic!("{answer}"));
     assert_eq!(up.last().body.as_ref(), &whole[..]);
-    let outcome = outcome_of(&gw, idx).await;
-    assert_eq!(outcome["request_body_sha256"], sha_hex(&whole), "{outcome}");
+    let outcome = gw.outcome_of(idx).await;
+    assert_eq!(outcome["request_body_sha256"], sha256_hex(&whole), "{outcome}");
     assert_eq!(outcome["request_body_len"], whole.len().to_string().as_str());
 }
 
@@ -132,43 +88,26 @@ async fn bodies_none_records_no_body_hash_anywhere() {
     let m = manifest("pay-agent", up.addr, policy, "audit:\n  bodies: none\n");
     let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
     let tok = token("pay-agent");
-    let r = client()
-        .post(gw.base("/other/upload"))
-        .header("x-uapk-capability", &tok)
-        .body(blob(300_000))
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, "/other/upload", &tok, false, blob(300_000)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let streamed = record_of(&r);
     r.bytes().await.unwrap();
     assert_eq!(up.last().body.len(), 300_000);
-    let r = client()
-        .post(gw.base("/shop/v1/charges"))
-        .header("x-uapk-capability", &tok)
-        .header("content-type", "application/json")
-        .body(r#"{"amount":"12","currency":"USD"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, "/shop/v1/charges", &tok, true, r#"{"amount":"12","currency":"USD"}"#).send().await.unwrap();
     assert_eq!(r.status(), 200, "params are still read from the body");
     let buffered = record_of(&r);
     r.bytes().await.unwrap();
     // An escalation: its approval record holds no body hash either.
-    let r = client()
-        .post(gw.base("/shop/v1/refunds"))
-        .header("x-uapk-capability", &tok)
-        .header("content-type", "application/json")
-        .body(r#"{"amount":7500,"currency":"USD","customer":"cus_1"}"#)
+    let r = post(&gw, "/shop/v1/refunds", &tok, true, r#"{"amount":7500,"currency":"USD","customer":"cus_1"}"#)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
     let id = r.headers()["x-uapk-approval"].to_str().unwrap().to_string();
-    let approval = gw.gateway().approvals.fetch(&id).await.unwrap().unwrap();
+    let approval = gw.approval(&id).await;
     assert!(approval.body_sha256.is_none() && approval.body_len.is_none(), "{approval:?}");
-    outcome_of(&gw, streamed).await;
-    outcome_of(&gw, buffered).await;
+    gw.outcome_of(streamed).await;
+    gw.outcome_of(buffered).await;
     let entries = gw.entries();
     assert_eq!(entries[buffered as usize]["params"]["amount"], "12");
     for e in &entries {
@@ -225,7 +164,7 @@ async fn large_paths_queries_and_headers_are_recorded_cut_never_refused() {
             Where::Header => ("headers.x-long", long.clone(), &e["headers"]["x-long"]),
         };
         let t = &e["truncated"][key];
-        assert_eq!(t["sha256"], sha_hex(full.as_bytes()), "{place:?}: {e}");
+        assert_eq!(t["sha256"], sha256_hex(full.as_bytes()), "{place:?}: {e}");
         assert_eq!(t["len"], full.len().to_string().as_str(), "{place:?}");
         let stored = stored.as_str().unwrap_or_else(|| panic!("{place:?}: {e}"));
         assert!(stored.ends_with('…'), "{stored}");
@@ -269,12 +208,7 @@ async fn large_paths_queries_and_headers_are_recorded_cut_never_refused() {
     // The standalone verifier for auditors agrees (where Python and `cryptography` are there).
     let python = std::process::Command::new("python3").args(["-c", "import cryptography"]).output();
     if python.is_ok_and(|o| o.status.success()) {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/verify_log_chain.py");
-        let out = std::process::Command::new("python3")
-            .args([script, "--bundle", "bundle", "--key", key.to_str().unwrap()])
-            .current_dir(d)
-            .output()
-            .unwrap();
+        let out = python_verify(Path::new("bundle"), &key, d);
         assert!(
             out.status.success(),
             "{}{}",
@@ -312,8 +246,8 @@ async fn bodies_full_records_the_body_of_safe_routes_only() {
     let long = format!(r#"{{"amount":"12","currency":"USD","note":"{}"}}"#, "n".repeat(3000));
     let idx = send("/shop/v1/charges", long.clone()).await;
     let e = &gw.entries()[idx as usize];
-    assert_eq!(e["truncated"]["body"]["sha256"], sha_hex(long.as_bytes()), "{e}");
-    assert_eq!(e["body_sha256"], sha_hex(long.as_bytes()));
+    assert_eq!(e["truncated"]["body"]["sha256"], sha256_hex(long.as_bytes()), "{e}");
+    assert_eq!(e["body_sha256"], sha256_hex(long.as_bytes()));
     assert!(e["body"].as_str().unwrap().ends_with('…'));
     // A route not marked safe: hashed only (refunds escalate above 50; 12 is allowed).
     let idx = send("/shop/v1/refunds", r#"{"amount":"12","currency":"USD","customer":"c"}"#.into()).await;
@@ -323,29 +257,25 @@ async fn bodies_full_records_the_body_of_safe_routes_only() {
     // decision entry; one above limits.hash_before_forward streams, into the outcome entry.
     let idx = send("/other/x", "plain text".into()).await;
     let e = &gw.entries()[idx as usize];
-    assert_eq!((e["body"].as_str(), e["body_sha256"].as_str()), (Some("plain text"), Some(&*sha_hex(b"plain text"))));
-    let o = outcome_of(&gw, idx).await;
+    assert_eq!(
+        (e["body"].as_str(), e["body_sha256"].as_str()),
+        (Some("plain text"), Some(&*sha256_hex(b"plain text")))
+    );
+    let o = gw.outcome_of(idx).await;
     assert!(o.get("request_body").is_none() && o.get("request_body_sha256").is_none(), "{o}");
     let long = "t".repeat(70_000);
     let idx = send("/other/x", long.clone()).await;
-    let o = outcome_of(&gw, idx).await;
+    let o = gw.outcome_of(idx).await;
     assert_eq!(o["request_body"], format!("{}…", "t".repeat(256)).as_str(), "{o}");
-    assert_eq!(o["truncated"]["request_body"]["sha256"], sha_hex(long.as_bytes()));
+    assert_eq!(o["truncated"]["request_body"]["sha256"], sha256_hex(long.as_bytes()));
     assert_eq!(o["truncated"]["request_body"]["len"], "70000");
     // A small body read before its route was known is not recorded in full when the route
     // turns out not to be safe, or when none matches: hashed only.
-    let r = client()
-        .post(gw.base("/shop/v1/nope"))
-        .header("x-uapk-capability", &tok)
-        .header("content-type", "application/json")
-        .body(r#"{"secret":"s"}"#)
-        .send()
-        .await
-        .unwrap();
+    let r = post(&gw, "/shop/v1/nope", &tok, true, r#"{"secret":"s"}"#).send().await.unwrap();
     assert_eq!(r.status(), 403);
     let e = &gw.entries()[record_of(&r) as usize];
     assert_eq!(e["reasons"][0]["code"], "route_not_allowed");
-    assert!(e.get("body").is_none() && e["body_sha256"] == sha_hex(br#"{"secret":"s"}"#).as_str(), "{e}");
+    assert!(e.get("body").is_none() && e["body_sha256"] == sha256_hex(br#"{"secret":"s"}"#).as_str(), "{e}");
 }
 
 /// SPEC §16.3: a body whose Content-Length is at most `limits.hash_before_forward` (64 KiB by
@@ -364,9 +294,9 @@ async fn a_small_body_is_hashed_in_the_decision_entry_before_it_is_forwarded() {
     assert_eq!(up.last().body.as_ref(), &small[..]);
     let e = &gw.entries()[idx as usize];
     assert_eq!((e["kind"].as_str(), e["decision"].as_str()), (Some("decision"), Some("allow")));
-    assert_eq!(e["body_sha256"], sha_hex(&small), "{e}");
+    assert_eq!(e["body_sha256"], sha256_hex(&small), "{e}");
     assert_eq!(e["body_len"], small.len().to_string().as_str());
-    let o = outcome_of(&gw, idx).await;
+    let o = gw.outcome_of(idx).await;
     assert!(o.get("request_body_sha256").is_none() && o.get("request_body_len").is_none(), "{o}");
     // Exactly the limit: in the decision. One byte more: streamed, in the outcome.
     for (len, in_decision) in [(65_536usize, true), (65_537, false)] {
@@ -375,13 +305,13 @@ async fn a_small_body_is_hashed_in_the_decision_entry_before_it_is_forwarded() {
         assert_eq!(status, 200);
         assert_eq!(up.last().body.len(), len);
         let e = &gw.entries()[idx as usize];
-        let o = outcome_of(&gw, idx).await;
+        let o = gw.outcome_of(idx).await;
         if in_decision {
-            assert_eq!(e["body_sha256"], sha_hex(&body), "{len}: {e}");
+            assert_eq!(e["body_sha256"], sha256_hex(&body), "{len}: {e}");
             assert!(o.get("request_body_sha256").is_none(), "{len}: {o}");
         } else {
             assert!(e.get("body_sha256").is_none(), "{len}: {e}");
-            assert_eq!(o["request_body_sha256"], sha_hex(&body), "{len}: {o}");
+            assert_eq!(o["request_body_sha256"], sha256_hex(&body), "{len}: {o}");
         }
     }
     // Refusals keep the hash of the body they refused: no route, a connector the policy denies.
@@ -393,7 +323,7 @@ async fn a_small_body_is_hashed_in_the_decision_entry_before_it_is_forwarded() {
         assert_eq!(status, 403, "{path}");
         let e = &strict.entries()[idx as usize];
         assert_eq!(e["reasons"][0]["code"], code, "{path}: {e}");
-        assert_eq!(e["body_sha256"], sha_hex(&body), "{path}: {e}");
+        assert_eq!(e["body_sha256"], sha256_hex(&body), "{path}: {e}");
     }
     assert_eq!(up.count(), before);
 
@@ -406,7 +336,19 @@ async fn a_small_body_is_hashed_in_the_decision_entry_before_it_is_forwarded() {
     let (status, idx) = send(&streaming, "/other/upload", small.clone()).await;
     assert_eq!(status, 200);
     assert!(streaming.entries()[idx as usize].get("body_sha256").is_none());
-    assert_eq!(outcome_of(&streaming, idx).await["request_body_sha256"], sha_hex(&small));
+    assert_eq!(streaming.outcome_of(idx).await["request_body_sha256"], sha256_hex(&small));
+}
+
+/// A POST of `body` to `path` on the base-URL listener with `tok`, as JSON when `json`.
+fn post(
+    gw: &TestGateway,
+    path: &str,
+    tok: &str,
+    json: bool,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::RequestBuilder {
+    let rb = client().post(gw.base(path)).header("x-uapk-capability", tok);
+    if json { rb.header("content-type", "application/json") } else { rb }.body(body)
 }
 
 /// POSTs a JSON `body` to `path` on the base-URL listener with `tok`; the status and the record
@@ -417,11 +359,7 @@ fn post_json(
     tok: &str,
     body: Vec<u8>,
 ) -> impl std::future::Future<Output = (u16, u64)> + use<> {
-    let req = client()
-        .post(gw.base(path))
-        .header("x-uapk-capability", tok)
-        .header("content-type", "application/json")
-        .body(body);
+    let req = post(gw, path, tok, true, body);
     async move {
         let r = req.send().await.unwrap();
         let (status, idx) = (r.status().as_u16(), record_of(&r));

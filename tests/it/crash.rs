@@ -9,11 +9,10 @@
 
 use crate::support::*;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
@@ -21,18 +20,10 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::create_dir_all(d.join("policies")).unwrap();
-    std::fs::write(d.join("policies/pay.yaml"), manifest("pay-agent", up.addr, "", "")).unwrap();
+    write_policies(d, &[("pay.yaml", manifest("pay-agent", up.addr, "", ""))]);
     let (proxy, admin) = (free_port(), free_port());
-    std::fs::write(
-        d.join("gateway.yaml"),
-        format!(
-            "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\naudit:\n  origin: crash.test/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n",
-            p = d.join("policies").display(),
-            data = d.join("data").display()
-        ),
-    )
-    .unwrap();
+    let config = d.join("gateway.yaml");
+    std::fs::write(&config, gateway_yaml(d, &format!("127.0.0.1:{proxy}"), &format!("127.0.0.1:{admin}"), "")).unwrap();
     let tok = token("pay-agent");
     // marker → record index the client was told
     let acknowledged: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
@@ -41,27 +32,9 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let mut small_checked = 0usize;
     let mut seed: u64 = 0x9e3779b97f4a7c15 ^ now() as u64;
     for round in 0..rounds {
-        let mut child = std::process::Command::new(bin())
-            .args(["run", "-c", d.join("gateway.yaml").to_str().unwrap()])
-            .env("UAPK_LOG", "warn")
-            .stderr(std::fs::File::create(d.join(format!("gw-{round}.log"))).unwrap())
-            .spawn()
-            .unwrap();
-        let ready = Instant::now();
-        loop {
-            let ok = client().get(format!("http://127.0.0.1:{admin}/readyz")).send().await.map(|r| r.status() == 200);
-            if ok.unwrap_or(false) {
-                break;
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "round {round}: the gateway exited ({status}) after a crash: {}",
-                    std::fs::read_to_string(d.join(format!("gw-{round}.log"))).unwrap_or_default()
-                );
-            }
-            assert!(ready.elapsed() < Duration::from_secs(20), "round {round}: not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let log = d.join(format!("gw-{round}.log"));
+        let mut child = spawn_gateway(&config, &log, &[]);
+        wait_ready(format!("127.0.0.1:{admin}").parse().unwrap(), &mut child, &log).await;
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for c in 0..8 {
@@ -124,7 +97,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         assert_eq!(code, 0, "round {round}: verify failed after SIGKILL: {out}{err}");
         // Every request the upstream received has a committed decision; every acknowledged
         // record index holds the request the client sent.
-        let entries = read_all(&redb::Database::open(&db).unwrap());
+        let entries = Log::file(&db).entries();
         let by_marker: HashMap<String, usize> = entries
             .iter()
             .enumerate()
@@ -146,7 +119,7 @@ async fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                 continue;
             }
             // Its body's hash is in the log: in the decision if buffered, else in the outcome.
-            let want = hex::encode(Sha256::digest(&s.body));
+            let want = sha256_hex(&s.body);
             let decision = &entries[idx];
             if s.path == "/events" {
                 // A small body: in the decision entry, committed before it was forwarded.

@@ -3,6 +3,7 @@
 
 use crate::support::*;
 use serde_json::{Value, json};
+use std::time::Duration;
 
 struct Case {
     name: &'static str,
@@ -287,7 +288,7 @@ async fn every_reason_code_has_its_status_body_and_record() {
             assert_eq!(body["decision"], want, "{}", c.name);
             assert_eq!(headers["x-uapk-decision"], want, "{}", c.name);
         }
-        let entry = gw.entries().into_iter().find(|e| e["idx"] == json!(record.to_string())).expect("record exists");
+        let entry = gw.entry(record);
         assert_eq!(entry["kind"], "decision", "{}", c.name);
         assert_eq!(entry["reasons"][0]["code"], c.code, "{}: {entry}", c.name);
         assert_eq!(entry["method"], c.method, "{}", c.name);
@@ -300,7 +301,7 @@ async fn every_reason_code_has_its_status_body_and_record() {
     let escalated = decisions(&gw.entries()).into_iter().find(|e| e["decision"] == "escalate").unwrap();
     let id = escalated["approval_id"].as_str().unwrap();
     assert!(id.starts_with("appr-") && id.len() == 29, "{id}");
-    let stored = gw.gateway().approvals.fetch(id).await.unwrap().unwrap();
+    let stored = gw.approval(id).await;
     assert_eq!(stored.status, uapk_gateway::approvals::Status::Pending);
     assert_eq!(stored.params["amount"], "60");
 }
@@ -352,7 +353,7 @@ async fn amounts_never_slip_through() {
                 .unwrap();
             let s = r.status().as_u16();
             let v: Value = r.json().await.unwrap_or(Value::Null);
-            (s, v["reasons"][0]["code"].as_str().unwrap_or("").to_string())
+            (s, reason(&v).to_string())
         }
     };
     assert_eq!(send(4000, "eur").await.0, 200); // 40.00 EUR, below the 45? no threshold for EUR here
@@ -366,7 +367,7 @@ async fn amounts_never_slip_through() {
 /// The used count of an agent-scoped daily budget, as the running gateway holds it.
 fn used_today(gw: &TestGateway, agent: &str) -> u64 {
     use uapk_gateway::config::{Scope, Window};
-    gw.gateway().budgets.memory().unwrap().used(agent, Window::Day, Scope::Agent, agent, now())
+    gw.memory_budgets().used(agent, Window::Day, Scope::Agent, agent, now())
 }
 
 fn budget_replayed(gw: &TestGateway) -> Value {
@@ -387,7 +388,7 @@ async fn get(c: &reqwest::Client, url: String) -> (u16, String) {
     let r = c.get(url).send().await.unwrap();
     let status = r.status().as_u16();
     let v: Value = r.json().await.unwrap_or(Value::Null);
-    (status, v["reasons"][0]["code"].as_str().unwrap_or_default().to_string())
+    (status, reason(&v).to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,15 +399,11 @@ async fn budgets_count_the_same_decisions_before_and_after_a_restart() {
     let files = [("tls.yaml", m)];
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("upstream-ca.pem"), &up.ca_pem).unwrap();
-    let cfg = format!(
-        "listeners:\n  proxy: 127.0.0.1:0\n  admin: 127.0.0.1:0\npolicies: {p}\ndata_dir: {d}\naudit:\n  origin: test.example/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\ntls:\n  extra_upstream_roots: [{ca}]\n",
-        p = dir.path().join("policies").display(),
-        d = dir.path().join("data").display(),
-        ca = dir.path().join("upstream-ca.pem").display(),
-    );
-    std::fs::write(dir.path().join("gateway.yaml"), cfg).unwrap();
+    let tls = format!("tls:\n  extra_upstream_roots: [{}]\n", dir.path().join("upstream-ca.pem").display());
+    std::fs::write(dir.path().join("gateway.yaml"), gateway_yaml(dir.path(), "127.0.0.1:0", "127.0.0.1:0", &tls))
+        .unwrap();
     let gw = TestGateway::start_in(dir, &files, "").await;
-    let idle = std::sync::Arc::strong_count(gw.gateway());
+    let idle = gw.holders();
     let tok = token("tls-agent");
     let gateway_ca = std::fs::read(gw.data().join("ca.pem")).unwrap();
     let item = |n: u32| format!("https://localhost:{port}/v1/items/{n}");
@@ -432,10 +429,7 @@ async fn budgets_count_the_same_decisions_before_and_after_a_restart() {
     // Restart on the same data directory: the count rebuilt from the log is the runtime's.
     // (Open tunnels hold the gateway, and so its database: close them first.)
     drop((c, pinned));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while std::sync::Arc::strong_count(gw.gateway()) > idle && std::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("the tunnels to close", Duration::from_secs(10), async || (gw.holders() <= idle).then_some(())).await;
     let dir = gw.stop().await;
     let gw = TestGateway::start_in(dir, &files, "").await;
     assert_eq!(budget_replayed(&gw), "3");
@@ -486,17 +480,6 @@ async fn a_request_the_ssrf_guard_refuses_spends_no_budget_and_no_rate_quota() {
     assert_eq!(up.count(), 2);
 }
 
-async fn refund_of(gw: &TestGateway, tok: &str, amount: u64) -> reqwest::Response {
-    client()
-        .post(gw.base("/shop/v1/refunds"))
-        .header("x-uapk-capability", tok)
-        .header("x-country", "US")
-        .json(&json!({"amount": amount, "currency": "USD", "customer": "cus_1"}))
-        .send()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dry_run_escalations_are_forwarded_but_counted_by_no_budget() {
     let up = Upstream::start().await;
@@ -505,10 +488,10 @@ async fn dry_run_escalations_are_forwarded_but_counted_by_no_budget() {
     let gw = TestGateway::start(&files, "").await;
     let tok = token("pay-agent");
     // 60.00 USD is above the approval threshold: ESCALATE, forwarded anyway in dry run.
-    let r = refund_of(&gw, &tok, 6000).await;
+    let r = gw.refund(&tok, 6000, None).await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-uapk-would-deny"], "amount_requires_approval");
-    assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+    assert_eq!(gw.refund(&tok, 1000, None).await.status(), 200);
     assert_eq!(up.count(), 2);
     let d = decisions(&gw.entries());
     assert_eq!(d.iter().filter(|e| e["decision"] == "escalate").count(), 1);
@@ -525,20 +508,19 @@ async fn a_budget_added_by_a_reload_sees_what_a_restart_would() {
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
     let tok = token("pay-agent");
     for _ in 0..2 {
-        assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
+        assert_eq!(gw.refund(&tok, 1000, None).await.status(), 200);
     }
     // The agent had no budget; a reload gives it one of 3 a day. Two are already spent, as a
     // rebuild from the log would also find.
     let policy = format!("{POLICY}  budgets:\n    - window: day\n      max_actions: 3\n");
     std::fs::write(gw.dir.path().join("policies/pay.yaml"), manifest("pay-agent", up.addr, &policy, "")).unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while gw.entries().iter().filter(|e| e["kind"] == "config").count() < 2 {
-        assert!(std::time::Instant::now() < deadline, "the reload was not applied");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    eventually("the reload to be applied", Duration::from_secs(10), async || {
+        (gw.entries().iter().filter(|e| e["kind"] == "config").count() >= 2).then_some(())
+    })
+    .await;
     assert_eq!(used_today(&gw, "pay-agent"), 2);
-    assert_eq!(refund_of(&gw, &tok, 1000).await.status(), 200);
-    let r = refund_of(&gw, &tok, 1000).await;
+    assert_eq!(gw.refund(&tok, 1000, None).await.status(), 200);
+    let r = gw.refund(&tok, 1000, None).await;
     assert_eq!(r.status(), 403);
     assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "budget_exceeded");
     assert_eq!(up.count(), 3);
@@ -568,8 +550,7 @@ async fn the_manifests_leeway_decides_how_late_a_token_may_be() {
     assert_eq!(r.status(), 403);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["reasons"][0]["code"], "capability_token_expired", "{body}");
-    let record = body["record"].as_u64().unwrap().to_string();
-    let entry = gw.entries().into_iter().find(|e| e["idx"] == record.as_str()).unwrap();
+    let entry = gw.entry(body["record"].as_u64().unwrap());
     assert_eq!(entry["decision"], "deny");
     assert_eq!(entry["reasons"][0]["code"], "capability_token_expired", "{entry}");
     // A fresh token for the strict agent is served.

@@ -31,23 +31,6 @@ fn fill(dir: &Path) -> PathBuf {
 
 const VIEWER: &str = "uapk_disk_viewer";
 
-fn viewer_key() -> String {
-    use sha2::Digest;
-    format!(
-        "admin:\n  keys:\n    - {{ id: audit, sha256: {}, role: viewer }}\n",
-        hex::encode(sha2::Sha256::digest(VIEWER))
-    )
-}
-
-async fn metrics(gw: &TestGateway) -> String {
-    client().get(format!("http://{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap()
-}
-
-async fn get(gw: &TestGateway, tok: &str, query: &str) -> reqwest::Response {
-    let url = gw.base(&format!("/shop/v1/charges/ok?{query}"));
-    client().get(url).header("x-uapk-capability", tok).send().await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_with_503_forwards_nothing_unrecorded_and_loses_nothing() {
     full_disk("sync").await;
@@ -61,8 +44,7 @@ async fn a_full_disk_under_async_durability_refuses_recovers_and_verifies() {
 }
 
 async fn full_disk(durability: &str) {
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
-    if !is_root {
+    if !is_root() {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     }
@@ -82,19 +64,19 @@ async fn full_disk(durability: &str) {
          network: {{ allow_private_destinations: [127.0.0.0/8] }}\nlog_format: text\n{}",
         policies.display(),
         data.display(),
-        viewer_key()
+        admin_keys(&[("audit", VIEWER, "viewer")])
     );
     std::fs::write(dir.path().join("gateway.yaml"), config).unwrap();
     let gw = TestGateway::start_in(dir, &manifests, "").await;
     let tok = token("pay-agent");
-    assert_eq!(get(&gw, &tok, "before=1").await.status(), 200);
+    assert_eq!(gw.get("/shop/v1/charges/ok?before=1", &tok).await.status(), 200);
 
     let filler = fill(&data);
     // Large entries (an 8 KiB query each) use up the log's free pages quickly.
     let pad = "x".repeat(8 * 1024);
     let (mut allowed, mut refused) = (0usize, 0usize);
     for i in 0..3000 {
-        let r = get(&gw, &tok, &format!("i={i}&pad={pad}")).await;
+        let r = gw.get(&format!("/shop/v1/charges/ok?i={i}&pad={pad}"), &tok).await;
         match r.status().as_u16() {
             200 => allowed += 1,
             503 => {
@@ -115,22 +97,21 @@ async fn full_disk(durability: &str) {
         assert_eq!(up.count(), 1 + allowed, "a request was forwarded without its record");
     }
     // The admin listener still answers, and says the log cannot write.
-    let live = client().get(format!("http://{}/livez", gw.admin)).send().await.unwrap();
+    let live = client().get(gw.admin_url("/livez")).send().await.unwrap();
     assert_eq!(live.status(), 200);
-    let ready = client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap();
-    assert_eq!(ready.status(), 503, "readyz stays ready while the log cannot write");
-    let body: serde_json::Value = ready.json().await.unwrap();
+    let (status, body) = gw.readyz().await;
+    assert_eq!(status, 503, "readyz stays ready while the log cannot write");
     assert_eq!(body["audit_writable"], false, "{body}");
-    assert!(metrics(&gw).await.contains("\nuapk_audit_writable 0\n"));
+    assert!(gw.metrics().await.contains("\nuapk_audit_writable 0\n"));
 
     // Space comes back: the writer reopens the log by itself and records again, no restart.
     std::fs::remove_file(&filler).unwrap();
     let mut recovered_after = None;
     for attempt in 0..100 {
-        let r = get(&gw, &tok, &format!("after={attempt}")).await;
+        let r = gw.get(&format!("/shop/v1/charges/ok?after={attempt}"), &tok).await;
         match r.status().as_u16() {
             200 => {
-                let idx: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+                let idx = record_of(&r);
                 recovered_after = Some((attempt, idx));
                 break;
             }
@@ -142,11 +123,10 @@ async fn full_disk(durability: &str) {
     if durability == "sync" {
         assert_eq!(up.count(), 2 + allowed, "a request was forwarded without its record");
     }
-    let ready = client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap();
-    assert_eq!(ready.status(), 200, "readyz did not come back");
-    assert!(metrics(&gw).await.contains("\nuapk_audit_writable 1\n"));
+    assert_eq!(gw.readyz().await.0, 200, "readyz did not come back");
+    assert!(gw.metrics().await.contains("\nuapk_audit_writable 1\n"));
     // The record the client was told about is its request.
-    let rec = client().get(format!("http://{}/v1/records/{idx}", gw.admin)).bearer_auth(VIEWER).send().await.unwrap();
+    let rec = client().get(gw.admin_url(&format!("/v1/records/{idx}"))).bearer_auth(VIEWER).send().await.unwrap();
     assert_eq!(rec.status(), 200);
     let rec: serde_json::Value = rec.json().await.unwrap();
     assert_eq!(rec["query"], format!("after={attempts}"), "{rec}");

@@ -2,7 +2,6 @@
 //! truncation and rollback, foreign re-signing, and the gateway refusing a shortened database.
 
 use crate::support::*;
-use redb::ReadableTable;
 use serde_json::Value;
 use std::path::Path;
 
@@ -10,23 +9,15 @@ async fn traffic(gw: &TestGateway, n: usize) {
     let tok = token("pay-agent");
     for i in 0..n {
         let path = if i % 3 == 0 { "/shop/v1/nope".to_string() } else { format!("/shop/v1/charges/c{i}") };
-        client().get(gw.base(&path)).header("x-uapk-capability", &tok).send().await.unwrap();
+        gw.get(&path, &tok).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
-}
-
-fn cli(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    run_cli(args, dir)
 }
 
 const ADMIN_KEY: &str = "uapk_test_viewer_key";
 
 fn admin_yaml() -> String {
-    use sha2::Digest;
-    format!(
-        "admin:\n  keys:\n    - {{ id: auditor, sha256: {}, role: viewer }}\n",
-        hex::encode(sha2::Sha256::digest(ADMIN_KEY))
-    )
+    admin_keys(&[("auditor", ADMIN_KEY, "viewer")])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,20 +27,12 @@ async fn proofs_trusted_checkpoints_and_tampering() {
     let gw = TestGateway::start(&files, &admin_yaml()).await;
     traffic(&gw, 12).await;
     // An auditor ships the checkpoint off the host.
-    let old_cp = client()
-        .get(format!("http://{}/v1/checkpoint", gw.admin))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let old_cp = fetch_checkpoint(&gw).await;
     assert!(old_cp.starts_with("test.example/log\n"), "{old_cp}");
     let old_size: u64 = old_cp.lines().nth(1).unwrap().parse().unwrap();
     // The admin API serves an inclusion proof that verifies offline.
     let proof = client()
-        .get(format!("http://{}/v1/proof/inclusion?index=3", gw.admin))
+        .get(gw.admin_url("/v1/proof/inclusion?index=3"))
         .bearer_auth(ADMIN_KEY)
         .send()
         .await
@@ -68,7 +51,7 @@ async fn proofs_trusted_checkpoints_and_tampering() {
     std::fs::write(d.join("api.proof"), &proof).unwrap();
     let old_copy = d.join("old-copy.redb");
     std::fs::copy(&db, &old_copy).unwrap();
-    let (code, out, err) = cli(d, &["verify", "--proof", "api.proof", "--key", &key_s]);
+    let (code, out, err) = run_cli(&["verify", "--proof", "api.proof", "--key", &key_s], d);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("entry 3 is included"), "{out}");
 
@@ -77,14 +60,14 @@ async fn proofs_trusted_checkpoints_and_tampering() {
     traffic(&gw, 9).await;
     let dir = gw.stop().await;
     let d = dir.path();
-    let (code, out, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "old.cp"]);
+    let (code, out, err) = run_cli(&["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "old.cp"], d);
     assert_eq!(code, 0, "the log extends the kept checkpoint: {out}{err}");
 
     // CLI proofs: inclusion of the first entry and consistency old → new verify; edits fail.
-    let (code, incl, err) = cli(d, &["proof", "inclusion", "--db", &db_s, "--index", "0"]);
+    let (code, incl, err) = run_cli(&["proof", "inclusion", "--db", &db_s, "--index", "0"], d);
     assert_eq!(code, 0, "{err}");
     std::fs::write(d.join("incl.proof"), &incl).unwrap();
-    assert_eq!(cli(d, &["verify", "--proof", "incl.proof", "--key", &key_s]).0, 0);
+    assert_eq!(run_cli(&["verify", "--proof", "incl.proof", "--key", &key_s], d).0, 0);
     let first_path = incl.lines().find(|l| l.starts_with("path ")).unwrap();
     let flipped = first_path.replacen("path 0", "path 1", 1).replacen("path a", "path b", 1);
     let altered = if flipped != first_path {
@@ -93,68 +76,49 @@ async fn proofs_trusted_checkpoints_and_tampering() {
         incl.replacen(first_path, &format!("path {}", "0".repeat(64)), 1)
     };
     std::fs::write(d.join("bad.proof"), altered).unwrap();
-    let (code, _, err) = cli(d, &["verify", "--proof", "bad.proof", "--key", &key_s]);
+    let (code, _, err) = run_cli(&["verify", "--proof", "bad.proof", "--key", &key_s], d);
     assert_eq!(code, 1, "an altered proof must fail: {err}");
     let latest: u64 = incl.lines().find_map(|l| l.strip_prefix("size ")).unwrap().parse().unwrap();
-    let (code, cons, err) =
-        cli(d, &["proof", "consistency", "--db", &db_s, "--old", &old_size.to_string(), "--new", &latest.to_string()]);
+    let (code, cons, err) = run_cli(
+        &["proof", "consistency", "--db", &db_s, "--old", &old_size.to_string(), "--new", &latest.to_string()],
+        d,
+    );
     assert_eq!(code, 0, "{err}");
     std::fs::write(d.join("cons.proof"), &cons).unwrap();
     let (code, out, err) =
-        cli(d, &["verify", "--proof", "cons.proof", "--key", &key_s, "--trusted-checkpoint", "old.cp"]);
+        run_cli(&["verify", "--proof", "cons.proof", "--key", &key_s, "--trusted-checkpoint", "old.cp"], d);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("is a prefix"), "{out}");
 
     let pristine = std::fs::read(&db).unwrap();
     let restore = || std::fs::write(&db, &pristine).unwrap();
-    let newest_cp = {
-        let r = redb::ReadOnlyDatabase::open(&db).unwrap();
-        let tx = redb::ReadableDatabase::begin_read(&r).unwrap();
-        let t = tx.open_table(redb::TableDefinition::<u64, &str>::new("audit_checkpoints")).unwrap();
-        t.last().unwrap().unwrap().1.value().to_string()
-    };
+    let newest_cp = newest_checkpoint(&db);
     std::fs::write(d.join("new.cp"), &newest_cp).unwrap();
 
     // 1. The file replaced by the older copy: consistent in itself, caught by the kept checkpoint.
     std::fs::copy(&old_copy, &db).unwrap();
-    assert_eq!(cli(d, &["verify", "--db", &db_s, "--key", &key_s]).0, 0);
-    let (code, _, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "new.cp"]);
+    assert_eq!(run_cli(&["verify", "--db", &db_s, "--key", &key_s], d).0, 0);
+    let (code, _, err) = run_cli(&["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "new.cp"], d);
     assert_eq!(code, 1);
     assert!(err.contains("replaced by an older copy"), "{err}");
     restore();
 
     // 2. The last K entries dropped together with their checkpoints (a clean truncation).
-    {
-        let r = redb::Database::open(&db).unwrap();
-        let tx = r.begin_write().unwrap();
-        {
-            let mut e = tx.open_table(redb::TableDefinition::<u64, &[u8]>::new("audit_entries")).unwrap();
-            let mut c = tx.open_table(redb::TableDefinition::<u64, &str>::new("audit_checkpoints")).unwrap();
-            let keep = old_size + 2;
-            for i in keep..latest {
-                e.remove(i).unwrap();
-            }
-            let drop: Vec<u64> = c.range(keep + 1..).unwrap().map(|r| r.unwrap().0.value()).collect();
-            for s in drop {
-                c.remove(s).unwrap();
-            }
+    tamper(&db, |t| {
+        let keep = old_size + 2;
+        for i in keep..latest {
+            t.remove_entry(i);
         }
-        tx.commit().unwrap();
-    }
-    let (code, _, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "new.cp"]);
+        for (size, _) in t.checkpoints().into_iter().filter(|(size, _)| *size > keep) {
+            t.remove_checkpoint(size);
+        }
+    });
+    let (code, _, err) = run_cli(&["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "new.cp"], d);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains(&format!("index {}", old_size + 2)) || err.contains("truncated"), "{err}");
     // ...and the gateway itself refuses to start on a database shorter than its checkpoint.
     restore();
-    {
-        let r = redb::Database::open(&db).unwrap();
-        let tx = r.begin_write().unwrap();
-        {
-            let mut e = tx.open_table(redb::TableDefinition::<u64, &[u8]>::new("audit_entries")).unwrap();
-            e.remove(latest - 1).unwrap();
-        }
-        tx.commit().unwrap();
-    }
+    tamper(&db, |t| t.remove_entry(latest - 1));
     let cfg = uapk_gateway::config::load_gateway(Some(&d.join("gateway.yaml"))).unwrap();
     let err = match uapk_gateway::runtime::start(cfg).await {
         Ok(_) => panic!("started on a truncated log"),
@@ -164,39 +128,25 @@ async fn proofs_trusted_checkpoints_and_tampering() {
     restore();
 
     // 3. Entries rewritten and every checkpoint re-signed with a foreign key.
-    {
+    tamper(&db, |t| {
         use ed25519_dalek::Signer;
         let foreign = ed25519_dalek::SigningKey::from_bytes(&[42u8; 32]);
-        let r = redb::Database::open(&db).unwrap();
-        let tx = r.begin_write().unwrap();
-        {
-            let mut c = tx.open_table(redb::TableDefinition::<u64, &str>::new("audit_checkpoints")).unwrap();
-            let all: Vec<(u64, String)> = c
-                .iter()
-                .unwrap()
-                .map(|r| {
-                    let (k, v) = r.unwrap();
-                    (k.value(), v.value().to_string())
-                })
-                .collect();
-            for (size, note) in all {
-                let body = note.split_once("\n\n").unwrap().0.to_string() + "\n";
-                let name = "test.example/log";
-                let mut blob = uapk_gateway::audit::key_id(name, &foreign.verifying_key()).to_vec();
-                blob.extend_from_slice(&foreign.sign(body.as_bytes()).to_bytes());
-                use base64::Engine;
-                let forged =
-                    format!("{body}\n\u{2014} {name} {}\n", base64::engine::general_purpose::STANDARD.encode(blob));
-                c.insert(size, forged.as_str()).unwrap();
-            }
+        for (size, note) in t.checkpoints() {
+            let body = note.split_once("\n\n").unwrap().0.to_string() + "\n";
+            let name = "test.example/log";
+            let mut blob = uapk_gateway::audit::key_id(name, &foreign.verifying_key()).to_vec();
+            blob.extend_from_slice(&foreign.sign(body.as_bytes()).to_bytes());
+            use base64::Engine;
+            let forged =
+                format!("{body}\n\u{2014} {name} {}\n", base64::engine::general_purpose::STANDARD.encode(blob));
+            t.put_checkpoint(size, &forged);
         }
-        tx.commit().unwrap();
-    }
-    let (code, _, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s]);
+    });
+    let (code, _, err) = run_cli(&["verify", "--db", &db_s, "--key", &key_s], d);
     assert_eq!(code, 1);
     assert!(err.contains("trusted key"), "{err}");
     restore();
-    let (code, out, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s]);
+    let (code, out, err) = run_cli(&["verify", "--db", &db_s, "--key", &key_s], d);
     assert_eq!(code, 0, "{out}{err}");
     let v: Value = serde_json::json!(out);
     assert!(v.as_str().unwrap().starts_with("ok:"));
@@ -212,10 +162,9 @@ fn sign_checkpoint(origin: &str, size: u64, root: [u8; 32], key: &ed25519_dalek:
 fn resign_manifest(bundle: &Path, key: &ed25519_dalek::SigningKey) {
     use base64::Engine;
     use ed25519_dalek::Signer;
-    use sha2::Digest;
     let mut m: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
     for name in ["checkpoint", "entries.jsonl", "prefix.json", "gateway.pub.pem"] {
-        let h = hex::encode(sha2::Sha256::digest(std::fs::read(bundle.join(name)).unwrap()));
+        let h = sha256_hex(std::fs::read(bundle.join(name)).unwrap());
         m["files"][name] = Value::String(h);
     }
     let mut bytes = serde_json::to_vec_pretty(&m).unwrap();
@@ -226,24 +175,8 @@ fn resign_manifest(bundle: &Path, key: &ed25519_dalek::SigningKey) {
     std::fs::write(bundle.join("manifest.json.sig"), format!("{b64}\n")).unwrap();
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
 async fn fetch_checkpoint(gw: &TestGateway) -> String {
-    client()
-        .get(format!("http://{}/v1/checkpoint", gw.admin))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    client().get(gw.admin_url("/v1/checkpoint")).bearer_auth(ADMIN_KEY).send().await.unwrap().text().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -270,58 +203,53 @@ async fn bundles_are_checked_against_the_key_and_the_trusted_checkpoint() {
 
     // The running gateway holds the database: verify, export and proof say so and exit 2, not
     // 1 (nothing was found wrong; nothing was verified).
-    let (code, out, err) = cli(&d, &["verify", "--db", &db_s, "--key", &key_s]);
+    let (code, out, err) = run_cli(&["verify", "--db", &db_s, "--key", &key_s], &d);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("running gateway") && !out.contains("ok"), "{err}");
-    let (code, _, err) = cli(&d, &["export", "-c", &cfg, "--out", "live-bundle"]);
+    let (code, _, err) = run_cli(&["export", "-c", &cfg, "--out", "live-bundle"], &d);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("running gateway"), "{err}");
-    let (code, _, err) = cli(&d, &["proof", "inclusion", "--db", &db_s, "--index", "0"]);
+    let (code, _, err) = run_cli(&["proof", "inclusion", "--db", &db_s, "--index", "0"], &d);
     assert_eq!(code, 2, "{err}");
 
     let dir = gw.stop().await;
     let d = dir.path();
     let signer = uapk_gateway::identity::load_signing_key(&d.join("data/gateway.pem")).unwrap();
-    let newest = {
-        let r = redb::ReadOnlyDatabase::open(d.join("data/audit.redb")).unwrap();
-        let tx = redb::ReadableDatabase::begin_read(&r).unwrap();
-        let t = tx.open_table(redb::TableDefinition::<u64, &str>::new("audit_checkpoints")).unwrap();
-        t.last().unwrap().unwrap().1.value().to_string()
-    };
+    let newest = newest_checkpoint(&d.join("data/audit.redb"));
     let new_size: u64 = newest.lines().nth(1).unwrap().parse().unwrap();
     std::fs::write(d.join("old.cp"), &old_cp).unwrap();
     std::fs::write(d.join("new.cp"), &newest).unwrap();
 
     // Export finds the log and the signing key through the config.
-    let (code, out, err) = cli(d, &["export", "-c", &cfg, "--out", "bundle"]);
+    let (code, out, err) = run_cli(&["export", "-c", &cfg, "--out", "bundle"], d);
     assert_eq!(code, 0, "{out}{err}");
     let bundle = d.join("bundle");
     let b = bundle.to_str().unwrap();
 
     // --bundle and --proof without --key: exit 2, never the bundle's own key.
-    let (code, out, err) = cli(d, &["verify", "--bundle", b]);
+    let (code, out, err) = run_cli(&["verify", "--bundle", b], d);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("--key") && out.is_empty(), "{err}");
     std::fs::write(d.join("p.proof"), "uapk-gateway proof v1\n").unwrap();
-    let (code, _, err) = cli(d, &["verify", "--proof", "p.proof"]);
+    let (code, _, err) = run_cli(&["verify", "--proof", "p.proof"], d);
     assert_eq!(code, 2, "{err}");
 
-    let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s]);
+    let (code, out, err) = run_cli(&["verify", "--bundle", b, "--key", &key_s], d);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("no trusted checkpoint given"), "{out}");
-    let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "old.cp"]);
+    let (code, out, err) = run_cli(&["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "old.cp"], d);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("extends the trusted checkpoint of size {old_size}")), "{out}");
-    let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "new.cp"]);
+    let (code, out, err) = run_cli(&["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "new.cp"], d);
     assert_eq!(code, 0, "{out}{err}");
 
     let bundle_fails = |trusted: &str, text: &str, why: &str| {
         std::fs::write(d.join("t.cp"), text).unwrap();
-        let (code, out, err) = cli(d, &["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "t.cp"]);
+        let (code, out, err) = run_cli(&["verify", "--bundle", b, "--key", &key_s, "--trusted-checkpoint", "t.cp"], d);
         assert_eq!(code, 1, "{trusted}: {out}{err}");
         assert!(err.contains(why) && !out.contains("ok"), "{trusted}: {err}");
         // The same checkpoint against the database: the same verdict.
-        let (code, _, err) = cli(d, &["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "t.cp"]);
+        let (code, _, err) = run_cli(&["verify", "--db", &db_s, "--key", &key_s, "--trusted-checkpoint", "t.cp"], d);
         assert_eq!(code, 1, "{trusted} (--db): {err}");
     };
     bundle_fails("garbage", "not a checkpoint at all\n", "trusted checkpoint");
@@ -350,21 +278,22 @@ async fn bundles_are_checked_against_the_key_and_the_trusted_checkpoint() {
     bundle_fails("another log", &sign_checkpoint("other.example/log", old_size, root, &signer), "not of log");
 
     // A bundle rolled back to the old size (a genuine, older export) against the newer checkpoint.
-    let (code, _, err) = cli(d, &["export", "-c", &cfg, "--out", "old-bundle", "--to", &old_size.to_string()]);
+    let (code, _, err) = run_cli(&["export", "-c", &cfg, "--out", "old-bundle", "--to", &old_size.to_string()], d);
     assert_eq!(code, 0, "{err}");
     let ob = d.join("old-bundle");
     let ob = ob.to_str().unwrap();
-    assert_eq!(cli(d, &["verify", "--bundle", ob, "--key", &key_s]).0, 0);
-    let (code, _, err) = cli(d, &["verify", "--bundle", ob, "--key", &key_s, "--trusted-checkpoint", "new.cp"]);
+    assert_eq!(run_cli(&["verify", "--bundle", ob, "--key", &key_s], d).0, 0);
+    let (code, _, err) = run_cli(&["verify", "--bundle", ob, "--key", &key_s, "--trusted-checkpoint", "new.cp"], d);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("rolled back") && err.contains(&format!("index {old_size}")), "{err}");
 
     // A bundle starting after the trusted size cannot be checked against it: not ok.
-    let (code, _, err) = cli(d, &["export", "-c", &cfg, "--out", "tail-bundle", "--from", &(old_size + 1).to_string()]);
+    let (code, _, err) =
+        run_cli(&["export", "-c", &cfg, "--out", "tail-bundle", "--from", &(old_size + 1).to_string()], d);
     assert_eq!(code, 0, "{err}");
     let tb = d.join("tail-bundle");
     let (code, _, err) =
-        cli(d, &["verify", "--bundle", tb.to_str().unwrap(), "--key", &key_s, "--trusted-checkpoint", "old.cp"]);
+        run_cli(&["verify", "--bundle", tb.to_str().unwrap(), "--key", &key_s, "--trusted-checkpoint", "old.cp"], d);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot be checked"), "{err}");
 
@@ -388,12 +317,12 @@ async fn bundles_are_checked_against_the_key_and_the_trusted_checkpoint() {
         .unwrap();
     resign_manifest(&forged, &foreign);
     let fb = forged.to_str().unwrap();
-    let (code, out, err) = cli(d, &["verify", "--bundle", fb, "--key", &key_s]);
+    let (code, out, err) = run_cli(&["verify", "--bundle", fb, "--key", &key_s], d);
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("trusted key"), "{err}");
     let foreign_pub = forged.join("gateway.pub.pem");
     // (With the attacker's own key it is self-consistent: that is why --key is required.)
-    assert_eq!(cli(d, &["verify", "--bundle", fb, "--key", foreign_pub.to_str().unwrap()]).0, 0);
+    assert_eq!(run_cli(&["verify", "--bundle", fb, "--key", foreign_pub.to_str().unwrap()], d).0, 0);
 
     // An edited entry with the manifest re-signed by the real key (an insider with the key but
     // not the history) is still caught by the signed checkpoint.
@@ -401,7 +330,7 @@ async fn bundles_are_checked_against_the_key_and_the_trusted_checkpoint() {
     copy_dir(&bundle, &edited_dir);
     std::fs::write(edited_dir.join("entries.jsonl"), &edited).unwrap();
     resign_manifest(&edited_dir, &signer);
-    let (code, _, err) = cli(d, &["verify", "--bundle", edited_dir.to_str().unwrap(), "--key", &key_s]);
+    let (code, _, err) = run_cli(&["verify", "--bundle", edited_dir.to_str().unwrap(), "--key", &key_s], d);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("do not hash to the signed checkpoint"), "{err}");
 
@@ -416,13 +345,13 @@ async fn bundles_are_checked_against_the_key_and_the_trusted_checkpoint() {
         let b64 = base64::engine::general_purpose::STANDARD.encode(sig.to_bytes());
         std::fs::write(bare.join("manifest.json.sig"), format!("{b64}\n")).unwrap();
     }
-    let (code, _, err) = cli(d, &["verify", "--bundle", bare.to_str().unwrap(), "--key", &key_s]);
+    let (code, _, err) = run_cli(&["verify", "--bundle", bare.to_str().unwrap(), "--key", &key_s], d);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("manifest.json is not signed"), "{err}");
 
     // I/O: no such bundle, no such database: exit 2.
-    assert_eq!(cli(d, &["verify", "--bundle", "nowhere", "--key", &key_s]).0, 2);
-    assert_eq!(cli(d, &["verify", "--db", "nowhere.redb", "--key", &key_s]).0, 2);
+    assert_eq!(run_cli(&["verify", "--bundle", "nowhere", "--key", &key_s], d).0, 2);
+    assert_eq!(run_cli(&["verify", "--db", "nowhere.redb", "--key", &key_s], d).0, 2);
 }
 
 #[test]
@@ -490,31 +419,12 @@ async fn origins_outside_the_c2sp_key_name_rules_are_refused_by_check_and_run() 
     }
 }
 
-fn cli_with_key(dir: &Path, args: &[&str], admin_key: &str) -> (i32, String, String) {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .current_dir(dir)
-        .env("UAPK_ADMIN_KEY", admin_key)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_gateways_log_is_verified_exported_and_proved_through_the_admin_api() {
-    use sha2::Digest;
     const ADMIN: &str = "uapk_test_admin_key";
     let up = Upstream::start().await;
     let files = [("pay.yaml", manifest("pay-agent", up.addr, "", ""))];
-    let yaml = format!(
-        "admin:\n  keys:\n    - {{ id: auditor, sha256: {}, role: viewer }}\n    - {{ id: ops, sha256: {}, role: admin }}\n",
-        hex::encode(sha2::Sha256::digest(ADMIN_KEY)),
-        hex::encode(sha2::Sha256::digest(ADMIN))
-    );
+    let yaml = admin_keys(&[("auditor", ADMIN_KEY, "viewer"), ("ops", ADMIN, "admin")]);
     let gw = TestGateway::start(&files, &yaml).await;
     traffic(&gw, 6).await;
     let kept = fetch_checkpoint(&gw).await;
@@ -522,7 +432,7 @@ async fn a_running_gateways_log_is_verified_exported_and_proved_through_the_admi
     traffic(&gw, 6).await;
     let d = gw.dir.path().to_path_buf();
     std::fs::write(d.join("kept.cp"), &kept).unwrap();
-    let url = format!("http://{}", gw.admin);
+    let url = gw.admin_url("");
     let key_s = gw.data().join("gateway.pub.pem").to_str().unwrap().to_string();
 
     // The API: 401 without a key, 403 for a viewer, a tar for an admin.
@@ -556,16 +466,23 @@ async fn a_running_gateways_log_is_verified_exported_and_proved_through_the_admi
     let (url2, key2) = (url.clone(), key_s.clone());
     let results = tokio::task::spawn_blocking(move || {
         let d = dd.as_path();
-        let verify = cli_with_key(
-            d,
+        let verify = run_cli_with(
             &["verify", "--admin", &url2, "--key", &key2, "--trusted-checkpoint", "kept.cp"],
-            ADMIN_KEY,
+            d,
+            &[("UAPK_ADMIN_KEY", ADMIN_KEY)],
         );
-        let proof = cli_with_key(d, &["proof", "inclusion", "--admin", &url2, "--index", "2"], ADMIN_KEY);
-        let viewer_export = cli_with_key(d, &["export", "--admin", &url2, "--out", "viewer-bundle"], ADMIN_KEY);
-        let export = cli_with_key(d, &["export", "--admin", &url2, "--out", "live-bundle"], ADMIN);
+        let proof = run_cli_with(
+            &["proof", "inclusion", "--admin", &url2, "--index", "2"],
+            d,
+            &[("UAPK_ADMIN_KEY", ADMIN_KEY)],
+        );
+        let viewer_export =
+            run_cli_with(&["export", "--admin", &url2, "--out", "viewer-bundle"], d, &[("UAPK_ADMIN_KEY", ADMIN_KEY)]);
+        let export =
+            run_cli_with(&["export", "--admin", &url2, "--out", "live-bundle"], d, &[("UAPK_ADMIN_KEY", ADMIN)]);
         let no_key = run_cli(&["verify", "--admin", &url2, "--key", &key2], d);
-        let wrong_key = cli_with_key(d, &["verify", "--admin", &url2, "--key", &key2], "uapk_wrong");
+        let wrong_key =
+            run_cli_with(&["verify", "--admin", &url2, "--key", &key2], d, &[("UAPK_ADMIN_KEY", "uapk_wrong")]);
         (verify, proof, viewer_export, export, no_key, wrong_key)
     })
     .await
@@ -584,14 +501,16 @@ async fn a_running_gateways_log_is_verified_exported_and_proved_through_the_admi
     assert_eq!(wrong_key.0, 2, "{wrong_key:?}");
     assert!(!wrong_key.2.contains("uapk_wrong"), "the key is never echoed: {wrong_key:?}");
     std::fs::write(d.join("live.proof"), &proof.1).unwrap();
-    let (code, out, err) = cli(&d, &["verify", "--proof", "live.proof", "--key", &key_s]);
+    let (code, out, err) = run_cli(&["verify", "--proof", "live.proof", "--key", &key_s], &d);
     assert_eq!(code, 0, "{out}{err}");
 
     // Both exported bundles verify offline, against the kept checkpoint too.
     for b in ["api-bundle", "live-bundle"] {
         let p = d.join(b);
-        let (code, out, err) =
-            cli(&d, &["verify", "--bundle", p.to_str().unwrap(), "--key", &key_s, "--trusted-checkpoint", "kept.cp"]);
+        let (code, out, err) = run_cli(
+            &["verify", "--bundle", p.to_str().unwrap(), "--key", &key_s, "--trusted-checkpoint", "kept.cp"],
+            &d,
+        );
         assert_eq!(code, 0, "{b}: {out}{err}");
     }
     // A tampered served checkpoint is not "ok": the kept checkpoint of a larger tree signed by
@@ -602,7 +521,11 @@ async fn a_running_gateways_log_is_verified_exported_and_proved_through_the_admi
     let dd = d.clone();
     let k3 = key_s.clone();
     let fork = tokio::task::spawn_blocking(move || {
-        cli_with_key(&dd, &["verify", "--admin", &url3, "--key", &k3, "--trusted-checkpoint", "fork.cp"], ADMIN_KEY)
+        run_cli_with(
+            &["verify", "--admin", &url3, "--key", &k3, "--trusted-checkpoint", "fork.cp"],
+            &dd,
+            &[("UAPK_ADMIN_KEY", ADMIN_KEY)],
+        )
     })
     .await
     .unwrap();

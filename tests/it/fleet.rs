@@ -28,14 +28,6 @@ struct Gw {
     name: String,
 }
 
-fn admin_keys() -> String {
-    use sha2::Digest;
-    format!(
-        "admin:\n  keys:\n    - {{ id: ops, sha256: {}, role: approver }}\n",
-        hex::encode(sha2::Sha256::digest(APPROVER))
-    )
-}
-
 impl Fleet {
     async fn start(pg: &Pg, n: usize, manifests: &[(&str, String)]) -> Fleet {
         Fleet::start_with(pg, n, manifests, "").await
@@ -64,7 +56,7 @@ impl Fleet {
                     data = d.join(format!("data{i}")).display(),
                     key = key.display(),
                     url_file = d.join("pg-url").display(),
-                    admin_keys = admin_keys(),
+                    admin_keys = admin_keys(&[("ops", APPROVER, "approver")]),
                 ),
             )
             .unwrap();
@@ -81,27 +73,8 @@ impl Fleet {
     async fn spawn(&mut self, i: usize) {
         let g = &mut self.gateways[i];
         let log = self.dir.path().join(format!("{}.log", g.name));
-        let child = Command::new(bin())
-            .args(["run", "-c", g.config.to_str().unwrap()])
-            .env("HOSTNAME", &g.name)
-            .env("UAPK_LOG", "warn")
-            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap())
-            .spawn()
-            .unwrap();
-        g.child = Some(child);
-        let started = Instant::now();
-        loop {
-            let ok =
-                client().get(format!("http://127.0.0.1:{}/readyz", g.admin)).send().await.map(|r| r.status() == 200);
-            if ok.unwrap_or(false) {
-                return;
-            }
-            if let Some(status) = g.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("{} exited ({status}): {}", g.name, std::fs::read_to_string(&log).unwrap_or_default());
-            }
-            assert!(started.elapsed() < Duration::from_secs(30), "{} not ready", g.name);
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let child = g.child.insert(spawn_gateway(&g.config, &log, &[("HOSTNAME", &g.name)]));
+        wait_ready(format!("127.0.0.1:{}", g.admin).parse().unwrap(), child, &log).await;
     }
 
     fn kill(&mut self, i: usize) {
@@ -158,26 +131,12 @@ async fn admin_get(f: &Fleet, i: usize, path: &str) -> Value {
 
 /// Approves `id` on gateway `i`: the status and the answer (with the override token).
 async fn approve_on(f: &Fleet, i: usize, id: &str) -> (u16, Value) {
-    let r = client()
-        .post(f.admin(i, &format!("/v1/approvals/{id}/approve")))
-        .bearer_auth(APPROVER)
-        .json(&json!({"note": "ok"}))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    approve_at(&f.admin(i, ""), id, APPROVER).await
 }
 
+/// A refund through `url` (see `refund_at`): the status and the JSON answer.
 async fn refund(url: String, tok: &str, amount: u64, over: Option<&str>) -> (u16, Value) {
-    let mut rb = client()
-        .post(url)
-        .header("x-uapk-capability", tok)
-        .header("x-country", "US")
-        .json(&json!({"amount": amount, "currency": "USD", "customer": "cus_1"}));
-    if let Some(o) = over {
-        rb = rb.header("x-uapk-override", o);
-    }
-    let r = rb.send().await.unwrap();
+    let r = refund_at(&url, tok, amount, over).await;
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
@@ -189,15 +148,7 @@ async fn spread(f: &Fleet, tok: &str, n: usize, amount: u64) -> Vec<(u16, Value)
             tokio::spawn(async move { refund(url, &tok, amount, None).await })
         })
         .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
-}
-
-fn reason(v: &Value) -> &str {
-    v["reasons"][0]["code"].as_str().unwrap_or_default()
+    join_all(tasks).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,11 +204,7 @@ async fn one_budget_and_one_log_for_three_gateways() {
     let (code, out, err) =
         run_cli(&["verify", "--bundle", bundle.to_str().unwrap(), "--key", pubkey.to_str().unwrap()], &d);
     assert_eq!(code, 0, "{out}{err}");
-    let py = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify_log_chain.py"))
-        .args(["--bundle", bundle.to_str().unwrap(), "--key", pubkey.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let py = python_verify(&bundle, &pubkey, &d);
     assert!(py.status.success(), "{}{}", String::from_utf8_lossy(&py.stdout), String::from_utf8_lossy(&py.stderr));
 
     // Budgets stay spent after every gateway restarts.
@@ -310,10 +257,7 @@ async fn one_approvals_queue_for_three_gateways() {
             tokio::spawn(async move { refund(url, &tok, 6000, Some(&over)).await })
         })
         .collect();
-    let mut results = Vec::new();
-    for t in tries {
-        results.push(t.await.unwrap());
-    }
+    let results = join_all(tries).await;
     assert_eq!(results.iter().filter(|(s, _)| *s == 200).count(), 1, "{results:?}");
     assert!(
         results.iter().filter(|(s, _)| *s != 200).all(|(s, v)| *s == 403 && reason(v) == "override_token_already_used"),
@@ -336,21 +280,14 @@ async fn one_approvals_queue_for_three_gateways() {
         let r = refund(url, &token("hold-agent"), 7000, None).await;
         (r, Instant::now())
     });
-    let mut hid = None;
-    for _ in 0..100 {
-        let list = admin_get(&f, 1, "/v1/approvals?status=pending").await;
-        hid = list["approvals"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["agent"] == "hold-agent")
-            .and_then(|a| a["id"].as_str().map(String::from));
-        if hid.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let hid = hid.expect("the held request's approval is listed on another gateway");
+    let hid =
+        eventually("the held request's approval to be listed on another gateway", Duration::from_secs(5), async || {
+            let list = admin_get(&f, 1, "/v1/approvals?status=pending").await;
+            list["approvals"].as_array().unwrap().iter().find(|a| a["agent"] == "hold-agent")?["id"]
+                .as_str()
+                .map(String::from)
+        })
+        .await;
     // Each gateway listens for decisions (NOTIFY), besides polling.
     let listening = pg.psql("SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN uapk_approvals'");
     assert_eq!(listening, "3");
@@ -451,10 +388,7 @@ async fn outages_refuse_traffic_and_heal_by_themselves() {
     f.kill(1);
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let mut acked = Vec::new();
-    for t in load {
-        acked.extend(t.await.unwrap());
-    }
+    let acked: Vec<u64> = join_all(load).await.into_iter().flatten().collect();
     assert!(acked.len() > 10, "{}", acked.len());
     let entries = f.entries();
     for idx in &acked {

@@ -2,7 +2,6 @@
 //! refusals, the explicit proxy, and `verify` / `check` from the real binary.
 
 use crate::support::*;
-use redb::ReadableTable;
 use serde_json::{Value, json};
 
 const BUDGET_POLICY: &str = r#"  budgets:
@@ -46,7 +45,7 @@ async fn concurrent_requests_against_a_budget_forward_exactly_the_remainder_and_
     assert_eq!(d.len(), 20, "20 attempts recorded");
     assert_eq!(d.iter().filter(|e| e["decision"] == "allow").count(), 5, "5 forwarded");
     // The counters were rebuilt from the log: the budget is still spent.
-    let r = client().get(gw.base("/shop/v1/charges/ch_x")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/ch_x", &tok).await;
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["reasons"][0]["code"], "budget_exceeded");
@@ -60,10 +59,10 @@ async fn the_upstream_never_sees_a_request_whose_decision_is_not_durable() {
     let up = Upstream::start().await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], "").await;
     // The upstream looks the request up in the committed log before it answers.
-    let db = gw.gateway().db.get().unwrap();
+    let log = gw.log();
     up.set_hook(move |seen| {
         let marker = seen.headers.get("x-test-marker").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let found = read_all(&db).iter().any(|e| {
+        let found = log.entries().iter().any(|e| {
             e["kind"] == "decision" && e["decision"] == "allow" && e["headers"]["x-test-marker"] == json!(marker)
         });
         if found { (200, "{\"logged\":true}".into()) } else { (599, "{\"logged\":false}".into()) }
@@ -145,12 +144,7 @@ async fn a_missing_secret_makes_the_connector_deny() {
         "    credentials:\n      - header: Authorization\n        value: \"Bearer ${env:UAPK_TEST_UNSET_SECRET}\"\n    routes:\n      - methods: [POST]\n        path: /v1/refunds",
     );
     let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
-    let r = client()
-        .get(gw.base("/shop/v1/charges/ch_1"))
-        .header("x-uapk-capability", token("pay-agent"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/shop/v1/charges/ch_1", &token("pay-agent")).await;
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["reasons"][0]["code"], "connector_unavailable");
@@ -210,13 +204,13 @@ async fn hostile_tokens_are_refused_with_the_right_code() {
         ("wrong sub", token("ghost-agent"), "manifest_not_found"),
     ];
     for (name, tok, code) in cases {
-        let r = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", tok).send().await.unwrap();
+        let r = gw.get("/shop/v1/charges/ch_1", &tok).await;
         assert_eq!(r.status(), 403, "{name}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["reasons"][0]["code"], code, "{name}: {v}");
     }
     assert_eq!(up.count(), 0);
-    let r = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", good).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/ch_1", &good).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -263,20 +257,9 @@ async fn upstream_failures_are_502_and_recorded() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let m = manifest("pay-agent", closed, "", "");
     let gw = TestGateway::start(&[("pay.yaml", m)], "").await;
-    let r = client()
-        .get(gw.base("/shop/v1/charges/ch_1"))
-        .header("x-uapk-capability", token("pay-agent"))
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/shop/v1/charges/ch_1", &token("pay-agent")).await;
     assert_eq!(r.status(), 502);
-    let record: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let outcome = gw
-        .entries()
-        .into_iter()
-        .find(|e| e["kind"] == "outcome" && e["decision_idx"] == json!(record.to_string()))
-        .unwrap();
+    let outcome = gw.outcome_of(record_of(&r)).await;
     assert_eq!(outcome["status"], "502");
     assert!(outcome["error"].as_str().unwrap().contains("unreachable"));
     drop(up);
@@ -309,7 +292,7 @@ async fn oversized_bodies_and_ambiguous_paths_are_refused() {
     }
     assert_eq!(up.count(), 0);
     // The gateway keeps serving.
-    let r = client().get(gw.base("/shop/v1/charges/ok")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/ok", &tok).await;
     assert_eq!(r.status(), 200);
 }
 
@@ -320,7 +303,7 @@ async fn verify_passes_on_a_real_log_and_names_the_first_bad_index_after_tamperi
     let tok = token("pay-agent");
     for i in 0..10 {
         let path = if i % 2 == 0 { "/shop/v1/charges/a" } else { "/shop/v1/nope" };
-        client().get(gw.base(path)).header("x-uapk-capability", &tok).send().await.unwrap();
+        gw.get(path, &tok).await;
     }
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let dir = gw.stop().await;
@@ -333,42 +316,31 @@ async fn verify_passes_on_a_real_log_and_names_the_first_bad_index_after_tamperi
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("ok:"), "{out}");
 
-    let table: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit_entries");
     let pristine = std::fs::read(&db).unwrap();
-    type EntriesTable<'a> = redb::Table<'a, u64, &'static [u8]>;
-    let tamper = |f: &dyn Fn(&mut EntriesTable)| {
+    let tampered = |f: &dyn Fn(&mut Tables)| {
         std::fs::write(&db, &pristine).unwrap();
-        let d = redb::Database::open(&db).unwrap();
-        let tx = d.begin_write().unwrap();
-        {
-            let mut t = tx.open_table(table).unwrap();
-            f(&mut t);
-        }
-        tx.commit().unwrap();
+        tamper(&db, f);
     };
-    let get = |t: &redb::Table<u64, &[u8]>, i: u64| t.get(i).unwrap().unwrap().value().to_vec();
     // One byte of entry 5 changed.
-    tamper(&|t| {
-        let mut e = get(t, 5);
+    tampered(&|t| {
+        let mut e = t.entry(5);
         let pos = e.len() / 2;
         e[pos] ^= 0x01;
-        t.insert(5, e.as_slice()).unwrap();
+        t.put_entry(5, &e);
     });
     let (code, _, err) = verify(dir.path());
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("index 5"), "{err}");
     // Entry 3 removed.
-    tamper(&|t| {
-        t.remove(3).unwrap();
-    });
+    tampered(&|t| t.remove_entry(3));
     let (code, _, err) = verify(dir.path());
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("index 3"), "{err}");
     // Entries 6 and 7 swapped.
-    tamper(&|t| {
-        let (a, b) = (get(t, 6), get(t, 7));
-        t.insert(6, b.as_slice()).unwrap();
-        t.insert(7, a.as_slice()).unwrap();
+    tampered(&|t| {
+        let (a, b) = (t.entry(6), t.entry(7));
+        t.put_entry(6, &b);
+        t.put_entry(7, &a);
     });
     let (code, _, err) = verify(dir.path());
     assert_eq!(code, 1, "{err}");
@@ -426,12 +398,11 @@ fn check_reports_errors_with_location_and_exit_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_without_manifests_is_not_ready() {
     let gw = TestGateway::start(&[], "").await;
-    let r = client().get(format!("http://{}/readyz", gw.admin)).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    let v: serde_json::Value = r.json().await.unwrap();
+    let (status, v) = gw.readyz().await;
+    assert_eq!(status, 503);
     assert_eq!((v["ready"].as_bool(), v["manifests"].as_u64()), (Some(false), Some(0)), "{v}");
     // Liveness is unaffected: the process is healthy, it just has nothing to serve.
-    let r = client().get(format!("http://{}/livez", gw.admin)).send().await.unwrap();
+    let r = client().get(gw.admin_url("/livez")).send().await.unwrap();
     assert_eq!(r.status(), 200);
 }
 
@@ -439,38 +410,7 @@ async fn a_gateway_without_manifests_is_not_ready() {
 async fn upgrades_pass_through_after_the_decision() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // A WebSocket upstream: accepts `Upgrade: websocket`, then echoes bytes.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
-                    let on = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        if let Ok(u) = on.await {
-                            let mut io = hyper_util::rt::TokioIo::new(u);
-                            let mut buf = [0u8; 64];
-                            while let Ok(n) = io.read(&mut buf).await {
-                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
-                        }
-                    });
-                    let mut r = http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
-                    *r.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
-                    r.headers_mut().insert("connection", "upgrade".parse().unwrap());
-                    r.headers_mut().insert("upgrade", "websocket".parse().unwrap());
-                    Ok::<_, std::convert::Infallible>(r)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
+    let up = websocket_upstream(true).await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up, "", ""))], "").await;
     let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
     let req = format!(
@@ -478,13 +418,7 @@ async fn upgrades_pass_through_after_the_decision() {
         token("pay-agent")
     );
     s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(s.read(&mut b).await.unwrap(), 1, "closed before the response head");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).to_lowercase();
+    let head = read_head(&mut s).await.to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("x-uapk-record"), "{head}");
     s.write_all(b"hello through the gateway").await.unwrap();

@@ -77,26 +77,13 @@ async fn start() -> (TestGateway, SocketAddr) {
     (gw, up)
 }
 
-/// Sends raw bytes and returns what came back before the gateway closed or 5 s passed.
-async fn raw(gw: &TestGateway, bytes: &[u8]) -> String {
-    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
-    let _ = s.write_all(bytes).await;
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn status_of(resp: &str) -> u16 {
-    resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
+/// The record index a raw refusal's JSON body names.
 fn record_of(resp: &str) -> Option<u64> {
-    let body = resp.split_once("\r\n\r\n")?.1;
-    serde_json::from_str::<Value>(body).ok()?["record"].as_u64()
+    body_json(resp)["record"].as_u64()
 }
 
 async fn alive(gw: &TestGateway, tok: &str) {
-    let r = client().get(gw.base("/shop/v1/charges/ok")).header("x-uapk-capability", tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/ok", tok).await;
     assert_eq!(r.status(), 200, "the gateway stopped serving normal requests");
 }
 
@@ -237,7 +224,7 @@ async fn path_tricks_around_route_matching() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_timeouts_and_misbehaving_upstreams() {
-    let (gw, _up) = start().await;
+    let (gw, up) = start().await;
     let tok = token("pay-agent");
     // Body over the limit: by Content-Length (early) and chunked (while reading).
     let resp = raw(
@@ -291,28 +278,30 @@ async fn bodies_timeouts_and_misbehaving_upstreams() {
     assert!(started.elapsed() < Duration::from_secs(5), "slow-loris connection held {:?}", started.elapsed());
     alive(&gw, &tok).await;
     // The upstream closes mid-response: the client sees a truncated body, an outcome records it.
-    let r = client().get(gw.base("/shop/v1/charges/close")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/close", &tok).await;
     assert_eq!(r.status(), 200);
     assert!(r.bytes().await.is_err(), "a truncated body must surface as an error");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        gw.entries()
-            .iter()
-            .any(|e| e["kind"] == "outcome" && e["error"].as_str().is_some_and(|m| m.contains("mid-response")))
-    );
+    eventually("an outcome entry saying the upstream closed mid-response", Duration::from_secs(5), async || {
+        let mid_response = |e: &Value| e["error"].as_str().is_some_and(|m| m.contains("mid-response"));
+        gw.entries().iter().any(|e| e["kind"] == "outcome" && mid_response(e)).then_some(())
+    })
+    .await;
     // The upstream never answers: 504.
-    let r = client().get(gw.base("/shop/v1/charges/hang")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/hang", &tok).await;
     assert_eq!(r.status(), 504);
-    // 100 MB streamed through without being buffered.
+    // 100 MB streamed through without being buffered, by a gateway process of its own: its
+    // memory is the gateway's alone (this process runs other tests beside this one).
+    let child = ChildGateway::start(&[("pay.yaml", manifest("pay-agent", up, POLICY, ""))], LIMITS, None).await;
     let rss = || -> u64 {
-        let s = std::fs::read_to_string("/proc/self/status").unwrap();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", child.pid())).unwrap();
         s.lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
             .unwrap_or(0)
     };
     let before = rss();
-    let mut r = client().get(gw.base("/shop/v1/charges/huge")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let huge = format!("http://{}/shop/v1/charges/huge", child.proxy);
+    let mut r = client().get(huge).header("x-uapk-capability", &tok).send().await.unwrap();
     let mut total = 0u64;
     let mut peak = before;
     while let Some(c) = r.chunk().await.unwrap() {
@@ -374,19 +363,8 @@ async fn proxy_and_identity_tricks() {
     .await;
     assert_eq!(status_of(&resp), 400, "{resp:.300}");
     // TLS garbage after a successful CONNECT to an intercept connector: the tunnel just closes.
-    let mut s = TcpStream::connect(gw.proxy).await.unwrap();
-    s.write_all(
-        format!(
-            "CONNECT shop.test:{p} HTTP/1.1\r\nHost: shop.test:{p}\r\nProxy-Authorization: Bearer {tok}\r\n\r\n",
-            p = up.port()
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = [0u8; 12];
-    s.read_exact(&mut head).await.unwrap();
-    assert_eq!(&head, b"HTTP/1.1 200");
+    let (mut s, head) = connect(gw.proxy, &format!("shop.test:{}", up.port()), &tok).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let _ = s.write_all(b"\x16\x03\x01\x00\x05garbagegarbagegarbage").await;
     let mut out = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
@@ -430,24 +408,8 @@ async fn proxy_and_identity_tricks() {
 async fn open_raw(gw: &TestGateway, head: &str) -> (TcpStream, String) {
     let mut s = TcpStream::connect(gw.proxy).await.unwrap();
     s.write_all(format!("{head}\r\n\r\n").as_bytes()).await.unwrap();
-    let mut got = Vec::new();
-    let mut b = [0u8; 1];
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !got.ends_with(b"\r\n\r\n") && Instant::now() < deadline {
-        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await {
-            Ok(Ok(1)) => got.push(b[0]),
-            _ => break,
-        }
-    }
-    (s, String::from_utf8_lossy(&got).into_owned())
-}
-
-/// The decision entry recorded under `record`.
-fn entry_at(gw: &TestGateway, record: u64) -> Value {
-    gw.entries()
-        .into_iter()
-        .find(|e| e["idx"].as_str().and_then(|i| i.parse::<u64>().ok()) == Some(record))
-        .expect("the refusal is in the log")
+    let head = read_head(&mut s).await;
+    (s, head)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -468,7 +430,7 @@ async fn only_websocket_upgrades_pass() {
         let resp = raw(&gw, &req(&format!("{method} {path} HTTP/1.1"), &tok, headers, "")).await;
         assert_eq!(status_of(&resp), 400, "{headers}: {resp:.400}");
         assert!(resp.contains("upgrade_not_allowed"), "{resp:.400}");
-        let e = entry_at(&gw, record_of(&resp).expect("a record index"));
+        let e = gw.entry(record_of(&resp).expect("a record index"));
         assert_eq!(
             (e["decision"].as_str(), e["reasons"][0]["code"].as_str()),
             (Some("deny"), Some("upgrade_not_allowed"))
@@ -567,13 +529,13 @@ async fn credentials_never_travel_in_cleartext_and_agent_credentials_are_strippe
         assert!(resp.contains("cleartext_not_allowed"), "{resp:.400}");
         assert!(!resp.contains("s3cr3t"), "the secret leaked into a response");
         let record = record_of(&resp).unwrap();
-        let e = entry_at(&gw, record);
+        let e = gw.entry(record);
         assert_eq!(
             (e["connector"].as_str(), e["reasons"][0]["code"].as_str()),
             (Some(name), Some("cleartext_not_allowed"))
         );
         // The refusal in the shape agent SDKs show (type, code, one-line message with the record).
-        let body: Value = serde_json::from_str(resp.split_once("\r\n\r\n").unwrap().1).unwrap();
+        let body = body_json(&resp);
         assert_eq!(body["error"]["type"], "uapk_deny");
         assert_eq!(body["error"]["code"], "cleartext_not_allowed");
         let msg = body["error"]["message"].as_str().unwrap();
@@ -634,24 +596,14 @@ async fn credentials_never_travel_in_cleartext_and_agent_credentials_are_strippe
     assert!(seen.headers.get("x-forwarded-for").is_none());
 }
 
-/// A compact JWS over exactly these header and payload bytes, signed with `key`: only the
-/// gateway's rules can refuse it (the minting API refuses out-of-range times by itself).
-fn sign_jws(key: &ed25519_dalek::SigningKey, header: &str, payload: &str) -> String {
-    use base64::Engine;
-    use ed25519_dalek::Signer;
-    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
-    format!("{input}.{}", b64(&key.sign(input.as_bytes()).to_bytes()))
-}
-
 /// The refusal's status, first reason code and record index, after checking that the record
 /// in the log says the same.
 async fn refused(gw: &TestGateway, r: reqwest::Response) -> (u16, String) {
     let status = r.status().as_u16();
     let v: Value = r.json().await.unwrap();
-    let code = v["reasons"][0]["code"].as_str().unwrap_or_default().to_string();
+    let code = reason(&v).to_string();
     let record = v["record"].as_u64().unwrap_or_else(|| panic!("no record index: {v}"));
-    let entry = gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("record");
+    let entry = gw.entry(record);
     assert_eq!(entry["kind"], "decision");
     assert_eq!(entry["decision"], "deny", "{entry}");
     assert_eq!(entry["reasons"][0]["code"], code.as_str(), "{entry}");
@@ -660,13 +612,9 @@ async fn refused(gw: &TestGateway, r: reqwest::Response) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absurd_time_claims_and_crit_headers_are_refused() {
-    use sha2::Digest;
     let up = Upstream::start().await;
     let approver = "uapk_test_approver";
-    let admin = format!(
-        "admin:\n  keys:\n    - {{ id: ops, sha256: {}, role: approver }}\n",
-        hex::encode(sha2::Sha256::digest(approver))
-    );
+    let admin = admin_keys(&[("ops", approver, "approver")]);
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], &admin).await;
     let now = now();
     let claims = |iat: i64, exp: i64, nbf: Option<i64>| {
@@ -697,7 +645,7 @@ async fn absurd_time_claims_and_crit_headers_are_refused() {
     let target = format!("http://127.0.0.1:{}/v1/charges/ch_1", up.addr.port());
     for (name, tok) in &cases {
         // Base-URL mode: 403.
-        let r = client().get(gw.base("/shop/v1/charges/ch_1")).header("x-uapk-capability", tok).send().await.unwrap();
+        let r = gw.get("/shop/v1/charges/ch_1", tok).await;
         assert_eq!(refused(&gw, r).await, (403, "capability_token_invalid".into()), "{name}");
         // Explicit proxy: 407.
         let resp = raw(
@@ -708,35 +656,16 @@ async fn absurd_time_claims_and_crit_headers_are_refused() {
         .await;
         assert_eq!(status_of(&resp), 407, "{name}: {resp:.300}");
         assert!(resp.contains("capability_token_invalid"), "{name}: {resp:.300}");
-        let record = record_of(&resp).expect("record index");
-        let entry = gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("record");
+        let entry = gw.entry(record_of(&resp).expect("record index"));
         assert_eq!(entry["reasons"][0]["code"], "capability_token_invalid", "{name}");
     }
     assert_eq!(up.count(), before, "no refused token reached the upstream");
 
     // Override tokens: an approval's genuine token re-signed by the gateway's own key with a
     // crit header, or with absurd times, is refused, and the approval stays unused.
-    let refund = |over: Option<String>| {
-        let mut rb = client()
-            .post(gw.base("/shop/v1/refunds"))
-            .header("x-uapk-capability", &good)
-            .header("x-country", "US")
-            .json(&serde_json::json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}));
-        if let Some(o) = over {
-            rb = rb.header("x-uapk-override", o);
-        }
-        rb.send()
-    };
-    let v: Value = refund(None).await.unwrap().json().await.unwrap();
+    let v: Value = gw.refund(&good, 6000, None).await.json().await.unwrap();
     let id = v["approval_id"].as_str().expect("escalated").to_string();
-    let r = client()
-        .post(format!("http://{}/v1/approvals/{id}/approve", gw.admin))
-        .bearer_auth(approver)
-        .json(&serde_json::json!({"note": "ok"}))
-        .send()
-        .await
-        .unwrap();
-    let over = r.json::<Value>().await.unwrap()["override_token"].as_str().expect("override token").to_string();
+    let over = gw.approve(&id, approver).await.1["override_token"].as_str().expect("override token").to_string();
     let payload = {
         use base64::Engine;
         let seg = over.split('.').nth(1).unwrap();
@@ -753,12 +682,12 @@ async fn absurd_time_claims_and_crit_headers_are_refused() {
     ];
     let before = up.count();
     for (name, tok) in forged {
-        let r = refund(Some(tok)).await.unwrap();
+        let r = gw.refund(&good, 6000, Some(&tok)).await;
         assert_eq!(refused(&gw, r).await, (403, "override_token_invalid".into()), "{name}");
     }
     assert_eq!(up.count(), before);
     // The control: the same claims under the gateway's own header go through, once.
-    let r = refund(Some(sign_jws(&gateway_key, plain, &payload.to_string()))).await.unwrap();
+    let r = gw.refund(&good, 6000, Some(&sign_jws(&gateway_key, plain, &payload.to_string()))).await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), before + 1);
 }

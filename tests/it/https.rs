@@ -3,8 +3,6 @@
 
 use crate::support::*;
 use serde_json::Value;
-use std::sync::atomic::Ordering;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn start(up: &TlsUpstream) -> TestGateway {
     let dir = tempfile::tempdir().unwrap();
@@ -94,31 +92,6 @@ async fn python_requests_through_the_proxy() {
     assert_eq!(stdout.trim(), "200 /v1/items/7 403 route_not_allowed", "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-/// Opens a CONNECT tunnel by hand and returns the raw stream after the 200.
-async fn connect(gw: &TestGateway, target: &str, tok: &str) -> (tokio::net::TcpStream, String) {
-    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    s.write_all(
-        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Bearer {tok}\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).await.unwrap() == 0 {
-            break;
-        }
-        head.push(b[0]);
-    }
-    let mut text = String::from_utf8_lossy(&head).into_owned();
-    if !text.starts_with("HTTP/1.1 200") {
-        let mut rest = Vec::new();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), s.read_to_end(&mut rest)).await;
-        text.push_str(&String::from_utf8_lossy(&rest));
-    }
-    (s, text)
-}
-
 fn tls_client(roots: &[&[u8]], alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     let mut store = rustls::RootCertStore::empty();
     for pem in roots {
@@ -143,7 +116,7 @@ async fn http2_inside_a_tunnel_and_421_for_another_authority() {
     let up = TlsUpstream::start().await;
     let gw = start(&up).await;
     let port = up.addr.port();
-    let (s, head) = connect(&gw, &format!("localhost:{port}"), &token("tls-agent")).await;
+    let (s, head) = connect(gw.proxy, &format!("localhost:{port}"), &token("tls-agent")).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let ca = std::fs::read(gateway_ca(&gw)).unwrap();
     let tls = tls_client(&[&ca], &[b"h2"])
@@ -170,19 +143,18 @@ async fn http2_inside_a_tunnel_and_421_for_another_authority() {
 async fn connect_refusals_happen_before_any_dns_lookup() {
     let up = TlsUpstream::start().await;
     let gw = start(&up).await;
-    let lookups = || gw.gateway().vetter.lookups.load(Ordering::SeqCst);
-    let before = lookups();
+    let before = gw.dns_lookups();
     let tok = token("tls-agent");
-    let (_, head) = connect(&gw, "unknown-host.example:443", &tok).await;
+    let (_, head) = connect(gw.proxy, "unknown-host.example:443", &tok).await;
     assert!(head.starts_with("HTTP/1.1 403"), "{head}");
     assert!(head.contains("host_not_allowed"), "{head}");
-    let (_, head) = connect(&gw, &format!("localhost:{}", up.addr.port() as u32 + 1), &tok).await;
+    let (_, head) = connect(gw.proxy, &format!("localhost:{}", up.addr.port() as u32 + 1), &tok).await;
     assert!(head.contains("host_not_allowed"), "{head}");
-    let (_, head) = connect(&gw, "localhost", &tok).await;
+    let (_, head) = connect(gw.proxy, "localhost", &tok).await;
     assert!(head.starts_with("HTTP/1.1 400"), "port required: {head}");
-    let (_, head) = connect(&gw, &format!("localhost:{}", up.addr.port()), "garbage").await;
+    let (_, head) = connect(gw.proxy, &format!("localhost:{}", up.addr.port()), "garbage").await;
     assert!(head.starts_with("HTTP/1.1 407"), "{head}");
-    assert_eq!(lookups(), before, "a refused CONNECT must not resolve anything");
+    assert_eq!(gw.dns_lookups(), before, "a refused CONNECT must not resolve anything");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,10 +180,10 @@ async fn leaves_are_minted_once_per_host_and_pinned_clients_fail_closed() {
         assert_eq!(c.get(format!("https://localhost:{port}/v1/items/1")).send().await.unwrap().status(), 200);
     }
     let _ = trusting;
-    let leaves = gw.gateway().leaves.as_ref().unwrap();
-    assert_eq!(leaves.misses.load(Ordering::SeqCst), 1, "one leaf minted for localhost");
-    assert_eq!(leaves.hits.load(Ordering::SeqCst), 2);
-    let metrics = client().get(format!("http://{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap();
+    let leaves = gw.leaf_cache();
+    assert_eq!(leaves.misses, 1, "one leaf minted for localhost");
+    assert_eq!(leaves.hits, 2);
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("uapk_tls_leaf_cache_misses_total 1"), "{metrics}");
 
     // A client that pins the upstream's own CA refuses the intercepting leaf...
@@ -227,25 +199,18 @@ async fn leaves_are_minted_once_per_host_and_pinned_clients_fail_closed() {
     let r = pinned.get(format!("https://127.0.0.1:{port}/anything")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     drop(pinned);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let entries = gw.entries();
-    let tunnel =
-        entries.iter().find(|e| e["kind"] == "outcome" && e["tunnel"] == "passthrough").expect("tunnel record");
+    let tunnel = eventually("the passthrough tunnel's outcome entry", std::time::Duration::from_secs(10), async || {
+        gw.entries().into_iter().find(|e| e["kind"] == "outcome" && e["tunnel"] == "passthrough")
+    })
+    .await;
     assert!(tunnel["bytes_sent"].as_str().unwrap().parse::<u64>().unwrap() > 0);
     assert!(tunnel["bytes_received"].as_str().unwrap().parse::<u64>().unwrap() > 0);
 }
 
 fn ssrf_manifest() -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head("ssrf-agent", "");
     format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: ssrf-agent }}
-capability:
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
+        r#"{head}connectors:
   - name: internal
     hosts: [127.0.0.1, 10.0.0.1, 169.254.169.254, 100.64.0.1, "::1", "::ffff:127.0.0.1", localhost]
     ports: [80]

@@ -8,18 +8,9 @@ use crate::support::*;
 use serde_json::{Value, json};
 
 fn mcp_manifest(up: std::net::SocketAddr, extra: &str) -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head("mcp-agent", "  required: true\n");
     format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent:
-  id: mcp-agent
-capability:
-  required: true
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
+        r#"{head}connectors:
   - name: tickets
     base_url: http://{up}
     hosts: [127.0.0.1]
@@ -80,8 +71,7 @@ impl Mcp {
     }
 
     fn decision(&self, h: &reqwest::header::HeaderMap) -> Value {
-        let record = h["x-uapk-record"].to_str().unwrap();
-        self.gw.entries().into_iter().find(|e| e["idx"] == record).expect("recorded")
+        self.gw.entry(h["x-uapk-record"].to_str().unwrap().parse().unwrap())
     }
 }
 
@@ -191,12 +181,8 @@ async fn refusals_are_json_rpc_errors_and_nothing_reaches_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_refund_escalates_and_an_override_binds_the_call_not_its_id() {
-    use sha2::Digest;
     const APPROVER: &str = "uapk_test_mcp_approver";
-    let keys = format!(
-        "admin:\n  keys:\n    - {{ id: ops, sha256: {}, role: approver }}\n",
-        hex::encode(sha2::Sha256::digest(APPROVER))
-    );
+    let keys = admin_keys(&[("ops", APPROVER, "approver")]);
     let m = Mcp::start(&keys).await;
     let big = || json!({"amount": 7500, "customer": "cus_1"});
     let (status, h, v) = m.post(call(1, "refund", big()), &[]).await;
@@ -204,14 +190,7 @@ async fn a_large_refund_escalates_and_an_override_binds_the_call_not_its_id() {
     assert_eq!(h["x-uapk-decision"], "escalate");
     jsonrpc_refusal(&v, 1, "escalate", "amount_requires_approval");
     let approval = v["error"]["data"]["approval_id"].as_str().expect("the approval id").to_string();
-    let r = client()
-        .post(format!("http://{}/v1/approvals/{approval}/approve", m.gw.admin))
-        .bearer_auth(APPROVER)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap();
-    let over = r.json::<Value>().await.unwrap()["override_token"].as_str().unwrap().to_string();
+    let over = m.gw.approve(&approval, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
     // Another amount under the same override: not the approved call.
     let other = call(2, "refund", json!({"amount": 9900, "customer": "cus_1"}));
     let (_, _, v) = m.post(other, &[("x-uapk-override", &over)]).await;
@@ -265,7 +244,7 @@ async fn a_tool_call_sent_on_another_method_than_post_is_refused() {
             .body(body.clone())
             .send()
     };
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+    let sha = sha256_hex(&body);
     let mut records = Vec::new();
     for (method, status, code) in [
         (reqwest::Method::GET, 400, "malformed_request"),
@@ -279,7 +258,7 @@ async fn a_tool_call_sent_on_another_method_than_post_is_refused() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["reasons"][0]["code"], code, "{method}: {v}");
         let record = v["record"].as_u64().unwrap_or_else(|| panic!("{method}: not recorded: {v}"));
-        let e = m.gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("recorded");
+        let e = m.gw.entry(record);
         assert_eq!((e["kind"].as_str(), e["decision"].as_str()), (Some("decision"), Some("deny")), "{method}");
         assert_eq!((e["method"].as_str(), e["path"].as_str()), (Some(method.as_str()), Some("/mcp")), "{method}");
         assert_eq!(e["body_sha256"], sha.as_str(), "{method}: the record holds what the body was: {e}");
@@ -302,12 +281,8 @@ async fn a_tool_call_sent_on_another_method_than_post_is_refused() {
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("HTTP/1.1 400"), "{method} chunked: {text}");
         assert!(text.contains("malformed_request"), "{text}");
-        let record: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix("x-uapk-record: "))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("{text}"));
-        let e = m.gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).expect("recorded");
+        let record = record_header(&text).unwrap_or_else(|| panic!("{text}"));
+        let e = m.gw.entry(record);
         assert_eq!((e["method"].as_str(), e["reasons"][0]["code"].as_str()), (Some(method), Some("malformed_request")));
         records.push(record);
     }

@@ -10,40 +10,7 @@ const APPROVER: &str = "uapk_test_approver";
 const VIEWER: &str = "uapk_test_viewer";
 
 fn admin_keys() -> String {
-    use sha2::Digest;
-    let h = |k: &str| hex::encode(sha2::Sha256::digest(k));
-    format!(
-        "admin:\n  keys:\n    - {{ id: ops, sha256: {}, role: approver }}\n    - {{ id: audit, sha256: {}, role: viewer }}\n",
-        h(APPROVER),
-        h(VIEWER)
-    )
-}
-
-fn admin(gw: &TestGateway, path: &str) -> String {
-    format!("http://{}{path}", gw.admin)
-}
-
-async fn refund(gw: &TestGateway, tok: &str, amount: u64, over: Option<&str>) -> reqwest::Response {
-    let mut rb = client()
-        .post(gw.base("/shop/v1/refunds"))
-        .header("x-uapk-capability", tok)
-        .header("x-country", "US")
-        .json(&json!({"amount": amount, "currency": "USD", "customer": "cus_1"}));
-    if let Some(o) = over {
-        rb = rb.header("x-uapk-override", o);
-    }
-    rb.send().await.unwrap()
-}
-
-async fn approve(gw: &TestGateway, id: &str, key: &str) -> (u16, Value) {
-    let r = client()
-        .post(admin(gw, &format!("/v1/approvals/{id}/approve")))
-        .bearer_auth(key)
-        .json(&json!({"note": "ok"}))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    crate::support::admin_keys(&[("ops", APPROVER, "approver"), ("audit", VIEWER, "viewer")])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,48 +22,52 @@ async fn approval_round_trip_and_every_refusal() {
     ];
     let gw = TestGateway::start(&files, &admin_keys()).await;
     let tok = token("pay-agent");
-    let r = refund(&gw, &tok, 6000, None).await;
+    let r = gw.refund(&tok, 6000, None).await;
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["decision"], "escalate");
     let id = v["approval_id"].as_str().unwrap().to_string();
     // A viewer may look but not approve.
-    let r = client().get(admin(&gw, "/v1/approvals?status=pending")).bearer_auth(VIEWER).send().await.unwrap();
+    let r = client().get(gw.admin_url("/v1/approvals?status=pending")).bearer_auth(VIEWER).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let list: Value = r.json().await.unwrap();
     assert_eq!(list["approvals"][0]["id"], id.as_str());
     assert_eq!(list["approvals"][0]["params"]["amount"], "60");
-    assert_eq!(approve(&gw, &id, VIEWER).await.0, 403);
-    assert_eq!(approve(&gw, &id, "not-a-key").await.0, 401);
-    let (status, body) = approve(&gw, &id, APPROVER).await;
+    assert_eq!(gw.approve(&id, VIEWER).await.0, 403);
+    assert_eq!(gw.approve(&id, "not-a-key").await.0, 401);
+    let (status, body) = gw.approve(&id, APPROVER).await;
     assert_eq!(status, 200, "{body}");
     let over = body["override_token"].as_str().unwrap().to_string();
-    assert_eq!(approve(&gw, &id, APPROVER).await.0, 409, "no approving twice");
+    assert_eq!(gw.approve(&id, APPROVER).await.0, 409, "no approving twice");
     // Another agent cannot use it; a changed body cannot either.
-    let r = refund(&gw, &token("other-agent"), 6000, Some(&over)).await;
+    let r = gw.refund(&token("other-agent"), 6000, Some(&over)).await;
     assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_invalid");
-    let r = refund(&gw, &tok, 6001, Some(&over)).await;
+    let r = gw.refund(&tok, 6001, Some(&over)).await;
     assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_invalid");
     assert_eq!(up.count(), 0);
     // The identical request goes through exactly once.
-    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    let r = gw.refund(&tok, 6000, Some(&over)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 1);
-    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    let r = gw.refund(&tok, 6000, Some(&over)).await;
     assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_already_used");
     assert_eq!(up.count(), 1);
     // A denied approval gives no token; an expired one cannot be approved.
-    let v: Value = refund(&gw, &tok, 7000, None).await.json().await.unwrap();
+    let v: Value = gw.refund(&tok, 7000, None).await.json().await.unwrap();
     let denied = v["approval_id"].as_str().unwrap().to_string();
-    let r =
-        client().post(admin(&gw, &format!("/v1/approvals/{denied}/deny"))).bearer_auth(APPROVER).send().await.unwrap();
+    let r = client()
+        .post(gw.admin_url(&format!("/v1/approvals/{denied}/deny")))
+        .bearer_auth(APPROVER)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.json::<Value>().await.unwrap().get("override_token").is_none());
-    assert_eq!(approve(&gw, &denied, APPROVER).await.0, 409);
-    let v: Value = refund(&gw, &tok, 8000, None).await.json().await.unwrap();
+    assert_eq!(gw.approve(&denied, APPROVER).await.0, 409);
+    let v: Value = gw.refund(&tok, 8000, None).await.json().await.unwrap();
     let late = v["approval_id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    assert_eq!(approve(&gw, &late, APPROVER).await.0, 409, "no approving after expiry");
+    assert_eq!(gw.approve(&late, APPROVER).await.0, 409, "no approving after expiry");
     let events: Vec<String> = gw
         .entries()
         .iter()
@@ -110,9 +81,9 @@ async fn approval_round_trip_and_every_refusal() {
 
 /// Ids of pending approvals, once there is at least one (2 s at most).
 async fn wait_pending(gw: &TestGateway) -> Vec<String> {
-    for _ in 0..100 {
+    eventually("a pending approval", Duration::from_secs(2), async || {
         let v: Value = client()
-            .get(admin(gw, "/v1/approvals?status=pending"))
+            .get(gw.admin_url("/v1/approvals?status=pending"))
             .bearer_auth(VIEWER)
             .send()
             .await
@@ -122,12 +93,9 @@ async fn wait_pending(gw: &TestGateway) -> Vec<String> {
             .unwrap();
         let ids: Vec<String> =
             v["approvals"].as_array().unwrap().iter().map(|a| a["id"].as_str().unwrap().to_string()).collect();
-        if !ids.is_empty() {
-            return ids;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no pending approval appeared");
+        (!ids.is_empty()).then_some(ids)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,37 +109,19 @@ async fn hold_mode_waits_for_the_human() {
     let tok = token("pay-agent");
     // Approved while held: the request completes with the upstream's answer, once.
     let (url, t2) = (gw.base("/shop/v1/refunds"), tok.clone());
-    let held = tokio::spawn(async move {
-        client()
-            .post(url)
-            .header("x-uapk-capability", t2)
-            .header("x-country", "US")
-            .json(&json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}))
-            .send()
-            .await
-            .unwrap()
-    });
+    let held = tokio::spawn(async move { refund_at(&url, &t2, 6000, None).await });
     let ids = wait_pending(&gw).await;
     assert_eq!(up.count(), 0, "nothing forwarded while held");
-    assert_eq!(approve(&gw, &ids[0], APPROVER).await.0, 200);
+    assert_eq!(gw.approve(&ids[0], APPROVER).await.0, 200);
     let r = held.await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 1);
     // Denied while held.
     let (url, t2) = (gw.base("/shop/v1/refunds"), tok.clone());
-    let held = tokio::spawn(async move {
-        client()
-            .post(url)
-            .header("x-uapk-capability", t2)
-            .header("x-country", "US")
-            .json(&json!({"amount": 6100, "currency": "USD", "customer": "cus_1"}))
-            .send()
-            .await
-            .unwrap()
-    });
+    let held = tokio::spawn(async move { refund_at(&url, &t2, 6100, None).await });
     let ids = wait_pending(&gw).await;
     let r = client()
-        .post(admin(&gw, &format!("/v1/approvals/{}/deny", ids[0])))
+        .post(gw.admin_url(&format!("/v1/approvals/{}/deny", ids[0])))
         .bearer_auth(APPROVER)
         .send()
         .await
@@ -186,16 +136,9 @@ async fn hold_mode_waits_for_the_human() {
         .map(|i| {
             let (url, t2) = (gw.base("/shop/v1/refunds"), tok.clone());
             tokio::spawn(async move {
-                let r = client()
-                    .post(url)
-                    .header("x-uapk-capability", t2)
-                    .header("x-country", "US")
-                    .json(&json!({"amount": 5100 + i, "currency": "USD", "customer": "cus_1"}))
-                    .send()
-                    .await
-                    .unwrap();
+                let r = refund_at(&url, &t2, 5100 + i, None).await;
                 let s = r.status().as_u16();
-                (s, r.json::<Value>().await.unwrap()["reasons"][0]["code"].as_str().unwrap_or("").to_string())
+                (s, reason(&r.json::<Value>().await.unwrap()).to_string())
             })
         })
         .collect();
@@ -237,7 +180,7 @@ async fn rate_limits_answer_429_and_refusals_spend_no_quota() {
     assert!(r.headers()["ratelimit-policy"].to_str().unwrap().contains("q=10;w=1"));
     assert!(r.headers().contains_key("ratelimit"));
     assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "rate_limited");
-    let m = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    let m = gw.metrics().await;
     assert!(m.contains("uapk_ratelimit_keys 1"), "{m}");
 }
 
@@ -245,14 +188,14 @@ async fn rate_limits_answer_429_and_refusals_spend_no_quota() {
 async fn admin_api_needs_keys_and_serves_records() {
     let up = Upstream::start().await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], &admin_keys()).await;
-    client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", token("pay-agent")).send().await.unwrap();
+    gw.get("/shop/v1/charges/a", &token("pay-agent")).await;
     for path in ["/v1/approvals", "/v1/records", "/v1/checkpoint", "/v1/manifests"] {
-        assert_eq!(client().get(admin(&gw, path)).send().await.unwrap().status(), 401, "{path}");
-        assert_eq!(client().get(admin(&gw, path)).bearer_auth("wrong").send().await.unwrap().status(), 401, "{path}");
-        assert_eq!(client().get(admin(&gw, path)).bearer_auth(VIEWER).send().await.unwrap().status(), 200, "{path}");
+        assert_eq!(client().get(gw.admin_url(path)).send().await.unwrap().status(), 401, "{path}");
+        assert_eq!(client().get(gw.admin_url(path)).bearer_auth("wrong").send().await.unwrap().status(), 401, "{path}");
+        assert_eq!(client().get(gw.admin_url(path)).bearer_auth(VIEWER).send().await.unwrap().status(), 200, "{path}");
     }
     let recs: Value = client()
-        .get(admin(&gw, "/v1/records?from=0&limit=10"))
+        .get(gw.admin_url("/v1/records?from=0&limit=10"))
         .bearer_auth(VIEWER)
         .send()
         .await
@@ -261,12 +204,14 @@ async fn admin_api_needs_keys_and_serves_records() {
         .await
         .unwrap();
     assert_eq!(recs["records"][0]["kind"], "startup");
-    let one = client().get(admin(&gw, "/v1/records/0")).bearer_auth(VIEWER).send().await.unwrap().text().await.unwrap();
+    let one =
+        client().get(gw.admin_url("/v1/records/0")).bearer_auth(VIEWER).send().await.unwrap().text().await.unwrap();
     assert!(one.starts_with('{') && one.contains("\"kind\":\"startup\""), "{one}");
-    let cp = client().get(admin(&gw, "/v1/checkpoint")).bearer_auth(VIEWER).send().await.unwrap().text().await.unwrap();
+    let cp =
+        client().get(gw.admin_url("/v1/checkpoint")).bearer_auth(VIEWER).send().await.unwrap().text().await.unwrap();
     assert!(cp.starts_with("test.example/log\n"), "{cp}");
     let m: Value =
-        client().get(admin(&gw, "/v1/manifests")).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
+        client().get(gw.admin_url("/v1/manifests")).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
     assert_eq!(m["manifests"][0]["agent"], "pay-agent");
     assert_eq!(m["manifests"][0]["sha256"].as_str().unwrap().len(), 64);
 }
@@ -293,7 +238,7 @@ fn kubelet_swap(dir: &std::path::Path, generation: u32, name: &str, text: &str) 
 
 /// `GET /shop/v1/charges/a` as `agent` (its capability token on the base-URL listener).
 async fn charges_as(gw: &TestGateway, agent: &str) -> reqwest::Response {
-    client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", token(agent)).send().await.unwrap()
+    gw.get("/shop/v1/charges/a", &token(agent)).await
 }
 
 /// Polls until the allowed route answers `want`; returns how long that took.
@@ -304,15 +249,11 @@ async fn wait_for(gw: &TestGateway, want: u16) -> Duration {
 /// Polls until `agent`'s allowed route answers `want` (3 s at most); returns how long it took.
 async fn wait_for_agent(gw: &TestGateway, agent: &str, want: u16) -> Duration {
     let t = Instant::now();
-    loop {
-        let r =
-            client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", token(agent)).send().await.unwrap();
-        if r.status().as_u16() == want {
-            return t.elapsed();
-        }
-        assert!(t.elapsed() < Duration::from_secs(3), "decision did not change to {want}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(format!("the decision to change to {want}"), Duration::from_secs(3), async || {
+        (charges_as(gw, agent).await.status().as_u16() == want).then_some(())
+    })
+    .await;
+    t.elapsed()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -324,9 +265,7 @@ async fn configmap_reloads_apply_and_bad_ones_are_refused() {
     configmap_swap(&policies, 1, &manifest("pay-agent", up.addr, "", ""));
     let gw = TestGateway::start_in(dir, &[], "").await;
     let tok = token("pay-agent");
-    let status = || async {
-        client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", &tok).send().await.unwrap()
-    };
+    let status = || async { gw.get("/shop/v1/charges/a", &tok).await };
     assert_eq!(status().await.status(), 200);
     let policies = gw.dir.path().join("policies");
     // Swap in a manifest that denies the action: applied within about a second.
@@ -337,10 +276,10 @@ async fn configmap_reloads_apply_and_bad_ones_are_refused() {
     configmap_swap(&policies, 3, "apiVersion: uapk/v1\nkind: Manifest\nagent: { id: pay-agent }\nbogus_key: 1\n");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(status().await.status(), 403, "the last good policy keeps serving");
-    let m = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    let m = gw.metrics().await;
     assert!(m.contains("uapk_config_reloads_total{result=\"error\"} 1"), "{m}");
     assert!(m.contains("uapk_config_reloads_total{result=\"success\"} 1"), "{m}");
-    let ready: Value = client().get(admin(&gw, "/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready = gw.readyz().await.1;
     assert!(ready["last_reload_error"].as_str().unwrap().contains("bogus_key"), "{ready}");
     // Switching to dry_run forwards what would be denied, says so, and is recorded.
     configmap_swap(
@@ -363,9 +302,9 @@ async fn every_metric_of_the_spec_is_exported() {
     let up = Upstream::start().await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
     let tok = token("pay-agent");
-    client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", &tok).send().await.unwrap();
-    client().get(gw.base("/shop/v1/nope")).header("x-uapk-capability", &tok).send().await.unwrap();
-    let m = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    gw.get("/shop/v1/charges/a", &tok).await;
+    gw.get("/shop/v1/nope", &tok).await;
+    let m = gw.metrics().await;
     for name in [
         "uapk_requests_total{decision=\"allow\",reason=\"all_checks_passed\",agent=\"pay-agent\",connector=\"shop\",mode=\"enforce\"} 1",
         "uapk_requests_total{decision=\"deny\",reason=\"route_not_allowed\",agent=\"pay-agent\",connector=\"shop\",mode=\"enforce\"} 1",
@@ -401,40 +340,11 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
         std::thread::sleep(Duration::from_millis(800));
         (200, "{\"slow\":true}".into())
     });
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    std::fs::create_dir_all(d.join("policies")).unwrap();
-    std::fs::write(d.join("policies/pay.yaml"), manifest("pay-agent", up.addr, "", "")).unwrap();
-    let (proxy, admin_port) = (free_port(), free_port());
-    std::fs::write(
-        d.join("gateway.yaml"),
-        format!(
-            "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin_port}\npolicies: {}\ndata_dir: {}\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\n",
-            d.join("policies").display(),
-            d.join("data").display()
-        ),
-    )
-    .unwrap();
-    let mut child = std::process::Command::new(bin())
-        .args(["run", "-c", d.join("gateway.yaml").to_str().unwrap()])
-        .env("UAPK_LOG", "warn")
-        .spawn()
-        .unwrap();
-    let t = Instant::now();
-    while client()
-        .get(format!("http://127.0.0.1:{admin_port}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(t.elapsed() < Duration::from_secs(15));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut gw = ChildGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], "", None).await;
     let tok = token("pay-agent");
     let reqs: Vec<_> = (0..10)
         .map(|_| {
-            let (tok, url) = (tok.clone(), format!("http://127.0.0.1:{proxy}/shop/v1/charges/slow"));
+            let (tok, url) = (tok.clone(), format!("http://{}/shop/v1/charges/slow", gw.proxy));
             tokio::spawn(async move {
                 client().get(url).header("x-uapk-capability", tok).send().await.map(|r| r.status().as_u16())
             })
@@ -445,16 +355,16 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     while up.seen.lock().unwrap().len() < 10 && t.elapsed() < Duration::from_secs(5) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    gw.terminate();
     for r in reqs {
         assert_eq!(r.await.unwrap().unwrap(), 200, "an in-flight request was cut off");
     }
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
-    assert!(status.success(), "{status}");
+    // Exits 0 (checked by `stop`), with a log that verifies.
+    let (entries, _) = gw.stop();
+    let d = gw.dir.path();
     let (db, key) = (d.join("data/audit.redb"), d.join("data/gateway.pub.pem"));
     let (code, out, err) = run_cli(&["verify", "--db", db.to_str().unwrap(), "--key", key.to_str().unwrap()], d);
     assert_eq!(code, 0, "{out}{err}");
-    let entries = read_all(&redb::Database::open(&db).unwrap());
     assert_eq!(entries.iter().filter(|e| e["kind"] == "outcome" && e["status"] == "200").count(), 10);
 }
 
@@ -480,7 +390,7 @@ async fn an_override_is_bound_to_the_forwarded_headers() {
     let v: Value = send("acct_1", "00-aaaa-01", None).await.unwrap().json().await.unwrap();
     let id = v["approval_id"].as_str().unwrap().to_string();
     // The approver sees what the override will be bound to.
-    let r = client().get(admin(&gw, &format!("/v1/approvals/{id}"))).bearer_auth(VIEWER).send().await.unwrap();
+    let r = client().get(gw.admin_url(&format!("/v1/approvals/{id}"))).bearer_auth(VIEWER).send().await.unwrap();
     let a: Value = r.json().await.unwrap();
     assert_eq!(a["headers"]["stripe-account"], json!(["acct_1"]), "{a}");
     assert_eq!(a["headers"]["x-country"], json!(["US"]));
@@ -490,7 +400,7 @@ async fn an_override_is_bound_to_the_forwarded_headers() {
         (a["method"].as_str(), a["scheme"].as_str(), a["path"].as_str()),
         (Some("POST"), Some("http"), Some("/v1/refunds"))
     );
-    let over = approve(&gw, &id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
+    let over = gw.approve(&id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
     // Another connected account: the same body, but not the approved action.
     let r = send("acct_2", "00-aaaa-01", Some(over.clone())).await.unwrap();
     assert_eq!(r.status(), 403);
@@ -514,12 +424,12 @@ async fn pending_approvals_are_bounded_per_agent_and_listed_in_pages() {
     let tok = token("pay-agent");
     let mut ids = Vec::new();
     for amount in [6000, 6001, 6002] {
-        let v: Value = refund(&gw, &tok, amount, None).await.json().await.unwrap();
+        let v: Value = gw.refund(&tok, amount, None).await.json().await.unwrap();
         assert_eq!(v["decision"], "escalate", "{v}");
         ids.push(v["approval_id"].as_str().unwrap().to_string());
     }
     // The fourth is refused, recorded, and creates nothing.
-    let r = refund(&gw, &tok, 6003, None).await;
+    let r = gw.refund(&tok, 6003, None).await;
     assert_eq!(r.status(), 403);
     let v: Value = r.json().await.unwrap();
     assert_eq!(
@@ -527,36 +437,36 @@ async fn pending_approvals_are_bounded_per_agent_and_listed_in_pages() {
         (Some("deny"), Some("too_many_pending_approvals"))
     );
     let record = v["record"].as_u64().unwrap();
-    let e = gw.entries().into_iter().find(|e| e["idx"] == record.to_string().as_str()).unwrap();
+    let e = gw.entry(record);
     assert_eq!(e["reasons"][0]["code"], "too_many_pending_approvals");
     assert!(v.get("approval_id").is_none());
     // Another agent is not affected by this one's backlog.
     let bulk = token("bulk-agent");
-    let v: Value = refund(&gw, &bulk, 6000, None).await.json().await.unwrap();
+    let v: Value = gw.refund(&bulk, 6000, None).await.json().await.unwrap();
     assert_eq!(v["decision"], "escalate");
     // A decision frees a slot.
     let r = client()
-        .post(admin(&gw, &format!("/v1/approvals/{}/deny", ids[0])))
+        .post(gw.admin_url(&format!("/v1/approvals/{}/deny", ids[0])))
         .bearer_auth(APPROVER)
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let v: Value = refund(&gw, &tok, 6004, None).await.json().await.unwrap();
+    let v: Value = gw.refund(&tok, 6004, None).await.json().await.unwrap();
     assert_eq!(v["decision"], "escalate", "{v}");
-    let metrics = client().get(admin(&gw, "/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("\nuapk_approvals_pending 4\n"), "{metrics}");
 
     // Pages: 250 more pending, listed 100 at a time, newest first, each exactly once.
     for i in 0..250u64 {
-        let v: Value = refund(&gw, &bulk, 7000 + i, None).await.json().await.unwrap();
+        let v: Value = gw.refund(&bulk, 7000 + i, None).await.json().await.unwrap();
         assert_eq!(v["decision"], "escalate");
     }
     let mut seen = std::collections::HashSet::new();
     let mut cursor: Option<String> = None;
     let mut pages = 0;
     loop {
-        let mut url = admin(&gw, "/v1/approvals?status=pending&limit=100");
+        let mut url = gw.admin_url("/v1/approvals?status=pending&limit=100");
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }
@@ -578,10 +488,10 @@ async fn pending_approvals_are_bounded_per_agent_and_listed_in_pages() {
     assert_eq!((seen.len(), pages), (3 + 251, 3));
     // The default page is 100; a limit above 1000 or a forged cursor is refused.
     let page: Value =
-        client().get(admin(&gw, "/v1/approvals")).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
+        client().get(gw.admin_url("/v1/approvals")).bearer_auth(VIEWER).send().await.unwrap().json().await.unwrap();
     assert_eq!(page["approvals"].as_array().unwrap().len(), 100);
     for bad in ["limit=1001", "limit=0", "cursor=12-nope"] {
-        let r = client().get(admin(&gw, &format!("/v1/approvals?{bad}"))).bearer_auth(VIEWER).send().await.unwrap();
+        let r = client().get(gw.admin_url(&format!("/v1/approvals?{bad}"))).bearer_auth(VIEWER).send().await.unwrap();
         assert_eq!(r.status(), 400, "{bad}");
     }
 }
@@ -595,7 +505,7 @@ async fn an_agent_fetches_its_own_approval_and_override_on_the_proxy_listener() 
     ];
     let gw = TestGateway::start(&files, &admin_keys()).await;
     let tok = token("pay-agent");
-    let v: Value = refund(&gw, &tok, 6000, None).await.json().await.unwrap();
+    let v: Value = gw.refund(&tok, 6000, None).await.json().await.unwrap();
     let id = v["approval_id"].as_str().unwrap().to_string();
     let status = |t: String, id: String| {
         let url = gw.base(&format!("/uapk/v1/approvals/{id}"));
@@ -616,12 +526,12 @@ async fn an_agent_fetches_its_own_approval_and_override_on_the_proxy_listener() 
     let r = client().get(gw.base(&format!("/uapk/v1/approvals/{id}"))).send().await.unwrap();
     assert_eq!(r.status(), 403);
     // Approved on the operator's side: the agent gets a token and completes the call with it.
-    assert_eq!(approve(&gw, &id, APPROVER).await.0, 200);
+    assert_eq!(gw.approve(&id, APPROVER).await.0, 200);
     let (code, v) = status(tok.clone(), id.clone()).await;
     assert_eq!((code, v["status"].as_str()), (200, Some("approved")), "{v}");
     let over = v["override_token"].as_str().expect("the override token once approved").to_string();
     assert!(v["expires_at"].as_i64().unwrap() > now());
-    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    let r = gw.refund(&tok, 6000, Some(&over)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 1);
     // Used: no more token, and the approval reads consumed.
@@ -642,7 +552,7 @@ async fn an_agent_fetches_its_own_approval_and_override_on_the_proxy_listener() 
 
 /// The override's approval, as stored.
 async fn approval_status(gw: &TestGateway, id: &str) -> String {
-    gw.gateway().approvals.fetch(id).await.unwrap().unwrap().status.as_str().to_string()
+    gw.approval(id).await.status.as_str().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,17 +566,17 @@ async fn an_override_is_consumed_only_with_the_decision_that_uses_it() {
         let tok = tok.clone();
         let gw = &gw;
         async move {
-            let v: Value = refund(gw, &tok, amount, None).await.json().await.unwrap();
+            let v: Value = gw.refund(&tok, amount, None).await.json().await.unwrap();
             let id = v["approval_id"].as_str().unwrap().to_string();
-            let over = approve(gw, &id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
+            let over = gw.approve(&id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
             (id, over)
         }
     };
     // Take the one refund the minute allows.
-    assert_eq!(refund(&gw, &tok, 1000, None).await.status(), 200);
+    assert_eq!(gw.refund(&tok, 1000, None).await.status(), 200);
     // Refused by the rate limit after the override was accepted: the approval is not spent.
     let (id, over) = escalated(6000).await;
-    let r = refund(&gw, &tok, 6000, Some(&over)).await;
+    let r = gw.refund(&tok, 6000, Some(&over)).await;
     assert_eq!(r.status(), 429);
     assert_eq!(approval_status(&gw, &id).await, "approved", "a refused request used up the approval");
     assert_eq!(up.count(), 1);
@@ -679,15 +589,15 @@ async fn an_override_is_consumed_only_with_the_decision_that_uses_it() {
         drop(dead);
         TestGateway::start(&[("pay.yaml", manifest("pay-agent", addr, POLICY, ""))], &admin_keys()).await
     };
-    let v: Value = refund(&gw2, &tok, 6000, None).await.json().await.unwrap();
+    let v: Value = gw2.refund(&tok, 6000, None).await.json().await.unwrap();
     let id2 = v["approval_id"].as_str().unwrap().to_string();
-    let (_, body) = approve(&gw2, &id2, APPROVER).await;
+    let (_, body) = gw2.approve(&id2, APPROVER).await;
     let over2 = body["override_token"].as_str().unwrap().to_string();
-    let r = refund(&gw2, &tok, 6000, Some(&over2)).await;
+    let r = gw2.refund(&tok, 6000, Some(&over2)).await;
     assert_eq!(r.status(), 502);
-    let record = r.headers()["x-uapk-record"].to_str().unwrap().to_string();
+    let record = record_of(&r);
     assert_eq!(approval_status(&gw2, &id2).await, "consumed");
-    let entry = gw2.entries().into_iter().find(|e| e["idx"] == record.as_str()).unwrap();
+    let entry = gw2.entry(record);
     assert_eq!(entry["kind"], "decision");
     assert_eq!(entry["approval_id"], id2.as_str());
     assert_eq!(entry["reasons"][1]["code"], "override_accepted");
@@ -695,7 +605,7 @@ async fn an_override_is_consumed_only_with_the_decision_that_uses_it() {
     let approved =
         gw2.entries().into_iter().find(|e| e["event"] == "approved" && e["approval_id"] == id2.as_str()).unwrap();
     assert_eq!(approved["override_jti"], jti);
-    let r = refund(&gw2, &tok, 6000, Some(&over2)).await;
+    let r = gw2.refund(&tok, 6000, Some(&over2)).await;
     assert_eq!(r.json::<Value>().await.unwrap()["reasons"][0]["code"], "override_token_already_used");
 }
 
@@ -704,31 +614,16 @@ async fn concurrent_uses_of_one_override_forward_exactly_once() {
     let up = Upstream::start().await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], &admin_keys()).await;
     let tok = token("pay-agent");
-    let v: Value = refund(&gw, &tok, 6000, None).await.json().await.unwrap();
+    let v: Value = gw.refund(&tok, 6000, None).await.json().await.unwrap();
     let id = v["approval_id"].as_str().unwrap().to_string();
-    let over = approve(&gw, &id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
+    let over = gw.approve(&id, APPROVER).await.1["override_token"].as_str().unwrap().to_string();
     let tries: Vec<_> = (0..16)
         .map(|_| {
             let (url, tok, over) = (gw.base("/shop/v1/refunds"), tok.clone(), over.clone());
-            tokio::spawn(async move {
-                client()
-                    .post(url)
-                    .header("x-uapk-capability", tok)
-                    .header("x-country", "US")
-                    .header("x-uapk-override", over)
-                    .json(&json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .status()
-                    .as_u16()
-            })
+            tokio::spawn(async move { refund_at(&url, &tok, 6000, Some(&over)).await.status().as_u16() })
         })
         .collect();
-    let mut statuses = Vec::new();
-    for t in tries {
-        statuses.push(t.await.unwrap());
-    }
+    let statuses = join_all(tries).await;
     assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 1, "{statuses:?}");
     assert_eq!(statuses.iter().filter(|&&s| s == 403).count(), 15, "{statuses:?}");
     assert_eq!(up.count(), 1);
@@ -758,9 +653,8 @@ async fn a_broken_manifest_at_start_refuses_only_its_agent() {
     assert_eq!(body["reasons"][0]["code"], "manifest_invalid", "{body}");
     assert!(record.is_some(), "the refusal is recorded");
     assert_eq!(up.count(), 1, "only the valid agent's request reached the upstream");
-    let ready = client().get(admin(&gw, "/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 200);
-    let ready: Value = ready.json().await.unwrap();
+    let (status, ready) = gw.readyz().await;
+    assert_eq!(status, 200);
     assert_eq!(ready["manifests"], 1, "{ready}");
     assert_eq!(ready["invalid_manifests"][0]["agent"], "broken-agent", "{ready}");
     assert!(ready["invalid_manifests"][0]["file"].as_str().unwrap().ends_with("broken.yaml"), "{ready}");
@@ -779,8 +673,7 @@ async fn a_broken_manifest_at_start_refuses_only_its_agent() {
     // Fixing the file serves the agent, without a restart.
     std::fs::write(gw.dir.path().join("policies/broken.yaml"), manifest("broken-agent", up.addr, POLICY, "")).unwrap();
     wait_for_agent(&gw, "broken-agent", 200).await;
-    let ready: Value = client().get(admin(&gw, "/readyz")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(ready["invalid_manifests"], json!([]), "{ready}");
+    assert_eq!(gw.readyz().await.1["invalid_manifests"], json!([]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -788,9 +681,8 @@ async fn only_broken_manifests_are_not_ready() {
     let up = Upstream::start().await;
     let gw =
         TestGateway::start(&[("broken.yaml", manifest("broken-agent", up.addr, POLICY, "bogus_key: 1\n"))], "").await;
-    let ready = client().get(admin(&gw, "/readyz")).send().await.unwrap();
-    assert_eq!(ready.status(), 503);
-    let ready: Value = ready.json().await.unwrap();
+    let (status, ready) = gw.readyz().await;
+    assert_eq!(status, 503);
     assert_eq!(ready["invalid_manifests"][0]["agent"], "broken-agent", "{ready}");
     let r = charges_as(&gw, "broken-agent").await;
     assert_eq!(r.status(), 403);
@@ -814,14 +706,7 @@ async fn a_rotated_credential_file_is_used_without_sighup() {
     );
     std::fs::write(policies.join("pay.yaml"), m).unwrap();
     let gw = TestGateway::start_in(dir, &[], "").await;
-    let get = || async {
-        client()
-            .get(gw.base("/shop/v1/charges/a"))
-            .header("x-uapk-capability", token("pay-agent"))
-            .send()
-            .await
-            .unwrap()
-    };
+    let get = || async { gw.get("/shop/v1/charges/a", &token("pay-agent")).await };
     assert_eq!(get().await.status(), 200);
     assert_eq!(up.last().headers["authorization"], "Bearer sk_old_0123456789");
     kubelet_swap(&gw.dir.path().join("policies/secrets"), 2, "shop.key", "sk_new_9876543210\n");
@@ -835,8 +720,7 @@ async fn a_rotated_credential_file_is_used_without_sighup() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Recorded: a reload naming the file's new SHA-256; the secret itself nowhere in the log.
-    use sha2::Digest;
-    let new_sha = hex::encode(sha2::Sha256::digest(b"sk_new_9876543210\n"));
+    let new_sha = sha256_hex(b"sk_new_9876543210\n");
     let entries = gw.entries();
     let reload =
         entries.iter().rfind(|e| e["kind"] == "config" && e["event"] == "reload").expect("a reload entry").clone();

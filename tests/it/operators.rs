@@ -11,52 +11,35 @@ const AUDITOR: &str = "uapk_test_auditor";
 const APPROVER: &str = "uapk_test_alice";
 
 fn admin_keys() -> String {
-    use sha2::Digest;
-    let h = |k: &str| hex::encode(sha2::Sha256::digest(k));
-    format!(
-        "admin:\n  keys:\n    - {{ id: watcher, sha256: {}, role: viewer }}\n    - {{ id: carol, sha256: {}, role: auditor }}\n    - {{ id: alice, sha256: {}, role: approver }}\n",
-        h(VIEWER),
-        h(AUDITOR),
-        h(APPROVER)
-    )
-}
-
-fn url(gw: &TestGateway, path: &str) -> String {
-    format!("http://{}{path}", gw.admin)
-}
-
-/// Every stored entry, as stored (the canonical bytes).
-fn stored(gw: &TestGateway) -> Vec<(u64, Vec<u8>)> {
-    let db = gw.gateway().db.get().unwrap();
-    uapk_gateway::audit::read_entries(&db, 0, 1_000_000).unwrap()
+    crate::support::admin_keys(&[
+        ("watcher", VIEWER, "viewer"),
+        ("carol", AUDITOR, "auditor"),
+        ("alice", APPROVER, "approver"),
+    ])
 }
 
 /// `n` allowed requests, and their `outcome` entries committed (they follow the response).
 async fn traffic(gw: &TestGateway, n: usize) {
     let tok = token("pay-agent");
     for i in 0..n {
-        let r = client().get(gw.base(&format!("/shop/v1/charges/ch_{i}"))).header("x-uapk-capability", &tok).send();
-        assert_eq!(r.await.unwrap().status(), 200);
+        assert_eq!(gw.get(&format!("/shop/v1/charges/ch_{i}"), &tok).await.status(), 200);
     }
     settle(gw).await;
 }
 
 /// Waits until every decision has its outcome entry.
 async fn settle(gw: &TestGateway) {
-    for _ in 0..500 {
+    eventually("every decision's outcome entry", Duration::from_secs(5), async || {
         let e = gw.entries();
         let count = |k: &str| e.iter().filter(|x| x["kind"] == k).count();
-        if count("decision") == count("outcome") {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("outcome entries are missing");
+        (count("decision") == count("outcome")).then_some(())
+    })
+    .await
 }
 
 /// The lines of a finished stream.
 async fn stream_all(gw: &TestGateway, query: &str, key: &str) -> (u16, String, Vec<Vec<u8>>) {
-    let r = client().get(url(gw, &format!("/v1/records/stream{query}"))).bearer_auth(key).send().await.unwrap();
+    let r = client().get(gw.admin_url(&format!("/v1/records/stream{query}"))).bearer_auth(key).send().await.unwrap();
     let status = r.status().as_u16();
     let ctype = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
     let body = r.bytes().await.unwrap();
@@ -95,11 +78,11 @@ async fn the_stream_serves_stored_entries_from_an_index_then_live() {
     let up = Upstream::start().await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, "", ""))], &admin_keys()).await;
     traffic(&gw, 3).await;
-    let all = stored(&gw);
+    let all = gw.raw_entries();
     assert!(all.len() >= 8, "startup, config and 3 × (decision, outcome)");
 
     // No key: refused. Viewer and auditor: every entry, byte for byte as stored, in order.
-    let r = client().get(url(&gw, "/v1/records/stream?from=0&follow=false")).send().await.unwrap();
+    let r = client().get(gw.admin_url("/v1/records/stream?from=0&follow=false")).send().await.unwrap();
     assert_eq!(r.status(), 401);
     for key in [VIEWER, AUDITOR] {
         let (status, ctype, got) = stream_all(&gw, "?from=0&follow=false", key).await;
@@ -115,7 +98,7 @@ async fn the_stream_serves_stored_entries_from_an_index_then_live() {
     assert_eq!(got[0], all[5].1);
     // Past the end: a clear refusal, never a silent wait; bad parameters: 400.
     let size = all.len();
-    let r = client().get(url(&gw, &format!("/v1/records/stream?from={}", size + 1))).bearer_auth(VIEWER).send();
+    let r = client().get(gw.admin_url(&format!("/v1/records/stream?from={}", size + 1))).bearer_auth(VIEWER).send();
     let r = r.await.unwrap();
     assert_eq!(r.status(), 416);
     assert_eq!(r.json::<Value>().await.unwrap()["tree_size"], json!(size));
@@ -125,8 +108,12 @@ async fn the_stream_serves_stored_entries_from_an_index_then_live() {
     }
 
     // Live: a follower at the end sees the next request's entries as they commit.
-    let mut live =
-        client().get(url(&gw, &format!("/v1/records/stream?from={size}"))).bearer_auth(VIEWER).send().await.unwrap();
+    let mut live = client()
+        .get(gw.admin_url(&format!("/v1/records/stream?from={size}")))
+        .bearer_auth(VIEWER)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(live.status(), 200);
     assert_eq!(live.headers()["x-uapk-tree-size"], size.to_string().as_str());
     let mut buf = Vec::new();
@@ -135,10 +122,10 @@ async fn the_stream_serves_stored_entries_from_an_index_then_live() {
     assert_eq!(got.iter().map(|l| idx(l)).collect::<Vec<_>>(), vec![size as u64, size as u64 + 1]);
     let kinds: Vec<Value> = got.iter().map(|l| serde_json::from_slice::<Value>(l).unwrap()["kind"].clone()).collect();
     assert_eq!(kinds, [json!("decision"), json!("outcome")]);
-    let after = stored(&gw);
+    let after = gw.raw_entries();
     assert_eq!(got[0], after[size].1);
     // A second follower from 0 gets the whole log, the first keeps going.
-    let mut second = client().get(url(&gw, "/v1/records/stream?from=0")).bearer_auth(AUDITOR).send().await.unwrap();
+    let mut second = client().get(gw.admin_url("/v1/records/stream?from=0")).bearer_auth(AUDITOR).send().await.unwrap();
     let mut buf2 = Vec::new();
     let whole = read_lines(&mut second, &mut buf2, after.len()).await;
     assert_eq!(whole.len(), after.len());
@@ -156,7 +143,7 @@ async fn a_shipper_resuming_from_its_last_index_loses_and_repeats_nothing_across
     let gw = TestGateway::start(&files, &admin_keys()).await;
     traffic(&gw, 2).await;
     let mut shipped: Vec<Vec<u8>> = Vec::new();
-    let mut resp = client().get(url(&gw, "/v1/records/stream?from=0")).bearer_auth(VIEWER).send().await.unwrap();
+    let mut resp = client().get(gw.admin_url("/v1/records/stream?from=0")).bearer_auth(VIEWER).send().await.unwrap();
     // Entries keep arriving while the shipper reads; then the gateway stops under it.
     let busy = {
         let base = gw.base("/shop/v1/charges/live");
@@ -187,7 +174,7 @@ async fn a_shipper_resuming_from_its_last_index_loses_and_repeats_nothing_across
     assert_eq!(status, 200);
     shipped.extend(rest);
 
-    let all = stored(&gw);
+    let all = gw.raw_entries();
     let indexes: Vec<u64> = shipped.iter().map(|l| idx(l)).collect();
     assert_eq!(indexes, (0..all.len() as u64).collect::<Vec<_>>(), "no loss, no duplicate");
     for ((i, bytes), line) in all.iter().zip(&shipped) {
@@ -204,17 +191,9 @@ async fn tail_prints_the_log_from_the_file_or_the_running_gateway() {
     // A fixed admin port: `tail` finds the running gateway through listeners.admin, across
     // the restart below.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!(
-            "listeners:\n  proxy: 127.0.0.1:0\n  admin: 127.0.0.1:{}\npolicies: {}\ndata_dir: {}\naudit:\n  origin: test.example/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\nlog_format: text\n{}",
-            free_port(),
-            dir.path().join("policies").display(),
-            dir.path().join("data").display(),
-            admin_keys()
-        ),
-    )
-    .unwrap();
+    let admin = format!("127.0.0.1:{}", free_port());
+    let yaml = gateway_yaml(dir.path(), "127.0.0.1:0", &admin, &format!("log_format: text\n{}", admin_keys()));
+    std::fs::write(dir.path().join("gateway.yaml"), yaml).unwrap();
     let gw = TestGateway::start_in(dir, &files, "").await;
     traffic(&gw, 2).await;
     let cfg = gw.config_path.to_str().unwrap().to_string();
@@ -223,13 +202,9 @@ async fn tail_prints_the_log_from_the_file_or_the_running_gateway() {
         let d = d.clone();
         async move {
             tokio::task::spawn_blocking(move || {
-                let mut c = std::process::Command::new(bin());
-                c.args(&args).current_dir(&d).env_remove("UAPK_ADMIN_KEY");
-                if let Some(k) = key {
-                    c.env("UAPK_ADMIN_KEY", k);
-                }
-                let out = c.output().unwrap();
-                (out.status.code().unwrap_or(-1), out.stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                let env: Vec<(&str, &str)> = key.map(|k| ("UAPK_ADMIN_KEY", k)).into_iter().collect();
+                run_cli_with(&args, &d, &env)
             })
             .await
             .unwrap()
@@ -244,11 +219,11 @@ async fn tail_prints_the_log_from_the_file_or_the_running_gateway() {
     assert!(out.is_empty());
     assert!(err.contains("running gateway") && err.contains("UAPK_ADMIN_KEY"), "{err}");
     // With a viewer key: through the admin API, the same bytes as stored.
-    let all = stored(&gw);
+    let all = gw.raw_entries();
     let (code, out, err) = tail(args(&["--from", "3"]), Some(VIEWER)).await;
     assert_eq!(code, 0, "{err}");
     let want: Vec<u8> = all[3..].iter().flat_map(|(_, b)| b.iter().copied().chain([b'\n'])).collect();
-    assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&want));
+    assert_eq!(out, String::from_utf8_lossy(&want));
 
     // --follow prints what commits next.
     let mut child = std::process::Command::new(bin())
@@ -273,13 +248,13 @@ async fn tail_prints_the_log_from_the_file_or_the_running_gateway() {
     traffic(&gw, 1).await;
     let first = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
     assert_eq!(idx(first.as_bytes()), all.len() as u64);
-    assert_eq!(first.as_bytes(), stored(&gw)[all.len()].1.as_slice());
+    assert_eq!(first.as_bytes(), gw.raw_entries()[all.len()].1.as_slice());
     // The follower survives the gateway's restart and picks up from the file, then from the
     // new gateway: every index once.
     let dir = gw.stop().await;
     let gw = TestGateway::start_in(dir, &files, "").await;
     traffic(&gw, 1).await;
-    let total = stored(&gw).len();
+    let total = gw.raw_entries().len();
     let mut seen = vec![idx(first.as_bytes())];
     while seen.len() < total - all.len() {
         let l = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.unwrap().unwrap();
@@ -291,13 +266,10 @@ async fn tail_prints_the_log_from_the_file_or_the_running_gateway() {
 
     // A stopped gateway's file is read directly, no key needed.
     let dir = gw.stop().await;
-    let total = {
-        let snap = uapk_gateway::audit::Snapshot::open(&dir.path().join("data/audit.redb")).unwrap();
-        snap.size().unwrap()
-    };
+    let total = Log::file(dir.path().join("data/audit.redb")).raw_entries().len() as u64;
     let (code, out, err) = tail(args(&["--from", "1"]), None).await;
     assert_eq!(code, 0, "{err}");
-    let got = lines(&out);
+    let got = lines(out.as_bytes());
     assert_eq!(got.iter().map(|l| idx(l)).collect::<Vec<_>>(), (1..total).collect::<Vec<_>>());
     let (code, _, err) = tail(args(&["--from", &(total + 1).to_string()]), None).await;
     assert_eq!(code, 2);
@@ -305,13 +277,13 @@ async fn tail_prints_the_log_from_the_file_or_the_running_gateway() {
     // --state keeps the next index: a later run resumes there.
     let (code, out, err) = tail(args(&["--state", "shipped.idx"]), None).await;
     assert_eq!(code, 0, "{err}");
-    assert_eq!(lines(&out).len() as u64, total);
+    assert_eq!(lines(out.as_bytes()).len() as u64, total);
     assert_eq!(std::fs::read_to_string(d.join("shipped.idx")).unwrap(), format!("{total}\n"));
     let (code, out, _) = tail(args(&["--state", "shipped.idx"]), None).await;
     assert_eq!((code, out.len()), (0, 0), "nothing new");
     std::fs::write(d.join("shipped.idx"), "3\n").unwrap();
     let (_, out, _) = tail(args(&["--state", "shipped.idx"]), None).await;
-    assert_eq!(lines(&out).iter().map(|l| idx(l)).collect::<Vec<_>>(), (3..total).collect::<Vec<_>>());
+    assert_eq!(lines(out.as_bytes()).iter().map(|l| idx(l)).collect::<Vec<_>>(), (3..total).collect::<Vec<_>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,14 +291,7 @@ async fn an_auditor_reads_and_exports_but_never_decides_and_approvals_name_their
     let up = Upstream::start().await;
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], &admin_keys()).await;
     let escalate = || async {
-        let r = client()
-            .post(gw.base("/shop/v1/refunds"))
-            .header("x-uapk-capability", token("pay-agent"))
-            .header("x-country", "US")
-            .json(&json!({"amount": 6000, "currency": "USD", "customer": "cus_1"}))
-            .send()
-            .await
-            .unwrap();
+        let r = gw.refund(&token("pay-agent"), 6000, None).await;
         assert_eq!(r.status(), 403);
         let b: Value = r.json().await.unwrap();
         assert_eq!(b["decision"], "escalate", "{b}");
@@ -334,7 +299,7 @@ async fn an_auditor_reads_and_exports_but_never_decides_and_approvals_name_their
     };
     let id = escalate().await;
     let call = |method: &str, path: &str, key: &str| {
-        client().request(method.parse().unwrap(), url(&gw, path)).bearer_auth(key).json(&json!({})).send()
+        client().request(method.parse().unwrap(), gw.admin_url(path)).bearer_auth(key).json(&json!({})).send()
     };
 
     // Reading: records, one record, checkpoint, proofs, approvals, manifests, stream, export.

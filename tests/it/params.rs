@@ -4,9 +4,6 @@
 
 use crate::support::*;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const FORM: &str = "application/x-www-form-urlencoded";
 
@@ -14,19 +11,9 @@ const FORM: &str = "application/x-www-form-urlencoded";
 /// an MCP-style refund tool call without a currency, a query search, a JSON ticket route and an
 /// LLM route. Its only money rule is an approval threshold.
 fn payments_manifest(upstream: std::net::SocketAddr) -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head("pay-agent", "  required: true\n  max_lifetime: 24h\n");
     format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent:
-  id: pay-agent
-capability:
-  required: true
-  max_lifetime: 24h
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
+        r#"{head}connectors:
   - name: stripe
     base_url: http://{upstream}
     hosts: [127.0.0.1]
@@ -106,11 +93,7 @@ fn assert_refused(gw: &TestGateway, up: &Upstream, what: &str, got: &(u16, Value
     assert_eq!(body["error"]["code"].as_str().unwrap_or(code), code, "{what}: {body}");
     assert_eq!(up.count(), 0, "{what}: the upstream must not see a refused request");
     let record = body["record"].as_u64().unwrap_or_else(|| panic!("{what}: no record in {body}"));
-    let entry = gw
-        .entries()
-        .into_iter()
-        .find(|e| e["idx"] == json!(record.to_string()))
-        .unwrap_or_else(|| panic!("{what}: record {record} is not in the log"));
+    let entry = gw.entry(record);
     assert_eq!(entry["kind"], "decision", "{what}");
     assert_eq!(entry["decision"], "deny", "{what}");
     assert_eq!(entry["reasons"][0]["code"], code, "{what}: {entry}");
@@ -154,12 +137,7 @@ async fn repeated_query_and_form_keys_are_ambiguous() {
         "Customer=cus_blocked",
         "customer=cus+blocked",
     ] {
-        let r = client()
-            .get(gw.base(&format!("/stripe/v1/customers/search?{q}")))
-            .header("x-uapk-capability", &tok)
-            .send()
-            .await
-            .unwrap();
+        let r = gw.get(&format!("/stripe/v1/customers/search?{q}"), &tok).await;
         let got = (r.status().as_u16(), r.json::<Value>().await.unwrap());
         let e = assert_refused(&gw, &up, q, &got, 403, "param_ambiguous");
         assert_eq!(e["query"], q, "the record keeps the query as sent");
@@ -175,12 +153,7 @@ async fn repeated_query_and_form_keys_are_ambiguous() {
         assert_refused(&gw, &up, body, &got, 403, "param_ambiguous");
     }
     // The same search with one value goes through.
-    let r = client()
-        .get(gw.base("/stripe/v1/customers/search?customer=cus_1"))
-        .header("x-uapk-capability", &tok)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get("/stripe/v1/customers/search?customer=cus_1", &tok).await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.count(), 1);
 }
@@ -235,15 +208,6 @@ async fn a_refund_without_a_currency_fails_closed_against_a_threshold() {
     assert_eq!(up.count(), 0);
 }
 
-/// Sends raw bytes (clients normalise paths before sending) and returns the response text.
-async fn raw(gw: &TestGateway, bytes: &[u8]) -> String {
-    let mut s = tokio::net::TcpStream::connect(gw.proxy).await.unwrap();
-    s.write_all(bytes).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_parameters_are_malformed_requests() {
     let (gw, up, tok) = start().await;
@@ -260,13 +224,12 @@ async fn path_parameters_are_malformed_requests() {
                 .as_bytes(),
         )
         .await;
-        let status: u16 = resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body: Value = serde_json::from_str(resp.split_once("\r\n\r\n").map_or("", |b| b.1)).unwrap_or(Value::Null);
-        let e = assert_refused(&gw, &up, path, &(status, body), 400, "malformed_request");
+        // (Sent raw: clients normalise paths before sending.)
+        let e = assert_refused(&gw, &up, path, &(status_of(&resp), body_json(&resp)), 400, "malformed_request");
         assert_eq!(e["path"], path, "the record keeps the path as sent");
     }
     // The plain path still works.
-    let r = client().get(gw.base("/stripe/v1/charges/ch_1")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/stripe/v1/charges/ch_1", &tok).await;
     assert_eq!(r.status(), 200);
     assert_eq!(up.last().path, "/v1/charges/ch_1");
 }
@@ -299,13 +262,13 @@ async fn an_allowed_form_refund_records_what_the_upstream_got() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let record: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let record = record_of(&r);
     let seen = up.last();
     assert_eq!(up.count(), 1);
     assert_eq!(seen.headers["content-type"], FORM);
     let got: std::collections::BTreeMap<String, String> =
         url::form_urlencoded::parse(&seen.body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
-    let entry = gw.entries().into_iter().find(|e| e["idx"] == json!(record.to_string())).unwrap();
+    let entry = gw.entry(record);
     assert_eq!(entry["decision"], "allow");
     let params = &entry["params"];
     let minor: rust_decimal::Decimal = got["amount"].parse().unwrap();
@@ -314,7 +277,7 @@ async fn an_allowed_form_refund_records_what_the_upstream_got() {
     assert_eq!(params["currency"], got["currency"].to_ascii_uppercase());
     assert_eq!(params["counterparty"], got["customer"].as_str());
     assert_eq!(params["order"], got["metadata[order_id]"].as_str());
-    assert_eq!(entry["body_sha256"], hex::encode(Sha256::digest(&seen.body)), "the record hashes the bytes forwarded");
+    assert_eq!(entry["body_sha256"], sha256_hex(&seen.body), "the record hashes the bytes forwarded");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,18 +320,13 @@ async fn model_allowlists_in_the_manifest_and_the_token() {
     let got = post(&gw, &narrow, "/stripe/v1/refunds", FORM, "amount=2001&currency=usd&customer=cus_1").await;
     assert_refused(&gw, &up, "token amount", &got, 403, "token_param_out_of_range");
     // A token whose param constraint the gateway cannot read is invalid, not unconstrained.
-    let der = {
-        use ed25519_dalek::pkcs8::EncodePrivateKey;
-        issuer_key().to_pkcs8_der().unwrap()
-    };
-    let signing = jsonwebtoken::EncodingKey::from_ed_der(der.as_bytes());
     let base = serde_json::to_value(claims("pay-agent")).unwrap();
     for bad in
         [json!({"model": {"alow": ["o1-pro"]}}), json!({"amount": {"max": "lots"}}), json!({"amount": {"max": 20}})]
     {
         let mut c = base.clone();
         c["constraints"] = json!({ "params": bad });
-        let t = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::EdDSA), &c, &signing).unwrap();
+        let t = sign_jws(&issuer_key(), r#"{"typ":"JWT","alg":"EdDSA"}"#, &c.to_string());
         let got = post(&gw, &t, "/stripe/v1/chat/completions", "application/json", &chat("gpt-4o")).await;
         assert_refused(&gw, &up, &c["constraints"].to_string(), &got, 403, "capability_token_invalid");
     }
@@ -399,12 +357,7 @@ async fn model_allowlists_in_the_manifest_and_the_token() {
 
 /// GETs the customer search with `query` as sent; returns (status, body).
 async fn search(gw: &TestGateway, tok: &str, query: &str) -> (u16, Value) {
-    let r = client()
-        .get(gw.base(&format!("/stripe/v1/customers/search?{query}")))
-        .header("x-uapk-capability", tok)
-        .send()
-        .await
-        .unwrap();
+    let r = gw.get(&format!("/stripe/v1/customers/search?{query}"), tok).await;
     (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
@@ -560,7 +513,7 @@ async fn underscore_spellings_of_credential_headers_never_reach_the_upstream() {
     }
     let r = rb.send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let record: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let record = record_of(&r);
     let seen = up.last();
     let creds: Vec<(String, String)> = seen
         .headers
@@ -580,7 +533,7 @@ async fn underscore_spellings_of_credential_headers_never_reach_the_upstream() {
     );
     assert_eq!(seen.headers["x_request_tag"], "kept", "other underscore headers pass");
     // The record shows what the agent sent, its credentials hashed, never the injected secret.
-    let e = gw.entries().into_iter().find(|e| e["idx"] == json!(record.to_string())).unwrap();
+    let e = gw.entry(record);
     assert!(e["headers"]["proxy_authorization"].as_str().unwrap().starts_with("sha256:"), "{e}");
     assert!(!e.to_string().contains("s3cr3t"));
     // Without credentials (`shop`), the agent's headers are its own business.

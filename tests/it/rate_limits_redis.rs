@@ -37,12 +37,7 @@ async fn answer(r: reqwest::Response) -> (u16, String, Option<u64>) {
     let status = r.status().as_u16();
     let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().parse().unwrap());
     let v: Value = r.json().await.unwrap_or(Value::Null);
-    (status, v["reasons"][0]["code"].as_str().unwrap_or_default().to_string(), retry)
-}
-
-async fn readyz(admin: SocketAddr) -> (u16, Value) {
-    let r = client().get(format!("http://{admin}/readyz")).send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    (status, reason(&v).to_string(), retry)
 }
 
 /// The decision entries of `gw`'s log for `agent`, as (decision, first reason code).
@@ -50,12 +45,7 @@ fn recorded(gw: &TestGateway, agent: &str) -> Vec<(String, String)> {
     decisions(&gw.entries())
         .into_iter()
         .filter(|e| e["agent"] == agent)
-        .map(|e| {
-            (
-                e["decision"].as_str().unwrap_or_default().to_string(),
-                e["reasons"][0]["code"].as_str().unwrap_or_default().to_string(),
-            )
-        })
+        .map(|e| (e["decision"].as_str().unwrap_or_default().to_string(), reason(&e).to_string()))
         .collect()
 }
 
@@ -96,13 +86,13 @@ async fn two_gateways_share_one_limit() {
     let refused_b = recorded(b, "limited-agent").iter().filter(|(d, c)| d == "deny" && c == "rate_limited").count();
     assert_eq!(refused_a + refused_b, 25);
     // The state lives in Redis, under uapk:rl:, with an expiry.
-    let metrics = client().get(format!("http://{}/metrics", a.admin)).send().await.unwrap().text().await.unwrap();
+    let metrics = a.metrics().await;
     assert!(metrics.contains("uapk_state_up{backend=\"redis\"} 1"), "{metrics}");
     assert!(
         metrics.contains("uapk_state_duration_seconds_count{backend=\"redis\",op=\"rate_limit\"} "),
         "each gateway measured its round trips"
     );
-    assert_eq!(readyz(a.admin).await.1["rate_limits"], true);
+    assert_eq!(a.readyz().await.1["rate_limits"], true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,7 +146,7 @@ async fn redis_down_fails_closed_for_rate_limited_agents_and_recovers_by_itself(
     let gw = TestGateway::start(&limited_and_free(&up), &redis.config()).await;
     let c = client();
     assert_eq!(read(&c, &gw, "limited-agent", 0).await.0, 200);
-    assert_eq!(readyz(gw.admin).await.0, 200);
+    assert_eq!(gw.readyz().await.0, 200);
     assert_eq!(up.count(), 1);
 
     // Slower than rate_limits.redis.timeout (100ms): refused, promptly.
@@ -186,11 +176,11 @@ async fn redis_down_fails_closed_for_rate_limited_agents_and_recovers_by_itself(
     }
     assert_eq!(read(&c, &gw, "free-agent", 5).await.0, 200);
     assert_eq!(up.count(), 3, "only the free agent's request reached the upstream");
-    let (status, body) = readyz(gw.admin).await;
+    let (status, body) = gw.readyz().await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["rate_limits"], false, "{body}");
     assert_eq!(body["audit_writable"], true, "{body}");
-    let metrics = client().get(format!("http://{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap();
+    let metrics = gw.metrics().await;
     assert!(metrics.contains("uapk_state_up{backend=\"redis\"} 0"), "{metrics}");
     let deadline = Instant::now() + Duration::from_secs(5);
     let refused = loop {
@@ -218,12 +208,12 @@ async fn redis_down_fails_closed_for_rate_limited_agents_and_recovers_by_itself(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(up.count(), 4);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while readyz(gw.admin).await.0 != 200 {
-        assert!(Instant::now() < deadline, "{:?}", readyz(gw.admin).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(readyz(gw.admin).await.1["rate_limits"], true);
+    let ready = eventually("readyz to be 200 again", Duration::from_secs(5), async || {
+        let (status, body) = gw.readyz().await;
+        (status == 200).then_some(body)
+    })
+    .await;
+    assert_eq!(ready["rate_limits"], true);
 }
 
 #[test]
@@ -281,14 +271,14 @@ async fn the_password_never_reaches_records_metrics_or_readyz() {
     let gw = TestGateway::start(&files, &config).await;
     let c = client();
     let _ = read(&c, &gw, "limited-agent", 0).await;
-    let metrics = client().get(format!("http://{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap();
+    let metrics = gw.metrics().await;
     assert!(!metrics.contains("s3cret"));
-    let (_, ready) = readyz(gw.admin).await;
+    let (_, ready) = gw.readyz().await;
     assert!(!ready.to_string().contains("s3cret"));
     for e in gw.entries() {
         assert!(!e.to_string().contains("s3cret"), "{e}");
     }
-    assert!(!format!("{:?}", gw.gateway().config).contains("s3cret"));
+    assert!(!format!("{:?}", gw.config()).contains("s3cret"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,16 +288,15 @@ async fn a_gateway_started_while_redis_is_down_serves_once_it_is_up() {
     let up = Upstream::start().await;
     let gw = TestGateway::start(&limited_and_free(&up), &redis.config()).await;
     let c = client();
-    let (status, body) = readyz(gw.admin).await;
+    let (status, body) = gw.readyz().await;
     assert_eq!((status, &body["rate_limits"]), (503, &Value::Bool(false)), "{body}");
     assert_eq!(read(&c, &gw, "limited-agent", 0).await.1, "rate_limit_unavailable");
     assert_eq!(read(&c, &gw, "free-agent", 1).await.0, 200);
     redis.spawn();
-    let back = Instant::now();
-    while readyz(gw.admin).await.0 != 200 {
-        assert!(back.elapsed() < Duration::from_secs(5), "{:?}", readyz(gw.admin).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually("readyz to be 200 once Redis is up", Duration::from_secs(5), async || {
+        (gw.readyz().await.0 == 200).then_some(())
+    })
+    .await;
     assert_eq!(read(&c, &gw, "limited-agent", 2).await.0, 200);
     assert_eq!(up.count(), 2);
 }
@@ -338,38 +327,21 @@ async fn the_password_never_reaches_the_gateways_log() {
     let up = Upstream::start().await;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    std::fs::create_dir_all(d.join("policies")).unwrap();
-    std::fs::write(
-        d.join("policies/limited.yaml"),
-        manifest("limited-agent", up.addr, &format!("{POLICY}{LIMITED}"), ""),
-    )
-    .unwrap();
+    write_policies(d, &[("limited.yaml", manifest("limited-agent", up.addr, &format!("{POLICY}{LIMITED}"), ""))]);
     // Nothing listens on the Redis port: the gateway starts, fails closed and says so in its log.
     let (proxy, admin, nothing) = (free_port(), free_port(), free_port());
-    std::fs::write(
-        d.join("gateway.yaml"),
-        format!(
-            "listeners:\n  proxy: 127.0.0.1:{proxy}\n  admin: 127.0.0.1:{admin}\npolicies: {p}\ndata_dir: {data}\naudit:\n  origin: redis.test/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\nrate_limits:\n  backend: redis\n  redis:\n    url: redis://:log-s3cret@127.0.0.1:{nothing}/0\n",
-            p = d.join("policies").display(),
-            data = d.join("data").display()
-        ),
-    )
-    .unwrap();
-    let log = d.join("gw.log");
-    let mut child = std::process::Command::new(bin())
-        .args(["run", "-c", d.join("gateway.yaml").to_str().unwrap()])
-        .env("UAPK_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
+    let redis =
+        format!("rate_limits:\n  backend: redis\n  redis:\n    url: redis://:log-s3cret@127.0.0.1:{nothing}/0\n");
+    let config = d.join("gateway.yaml");
+    std::fs::write(&config, gateway_yaml(d, &format!("127.0.0.1:{proxy}"), &format!("127.0.0.1:{admin}"), &redis))
         .unwrap();
-    let started = Instant::now();
-    let ready = loop {
-        if let Ok(r) = client().get(format!("http://127.0.0.1:{admin}/readyz")).send().await {
-            break r.json::<Value>().await.unwrap();
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "no admin listener");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let log = d.join("gw.log");
+    let mut child = spawn_gateway(&config, &log, &[("UAPK_LOG", "info")]);
+    let ready = eventually("the admin listener", Duration::from_secs(20), async || {
+        let r = client().get(format!("http://127.0.0.1:{admin}/readyz")).send().await.ok()?;
+        Some(r.json::<Value>().await.unwrap())
+    })
+    .await;
     assert_eq!(ready["rate_limits"], false, "{ready}");
     let r = client()
         .get(format!("http://127.0.0.1:{proxy}/shop/v1/charges/ch_1"))

@@ -132,22 +132,13 @@ async fn reserved(b: &Backend, m: &Manifest, id: &str) -> bool {
 
 /// Waits until the backend's readers see `size` entries (a fleet's read copy follows).
 async fn wait_size(b: &Backend, size: u64) {
-    for _ in 0..100 {
-        if b.s().log.handle().tree_size() >= size {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("{}: the log never showed {size} entries", b.name);
+    let what = format!("{}: the log to show {size} entries", b.name);
+    eventually(what, std::time::Duration::from_secs(2), async || (b.s().log.handle().tree_size() >= size).then_some(()))
+        .await
 }
 
 fn entries(b: &Backend) -> Vec<Value> {
-    let db = b.s().log.database().get().unwrap();
-    uapk_gateway::audit::read_entries(&db, 0, 100_000)
-        .unwrap()
-        .into_iter()
-        .map(|(_, bytes)| serde_json::from_slice(&bytes).unwrap())
-        .collect()
+    Log::live(b.s().log.database()).entries()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,11 +4,9 @@
 //! spans counted; the labels and process metrics of `/metrics`, and the Grafana dashboard in
 //! docs/ querying only metrics the gateway exports.
 
-use bytes::Bytes;
 use crate::support::*;
+use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
@@ -82,51 +80,38 @@ impl Collector {
         let spans: Arc<Mutex<Vec<Received>>> = Arc::default();
         let paths: Arc<Mutex<Vec<String>>> = Arc::default();
         let (s2, p2) = (spans.clone(), paths.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (spans, paths) = (s2.clone(), p2.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (spans, paths) = (spans.clone(), paths.clone());
-                        async move {
-                            paths.lock().unwrap().push(req.uri().path().to_string());
-                            let ctype = req.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
-                            assert_eq!(ctype.as_deref(), Some("application/x-protobuf"));
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
-                            let export = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf body");
-                            for rs in export.resource_spans {
-                                let service = rs
-                                    .resource
-                                    .iter()
-                                    .flat_map(|r| r.attributes.iter())
-                                    .find(|kv| kv.key == "service.name")
-                                    .and_then(|kv| kv.value.clone())
-                                    .and_then(|v| v.value)
-                                    .map(|v| match v {
-                                        any_value::Value::StringValue(s) => s,
-                                        other => format!("{other:?}"),
-                                    })
-                                    .unwrap_or_default();
-                                for ss in rs.scope_spans {
-                                    for span in ss.spans {
-                                        spans.lock().unwrap().push(Received { service: service.clone(), span });
-                                    }
-                                }
-                            }
-                            let answer = ExportTraceServiceResponse::default().encode_to_vec();
-                            Ok::<_, Infallible>(
-                                http::Response::builder()
-                                    .header("content-type", "application/x-protobuf")
-                                    .body(Full::new(Bytes::from(answer)))
-                                    .unwrap(),
-                            )
+        serve(listener, move |req: http::Request<hyper::body::Incoming>| {
+            let (spans, paths) = (s2.clone(), p2.clone());
+            async move {
+                paths.lock().unwrap().push(req.uri().path().to_string());
+                let ctype = req.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+                assert_eq!(ctype.as_deref(), Some("application/x-protobuf"));
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                let export = ExportTraceServiceRequest::decode(body).expect("an OTLP protobuf body");
+                for rs in export.resource_spans {
+                    let service = rs
+                        .resource
+                        .iter()
+                        .flat_map(|r| r.attributes.iter())
+                        .find(|kv| kv.key == "service.name")
+                        .and_then(|kv| kv.value.clone())
+                        .and_then(|v| v.value)
+                        .map(|v| match v {
+                            any_value::Value::StringValue(s) => s,
+                            other => format!("{other:?}"),
+                        })
+                        .unwrap_or_default();
+                    for ss in rs.scope_spans {
+                        for span in ss.spans {
+                            spans.lock().unwrap().push(Received { service: service.clone(), span });
                         }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                    }
+                }
+                let answer = ExportTraceServiceResponse::default().encode_to_vec();
+                http::Response::builder()
+                    .header("content-type", "application/x-protobuf")
+                    .body(Full::new(Bytes::from(answer)))
+                    .unwrap()
             }
         });
         Collector { addr, spans, paths }
@@ -134,28 +119,20 @@ impl Collector {
 
     /// Waits (up to 15 s) until a span of this name carries `uapk.request_id` = `request_id`.
     async fn span(&self, name: &str, request_id: &str) -> Received {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let found = self
-                .spans
-                .lock()
-                .unwrap()
+        let id = Some(any_value::Value::StringValue(request_id.to_string()));
+        eventually(format!("a {name} span for {request_id}"), Duration::from_secs(15), async || {
+            let spans = self.spans.lock().unwrap();
+            spans
                 .iter()
                 .find(|r| {
                     r.span.name == name
                         && r.span.attributes.iter().any(|kv| {
-                            kv.key == "uapk.request_id"
-                                && kv.value.as_ref().and_then(|v| v.value.as_ref())
-                                    == Some(&any_value::Value::StringValue(request_id.to_string()))
+                            kv.key == "uapk.request_id" && kv.value.as_ref().and_then(|v| v.value.clone()) == id
                         })
                 })
-                .cloned();
-            if let Some(r) = found {
-                return r;
-            }
-            assert!(Instant::now() < deadline, "no {name} span for {request_id}: {:?}", self.spans.lock().unwrap());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+                .cloned()
+        })
+        .await
     }
 }
 
@@ -166,43 +143,29 @@ async fn grpc_collector() -> (SocketAddr, Arc<Mutex<Vec<Span>>>) {
     let addr = listener.local_addr().unwrap();
     let spans: Arc<Mutex<Vec<Span>>> = Arc::default();
     let s2 = spans.clone();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let spans = s2.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let spans = spans.clone();
-                    async move {
-                        assert_eq!(req.uri().path(), "/opentelemetry.proto.collector.trace.v1.TraceService/Export");
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        assert_eq!(body[0], 0, "uncompressed");
-                        let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
-                        let export = ExportTraceServiceRequest::decode(&body[5..5 + len]).unwrap();
-                        for rs in export.resource_spans {
-                            for ss in rs.scope_spans {
-                                spans.lock().unwrap().extend(ss.spans);
-                            }
-                        }
-                        let msg = ExportTraceServiceResponse::default().encode_to_vec();
-                        let mut framed = vec![0u8];
-                        framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-                        framed.extend_from_slice(&msg);
-                        let mut trailers = http::HeaderMap::new();
-                        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                        let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
-                            Ok(hyper::body::Frame::data(Bytes::from(framed))),
-                            Ok(hyper::body::Frame::trailers(trailers)),
-                        ];
-                        let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
-                        Ok::<_, Infallible>(
-                            http::Response::builder().header("content-type", "application/grpc").body(body).unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+    serve(listener, move |req: http::Request<hyper::body::Incoming>| {
+        let spans = s2.clone();
+        async move {
+            assert_eq!(req.uri().path(), "/opentelemetry.proto.collector.trace.v1.TraceService/Export");
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body[0], 0, "uncompressed");
+            let len = u32::from_be_bytes(body[1..5].try_into().unwrap()) as usize;
+            let export = ExportTraceServiceRequest::decode(&body[5..5 + len]).unwrap();
+            for rs in export.resource_spans {
+                for ss in rs.scope_spans {
+                    spans.lock().unwrap().extend(ss.spans);
+                }
+            }
+            let msg = ExportTraceServiceResponse::default().encode_to_vec();
+            let mut framed = vec![0u8];
+            framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            framed.extend_from_slice(&msg);
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> =
+                vec![Ok(hyper::body::Frame::data(Bytes::from(framed))), Ok(hyper::body::Frame::trailers(trailers))];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            http::Response::builder().header("content-type", "application/grpc").body(body).unwrap()
         }
     });
     (addr, spans)
@@ -224,10 +187,6 @@ async fn silent_collector() -> (SocketAddr, Arc<Mutex<Vec<tokio::net::TcpStream>
 
 fn otlp(endpoint: &str, extra: &str) -> String {
     format!("telemetry:\n  otlp:\n    endpoint: {endpoint}\n    protocol: http\n{extra}")
-}
-
-async fn metrics(gw: &TestGateway) -> String {
-    client().get(format!("http://{}/metrics", gw.admin)).send().await.unwrap().text().await.unwrap()
 }
 
 /// The value of the series `line_prefix` (name and labels exactly as exposed).
@@ -309,7 +268,7 @@ async fn spans_carry_the_decision_and_continue_the_callers_trace() {
     assert_eq!(denied.int("http.response.status_code"), 403);
 
     // Without a traceparent the gateway starts a trace, and records its id.
-    let r = client().get(gw.base("/shop/v1/charges/ch_2")).header("x-uapk-capability", &tok).send().await.unwrap();
+    let r = gw.get("/shop/v1/charges/ch_2", &tok).await;
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
     let entry = decisions(&gw.entries()).pop().unwrap();
@@ -319,7 +278,7 @@ async fn spans_carry_the_decision_and_continue_the_callers_trace() {
     assert_eq!(fresh.trace_id(), trace);
     assert!(fresh.span.parent_span_id.is_empty(), "a root span");
 
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert!(series(&m, "uapk_spans_exported_total").unwrap() >= 5.0, "{m}");
     assert_eq!(series(&m, "uapk_spans_dropped_total{reason=\"queue_full\"}"), Some(0.0), "{m}");
 }
@@ -342,23 +301,17 @@ async fn spans_are_exported_over_grpc_too() {
         .unwrap();
     assert_eq!(r.status(), 200);
     r.bytes().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    eventually("the request's spans received over gRPC", Duration::from_secs(15), async || {
         let names: Vec<(String, String)> =
             spans.lock().unwrap().iter().map(|s| (s.name.clone(), hex::encode(&s.trace_id))).collect();
-        if names.contains(&("uapk.request".into(), TRACE.into()))
-            && names.contains(&("uapk.upstream".into(), TRACE.into()))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "spans received over gRPC: {names:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while series(&metrics(&gw).await, "uapk_spans_exported_total") < Some(2.0) {
-        assert!(Instant::now() < deadline, "the gRPC export was not counted");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        let has = |name: &str| names.contains(&(name.into(), TRACE.into()));
+        (has("uapk.request") && has("uapk.upstream")).then_some(())
+    })
+    .await;
+    eventually("the gRPC export to be counted", Duration::from_secs(5), async || {
+        (series(&gw.metrics().await, "uapk_spans_exported_total") >= Some(2.0)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,12 +357,7 @@ async fn a_collector_that_never_answers_delays_no_request_and_lost_spans_are_cou
     let mut slowest = Duration::ZERO;
     for i in 0..20 {
         let t = Instant::now();
-        let r = client()
-            .get(gw.base(&format!("/shop/v1/charges/ch_{i}")))
-            .header("x-uapk-capability", &tok)
-            .send()
-            .await
-            .unwrap();
+        let r = gw.get(&format!("/shop/v1/charges/ch_{i}"), &tok).await;
         assert_eq!(r.status(), 200);
         r.bytes().await.unwrap();
         slowest = slowest.max(t.elapsed());
@@ -419,19 +367,15 @@ async fn a_collector_that_never_answers_delays_no_request_and_lost_spans_are_cou
     assert!(started.elapsed() < Duration::from_secs(3), "20 requests took {:?}", started.elapsed());
     assert!(!held.lock().unwrap().is_empty(), "the gateway did try the collector");
     // One export in flight, one span queued: the rest were dropped, and counted.
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     assert!(series(&m, "uapk_spans_dropped_total{reason=\"queue_full\"}").unwrap() >= 20.0, "{m}");
     // The export in flight times out and is counted too.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let m = metrics(&gw).await;
-        if series(&m, "uapk_spans_dropped_total{reason=\"export_failed\"}").unwrap() >= 1.0 {
-            assert_eq!(series(&m, "uapk_spans_exported_total"), Some(0.0), "{m}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no failed export counted: {m}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let m = eventually("a failed export to be counted", Duration::from_secs(15), async || {
+        let m = gw.metrics().await;
+        (series(&m, "uapk_spans_dropped_total{reason=\"export_failed\"}").unwrap() >= 1.0).then_some(m)
+    })
+    .await;
+    assert_eq!(series(&m, "uapk_spans_exported_total"), Some(0.0), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,7 +429,7 @@ async fn request_metrics_carry_reason_and_configured_agent_labels_only() {
     assert_eq!(get("/shop/v1/charges/a", Some(token("ghost-agent-x1"))).await.unwrap().status(), 403);
     // No token, and a connector name of the caller's choosing: not a label either.
     assert_eq!(get("/made-up-connector-x2/a", None).await.unwrap().status(), 403);
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     let line = |d: &str, r: &str, a: &str, c: &str| {
         format!(
             "uapk_requests_total{{decision=\"{d}\",reason=\"{r}\",agent=\"{a}\",connector=\"{c}\",mode=\"enforce\"}}"
@@ -516,7 +460,7 @@ async fn the_grafana_dashboard_queries_only_exported_metrics() {
     let gw = TestGateway::start(&[("pay.yaml", manifest("pay-agent", up.addr, POLICY, ""))], "").await;
     let r = client().get(gw.base("/shop/v1/charges/a")).header("x-uapk-capability", token("pay-agent")).send().await;
     assert_eq!(r.unwrap().status(), 200);
-    let m = metrics(&gw).await;
+    let m = gw.metrics().await;
     let exposed: BTreeMap<String, Vec<String>> = m
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -41,11 +41,7 @@ fn sh_out(cmd: &str) -> String {
 
 /// Skips (outside CI) where the test cannot run; true when it can.
 fn can_run() -> bool {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
+    let root = is_root();
     let missing: Vec<_> =
         ["ip", "iptables", "ip6tables", "setpriv", "curl", "openssl", PY].into_iter().filter(|c| !have(c)).collect();
     if !root || !missing.is_empty() {
@@ -292,14 +288,8 @@ impl Lab {
         let (a, d) = (self.ns.agent.clone(), self.d().to_path_buf());
         let policies = d.join("policies");
         std::fs::create_dir_all(&policies).unwrap();
-        let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
-        std::fs::write(
-            policies.join("agent.yaml"),
-            format!(
-                "apiVersion: uapk/v1\nkind: Manifest\nagent: {{ id: pod-agent }}\ncapability:\n  issuers:\n    - id: platform\n      public_key: |\n{pem}connectors:\n{connectors}"
-            ),
-        )
-        .unwrap();
+        let head = manifest_head("pod-agent", "");
+        std::fs::write(policies.join("agent.yaml"), format!("{head}connectors:\n{connectors}")).unwrap();
         std::fs::write(d.join("token"), token("pod-agent")).unwrap();
         let data = d.join("data");
         std::fs::create_dir_all(&data).unwrap();
@@ -479,8 +469,7 @@ fn redirected_agent_traffic_is_decided_and_recorded() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let db = redb::Database::open(data.join("audit.redb")).unwrap();
-    let entries = read_all(&db);
+    let entries = Log::file(data.join("audit.redb")).entries();
     let d2 = decisions(&entries);
     let paths: Vec<String> =
         d2.iter().filter(|e| e["via"] != "explicit").map(|e| e["path"].as_str().unwrap_or("").to_string()).collect();

@@ -11,18 +11,9 @@ use std::time::Duration;
 
 /// A manifest with an OpenAI and an Anthropic connector on the fake upstream.
 fn llm_manifest(agent: &str, up: SocketAddr, budgets: &str) -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head(agent, "  required: true\n");
     format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent:
-  id: {agent}
-capability:
-  required: true
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
+        r#"{head}connectors:
   - name: openai
     base_url: http://{up}
     usage: openai
@@ -47,50 +38,34 @@ policy:
     )
 }
 
+/// A POST of `body` as `agent` in base-URL mode.
+fn request(gw: &TestGateway, agent: &str, path: &str, body: &Value) -> reqwest::RequestBuilder {
+    client().post(gw.base(path)).header("x-uapk-capability", token(agent)).json(body)
+}
+
 /// POSTs `body` in base-URL mode; returns status, the `x-uapk-record` index and the body.
 async fn call(gw: &TestGateway, agent: &str, path: &str, body: Value) -> (u16, Option<u64>, String) {
-    let r = client()
-        .post(gw.base(path))
-        .header("x-uapk-capability", token(agent))
+    let r = request(gw, agent, path, &body)
         .header("accept-encoding", "gzip, br")
         .timeout(Duration::from_secs(10))
-        .json(&body)
         .send()
         .await
         .unwrap();
     let status = r.status().as_u16();
-    let record = r.headers().get("x-uapk-record").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let record = r.headers().contains_key("x-uapk-record").then(|| record_of(&r));
     (status, record, r.text().await.unwrap())
 }
 
-/// The outcome entry of the decision at `record` (outcome entries follow the response).
-async fn outcome_of(gw: &TestGateway, record: u64) -> Value {
-    let want = record.to_string();
-    for _ in 0..250 {
-        if let Some(e) = gw.entries().into_iter().find(|e| e["kind"] == "outcome" && e["decision_idx"] == want.as_str())
-        {
-            return e;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("no outcome entry for record {record}");
-}
-
-/// The estimate SPEC §16.1 reserves for a request the upstream received: its declared output
-/// limit (times `n`), else the default `usage_estimate` of 4096, plus its body length / 4.
+/// The estimate SPEC §16.1 reserves for a request the upstream received (the connectors here
+/// keep the default `usage_estimate`, 4096).
 fn estimate(r: &SeenReq) -> u64 {
-    let declared = ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-        .iter()
-        .filter_map(|k| r.body[*k].as_u64())
-        .max()
-        .map(|m| m * r.body["n"].as_u64().unwrap_or(1).max(1));
-    declared.unwrap_or(4096) + (r.body_len as u64).div_ceil(4)
+    uapk_gateway::usage::estimate(&r.raw, 4096)
 }
 
 /// Tokens the gateway has counted for `agent` today.
 fn tokens_counted(gw: &TestGateway, agent: &str) -> u64 {
     use uapk_gateway::config::{Scope, Window};
-    gw.gateway().budgets.memory().unwrap().used_tokens(agent, Window::Day, Scope::Agent, agent, now())
+    gw.memory_budgets().used_tokens(agent, Window::Day, Scope::Agent, agent, now())
 }
 
 fn usage(i: u64, o: u64, t: u64) -> Value {
@@ -119,7 +94,7 @@ async fn openai_and_anthropic_usage_is_recorded_in_outcome_entries_json_and_stre
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["choices"][0]["message"]["content"], "Hello there", "the body reaches the agent unchanged");
-    let o = outcome_of(&gw, record.unwrap()).await;
+    let o = gw.outcome_of(record.unwrap()).await;
     assert_eq!(o["usage"], usage(40, 20, 60), "{o}");
     assert_eq!(
         (o["agent"].as_str(), o["connector"].as_str(), o["action"].as_str()),
@@ -132,16 +107,16 @@ async fn openai_and_anthropic_usage_is_recorded_in_outcome_entries_json_and_stre
     let (status, record, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(true)).await;
     assert_eq!(status, 200);
     assert_eq!(body, default_answer(&up.last()).chunks.concat(), "the stream reaches the agent unchanged");
-    assert_eq!(outcome_of(&gw, record.unwrap()).await["usage"], usage(30, 12, 42));
+    assert_eq!(gw.outcome_of(record.unwrap()).await["usage"], usage(30, 12, 42));
 
     let (status, record, _) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(false)).await;
     assert_eq!(status, 200);
-    assert_eq!(outcome_of(&gw, record.unwrap()).await["usage"], usage(25, 11, 36));
+    assert_eq!(gw.outcome_of(record.unwrap()).await["usage"], usage(25, 11, 36));
 
     let (status, record, body) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(true)).await;
     assert_eq!(status, 200);
     assert!(body.starts_with("event: message_start\n") && body.contains("message_stop"), "{body}");
-    let o = outcome_of(&gw, record.unwrap()).await;
+    let o = gw.outcome_of(record.unwrap()).await;
     assert_eq!(o["usage"], usage(31, 15, 46), "input from message_start, output from the last message_delta: {o}");
     assert_eq!(o["status"], "200");
 }
@@ -151,14 +126,8 @@ async fn streams_pass_through_unbuffered_while_usage_is_read() {
     let up = LlmUpstream::start().await;
     up.set_answer(|r| Reply { hold_last: true, ..default_answer(r) });
     let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, ""))], "").await;
-    let mut resp = client()
-        .post(gw.base("/anthropic/v1/messages"))
-        .header("x-uapk-capability", token("llm-agent"))
-        .json(&message(true))
-        .send()
-        .await
-        .unwrap();
-    let record: u64 = resp.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let mut resp = request(&gw, "llm-agent", "/anthropic/v1/messages", &message(true)).send().await.unwrap();
+    let record = record_of(&resp);
     // The first events arrive while the upstream still holds the last one back.
     let mut got = String::new();
     while !got.contains("message_delta") {
@@ -179,7 +148,7 @@ async fn streams_pass_through_unbuffered_while_usage_is_read() {
         got.push_str(&String::from_utf8_lossy(&chunk));
     }
     assert_eq!(got, default_answer(&up.last()).chunks.concat());
-    assert_eq!(outcome_of(&gw, record).await["usage"], usage(31, 15, 46));
+    assert_eq!(gw.outcome_of(record).await["usage"], usage(31, 15, 46));
 }
 
 #[tokio::test]
@@ -246,7 +215,7 @@ async fn missing_malformed_or_encoded_usage_is_recorded_as_unknown() {
         let (status, record, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(true)).await;
         assert_eq!(status, 200, "the response passes whatever its usage");
         assert_eq!(body, sent);
-        let o = outcome_of(&gw, record.unwrap()).await;
+        let o = gw.outcome_of(record.unwrap()).await;
         assert!(o["usage"].is_null(), "{o}");
         let err = o["usage_error"].as_str().unwrap_or_default();
         assert!(err.contains(why), "{why}: {o}");
@@ -268,11 +237,11 @@ async fn a_token_budget_refuses_once_crossed_and_survives_a_restart() {
     // 60 tokens: under the cap. Another 60 (streamed): crosses it, and completes.
     let (s1, r1, _) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!(s1, 200);
-    outcome_of(&gw, r1.unwrap()).await;
+    gw.outcome_of(r1.unwrap()).await;
     let (s2, r2, body2) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(true)).await;
     assert_eq!(s2, 200);
     assert!(body2.contains("\"total_tokens\":42"), "the crossing request completes: {body2}");
-    outcome_of(&gw, r2.unwrap()).await;
+    gw.outcome_of(r2.unwrap()).await;
     assert_eq!(up.count(), 2);
 
     // The window's total (102) reached the cap: refused before reaching the upstream.
@@ -289,7 +258,7 @@ async fn a_token_budget_refuses_once_crossed_and_survives_a_restart() {
     // The budget is per connector: the Anthropic connector still has its own window.
     let (s4, r4, _) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(true)).await;
     assert_eq!(s4, 200);
-    outcome_of(&gw, r4.unwrap()).await;
+    gw.outcome_of(r4.unwrap()).await;
 
     // Restart on the same log: the token counts are rebuilt from the outcome entries.
     let dir = gw.stop().await;
@@ -319,14 +288,8 @@ async fn a_client_that_stops_reading_at_the_final_event_still_gets_its_tokens_co
     });
     let budgets = "  budgets:\n    - window: hour\n      max_tokens: 40\n";
     let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, budgets))], "").await;
-    let mut resp = client()
-        .post(gw.base("/openai/v1/chat/completions"))
-        .header("x-uapk-capability", token("llm-agent"))
-        .json(&chat(true))
-        .send()
-        .await
-        .unwrap();
-    let record: u64 = resp.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let mut resp = request(&gw, "llm-agent", "/openai/v1/chat/completions", &chat(true)).send().await.unwrap();
+    let record = record_of(&resp);
     let mut got = String::new();
     while !got.contains("data: [DONE]\n\n") {
         let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await.unwrap().unwrap().unwrap();
@@ -337,7 +300,7 @@ async fn a_client_that_stops_reading_at_the_final_event_still_gets_its_tokens_co
     let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("42/40 tokens"), "{body}");
-    let o = outcome_of(&gw, record).await;
+    let o = gw.outcome_of(record).await;
     assert_eq!(o["usage"], usage(30, 12, 42));
     assert!(o.get("error").is_none(), "a stream read to its final event is complete: {o}");
     up.release.notify_one();
@@ -349,9 +312,7 @@ const BUDGET_2000: &str = "  budgets:\n    - window: day\n      max_tokens: 2000
 
 /// The refusal's reason code, from a §7 body.
 fn code(body: &str) -> String {
-    serde_json::from_str::<Value>(body)
-        .map(|v| v["reasons"][0]["code"].as_str().unwrap_or_default().to_string())
-        .unwrap_or_default()
+    reason(&serde_json::from_str(body).unwrap_or_default()).to_string()
 }
 
 /// Every outcome entry's `usage_charged`, summed.
@@ -385,7 +346,7 @@ async fn streams_without_usage_are_charged_their_estimate_and_the_budget_holds()
             call(&gw, "llm-agent", "/openai/v1/chat/completions", stream_without_usage(None)).await;
         if status == 200 {
             first.get_or_insert(record.unwrap());
-            outcome_of(&gw, record.unwrap()).await;
+            gw.outcome_of(record.unwrap()).await;
         } else {
             assert_eq!((status, code(&body).as_str()), (403, "budget_exceeded"), "{body}");
         }
@@ -394,7 +355,7 @@ async fn streams_without_usage_are_charged_their_estimate_and_the_budget_holds()
     assert_eq!(up.count(), 1, "only the first call reached the upstream: {statuses:?}");
     let e = estimate(&up.last());
     assert!(e > 4096);
-    let o = outcome_of(&gw, first.unwrap()).await;
+    let o = gw.outcome_of(first.unwrap()).await;
     assert!(o["usage"].is_null(), "{o}");
     assert!(o["usage_error"].as_str().unwrap().contains("include_usage"), "{o}");
     assert_eq!(o["usage_charged"], e.to_string().as_str());
@@ -414,7 +375,7 @@ async fn streams_without_usage_are_charged_their_estimate_and_the_budget_holds()
         match status {
             200 => {
                 passed += 1;
-                let o = outcome_of(&gw2, record.unwrap()).await;
+                let o = gw2.outcome_of(record.unwrap()).await;
                 assert_eq!(o["usage_charged"], estimate(&up.last()).to_string().as_str(), "{o}");
             }
             _ => assert_eq!(code(&body), "budget_exceeded", "{body}"),
@@ -425,24 +386,14 @@ async fn streams_without_usage_are_charged_their_estimate_and_the_budget_holds()
     assert_eq!(passed, 2000_u64.div_ceil(e) as usize, "admitted while counted < 2000, each charged {e}");
     assert_eq!(up.count() - before, passed);
     assert_eq!(tokens_counted(&gw2, "llm-agent-b"), passed as u64 * e);
-    assert_eq!(
-        gw.gateway().budgets.memory().unwrap().held() + gw2.gateway().budgets.memory().unwrap().held(),
-        0,
-        "every reservation settled"
-    );
+    assert_eq!(gw.memory_budgets().held() + gw2.memory_budgets().held(), 0, "every reservation settled");
 }
 
 /// Reads a streamed response until `until` shows up, then hangs up.
 async fn read_until_then_hang_up(gw: &TestGateway, body: Value, until: &str) -> u64 {
-    let mut resp = client()
-        .post(gw.base("/openai/v1/chat/completions"))
-        .header("x-uapk-capability", token("llm-agent"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let mut resp = request(gw, "llm-agent", "/openai/v1/chat/completions", &body).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    let record: u64 = resp.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let record = record_of(&resp);
     let mut got = String::new();
     while !got.contains(until) {
         let chunk = tokio::time::timeout(Duration::from_secs(5), resp.chunk()).await.unwrap().unwrap().unwrap();
@@ -472,12 +423,12 @@ async fn an_agent_that_hangs_up_after_the_finish_reason_still_has_its_usage_coun
     // Give the gateway a moment to see the agent go, then let the upstream finish.
     tokio::time::sleep(Duration::from_millis(200)).await;
     up.release.notify_one();
-    let o = outcome_of(&gw, record).await;
+    let o = gw.outcome_of(record).await;
     assert_eq!(o["error"], "the client went away before the response ended", "{o}");
     assert_eq!(o["usage"], usage(30, 12, 42), "read on after the agent left: {o}");
     assert_eq!(o["usage_charged"], "42");
     assert_eq!(tokens_counted(&gw, "llm-agent"), 42);
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
+    assert_eq!(gw.memory_budgets().held(), 0);
 }
 
 #[tokio::test]
@@ -493,7 +444,7 @@ async fn an_agent_that_hangs_up_on_a_stream_that_never_reports_usage_is_charged_
     .await;
     let started = std::time::Instant::now();
     let record = read_until_then_hang_up(&gw, stream_without_usage(None), "\"finish_reason\":\"stop\"").await;
-    let o = outcome_of(&gw, record).await;
+    let o = gw.outcome_of(record).await;
     assert!(started.elapsed() >= Duration::from_secs(1), "read on for limits.usage_drain_timeout");
     assert!(o["usage"].is_null(), "{o}");
     let err = o["usage_error"].as_str().unwrap();
@@ -502,7 +453,7 @@ async fn an_agent_that_hangs_up_on_a_stream_that_never_reports_usage_is_charged_
     let e = estimate(&up.last());
     assert_eq!(o["usage_charged"], e.to_string().as_str());
     assert_eq!(tokens_counted(&gw, "llm-agent"), e);
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
+    assert_eq!(gw.memory_budgets().held(), 0);
 }
 
 #[tokio::test]
@@ -523,7 +474,7 @@ async fn anthropic_prompt_cache_tokens_count_toward_the_budget() {
     let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, BUDGET_2000))], "").await;
     let (status, record, _) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(false)).await;
     assert_eq!(status, 200);
-    let o = outcome_of(&gw, record.unwrap()).await;
+    let o = gw.outcome_of(record.unwrap()).await;
     assert_eq!(o["usage"]["total_tokens"], "50110", "{o}");
     assert_eq!(o["usage"]["input_tokens"], "50010");
     assert_eq!(o["usage"]["cache_creation_input_tokens"], "50000");
@@ -542,7 +493,7 @@ async fn anthropic_prompt_cache_tokens_count_toward_the_budget() {
     let gw = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", up.addr, budgets))], "").await;
     let (status, record, _) = call(&gw, "llm-agent", "/anthropic/v1/messages", message(true)).await;
     assert_eq!(status, 200);
-    let o = outcome_of(&gw, record.unwrap()).await;
+    let o = gw.outcome_of(record.unwrap()).await;
     assert_eq!(o["usage"]["total_tokens"], (31 + 3000 + 700 + 15).to_string().as_str(), "{o}");
     assert_eq!(o["usage"]["cache_read_input_tokens"], "700");
     assert_eq!(tokens_counted(&gw, "llm-agent"), 31 + 3000 + 700 + 15);
@@ -573,13 +524,7 @@ async fn concurrent_calls_overshoot_the_budget_by_at_most_one_estimate() {
     assert_eq!(up.count(), allowed, "admitted while counted + reserved < 2000, each reserving {e}");
     let reserved = {
         use uapk_gateway::config::{Scope, Window};
-        gw.gateway().budgets.memory().unwrap().reserved_tokens(
-            "llm-agent",
-            Window::Day,
-            Scope::Agent,
-            "llm-agent",
-            now(),
-        )
+        gw.memory_budgets().reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())
     };
     assert_eq!(reserved, allowed as u64 * e);
     up.set_gate(true);
@@ -593,13 +538,10 @@ async fn concurrent_calls_overshoot_the_budget_by_at_most_one_estimate() {
     }
     assert_eq!(ok, allowed);
     assert_eq!(up.count(), allowed, "the upstream received at most what the rule allows");
-    for _ in 0..250 {
-        if gw.gateway().budgets.memory().unwrap().held() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held(), 0);
+    eventually("every reservation to settle", Duration::from_secs(5), async || {
+        (gw.memory_budgets().held() == 0).then_some(())
+    })
+    .await;
     // Each settled to the usage its response reported (40 + 20).
     assert_eq!(tokens_counted(&gw, "llm-agent"), allowed as u64 * 60);
     assert_eq!(up.billed(), allowed as u64 * 60);
@@ -629,14 +571,14 @@ async fn rebuilt_token_counters_equal_the_runtime_ones() {
     records.push(record.unwrap());
     let mut charged = Vec::new();
     for r in &records {
-        charged.push(outcome_of(&gw, *r).await["usage_charged"].as_str().unwrap().parse::<u64>().unwrap());
+        charged.push(gw.outcome_of(*r).await["usage_charged"].as_str().unwrap().parse::<u64>().unwrap());
     }
     assert_eq!(charged[0], 60);
     assert_eq!(charged[2], 40 + 3 * 20, "n > 1: every choice counts");
     assert_eq!(charged[3], 46);
     assert!(charged[1] > 4096 && charged[4] > 64, "{charged:?}");
     let counters = |gw: &TestGateway| {
-        let b = gw.gateway().budgets.memory().unwrap();
+        let b = gw.memory_budgets();
         let t = now();
         (
             b.used_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", t),
@@ -663,7 +605,7 @@ async fn an_upstream_error_after_the_request_was_sent_is_charged_the_estimate() 
     up.set_delivery(Delivery::FailBeforeAnswer);
     let (status, record, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!((status, code(&body).as_str()), (502, "upstream_unavailable"), "{body}");
-    let o = outcome_of(&gw, record.unwrap()).await;
+    let o = gw.outcome_of(record.unwrap()).await;
     assert!(o["usage"].is_null(), "{o}");
     assert_eq!(o["usage_error"], "no response body was read");
     let e1 = estimate(&up.last());
@@ -672,16 +614,10 @@ async fn an_upstream_error_after_the_request_was_sent_is_charged_the_estimate() 
     // It hangs up mid-stream (after message_start): the stream's counts so far are partial, so
     // its usage is unknown and it is charged the estimate.
     up.set_delivery(Delivery::HangUpAfter(1));
-    let r = client()
-        .post(gw.base("/anthropic/v1/messages"))
-        .header("x-uapk-capability", token("llm-agent"))
-        .json(&message(true))
-        .send()
-        .await
-        .unwrap();
-    let record: u64 = r.headers()["x-uapk-record"].to_str().unwrap().parse().unwrap();
+    let r = request(&gw, "llm-agent", "/anthropic/v1/messages", &message(true)).send().await.unwrap();
+    let record = record_of(&r);
     assert!(r.text().await.is_err(), "the agent sees the stream break");
-    let o = outcome_of(&gw, record).await;
+    let o = gw.outcome_of(record).await;
     assert_eq!(o["error"], "the upstream failed mid-response");
     assert!(o["usage"].is_null(), "{o}");
     assert!(o["usage_error"].as_str().unwrap().contains("before its final event"), "{o}");
@@ -694,13 +630,13 @@ async fn an_upstream_error_after_the_request_was_sent_is_charged_the_estimate() 
     let gw2 = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", closed, budgets))], "").await;
     let (status, record, _) = call(&gw2, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!(status, 502);
-    let o = outcome_of(&gw2, record.unwrap()).await;
+    let o = gw2.outcome_of(record.unwrap()).await;
     assert_eq!(
         (o["usage_charged"].as_str(), o["usage_error"].as_str()),
         (Some("0"), Some("the request did not reach the upstream"))
     );
     assert_eq!(tokens_counted(&gw2, "llm-agent"), 0);
-    assert_eq!(gw.gateway().budgets.memory().unwrap().held() + gw2.gateway().budgets.memory().unwrap().held(), 0);
+    assert_eq!(gw.memory_budgets().held() + gw2.memory_budgets().held(), 0);
 }
 
 #[tokio::test]
@@ -712,13 +648,13 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     let gw = TestGateway::start(&[("a.yaml", llm_manifest("llm-agent", up.addr, policy))], "").await;
     let (status, record, _) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!(status, 200);
-    outcome_of(&gw, record.unwrap()).await;
+    gw.outcome_of(record.unwrap()).await;
     // Refused by the rate limit after the budget admitted it: the reservation goes back.
     for _ in 0..3 {
         let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
         assert_eq!((status, code(&body).as_str()), (429, "rate_limited"), "{body}");
     }
-    let b = gw.gateway().budgets.memory().unwrap();
+    let b = gw.memory_budgets();
     assert_eq!(b.held(), 0);
     assert_eq!(b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 1, "one action forwarded");
@@ -731,7 +667,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     let gw = TestGateway::start(&[("b.yaml", llm_manifest("llm-agent", up.addr, policy))], "").await;
     let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!((status, code(&body).as_str()), (403, "requires_human_approval"), "{body}");
-    let b = gw.gateway().budgets.memory().unwrap();
+    let b = gw.memory_budgets();
     assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
 
@@ -741,7 +677,7 @@ async fn a_call_refused_after_its_reservation_holds_nothing() {
     let gw = TestGateway::start(&[("c.yaml", llm_manifest("llm-agent", private, policy))], "").await;
     let (status, _, body) = call(&gw, "llm-agent", "/openai/v1/chat/completions", chat(false)).await;
     assert_eq!((status, code(&body).as_str()), (403, "ssrf_blocked"), "{body}");
-    let b = gw.gateway().budgets.memory().unwrap();
+    let b = gw.memory_budgets();
     assert_eq!((b.held(), b.reserved_tokens("llm-agent", Window::Day, Scope::Agent, "llm-agent", now())), (0, 0));
     assert_eq!(b.used("llm-agent", Window::Day, Scope::Agent, "llm-agent", now()), 0);
     assert_eq!(up.count(), 1);

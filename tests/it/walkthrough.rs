@@ -10,8 +10,9 @@
 //! `examples/gateway.yaml`, and through `UAPK_DEMO_UPSTREAM` (read by `demo-upstream --listen` and
 //! `run --demo-upstream`).
 
+use crate::support::{bin, copy_dir, free_port};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SECTION: &str = "## Five-minute walkthrough";
@@ -80,21 +81,65 @@ fn matches(pattern: &str, actual: &str) -> bool {
     true
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// The shipped `policies/` and `examples/` copied into a fresh directory, and free loopback
+/// ports for the proxy and admin listeners and the demo upstream.
+struct DemoDir {
+    dir: tempfile::TempDir,
+    proxy: u16,
+    admin: u16,
+    demo: u16,
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), &target).unwrap();
-        }
+impl DemoDir {
+    fn new() -> DemoDir {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&root.join("policies"), &dir.path().join("policies"));
+        copy_dir(&root.join("examples"), &dir.path().join("examples"));
+        let (proxy, admin, demo) = (free_port(), free_port(), free_port());
+        DemoDir { dir, proxy, admin, demo }
     }
+
+    /// A gateway.yaml of its own that puts the listeners on the free ports.
+    fn write_config(&self) {
+        let yaml = format!("listeners: {{ proxy: 127.0.0.1:{}, admin: 127.0.0.1:{} }}\n", self.proxy, self.admin);
+        std::fs::write(self.path().join("gateway.yaml"), yaml).unwrap();
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A token for `sub` minted with the example issuer key, valid for `ttl`.
+    fn token(&self, sub: &str, ttl: &str) -> String {
+        let out = Command::new(bin())
+            .args(["token", "mint", "--issuer-key", "examples/keys/demo-issuer.pem", "--iss", "platform"])
+            .args(["--sub", sub, "--ttl", ttl])
+            .current_dir(self.path())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    /// `/readyz` of the gateway, once it answers (curl retries for up to 30 s).
+    fn ready(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/readyz", self.admin);
+        curl(&["--retry", "30", "--retry-connrefused", "--retry-delay", "1", &url])
+    }
+}
+
+/// What `curl -s args` printed.
+fn curl(args: &[&str]) -> String {
+    let o = Command::new("curl").arg("-s").args(args).output().expect("curl");
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Kills the gateway and the demo upstream; what the demo upstream logged.
+fn stop_demo(mut gateway: Child, mut upstream: Child) -> String {
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = upstream.kill();
+    upstream.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default()
 }
 
 #[test]
@@ -117,10 +162,8 @@ fn the_readme_walkthrough_prints_what_it_shows() {
         assert!(steps.iter().any(|s| s.command.contains(must)), "the walkthrough no longer runs {must}");
     }
 
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(&root.join("policies"), &dir.path().join("policies"));
-    copy_dir(&root.join("examples"), &dir.path().join("examples"));
-    let (proxy, admin, demo) = (free_port(), free_port(), free_port());
+    let d = DemoDir::new();
+    let (dir, proxy, admin, demo) = (&d.dir, d.proxy, d.admin, d.demo);
     let ports = |s: &str| {
         s.replace("127.0.0.1:15080", &format!("127.0.0.1:{proxy}"))
             .replace("127.0.0.1:15021", &format!("127.0.0.1:{admin}"))
@@ -139,7 +182,7 @@ fn the_readme_walkthrough_prints_what_it_shows() {
         script.push_str(&ports(&s.command));
         script.push_str(&format!("\nprintf '\\n{STEP_MARK}{i}\\n'\n"));
     }
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_uapk-gateway"));
+    let bin = PathBuf::from(bin());
     let path = format!("{}:{}", bin.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
     let mut child = Command::new("bash")
         .arg("-c")
@@ -297,20 +340,11 @@ fn every_key_the_example_manifests_use_is_in_the_manifest_reference() {
 /// and forwards nothing.
 #[test]
 fn check_and_run_agree_on_a_missing_credential() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_uapk-gateway"));
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(&root.join("policies"), &dir.path().join("policies"));
-    copy_dir(&root.join("examples"), &dir.path().join("examples"));
-    std::fs::remove_file(dir.path().join("policies/secrets/stripe.key")).unwrap();
-    let (proxy, admin, demo) = (free_port(), free_port(), free_port());
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!("listeners: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}\n"),
-    )
-    .unwrap();
+    let d = DemoDir::new();
+    d.write_config();
+    std::fs::remove_file(d.path().join("policies/secrets/stripe.key")).unwrap();
 
-    let check = Command::new(&bin).args(["check", "-c", "gateway.yaml"]).current_dir(dir.path()).output().unwrap();
+    let check = Command::new(bin()).args(["check", "-c", "gateway.yaml"]).current_dir(d.path()).output().unwrap();
     let (out, err) = (String::from_utf8_lossy(&check.stdout), String::from_utf8_lossy(&check.stderr));
     assert_eq!(check.status.code(), Some(0), "{out}{err}");
     assert!(out.starts_with("ok: 3 manifest(s)"), "{out}");
@@ -323,42 +357,26 @@ fn check_and_run_agree_on_a_missing_credential() {
     );
 
     // The same files under `run --demo`: ready, and the stripe connector refuses.
-    let mut upstream = Command::new(&bin)
-        .args(["demo-upstream", "--listen", &format!("127.0.0.1:{demo}")])
+    let demo = format!("127.0.0.1:{}", d.demo);
+    let upstream = Command::new(bin())
+        .args(["demo-upstream", "--listen", &demo])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut gateway = Command::new(&bin)
-        .args(["run", "--demo", "--demo-upstream", &format!("127.0.0.1:{demo}"), "-c", "gateway.yaml"])
-        .current_dir(dir.path())
+    let gateway = Command::new(bin())
+        .args(["run", "--demo", "--demo-upstream", &demo, "-c", "gateway.yaml"])
+        .current_dir(d.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let token = Command::new(&bin)
-        .args(["token", "mint", "--issuer-key", "examples/keys/demo-issuer.pem", "--iss", "platform"])
-        .args(["--sub", "payments-agent", "--ttl", "1h"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
-    let curl = |args: &[&str]| {
-        let o = Command::new("curl").arg("-s").args(args).output().expect("curl");
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
-    let ready = curl(&[
-        "--retry",
-        "30",
-        "--retry-connrefused",
-        "--retry-delay",
-        "1",
-        &format!("http://127.0.0.1:{admin}/readyz"),
-    ]);
+    let token = d.token("payments-agent", "1h");
+    let ready = d.ready();
     let refund = curl(&[
         "-X",
         "POST",
-        &format!("http://127.0.0.1:{proxy}/stripe/v1/refunds"),
+        &format!("http://127.0.0.1:{}/stripe/v1/refunds", d.proxy),
         "-H",
         &format!("x-uapk-capability: {token}"),
         "-H",
@@ -370,15 +388,11 @@ fn check_and_run_agree_on_a_missing_credential() {
         "-d",
         "customer=cus_123",
     ]);
-    let _ = gateway.kill();
-    let _ = gateway.wait();
-    let _ = upstream.kill();
-    let upstream_log = upstream.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned());
+    let upstream_log = stop_demo(gateway, upstream);
     assert!(ready.contains("\"ready\":true"), "{ready}");
     let v: serde_json::Value = serde_json::from_str(&refund).unwrap_or_else(|e| panic!("{e}: {refund}"));
     assert_eq!(v["decision"], "deny", "{v}");
     assert_eq!(v["reasons"][0]["code"], "connector_unavailable", "{v}");
-    let upstream_log = upstream_log.unwrap_or_default();
     assert!(!upstream_log.contains("/v1/refunds"), "forwarded unauthenticated: {upstream_log}");
 }
 
@@ -387,52 +401,27 @@ fn check_and_run_agree_on_a_missing_credential() {
 /// the manifest's list never reaches the demo upstream.
 #[test]
 fn the_llm_example_works_offline_through_the_demo_upstream() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_uapk-gateway"));
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(&root.join("policies"), &dir.path().join("policies"));
-    copy_dir(&root.join("examples"), &dir.path().join("examples"));
-    let (proxy, admin, demo) = (free_port(), free_port(), free_port());
-    std::fs::write(
-        dir.path().join("gateway.yaml"),
-        format!("listeners: {{ proxy: 127.0.0.1:{proxy}, admin: 127.0.0.1:{admin} }}\n"),
-    )
-    .unwrap();
-    let mut upstream = Command::new(&bin)
+    let d = DemoDir::new();
+    d.write_config();
+    let demo = format!("127.0.0.1:{}", d.demo);
+    let upstream = Command::new(bin())
         .args(["demo-upstream"])
-        .env("UAPK_DEMO_UPSTREAM", format!("127.0.0.1:{demo}"))
+        .env("UAPK_DEMO_UPSTREAM", &demo)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut gateway = Command::new(&bin)
+    let gateway = Command::new(bin())
         .args(["run", "--demo", "-c", "gateway.yaml"])
-        .env("UAPK_DEMO_UPSTREAM", format!("127.0.0.1:{demo}"))
-        .current_dir(dir.path())
+        .env("UAPK_DEMO_UPSTREAM", &demo)
+        .current_dir(d.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let token = Command::new(&bin)
-        .args(["token", "mint", "--issuer-key", "examples/keys/demo-issuer.pem", "--iss", "platform"])
-        .args(["--sub", "llm-agent", "--ttl", "30m"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
-    let curl = |args: &[&str]| {
-        let o = Command::new("curl").arg("-s").args(args).output().expect("curl");
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    };
-    let ready = curl(&[
-        "--retry",
-        "30",
-        "--retry-connrefused",
-        "--retry-delay",
-        "1",
-        &format!("http://127.0.0.1:{admin}/readyz"),
-    ]);
-    let url = format!("http://127.0.0.1:{proxy}/openai/v1/chat/completions");
+    let token = d.token("llm-agent", "30m");
+    let ready = d.ready();
+    let url = format!("http://127.0.0.1:{}/openai/v1/chat/completions", d.proxy);
     let auth = format!("x-uapk-capability: {token}");
     let chat = |body: &str| {
         curl(&[
@@ -452,11 +441,7 @@ fn the_llm_example_works_offline_through_the_demo_upstream() {
     let plain = chat(r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"say hello"}]}"#);
     let streamed = chat(r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"say hello"}]}"#);
     let refused = chat(r#"{"model":"gpt-5-unlisted","messages":[{"role":"user","content":"say hello"}]}"#);
-    let _ = gateway.kill();
-    let _ = gateway.wait();
-    let _ = upstream.kill();
-    let upstream_log =
-        upstream.wait_with_output().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+    let upstream_log = stop_demo(gateway, upstream);
 
     assert!(ready.contains("\"ready\":true"), "{ready}");
     let v: serde_json::Value = serde_json::from_str(&plain).unwrap_or_else(|e| panic!("{e}: {plain}"));

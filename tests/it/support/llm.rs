@@ -44,7 +44,8 @@ pub struct SeenReq {
     pub path: String,
     pub headers: HashMap<String, String>,
     pub body: Value,
-    pub body_len: usize,
+    /// The body as received.
+    pub raw: Vec<u8>,
 }
 
 type Answer = Arc<dyn Fn(&SeenReq) -> Reply + Send + Sync>;
@@ -320,6 +321,7 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<SeenReq> {
         }
         buf.extend_from_slice(&tmp[..n]);
     }
-    let body = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
-    Some(SeenReq { path, headers, body, body_len: buf.len() - head_end })
+    let raw = buf.split_off(head_end);
+    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    Some(SeenReq { path, headers, body, raw })
 }

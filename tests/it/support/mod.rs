@@ -1,97 +1,29 @@
-//! Test harness: a real gateway started in-process from YAML on port 0, a real upstream HTTP
-//! server on 127.0.0.1:0 that records what reaches it, and real clients.
-#![allow(dead_code)]
+//! The harness of the end-to-end tests: real gateways (in-process, `gateway`, or the built
+//! binary as a child process, `child`), real upstreams (`upstream`, `llm`), a private PostgreSQL
+//! and Redis (`postgres`, `redis`), real clients, raw HTTP on a socket (`wire`), and the one way
+//! the tests read a gateway's log (`log`).
 
+mod child;
+mod gateway;
 pub mod llm;
+mod log;
 pub mod postgres;
 pub mod redis;
+mod upstream;
+mod wire;
 
-use bytes::Bytes;
+pub use child::*;
+pub use gateway::*;
+pub use log::*;
+pub use upstream::*;
+pub use wire::*;
+
 use ed25519_dalek::SigningKey;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use std::convert::Infallible;
+use serde_json::Value;
+use std::fmt::Display;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use uapk_gateway::runtime::{self, Running};
-
-/// What one upstream request looked like.
-#[derive(Debug, Clone)]
-pub struct Seen {
-    pub method: String,
-    pub path: String,
-    pub headers: http::HeaderMap,
-    pub body: Bytes,
-}
-
-type Hook = Arc<dyn Fn(&Seen) -> (u16, String) + Send + Sync>;
-
-/// A loopback HTTP/1.1 upstream that records every request and answers 200 with a JSON echo,
-/// or whatever its hook says.
-pub struct Upstream {
-    pub addr: SocketAddr,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
-    hook: Arc<Mutex<Option<Hook>>>,
-}
-
-impl Upstream {
-    pub async fn start() -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let hook: Arc<Mutex<Option<Hook>>> = Arc::default();
-        let (s2, h2) = (seen.clone(), hook.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (seen, hook) = (s2.clone(), h2.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let (seen, hook) = (seen.clone(), hook.clone());
-                        async move {
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                            let s = Seen {
-                                method: parts.method.to_string(),
-                                path: parts.uri.to_string(),
-                                headers: parts.headers,
-                                body,
-                            };
-                            let h = hook.lock().unwrap().clone();
-                            let (status, text) = match h {
-                                Some(h) => h(&s),
-                                None => (200, serde_json::json!({"ok": true, "path": s.path}).to_string()),
-                            };
-                            seen.lock().unwrap().push(s);
-                            let mut resp = http::Response::new(Full::new(Bytes::from(text)));
-                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                            resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-        Upstream { addr, seen, hook }
-    }
-
-    pub fn set_hook(&self, f: impl Fn(&Seen) -> (u16, String) + Send + Sync + 'static) {
-        *self.hook.lock().unwrap() = Some(Arc::new(f));
-    }
-
-    pub fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
-    }
-
-    pub fn last(&self) -> Seen {
-        self.seen.lock().unwrap().last().cloned().expect("the upstream saw no request")
-    }
-}
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 /// The issuer key shared by test manifests.
 pub fn issuer_key() -> SigningKey {
@@ -102,22 +34,22 @@ pub fn issuer_pub_pem() -> String {
     uapk_gateway::identity::verifying_key_pem(&issuer_key().verifying_key())
 }
 
+/// The start of a manifest for `agent`, to its `capability.issuers` list: the issuer `platform`
+/// with the test issuer's key; `capability` (lines indented two spaces) comes before the list.
+/// The rest of the manifest (more of `capability`, `connectors`, …) follows it.
+pub fn manifest_head(agent: &str, capability: &str) -> String {
+    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    format!(
+        "apiVersion: uapk/v1\nkind: Manifest\nagent:\n  id: {agent}\ncapability:\n{capability}  issuers:\n    - id: platform\n      public_key: |\n{pem}"
+    )
+}
+
 /// A manifest for `agent` with one connector `shop` pointing at the upstream; `policy` is the
 /// YAML of the `policy:` block body (indented two spaces), `extra` appended at top level.
 pub fn manifest(agent: &str, upstream: SocketAddr, policy: &str, extra: &str) -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head(agent, "  required: true\n  max_lifetime: 24h\n");
     format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent:
-  id: {agent}
-capability:
-  required: true
-  max_lifetime: 24h
-  issuers:
-    - id: platform
-      public_key: |
-{pem}  revoked: [revoked-jti]
+        r#"{head}  revoked: [revoked-jti]
 connectors:
   - name: shop
     base_url: http://{upstream}
@@ -194,85 +126,6 @@ pub const POLICY: &str = r#"  connectors:   { allow: [shop], deny: [other] }
   counterparties: { deny: [cus_blocked] }
 "#;
 
-pub struct TestGateway {
-    pub running: Option<Running>,
-    pub dir: tempfile::TempDir,
-    pub proxy: SocketAddr,
-    pub admin: SocketAddr,
-    pub config_path: PathBuf,
-}
-
-impl TestGateway {
-    /// Starts a gateway serving `manifests` (file name, text) with `extra_config` appended to
-    /// gateway.yaml.
-    pub async fn start(manifests: &[(&str, String)], extra_config: &str) -> TestGateway {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, manifests, extra_config).await
-    }
-
-    pub async fn start_in(dir: tempfile::TempDir, manifests: &[(&str, String)], extra_config: &str) -> TestGateway {
-        let policies = dir.path().join("policies");
-        std::fs::create_dir_all(&policies).unwrap();
-        for (name, text) in manifests {
-            std::fs::write(policies.join(name), text).unwrap();
-        }
-        let config_path = dir.path().join("gateway.yaml");
-        if !config_path.exists() {
-            let cfg = format!(
-                "listeners:\n  proxy: 127.0.0.1:0\n  admin: 127.0.0.1:0\npolicies: {}\ndata_dir: {}\naudit:\n  origin: test.example/log\nnetwork:\n  allow_private_destinations: [127.0.0.0/8]\nlog_format: text\n{extra_config}",
-                policies.display(),
-                dir.path().join("data").display()
-            );
-            std::fs::write(&config_path, cfg).unwrap();
-        }
-        let cfg = uapk_gateway::config::load_gateway(Some(&config_path)).unwrap_or_else(|e| panic!("{e}"));
-        let running = runtime::start(cfg).await.unwrap_or_else(|e| panic!("{e:#}"));
-        TestGateway { proxy: running.proxy_addr, admin: running.admin_addr, running: Some(running), dir, config_path }
-    }
-
-    pub fn data(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    pub fn db_path(&self) -> PathBuf {
-        self.data().join("audit.redb")
-    }
-
-    pub fn gateway(&self) -> &Arc<uapk_gateway::proxy::Gateway> {
-        &self.running.as_ref().unwrap().gateway
-    }
-
-    /// Stops the gateway (drain + flush) and returns its directory for a restart.
-    pub async fn stop(mut self) -> tempfile::TempDir {
-        if let Some(r) = self.running.take() {
-            r.shutdown().await;
-        }
-        self.dir
-    }
-
-    pub fn base(&self, rest: &str) -> String {
-        format!("http://{}{rest}", self.proxy)
-    }
-
-    /// Every committed entry, parsed.
-    pub fn entries(&self) -> Vec<serde_json::Value> {
-        let db = self.running.as_ref().unwrap().gateway.db.get().unwrap();
-        read_all(&db)
-    }
-}
-
-pub fn read_all(db: &redb::Database) -> Vec<serde_json::Value> {
-    let mut out = Vec::new();
-    let mut from = 0;
-    loop {
-        let batch = uapk_gateway::audit::read_entries(db, from, 1000).unwrap();
-        let Some(last) = batch.last().map(|(i, _)| *i) else { break };
-        out.extend(batch.iter().map(|(_, b)| serde_json::from_slice(b).unwrap()));
-        from = last + 1;
-    }
-    out
-}
-
 /// Decision entries only.
 pub fn decisions(entries: &[serde_json::Value]) -> Vec<serde_json::Value> {
     entries.iter().filter(|e| e["kind"] == "decision").cloned().collect()
@@ -314,6 +167,14 @@ pub fn token(sub: &str) -> String {
     mint(&claims(sub))
 }
 
+/// The record index a response names in `x-uapk-record`.
+pub fn record_of(r: &reqwest::Response) -> u64 {
+    r.headers()
+        .get("x-uapk-record")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or_else(|| panic!("no x-uapk-record on a {} answer", r.status()))
+}
+
 /// A plain HTTP client that never uses a proxy from the environment.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().build().unwrap()
@@ -333,8 +194,20 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_uapk-gateway")
 }
 
+/// Runs the CLI with `args` in `cwd`: exit code, stdout, stderr.
 pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
-    let out = std::process::Command::new(bin()).args(args).current_dir(cwd).output().unwrap();
+    run_cli_with(args, cwd, &[])
+}
+
+/// `run_cli` with `env` set (and `UAPK_ADMIN_KEY` only if `env` sets it).
+pub fn run_cli_with(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("UAPK_ADMIN_KEY")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -342,78 +215,88 @@ pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
     )
 }
 
-/// A loopback HTTPS upstream (HTTP/1.1 and HTTP/2 by ALPN) with its own test CA, for
-/// `tls.extra_upstream_roots`. Its certificate names `localhost` and 127.0.0.1.
-pub struct TlsUpstream {
-    pub addr: SocketAddr,
-    pub ca_pem: String,
-    pub seen: Arc<Mutex<Vec<Seen>>>,
+/// Runs `scripts/verify_log_chain.py`, the auditors' independent verifier, on `bundle` with
+/// the public key `key`, in `cwd`.
+pub fn python_verify(bundle: &Path, key: &Path, cwd: &Path) -> std::process::Output {
+    std::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/verify_log_chain.py"))
+        .arg("--bundle")
+        .arg(bundle)
+        .arg("--key")
+        .arg(key)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
 }
 
-impl TlsUpstream {
-    pub async fn start() -> TlsUpstream {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test upstream CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf_params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-            )
-            .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let s2 = seen.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (acceptor, seen) = (acceptor.clone(), s2.clone());
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else { return };
-                    let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let seen = seen.clone();
-                        async move {
-                            let version = format!("{:?}", req.version());
-                            let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-                            let path = parts.uri.path_and_query().map(|p| p.to_string()).unwrap_or_default();
-                            seen.lock().unwrap().push(Seen {
-                                method: parts.method.to_string(),
-                                path: path.clone(),
-                                headers: parts.headers,
-                                body,
-                            });
-                            let text = serde_json::json!({"ok": true, "tls": true, "path": path, "version": version})
-                                .to_string();
-                            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
-        TlsUpstream { addr, ca_pem: ca.pem(), seen }
+/// Polls `check` every 20 ms until it returns a value; panics naming `what` after `within`.
+pub async fn eventually<T>(what: impl Display, within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(started.elapsed() < within, "waited {within:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
 
-    pub fn count(&self) -> usize {
-        self.seen.lock().unwrap().len()
+/// What `tasks` returned, in their order (each must finish without panicking).
+pub async fn join_all<T>(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
     }
+    out
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: impl AsRef<[u8]>) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// The `admin:` block of gateway.yaml for `keys`: (id, the key itself, role).
+pub fn admin_keys(keys: &[(&str, &str, &str)]) -> String {
+    let mut out = String::from("admin:\n  keys:\n");
+    for (id, key, role) in keys {
+        out.push_str(&format!("    - {{ id: {id}, sha256: {}, role: {role} }}\n", sha256_hex(key)));
+    }
+    out
+}
+
+/// The first reason code of a refusal's JSON body (empty when there is none).
+pub fn reason(v: &Value) -> &str {
+    v["reasons"][0]["code"].as_str().unwrap_or_default()
+}
+
+/// A compact JWS over exactly these header and payload bytes, signed with `key`: only the
+/// gateway's rules can refuse it (the minting API refuses out-of-range times by itself).
+pub fn sign_jws(key: &SigningKey, header: &str, payload: &str) -> String {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let input = format!("{}.{}", b64(header.as_bytes()), b64(payload.as_bytes()));
+    format!("{input}.{}", b64(&key.sign(input.as_bytes()).to_bytes()))
+}
+
+/// Copies the directory `from` into `to`, subdirectories too.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Whether the tests run as root.
+pub fn is_root() -> bool {
+    std::process::Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// A loopback port that was free a moment ago (for configs of processes started later).
@@ -425,16 +308,9 @@ pub fn free_port() -> u16 {
 /// /v1/items/** → item.read) and a `passthrough` one for `127.0.0.1:port`; `tail` is appended
 /// (e.g. a `policy:` block).
 pub fn tls_manifest(port: u16, tail: &str) -> String {
-    let pem: String = issuer_pub_pem().lines().map(|l| format!("        {l}\n")).collect();
+    let head = manifest_head("tls-agent", "");
     format!(
-        r#"apiVersion: uapk/v1
-kind: Manifest
-agent: {{ id: tls-agent }}
-capability:
-  issuers:
-    - id: platform
-      public_key: |
-{pem}connectors:
+        r#"{head}connectors:
   - name: secure
     hosts: [localhost]
     ports: [{port}]

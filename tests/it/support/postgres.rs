@@ -3,7 +3,7 @@
 //! `postgres` user when the tests run as root. Without the binaries, `Pg::start` says which
 //! package to install and returns `None` (the test passes), except with `CI` set: then it fails.
 
-use super::free_port;
+use super::{free_port, is_root};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,10 +22,6 @@ fn postgres_bin() -> Option<PathBuf> {
         .collect();
     found.sort();
     found.pop()
-}
-
-fn is_root() -> bool {
-    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
 /// Runs a PostgreSQL program as the cluster's owner (`postgres` when we are root: the server
