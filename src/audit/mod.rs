@@ -33,4 +33,4 @@ pub use verify::{
 };
 
 #[cfg(test)]
-mod tests;
+mod test_support;
