@@ -21,4 +21,4 @@ pub use budgets::{
 pub use rate::{LocalLimiters, RateLimited, RateLimiters, RateRefused, RateTaken};
 
 #[cfg(test)]
-mod tests;
+mod test_support;
