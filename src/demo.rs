@@ -38,7 +38,7 @@ const MAX_BODY: usize = 1 << 20;
 type Body = BoxBody<Bytes, Infallible>;
 
 /// Serves the demo API on `listen` until the process ends.
-pub async fn serve(listen: SocketAddr) -> std::io::Result<()> {
+pub(crate) async fn serve(listen: SocketAddr) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     println!(
@@ -100,7 +100,7 @@ impl Received {
 }
 
 /// The echoed headers: lower-case names, credentials redacted, repeated headers joined.
-pub fn redacted_headers(headers: &http::HeaderMap) -> BTreeMap<String, String> {
+pub(crate) fn redacted_headers(headers: &http::HeaderMap) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {
         let name = name.as_str().to_ascii_lowercase();

@@ -957,7 +957,7 @@ pub(crate) mod remote {
 
     /// How a streamed response ended.
     #[derive(Clone, Copy, PartialEq, Eq)]
-    pub enum StreamEnd {
+    pub(crate) enum StreamEnd {
         /// The admin API could not be reached.
         Unreachable,
         /// The body ended as the server ended it.
@@ -966,7 +966,7 @@ pub(crate) mod remote {
         CutOff,
     }
 
-    pub struct Admin {
+    pub(crate) struct Admin {
         base: String,
         key: String,
         rt: tokio::runtime::Runtime,
@@ -976,7 +976,7 @@ pub(crate) mod remote {
     impl Admin {
         /// The admin key comes from `key_file`, else from `UAPK_ADMIN_KEY`; it never appears in
         /// messages.
-        pub fn connect(url: &str, key_file: Option<&Path>) -> Result<Admin, Fail> {
+        pub(crate) fn connect(url: &str, key_file: Option<&Path>) -> Result<Admin, Fail> {
             if !url.starts_with("http://") {
                 return Err(Fail(2, format!("--admin {url:?}: give the admin listener's http:// URL")));
             }
@@ -995,16 +995,20 @@ pub(crate) mod remote {
             Ok(Admin { base: url.trim_end_matches('/').to_string(), key, rt, client })
         }
 
-        pub fn get(&self, path: &str) -> Result<Bytes, Fail> {
+        pub(crate) fn get(&self, path: &str) -> Result<Bytes, Fail> {
             self.request(http::Method::GET, path)
         }
 
-        pub fn post(&self, path: &str) -> Result<Bytes, Fail> {
+        pub(crate) fn post(&self, path: &str) -> Result<Bytes, Fail> {
             self.request(http::Method::POST, path)
         }
 
         /// GETs `path` and hands each piece of the body to `each` as it arrives.
-        pub fn stream(&self, path: &str, mut each: impl FnMut(&[u8]) -> Result<(), Fail>) -> Result<StreamEnd, Fail> {
+        pub(crate) fn stream(
+            &self,
+            path: &str,
+            mut each: impl FnMut(&[u8]) -> Result<(), Fail>,
+        ) -> Result<StreamEnd, Fail> {
             let url = format!("{}{path}", self.base);
             let req = http::Request::builder()
                 .uri(&url)

@@ -286,7 +286,7 @@ pub async fn start(cfg: GatewayConfig) -> Result<Running> {
     let parts = crate::app::Parts {
         policies: Policies::new(set),
         audit: audit_log.handle(),
-        log: audit::LogReader::new(audit_log.database()),
+        log: audit_log.reader(),
         budgets,
         fleet_db,
         rate_limits: rate_limiters(&cfg, &metrics).await?,

@@ -33,7 +33,7 @@ enum Round {
 
 type Stamp = (u64, std::time::SystemTime);
 
-pub fn run(a: TailArgs) -> Result<(), Fail> {
+pub(crate) fn run(a: TailArgs) -> Result<(), Fail> {
     let cfg = load_config(a.config.as_deref())?;
     let path = cfg.audit.path.clone();
     let admin_url = a.remote.admin.clone().unwrap_or_else(|| {

@@ -77,7 +77,7 @@ const MAX_CHOICES: u64 = 128;
 /// JSON body, times `n` choices when `n > 1`), else `default_output` (the connector's
 /// `usage_estimate`), plus the body's length / 4, rounded up, for the input. A declared limit
 /// that is not a positive integer is ignored (the upstream refuses it anyway).
-pub(crate) fn estimate(body: &[u8], default_output: u64) -> u64 {
+pub fn estimate(body: &[u8], default_output: u64) -> u64 {
     let input = (body.len() as u64).div_ceil(4);
     let declared = serde_json::from_slice::<Value>(body).ok().and_then(|v| {
         let limit = ["max_tokens", "max_completion_tokens", "max_output_tokens"]

@@ -158,3 +158,75 @@ impl StorageBackend for PrefilledFile {
         self.inner.query_lock_range(start, end)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::test_support::{filled_log, pubkey};
+    use crate::audit::{Durability, verify_db};
+
+    /// Where the file's first hole (never-written space) starts.
+    fn first_hole(path: &std::path::Path) -> u64 {
+        let f = std::fs::File::open(path).unwrap();
+        rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(0)).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_log_file_grows_into_written_space_not_holes() {
+        let (_dir, path) = filled_log(Durability::Sync, 3000).await;
+        let bytes = std::fs::read(&path).unwrap();
+        // The file grew several times (redb leaves new space sparse); every byte redb wrote lies
+        // below the first hole, so no commit's fdatasync had to allocate blocks for its pages.
+        assert!(bytes.len() > 256 * 1024, "the file grew: {} bytes", bytes.len());
+        let last_data = bytes.iter().rposition(|b| *b != 0).unwrap() as u64;
+        let hole = first_hole(&path);
+        assert!(hole > last_data, "first hole at {hole}, data up to {last_data}");
+        assert_eq!(verify_db(&path, &[pubkey()]).unwrap().entries, 3000);
+    }
+
+    /// The file backend fills holes just ahead of the writes, and never writes zeros over data,
+    /// including data it did not write itself (a file written before, with holes around its data).
+    #[test]
+    fn holes_ahead_of_writes_are_filled_and_data_is_never_zeroed() {
+        use redb::StorageBackend;
+        const MB: u64 = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // An older file: 64 MiB, sparse except a block of data at 10 MiB and one at 30 MiB.
+        {
+            let f = std::fs::File::create(&path).unwrap();
+            f.set_len(64 * MB).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &[0xAB; 8192], 10 * MB).unwrap();
+            std::os::unix::fs::FileExt::write_all_at(&f, &[0xCD; 4096], 30 * MB).unwrap();
+        }
+        let file = PrefilledFile::open(&path).unwrap();
+        // Writes below, at, and jumping past the old data.
+        file.write(9 * MB, &[1; 4096]).unwrap();
+        file.write(9 * MB + 4096, &[2; 4096]).unwrap();
+        file.write(29 * MB + 8192, &[3; 4096]).unwrap();
+        let read = |at: u64, n: usize| {
+            let mut out = vec![0u8; n];
+            file.read(at, &mut out).unwrap();
+            out
+        };
+        assert_eq!(read(10 * MB, 8192), vec![0xAB; 8192], "old data kept");
+        assert_eq!(read(30 * MB, 4096), vec![0xCD; 4096], "old data kept");
+        assert_eq!(read(9 * MB, 4096), vec![1; 4096]);
+        assert_eq!(read(9 * MB + 4096, 4096), vec![2; 4096]);
+        assert_eq!(read(29 * MB + 8192, 4096), vec![3; 4096]);
+        // Ahead of the last write, at least 2 MiB are allocated (or dirty, about to be): no hole.
+        let f = std::fs::File::open(&path).unwrap();
+        let hole_after = rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(29 * MB + 8192)).unwrap();
+        assert!(hole_after >= 29 * MB + 8192 + 4096 + 2 * MB, "hole at {hole_after}");
+        // ...and the space between the first writes and the old data was filled too.
+        assert!(rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(9 * MB)).unwrap() >= 10 * MB + 8192);
+        // Far beyond, the file is still sparse: zeros go out step by step, not all at once.
+        assert_eq!(rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(50 * MB)).unwrap(), 50 * MB);
+        // A shrink and a regrow keep it consistent.
+        file.set_len(40 * MB).unwrap();
+        file.set_len(64 * MB).unwrap();
+        file.write(39 * MB, &[4; 4096]).unwrap();
+        assert_eq!(read(39 * MB, 4096), vec![4; 4096]);
+        assert_eq!(read(30 * MB, 4096), vec![0xCD; 4096]);
+    }
+}

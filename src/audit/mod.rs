@@ -21,7 +21,7 @@ pub use canonical::{Fields, canonical_json};
 pub use merkle::{Frontier, leaf_hash};
 pub use note::{Checkpoint, key_id, parse_checkpoint, parse_unverified};
 pub use proof::Proof;
-pub use store::{AuditConfig, AuditHandle, AuditLog, Durability, Precondition, SharedDb, rotate_key};
+pub use store::{AuditConfig, AuditHandle, AuditLog, Durability, Precondition, rotate_key};
 pub use uapk_tlog::Error as AuditError;
 pub use verify::{
     LogReader, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, fetch_failure,
@@ -30,9 +30,9 @@ pub use verify::{
 
 pub(crate) use merkle::Hash;
 pub(crate) use note::valid_key_name;
-pub(crate) use store::Checker;
+pub(crate) use store::{Checker, SharedDb};
 pub(crate) use uapk_tlog::{MAX_ENTRY_BYTES, storage};
 pub(crate) use verify::{ExportReport, export_from, first_index_at_or_after};
 
 #[cfg(test)]
-mod tests;
+mod test_support;

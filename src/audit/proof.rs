@@ -131,3 +131,74 @@ pub fn consistency(tx: &ReadTransaction, old: u64, new: u64) -> Result<Proof, Au
         checkpoint: checkpoint_at(tx, new)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::merkle::{self, consistency_proof, inclusion_proof, root_from_leaves};
+    use crate::audit::test_support::{filled_log, open, pubkey};
+    use crate::audit::{Durability, Hash, parse_checkpoint, store};
+
+    /// Proofs built from the stored node index equal the reference proofs over all leaves, and an
+    /// index that is missing (a log written before it existed) is rebuilt at open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn proofs_from_the_node_index_match_proofs_over_all_leaves() {
+        let (dir, path) = filled_log(Durability::Async, 1300).await;
+        let check = |db: &redb::Database| {
+            use redb::{ReadableDatabase, ReadableTable};
+            let tx = db.begin_read().unwrap();
+            let leaves: Vec<Hash> = tx
+                .open_table(store::ENTRIES)
+                .unwrap()
+                .iter()
+                .unwrap()
+                .map(|r| merkle::leaf_hash(r.unwrap().1.value()))
+                .collect();
+            let n = leaves.len() as u64;
+            assert_eq!(Some(root_from_leaves(&leaves)), latest_checkpoint_root(&tx));
+            assert_eq!(redb::ReadableTableMetadata::len(&tx.open_table(store::NODES).unwrap()).unwrap(), 5 + 2 + 1);
+            for (index, size) in [(0, n), (255, 256), (256, 513), (700, 1024), (1023, 1025), (1299, n), (5, 300)] {
+                let Proof::Inclusion { root, path, leaf, .. } = inclusion(&tx, index, Some(size)).unwrap() else {
+                    panic!()
+                };
+                let part = &leaves[..size as usize];
+                assert_eq!(root, root_from_leaves(part), "root at {size}");
+                assert_eq!(leaf, leaves[index as usize]);
+                assert_eq!(path, inclusion_proof(part, index as usize), "inclusion {index} in {size}");
+            }
+            for (old, new) in [(1, n), (256, 1024), (257, 1300), (1024, 1025), (600, 1299)] {
+                let Proof::Consistency { old_root, new_root, path, .. } = consistency(&tx, old, new).unwrap() else {
+                    panic!()
+                };
+                let part = &leaves[..new as usize];
+                assert_eq!((old_root, new_root), (root_from_leaves(&part[..old as usize]), root_from_leaves(part)));
+                assert_eq!(path, consistency_proof(part, old as usize), "consistency {old} -> {new}");
+            }
+        };
+        {
+            let db = redb::Database::open(&path).unwrap();
+            check(&db);
+            // Drop the index, as a log from before it would have none.
+            let tx = db.begin_write().unwrap();
+            tx.delete_table(store::NODES).unwrap();
+            tx.commit().unwrap();
+        }
+        let log = open(dir.path(), Durability::Sync, 16);
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        let db = redb::Database::open(&path).unwrap();
+        check(&db);
+        // The proof really reads the index: a wrong node gives a root the checkpoint will not match.
+        let tx = db.begin_write().unwrap();
+        tx.open_table(store::NODES).unwrap().insert(store::node_key(10, 0), [0u8; 32].as_slice()).unwrap();
+        tx.commit().unwrap();
+        let tx = redb::ReadableDatabase::begin_read(&db).unwrap();
+        let Proof::Inclusion { root, .. } = inclusion(&tx, 1299, Some(1300)).unwrap() else { panic!() };
+        assert_ne!(Some(root), latest_checkpoint_root(&tx));
+    }
+
+    fn latest_checkpoint_root(tx: &redb::ReadTransaction) -> Option<Hash> {
+        use redb::ReadableTable;
+        let note = tx.open_table(store::CHECKPOINTS).unwrap().last().unwrap()?.1.value().to_string();
+        Some(parse_checkpoint(&note, &[("test/log".to_string(), pubkey())]).unwrap().root)
+    }
+}

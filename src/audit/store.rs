@@ -260,7 +260,7 @@ impl AuditHandle {
 /// the writer does that here, so everyone takes the current database for each use instead of
 /// keeping one.
 #[derive(Clone)]
-pub struct SharedDb(Arc<RwLock<Option<Arc<redb::Database>>>>);
+pub(crate) struct SharedDb(Arc<RwLock<Option<Arc<redb::Database>>>>);
 
 impl SharedDb {
     pub(crate) fn new(db: redb::Database) -> SharedDb {
@@ -268,7 +268,7 @@ impl SharedDb {
     }
 
     /// The open database; an error while the writer is reopening it.
-    pub fn get(&self) -> Result<Arc<redb::Database>, AuditError> {
+    pub(crate) fn get(&self) -> Result<Arc<redb::Database>, AuditError> {
         self.0
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -1002,5 +1002,192 @@ fn batch_scheduling() {
         if let Err(e) = set_thread_priority_and_policy(thread_native_id(), nice0, policy) {
             tracing::debug!(error = ?e, "audit writer keeps the default scheduling policy");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::test_support::{append_concurrently, entry, open, pubkey};
+    use crate::audit::{Checkpoint, Hash, read_entries, verify_db};
+    use serde_json::{Value, json};
+
+    fn hexh(s: &str) -> Hash {
+        hex::decode(s).unwrap().try_into().unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_quiet_async_log_becomes_durable_by_its_timer() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Async, 64);
+        let h = log.handle();
+        // Two waves back to back: if the first wave's commit happened to sync (the writer also syncs
+        // at a commit when the window has passed), the second follows within the fresh window, so
+        // only the timer can make it durable.
+        append_concurrently(&h, 10).await;
+        append_concurrently(&h, 10).await;
+        // No further appends and no shutdown. What a crash would leave is the file as written so far:
+        // copy it (the log itself stays open). Polled rather than timed once, so a slow machine does
+        // not fail it; without the timer it never gets there.
+        let copy = dir.path().join("copy.redb");
+        let mut seen = None;
+        for _ in 0..40 {
+            tokio::time::sleep(ASYNC_SYNC_EVERY * 2).await;
+            std::fs::copy(dir.path().join("audit.redb"), &copy).unwrap();
+            seen = verify_db(&copy, &[pubkey()]).ok().map(|r| r.entries);
+            if seen == Some(20) {
+                break;
+            }
+        }
+        assert_eq!(seen, Some(20), "the copy never held the 20 acknowledged entries");
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_appends_get_distinct_indexes_and_verify_then_reopen_continues() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Sync, 4096);
+        let h = log.handle();
+        let idx = append_concurrently(&h, 1000).await;
+        // Every task was told the index of its own entry (groups are acknowledged together).
+        {
+            let db = log.database().get().unwrap();
+            let rows = read_entries(&db, 0, 1000).unwrap();
+            for (task, &i) in idx.iter().enumerate() {
+                let e: Value = serde_json::from_slice(&rows[i as usize].1).unwrap();
+                assert_eq!(e["n"], task.to_string(), "task {task} was told index {i}");
+            }
+        }
+        let mut sorted = idx.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        assert_eq!(h.tree_size(), 1000);
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        let report = verify_db(&dir.path().join("audit.redb"), &[pubkey()]).unwrap();
+        assert_eq!(report.entries, 1000);
+        assert!(report.checkpoints >= 1);
+        // Reopen: continues at 1000, chained to 999.
+        let log = open(dir.path(), Durability::Async, 16);
+        assert_eq!(log.handle().append(entry(1000)).await.unwrap(), 1000);
+        let db = log.database().get().unwrap();
+        let rows = read_entries(&db, 999, 2).unwrap();
+        let last: Value = serde_json::from_slice(&rows[1].1).unwrap();
+        assert_eq!(last["prev"], hex::encode(leaf_hash(&rows[0].1)));
+        assert_eq!(
+            (last["v"].as_str(), last["log"].as_str(), last["idx"].as_str()),
+            (Some("1"), Some("test/log"), Some("1000"))
+        );
+        // RFC 3339 UTC with exactly six fractional digits, now, and not before the entry it follows.
+        let ts = last["ts"].as_str().unwrap();
+        assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
+        let rfc3339 = &time::format_description::well_known::Rfc3339;
+        let at = time::OffsetDateTime::parse(ts, rfc3339).unwrap();
+        assert!((time::OffsetDateTime::now_utc() - at).abs() < time::Duration::seconds(30), "{ts}");
+        let before: Value = serde_json::from_slice(&rows[0].1).unwrap();
+        assert!(time::OffsetDateTime::parse(before["ts"].as_str().unwrap(), rfc3339).unwrap() <= at);
+        drop(db);
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        assert_eq!(verify_db(&dir.path().join("audit.redb"), &[pubkey()]).unwrap().entries, 1001);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_fails_fast() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Sync, 1);
+        let h = log.handle();
+        let mut full = 0;
+        for i in 0..200 {
+            if matches!(h.append_nowait(entry(i)), Err(AuditError::QueueFull)) {
+                full += 1;
+            }
+        }
+        assert!(full > 0, "a queue of 1 must refuse some of 200 immediate appends");
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn long_strings_are_cut_unfit_entries_refused_and_nothing_else_is_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Sync, 16);
+        let h = log.handle();
+        // A long string is cut (its hash kept), not refused.
+        let mut big = entry(0);
+        big.insert("blob".into(), json!("x".repeat(20_000)));
+        assert_eq!(h.append(big).await.unwrap(), 0);
+        // An entry that fits by no cutting or dropping (field names are never cut) is refused.
+        let mut unfit = entry(1);
+        for i in 0..20 {
+            unfit.insert(format!("{i:02}{}", "k".repeat(1000)), json!("v"));
+        }
+        assert!(matches!(h.append(unfit).await, Err(AuditError::EntryTooLarge(_))));
+        assert_eq!(h.append(entry(2)).await.unwrap(), 1);
+        let db = log.database().get().unwrap();
+        let stored: Value = serde_json::from_slice(&read_entries(&db, 0, 1).unwrap()[0].1).unwrap();
+        assert_eq!(stored["truncated"]["blob"]["len"], "20000");
+        drop(db);
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_rotation_is_followed_by_verify_and_enforced() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Sync, 64);
+        for i in 0..5 {
+            log.handle().append(entry(i)).await.unwrap();
+        }
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        let cfg = |key_name: &str| AuditConfig {
+            path: dir.path().join("audit.redb"),
+            origin: "test/log".into(),
+            durability: Durability::Sync,
+            sign_each_entry: true,
+            queue_capacity: 16,
+            key_name: key_name.into(),
+        };
+        let (old, new) = (SigningKey::from_bytes(&[5u8; 32]), SigningKey::from_bytes(&[8u8; 32]));
+        assert_eq!(rotate_key(cfg("test/log"), old.clone(), new.clone()).unwrap(), 5);
+        // The old key may no longer run the log; the new one continues it.
+        let refused = AuditLog::open(cfg("test/log"), old.clone()).err().unwrap().to_string();
+        assert!(refused.contains("rotated"), "{refused}");
+        let log = AuditLog::open(cfg("test/log"), new.clone()).unwrap();
+        for i in 0..5 {
+            log.handle().append(entry(i)).await.unwrap();
+        }
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        // Verification from the original key crosses the rotation.
+        let db = dir.path().join("audit.redb");
+        let r = verify_db(&db, &[old.verifying_key()]).unwrap();
+        assert_eq!(r.entries, 11);
+        // A later checkpoint signed by the retired key only is rejected.
+        let copy = dir.path().join("forged.redb");
+        std::fs::copy(&db, &copy).unwrap();
+        {
+            use redb::ReadableTable;
+            let d = redb::Database::open(&copy).unwrap();
+            let tx = d.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(CHECKPOINTS).unwrap();
+                let (size, note) = {
+                    let (k, v) = t.last().unwrap().unwrap();
+                    (k.value(), v.value().to_string())
+                };
+                let body = note.split_once("\n\n").unwrap().0;
+                let cp = Checkpoint {
+                    origin: "test/log".into(),
+                    size,
+                    root: hexh(&hex::encode(
+                        base64::Engine::decode(
+                            &base64::engine::general_purpose::STANDARD,
+                            body.lines().nth(2).unwrap(),
+                        )
+                        .unwrap(),
+                    )),
+                };
+                t.insert(size, cp.sign("test/log", &old).as_str()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let err = verify_db(&copy, &[old.verifying_key()]).unwrap_err();
+        assert!(err.reason.contains("trusted key"), "{}", err.reason);
     }
 }

@@ -104,3 +104,32 @@ pub fn extract(mut tar: &[u8], out: &std::path::Path) -> Result<Vec<String>, Aud
         tar = &rest[padded..];
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bundle_tars_round_trip_and_malformed_ones_are_refused() {
+        use super::{END, TAR_FILES, extract, header, padding};
+        let mut t = Vec::new();
+        for (i, name) in TAR_FILES.iter().enumerate() {
+            let body = vec![b'a' + i as u8; 700 * i];
+            t.extend_from_slice(&header(name, body.len() as u64, 1_700_000_000).unwrap());
+            t.extend_from_slice(&body);
+            t.extend(std::iter::repeat_n(0u8, padding(body.len() as u64)));
+        }
+        t.extend_from_slice(&END);
+        let dir = tempfile::tempdir().unwrap();
+        let names = extract(&t, &dir.path().join("out")).unwrap();
+        assert_eq!(names, TAR_FILES.to_vec());
+        assert_eq!(std::fs::read(dir.path().join("out/entries.jsonl")).unwrap(), vec![b'f'; 3500]);
+        // Cut short, a bad checksum, an unexpected name: refused.
+        assert!(extract(&t[..t.len() - 1100], &dir.path().join("a")).is_err());
+        let mut bad = t.clone();
+        bad[5] ^= 1;
+        assert!(extract(&bad, &dir.path().join("b")).is_err());
+        let mut evil = header("checkpoint", 0, 0).unwrap().to_vec();
+        evil[..10].copy_from_slice(b"../escape\0");
+        assert!(extract(&[evil, END.to_vec()].concat(), &dir.path().join("c")).is_err());
+        assert!(header("a/b", 1, 0).is_err());
+    }
+}

@@ -373,3 +373,174 @@ pub(crate) fn export_from(
     write("manifest.json.sig", format!("{sig}\n").as_bytes())?;
     Ok(ExportReport { entries: n, from, to: cp_size })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::test_support::{entry, open, pubkey};
+    use crate::audit::{AuditConfig, AuditLog, Durability};
+    use uapk_tlog::verify::verify_bundle;
+
+    type Tamper = dyn Fn(&mut redb::Table<u64, &[u8]>);
+
+    fn tampered(dir: &std::path::Path, f: &Tamper) -> std::path::PathBuf {
+        let src = dir.join("audit.redb");
+        let dst = dir.join(format!("t{}.redb", rand::random::<u32>()));
+        std::fs::copy(&src, &dst).unwrap();
+        let db = redb::Database::open(&dst).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(ENTRIES).unwrap();
+            f(&mut t);
+        }
+        tx.commit().unwrap();
+        dst
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tampering_is_detected_and_the_first_bad_index_named() {
+        use redb::ReadableTable;
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Sync, 64);
+        let h = log.handle();
+        for i in 0..20 {
+            h.append(entry(i)).await.unwrap();
+        }
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        let get = |t: &redb::Table<u64, &[u8]>, i: u64| t.get(i).unwrap().unwrap().value().to_vec();
+        let cases: Vec<(Box<Tamper>, u64)> = vec![
+            (
+                Box::new(move |t| {
+                    let mut e = get(t, 7);
+                    let n = e.len() - 5;
+                    e[n] ^= 1;
+                    t.insert(7, e.as_slice()).unwrap();
+                }),
+                7,
+            ),
+            (
+                Box::new(|t| {
+                    t.remove(4).unwrap();
+                }),
+                4,
+            ),
+            (
+                // The link changed, not the entry before it: the signed root says which.
+                Box::new(move |t| {
+                    let e = String::from_utf8(get(t, 12)).unwrap();
+                    let at = e.find("\"prev\":\"").unwrap() + 8;
+                    let flipped = if &e[at..at + 1] == "0" { "1" } else { "0" };
+                    let e = format!("{}{flipped}{}", &e[..at], &e[at + 1..]);
+                    t.insert(12, e.as_bytes()).unwrap();
+                }),
+                12,
+            ),
+            (
+                Box::new(move |t| {
+                    let (a, b) = (get(t, 10), get(t, 11));
+                    t.insert(10, b.as_slice()).unwrap();
+                    t.insert(11, a.as_slice()).unwrap();
+                }),
+                10,
+            ),
+            (
+                Box::new(|t| {
+                    for i in 17..20 {
+                        t.remove(i).unwrap();
+                    }
+                }),
+                17,
+            ),
+            (
+                Box::new(move |t| {
+                    let mut e = get(t, 19);
+                    let n = e.len() - 5;
+                    e[n] ^= 1;
+                    t.insert(19, e.as_slice()).unwrap();
+                }),
+                19,
+            ),
+        ];
+        for (f, want) in cases {
+            let path = tampered(dir.path(), &*f);
+            let err = verify_db(&path, &[pubkey()]).unwrap_err();
+            assert_eq!(err.index, Some(want), "{}", err.reason);
+            // And the gateway refuses to start on it.
+            let cfg = AuditConfig {
+                path,
+                origin: "test/log".into(),
+                durability: Durability::Sync,
+                sign_each_entry: false,
+                queue_capacity: 4,
+                key_name: "test/log".into(),
+            };
+            assert!(AuditLog::open(cfg, SigningKey::from_bytes(&[5u8; 32])).is_err());
+        }
+        // A foreign key does not verify the untouched log.
+        let err = verify_db(&dir.path().join("audit.redb"), &[SigningKey::from_bytes(&[6u8; 32]).verifying_key()])
+            .unwrap_err();
+        assert!(err.reason.contains("trusted key") || err.reason.contains("key active"), "{}", err.reason);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bundles_verify_and_detect_edits() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Sync, 64);
+        let h = log.handle();
+        for i in 0..30 {
+            h.append(entry(i)).await.unwrap();
+        }
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        let key = SigningKey::from_bytes(&[5u8; 32]);
+        let db = dir.path().join("audit.redb");
+        let out = dir.path().join("bundle");
+        let r = export_bundle(&db, &out, None, None, &key).unwrap();
+        assert_eq!(r.entries, 30);
+        assert_eq!(verify_bundle(&out, &[pubkey()]).unwrap().size, 30);
+        // A middle range verifies too.
+        let mid = dir.path().join("mid");
+        let r = export_bundle(&db, &mid, Some(10), Some(20), &key).unwrap();
+        assert_eq!(r.from, 10);
+        assert!(verify_bundle(&mid, &[pubkey()]).is_ok());
+        // Any edit is caught.
+        let p = out.join("entries.jsonl");
+        let mut text = std::fs::read(&p).unwrap();
+        text[100] ^= 1;
+        std::fs::write(&p, text).unwrap();
+        assert!(verify_bundle(&out, &[pubkey()]).is_err());
+        assert!(verify_bundle(&mid, &[SigningKey::from_bytes(&[6u8; 32]).verifying_key()]).is_err());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bundles_are_checked_against_a_trusted_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = open(dir.path(), Durability::Sync, 64);
+        let h = log.handle();
+        for i in 0..10 {
+            h.append(entry(i)).await.unwrap();
+        }
+        let kept = h.latest_checkpoint().unwrap();
+        for i in 10..20 {
+            h.append(entry(i)).await.unwrap();
+        }
+        let newest = h.latest_checkpoint().unwrap();
+        tokio::task::spawn_blocking(move || log.shutdown()).await.unwrap();
+        let key = SigningKey::from_bytes(&[5u8; 32]);
+        let db = dir.path().join("audit.redb");
+        let (full, old) = (dir.path().join("full"), dir.path().join("old"));
+        export_bundle(&db, &full, None, None, &key).unwrap();
+        export_bundle(&db, &old, None, Some(10), &key).unwrap();
+        fn with(t: &str) -> VerifyOptions<'_> {
+            VerifyOptions { trusted_checkpoint: Some(t), progress: None }
+        }
+        let r = verify_bundle_with(&full, &[pubkey()], &with(&kept)).unwrap();
+        assert_eq!((r.size, r.trusted_size), (20, Some(10)));
+        assert!(verify_bundle_with(&old, &[pubkey()], &with(&kept)).is_ok());
+        let e = verify_bundle_with(&old, &[pubkey()], &with(&newest)).unwrap_err();
+        assert!(e.reason.contains("rolled back") && e.index == Some(10) && !e.io, "{e:?}");
+        let e = verify_bundle_with(&full, &[pubkey()], &with("garbage")).unwrap_err();
+        assert!(e.reason.contains("trusted checkpoint") && !e.io, "{e:?}");
+        let e = verify_bundle_with(&dir.path().join("nowhere"), &[pubkey()], &VerifyOptions::default()).unwrap_err();
+        assert!(e.io, "{e:?}");
+    }
+}

@@ -873,3 +873,50 @@ pub struct ManifestAudit {
     /// Lower-case header names recorded only as SHA-256.
     pub redact_headers: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_patterns() {
+        let p = PathPattern::parse("/v1/charges/**").unwrap();
+        assert!(p.matches("/v1/charges").is_some());
+        assert!(p.matches("/v1/charges/ch_1/refunds").is_some());
+        assert!(p.matches("/v1/chargesX").is_none());
+        let p = PathPattern::parse("/v1/*/x").unwrap();
+        assert!(p.matches("/v1/a/x").is_some());
+        assert!(p.matches("/v1//x").is_none());
+        assert!(p.matches("/v1/a/b/x").is_none());
+        assert!(PathPattern::parse("v1").is_err());
+        assert!(PathPattern::parse("/**/x").is_err());
+    }
+
+    #[test]
+    fn host_patterns_and_cidrs() {
+        let c = Connector {
+            name: "x".into(),
+            base_url: None,
+            hosts: vec!["api.example.com".into(), "*.svc.example.com".into()],
+            ports: vec![443],
+            tls: TlsMode::Intercept,
+            credentials: Ok(vec![]),
+            strip_headers: vec![],
+            mcp: None,
+            usage: None,
+            usage_estimate: 4096,
+            routes: vec![],
+        };
+        assert!(c.matches_host("API.example.com"));
+        assert!(c.matches_host("a.svc.example.com"));
+        assert!(c.matches_host("a.b.svc.example.com"));
+        assert!(!c.matches_host("svc.example.com"));
+        assert!(!c.matches_host("evilsvc.example.com"));
+        assert!(!c.matches_host("api.example.com.evil.com"));
+        let n = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("11.0.0.1".parse().unwrap()));
+        assert!(Cidr::parse("::1/128").unwrap().contains("::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").is_none());
+    }
+}

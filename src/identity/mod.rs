@@ -26,6 +26,3 @@ pub enum IdentityError {
     #[error("cannot mint the token: {0}")]
     Mint(String),
 }
-
-#[cfg(test)]
-mod tests;

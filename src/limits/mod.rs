@@ -21,4 +21,4 @@ pub(crate) use budgets::{
 pub(crate) use rate::{RateLimiters, RateRefused, RateTaken};
 
 #[cfg(test)]
-mod tests;
+mod test_support;

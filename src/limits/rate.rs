@@ -420,3 +420,190 @@ impl LocalLimiters {
         keys
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Manifest;
+    use crate::limits::test_support::manifest;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn rate_limits_refuse_above_the_burst_and_say_when_to_retry() {
+        let m = manifest("  rate_limits:\n    - rate: 10/s\n      burst: 5\n");
+        let rl = LocalLimiters::new();
+        let ok = (0..20).filter(|_| rl.check(&m, "pay", "a").map(RateTaken::commit).is_ok()).count();
+        assert!((5..=6).contains(&ok), "{ok}");
+        let e = rl.check(&m, "pay", "a").expect_err("refused");
+        assert_eq!(e.reason.code, "rate_limited");
+        assert_eq!(e.retry_after, Duration::from_secs(1));
+        assert_eq!(e.policy, "\"agent\";q=10;w=1");
+        assert_eq!(e.limit, "\"agent\";r=0;t=1");
+        assert!(rl.sweep() >= 1);
+    }
+
+    const TWO_LIMITS: &str = "  rate_limits:\n    - scope: agent\n      rate: 100/h\n      burst: 5\n    - scope: action\n      rate: 1/h\n      burst: 1\n";
+
+    /// Outcomes at one fixed instant, each taken request committed: (passed, refused).
+    fn run(rl: &LocalLimiters, m: &Manifest, action: &str, n: usize, now: u64) -> (usize, usize) {
+        let mut out = (0, 0);
+        for _ in 0..n {
+            match rl.check_at(m, "pay", action, now) {
+                Ok(t) => {
+                    t.commit();
+                    out.0 += 1;
+                }
+                Err(e) => {
+                    assert_eq!(e.reason.code, "rate_limited");
+                    out.1 += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The local limiter decides as governor's own keyed limiter does for one limit: same quota,
+    /// same answers at the same instants, same wait.
+    #[test]
+    fn one_limit_decides_like_governors_stock_keyed_limiter() {
+        use governor::clock::FakeRelativeClock;
+        use governor::state::keyed::DefaultKeyedStateStore;
+        let m = manifest("  rate_limits:\n    - scope: action\n      rate: 10/s\n      burst: 3\n");
+        let quota = quota_of(&m.policy.rate_limits[0]);
+        assert_eq!(quota.replenish_interval(), Duration::from_millis(100));
+        assert_eq!(quota.burst_size().get(), 3);
+        let clock = FakeRelativeClock::default();
+        let stock = governor::RateLimiter::<_, _, _, governor::middleware::NoOpMiddleware<governor::nanos::Nanos>>::new(
+            quota,
+            DefaultKeyedStateStore::<String>::default(),
+            clock.clone(),
+        );
+        let rl = LocalLimiters::new();
+        let mut now = 0u64;
+        let (mut passed, mut refused) = (0, 0);
+        for i in 0..200u64 {
+            // Irregular arrivals: bursts and pauses.
+            let step = [0, 0, 7, 0, 37, 130, 0, 61][(i % 8) as usize] * 1_000_000;
+            now += step;
+            clock.advance(Duration::from_nanos(step));
+            let want = stock.check_key(&"payment.refund".to_string());
+            let got = rl.check_at(&m, "pay", "payment.refund", now);
+            match (want, got) {
+                (Ok(()), Ok(t)) => {
+                    t.commit();
+                    passed += 1;
+                }
+                (Err(nu), Err(e)) => {
+                    let wait = nu.wait_time_from(governor::clock::Clock::now(&clock));
+                    assert_eq!(
+                        e.retry_after,
+                        Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0))
+                            .max(Duration::from_secs(1))
+                    );
+                    refused += 1;
+                }
+                (w, g) => panic!("request {i} at {now}ns: governor {:?}, local {:?}", w.is_ok(), g.is_ok()),
+            }
+        }
+        assert!(passed > 20 && refused > 20, "{passed} passed, {refused} refused");
+    }
+
+    #[test]
+    fn a_request_refused_by_one_limit_takes_nothing_from_another() {
+        // A: per agent, generous (burst 5). B: per action, tight (1 per hour).
+        let m = manifest(TWO_LIMITS);
+        let rl = LocalLimiters::new();
+        let t0 = 1_000_000_000;
+        assert_eq!(run(&rl, &m, "payment.refund", 1, t0), (1, 0));
+        // B refuses these; before, each of them also spent a unit of A.
+        let (_, refused) = run(&rl, &m, "payment.refund", 10, t0);
+        assert_eq!(refused, 10);
+        let e = rl.check_at(&m, "pay", "payment.refund", t0).expect_err("refused by B");
+        assert_eq!(e.policy, "\"action\";q=1;w=3600");
+        assert_eq!(e.retry_after, Duration::from_secs(3600));
+        // A still has exactly the 4 units the one forwarded request left: one per other action.
+        let passed: usize = (0..10).map(|i| run(&rl, &m, &format!("other.{i}"), 1, t0).0).sum();
+        assert_eq!(passed, 4);
+        let e = rl.check_at(&m, "pay", "other.x", t0).expect_err("A is spent");
+        assert_eq!(e.policy, "\"agent\";q=100;w=3600");
+    }
+
+    #[test]
+    fn the_refusal_names_the_limit_that_frees_up_last() {
+        let m = manifest(
+            "  rate_limits:\n    - rate: 1/s\n      burst: 1\n    - scope: connector\n      rate: 2/h\n      burst: 1\n",
+        );
+        let rl = LocalLimiters::new();
+        assert_eq!(run(&rl, &m, "a", 1, 0), (1, 0));
+        let e = rl.check_at(&m, "pay", "a", 1).expect_err("both refuse");
+        // Retrying after the agent limit's second would still meet the connector limit.
+        assert_eq!(e.policy, "\"connector\";q=2;w=3600");
+        assert_eq!(e.retry_after, Duration::from_secs(1800));
+        // Once the agent limit has refilled, only the connector limit refuses, with the rest of its wait.
+        let e = rl.check_at(&m, "pay", "a", 1_000_000_000).expect_err("connector refuses");
+        assert_eq!(e.retry_after, Duration::from_secs(1799));
+        assert_eq!(run(&rl, &m, "a", 1, 1_800_000_000_000), (1, 0));
+    }
+
+    #[test]
+    fn concurrent_requests_against_one_remaining_unit_pass_exactly_once() {
+        let m =
+            Arc::new(manifest(TWO_LIMITS.replace("rate: 1/h\n      burst: 1", "rate: 1/h\n      burst: 3").as_str()));
+        for round in 0..20 {
+            let rl = Arc::new(LocalLimiters::new());
+            // Two of the action limit's three units spent: one remains.
+            assert_eq!(run(&rl, &m, "payment.refund", 2, 0), (2, 0));
+            let start = Arc::new(std::sync::Barrier::new(16));
+            let threads: Vec<_> = (0..16)
+                .map(|_| {
+                    let (m, rl, start) = (m.clone(), rl.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        rl.check(&m, "pay", "payment.refund").map(RateTaken::commit).is_ok()
+                    })
+                })
+                .collect();
+            let passed = threads.into_iter().map(|t| t.join().unwrap()).filter(|&p| p).count();
+            assert_eq!(passed, 1, "round {round}");
+            // The agent limit gave exactly three units, not one per attempt.
+            assert_eq!(run(&rl, &m, "other", 5, 0), (2, 3), "round {round}");
+        }
+    }
+
+    #[test]
+    fn quota_of_a_request_refused_later_is_given_back() {
+        let m = manifest(TWO_LIMITS);
+        let rl = LocalLimiters::new();
+        // Taken, then dropped uncommitted (the SSRF guard or the audit log refused it): given back.
+        for _ in 0..2 {
+            let taken = rl.check_at(&m, "pay", "payment.refund", 0).expect("admitted");
+            drop(taken);
+        }
+        // Released explicitly (the data path's way), the same.
+        let taken = rl.check_at(&m, "pay", "payment.refund", 0).expect("admitted");
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(taken.release());
+        assert_eq!(run(&rl, &m, "payment.refund", 3, 0), (1, 2));
+        // Only the committed one spent a unit of the agent limit: 4 of 5 remain.
+        let passed: usize = (0..10).map(|i| run(&rl, &m, &format!("other.{i}"), 1, 0).0).sum();
+        assert_eq!(passed, 4);
+    }
+
+    #[test]
+    fn a_limit_changed_by_a_reload_starts_afresh_and_sweeping_forgets_full_buckets() {
+        let rl = LocalLimiters::new();
+        let one = manifest("  rate_limits:\n    - rate: 1/h\n      burst: 1\n");
+        assert_eq!(run(&rl, &one, "a", 2, 0), (1, 1));
+        let two = manifest("  rate_limits:\n    - rate: 2/h\n      burst: 1\n");
+        assert_eq!(run(&rl, &two, "a", 2, 0), (1, 1));
+        let by_action = manifest("  rate_limits:\n    - scope: action\n      rate: 2/h\n      burst: 1\n");
+        assert_eq!(run(&rl, &by_action, "a", 2, 0), (1, 1));
+        // A bucket that refilled long ago (its time is before now) is dropped; a spent one stays.
+        assert_eq!(rl.sweep(), 1);
+        let fast = manifest("  rate_limits:\n    - rate: 1000/s\n      burst: 1\n");
+        let rl = LocalLimiters::new();
+        rl.check(&fast, "pay", "a").map(RateTaken::commit).expect("admitted");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(rl.sweep(), 0);
+    }
+}

@@ -701,3 +701,56 @@ mod request_digest_tests {
         assert!(v.get("request_body").is_none() && v["request_body_len"] == "2", "{v}");
     }
 }
+
+#[cfg(test)]
+mod access_line_tests {
+    use super::*;
+    use http::{HeaderMap, HeaderValue};
+
+    /// The access line carries the caller's trace id (a valid `traceparent`), and none without one.
+    #[test]
+    fn access_line_carries_the_trace_id_when_one_is_known() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Buf(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let line = |traceparent: Option<&str>| -> serde_json::Value {
+            let buf = Buf::default();
+            let writer = buf.clone();
+            let subscriber =
+                tracing_subscriber::fmt().json().flatten_event(true).with_writer(move || writer.clone()).finish();
+            let mut h = HeaderMap::new();
+            if let Some(t) = traceparent {
+                h.insert("traceparent", HeaderValue::from_str(t).unwrap());
+            }
+            let access = Access {
+                request_id: "r1".into(),
+                agent: "a".into(),
+                connector: "c".into(),
+                action: "x.read".into(),
+                decision: "allow",
+                reasons: "all_checks_passed".into(),
+                started: std::time::Instant::now(),
+                trace: crate::telemetry::Telemetry::off().start_request(&h, "GET"),
+            };
+            tracing::subscriber::with_default(subscriber, || {
+                access_line(&access, http::StatusCode::OK, 5, Some(7), None, None)
+            });
+            let out = buf.0.lock().unwrap().clone();
+            serde_json::from_slice(&out).unwrap()
+        };
+        let l = line(Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert_eq!(l["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736", "{l}");
+        assert_eq!((l["request_id"].as_str(), l["record"].as_u64()), (Some("r1"), Some(7)), "{l}");
+        let l = line(None);
+        assert!(l.get("trace_id").is_none() && l["request_id"] == "r1", "{l}");
+    }
+}

@@ -608,6 +608,3 @@ impl http_body::Body for HoldsSlot {
         self.inner.size_hint()
     }
 }
-
-#[cfg(test)]
-mod tests;

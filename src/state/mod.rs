@@ -88,6 +88,7 @@ pub enum Log {
 }
 
 impl Log {
+    /// Appends and reads the log's state (size, checkpoints).
     pub fn handle(&self) -> audit::AuditHandle {
         match self {
             Log::Embedded(l) => l.handle(),
@@ -95,11 +96,12 @@ impl Log {
         }
     }
 
-    pub fn database(&self) -> audit::SharedDb {
-        match self {
+    /// Reads the local log: the embedded file, or a fleet gateway's read copy.
+    pub fn reader(&self) -> audit::LogReader {
+        audit::LogReader::new(match self {
             Log::Embedded(l) => l.database(),
             Log::Fleet(l) => l.database(),
-        }
+        })
     }
 
     /// Commits everything queued and stops the writer.
