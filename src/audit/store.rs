@@ -1082,7 +1082,7 @@ mod tests {
         assert!(ts.len() == 27 && ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
         let rfc3339 = &time::format_description::well_known::Rfc3339;
         let at = time::OffsetDateTime::parse(ts, rfc3339).unwrap();
-        assert!((time::OffsetDateTime::now_utc() - at).abs() < time::Duration::seconds(30), "{ts}");
+        assert!((crate::clock::now_utc() - at).abs() < time::Duration::seconds(30), "{ts}");
         let before: Value = serde_json::from_slice(&rows[0].1).unwrap();
         assert!(time::OffsetDateTime::parse(before["ts"].as_str().unwrap(), rfc3339).unwrap() <= at);
         drop(db);

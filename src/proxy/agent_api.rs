@@ -17,7 +17,7 @@ pub(super) async fn serve(
     method: &Method,
     path: &str,
 ) -> Result<Response<ProxyBody>, Stop> {
-    facts.action = Some("uapk.approval.read".into());
+    facts.action.name = Some("uapk.approval.read".into());
     let Some(id) = path.strip_prefix("/v1/approvals/").filter(|id| !id.is_empty() && !id.contains('/')) else {
         let d = Decision::deny(Code::RouteNotAllowed, "the gateway serves GET /uapk/v1/approvals/{id} here");
         return Err(Stop::refuse_at(d, At::NoSuchPath));
@@ -34,7 +34,7 @@ pub(super) async fn serve(
             return Err(Stop::refuse(d));
         }
     };
-    let Some(a) = found.filter(|a| Some(&a.agent) == facts.agent.as_ref()) else {
+    let Some(a) = found.filter(|a| Some(&a.agent) == facts.caller.agent.as_ref()) else {
         let d = Decision::deny(Code::ApprovalNotFound, "no such approval for this agent");
         return Err(Stop::refuse(d));
     };

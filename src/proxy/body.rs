@@ -738,7 +738,7 @@ mod access_line_tests {
                 action: "x.read".into(),
                 decision: "allow",
                 reasons: "all_checks_passed".into(),
-                started: std::time::Instant::now(),
+                started: crate::clock::instant(),
                 trace: crate::telemetry::Telemetry::off().start_request(&h, "GET"),
             };
             tracing::subscriber::with_default(subscriber, || {

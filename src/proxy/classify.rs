@@ -79,7 +79,7 @@ impl RequestBody {
         limits: &crate::config::Limits,
         facts: &mut Facts,
     ) -> Result<&Bytes, Stop> {
-        let keep_full = facts.bodies == BodiesMode::Full;
+        let keep_full = facts.body.mode == BodiesMode::Full;
         self.read(headers, limits, facts, keep_full).await
     }
 
@@ -98,7 +98,7 @@ impl RequestBody {
         let RequestBody::Streaming(incoming) = self else { return Ok(()) };
         // hyper knows the length exactly only from a single valid Content-Length (HTTP/1 and 2).
         let small = incoming.size_hint().exact().is_some_and(|n| n > 0 && n <= limits.hash_before_forward as u64);
-        if !small || facts.bodies == BodiesMode::None {
+        if !small || facts.body.mode == BodiesMode::None {
             return Ok(());
         }
         self.read(headers, limits, facts, false).await.map(|_| ())
@@ -107,8 +107,8 @@ impl RequestBody {
     /// With `audit.bodies: full` still in force for this request (a `safe` route, an MCP
     /// endpoint), the text of a body read earlier is recorded with the decision.
     pub(super) fn keep_full(&self, facts: &mut Facts) {
-        if facts.bodies == BodiesMode::Full && facts.full_body.is_none() {
-            facts.full_body = self.buffered().cloned();
+        if facts.body.mode == BodiesMode::Full && facts.body.full.is_none() {
+            facts.body.full = self.buffered().cloned();
         }
     }
 
@@ -136,9 +136,9 @@ impl RequestBody {
             let b = read_whole(incoming, headers, limits)
                 .await
                 .map_err(|code| Stop::refuse(body_refusal(code, limits.max_body_bytes)))?;
-            facts.body = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
+            facts.body.hash = Some((hex::encode(Sha256::digest(&b)), b.len() as u64));
             if keep_full {
-                facts.full_body = Some(b.clone());
+                facts.body.full = Some(b.clone());
             }
             *self = RequestBody::Buffered(b);
         }
@@ -177,27 +177,25 @@ pub(crate) fn connector_for(
         return manifest
             .connectors
             .iter()
-            .find(|c| c.matches_host(&facts.host) && c.matches_port(facts.port))
+            .find(|c| c.matches_host(&facts.line.host) && c.matches_port(facts.line.port))
             .cloned()
             .ok_or_else(|| {
                 Decision::deny(
                     Code::HostNotAllowed,
-                    format!("{}:{} belongs to no connector of this agent", sanitize(&facts.host), facts.port),
+                    format!("{}:{} belongs to no connector of this agent", sanitize(&facts.line.host), facts.line.port),
                 )
             });
     };
     let c = manifest.connector(name).ok_or_else(|| {
-        facts.connector = Some(sanitize(name));
+        facts.action.connector = Some(sanitize(name));
         Decision::deny(Code::ToolNotAllowed, format!("no connector named {}", sanitize(name)))
     })?;
     let Some(b) = c.base_url.as_ref() else {
-        facts.connector = Some(name.to_string());
+        facts.action.connector = Some(name.to_string());
         return Err(Decision::deny(Code::ToolNotAllowed, format!("connector {name} has no base_url")));
     };
-    facts.scheme = b.scheme;
-    facts.host = b.host.clone();
-    facts.port = b.port;
-    facts.path = format!("{}{}", b.path_prefix, path);
+    facts.line.aim(b.scheme, b.host.clone(), b.port);
+    facts.line.path = format!("{}{}", b.path_prefix, path);
     Ok(c.clone())
 }
 
@@ -222,27 +220,27 @@ pub(crate) async fn classify(
 ) -> Result<Classified, Stop> {
     let connector =
         connector_for(&who.manifest, target.base_connector.as_deref(), &target.path, facts).map_err(Stop::refuse)?;
-    facts.connector = Some(connector.name.clone());
+    facts.action.connector = Some(connector.name.clone());
     admit(who, &connector, facts).map_err(Stop::refuse)?;
     if let Some(mcp) = &connector.mcp {
         body.keep_full(facts);
         let (rule, params) = super::mcp::classify(gw, mcp, parts, body, facts).await?;
-        facts.params = params.values.clone();
+        facts.action.params = params.values.clone();
         return Ok(Classified { connector, rule, params });
     }
 
-    let Some((route, captures)) = connector.route(&facts.method, &facts.path) else {
+    let Some((route, captures)) = connector.route(&facts.line.method, &facts.line.path) else {
         let d = Decision::deny(
             Code::RouteNotAllowed,
-            format!("{} {} matches no route", facts.method, sanitize(&facts.path)),
+            format!("{} {} matches no route", facts.line.method, sanitize(&facts.line.path)),
         );
         return Err(Stop::refuse(d));
     };
-    facts.route = Some(route.path.raw.clone());
-    facts.action = Some(route.action.clone());
-    if facts.bodies == BodiesMode::Full && !route.safe {
+    facts.action.route = Some(route.path.raw.clone());
+    facts.action.name = Some(route.action.clone());
+    if facts.body.mode == BodiesMode::Full && !route.safe {
         // `audit.bodies: full` records bodies only of routes marked `safe`; others are hashed.
-        facts.bodies = BodiesMode::Hash;
+        facts.body.mode = BodiesMode::Hash;
     }
     body.keep_full(facts);
     let index = connector.routes.iter().position(|r| std::ptr::eq(r, route)).unwrap_or_default();
@@ -257,10 +255,10 @@ pub(crate) async fn classify(
         route,
         &captures,
         &parts.headers,
-        facts.query.as_deref(),
+        facts.line.query.as_deref(),
         body.buffered().map(|b| &b[..]),
     );
-    facts.params = params.values.clone();
+    facts.action.params = params.values.clone();
     Ok(Classified { connector: connector.clone(), rule: Rule::Route(index), params })
 }
 
@@ -268,7 +266,7 @@ pub(crate) async fn classify(
 /// transparent) to a connector whose `base_url` is `https://`, or that injects credentials and
 /// has no `base_url` to say plain HTTP is intended, is refused before anything is dialled.
 fn cleartext_refusal(facts: &Facts, connector: &Connector) -> Option<Decision> {
-    if facts.scheme != Scheme::Http {
+    if facts.line.scheme != Scheme::Http {
         return None;
     }
     let refused = match &connector.base_url {

@@ -8,8 +8,7 @@ use super::classify::{admit, connector_for};
 use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::identify::{identify, proxy_auth_token};
 use super::{
-    App, Arrival, DenyBody, Facts, ProxyBody, Stop, full_body, handle, new_facts, now_unix, refuse, split_authority,
-    tls,
+    App, Arrival, DenyBody, Facts, ProxyBody, Stop, full_body, handle, now_unix, refuse, split_authority, tls,
 };
 use crate::config::{Connector, TlsMode};
 use crate::policy::{At, Code, Decision};
@@ -56,15 +55,14 @@ async fn decide_tunnel(
     headers: &http::HeaderMap,
     presented: Option<(Option<String>, String)>,
 ) -> Result<(Arc<Connector>, u64), Stop> {
-    let (host, port) = (facts.host.clone(), facts.port);
-    facts.scheme = crate::config::Scheme::Https;
+    let (host, port) = (facts.line.host.clone(), facts.line.port);
     let policies = gw.policies().load_full();
     let who = identify(gw, &policies, headers, facts, presented).map_err(|d| Stop::refuse_at(d, At::ProxyAuth))?;
     // Host and port must belong to a connector (the classification every request goes
     // through): checked on names only, before any DNS lookup.
     let connector = connector_for(&who.manifest, None, "", facts).map_err(Stop::refuse)?;
-    facts.connector = Some(connector.name.clone());
-    facts.action = Some(match connector.tls {
+    facts.action.connector = Some(connector.name.clone());
+    facts.action.name = Some(match connector.tls {
         TlsMode::Intercept => "tunnel.intercept".into(),
         TlsMode::Passthrough => "tunnel.passthrough".into(),
     });
@@ -89,15 +87,13 @@ async fn decide_tunnel(
 
 /// Handles a CONNECT request on the proxy listener.
 pub(crate) async fn open(gw: &Arc<App>, mut req: Request<Incoming>) -> Response<ProxyBody> {
-    let mut facts = new_facts(req.method(), req.uri(), Arrival::Explicit);
+    let mut facts = Facts::new(req.method(), req.uri(), Arrival::Explicit);
     let target = req.uri().authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-    facts.path = String::new();
     let Some((host, Some(port))) = split_authority(&target) else {
         let d = Decision::deny(Code::MalformedRequest, "CONNECT needs an authority-form target host:port");
         return refuse(At::Request, &facts, &d, None, DenyBody::default());
     };
-    facts.host = host.clone();
-    facts.port = port;
+    facts.line.tunnel(host.clone(), port);
     let presented = proxy_auth_token(req.headers());
     let (connector, record) = match authorize_tunnel(gw, &mut facts, req.headers(), presented.clone()).await {
         Ok(ok) => ok,
@@ -107,7 +103,7 @@ pub(crate) async fn open(gw: &Arc<App>, mut req: Request<Incoming>) -> Response<
     // The tunnel keeps the connection's place under limits.max_connections until it closes.
     let slot = req.extensions().get::<ConnSlot>().cloned();
     let gw2 = gw.clone();
-    let tunnel = Arc::new(Tunnel { host, port, token: presented, agent: facts.agent.clone() });
+    let tunnel = Arc::new(Tunnel { host, port, token: presented, agent: facts.caller.agent.clone() });
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
             Ok(u) => TokioIo::new(u),

@@ -23,7 +23,7 @@ pub(super) async fn hold(gw: &App, facts: &Facts, id: &str, timeout: Duration) -
     };
     gw.approvals().release_hold(id);
     if r == Resolution::TimedOut {
-        return gw.approvals().expire_held(gw.audit(), id, facts.agent.as_deref()).await;
+        return gw.approvals().expire_held(gw.audit(), id, facts.caller.agent.as_deref()).await;
     }
     r
 }
@@ -46,7 +46,7 @@ pub(super) async fn escalate(
 ) -> Result<String, Stop> {
     // One agent cannot pile up approvals (memory, the operator's list): past its
     // `max_pending` the escalation is a refusal, recorded like any other.
-    let agent = facts.agent.clone().unwrap_or_default();
+    let agent = facts.caller.agent.clone().unwrap_or_default();
     let max = manifest.escalation.max_pending;
     let slot = match gw.approvals().reserve(&agent, max).await {
         Ok(Ok(slot)) => slot,
@@ -71,21 +71,21 @@ pub(super) async fn escalate(
     let now = now_unix();
     let approval = approvals::Approval {
         id: id.clone(),
-        agent: facts.agent.clone().unwrap_or_default(),
-        connector: facts.connector.clone().unwrap_or_default(),
-        action: facts.action.clone().unwrap_or_default(),
-        params: facts.params.clone(),
-        method: facts.method.to_string(),
-        scheme: facts.scheme.as_str().to_string(),
-        host: facts.host.clone(),
-        port: facts.port,
-        path: facts.path.clone(),
-        query: facts.query.clone(),
-        headers: facts.bound_headers.clone(),
+        agent: facts.caller.agent.clone().unwrap_or_default(),
+        connector: facts.action.connector.clone().unwrap_or_default(),
+        action: facts.action.name.clone().unwrap_or_default(),
+        params: facts.action.params.clone(),
+        method: facts.line.method.to_string(),
+        scheme: facts.line.scheme.as_str().to_string(),
+        host: facts.line.host.clone(),
+        port: facts.line.port,
+        path: facts.line.path.clone(),
+        query: facts.line.query.clone(),
+        headers: facts.settled.bound_headers.clone(),
         // `audit.bodies: none` keeps the body hash out of the approval too (the action hash
         // binds it all the same).
-        body_sha256: facts.body.as_ref().filter(|_| facts.bodies != BodiesMode::None).map(|b| b.0.clone()),
-        body_len: facts.body.as_ref().filter(|_| facts.bodies != BodiesMode::None).map(|b| b.1),
+        body_sha256: facts.body.hash.as_ref().filter(|_| facts.body.mode != BodiesMode::None).map(|b| b.0.clone()),
+        body_len: facts.body.hash.as_ref().filter(|_| facts.body.mode != BodiesMode::None).map(|b| b.1),
         action_hash: facts.action_hash(),
         reasons: decision
             .reasons
@@ -109,7 +109,7 @@ pub(super) async fn escalate(
         &id,
         "created",
         approvals::BY_GATEWAY,
-        facts.agent.as_deref(),
+        facts.caller.agent.as_deref(),
         &[("request_id", json!(facts.request_id))],
     );
     let _ = gw.audit().append_nowait(created);

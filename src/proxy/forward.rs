@@ -27,7 +27,7 @@ pub(crate) async fn commit(gw: &App, facts: &mut Facts, settled: Settled<'_>) ->
     let Settled { decision, dry_run, budget, rate, grant } = settled;
     // One rule with the rebuild from the log (a dry-run escalation is forwarded, not counted as
     // an action). A shared store keeps the reservation in the decision's own commit.
-    let counted = crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.route.as_deref());
+    let counted = crate::limits::counts_toward_budgets(decision.verdict.as_str(), facts.action.route.as_deref());
     let keep = budget.as_ref().filter(|r| r.shared()).map(|r| (r.id().to_string(), counted));
     match record_decision(gw, facts, &decision, dry_run, grant.as_ref(), keep).await {
         Ok(idx) => {
@@ -42,7 +42,7 @@ pub(crate) async fn commit(gw: &App, facts: &mut Facts, settled: Settled<'_>) ->
                     &g.approval_id,
                     "consumed",
                     approvals::BY_GATEWAY,
-                    facts.agent.as_deref(),
+                    facts.caller.agent.as_deref(),
                     &[("request_id", json!(facts.request_id)), ("record", json!(idx.to_string()))],
                 );
                 let _ = gw.audit().append_nowait(e);
@@ -71,7 +71,7 @@ async fn record_decision(
     keep_budget: Option<(String, bool)>,
 ) -> Result<u64, Stop> {
     if (decision.verdict == Verdict::Allow || dry_run)
-        && let Some(d) = gw.vetter().vet(&facts.host, facts.port).await.refusal()
+        && let Some(d) = gw.vetter().vet(&facts.line.host, facts.line.port).await.refusal()
     {
         return Err(Stop::refuse(d));
     }
@@ -89,7 +89,7 @@ async fn record_decision(
             }
         }
         Some(g) => {
-            facts.override_jti = g.jti.clone();
+            facts.settled.override_jti = g.jti.clone();
             let guard = crate::audit::Precondition {
                 consume_approval: Some((g.approval_id.clone(), super::now_unix())),
                 keep_budget,
@@ -97,7 +97,7 @@ async fn record_decision(
             match gw.record_guarded(facts, decision, Some(&g.approval_id), guard).await {
                 Ok(i) => i,
                 Err(Err(code)) => {
-                    facts.override_jti = None;
+                    facts.settled.override_jti = None;
                     let d = if code == Code::OverrideTokenAlreadyUsed.as_str() {
                         Decision::deny(Code::OverrideTokenAlreadyUsed, "the approval was already used")
                     } else {
@@ -125,7 +125,7 @@ pub(crate) async fn send(
     body: ProxyBody,
     (record, decision): (u64, Decision),
 ) -> Response<ProxyBody> {
-    let would_deny = (facts.mode == crate::config::PolicyMode::DryRun && decision.verdict != Verdict::Allow)
+    let would_deny = (facts.caller.mode == crate::config::PolicyMode::DryRun && decision.verdict != Verdict::Allow)
         .then(|| decision.code());
     let mut resp = forward(gw, facts, connector, parts, body, record, facts.access(&decision)).await;
     if let Some(code) = would_deny {
@@ -146,14 +146,14 @@ async fn forward(
     record: u64,
     access: body::Access,
 ) -> Response<ProxyBody> {
-    let host = if facts.host.contains(':') { format!("[{}]", facts.host) } else { facts.host.clone() };
-    let default_port = matches!((facts.scheme, facts.port), (Scheme::Http, 80) | (Scheme::Https, 443));
-    let authority = if default_port { host } else { format!("{host}:{}", facts.port) };
-    let pq = match &facts.query {
-        Some(q) => format!("{}?{q}", facts.path),
-        None => facts.path.clone(),
+    let host = if facts.line.host.contains(':') { format!("[{}]", facts.line.host) } else { facts.line.host.clone() };
+    let default_port = matches!((facts.line.scheme, facts.line.port), (Scheme::Http, 80) | (Scheme::Https, 443));
+    let authority = if default_port { host } else { format!("{host}:{}", facts.line.port) };
+    let pq = match &facts.line.query {
+        Some(q) => format!("{}?{q}", facts.line.path),
+        None => facts.line.path.clone(),
     };
-    let uri = match format!("{}://{authority}{pq}", facts.scheme.as_str()).parse::<http::Uri>() {
+    let uri = match format!("{}://{authority}{pq}", facts.line.scheme.as_str()).parse::<http::Uri>() {
         Ok(u) => u,
         Err(_) => {
             unsent(gw, facts);
@@ -206,7 +206,7 @@ async fn forward(
         usage: body::UsageHook::new(
             connector.usage,
             gw.budgets(),
-            facts.token_estimate.unwrap_or(connector.usage_estimate),
+            facts.settled.token_estimate.unwrap_or(connector.usage_estimate),
             gw.config().limits.usage_drain_timeout,
         ),
         body_stalled: body_stalled.clone(),
@@ -238,7 +238,7 @@ async fn forward(
     let Ok((result, outcome)) = rx.await else {
         // The exchange's task failed: the request may have been sent, so an LLM call is charged
         // its estimate.
-        if let Some(estimate) = facts.token_estimate {
+        if let Some(estimate) = facts.settled.token_estimate {
             gw.budgets().settle_later(&facts.request_id, Settlement::Tokens(token_use(facts, estimate)));
         }
         let d = Decision::deny(Code::UpstreamUnavailable, "the upstream exchange failed");
@@ -322,7 +322,7 @@ async fn forward(
 /// A streamed request body (not buffered, not known empty) is cut when it sends nothing for
 /// `limits.body_read_timeout` (SPEC §16.3), as a buffered one is refused.
 fn cut_stalls(facts: &Facts, body: ProxyBody, timeout: std::time::Duration) -> (ProxyBody, Option<Stalled>) {
-    if facts.body.is_some() || http_body::Body::is_end_stream(&body) {
+    if facts.body.hash.is_some() || http_body::Body::is_end_stream(&body) {
         return (body, None);
     }
     let stalled = Stalled::default();
@@ -358,9 +358,9 @@ fn unsent(gw: &App, facts: &Facts) {
 
 fn token_use(facts: &Facts, tokens: u64) -> TokenUse {
     TokenUse {
-        agent: facts.agent.clone().unwrap_or_default(),
-        connector: facts.connector.clone().unwrap_or_default(),
-        action: facts.action.clone().unwrap_or_default(),
+        agent: facts.caller.agent.clone().unwrap_or_default(),
+        connector: facts.action.connector.clone().unwrap_or_default(),
+        action: facts.action.name.clone().unwrap_or_default(),
         tokens,
         at: super::now_unix(),
     }
@@ -371,10 +371,10 @@ fn token_use(facts: &Facts, tokens: u64) -> TokenUse {
 /// too). A buffered body, or `audit.bodies: none`, goes out as it is.
 fn hash_streamed(facts: &Facts, body: ProxyBody) -> (ProxyBody, Option<RequestDigest>) {
     // (A body known to be empty — a GET without a length — has nothing to hash.)
-    if facts.body.is_some() || facts.bodies == BodiesMode::None || http_body::Body::is_end_stream(&body) {
+    if facts.body.hash.is_some() || facts.body.mode == BodiesMode::None || http_body::Body::is_end_stream(&body) {
         return (body, None);
     }
-    let digest = RequestDigest::new(facts.bodies == BodiesMode::Full);
+    let digest = RequestDigest::new(facts.body.mode == BodiesMode::Full);
     (HashedBody::new(body, digest.clone()).boxed_unsync(), Some(digest))
 }
 

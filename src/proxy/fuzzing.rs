@@ -3,7 +3,7 @@
 //! Not an interface for anything else; it may change with the code it calls.
 
 use super::classify::{RequestBody, Rule};
-use super::{Arrival, Stop, mcp, new_facts};
+use super::{Arrival, Facts, Stop, mcp};
 use crate::config::{Limits, McpEndpoint};
 use crate::policy::Params;
 use std::future::Future;
@@ -40,7 +40,7 @@ pub fn classify_mcp(
     request: http::Request<Vec<u8>>,
 ) -> Result<McpClassified, McpRefused> {
     let (parts, body) = request.into_parts();
-    let mut facts = new_facts(&parts.method, &parts.uri, Arrival::BaseUrl);
+    let mut facts = Facts::new(&parts.method, &parts.uri, Arrival::BaseUrl);
     let mut body = RequestBody::Buffered(body.into());
     let classified = {
         // A buffered body is never awaited: the future is ready on its first poll.
@@ -52,13 +52,13 @@ pub fn classify_mcp(
     };
     match classified {
         Ok((rule, params)) => Ok(McpClassified {
-            action: facts.action.clone().unwrap_or_default(),
+            action: facts.action.name.clone().unwrap_or_default(),
             tool: match rule {
                 Rule::Tool(i) => Some(i),
                 _ => None,
             },
-            mcp: facts.mcp.clone(),
-            jsonrpc_id: facts.jsonrpc_id.clone(),
+            mcp: facts.action.mcp.clone(),
+            jsonrpc_id: facts.action.jsonrpc_id.clone(),
             params,
         }),
         Err(Stop::Refuse { decision, at, .. }) => {

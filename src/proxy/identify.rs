@@ -55,7 +55,7 @@ pub(crate) fn identify(
             .or_else(|| gw.token_file().and_then(TokenFile::get)),
     };
     let default_agent = gw.config().identity.default_agent.as_deref();
-    facts.agent = default_agent.map(str::to_string);
+    facts.caller.agent = default_agent.map(str::to_string);
     let Some(token) = token else {
         let Some(agent) = default_agent else {
             return Err(Decision::deny(Code::CapabilityTokenRequired, "no capability token and no default agent"));
@@ -63,7 +63,7 @@ pub(crate) fn identify(
         let Some(m) = policies.set.get(agent) else {
             return Err(missing_manifest(policies, agent));
         };
-        facts.mode = m.mode;
+        facts.caller.mode = m.mode;
         if m.capability.required {
             return Err(Decision::deny(Code::CapabilityTokenRequired, "this agent requires a capability token"));
         }
@@ -75,10 +75,9 @@ pub(crate) fn identify(
     let (Some(m), Some(verifier)) = (policies.set.get(&sub), policies.verifiers.get(&sub)) else {
         return Err(missing_manifest(policies, &sub));
     };
-    facts.mode = m.mode;
+    facts.caller.mode = m.mode;
     let claims = verifier.verify(&token, now_unix()).map_err(|e| Decision::deny(e.code(), e.message()))?;
-    facts.agent = Some(claims.sub.clone());
-    facts.token = Some((claims.iss.clone(), claims.jti.clone()));
+    facts.caller.verified(&claims);
     let user_names_other = basic_user.as_deref().is_some_and(|u| !u.is_empty() && u != "agent" && u != claims.sub);
     if default_agent.is_some_and(|d| d != claims.sub) || user_names_other {
         return Err(Decision::deny(Code::TokenAgentMismatch, "the capability token was issued to another agent"));
@@ -108,7 +107,7 @@ fn missing_manifest(policies: &Policies, agent: &str) -> Decision {
 pub(crate) fn refusal(facts: &mut Facts, target: &super::target::Target, d: Decision) -> super::Stop {
     let at = if facts.arrival.is_explicit() { At::ProxyAuth } else { At::Request };
     if let Some(name) = &target.base_connector {
-        facts.connector = Some(sanitize(name));
+        facts.action.connector = Some(sanitize(name));
     }
     super::Stop::refuse_at(d, at)
 }

@@ -105,10 +105,10 @@ pub(super) async fn classify_with(
     body: &mut RequestBody,
     facts: &mut Facts,
 ) -> Result<(Rule, Params), Stop> {
-    if facts.path != mcp.path {
+    if facts.line.path != mcp.path {
         return Err(Stop::refuse(Decision::deny(
             Code::RouteNotAllowed,
-            format!("{} is not this connector's MCP endpoint ({})", sanitize(&facts.path), mcp.path),
+            format!("{} is not this connector's MCP endpoint ({})", sanitize(&facts.line.path), mcp.path),
         )));
     }
     let headers = &parts.headers;
@@ -117,7 +117,7 @@ pub(super) async fn classify_with(
         // decision read. The record names what the body asked for when it was read (small).
         if let Some(doc) = body.buffered().and_then(|b| JsonDoc::parse(b).ok()) {
             let field = |p| string_at(&doc, p).ok().flatten().map(str::to_string);
-            facts.mcp = field("/method").map(|m| (m, field("/params/name")));
+            facts.action.mcp = field("/method").map(|m| (m, field("/params/name")));
         }
         return Err(malformed(format!("an MCP {} carries no body; JSON-RPC messages are POSTed", parts.method)));
     }
@@ -130,7 +130,7 @@ pub(super) async fn classify_with(
                 parts.method
             )));
         }
-        facts.action = Some(SESSION_ACTION.into());
+        facts.action.name = Some(SESSION_ACTION.into());
         return Ok((Rule::Protocol(SESSION_ACTION.into()), Params::default()));
     }
     if parts.method != Method::POST {
@@ -151,7 +151,9 @@ pub(super) async fn classify_with(
     let id = doc.scalar("/id").map_err(|why| Stop::refuse(Decision::deny(Code::ParamAmbiguous, why)))?;
     match id {
         None | Some(serde_json::Value::Null) => {}
-        Some(v @ (serde_json::Value::String(_) | serde_json::Value::Number(_))) => facts.jsonrpc_id = Some(v.clone()),
+        Some(v @ (serde_json::Value::String(_) | serde_json::Value::Number(_))) => {
+            facts.action.jsonrpc_id = Some(v.clone())
+        }
         Some(_) => return Err(malformed("a JSON-RPC id is a string or a number")),
     }
     let Some(method) = string_at(&doc, "/method")? else {
@@ -163,15 +165,15 @@ pub(super) async fn classify_with(
         if header_value(headers, "mcp-method")?.is_some() {
             return Err(mismatch("Mcp-Method on a JSON-RPC response".into()));
         }
-        facts.mcp = Some(("(response)".into(), None));
-        facts.action = Some(SESSION_ACTION.into());
+        facts.action.mcp = Some(("(response)".into(), None));
+        facts.action.name = Some(SESSION_ACTION.into());
         return Ok((Rule::Protocol(SESSION_ACTION.into()), Params::default()));
     };
     if method.is_empty() || method.len() > 128 || !method.bytes().all(|c| c.is_ascii_graphic()) {
         return Err(malformed("the JSON-RPC method is not a method name"));
     }
     // Recorded before the header checks, so a refused mismatch shows what the body asked for.
-    facts.mcp = Some((method.to_string(), None));
+    facts.action.mcp = Some((method.to_string(), None));
     if let Some(h) = header_text(headers, "mcp-method")?
         && h != method
     {
@@ -183,7 +185,7 @@ pub(super) async fn classify_with(
         "resources/read" | "resources/subscribe" | "resources/unsubscribe" => string_at(&doc, "/params/uri")?,
         _ => None,
     };
-    facts.mcp = Some((method.to_string(), name.map(str::to_string)));
+    facts.action.mcp = Some((method.to_string(), name.map(str::to_string)));
     if let Some(h) = header_text(headers, "mcp-name")?
         && Some(h.as_ref()) != name
     {
@@ -196,7 +198,7 @@ pub(super) async fn classify_with(
     // An override binds the call (method and params), not the JSON-RPC id a retry renews.
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(b) {
         let call = serde_json::json!({"method": method, "params": v.get("params")});
-        facts.bound_body = crate::audit::canonical_json(&call).ok().map(|c| hex::encode(Sha256::digest(c)));
+        facts.action.bound_body = crate::audit::canonical_json(&call).ok().map(|c| hex::encode(Sha256::digest(c)));
     }
     if method == "tools/call" {
         let Some(tool_name) = name else {
@@ -210,16 +212,16 @@ pub(super) async fn classify_with(
                 format!("no tool rule of this connector allows {}", sanitize(tool_name)),
             )));
         };
-        facts.route = Some(mcp.path.clone());
-        facts.action = Some(tool.rule.action.clone());
-        let params = policy::extract_params(&tool.rule, &[], headers, facts.query.as_deref(), Some(b));
+        facts.action.route = Some(mcp.path.clone());
+        facts.action.name = Some(tool.rule.action.clone());
+        let params = policy::extract_params(&tool.rule, &[], headers, facts.line.query.as_deref(), Some(b));
         return Ok((Rule::Tool(index), params));
     }
     let action = if is_session(method) { SESSION_ACTION.to_string() } else { format!("mcp.{method}") };
     if action != SESSION_ACTION {
-        facts.route = Some(mcp.path.clone());
+        facts.action.route = Some(mcp.path.clone());
     }
-    facts.action = Some(action.clone());
+    facts.action.name = Some(action.clone());
     Ok((Rule::Protocol(action), Params::default()))
 }
 

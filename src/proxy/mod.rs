@@ -14,6 +14,8 @@ mod classify;
 pub(crate) mod conn;
 pub(crate) mod connect;
 mod escalation;
+mod facts;
+pub(crate) use facts::Facts;
 mod forward;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -32,16 +34,12 @@ pub(crate) use target::normalize_host;
 pub use target::split_authority;
 
 pub(crate) use crate::app::{App, Policies};
-use crate::audit::{AuditError, Fields};
-use crate::config::{BodiesMode, PolicyMode, Scheme};
+use crate::audit::AuditError;
 use crate::limits::in_flight::InFlightSlot;
 use crate::policy::{self, At, Code, Decision};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use respond::{DenyBody, deny_response};
-use serde_json::{Map, Value, json};
-use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,13 +69,6 @@ impl TokenFile {
 }
 
 pub(crate) use crate::clock::now_unix;
-
-fn new_request_id() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 8];
-    rand::thread_rng().fill_bytes(&mut b);
-    hex::encode(b)
-}
 
 /// How a request reached the gateway: recorded as its decision's `via`, and what the target
 /// stage reads its destination from.
@@ -119,131 +110,13 @@ impl Arrival {
     }
 }
 
-/// The facts of one request, filled in as they become known, and written as its `decision`
-/// entry whatever the outcome.
-pub(crate) struct Facts {
-    request_id: String,
-    arrival: Arrival,
-    agent: Option<String>,
-    token: Option<(String, Option<String>)>, // (iss, jti)
-    connector: Option<String>,
-    route: Option<String>,
-    action: Option<String>,
-    params: BTreeMap<String, String>,
-    method: Method,
-    scheme: Scheme,
-    host: String,
-    port: u16,
-    path: String,
-    query: Option<String>,
-    body: Option<(String, u64)>, // (sha256 hex, length)
-    /// What is recorded of the request body (`audit.bodies`; `full` only on a `safe` route).
-    bodies: BodiesMode,
-    /// The buffered body, kept to be recorded when `bodies` is `full`.
-    full_body: Option<bytes::Bytes>,
-    headers: Map<String, Value>,
-    /// The forwarded headers an override is bound to; filled in only when a request escalates.
-    bound_headers: BTreeMap<String, Vec<String>>,
-    /// The `jti` of the override token a request goes out under (recorded with its decision).
-    override_jti: Option<String>,
-    /// The id of a JSON-RPC request (MCP): its refusals are answered as JSON-RPC errors.
-    jsonrpc_id: Option<serde_json::Value>,
-    /// An MCP message's method and the tool, prompt or resource it names.
-    mcp: Option<(String, Option<String>)>,
-    /// What an override binds instead of the body's hash (an MCP call: method and params, not
-    /// the JSON-RPC id a retry renews).
-    bound_body: Option<String>,
-    mode: PolicyMode,
-    started: Instant,
-    /// The tokens an LLM call reserves and is charged when its usage cannot be read (SPEC §16.1).
-    token_estimate: Option<u64>,
-    /// The request's trace (its id recorded as `trace_id` when known) and span.
-    trace: crate::telemetry::RequestTrace,
-}
-
-impl Facts {
-    /// The `decision` entry's fields, written straight into canonical form.
-    fn decision_fields(&self, d: &Decision, approval_id: Option<&str>) -> Result<Fields, AuditError> {
-        let mut f = Fields::new();
-        f.str("kind", "decision")
-            .str("request_id", &self.request_id)
-            .str("via", self.arrival.as_str())
-            .opt_str("agent", self.agent.as_deref());
-        if let Some((iss, jti)) = &self.token {
-            f.value("token", &json!({"iss": iss, "jti": jti}))?;
-        }
-        f.opt_str("connector", self.connector.as_deref())
-            .opt_str("route", self.route.as_deref())
-            .opt_str("action", self.action.as_deref());
-        f.value("params", &json!(self.params))?;
-        f.str("method", self.method.as_str())
-            .str("scheme", self.scheme.as_str())
-            .str("host", &self.host)
-            .int("port", self.port)
-            .str("path", &self.path)
-            .opt_str("query", self.query.as_deref());
-        // `audit.bodies: none` records no body hash (the override's action hash still binds it).
-        if let Some((sha, len)) = self.body.as_ref().filter(|_| self.bodies != BodiesMode::None) {
-            f.str("body_sha256", sha).int("body_len", *len);
-            if let (BodiesMode::Full, Some(b)) = (self.bodies, &self.full_body) {
-                let mut sha256 = [0u8; 32];
-                let _ = hex::decode_to_slice(sha, &mut sha256);
-                body::record_full_body(&mut f, "body", b, sha256, *len);
-            }
-        }
-        f.map("headers", &self.headers)?;
-        f.str("decision", d.verdict.as_str());
-        f.value("reasons", &json!(d.reasons))?;
-        f.str("mode", self.mode.as_str());
-        if let Some(id) = approval_id {
-            f.str("approval_id", id);
-        }
-        f.opt_str("override_jti", self.override_jti.as_deref());
-        if let Some((method, name)) = &self.mcp {
-            f.str("mcp_method", method).opt_str("mcp_name", name.as_deref());
-        }
-        // Only when a trace is known (a caller's traceparent, or telemetry on).
-        if let Some(t) = self.trace.trace_id() {
-            f.str("trace_id", t);
-        }
-        Ok(f)
-    }
-
-    fn access(&self, d: &Decision) -> body::Access {
-        body::Access {
-            request_id: self.request_id.clone(),
-            agent: self.agent.clone().unwrap_or_else(|| "-".into()),
-            connector: self.connector.clone().unwrap_or_else(|| "-".into()),
-            action: self.action.clone().unwrap_or_else(|| "-".into()),
-            decision: d.verdict.as_str(),
-            reasons: d.reasons.iter().map(|r| r.code.as_str()).collect::<Vec<_>>().join(","),
-            started: self.started,
-            trace: self.trace.clone(),
-        }
-    }
-
-    /// SHA-256 of the canonical action (SPEC §6): what an override token is bound to.
-    fn action_hash(&self) -> String {
-        let v = json!({
-            "agent": self.agent, "connector": self.connector, "method": self.method.as_str(),
-            "scheme": self.scheme.as_str(), "host": self.host, "port": self.port.to_string(),
-            "path": self.path, "query": self.query,
-            "body_sha256": self.bound_body.clone().or_else(|| self.body.as_ref().map(|b| b.0.clone()))
-                .unwrap_or_else(|| hex::encode(Sha256::digest(b""))),
-            "action": self.action, "params": self.params, "headers": self.bound_headers,
-        });
-        let bytes = crate::audit::canonical_json(&v).unwrap_or_default();
-        hex::encode(Sha256::digest(bytes))
-    }
-}
-
 /// A response the proxy produced itself (not the upstream's): the refusal of `d`, with the
 /// status its code has `at`.
 fn refuse(at: At, facts: &Facts, d: &Decision, record: Option<u64>, extra: DenyBody) -> Response<ProxyBody> {
     let status = d.code().status(at);
-    match &facts.jsonrpc_id {
-        Some(id) => respond::jsonrpc_refusal(id, d, record, facts.agent.as_deref(), extra),
-        None => deny_response(status, d, record, facts.agent.as_deref(), extra),
+    match &facts.action.jsonrpc_id {
+        Some(id) => respond::jsonrpc_refusal(id, d, record, facts.caller.agent.as_deref(), extra),
+        None => deny_response(status, d, record, facts.caller.agent.as_deref(), extra),
     }
 }
 
@@ -335,7 +208,7 @@ impl App {
         let d = Decision::deny(Code::AuditUnavailable, msg);
         let status = d.code().status(At::Request);
         facts.access(&d).finish_span(status, None, None);
-        deny_response(status, &d, None, facts.agent.as_deref(), DenyBody::default())
+        deny_response(status, &d, None, facts.caller.agent.as_deref(), DenyBody::default())
     }
 
     /// Answers a stopped request: recorded refusals through `refuse_recorded`, with any extra
@@ -370,7 +243,7 @@ impl App {
     /// slows down instead of taking the core from every other agent (a timer, no CPU).
     async fn over_refusal_budget(&self, facts: &Facts, d: &Decision) -> Option<Response<ProxyBody>> {
         use crate::limits::refusals::{Admission, Refusal, Refuser};
-        let refuser = match (&facts.agent, &facts.arrival) {
+        let refuser = match (&facts.caller.agent, &facts.arrival) {
             (Some(a), _) => Refuser::Agent(a.clone()),
             (None, Arrival::Transparent(_)) => Refuser::Listener("transparent"),
             (None, _) => Refuser::Listener("proxy"),
@@ -378,13 +251,13 @@ impl App {
         let refusal = Refusal {
             request_id: &facts.request_id,
             code: d.code().as_str(),
-            method: facts.method.as_str(),
-            host: &facts.host,
-            connector: facts.connector.as_deref(),
-            action: facts.action.as_deref(),
-            path: &facts.path,
-            query: facts.query.as_deref(),
-            params: &facts.params,
+            method: facts.line.method.as_str(),
+            host: &facts.line.host,
+            connector: facts.action.connector.as_deref(),
+            action: facts.action.name.as_deref(),
+            path: &facts.line.path,
+            query: facts.line.query.as_deref(),
+            params: &facts.action.params,
         };
         let Admission::Summarised { retry_after } = self.refusals().admit(&refuser, &refusal, crate::clock::instant())
         else {
@@ -464,13 +337,13 @@ impl App {
     /// one is known — never a string an agent chose, so the series stay bounded.
     pub(crate) fn count(&self, facts: &Facts, d: &Decision) {
         let policies = self.policies().load();
-        let manifest = facts.agent.as_deref().and_then(|a| policies.set.get(a));
-        let agent = match (facts.agent.as_deref(), manifest) {
+        let manifest = facts.caller.agent.as_deref().and_then(|a| policies.set.get(a));
+        let agent = match (facts.caller.agent.as_deref(), manifest) {
             (None, _) => "-",
             (Some(a), Some(_)) => a,
             (Some(_), None) => "unknown",
         };
-        let connector = facts.connector.as_deref().map(|c| {
+        let connector = facts.action.connector.as_deref().map(|c| {
             let configured = match manifest {
                 Some(m) => m.connector(c).is_some(),
                 // A refusal before the agent is known: any manifest's connector.
@@ -478,7 +351,7 @@ impl App {
             };
             if configured { c } else { "unknown" }
         });
-        self.metrics().request(d.verdict.as_str(), d.code().as_str(), agent, connector, facts.mode.as_str());
+        self.metrics().request(d.verdict.as_str(), d.code().as_str(), agent, connector, facts.caller.mode.as_str());
     }
 }
 
@@ -498,41 +371,9 @@ pub(crate) async fn handle(gw: Arc<App>, req: Request<Incoming>, arrival: Arriva
     resp
 }
 
-pub(crate) fn new_facts(method: &Method, uri: &http::Uri, arrival: Arrival) -> Facts {
-    Facts {
-        request_id: new_request_id(),
-        arrival,
-        agent: None,
-        token: None,
-        connector: None,
-        route: None,
-        action: None,
-        params: BTreeMap::new(),
-        method: method.clone(),
-        scheme: Scheme::Http,
-        host: String::new(),
-        port: 0,
-        path: uri.path().to_string(),
-        query: uri.query().map(str::to_string),
-        body: None,
-        bodies: BodiesMode::Hash,
-        full_body: None,
-        headers: Map::new(),
-        bound_headers: BTreeMap::new(),
-        override_jti: None,
-        jsonrpc_id: None,
-        mcp: None,
-        bound_body: None,
-        mode: PolicyMode::Enforce,
-        started: crate::clock::instant(),
-        token_estimate: None,
-        trace: crate::telemetry::RequestTrace::default(),
-    }
-}
-
 async fn handle_inner(gw: &Arc<App>, req: Request<Incoming>, arrival: Arrival) -> Response<ProxyBody> {
     let (parts, body) = req.into_parts();
-    let mut facts = new_facts(&parts.method, &parts.uri, arrival.clone());
+    let mut facts = Facts::new(&parts.method, &parts.uri, arrival.clone());
     facts.trace = gw.telemetry().start_request(&parts.headers, parts.method.as_str());
     match pipeline(gw, parts, body, &arrival, &mut facts).await {
         Ok(resp) => resp,
@@ -553,7 +394,7 @@ async fn pipeline(
     let who = identify::identify(gw, &policies, &parts.headers, facts, target.preset_token.clone())
         .map_err(|d| identify::refusal(facts, &target, d))?;
     facts.headers = hygiene::recorded_headers(&parts.headers, &who.manifest.audit.redact_headers);
-    facts.bodies = who.manifest.audit.bodies;
+    facts.body.mode = who.manifest.audit.bodies;
     let Some(slot) = gw.in_flight().try_take(&who.manifest.agent.id) else {
         return Ok(gw.too_many_in_flight(facts).await);
     };

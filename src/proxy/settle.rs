@@ -42,7 +42,8 @@ async fn reserve(
     action: &Classified,
     facts: &Facts,
 ) -> Result<Result<(Reservation, Option<Reason>), Reason>, Stop> {
-    let ask = Ask { id: facts.request_id.clone(), spend: action.spend(&who.manifest), tokens: facts.token_estimate };
+    let ask =
+        Ask { id: facts.request_id.clone(), spend: action.spend(&who.manifest), tokens: facts.settled.token_estimate };
     match gw.budgets().reserve(&who.manifest, ask).await {
         Ok(BudgetCheck::Exceeded(r)) => Ok(Err(r)),
         Ok(BudgetCheck::Reserved { reservation, threshold }) => Ok(Ok((reservation, threshold))),
@@ -99,7 +100,7 @@ pub(crate) async fn settle<'a>(
     // An LLM call's token estimate, for anything that may be forwarded (read before anything
     // is reserved: a body refused here holds nothing).
     if decision.verdict != Verdict::Deny || dry_run {
-        facts.token_estimate = token_estimate(gw, who, action, parts, body, facts).await?;
+        facts.settled.token_estimate = token_estimate(gw, who, action, parts, body, facts).await?;
     }
 
     // 8. budgets; reserved also without budgets, so counters are what a rebuild from the log
@@ -128,7 +129,7 @@ pub(crate) async fn settle<'a>(
     // decision's commit).
     let mut grant = None;
     if decision.verdict == Verdict::Escalate {
-        facts.bound_headers = hygiene::bound_headers(&parts.headers, &action.connector);
+        facts.settled.bound_headers = hygiene::bound_headers(&parts.headers, &action.connector);
         // The action hash covers the body, so an escalated request's body is read now.
         if let Err(stop) = body.buffer(&parts.headers, &gw.config().limits, facts).await {
             release(gw, budget.take()).await;
@@ -228,7 +229,7 @@ pub(crate) async fn settle<'a>(
 async fn check_override(gw: &App, facts: &Facts, token: &str) -> Result<Grant, Decision> {
     let invalid = |m: &str| Decision::deny(Code::OverrideTokenInvalid, m.to_string());
     let claims = gw.verify_override(token, now_unix()).map_err(|_| invalid("the override token is not valid"))?;
-    if Some(&claims.sub) != facts.agent.as_ref() {
+    if Some(&claims.sub) != facts.caller.agent.as_ref() {
         return Err(invalid("the override token was issued to another agent"));
     }
     if claims.action_hash != facts.action_hash() {

@@ -46,10 +46,8 @@ pub(crate) fn parse(parts: &Parts, arrival: &Arrival, facts: &mut Facts) -> Resu
     let mut target = Target { base_connector: None, path: parts.uri.path().to_string(), preset_token: None };
     match arrival {
         Arrival::Tunnel(t) => {
-            facts.scheme = Scheme::Https;
-            facts.host = t.host.clone();
-            facts.port = t.port;
-            facts.agent = t.agent.clone();
+            facts.line.aim(Scheme::Https, t.host.clone(), t.port);
+            facts.caller.agent = t.agent.clone();
             target.preset_token = t.token.clone();
             // Every request must name the tunnel's host (Host or :authority).
             let named = parts
@@ -75,8 +73,7 @@ pub(crate) fn parse(parts: &Parts, arrival: &Arrival, facts: &mut Facts) -> Resu
             else {
                 return Err(malformed("a Host header is required"));
             };
-            facts.host = host;
-            facts.port = orig.port();
+            facts.line.aim(Scheme::Http, host, orig.port());
         }
         Arrival::Explicit => {
             if parts.uri.scheme_str() != Some("http") {
@@ -99,8 +96,7 @@ pub(crate) fn parse(parts: &Parts, arrival: &Arrival, facts: &mut Facts) -> Resu
                     return Err(malformed("the Host header does not match the request target"));
                 }
             }
-            facts.host = host;
-            facts.port = port;
+            facts.line.aim(Scheme::Http, host, port);
         }
         Arrival::BaseUrl => {
             let raw = parts.uri.path();

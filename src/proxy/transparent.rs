@@ -9,7 +9,7 @@
 
 use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::connect::{Tunnel, authorize_tunnel, intercept, passthrough};
-use super::{App, Arrival, handle, new_facts};
+use super::{App, Arrival, Facts, handle};
 use crate::config::TlsMode;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -86,14 +86,12 @@ pub(crate) async fn serve_connection(gw: Arc<App>, stream: TcpStream, own: Vec<S
     // The SNI is compared and recorded as every other host is (lower-case, no trailing dot); a
     // name that does not normalise falls back to the dialled address, which no name matches.
     let host = sni.as_deref().and_then(super::normalize_host).unwrap_or_else(|| orig.ip().to_string());
-    let mut facts = new_facts(&http::Method::CONNECT, &http::Uri::from_static("/"), Arrival::Transparent(orig));
-    facts.path = String::new();
-    facts.host = host.clone();
-    facts.port = orig.port();
+    let mut facts = Facts::new(&http::Method::CONNECT, &http::Uri::from_static("/"), Arrival::Transparent(orig));
+    facts.line.tunnel(host.clone(), orig.port());
     let Ok((connector, record)) = authorize_tunnel(&gw, &mut facts, &http::HeaderMap::new(), None).await else {
         return;
     };
-    let tunnel = Arc::new(Tunnel { host, port: orig.port(), token: None, agent: facts.agent.clone() });
+    let tunnel = Arc::new(Tunnel { host, port: orig.port(), token: None, agent: facts.caller.agent.clone() });
     match connector.tls {
         TlsMode::Intercept => intercept(gw, stream, tunnel, Some(slot)).await,
         TlsMode::Passthrough => {

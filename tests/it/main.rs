@@ -2,6 +2,9 @@
 //! the built `uapk-gateway` binary as a child process) against real upstreams and drives them
 //! with real clients. `support` is the harness they share.
 
+// These tests time real processes and sockets; the clock rule (clippy.toml) is for the gateway.
+#![allow(clippy::disallowed_methods)]
+
 mod support;
 
 mod abuse;
