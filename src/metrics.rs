@@ -152,7 +152,7 @@ pub(crate) struct Gauges {
 
 impl Metrics {
     /// Counts a decided request. `agent` must already be a configured id, `unknown` or `-`
-    /// (see `proxy::Gateway::count`); `reason` is mapped onto the closed set here.
+    /// (see `App::count` in `proxy`); `reason` is mapped onto the closed set here.
     pub(crate) fn request(
         &self,
         decision: &'static str,

@@ -8,7 +8,7 @@
 //!
 //! The operations are the same for both: append with a precondition (`audit::Precondition`),
 //! reserve and settle by request id (`BudgetStore`), store, list and move approvals. The
-//! conformance suite (`tests/state.rs`) runs the same cases against both.
+//! conformance suite (`tests/it/state.rs`) runs the same cases against both.
 
 pub mod postgres;
 
