@@ -47,6 +47,8 @@ pub(crate) async fn wait_ready(admin: SocketAddr, child: &mut Child, log: &Path)
 /// A gateway running as a child process, on free loopback ports, in a directory of its own.
 pub(crate) struct ChildGateway {
     child: Child,
+    /// SIGTERM was sent (a second one makes the gateway exit at once, without draining).
+    terminated: std::sync::atomic::AtomicBool,
     pub dir: tempfile::TempDir,
     pub proxy: SocketAddr,
     pub admin: SocketAddr,
@@ -68,7 +70,7 @@ impl ChildGateway {
         let log = d.join("gateway.log");
         let mut child = spawn_limited(&cfg, &log, &[], nofile);
         wait_ready(admin, &mut child, &log).await;
-        ChildGateway { child, dir, proxy, admin }
+        ChildGateway { child, terminated: Default::default(), dir, proxy, admin }
     }
 
     pub(crate) fn pid(&self) -> u32 {
@@ -84,12 +86,14 @@ impl ChildGateway {
         self.dir.path().join("gateway.log")
     }
 
-    /// Asks the gateway to stop (SIGTERM), without waiting.
+    /// Asks the gateway to stop (SIGTERM, once), without waiting.
     pub(crate) fn terminate(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        if !self.terminated.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        }
     }
 
-    /// SIGTERM, wait for a clean exit, and return every committed entry and the gateway's log.
+    /// SIGTERM (unless sent already), wait for a clean exit, and return every committed entry and the gateway's log.
     pub(crate) fn stop(&mut self) -> (Vec<Value>, String) {
         self.terminate();
         let deadline = Instant::now() + Duration::from_secs(40);
