@@ -43,6 +43,11 @@ pub fn instant() -> Instant {
     t
 }
 
+/// The time since `earlier` on the monotonic clock (zero if `earlier` is later).
+pub fn since(earlier: Instant) -> std::time::Duration {
+    instant().saturating_duration_since(earlier)
+}
+
 /// Seconds since the Unix epoch (0 before it).
 pub fn now_unix() -> i64 {
     now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)

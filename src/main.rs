@@ -632,7 +632,7 @@ fn verify(mut a: VerifyArgs) -> Result<(), Fail> {
             let started = uapk_gateway::clock::instant();
             let progress = move |n: u64| {
                 if tty {
-                    let rate = n as f64 / started.elapsed().as_secs_f64().max(1e-6);
+                    let rate = n as f64 / uapk_gateway::clock::since(started).as_secs_f64().max(1e-6);
                     eprint!("\rverified {n} entries ({rate:.0}/s)");
                 }
             };

@@ -557,8 +557,8 @@ impl Writer {
             // next reopen attempt (so the log, and readiness, come back by themselves once the
             // disk takes writes again, even with nothing queued); in async mode the next fsync.
             let due = match self.failed_at {
-                Some(failed) => Some(REOPEN_EVERY.saturating_sub(failed.elapsed())),
-                None if unsynced => Some(ASYNC_SYNC_EVERY.saturating_sub(last_sync.elapsed())),
+                Some(failed) => Some(REOPEN_EVERY.saturating_sub(crate::clock::since(failed))),
+                None if unsynced => Some(ASYNC_SYNC_EVERY.saturating_sub(crate::clock::since(last_sync))),
                 None => None,
             };
             let first = match due {
@@ -590,7 +590,7 @@ impl Writer {
                 self.commit(batch, durable);
                 if !durable {
                     unsynced = true;
-                    if last_sync.elapsed() >= ASYNC_SYNC_EVERY {
+                    if crate::clock::since(last_sync) >= ASYNC_SYNC_EVERY {
                         self.sync();
                         unsynced = false;
                         last_sync = crate::clock::instant();
@@ -642,7 +642,7 @@ impl Writer {
         let Some(at) = self.failed_at else {
             return Ok(());
         };
-        if at.elapsed() < REOPEN_EVERY {
+        if crate::clock::since(at) < REOPEN_EVERY {
             return Err(AuditError::Commit("the audit log's storage failed; it is reopened shortly".into()));
         }
         self.reopen_attempts += 1;

@@ -550,7 +550,7 @@ impl Budgets {
         let State { agents, held } = &mut *st;
         let stale: Vec<String> = held
             .iter()
-            .filter(|(_, h)| !h.forwarded && h.since.elapsed() > max_age)
+            .filter(|(_, h)| !h.forwarded && crate::clock::since(h.since) > max_age)
             .map(|(id, _)| id.clone())
             .collect();
         for id in &stale {

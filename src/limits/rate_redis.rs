@@ -131,7 +131,7 @@ impl RedisGiveBack {
         }
         let t0 = crate::clock::instant();
         let r = tokio::time::timeout(self.inner.timeout, inv.invoke_async::<i64>(&mut con)).await;
-        self.inner.metrics.observe(BACKEND, "rate_limit", t0.elapsed().as_secs_f64());
+        self.inner.metrics.observe(BACKEND, "rate_limit", crate::clock::since(t0).as_secs_f64());
         if !matches!(r, Ok(Ok(_))) {
             tracing::warn!(url = %self.inner.url, "rate limits: quota of a refused request could not be given back");
         }
@@ -209,7 +209,7 @@ impl RedisLimiters {
                 let Some(inner) = weak.upgrade() else { break };
                 let t0 = crate::clock::instant();
                 let r = inner.ping().await;
-                inner.metrics.observe(BACKEND, "ping", t0.elapsed().as_secs_f64());
+                inner.metrics.observe(BACKEND, "ping", crate::clock::since(t0).as_secs_f64());
                 match r {
                     Ok(()) => inner.set_up(true, None),
                     Err(e) => inner.set_up(false, Some(&e)),
@@ -250,7 +250,7 @@ impl RedisLimiters {
         let mut con = inner.manager.clone();
         let t0 = crate::clock::instant();
         let answer = tokio::time::timeout(inner.timeout, inv.invoke_async::<(i64, i64)>(&mut con)).await;
-        inner.metrics.observe(BACKEND, "rate_limit", t0.elapsed().as_secs_f64());
+        inner.metrics.observe(BACKEND, "rate_limit", crate::clock::since(t0).as_secs_f64());
         let (refused_by, wait_us) = match answer {
             Ok(Ok(a)) => {
                 inner.set_up(true, None);

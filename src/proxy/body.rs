@@ -83,7 +83,7 @@ pub(super) fn access_line(
         reasons = %a.reasons,
         status = status.as_u16(),
         bytes,
-        duration_ms = a.started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = crate::clock::since(a.started).as_secs_f64() * 1000.0,
         upstream_ms = upstream.map(|d| d.as_secs_f64() * 1000.0),
         record,
         error,
@@ -620,7 +620,11 @@ mod request_digest_tests {
         let started = crate::clock::instant();
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.is::<BodyStalled>(), "{err}");
-        assert!(started.elapsed() >= timeout && started.elapsed() < timeout * 4, "{:?}", started.elapsed());
+        assert!(
+            crate::clock::since(started) >= timeout && crate::clock::since(started) < timeout * 4,
+            "{:?}",
+            crate::clock::since(started)
+        );
         assert!(stalled.get() && body.frame().await.is_none());
         drop(tx);
         // A frame every 100 ms under a 300 ms timeout, for longer than the timeout: never cut.

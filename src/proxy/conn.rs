@@ -315,7 +315,7 @@ impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Touch<'_, T> {
         let n = buf.filled().len().saturating_sub(before) as u64;
         if n > 0 {
             self.count.fetch_add(n, Ordering::Relaxed);
-            let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX);
+            let ms = u64::try_from(crate::clock::since(self.base).as_millis()).unwrap_or(u64::MAX);
             self.last.store(ms, Ordering::Relaxed);
         }
         r
@@ -350,7 +350,7 @@ mod tests {
         b_peer.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
         let r = task.await.unwrap();
-        let took = started.elapsed();
+        let took = crate::clock::since(started);
         assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "{took:?}");
         assert_eq!((r.a_to_b, r.b_to_a), (5, 0));
         assert!(r.error.is_some_and(|e| e.contains("tunnel_idle_timeout")));
@@ -386,7 +386,7 @@ mod tests {
         let idle_from = crate::clock::instant();
         drop(guard);
         w.await.unwrap();
-        let waited = idle_from.elapsed();
+        let waited = crate::clock::since(idle_from);
         assert!(waited >= Duration::from_millis(190) && waited < Duration::from_secs(1), "{waited:?}");
     }
 

@@ -235,7 +235,7 @@ pub(crate) async fn passthrough<IO>(
             m.insert("error".into(), json!("the upstream is unreachable"));
         }
     }
-    m.insert("duration_us".into(), json!(started.elapsed().as_micros().to_string()));
+    m.insert("duration_us".into(), json!(crate::clock::since(started).as_micros().to_string()));
     m.insert("closed_at".into(), json!(now_unix().to_string()));
     if let Err(e) = gw.audit().append_nowait(m) {
         tracing::error!(error = %e, "tunnel outcome not queued");

@@ -220,7 +220,7 @@ async fn forward(
         let mut outcome = outcome;
         let sent = crate::clock::instant();
         let result = tokio::time::timeout(timeout, client.request(up)).await;
-        outcome.upstream_latency = sent.elapsed();
+        outcome.upstream_latency = crate::clock::since(sent);
         gw2.metrics().upstream_duration.observe(outcome.upstream_latency.as_secs_f64());
         let (status, error) = match &result {
             Ok(Ok(r)) => (r.status(), None),

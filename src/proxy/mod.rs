@@ -61,7 +61,7 @@ impl TokenFile {
     }
     fn get(&self) -> Option<String> {
         let mut c = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if c.1.elapsed() > Duration::from_secs(10) {
+        if crate::clock::since(c.1) > Duration::from_secs(10) {
             *c = (std::fs::read_to_string(&self.path).ok().map(|t| t.trim().to_string()), crate::clock::instant());
         }
         c.0.clone().filter(|t| !t.is_empty())
@@ -174,7 +174,7 @@ impl App {
             Ok(fields) => self.audit().append_fields(fields).await,
             Err(e) => Err(e),
         };
-        self.metrics().audit_append.observe(started.elapsed().as_secs_f64());
+        self.metrics().audit_append.observe(crate::clock::since(started).as_secs_f64());
         r.map_err(|e| self.audit_failure(facts, e))
     }
 
@@ -192,7 +192,7 @@ impl App {
             Ok(fields) => self.audit().append_guarded(fields, guard).await,
             Err(e) => Err(e),
         };
-        self.metrics().audit_append.observe(started.elapsed().as_secs_f64());
+        self.metrics().audit_append.observe(crate::clock::since(started).as_secs_f64());
         r.map_err(|e| match e {
             AuditError::Refused(why) => Err(why),
             e => Ok(self.audit_failure(facts, e)),
@@ -367,7 +367,7 @@ pub(crate) async fn handle(gw: Arc<App>, req: Request<Incoming>, arrival: Arriva
     } else {
         handle_inner(&gw, req, arrival).await
     };
-    gw.metrics().request_duration.observe(started.elapsed().as_secs_f64());
+    gw.metrics().request_duration.observe(crate::clock::since(started).as_secs_f64());
     resp
 }
 
@@ -447,5 +447,26 @@ impl http_body::Body for HoldsSlot {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenFile;
+    use std::time::Duration;
+
+    #[test]
+    fn a_rotated_token_file_is_read_again_after_ten_seconds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").unwrap();
+        let file = TokenFile::new(path.clone());
+        std::fs::write(&path, "second").unwrap();
+        assert_eq!(file.get().as_deref(), Some("first"), "cached for ten seconds");
+        crate::clock::advance(Duration::from_secs(11));
+        assert_eq!(file.get().as_deref(), Some("second"), "re-read once the cache is older than ten seconds");
+        std::fs::write(&path, "").unwrap();
+        crate::clock::advance(Duration::from_secs(11));
+        assert_eq!(file.get(), None, "an empty file presents no token");
     }
 }

@@ -149,7 +149,7 @@ impl Vetter {
         let key = host.to_ascii_lowercase();
         let cached = {
             let t = self.table.lock().unwrap_or_else(|e| e.into_inner());
-            t.get(&key).filter(|(_, at)| at.elapsed() < self.ttl).map(|(ips, _)| ips.clone())
+            t.get(&key).filter(|(_, at)| crate::clock::since(*at) < self.ttl).map(|(ips, _)| ips.clone())
         };
         let ips = match cached {
             Some(ips) => ips,

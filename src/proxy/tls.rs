@@ -103,7 +103,7 @@ impl LeafCache {
         {
             let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((ck, at)) = cache.get(&name)
-                && at.elapsed() < self.ttl
+                && crate::clock::since(*at) < self.ttl
             {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(ck.clone());
@@ -114,7 +114,7 @@ impl LeafCache {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_LEAVES {
             let ttl = self.ttl;
-            cache.retain(|_, (_, at)| at.elapsed() < ttl);
+            cache.retain(|_, (_, at)| crate::clock::since(*at) < ttl);
             if cache.len() >= MAX_LEAVES {
                 cache.clear();
             }

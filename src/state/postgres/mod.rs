@@ -141,7 +141,7 @@ impl Db {
         .unwrap_or_else(|_| Err(format!("postgres: no answer within {} ms", self.deadline.as_millis())));
         self.up.store(r.is_ok(), Ordering::SeqCst);
         if let Some(f) = &self.observe {
-            f(op, started.elapsed().as_secs_f64(), r.is_ok());
+            f(op, crate::clock::since(started).as_secs_f64(), r.is_ok());
         }
         r
     }
