@@ -44,10 +44,16 @@ pub const MAX_TOKENS: u64 = 1 << 53;
 pub struct Usage {
     /// Every input token, prompt-cache writes and reads included.
     pub input_tokens: u64,
+    /// Output tokens: OpenAI `completion_tokens` (responses API: `output_tokens`), Anthropic
+    /// `output_tokens`.
     pub output_tokens: u64,
+    /// The upstream's total, or input + output when it gives none or less.
     pub total_tokens: u64,
-    /// Anthropic's prompt-cache writes and reads (part of `input_tokens`), when reported.
+    /// Anthropic's prompt-cache writes (`cache_creation_input_tokens`, part of `input_tokens`),
+    /// when reported.
     pub cache_creation_input_tokens: Option<u64>,
+    /// Anthropic's prompt-cache reads (`cache_read_input_tokens`, part of `input_tokens`), when
+    /// reported.
     pub cache_read_input_tokens: Option<u64>,
 }
 
