@@ -742,7 +742,9 @@ pub struct PathPattern {
 }
 
 impl PathPattern {
-    pub(crate) fn parse(raw: &str) -> Result<PathPattern, String> {
+    /// Parses a route's `path`: it starts with `/`; segments are literal, `*`, `{name}` or a final
+    /// `**`. The error says what is wrong with it.
+    pub fn parse(raw: &str) -> Result<PathPattern, String> {
         let Some(rest) = raw.strip_prefix('/') else {
             return Err("must start with '/'".into());
         };
@@ -769,7 +771,7 @@ impl PathPattern {
     }
 
     /// Matches an upstream path (without query); returns captures.
-    pub(crate) fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
         let rest = path.strip_prefix('/')?;
         let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
         let mut caps = Vec::new();

@@ -215,9 +215,13 @@ pub(crate) fn token_policy_for(m: &crate::config::Manifest) -> TokenPolicy {
 
 /// Why a capability token was refused (SPEC §8 step 1). Messages never contain token bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum TokenError {
+pub enum TokenError {
+    /// `capability_token_invalid`: malformed, badly signed, from an unknown issuer, for another
+    /// audience, not valid yet, or with time claims out of range; the text says which.
     Invalid(String),
+    /// `capability_token_expired`: past `exp` plus the leeway.
     Expired,
+    /// `capability_token_revoked`: its `jti` is in `capability.revoked`.
     Revoked,
 }
 
@@ -351,7 +355,8 @@ pub struct TokenVerifier {
 }
 
 impl TokenVerifier {
-    pub(crate) fn new(policy: TokenPolicy) -> Self {
+    /// A verifier of the tokens `policy` accepts, with an empty cache.
+    pub fn new(policy: TokenPolicy) -> Self {
         let keys = policy.issuers.iter().map(|i| (i.id.clone(), DecodingKey::from_ed_der(i.key.as_bytes()))).collect();
         TokenVerifier { policy, keys, cache: RwLock::new(HashMap::new()) }
     }
@@ -370,7 +375,10 @@ impl TokenVerifier {
         Ok(())
     }
 
-    pub(crate) fn verify(&self, token: &str, now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
+    /// Verifies `token` at `now` (unix seconds): protected header, signature, issuer, audience,
+    /// time claims (with the policy's leeway), lifetime and revocation. Verified claims are cached
+    /// by the token's SHA-256; time and revocation are checked again on every use.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(c) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned() {
             self.still_valid(&c, now)?;
