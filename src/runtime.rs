@@ -25,10 +25,16 @@ use tokio::sync::{Semaphore, watch};
 
 /// A gateway that is serving.
 pub struct Running {
+    /// Where the proxy listener (`listeners.proxy`) is bound, port 0 resolved.
     pub proxy_addr: SocketAddr,
+    /// Where the transparent listener (`listeners.transparent`) is bound, when configured.
     pub transparent_addr: Option<SocketAddr>,
+    /// Where the admin listener (`listeners.admin`) is bound.
     pub admin_addr: SocketAddr,
+    /// What the listeners share: configuration, policies, the audit log, limits and the upstream
+    /// client.
     pub gateway: Arc<App>,
+    /// The admin listener's own state: readiness, the last reload error, operator-page sessions.
     pub admin: Arc<AdminState>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,

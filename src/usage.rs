@@ -44,10 +44,16 @@ pub const MAX_TOKENS: u64 = 1 << 53;
 pub struct Usage {
     /// Every input token, prompt-cache writes and reads included.
     pub input_tokens: u64,
+    /// Output tokens: OpenAI `completion_tokens` (responses API: `output_tokens`), Anthropic
+    /// `output_tokens`.
     pub output_tokens: u64,
+    /// The upstream's total, or input + output when it gives none or less.
     pub total_tokens: u64,
-    /// Anthropic's prompt-cache writes and reads (part of `input_tokens`), when reported.
+    /// Anthropic's prompt-cache writes (`cache_creation_input_tokens`, part of `input_tokens`),
+    /// when reported.
     pub cache_creation_input_tokens: Option<u64>,
+    /// Anthropic's prompt-cache reads (`cache_read_input_tokens`, part of `input_tokens`), when
+    /// reported.
     pub cache_read_input_tokens: Option<u64>,
 }
 
@@ -396,7 +402,7 @@ pub struct UsageParser {
 
 impl UsageParser {
     /// A parser for a response with these headers.
-    pub(crate) fn new(format: UsageFormat, headers: &HeaderMap) -> UsageParser {
+    pub fn new(format: UsageFormat, headers: &HeaderMap) -> UsageParser {
         let encoding = headers
             .get_all(header::CONTENT_ENCODING)
             .iter()
@@ -428,7 +434,7 @@ impl UsageParser {
     }
 
     /// Feeds the next chunk of the body.
-    pub(crate) fn feed(&mut self, data: &[u8]) {
+    pub fn feed(&mut self, data: &[u8]) {
         let mut events = Vec::new();
         match &mut self.mode {
             Mode::Off(_) => {}
@@ -472,7 +478,7 @@ impl UsageParser {
     /// has passed: the usage is complete, whatever else the connection carries. SDKs stop
     /// reading there (openai-python closes the response at `[DONE]`), so the outcome is
     /// written then rather than when the connection ends.
-    pub(crate) fn stream_done(&self) -> bool {
+    pub fn stream_done(&self) -> bool {
         matches!(&self.mode, Mode::Sse(sse) if sse.done)
     }
 
@@ -496,7 +502,7 @@ impl UsageParser {
     }
 
     /// The usage of the whole response, or why it is unknown.
-    pub(crate) fn finish(mut self) -> Result<Usage, String> {
+    pub fn finish(mut self) -> Result<Usage, String> {
         let mode = std::mem::replace(&mut self.mode, Mode::Off(String::new()));
         match mode {
             Mode::Off(reason) => return Err(reason),

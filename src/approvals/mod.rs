@@ -20,18 +20,26 @@ const BY_TIME: TableDefinition<(u64, &str), ()> = TableDefinition::new("approval
 /// Pending approvals only, by (created_at, id): the operator page's list and expiry read this.
 const PENDING: TableDefinition<(u64, &str), ()> = TableDefinition::new("approvals_pending");
 
+/// Where an approval is in its life: pending until approved, denied or expired; approved until its
+/// override token is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
+    /// Waiting for an approver's decision, until `expires_at`.
     Pending,
+    /// Approved; its override token is valid until `override_expires_at`.
     Approved,
+    /// Denied by an approver.
     Denied,
+    /// Not decided before `expires_at` (`escalation.approval_ttl` after it was created).
     Expired,
     /// Approved and its override token used.
     Consumed,
 }
 
 impl Status {
+    /// The status as the admin API, the store and the audit log write it (`pending`, `approved`,
+    /// `denied`, `expired`, `consumed`).
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Pending => "pending",
@@ -43,28 +51,41 @@ impl Status {
     }
 }
 
+/// A reason of the escalated decision, as stored with the approval.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReasonRecord {
+    /// The reason code, e.g. `amount_requires_approval`.
     pub code: String,
+    /// Its human-readable message (never a secret).
     pub message: String,
 }
 
 /// One approval as stored and as shown by the admin API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Approval {
+    /// The approval id: `appr-` and 24 hex digits.
     pub id: String,
+    /// Id of the agent whose request was escalated.
     pub agent: String,
+    /// Name of the connector the request was for.
     pub connector: String,
+    /// The request's action type (its route's or tool's `action`).
     pub action: String,
+    /// The params its route declares, as read from the request (canonical values as strings).
     pub params: BTreeMap<String, String>,
+    /// The request's HTTP method.
     pub method: String,
     /// `http` or `https`.
     #[serde(default)]
     pub scheme: String,
+    /// The upstream host the request named.
     pub host: String,
+    /// The upstream port.
     #[serde(default)]
     pub port: u16,
+    /// The upstream path, without the query.
     pub path: String,
+    /// The query string without `?`, when the request had one.
     #[serde(default)]
     pub query: Option<String>,
     /// The forwarded request headers the override is bound to (SPEC §14.7).
@@ -73,19 +94,25 @@ pub struct Approval {
     /// SHA-256 (hex) and length of the request body the override is bound to.
     #[serde(default)]
     pub body_sha256: Option<String>,
+    /// Length in bytes of that body; `None` when `body_sha256` is.
     #[serde(default)]
     pub body_len: Option<u64>,
     /// SHA-256 (hex) of the canonical action (SPEC §6); an override is valid only for it.
     pub action_hash: String,
+    /// Why the request was escalated: the reasons of its ESCALATE decision.
     pub reasons: Vec<ReasonRecord>,
+    /// The stored status; a pending approval past `expires_at` is expired whatever this says.
     pub status: Status,
     /// Unix seconds.
     pub created_at: i64,
+    /// When a pending approval expires, unix seconds (`created_at` + `escalation.approval_ttl`).
     pub expires_at: i64,
     /// Index of the audit record of the escalated decision.
     pub record: u64,
+    /// The note the approver gave with approve or deny, if any.
     #[serde(default)]
     pub note: Option<String>,
+    /// Id of the admin key that approved or denied it (`admin.keys[].id`); `None` while undecided.
     #[serde(default)]
     pub decided_by: Option<String>,
     /// When an override for it stops being valid (set when approved; unix seconds).
@@ -124,14 +151,24 @@ impl std::fmt::Display for Cursor {
     }
 }
 
+/// Why an approval operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ApprovalError {
+    /// The approval store (redb or PostgreSQL) or the audit log could not do it; the message says
+    /// why.
     #[error("approval store: {0}")]
     Store(String),
+    /// No approval has this id.
     #[error("approval {0} not found")]
     NotFound(String),
+    /// The approval was already decided, expired or consumed.
     #[error("approval {id} is {status}, not pending")]
-    NotPending { id: String, status: &'static str },
+    NotPending {
+        /// The approval's id.
+        id: String,
+        /// Its current status, as [`Status::as_str`] writes it.
+        status: &'static str,
+    },
 }
 
 fn store_err(e: impl std::fmt::Display) -> ApprovalError {

@@ -34,6 +34,8 @@ pub(crate) struct Decided {
     pub override_token: Option<String>,
 }
 
+/// The approvals queue as the gateway runs it: the store (the embedded redb tables or the fleet's
+/// PostgreSQL), the requests held for a decision and the per-agent count of pending approvals.
 pub struct Approvals {
     /// The gateway's own queue (embedded); `None` with the fleet's.
     store: Option<ApprovalStore>,
@@ -147,6 +149,7 @@ impl Approvals {
         self.counts().values().map(|&n| n as u64).sum()
     }
 
+    /// The approval with this id as stored, or `None` when there is none.
     pub async fn fetch(&self, id: &str) -> Result<Option<Approval>, ApprovalError> {
         if let Some(f) = &self.fleet {
             return f.get(id).await;

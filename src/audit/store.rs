@@ -79,6 +79,7 @@ const OPEN_WAIT: Duration = Duration::from_secs(5);
 /// After a failed write, how often the writer tries to reopen the database.
 const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
+/// When an append resolves relative to fsync (`audit.durability`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
     /// Each batch is fsynced before its appends resolve.
@@ -87,14 +88,19 @@ pub enum Durability {
     Async,
 }
 
+/// How the audit log's writer is set up, from the `audit` keys of `gateway.yaml`.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
+    /// The redb file of the log (`audit.path`).
     pub path: PathBuf,
     /// Log name, the first line of every checkpoint.
     pub origin: String,
+    /// Whether appends wait for fsync (`audit.durability`).
     pub durability: Durability,
     /// Also sign every entry (table `audit_entry_sigs`).
     pub sign_each_entry: bool,
+    /// Entries that may wait for the writer (`audit.queue_capacity`); an append to a full queue
+    /// fails at once with `AuditError::QueueFull`.
     pub queue_capacity: usize,
     /// Name of the checkpoint signing key.
     pub key_name: String,
@@ -246,6 +252,8 @@ impl AuditHandle {
         self.shared.failed.load(Ordering::SeqCst)
     }
 
+    /// The writer's counters so far: entries appended, group commits and the size of the last
+    /// batch.
     pub fn stats(&self) -> AuditStats {
         AuditStats {
             entries_total: self.shared.entries_total.load(Ordering::Relaxed),
@@ -493,6 +501,7 @@ impl AuditLog {
         Ok(AuditLog { db, handle: AuditHandle { tx, shared }, thread: Some(thread) })
     }
 
+    /// A handle that appends to this log and reads its state; clones share the one writer.
     pub fn handle(&self) -> AuditHandle {
         self.handle.clone()
     }

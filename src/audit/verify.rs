@@ -42,6 +42,8 @@ enum SnapshotDb {
 }
 
 impl Snapshot {
+    /// Opens the log file at `path` without changing it; a file left by a crash is repaired on a
+    /// temporary copy. `AuditError::Locked` when a running gateway holds the file.
     pub fn open(path: &Path) -> Result<Snapshot, AuditError> {
         let io = |e: &dyn std::fmt::Display| AuditError::Io(format!("cannot open {}: {e}", path.display()));
         // A small page cache: verification streams once through the file, so memory stays
@@ -82,6 +84,7 @@ impl Snapshot {
         redb::ReadableTableMetadata::len(&t).map_err(storage)
     }
 
+    /// A read transaction on the snapshot, to read its tables directly.
     pub fn begin_read(&self) -> Result<redb::ReadTransaction, AuditError> {
         match &self.db {
             SnapshotDb::ReadOnly(d) => d.begin_read().map_err(storage),

@@ -24,11 +24,15 @@ use std::sync::{Arc, OnceLock};
 /// One problem in a configuration file, located as precisely as the file allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
+    /// The file the problem is in (`<defaults>` when `gateway.yaml` was not given).
     pub file: PathBuf,
+    /// Line of the problem, 1-based.
     pub line: usize,
+    /// Column of the problem, 1-based.
     pub col: usize,
     /// Key path, e.g. `connectors[0].routes[1].path`.
     pub key: String,
+    /// What is wrong, without the location and key path.
     pub message: String,
 }
 
@@ -66,7 +70,9 @@ impl std::error::Error for Diagnostics {}
 /// a configuration `run` would refuse, nor refuses one `run` serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strictness {
+    /// `uapk-gateway check`: the files are validated, nothing is served.
     Check,
+    /// A running gateway, at start and at each reload.
     Run,
 }
 
@@ -166,8 +172,13 @@ pub fn load_gateway_with_warnings(path: Option<&Path>) -> Result<(GatewayConfig,
 /// validation (served as refusals: SPEC §17).
 #[derive(Debug, Default)]
 pub struct PolicySet {
+    /// The valid manifests, by `agent.id`.
     pub manifests: BTreeMap<String, Arc<Manifest>>,
+    /// Warnings of the valid manifests (e.g. a route that never matches); they do not stop a
+    /// manifest from loading.
     pub warnings: Vec<Diagnostic>,
+    /// Manifest files that failed validation; their agents' requests are refused
+    /// `manifest_invalid`.
     pub invalid: Vec<InvalidManifest>,
     /// SHA-256 (hex) of each file of [`PolicySet::watched_files`] when the set was loaded; `None`:
     /// not readable then.
@@ -178,9 +189,11 @@ pub struct PolicySet {
 /// `manifest_invalid` until it is fixed.
 #[derive(Debug, Clone)]
 pub struct InvalidManifest {
+    /// The manifest file.
     pub file: PathBuf,
     /// The `agent.id` the file names, when it can be read at all.
     pub agent: Option<String>,
+    /// Every error found in it.
     pub errors: Vec<Diagnostic>,
     /// The other files it reads (watched, so that a Secret appearing later fixes it).
     pub files: Vec<PathBuf>,

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 // ---------------------------------------------------------------- gateway.yaml
 
+/// The validated `gateway.yaml`: listeners, files, the audit log, state backend, identity, admin
+/// keys, limits and telemetry. Every key is optional; the defaults are those of
+/// docs/configuration.md.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
     /// Base-URL and explicit-proxy listener.
@@ -27,18 +30,26 @@ pub struct GatewayConfig {
     pub data_dir: PathBuf,
     /// Ed25519 PKCS#8 key that signs checkpoints and override tokens.
     pub gateway_key: PathBuf,
+    /// `tls`: the interception CA, extra upstream roots and the leaf lifetime.
     pub tls: TlsSettings,
+    /// `audit`: the audit log's file, name, durability and queue.
     pub audit: AuditSettings,
     /// `state.backend`: embedded (redb, one gateway) or a fleet's PostgreSQL (SPEC §15).
     pub state: StateBackend,
+    /// `identity`: who a request that carries no capability token is.
     pub identity: IdentitySettings,
+    /// `admin.keys`: the admin API keys, by SHA-256 and role. Empty: every admin API call that
+    /// needs a key is refused 401.
     pub admin_keys: Vec<AdminKey>,
     /// `admin.max_connections`: the admin listener's own connection cap, so health checks
     /// answer while the proxy listener is flooded.
     pub admin_max_connections: usize,
+    /// `limits`: request sizes, timeouts and connection caps of the data path.
     pub limits: Limits,
     /// CIDRs that may be dialled despite the SSRF guard.
     pub allow_private_destinations: Vec<Cidr>,
+    /// `log_format`: how the gateway's own log lines on stderr are written (`--log-format`
+    /// overrides it).
     pub log_format: LogFormat,
     /// `telemetry.otlp`: where request spans are exported (off when `None`).
     pub otlp: Option<OtlpSettings>,
@@ -118,6 +129,7 @@ pub struct OtlpSettings {
     /// The collector: for `http`, the full `/v1/traces` URL (appended when the endpoint has no
     /// path); for `grpc`, the collector's origin.
     pub endpoint: String,
+    /// `telemetry.otlp.protocol`: `http` (the default; `http/protobuf` is accepted too) or `grpc`.
     pub protocol: OtlpProtocol,
     /// Bound on one export; a collector slower than this loses that batch (counted).
     pub timeout: Duration,
@@ -125,6 +137,7 @@ pub struct OtlpSettings {
     pub queue_size: usize,
 }
 
+/// How spans are sent to the collector (`telemetry.otlp.protocol`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OtlpProtocol {
     /// OTLP/HTTP with protobuf bodies.
@@ -133,15 +146,23 @@ pub enum OtlpProtocol {
     Grpc,
 }
 
+/// `tls`: the CA that signs interception leaves, and the roots trusted for upstreams.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
+    /// `tls.ca_cert`: the interception CA certificate, PEM (default `DATA_DIR/ca.pem`; generated
+    /// there if absent, except in a pod).
     pub ca_cert: PathBuf,
+    /// `tls.ca_key`: the CA's private key, PKCS#8 PEM (default `DATA_DIR/ca-key.pem`, mode 0600).
     pub ca_key: PathBuf,
     /// PEM files whose certificates are trusted for upstream TLS in addition to webpki roots.
     pub extra_upstream_roots: Vec<PathBuf>,
+    /// `tls.leaf_ttl`: validity of each minted leaf certificate (default 24 h); a leaf is served
+    /// from the cache for half of it.
     pub leaf_ttl: Duration,
 }
 
+/// `audit.durability`: whether a decision is fsynced before its request goes on. With
+/// `state.backend: postgres` it is PostgreSQL's synchronous commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuditDurability {
     /// The decision entry is fsynced before the request is forwarded.
@@ -150,12 +171,17 @@ pub enum AuditDurability {
     Async,
 }
 
+/// `audit`: the audit log (with `state.backend: postgres`, the fleet's log in the database).
 #[derive(Debug, Clone)]
 pub struct AuditSettings {
+    /// `audit.path`: the redb file of the log (default `DATA_DIR/audit.redb`, mode 0600); not used
+    /// with `state.backend: postgres`.
     pub path: PathBuf,
     /// Log name written in every checkpoint.
     pub origin: String,
+    /// `audit.durability`: `sync` (the default) or `async`.
     pub durability: AuditDurability,
+    /// `audit.sign_each_entry`: also an Ed25519 signature on every entry (default false).
     pub sign_each_entry: bool,
     /// A full queue answers 503 (fail closed).
     pub queue_capacity: usize,
@@ -174,8 +200,14 @@ pub enum StateBackend {
 /// `state.postgres`.
 #[derive(Debug, Clone)]
 pub struct PostgresSettings {
+    /// `state.postgres.url_file` or `state.postgres.url` (exactly one): the `postgres://` URL; its
+    /// `sslmode` decides TLS.
     pub url: SecretSource,
+    /// `state.postgres.pool_size`: connections per gateway (default 8, at least 2: the log's writer
+    /// keeps one).
     pub pool_size: usize,
+    /// `state.postgres.connect_timeout`: a connection (or a free pooled one) not obtained within
+    /// this fails closed (default 2 s).
     pub connect_timeout: Duration,
     /// Any statement or lock wait beyond it fails (closed).
     pub statement_timeout: Duration,
@@ -187,7 +219,9 @@ pub struct PostgresSettings {
 /// gateway starts, or written inline. Never printed with its password.
 #[derive(Clone)]
 pub enum SecretSource {
+    /// `url_file`: the file that holds the URL, read (and trimmed) when the gateway starts.
     File(PathBuf),
+    /// `url`: the URL written in `gateway.yaml` itself.
     Inline(String),
 }
 
@@ -234,6 +268,7 @@ pub(crate) fn redact_url(url: &str) -> String {
     }
 }
 
+/// `identity`: the identity of requests that carry no capability token.
 #[derive(Debug, Clone, Default)]
 pub struct IdentitySettings {
     /// Agent id for requests that carry no token (the pod's identity).
@@ -252,16 +287,26 @@ pub(crate) const BY_GATEWAY: &str = "gateway";
 /// export bundle); approver adds approve/deny, admin everything. An auditor never approves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AdminRole {
+    /// Reads approvals, records, the record stream, checkpoints, proofs and manifests.
     Viewer,
+    /// A viewer that may also export the evidence bundle; never approves or changes anything.
     Auditor,
+    /// An auditor that may also approve and deny pending approvals.
     Approver,
+    /// Everything the admin API offers.
     Admin,
 }
 
+/// `admin.keys[]`: one admin API key, known to the gateway only by its SHA-256.
 #[derive(Clone)]
 pub struct AdminKey {
+    /// `id`: names the key in the `by` field of the approval entries it makes; unique, and never
+    /// `gateway` (reserved for the gateway's own events).
     pub id: String,
+    /// `sha256`: SHA-256 of the key as presented in `Authorization: Bearer` (64 hex digits in the
+    /// file).
     pub sha256: [u8; 32],
+    /// `role`: `viewer`, `auditor`, `approver` or `admin`.
     pub role: AdminRole,
 }
 
@@ -271,8 +316,11 @@ impl fmt::Debug for AdminKey {
     }
 }
 
+/// `limits`: sizes, timeouts and connection caps of the proxy and transparent listeners.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// `limits.max_header_bytes`: the largest request head, in bytes (default 65536, at least
+    /// 1024).
     pub max_header_bytes: usize,
     /// Bodies buffered for body params are capped at this size (else 413).
     pub max_body_bytes: usize,
@@ -280,10 +328,15 @@ pub struct Limits {
     /// recorded (its hash is in the `decision` entry whatever happens next); longer or chunked
     /// bodies stream and are hashed on the way (in the `outcome` entry). At most `max_body_bytes`.
     pub hash_before_forward: usize,
+    /// `limits.header_read_timeout`: a request head not complete within this is dropped
+    /// (default 10 s); also the deadline to tell TLS from HTTP on the transparent listener.
     pub header_read_timeout: Duration,
     /// A body the gateway buffers (for body params) must arrive within this time (else 408).
     pub body_read_timeout: Duration,
+    /// `limits.upstream_connect_timeout`: bound on connecting to an upstream (default 5 s).
     pub upstream_connect_timeout: Duration,
+    /// `limits.upstream_timeout`: bound on waiting for an upstream's response, else 504
+    /// `upstream_timeout` (default 60 s).
     pub upstream_timeout: Duration,
     /// Open connections on the proxy and transparent listeners together, CONNECT tunnels and
     /// upgraded connections included; past it new connections get a fast 503 or are closed.
@@ -304,6 +357,8 @@ pub struct Limits {
     /// `refusals_per_second` sustained, `refusals_burst` at once; beyond, refusals are answered
     /// 429 and counted into a per-agent summary entry.
     pub refusals_per_second: f64,
+    /// `limits.refusals_burst`: refusals recorded one by one at once, on top of the sustained
+    /// `refusals_per_second` (default 100, at least 1).
     pub refusals_burst: u32,
     /// After the agent goes away mid-response, an LLM response (a connector with `usage`) is
     /// read on for at most this long (and [`USAGE_DRAIN_MAX_BYTES`]) to learn its token usage.
@@ -316,16 +371,22 @@ pub(crate) const USAGE_DRAIN_MAX_BYTES: u64 = 1 << 20;
 /// Tokens reserved by default for an LLM call that declares no output limit (SPEC §16.1).
 pub(crate) const DEFAULT_USAGE_ESTIMATE: u64 = 4096;
 
+/// `log_format`: the format of the gateway's own log lines on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
+    /// One JSON object per line (the default).
     Json,
+    /// Human-readable text lines.
     Text,
 }
 
 /// An IP network in CIDR notation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
+    /// The network address as written; host bits beyond `prefix` are ignored when matching.
     pub addr: IpAddr,
+    /// Prefix length in bits: up to 32 for IPv4, 128 for IPv6 (the full width when no `/` is
+    /// written).
     pub prefix: u8,
 }
 
@@ -365,15 +426,25 @@ impl Cidr {
 /// One agent's manifest, validated.
 #[derive(Debug)]
 pub struct Manifest {
+    /// `agent`: the agent's id and descriptive fields.
     pub agent: AgentInfo,
+    /// `mode`: `enforce` (the default) or `dry_run`.
     pub mode: PolicyMode,
+    /// `capability`: the capability tokens the agent's requests are verified against.
     pub capability: CapabilityPolicy,
+    /// `connectors`: the upstreams the agent may reach, in file order (requests by host go to the
+    /// first that matches).
     pub connectors: Vec<Arc<Connector>>,
+    /// `policy`: the lists, caps, approval triggers, budgets and rate limits requests are decided
+    /// by.
     pub policy: Policy,
+    /// `escalation`: how ESCALATE decisions wait for a human.
     pub escalation: Escalation,
+    /// `audit`: what of each request's body and headers is recorded.
     pub audit: ManifestAudit,
     /// SHA-256 (hex) of the manifest file bytes.
     pub sha256: String,
+    /// The manifest file it was loaded from.
     pub source: PathBuf,
     /// The other files it reads (issuer key files, `${file:…}` credentials), sorted: watched
     /// for changes like the manifest itself.
@@ -386,16 +457,24 @@ impl Manifest {
     }
 }
 
+/// `agent`: who the manifest is for.
 #[derive(Debug, Clone)]
 pub struct AgentInfo {
+    /// `agent.id`: the agent id (`^[a-z0-9][a-z0-9-]{2,62}$`), unique across the manifests; a
+    /// token's `sub` picks the manifest by it.
     pub id: String,
+    /// `agent.name`: a display name, informational only.
     pub name: Option<String>,
+    /// `agent.owner`: who is responsible for the agent, informational only.
     pub owner: Option<String>,
+    /// `agent.description`: free text about the agent, informational only.
     pub description: Option<String>,
 }
 
+/// `mode`: whether the manifest's decisions are enforced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PolicyMode {
+    /// Refusals and escalations are answered as decided (the default).
     Enforce,
     /// Record would-be decisions, forward anyway.
     DryRun,
@@ -410,27 +489,41 @@ impl PolicyMode {
     }
 }
 
+/// `capability.issuers[]`: an issuer whose capability tokens the agent may present.
 #[derive(Debug, Clone)]
 pub struct Issuer {
+    /// `id`: what a token's `iss` names; unique within the manifest.
     pub id: String,
+    /// The issuer's Ed25519 public key, from `public_key_file` or the inline SPKI PEM `public_key`.
     pub key: VerifyingKey,
 }
 
+/// `capability`: which capability tokens the agent's requests must carry and who may issue them.
 #[derive(Debug, Clone)]
 pub struct CapabilityPolicy {
     /// No valid token → deny.
     pub required: bool,
+    /// `capability.audience`: a value a token's `aud` must contain (default `uapk-gateway`).
     pub audience: String,
+    /// `capability.max_lifetime`: the longest `exp - iat` accepted (default 24 h); above it the
+    /// token is `capability_token_invalid`.
     pub max_lifetime: Duration,
     /// Clock skew allowed on `exp`, `nbf` and `iat` (`capability.leeway`, default 60 s).
     pub leeway: Duration,
+    /// `capability.issuers`: the keys tokens may be signed with; a token whose `iss` names no
+    /// issuer here is invalid.
     pub issuers: Vec<Issuer>,
+    /// `capability.revoked`: token ids (`jti`) refused `capability_token_revoked`.
     pub revoked: HashSet<String>,
 }
 
+/// A connector's `tls`: what happens to TLS connections (CONNECT tunnels, transparent) to its
+/// hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsMode {
+    /// Decrypted with a leaf from the gateway's CA; every request inside is decided (the default).
     Intercept,
+    /// Host and port checked, then bytes spliced unread; one outcome record per tunnel.
     Passthrough,
 }
 
@@ -446,11 +539,18 @@ pub enum UsageFormat {
 /// A named upstream: the hosts and ports an agent may reach through it, and its routes.
 #[derive(Debug)]
 pub struct Connector {
+    /// `name`: the connector's name, unique within the manifest and never `uapk`; base-URL mode
+    /// serves it at `/NAME/…` on the proxy listener.
     pub name: String,
+    /// `base_url`: the upstream base-URL mode forwards to. `None`: the connector is reachable only
+    /// as a proxy target (CONNECT, absolute-form, transparent).
     pub base_url: Option<BaseUrl>,
     /// Exact lower-case names or `*.suffix` patterns.
     pub hosts: Vec<String>,
+    /// `ports`: ports a CONNECT or transparent connection may name (default the `base_url` port,
+    /// else 443).
     pub ports: Vec<u16>,
+    /// `tls`: `intercept` (the default) or `passthrough`.
     pub tls: TlsMode,
     /// Resolved credentials, or why the connector is unavailable (never the secret itself).
     pub credentials: Result<Vec<(HeaderName, HeaderValue)>, String>,
@@ -462,6 +562,8 @@ pub struct Connector {
     /// Output tokens reserved for a call that declares no limit (`usage_estimate`, SPEC §16.1);
     /// the request body's length / 4 is added for its input.
     pub usage_estimate: u64,
+    /// `routes`: the requests the connector serves; first match wins, no match is
+    /// `route_not_allowed`. Empty for MCP connectors.
     pub routes: Vec<Route>,
     /// Set for `protocol: mcp` connectors (which have tools instead of routes).
     pub mcp: Option<McpEndpoint>,
@@ -477,6 +579,7 @@ pub struct McpEndpoint {
     pub tools: Vec<McpTool>,
 }
 
+/// `tools[]` of an MCP connector: which `tools/call` requests it matches and the action they are.
 #[derive(Debug)]
 pub struct McpTool {
     /// The exact tool name; `None` for `*`.
@@ -529,18 +632,25 @@ impl Connector {
     }
 }
 
+/// A connector's `base_url`, parsed.
 #[derive(Debug, Clone)]
 pub struct BaseUrl {
+    /// `http` or `https`.
     pub scheme: Scheme,
+    /// The host, lower-case, without a trailing dot (an IPv6 literal without brackets).
     pub host: String,
+    /// The port written in the URL, else the scheme's default.
     pub port: u16,
     /// Path prefix without a trailing slash ("" for none).
     pub path_prefix: String,
 }
 
+/// The scheme of a connector's `base_url`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
+    /// Plain HTTP.
     Http,
+    /// HTTP over TLS.
     Https,
 }
 
@@ -553,12 +663,17 @@ impl Scheme {
     }
 }
 
+/// `routes[]`: which requests of a connector it matches, their action type and the params read from
+/// them.
 #[derive(Debug, Clone)]
 pub struct Route {
     /// Empty = any method.
     pub methods: Vec<Method>,
+    /// `path`: the upstream path pattern, the `base_url` path prefix included.
     pub path: PathPattern,
+    /// `action`: the action type of matching requests, e.g. `payment.refund`.
     pub action: String,
+    /// `params`: the declared params and where each is read from.
     pub params: Vec<ParamSpec>,
     /// Bodies of this route may be recorded in full.
     pub safe: bool,
@@ -604,8 +719,10 @@ impl BodyFormat {
     }
 }
 
+/// One segment of a route's path pattern.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PathSeg {
+    /// A segment that must appear exactly as written.
     Literal(String),
     /// `*`: exactly one segment.
     Any,
@@ -615,14 +732,19 @@ pub enum PathSeg {
     Capture(String),
 }
 
+/// A route's `path`, parsed into segments.
 #[derive(Debug, Clone)]
 pub struct PathPattern {
+    /// The pattern as written; recorded as the `route` of decision entries.
     pub raw: String,
+    /// Its segments, in order (`/` alone has none).
     pub segs: Vec<PathSeg>,
 }
 
 impl PathPattern {
-    pub(crate) fn parse(raw: &str) -> Result<PathPattern, String> {
+    /// Parses a route's `path`: it starts with `/`; segments are literal, `*`, `{name}` or a final
+    /// `**`. The error says what is wrong with it.
+    pub fn parse(raw: &str) -> Result<PathPattern, String> {
         let Some(rest) = raw.strip_prefix('/') else {
             return Err("must start with '/'".into());
         };
@@ -649,7 +771,7 @@ impl PathPattern {
     }
 
     /// Matches an upstream path (without query); returns captures.
-    pub(crate) fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+    pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
         let rest = path.strip_prefix('/')?;
         let parts: Vec<&str> = if rest.is_empty() { Vec::new() } else { rest.split('/').collect() };
         let mut caps = Vec::new();
@@ -676,22 +798,30 @@ impl PathPattern {
     }
 }
 
+/// Where a route's param is read from (exactly one source per param).
 #[derive(Debug, Clone, PartialEq)]
 pub enum ParamSource {
     /// JSON pointer into an `application/json` / `*/*+json` body.
     Json(String),
     /// Key of an `application/x-www-form-urlencoded` body (after percent-decoding).
     Form(String),
+    /// `header`: a request header, by name.
     Header(HeaderName),
+    /// `query`: a query parameter, by name.
     Query(String),
+    /// `path`: a `{name}` segment the route's path captures, by name.
     Path(String),
     /// A fixed value written in the manifest.
     Value(String),
 }
 
+/// `routes[].params.NAME`: one declared param.
 #[derive(Debug, Clone)]
 pub struct ParamSpec {
+    /// The param's name; `amount`, `currency`, `counterparty` and `jurisdiction` have a meaning to
+    /// the policy.
     pub name: String,
+    /// Where the value is read from.
     pub source: ParamSource,
     /// Minor-unit scale: the integer 1234 with scale 2 is 12.34.
     pub scale: Option<u32>,
@@ -700,7 +830,9 @@ pub struct ParamSpec {
 /// Allow and deny lists; deny wins, an empty allow list allows everything.
 #[derive(Debug, Clone, Default)]
 pub struct AllowDeny {
+    /// Entries allowed, exact or `prefix*`; empty: everything the deny list does not name.
     pub allow: Vec<String>,
+    /// Entries refused, exact or `prefix*`, even when the allow list names them.
     pub deny: Vec<String>,
 }
 
@@ -740,21 +872,32 @@ impl AllowDeny {
 /// case-insensitively; `min`/`max` compare decimals (never floats), inclusive.
 #[derive(Debug, Clone, Default)]
 pub struct ParamConstraint {
+    /// `allow` and `deny`: the values the param may and may not take.
     pub values: AllowDeny,
+    /// `min`: the smallest value allowed, inclusive (`param_out_of_range` below it).
     pub min: Option<Decimal>,
+    /// `max`: the largest value allowed, inclusive (`param_out_of_range` above it).
     pub max: Option<Decimal>,
 }
 
 /// Upper-case ISO-4217 code → amount.
 pub(crate) type Money = BTreeMap<String, Decimal>;
 
+/// `policy.approval`: what needs a human's approval (an ESCALATE decision).
 #[derive(Debug, Clone, Default)]
 pub struct Approval {
+    /// `policy.approval.action_types`: action types (exact) whose requests escalate
+    /// `requires_human_approval`.
     pub action_types: Vec<String>,
+    /// `policy.approval.connectors`: connectors (exact names) whose requests escalate
+    /// `requires_human_approval`.
     pub connectors: Vec<String>,
+    /// `policy.approval.amount_above`: per currency, the amount above which a request escalates
+    /// `amount_requires_approval`.
     pub amount_above: Money,
 }
 
+/// A budget's `window`: the UTC period its counters cover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Window {
     /// UTC calendar day.
@@ -778,10 +921,14 @@ impl Window {
     }
 }
 
+/// `scope` of a budget or rate limit: what it counts separately.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scope {
+    /// One count for the whole agent (the default).
     Agent,
+    /// One count per connector.
     Connector,
+    /// One count per action type.
     Action,
 }
 
@@ -795,36 +942,63 @@ impl Scope {
     }
 }
 
+/// `policy.budgets[]`: limits on what the agent may do per window (`budget_exceeded` beyond).
 #[derive(Debug, Clone)]
 pub struct Budget {
+    /// `window`: `day` or `hour`.
     pub window: Window,
+    /// `scope`: `agent` (the default), `connector` or `action`.
     pub scope: Scope,
+    /// `max_actions`: ALLOW decisions per window.
     pub max_actions: Option<u64>,
     /// LLM tokens (recorded `usage.total_tokens`) per window.
     pub max_tokens: Option<u64>,
+    /// `escalate_at_percent` (1 to 100): at this share of a limit, requests escalate
+    /// `budget_threshold_reached`.
     pub escalate_at_percent: Option<u8>,
+    /// `max_spend`: amount per currency per window (empty: no spend limit).
     pub max_spend: Money,
 }
 
+/// `policy.rate_limits[]`: a token bucket taken by requests about to be forwarded (429
+/// `rate_limited` when empty).
 #[derive(Debug, Clone)]
 pub struct RateLimit {
+    /// `scope`: `agent` (the default), `connector` or `action`.
     pub scope: Scope,
     /// Requests per `per`.
     pub count: u32,
+    /// The period of `count`, from the unit of `rate`: 1 s, 1 min or 1 h.
     pub per: Duration,
+    /// `burst`: the bucket size (default `count`, at least 1).
     pub burst: u32,
+    /// `rate` as written (e.g. `10/s`): shown in refusal messages and part of a limit's Redis key.
     pub raw: String,
 }
 
+/// `policy`: the lists, caps, approval triggers, budgets and rate limits a manifest's requests are
+/// decided by.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
+    /// `policy.connectors`: connectors the agent may use (`tool_not_allowed` otherwise).
     pub connectors: AllowDeny,
+    /// `policy.action_types`: action types the agent may perform (`action_type_not_allowed`
+    /// otherwise).
     pub action_types: AllowDeny,
+    /// `policy.amount_caps`: per currency, the largest amount allowed (`amount_exceeds_cap` above
+    /// it).
     pub amount_caps: Money,
+    /// `policy.approval`: what escalates to a human.
     pub approval: Approval,
+    /// `policy.jurisdictions`: values of the `jurisdiction` param allowed
+    /// (`jurisdiction_not_allowed` otherwise).
     pub jurisdictions: AllowDeny,
+    /// `policy.counterparties`: values of the `counterparty` param allowed and denied
+    /// (`counterparty_denied`, `counterparty_not_in_allowlist`).
     pub counterparties: AllowDeny,
+    /// `policy.budgets`: per-window limits on actions, spend and LLM tokens.
     pub budgets: Vec<Budget>,
+    /// `policy.rate_limits`: request rates, all checked before any is taken.
     pub rate_limits: Vec<RateLimit>,
     /// Constraints on declared params, by param name.
     pub params: BTreeMap<String, ParamConstraint>,
@@ -842,6 +1016,7 @@ impl Policy {
     }
 }
 
+/// `escalation.mode`: what the agent gets while a human decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EscalationMode {
     /// 403 with an approval id.
@@ -850,25 +1025,39 @@ pub enum EscalationMode {
     Hold,
 }
 
+/// `escalation`: how ESCALATE decisions wait for a human.
 #[derive(Debug, Clone)]
 pub struct Escalation {
+    /// `escalation.mode`: `reject` (the default) or `hold`.
     pub mode: EscalationMode,
+    /// `escalation.hold_timeout`: with `hold`, how long a request waits for a decision before 403
+    /// `approval_timeout` (default 120 s).
     pub hold_timeout: Duration,
+    /// `escalation.approval_ttl`: a pending approval expires this long after it is created (default
+    /// 24 h).
     pub approval_ttl: Duration,
+    /// `escalation.override_ttl`: validity of the one-time override token handed out on approval
+    /// (default 5 min).
     pub override_ttl: Duration,
     /// Pending approvals one agent may have at once; beyond → `too_many_pending_approvals`.
     pub max_pending: usize,
 }
 
+/// The manifest's `audit.bodies`: what is recorded of request bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodiesMode {
+    /// Nothing of a body, not even its hash.
     None,
+    /// Its SHA-256 and length (the default).
     Hash,
+    /// The body's text for routes marked `safe`; bodies of other routes are hashed.
     Full,
 }
 
+/// The manifest's `audit`: what is recorded of each request's body and headers.
 #[derive(Debug, Clone)]
 pub struct ManifestAudit {
+    /// `audit.bodies`: `none`, `hash` (the default) or `full`.
     pub bodies: BodiesMode,
     /// Lower-case header names recorded only as SHA-256.
     pub redact_headers: Vec<String>,

@@ -67,6 +67,8 @@ pub fn parse_verifying_key_pem(pem: &str) -> Result<VerifyingKey, IdentityError>
         .map_err(|_| IdentityError::Key("not an Ed25519 public key in SPKI PEM form".into()))
 }
 
+/// An Ed25519 public key in SPKI PEM form, as `keygen` writes it to `KEY.pub.pem` (empty if it
+/// cannot be encoded).
 pub fn verifying_key_pem(vk: &VerifyingKey) -> String {
     vk.to_public_key_pem(LineEnding::LF).unwrap_or_default()
 }

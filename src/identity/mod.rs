@@ -19,10 +19,19 @@ pub(crate) use token::{OverrideClaims, OverrideError, mint_override, token_polic
 /// Errors of key handling and minting. Messages name files, never key material.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// A key file could not be read, created, written or parsed.
     #[error("{path}: {message}")]
-    KeyFile { path: String, message: String },
+    KeyFile {
+        /// The file's path.
+        path: String,
+        /// What went wrong with it (never key material).
+        message: String,
+    },
+    /// Key material that is not usable: not an Ed25519 key in the expected PEM form, or not
+    /// encodable.
     #[error("invalid key: {0}")]
     Key(String),
+    /// A token could not be minted (a time claim out of range, or signing failed).
     #[error("cannot mint the token: {0}")]
     Mint(String),
 }

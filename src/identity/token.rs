@@ -71,10 +71,15 @@ fn ser_money<S: Serializer>(m: &BTreeMap<String, Decimal>, s: S) -> Result<S::Ok
     m.iter().map(|(k, v)| (k.clone(), v.to_string())).collect::<BTreeMap<_, _>>().serialize(s)
 }
 
+/// `constraints.counterparties` of a capability token: allow and deny lists for the `counterparty`
+/// param (ASCII case-insensitive, exact or `prefix*`; deny wins). A request that names no
+/// counterparty is refused `token_counterparty_not_allowed`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CounterpartyConstraint {
+    /// Counterparties allowed; empty: any the deny list does not name.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// Counterparties refused, even when the allow list names them.
     #[serde(default)]
     pub deny: Vec<String>,
 }
@@ -98,10 +103,13 @@ fn ser_opt_decimal<S: Serializer>(v: &Option<Decimal>, s: S) -> Result<S::Ok, S:
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParamConstraint {
+    /// `allow`: values the param may take; empty: any value the deny list does not name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// `deny`: values refused (`token_param_not_allowed`), even when allowed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// `min`: the smallest value allowed, inclusive (`token_param_out_of_range` below it).
     #[serde(
         default,
         deserialize_with = "de_opt_decimal",
@@ -109,6 +117,7 @@ pub struct ParamConstraint {
         skip_serializing_if = "Option::is_none"
     )]
     pub min: Option<Decimal>,
+    /// `max`: the largest value allowed, inclusive (`token_param_out_of_range` above it).
     #[serde(
         default,
         deserialize_with = "de_opt_decimal",
@@ -121,10 +130,16 @@ pub struct ParamConstraint {
 /// Narrowing constraints a token may carry (it can only narrow what the manifest allows).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Constraints {
+    /// `amount_max`: the largest amount allowed per upper-case currency code, decimal strings on
+    /// the wire (`token_amount_exceeds_cap`). When not empty, an amount in a currency it does not
+    /// name is refused too.
     #[serde(default, deserialize_with = "de_money", serialize_with = "ser_money")]
     pub amount_max: BTreeMap<String, Decimal>,
+    /// `jurisdictions`: the only values of the `jurisdiction` param allowed (exact, ASCII
+    /// case-insensitive); a request that names none is refused `token_jurisdiction_not_allowed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jurisdictions: Option<Vec<String>>,
+    /// `counterparties`: allow and deny lists for the `counterparty` param.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counterparties: Option<CounterpartyConstraint>,
     /// Constraints on declared params, by param name (`token_param_not_allowed` /
@@ -136,35 +151,54 @@ pub struct Constraints {
 /// The claims of a capability token.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CapabilityClaims {
+    /// Issuer: the `capability.issuers[].id` of the agent's manifest whose key verifies the token.
     pub iss: String,
+    /// Subject: the agent id, which picks the manifest (`agent.id`).
     pub sub: String,
+    /// Audiences; one must be the manifest's `capability.audience`.
     pub aud: Audience,
+    /// Expiry, unix seconds; the token is accepted until `exp` plus the leeway.
     pub exp: i64,
+    /// Issue time, unix seconds; `exp - iat` must not exceed `capability.max_lifetime`.
     pub iat: i64,
+    /// Not before, unix seconds: the token is refused until `nbf` minus the leeway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<i64>,
+    /// Token id, recorded with each decision; `capability.revoked` refuses it by this id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
+    /// Connectors the token grants (exact names); `None`: every connector the manifest allows
+    /// (`token_tool_not_allowed` otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connectors: Option<Vec<String>>,
+    /// Action types the token grants (exact); `None`: every action type the manifest allows
+    /// (`token_action_type_not_allowed` otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action_types: Option<Vec<String>>,
+    /// Narrowing constraints on amounts, jurisdictions, counterparties and params.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub constraints: Option<Constraints>,
 }
 
+/// A token issuer the verifier trusts: its id and Ed25519 public key.
 pub struct IssuerKey {
+    /// The issuer id a token's `iss` names.
     pub id: String,
+    /// The issuer's Ed25519 public key.
     pub key: VerifyingKey,
 }
 
 /// What verification needs from an agent's manifest.
 pub struct TokenPolicy {
+    /// A value a token's `aud` must contain (`capability.audience`).
     pub audience: String,
+    /// The longest `exp - iat` accepted, seconds (`capability.max_lifetime`).
     pub max_lifetime_secs: i64,
     /// Clock skew allowed on `exp`, `nbf` and `iat`, seconds (`capability.leeway`).
     pub leeway_secs: i64,
+    /// The trusted issuers (`capability.issuers`).
     pub issuers: Vec<IssuerKey>,
+    /// Token ids (`jti`) refused `capability_token_revoked` (`capability.revoked`).
     pub revoked: HashSet<String>,
 }
 
@@ -181,9 +215,13 @@ pub(crate) fn token_policy_for(m: &crate::config::Manifest) -> TokenPolicy {
 
 /// Why a capability token was refused (SPEC §8 step 1). Messages never contain token bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum TokenError {
+pub enum TokenError {
+    /// `capability_token_invalid`: malformed, badly signed, from an unknown issuer, for another
+    /// audience, not valid yet, or with time claims out of range; the text says which.
     Invalid(String),
+    /// `capability_token_expired`: past `exp` plus the leeway.
     Expired,
+    /// `capability_token_revoked`: its `jti` is in `capability.revoked`.
     Revoked,
 }
 
@@ -317,7 +355,8 @@ pub struct TokenVerifier {
 }
 
 impl TokenVerifier {
-    pub(crate) fn new(policy: TokenPolicy) -> Self {
+    /// A verifier of the tokens `policy` accepts, with an empty cache.
+    pub fn new(policy: TokenPolicy) -> Self {
         let keys = policy.issuers.iter().map(|i| (i.id.clone(), DecodingKey::from_ed_der(i.key.as_bytes()))).collect();
         TokenVerifier { policy, keys, cache: RwLock::new(HashMap::new()) }
     }
@@ -336,7 +375,10 @@ impl TokenVerifier {
         Ok(())
     }
 
-    pub(crate) fn verify(&self, token: &str, now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
+    /// Verifies `token` at `now` (unix seconds): protected header, signature, issuer, audience,
+    /// time claims (with the policy's leeway), lifetime and revocation. Verified claims are cached
+    /// by the token's SHA-256; time and revocation are checked again on every use.
+    pub fn verify(&self, token: &str, now: i64) -> Result<Arc<CapabilityClaims>, TokenError> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         if let Some(c) = self.cache.read().unwrap_or_else(|e| e.into_inner()).get(&digest).cloned() {
             self.still_valid(&c, now)?;

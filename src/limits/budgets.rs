@@ -207,8 +207,11 @@ pub(crate) fn admit(manifest: &Manifest, ask: &Ask, used: impl Fn(&Budget) -> Us
 /// What one action spends: its identity and optional amount.
 #[derive(Debug, Clone)]
 pub struct Spend {
+    /// Id of the agent that acts.
     pub agent: String,
+    /// Name of the connector the action goes through.
     pub connector: String,
+    /// The action type (the route's or tool's `action`).
     pub action: String,
     /// Amount and upper-case currency.
     pub amount: Option<(Decimal, String)>,
@@ -230,8 +233,12 @@ impl Spend {
 /// the tokens it is estimated to use (SPEC §16.1).
 #[derive(Debug, Clone)]
 pub struct Ask {
+    /// The request id the reservation is held under and settled by.
     pub id: String,
+    /// What the request would spend: its agent, connector, action and amount.
     pub spend: Spend,
+    /// For a call to a connector with `usage`, the tokens it is estimated to use and reserves;
+    /// `None` for other requests.
     pub tokens: Option<u64>,
 }
 
@@ -290,7 +297,12 @@ impl Reservation {
 pub enum BudgetCheck {
     /// Reserved; `threshold` carries `budget_threshold_reached` when an escalation percentage is
     /// reached (the caller escalates unless an override lifts it).
-    Reserved { reservation: Reservation, threshold: Option<Reason> },
+    Reserved {
+        /// What the request now holds.
+        reservation: Reservation,
+        /// `budget_threshold_reached`, when an `escalate_at_percent` share is reached.
+        threshold: Option<Reason>,
+    },
     /// A budget is spent: `budget_exceeded`.
     Exceeded(Reason),
 }
@@ -305,7 +317,10 @@ pub enum Settlement {
     /// The request was forwarded: its action (and amount) stays counted if the decision counts
     /// ([`counts_toward_budgets`]; a dry-run escalation does not), and a token estimate stays
     /// held until its usage settles.
-    Forwarded { counted: bool },
+    Forwarded {
+        /// Whether the decision counts toward budgets: false for a dry-run escalation.
+        counted: bool,
+    },
     /// A forwarded LLM call's outcome: the estimate it held is released and the tokens it was
     /// charged ([`token_charge`]) count — also for a call that held none (a dry run).
     Tokens(TokenUse),

@@ -38,7 +38,9 @@ impl Verdict {
 /// One reason code with a human message (never containing secrets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Reason {
+    /// The reason code, e.g. `counterparty_denied`.
     pub code: Code,
+    /// Why, in words for a human (never a secret).
     pub message: String,
 }
 

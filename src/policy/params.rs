@@ -32,7 +32,9 @@ pub struct Params {
 }
 
 impl Params {
-    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+    /// The value read for the param `name`, if any (an amount as a normalised decimal, a currency
+    /// upper-case).
+    pub fn get(&self, name: &str) -> Option<&str> {
         self.values.get(name).map(String::as_str)
     }
     pub(crate) fn declares(&self, name: &str) -> bool {

@@ -64,7 +64,10 @@ pub struct LeafCache {
     /// How long a leaf is served from the cache: shorter than its validity.
     ttl: Duration,
     cache: Mutex<HashMap<String, (Arc<CertifiedKey>, Instant)>>,
+    /// Leaves served from the cache (`uapk_tls_leaf_cache_hits_total`).
     pub hits: AtomicU64,
+    /// Leaves minted because none was cached or the cached one was past the cache TTL
+    /// (`uapk_tls_leaf_cache_misses_total`).
     pub misses: AtomicU64,
 }
 

@@ -121,7 +121,9 @@ pub enum Step {
 /// One `iptables` / `ip6tables` command of the plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    /// The command and its arguments, `iptables` or `ip6tables` first.
     pub argv: Vec<String>,
+    /// How the installer runs it, so that running the plan twice is harmless.
     pub step: Step,
 }
 
@@ -268,6 +270,8 @@ pub fn resolvers(given: &[IpAddr]) -> Vec<IpAddr> {
 /// not be started (binary missing). The installer takes it as a parameter so its logic is tested
 /// without root.
 pub trait Runner {
+    /// Runs `argv` (the binary first): `Ok((exited 0, its stderr))`, or `Err` when it could not be
+    /// started.
     fn run(&mut self, argv: &[String]) -> std::io::Result<(bool, String)>;
 }
 

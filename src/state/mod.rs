@@ -22,8 +22,11 @@ use std::time::Duration;
 
 /// A backend opened for a gateway: its log, budget counters and approvals queue.
 pub struct Opened {
+    /// The log this gateway appends to: its own redb file or the fleet's log.
     pub log: Log,
+    /// The budget counters: in memory (embedded) or in the fleet's database.
     pub budgets: BudgetStore,
+    /// The approvals queue: in the redb file (embedded) or in the fleet's database.
     pub approvals: Approvals,
     /// Embedded: how many counted actions the counters were rebuilt from (`startup` entry).
     pub replayed: Option<u64>,
@@ -83,7 +86,10 @@ pub async fn open(
 
 /// The log this gateway appends to: its own file, or the fleet's in PostgreSQL.
 pub enum Log {
+    /// `state.backend: embedded`: this gateway's own redb file at `audit.path`.
     Embedded(AuditLog),
+    /// `state.backend: postgres`: the log of `audit.origin` in PostgreSQL, appended by every
+    /// gateway of the fleet.
     Fleet(postgres::FleetLog),
 }
 
@@ -180,7 +186,10 @@ fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64, String
 /// Budget counters: in memory (embedded) or in the fleet's database. Cloning shares them.
 #[derive(Clone)]
 pub enum BudgetStore {
+    /// `state.backend: embedded`: in this gateway's memory, rebuilt from its log at start.
     Memory(Budgets),
+    /// `state.backend: postgres`: in the fleet's PostgreSQL database, reserved atomically across
+    /// its gateways.
     Postgres(postgres::PgBudgets),
 }
 
