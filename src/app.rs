@@ -1,8 +1,8 @@
 //! The application state: what the data path (`proxy`) and the admin API (`admin`) share, built
 //! once by `runtime` and held behind an `Arc`. Its fields are private; each side reads it through
 //! the methods of its own view below, so neither depends on the other and neither holds the raw
-//! database or the gateway's signing key (the key signs through [`App::decide_approval`],
-//! [`App::mint_override`] and [`App::export_bundle`] only).
+//! database or the gateway's signing key (the key signs through `App::decide_approval`,
+//! `App::mint_override` and `App::export_bundle` only).
 
 use crate::approvals::{Approval, ApprovalError, Approvals, Decided};
 use crate::audit::{AuditError, AuditHandle, ExportReport, LogReader};

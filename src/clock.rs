@@ -3,7 +3,7 @@
 //! (budget windows, approval and override TTLs, token `exp`/`nbf`, refusal budgets, idle
 //! deadlines) reads time from here.
 //!
-//! Unit tests move time forward with [`advance`] instead of sleeping. The offset is per thread
+//! Unit tests move time forward with `advance` instead of sleeping. The offset is per thread
 //! and exists only in the crate's own test build; a release build reads the system clock
 //! directly.
 

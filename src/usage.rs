@@ -23,7 +23,7 @@
 //! gives none (or gives less). Anything else —
 //! no usage, a malformed one, counts that are not plausible non-negative integers, a
 //! content-encoded body — is usage unknown, with the reason: never a guess, never a panic.
-//! Usage connectors ask the upstream for an identity-encoded body ([`prepare_request`]), so a
+//! Usage connectors ask the upstream for an identity-encoded body (`prepare_request`), so a
 //! compressed answer only comes from an upstream that ignores `Accept-Encoding`.
 
 use crate::config::{Connector, UsageFormat};

@@ -81,7 +81,7 @@ pub enum Strictness {
 static DEMO_UPSTREAM: OnceLock<SocketAddr> = OnceLock::new();
 
 /// Demo mode (`uapk-gateway run --demo`): every manifest loaded from now on, at start and at each
-/// reload, has its `base_url` connectors pointed at `addr` (see [`point_at_demo_upstream`]). The
+/// reload, has its `base_url` connectors pointed at `addr` (see `point_at_demo_upstream`). The
 /// files on disk are not changed; a gateway started without `--demo` never calls this. Returns
 /// false if demo mode was already set to another address.
 pub fn enable_demo_upstream(addr: SocketAddr) -> bool {
@@ -180,7 +180,7 @@ pub struct PolicySet {
     /// Manifest files that failed validation; their agents' requests are refused
     /// `manifest_invalid`.
     pub invalid: Vec<InvalidManifest>,
-    /// SHA-256 (hex) of each file of [`PolicySet::watched_files`] when the set was loaded; `None`:
+    /// SHA-256 (hex) of each file of `PolicySet::watched_files` when the set was loaded; `None`:
     /// not readable then.
     pub file_hashes: BTreeMap<PathBuf, Option<String>>,
 }

@@ -361,7 +361,7 @@ pub struct Limits {
     /// `refusals_per_second` (default 100, at least 1).
     pub refusals_burst: u32,
     /// After the agent goes away mid-response, an LLM response (a connector with `usage`) is
-    /// read on for at most this long (and [`USAGE_DRAIN_MAX_BYTES`]) to learn its token usage.
+    /// read on for at most this long (and `USAGE_DRAIN_MAX_BYTES`) to learn its token usage.
     pub usage_drain_timeout: Duration,
 }
 

@@ -315,14 +315,14 @@ pub enum Settlement {
     /// forwarded, nothing changes.
     Release,
     /// The request was forwarded: its action (and amount) stays counted if the decision counts
-    /// ([`counts_toward_budgets`]; a dry-run escalation does not), and a token estimate stays
+    /// (`counts_toward_budgets`; a dry-run escalation does not), and a token estimate stays
     /// held until its usage settles.
     Forwarded {
         /// Whether the decision counts toward budgets: false for a dry-run escalation.
         counted: bool,
     },
     /// A forwarded LLM call's outcome: the estimate it held is released and the tokens it was
-    /// charged ([`token_charge`]) count — also for a call that held none (a dry run).
+    /// charged (`token_charge`) count — also for a call that held none (a dry run).
     Tokens(TokenUse),
 }
 

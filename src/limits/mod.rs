@@ -1,10 +1,10 @@
 //! Budgets (SPEC §8 step 8) and rate limits (step 9).
 //!
-//! Budgets live in [`budgets`]: the rules of what counts and when a request is admitted, and a
+//! Budgets live in `budgets`: the rules of what counts and when a request is admitted, and a
 //! reservation that every path of the data path settles explicitly, by request id.
 //!
-//! Rate limits are GCRA buckets checked all before any is taken ([`RateLimiters::check`]): per
-//! gateway on the governor crate ([`rate`]), or for a fleet in Redis ([`rate_redis`]).
+//! Rate limits are GCRA buckets checked all before any is taken (`RateLimiters::check`): per
+//! gateway on the governor crate (`rate`), or for a fleet in Redis (`rate_redis`).
 //! How fast one agent's refusals are recorded is bounded by [`refusals`].
 
 pub(crate) mod budgets;

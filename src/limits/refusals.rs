@@ -4,13 +4,13 @@
 //! agent (or, for clients that could not be identified, each listener) has a token bucket
 //! (`limits.refusals_per_agent`, burst `limits.refusals_burst`). Within it every refusal is its
 //! own `decision` entry, as before. Beyond it the refusal is answered `429`
-//! `refusals_rate_limited` and counted into that agent's pending [`Summary`], which the runtime
-//! writes as one `decision` entry at most once per second ([`RefusalBudget::drain`]): count,
-//! first and last time, per-reason counts, the first [`MAX_IDS`] request ids, and the number and
+//! `refusals_rate_limited` and counted into that agent's pending `Summary`, which the runtime
+//! writes as one `decision` entry at most once per second (`RefusalBudget::drain`): count,
+//! first and last time, per-reason counts, the first `MAX_IDS` request ids, and the number and
 //! SHA-256 of all of them, so every refused request id is either listed or provably counted.
 //!
 //! A flood must not hide what it carries (SPEC §16.2): the summary also lists each distinct
-//! (reason code, method, host, connector, action) — a [`Tuple`] — with its count, its first
+//! (reason code, method, host, connector, action) — a `Tuple` — with its count, its first
 //! request id and that request's path, query and params, long strings cut as §14.8 cuts them.
 //! Tuples are kept while they fit the 16 KiB entry; the rest are only counted (`dropped_tuples`),
 //! by a 16-byte digest each, so memory per agent stays bounded.

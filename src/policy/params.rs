@@ -514,7 +514,7 @@ enum Read {
 
 /// Extracts `route`'s params. `captures` are the path captures of the route match; `query` is
 /// the raw query string; `body` is the buffered body when the route reads body params (its
-/// media type was checked by [`check_body_media_type`]).
+/// media type was checked by `check_body_media_type`).
 pub fn extract_params(
     route: &Route,
     captures: &[(String, String)],

@@ -1,6 +1,6 @@
 //! The data path, as a short sequence of stages (`pipeline`), each a function in its own module
 //! that takes what the previous one proved and returns a typed value the next can trust — or a
-//! [`Stop`], answered and recorded in one place:
+//! `Stop`, answered and recorded in one place:
 //!
 //! `target` (where it goes) → `identify` (who, which manifest) → a small body read and hashed
 //! (`RequestBody::hash_small`) → `classify` (connector, route, params) → `policy::evaluate` (the

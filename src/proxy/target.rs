@@ -149,7 +149,7 @@ pub(crate) fn normalize_host(h: &str) -> Option<String> {
 }
 
 /// Host and optional port of an authority such as `api.example.com:443` or `[::1]:8443`; the
-/// host is normalised by [`normalize_host`].
+/// host is normalised by `normalize_host`.
 pub fn split_authority(a: &str) -> Option<(String, Option<u16>)> {
     let a = a.trim();
     if let Some(rest) = a.strip_prefix('[') {

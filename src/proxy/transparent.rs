@@ -4,7 +4,7 @@
 //! spliced; plain HTTP goes through the data path with its `Host`. A connection whose original
 //! destination is the gateway itself is refused (no loops).
 //!
-//! Also the rules `init-iptables` installs ([`iptables_rules`], [`install`]): all agent TCP,
+//! Also the rules `init-iptables` installs (`iptables_rules`, [`install`]): all agent TCP,
 //! IPv4 and IPv6, redirected here; every other agent packet dropped but DNS to the resolvers.
 
 use super::conn::{self, ConnSlot, ConnTimeouts};
@@ -182,7 +182,7 @@ pub(crate) fn iptables_rules(proxy_uid: u32, port: u16, resolvers: &[IpAddr]) ->
     iptables_rules_exempting(proxy_uid, &[], port, resolvers)
 }
 
-/// [`iptables_rules`], with further UIDs whose traffic is neither redirected nor dropped: the
+/// `iptables_rules`, with further UIDs whose traffic is neither redirected nor dropped: the
 /// sidecar proxy of a service mesh sharing the pod (Istio's Envoy runs as UID 1337), whose own
 /// connections must go out rather than come back to the gateway. The agent must never run as
 /// one of them.

@@ -195,7 +195,7 @@ pub enum BudgetStore {
 
 impl BudgetStore {
     /// Checks every budget of `manifest` and holds the request under `ask.id` (see
-    /// [`Budgets::reserve`]); `Err` when the shared store cannot answer (the request is
+    /// `Budgets::reserve`); `Err` when the shared store cannot answer (the request is
     /// refused `audit_unavailable`: nothing is forwarded that the fleet did not count).
     pub async fn reserve(&self, manifest: &Manifest, ask: Ask) -> Result<BudgetCheck, String> {
         match self {
