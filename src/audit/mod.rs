@@ -25,14 +25,14 @@ pub use store::{AuditConfig, AuditHandle, AuditLog, Durability, Precondition, ro
 pub use uapk_tlog::Error as AuditError;
 pub use verify::{
     LogReader, MANIFEST_CONTEXT, Snapshot, VerifyFailure, VerifyOptions, VerifyReport, export_bundle, fetch_failure,
-    read_entries, verify_bundle_with, verify_db, verify_db_with, verify_served,
+    verify_bundle_with, verify_db, verify_db_with, verify_served,
 };
 
 pub(crate) use merkle::Hash;
 pub(crate) use note::valid_key_name;
 pub(crate) use store::{Checker, SharedDb};
 pub(crate) use uapk_tlog::{MAX_ENTRY_BYTES, storage};
-pub(crate) use verify::{ExportReport, export_from, first_index_at_or_after};
+pub(crate) use verify::{ExportReport, export_from, first_index_at_or_after, read_entries};
 
 #[cfg(test)]
 mod test_support;

@@ -106,7 +106,7 @@ fn rand_suffix() -> u64 {
 }
 
 /// Entries `[from, from + limit)`, as stored.
-pub fn read_entries(db: &redb::Database, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
+pub(crate) fn read_entries(db: &redb::Database, from: u64, limit: usize) -> Result<Vec<(u64, Vec<u8>)>, AuditError> {
     read_in(db, from, limit)
 }
 

@@ -4,8 +4,9 @@
 //! §14.7). The caller is identified exactly as for any request; an approval of another agent is
 //! answered 404, as for an unknown id.
 
-use super::{App, Facts, ProxyBody, Stop, json_response, now_unix};
+use super::{App, Facts, ProxyBody, Stop, json_response};
 use crate::approvals::{Status, approval_entry};
+use crate::clock::now_unix;
 use crate::policy::{At, Code, Decision};
 use http::{Method, Response, StatusCode};
 use serde_json::json;

@@ -4,7 +4,8 @@
 
 use super::identify::Identity;
 use super::target::{Target, sanitize};
-use super::{Facts, Stop, full_body, now_unix};
+use super::{Facts, Stop, full_body};
+use crate::clock::now_unix;
 use crate::config::{BodiesMode, Connector, Manifest, Scheme};
 use crate::limits::Spend;
 use crate::policy::{self, Code, Decision, Params};

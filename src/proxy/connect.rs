@@ -7,9 +7,8 @@
 use super::classify::{admit, connector_for};
 use super::conn::{self, ConnSlot, ConnTimeouts};
 use super::identify::{identify, proxy_auth_token};
-use super::{
-    App, Arrival, DenyBody, Facts, ProxyBody, Stop, full_body, handle, now_unix, refuse, split_authority, tls,
-};
+use super::{App, Arrival, DenyBody, Facts, ProxyBody, Stop, full_body, handle, refuse, split_authority, tls};
+use crate::clock::now_unix;
 use crate::config::{Connector, TlsMode};
 use crate::policy::{At, Code, Decision};
 use http::{Request, Response, StatusCode};

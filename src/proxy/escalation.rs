@@ -3,8 +3,9 @@
 //! gateway shuts down. The approvals themselves live in `crate::approvals`.
 
 use super::respond::DenyBody;
-use super::{App, Facts, Stop, now_unix, refuse};
+use super::{App, Facts, Stop, refuse};
 use crate::approvals::{self, Resolution, Status, approval_entry};
+use crate::clock::now_unix;
 use crate::config::{BodiesMode, EscalationMode, Manifest};
 use crate::policy::{At, Code, Decision};
 use http::HeaderValue;

@@ -91,7 +91,7 @@ async fn record_decision(
         Some(g) => {
             facts.settled.override_jti = g.jti.clone();
             let guard = crate::audit::Precondition {
-                consume_approval: Some((g.approval_id.clone(), super::now_unix())),
+                consume_approval: Some((g.approval_id.clone(), crate::clock::now_unix())),
                 keep_budget,
             };
             match gw.record_guarded(facts, decision, Some(&g.approval_id), guard).await {
@@ -362,7 +362,7 @@ fn token_use(facts: &Facts, tokens: u64) -> TokenUse {
         connector: facts.action.connector.clone().unwrap_or_default(),
         action: facts.action.name.clone().unwrap_or_default(),
         tokens,
-        at: super::now_unix(),
+        at: crate::clock::now_unix(),
     }
 }
 

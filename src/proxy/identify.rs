@@ -2,7 +2,8 @@
 //! request, on the tunnel's CONNECT, or by the gateway from `identity.token_file`), or the pod's
 //! default agent — and the agent's manifest.
 
-use super::{App, Facts, Policies, TokenFile, now_unix, target::sanitize};
+use super::{App, Facts, Policies, TokenFile, target::sanitize};
+use crate::clock::now_unix;
 use crate::config::Manifest;
 use crate::identity::CapabilityClaims;
 use crate::policy::{At, Code, Decision};

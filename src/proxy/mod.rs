@@ -68,8 +68,6 @@ impl TokenFile {
     }
 }
 
-pub(crate) use crate::clock::now_unix;
-
 /// How a request reached the gateway: recorded as its decision's `via`, and what the target
 /// stage reads its destination from.
 #[derive(Clone)]

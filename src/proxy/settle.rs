@@ -9,8 +9,9 @@
 use super::classify::{Classified, RequestBody};
 use super::escalation::escalate;
 use super::identify::Identity;
-use super::{App, Facts, Record, Stop, hygiene, now_unix};
+use super::{App, Facts, Record, Stop, hygiene};
 use crate::approvals::Status;
+use crate::clock::now_unix;
 use crate::config::PolicyMode;
 use crate::limits::{Ask, BudgetCheck, RateRefused, RateTaken, Reservation};
 use crate::policy::{At, Code, Decision, Reason, Verdict};

@@ -156,7 +156,7 @@ async fn migrate_at_start(db: &postgres::Db) -> Result<(), String> {
 /// Rebuilds budget counters from the committed decisions of the current UTC day that count
 /// (`limits::counts_toward_budgets`).
 fn rebuild_budgets(db: &redb::Database, budgets: &Budgets) -> Result<u64, String> {
-    let now = crate::proxy::now_unix();
+    let now = crate::clock::now_unix();
     let day = now - now.rem_euclid(86_400);
     let since = time::OffsetDateTime::from_unix_timestamp(day)
         .map_err(|e| e.to_string())?
